@@ -1,0 +1,20 @@
+"""Ground-truth simulators and the recorder.
+
+Importing this package registers the Gymnasium ids:
+  worldsim/Maze-v0        the embedded raycast maze (runs anywhere)
+  worldsim/DMLab-v0       real DeepMind Lab (needs the `deepmind_lab` module)
+  worldsim/MemoryMaze-v0  Memory Maze (MuJoCo, `pip install worldsim[memory-maze]`)
+  worldsim/Dream-v0       the world model itself, over a checkpoint
+"""
+from gymnasium.envs.registration import register, registry
+
+
+def _register(env_id: str, entry_point: str) -> None:
+    if env_id not in registry:
+        register(id=env_id, entry_point=entry_point)
+
+
+_register("worldsim/Maze-v0", "envs.maze:MazeEnv")
+_register("worldsim/DMLab-v0", "envs.dmlab:DMLabEnv")
+_register("worldsim/MemoryMaze-v0", "envs.memory_maze:MemoryMazeEnv")
+_register("worldsim/Dream-v0", "worldsim.dream_env:DreamEnv")

@@ -1,0 +1,69 @@
+"""The `worldsim` command: one entry point, one subcommand per job.
+
+Each subcommand lives in its own module, which exposes `add_arguments(parser)` and
+`main(args) -> int`. Modules are imported only when their subcommand runs, so
+`worldsim --help` answers at once.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "record": ("envs.recorder", "record trajectories from a simulator into a dataset"),
+    "export": ("worldsim.export", "export dataset episodes to MP4/GIF/PNG strips"),
+    "train": ("worldsim.train", "fit the autoencoder and the FAR world model on datasets"),
+    "play": ("worldsim.play", "play in a generated maze with the keyboard (pygame)"),
+    "eval": ("worldsim.evaluate", "evaluate memory consistency on revisits"),
+    "bench": ("worldsim.bench", "benchmark the simulator and the world model's generation speed"),
+}
+
+
+def _top_level_help() -> str:
+    lines = [
+        "usage: worldsim <command> [options]",
+        "",
+        "A playable neural world model of a 3D maze (FAR, next-frame prediction with a",
+        "multi-level KV cache).",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<8} {text}" for name, (_, text) in SUBCOMMANDS.items()]
+    lines += ["", "Run `worldsim <command> --help` for the options of a command."]
+    return "\n".join(lines)
+
+
+def build_parser(command: str) -> tuple[argparse.ArgumentParser, object]:
+    module_name, text = SUBCOMMANDS[command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(
+        prog=f"worldsim {command}",
+        description=(module.__doc__ or text).strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(parser)
+    return parser, module
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_top_level_help())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in SUBCOMMANDS:
+        print(f"worldsim: unknown command {command!r}\n", file=sys.stderr)
+        print(_top_level_help(), file=sys.stderr)
+        return 2
+    parser, module = build_parser(command)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.main(args) or 0)
+    except KeyboardInterrupt:
+        print(f"\nworldsim {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Typed dataclass configs turned into argparse options (cleanrl style).
+
+Every field of a dataclass becomes `--field-name`; its type, default and `help` metadata
+come from the dataclass, so a config's documentation lives in one place.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _is_optional(tp: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return True, args[0]
+    return False, tp
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one `--field` option per dataclass field, defaulting to the dataclass default."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.name in skip or not field.init:
+            continue
+        optional, tp = _is_optional(hints[field.name])
+        flag = "--" + field.name.replace("_", "-")
+        help_text = field.metadata.get("help", "")
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = field.default_factory()  # type: ignore[misc]
+        else:
+            default = None
+        kwargs: dict[str, Any] = {"dest": field.name, "default": default}
+        if typing.get_origin(tp) is typing.Literal:
+            choices = typing.get_args(tp)
+            kwargs.update(type=type(choices[0]), choices=choices)
+        elif typing.get_origin(tp) in (list, tuple):
+            (item,) = typing.get_args(tp)[:1]
+            kwargs.update(type=item, nargs="+")
+        elif tp is bool:
+            kwargs.update(type=_parse_bool, metavar="BOOL")
+        else:
+            kwargs.update(type=tp)
+        default_text = "none" if default is None else default
+        kwargs["help"] = f"{help_text} (default: {default_text})".strip()
+        if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING and not optional:  # type: ignore[misc]
+            kwargs["required"] = True
+        parser.add_argument(flag, **kwargs)
+
+
+def dataclass_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
+    """Build `cls` from parsed options (fields absent from `args` keep their defaults)."""
+    values = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if field.name in overrides:
+            values[field.name] = overrides[field.name]
+        elif hasattr(args, field.name):
+            value = getattr(args, field.name)
+            if isinstance(value, list) and typing.get_origin(typing.get_type_hints(cls)[field.name]) is tuple:
+                value = tuple(value)
+            values[field.name] = value
+    return cls(**values)
