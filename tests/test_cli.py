@@ -1,0 +1,39 @@
+"""The `worldsim` command and the thin entry scripts answer --help without errors."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from worldsim.cli import SUBCOMMANDS, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_top_level_help_lists_every_subcommand(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("record", "train", "play", "eval", "bench", "export"):
+        assert name in out
+
+
+def test_unknown_subcommand_is_an_error(capsys):
+    assert main(["fly"]) == 2
+    assert "unknown command 'fly'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
+def test_subcommand_help(command):
+    # Runs in a subprocess so argparse's SystemExit and imports stay isolated.
+    result = subprocess.run(
+        [sys.executable, "-m", "worldsim", command, "--help"], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"worldsim {command}" in result.stdout
+
+
+@pytest.mark.parametrize("script", ["play.py", "train.py"])
+def test_entry_scripts_help(script):
+    result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
