@@ -1,0 +1,231 @@
+"""The embedded maze simulator worldsim/Maze-v0 (envs/maze.py)."""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import envs  # noqa: F401  (registers the ids)
+from envs.maze import MazeEnv
+from envs._textures import SKY_COLOUR
+
+
+def _check_strict(env: gym.Env) -> None:
+    """check_env with its warnings turned into failures (except the no-spec notice)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message=".*not having a spec.*")
+        check_env(env)
+
+
+def test_check_env_direct():
+    _check_strict(MazeEnv())
+    _check_strict(MazeEnv(render_mode="rgb_array", resolution=32))
+
+
+def test_check_env_via_make():
+    env = gym.make("worldsim/Maze-v0")
+    _check_strict(env.unwrapped)
+    obs, info = env.reset(seed=3)
+    assert obs.shape == (64, 64, 3) and obs.dtype == np.uint8
+    assert env.unwrapped.action_names == ("noop", "forward", "backward", "turn_left", "turn_right")
+
+
+def test_seeded_determinism():
+    a, b = MazeEnv(), MazeEnv()
+    oa, ia = a.reset(seed=123)
+    ob, ib = b.reset(seed=123)
+    assert ia["maze_seed"] == ib["maze_seed"]
+    np.testing.assert_array_equal(oa, ob)
+    actions = np.random.default_rng(0).integers(0, 5, size=50)
+    for act in actions:
+        oa, *_, ia = a.step(act)
+        ob, *_, ib = b.step(act)
+        np.testing.assert_array_equal(oa, ob)
+        np.testing.assert_array_equal(ia["pose"], ib["pose"])
+
+
+def test_maze_seed_option_picks_the_maze():
+    env = MazeEnv()
+    _, i1 = env.reset(seed=0, options={"maze_seed": 7})
+    walls1 = env.maze_walls.copy()
+    _, i2 = env.reset(seed=99, options={"maze_seed": 7})
+    assert i1["maze_seed"] == i2["maze_seed"] == 7
+    np.testing.assert_array_equal(walls1, env.maze_walls)
+    o3, i3 = env.reset(seed=0, options={"maze_seed": 8})
+    assert not np.array_equal(walls1, env.maze_walls)
+    # Same pose in two different mazes: the pictures differ (layout and decorations).
+    env2 = MazeEnv()
+    env2.reset(seed=0, options={"maze_seed": 7})
+    pose = env.pose
+    # Use a cell that is free in both mazes.
+    free = np.argwhere(~env.maze_walls & ~env2.maze_walls)[0]
+    f1 = env.set_pose(free[1] + 0.5, free[0] + 0.5, 0.3)
+    f2 = env2.set_pose(free[1] + 0.5, free[0] + 0.5, 0.3)
+    assert not np.array_equal(f1, f2)
+    assert pose.shape == (3,)
+
+
+def test_unseeded_resets_draw_new_mazes():
+    env = MazeEnv()
+    env.reset(seed=1)
+    seeds = {env.reset()[1]["maze_seed"] for _ in range(5)}
+    assert len(seeds) > 1
+
+
+def _body_overlaps_wall(env: MazeEnv) -> bool:
+    x, y, _ = env.pose
+    r = env.radius
+    rows = range(math.floor(y - r + 1e-5), math.floor(y + r - 1e-5) + 1)
+    cols = range(math.floor(x - r + 1e-5), math.floor(x + r - 1e-5) + 1)
+    return any(env.maze_walls[i, j] for i in rows for j in cols)
+
+
+@pytest.mark.parametrize("yaw", [0.0, math.pi / 2, math.pi, -math.pi / 2, 0.6, 2.5, -2.0])
+def test_walls_block_movement(yaw):
+    env = MazeEnv()
+    env.reset(seed=5)
+    x, y, _ = env.pose
+    env.set_pose(x, y, yaw)
+    forward = env.action_names.index("forward")
+    positions = []
+    for _ in range(120):  # 18 cells of walking: far more than the 11x11 maze allows
+        env.step(forward)
+        px, py, _ = env.pose
+        assert not env.maze_walls[int(py), int(px)], "entered a wall cell"
+        assert not _body_overlaps_wall(env)
+        positions.append((px, py))
+    # Progress stops: the last steps leave the agent where it is (stuck in a corner or
+    # pressed against a wall it cannot slide along any further).
+    np.testing.assert_allclose(positions[-1], positions[-10], atol=1e-6)
+
+
+def test_random_walk_stays_in_free_space():
+    env = MazeEnv(max_steps=None)
+    env.reset(seed=11)
+    for act in np.random.default_rng(1).integers(0, 5, size=400):
+        env.step(act)
+        assert not _body_overlaps_wall(env)
+
+
+def test_forward_step_size_in_open_space():
+    env = MazeEnv()
+    env.reset(seed=2)
+    # Find a free cell with a free cell to its east and face east.
+    free = ~env.maze_walls
+    r, c = np.argwhere(free[:, :-1] & free[:, 1:])[0]
+    env.set_pose(c + 0.5, r + 0.5, 0.0)
+    _, _, _, _, info = env.step(env.action_names.index("forward"))
+    np.testing.assert_allclose(info["pose"][:2], [c + 0.5 + env.move_step, r + 0.5], atol=1e-6)
+    _, _, _, _, info = env.step(env.action_names.index("backward"))
+    np.testing.assert_allclose(info["pose"][:2], [c + 0.5, r + 0.5], atol=1e-6)
+
+
+def test_turn_360_returns_to_same_view():
+    env = MazeEnv()
+    first, info = env.reset(seed=4)
+    n = round(2 * math.pi / env.turn_step)
+    assert abs(n * env.turn_step - 2 * math.pi) < 1e-9  # 10 degree turns: 36 per circle
+    for name in ("turn_left", "turn_right"):
+        frame = None
+        for _ in range(n):
+            frame, *_ , info = env.step(env.action_names.index(name))
+        differing = np.mean(np.any(frame != first, axis=-1))
+        assert differing < 0.01, f"{name}: {differing:.3%} pixels differ after a full turn"
+    # Right turn increases yaw (the viewer's right is (-sin yaw, cos yaw) on a rows-down map).
+    yaw0 = env.pose[2]
+    env.step(env.action_names.index("turn_right"))
+    assert math.isclose(math.remainder(env.pose[2] - yaw0, 2 * math.pi), env.turn_step, abs_tol=1e-5)
+
+
+def test_view_is_not_mirrored():
+    """A wall along the viewer's right hand hides more sky on the right half of the screen."""
+    env = MazeEnv()
+    checked = 0
+    for seed in range(3):
+        env.reset(seed=seed)
+        w = env.maze_walls
+        for r, c in np.argwhere(~w):
+            # Facing east (yaw 0) the right hand is south (row r+1), the left hand north.
+            if w[r + 1, c] and w[r + 1, c + 1] and not (w[r - 1, c] or w[r - 1, c + 1] or w[r, c + 1]):
+                frame = env.set_pose(c + 0.5, r + 0.5, 0.0)
+                sky = np.all(frame == SKY_COLOUR, axis=-1)
+                half = sky.shape[1] // 2
+                assert sky[:, half:].sum() < 0.7 * sky[:, :half].sum()
+                checked += 1
+    assert checked > 0
+
+
+def test_resolution_parameter():
+    env = MazeEnv(resolution=(32, 48))
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (32, 48, 3) == env.observation_space.shape
+    env2 = gym.make("worldsim/Maze-v0", resolution=[32, 48], maze_size=15)
+    obs2, _ = env2.reset(seed=0)
+    assert obs2.shape == (32, 48, 3)
+    assert env2.unwrapped.maze_walls.shape == (15, 15)
+
+
+def test_pose_in_info_matches_env():
+    env = gym.make("worldsim/Maze-v0")
+    _, info = env.reset(seed=8)
+    for act in [1, 1, 3, 1, 4, 4, 2, 0]:
+        pose = info["pose"]
+        assert pose.dtype == np.float32 and pose.shape == (3,)
+        np.testing.assert_array_equal(pose, env.unwrapped.pose)
+        assert isinstance(info["maze_seed"], int)
+        _, _, _, _, info = env.step(act)
+    x, y, yaw = info["pose"]
+    r, c = int(y), int(x)
+    assert not env.unwrapped.maze_walls[r, c]
+    assert -math.pi <= yaw <= math.pi
+
+
+def test_start_pose_is_a_free_cell_centre():
+    env = MazeEnv()
+    for seed in range(5):
+        _, info = env.reset(seed=seed)
+        x, y, _ = info["pose"]
+        assert (x % 1.0, y % 1.0) == (0.5, 0.5)
+        assert not env.maze_walls[int(y), int(x)]
+
+
+def test_simulator_settings_rebuild_same_simulator():
+    env = MazeEnv(resolution=(48, 40), fov_deg=80.0, max_steps=30)
+    settings = env.simulator_settings()
+    settings = json.loads(json.dumps(settings))
+    env2 = gym.make("worldsim/Maze-v0", **settings)
+    o1, _ = env.reset(seed=6)
+    o2, _ = env2.reset(seed=6)
+    np.testing.assert_array_equal(o1, o2)
+    assert env2.unwrapped.simulator_settings() == settings
+
+
+def test_truncation_no_termination():
+    env = MazeEnv(max_steps=20)
+    env.reset(seed=0)
+    for t in range(20):
+        _, reward, terminated, truncated, _ = env.step(1)
+        assert reward == 0.0 and not terminated
+        assert truncated == (t == 19)
+
+
+def test_render_rgb_array():
+    env = MazeEnv(render_mode="rgb_array")
+    obs, _ = env.reset(seed=0)
+    np.testing.assert_array_equal(env.render(), obs)
+
+
+def test_no_pygame_under_envs():
+    import pathlib
+    import re
+
+    root = pathlib.Path(envs.__file__).parent
+    pattern = re.compile(r"^\s*(import|from)\s+pygame", re.MULTILINE)
+    for path in root.rglob("*.py"):
+        assert not pattern.search(path.read_text()), f"{path} imports pygame"
