@@ -1,0 +1,451 @@
+"""Record trajectories from a simulator into a dataset (`worldsim record`).
+
+    worldsim record --env worldsim/Maze-v0 --episodes 200 --length 300 --out data/maze
+    worldsim record --env worldsim/Maze-v0 --env-arg maze_size=15 resolution=32 --out data/m15
+
+Episodes are recorded in parallel worker processes (one simulator each) and each is written
+atomically to `episodes/<id>.npz` (temp file in the same folder, then rename); `index.json`
+is rewritten atomically after every finished episode. Ctrl-C keeps every finished episode
+and leaves a valid dataset; rerunning the same command resumes, skipping finished episodes.
+A rerun with different settings (simulator, its settings, length, policy, seeds, split
+filter) into the same folder is refused.
+
+Maze seeds: episode k uses maze seed `start_maze_seed + k`, or, with `--split train|val|test`,
+the k-th seed from `start_maze_seed` upward that lies in that split. The split of every
+episode is `split_for_maze_seed(maze_seed)`, so no maze is ever in two splits, in this or
+any other dataset.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from itertools import count
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+
+from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
+from worldsim.dataset import (
+    EPISODES_DIR, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, npz_headers,
+    split_for_maze_seed, write_episode_atomic, write_json_atomic,
+)
+
+
+class RecordError(RuntimeError):
+    """The recording cannot start (bad settings, or an existing dataset that differs)."""
+
+
+@dataclass
+class RecordConfig:
+    out: str = field(metadata={"help": "dataset folder to create or resume"})
+    env: str = field(default="worldsim/Maze-v0", metadata={"help": "Gymnasium id of the simulator"})
+    env_arg: tuple[str, ...] = field(default=(), metadata={
+        "help": "simulator settings as key=value (values parsed as JSON when possible), e.g. maze_size=15"})
+    episodes: int = field(default=100, metadata={"help": "number of episodes in the dataset"})
+    length: int = field(default=300, metadata={
+        "help": "frames per episode, the first being the reset frame (an episode the simulator ends "
+                "earlier, e.g. by its max_steps, is kept shorter)"})
+    policy: Literal["random", "navigator", "mix"] = field(default="mix", metadata={
+        "help": "exploration policy (mix: navigator or random walk, drawn per episode)"})
+    workers: int | None = field(default=None, metadata={"help": "worker processes; none = number of CPU cores"})
+    start_maze_seed: int = field(default=0, metadata={"help": "first maze seed"})
+    split: Literal["all", "train", "val", "test"] = field(default="all", metadata={
+        "help": "record only mazes of this split (seeds are drawn until enough lie in it)"})
+    seed: int = field(default=0, metadata={"help": "seed of the policies and the simulator resets"})
+    compress: bool = field(default=True, metadata={"help": "zlib-compress episode files"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def parse_env_args(items: tuple[str, ...] | list[str] | None) -> dict[str, Any]:
+    """`["maze_size=15", "name=foo"]` -> `{"maze_size": 15, "name": "foo"}` (JSON values when they parse)."""
+    settings: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise RecordError(f"--env-arg expects key=value, got {item!r}")
+        low = text.strip().lower()
+        if low in ("true", "false"):
+            value: Any = low == "true"
+        elif low in ("none", "null"):
+            value = None
+        else:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                value = text
+        settings[key] = value
+    return settings
+
+
+def _jsonable(obj: Any) -> Any:
+    """Round-trip through JSON so settings compare equal to what index.json holds."""
+    def default(o: Any) -> Any:
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        raise TypeError(f"not JSON-serialisable: {o!r}")
+    return json.loads(json.dumps(obj, default=default))
+
+
+def _make_env(env_id: str, settings: dict[str, Any]) -> Any:
+    import gymnasium as gym
+
+    import envs  # noqa: F401  (registers the worldsim/* ids)
+
+    try:
+        return gym.make(env_id, **settings)
+    except gym.error.Error as exc:
+        raise RecordError(f"cannot create simulator {env_id!r}: {exc}") from None
+    except (ImportError, TypeError, ValueError) as exc:
+        raise RecordError(f"cannot create simulator {env_id!r} with settings {settings}: "
+                          f"{type(exc).__name__}: {exc}") from None
+
+
+def plan_maze_seeds(episodes: int, start: int, split: str) -> list[int]:
+    """The maze seed of each episode: consecutive seeds, or the next ones inside `split`."""
+    if split == "all":
+        return [start + k for k in range(episodes)]
+    seeds = []
+    for s in count(start):
+        if len(seeds) >= episodes:
+            break
+        if split_for_maze_seed(s) == split:
+            seeds.append(s)
+    return seeds
+
+
+def episode_id(k: int) -> str:
+    return f"{k:06d}"
+
+
+# ----------------------------------------------------------------------------- worker side
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(env_id: str, settings: dict[str, Any]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    _WORKER.clear()
+
+
+def _get_env(env_id: str, settings: dict[str, Any]) -> Any:
+    key = (env_id, json.dumps(settings, sort_keys=True))
+    if _WORKER.get("key") != key:
+        if "env" in _WORKER:
+            _WORKER["env"].close()
+        _WORKER["env"] = _make_env(env_id, settings)
+        _WORKER["key"] = key
+    return _WORKER["env"]
+
+
+def episode_rngs(seed: int, maze_seed: int) -> tuple[int, np.random.Generator]:
+    """(reset seed, policy generator) of the episode on `maze_seed`."""
+    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(maze_seed) & 0xFFFFFFFF, 0x57])
+    reset_ss, policy_ss = ss.spawn(2)
+    return int(reset_ss.generate_state(1)[0] & 0x7FFFFFFF), np.random.default_rng(policy_ss)
+
+
+def record_episode(env: Any, policy_name: str, length: int, maze_seed: int, seed: int) -> dict[str, Any]:
+    """Run one episode; returns the arrays to store (video, actions, poses?) and metadata."""
+    from envs.policies import make_policy
+
+    base = env.unwrapped
+    names = tuple(base.action_names)
+    if "noop" not in names:
+        raise RecordError(f"the simulator has no 'noop' action (actions[0] must be noop): {list(names)}")
+    noop = names.index("noop")
+    reset_seed, rng = episode_rngs(seed, maze_seed)
+    policy = make_policy(policy_name, rng)
+    obs, info = env.reset(seed=reset_seed, options={"maze_seed": int(maze_seed)})
+    obs = np.asarray(obs)
+    video = np.empty((length, *obs.shape), dtype=np.uint8)
+    actions = np.full(length, noop, dtype=np.int64)
+    has_pose = info.get("pose") is not None
+    poses = np.zeros((length, 3), dtype=np.float32) if has_pose else None
+    video[0] = obs
+    if poses is not None:
+        poses[0] = np.asarray(info["pose"], dtype=np.float32)[:3]
+    policy.reset(env, obs, info)
+    n = length
+    for t in range(1, length):
+        a = int(policy.act(obs, info))
+        obs, _, terminated, truncated, info = env.step(a)
+        video[t] = obs
+        actions[t] = a
+        if poses is not None:
+            poses[t] = np.asarray(info["pose"], dtype=np.float32)[:3]
+        if terminated or truncated:
+            n = t + 1
+            break
+    out = {"video": video[:n], "actions": actions[:n], "maze_seed": int(maze_seed),
+           "reset_seed": reset_seed, "policy": policy.episode_policy}
+    if poses is not None:
+        out["poses"] = poses[:n]
+    return out
+
+
+def _record_task(task: dict[str, Any]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    env = _get_env(task["env"], task["settings"])
+    ep = record_episode(env, task["policy"], task["length"], task["maze_seed"], task["seed"])
+    arrays = {"video": ep["video"], "actions": ep["actions"],
+              "maze_seed": np.int64(ep["maze_seed"]), "reset_seed": np.int64(ep["reset_seed"]),
+              "policy": np.str_(ep["policy"])}
+    if "poses" in ep:
+        arrays["poses"] = ep["poses"]
+    out_dir = Path(task["out"])
+    write_episode_atomic(out_dir / task["file"], compress=task["compress"], **arrays)
+    return {"id": task["id"], "file": task["file"], "length": int(ep["video"].shape[0]),
+            "maze_seed": int(ep["maze_seed"]), "split": task["split"], "policy": ep["policy"],
+            "reset_seed": int(ep["reset_seed"]), "seconds": time.perf_counter() - t0}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _clean_temp_files(episodes_dir: Path) -> None:
+    if episodes_dir.is_dir():
+        for p in episodes_dir.glob(".*.tmp"):
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+
+def _probe(cfg: RecordConfig, settings: dict[str, Any]) -> dict[str, Any]:
+    env = _make_env(cfg.env, settings)
+    try:
+        base = env.unwrapped
+        names = getattr(base, "action_names", None)
+        if not names:
+            raise RecordError(f"{cfg.env}: the simulator does not declare action_names")
+        if "noop" not in names:
+            raise RecordError(f"{cfg.env}: no 'noop' action (actions[0] of every episode is noop): {list(names)}")
+        shape = tuple(env.observation_space.shape or ())
+        if len(shape) != 3 or shape[2] != 3:
+            raise RecordError(f"{cfg.env}: observations must be HxWx3 images, got shape {shape}")
+        sim_settings = base.simulator_settings() if hasattr(base, "simulator_settings") else dict(settings)
+        return {"action_names": list(names), "resolution": [int(shape[0]), int(shape[1])],
+                "settings": _jsonable(sim_settings)}
+    finally:
+        env.close()
+
+
+def _header(cfg: RecordConfig, probe: dict[str, Any]) -> dict[str, Any]:
+    from envs.policies import make_policy
+
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "simulator": {"id": cfg.env, "settings": probe["settings"]},
+        "resolution": probe["resolution"],
+        "action_names": probe["action_names"],
+        "policy": _jsonable(make_policy(cfg.policy, np.random.default_rng(0)).settings()),
+        "recording": {"length": cfg.length, "seed": cfg.seed, "start_maze_seed": cfg.start_maze_seed,
+                      "split_filter": cfg.split, "policy": cfg.policy,
+                      "episode_seeds": "SeedSequence([seed, maze_seed])"},
+    }
+
+
+def _compare(existing: dict[str, Any], header: dict[str, Any], index_path: Path) -> None:
+    diffs: list[str] = []
+
+    def walk(name: str, old: Any, new: Any) -> None:
+        if old == new:
+            return
+        if isinstance(old, dict) and isinstance(new, dict):
+            for k in sorted(set(old) | set(new), key=str):
+                walk(f"{name}.{k}", old.get(k, "<absent>"), new.get(k, "<absent>"))
+        else:
+            diffs.append(f"  {name}: existing {json.dumps(old)}, now {json.dumps(new)}")
+
+    for key in ("format", "format_version", "simulator", "resolution", "action_names", "policy", "recording"):
+        walk(key, existing.get(key, "<absent>"), header[key])
+    if diffs:
+        raise RecordError(
+            f"{index_path}: the existing dataset was recorded with different settings; refusing to mix "
+            "them (use another --out folder, or the original settings to resume):\n" + "\n".join(diffs))
+
+
+def _adopt(path: Path, entry: dict[str, Any], length: int) -> dict[str, Any] | None:
+    """An episode file written before an interruption but missing from the index."""
+    try:
+        headers = npz_headers(path)
+        if "video" not in headers or "actions" not in headers or headers["video"][0][:1] != (length,):
+            return None
+        with np.load(path, allow_pickle=False) as data:
+            if int(data["maze_seed"]) != entry["maze_seed"]:
+                return None
+            extra = {"policy": str(data["policy"]) if "policy" in data.files else None,
+                     "reset_seed": int(data["reset_seed"]) if "reset_seed" in data.files else None}
+    except Exception:  # DatasetError, a missing key, a corrupt member: record it again
+        return None
+    return {**entry, "length": length, **extra}
+
+
+def record(cfg: RecordConfig) -> dict[str, Any]:
+    """Record (or resume) a dataset; returns a summary. Raises RecordError on bad settings."""
+    if cfg.episodes < 0 or cfg.length < 1:
+        raise RecordError("--episodes must be >= 0 and --length >= 1")
+    settings = parse_env_args(cfg.env_arg)
+    out = Path(cfg.out)
+    index_path = out / INDEX_NAME
+    episodes_dir = out / EPISODES_DIR
+    if out.exists() and not out.is_dir():
+        raise RecordError(f"{out}: exists and is not a folder")
+    if out.is_dir() and not index_path.exists() and any(p.name not in (".lock", EPISODES_DIR) for p in out.iterdir()):
+        raise RecordError(f"{out}: folder is not empty and holds no {INDEX_NAME}; refusing to record into it")
+
+    out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)
+    try:
+        return _record_locked(cfg, settings, out)
+    finally:
+        lock.close()
+
+
+def _lock(out: Path) -> Any:
+    """Hold an exclusive lock on `out/.lock` so two recorders never write one dataset."""
+    fh = open(out / ".lock", "a")
+    try:
+        import fcntl
+
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        pass
+    except OSError:
+        fh.close()
+        raise RecordError(f"{out}: another `worldsim record` is writing this dataset (locked {out / '.lock'})") from None
+    return fh
+
+
+def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> dict[str, Any]:
+    index_path = out / INDEX_NAME
+    episodes_dir = out / EPISODES_DIR
+    probe = _probe(cfg, settings)
+    header = _header(cfg, probe)
+    entries: dict[str, dict[str, Any]] = {}
+    if index_path.exists():
+        try:
+            existing = json.loads(index_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RecordError(f"{index_path}: cannot read the existing index ({exc})") from None
+        _compare(existing, header, index_path)
+        for e in existing.get("episodes", []):
+            if (out / e["file"]).is_file():
+                entries[e["id"]] = e
+    episodes_dir.mkdir(exist_ok=True)
+    _clean_temp_files(episodes_dir)
+
+    def write_index() -> None:
+        index = dict(header)
+        index["episodes"] = [entries[k] for k in sorted(entries)]
+        write_json_atomic(index_path, index)
+
+    plan = []
+    adopted = 0
+    for k, maze_seed in enumerate(plan_maze_seeds(cfg.episodes, cfg.start_maze_seed, cfg.split)):
+        eid = episode_id(k)
+        entry = {"id": eid, "file": f"{EPISODES_DIR}/{eid}.npz", "length": cfg.length,
+                 "maze_seed": maze_seed, "split": split_for_maze_seed(maze_seed)}
+        done = entries.get(eid)
+        if done is not None and done.get("maze_seed") == maze_seed:
+            continue
+        entries.pop(eid, None)
+        if (out / entry["file"]).is_file():
+            found = _adopt(out / entry["file"], entry, cfg.length)
+            if found is not None:
+                entries[eid] = found
+                adopted += 1
+                continue
+        plan.append(entry)
+    write_index()
+
+    total = cfg.episodes
+    skipped = total - len(plan)
+    tasks = [{**e, "env": cfg.env, "settings": settings, "policy": cfg.policy, "length": cfg.length,
+              "seed": cfg.seed, "out": str(out), "compress": cfg.compress} for e in plan]
+    workers = max(1, min(cfg.workers or os.cpu_count() or 1, len(tasks) or 1))
+    summary = {"out": str(out), "episodes": total, "recorded": 0, "skipped": skipped,
+               "adopted": adopted, "frames": 0, "seconds": 0.0, "fps": 0.0, "workers": workers,
+               "interrupted": False}
+    if not tasks:
+        return summary
+
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, initial=skipped, unit="ep", desc=f"record {out.name}",
+               disable=not cfg.progress, dynamic_ncols=True)
+    pool = None
+    try:
+        if workers == 1:
+            results: Iterator[dict[str, Any]] = map(_record_task, tasks)
+        else:
+            ctx = mp.get_context("spawn")
+            pool = ctx.Pool(workers, initializer=_worker_init, initargs=(cfg.env, settings))
+            results = pool.imap_unordered(_record_task, tasks, chunksize=1)
+        for res in results:
+            res.pop("seconds", None)
+            entries[res["id"]] = res
+            write_index()
+            summary["recorded"] += 1
+            summary["frames"] += res["length"]
+            elapsed = time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(fps=f"{summary['frames'] / max(elapsed, 1e-9):.0f}", refresh=False)
+        if pool is not None:
+            pool.close()
+            pool.join()
+            pool = None
+    except KeyboardInterrupt:
+        summary["interrupted"] = True
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        bar.close()
+        _clean_temp_files(episodes_dir)
+        summary["seconds"] = time.perf_counter() - t0
+        summary["fps"] = summary["frames"] / max(summary["seconds"], 1e-9)
+    return summary
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_arguments(parser, RecordConfig, skip=("env_arg",))
+    parser.add_argument("--env-arg", dest="env_arg", action="extend", nargs="+", default=[],
+                        metavar="KEY=VALUE",
+                        help="simulator setting passed to gymnasium.make (repeatable), e.g. maze_size=15")
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = dataclass_from_args(RecordConfig, args, env_arg=tuple(args.env_arg or ()))
+    try:
+        s = record(cfg)
+    except RecordError as exc:
+        print(f"worldsim record: {exc}", file=sys.stderr)
+        return 2
+    done = s["skipped"] + s["recorded"]
+    if s["interrupted"]:
+        print(f"worldsim record: interrupted; {done}/{s['episodes']} episodes are saved in {s['out']} "
+              "(rerun the same command to resume)", file=sys.stderr)
+        return 130
+    print(f"recorded {s['recorded']} episodes ({s['frames']} frames) in {s['seconds']:.1f} s "
+          f"({s['fps']:.0f} frames/s, {s['workers']} workers); {s['skipped']} already done; "
+          f"dataset: {s['out']} ({done} episodes)")
+    return 0

@@ -1,0 +1,17 @@
+"""Shared fixtures. CI clones the repository beside `shared/`, so shared data is found
+relative to the checkout, never through an absolute path."""
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def dmlab_example_path() -> Path:
+    """The public FAR/TECO DeepMind Lab example episode (300 frames, 64x64, actions 0..2)."""
+    path = SHARED_DATA / "dmlab_example_300f.npz"
+    if not path.is_file():
+        pytest.skip(f"{path} not found (shared/ must sit beside the checkout)")
+    return path

@@ -1,0 +1,191 @@
+"""Dataset reader: the public DMLab file, our own format, validation errors, splits."""
+import json
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from worldsim.dataset import (
+    FORMAT_NAME, FORMAT_VERSION, Dataset, DatasetError, split_for_maze_seed, write_episode_atomic,
+    write_json_atomic,
+)
+
+NAMES = ["noop", "forward", "backward", "turn_left", "turn_right"]
+
+
+def make_episode(t=6, h=8, w=8, seed=0, poses=True):
+    rng = np.random.default_rng(seed)
+    ep = {"video": rng.integers(0, 256, (t, h, w, 3), dtype=np.uint8),
+          "actions": rng.integers(0, len(NAMES), t).astype(np.int64)}
+    ep["actions"][0] = 0
+    if poses:
+        ep["poses"] = rng.random((t, 3), dtype=np.float32)
+    return ep
+
+
+def make_dataset(root, episodes, maze_seeds=None, lengths=None):
+    """A dataset in our on-disk format, written by hand (no simulator needed)."""
+    (root / "episodes").mkdir(parents=True)
+    entries = []
+    for i, ep in enumerate(episodes):
+        eid = f"{i:06d}"
+        write_episode_atomic(root / "episodes" / f"{eid}.npz", **ep)
+        ms = i if maze_seeds is None else maze_seeds[i]
+        length = len(ep["video"]) if lengths is None else lengths[i]
+        entries.append({"id": eid, "file": f"episodes/{eid}.npz", "length": length,
+                        "maze_seed": ms, "split": split_for_maze_seed(ms)})
+    write_json_atomic(root / "index.json", {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+        "simulator": {"id": "worldsim/Maze-v0", "settings": {"resolution": [8, 8]}},
+        "resolution": [8, 8], "action_names": NAMES, "policy": {"name": "random"},
+        "episodes": entries})
+    return root
+
+
+# ----------------------------------------------------------------------------- DMLab files
+
+
+def test_dmlab_example_reads(dmlab_example_path):
+    ds = Dataset(dmlab_example_path)
+    assert len(ds) == 1
+    assert ds.resolution == (64, 64)
+    assert ds.action_names == ("action_0", "action_1", "action_2")  # default: 1 + max action
+    assert ds.simulator is None
+    ep = ds[0]
+    assert ep.video.shape == (300, 64, 64, 3) and ep.video.dtype == np.uint8
+    assert ep.actions.shape == (300,) and ep.actions.dtype == np.int64
+    assert ep.actions.min() >= 0 and ep.actions.max() == 2
+    assert ep.poses is None and ep.maze_seed is None
+    assert ds.episodes[0].length == 300
+
+
+def test_dmlab_folder_and_explicit_action_names(dmlab_example_path, tmp_path):
+    shutil.copy(dmlab_example_path, tmp_path / "a.npz")
+    shutil.copy(dmlab_example_path, tmp_path / "b.npz")
+    ds = Dataset(tmp_path, action_names=["left", "right", "forward"])
+    assert [e.id for e in ds.episodes] == ["a", "b"]
+    assert ds.action_names == ("left", "right", "forward")
+    assert np.array_equal(ds["b"].video, ds[0].video)
+    with pytest.raises(DatasetError, match="out of range"):
+        Dataset(tmp_path, action_names=["only", "two"])
+    with pytest.raises(DatasetError, match="split"):
+        Dataset(tmp_path, split="train")  # DMLab files carry no maze seeds
+
+
+def test_corrupt_file_in_plain_folder_is_named(dmlab_example_path, tmp_path):
+    shutil.copy(dmlab_example_path, tmp_path / "good.npz")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip at all")
+    with pytest.raises(DatasetError, match="bad.npz.*not a valid .npz"):
+        Dataset(tmp_path)
+
+
+# ----------------------------------------------------------------------------- own format
+
+
+def test_own_format_round_trip(tmp_path):
+    eps = [make_episode(seed=i) for i in range(3)]
+    ds = Dataset(make_dataset(tmp_path / "ds", eps))
+    assert len(ds) == 3 and ds.action_names == tuple(NAMES) and ds.resolution == (8, 8)
+    assert ds.simulator["id"] == "worldsim/Maze-v0"
+    for i, ep in enumerate(ds):
+        assert np.array_equal(ep.video, eps[i]["video"])
+        assert np.array_equal(ep.actions, eps[i]["actions"]) and ep.actions.dtype == np.int64
+        assert ep.poses.dtype == np.float32 and ep.poses.shape == (6, 3)
+        assert ep.maze_seed == i
+    assert ds.index_of("000002") == 2 and ds.index_of(-1) == 2
+    with pytest.raises(DatasetError, match="out of range"):
+        ds[3]
+    with pytest.raises(DatasetError, match="no episode 'x'"):
+        ds["x"]
+
+
+def _corrupt_truncated(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _corrupt_not_zip(path):
+    path.write_text("hello")
+
+
+def _rewrite(path, **changes):
+    with np.load(path) as d:
+        arrays = {k: d[k] for k in d.files}
+    arrays.update(changes)
+    for k, v in list(arrays.items()):
+        if v is None:
+            del arrays[k]
+    write_episode_atomic(path, **arrays)
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (_corrupt_truncated, "not a valid .npz"),
+    (_corrupt_not_zip, "not a valid .npz"),
+    (lambda p: _rewrite(p, video=np.zeros((6, 8, 8, 3), np.float32)), "'video' must be uint8"),
+    (lambda p: _rewrite(p, video=np.zeros((6, 8, 8), np.uint8)), r"'video' must have shape \[T, H, W, 3\]"),
+    (lambda p: _rewrite(p, video=np.zeros((6, 16, 16, 3), np.uint8)), "resolution 16x16 differs"),
+    (lambda p: _rewrite(p, actions=np.array([0, 1, 2, 3, 4, 5])), r"action 5 out of range \[0, 4\]"),
+    (lambda p: _rewrite(p, actions=np.array([0, 1, -1, 3, 4, 0])), "action -1 out of range"),
+    (lambda p: _rewrite(p, actions=np.zeros(6, np.float32)), "'actions' must be integers"),
+    (lambda p: _rewrite(p, actions=np.zeros(5, np.int64)), "'actions' has 5 entries"),
+    (lambda p: _rewrite(p, actions=None), "missing array 'actions'"),
+    (lambda p: _rewrite(p, video=None), "missing array 'video'"),
+    (lambda p: _rewrite(p, poses=np.zeros((6, 2), np.float32)), r"'poses' must have shape \[6, 3\]"),
+    (lambda p: _rewrite(p, video=np.zeros((7, 8, 8, 3), np.uint8), actions=np.zeros(7, np.int64),
+                        poses=None), "has 7 frames but the index says 6"),
+])
+def test_corrupt_episode_names_file_and_problem(tmp_path, corrupt, message):
+    root = make_dataset(tmp_path / "ds", [make_episode(seed=0), make_episode(seed=1)])
+    bad = root / "episodes" / "000001.npz"
+    corrupt(bad)
+    ds = Dataset(root)
+    assert np.array_equal(ds[0].video, make_episode(seed=0)["video"])  # the good one still reads
+    with pytest.raises(DatasetError, match=message) as err:
+        ds[1]
+    assert str(bad) in str(err.value)
+    with pytest.raises(DatasetError):
+        ds.validate()
+
+
+def test_bad_index_and_missing_episode_file(tmp_path):
+    root = make_dataset(tmp_path / "ds", [make_episode()])
+    (root / "episodes" / "000000.npz").unlink()
+    with pytest.raises(DatasetError, match="000000.npz: episode file listed in .* is missing"):
+        Dataset(root)
+    (root / "index.json").write_text("{ not json")
+    with pytest.raises(DatasetError, match="index.json: not valid JSON"):
+        Dataset(root)
+    (root / "index.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(DatasetError, match="index.json: not a worldsim dataset"):
+        Dataset(root)
+    with pytest.raises(DatasetError, match="dataset not found"):
+        Dataset(tmp_path / "nowhere")
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def test_split_is_deterministic_and_balanced():
+    # Fixed values: changing the function would silently move mazes between splits.
+    assert [split_for_maze_seed(s) for s in range(8)] == [
+        "train", "train", "test", "train", "train", "train", "test", "train"]
+    assert split_for_maze_seed(51) == "val"
+    seeds = range(5000)
+    counts = Counter(split_for_maze_seed(s) for s in seeds)
+    assert set(counts) == {"train", "val", "test"}
+    assert 0.87 < counts["train"] / 5000 < 0.93
+    assert 0.03 < counts["val"] / 5000 < 0.07 and 0.03 < counts["test"] / 5000 < 0.07
+    assert [split_for_maze_seed(s) for s in seeds] == [split_for_maze_seed(s) for s in seeds]
+
+
+def test_split_filter_partitions_a_dataset(tmp_path):
+    seeds = [0, 2, 51, 1, 6, 71]  # train, test, val, train, test, val
+    root = make_dataset(tmp_path / "ds", [make_episode(seed=i) for i in range(6)], maze_seeds=seeds)
+    parts = {s: Dataset(root, split=s) for s in ("train", "val", "test")}
+    assert {s: [e.maze_seed for e in d.episodes] for s, d in parts.items()} == {
+        "train": [0, 1], "val": [51, 71], "test": [2, 6]}
+    ids = [e.id for d in parts.values() for e in d.episodes]
+    assert sorted(ids) == sorted(e.id for e in Dataset(root).episodes)  # disjoint and complete
+    with pytest.raises(ValueError):
+        Dataset(root, split="holdout")

@@ -1,0 +1,246 @@
+"""Recorder, policies and export, through the real `worldsim` entry points (tiny budgets)."""
+import json
+import os
+
+import gymnasium as gym
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+
+import envs  # noqa: F401  (registers worldsim/Maze-v0)
+from envs import recorder
+from envs.maze import MazeEnv
+from envs.policies import NavigatorPolicy, RandomWalkPolicy, make_policy
+from worldsim.cli import main
+from worldsim.dataset import Dataset, split_for_maze_seed
+
+TINY = ["--env", "worldsim/Maze-v0", "--env-arg", "resolution=32", "--progress", "false"]
+
+
+def record_args(out, episodes=3, length=40, workers=1, *extra):
+    return ["record", "--out", str(out), "--episodes", str(episodes), "--length", str(length),
+            "--workers", str(workers), *TINY, *extra]
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rec") / "ds"
+    assert main(record_args(out, 3, 40, 1, "--policy", "mix", "--seed", "3")) == 0
+    return out
+
+
+def index_entries(out):
+    return {e["id"]: e for e in json.loads((out / "index.json").read_text())["episodes"]}
+
+
+def revisit_pairs(poses, gap=50, dist=0.5, yaw_deg=30.0):
+    """(t, t') with t' > t + gap, position within `dist` cells and yaw within `yaw_deg`."""
+    p = poses.astype(np.float64)
+    d = np.hypot(p[:, None, 0] - p[None, :, 0], p[:, None, 1] - p[None, :, 1])
+    dyaw = np.abs((p[:, None, 2] - p[None, :, 2] + np.pi) % (2 * np.pi) - np.pi)
+    t = np.arange(len(p))
+    ok = (d < dist) & (dyaw < np.radians(yaw_deg)) & (t[None, :] > t[:, None] + gap)
+    return np.argwhere(ok)
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_matches_replayed_simulator(tiny_dataset):
+    ds = Dataset(tiny_dataset)
+    assert len(ds) == 3 and ds.resolution == (32, 32)
+    assert ds.action_names == ("noop", "forward", "backward", "turn_left", "turn_right")
+    assert ds.simulator["id"] == "worldsim/Maze-v0" and ds.simulator["settings"]["resolution"] == [32, 32]
+    entries = index_entries(tiny_dataset)
+    env = gym.make(ds.simulator["id"], **ds.simulator["settings"])
+    for i, info in enumerate(ds.episodes):
+        ep = ds[i]
+        assert info.maze_seed == i and info.split == split_for_maze_seed(i)
+        assert ep.video.shape == (40, 32, 32, 3) and ep.actions.dtype == np.int64
+        assert ep.poses.shape == (40, 3) and ep.poses.dtype == np.float32
+        assert ep.actions[0] == ds.action_names.index("noop")
+        obs, inf = env.reset(seed=entries[info.id]["reset_seed"], options={"maze_seed": info.maze_seed})
+        frames, poses = [obs], [inf["pose"]]
+        for a in ep.actions[1:]:
+            obs, _, _, _, inf = env.step(int(a))
+            frames.append(obs)
+            poses.append(inf["pose"])
+        assert np.array_equal(np.stack(frames), ep.video)
+        np.testing.assert_allclose(np.stack(poses), ep.poses, atol=1e-6)
+    env.close()
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_resume_skips_finished_episodes(tmp_path, capsys):
+    out = tmp_path / "ds"
+    args = record_args(out, 4, 30, 2)  # two spawned workers
+    assert main(args) == 0
+    files = {k: out / "episodes" / f"{k}.npz" for k in ("000000", "000001", "000002", "000003")}
+    before = {k: p.stat().st_mtime_ns for k, p in files.items()}
+    original = Dataset(out)["000002"].video.copy()
+    # an interrupted run: episode 2 never written, episode 3 written but not yet in the index
+    files["000002"].unlink()
+    index = json.loads((out / "index.json").read_text())
+    index["episodes"] = [e for e in index["episodes"] if e["id"] in ("000000", "000001")]
+    (out / "index.json").write_text(json.dumps(index))
+    (out / "episodes" / ".000004.abc.npz.tmp").write_bytes(b"half an episode")
+    capsys.readouterr()
+    assert main(record_args(out, 4, 30, 1)) == 0
+    assert "recorded 1 episodes" in capsys.readouterr().out
+    after = {k: p.stat().st_mtime_ns for k, p in files.items()}
+    assert after["000000"] == before["000000"] and after["000001"] == before["000001"]
+    assert after["000003"] == before["000003"]  # adopted, not re-recorded
+    ds = Dataset(out)
+    ds.validate()
+    assert [e.id for e in ds.episodes] == sorted(files)
+    assert np.array_equal(ds["000002"].video, original)  # deterministic re-recording
+    assert not list((out / "episodes").glob(".*.tmp"))
+    # more episodes later: only the new ones are recorded
+    assert main(record_args(out, 5, 30, 1)) == 0
+    assert len(Dataset(out)) == 5
+    assert {k: p.stat().st_mtime_ns for k, p in files.items()} == after
+
+
+def test_interrupt_keeps_finished_episodes(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "ds"
+    real = recorder._record_task
+    calls = []
+
+    def flaky(task):
+        calls.append(task["id"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(task)
+
+    monkeypatch.setattr(recorder, "_record_task", flaky)
+    assert main(record_args(out, 4, 20, 1)) == 130
+    assert "interrupted; 2/4 episodes are saved" in capsys.readouterr().err
+    ds = Dataset(out)
+    ds.validate()
+    assert [e.id for e in ds.episodes] == ["000000", "000001"]
+    monkeypatch.setattr(recorder, "_record_task", real)
+    assert main(record_args(out, 4, 20, 1)) == 0
+    assert len(Dataset(out)) == 4
+
+
+def test_rerun_with_other_settings_is_refused(tiny_dataset, capsys):
+    index_before = (tiny_dataset / "index.json").read_text()
+    assert main(record_args(tiny_dataset, 3, 41, 1)) == 2
+    err = capsys.readouterr().err
+    assert "different settings" in err and "recording.length: existing 40, now 41" in err
+    assert main(record_args(tiny_dataset, 3, 40, 1, "--env-arg", "maze_size=13")) == 2
+    assert "simulator.settings.maze_size" in capsys.readouterr().err
+    assert (tiny_dataset / "index.json").read_text() == index_before
+
+
+def test_split_filter_draws_only_that_split(tmp_path):
+    out = tmp_path / "val"
+    assert main(record_args(out, 3, 10, 1, "--split", "val")) == 0
+    ds = Dataset(out)
+    assert [e.split for e in ds.episodes] == ["val"] * 3
+    assert all(split_for_maze_seed(e.maze_seed) == "val" for e in ds.episodes)
+    assert len(Dataset(out, split="val")) == 3 and len(Dataset(out, split="train")) == 0
+
+
+# ----------------------------------------------------------------------------- policies
+
+
+def test_navigator_episodes_revisit_places(tmp_path):
+    out = tmp_path / "nav"
+    assert main(["record", "--out", str(out), "--episodes", "3", "--length", "300", "--workers", "1",
+                 "--policy", "navigator", "--env-arg", "resolution=16", "--progress", "false"]) == 0
+    ds = Dataset(out)
+    turn_names = {ds.action_names.index("turn_left"), ds.action_names.index("turn_right")}
+    full_turn = int(np.ceil(360 / 10))
+    looked = 0
+    for ep in ds:
+        pairs = revisit_pairs(ep.poses)
+        assert len(pairs) > 0, f"episode {ep.id} never revisits a place (pose + yaw) after 50 frames"
+        # turns in place: the position stays, the yaw changes
+        turning = np.isin(ep.actions[1:], list(turn_names))
+        np.testing.assert_allclose(ep.poses[1:][turning, :2], ep.poses[:-1][turning, :2])
+        runs = np.diff(np.flatnonzero(np.diff(np.r_[0, turning.astype(int), 0])))[::2]
+        looked += int((runs >= full_turn).any())
+    assert looked >= 1  # at least one full 360-degree look-around
+
+
+class MemoryMazeLike(MazeEnv):
+    """The embedded maze behind Memory Maze's action names (no backward)."""
+
+    action_names = ("noop", "forward", "turn_left", "turn_right", "forward_left", "forward_right")
+    _to_maze = {0: 0, 1: 1, 2: 3, 3: 4, 4: 1, 5: 1}
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.action_space = gym.spaces.Discrete(6)
+
+    def step(self, action):
+        return super().step(self._to_maze[int(action)])
+
+
+@pytest.mark.parametrize("name", ["random", "navigator"])
+def test_policies_choose_by_name(name):
+    env = MemoryMazeLike(resolution=8)
+    rng = np.random.default_rng(0)
+    policy = make_policy(name, rng)
+    obs, info = env.reset(seed=1, options={"maze_seed": 5})
+    policy.reset(env, obs, info)
+    chosen = []
+    for _ in range(150):
+        a = policy.act(obs, info)
+        assert 0 <= a < 6
+        chosen.append(env.action_names[a])
+        obs, _, _, _, info = env.step(a)
+    assert {"forward", "turn_left", "turn_right"} <= set(chosen) or name == "random"
+    assert "forward" in chosen
+
+
+def test_policies_are_reproducible_and_need_their_actions():
+    def run(policy_cls, seed):
+        env = MazeEnv(resolution=8)
+        policy = policy_cls(np.random.default_rng(seed))
+        obs, info = env.reset(seed=0, options={"maze_seed": 2})
+        policy.reset(env, obs, info)
+        out = []
+        for _ in range(60):
+            out.append(policy.act(obs, info))
+            obs, _, _, _, info = env.step(out[-1])
+        return out
+
+    for cls in (RandomWalkPolicy, NavigatorPolicy):
+        assert run(cls, 7) == run(cls, 7)
+    env = MazeEnv(resolution=8)
+    env.action_names = ("noop", "jump")
+    obs, info = env.reset(options={"maze_seed": 0})
+    with pytest.raises(ValueError, match="needs actions"):
+        NavigatorPolicy(np.random.default_rng(0)).reset(env, obs, info)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_export_gif_mp4_png(tiny_dataset, tmp_path, dmlab_example_path):
+    gif, mp4, png = tmp_path / "a.gif", tmp_path / "grid.mp4", tmp_path / "strip.png"
+    assert main(["export", str(tiny_dataset), "--episode", "0", "--out", str(gif), "--end", "10"]) == 0
+    frames = imageio.mimread(gif)
+    assert len(frames) == 10 and frames[0].shape[:2] == (64, 64)
+    assert main(["export", str(tiny_dataset), "--episode", "0", "1", "000002", "--out", str(mp4),
+                 "--columns", "2", "--scale", "1"]) == 0
+    assert mp4.stat().st_size > 0
+    assert main(["export", str(tiny_dataset), "--episode", "1", "--out", str(png), "--every", "20"]) == 0
+    assert imageio.imread(png).shape == (64, 128, 3)  # frames 0 and 20, scale 2
+    strip = tmp_path / "dmlab.png"
+    assert main(["export", str(dmlab_example_path), "--out", str(strip), "--every", "20"]) == 0
+    assert imageio.imread(strip).shape == (128, 15 * 128, 3)
+
+
+def test_export_errors_are_clear(tiny_dataset, tmp_path, capsys):
+    assert main(["export", str(tiny_dataset), "--episode", "7", "--out", str(tmp_path / "x.gif")]) == 2
+    assert "episode index 7 out of range" in capsys.readouterr().err
+    assert main(["export", str(tiny_dataset), "--episode", "nope", "--out", str(tmp_path / "x.gif")]) == 2
+    assert "no episode 'nope'" in capsys.readouterr().err
+    assert main(["export", str(tiny_dataset), "--out", str(tmp_path / "x.avi")]) == 2
+    assert "unknown output format '.avi'" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)

@@ -1,0 +1,164 @@
+"""Export dataset episodes to MP4 / GIF videos or a PNG strip (`worldsim export`).
+
+    worldsim export data/maze --episode 0 --out ep0.mp4
+    worldsim export data/maze --episode 0 1 2 3 --out grid.gif --columns 2
+    worldsim export data/maze --episode 0 --out strip.png --every 20
+
+The format follows the extension of --out. Videos show several episodes side by side as a
+grid (shorter ones hold their last frame); a PNG strip shows every k-th frame of each episode
+in a row, one row per episode. Frames are upscaled by an integer --scale with nearest
+neighbour. --episode takes episode ids or positions in the dataset. The output is written to
+a temp file beside --out and renamed, so an existing file is never left half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+
+from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
+from worldsim.dataset import Dataset, DatasetError
+
+FORMATS = (".mp4", ".gif", ".png")
+
+
+class ExportError(ValueError):
+    """Bad export request (format, frame range, ...)."""
+
+
+@dataclass
+class ExportConfig:
+    out: str = field(metadata={"help": "output file: .mp4, .gif or .png (strip of every k-th frame)"})
+    episode: tuple[str, ...] = field(default=("0",), metadata={
+        "help": "episode ids or positions; several make a grid"})
+    every: int = field(default=20, metadata={"help": "PNG strip: keep every k-th frame"})
+    scale: int = field(default=2, metadata={"help": "integer upscaling factor (nearest neighbour)"})
+    fps: float = field(default=15.0, metadata={"help": "frames per second of MP4/GIF"})
+    start: int = field(default=0, metadata={"help": "first frame"})
+    end: int | None = field(default=None, metadata={"help": "end frame, exclusive; none = episode end"})
+    columns: int | None = field(default=None, metadata={"help": "grid columns for videos; none = all side by side"})
+    split: Literal["train", "val", "test"] | None = field(default=None, metadata={"help": "select episodes of this split only"})
+
+
+def upscale(frames: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour integer upscaling of [..., H, W, C] frames."""
+    if factor == 1:
+        return frames
+    return frames.repeat(factor, axis=-3).repeat(factor, axis=-2)
+
+
+def grid(videos: Sequence[np.ndarray], columns: int | None = None, gap: int = 1) -> np.ndarray:
+    """Tile videos [T_i, H, W, 3] into one [T, rows*H, cols*W, 3] (shorter ones hold their last frame)."""
+    n = len(videos)
+    cols = max(1, min(columns or n, n))
+    rows = -(-n // cols)
+    t = max(v.shape[0] for v in videos)
+    h, w = videos[0].shape[1:3]
+    out = np.zeros((t, rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), np.uint8)
+    for i, v in enumerate(videos):
+        if v.shape[0] < t:
+            v = np.concatenate([v, np.repeat(v[-1:], t - v.shape[0], axis=0)])
+        r, c = divmod(i, cols)
+        out[:, r * (h + gap): r * (h + gap) + h, c * (w + gap): c * (w + gap) + w] = v
+    return out
+
+
+def strip(videos: Sequence[np.ndarray], every: int, gap: int = 1) -> np.ndarray:
+    """Every `every`-th frame of each video in a row; one row per video -> [H', W', 3]."""
+    rows = []
+    for v in videos:
+        frames = v[::every]
+        rows.append(np.concatenate(list(frames), axis=1))
+    width = max(r.shape[1] for r in rows)
+    h = rows[0].shape[0]
+    out = np.zeros((len(rows) * h + (len(rows) - 1) * gap, width, 3), np.uint8)
+    for i, r in enumerate(rows):
+        out[i * (h + gap): i * (h + gap) + h, : r.shape[1]] = r
+    return out
+
+
+def _write_atomic(path: Path, frames_or_image: np.ndarray, fps: float) -> None:
+    import imageio.v2 as imageio
+
+    suffix = path.suffix.lower()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        if suffix == ".png":
+            imageio.imwrite(tmp, frames_or_image, format="png")
+        elif suffix == ".gif":
+            imageio.mimsave(tmp, list(frames_or_image), format="gif", duration=1000.0 / fps, loop=0)
+        else:
+            frames = frames_or_image
+            h, w = frames.shape[1:3]
+            if h % 2 or w % 2:  # yuv420p needs even sizes
+                frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+            with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
+                                    quality=8, macro_block_size=1, pixelformat="yuv420p") as writer:
+                for f in frames:
+                    writer.append_data(f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def export(dataset: str | os.PathLike | Dataset, cfg: ExportConfig) -> Path:
+    """Export per `cfg`; returns the written path. Raises DatasetError / ExportError."""
+    out = Path(cfg.out)
+    suffix = out.suffix.lower()
+    if suffix not in FORMATS:
+        raise ExportError(f"{out}: unknown output format {out.suffix or '(no extension)'!r}; use one of {', '.join(FORMATS)}")
+    if cfg.scale < 1:
+        raise ExportError(f"--scale must be a positive integer, got {cfg.scale}")
+    if cfg.every < 1:
+        raise ExportError(f"--every must be a positive integer, got {cfg.every}")
+    if cfg.fps <= 0:
+        raise ExportError(f"--fps must be positive, got {cfg.fps}")
+    if not out.parent.is_dir():
+        raise ExportError(f"{out}: folder {out.parent} does not exist")
+    ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset, split=cfg.split)
+    if not cfg.episode:
+        raise ExportError("no episode given (--episode ID ...)")
+    videos = []
+    for key in cfg.episode:
+        ep = ds[key]
+        end = len(ep) if cfg.end is None else min(cfg.end, len(ep))
+        if not 0 <= cfg.start < end:
+            raise ExportError(f"episode {ep.id}: frame range [{cfg.start}, {end}) is empty "
+                              f"(episode has {len(ep)} frames)")
+        videos.append(ep.video[cfg.start:end])
+    gap = 1
+    if suffix == ".png":
+        image = upscale(strip(videos, cfg.every, gap=0 if len(videos) == 1 else gap), cfg.scale)
+        _write_atomic(out, image, cfg.fps)
+    else:
+        frames = upscale(grid(videos, cfg.columns, gap=gap), cfg.scale)
+        _write_atomic(out, frames, cfg.fps)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", help="dataset folder (index.json), a DMLab .npz, or a folder of .npz files")
+    add_dataclass_arguments(parser, ExportConfig)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = dataclass_from_args(ExportConfig, args)
+    try:
+        out = export(args.dataset, cfg)
+    except (DatasetError, ExportError) as exc:
+        print(f"worldsim export: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
