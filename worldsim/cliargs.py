@@ -58,9 +58,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
             kwargs.update(type=_parse_bool, metavar="BOOL")
         else:
             kwargs.update(type=tp)
+        required = (field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING  # type: ignore[misc]
+                    and not optional)
         default_text = "none" if default is None else default
-        kwargs["help"] = f"{help_text} (default: {default_text})".strip()
-        if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING and not optional:  # type: ignore[misc]
+        kwargs["help"] = help_text if required else f"{help_text} (default: {default_text})".strip()
+        if required:
             kwargs["required"] = True
         parser.add_argument(flag, **kwargs)
 
