@@ -1,0 +1,130 @@
+"""Cached generation equals uncached recomputation; sampler and Session behaviour (tiny, fp32)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from worldsim.autoencoder import AE_PRESETS, Autoencoder
+from worldsim.cache import UncachedContext
+from worldsim.model import FAR, PRESETS
+from worldsim.sampler import EulerSampler
+from worldsim.world import WorldModel
+
+torch.set_num_threads(1)  # 2 shared cores: one thread avoids OpenMP spin contention
+
+ACTIONS = ("noop", "forward", "backward", "turn_left", "turn_right")
+W = PRESETS["tiny"].window  # 4
+
+
+def tiny_world(seed: int = 0) -> WorldModel:
+    torch.manual_seed(seed)
+    far = FAR(PRESETS["tiny"])
+    with torch.no_grad():  # randomise the zero-initialised layers too: every path matters
+        for p in far.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return WorldModel(Autoencoder(AE_PRESETS["tiny"]), far, ACTIONS, device="cpu")
+
+
+def context(k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (k, 64, 64, 3), dtype=np.uint8), rng.integers(0, 5, k)
+
+
+def rollout(world, mode, k=6, n=8, steps=3, cfg=1.5, seed=0, context_noise=0.0):
+    frames, actions = context(k)
+    s = world.new_session(frames, actions, cache_mode=mode, steps=steps, cfg=cfg, seed=seed, context_noise=context_noise)
+    rng = np.random.default_rng(1)
+    out = [s.step_latent(int(a)) for a in rng.integers(0, 5, n)]
+    return torch.stack(out), s
+
+
+@pytest.fixture(scope="module")
+def world():
+    return tiny_world()
+
+
+def test_multilevel_equals_none(world):
+    # 6 context frames (> W: bulk prefill of L2) then 8 generated: frames keep moving L1 -> L2
+    ml, s = rollout(world, "multilevel", context_noise=0.05)
+    ref, _ = rollout(world, "none", context_noise=0.05)
+    assert s.stats()["l2_frames"] == 6 + 8 - (W - 1)
+    assert (ml - ref).abs().max().item() <= 1e-4
+
+
+def test_kv_equals_its_uncached_all_fine_recomputation(world):
+    kv, s = rollout(world, "kv")
+    ref, _ = rollout(world, UncachedContext(world.far, layout="all-fine"))
+    assert (kv - ref).abs().max().item() <= 1e-4
+    assert s.stats()["l1_frames"] == 14 and s.stats()["l2_frames"] == 0
+    ml, _ = rollout(world, "multilevel")  # different layouts: not expected to agree
+    assert (kv - ml).abs().max().item() > 1e-3
+
+
+def test_sliding_equals_uncached_window(world):
+    sl, s = rollout(world, "sliding")
+    ref, _ = rollout(world, UncachedContext(world.far, layout="window"))
+    assert (sl - ref).abs().max().item() <= 1e-4
+    assert s.stats()["l2_frames"] == 0 and s.stats()["l1_frames"] == W - 1
+
+
+def test_cache_stats_token_counts(world):
+    _, s = rollout(world, "multilevel", n=3)
+    st = s.stats()
+    cfg = world.far.config
+    assert st["l1_frames"] == W - 1 and st["l1_tokens"] == (W - 1) * cfg.tokens_per_frame
+    assert st["l2_frames"] == 9 - (W - 1)
+    assert st["l2_tokens"] == st["l2_frames"] * cfg.context_tokens_per_frame == st["l2_frames"] * 4
+    # per layer: k and v, (1, heads, tokens, head_dim) fp32
+    per_token = 2 * cfg.depth * cfg.width * 4
+    assert st["cache_bytes"] == per_token * (st["l1_tokens"] + st["l2_tokens"])
+
+
+def test_cfg_scale_one_is_no_guidance(world):
+    torch.manual_seed(0)
+    x, a = torch.randn(1, 4, 8, 8), torch.tensor([2])
+    calls = []
+
+    def fn(x_, t_, a_):
+        calls.append(a_.tolist())
+        return world.far.predict_frame(x_, t_, a_, 0, None)
+
+    v1 = EulerSampler(3, cfg_scale=1.0).guided_velocity(fn, x, 0.5, a, world.far.null_action)
+    assert torch.equal(v1, fn(x, torch.tensor([0.5]), a)) and calls[0] == [2]  # no null branch run
+    v = EulerSampler(3, cfg_scale=1.5).guided_velocity(fn, x, 0.5, a, world.far.null_action)
+    assert calls[-1] == [2, 5]  # batched: conditional and null action
+    vc, vn = fn(x, torch.tensor([0.5]), a), fn(x, torch.tensor([0.5]), torch.tensor([5]))
+    assert torch.allclose(v, vn + 1.5 * (vc - vn), atol=1e-5)
+    g1, _ = rollout(world, "multilevel", n=3, cfg=1.0)
+    g2, _ = rollout(world, "multilevel", n=3, cfg=1.5)
+    assert (g1 - g2).abs().max() > 1e-4
+
+
+def test_session_seed_predict_append_step(world):
+    frames, actions = context(3)
+    a = world.new_session(frames, actions, steps=2, cfg=1.0, seed=7)
+    b = world.new_session(frames, actions, steps=2, cfg=1.0, seed=7)
+    c = world.new_session(frames, actions, steps=2, cfg=1.0, seed=8)
+    fa, fb, fc = a.step(1), b.step(1), c.step(1)
+    assert fa.dtype == np.uint8 and fa.shape == (64, 64, 3)
+    assert np.array_equal(fa, fb) and not np.array_equal(fa, fc)
+    assert a.frame_index == 4
+    p = a.predict(2)  # predict does not append
+    assert p.shape == (64, 64, 3) and a.frame_index == 4
+    a.append(frames[0], 3)
+    assert a.frame_index == 5 and a.stats()["l1_frames"] == W - 1
+    with pytest.raises(ValueError):
+        a.predict(5)  # the null class is not a playable action
+    empty = world.new_session(np.zeros((0, 64, 64, 3), np.uint8), np.zeros(0, np.int64), steps=1, cfg=1.0, seed=0)
+    assert empty.step(0).shape == (64, 64, 3) and empty.frame_index == 1
+
+
+def test_fork_is_independent(world):
+    frames, actions = context(5)
+    s = world.new_session(frames, actions, steps=2, cfg=1.0, seed=3)
+    twin = s.fork()
+    z1 = s.step_latent(1)
+    z2 = twin.step_latent(1)
+    assert torch.equal(z1, z2) and s.frame_index == twin.frame_index == 6
+    s.step_latent(0)
+    assert twin.frame_index == 6

@@ -1,0 +1,121 @@
+"""Checkpoint folders: bit-exact round trip, clear failures on mismatches (tiny, CPU)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from worldsim.autoencoder import AE_PRESETS, Autoencoder
+from worldsim.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
+from worldsim.model import FAR, PRESETS
+from worldsim.world import WorldModel
+
+torch.set_num_threads(1)  # 2 shared cores: one thread avoids OpenMP spin contention
+
+ACTIONS = ("noop", "forward", "backward", "turn_left", "turn_right")
+SIM = {"id": "worldsim/Maze-v0", "settings": {"maze_size": 11}}
+
+
+def make_world() -> WorldModel:
+    torch.manual_seed(0)
+    ae, far = Autoencoder(AE_PRESETS["tiny"]), FAR(PRESETS["tiny"])
+    with torch.no_grad():
+        for p in list(far.parameters()) + list(ae.parameters()):
+            p.add_(0.05 * torch.randn_like(p))
+    ae.latent_scale.fill_(0.37)
+    return WorldModel(ae, far, ACTIONS, (64, 64), simulator=SIM, sampler={"steps": 4, "cfg": 2.0}, device="cpu")
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    world = make_world()
+    path = world.save(tmp_path / "ck", step=123, data_summary={"episodes": 7, "frames": 448})
+    return world, path
+
+
+def test_roundtrip_is_bit_exact(saved):
+    world, path = saved
+    loaded = WorldModel.load(path, device="cpu", resolution=(64, 64), action_names=ACTIONS)
+    for a, b in ((world.far, loaded.far), (world.autoencoder, loaded.autoencoder)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert loaded.autoencoder.latent_scale.item() == pytest.approx(0.37)
+    assert loaded.action_names == ACTIONS and loaded.resolution == (64, 64) and loaded.simulator == SIM
+    assert loaded.sampler["steps"] == 4 and loaded.sampler["cfg"] == 2.0
+    assert loaded.config["step"] == 123 and loaded.config["data"]["episodes"] == 7
+    frames = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    actions = np.array([0, 1, 1, 3, 4])
+    out = [w.new_session(frames, actions, seed=1).step(1) for w in (world, loaded)]
+    assert np.array_equal(out[0], out[1])
+    # the folder is plain JSON + safetensors with prefixed keys
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["far"]["depth"] == PRESETS["tiny"].depth and cfg["autoencoder"]["latent_channels"] == 4
+    keys = load_file(str(path / "model.safetensors")).keys()
+    assert all(k.startswith(("far.", "autoencoder.")) for k in keys)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ck"]  # no temp leftovers
+
+
+def test_resave_over_existing_folder_keeps_other_files(saved):
+    world, path = saved
+    (path / "README.md").write_text("model card")
+    world.save(path, step=124)
+    assert (path / "README.md").read_text() == "model card"
+    assert read_config(path)["step"] == 124
+    assert sorted(p.name for p in path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    load_checkpoint(path, device="cpu")
+
+
+def test_wrong_resolution_or_actions_fail_clearly(saved):
+    _, path = saved
+    with pytest.raises(CheckpointError, match=r"resolution \[64, 64\] differs from the requested \[84, 84\]") as e:
+        load_checkpoint(path, resolution=(84, 84))
+    assert str(path) in str(e.value)
+    with pytest.raises(CheckpointError, match="action names") as e:
+        WorldModel.load(path, action_names=("noop", "forward", "backward"))
+    assert str(path) in str(e.value)
+
+
+def _rewrite_weights(path, edit):
+    tensors = load_file(str(path / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(path / "model.safetensors"))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["weights"]["bytes"] = (path / "model.safetensors").stat().st_size
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_missing_unexpected_and_misshaped_tensors(saved):
+    _, path = saved
+    _rewrite_weights(path, lambda t: t.pop("far.blocks.1.attn_coarse.qkv.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensor.*far\.blocks\.1\.attn_coarse\.qkv\.weight"):
+        load_checkpoint(path)
+    _rewrite_weights(path, lambda t: t.update({"far.blocks.1.attn_coarse.qkv.weight": torch.zeros(3, 3), "far.extra": torch.zeros(1)}))
+    with pytest.raises(CheckpointError, match=r"shape mismatch for far\.blocks\.1\.attn_coarse\.qkv\.weight"):
+        load_checkpoint(path)
+    _rewrite_weights(path, lambda t: t.update({"far.blocks.1.attn_coarse.qkv.weight": torch.zeros(192, 64)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor.*far\.extra"):
+        load_checkpoint(path)
+
+
+def test_missing_files_corrupt_json_and_torn_save(saved, tmp_path):
+    _, path = saved
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        load_checkpoint(tmp_path / "nope")
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[:-10])
+    with pytest.raises(CheckpointError, match="torn"):
+        load_checkpoint(path)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing model.safetensors"):
+        load_checkpoint(path)
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt config.json") as e:
+        load_checkpoint(path)
+    assert str(path) in str(e.value)
+    (path / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="missing config.json"):
+        load_checkpoint(path)

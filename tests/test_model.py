@@ -1,0 +1,171 @@
+"""FAR transformer, autoencoder and training objective (tiny presets, CPU, fp32)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from worldsim.autoencoder import AE_PRESETS, Autoencoder, AutoencoderConfig, frames_to_tensor, tensor_to_frames
+from worldsim.model import FAR, PRESETS, FARConfig, concat_kv
+from worldsim.objective import ObjectiveConfig, training_loss
+
+DMLAB = "/work/shared/data/dmlab_example_300f.npz"
+
+# The 2 CPU cores are shared: two spinning OpenMP threads under contention run ~20x slower than one.
+torch.set_num_threads(1)
+
+
+def random_far(cfg: FARConfig | None = None, seed: int = 0) -> FAR:
+    """A tiny FAR whose zero-initialised (adaLN-Zero, output) layers are randomised too, so
+    that every input can influence every output the attention mask allows."""
+    torch.manual_seed(seed)
+    far = FAR(cfg or PRESETS["tiny"]).eval()
+    with torch.no_grad():
+        for p in far.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return far
+
+
+def test_presets_tokens_per_frame():
+    assert PRESETS["tiny"].tokens_per_frame == 16 and PRESETS["tiny"].context_tokens_per_frame == 4
+    assert PRESETS["small"].tokens_per_frame == 16
+    b = PRESETS["far-b-long"]
+    assert (b.depth, b.width, b.heads, b.window) == (12, 768, 12, 16)
+    assert b.tokens_per_frame == 64 and b.context_tokens_per_frame == 4
+    with pytest.raises(ValueError):
+        FARConfig(latent_size=8, patch_size=3)
+
+
+def test_output_shape_is_the_fine_window():
+    far = random_far()
+    x, t, a = torch.randn(2, 7, 4, 8, 8), torch.rand(2, 7), torch.randint(0, 5, (2, 7))
+    assert far(x, t, a).shape == (2, 4, 4, 8, 8)  # window 4: 3 coarse + 4 fine frames
+    assert far(x[:, :3], t[:, :3], a[:, :3]).shape == (2, 3, 4, 8, 8)
+
+
+@pytest.mark.parametrize("window", [None, 9])  # long-short layout, and every frame fine
+def test_frame_causality(window):
+    far = random_far()
+    T = 9
+    x, a = torch.randn(1, T, 4, 8, 8), torch.randint(0, 5, (1, T))
+    t = torch.rand(1, T)
+    t[:, :4] = -1  # some clean context
+    with torch.no_grad():
+        base = far(x, t, a, window=window)
+        first_fine = T - base.shape[1]
+        for k in range(first_fine, T):  # change frame k: latents, then action
+            x2 = x.clone()
+            x2[:, k] += 1.0
+            a2 = a.clone()
+            a2[:, k] = (a2[:, k] + 1) % 5
+            for xs, as_ in ((x2, a), (x, a2)):
+                out = far(xs, t, as_, window=window)
+                j = k - first_fine
+                assert torch.equal(out[:, :j], base[:, :j]), f"frame {k} leaked into earlier frames"
+                assert (out[:, j:] - base[:, j:]).abs().max() > 1e-4  # and it does matter later
+        # a coarse (long-term) frame influences the fine window
+        if first_fine > 0:
+            x3 = x.clone()
+            x3[:, 0] += 1.0
+            assert (far(x3, t, a, window=window) - base).abs().max() > 1e-4
+
+
+def test_cached_calls_match_uncached_forward():
+    far = random_far()
+    x, a = torch.randn(1, 9, 4, 8, 8), torch.randint(0, 5, (1, 9))
+    t = torch.full((1, 9), -1.0)
+    t[:, -1] = 0.7
+    with torch.no_grad():
+        ref = far(x, t, a)[:, -1]  # coarse 0..4, fine 5..8
+        l2 = None
+        for f in range(5):  # L2 built one frame at a time, as frames leave the window
+            l2 = concat_kv(l2, far.frame_kv(x[:, f : f + 1], a[:, f : f + 1], f, l2, coarse=True))
+        l1 = far.frame_kv(x[:, 5:8], a[:, 5:8], 5, l2)
+        got = far.predict_frame(x[:, 8], t[:, 8], a[:, 8], 8, concat_kv(l2, l1))
+        assert l2[0][0].shape[2] == 5 * 4 and l1[0][0].shape[2] == 3 * 16
+    assert (got - ref).abs().max() <= 1e-5
+
+
+def test_objective_backward_reaches_coarse_projections():
+    far = random_far().train()
+    loss, stats = training_loss(
+        far, torch.randn(2, 7, 4, 8, 8), torch.randint(0, 5, (2, 7)), torch.Generator().manual_seed(0)
+    )
+    loss.backward()
+    assert torch.isfinite(loss) and stats["coarse_frames"].item() == 3
+    assert far.embed_coarse.weight.grad.abs().sum() > 0
+    assert far.blocks[0].attn_coarse.qkv.weight.grad.abs().sum() > 0
+    # with long context every parameter is used (DDP needs no find_unused_parameters)
+    assert [n for n, p in far.named_parameters() if p.grad is None] == []
+    assert stats["noisy_frames"].item() >= 2  # the last frame of each sample is always noisy
+
+
+def test_objective_is_reproducible_with_a_generator():
+    far = random_far()
+    x, a = torch.randn(2, 6, 4, 8, 8), torch.randint(0, 5, (2, 6))
+    cfg = ObjectiveConfig(random_context_length=True)
+    l1, _ = training_loss(far, x, a, torch.Generator().manual_seed(3), cfg)
+    l2, _ = training_loss(far, x, a, torch.Generator().manual_seed(3), cfg)
+    assert torch.equal(l1, l2)
+
+
+def dmlab_pseudo_latents(B: int = 4, T: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real DMLab frames (every 10th) as fixed 8x8x4 "latents": 8x8 average pool + a grey channel."""
+    d = np.load(DMLAB)
+    idx = slice(0, B * T * 10, 10)
+    v = frames_to_tensor(d["video"][idx])  # (B*T, 3, 64, 64)
+    z = F.avg_pool2d(v, 8)
+    z = torch.cat([z, z.mean(1, keepdim=True)], dim=1)  # (B*T, 4, 8, 8)
+    z = (z - z.mean()) / z.std()
+    return z.view(B, T, 4, 8, 8), torch.from_numpy(d["actions"][idx]).view(B, T)
+
+
+def test_tiny_far_overfits_a_few_episodes():
+    torch.manual_seed(0)
+    far = FAR(PRESETS["tiny"]).train()
+    latents, actions = dmlab_pseudo_latents()  # 4 episodes of 6 frames: 2 coarse + 4 fine
+    opt = torch.optim.AdamW(far.parameters(), lr=3e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    cfg = ObjectiveConfig(action_dropout=0.0)
+    losses = []
+    for _ in range(150):
+        loss, _ = training_loss(far, latents, actions, gen, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    start, end = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert end < 0.5 * start, (start, end)
+
+
+def test_frames_tensor_roundtrip():
+    frames = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    x = frames_to_tensor(frames)
+    assert x.shape == (2, 3, 64, 64) and x.min() >= -1 and x.max() <= 1
+    assert np.array_equal(tensor_to_frames(x), frames)
+
+
+def test_autoencoder_shapes_scale_and_learning():
+    data = np.load(DMLAB)
+    frames = data["video"][::75][:4]  # 4 real DMLab frames
+    assert data["actions"].max() <= 2
+    x = frames_to_tensor(frames)
+    torch.manual_seed(0)
+    ae = Autoencoder(AE_PRESETS["tiny"])
+    z = ae.encode(x, normalize=False)
+    assert z.shape == (4, 4, 8, 8)
+    ae.calibrate_scale(z)
+    assert abs(ae.encode(x).std().item() - 1.0) < 1e-3
+    assert ae.decode(ae.encode(x)).shape == x.shape
+    opt = torch.optim.Adam(ae.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        loss, stats = ae.reconstruction_loss(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0]
+    with pytest.raises(ValueError):
+        AutoencoderConfig(down_factor=8, channels=(8, 16))

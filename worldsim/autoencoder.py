@@ -1,0 +1,249 @@
+"""Frame autoencoder in the spirit of DC-AE: 64x64x3 frames <-> (64/f)x(64/f)xC latents.
+
+API
+    AutoencoderConfig(resolution=64, down_factor=8, latent_channels=16, channels=(...), blocks_per_level=1)
+    AE_PRESETS: dict[str, AutoencoderConfig]        # "tiny" (tests), "small" (default), "base"
+    Autoencoder(cfg)
+      .encode(x [B,3,H,W] in [-1,1], normalize=True) -> z [B,C,h,w]   (normalized: divided by latent_scale)
+      .decode(z [B,C,h,w], normalize=True) -> x [B,3,H,W]             (unclamped)
+      .forward(x) -> reconstruction (raw path, what the AE trainer optimises)
+      .reconstruction_loss(x, recon=None) -> (loss, stats)             # L1 + MSE
+      .calibrate_scale(raw_latents) -> float     # sets the `latent_scale` buffer to their std
+      .latent_scale: buffer (saved with the weights)
+    frames_to_tensor(uint8 [...,H,W,3]) -> float [...,3,H,W] in [-1,1]
+    tensor_to_frames(float [...,3,H,W]) -> uint8 [...,H,W,3] (numpy)
+
+Design: convolutional residual blocks; every 2x down/up-sampling is a pixel (un)shuffle with a
+conv, plus DC-AE's parameter-free "space-to-channel" shortcut (pixel-unshuffle then average
+channel groups; up: repeat channels then pixel-shuffle), which makes deep compression train
+quickly. The latent scale is measured on data so the FAR transformer sees unit-variance latents.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class AutoencoderConfig:
+    resolution: int = field(default=64, metadata={"help": "frame height = width in pixels"})
+    in_channels: int = field(default=3, metadata={"help": "image channels"})
+    down_factor: int = field(default=8, metadata={"help": "spatial down factor f (power of 2)"})
+    latent_channels: int = field(default=16, metadata={"help": "latent channels C"})
+    channels: tuple[int, ...] = field(
+        default=(32, 64, 128, 128),
+        metadata={"help": "conv width at each level (full res first); log2(f)+1 entries"},
+    )
+    blocks_per_level: int = field(default=1, metadata={"help": "residual blocks per level"})
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)
+        levels = int(round(math.log2(self.down_factor)))
+        if 2**levels != self.down_factor:
+            raise ValueError(f"down_factor must be a power of 2, got {self.down_factor}")
+        if len(self.channels) != levels + 1:
+            raise ValueError(
+                f"channels needs log2(down_factor)+1 = {levels + 1} entries, got {len(self.channels)}"
+            )
+        if self.resolution % self.down_factor:
+            raise ValueError(f"resolution {self.resolution} is not divisible by down_factor {self.down_factor}")
+        for a, b in zip(self.channels[:-1], self.channels[1:]):
+            # the parameter-free shortcuts group or repeat channels, so the widths must divide
+            if (4 * a) % b or (4 * b) % a:
+                raise ValueError(f"channel widths {a}->{b}: 4*a must divide by b and 4*b by a")
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.down_factor
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AutoencoderConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown autoencoder config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+AE_PRESETS: dict[str, AutoencoderConfig] = {
+    "tiny": AutoencoderConfig(latent_channels=4, channels=(8, 16, 16, 16), blocks_per_level=1),
+    "small": AutoencoderConfig(latent_channels=16, channels=(32, 64, 128, 128), blocks_per_level=1),
+    "base": AutoencoderConfig(latent_channels=32, channels=(64, 128, 256, 256), blocks_per_level=2),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# frames <-> tensors
+
+
+def frames_to_tensor(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W] in [-1, 1]."""
+    x = torch.as_tensor(np.asarray(frames) if not isinstance(frames, torch.Tensor) else frames)
+    if x.dtype != torch.uint8:
+        raise TypeError(f"frames must be uint8, got {x.dtype}")
+    x = x.movedim(-1, -3).float()
+    return x / 127.5 - 1.0
+
+
+def tensor_to_frames(x: torch.Tensor) -> np.ndarray:
+    """float [..., 3, H, W] in [-1, 1] -> uint8 numpy [..., H, W, 3] (clamped, rounded)."""
+    x = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return x.movedim(-3, -1).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks
+
+
+def _norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(ch, 32), ch, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm1 = _norm(ch)
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.norm2 = _norm(ch)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as identity: stable deep stacks
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return x + h
+
+
+class Downsample(nn.Module):
+    """2x down: pixel-unshuffle + conv, plus the space-to-channel averaging shortcut."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.c_out = c_out
+        self.conv = nn.Conv2d(4 * c_in, c_out, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pixel_unshuffle(x, 2)  # (B, 4*c_in, H/2, W/2)
+        B, C, H, W = x.shape
+        shortcut = x.view(B, self.c_out, C // self.c_out, H, W).mean(dim=2)  # (B, c_out, H/2, W/2)
+        return self.conv(x) + shortcut
+
+
+class Upsample(nn.Module):
+    """2x up: conv + pixel-shuffle, plus the channel-to-space repeating shortcut."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.repeats = 4 * c_out // c_in
+        self.conv = nn.Conv2d(c_in, 4 * c_out, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2)  # (B, c_out, 2H, 2W)
+        return F.pixel_shuffle(self.conv(x), 2) + shortcut
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        ch = cfg.channels
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        layers: list[nn.Module] = []
+        for i in range(len(ch) - 1):
+            layers += [ResBlock(ch[i]) for _ in range(cfg.blocks_per_level)]
+            layers.append(Downsample(ch[i], ch[i + 1]))
+        layers += [ResBlock(ch[-1]) for _ in range(cfg.blocks_per_level)]
+        self.layers = nn.Sequential(*layers)
+        self.norm_out = _norm(ch[-1])
+        self.conv_out = nn.Conv2d(ch[-1], cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layers(self.conv_in(x))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        ch = cfg.channels
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
+        layers: list[nn.Module] = [ResBlock(ch[-1]) for _ in range(cfg.blocks_per_level)]
+        for i in reversed(range(len(ch) - 1)):
+            layers.append(Upsample(ch[i + 1], ch[i]))
+            layers += [ResBlock(ch[i]) for _ in range(cfg.blocks_per_level)]
+        self.layers = nn.Sequential(*layers)
+        self.norm_out = _norm(ch[0])
+        self.conv_out = nn.Conv2d(ch[0], cfg.in_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.layers(self.conv_in(z))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# ----------------------------------------------------------------------------------------------
+# the autoencoder
+
+
+class Autoencoder(nn.Module):
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        # std of raw latents on data; FAR works on z / latent_scale (unit variance)
+        self.register_buffer("latent_scale", torch.ones(()))
+
+    def _fold(self, x: torch.Tensor, feature_dims: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+        lead = x.shape[:-feature_dims]
+        return x.reshape(-1, *x.shape[-feature_dims:]), lead
+
+    def encode(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """[..., 3, H, W] in [-1,1] -> [..., C, h, w] (any leading dims)."""
+        flat, lead = self._fold(x, 3)
+        z = self.encoder(flat)
+        if normalize:
+            z = z / self.latent_scale
+        return z.reshape(*lead, *z.shape[1:])
+
+    def decode(self, z: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """[..., C, h, w] -> [..., 3, H, W] (not clamped)."""
+        flat, lead = self._fold(z, 3)
+        if normalize:
+            flat = flat * self.latent_scale
+        x = self.decoder(flat)
+        return x.reshape(*lead, *x.shape[1:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x, normalize=False), normalize=False)
+
+    def reconstruction_loss(
+        self, x: torch.Tensor, recon: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """L1 + MSE in pixel space ([-1,1]); stats are detached tensors (psnr in dB on [0,1])."""
+        if recon is None:
+            recon = self(x)
+        l1 = (recon - x).abs().mean()
+        mse = (recon - x).pow(2).mean()
+        loss = l1 + mse
+        psnr = 10 * torch.log10(4.0 / mse.detach().clamp_min(1e-10))  # range 2 -> peak^2 = 4
+        return loss, {"loss": loss.detach(), "l1": l1.detach(), "mse": mse.detach(), "psnr": psnr}
+
+    @torch.no_grad()
+    def calibrate_scale(self, latents: torch.Tensor) -> float:
+        """Set `latent_scale` to the std of raw (unnormalized) latents measured on data."""
+        std = latents.detach().float().std().item()
+        if not math.isfinite(std) or std <= 0:
+            raise ValueError(f"cannot calibrate latent scale from latents with std {std}")
+        self.latent_scale.fill_(std)
+        return std

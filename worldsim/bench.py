@@ -1,0 +1,182 @@
+"""Benchmark the world model's generation speed per cache mode (and optionally the simulator).
+
+Reports seconds per generated frame for the `none` (recompute everything each denoising step),
+`kv` (plain KV cache) and `multilevel` (FAR's L1 fine + L2 coarse cache) modes at several
+context lengths, side by side, with the FAR paper's 256-frame rollout anchor (1341 s / 171 s /
+104 s; FAR-B-Long, 50 Euler steps, on the paper's GPU) and the ratios. Random weights: timing only.
+
+    worldsim bench --preset small --steps 10 --contexts 16 64 256
+    worldsim bench --simulator true        # also time the ground-truth simulator (bench_sim)
+
+API: add_arguments(parser); main(args) -> int; BenchConfig; time_generation(cfg) -> list[dict].
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
+
+PAPER_ROLLOUT_S = {"none": 1341.0, "kv": 171.0, "multilevel": 104.0}  # 256-frame rollout, FAR paper
+PAPER_FRAMES = 256
+
+
+@dataclass
+class BenchConfig:
+    preset: Literal["tiny", "small", "far-b-long"] = field(default="small", metadata={"help": "FAR preset"})
+    ae_preset: Literal["tiny", "small", "base"] = field(default="small", metadata={"help": "autoencoder preset"})
+    steps: int = field(default=10, metadata={"help": "Euler steps per frame (paper: 50)"})
+    cfg: float = field(default=1.5, metadata={"help": "CFG scale (1 = no null-action branch)"})
+    contexts: tuple[int, ...] = field(default=(16, 64, 256), metadata={"help": "context lengths (frames)"})
+    modes: tuple[str, ...] = field(default=("none", "kv", "multilevel"), metadata={"help": "cache modes"})
+    frames: int = field(default=4, metadata={"help": "generated frames timed per mode and context"})
+    none_frames: int = field(default=2, metadata={"help": "frames timed for the slow `none` mode"})
+    device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda if available)"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    simulator: bool = field(default=False, metadata={"help": "also benchmark the simulator (worldsim.bench_sim)"})
+    sim_steps: int = field(default=2000, metadata={"help": "simulator steps to time"})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_arguments(parser, BenchConfig)
+
+
+def _random_world(cfg: BenchConfig):
+    from worldsim.autoencoder import AE_PRESETS, Autoencoder
+    from worldsim.model import FAR, PRESETS
+    from worldsim.world import WorldModel
+
+    torch.manual_seed(cfg.seed)
+    ae_cfg = AE_PRESETS[cfg.ae_preset]
+    far_cfg = dataclasses.replace(
+        PRESETS[cfg.preset], latent_channels=ae_cfg.latent_channels, latent_size=ae_cfg.latent_size, num_actions=5
+    )
+    names = ("noop", "forward", "backward", "turn_left", "turn_right")
+    return WorldModel(Autoencoder(ae_cfg), FAR(far_cfg), names, (ae_cfg.resolution,) * 2, device=cfg.device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_generation(cfg: BenchConfig) -> list[dict]:
+    """One row per (mode, context): prefill seconds, seconds per generated frame, cache stats."""
+    world = _random_world(cfg)
+    fc = world.far.config
+    rng = np.random.default_rng(cfg.seed)
+    rows = []
+    for K in cfg.contexts:
+        latents = torch.randn(K, fc.latent_channels, fc.latent_size, fc.latent_size)
+        actions = torch.as_tensor(rng.integers(0, 5, K))
+        for mode in cfg.modes:
+            n = cfg.none_frames if mode == "none" else cfg.frames
+            session = world.new_session(
+                np.zeros((0, *world.resolution, 3), np.uint8), np.zeros(0, np.int64), cache_mode=mode,
+                steps=cfg.steps, cfg=cfg.cfg, seed=cfg.seed,
+            )
+            t0 = time.perf_counter()
+            session.extend_latents(latents, actions)
+            _sync(world.device)
+            prefill = time.perf_counter() - t0
+            session.step(1)  # warm-up frame (allocator, first-call overheads): not timed
+            _sync(world.device)
+            t0 = time.perf_counter()
+            for i in range(n):
+                session.step(int(actions[i % K]))
+            _sync(world.device)
+            per_frame = (time.perf_counter() - t0) / n
+            rows.append(dict(mode=mode, context=K, s_per_frame=per_frame, prefill_s=prefill, frames=n, **session.stats()))
+            print(f"  {mode:<10} context {K:>4}: {per_frame:8.3f} s/frame  (prefill {prefill:.2f} s, "
+                  f"{n} frames timed, L1 {session.stats()['l1_tokens']} tok, L2 {session.stats()['l2_tokens']} tok)",
+                  flush=True)
+    return rows
+
+
+def _estimate_rollout(points: dict[int, float], frames: int = PAPER_FRAMES) -> float | None:
+    """Seconds for a `frames`-frame rollout from s/frame measured at a few context lengths
+    (piecewise-linear in the context, flat outside the measured range)."""
+    if not points:
+        return None
+    xs = sorted(points)
+    ys = [points[x] for x in xs]
+    return float(np.sum(np.interp(np.arange(frames), xs, ys)))
+
+
+def report(rows: list[dict], cfg: BenchConfig, device: torch.device, threads: int) -> str:
+    contexts = list(cfg.contexts)
+    by = {(r["mode"], r["context"]): r["s_per_frame"] for r in rows}
+    lines = [
+        f"FAR generation speed: preset {cfg.preset} (ae {cfg.ae_preset}), {cfg.steps} Euler steps, CFG {cfg.cfg}, "
+        f"device {device}{f' ({threads} threads)' if device.type == 'cpu' else ''}, random weights",
+        "",
+        f"{'s/frame':<12}" + "".join(f"{'ctx ' + str(k):>11}" for k in contexts)
+        + f"{'est. 256-frame':>16}{'paper 256-frame':>17}",
+    ]
+    est = {}
+    for mode in cfg.modes:
+        pts = {k: by[(mode, k)] for k in contexts if (mode, k) in by}
+        est[mode] = _estimate_rollout(pts)
+        paper = PAPER_ROLLOUT_S.get(mode)
+        lines.append(
+            f"{mode:<12}" + "".join(f"{by[(mode, k)]:>11.3f}" if (mode, k) in by else f"{'-':>11}" for k in contexts)
+            + (f"{est[mode]:>14.0f} s" if est[mode] is not None else f"{'-':>16}")
+            + (f"{paper:>15.0f} s" if paper else f"{'-':>17}")
+        )
+    if "multilevel" in cfg.modes:
+        for mode in [m for m in ("none", "kv") if m in cfg.modes]:
+            ratio = [by[(mode, k)] / by[("multilevel", k)] for k in contexts if (mode, k) in by and ("multilevel", k) in by]
+            paper = PAPER_ROLLOUT_S[mode] / PAPER_ROLLOUT_S["multilevel"]
+            e = est[mode] / est["multilevel"] if est.get(mode) and est.get("multilevel") else float("nan")
+            lines.append(
+                f"{mode + '/multi':<12}" + "".join(f"{r:>10.2f}x" for r in ratio)
+                + f"{e:>15.2f}x" + f"{paper:>16.2f}x"
+            )
+    lines += [
+        "",
+        "est. 256-frame = sum over a 256-frame rollout of the s/frame interpolated between the measured contexts.",
+        "paper: FAR-B-Long, 50 steps, on a GPU; compare ratios, not seconds.",
+    ]
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = dataclass_from_args(BenchConfig, args)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    from worldsim.cache import CACHE_MODES
+    from worldsim.model import pick_device
+
+    bad = [m for m in cfg.modes if m not in CACHE_MODES]
+    if bad:
+        print(f"worldsim bench: unknown cache mode(s) {bad}; choose from {CACHE_MODES}")
+        return 2
+    device = pick_device(cfg.device)
+    cfg = dataclasses.replace(cfg, device=str(device))
+    print(f"timing generation ({', '.join(cfg.modes)}) at contexts {list(cfg.contexts)} on {device} ...", flush=True)
+    rows = time_generation(cfg)
+    print()
+    print(report(rows, cfg, device, torch.get_num_threads()))
+
+    if cfg.simulator:
+        try:
+            bench_sim = importlib.import_module("worldsim.bench_sim")
+        except ImportError as e:
+            print(f"\nsimulator benchmark unavailable ({e})")
+            return 0
+        result = bench_sim.benchmark_simulator(steps=cfg.sim_steps, seed=cfg.seed)
+        print("\nsimulator:")
+        if isinstance(result, dict):
+            for k, v in result.items():
+                print(f"  {k}: {v}")
+        elif result is not None:
+            print(f"  {result}")
+    return 0

@@ -1,0 +1,249 @@
+"""Checkpoint folders: `config.json` + `model.safetensors` (never pickles).
+
+API
+    save_checkpoint(path, autoencoder, far, *, action_names, resolution=(64, 64), sampler=None,
+                    simulator=None, data_summary=None, step=0, extra=None) -> Path
+    load_checkpoint(path, device=None, resolution=None, action_names=None) -> Checkpoint
+    read_config(path) -> dict                        # config.json only, validated
+    Checkpoint(autoencoder, far, config: dict, path)  # .action_names .resolution .sampler .simulator .step
+    CheckpointError(ValueError)                      # message names the folder and the problem
+    DEFAULT_SAMPLER = {"steps": 10, "cfg": 1.5, "context_noise": 0.0}
+
+config.json keys: format, version, autoencoder (AutoencoderConfig), far (FARConfig), sampler
+(steps, cfg, context_noise), action_names, resolution [H, W], simulator ({"id", "settings"} or
+null), data (training data summary), step, weights {file, bytes}, extra.
+model.safetensors keys: "autoencoder.<name>" and "far.<name>" (the modules' state_dict keys).
+
+Saving is atomic: a new folder is written as a temp folder and renamed into place; an existing
+folder (which may hold a model card or other files) gets each file written to a temp name and
+os.replace'd, weights first and config.json last, and config.json records the weights' size so
+that a torn save is detected on load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from worldsim.autoencoder import Autoencoder, AutoencoderConfig
+from worldsim.model import FAR, FARConfig
+
+FORMAT = "worldsim-checkpoint"
+VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+DEFAULT_SAMPLER: dict[str, Any] = {"steps": 10, "cfg": 1.5, "context_noise": 0.0}
+
+
+class CheckpointError(ValueError):
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path, self.problem = str(path), problem
+        super().__init__(f"checkpoint {path}: {problem}")
+
+
+@dataclass
+class Checkpoint:
+    autoencoder: Autoencoder
+    far: FAR
+    config: dict
+    path: Path
+
+    @property
+    def action_names(self) -> tuple[str, ...]:
+        return tuple(self.config["action_names"])
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        return tuple(self.config["resolution"])  # type: ignore[return-value]
+
+    @property
+    def sampler(self) -> dict:
+        return dict(self.config["sampler"])
+
+    @property
+    def simulator(self) -> dict | None:
+        return self.config.get("simulator")
+
+    @property
+    def step(self) -> int:
+        return int(self.config.get("step", 0))
+
+
+def _state_tensors(autoencoder: Autoencoder, far: FAR) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for prefix, module in (("autoencoder.", autoencoder), ("far.", far)):
+        for name, t in module.state_dict().items():
+            # safetensors wants contiguous CPU tensors that share no storage
+            tensors[prefix + name] = t.detach().to("cpu").contiguous().clone()
+    return tensors
+
+
+def _write_file_atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    autoencoder: Autoencoder,
+    far: FAR,
+    *,
+    action_names: Sequence[str],
+    resolution: Sequence[int] = (64, 64),
+    sampler: dict | None = None,
+    simulator: dict | None = None,
+    data_summary: dict | None = None,
+    step: int = 0,
+    extra: dict | None = None,
+) -> Path:
+    """Write a checkpoint folder atomically; returns its path."""
+    path = Path(path)
+    action_names = [str(a) for a in action_names]
+    if len(action_names) != far.config.num_actions:
+        raise ValueError(f"{len(action_names)} action names but the model has {far.config.num_actions} actions")
+    res = [int(r) for r in resolution]
+    if res != [autoencoder.config.resolution, autoencoder.config.resolution]:
+        raise ValueError(f"resolution {res} does not match the autoencoder's {autoencoder.config.resolution}")
+    tensors = _state_tensors(autoencoder, far)
+    config: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "autoencoder": autoencoder.config.to_dict(),
+        "far": far.config.to_dict(),
+        "sampler": {**DEFAULT_SAMPLER, **(sampler or {})},
+        "action_names": action_names,
+        "resolution": res,
+        "simulator": simulator,
+        "data": data_summary or {},
+        "step": int(step),
+        "weights": {"file": WEIGHTS_NAME, "bytes": None},
+        "extra": extra or {},
+    }
+
+    def write_weights(target: str) -> None:
+        save_file(tensors, target, metadata={"format": FORMAT})
+        config["weights"]["bytes"] = os.path.getsize(target)
+
+    def write_config(target: str) -> None:
+        with open(target, "w") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
+
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            write_weights(str(tmp_dir / WEIGHTS_NAME))
+            write_config(str(tmp_dir / CONFIG_NAME))
+            os.replace(tmp_dir, path)
+        except BaseException:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
+    else:
+        if not path.is_dir():
+            raise CheckpointError(path, "exists and is not a folder")
+        _write_file_atomic(path / WEIGHTS_NAME, write_weights)
+        _write_file_atomic(path / CONFIG_NAME, write_config)
+    return path
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """Read and validate config.json (no weights)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(path, "no such checkpoint folder")
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise CheckpointError(path, f"missing {CONFIG_NAME}")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(path, f"corrupt {CONFIG_NAME}: {e}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CheckpointError(path, f"{CONFIG_NAME} is not a {FORMAT} config (format={config.get('format') if isinstance(config, dict) else None!r})")
+    if config.get("version") != VERSION:
+        raise CheckpointError(path, f"unsupported checkpoint version {config.get('version')!r} (expected {VERSION})")
+    for key in ("autoencoder", "far", "action_names", "resolution", "sampler"):
+        if key not in config:
+            raise CheckpointError(path, f"{CONFIG_NAME} lacks the key {key!r}")
+    return config
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    resolution: Sequence[int] | None = None,
+    action_names: Sequence[str] | None = None,
+) -> Checkpoint:
+    """Rebuild autoencoder + FAR from a folder. `resolution` / `action_names`, when given, must match."""
+    path = Path(path)
+    config = read_config(path)
+    if resolution is not None and [int(r) for r in resolution] != list(config["resolution"]):
+        raise CheckpointError(
+            path, f"resolution {list(config['resolution'])} differs from the requested {list(resolution)}"
+        )
+    if action_names is not None and list(action_names) != list(config["action_names"]):
+        raise CheckpointError(
+            path, f"action names {list(config['action_names'])} differ from the requested {list(action_names)}"
+        )
+    try:
+        ae_cfg = AutoencoderConfig.from_dict(config["autoencoder"])
+        far_cfg = FARConfig.from_dict(config["far"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(path, f"invalid model config in {CONFIG_NAME}: {e}") from None
+    if len(config["action_names"]) != far_cfg.num_actions:
+        raise CheckpointError(path, f"{len(config['action_names'])} action names but far.num_actions={far_cfg.num_actions}")
+
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(path, f"missing {WEIGHTS_NAME}")
+    expected_bytes = (config.get("weights") or {}).get("bytes")
+    if expected_bytes is not None and weights.stat().st_size != expected_bytes:
+        raise CheckpointError(
+            path, f"{WEIGHTS_NAME} has {weights.stat().st_size} bytes, {CONFIG_NAME} expects {expected_bytes} (torn or foreign save?)"
+        )
+    try:
+        tensors = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(path, f"unreadable {WEIGHTS_NAME}: {e}") from None
+
+    autoencoder, far = Autoencoder(ae_cfg), FAR(far_cfg)
+    for prefix, module in (("autoencoder.", autoencoder), ("far.", far)):
+        own = module.state_dict()
+        given = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        missing = sorted(set(own) - set(given))
+        if missing:
+            raise CheckpointError(path, f"missing tensor(s) {[prefix + k for k in missing[:5]]}" + (" ..." if len(missing) > 5 else ""))
+        for k, v in given.items():
+            if k in own and own[k].shape != v.shape:
+                raise CheckpointError(
+                    path, f"shape mismatch for {prefix + k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}"
+                )
+        module.load_state_dict(given, strict=False)
+    unexpected = sorted(
+        k for k in tensors
+        if not (k.startswith("autoencoder.") and k[12:] in autoencoder.state_dict())
+        and not (k.startswith("far.") and k[4:] in far.state_dict())
+    )
+    if unexpected:
+        raise CheckpointError(path, f"unexpected tensor(s) {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else ""))
+
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autoencoder.to(dev).eval()
+    far.to(dev).eval()
+    return Checkpoint(autoencoder, far, config, path)

@@ -1,0 +1,491 @@
+"""FAR: frame-autoregressive transformer with long-short context (Gu, Mao, Shou 2025).
+
+API
+    FARConfig(latent_channels, latent_size, patch_size, context_patch_size, depth, width, heads,
+              mlp_ratio, num_actions, window, clean_t=-1, long_context_t=-2, rope_theta)
+    PRESETS: dict[str, FARConfig]                 # "tiny" (tests), "small" (CPU default), "far-b-long"
+    FAR(cfg)
+      .forward(latents [B,T,C,h,w], t [B,T], actions [B,T], aug=None [B,T], window=None, time_offset=0)
+          -> velocity [B,Wf,C,h,w] for the last Wf = min(window, T) frames (the fine ones).
+          t in [0,1] = noise level of a noisy frame; t < 0 marks a clean context frame.
+          Frames older than the window are coarse (long-term context, always clean).
+      .forward_frames(latents [B,F,C,h,w], t [B,F], actions [B,F], aug, start_frame, past_kv,
+                      coarse=False, need_output=True) -> (velocity [B,F,C,h,w] | None, new_kv)
+          runs F consecutive frames (frame-causal among themselves) against a KV cache;
+          new_kv is a list per layer of (k, v), each [B, heads, F*tokens, head_dim].
+      .predict_frame(x_t [B,C,h,w], t [B], action [B], frame_index, past_kv, aug=None) -> [B,C,h,w]
+      .frame_kv(latents [B,F,C,h,w], actions [B,F], start_frame, past_kv, coarse=False, aug=None)
+          -> new_kv of clean context frames (fine, or re-encoded coarsely for L2).
+      .null_action: int  (= num_actions, the CFG null class)
+    pick_device(device=None) -> torch.device;  autocast(device) -> context manager (bf16 on CUDA)
+    concat_kv(a, b) -> per-layer concatenation of two KV lists along the token axis
+
+Faithful to FAR: AdaLN-Zero DiT blocks, RMS-normed q/k, 3-axis RoPE (time, row, col),
+frame-causal attention (full inside a frame), one timestep per frame with distinct values for
+clean short-term context (-1) and long-term context (-2, the paper code's `timestep * 2`),
+actions embedded (plus a null class) and added to the timestep embedding. Long-short context:
+the last `window` frames are fine tokens (patch_size), older frames coarse tokens
+(context_patch_size) with their own input projection and, per block, their own qkv / output
+projections and q/k norms; adaLN and MLP are shared. Conditioning is per frame (cheaper than
+per token and what the CPU calibration found best). `aug` is an optional per-frame noise level
+of noise-augmented clean context, embedded and added to the frame's conditioning.
+
+RoPE positions: time = absolute frame index in the sequence; row/col = patch centres in latent
+pixel units, so a coarse token sits at the centre of the fine tokens it summarises. Training
+and cached inference compute identical positions for the same frame.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k, v), each (B, H, L, Dh)
+
+
+@dataclass
+class FARConfig:
+    latent_channels: int = field(default=16, metadata={"help": "latent channels C (from the autoencoder)"})
+    latent_size: int = field(default=8, metadata={"help": "latent height = width h"})
+    patch_size: int = field(default=2, metadata={"help": "latent pixels per fine token side (1 or 2)"})
+    context_patch_size: int = field(default=4, metadata={"help": "latent pixels per coarse token side"})
+    depth: int = field(default=6, metadata={"help": "transformer blocks"})
+    width: int = field(default=256, metadata={"help": "model width D"})
+    heads: int = field(default=4, metadata={"help": "attention heads"})
+    mlp_ratio: float = field(default=4.0, metadata={"help": "MLP hidden = mlp_ratio * width"})
+    num_actions: int = field(default=5, metadata={"help": "action vocabulary (null class added)"})
+    window: int = field(default=16, metadata={"help": "short-term window W (fine frames)"})
+    clean_t: float = field(default=-1.0, metadata={"help": "timestep of clean short-term context"})
+    long_context_t: float = field(default=-2.0, metadata={"help": "timestep of long-term (coarse) context"})
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
+
+    def __post_init__(self) -> None:
+        for p, name in ((self.patch_size, "patch_size"), (self.context_patch_size, "context_patch_size")):
+            if p < 1 or self.latent_size % p:
+                raise ValueError(f"{name}={p} must divide latent_size={self.latent_size}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise ValueError(f"head_dim {self.head_dim} must be even and >= 6 (3-axis RoPE)")
+        if self.window < 1:
+            raise ValueError("window must be >= 1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return (self.latent_size // self.patch_size) ** 2
+
+    @property
+    def context_tokens_per_frame(self) -> int:
+        return (self.latent_size // self.context_patch_size) ** 2
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FARConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown FAR config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, FARConfig] = {
+    # tests: 2 blocks, 16 tokens/frame, 4 coarse tokens/frame, window 4
+    "tiny": FARConfig(latent_channels=4, depth=2, width=64, heads=2, window=4, patch_size=2),
+    # what trains on 2 CPU cores (see shared/notes/cpu-training-calibration.md): 16 tokens/frame
+    "small": FARConfig(latent_channels=16, depth=6, width=256, heads=4, window=16, patch_size=2),
+    # the paper's FAR-B-Long: 64 tokens/frame, 4 coarse tokens/frame, 8x8x32 latents
+    "far-b-long": FARConfig(latent_channels=32, depth=12, width=768, heads=12, window=16, patch_size=1),
+}
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; plain fp32 elsewhere (exact, reproducible CPU tests)."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def concat_kv(a: KV | None, b: KV | None) -> KV | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return [(torch.cat([ka, kb], dim=2), torch.cat([va, vb], dim=2)) for (ka, va), (kb, vb) in zip(a, b)]
+
+
+# ----------------------------------------------------------------------------------------------
+# embeddings
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar per frame -> sinusoid of 1000*t -> MLP (DiT). Negative t = clean context markers."""
+
+    def __init__(self, width: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = (1000.0 * t.float())[..., None] * freqs  # (..., half)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class Rope3D(nn.Module):
+    """3-axis rotary embedding: head_dim split into (time, row, col) pair groups."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        spatial = 2 * (head_dim // 6)  # even dims per spatial axis
+        self.dims = (head_dim - 2 * spatial, spatial, spatial)
+        self.theta = theta
+
+    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos (L, 3) float -> cos, sin (L, head_dim/2). Computed in float64: large frame indices."""
+        angles = []
+        for axis, d in enumerate(self.dims):
+            freqs = self.theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=pos.device) / d)
+            angles.append(pos[:, axis, None].double() * freqs)
+        a = torch.cat(angles, dim=-1)
+        return a.cos().float(), a.sin().float()
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x (B, H, L, Dh) rotated pairwise (x[2i], x[2i+1]) by the angles of each token."""
+    cos, sin = rope
+    x2 = x.float().unflatten(-1, (-1, 2))  # (B, H, L, Dh/2, 2)
+    x0, x1 = x2[..., 0], x2[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+# ----------------------------------------------------------------------------------------------
+# transformer block
+
+
+class AttnProjections(nn.Module):
+    """qkv + q/k RMS norms + output projection of one token kind (fine or coarse)."""
+
+    def __init__(self, width: int, head_dim: int, queries: bool = True):
+        super().__init__()
+        self.qkv = nn.Linear(width, 3 * width)  # q part unused when queries=False (kept: one layout)
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if queries else None
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.out = nn.Linear(width, width) if queries else None
+
+
+@dataclass
+class TokenGroup:
+    """Tokens of F consecutive frames of one kind. x (B, F, n, D), cond (B, F, D)."""
+
+    x: torch.Tensor
+    cond: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor]  # each (F*n, Dh/2)
+    coarse: bool
+
+
+class FARBlock(nn.Module):
+    def __init__(self, cfg: FARConfig, last: bool = False):
+        super().__init__()
+        # In the last block coarse tokens only serve keys/values (no loss on them, as in the
+        # paper's code): no coarse queries, output projection or MLP. Every parameter then gets
+        # a gradient whenever a sample has long context (matters for DDP).
+        self.last = last
+        D = cfg.width
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))  # per-frame shift/scale/gate x2
+        self.attn_fine = AttnProjections(D, cfg.head_dim)
+        self.attn_coarse = AttnProjections(D, cfg.head_dim, queries=not last)  # the paper's separate context projections
+        hidden = int(cfg.mlp_ratio * D)
+        self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, D))
+
+    def forward(
+        self,
+        groups: list[TokenGroup],
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        kv_only: bool = False,
+    ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """Returns the groups' new token states and their keys/values (post-RoPE) for caching.
+
+        kv_only: only keys/values are wanted (last layer while filling a cache). Groups that need
+        no output (all with kv_only; coarse ones in the last block) are returned unchanged."""
+        B = groups[0].x.shape[0]
+        H, Dh = self.heads, self.head_dim
+        wants = [not kv_only and not (self.last and g.coarse) for g in groups]
+        qs, ks, vs, mods = [], [], [], []
+        for g, want in zip(groups, wants):
+            proj = self.attn_coarse if g.coarse else self.attn_fine
+            mod = self.adaLN(g.cond).unsqueeze(2).chunk(6, dim=-1)  # 6 x (B, F, 1, D)
+            mods.append(mod)
+            h = modulate(self.norm1(g.x), mod[0], mod[1]).flatten(1, 2)  # (B, F*n, D)
+            q, k, v = proj.qkv(h).unflatten(-1, (3, H, Dh)).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, Dh)
+            ks.append(apply_rope(proj.k_norm(k), g.rope).to(v.dtype))  # dtype: RMSNorm may upcast under autocast
+            vs.append(v)
+            if want:
+                qs.append(apply_rope(proj.q_norm(q), g.rope).to(v.dtype))
+        k_new, v_new = torch.cat(ks, dim=2), torch.cat(vs, dim=2)  # (B, H, L_new, Dh)
+        if not qs:
+            return [g.x for g in groups], (k_new, v_new)
+
+        q = torch.cat(qs, dim=2)  # (Bq, H, Lq, Dh); Bq may be a multiple of B (CFG batch)
+        Lq = q.shape[2]
+        k, v = k_new, v_new
+        if past is not None:
+            pk, pv = past
+            if pk.shape[0] != k.shape[0]:  # cache shared by the conditional / null-action halves
+                pk = pk.expand(k.shape[0], *pk.shape[1:])
+                pv = pv.expand(k.shape[0], *pv.shape[1:])
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        if mask is not None:
+            mask = mask[-Lq:]  # query rows: groups without queries are always the leading (coarse) ones
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, Dh)
+        o = o.transpose(1, 2).flatten(2)  # (B, Lq, D)
+
+        outs, start = [], 0
+        for g, mod, want in zip(groups, mods, wants):
+            if not want:
+                outs.append(g.x)
+                continue
+            proj = self.attn_coarse if g.coarse else self.attn_fine
+            Fn, n = g.x.shape[1], g.x.shape[2]
+            og = proj.out(o[:, start : start + Fn * n]).view(B, Fn, n, -1)  # (B, F, n, D)
+            start += Fn * n
+            x = g.x + mod[2] * og
+            x = x + mod[5] * self.mlp(modulate(self.norm2(x), mod[3], mod[4]))
+            outs.append(x)
+        return outs, (k_new, v_new)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: FARConfig):
+        super().__init__()
+        D = cfg.width
+        self.norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+        self.linear = nn.Linear(D, cfg.patch_size**2 * cfg.latent_channels)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN(cond).unsqueeze(2).chunk(2, dim=-1)  # (B, F, 1, D)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+# ----------------------------------------------------------------------------------------------
+# the model
+
+
+class FAR(nn.Module):
+    def __init__(self, cfg: FARConfig):
+        super().__init__()
+        self.config = cfg
+        C, D = cfg.latent_channels, cfg.width
+        self.embed_fine = nn.Linear(C * cfg.patch_size**2, D)
+        self.embed_coarse = nn.Linear(C * cfg.context_patch_size**2, D)
+        self.t_embed = TimestepEmbedder(D)
+        self.aug_embed = TimestepEmbedder(D)  # noise level of augmented clean context
+        self.action_embed = nn.Embedding(cfg.num_actions + 1, D)  # last index = null (CFG)
+        self.rope = Rope3D(cfg.head_dim, cfg.rope_theta)
+        self.blocks = nn.ModuleList([FARBlock(cfg, last=i == cfg.depth - 1) for i in range(cfg.depth)])
+        self.final = FinalLayer(cfg)
+        self._init_weights()
+
+    @property
+    def null_action(self) -> int:
+        return self.config.num_actions
+
+    def _init_weights(self) -> None:
+        def basic(m: nn.Module) -> None:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+        self.apply(basic)
+        nn.init.normal_(self.action_embed.weight, std=0.02)
+        for emb in (self.t_embed, self.aug_embed):
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        nn.init.zeros_(self.aug_embed.mlp[2].weight)  # augmentation starts as a no-op
+        for block in self.blocks:  # adaLN-Zero: every block starts as the identity
+            nn.init.zeros_(block.adaLN[1].weight)
+            nn.init.zeros_(block.adaLN[1].bias)
+        nn.init.zeros_(self.final.adaLN[1].weight)
+        nn.init.zeros_(self.final.adaLN[1].bias)
+        nn.init.zeros_(self.final.linear.weight)
+        nn.init.zeros_(self.final.linear.bias)
+
+    # -- tokens ------------------------------------------------------------------------------
+
+    def _patchify(self, latents: torch.Tensor, p: int) -> torch.Tensor:
+        B, Fn, C, h, w = latents.shape
+        x = latents.reshape(B, Fn, C, h // p, p, w // p, p)
+        x = x.permute(0, 1, 3, 5, 2, 4, 6)  # (B, F, h/p, w/p, C, p, p)
+        return x.reshape(B, Fn, (h // p) * (w // p), C * p * p)  # (B, F, n, C*p*p)
+
+    def _unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        p, g = cfg.patch_size, cfg.latent_size // cfg.patch_size
+        B, Fn = x.shape[:2]
+        x = x.reshape(B, Fn, g, g, cfg.latent_channels, p, p)
+        x = x.permute(0, 1, 4, 2, 5, 3, 6)  # (B, F, C, g, p, g, p)
+        return x.reshape(B, Fn, cfg.latent_channels, g * p, g * p)  # (B, F, C, h, w)
+
+    def _positions(self, start_frame: int, num_frames: int, p: int, device: torch.device) -> torch.Tensor:
+        """(F*n, 3) positions: absolute frame index, patch centre row/col in latent pixels."""
+        g = self.config.latent_size // p
+        centres = (torch.arange(g, device=device, dtype=torch.float64) + 0.5) * p
+        t = torch.arange(start_frame, start_frame + num_frames, device=device, dtype=torch.float64)
+        tt, rr, cc = torch.meshgrid(t, centres, centres, indexing="ij")
+        return torch.stack([tt, rr, cc], dim=-1).reshape(-1, 3)
+
+    def _cond(self, t: torch.Tensor, actions: torch.Tensor, aug: torch.Tensor | None, coarse: bool) -> torch.Tensor:
+        """Per-frame conditioning (B, F, D) = timestep emb + action emb (+ augmentation emb)."""
+        cfg = self.config
+        if coarse:
+            t = torch.full_like(t, cfg.long_context_t, dtype=torch.float32)
+        else:
+            t = torch.where(t < 0, torch.full_like(t, cfg.clean_t), t).float()
+        if aug is None:  # always embedded (zeros = not augmented) so train and inference agree
+            aug = torch.zeros_like(t)
+        return self.t_embed(t) + self.action_embed(actions) + self.aug_embed(aug)
+
+    def _group(self, latents, t, actions, aug, start_frame: int, coarse: bool) -> TokenGroup:
+        p = self.config.context_patch_size if coarse else self.config.patch_size
+        embed = self.embed_coarse if coarse else self.embed_fine
+        x = embed(self._patchify(latents, p))  # (B, F, n, D)
+        pos = self._positions(start_frame, latents.shape[1], p, latents.device)
+        return TokenGroup(x, self._cond(t, actions, aug, coarse), self.rope(pos), coarse)
+
+    @staticmethod
+    def _frame_causal_mask(groups: list[TokenGroup], start_frames: list[int], past_len: int) -> torch.Tensor | None:
+        """Bool (L_new, past_len + L_new): a token sees the cache and every token of frames <= its own."""
+        frame_ids = []
+        for g, s in zip(groups, start_frames):
+            Fn, n = g.x.shape[1], g.x.shape[2]
+            frame_ids.append(torch.arange(s, s + Fn, device=g.x.device).repeat_interleave(n))
+        if sum(g.x.shape[1] for g in groups) == 1:
+            return None  # one frame: full attention to itself and the cache
+        ids = torch.cat(frame_ids)
+        mask = ids[None, :] <= ids[:, None]  # (L_new, L_new)
+        if past_len:
+            mask = torch.cat([mask.new_ones(mask.shape[0], past_len), mask], dim=1)
+        return mask
+
+    def _run(
+        self, groups: list[TokenGroup], start_frames: list[int], past_kv: KV | None, need_output: bool
+    ) -> tuple[torch.Tensor | None, KV]:
+        past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
+        mask = self._frame_causal_mask(groups, start_frames, past_len)
+        new_kv: KV = []
+        for i, block in enumerate(self.blocks):
+            kv_only = not need_output and i == len(self.blocks) - 1
+            xs, kv = block(groups, None if past_kv is None else past_kv[i], mask, kv_only=kv_only)
+            new_kv.append(kv)
+            groups = [dataclasses.replace(g, x=x) for g, x in zip(groups, xs)]
+        if not need_output:
+            return None, new_kv
+        fine = groups[-1]
+        assert not fine.coarse
+        out = self.final(fine.x, fine.cond)  # (B, F, n, C*p*p)
+        return self._unpatchify(out), new_kv
+
+    # -- public entry points -----------------------------------------------------------------
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        actions: torch.Tensor,
+        aug: torch.Tensor | None = None,
+        window: int | None = None,
+        time_offset: int = 0,
+    ) -> torch.Tensor:
+        """Uncached long-short forward. latents (B,T,C,h,w) -> velocity (B, Wf, C, h, w).
+
+        window: fine frames (default config.window; >= T presents every frame fine, the plain-KV
+        layout). time_offset: absolute index of the first frame (RoPE time axis)."""
+        T = latents.shape[1]
+        Wf = min(self.config.window if window is None else window, T)
+        Tc = T - Wf  # coarse (long-term) frames: 0..Tc-1; fine: Tc..T-1
+        sl = lambda a, lo, hi: None if a is None else a[:, lo:hi]  # noqa: E731
+        groups, starts = [], []
+        if Tc > 0:
+            groups.append(self._group(latents[:, :Tc], t[:, :Tc], actions[:, :Tc], sl(aug, 0, Tc), time_offset, coarse=True))
+            starts.append(time_offset)
+        groups.append(
+            self._group(latents[:, Tc:], t[:, Tc:], actions[:, Tc:], sl(aug, Tc, T), time_offset + Tc, coarse=False)
+        )
+        starts.append(time_offset + Tc)
+        out, _ = self._run(groups, starts, None, need_output=True)
+        return out
+
+    def forward_frames(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        actions: torch.Tensor,
+        aug: torch.Tensor | None,
+        start_frame: int,
+        past_kv: KV | None,
+        coarse: bool = False,
+        need_output: bool = True,
+    ) -> tuple[torch.Tensor | None, KV]:
+        """F consecutive frames (absolute indices start_frame..) against a cache of earlier frames."""
+        if coarse and need_output:
+            raise ValueError("coarse tokens have no output head; use need_output=False")
+        g = self._group(latents, t, actions, aug, start_frame, coarse)
+        return self._run([g], [start_frame], past_kv, need_output)
+
+    def predict_frame(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        action: torch.Tensor,
+        frame_index: int,
+        past_kv: KV | None,
+        aug: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Velocity of one noisy frame x_t (B,C,h,w) at level t (B,) given the cached context."""
+        out, _ = self.forward_frames(
+            x_t[:, None], t[:, None], action[:, None], None if aug is None else aug[:, None],
+            frame_index, past_kv, coarse=False, need_output=True,
+        )
+        return out[:, 0]
+
+    def frame_kv(
+        self,
+        latents: torch.Tensor,
+        actions: torch.Tensor,
+        start_frame: int,
+        past_kv: KV | None,
+        coarse: bool = False,
+        aug: torch.Tensor | None = None,
+    ) -> KV:
+        """Keys/values of clean context frames (B,F,C,h,w): fine for L1, coarse for L2."""
+        t = torch.full(latents.shape[:2], self.config.clean_t, device=latents.device)
+        _, kv = self.forward_frames(latents, t, actions, aug, start_frame, past_kv, coarse=coarse, need_output=False)
+        return kv

@@ -1,0 +1,108 @@
+"""Flow-matching training objective for FAR with long-short context.
+
+API
+    ObjectiveConfig(clean_context_prob=0.5, t_mean=0.0, t_std=1.0, context_noise_prob=0.5,
+                    context_noise_max=0.1, action_dropout=0.1, random_context_length=False)
+    training_loss(far, latents [B,T,C,h,w], actions [B,T], generator=None, cfg=ObjectiveConfig())
+        -> (loss scalar, stats: dict[str, detached tensor])
+    sample_timesteps(shape, generator, device, mean, std) -> logit-normal t in (0, 1)
+
+The data side hands over a sequence of (normalized) latents, up to a whole episode; this module
+splits it: the last W = far.config.window frames are the short-term window (fine tokens), the
+older frames the long-term context (coarse tokens, always clean). Inside the window each frame
+gets its own logit-normal noise level and becomes clean context with probability
+`clean_context_prob` (the last frame is always noisy, so every sample has a target). Flow
+matching: x_t = t*noise + (1-t)*x0, target velocity = noise - x0; the loss is the MSE on the
+noisy frames of the window only. Clean context frames (coarse ones included) may get a small
+noise augmentation (x = (1-s)*x0 + s*noise, s ~ U(0, context_noise_max), also given to the
+model) against autoregressive drift. Actions are dropped to the null class per frame with
+probability `action_dropout` (label dropout, for classifier-free guidance).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from worldsim.model import FAR
+
+
+@dataclass
+class ObjectiveConfig:
+    clean_context_prob: float = field(default=0.5, metadata={"help": "P(a window frame is clean context); last frame always noisy"})
+    t_mean: float = field(default=0.0, metadata={"help": "logit-normal timestep mean"})
+    t_std: float = field(default=1.0, metadata={"help": "logit-normal timestep std"})
+    context_noise_prob: float = field(default=0.5, metadata={"help": "P(a clean context frame is noise-augmented)"})
+    context_noise_max: float = field(default=0.1, metadata={"help": "augmentation level ~ U(0, max); 0 disables"})
+    action_dropout: float = field(default=0.1, metadata={"help": "P(an action is replaced by the null class)"})
+    random_context_length: bool = field(
+        default=False, metadata={"help": "use the last L frames, L ~ U[window, T] per batch (varied long context)"}
+    )
+
+
+def _rand(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=device)
+
+
+def sample_timesteps(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, mean: float = 0.0, std: float = 1.0
+) -> torch.Tensor:
+    """Logit-normal t (SD3): sigmoid(N(mean, std)), concentrates training on mid noise levels."""
+    return torch.sigmoid(torch.randn(shape, generator=generator, device=device) * std + mean)
+
+
+def training_loss(
+    far: FAR | torch.nn.Module,
+    latents: torch.Tensor,
+    actions: torch.Tensor,
+    generator: torch.Generator | None = None,
+    cfg: ObjectiveConfig | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Flow-matching loss of one batch. `far` may be wrapped (DDP); its config is read through .module."""
+    cfg = cfg or ObjectiveConfig()
+    core = far.module if hasattr(far, "module") else far
+    W, null = core.config.window, core.null_action
+    device = latents.device
+    B, T = latents.shape[:2]
+
+    if cfg.random_context_length and T > W:
+        L = int(torch.randint(W, T + 1, (1,), generator=generator, device=device).item())
+        latents, actions = latents[:, T - L :], actions[:, T - L :]
+        T = L
+    Wf = min(W, T)
+    Tc = T - Wf  # frames 0..Tc-1 are long-term context (coarse, clean)
+
+    x0 = latents
+    noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+    t = sample_timesteps((B, T), generator, device, cfg.t_mean, cfg.t_std)
+
+    clean = _rand((B, T), generator, device) < cfg.clean_context_prob
+    clean[:, :Tc] = True
+    clean[:, -1] = False
+
+    # noise augmentation of clean context: a small level s, also given to the model
+    augment = clean & (_rand((B, T), generator, device) < cfg.context_noise_prob)
+    s = torch.where(augment, _rand((B, T), generator, device) * cfg.context_noise_max, torch.zeros_like(t))
+
+    level = torch.where(clean, s, t)[..., None, None, None]  # (B, T, 1, 1, 1)
+    x_in = level * noise + (1 - level) * x0
+    t_in = torch.where(clean, torch.full_like(t, core.config.clean_t), t)
+
+    drop = _rand((B, T), generator, device) < cfg.action_dropout
+    actions_in = torch.where(drop, torch.full_like(actions, null), actions)
+
+    v = far(x_in, t_in, actions_in, s)  # (B, Wf, C, h, w) for the fine window
+    target = (noise - x0)[:, Tc:]
+    per_frame = F.mse_loss(v.float(), target.float(), reduction="none").flatten(2).mean(-1)  # (B, Wf)
+    noisy = (~clean[:, Tc:]).float()
+    loss = (per_frame * noisy).sum() / noisy.sum().clamp_min(1.0)
+
+    stats = {
+        "loss": loss.detach(),
+        "noisy_frames": noisy.sum().detach(),
+        "clean_frac": clean[:, Tc:].float().mean().detach(),
+        "coarse_frames": torch.tensor(float(Tc)),
+        "t_mean": (t[:, Tc:] * noisy).sum().detach() / noisy.sum().clamp_min(1.0),
+    }
+    return loss, stats

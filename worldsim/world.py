@@ -1,0 +1,217 @@
+"""WorldModel (autoencoder + FAR + sampler settings) and interactive generation Sessions.
+
+API
+    WorldModel(autoencoder, far, action_names, resolution=(64, 64), simulator=None, sampler=None,
+               config=None, device=None)
+      WorldModel.load(path, device=None, resolution=None, action_names=None) -> WorldModel
+      .save(path, step=None, data_summary=None, extra=None) -> Path
+      .autoencoder, .far, .action_names, .resolution, .simulator, .sampler (dict), .config, .device
+      .encode(frames uint8 [...,H,W,3]) -> latents [...,C,h,w];  .decode(latents) -> uint8 frames
+      .new_session(context_frames uint8 [K,H,W,3], context_actions int64 [K],
+                   cache_mode="multilevel"|"kv"|"none"|"sliding" (or a GenerationContext),
+                   steps=None, cfg=None, seed=None, context_noise=None) -> Session
+    Session
+      .predict(action) -> uint8 [H,W,3]      generate the next frame, do not append it
+      .append(frame uint8 [H,W,3], action)   append a given (ground-truth) frame
+      .step(action) -> uint8 [H,W,3]         predict + append the generated latent
+      .predict_latent(action) -> [C,h,w];  .append_latent(latent [C,h,w], action);  .step_latent(action)
+      .frame_index: int (frames so far = index of the next frame);  .stats() -> dict
+
+`actions[t]` produced frame t from frame t-1 (DESIGN.md), so predict(action) takes the action
+leading to the new frame. Randomness (initial noise, context noise augmentation) comes from a
+torch.Generator seeded by `seed`: the same seed gives the same frames. `context_noise` (default:
+the checkpoint's sampler setting) noises appended context latents slightly, as in training.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from worldsim.autoencoder import Autoencoder, frames_to_tensor, tensor_to_frames
+from worldsim.cache import GenerationContext, make_context
+from worldsim.checkpoint import DEFAULT_SAMPLER, load_checkpoint, save_checkpoint
+from worldsim.model import FAR, autocast, pick_device
+from worldsim.sampler import EulerSampler
+
+
+class WorldModel:
+    def __init__(
+        self,
+        autoencoder: Autoencoder,
+        far: FAR,
+        action_names: Sequence[str],
+        resolution: Sequence[int] = (64, 64),
+        simulator: dict | None = None,
+        sampler: dict | None = None,
+        config: dict | None = None,
+        device: str | torch.device | None = None,
+    ):
+        self.device = pick_device(device)
+        self.autoencoder = autoencoder.to(self.device).eval()
+        self.far = far.to(self.device).eval()
+        self.action_names = tuple(action_names)
+        if len(self.action_names) != far.config.num_actions:
+            raise ValueError(f"{len(self.action_names)} action names for a model with {far.config.num_actions} actions")
+        self.resolution = tuple(int(r) for r in resolution)
+        self.simulator = simulator
+        self.sampler = {**DEFAULT_SAMPLER, **(sampler or {})}
+        self.config = dict(config) if config is not None else {
+            "autoencoder": autoencoder.config.to_dict(),
+            "far": far.config.to_dict(),
+            "sampler": self.sampler,
+            "action_names": list(self.action_names),
+            "resolution": list(self.resolution),
+            "simulator": simulator,
+        }
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device | None = None,
+        resolution: Sequence[int] | None = None,
+        action_names: Sequence[str] | None = None,
+    ) -> "WorldModel":
+        ck = load_checkpoint(path, device=pick_device(device), resolution=resolution, action_names=action_names)
+        return cls(ck.autoencoder, ck.far, ck.action_names, ck.resolution, ck.simulator, ck.sampler, ck.config, device)
+
+    def save(
+        self, path: str | os.PathLike, step: int | None = None, data_summary: dict | None = None, extra: dict | None = None
+    ) -> Path:
+        return save_checkpoint(
+            path, self.autoencoder, self.far, action_names=self.action_names, resolution=self.resolution,
+            sampler=self.sampler, simulator=self.simulator,
+            data_summary=data_summary if data_summary is not None else self.config.get("data"),
+            step=step if step is not None else int(self.config.get("step", 0)),
+            extra=extra if extra is not None else self.config.get("extra"),
+        )
+
+    @torch.inference_mode()
+    def encode(self, frames: np.ndarray) -> torch.Tensor:
+        x = frames_to_tensor(frames).to(self.device)
+        with autocast(self.device):
+            return self.autoencoder.encode(x).float()
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        with autocast(self.device):
+            return tensor_to_frames(self.autoencoder.decode(latents.to(self.device)))
+
+    def new_session(
+        self,
+        context_frames: np.ndarray,
+        context_actions: np.ndarray,
+        cache_mode: str | GenerationContext = "multilevel",
+        steps: int | None = None,
+        cfg: float | None = None,
+        seed: int | None = None,
+        context_noise: float | None = None,
+    ) -> "Session":
+        frames = np.asarray(context_frames)
+        actions = np.asarray(context_actions, dtype=np.int64)
+        if frames.ndim != 4 or frames.shape[1:3] != self.resolution or frames.shape[3] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"context_frames must be uint8 [K,{self.resolution[0]},{self.resolution[1]},3], got {frames.dtype} {frames.shape}")
+        if actions.shape != (frames.shape[0],):
+            raise ValueError(f"context_actions must have shape ({frames.shape[0]},), got {actions.shape}")
+        context = make_context(self.far, cache_mode) if isinstance(cache_mode, str) else cache_mode
+        sampler = EulerSampler(
+            steps=int(steps if steps is not None else self.sampler["steps"]),
+            cfg_scale=float(cfg if cfg is not None else self.sampler["cfg"]),
+        )
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "little")
+        generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        noise_level = float(context_noise if context_noise is not None else self.sampler.get("context_noise", 0.0))
+        session = Session(self, context, sampler, generator, noise_level)
+        if len(frames):
+            latents = self.encode(frames)  # (K, C, h, w)
+            session.extend_latents(latents, torch.as_tensor(actions, device=self.device))
+        return session
+
+
+class Session:
+    """One generated world: a frame history (in the context's cache) and a random stream."""
+
+    def __init__(
+        self, world: WorldModel, context: GenerationContext, sampler: EulerSampler, generator: torch.Generator,
+        context_noise: float = 0.0,
+    ):
+        self.world = world
+        self.context = context
+        self.sampler = sampler
+        self.generator = generator
+        self.context_noise = context_noise
+
+    @property
+    def frame_index(self) -> int:
+        return self.context.num_frames
+
+    def _action(self, action: int) -> int:
+        a = int(action)
+        if not 0 <= a < len(self.world.action_names):
+            raise ValueError(f"action {a} out of range for {self.world.action_names}")
+        return a
+
+    @torch.inference_mode()
+    def extend_latents(self, latents: torch.Tensor, actions: torch.Tensor) -> None:
+        """Append K clean latents (K,C,h,w) with their actions (K,), noise-augmented if configured."""
+        dev = self.world.device
+        latents = latents.to(dev).float()[None]  # (1, K, C, h, w)
+        aug = torch.zeros(latents.shape[:2], device=dev)
+        if self.context_noise > 0:
+            noise = torch.randn(latents.shape, generator=self.generator, device=dev)
+            latents = (1 - self.context_noise) * latents + self.context_noise * noise
+            aug.fill_(self.context_noise)
+        with autocast(dev):
+            self.context.extend(latents, actions.to(dev).long()[None], aug)
+
+    def append_latent(self, latent: torch.Tensor, action: int) -> None:
+        self.extend_latents(latent[None], torch.tensor([self._action(action)]))
+
+    @torch.inference_mode()
+    def predict_latent(self, action: int) -> torch.Tensor:
+        a = self._action(action)
+        dev, cfg = self.world.device, self.world.far.config
+        shape = (1, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+        noise = torch.randn(shape, generator=self.generator, device=dev)
+        with autocast(dev):
+            z = self.sampler.sample(
+                self.context.velocity, noise, torch.tensor([a], device=dev), self.world.far.null_action
+            )
+        return z[0].float()
+
+    def step_latent(self, action: int) -> torch.Tensor:
+        z = self.predict_latent(action)
+        self.append_latent(z, action)
+        return z
+
+    def predict(self, action: int) -> np.ndarray:
+        return self.world.decode(self.predict_latent(action)[None])[0]
+
+    def append(self, frame: np.ndarray, action: int) -> None:
+        frame = np.asarray(frame)
+        self.append_latent(self.world.encode(frame[None])[0], action)
+
+    def step(self, action: int) -> np.ndarray:
+        z = self.predict_latent(action)
+        frame = self.world.decode(z[None])[0]
+        self.append_latent(z, action)  # the generated latent itself, not a decode/encode round trip
+        return frame
+
+    def stats(self) -> dict:
+        return {**self.context.stats(), "frame_index": self.frame_index}
+
+    def fork(self) -> "Session":
+        """An independent copy (same history, cache and random state), e.g. to try actions."""
+        twin = copy.copy(self)
+        twin.context = copy.copy(self.context)
+        for name in ("latents", "actions", "aug"):
+            setattr(twin.context, name, list(getattr(self.context, name)))
+        twin.generator = torch.Generator(device=self.world.device)
+        twin.generator.set_state(self.generator.get_state())
+        return twin
