@@ -1,0 +1,265 @@
+"""`worldsim train`: end to end, exact resume, Ctrl-C, DDP on CPU, atomic state, clear errors.
+
+Everything runs on tiny presets at 32x32 with one thread per process (the CI machines have two
+shared cores; more threads than free cores makes torch much slower, not faster).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from worldsim.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+DMLAB = REPO.parent / "shared" / "data" / "dmlab_example_300f.npz"
+
+# seeds 47..51 hold 4 training mazes and 1 validation maze (split_for_maze_seed)
+RECORD = ["record", "--episodes", "5", "--length", "12", "--start-maze-seed", "47", "--workers", "1",
+          "--env-arg", "resolution=32", "maze_size=7", "--progress", "false"]
+FAST = ["--preset", "tiny", "--threads", "1", "--progress", "false", "--precision", "fp32"]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "maze"
+    assert main([*RECORD, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "both"
+    rc = main(["train", "--data", str(dataset), "--out", str(run), *FAST,
+               "--ae-steps", "4", "--far-steps", "3", "--checkpoint-every", "2", "--val-every", "2"])
+    assert rc == 0
+    return run
+
+
+def _state_tensors(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "state" / "weights.safetensors"))
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_end_to_end_both_stages(trained, dataset):
+    from worldsim.world import WorldModel
+
+    for name in ("config.json", "metrics.jsonl", "loss.png", "checkpoint/config.json", "checkpoint/model.safetensors",
+                 "checkpoint/README.md", "autoencoder/config.json", "state/state.json", "state/weights.safetensors"):
+        assert (trained / name).is_file(), name
+    assert list((trained / "preview").glob("step-*.gif")), "no preview GIF"
+    assert list((trained / "latents").glob("*-train-*.npy")), "no latent cache"
+    rows = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in rows} == {"ae", "far"}
+    assert any("val_loss" in r for r in rows if r["stage"] == "far")
+    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+    config = json.loads((trained / "config.json").read_text())
+    assert config["train"]["preset"] == "tiny" and config["far"]["num_actions"] == 5
+    assert config["data"]["resolution"] == [32, 32]
+    state = json.loads((trained / "state" / "state.json").read_text())
+    assert state["stage"] == "far" and state["step"] == 3 and state["finished"]
+
+    world = WorldModel.load(trained / "checkpoint", device="cpu")
+    assert world.action_names == ("noop", "forward", "backward", "turn_left", "turn_right")
+    assert world.config["step"] == 3
+    from worldsim.dataset import Dataset
+
+    ep = Dataset(dataset)[0]
+    session = world.new_session(ep.video[:3], ep.actions[:3], steps=2, seed=0)
+    frame = session.step(1)
+    assert frame.shape == (32, 32, 3) and frame.dtype == np.uint8
+
+
+def test_new_run_refuses_existing_folder(trained, dataset, capsys):
+    rc = main(["train", "--data", str(dataset), "--out", str(trained), *FAST])
+    assert rc == 1
+    assert "--resume" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_resume_continues_exactly(dataset, tmp_path):
+    common = ["--data", str(dataset), *FAST, "--cosine", "false", "--checkpoint-every", "100", "--val-every", "0",
+              "--preview-every", "-1"]
+    straight = tmp_path / "straight"
+    assert main(["train", *common, "--out", str(straight), "--ae-steps", "4", "--far-steps", "4"]) == 0
+    split = tmp_path / "split"
+    assert main(["train", *common, "--out", str(split), "--stage", "ae", "--ae-steps", "2"]) == 0
+    assert json.loads((split / "state" / "state.json").read_text())["step"] == 2
+    assert main(["train", "--resume", str(split), "--stage", "both", "--ae-steps", "4", "--far-steps", "2"]) == 0
+    assert main(["train", "--resume", str(split), "--far-steps", "4"]) == 0
+    rows = [json.loads(x) for x in (split / "metrics.jsonl").read_text().splitlines()]
+    logged = [(r["stage"], r["step"]) for r in rows if "loss" in r]
+    assert sorted(logged) == sorted(set(logged)) and ("far", 4) in logged  # no step logged twice
+    a, b = _state_tensors(straight), _state_tensors(split)
+    assert set(a) == set(b)
+    for k in a:
+        if k.startswith("rng."):
+            continue
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    # and the exported autoencoders (finished in both) are the same
+    ae_a = json.loads((straight / "autoencoder" / "config.json").read_text())["weights_sha256"]
+    ae_b = json.loads((split / "autoencoder" / "config.json").read_text())["weights_sha256"]
+    assert ae_a == ae_b
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+
+def test_sigint_saves_and_exits_cleanly(trained, dataset, tmp_path):
+    from worldsim.checkpoint import load_checkpoint
+
+    run = tmp_path / "sigint"
+    cmd = [sys.executable, "-m", "worldsim", "train", "--data", str(dataset), "--out", str(run), *FAST,
+           "--stage", "far", "--ae-from", str(trained), "--far-steps", "100000", "--checkpoint-every", "2",
+           "--val-every", "0", "--preview-every", "-1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (run / "state" / "state.json").is_file():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.time() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert "interrupted at step" in err
+    state = json.loads((run / "state" / "state.json").read_text())
+    assert state["stage"] == "far" and state["step"] >= 2 and not state["finished"]
+    ck = load_checkpoint(run / "checkpoint", device="cpu")
+    assert ck.step == state["step"]
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def test_ddp_two_cpu_ranks_hold_identical_weights(trained, dataset, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "train.py"), "--data", str(dataset), "--out", str(run), *FAST,
+           "--stage", "far", "--ae-from", str(trained), "--far-steps", "3", "--checkpoint-every", "2",
+           "--val-every", "0", "--preview-every", "-1"]
+    res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr
+    hashes = dict(re.findall(r"\[rank (\d)\] far weights sha256 ([0-9a-f]{64})", res.stdout + res.stderr))
+    assert set(hashes) == {"0", "1"}, res.stdout + res.stderr
+    assert hashes["0"] == hashes["1"]
+    state = json.loads((run / "state" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 3
+    assert (run / "checkpoint" / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- units
+
+
+def test_each_rank_and_step_draws_different_samples():
+    from worldsim.train import WindowSampler, step_rng
+
+    smp = WindowSampler(np.array([50, 80, 30]), 16, "x")
+    draws = {(r, s): tuple(smp.draw(step_rng(0, r, s)[0], 8)) for r in range(2) for s in range(3)}
+    assert len(set(draws.values())) == len(draws)
+    assert tuple(smp.draw(step_rng(0, 1, 2)[0], 8)) == draws[(1, 2)]  # a pure function of (seed, rank, step)
+    for e, s in draws[(0, 0)]:
+        assert s + 16 <= [50, 80, 30][e]
+
+
+def test_optimizer_state_round_trips_without_pickles():
+    from worldsim.train import _flatten_optimizer, _unflatten_optimizer
+
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, betas=(0.9, 0.95))
+    for _ in range(3):
+        opt.zero_grad()
+        m(torch.randn(5, 4)).pow(2).sum().backward()
+        opt.step()
+    tensors, meta = _flatten_optimizer(opt, "optim")
+    meta = json.loads(json.dumps(meta))  # what goes to disk
+    m2 = torch.nn.Linear(4, 3)
+    m2.load_state_dict(m.state_dict())
+    opt2 = torch.optim.AdamW(m2.parameters(), lr=1.0)
+    _unflatten_optimizer(opt2, tensors, meta, "optim")
+    x = torch.randn(5, 4)
+    for mm, oo in ((m, opt), (m2, opt2)):
+        oo.zero_grad()
+        mm(x).pow(2).sum().backward()
+        oo.step()
+    torch.testing.assert_close(m.weight, m2.weight, rtol=0, atol=0)
+    assert opt2.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+def test_interrupted_save_keeps_the_previous_state(tmp_path):
+    from worldsim.train import readable_dir, swap_dir_atomic
+
+    final = tmp_path / "state"
+    swap_dir_atomic(final, lambda d: (d / "state.json").write_text('{"step": 1}'))
+
+    def crash(d: Path) -> None:
+        (d / "state.json").write_text('{"step": 2')  # half written, then killed
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        swap_dir_atomic(final, crash)
+    assert json.loads((readable_dir(final, "state.json") / "state.json").read_text()) == {"step": 1}
+    assert not [p for p in tmp_path.iterdir() if p.name != "state"], "temp folder left behind"
+    # killed between the two renames: only state.old exists, and it is what resume reads
+    os.replace(final, tmp_path / "state.old")
+    assert readable_dir(final, "state.json") == tmp_path / "state.old"
+    # the next save first puts it back, so there is always one complete state on disk
+    swap_dir_atomic(final, lambda d: (d / "state.json").write_text('{"step": 3}'))
+    assert json.loads((final / "state.json").read_text()) == {"step": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]
+
+
+def test_schedule_and_token_counts():
+    from worldsim.model import PRESETS
+    from worldsim.train import lr_at, tokens_per_sample
+
+    assert lr_at(0, 100, 1.0, 10, True, 0.1) == pytest.approx(0.1)
+    assert lr_at(9, 100, 1.0, 10, True, 0.1) == pytest.approx(1.0)
+    assert lr_at(100, 100, 1.0, 10, True, 0.1) == pytest.approx(0.1)
+    assert lr_at(50, 100, 1.0, 10, False, 0.1) == 1.0
+    paper = tokens_per_sample(PRESETS["far-b-long"], 300)  # the paper's numbers
+    assert (paper["long_short"], paper["all_fine"]) == (2160, 19200)
+
+
+def test_datasets_that_disagree_are_named(dataset, tmp_path, capsys):
+    if not DMLAB.is_file():
+        pytest.skip("no DMLab example file")
+    rc = main(["train", "--data", str(dataset), str(DMLAB), "--out", str(tmp_path / "r"), *FAST])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert str(DMLAB) in err and "action names" in err
+
+
+def test_dmlab_npz_is_accepted():
+    if not DMLAB.is_file():
+        pytest.skip("no DMLab example file")
+    from worldsim.train import probe_data
+
+    info = probe_data([str(DMLAB)], None, "")
+    assert info.resolution == (64, 64) and info.action_names[0] == "action_0"

@@ -1,0 +1,111 @@
+"""Distributed data parallel helpers for `worldsim train` (torchrun, one script for 1..N GPUs).
+
+    torchrun --nproc_per_node=8 train.py --data data/maze --preset base --out runs/base
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \
+             --nproc_per_node=8 train.py ...          (and --node_rank=1 on the second machine)
+
+`Dist.from_env()` reads the variables torchrun sets (WORLD_SIZE, RANK, LOCAL_RANK) and joins
+the process group: nccl on CUDA, gloo on CPU. Without them it is a single process and every
+collective below is a no-op, so the training loop has one code path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass
+class Dist:
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    initialized: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_env(cls, device: str = "auto", timeout_s: float = 1800.0) -> "Dist":
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+        dev = pick_device(device, local_rank)
+        info = cls(world_size, rank, local_rank, local_world_size, dev, False)
+        if world_size > 1:
+            if not dist.is_initialized():
+                backend = "nccl" if dev.type == "cuda" else "gloo"
+                kwargs = {}
+                if dev.type == "cuda":
+                    kwargs["device_id"] = dev
+                dist.init_process_group(
+                    backend=backend, rank=rank, world_size=world_size,
+                    timeout=datetime.timedelta(seconds=timeout_s), **kwargs,
+                )
+            info.initialized = True
+        return info
+
+    def barrier(self) -> None:
+        if self.enabled:
+            if self.device.type == "cuda":
+                dist.barrier(device_ids=[self.device.index or 0])
+            else:
+                dist.barrier()
+
+    def any_flag(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any rank (used for Ctrl-C: all stop together)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def mean(self, value: float) -> float:
+        """Mean of a Python float over ranks (for logging)."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([float(value)], device=self.device, dtype=torch.float64 if self.device.type == "cpu" else torch.float32)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return float(t.item()) / self.world_size
+
+    def broadcast_tensors(self, tensors: list[torch.Tensor]) -> None:
+        if self.enabled:
+            for t in tensors:
+                dist.broadcast(t, src=0)
+
+    def close(self) -> None:
+        if self.initialized and dist.is_initialized():
+            dist.destroy_process_group()
+            self.initialized = False
+
+
+def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """`auto`: this rank's CUDA GPU where there is one, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def cpu_threads_per_rank(local_world_size: int) -> int:
+    """All cores of the machine, shared evenly by the ranks running on it."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_world_size))

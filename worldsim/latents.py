@@ -1,0 +1,276 @@
+"""Frame store and latent cache for training.
+
+`FrameStore` holds the episodes of one or more datasets (one split) in memory as uint8
+arrays; `LatentStore` holds the same episodes encoded once by the frozen autoencoder.
+
+The latent cache lives in the run folder, one pair of files per dataset and split:
+
+    latents/<name>-<split>-<aehash>.npy    float16 [N_frames, C, h, w] (all episodes concatenated)
+    latents/<name>-<split>-<aehash>.json   dataset path, episode ids/lengths/offsets, actions
+
+`aehash` is the SHA-256 of the autoencoder weights (and the dataset's episode list is
+checked too), so a retrained autoencoder or a changed dataset never reuses stale latents.
+Files are written under a temporary name and renamed when complete. Nothing is pickled:
+`.npy` is loaded with `allow_pickle=False` (memory-mapped).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from worldsim.dataset import Dataset, DatasetError, split_for_maze_seed
+
+LATENT_FORMAT_VERSION = 1
+
+
+def tensors_hash(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of a state dict (order independent)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _slug(path: Path) -> str:
+    text = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.resolve().name or "data")
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+    return f"{text}-{digest}"
+
+
+def open_split(path: str | os.PathLike, split: str, action_names: Sequence[str] | None = None) -> tuple[Dataset, list[int], str | None]:
+    """Open dataset `path` and pick the episodes of `split`.
+
+    Datasets with split information (an index written by `worldsim record`) use it. Files
+    without it (FAR/TECO DMLab .npz) are split by a hash of the episode id, like maze seeds;
+    when that leaves a split empty, all episodes are used and a warning is returned.
+    """
+    ds = Dataset(path, action_names=action_names)
+    warning = None
+    if ds.episodes and all(e.split is not None for e in ds.episodes):
+        idx = [i for i, e in enumerate(ds.episodes) if e.split == split]
+        if not idx and split != "train":
+            idx = [i for i, e in enumerate(ds.episodes) if e.split == "train"]
+            warning = f"{path}: no {split!r} episodes; using the train episodes for {split}"
+    else:
+        keyed = [split_for_maze_seed(int(hashlib.sha256(e.id.encode()).hexdigest()[:8], 16)) for e in ds.episodes]
+        idx = [i for i, s in enumerate(keyed) if s == split]
+        if not idx and split == "train":
+            idx = list(range(len(ds.episodes)))
+        elif not idx:
+            idx = [i for i, s in enumerate(keyed) if s == "train"] or list(range(len(ds.episodes)))
+            warning = f"{path}: too few episodes to hold some out for {split!r}; validating on training episodes"
+    return ds, idx, warning
+
+
+@dataclass
+class FrameStore:
+    """Episodes of several datasets in memory: video uint8 [T,H,W,3] and actions int64 [T]."""
+
+    videos: list[np.ndarray] = field(default_factory=list)
+    actions: list[np.ndarray] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # "dataset-path:episode-id"
+    action_names: tuple[str, ...] = ()
+    resolution: tuple[int, int] = (0, 0)
+    simulator: dict | None = None
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(a) for a in self.actions], dtype=np.int64)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.lengths.sum()) if self.actions else 0
+
+    def add(self, video: np.ndarray, actions: np.ndarray, source: str) -> None:
+        self.videos.append(video)
+        self.actions.append(actions.astype(np.int64, copy=False))
+        self.sources.append(source)
+
+
+def check_compatible(path: str, action_names: Sequence[str], resolution: Sequence[int],
+                     want_actions: Sequence[str] | None, want_resolution: Sequence[int] | None, what: str) -> None:
+    """Raise DatasetError naming `path` if its actions or resolution differ from `what`'s."""
+    if want_actions is not None and tuple(action_names) != tuple(want_actions):
+        raise DatasetError(
+            f"{path}: action names {list(action_names)} differ from {what}'s {list(want_actions)}"
+        )
+    if want_resolution is not None and tuple(resolution) != tuple(want_resolution):
+        raise DatasetError(
+            f"{path}: resolution {resolution[0]}x{resolution[1]} differs from {what}'s "
+            f"{want_resolution[0]}x{want_resolution[1]}"
+        )
+
+
+def load_frames(paths: Sequence[str], split: str, action_names: Sequence[str] | None = None,
+                resolution: Sequence[int] | None = None, what: str = "the first dataset",
+                progress: Callable[[Iterable], Iterable] | None = None,
+                warn: Callable[[str], None] = print) -> FrameStore:
+    """Load the `split` episodes of every dataset into a FrameStore (all must agree)."""
+    store = FrameStore()
+    for path in paths:
+        ds, idx, warning = open_split(path, split, action_names=names_for(path, action_names))
+        if warning:
+            warn(warning)
+        want_a = action_names if action_names is not None else (store.action_names or None)
+        want_r = resolution if resolution is not None else (store.resolution if store.videos else None)
+        check_compatible(str(path), ds.action_names, ds.resolution, want_a, want_r,
+                         what if action_names is not None else f"{paths[0]}")
+        store.action_names = tuple(ds.action_names)
+        store.resolution = tuple(ds.resolution)  # type: ignore[assignment]
+        if store.simulator is None:
+            store.simulator = ds.simulator
+        it = idx if progress is None else progress(idx)
+        for i in it:
+            info = ds.episodes[i]
+            ep = ds.load(info)
+            store.add(ep.video, ep.actions, f"{path}:{info.id}")
+    return store
+
+
+def _has_index(path: str | os.PathLike) -> bool:
+    return Path(path, "index.json").is_file()
+
+
+def names_for(path: str | os.PathLike, want: Sequence[str] | None) -> tuple[str, ...] | None:
+    """Action names to impose on an index-less (DMLab) file: only generic `action_<i>` names
+    (its own kind), so that such a file never silently takes the names of another simulator."""
+    if want is None or _has_index(path):
+        return None
+    if all(n == f"action_{i}" for i, n in enumerate(want)):
+        return tuple(want)
+    return None
+
+
+@dataclass
+class LatentStore:
+    """Latents [T, C, h, w] (float16 arrays, possibly memory-mapped) and actions per episode."""
+
+    latents: list[np.ndarray] = field(default_factory=list)
+    actions: list[np.ndarray] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(a) for a in self.actions], dtype=np.int64)
+
+    def extend(self, other: "LatentStore") -> None:
+        self.latents += other.latents
+        self.actions += other.actions
+        self.sources += other.sources
+
+
+def _dataset_signature(path: str, split: str, sources: list[str], lengths: list[int]) -> str:
+    h = hashlib.sha256()
+    h.update(str(Path(path).resolve()).encode())
+    h.update(split.encode())
+    for s, n in zip(sources, lengths):
+        h.update(f"{s}:{n};".encode())
+    return h.hexdigest()
+
+
+def cache_paths(cache_dir: Path, path: str, split: str, ae_hash: str) -> tuple[Path, Path]:
+    stem = f"{_slug(Path(path))}-{split}-{ae_hash[:16]}"
+    return cache_dir / f"{stem}.npy", cache_dir / f"{stem}.json"
+
+
+def load_cached(cache_dir: Path, path: str, split: str, ae_hash: str) -> LatentStore | None:
+    """The cached latents of (dataset, split, autoencoder), or None if absent or stale."""
+    npy, meta_path = cache_paths(cache_dir, path, split, ae_hash)
+    if not (npy.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        arr = np.load(npy, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, json.JSONDecodeError):
+        return None
+    if meta.get("version") != LATENT_FORMAT_VERSION or meta.get("ae_hash") != ae_hash:
+        return None
+    # the dataset must still list the same episodes
+    try:
+        ds, idx, _ = open_split(path, split)
+        sources = [f"{path}:{ds.episodes[i].id}" for i in idx]
+        lengths = [ds.episodes[i].length for i in idx]
+    except DatasetError:
+        return None
+    if meta.get("signature") != _dataset_signature(path, split, sources, lengths):
+        return None
+    store = LatentStore()
+    for src, off, n, act in zip(meta["sources"], meta["offsets"], meta["lengths"], meta["actions"]):
+        store.latents.append(arr[off:off + n])
+        store.actions.append(np.asarray(act, dtype=np.int64))
+        store.sources.append(src)
+    return store
+
+
+def build_cache(cache_dir: Path, path: str, split: str, ae_hash: str, frames: FrameStore,
+                encode: Callable[[np.ndarray], np.ndarray], batch_frames: int = 256,
+                progress: Callable[[Iterable], Iterable] | None = None) -> LatentStore:
+    """Encode every frame of `frames` (the episodes of `path`/`split`) once and write the cache.
+
+    `encode(uint8 [B,H,W,3]) -> float [B,C,h,w]` is the frozen autoencoder's encoder.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    npy, meta_path = cache_paths(cache_dir, path, split, ae_hash)
+    lengths = [len(a) for a in frames.actions]
+    total = int(sum(lengths))
+    if total == 0:
+        raise DatasetError(f"{path}: no {split} frames to encode")
+    probe = encode(frames.videos[0][:1])
+    shape = (total,) + tuple(probe.shape[1:])
+    fd, tmp = tempfile.mkstemp(prefix=f".{npy.stem}.", suffix=".npy.tmp", dir=cache_dir)
+    os.close(fd)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+        offsets = []
+        pos = 0
+        episodes = range(len(frames.videos))
+        for e in (episodes if progress is None else progress(episodes)):
+            video = frames.videos[e]
+            offsets.append(pos)
+            for s in range(0, len(video), batch_frames):
+                chunk = encode(video[s:s + batch_frames])
+                out[pos + s:pos + s + len(chunk)] = chunk.astype(np.float16)
+            pos += len(video)
+        out.flush()
+        del out
+        os.replace(tmp, npy)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    meta = {
+        "version": LATENT_FORMAT_VERSION,
+        "dataset": str(path),
+        "split": split,
+        "ae_hash": ae_hash,
+        "shape": list(shape),
+        "sources": frames.sources,
+        "lengths": lengths,
+        "offsets": offsets,
+        "actions": [a.tolist() for a in frames.actions],
+        "signature": _dataset_signature(path, split, frames.sources, lengths),
+    }
+    from worldsim.dataset import write_json_atomic
+
+    write_json_atomic(meta_path, meta)
+    store = load_cached(cache_dir, path, split, ae_hash)
+    if store is None:  # pragma: no cover - we just wrote it
+        raise RuntimeError(f"{npy}: latent cache unreadable right after writing it")
+    return store

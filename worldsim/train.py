@@ -1,0 +1,1385 @@
+"""Fit the frame autoencoder and the FAR world model on recorded trajectories.
+
+    worldsim train --data data/maze --preset small --out runs/small            # both stages
+    worldsim train --data data/maze --stage ae --out runs/ae                    # autoencoder only
+    worldsim train --data data/maze --stage far --ae-from runs/ae --out runs/far
+    worldsim train --resume runs/small                                          # continue exactly
+    worldsim train --resume runs/small --far-steps 20000                        # ... and train longer
+    worldsim train --stream-env worldsim/Maze-v0 --preset small --out runs/live # fresh episodes
+    torchrun --nproc_per_node=8 train.py --data data/maze --preset base --out runs/base
+
+Stages: `ae` trains the autoencoder on single frames; `far` encodes every frame once with the
+frozen autoencoder (latent cache in RUN/latents/, keyed by the autoencoder's weights hash) and
+trains FAR on random windows of `--seq-len` frames from random episodes (frames older than the
+model's window W become coarse long-term context); `both` runs them in order.
+
+Run folder:
+    config.json            the whole configuration (training, autoencoder, FAR, objective)
+    autoencoder/           the trained autoencoder (EMA weights + config.json)
+    checkpoint/            the exported world model (EMA weights, DESIGN.md format) for play/eval
+    state/                 the resumable training state: weights.safetensors (model, EMA,
+                           optimizer tensors, RNG states) + state.json (step, optimizer
+                           hyper-parameters, RNG states, ...); never pickles
+    latents/               the latent cache
+    metrics.jsonl, loss.png, preview/step-XXXXXX.gif
+
+Saving: every `--checkpoint-every` steps, at the end of a stage and on Ctrl-C (SIGINT/SIGTERM:
+the step in progress finishes, everything is saved, the command exits with 130). A save writes
+a new folder beside the old one and swaps it in; a crash at any moment leaves the previous
+state loadable. `--resume RUN` restores model, EMA, optimizer, schedule, step and RNG states;
+the batch and noise of step s are a pure function of (seed, rank, s), so a resumed run
+continues with exactly the same data order as an uninterrupted one.
+
+Several GPUs or machines: launch the same command with torchrun (WORLD_SIZE/RANK/LOCAL_RANK
+are read from the environment; nccl on CUDA, gloo on CPU). Every rank draws its own samples,
+gradients are averaged by DDP, only rank 0 writes. `--far-batch` is per rank.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from worldsim import cliargs
+from worldsim.dataset import DatasetError, write_json_atomic
+from worldsim.ddp import Dist, cpu_threads_per_rank
+from worldsim.latents import (
+    FrameStore, LatentStore, build_cache, check_compatible, load_cached, load_frames, names_for, tensors_hash,
+)
+
+STATE_FORMAT = "worldsim-train-state"
+STATE_VERSION = 1
+CONFIG_FORMAT = "worldsim-train-config"
+
+
+class TrainError(RuntimeError):
+    """The training cannot start or continue (message says what and where)."""
+
+
+# ============================================================================ configuration
+
+
+@dataclass
+class TrainConfig:
+    data: list[str] = field(default_factory=list, metadata={
+        "help": "dataset folder(s) or FAR/TECO DMLab .npz file(s); trains on split train, validates on val"})
+    out: str = field(default="runs/train", metadata={"help": "run folder (checkpoints, state, logs, previews)"})
+    stage: Literal["ae", "far", "both"] = field(default="both", metadata={"help": "what to train"})
+    preset: str = field(default="small", metadata={"help": "named preset (tiny, small, base): model sizes and the hyper-parameters below"})
+    ae_from: str | None = field(default=None, metadata={
+        "help": "stage far: take the autoencoder from this run folder, autoencoder folder or exported checkpoint"})
+    # schedule
+    ae_steps: int = field(default=3000, metadata={"help": "autoencoder optimisation steps"})
+    far_steps: int = field(default=3000, metadata={"help": "FAR optimisation steps"})
+    ae_batch: int = field(default=32, metadata={"help": "autoencoder batch (frames per rank)"})
+    far_batch: int = field(default=16, metadata={"help": "FAR batch (sequences per rank)"})
+    seq_len: int = field(default=32, metadata={"help": "frames per FAR training sample (> window: the oldest become coarse context)"})
+    ae_lr: float = field(default=1e-3, metadata={"help": "autoencoder peak learning rate"})
+    far_lr: float = field(default=3e-4, metadata={"help": "FAR peak learning rate"})
+    warmup: int = field(default=200, metadata={"help": "linear warm-up steps"})
+    cosine: bool = field(default=True, metadata={"help": "cosine decay after warm-up"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr / peak lr of the cosine decay"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (matrices only)"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.99, metadata={"help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0 disables)"})
+    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the weights used for sampling and export"})
+    precision: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata={
+        "help": "bf16 autocast or fp32 (auto: bf16 on GPU, fp32 on CPU)"})
+    seed: int = field(default=0, metadata={"help": "seed (data order, noise, initialisation)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+    threads: int = field(default=0, metadata={"help": "CPU threads per rank (0: all cores / ranks on this machine)"})
+    # bookkeeping
+    checkpoint_every: int = field(default=500, metadata={"help": "save state and export every N steps"})
+    val_every: int = field(default=250, metadata={"help": "validation loss every N steps (0: only at the end)"})
+    val_batches: int = field(default=4, metadata={"help": "batches per validation (fixed samples)"})
+    log_every: int = field(default=10, metadata={"help": "metrics.jsonl line every N steps"})
+    preview_every: int = field(default=1000, metadata={"help": "preview GIF every N FAR steps (0: only at the end; -1: never)"})
+    preview_context: int = field(default=8, metadata={"help": "preview: ground-truth context frames"})
+    preview_frames: int = field(default=16, metadata={"help": "preview: generated frames"})
+    latent_batch: int = field(default=256, metadata={"help": "frames per autoencoder call when building the latent cache"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    # streaming
+    stream_env: str | None = field(default=None, metadata={
+        "help": "train on fresh episodes recorded in background workers from this simulator (e.g. worldsim/Maze-v0)"})
+    stream_env_arg: tuple[str, ...] = field(default=(), metadata={"help": "simulator settings key=value for --stream-env"})
+    stream_workers: int = field(default=1, metadata={"help": "recording worker processes for --stream-env"})
+    stream_length: int = field(default=128, metadata={"help": "frames per streamed episode"})
+    stream_buffer: int = field(default=64, metadata={"help": "episodes kept for sampling (oldest dropped)"})
+    stream_policy: Literal["random", "navigator", "mix"] = field(default="mix", metadata={"help": "policy of the streaming workers"})
+
+
+# Presets: model presets from the model files plus training hyper-parameters.
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {  # tests: seconds on a CPU
+        "ae": "tiny", "far": "tiny",
+        "train": dict(ae_steps=20, far_steps=20, ae_batch=8, far_batch=2, seq_len=6, warmup=5,
+                      checkpoint_every=10, val_every=10, val_batches=1, log_every=1, preview_every=0,
+                      preview_context=3, preview_frames=3, ema_decay=0.99),
+    },
+    "small": {  # what trains on 2 CPU cores (shared/notes/cpu-training-calibration.md)
+        "ae": "small", "far": "small",
+        "train": dict(ae_steps=3000, far_steps=3000, ae_batch=32, far_batch=16, seq_len=32),
+    },
+    "base": {  # the paper's FAR-B-Long on a GPU
+        "ae": "base", "far": "far-b-long",
+        "train": dict(ae_steps=20000, far_steps=100000, ae_batch=64, far_batch=32, seq_len=64,
+                      far_lr=1e-4, warmup=2000, checkpoint_every=2000, val_every=1000, preview_every=5000,
+                      ema_decay=0.9999),
+    },
+}
+
+# fields derived from the data / the autoencoder, not set by hand
+_DERIVED_AE = ("resolution",)
+_DERIVED_FAR = ("latent_channels", "latent_size", "num_actions")
+
+
+def _model_modules():
+    from worldsim import autoencoder as ae_mod
+    from worldsim import model as far_mod
+    from worldsim import objective as obj_mod
+
+    return ae_mod, far_mod, obj_mod
+
+
+def _prefixed_dataclass(cls: type, prefix: str, skip: tuple[str, ...]) -> type:
+    """A copy of `cls` whose fields are `prefix_field`, all optional with default None."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp = hints[f.name]
+        fields.append((f"{prefix}_{f.name}", tp | None, field(default=None, metadata=dict(f.metadata))))
+    return dataclasses.make_dataclass(f"{prefix.capitalize()}Overrides", fields)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    ae_mod, far_mod, obj_mod = _model_modules()
+    parser.add_argument("--resume", metavar="RUN", default=None,
+                        help="continue the run in this folder exactly (its config.json; options given here override)")
+    before = len(parser._actions)
+    cliargs.add_dataclass_arguments(parser, TrainConfig)
+    for action in parser._actions[before:]:
+        action.default = argparse.SUPPRESS  # only what is given on the command line overrides the preset
+    import textwrap
+
+    lines = ["presets (model presets from autoencoder.AE_PRESETS / model.PRESETS + training options):"]
+    for k, v in TRAIN_PRESETS.items():
+        text = f"{k}: ae={v['ae']} far={v['far']} " + " ".join(f"{a}={b}" for a, b in v["train"].items())
+        lines += textwrap.wrap(text, 96, initial_indent="  ", subsequent_indent="      ")
+    lines += ["", *textwrap.wrap(
+        "Options without a preset value keep the defaults shown. Model options --ae-*, --far-*, --obj-* default "
+        "to the preset's AutoencoderConfig / FARConfig / ObjectiveConfig; the resolution, latent size and channels "
+        "and the number of actions follow the data and the autoencoder. On --resume, given options override the "
+        "stored config (e.g. more --far-steps); the model shape cannot change.", 96)]
+    parser.epilog = "\n".join(lines)
+    for cls, prefix, skip in ((ae_mod.AutoencoderConfig, "ae", _DERIVED_AE),
+                              (far_mod.FARConfig, "far", _DERIVED_FAR),
+                              (obj_mod.ObjectiveConfig, "obj", ())):
+        before = len(parser._actions)
+        cliargs.add_dataclass_arguments(parser, _prefixed_dataclass(cls, prefix, skip))
+        defaults = {f"{prefix}_{f.name}": f.default for f in dataclasses.fields(cls)} if prefix == "obj" else {}
+        for action in parser._actions[before:]:
+            action.default = argparse.SUPPRESS
+            text = f"(default: {defaults[action.dest]})" if action.dest in defaults else "(default: from the preset)"
+            action.help = (action.help or "").replace("(default: none)", text)
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs, stored as RUN/config.json."""
+
+    train: TrainConfig
+    autoencoder: Any  # AutoencoderConfig
+    far: Any  # FARConfig
+    objective: Any  # ObjectiveConfig
+
+    def to_dict(self) -> dict:
+        t = dataclasses.asdict(self.train)
+        t["stream_env_arg"] = list(self.train.stream_env_arg)
+        return {"format": CONFIG_FORMAT, "version": 1, "train": t, "autoencoder": self.autoencoder.to_dict(),
+                "far": self.far.to_dict(), "objective": dataclasses.asdict(self.objective)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        ae_mod, far_mod, obj_mod = _model_modules()
+        t = dict(d["train"])
+        t["stream_env_arg"] = tuple(t.get("stream_env_arg", ()))
+        return cls(TrainConfig(**t), ae_mod.AutoencoderConfig.from_dict(d["autoencoder"]),
+                   far_mod.FARConfig.from_dict(d["far"]), obj_mod.ObjectiveConfig(**d["objective"]))
+
+
+def _given(args: argparse.Namespace, prefix: str | None = None) -> dict[str, Any]:
+    out = {}
+    for k, v in vars(args).items():
+        if prefix is None:
+            if k in {f.name for f in dataclasses.fields(TrainConfig)}:
+                out[k] = tuple(v) if k == "stream_env_arg" else v
+        elif k.startswith(prefix + "_"):
+            out[k[len(prefix) + 1:]] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
+    """(config, resuming). A new run: preset + overrides; a resumed run: its config + overrides."""
+    ae_mod, far_mod, obj_mod = _model_modules()
+    train_over = _given(args)
+    ae_over, far_over, obj_over = _given(args, "ae"), _given(args, "far"), _given(args, "obj")
+    ae_over.pop("from", None)  # --ae-from is a TrainConfig field
+    for k in ("steps", "batch", "lr"):
+        ae_over.pop(k, None)
+        far_over.pop(k, None)
+    resume = getattr(args, "resume", None)
+    if resume:
+        path = Path(resume) / "config.json"
+        if not path.is_file():
+            raise TrainError(f"{resume}: not a training run folder (no config.json)")
+        try:
+            run = RunConfig.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise TrainError(f"{path}: unreadable training config ({exc})") from None
+        if ae_over or far_over:
+            raise TrainError(f"--resume {resume}: the model shape cannot change on resume "
+                             f"(got {', '.join(['--ae-' + k for k in ae_over] + ['--far-' + k for k in far_over])})")
+        if "out" in train_over and Path(train_over["out"]).resolve() != Path(resume).resolve():
+            raise TrainError("--resume continues in the run folder itself; do not pass a different --out")
+        train_over["out"] = str(resume)
+        run.train = dataclasses.replace(run.train, **train_over)
+        run.objective = dataclasses.replace(run.objective, **obj_over)
+        return run, True
+    preset_name = train_over.get("preset", TrainConfig.preset)
+    if preset_name not in TRAIN_PRESETS:
+        raise TrainError(f"unknown preset {preset_name!r} (known: {', '.join(TRAIN_PRESETS)})")
+    preset = TRAIN_PRESETS[preset_name]
+    train = dataclasses.replace(TrainConfig(), **{**preset["train"], **train_over})
+    ae_cfg = dataclasses.replace(ae_mod.AE_PRESETS[preset["ae"]], **ae_over)
+    far_cfg = dataclasses.replace(far_mod.PRESETS[preset["far"]], **far_over)
+    obj_cfg = dataclasses.replace(obj_mod.ObjectiveConfig(), **obj_over)
+    return RunConfig(train, ae_cfg, far_cfg, obj_cfg), False
+
+
+# ============================================================================ small utilities
+
+
+def step_rng(seed: int, rank: int, step: int, stream: int = 0) -> tuple[np.random.Generator, int]:
+    """numpy generator + torch seed for (seed, rank, step): the data and noise of every step are
+    a pure function of these, so a resumed run draws exactly what an uninterrupted one would."""
+    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(rank), int(step), int(stream)])
+    np_ss, torch_ss = ss.spawn(2)
+    return np.random.default_rng(np_ss), int(torch_ss.generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, cosine: bool, min_ratio: float) -> float:
+    """Linear warm-up to `peak`, then constant or cosine decay to `min_ratio * peak`."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    if not cosine or total <= warmup:
+        return peak
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: nn.Module, lr: float, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    d = min(decay, (1 + step) / (10 + step))
+    ema_p = [p for p in ema.parameters()]
+    src_p = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_p, src_p, 1.0 - d)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def params_sha256(model: nn.Module) -> str:
+    return tensors_hash({k: v for k, v in unwrap(model).state_dict().items()})
+
+
+def autocast_ctx(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def tokens_per_sample(far_cfg: Any, seq_len: int) -> dict[str, int]:
+    """Transformer tokens of one training sample with and without the long-short context."""
+    fine = far_cfg.tokens_per_frame
+    coarse = far_cfg.context_tokens_per_frame
+    w = min(far_cfg.window, seq_len)
+    return {"long_short": w * fine + (seq_len - w) * coarse, "all_fine": seq_len * fine,
+            "fine_per_frame": fine, "coarse_per_frame": coarse, "window": far_cfg.window, "frames": seq_len}
+
+
+# ============================================================================ atomic folders and state
+
+
+def swap_dir_atomic(final: Path, write: Callable[[Path], None]) -> None:
+    """Write a folder via `write(tmp)` then swap it in; `final` or `final.old` is always complete."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    old = final.with_name(final.name + ".old")
+    if old.exists() and not final.exists():  # an earlier save was killed between its renames
+        os.replace(old, final)
+    for stale in final.parent.glob(f".{final.name}.*.tmp"):  # folders of saves killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if old.exists():
+            shutil.rmtree(old)
+        if final.exists():
+            os.replace(final, old)  # the previous one stays complete until the new one is in place
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        try:
+            dfd = os.open(final.parent, os.O_RDONLY)
+            os.fsync(dfd)
+            os.close(dfd)
+        except OSError:  # pragma: no cover
+            pass
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def readable_dir(final: Path, marker: str) -> Path | None:
+    """`final`, or `final.old` left by a save interrupted between its two renames."""
+    for p in (Path(final), Path(str(final) + ".old")):
+        if (p / marker).is_file():
+            return p
+    return None
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{prefix}.state.{pid}.{k}"] = v.detach().to("cpu").contiguous().clone()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    groups = []
+    for g in sd["param_groups"]:
+        g = dict(g)
+        g["betas"] = list(g["betas"]) if "betas" in g else None
+        groups.append(g)
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _unflatten_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict, prefix: str) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    head = prefix + ".state."
+    for key, t in tensors.items():
+        if key.startswith(head):
+            pid, name = key[len(head):].split(".", 1)
+            state.setdefault(int(pid), {})[name] = t
+    for key, v in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if g.get("betas") is not None:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_states() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    py = random.getstate()
+    npst = np.random.get_state()
+    meta = {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])]}
+    return tensors, meta
+
+
+def set_rng_states(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda][: torch.cuda.device_count()])
+    if meta.get("python"):
+        v, st, g = meta["python"]
+        random.setstate((v, tuple(st), g))
+    if meta.get("numpy"):
+        name, keys, pos, has_gauss, cached = meta["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _module_tensors(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v.detach().to("cpu").contiguous().clone() for k, v in unwrap(module).state_dict().items()}
+
+
+def _load_module(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, where: Path) -> None:
+    head = prefix + "."
+    sd = {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
+    own = unwrap(module).state_dict()
+    missing = sorted(set(own) - set(sd))
+    if missing:
+        raise TrainError(f"{where}: training state lacks {prefix} tensors {missing[:3]} (different model?)")
+    for k, v in sd.items():
+        if k in own and own[k].shape != v.shape:
+            raise TrainError(f"{where}: {prefix}.{k} has shape {tuple(v.shape)}, the model {tuple(own[k].shape)}")
+    unwrap(module).load_state_dict(sd, strict=True)
+
+
+# ============================================================================ autoencoder folder
+
+
+AE_DIR = "autoencoder"
+AE_WEIGHTS = "autoencoder.safetensors"
+
+
+def save_autoencoder(path: Path, ae: nn.Module, extra: dict) -> None:
+    from safetensors.torch import save_file
+
+    ae = unwrap(ae)
+
+    def write(tmp: Path) -> None:
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in ae.state_dict().items()}
+        save_file(tensors, str(tmp / AE_WEIGHTS), metadata={"format": "worldsim-autoencoder"})
+        meta = {"format": "worldsim-autoencoder", "version": 1, "autoencoder": ae.config.to_dict(),
+                "weights_sha256": tensors_hash(tensors), **extra}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    swap_dir_atomic(path, write)
+
+
+def load_autoencoder(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """An autoencoder from a run folder, an autoencoder folder or an exported checkpoint."""
+    from safetensors.torch import load_file
+
+    ae_mod, _, _ = _model_modules()
+    p = Path(path)
+    candidates = [p / AE_DIR, p] if (p / AE_DIR).exists() or (p / (AE_DIR + ".old")).exists() else [p]
+    for c in candidates:
+        d = readable_dir(c, "config.json")
+        if d is None:
+            continue
+        meta = json.loads((d / "config.json").read_text())
+        if meta.get("format") == "worldsim-autoencoder":
+            ae = ae_mod.Autoencoder(ae_mod.AutoencoderConfig.from_dict(meta["autoencoder"]))
+            ae.load_state_dict(load_file(str(d / AE_WEIGHTS)))
+            return ae, meta
+        if meta.get("format") == "worldsim-checkpoint":
+            from worldsim.checkpoint import load_checkpoint
+
+            ck = load_checkpoint(d, device="cpu")
+            return ck.autoencoder, {"action_names": list(ck.action_names), "resolution": list(ck.resolution),
+                                   "simulator": ck.simulator, "from_checkpoint": str(d)}
+    raise TrainError(f"{path}: no autoencoder found (expected RUN/{AE_DIR}/, an autoencoder folder or an exported checkpoint)")
+
+
+# ============================================================================ data
+
+
+class WindowSampler:
+    """Random windows of `length` frames from random episodes (uniform over all valid windows)."""
+
+    def __init__(self, lengths: np.ndarray, length: int, what: str):
+        self.length = length
+        counts = np.maximum(np.asarray(lengths, dtype=np.int64) - length + 1, 0)
+        if counts.sum() == 0:
+            raise TrainError(f"{what}: no episode has {length} frames (longest: {int(max(lengths, default=0))}); "
+                             f"lower --seq-len or record longer episodes")
+        self.cum = np.cumsum(counts)
+
+    def draw(self, rng: np.random.Generator, n: int) -> list[tuple[int, int]]:
+        k = rng.integers(0, int(self.cum[-1]), size=n)
+        eps = np.searchsorted(self.cum, k, side="right")
+        starts = k - np.concatenate([[0], self.cum[:-1]])[eps]
+        return [(int(e), int(s)) for e, s in zip(eps, starts)]
+
+
+def latent_batch(store: LatentStore, picks: list[tuple[int, int]], length: int, device: torch.device):
+    lat = np.stack([np.asarray(store.latents[e][s:s + length], dtype=np.float32) for e, s in picks])
+    act = np.stack([store.actions[e][s:s + length] for e, s in picks])
+    return torch.from_numpy(lat).to(device, non_blocking=True), torch.from_numpy(act).to(device, non_blocking=True)
+
+
+def frame_batch(store: FrameStore, picks: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    from worldsim.autoencoder import frames_to_tensor
+
+    frames = np.stack([store.videos[e][s] for e, s in picks])
+    return frames_to_tensor(torch.from_numpy(frames).to(device))
+
+
+# ============================================================================ the trainer
+
+
+class Interrupt:
+    """SIGINT/SIGTERM -> finish the step, save, stop. A second Ctrl-C aborts at once."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        if self.flag and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def __enter__(self) -> "Interrupt":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+@dataclass
+class StageSpec:
+    name: str  # "ae" | "far"
+    model: nn.Module
+    total_steps: int
+    lr: float
+    loss_fn: Callable[[nn.Module, int, np.random.Generator, torch.Generator], tuple[torch.Tensor, dict]]
+    val_fn: Callable[[nn.Module], dict]
+    units_per_step: dict[str, float]  # e.g. frames / tokens per optimisation step (all ranks)
+    on_save: Callable[[nn.Module, int, bool], None]  # (ema, step, final) -> export
+    extra_state: dict = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, dist: Dist, log: Callable[[str], None]):
+        self.run = run
+        self.cfg = run.train
+        self.dist = dist
+        self.device = dist.device
+        self.precision = resolve_precision(self.cfg.precision, self.device)
+        self.out = Path(self.cfg.out)
+        self.log = log
+        self.interrupt = Interrupt()
+        self.interrupted = False
+        self.metrics_path = self.out / "metrics.jsonl"
+
+    # -- metrics
+
+    def write_metrics(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def trim_metrics(self, stage: str, step: int) -> None:
+        """On resume: drop the lines logged after the saved step (they are trained again)."""
+        if not self.dist.is_main or not self.metrics_path.is_file():
+            return
+        rows = _read_metrics(self.metrics_path)
+        keep = [r for r in rows if not (r.get("stage") == stage and r.get("step", 0) > step)]
+        if len(keep) != len(rows):
+            tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            os.replace(tmp, self.metrics_path)
+
+    def plot(self) -> None:
+        if self.dist.is_main:
+            try:
+                plot_metrics(self.metrics_path, self.out / "loss.png")
+            except Exception as exc:  # a plot must never stop a training
+                self.log(f"loss plot failed: {exc}")
+
+    # -- state
+
+    def save_state(self, spec: StageSpec, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, step: int,
+                   elapsed: float) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {**_module_tensors(model, "model"), **_module_tensors(ema, "ema")}
+        opt_t, opt_meta = _flatten_optimizer(opt, "optim")
+        rng_t, rng_meta = rng_states()
+        tensors.update(opt_t)
+        tensors.update(rng_t)
+        meta = {
+            "format": STATE_FORMAT, "version": STATE_VERSION, "stage": spec.name, "step": step,
+            "total_steps": spec.total_steps, "finished": step >= spec.total_steps,
+            "optimizer": opt_meta, "rng": rng_meta, "world_size": self.dist.world_size,
+            "seconds": elapsed, "schedule": {"lr": spec.lr, "warmup": self.cfg.warmup, "cosine": self.cfg.cosine,
+                                             "min_lr_ratio": self.cfg.min_lr_ratio},
+            **spec.extra_state,
+        }
+
+        def write(tmp: Path) -> None:
+            save_file(tensors, str(tmp / "weights.safetensors"), metadata={"format": STATE_FORMAT})
+            (tmp / "state.json").write_text(json.dumps(meta) + "\n")
+
+        swap_dir_atomic(self.out / "state", write)
+
+    def load_state(self) -> tuple[dict, dict[str, torch.Tensor]] | None:
+        from safetensors.torch import load_file
+
+        d = readable_dir(self.out / "state", "state.json")
+        if d is None:
+            return None
+        try:
+            meta = json.loads((d / "state.json").read_text())
+            tensors = load_file(str(d / "weights.safetensors"))
+        except Exception as exc:
+            raise TrainError(f"{d}: unreadable training state ({exc})") from None
+        if meta.get("format") != STATE_FORMAT:
+            raise TrainError(f"{d}: not a worldsim training state")
+        return meta, tensors
+
+    # -- the loop
+
+    def fit(self, spec: StageSpec, resume_state: tuple[dict, dict] | None) -> bool:
+        """Train one stage; returns False if interrupted."""
+        cfg, dist, device = self.cfg, self.dist, self.device
+        model = spec.model.to(device)
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+        opt = make_optimizer(model, spec.lr, cfg)
+        step, elapsed = 0, 0.0
+        if resume_state is not None:
+            meta, tensors = resume_state
+            where = self.out / "state"
+            _load_module(model, tensors, "model", where)
+            _load_module(ema, tensors, "ema", where)
+            _unflatten_optimizer(opt, tensors, meta["optimizer"], "optim")
+            set_rng_states(tensors, meta["rng"])
+            step, elapsed = int(meta["step"]), float(meta.get("seconds", 0.0))
+            self.trim_metrics(spec.name, step)
+            if meta.get("world_size", 1) != dist.world_size:
+                self.log(f"note: resumed with {dist.world_size} rank(s), saved with {meta.get('world_size')}: "
+                         "same weights, a different data order from here on")
+            self.log(f"{spec.name}: resumed at step {step}/{spec.total_steps}")
+        if step >= spec.total_steps:
+            return True
+        train_model: nn.Module = model
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # FAR: the last block's coarse-token output projection never reaches the loss (coarse tokens
+            # have no output head), and without coarse frames their projections are idle too
+            unused = spec.name == "far"
+            train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                              find_unused_parameters=unused)
+        model.train()
+        bar = None
+        if dist.is_main and cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=spec.total_steps, initial=step, desc=f"train {spec.name}", unit="step",
+                       dynamic_ncols=True, smoothing=0.1)
+        smooth = None
+        t_last, steps_last = time.perf_counter(), step
+        t_stage = time.perf_counter() - elapsed
+        last_save = step
+        try:
+            with self.interrupt:
+                while step < spec.total_steps:
+                    rng, torch_seed = step_rng(cfg.seed, dist.rank, step)
+                    torch.manual_seed(torch_seed)
+                    gen = torch.Generator(device=device).manual_seed(torch_seed)
+                    lr = lr_at(step, spec.total_steps, spec.lr, cfg.warmup, cfg.cosine, cfg.min_lr_ratio)
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                    with autocast_ctx(self.precision, device):
+                        loss, stats = spec.loss_fn(train_model, step, rng, gen)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip > 0:
+                        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                    else:
+                        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
+                    opt.step()
+                    ema_update(ema, model, cfg.ema_decay, step)
+                    step += 1
+                    loss_v = float(loss.detach())
+                    if not math.isfinite(loss_v):
+                        raise TrainError(f"{spec.name}: loss is {loss_v} at step {step}; lower the learning rate "
+                                         f"(--{spec.name}-lr) or use --precision fp32")
+                    smooth = loss_v if smooth is None else 0.9 * smooth + 0.1 * loss_v
+                    stop = dist.any_flag(self.interrupt.flag)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}", refresh=False)
+                    if step % max(1, cfg.log_every) == 0 or step == spec.total_steps:
+                        now = time.perf_counter()
+                        sps = (step - steps_last) / max(1e-9, now - t_last)
+                        t_last, steps_last = now, step
+                        rec = {"stage": spec.name, "step": step, "loss": dist.mean(loss_v), "lr": lr,
+                               "grad_norm": gnorm, "steps_per_s": sps,
+                               **{f"{k}_per_s": v * sps for k, v in spec.units_per_step.items()},
+                               **{k: float(v) for k, v in stats.items() if k != "loss"}}
+                        self.write_metrics(rec)
+                    final = step >= spec.total_steps
+                    if (cfg.val_every > 0 and step % cfg.val_every == 0) or final:
+                        self.validate(spec, ema, step)
+                    if stop or final or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0):
+                        if dist.is_main:
+                            self.save_state(spec, model, ema, opt, step, time.perf_counter() - t_stage)
+                            spec.on_save(ema, step, final)
+                            self.plot()
+                        dist.barrier()
+                        last_save = step
+                    if stop:
+                        self.interrupted = True
+                        self.log(f"\n{spec.name}: interrupted at step {step}; saved. Continue with "
+                                 f"`worldsim train --resume {self.out}`")
+                        return False
+        finally:
+            if bar is not None:
+                bar.close()
+        del last_save
+        if dist.enabled:
+            print(f"[rank {dist.rank}] {spec.name} weights sha256 {params_sha256(model)}", flush=True)
+        return True
+
+    def validate(self, spec: StageSpec, ema: nn.Module, step: int) -> None:
+        if not self.dist.is_main:
+            return
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            with autocast_ctx(self.precision, self.device), torch.no_grad():
+                stats = spec.val_fn(ema)
+        self.write_metrics({"stage": spec.name, "step": step, **{f"val_{k}": float(v) for k, v in stats.items()}})
+
+
+# ============================================================================ plotting
+
+
+def plot_metrics(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    stages = [s for s in ("ae", "far") if any(r.get("stage") == s for r in rows)]
+    if not stages:
+        return
+    fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4), squeeze=False)
+    for ax, s in zip(axes[0], stages):
+        tr = [(r["step"], r["loss"]) for r in rows if r.get("stage") == s and "loss" in r]
+        va = [(r["step"], r["val_loss"]) for r in rows if r.get("stage") == s and "val_loss" in r]
+        if tr:
+            x, y = zip(*tr)
+            ax.plot(x, y, lw=0.8, alpha=0.5, label="train")
+            if len(y) >= 10:
+                k = max(2, len(y) // 30)
+                ys = np.convolve(y, np.ones(k) / k, mode="valid")
+                ax.plot(x[k - 1:], ys, lw=1.5, label=f"train (mean of {k})")
+        if va:
+            x, y = zip(*va)
+            ax.plot(x, y, "o-", lw=1.5, label="val (EMA)")
+        ax.set_title({"ae": "autoencoder", "far": "FAR"}[s])
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        if all(v > 0 for _, v in tr + va):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+# ============================================================================ preview
+
+
+def write_preview(checkpoint_dir: Path, video: np.ndarray, actions: np.ndarray, context: int, frames: int,
+                  gif: Path, seed: int = 0, device: torch.device | None = None) -> None:
+    """Context + generated frames beside the ground truth: GIF rows [ground truth | generated]."""
+    import imageio.v2 as imageio
+
+    from worldsim.world import WorldModel
+
+    world = WorldModel.load(checkpoint_dir, device=device)
+    context = max(1, min(context, len(video) - 1))
+    frames = max(1, min(frames, len(video) - context))
+    session = world.new_session(video[:context], actions[:context], seed=seed)
+    generated = [session.step(int(a)) for a in actions[context:context + frames]]
+    out = []
+    for t in range(context + frames):
+        gt = video[t]
+        gen = video[t] if t < context else generated[t - context]
+        pad = np.zeros((gt.shape[0], 2, 3), np.uint8)
+        row = np.concatenate([gt, pad, gen], axis=1).copy()
+        color = np.array([0, 160, 255] if t < context else [255, 64, 64], np.uint8)  # blue: context, red: generated
+        row[:2, gt.shape[1] + 2:] = color
+        row[-2:, gt.shape[1] + 2:] = color
+        scale = max(1, 128 // gt.shape[0])
+        out.append(np.repeat(np.repeat(row, scale, axis=0), scale, axis=1))
+    gif.parent.mkdir(parents=True, exist_ok=True)
+    tmp = gif.with_name(f".{gif.name}.tmp.gif")
+    imageio.mimsave(tmp, out, duration=0.12, loop=0)
+    os.replace(tmp, gif)
+
+
+def write_model_card(checkpoint_dir: Path, run: RunConfig, summary: dict, val: dict | None) -> None:
+    t = run.train
+    lines = [
+        "# worldsim FAR checkpoint", "",
+        f"Trained with `worldsim train` (preset `{t.preset}`), step {summary.get('far_step')} of the FAR stage "
+        f"and {summary.get('ae_steps')} autoencoder steps.", "",
+        f"- data: {', '.join(summary.get('datasets', [])) or t.stream_env}",
+        f"- train episodes / frames: {summary.get('train_episodes')} / {summary.get('train_frames')}",
+        f"- resolution {summary.get('resolution')}, actions {summary.get('action_names')}",
+        f"- FAR: depth {run.far.depth}, width {run.far.width}, window {run.far.window}, "
+        f"{run.far.tokens_per_frame} tokens/frame fine, {run.far.context_tokens_per_frame} coarse",
+        f"- training samples: {t.seq_len} frames, batch {t.far_batch} x {summary.get('world_size', 1)} rank(s), "
+        f"lr {t.far_lr}, precision {summary.get('precision')}, EMA {t.ema_decay} (these weights)",
+    ]
+    if val:
+        lines.append(f"- validation flow-matching loss (EMA): {val.get('val_loss', float('nan')):.4f}")
+    lines += ["", "Memory-consistency metrics: run `worldsim eval` on this folder.", ""]
+    path = checkpoint_dir / "README.md"
+    tmp = checkpoint_dir / ".README.md.tmp"
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+
+
+# ============================================================================ stages
+
+
+@dataclass
+class DataInfo:
+    action_names: tuple[str, ...]
+    resolution: tuple[int, int]
+    simulator: dict | None
+
+
+def probe_data(paths: list[str], want: DataInfo | None, what: str) -> DataInfo:
+    """Action names, resolution and simulator of the datasets; they must agree with each other and `want`."""
+    from worldsim.latents import open_split
+
+    info = want
+    for p in paths:
+        ds, _, _ = open_split(p, "train", action_names=names_for(p, info.action_names if info else None))
+        if info is not None:
+            check_compatible(p, ds.action_names, ds.resolution, info.action_names, info.resolution,
+                             what if want is not None else paths[0])
+        else:
+            info = DataInfo(tuple(ds.action_names), tuple(ds.resolution), ds.simulator)  # type: ignore[arg-type]
+    assert info is not None
+    return info
+
+
+def _progress(dist: Dist, cfg: TrainConfig, desc: str):
+    def wrap(it):
+        if not (dist.is_main and cfg.progress):
+            return it
+        from tqdm import tqdm
+
+        return tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
+
+    return wrap
+
+
+def run_ae_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state) -> bool:
+    ae_mod, _, _ = _model_modules()
+    cfg, dist, device = run.train, trainer.dist, trainer.device
+    trainer.log(f"ae: loading frames of {len(cfg.data)} dataset(s)")
+    train = load_frames(cfg.data, "train", data.action_names, data.resolution, warn=trainer.log,
+                        progress=_progress(dist, cfg, "load train"))
+    val = load_frames(cfg.data, "val", data.action_names, data.resolution, warn=trainer.log)
+    if train.num_frames == 0:
+        raise TrainError(f"{', '.join(cfg.data)}: no training frames")
+    torch.manual_seed(cfg.seed)
+    ae = ae_mod.Autoencoder(run.autoencoder)
+    frames_sampler = WindowSampler(train.lengths, 1, "train frames")
+    val_sampler = WindowSampler(val.lengths, 1, "val frames")
+    val_picks = [val_sampler.draw(step_rng(cfg.seed, 10_000 + b, 0)[0], cfg.ae_batch) for b in range(max(1, cfg.val_batches))]
+    calib_picks = frames_sampler.draw(step_rng(cfg.seed, 20_000, 0)[0], min(512, train.num_frames))
+
+    def loss_fn(m, step, rng, gen):
+        x = frame_batch(train, frames_sampler.draw(rng, cfg.ae_batch), device)
+        loss, stats = unwrap(m).reconstruction_loss(x, m(x))
+        return loss, {"psnr": stats["psnr"]}
+
+    def val_fn(ema):
+        losses, psnrs = [], []
+        for picks in val_picks:
+            x = frame_batch(val, picks, device)
+            loss, stats = ema.reconstruction_loss(x)
+            losses.append(float(loss))
+            psnrs.append(float(stats["psnr"]))
+        return {"loss": float(np.mean(losses)), "psnr": float(np.mean(psnrs))}
+
+    @torch.no_grad()
+    def on_save(ema, step, final):
+        raw = torch.cat([ema.encode(frame_batch(train, calib_picks[i:i + 128], device), normalize=False).float()
+                         for i in range(0, len(calib_picks), 128)])
+        scale = ema.calibrate_scale(raw)
+        save_autoencoder(trainer.out / AE_DIR, ema, {
+            "step": step, "final": final, "latent_scale": scale, "action_names": list(data.action_names),
+            "resolution": list(data.resolution), "simulator": data.simulator, "datasets": list(cfg.data)})
+
+    spec = StageSpec("ae", ae, cfg.ae_steps, cfg.ae_lr, loss_fn, val_fn,
+                     {"frames": cfg.ae_batch * dist.world_size}, on_save)
+    return trainer.fit(spec, resume_state)
+
+
+def _ensure_autoencoder(trainer: Trainer, run: RunConfig, data: DataInfo) -> nn.Module:
+    """The frozen autoencoder of the far stage: RUN/autoencoder, else --ae-from (copied into the run)."""
+    cfg = run.train
+    own = trainer.out / AE_DIR
+    if readable_dir(own, "config.json") is None:
+        if not cfg.ae_from:
+            raise TrainError(f"{own}: no trained autoencoder in this run; train stage ae first "
+                             f"(--stage both / ae) or pass --ae-from RUN_OR_CHECKPOINT")
+        ae, meta = load_autoencoder(cfg.ae_from)
+        if trainer.dist.is_main:
+            save_autoencoder(own, ae, {k: v for k, v in meta.items() if k not in ("format", "version", "autoencoder", "weights_sha256")}
+                             | {"copied_from": str(cfg.ae_from)})
+        trainer.dist.barrier()
+    ae, meta = load_autoencoder(trainer.out)
+    if ae.config.resolution != data.resolution[0] or data.resolution[0] != data.resolution[1]:
+        raise TrainError(f"{own}: the autoencoder takes {ae.config.resolution}x{ae.config.resolution} frames, "
+                         f"the data is {data.resolution[0]}x{data.resolution[1]}")
+    if not meta.get("final", True):
+        trainer.log(f"note: {own} is from an unfinished autoencoder stage (step {meta.get('step')})")
+    return ae.requires_grad_(False).eval()
+
+
+def build_latents(trainer: Trainer, run: RunConfig, data: DataInfo, ae: nn.Module, split: str) -> LatentStore:
+    from worldsim.autoencoder import frames_to_tensor
+
+    cfg, dist, device = run.train, trainer.dist, trainer.device
+    ae = ae.to(device)
+    ae_hash = tensors_hash(ae.state_dict())
+    cache_dir = trainer.out / "latents"
+
+    @torch.no_grad()
+    def encode(frames: np.ndarray) -> np.ndarray:
+        x = frames_to_tensor(torch.from_numpy(np.ascontiguousarray(frames)).to(device))
+        return ae.encode(x).float().cpu().numpy()
+
+    store = LatentStore()
+    for path in cfg.data:
+        cached = load_cached(cache_dir, path, split, ae_hash)
+        if cached is None:
+            if dist.is_main:
+                trainer.log(f"far: encoding {split} frames of {path} once (latent cache in {cache_dir})")
+                frames = load_frames([path], split, data.action_names, data.resolution, warn=trainer.log)
+                if frames.num_frames:
+                    build_cache(cache_dir, path, split, ae_hash, frames, encode, cfg.latent_batch,
+                                progress=_progress(dist, cfg, f"encode {split}"))
+            dist.barrier()
+            cached = load_cached(cache_dir, path, split, ae_hash)
+        if cached is None:
+            if split == "train":
+                raise TrainError(f"{path}: no {split} frames to train on")
+            continue
+        store.extend(cached)
+    return store
+
+
+def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state, ae_steps_done: int) -> bool:
+    _, far_mod, obj_mod = _model_modules()
+    cfg, dist, device = run.train, trainer.dist, trainer.device
+    ae = _ensure_autoencoder(trainer, run, data)
+    far_cfg = dataclasses.replace(run.far, latent_channels=ae.config.latent_channels,
+                                  latent_size=ae.config.latent_size, num_actions=len(data.action_names))
+    if far_cfg != run.far or ae.config != run.autoencoder:
+        run.far, run.autoencoder = far_cfg, ae.config
+        if dist.is_main:
+            stored = json.loads((trainer.out / "config.json").read_text())
+            write_json_atomic(trainer.out / "config.json", {**stored, **run.to_dict()})
+    stream = None
+    if cfg.stream_env:
+        stream = StreamingData(run, data, ae, device, trainer.out / "stream", trainer.log)
+        train_store, val_store = stream.store, stream.val_store
+    else:
+        train_store = build_latents(trainer, run, data, ae, "train")
+        val_store = build_latents(trainer, run, data, ae, "val")
+        if not val_store.latents:
+            trainer.log("note: no val frames; validating on train episodes")
+            val_store = train_store
+    tps = tokens_per_sample(far_cfg, cfg.seq_len)
+    trainer.log(f"far: {tps['long_short']} tokens per {cfg.seq_len}-frame sample with the long-short context "
+                f"({tps['all_fine']} if every frame were fine); batch {cfg.far_batch} x {dist.world_size} rank(s)")
+    torch.manual_seed(cfg.seed + 1)
+    far = far_mod.FAR(far_cfg)
+    L = cfg.seq_len
+    sampler = WindowSampler(train_store.lengths, L, "train episodes") if stream is None else None
+    val_len = min(L, int(max(val_store.lengths)))
+    val_sampler = WindowSampler(val_store.lengths, val_len, "val episodes") if stream is None else None
+    val_batches = []
+    if val_sampler is not None:
+        for b in range(max(1, cfg.val_batches)):
+            rng, seed = step_rng(cfg.seed, 10_000 + b, 0)
+            val_batches.append((val_sampler.draw(rng, cfg.far_batch), seed))
+
+    def loss_fn(m, step, rng, gen):
+        if stream is not None:
+            store, smp = stream.poll(step)
+        else:
+            store, smp = train_store, sampler
+        lat, act = latent_batch(store, smp.draw(rng, cfg.far_batch), L, device)
+        return obj_mod.training_loss(m, lat, act, generator=gen, cfg=run.objective)
+
+    def val_fn(ema):
+        store, batches, length = (val_store, val_batches, val_len) if stream is None else (*stream.val_batches(cfg), L)
+        losses = []
+        for picks, seed in batches:
+            lat, act = latent_batch(store, picks, length, device)
+            gen = torch.Generator(device=device).manual_seed(seed)
+            loss, _ = obj_mod.training_loss(ema, lat, act, generator=gen, cfg=run.objective)
+            losses.append(float(loss))
+        return {"loss": float(np.mean(losses)) if losses else float("nan")}
+
+    summary = {
+        "datasets": list(cfg.data), "stream_env": cfg.stream_env, "action_names": list(data.action_names),
+        "resolution": list(data.resolution), "train_episodes": len(train_store.latents),
+        "train_frames": int(train_store.lengths.sum()) if train_store.latents else 0,
+        "ae_steps": ae_steps_done, "world_size": dist.world_size, "precision": trainer.precision,
+        "seq_len": L, "tokens_per_sample": tps,
+    }
+    last_val: dict = {}
+
+    def on_save(ema, step, final):
+        from worldsim.checkpoint import save_checkpoint
+
+        ck = trainer.out / "checkpoint"
+        rows = _read_metrics(trainer.metrics_path)
+        vals = [r for r in rows if r.get("stage") == "far" and "val_loss" in r]
+        last_val.clear()
+        last_val.update(vals[-1] if vals else {})
+        save_checkpoint(ck, ae, ema, action_names=data.action_names, resolution=data.resolution,
+                        simulator=data.simulator, data_summary={**summary, "far_step": step}, step=step,
+                        extra={"train": run.to_dict(), "val_loss": last_val.get("val_loss")})
+        write_model_card(ck, run, {**summary, "far_step": step}, last_val)
+        due = cfg.preview_every >= 0 and (final or trainer.interrupt.flag or
+                                          (cfg.preview_every > 0 and step % cfg.preview_every == 0))
+        if due:
+            try:
+                video, actions = preview_episode(run, data, val_store, stream)
+                write_preview(ck, video, actions, cfg.preview_context, cfg.preview_frames,
+                              trainer.out / "preview" / f"step-{step:06d}.gif", seed=cfg.seed, device=device)
+            except Exception as exc:  # a preview must never stop a training
+                trainer.log(f"preview failed: {type(exc).__name__}: {exc}")
+
+    spec = StageSpec("far", far, cfg.far_steps, cfg.far_lr, loss_fn, val_fn,
+                     {"frames": cfg.far_batch * L * dist.world_size,
+                      "tokens": cfg.far_batch * tps["long_short"] * dist.world_size}, on_save,
+                     extra_state={"ae_sha256": tensors_hash(ae.state_dict())})
+    try:
+        return trainer.fit(spec, resume_state)
+    finally:
+        if stream is not None:
+            stream.close()
+
+
+def preview_episode(run: RunConfig, data: DataInfo, val_store: LatentStore, stream) -> tuple[np.ndarray, np.ndarray]:
+    """Frames and actions of the longest validation episode (ground truth for the preview)."""
+    if stream is not None:
+        return stream.preview_episode()
+    from worldsim.dataset import Dataset
+
+    e = int(np.argmax(val_store.lengths))
+    path, eid = val_store.sources[e].rsplit(":", 1)
+    ds = Dataset(path, action_names=names_for(path, data.action_names))
+    ep = ds[eid]
+    return ep.video, ep.actions
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+# ============================================================================ streaming
+
+
+def _stream_worker(spool: str, env_id: str, settings: dict, policy: str, length: int, worker: int, seed: int,
+                   max_files: int) -> None:
+    """Record episodes forever into `spool` (atomic .npz files), never more than `max_files` waiting."""
+    import envs  # noqa: F401  (registers the ids)
+    from envs.recorder import _make_env, record_episode
+    from worldsim.dataset import split_for_maze_seed, write_episode_atomic
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    env = _make_env(env_id, settings)
+    spool_p = Path(spool)
+    rng = np.random.default_rng([seed, worker])
+    k = 0
+    while True:
+        if len(list(spool_p.glob("*.npz"))) >= max_files:
+            time.sleep(0.2)
+            continue
+        maze_seed = int(rng.integers(0, 2**31 - 1))
+        while split_for_maze_seed(maze_seed) == "test":  # never train on held-out test mazes
+            maze_seed = int(rng.integers(0, 2**31 - 1))
+        ep = record_episode(env, policy, length, maze_seed, seed)
+        split = split_for_maze_seed(maze_seed)
+        write_episode_atomic(spool_p / f"{split}-w{worker:02d}-{k:07d}.npz", compress=False,
+                             video=ep["video"], actions=ep["actions"])
+        k += 1
+
+
+class StreamingData:
+    """Fresh episodes from background recording processes, encoded once as they arrive.
+
+    Workers write finished episodes to RUN/stream/ (atomic .npz, no pickles); the trainer moves
+    them into a rolling buffer of `--stream-buffer` episodes (the oldest dropped). Mazes of the
+    val split go to a small validation buffer. The data order depends on worker timing, so a
+    resumed streaming run is not bit-identical to an uninterrupted one.
+    """
+
+    def __init__(self, run: RunConfig, data: DataInfo, ae: nn.Module, device: torch.device, spool: Path,
+                 log: Callable[[str], None]):
+        import multiprocessing as mp
+
+        from envs.recorder import parse_env_args
+
+        cfg = run.train
+        self.cfg, self.ae, self.device, self.log = cfg, ae.to(device), device, log
+        self.spool = spool / f"rank{int(os.environ.get('RANK', '0'))}"
+        self.spool.mkdir(parents=True, exist_ok=True)
+        for f in self.spool.glob("*"):
+            f.unlink()
+        settings = parse_env_args(cfg.stream_env_arg)
+        ctx = mp.get_context("spawn")
+        rank = int(os.environ.get("RANK", "0"))
+        self.procs = [ctx.Process(target=_stream_worker, daemon=True,
+                                  args=(str(self.spool), cfg.stream_env, settings, cfg.stream_policy,
+                                        cfg.stream_length, rank * 1000 + w, cfg.seed, 4 * max(1, cfg.stream_workers)))
+                      for w in range(max(1, cfg.stream_workers))]
+        for p in self.procs:
+            p.start()
+        self.store, self.val_store = LatentStore(), LatentStore()
+        self.sampler: WindowSampler | None = None
+        self._preview: tuple[np.ndarray, np.ndarray] | None = None
+        self._val_batches = None
+        log(f"stream: {len(self.procs)} worker(s) recording {cfg.stream_env} episodes into {self.spool}")
+        while not self.store.latents or not self.val_store.latents:
+            self._ingest(wait=True)
+
+    def _ingest(self, wait: bool = False) -> bool:
+        from worldsim.autoencoder import frames_to_tensor
+
+        files = sorted(self.spool.glob("*.npz"), key=lambda p: p.stat().st_mtime)
+        if not files:
+            if wait:
+                if not any(p.is_alive() for p in self.procs):
+                    raise TrainError(f"stream: every recording worker died ({self.cfg.stream_env})")
+                time.sleep(0.2)
+            return False
+        for f in files:
+            with np.load(f, allow_pickle=False) as z:
+                video, actions = z["video"], z["actions"].astype(np.int64)
+            f.unlink()
+            if len(video) < self.cfg.seq_len:
+                raise TrainError(f"stream: episodes of {len(video)} frames are shorter than --seq-len {self.cfg.seq_len}; "
+                                 f"raise --stream-length")
+            with torch.no_grad():
+                lat = torch.cat([self.ae.encode(frames_to_tensor(torch.from_numpy(video[i:i + 256]).to(self.device))).float()
+                                 for i in range(0, len(video), 256)]).cpu().numpy().astype(np.float16)
+            target = self.val_store if f.name.startswith("val-") else self.store
+            cap = self.cfg.stream_buffer if target is self.store else max(2, self.cfg.stream_buffer // 8)
+            target.latents.append(lat)
+            target.actions.append(actions)
+            target.sources.append(f.name)
+            if target is self.val_store and self._preview is None:
+                self._preview = (video, actions)
+            if len(target.latents) > cap:
+                del target.latents[0], target.actions[0], target.sources[0]
+        self.sampler = WindowSampler(self.store.lengths, self.cfg.seq_len, "stream")
+        return True
+
+    def poll(self, step: int) -> tuple[LatentStore, WindowSampler]:
+        self._ingest()
+        assert self.sampler is not None
+        return self.store, self.sampler
+
+    def val_batches(self, cfg: TrainConfig):
+        if self._val_batches is None:
+            smp = WindowSampler(self.val_store.lengths, cfg.seq_len, "stream val")
+            self._val_batches = []
+            for b in range(max(1, cfg.val_batches)):
+                rng, seed = step_rng(cfg.seed, 10_000 + b, 0)
+                self._val_batches.append((smp.draw(rng, cfg.far_batch), seed))
+            self._val_frozen = LatentStore(list(self.val_store.latents), list(self.val_store.actions), list(self.val_store.sources))
+        return self._val_frozen, self._val_batches
+
+    def preview_episode(self) -> tuple[np.ndarray, np.ndarray]:
+        assert self._preview is not None
+        return self._preview
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join(timeout=5)
+        shutil.rmtree(self.spool, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.spool.parent.rmdir()  # only if no other rank's spool is left
+
+
+# ============================================================================ entry
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        run, resuming = config_from_args(args)
+    except (TrainError, ValueError, TypeError) as exc:
+        print(f"worldsim train: {exc}", file=sys.stderr)
+        return 2
+    cfg = run.train
+    if not cfg.data and not cfg.stream_env:
+        print("worldsim train: give --data DIR [DIR ...] (or --stream-env ENV_ID, or --resume RUN)", file=sys.stderr)
+        return 2
+    dist = Dist.from_env(cfg.device)
+    if dist.device.type == "cpu":
+        torch.set_num_threads(cfg.threads or cpu_threads_per_rank(dist.local_world_size))
+
+    def log(msg: str) -> None:
+        if dist.is_main:
+            print(msg, file=sys.stderr, flush=True)
+
+    try:
+        return _main(run, resuming, dist, log)
+    except (TrainError, DatasetError) as exc:
+        print(f"worldsim train: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        dist.close()
+
+
+def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]) -> int:
+    cfg = run.train
+    out = Path(cfg.out)
+    trainer = Trainer(run, dist, log)
+    state = trainer.load_state() if (out / "state").exists() or (out / "state.old").exists() else None
+    if not resuming and (state is not None or (out / "config.json").exists()):
+        raise TrainError(f"{out}: already holds a training run; continue it with --resume {out} or choose another --out")
+    if resuming and state is None and not (out / AE_DIR).exists():
+        log(f"{out}: no saved training state yet; starting from step 0 with its config")
+
+    # data: names, resolution and simulator, checked against each other and the run's config
+    stored = None
+    if resuming and (out / "config.json").is_file():
+        d = json.loads((out / "config.json").read_text()).get("data")
+        if d:
+            stored = DataInfo(tuple(d["action_names"]), tuple(d["resolution"]), d.get("simulator"))
+    if cfg.stream_env:
+        data = stream_data_info(cfg)
+        if stored is not None:
+            check_compatible(f"--stream-env {cfg.stream_env}", data.action_names, data.resolution,
+                             stored.action_names, stored.resolution, f"run {out}")
+    else:
+        data = probe_data(cfg.data, stored, f"run {out}")
+    if cfg.ae_from and (cfg.stage == "far" or cfg.stream_env) and readable_dir(out / AE_DIR, "config.json") is None:
+        ae, meta = load_autoencoder(cfg.ae_from)
+        run.autoencoder = ae.config
+        if meta.get("action_names") and list(meta["action_names"]) != list(data.action_names):
+            log(f"note: the autoencoder from {cfg.ae_from} was trained on actions {meta['action_names']}")
+    if run.autoencoder.resolution != data.resolution[0]:
+        if data.resolution[0] != data.resolution[1]:
+            raise TrainError(f"{cfg.data[0] if cfg.data else cfg.stream_env}: frames are {data.resolution[0]}x"
+                             f"{data.resolution[1]}; the autoencoder needs square frames")
+        if resuming or (cfg.ae_from and (cfg.stage == "far" or cfg.stream_env)):
+            raise TrainError(f"{cfg.data[0] if cfg.data else cfg.stream_env}: resolution {data.resolution[0]}x{data.resolution[1]} "
+                             f"differs from the autoencoder's {run.autoencoder.resolution}x{run.autoencoder.resolution}")
+        run.autoencoder = dataclasses.replace(run.autoencoder, resolution=data.resolution[0])
+    run.far = dataclasses.replace(run.far, latent_channels=run.autoencoder.latent_channels,
+                                  latent_size=run.autoencoder.latent_size, num_actions=len(data.action_names))
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg_dict = run.to_dict()
+        cfg_dict["data"] = {"action_names": list(data.action_names), "resolution": list(data.resolution),
+                            "simulator": data.simulator}
+        write_json_atomic(out / "config.json", cfg_dict)
+    dist.barrier()
+    log(f"worldsim train: {out} | stage {cfg.stage} | preset {cfg.preset} | device {dist.device} x {dist.world_size} | "
+        f"precision {trainer.precision} | actions {list(data.action_names)} | {data.resolution[0]}x{data.resolution[1]}")
+
+    state_stage = state[0]["stage"] if state else None
+    ae_steps_done = 0
+    if cfg.stream_env and cfg.stage == "ae":
+        raise TrainError("--stream-env trains the far stage; train the autoencoder on a dataset first (--stage ae)")
+    if cfg.stage in ("ae", "both") and state_stage != "far" and not cfg.stream_env:
+        if not run_ae_stage(trainer, run, data, state if state_stage == "ae" else None):
+            return 130
+        ae_steps_done = cfg.ae_steps
+    else:
+        ae_dir = readable_dir(out / AE_DIR, "config.json")
+        ae_steps_done = int(json.loads((ae_dir / "config.json").read_text()).get("step", 0)) if ae_dir else 0
+    if cfg.stage in ("far", "both"):
+        if not run_far_stage(trainer, run, data, state if state_stage == "far" else None, ae_steps_done):
+            return 130
+    trainer.plot()
+    if dist.is_main:
+        log(f"done: {out} (peak memory {peak_rss_mib():.0f} MiB)"
+            + (f"; world model in {out / 'checkpoint'}" if cfg.stage != "ae" else f"; autoencoder in {out / AE_DIR}"))
+    return 0
+
+
+def stream_data_info(cfg: TrainConfig) -> DataInfo:
+    import gymnasium as gym
+
+    import envs  # noqa: F401
+    from envs.recorder import parse_env_args
+
+    settings = parse_env_args(cfg.stream_env_arg)
+    env = gym.make(cfg.stream_env, **settings)
+    try:
+        obs, _ = env.reset(seed=0)
+        base = env.unwrapped
+        sim_settings = base.simulator_settings() if hasattr(base, "simulator_settings") else settings
+        return DataInfo(tuple(base.action_names), tuple(np.asarray(obs).shape[:2]),  # type: ignore[arg-type]
+                        {"id": cfg.stream_env, "settings": sim_settings})
+    finally:
+        env.close()
