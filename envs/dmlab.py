@@ -52,9 +52,10 @@ import importlib
 import math
 from typing import Any, Mapping
 
-import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+
+from envs._base import SimulatorEnv
 
 ACTION_NAMES: tuple[str, ...] = ("noop", "forward", "backward", "turn_left", "turn_right")
 
@@ -102,7 +103,7 @@ def parse_layout(text: str) -> np.ndarray | None:
     return np.array([[ch == "*" for ch in line.ljust(width, "*")] for line in lines], dtype=bool)
 
 
-class DMLabEnv(gym.Env):
+class DMLabEnv(SimulatorEnv):
     """DeepMind Lab as a worldsim simulator.
 
     Observation space: `Box(0, 255, (H, W, 3), uint8)`, DeepMind Lab's 'RGB_INTERLEAVED'
@@ -218,22 +219,13 @@ class DMLabEnv(gym.Env):
             "max_steps": self.max_steps,
         }
 
-    @property
-    def pose(self) -> np.ndarray:
-        """float32 [x, y, yaw]; yaw in [-pi, pi]."""
-        return self._pose.astype(np.float32)
-
     def action_vector(self, action: int) -> np.ndarray:
         """The 7-int np.intc vector sent to `lab.step` for one of our actions."""
         return self._vectors[int(action)].copy()
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        options = options or {}
-        if options.get("maze_seed") is not None:
-            maze_seed = int(options["maze_seed"])
-        else:
-            maze_seed = int(self.np_random.integers(0, 2**31 - 1))
+        maze_seed = self._pick_maze_seed(options)
         if not 0 <= maze_seed < 2**31:
             raise ValueError(f"maze_seed must be in [0, 2**31) (DeepMind Lab seeds are C ints), got {maze_seed}")
         self._lab.reset(seed=maze_seed)
@@ -318,6 +310,3 @@ class DMLabEnv(gym.Env):
         rows = self.maze_walls.shape[0] if self.maze_walls is not None else 0
         self._pose[:] = (x / CELL_UNITS, rows - y / CELL_UNITS,
                          math.remainder(-math.radians(yaw_deg), 2.0 * math.pi))
-
-    def _info(self) -> dict[str, Any]:
-        return {"pose": self.pose, "maze_seed": self.maze_seed}

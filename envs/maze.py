@@ -24,10 +24,11 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import gymnasium as gym
 import labmaze
 import numpy as np
 from gymnasium import spaces
+
+from envs._base import SimulatorEnv
 
 from envs._textures import FLOOR_VARIANTS, SKY_INDEX, Atlas, build_atlas
 
@@ -56,15 +57,17 @@ def _clamp(a: np.ndarray, hi: int) -> np.ndarray:
 
 
 def _as_hw(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """An int or an (H, W) / (rows, cols) pair -> a pair of positive ints."""
     if isinstance(value, (int, np.integer)):
-        return int(value), int(value)
-    h, w = (int(v) for v in value)
+        h = w = int(value)
+    else:
+        h, w = (int(v) for v in value)
     if h <= 0 or w <= 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
     return h, w
 
 
-class MazeEnv(gym.Env):
+class MazeEnv(SimulatorEnv):
     """First-person random maze (embedded DeepMind-Lab-style simulator).
 
     Observation space: `Box(0, 255, (H, W, 3), uint8)`, the rendered first-person view
@@ -121,6 +124,8 @@ class MazeEnv(gym.Env):
         self.rows, self.cols = _as_hw(maze_size, "maze_size")
         if self.rows % 2 == 0 or self.cols % 2 == 0 or min(self.rows, self.cols) < 5:
             raise ValueError(f"maze_size must be odd and >= 5 (labmaze), got {maze_size!r}")
+        if int(supersample) < 1:
+            raise ValueError(f"supersample must be >= 1, got {supersample!r}")
         if not 10.0 <= fov_deg < 170.0:
             raise ValueError(f"fov_deg must be in [10, 170), got {fov_deg}")
         self.max_rooms, self.room_min_size, self.room_max_size = max_rooms, room_min_size, room_max_size
@@ -165,18 +170,9 @@ class MazeEnv(gym.Env):
             "supersample": self.supersample,
         }
 
-    @property
-    def pose(self) -> np.ndarray:
-        """float32 [x, y, yaw]; yaw in [-pi, pi]."""
-        return self._pose.astype(np.float32)
-
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        options = options or {}
-        if options.get("maze_seed") is not None:
-            maze_seed = int(options["maze_seed"])
-        else:
-            maze_seed = int(self.np_random.integers(0, 2**31 - 1))
+        maze_seed = self._pick_maze_seed(options)
         self._build_maze(maze_seed)
         free = np.argwhere(~self.maze_walls)
         r, c = free[self.np_random.integers(len(free))]
@@ -187,6 +183,8 @@ class MazeEnv(gym.Env):
         return self._frame.copy(), self._info()
 
     def step(self, action):
+        if self.maze_walls is None:
+            raise RuntimeError("MazeEnv: call reset() before step()")
         if not 0 <= int(action) < len(ACTION_NAMES):
             raise ValueError(f"action must be in [0, {len(ACTION_NAMES)}), got {action!r}")
         name = ACTION_NAMES[int(action)]
@@ -210,6 +208,8 @@ class MazeEnv(gym.Env):
 
     def set_pose(self, x: float, y: float, yaw: float) -> np.ndarray:
         """Teleport (for tests and tools); returns the new frame. Does not check walls."""
+        if self.maze_walls is None:
+            raise RuntimeError("MazeEnv: call reset() before set_pose()")
         self._pose[:] = (x, y, math.remainder(yaw, 2 * math.pi))
         self._frame = self._render()
         return self._frame.copy()
@@ -285,8 +285,6 @@ class MazeEnv(gym.Env):
             na = lead - r - eps if da > 0 else lead + 1 + r + eps
         return na
 
-    def _info(self) -> dict[str, Any]:
-        return {"pose": self.pose, "maze_seed": self.maze_seed}
 
     # ------------------------------------------------------------------ rendering
 

@@ -31,9 +31,10 @@ import sys
 import types
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+
+from envs._base import SimulatorEnv
 
 ACTION_NAMES: tuple[str, ...] = (
     "noop", "forward", "turn_left", "turn_right", "forward_left", "forward_right",
@@ -103,7 +104,7 @@ def _wrap(angle: float) -> float:
     return math.remainder(angle, 2.0 * math.pi)
 
 
-class MemoryMazeEnv(gym.Env):
+class MemoryMazeEnv(SimulatorEnv):
     """Memory Maze as a worldsim simulator.
 
     Observation space: `Box(0, 255, (R, R, 3), uint8)`, the egocentric camera
@@ -204,18 +205,9 @@ class MemoryMazeEnv(gym.Env):
             "max_steps": self.max_steps,
         }
 
-    @property
-    def pose(self) -> np.ndarray:
-        """float32 [x, y, yaw]; yaw in [-pi, pi]."""
-        return self._pose.astype(np.float32)
-
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        options = options or {}
-        if options.get("maze_seed") is not None:
-            maze_seed = int(options["maze_seed"])
-        else:
-            maze_seed = int(self.np_random.integers(0, 2**31 - 1))
+        maze_seed = self._pick_maze_seed(options)
         if not 0 <= maze_seed < 2**32:
             raise ValueError(f"maze_seed must be in [0, 2**32), got {maze_seed}")
         if maze_seed == self._compiled_seed and self._start_state is not None:
@@ -371,6 +363,3 @@ class MemoryMazeEnv(gym.Env):
         pos = np.asarray(obs["agent_pos"], dtype=np.float64)
         d = np.asarray(obs["agent_dir"], dtype=np.float64)
         self._pose[:] = (pos[0] + 1.0, n + 1.0 - pos[1], _wrap(math.atan2(-d[1], d[0])))
-
-    def _info(self) -> dict[str, Any]:
-        return {"pose": self.pose, "maze_seed": self.maze_seed}

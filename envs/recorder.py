@@ -141,13 +141,22 @@ def _worker_init(env_id: str, settings: dict[str, Any]) -> None:
 
 
 def _get_env(env_id: str, settings: dict[str, Any]) -> Any:
+    """The simulator of this process, kept between episodes (building one can take seconds)."""
     key = (env_id, json.dumps(settings, sort_keys=True))
     if _WORKER.get("key") != key:
-        if "env" in _WORKER:
-            _WORKER["env"].close()
+        _close_env()
         _WORKER["env"] = _make_env(env_id, settings)
         _WORKER["key"] = key
     return _WORKER["env"]
+
+
+def _close_env() -> None:
+    """Close the cached simulator (the in-process one when recording with one worker: left
+    open, a DeepMind Lab or MuJoCo simulator would hold its renderer until exit)."""
+    env = _WORKER.pop("env", None)
+    _WORKER.clear()
+    if env is not None:
+        env.close()
 
 
 def episode_rngs(seed: int, maze_seed: int) -> tuple[int, np.random.Generator]:
@@ -215,9 +224,14 @@ def _record_task(task: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- driver
 
 
-def _clean_temp_files(episodes_dir: Path) -> None:
-    if episodes_dir.is_dir():
-        for p in episodes_dir.glob(".*.tmp"):
+def _is_temp(p: Path) -> bool:
+    """A temp file of `atomic_write` (`.<name>.<random>.tmp`), left by a killed run."""
+    return p.name.startswith(".") and p.name.endswith(".tmp")
+
+
+def _clean_temp_files(folder: Path) -> None:
+    if folder.is_dir():
+        for p in folder.glob(".*.tmp"):
             try:
                 p.unlink()
             except OSError:
@@ -280,10 +294,15 @@ def _compare(existing: dict[str, Any], header: dict[str, Any], index_path: Path)
 
 
 def _adopt(path: Path, entry: dict[str, Any], length: int) -> dict[str, Any] | None:
-    """An episode file written before an interruption but missing from the index."""
+    """An episode file written before an interruption but missing from the index. Files are
+    written atomically, so any readable one is complete: it may be shorter than `length`
+    when the simulator ended the episode early."""
     try:
         headers = npz_headers(path)
-        if "video" not in headers or "actions" not in headers or headers["video"][0][:1] != (length,):
+        if "video" not in headers or "actions" not in headers:
+            return None
+        frames = headers["video"][0][0]
+        if not 1 <= frames <= length or headers["actions"][0] != (frames,):
             return None
         with np.load(path, allow_pickle=False) as data:
             if int(data["maze_seed"]) != entry["maze_seed"]:
@@ -292,7 +311,7 @@ def _adopt(path: Path, entry: dict[str, Any], length: int) -> dict[str, Any] | N
                      "reset_seed": int(data["reset_seed"]) if "reset_seed" in data.files else None}
     except Exception:  # DatasetError, a missing key, a corrupt member: record it again
         return None
-    return {**entry, "length": length, **extra}
+    return {**entry, "length": int(frames), **extra}
 
 
 def record(cfg: RecordConfig) -> dict[str, Any]:
@@ -305,7 +324,8 @@ def record(cfg: RecordConfig) -> dict[str, Any]:
     episodes_dir = out / EPISODES_DIR
     if out.exists() and not out.is_dir():
         raise RecordError(f"{out}: exists and is not a folder")
-    if out.is_dir() and not index_path.exists() and any(p.name not in (".lock", EPISODES_DIR) for p in out.iterdir()):
+    if out.is_dir() and not index_path.exists() and any(
+            p.name not in (".lock", EPISODES_DIR) and not _is_temp(p) for p in out.iterdir()):
         raise RecordError(f"{out}: folder is not empty and holds no {INDEX_NAME}; refusing to record into it")
 
     out.mkdir(parents=True, exist_ok=True)
@@ -348,6 +368,7 @@ def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> di
                 entries[e["id"]] = e
     episodes_dir.mkdir(exist_ok=True)
     _clean_temp_files(episodes_dir)
+    _clean_temp_files(out)  # an index.json temp file of a killed run
 
     def write_index() -> None:
         index = dict(header)
@@ -416,6 +437,8 @@ def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> di
         if pool is not None:
             pool.terminate()
             pool.join()
+        else:
+            _close_env()
         bar.close()
         _clean_temp_files(episodes_dir)
         summary["seconds"] = time.perf_counter() - t0

@@ -189,3 +189,32 @@ def test_split_filter_partitions_a_dataset(tmp_path):
     assert sorted(ids) == sorted(e.id for e in Dataset(root).episodes)  # disjoint and complete
     with pytest.raises(ValueError):
         Dataset(root, split="holdout")
+
+
+def test_id_of_another_split_is_an_error_not_a_position(tmp_path):
+    # Bug: with a split selected, the id "000003" of a train episode was read as position 3
+    # of the selection and silently returned another episode.
+    seeds = [2, 6, 0, 1, 3, 4]  # test, test, train, train, train, train
+    root = make_dataset(tmp_path / "ds", [make_episode(seed=i) for i in range(6)], maze_seeds=seeds)
+    test = Dataset(root, split="test")
+    assert [e.id for e in test.episodes] == ["000000", "000001"]
+    assert test["000001"].id == "000001" and test[1].id == "000001"
+    with pytest.raises(DatasetError, match="episode '000003' is in split 'train'"):
+        test["000003"]
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    from worldsim.dataset import atomic_write
+
+    target = tmp_path / "index.json"
+    write_json_atomic(target, {"a": 1})
+
+    def failing(tmp):
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, failing)
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json"]  # no temp file left
+    assert target.stat().st_mode & 0o777 != 0o600  # not mkstemp's private mode

@@ -229,3 +229,17 @@ def test_no_pygame_under_envs():
     pattern = re.compile(r"^\s*(import|from)\s+pygame", re.MULTILINE)
     for path in root.rglob("*.py"):
         assert not pattern.search(path.read_text()), f"{path} imports pygame"
+
+
+def test_bad_settings_and_step_before_reset_are_clear_errors():
+    # Bug: resolution=0 (an int) slipped through to an empty observation space, and
+    # stepping before reset failed deep in the collision code with a TypeError.
+    with pytest.raises(ValueError, match="resolution must be positive"):
+        MazeEnv(resolution=0)
+    with pytest.raises(ValueError, match="supersample"):
+        MazeEnv(supersample=0)
+    env = MazeEnv(resolution=8)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(1)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.set_pose(1.5, 1.5, 0.0)

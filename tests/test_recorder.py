@@ -103,6 +103,44 @@ def test_resume_skips_finished_episodes(tmp_path, capsys):
     assert {k: p.stat().st_mtime_ns for k, p in files.items()} == after
 
 
+def test_resume_adopts_episodes_the_simulator_ended_early(tmp_path, capsys):
+    # Bug: an episode file missing from the index was adopted only when it had exactly
+    # --length frames, so episodes truncated by the simulator's max_steps were re-recorded.
+    out = tmp_path / "ds"
+    args = record_args(out, 2, 20, 1, "--env-arg", "max_steps=9")
+    assert main(args) == 0
+    assert [e.length for e in Dataset(out).episodes] == [10, 10]  # reset frame + 9 steps
+    file = out / "episodes" / "000001.npz"
+    before = file.stat().st_mtime_ns
+    index = json.loads((out / "index.json").read_text())
+    index["episodes"] = index["episodes"][:1]
+    (out / "index.json").write_text(json.dumps(index))
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "recorded 0 episodes" in capsys.readouterr().out
+    assert file.stat().st_mtime_ns == before
+    ds = Dataset(out)
+    ds.validate()
+    assert [e.length for e in ds.episodes] == [10, 10]
+
+
+def test_record_closes_its_simulator_and_ignores_stale_temp_files(tmp_path, monkeypatch):
+    # Bug: with one worker the simulator stayed open in this process after record()
+    # returned (DeepMind Lab / MuJoCo renderers held until exit).
+    closed = []
+    real_close = MazeEnv.close
+    monkeypatch.setattr(MazeEnv, "close", lambda self: (closed.append(self), real_close(self)))
+    # A killed run can leave an index.json temp file and nothing else: that folder is ours.
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / ".index.json.x1y2.tmp").write_text("{")
+    assert main(record_args(out, 2, 5, 1)) == 0
+    assert recorder._WORKER == {}
+    assert len(closed) == 2  # the probe's simulator and the recording one
+    assert not (out / ".index.json.x1y2.tmp").exists()
+    assert len(Dataset(out)) == 2
+
+
 def test_interrupt_keeps_finished_episodes(tmp_path, monkeypatch, capsys):
     out = tmp_path / "ds"
     real = recorder._record_task
@@ -243,4 +281,9 @@ def test_export_errors_are_clear(tiny_dataset, tmp_path, capsys):
     assert "no episode 'nope'" in capsys.readouterr().err
     assert main(["export", str(tiny_dataset), "--out", str(tmp_path / "x.avi")]) == 2
     assert "unknown output format '.avi'" in capsys.readouterr().err
+    # maze seeds 0, 1, 2 are train, train, test: with --split test, an id from train is an
+    # error (it used to be read as a position within the split)
+    assert main(["export", str(tiny_dataset), "--split", "test", "--episode", "000001",
+                 "--out", str(tmp_path / "x.gif")]) == 2
+    assert "episode '000001' is in split 'train'" in capsys.readouterr().err
     assert not os.listdir(tmp_path)

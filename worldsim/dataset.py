@@ -40,7 +40,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -211,16 +211,23 @@ def _current_umask() -> int:
 _FILE_MODE = 0o666 & ~_current_umask()  # what open() would give; mkstemp gives 0600
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temp file beside `path`, then rename over it (never half-written)."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], suffix: str | None = None) -> None:
+    """Call `write(tmp)` on a temp file beside `path`, flush it to disk, then rename it over
+    `path`: readers (and a Ctrl-C or crash midway) see the old file or the new one, never
+    half of one. The temp name is `.<name>.<random><suffix>`; `suffix` defaults to ".tmp"
+    (what the recorder sweeps up after a crash); pass ".tmp.gif" etc. to writers that pick
+    their format from the extension. The file gets the umask's usual permissions (mkstemp
+    would leave 0600)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        write(Path(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
@@ -229,6 +236,12 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         except OSError:
             pass
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to a temp file beside `path`, then rename over it (never half-written)."""
+    text = json.dumps(obj, indent=1) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def write_npz(fh: Any, compresslevel: int | None = 1, **arrays: Any) -> None:
@@ -243,23 +256,13 @@ def write_npz(fh: Any, compresslevel: int | None = 1, **arrays: Any) -> None:
                 np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
 
 
-def write_episode_atomic(path: Path, compress: bool = True, **arrays: np.ndarray) -> None:
+def write_episode_atomic(path: str | os.PathLike, compress: bool = True, **arrays: np.ndarray) -> None:
     """Write an episode .npz to a temp name in the same folder, then `os.replace` it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
             write_npz(fh, 1 if compress else None, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+
+    atomic_write(path, write, suffix=".npz.tmp")
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -301,6 +304,9 @@ class Dataset:
             episodes = self._open_plain([self.path], action_names)
         else:
             raise DatasetError(f"{self.path}: not a dataset (expected a folder with {INDEX_NAME} or an .npz file)")
+        # Split of every id, kept before filtering: an id from another split is an error,
+        # not a position (ds["000003"] must never silently return another episode).
+        self._split_of_id = {e.id: e.split for e in episodes}
         if split is not None:
             if any(e.split is None for e in episodes):
                 raise DatasetError(f"{self.path}: has no train/val/test split information; cannot select split {split!r}")
@@ -404,6 +410,9 @@ class Dataset:
         """Position of an episode given its position (int or digits) or its id."""
         if isinstance(key, str) and key in self._by_id:
             return self._by_id[key]
+        if isinstance(key, str) and key in self._split_of_id:
+            raise DatasetError(f"{self.path}: episode {key!r} is in split {self._split_of_id[key]!r}, "
+                               f"not in the selected split {self.split!r}")
         try:
             i = int(key)
         except (TypeError, ValueError):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -23,7 +22,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
-from worldsim.dataset import Dataset, DatasetError
+from worldsim.dataset import Dataset, DatasetError, atomic_write
 
 FORMATS = (".mp4", ".gif", ".png")
 
@@ -83,34 +82,31 @@ def strip(videos: Sequence[np.ndarray], every: int, gap: int = 1) -> np.ndarray:
     return out
 
 
-def _write_atomic(path: Path, frames_or_image: np.ndarray, fps: float) -> None:
+def _write(path: Path, frames_or_image: np.ndarray, fps: float) -> None:
+    """Write a PNG image or a GIF/MP4 video atomically (temp file beside `path`, then rename)."""
     import imageio.v2 as imageio
 
     suffix = path.suffix.lower()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        if suffix == ".png":
+    if suffix == ".png":
+        def write(tmp: Path) -> None:
             imageio.imwrite(tmp, frames_or_image, format="png")
-        elif suffix == ".gif":
+    elif suffix == ".gif":
+        def write(tmp: Path) -> None:
+            # imageio >= 2.28 (pillow plugin) takes the frame duration in milliseconds
             imageio.mimsave(tmp, list(frames_or_image), format="gif", duration=1000.0 / fps, loop=0)
-        else:
-            frames = frames_or_image
-            h, w = frames.shape[1:3]
-            if h % 2 or w % 2:  # yuv420p needs even sizes
-                frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+    else:
+        frames = frames_or_image
+        h, w = frames.shape[1:3]
+        if h % 2 or w % 2:  # yuv420p needs even sizes
+            frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+
+        def write(tmp: Path) -> None:
             with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
                                     quality=8, macro_block_size=1, pixelformat="yuv420p") as writer:
                 for f in frames:
                     writer.append_data(f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+
+    atomic_write(path, write, suffix=f".tmp{suffix}")
 
 
 def export(dataset: str | os.PathLike | Dataset, cfg: ExportConfig) -> Path:
@@ -141,10 +137,10 @@ def export(dataset: str | os.PathLike | Dataset, cfg: ExportConfig) -> Path:
     gap = 1
     if suffix == ".png":
         image = upscale(strip(videos, cfg.every, gap=0 if len(videos) == 1 else gap), cfg.scale)
-        _write_atomic(out, image, cfg.fps)
+        _write(out, image, cfg.fps)
     else:
         frames = upscale(grid(videos, cfg.columns, gap=gap), cfg.scale)
-        _write_atomic(out, frames, cfg.fps)
+        _write(out, frames, cfg.fps)
     return out
 
 

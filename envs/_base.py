@@ -1,0 +1,34 @@
+"""What every worldsim simulator env shares (docs/ARCHITECTURE.md, "Simulators")."""
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+
+class SimulatorEnv(gym.Env):
+    """Base of the simulator envs: the maze seed choice on reset, `pose` and `info`.
+
+    Subclasses keep the pose in `self._pose` (float64 [x, y, yaw]) and the current maze
+    seed in `self.maze_seed`.
+    """
+
+    _pose: np.ndarray
+    maze_seed: int | None
+
+    @property
+    def pose(self) -> np.ndarray:
+        """float32 [x, y, yaw]; yaw in [-pi, pi]."""
+        return self._pose.astype(np.float32)
+
+    def _pick_maze_seed(self, options: dict | None) -> int:
+        """`options["maze_seed"]` when given, else a seed drawn from `self.np_random` (call
+        after `super().reset(seed=...)`, so that the same reset seed gives the same maze)."""
+        options = options or {}
+        if options.get("maze_seed") is not None:
+            return int(options["maze_seed"])
+        return int(self.np_random.integers(0, 2**31 - 1))
+
+    def _info(self) -> dict[str, Any]:
+        return {"pose": self.pose, "maze_seed": self.maze_seed}
