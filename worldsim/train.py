@@ -861,7 +861,7 @@ def write_preview(checkpoint_dir: Path, video: np.ndarray, actions: np.ndarray, 
         out.append(np.repeat(np.repeat(row, scale, axis=0), scale, axis=1))
     gif.parent.mkdir(parents=True, exist_ok=True)
     tmp = gif.with_name(f".{gif.name}.tmp.gif")
-    imageio.mimsave(tmp, out, duration=0.12, loop=0)
+    imageio.mimsave(tmp, out, duration=120, loop=0)  # milliseconds (imageio >= 2.28)
     os.replace(tmp, gif)
 
 
