@@ -263,3 +263,20 @@ def test_dmlab_npz_is_accepted():
 
     info = probe_data([str(DMLAB)], None, "")
     assert info.resolution == (64, 64) and info.action_names[0] == "action_0"
+
+
+def test_val_split_taken_from_the_dataset_that_holds_it(tmp_path):
+    """A train-only dataset beside a val-only one: validation uses only the val mazes."""
+    from worldsim.cli import main as cli_main
+    from worldsim.latents import load_frames
+
+    common = ["--env-arg", "resolution=16", "--length", "6", "--workers", "1", "--progress", "false"]
+    assert cli_main(["record", "--out", str(tmp_path / "tr"), "--episodes", "2", "--split", "train", *common]) == 0
+    assert cli_main(["record", "--out", str(tmp_path / "va"), "--episodes", "1", "--split", "val", *common]) == 0
+    warnings: list[str] = []
+    val = load_frames([str(tmp_path / "tr"), str(tmp_path / "va")], "val", warn=warnings.append)
+    assert len(val.videos) == 1 and val.sources[0].startswith(str(tmp_path / "va"))
+    assert not warnings
+    # with no val mazes anywhere, the training episodes stand in, with a warning
+    val = load_frames([str(tmp_path / "tr")], "val", warn=warnings.append)
+    assert len(val.videos) == 2 and warnings

@@ -52,18 +52,20 @@ def _slug(path: Path) -> str:
     return f"{text}-{digest}"
 
 
-def open_split(path: str | os.PathLike, split: str, action_names: Sequence[str] | None = None) -> tuple[Dataset, list[int], str | None]:
+def open_split(path: str | os.PathLike, split: str, action_names: Sequence[str] | None = None,
+               fallback: bool = True) -> tuple[Dataset, list[int], str | None]:
     """Open dataset `path` and pick the episodes of `split`.
 
     Datasets with split information (an index written by `worldsim record`) use it. Files
     without it (FAR/TECO DMLab .npz) are split by a hash of the episode id, like maze seeds;
-    when that leaves a split empty, all episodes are used and a warning is returned.
+    when that leaves a split empty and `fallback` is set, the train episodes are used and a
+    warning is returned.
     """
     ds = Dataset(path, action_names=action_names)
     warning = None
     if ds.episodes and all(e.split is not None for e in ds.episodes):
         idx = [i for i, e in enumerate(ds.episodes) if e.split == split]
-        if not idx and split != "train":
+        if not idx and split != "train" and fallback:
             idx = [i for i, e in enumerate(ds.episodes) if e.split == "train"]
             warning = f"{path}: no {split!r} episodes; using the train episodes for {split}"
     else:
@@ -71,7 +73,7 @@ def open_split(path: str | os.PathLike, split: str, action_names: Sequence[str] 
         idx = [i for i, s in enumerate(keyed) if s == split]
         if not idx and split == "train":
             idx = list(range(len(ds.episodes)))
-        elif not idx:
+        elif not idx and fallback:
             idx = [i for i, s in enumerate(keyed) if s == "train"] or list(range(len(ds.episodes)))
             warning = f"{path}: too few episodes to hold some out for {split!r}; validating on training episodes"
     return ds, idx, warning
@@ -122,8 +124,12 @@ def load_frames(paths: Sequence[str], split: str, action_names: Sequence[str] | 
                 warn: Callable[[str], None] = print) -> FrameStore:
     """Load the `split` episodes of every dataset into a FrameStore (all must agree)."""
     store = FrameStore()
+    # Fall back to training episodes only when no dataset holds the split: a separate val
+    # dataset beside a train dataset must not pull the whole training set in as "val".
+    fallback = split == "train" or not any(
+        open_split(path, split, names_for(path, action_names), fallback=False)[1] for path in paths)
     for path in paths:
-        ds, idx, warning = open_split(path, split, action_names=names_for(path, action_names))
+        ds, idx, warning = open_split(path, split, action_names=names_for(path, action_names), fallback=fallback)
         if warning:
             warn(warning)
         want_a = action_names if action_names is not None else (store.action_names or None)
