@@ -1,0 +1,206 @@
+"""DreamEnv (worldsim/Dream-v0) over a tiny random-weight checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import worldsim  # noqa: F401  (registers the gym ids)
+from _tiny_world import ACTIONS, make_checkpoint
+from worldsim import dream_env
+from worldsim.dream_env import CheckpointNotFound, DreamEnv
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    # The CPU machines are shared: with 2 threads per process torch spin-waits and a tiny
+    # model step takes ~30x longer under load. One thread keeps the suite fast everywhere.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tiny_ckpt):
+    from worldsim.world import WorldModel
+
+    return WorldModel.load(tiny_ckpt, device="cpu")
+
+
+def test_check_env(tiny_ckpt, monkeypatch):
+    # Through gym.make, so that check_env also exercises the other render mode ("human").
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
+    monkeypatch.setenv("SDL_AUDIODRIVER", "dummy")
+    env = gym.make("worldsim/Dream-v0", checkpoint=str(tiny_ckpt), render_mode="rgb_array", context_frames=2,
+                   device="cpu").unwrapped
+    check_env(env, skip_render_check=False)
+    assert env.action_names == ACTIONS
+    assert env.observation_space.shape == (64, 64, 3) and env.observation_space.dtype == np.uint8
+    env.close()
+
+
+def test_gym_make(tiny_ckpt):
+    env = gym.make("worldsim/Dream-v0", checkpoint=str(tiny_ckpt), context_frames=1, device="cpu")
+    obs, info = env.reset(seed=3)
+    assert obs.shape == (64, 64, 3) and obs.dtype == np.uint8
+    obs, reward, terminated, truncated, info = env.step(1)
+    assert obs.shape == (64, 64, 3) and reward == 0.0 and not terminated and not truncated
+    assert info["action"] == "forward"
+    env.close()
+
+
+def _rollout(world, seed: int, actions: list[int]) -> list[np.ndarray]:
+    env = DreamEnv(world=world, context_frames=2)
+    obs, _ = env.reset(seed=seed)
+    frames = [obs]
+    for a in actions:
+        frames.append(env.step(a)[0])
+    env.close()
+    return frames
+
+
+def test_seeded_determinism(tiny_world):
+    actions = [1, 1, 3, 4, 2, 0]
+    a = _rollout(tiny_world, 7, actions)
+    b = _rollout(tiny_world, 7, actions)
+    for fa, fb in zip(a, b):
+        np.testing.assert_array_equal(fa, fb)
+    c = _rollout(tiny_world, 8, actions)
+    assert not np.array_equal(a[0], c[0])  # another seed, another maze
+
+
+def test_info_reports_cache_growth(tiny_world):
+    env = DreamEnv(world=tiny_world, context_frames=2, timing=True)
+    _, info = env.reset(seed=0)
+    assert info["frame_index"] == 2 and info["action"] is None
+    window = tiny_world.far.config.window
+    rows = [env.step(1)[4] for _ in range(window + 3)]
+    for key in ("frame_index", "l1_frames", "l1_tokens", "l2_frames", "l2_tokens", "cache_bytes", "gen_time_s", "steps"):
+        assert key in rows[-1], key
+    assert [r["frame_index"] for r in rows] == list(range(3, 3 + window + 3))
+    assert rows[-1]["steps"] == 2  # the checkpoint's sampler default
+    assert all(r["gen_time_s"] > 0 for r in rows)
+    # Once the short window is full, each frame adds exactly one frame of L2 tokens.
+    l2 = [(r["l2_frames"], r["l2_tokens"]) for r in rows[-3:]]
+    per_frame = tiny_world.far.config.context_tokens_per_frame
+    assert l2[1][0] - l2[0][0] == 1 and l2[2][0] - l2[1][0] == 1
+    assert l2[1][1] - l2[0][1] == per_frame
+    assert rows[-1]["l1_frames"] <= window
+    assert rows[-1]["cache_bytes"] > rows[0]["cache_bytes"]
+    env.close()
+
+
+def test_reality_follows_the_same_actions(tiny_world):
+    env = DreamEnv(world=tiny_world, context_frames=3, reality=True)
+    obs, info = env.reset(seed=5)
+    np.testing.assert_array_equal(info["reality_frame"], obs)  # the context came from the simulator
+    sim = gym.make(tiny_world.simulator["id"], **tiny_world.simulator["settings"]).unwrapped
+    sim.reset(options={"maze_seed": info["maze_seed"]})
+    yaw = info["reality_pose"][2]
+    _, _, _, _, info = env.step(ACTIONS.index("turn_right"))
+    assert np.isclose(np.cos(info["reality_pose"][2]), np.cos(yaw + sim.turn_step), atol=1e-4)
+    for a in (1, 1, 4):
+        _, _, _, _, info = env.step(a)
+    # The same maze seen from the reported pose is the reality frame (float32 pose: ~exact).
+    view = sim.set_pose(*(float(v) for v in info["reality_pose"]))
+    assert np.abs(view.astype(int) - info["reality_frame"].astype(int)).mean() < 2.0
+    env.close()
+
+
+def test_starts_from_a_dataset_episode(tiny_world, tmp_path):
+    from worldsim.dataset import write_episode_atomic, write_json_atomic
+
+    sim = gym.make("worldsim/Maze-v0", maze_size=9)
+    obs, info = sim.reset(seed=1)
+    video, actions, poses = [obs], [0], [info["pose"]]
+    for a in (1, 1, 3, 3, 1):
+        obs, _, _, _, info = sim.step(a)
+        video.append(obs)
+        actions.append(a)
+        poses.append(info["pose"])
+    maze_seed = info["maze_seed"]
+    (tmp_path / "episodes").mkdir()
+    write_episode_atomic(tmp_path / "episodes" / "000000.npz", video=np.stack(video), actions=np.array(actions),
+                         poses=np.stack(poses))
+    write_json_atomic(tmp_path / "index.json", {
+        "format": "worldsim-dataset", "format_version": 1, "simulator": tiny_world.simulator,
+        "resolution": [64, 64], "action_names": list(ACTIONS),
+        "episodes": [{"id": "000000", "file": "episodes/000000.npz", "length": 6, "maze_seed": maze_seed, "split": "train"}]})
+    env = DreamEnv(world=tiny_world, dataset=tmp_path, episode=0, context_frames=4, reality=True)
+    obs, info = env.reset(seed=0)
+    np.testing.assert_array_equal(obs, video[3])
+    assert info["episode"] == "000000" and info["frame_index"] == 4 and info["maze_seed"] == maze_seed
+    # The real simulator is put where the context ends (maze seed + recorded pose), then follows.
+    assert np.abs(info["reality_frame"].astype(int) - video[3].astype(int)).mean() < 2.0
+    obs, _, _, _, info = env.step(actions[4])
+    assert obs.shape == (64, 64, 3)
+    assert np.abs(info["reality_frame"].astype(int) - video[4].astype(int)).mean() < 2.0
+    env.close()
+
+
+def test_invalid_action_is_a_clear_error(tiny_world):
+    env = DreamEnv(world=tiny_world, context_frames=1)
+    with pytest.raises(RuntimeError, match="before reset"):
+        env.step(0)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="turn_right"):
+        env.step(9)
+    env.close()
+
+
+def test_missing_default_checkpoint_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setattr(dream_env, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
+    with pytest.raises(CheckpointNotFound, match="--world sim"):
+        DreamEnv()
+    with pytest.raises(CheckpointNotFound, match="nowhere"):
+        DreamEnv(checkpoint=tmp_path / "nowhere")
+
+
+def test_default_checkpoint_is_found(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    (root / "other").mkdir(parents=True)
+    (root / "other" / "config.json").write_text(json.dumps({}))
+    assert dream_env.find_default_checkpoint(root) == root / "other"
+    (root / "maze-far-small").mkdir()
+    (root / "maze-far-small" / "config.json").write_text(json.dumps({}))
+    assert dream_env.find_default_checkpoint(root) == root / "maze-far-small"
+
+
+def test_human_render_uses_the_frontend_window(tiny_world, monkeypatch):
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
+    monkeypatch.setenv("SDL_AUDIODRIVER", "dummy")
+    env = DreamEnv(world=tiny_world, context_frames=1, render_mode="human")
+    env.metadata = {**env.metadata, "render_fps": 1000}  # do not pace the test
+    env.reset(seed=0)
+    env.step(1)
+    assert env._window is not None and env._window.size == (512, 512)
+    env.close()
+
+
+def test_env_module_does_not_import_pygame(tiny_ckpt):
+    code = (
+        "import sys; from worldsim.dream_env import DreamEnv\n"
+        f"env = DreamEnv(checkpoint={str(tiny_ckpt)!r}, render_mode='rgb_array', context_frames=1)\n"
+        "env.reset(seed=0); env.step(1); env.render(); env.close()\n"
+        "assert 'pygame' not in sys.modules, 'pygame imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr

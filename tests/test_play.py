@@ -1,0 +1,244 @@
+"""`worldsim play`: the pygame loop (scripted keys, dummy video driver), headless mode, keymaps."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+
+from _tiny_world import ACTIONS, make_checkpoint
+from worldsim import cli, dream_env
+from worldsim.keymaps import KeymapError, load_keymap
+from worldsim.play import (PlayConfig, PlayError, VideoRecorder, display_problem, read_actions,
+                           run_interactive)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    # The CPU machines are shared: with 2 threads per process torch spin-waits and a tiny
+    # model step takes ~30x longer under load. One thread keeps the suite fast everywhere.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def no_real_display(monkeypatch):
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
+    monkeypatch.setenv("SDL_AUDIODRIVER", "dummy")
+    monkeypatch.setenv("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture
+def no_shipped_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(dream_env, "CHECKPOINTS_DIR", tmp_path / "no-checkpoints")
+
+
+def video_frames(path: Path) -> tuple[int, tuple[int, int]]:
+    reader = imageio.get_reader(str(path), format="FFMPEG")
+    try:
+        return reader.count_frames(), tuple(reader.get_meta_data()["size"])
+    finally:
+        reader.close()
+
+
+def scripted(ticks: list[list[tuple[str, str]]]):
+    """An event source: one list of (KEYDOWN|KEYUP, key name) per game tick, then QUIT."""
+    import pygame
+
+    def code(key: str) -> int:  # pygame.K_UP, pygame.K_w ...
+        return getattr(pygame, "K_" + (key.upper() if len(key) > 1 else key))
+
+    queue = [[pygame.event.Event(getattr(pygame, kind), key=code(key)) for kind, key in tick] for tick in ticks]
+
+    def source():
+        return queue.pop(0) if queue else [pygame.event.Event(pygame.QUIT)]
+
+    return source
+
+
+def press(key: str) -> list[tuple[str, str]]:
+    return [("KEYDOWN", key), ("KEYUP", key)]
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_actions_file_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "moves.txt"
+    path.write_text("forward\n# a comment\n\nturn_left   # turn\njump\n")
+    with pytest.raises(PlayError, match=rf"{path}:5: unknown action 'jump'.*turn_right"):
+        read_actions(str(path), ACTIONS)
+    path.write_text("forward\n# a comment\n\nturn_left   # turn\n")
+    assert read_actions(str(path), ACTIONS) == [1, 3]
+    with pytest.raises(PlayError, match="cannot read"):
+        read_actions(str(tmp_path / "missing.txt"), ACTIONS)
+
+
+def test_random_actions_are_seeded():
+    a = read_actions("random:50", ACTIONS, seed=3)
+    assert a == read_actions("random:50", ACTIONS, seed=3) and len(a) == 50
+    assert a != read_actions("random:50", ACTIONS, seed=4)
+    with pytest.raises(PlayError, match="random:N"):
+        read_actions("random:x", ACTIONS)
+
+
+def test_display_detection():
+    assert display_problem({}, "linux") is not None
+    assert display_problem({"DISPLAY": ":0"}, "linux") is None
+    assert display_problem({"WAYLAND_DISPLAY": "wayland-0"}, "linux") is None
+    assert display_problem({"SDL_VIDEODRIVER": "dummy"}, "linux") is None
+    assert display_problem({}, "darwin") is None
+
+
+def test_no_display_is_a_clear_error(monkeypatch, capsys):
+    for name in ("DISPLAY", "WAYLAND_DISPLAY", "SDL_VIDEODRIVER"):
+        monkeypatch.delenv(name, raising=False)
+    if not sys.platform.startswith("linux"):
+        pytest.skip("display detection only applies on Linux")
+    assert cli.main(["play", "--world", "sim"]) == 2
+    assert "--headless" in capsys.readouterr().err
+
+
+def test_keymaps_are_names_and_checked(tmp_path):
+    assert load_keymap("default", ACTIONS)["up"] == "forward"
+    assert "down" not in load_keymap("default", ("noop", "forward", "turn_left", "turn_right"))
+    path = tmp_path / "keys.json"
+    path.write_text('{"i": "forward", "J": "turn_left"}')
+    assert load_keymap(str(path), ACTIONS) == {"i": "forward", "j": "turn_left"}
+    path.write_text('{"i": "jump"}')
+    with pytest.raises(KeymapError, match="unknown action 'jump'"):
+        load_keymap(str(path), ACTIONS)
+    path.write_text('{"i": 1}')
+    with pytest.raises(KeymapError, match="names"):
+        load_keymap(str(path), ACTIONS)
+    path.write_text('{"escape": "forward"}')
+    with pytest.raises(KeymapError, match="reserved"):
+        load_keymap(str(path), ACTIONS)
+
+
+def test_recorder_is_atomic(tmp_path):
+    out = tmp_path / "videos" / "a.mp4"
+    rec = VideoRecorder(out, fps=10)
+    for i in range(3):
+        rec.append(np.full((64, 64, 3), 40 * i, np.uint8))
+    assert not out.exists()  # only the hidden partial file exists while recording
+    assert rec.close() == out
+    assert video_frames(out) == (3, (64, 64))
+    assert [p.name for p in out.parent.iterdir()] == ["a.mp4"]
+    empty = VideoRecorder(tmp_path / "videos" / "b.mp4", fps=10)
+    assert empty.close() is None and [p.name for p in out.parent.iterdir()] == ["a.mp4"]
+
+
+# ----------------------------------------------------------------------------- headless
+
+
+def test_headless_sim_without_checkpoint(tmp_path, no_shipped_checkpoint, capsys):
+    out = tmp_path / "sim.mp4"
+    assert cli.main(["play", "--headless", "--actions", "random:6", "--out", str(out), "--scale", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "no world-model checkpoint found" in err and "--world sim" in err
+    assert video_frames(out) == (6, (128, 128))
+
+
+def test_dream_without_checkpoint_is_a_clear_error(no_shipped_checkpoint, capsys):
+    assert cli.main(["play", "--world", "dream", "--headless", "--actions", "random:2"]) == 2
+    assert "worldsim train" in capsys.readouterr().err
+
+
+def test_headless_dream_writes_requested_frames(tiny_ckpt, tmp_path, capsys):
+    actions = tmp_path / "moves.txt"
+    actions.write_text("forward\nforward\nturn_left\nturn_right\nbackward\n")
+    out = tmp_path / "dream.mp4"
+    code = cli.main(["play", "--checkpoint", str(tiny_ckpt), "--headless", "--actions", str(actions),
+                     "--out", str(out), "--scale", "2", "--context-frames", "2"])
+    assert code == 0
+    assert video_frames(out) == (5, (128, 128))
+    assert "played 5 frames" in capsys.readouterr().out
+
+
+def test_headless_unknown_action_names_file_and_line(tiny_ckpt, tmp_path, capsys):
+    actions = tmp_path / "moves.txt"
+    actions.write_text("forward\nfly\n")
+    code = cli.main(["play", "--world", "sim", "--headless", "--actions", str(actions), "--out", str(tmp_path / "x.mp4")])
+    assert code == 2
+    assert f"{actions}:2: unknown action 'fly'" in capsys.readouterr().err
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_headless_benchmark_reports_fps(tiny_ckpt, capsys):
+    code = cli.main(["play", "--checkpoint", str(tiny_ckpt), "--benchmark", "--actions", "random:21",
+                     "--context-frames", "1"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "frame    20" in out and "fps" in out and "resident memory" in out
+
+
+def test_headless_does_not_import_pygame(tmp_path):
+    code = ("import sys; from worldsim.cli import main\n"
+            f"assert main(['play', '--world', 'sim', '--headless', '--actions', 'random:3', '--out', {str(tmp_path / 'a.mp4')!r}]) == 0\n"
+            "assert 'pygame' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+
+
+# ----------------------------------------------------------------------------- the window
+
+
+def test_interactive_dream_records_a_session(tiny_ckpt, tmp_path):
+    config = PlayConfig(checkpoint=str(tiny_ckpt), fps=1000, scale=2, context_frames=2, record_dir=str(tmp_path))
+    game = run_interactive(config, scripted([
+        press("h"),                     # help overlay on
+        press("f"),                     # dream | reality side by side
+        press("v"),                     # start recording (1 frame: what is on screen)
+        [("KEYDOWN", "up")], [], [],    # hold forward 3 ticks -> 3 frames
+        [("KEYUP", "up")],
+        press("p"), press("right"),     # paused: ignored
+        press("p"),
+        press("a"),                     # one tap -> one frame
+        press("v"),                     # stop: 1 + 3 + 1 frames
+        press("r"),                     # new world
+        press("escape"),
+    ]))
+    assert game.steps_taken == 4 and game.worlds == 2
+    assert len(game.recordings) == 1
+    assert video_frames(game.recordings[0]) == (5, (256, 128))  # dream | reality, each 64*2
+    assert game.info["l2_frames"] == 0 and game.info["frame_index"] == 2  # the new world
+
+
+def test_interactive_tap_and_hold_and_quit_while_recording(tiny_ckpt, tmp_path):
+    config = PlayConfig(checkpoint=str(tiny_ckpt), fps=1000, scale=1, context_frames=1, record_dir=str(tmp_path))
+    game = run_interactive(config, scripted([
+        press("v"),
+        [("KEYDOWN", "w"), ("KEYUP", "w")],  # a tap inside one tick still plays
+        [("KEYDOWN", "d")], [], [("KEYUP", "d")],  # held for two ticks
+        # then the window is closed while recording: the video is finished, not lost
+    ]))
+    assert game.steps_taken == 3
+    assert video_frames(game.recordings[0]) == (4, (64, 64))
+    assert game.hud()[0].startswith("DREAM")
+
+
+def test_interactive_sim_walk_without_checkpoint(tmp_path, no_shipped_checkpoint, capsys):
+    config = PlayConfig(fps=1000, scale=2, record_dir=str(tmp_path))
+    game = run_interactive(config, scripted([[("KEYDOWN", "up")], [("KEYUP", "up")], press("f"), press("left"),
+                                             press("escape")]))
+    assert "walking the embedded maze simulator" in capsys.readouterr().err
+    assert game.world.mode == "sim" and game.steps_taken == 2
+    assert "already the real simulator" in game.message
+    assert game.hud()[0].startswith("SIMULATOR")

@@ -1,0 +1,763 @@
+"""Play in a generated maze with the keyboard: every frame is dreamt by the world model.
+
+    worldsim play                          # the shipped checkpoint (or the simulator if none)
+    worldsim play --checkpoint PATH --steps 10 --fps 10
+    worldsim play --world sim              # walk the real embedded simulator instead
+    worldsim play --headless --actions random:200 --out session.mp4
+    worldsim play --headless --benchmark   # fps at frames 20/500/2000 + resident memory
+
+Keys (default keymap; `--keymap arrows|wasd|FILE.json` maps key names to action names):
+  arrows / WASD  move forward/backward, turn left/right (hold to repeat at --fps)
+  space          noop (let the world run one frame)
+  R new world    P pause    F dream vs reality (real simulator side by side)
+  V start/stop recording to MP4 (in --record-dir)    H help    Esc quit
+
+The HUD shows the measured frames per second, the frame index, the world model's memory
+(L2 = compressed frames that left the short window: frames, tokens, cache MB; it grows by one
+frame's L2 tokens per step) and the sampling steps.
+
+`--headless` makes the same frames without a window: `--actions FILE` (one action name per
+line, `#` comments allowed) or `random:N` (N uniform actions from `--seed`), written to `--out`
+(MP4, one video frame per generated frame). Without a display, run with `--headless` (or set
+SDL_VIDEODRIVER=dummy to drive the window code without showing anything).
+
+This is the only module that imports pygame, and only when a window is opened.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+import numpy as np
+
+from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
+from worldsim.keymaps import CONTROL_KEYS, KEYMAPS, KeymapError, help_lines, load_keymap
+
+DEFAULT_SIMULATOR = {"id": "worldsim/Maze-v0", "settings": {}}
+BENCH_AT = (20, 500, 2000)  # generated-frame indices where --benchmark reports fps
+BENCH_WINDOW = 10  # fps at frame i = frames / seconds over the BENCH_WINDOW steps ending at i
+
+
+class PlayError(RuntimeError):
+    """A user-facing problem (bad option, bad actions file, no display ...): printed, exit 2."""
+
+
+@dataclass
+class PlayConfig:
+    world: Literal["auto", "dream", "sim"] = field(default="auto", metadata={
+        "help": "dream: the world model; sim: walk the real embedded simulator; auto: dream if a checkpoint exists"})
+    checkpoint: str | None = field(default=None, metadata={
+        "help": "checkpoint folder (config.json + model.safetensors); default: the one shipped in checkpoints/"})
+    steps: int | None = field(default=None, metadata={"help": "Euler sampling steps per frame (default: the checkpoint's)"})
+    cfg: float | None = field(default=None, metadata={"help": "classifier-free guidance scale (default: the checkpoint's)"})
+    device: str | None = field(default=None, metadata={"help": "torch device (default: picked automatically)"})
+    threads: int | None = field(default=None, metadata={
+        "help": "torch CPU threads (default: torch's; 1 is faster on a machine shared with other jobs)"})
+    seed: int = field(default=0, metadata={"help": "world seed; R (new world) uses seed+1, seed+2, ..."})
+    fps: float = field(default=15.0, metadata={"help": "target frames per second; a held key repeats at this rate"})
+    scale: int = field(default=8, metadata={"help": "integer upscaling of frames on screen and in videos (64x64 -> 512x512)"})
+    context_frames: int = field(default=4, metadata={
+        "help": "frames the real simulator shows the model before it dreams (turning in place)"})
+    cache_mode: Literal["multilevel", "kv", "none", "sliding"] = field(default="multilevel", metadata={
+        "help": "KV cache used for generation (multilevel: L1 short window + L2 compressed memory)"})
+    dataset: str | None = field(default=None, metadata={"help": "start worlds from this dataset's episodes instead of the simulator"})
+    episode: str | None = field(default=None, metadata={"help": "dataset episode (index or id; default: drawn from the seed)"})
+    keymap: str = field(default="default", metadata={"help": f"built-in keymap ({', '.join(KEYMAPS)}) or a JSON file {{key: action}}"})
+    reality: bool = field(default=False, metadata={"help": "start with the dream-vs-reality side-by-side view on (key F)"})
+    record_dir: str = field(default="recordings", metadata={"help": "where V writes its MP4 recordings"})
+    actions: str | None = field(default=None, metadata={"help": "headless: FILE (one action name per line) or random:N"})
+    out: str | None = field(default=None, metadata={"help": "headless: output MP4"})
+    headless: bool = field(default=False, metadata={"help": "no window: play --actions, write --out"})
+    benchmark: bool = field(default=False, metadata={
+        "help": f"headless: print fps at generated frames {', '.join(map(str, BENCH_AT))} and resident memory"})
+
+
+# ----------------------------------------------------------------------------- small pieces
+
+
+def display_problem(environ: dict[str, str] | None = None, platform: str | None = None) -> str | None:
+    """Why no window can be opened here (None if one can)."""
+    env = os.environ if environ is None else environ
+    platform = sys.platform if platform is None else platform
+    if not platform.startswith("linux"):
+        return None  # Windows/macOS always have a window system when a user runs this
+    if env.get("DISPLAY") or env.get("WAYLAND_DISPLAY"):
+        return None
+    if env.get("SDL_VIDEODRIVER", "").lower() in ("dummy", "offscreen"):
+        return None
+    return ("no display found (neither DISPLAY nor WAYLAND_DISPLAY is set), so the game window cannot open.\n"
+            "  Run headless instead:  worldsim play --headless --actions random:200 --out session.mp4\n"
+            "  or set SDL_VIDEODRIVER=dummy to run the window code without showing anything.")
+
+
+def read_actions(spec: str, action_names: Sequence[str], seed: int = 0) -> list[int]:
+    """Action indices from `random:N` (seeded, uniform) or a file of action names, one a line."""
+    if spec.startswith("random:"):
+        text = spec[len("random:"):]
+        try:
+            count = int(text)
+        except ValueError:
+            count = -1
+        if count < 1:
+            raise PlayError(f"--actions {spec!r}: expected random:N with N a positive integer")
+        rng = np.random.default_rng(seed)
+        return [int(a) for a in rng.integers(len(action_names), size=count)]
+    path = Path(spec)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise PlayError(f"--actions {spec!r}: cannot read the actions file ({exc.strerror or exc})") from None
+    actions = []
+    for lineno, line in enumerate(lines, 1):
+        name = line.split("#", 1)[0].strip()
+        if not name:
+            continue
+        if name not in action_names:
+            raise PlayError(f"{path}:{lineno}: unknown action {name!r} (this world's actions: {', '.join(action_names)})")
+        actions.append(action_names.index(name))
+    if not actions:
+        raise PlayError(f"{path}: no actions in the file (one action name per line)")
+    return actions
+
+
+def upscale(frame: np.ndarray, scale: int) -> np.ndarray:
+    """Nearest-neighbour upscaling: crisp pixels, as on screen."""
+    if scale == 1:
+        return frame
+    return np.repeat(np.repeat(frame, scale, axis=0), scale, axis=1)
+
+
+def compose(dream: np.ndarray, reality: np.ndarray | None, side_by_side: bool) -> np.ndarray:
+    """The game view: the dream alone, or dream | reality (grey where reality is unknown)."""
+    if not side_by_side:
+        return dream
+    right = reality if reality is not None and reality.shape == dream.shape else np.full_like(dream, 64)
+    return np.concatenate([dream, right], axis=1)
+
+
+def resident_memory_bytes() -> int:
+    """Current resident set size of this process (0 where it cannot be read)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)
+    except Exception:
+        return 0
+
+
+class VideoRecorder:
+    """Streams frames to an MP4; written to a temporary file beside the target, renamed on close.
+
+    Streaming keeps memory flat over long sessions; the rename means a reader never sees a
+    half-written video, and a crash leaves at most a hidden `.partial` file.
+    """
+
+    def __init__(self, path: str | os.PathLike, fps: float) -> None:
+        import imageio.v2 as imageio
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".partial.mp4", dir=self.path.parent)
+        os.close(handle)
+        self.tmp = Path(tmp)
+        self.frames = 0
+        self.shape: tuple[int, ...] | None = None
+        # yuv420p + libx264 plays everywhere; frames are multiples of 16 for 64x64 x any scale.
+        self._writer = imageio.get_writer(str(self.tmp), format="FFMPEG", fps=float(fps), codec="libx264",
+                                          quality=8, pixelformat="yuv420p", macro_block_size=16)
+
+    def append(self, frame: np.ndarray) -> None:
+        if self.shape is None:
+            self.shape = frame.shape
+        elif frame.shape != self.shape:
+            raise ValueError(f"recording frame shape changed from {self.shape} to {frame.shape}")
+        self._writer.append_data(np.ascontiguousarray(frame))
+        self.frames += 1
+
+    def close(self) -> Path | None:
+        """Finish the file and move it into place; None (and no file) if nothing was recorded."""
+        self._writer.close()
+        if self.frames == 0:
+            self.tmp.unlink(missing_ok=True)
+            return None
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(self.tmp, 0o666 & ~mask)  # mkstemp makes 0600; a video should read like any file
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+class FpsMeter:
+    """Frames per second over the last `window` consecutive frames (what the player gets).
+
+    `gap()` marks a stretch without frames (no key held, paused, new world): the idle time is
+    not counted as slow generation, and the last measurement stays on the HUD meanwhile.
+    """
+
+    def __init__(self, window: int = 20) -> None:
+        self.times: deque[float] = deque(maxlen=window)
+        self.last = 0.0
+
+    def tick(self, now: float | None = None) -> None:
+        self.times.append(time.perf_counter() if now is None else now)
+
+    def gap(self) -> None:
+        if len(self.times) >= 2:
+            self.last = self.fps
+        self.times.clear()
+
+    @property
+    def fps(self) -> float:
+        if len(self.times) < 2 or self.times[-1] <= self.times[0]:
+            return self.last
+        return (len(self.times) - 1) / (self.times[-1] - self.times[0])
+
+
+# ----------------------------------------------------------------------------- worlds
+
+
+@dataclass
+class World:
+    """What the game loop plays: an env (Dream or the real simulator) and how to describe it."""
+
+    env: Any
+    mode: Literal["dream", "sim"]
+    action_names: tuple[str, ...]
+    label: str
+
+
+def _simulator_env(spec: dict) -> Any:
+    import gymnasium as gym
+
+    import envs  # noqa: F401  (registers the simulator ids)
+
+    settings = dict(spec.get("settings") or {})
+    if "max_steps" in settings:
+        settings["max_steps"] = None  # a player walks as long as they like
+    return gym.make(spec["id"], **settings)
+
+
+def _checkpoint_simulator(path: Path) -> dict | None:
+    """The simulator a checkpoint was trained on, read from its config.json without loading weights."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    spec = config.get("simulator") if isinstance(config, dict) else None
+    return spec if isinstance(spec, dict) and spec.get("id") else None
+
+
+def open_world(config: PlayConfig, reality: bool = True, log: Callable[[str], None] | None = None) -> World:
+    """Build the env to play: the Dream env over a checkpoint, or the real simulator."""
+    from worldsim.dream_env import DreamEnv, find_default_checkpoint, resolve_checkpoint
+
+    log = log or (lambda text: print(text, file=sys.stderr))
+    mode = config.world
+    checkpoint = Path(config.checkpoint) if config.checkpoint else find_default_checkpoint()
+    if mode == "auto":
+        if checkpoint is None:
+            log("worldsim play: no world-model checkpoint found (none given, none shipped in checkpoints/).\n"
+                "  You are walking the embedded maze simulator itself (--world sim), not a dream.\n"
+                "  Train a model with `worldsim train`, then play it with --checkpoint PATH.")
+            mode = "sim"
+        else:
+            mode = "dream"
+    if mode == "sim":
+        spec = (_checkpoint_simulator(checkpoint) if config.checkpoint and checkpoint else None) or DEFAULT_SIMULATOR
+        env = _simulator_env(spec)
+        names = tuple(getattr(env.unwrapped, "action_names", ()))
+        return World(env, "sim", names, f"simulator {spec['id']}")
+    path = resolve_checkpoint(checkpoint)
+    log(f"worldsim play: loading the world model from {path} ...")
+    env = DreamEnv(checkpoint=path, context_frames=config.context_frames, dataset=config.dataset,
+                   episode=config.episode, cache_mode=config.cache_mode, steps=config.steps, cfg=config.cfg,
+                   device=config.device, reality=reality, timing=True)
+    return World(env, "dream", env.action_names, f"dream {path.name}")
+
+
+# ----------------------------------------------------------------------------- window
+
+
+def _import_pygame():
+    os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+    import pygame
+
+    if not pygame.display.get_init():
+        pygame.display.init()
+    if not pygame.font.get_init():
+        pygame.font.init()
+    return pygame
+
+
+class FrameWindow:
+    """A pygame window showing scaled frames, an optional HUD strip below and a text overlay.
+
+    Also serves `DreamEnv(render_mode="human")`, which keeps pygame out of the env module.
+    """
+
+    LINE = 18
+    PAD = 4
+
+    def __init__(self, title: str = "worldsim", scale: int = 8, fps: float | None = None, hud_lines: int = 0) -> None:
+        self.pg = _import_pygame()
+        self.title = title
+        self.scale = max(1, int(scale))
+        self.fps = fps
+        self.hud_height = hud_lines * self.LINE + 2 * self.PAD if hud_lines else 0
+        self.screen = None
+        self.size: tuple[int, int] | None = None
+        self.font = self.pg.font.Font(None, 20)
+        self.clock = self.pg.time.Clock()
+
+    def show(self, frame: np.ndarray, hud: Sequence[str] = (), overlay: Sequence[str] | None = None,
+             pump: bool = True, labels: Sequence[str] = ()) -> None:
+        """Draw `frame` scaled; `labels` caption equal-width panels left to right (dream | reality)."""
+        pg = self.pg
+        h, w = frame.shape[:2]
+        view = (w * self.scale, h * self.scale)
+        size = (view[0], view[1] + self.hud_height)
+        if size != self.size:
+            self.screen = pg.display.set_mode(size)
+            pg.display.set_caption(self.title)
+            self.size = size
+        surface = pg.surfarray.make_surface(np.ascontiguousarray(frame.transpose(1, 0, 2)))
+        self.screen.blit(pg.transform.scale(surface, view), (0, 0))
+        for i, label in enumerate(labels):
+            text = self.font.render(label, True, (255, 255, 255), (0, 0, 0))
+            self.screen.blit(text, (i * view[0] // len(labels) + 4, 4))
+        if self.hud_height:
+            self.screen.fill((16, 16, 16), pg.Rect(0, view[1], size[0], self.hud_height))
+            for i, line in enumerate(hud):
+                self.screen.blit(self.font.render(line, True, (230, 230, 230)),
+                                 (self.PAD, view[1] + self.PAD + i * self.LINE))
+        if overlay:
+            panel = pg.Surface(view, pg.SRCALPHA)
+            panel.fill((0, 0, 0, 190))
+            self.screen.blit(panel, (0, 0))
+            for i, line in enumerate(overlay):
+                # "left<TAB>right" lines are drawn as two columns (the font is proportional).
+                for text, x in zip(line.split("\t"), (12, 12 + min(120, view[0] // 3))):
+                    self.screen.blit(self.font.render(text, True, (255, 255, 255)), (x, 12 + i * self.LINE))
+        pg.display.flip()
+        if pump:  # standalone use (render_mode="human"): keep the window responsive, pace it
+            pg.event.pump()
+            if self.fps:
+                self.clock.tick(self.fps)
+
+    def close(self) -> None:
+        if self.screen is not None:
+            self.pg.display.quit()
+            self.screen = None
+            self.size = None
+
+
+# ----------------------------------------------------------------------------- the game
+
+
+EventSource = Callable[[], Iterable[Any]]
+
+
+class Game:
+    """The interactive loop. It talks to the world only through env.reset/env.step."""
+
+    HUD_LINES = 3
+
+    def __init__(self, world: World, config: PlayConfig, keymap: dict[str, str],
+                 window: FrameWindow | None = None) -> None:
+        self.world = world
+        self.config = config
+        self.keymap = keymap
+        self.action_index = {name: i for i, name in enumerate(world.action_names)}
+        self.window = window or FrameWindow(title=f"worldsim - {world.label}", scale=config.scale,
+                                            hud_lines=self.HUD_LINES)
+        self.pg = self.window.pg
+        self.clock = self.pg.time.Clock()
+        self.meter = FpsMeter()
+        self.paused = False
+        self.show_help = False
+        self.side_by_side = bool(config.reality) and world.mode == "dream"
+        self.recorder: VideoRecorder | None = None
+        self.record_layout = False  # side_by_side frozen at the start of a recording
+        self.recordings: list[Path] = []
+        self.held: list[str] = []  # action keys held down, most recent last
+        self.pending: list[str] = []  # key presses not yet played (a tap shorter than a tick)
+        self.worlds = 0
+        self.steps_taken = 0
+        self.frame_index = 0
+        self.frame: np.ndarray | None = None
+        self.reality: np.ndarray | None = None
+        self.info: dict[str, Any] = {}
+        self.message = ""
+        self.message_until = 0.0
+        self.running = True
+        self.seed = config.seed
+        self._rss_at, self._rss = -1e9, 0.0
+
+    # -- world
+
+    def new_world(self) -> None:
+        seed = self.config.seed + self.worlds
+        self.worlds += 1
+        obs, info = self.world.env.reset(seed=seed)
+        self.seed = seed
+        self._show(obs, info, index=int(info.get("frame_index", 0)))
+        self.meter.gap()
+        self.say(f"new world (seed {seed})")
+
+    def play(self, action_name: str) -> None:
+        obs, _, _, _, info = self.world.env.step(self.action_index[action_name])
+        self.steps_taken += 1
+        self.meter.tick()
+        self._show(obs, info, index=int(info.get("frame_index", self.frame_index + 1)))
+
+    def _show(self, obs: np.ndarray, info: dict[str, Any], index: int) -> None:
+        self.frame, self.info, self.frame_index = obs, info, index
+        self.reality = info.get("reality_frame")
+        if self.recorder is not None:
+            self._record_frame()
+
+    # -- recording
+
+    def _record_frame(self) -> None:
+        assert self.recorder is not None and self.frame is not None
+        view = compose(self.frame, self.reality, self.record_layout)
+        self.recorder.append(upscale(view, self.config.scale))
+
+    def toggle_recording(self) -> None:
+        if self.recorder is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            path = Path(self.config.record_dir) / f"worldsim-{stamp}.mp4"
+            n = 1
+            while path.exists():
+                path = path.with_name(f"worldsim-{stamp}-{n}.mp4")
+                n += 1
+            self.recorder = VideoRecorder(path, fps=self.config.fps)
+            self.record_layout = self.side_by_side
+            self._record_frame()  # the video starts with what is on screen now
+            self.say(f"recording to {path}")
+        else:
+            self.stop_recording()
+
+    def stop_recording(self) -> None:
+        if self.recorder is None:
+            return
+        recorder, self.recorder = self.recorder, None
+        frames = recorder.frames
+        path = recorder.close()
+        if path is not None:
+            self.recordings.append(path)
+            self.say(f"saved {frames} frames to {path}")
+            print(f"worldsim play: saved {frames} frames to {path}", file=sys.stderr)
+
+    # -- input
+
+    def say(self, text: str, seconds: float = 3.0) -> None:
+        self.message, self.message_until = text, time.monotonic() + seconds
+
+    def command(self, name: str) -> None:
+        if name == "quit":
+            self.running = False
+        elif name == "new_world":
+            self.new_world()
+        elif name == "pause":
+            self.paused = not self.paused
+            self.pending.clear()
+        elif name == "help":
+            self.show_help = not self.show_help
+        elif name == "record":
+            self.toggle_recording()
+        elif name == "reality":
+            if self.world.mode != "dream":
+                self.say("this is already the real simulator (no model loaded)")
+            elif self.recorder is not None:
+                # A video keeps one frame size: the layout is fixed while recording.
+                self.side_by_side = not self.side_by_side
+                self.say("view changed; the recording keeps its layout")
+            else:
+                self.side_by_side = not self.side_by_side
+
+    def handle(self, event: Any) -> None:
+        pg = self.pg
+        if event.type == pg.QUIT:
+            self.running = False
+        elif event.type == pg.KEYDOWN:
+            key = pg.key.name(event.key)
+            if key in CONTROL_KEYS:
+                self.command(CONTROL_KEYS[key])
+            elif key in self.keymap and not self.paused:
+                if key in self.held:
+                    self.held.remove(key)
+                self.held.append(key)
+                self.pending.append(key)
+        elif event.type == pg.KEYUP:
+            key = pg.key.name(event.key)
+            if key in self.held:
+                self.held.remove(key)
+        elif event.type == getattr(pg, "WINDOWFOCUSLOST", None):
+            self.held.clear()  # the KEYUP of a key released elsewhere never comes: stop walking
+
+    def next_action(self) -> str | None:
+        """A fresh press plays once even if released within the tick; a held key repeats."""
+        if self.paused:
+            return None
+        if self.pending:
+            return self.keymap[self.pending.pop(0)]
+        if self.held:
+            return self.keymap[self.held[-1]]
+        return None
+
+    # -- drawing
+
+    def hud(self) -> list[str]:
+        info = self.info
+        state = "PAUSED" if self.paused else f"{self.meter.fps:5.1f} fps (target {self.config.fps:g})"
+        if self.world.mode == "dream":
+            top = f"DREAM  {state}  frame {self.frame_index}  steps {info.get('steps', '?')}  seed {self.seed}"
+            mb = info.get("cache_bytes", 0) / 2**20
+            mem = (f"memory L2 {info.get('l2_frames', 0)} fr / {info.get('l2_tokens', 0)} tok  "
+                   f"L1 {info.get('l1_frames', 0)} fr  cache {mb:.1f} MB  RSS {self.rss_mb():.0f} MB")
+        else:
+            top = f"SIMULATOR (no model)  {state}  frame {self.frame_index}  seed {self.seed}"
+            pose = info.get("pose")
+            mem = ("pose x %.2f y %.2f yaw %.0f deg" % (pose[0], pose[1], np.degrees(pose[2]))
+                   if pose is not None else "")
+        status = []
+        if self.recorder is not None:
+            status.append(f"REC {self.recorder.frames} frames")
+        if self.message and time.monotonic() < self.message_until:
+            status.append(self.message)
+        if not status:
+            status.append("H help")
+        return [top, mem, "  |  ".join(status)]
+
+    def rss_mb(self) -> float:
+        # Re-read at most once a second: the HUD shows the process growing over long sessions.
+        now = time.monotonic()
+        if now - self._rss_at > 1.0:
+            self._rss_at, self._rss = now, resident_memory_bytes() / 2**20
+        return self._rss
+
+    def draw(self) -> None:
+        if self.frame is None:
+            return
+        view = compose(self.frame, self.reality, self.side_by_side)
+        overlay = None
+        if self.show_help:
+            overlay = ["worldsim play - keys", ""] + help_lines(self.keymap)
+            if self.side_by_side:
+                overlay += ["", "left: dream (model)   right: reality (simulator)"]
+        labels = ("DREAM (model)", "REALITY (simulator)") if self.side_by_side else ()
+        self.window.show(view, self.hud(), overlay, pump=False, labels=labels)
+
+    # -- loop
+
+    def run(self, events: EventSource | None = None, max_ticks: int | None = None) -> None:
+        """Play until Esc / window close (or `max_ticks`); `events` replaces pygame's queue in tests."""
+        events = events or self.pg.event.get
+        self.new_world()
+        ticks = 0
+        try:
+            while self.running and (max_ticks is None or ticks < max_ticks):
+                for event in events():
+                    self.handle(event)
+                    if not self.running:
+                        break
+                if not self.running:
+                    break
+                action = self.next_action()
+                if action is not None:
+                    self.play(action)
+                else:
+                    self.meter.gap()
+                self.draw()
+                self.clock.tick(self.config.fps)
+                ticks += 1
+        finally:
+            self.stop_recording()  # never lose a recording, even on Ctrl-C or an error
+
+
+def run_interactive(config: PlayConfig, events: EventSource | None = None, max_ticks: int | None = None,
+                    world: World | None = None) -> Game:
+    """Open the window and play; returns the finished Game (recordings, steps taken)."""
+    world = world or open_world(config, reality=True)
+    try:
+        keymap = load_keymap(config.keymap, world.action_names)
+        game = Game(world, config, keymap)
+        try:
+            game.run(events, max_ticks)
+        finally:
+            game.window.close()
+        return game
+    finally:
+        world.env.close()
+
+
+# ----------------------------------------------------------------------------- headless
+
+
+@dataclass
+class HeadlessResult:
+    frames: int
+    out: Path | None
+    seconds: float
+    benchmark: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    rss_bytes: int = 0
+    label: str = ""
+    steps: int | None = None
+
+
+def run_headless(config: PlayConfig, world: World | None = None, log: Callable[[str], None] | None = None) -> HeadlessResult:
+    """Play `config.actions` without a window; write `config.out` (one video frame per step)."""
+    from tqdm import tqdm
+
+    log = log or (lambda text: print(text, file=sys.stderr))
+    if not config.actions:
+        raise PlayError("--headless needs --actions FILE (one action name per line) or --actions random:N")
+    world = world or open_world(config, reality=config.reality, log=log)
+    env = world.env
+    recorder = None
+    bench: list[dict[str, Any]] = []
+    times: deque[float] = deque(maxlen=BENCH_WINDOW)
+    # CPU seconds too: on a shared machine wall-clock fps mostly measures the neighbours, while
+    # process CPU time per frame (with --threads 1) is what one free core would give.
+    cpu_times: deque[float] = deque(maxlen=BENCH_WINDOW)
+    try:
+        actions = read_actions(config.actions, world.action_names, seed=config.seed)
+        obs, info = env.reset(seed=config.seed)
+        if config.out:
+            recorder = VideoRecorder(config.out, fps=config.fps)
+        start = time.perf_counter()
+        for i, action in enumerate(tqdm(actions, desc=f"worldsim play ({world.mode})", unit="frame",
+                                        file=sys.stderr, disable=None), 1):
+            t0, c0 = time.perf_counter(), time.process_time()
+            obs, _, _, _, info = env.step(action)
+            times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
+            if recorder is not None:
+                view = compose(obs, info.get("reality_frame"), config.reality and world.mode == "dream")
+                recorder.append(upscale(view, config.scale))
+            if config.benchmark and i in BENCH_AT:
+                bench.append({
+                    "frame": i, "frame_index": int(info.get("frame_index", i)),
+                    "fps": len(times) / max(sum(times), 1e-9),
+                    "cpu_s_per_frame": sum(cpu_times) / len(cpu_times),
+                    "gen_time_s": float(info.get("gen_time_s", 0.0)),
+                    "l2_frames": info.get("l2_frames"), "l2_tokens": info.get("l2_tokens"),
+                    "cache_mb": info.get("cache_bytes", 0) / 2**20,
+                    "rss_mb": resident_memory_bytes() / 2**20,
+                })
+                log(f"worldsim play: benchmark at frame {i}: {bench[-1]['fps']:.2f} fps, "
+                    f"{bench[-1]['cpu_s_per_frame']:.3f} CPU s/frame, RSS {bench[-1]['rss_mb']:.0f} MB")
+        seconds = time.perf_counter() - start
+    except BaseException:
+        # Ctrl-C or an error: keep what was already generated (renamed into place), then re-raise.
+        if recorder is not None:
+            frames, path = recorder.frames, recorder.close()
+            if path is not None:
+                log(f"worldsim play: kept {frames} frames in {path}")
+        raise
+    finally:
+        env.close()
+    out = recorder.close() if recorder is not None else None
+    return HeadlessResult(len(actions), out, seconds, bench, resident_memory_bytes(), world.label,
+                          info.get("steps"))
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_arguments(parser, PlayConfig, skip=("headless", "benchmark", "reality"))
+    # Flags rather than `--headless true`: they read as switches on the command line.
+    parser.add_argument("--headless", action="store_true", help="no window: play --actions and write --out")
+    parser.add_argument("--benchmark", action="store_true",
+                        help=f"headless: print fps at generated frames {', '.join(map(str, BENCH_AT))} "
+                             "and resident memory (default actions: random:2000)")
+    parser.add_argument("--reality", action="store_true",
+                        help="start with the dream-vs-reality side-by-side view (headless: record it)")
+
+
+def _check(config: PlayConfig) -> None:
+    if not config.fps > 0:
+        raise PlayError(f"--fps must be positive, got {config.fps}")
+    if config.scale < 1:
+        raise PlayError(f"--scale must be >= 1, got {config.scale}")
+    if config.context_frames < 1:
+        raise PlayError(f"--context-frames must be >= 1, got {config.context_frames}")
+    if config.steps is not None and config.steps < 1:
+        raise PlayError(f"--steps must be >= 1, got {config.steps}")
+    if not config.headless and (config.actions or config.out):
+        raise PlayError("--actions and --out are for --headless runs")
+    if config.threads is not None and config.threads < 1:
+        raise PlayError(f"--threads must be >= 1, got {config.threads}")
+
+
+def main(args: argparse.Namespace) -> int:
+    from worldsim.dream_env import CheckpointNotFound
+
+    config = dataclass_from_args(PlayConfig, args)
+    if config.benchmark:
+        config.headless = True
+        config.actions = config.actions or f"random:{max(BENCH_AT)}"
+    try:
+        _check(config)
+        if config.threads is not None:
+            import torch
+
+            torch.set_num_threads(config.threads)
+        if config.headless:
+            result = run_headless(config)
+            rate = result.frames / max(result.seconds, 1e-9)
+            print(f"played {result.frames} frames in {result.seconds:.1f} s ({rate:.2f} fps)"
+                  + (f"; wrote {result.out}" if result.out else ""))
+            if config.benchmark:
+                import torch
+
+                print(f"benchmark: {result.label}, sampling steps {result.steps}, cache {config.cache_mode}, "
+                      f"torch threads {torch.get_num_threads()}")
+            for row in result.benchmark:
+                print(f"frame {row['frame']:>5} (model frame index {row['frame_index']}): {row['fps']:.2f} fps "
+                      f"(last {BENCH_WINDOW} frames; {row['cpu_s_per_frame']:.3f} CPU s/frame), "
+                      f"L2 {row['l2_frames']} frames / {row['l2_tokens']} tokens, "
+                      f"cache {row['cache_mb']:.1f} MB, RSS {row['rss_mb']:.0f} MB")
+            if config.benchmark:
+                print(f"resident memory at the end: {result.rss_bytes / 2**20:.0f} MB")
+            return 0
+        problem = display_problem()
+        if problem:
+            print(f"worldsim play: {problem}", file=sys.stderr)
+            return 2
+        game = run_interactive(config)
+        print(f"worldsim play: {game.steps_taken} frames played", file=sys.stderr)
+        return 0
+    except (PlayError, KeymapError, CheckpointNotFound) as exc:
+        print(f"worldsim play: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # DatasetError, CheckpointError and bad env options are ValueErrors
+        if type(exc).__name__ in ("DatasetError", "CheckpointError"):
+            print(f"worldsim play: error: {exc}", file=sys.stderr)
+            return 2
+        raise
