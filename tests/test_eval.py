@@ -1,0 +1,201 @@
+"""`worldsim eval`: the scorer, the self-consistency pairing and tiny end-to-end runs."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _eval_fixtures import FakeWorld, record_tiny_dataset, save_tiny_checkpoint  # noqa: E402
+
+from worldsim import evaluate  # noqa: E402
+from worldsim.evaluate import EvalConfig, EvalError, probe_pairs, run_eval, score_episode  # noqa: E402
+from worldsim.metrics import PSNR_CAP_DB  # noqa: E402
+
+OUTPUTS = ("results.json", "results.md", "psnr_vs_frame.png")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is much faster than two on a shared, loaded CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return record_tiny_dataset(tmp_path_factory.mktemp("eval") / "data", episodes=2, length=20)
+
+
+def _numbers(results: dict) -> dict:
+    """Everything but timings, environment and paths."""
+    r = {k: v for k, v in results.items() if k not in ("timing", "environment")}
+    r["config"] = {k: v for k, v in r["config"].items() if k not in ("out", "dataset")}
+    return r
+
+
+def test_ground_truth_as_generation_scores_perfectly(tiny_data):
+    from worldsim.dataset import Dataset
+
+    ep = Dataset(tiny_data, split="test")[0]
+    k = 12
+    truth = ep.video
+    gens = {"multilevel": truth[k:].copy(), "other": truth[k:].copy()}
+    scored = score_episode(truth, gens, ep.poses, k, window=4)
+    for name in gens:
+        assert np.all(scored["conditions"][name]["psnr"] == PSNR_CAP_DB)
+        np.testing.assert_allclose(scored["conditions"][name]["ssim"], 1.0, atol=1e-12)
+    assert scored["revisit"].shape == (len(truth) - k,)
+    summary = evaluate.aggregate([scored], ["multilevel"], lpips_on=False)
+    assert summary["multilevel"]["psnr"]["overall"] == PSNR_CAP_DB
+    assert summary["multilevel"]["ssim"]["overall"] == pytest.approx(1.0)
+    assert summary["multilevel"]["lpips"]["overall"] is None
+    # a wrong shape is an error, not a silent broadcast
+    with pytest.raises(ValueError, match="generated frames"):
+        score_episode(truth, {"x": truth[k + 1:]}, ep.poses, k, window=4)
+
+
+def test_probe_pairs_on_a_turn_in_place():
+    step = math.radians(90)
+    yaws = [0.0] * 2 + [-(j + 1) * step for j in range(8)]  # 2 context frames, then 2 full turns left
+    poses = np.array([[1.5, 1.5, y] for y in yaws])
+    pairs = probe_pairs(poses, context=2, pos_tol=0.1, yaw_tol=step / 2)
+    # frame 5 (-360 deg) matches context frame 0; frames 6..9 match 2..5 (the first turn)
+    assert pairs == [(5, 0), (6, 2), (7, 3), (8, 4), (9, 0)]
+    # standing still (a blocked move) is not a revisit
+    still = np.array([[1.5, 1.5, 0.0]] * 4)
+    assert probe_pairs(still, context=1, pos_tol=0.1, yaw_tol=0.1) == []
+
+
+def test_probe_paths_use_the_turn_step():
+    names = ("noop", "forward", "backward", "turn_left", "turn_right")
+    paths = evaluate._probe_paths(names, math.radians(10), forward=3, loops=2, with_forward=True)
+    assert paths["turn_360"] == [3] * 72
+    assert paths["out_and_back"] == ([1] * 3 + [3] * 18 + [1] * 3 + [3] * 18) * 2
+    assert "out_and_back" not in evaluate._probe_paths(names, math.radians(10), 3, 1, with_forward=False)
+
+
+def test_end_to_end_with_a_stand_in_model(tiny_data, tmp_path):
+    cfg = EvalConfig(data=str(tiny_data), out=str(tmp_path / "a"), episodes=2, context=12, generate=8, videos=1,
+                     probe_episodes=1, probe_forward=2, progress=False)
+    world = FakeWorld()
+    res = run_eval(cfg, world=world)
+    for name in OUTPUTS:
+        assert (tmp_path / "a" / name).is_file()
+    assert len(list((tmp_path / "a").glob("episode_*.*"))) == 1
+    assert not list((tmp_path / "a").glob(".tmp-*"))
+    on_disk = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert on_disk["ground_truth"]["summary"]["multilevel"]["psnr"]["overall"] == pytest.approx(
+        res["ground_truth"]["summary"]["multilevel"]["psnr"]["overall"])
+    # sessions are seeded with seed + episode index, the same for every condition
+    assert sorted(set(s for _, s in world.sessions)) == [0, 1]
+    assert {m for m, _ in world.sessions} == {"multilevel", "sliding"}
+    summary = res["ground_truth"]["summary"]
+    assert set(summary) == {"multilevel", "sliding", "copy_last"}
+    assert res["metrics"]["lpips"]["available"] in (True, False)
+    md = (tmp_path / "a" / "results.md").read_text()
+    assert "22.3" in md and "paper" in md and "copy last context frame" in md
+    sc = res["self_consistency"]["summary"]
+    assert sc["turn_360"]["multilevel"]["psnr"]["n"] > 0
+    # the same seed gives the same numbers; another seed other numbers
+    res_b = run_eval(cfg.__class__(**{**cfg.__dict__, "out": str(tmp_path / "b")}), world=FakeWorld())
+    assert _numbers(res_b) == _numbers(res)
+    res_c = run_eval(cfg.__class__(**{**cfg.__dict__, "out": str(tmp_path / "c"), "seed": 5}), world=FakeWorld())
+    assert res_c["ground_truth"]["summary"]["multilevel"] != summary["multilevel"]
+
+
+def test_records_test_mazes_without_data(tmp_path):
+    cfg = EvalConfig(out=str(tmp_path), episodes=1, context=6, generate=4, videos=0, probe_episodes=0,
+                     teacher_forcing=False, progress=False)
+    res = run_eval(cfg, world=FakeWorld())
+    assert res["config"]["dataset_recorded_here"] is True
+    from worldsim.dataset import Dataset, split_for_maze_seed
+
+    ds = Dataset(tmp_path / "data")
+    assert len(ds) == 1 and split_for_maze_seed(ds.episodes[0].maze_seed) == "test"
+
+
+def test_clear_errors(tiny_data, tmp_path):
+    with pytest.raises(EvalError, match=r"64x64.*32x32"):
+        run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path), progress=False, context=4, generate=2),
+                 world=FakeWorld(resolution=(64, 64)))
+    with pytest.raises(EvalError, match="no test episode has 300 frames"):
+        run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path), progress=False, context=200, generate=100),
+                 world=FakeWorld())
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    pytest.importorskip("worldsim.world")
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def test_end_to_end_tiny_checkpoint_cli_is_deterministic(tiny_data, tiny_checkpoint, tmp_path, capsys):
+    from worldsim.cli import main
+
+    outs = []
+    for name in ("a", "b"):
+        argv = ["eval", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_data), "--out", str(tmp_path / name),
+                "--episodes", "2", "--context", "12", "--generate", "8", "--steps", "2", "--seed", "3",
+                "--videos", "1", "--probe-episodes", "1", "--probe-forward", "2", "--probe-loops", "2",
+                "--progress", "false", "--device", "cpu"]
+        assert main(argv) == 0
+        for f in OUTPUTS:
+            assert (tmp_path / name / f).is_file()
+        assert list((tmp_path / name).glob("episode_*.*"))
+        outs.append(json.loads((tmp_path / name / "results.json").read_text()))
+    assert "FAR paper" in capsys.readouterr().out
+    a, b = outs
+    assert a["config"]["checkpoint"] == str(tiny_checkpoint)
+    assert a["config"]["checkpoint_config"]["far"]["window"] == a["config"]["window"]
+    assert a["config"]["session_seeds"] == [3, 4]
+    assert _numbers(a) == _numbers(b)
+    ml = a["ground_truth"]["episodes"][0]["per_frame"]
+    assert len(ml["multilevel"]["psnr"]) == 8 and len(ml["sliding"]["ssim"]) == 8
+
+
+class _InterruptingWorld(FakeWorld):
+    """Ctrl-C arrives while the second episode is being generated."""
+
+    def new_session(self, *args, **kwargs):
+        if len(self.sessions) >= 3:  # multilevel, sliding, teacher-forced of episode 0 done
+            raise KeyboardInterrupt
+        return super().new_session(*args, **kwargs)
+
+
+def test_interrupt_keeps_the_finished_episodes(tiny_data, tmp_path):
+    cfg = EvalConfig(data=str(tiny_data), out=str(tmp_path), episodes=2, context=12, generate=8, videos=0,
+                     progress=False)
+    res = run_eval(cfg, world=_InterruptingWorld())
+    assert res["interrupted"] is True
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["ground_truth"]["episodes_evaluated"] == 1
+    assert on_disk["self_consistency"] == {"skipped": "interrupted"}
+
+
+DMLAB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dmlab_example_300f.npz"
+
+
+@pytest.mark.skipif(not DMLAB.is_file(), reason="the shared DMLab example file is not beside the checkout")
+def test_paper_protocol_on_the_dmlab_file_without_poses(tmp_path):
+    from worldsim.dataset import Dataset
+
+    names = Dataset(DMLAB).action_names
+    world = FakeWorld(resolution=(64, 64), window=16, simulator={})
+    world.action_names = names
+    cfg = EvalConfig(data=str(DMLAB), out=str(tmp_path), episodes=1, videos=0, probe_episodes=1,
+                     teacher_forcing=False, progress=False)  # defaults: 144 -> 156
+    res = run_eval(cfg, world=world)
+    ml = res["ground_truth"]["summary"]["multilevel"]
+    assert ml["psnr"]["overall"] is not None and ml["psnr"]["revisit"] is None  # no poses: no revisit split
+    assert res["config"]["dataset_split"].startswith("all episodes")
+    assert "skipped" in res["self_consistency"]  # no simulator, no turn step
+    assert "Note: this run used" not in (tmp_path / "results.md").read_text()

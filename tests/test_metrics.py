@@ -1,0 +1,117 @@
+"""worldsim.metrics on known inputs: PSNR, SSIM, the revisit rule."""
+import math
+
+import numpy as np
+import pytest
+
+from worldsim import metrics
+from worldsim.metrics import PSNR_CAP_DB, psnr, revisit_mask, ssim, wrap_angle
+
+
+def _frames(n=3, h=32, w=32, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, h, w, 3), dtype=np.uint8)
+
+
+def test_identical_frames_give_capped_psnr_and_unit_ssim():
+    x = _frames()
+    assert np.all(psnr(x, x) == PSNR_CAP_DB)
+    np.testing.assert_allclose(ssim(x, x), 1.0, atol=1e-12)
+    assert psnr(x[0], x[0]) == PSNR_CAP_DB  # one frame -> a scalar
+    assert np.ndim(ssim(x[0], x[0])) == 0
+
+
+def test_psnr_matches_known_gaussian_noise():
+    rng = np.random.default_rng(1)
+    sigma = 8.0
+    clean = np.full((4, 64, 64, 3), 128.0)
+    noisy = clean + rng.normal(0.0, sigma, size=clean.shape)
+    got = psnr(noisy, clean)
+    exact = 10 * np.log10(255.0**2 / np.mean((noisy - clean) ** 2, axis=(1, 2, 3)))
+    np.testing.assert_allclose(got, exact, rtol=1e-12)
+    # and the analytic value for the noise level: MSE ~ sigma^2, relative spread sqrt(2 / 12288)
+    # per frame (~0.06 dB), so 0.25 dB is > 4 standard deviations
+    np.testing.assert_allclose(got, 10 * np.log10(255.0**2 / sigma**2), atol=0.25)
+    # uint8 inputs are scored without overflow (difference of 10 everywhere)
+    a = np.full((2, 16, 16, 3), 200, np.uint8)
+    b = np.full((2, 16, 16, 3), 210, np.uint8)
+    np.testing.assert_allclose(psnr(a, b), 10 * np.log10(255.0**2 / 100.0))
+    np.testing.assert_allclose(psnr(b, a), 10 * np.log10(255.0**2 / 100.0))
+
+
+def test_ssim_of_constant_offset_matches_closed_form():
+    # x constant a, y constant a + c: variances and covariance vanish, so SSIM is the
+    # luminance term (2 a (a + c) + C1) / (a^2 + (a + c)^2 + C1) with C1 = (0.01 * 255)^2.
+    c1 = (0.01 * 255) ** 2
+    for a, c in [(100.0, 20.0), (10.0, 50.0), (200.0, -150.0)]:
+        x = np.full((1, 32, 32, 3), a)
+        y = x + c
+        expected = (2 * a * (a + c) + c1) / (a * a + (a + c) ** 2 + c1)
+        np.testing.assert_allclose(ssim(x, y), expected, rtol=1e-10)
+    # textured image + offset: contrast/structure term is exactly 1, luminance term per window
+    x = _frames(1, 24, 24, seed=3).astype(np.float64) * 0.5
+    np.testing.assert_array_less(ssim(x, x + 30.0), 1.0)
+    assert ssim(x, x + 30.0) > ssim(x, x + 90.0)
+
+
+def test_ssim_matches_scikit_image():
+    skm = pytest.importorskip("skimage.metrics")
+    x = _frames(2, 64, 64, seed=4)
+    y = np.clip(x.astype(int) + np.random.default_rng(5).integers(-40, 40, x.shape), 0, 255).astype(np.uint8)
+    ours = ssim(x, y)
+    for i in range(2):
+        ref = skm.structural_similarity(x[i], y[i], channel_axis=-1, data_range=255, gaussian_weights=True,
+                                        sigma=1.5, use_sample_covariance=False)
+        assert ours[i] == pytest.approx(ref, abs=1e-9)
+
+
+def test_shape_errors_are_clear():
+    with pytest.raises(ValueError, match="shapes differ"):
+        psnr(np.zeros((2, 8, 8, 3)), np.zeros((2, 8, 9, 3)))
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ssim(np.zeros((1, 8, 8, 3)), np.zeros((1, 8, 8, 3)))
+
+
+def test_lpips_status_never_downloads():
+    ok, why = metrics.lpips_status()
+    assert isinstance(ok, bool) and why
+
+
+def test_wrap_angle():
+    np.testing.assert_allclose(wrap_angle([0.0, 2 * math.pi, -3 * math.pi / 2, math.pi - 0.1]),
+                               [0.0, 0.0, math.pi / 2, math.pi - 0.1], atol=1e-12)
+
+
+def test_revisit_mask_on_hand_made_poses():
+    d = math.radians(1.0)
+    context, window = 6, 2  # old context frames: 0..3 (index < 4); 4, 5 are in the short window
+    poses = np.array([
+        [1.5, 1.5, math.pi - d],      # 0  old, faces west (yaw ~ +pi)
+        [2.5, 1.5, 0.0],              # 1  old, east
+        [3.5, 1.5, 0.0],              # 2  old
+        [3.5, 2.5, math.pi / 2],      # 3  old, south
+        [5.5, 5.5, 0.0],              # 4  in the window
+        [6.5, 5.5, 0.0],              # 5  in the window
+        # generated frames
+        [1.5, 1.5, -math.pi + d],     # 6  wrap-around: 2 degrees from frame 0 -> revisit of 0
+        [2.9, 1.5, math.radians(29)],  # 7  0.4 cell and 29 deg from 1 -> revisit of 1
+        [2.5, 2.01, 0.0],             # 8  0.51 cell from 1 -> not
+        [2.5, 1.5, math.radians(31)],  # 9  31 degrees -> not
+        [5.5, 5.5, 0.0],              # 10 same as frame 4, but 4 is in the short window -> not
+        [3.4, 1.5, 0.05],             # 11 near 2 (0.1) and 1 (0.9): revisit of 2
+        [3.5, 2.0, 0.0],              # 12 exactly 0.5 from 2 (inclusive) -> revisit of 2
+    ], dtype=np.float32)
+    mask, source = revisit_mask(poses, context, window)
+    assert mask.tolist() == [True, True, False, False, False, True, True]
+    assert source.tolist() == [0, 1, -1, -1, -1, 2, 2]
+    # the same frame 10 counts once frame 4 has left the window (window 1 -> old = 0..4)
+    mask1, source1 = revisit_mask(poses, context, 1)
+    assert mask1[4] and source1[4] == 4
+    # a window covering the whole context: nothing is old, nothing is a revisit
+    mask2, source2 = revisit_mask(poses, context, context)
+    assert not mask2.any() and (source2 == -1).all()
+
+
+def test_summarize():
+    s = metrics.summarize(np.array([1.0, 2.0, 3.0]), np.array([True, False, True]))
+    assert s == {"mean": 2.0, "std": 1.0, "n": 2}
+    assert metrics.summarize(np.array([1.0]), np.array([False]))["mean"] is None

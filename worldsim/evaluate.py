@@ -1,0 +1,866 @@
+"""Memory-consistency evaluation of a world-model checkpoint (`worldsim eval`).
+
+    worldsim eval --data data/maze --episodes 8 --out runs/eval
+    worldsim eval --checkpoint checkpoints/maze-far-small --context 144 --generate 156 --out runs/eval
+
+1. Ground truth. Held-out mazes: the `test` split of `--data` (or, without `--data`, test-split
+   mazes recorded now with the revisiting navigator into `<out>/data`). The first `--context` K
+   ground-truth frames are the context; the model then generates the next `--generate` G frames
+   from the recorded actions. Conditions, each scored per frame against the ground truth:
+
+   * `multilevel`  FAR with its full long context (multi-level KV cache: L1 window + L2);
+   * `sliding`     the same model and seed with only the short window (no L2);
+   * `copy_last`   the floor: the last context frame repeated.
+
+   Teacher forcing: each frame predicted from the ground-truth past (`Session.predict`, then
+   `Session.append(gt)`), multilevel cache, next to its own floor (the previous GT frame).
+
+   Generated frames are split into *revisits* and the rest by the recorded poses: a frame is
+   a revisit when its pose is within 0.5 cell and 30 degrees of a context frame with index
+   < K - W (W = the model's short window, from the checkpoint config), i.e. a place seen only
+   in the long-term context (see `worldsim.metrics.revisit_mask`).
+
+   "Overall" numbers follow TECO's protocol (which FAR's table uses): per-frame PSNR / SSIM /
+   LPIPS on [0, 1] frames, averaged over the generated frames of each episode, then over
+   episodes. They are printed next to FAR's reported DMLab numbers (144 -> 156: PSNR 22.3,
+   SSIM 0.687, LPIPS 0.104), marked as the paper's (another dataset: a reference, not a match).
+   Revisit / rest numbers are pooled over all such frames of all episodes.
+
+2. Self-consistency, no ground truth: from a few simulator frames (reset frame + noops), turn
+   in place (`turn_left` x N, N = round(2 pi / turn_step), repeated `--probe-loops` times) and
+   go out and back (forward k, turn 180, forward k, turn 180, repeated). The simulator follows
+   the same actions only to know the poses; each generated frame whose pose equals that of an
+   earlier frame of the same session (0.5 move step, half a turn step) is scored against that
+   earliest frame -- the model's own view of the place. Conditions: multilevel vs sliding.
+
+3. Output in `--out`: `results.json` (every number, per-frame arrays, the config: checkpoint path
+   and config, dataset, seeds), `results.md` (tables), `psnr_vs_frame.png` (mean PSNR per frame
+   index and condition, revisit frames marked) and `episode_<id>.mp4` (or .gif) for the first
+   `--videos` episodes: ground truth | long context | sliding window, upscaled and labelled.
+   Every file is written to a temporary name and renamed. Session seeds are `--seed` + the
+   episode index, so the same seed gives the same numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from worldsim import metrics
+from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
+
+GEN_CONDITIONS = ("multilevel", "sliding")  # model conditions of the ground-truth protocol
+CONDITIONS = GEN_CONDITIONS + ("copy_last",)
+CONDITION_LABELS = {
+    "multilevel": "FAR, full long context (multilevel)",
+    "sliding": "same model, sliding window only (no L2)",
+    "copy_last": "floor: copy last context frame",
+    "teacher_forced": "teacher-forced next frame (multilevel)",
+    "teacher_copy": "floor: copy previous GT frame",
+}
+PAPER = {
+    "label": "FAR paper (DMLab, 144 -> 156, TECO protocol; reported, not measured here)",
+    "context": 144, "generate": 156, "psnr": 22.3, "ssim": 0.687, "lpips": 0.104,
+}
+RESULTS_FORMAT = "worldsim-eval"
+RESULTS_VERSION = 1
+
+
+class EvalError(RuntimeError):
+    """The evaluation cannot run (bad checkpoint/dataset combination, too-short episodes ...)."""
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str | None = field(default=None, metadata={
+        "help": "checkpoint folder (config.json + model.safetensors); default: the one shipped in checkpoints/"})
+    data: str | None = field(default=None, metadata={
+        "help": "dataset folder; only its test split is used (default: record test mazes into OUT/data)"})
+    out: str = field(default="runs/eval", metadata={"help": "output folder"})
+    episodes: int = field(default=8, metadata={"help": "test episodes to evaluate"})
+    context: int = field(default=144, metadata={"help": "ground-truth context frames K"})
+    generate: int = field(default=156, metadata={"help": "frames generated after the context G"})
+    steps: int | None = field(default=None, metadata={"help": "sampling steps (default: the checkpoint's)"})
+    cfg: float | None = field(default=None, metadata={"help": "classifier-free guidance scale (default: the checkpoint's)"})
+    seed: int = field(default=0, metadata={"help": "base seed; each session uses seed + episode index"})
+    device: str | None = field(default=None, metadata={"help": "torch device (default: picked automatically)"})
+    teacher_forcing: bool = field(default=True, metadata={"help": "also score teacher-forced next-frame prediction"})
+    videos: int = field(default=3, metadata={"help": "episodes to write side-by-side videos for"})
+    probe_episodes: int = field(default=2, metadata={"help": "self-consistency probes (0: skip)"})
+    probe_context: int = field(default=4, metadata={"help": "simulator frames given as context to a probe"})
+    probe_forward: int = field(default=8, metadata={"help": "forward steps k of the out-and-back probe"})
+    probe_loops: int = field(default=2, metadata={"help": "times each probe path is repeated"})
+    record_length: int | None = field(default=None, metadata={
+        "help": "frames per recorded episode without --data (default: context + generate)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def _jsonable(obj: Any) -> Any:
+    """numpy -> Python, non-finite floats -> None (the JSON stays strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` to a temporary file beside `path` (same extension), then rename it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda p: p.write_text(text))
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="frame", disable=not enabled, dynamic_ncols=True,
+                file=sys.stderr)
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.{digits}f}"
+
+
+# ----------------------------------------------------------------------------- model side
+
+
+def resolve_checkpoint(path: str | None) -> Path:
+    """The given checkpoint folder, or the shipped one under checkpoints/ (clear error if none)."""
+    try:
+        from worldsim.dream_env import resolve_checkpoint as _resolve
+    except ImportError:  # pragma: no cover - dream_env always ships with the package
+        _resolve = None
+    if _resolve is not None:
+        try:
+            return Path(_resolve(path))
+        except FileNotFoundError as exc:
+            raise EvalError(str(exc)) from None
+    if path is None:
+        raise EvalError("no --checkpoint given and none shipped under checkpoints/")
+    return Path(path)
+
+
+def _find_key(obj: Any, names: Sequence[str]) -> Any:
+    """First value of any key in `names`, searching nested dicts breadth-first."""
+    queue = [obj]
+    while queue:
+        cur = queue.pop(0)
+        if isinstance(cur, dict):
+            for n in names:
+                if n in cur and isinstance(cur[n], (int, float)) and not isinstance(cur[n], bool):
+                    return cur[n]
+            queue.extend(v for v in cur.values() if isinstance(v, dict))
+    return None
+
+
+def model_window(world: Any) -> int:
+    """The model's short window W (frames in L1) from the checkpoint config."""
+    for attr in ("window", "short_window"):
+        far = getattr(world, "far", None)
+        for obj in (world, far, getattr(far, "config", None), getattr(far, "cfg", None)):
+            v = getattr(obj, attr, None) if obj is not None else None
+            if isinstance(v, int) and not isinstance(v, bool):
+                return int(v)
+    v = _find_key(getattr(world, "config", {}) or {}, ("window", "short_window", "short_window_frames", "W"))
+    if v is None:
+        raise EvalError("cannot find the model's short window W in the checkpoint config "
+                        "(looked for 'window' / 'short_window')")
+    return int(v)
+
+
+def _simulator_spec(world: Any) -> dict | None:
+    spec = getattr(world, "simulator", None)
+    if isinstance(spec, dict) and spec.get("id"):
+        return spec
+    return None
+
+
+def make_simulator(spec: dict | None) -> Any | None:
+    """The simulator a checkpoint was trained on, or None when it cannot be built here."""
+    if not spec:
+        return None
+    try:
+        import gymnasium as gym
+
+        import envs  # noqa: F401  (registers the ids)
+
+        return gym.make(spec["id"], **(spec.get("settings") or {}))
+    except Exception:  # optional simulators (DMLab, Memory Maze) may be missing
+        return None
+
+
+def _turn_step(spec: dict | None, sim: Any | None) -> float | None:
+    if sim is not None and getattr(sim.unwrapped, "turn_step", None):
+        return float(sim.unwrapped.turn_step)
+    settings = (spec or {}).get("settings") or {}
+    if settings.get("turn_step"):
+        return float(settings["turn_step"])
+    if settings.get("turn_step_deg"):
+        return math.radians(float(settings["turn_step_deg"]))
+    return None
+
+
+# ----------------------------------------------------------------------------- data side
+
+
+def record_test_episodes(world: Any, out_dir: Path, episodes: int, length: int, seed: int,
+                         progress: bool) -> Path:
+    """Record `episodes` test-split mazes with the navigator for the checkpoint's simulator."""
+    spec = _simulator_spec(world)
+    if spec is None:
+        raise EvalError("no --data given and the checkpoint records no simulator to record test mazes with")
+    from envs.recorder import RecordConfig, record
+
+    env_args = tuple(f"{k}={json.dumps(v)}" for k, v in (spec.get("settings") or {}).items())
+    cfg = RecordConfig(out=str(out_dir), env=spec["id"], env_arg=env_args, episodes=episodes, length=length,
+                       policy="navigator", split="test", seed=seed, workers=1, progress=progress)
+    record(cfg)
+    return out_dir
+
+
+def load_test_split(path: Path, world: Any) -> tuple[Any, str]:
+    """The test split of a dataset, checked against the checkpoint; returns (dataset, split note).
+
+    Files without split information (the public FAR/TECO DMLab .npz files, which are their
+    test set) are used whole, and the note says so.
+    """
+    from worldsim.dataset import Dataset
+
+    whole = Dataset(path)
+    if whole.episodes and all(e.split is None for e in whole.episodes):
+        ds, note = whole, "all episodes (the files carry no split information; taken as held-out)"
+    else:
+        ds, note = Dataset(path, split="test"), "test"
+    if tuple(ds.resolution) != tuple(world.resolution):
+        h, w = ds.resolution
+        mh, mw = world.resolution
+        raise EvalError(f"the checkpoint generates {mh}x{mw} frames but the dataset {path} holds {h}x{w} frames")
+    if tuple(ds.action_names) != tuple(world.action_names):
+        raise EvalError(f"the checkpoint's actions {list(world.action_names)} differ from the dataset's "
+                        f"{list(ds.action_names)} ({path})")
+    return ds, note
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def generate(world: Any, video: np.ndarray, actions: np.ndarray, context: int, count: int, cache_mode: str,
+             steps: int | None, cfg: float | None, seed: int, bar: Any = None) -> np.ndarray:
+    """G frames generated after the first `context` frames from the recorded actions."""
+    session = world.new_session(video[:context], actions[:context], cache_mode=cache_mode, steps=steps,
+                                cfg=cfg, seed=seed)
+    out = np.empty((count, *video.shape[1:]), dtype=np.uint8)
+    for i in range(count):
+        out[i] = session.step(int(actions[context + i]))
+        if bar is not None:
+            bar.update(1)
+    return out
+
+
+def teacher_forced(world: Any, video: np.ndarray, actions: np.ndarray, context: int, count: int,
+                   steps: int | None, cfg: float | None, seed: int, bar: Any = None) -> np.ndarray:
+    """Each frame predicted from the ground-truth past (predict, then append the GT frame)."""
+    session = world.new_session(video[:context], actions[:context], cache_mode="multilevel", steps=steps,
+                                cfg=cfg, seed=seed)
+    out = np.empty((count, *video.shape[1:]), dtype=np.uint8)
+    for i in range(count):
+        t = context + i
+        out[i] = session.predict(int(actions[t]))
+        session.append(video[t], int(actions[t]))
+        if bar is not None:
+            bar.update(1)
+    return out
+
+
+def copy_last(video: np.ndarray, context: int, count: int) -> np.ndarray:
+    return np.repeat(video[context - 1:context], count, axis=0)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def score_episode(truth: np.ndarray, generated: dict[str, np.ndarray], poses: np.ndarray | None, context: int,
+                  window: int, lpips: metrics.Lpips | None = None) -> dict[str, Any]:
+    """Score any generated frames against the ground truth of one episode.
+
+    `truth` uint8 [K + G, H, W, 3] (context + the frames to generate), `generated[name]` uint8
+    [G, H, W, 3] per condition, `poses` [K + G, 3] or None. Returns per-frame metrics per
+    condition plus the revisit mask (None without poses).
+    """
+    count = len(truth) - context
+    target = truth[context:]
+    out: dict[str, Any] = {"conditions": {}}
+    if poses is not None:
+        mask, source = metrics.revisit_mask(poses[: context + count], context, window)
+        out["revisit"] = mask
+        out["revisit_source"] = source
+    else:
+        out["revisit"] = None
+        out["revisit_source"] = None
+    for name, frames in generated.items():
+        if frames.shape != target.shape:
+            raise ValueError(f"condition {name!r}: generated frames {list(frames.shape)} vs truth {list(target.shape)}")
+        out["conditions"][name] = metrics.score_frames(frames, target, lpips)
+    return out
+
+
+def _metric_names(lpips_on: bool) -> tuple[str, ...]:
+    return ("psnr", "ssim", "lpips") if lpips_on else ("psnr", "ssim")
+
+
+def aggregate(episodes: list[dict[str, Any]], names: Iterable[str], lpips_on: bool) -> dict[str, Any]:
+    """Overall (TECO: mean per episode, then over episodes) and pooled revisit / rest numbers."""
+    result: dict[str, Any] = {}
+    for name in names:
+        per: dict[str, Any] = {}
+        for m in _metric_names(lpips_on):
+            vals = [e["conditions"][name][m] for e in episodes]
+            ep_means = [float(np.mean(v)) for v in vals if len(v)]
+            entry: dict[str, Any] = {
+                "overall": float(np.mean(ep_means)) if ep_means else None,
+                "overall_std_over_episodes": float(np.std(ep_means)) if ep_means else None,
+            }
+            if all(e["revisit"] is not None for e in episodes) and episodes:
+                allv = np.concatenate(vals)
+                mask = np.concatenate([e["revisit"] for e in episodes])
+                entry["revisit"] = metrics.summarize(allv, mask)
+                entry["rest"] = metrics.summarize(allv, ~mask)
+            else:
+                entry["revisit"] = entry["rest"] = None
+            per[m] = entry
+        if not lpips_on:
+            per["lpips"] = {"overall": None, "revisit": None, "rest": None, "note": "unavailable"}
+        result[name] = per
+    return result
+
+
+# ----------------------------------------------------------------------------- self-consistency
+
+
+def _probe_paths(names: Sequence[str], turn_step: float, forward: int, loops: int,
+                 with_forward: bool) -> dict[str, list[int]]:
+    n_full = max(1, round(2 * math.pi / turn_step))
+    n_half = max(1, round(math.pi / turn_step))
+    left = names.index("turn_left")
+    paths = {"turn_360": [left] * n_full * loops}
+    if with_forward and "forward" in names and forward > 0:
+        fwd = names.index("forward")
+        cycle = [fwd] * forward + [left] * n_half + [fwd] * forward + [left] * n_half
+        paths["out_and_back"] = cycle * loops
+    return paths
+
+
+def probe_pairs(poses: np.ndarray, context: int, pos_tol: float, yaw_tol: float) -> list[tuple[int, int]]:
+    """(t, s) pairs: generated frame t (>= context) and the earliest earlier frame s with its pose.
+
+    Pairs where the agent stood still from s to t (e.g. a blocked move) are skipped.
+    """
+    pairs = []
+    poses = np.asarray(poses, dtype=np.float64)
+    for t in range(context, len(poses)):
+        match = metrics.pose_match(poses[t:t + 1], poses[:t], pos_tol, math.degrees(yaw_tol))[0]
+        if not match.any():
+            continue
+        s = int(np.argmax(match))
+        if match[s:t].all():  # stationary since s: not a revisit
+            continue
+        pairs.append((t, s))
+    return pairs
+
+
+def _pick_probe_maze_seeds(ds: Any, count: int, seed: int) -> list[int | None]:
+    seeds: list[int | None] = []
+    if ds is not None:
+        seeds = [e.maze_seed for e in ds.episodes[:count]]
+    if len(seeds) < count:
+        from worldsim.dataset import split_for_maze_seed
+
+        s = 1_000_000 + 1000 * int(seed)
+        while len(seeds) < count:
+            if split_for_maze_seed(s) == "test":
+                seeds.append(s)
+            s += 1
+    return seeds
+
+
+def self_consistency(world: Any, cfg: EvalConfig, ds: Any, bar_enabled: bool) -> dict[str, Any]:
+    """Turn-in-place and out-and-back probes in generated worlds (no ground truth)."""
+    if cfg.probe_episodes <= 0:
+        return {"skipped": "--probe-episodes 0"}
+    names = tuple(world.action_names)
+    if "turn_left" not in names:
+        return {"skipped": f"the checkpoint's actions {list(names)} have no 'turn_left'"}
+    spec = _simulator_spec(world)
+    sim = make_simulator(spec)
+    turn_step = _turn_step(spec, sim)
+    if turn_step is None:
+        return {"skipped": "the checkpoint's simulator settings do not give a turn step"}
+    if sim is None and ds is None:
+        return {"skipped": "the checkpoint's simulator cannot be started here and no dataset gives a context"}
+    if sim is not None and tuple(sim.observation_space.shape[:2]) != tuple(world.resolution):
+        h, w = sim.observation_space.shape[:2]
+        mh, mw = world.resolution
+        sim.close()
+        return {"skipped": f"the simulator {spec['id']} makes {h}x{w} frames but the checkpoint generates {mh}x{mw}"}
+    move_step = float(getattr(sim.unwrapped, "move_step", 0.15)) if sim is not None else 0.15
+    pos_tol, yaw_tol = 0.5 * move_step, 0.5 * turn_step
+    paths = _probe_paths(names, turn_step, cfg.probe_forward, cfg.probe_loops, with_forward=sim is not None)
+    noop = names.index("noop") if "noop" in names else 0
+    k_ctx = max(1, cfg.probe_context)
+    total = cfg.probe_episodes * sum(len(p) for p in paths.values()) * len(GEN_CONDITIONS)
+    maze_seeds = _pick_probe_maze_seeds(ds, cfg.probe_episodes, cfg.seed)
+    window = model_window(world)
+    results: dict[str, Any] = {
+        "turn_step_rad": turn_step, "full_turn_steps": max(1, round(2 * math.pi / turn_step)),
+        "move_step": move_step, "context_frames": k_ctx, "forward": cfg.probe_forward, "loops": cfg.probe_loops,
+        "window": window, "pose_tolerance": {"cells": pos_tol, "yaw_rad": yaw_tol},
+        "context_source": "simulator (reset frame + noops)" if sim is not None else "test episode (first frames)",
+        "poses_from": "simulator following the same actions" if sim is not None else "dead reckoning (turns only)",
+        "probes": [],
+    }
+    if sim is None:
+        results["out_and_back"] = "unavailable: the simulator is needed to know where forward moves end"
+    bar = _progress(total, "self-consistency", bar_enabled)
+    try:
+        for i in range(cfg.probe_episodes):
+            for pname, acts in paths.items():
+                seed = cfg.seed + i
+                if sim is not None:
+                    obs, info = sim.reset(seed=seed, options={"maze_seed": maze_seeds[i]} if maze_seeds[i] is not None else None)
+                    frames, poses = [np.asarray(obs)], [np.asarray(info["pose"], np.float64)[:3]]
+                    ctx_actions = [noop] * k_ctx
+                    for a in ctx_actions[1:] + list(acts):
+                        obs, _, _, _, info = sim.step(a)
+                        frames.append(np.asarray(obs))
+                        poses.append(np.asarray(info["pose"], np.float64)[:3])
+                    ctx = np.stack(frames[:k_ctx])
+                    pose_arr = np.stack(poses)
+                    maze_seed = int(info.get("maze_seed", maze_seeds[i] or -1))
+                else:
+                    ep = ds[i % len(ds)]
+                    if len(ep) < k_ctx:
+                        raise EvalError(f"episode {ep.id} has {len(ep)} frames, fewer than --probe-context {k_ctx}")
+                    ctx, ctx_actions = ep.video[:k_ctx], list(ep.actions[:k_ctx])
+                    start = ep.poses[k_ctx - 1].astype(np.float64) if ep.poses is not None else np.zeros(3)
+                    pose_arr = np.concatenate([
+                        ep.poses[:k_ctx].astype(np.float64) if ep.poses is not None else np.tile(start, (k_ctx, 1)),
+                        np.stack([start + [0.0, 0.0, -(j + 1) * turn_step] for j in range(len(acts))])])
+                    maze_seed = ep.maze_seed
+                pairs = probe_pairs(pose_arr, k_ctx, pos_tol, yaw_tol)
+                entry: dict[str, Any] = {"probe": pname, "index": i, "maze_seed": maze_seed, "seed": seed,
+                                         "frames": len(acts), "pairs": [[t, s] for t, s in pairs],
+                                         "pair_age": [t - s for t, s in pairs], "conditions": {}}
+                for mode in GEN_CONDITIONS:
+                    session = world.new_session(ctx, np.asarray(ctx_actions, dtype=np.int64), cache_mode=mode,
+                                                steps=cfg.steps, cfg=cfg.cfg, seed=seed)
+                    gen = []
+                    for a in acts:
+                        gen.append(session.step(int(a)))
+                        bar.update(1)
+                    allf = np.concatenate([ctx, np.stack(gen)])
+                    if pairs:
+                        t_idx = [t for t, _ in pairs]
+                        s_idx = [s for _, s in pairs]
+                        sc = metrics.score_frames(allf[t_idx], allf[s_idx])
+                    else:
+                        sc = {"psnr": np.zeros(0), "ssim": np.zeros(0)}
+                    entry["conditions"][mode] = {k: v for k, v in sc.items()}
+                results["probes"].append(entry)
+    finally:
+        bar.close()
+        if sim is not None:
+            sim.close()
+    summary: dict[str, Any] = {}
+    for pname in paths:
+        entries = [e for e in results["probes"] if e["probe"] == pname]
+        per: dict[str, Any] = {}
+        for mode in GEN_CONDITIONS:
+            ages = np.concatenate([np.asarray(e["pair_age"], dtype=np.int64) for e in entries]) if entries else np.zeros(0)
+            row = {}
+            for m in ("psnr", "ssim"):
+                vals = np.concatenate([e["conditions"][mode][m] for e in entries]) if entries else np.zeros(0)
+                row[m] = metrics.summarize(vals)
+                row[m + "_beyond_window"] = metrics.summarize(vals, ages > window)
+            per[mode] = row
+        summary[pname] = per
+    results["summary"] = summary
+    return results
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _label_strip(texts: Sequence[str], width: int, height: int, panel: int) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(img)
+    for i, text in enumerate(texts):
+        draw.text((i * panel + 4, 2), text, fill=(255, 255, 255))
+    return np.asarray(img)
+
+
+def write_video(path: Path, truth: np.ndarray, gens: dict[str, np.ndarray], context: int,
+                revisit: np.ndarray | None, fps: int = 10) -> Path:
+    """Side-by-side video: ground truth | long context | sliding window (context shown as GT)."""
+    import imageio.v2 as imageio
+
+    t_total, h, w, _ = truth.shape
+    scale = max(1, 256 // max(h, w))
+    panel = w * scale
+    labels = ["ground truth", "long context", "sliding window"]
+    cols = [truth] + [np.concatenate([truth[:context], gens[m]]) for m in GEN_CONDITIONS]
+    header = _label_strip(labels, panel * len(cols), 16, panel)
+    frames = []
+    for t in range(t_total):
+        row = np.concatenate([np.kron(c[t], np.ones((scale, scale, 1), np.uint8)) for c in cols], axis=1)
+        if t < context:
+            note = f"frame {t}  context"
+        else:
+            rv = revisit is not None and bool(revisit[t - context])
+            note = f"frame {t}  generated" + ("  REVISIT" if rv else "")
+        footer = _label_strip([note], row.shape[1], 16, row.shape[1])
+        frames.append(np.concatenate([header, row, footer], axis=0))
+    try:
+        _atomic_write(path, lambda p: imageio.mimwrite(p, frames, fps=fps, macro_block_size=1,
+                                                       quality=8, format="FFMPEG"))
+        return path
+    except Exception:
+        gif = path.with_suffix(".gif")
+        _atomic_write(gif, lambda p: imageio.mimwrite(p, frames, duration=1000.0 / fps, loop=0, format="GIF"))
+        return gif
+
+
+def write_plot(path: Path, per_frame: dict[str, np.ndarray], revisit_frac: np.ndarray | None, context: int,
+               title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    idx = None
+    for name, vals in per_frame.items():
+        idx = context + np.arange(len(vals))
+        style = "--" if name in ("copy_last", "teacher_copy") else "-"
+        ax.plot(idx, vals, style, label=CONDITION_LABELS.get(name, name), lw=1.3)
+    if revisit_frac is not None and idx is not None and "multilevel" in per_frame:
+        sel = revisit_frac > 0
+        if sel.any():
+            ax.scatter(idx[sel], per_frame["multilevel"][sel], marker="o", s=14, c="k", zorder=5,
+                       label="revisit frames (any episode)")
+        ax2.bar(idx, revisit_frac, width=1.0, color="tab:gray")
+    ax2.set_ylabel("revisit\nfraction")
+    ax2.set_ylim(0, 1)
+    ax2.set_xlabel("frame index (context = frames 0..%d)" % (context - 1))
+    ax.set_ylabel("PSNR (dB), mean over episodes")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    _atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def results_markdown(res: dict[str, Any]) -> str:
+    gt = res.get("ground_truth") or {}
+    cfgd = res["config"]
+    lines = [f"# worldsim eval: {cfgd['checkpoint']}", ""]
+    lines.append(f"Test episodes: {gt.get('episodes_evaluated', 0)} from `{cfgd['dataset']}` "
+                 f"(split: {cfgd['dataset_split']}); "
+                 f"context K = {cfgd['context']}, generated G = {cfgd['generate']}, window W = {cfgd['window']}, "
+                 f"steps = {cfgd['steps']}, cfg = {cfgd['cfg']}, seed = {cfgd['seed']}. "
+                 f"LPIPS: {res['metrics']['lpips']['status']}.")
+    lines.append("")
+    lines.append("## Ground truth: generated frames vs recorded frames")
+    lines.append("")
+    lines.append("Overall = TECO protocol (mean over each episode's generated frames, then over episodes); "
+                 "revisit / rest = pooled over frames (revisit: pose within 0.5 cell and 30 deg of a context "
+                 "frame older than the short window).")
+    lines.append("")
+    lines.append("| condition | PSNR | SSIM | LPIPS | PSNR revisit | SSIM revisit | PSNR rest | SSIM rest | revisit / rest frames |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    agg = gt.get("summary", {})
+
+    def cell(entry: Any, key: str = "mean", digits: int = 2) -> str:
+        return _fmt(entry.get(key) if isinstance(entry, dict) else None, digits)
+
+    for name in CONDITIONS:
+        if name not in agg:
+            continue
+        a = agg[name]
+        nrev = a["psnr"]["revisit"]["n"] if a["psnr"]["revisit"] else None
+        nrest = a["psnr"]["rest"]["n"] if a["psnr"]["rest"] else None
+        lines.append(
+            f"| {CONDITION_LABELS[name]} | {_fmt(a['psnr']['overall'])} | {_fmt(a['ssim']['overall'], 3)} | "
+            f"{_fmt(a['lpips']['overall'], 3)} | {cell(a['psnr']['revisit'])} | {cell(a['ssim']['revisit'], digits=3)} | "
+            f"{cell(a['psnr']['rest'])} | {cell(a['ssim']['rest'], digits=3)} | "
+            f"{'n/a' if nrev is None else nrev} / {'n/a' if nrest is None else nrest} |")
+    lines.append(f"| *{PAPER['label']}* | *{PAPER['psnr']}* | *{PAPER['ssim']}* | *{PAPER['lpips']}* | | | | | |")
+    if (cfgd["context"], cfgd["generate"]) != (PAPER["context"], PAPER["generate"]):
+        lines.append("")
+        lines.append(f"Note: this run used {cfgd['context']} -> {cfgd['generate']} frames, not the paper's 144 -> 156.")
+    tf = gt.get("teacher_forced_summary")
+    if tf:
+        lines += ["", "## Teacher-forced next-frame prediction (ground-truth past)", "",
+                  "| condition | PSNR | SSIM | LPIPS | PSNR revisit | PSNR rest |", "|---|---|---|---|---|---|"]
+        for name in ("teacher_forced", "teacher_copy"):
+            a = tf[name]
+            lines.append(f"| {CONDITION_LABELS[name]} | {_fmt(a['psnr']['overall'])} | {_fmt(a['ssim']['overall'], 3)} | "
+                         f"{_fmt(a['lpips']['overall'], 3)} | {cell(a['psnr']['revisit'])} | {cell(a['psnr']['rest'])} |")
+    sc = res.get("self_consistency") or {}
+    lines += ["", "## Self-consistency in generated worlds (revisited view vs the model's own earlier frame)", ""]
+    if "summary" in sc:
+        lines.append(f"Full turn = {sc['full_turn_steps']} x turn_left; loops = {sc['loops']}; out-and-back k = "
+                     f"{sc['forward']}; poses from {sc['poses_from']}.")
+        lines.append("")
+        lines.append("| probe | condition | PSNR | SSIM | pairs | PSNR (pairs older than W) | pairs older than W |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for pname, per in sc["summary"].items():
+            for mode, row in per.items():
+                lines.append(f"| {pname} | {mode} | {cell(row['psnr'])} | {cell(row['ssim'], digits=3)} | {row['psnr']['n']} | "
+                             f"{cell(row['psnr_beyond_window'])} | {row['psnr_beyond_window']['n']} |")
+        if isinstance(sc.get("out_and_back"), str):
+            lines.append(f"\nout_and_back: {sc['out_and_back']}")
+    else:
+        lines.append(f"skipped: {sc.get('skipped', 'n/a')}")
+    lines += ["", "Metric definitions: " + res["metrics"]["definitions"]["psnr"] + " " + res["metrics"]["definitions"]["ssim"], ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _definitions() -> dict[str, str]:
+    return {
+        "psnr": f"PSNR: 10 log10(255^2 / MSE) per frame over all HxWx3 uint8 values, capped at {metrics.PSNR_CAP_DB:g} dB.",
+        "ssim": "SSIM: Gaussian 11x11 window, sigma 1.5, K1 0.01, K2 0.03, range 255, valid positions, "
+                "mean over positions then RGB channels (= tf.image.ssim / TECO; skimage gaussian_weights=True).",
+        "lpips": "LPIPS: AlexNet v0.1 (lpips package), inputs in [-1, 1], only from local weights.",
+        "overall": "Overall: mean of per-frame values over each episode's generated frames, then over episodes (TECO).",
+        "revisit": f"Revisit: pose within {metrics.REVISIT_DISTANCE_CELLS} cell and {metrics.REVISIT_YAW_DEGREES:g} deg "
+                   "(yaw wrapped) of a context frame with index < K - W; pooled over frames.",
+    }
+
+
+def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | None = None) -> dict[str, Any]:
+    """Run the whole evaluation and write every output into `cfg.out`; returns the results dict."""
+    import torch
+
+    t_start = time.perf_counter()
+    if cfg.context < 1 or cfg.generate < 1:
+        raise EvalError("--context and --generate must be >= 1")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % (2**32))
+
+    if world is None:
+        from worldsim.world import WorldModel
+
+        checkpoint_path = resolve_checkpoint(cfg.checkpoint)
+        world = WorldModel.load(checkpoint_path, device=cfg.device)
+    window = model_window(world)
+
+    ok, why = metrics.lpips_status()
+    lpips = None
+    if ok:
+        try:
+            lpips = metrics.Lpips(device="cpu")
+        except Exception as exc:  # broken install: report, never approximate
+            ok, why = False, f"failed to load ({type(exc).__name__}: {exc})"
+
+    # data
+    length = cfg.context + cfg.generate
+    if cfg.data is not None:
+        data_path = Path(cfg.data)
+        recorded = False
+    else:
+        data_path = out / "data"
+        record_test_episodes(world, data_path, cfg.episodes, cfg.record_length or length, cfg.seed, cfg.progress)
+        recorded = True
+    ds, split_note = load_test_split(data_path, world)
+    if len(ds) == 0:
+        raise EvalError(f"{data_path}: no episodes in the test split")
+    usable = [e for e in ds.episodes if e.length >= length]
+    if not usable:
+        raise EvalError(f"{data_path}: no test episode has {length} frames (context {cfg.context} + generate "
+                        f"{cfg.generate}); the longest has {max(e.length for e in ds.episodes)}")
+    chosen = usable[: cfg.episodes]
+    skipped = [e.id for e in ds.episodes if e.length < length]
+
+    per_ep_frames = cfg.generate * (len(GEN_CONDITIONS) + int(cfg.teacher_forcing))
+    bar = _progress(per_ep_frames * len(chosen), "eval", cfg.progress)
+    episodes: list[dict[str, Any]] = []
+    tf_episodes: list[dict[str, Any]] = []
+    videos: list[str] = []
+    timing = {"generate_s": 0.0, "frames": 0}
+    interrupted = False
+    try:
+        for i, info in enumerate(chosen):
+            ep = ds.load(info)
+            seed = cfg.seed + i
+            truth = ep.video[:length]
+            acts = ep.actions[:length]
+            poses = ep.poses[:length] if ep.poses is not None else None
+            gens: dict[str, np.ndarray] = {}
+            t0 = time.perf_counter()
+            for mode in GEN_CONDITIONS:
+                gens[mode] = generate(world, truth, acts, cfg.context, cfg.generate, mode, cfg.steps, cfg.cfg, seed, bar)
+            timing["generate_s"] += time.perf_counter() - t0
+            timing["frames"] += cfg.generate * len(GEN_CONDITIONS)
+            gens["copy_last"] = copy_last(truth, cfg.context, cfg.generate)
+            scored = score_episode(truth, gens, poses, cfg.context, window, lpips)
+            scored.update(id=ep.id, maze_seed=ep.maze_seed, seed=seed, length=len(ep))
+            episodes.append(scored)
+            if cfg.teacher_forcing:
+                tf = teacher_forced(world, truth, acts, cfg.context, cfg.generate, cfg.steps, cfg.cfg, seed, bar)
+                tgen = {"teacher_forced": tf, "teacher_copy": truth[cfg.context - 1:length - 1]}
+                tsc = score_episode(truth, tgen, poses, cfg.context, window, lpips)
+                tsc.update(id=ep.id)
+                tf_episodes.append(tsc)
+            if i < cfg.videos:
+                vpath = write_video(out / f"episode_{ep.id}.mp4", truth, gens, cfg.context, scored["revisit"])
+                videos.append(vpath.name)
+    except KeyboardInterrupt:  # keep what is done: finish the outputs for the episodes so far
+        interrupted = True
+    finally:
+        bar.close()
+
+    if cfg.teacher_forcing and len(tf_episodes) != len(episodes):  # interrupted between the two
+        episodes = episodes[: len(tf_episodes)]
+    if not episodes:  # interrupted before one episode was done: nothing to write
+        raise KeyboardInterrupt
+    lpips_on = lpips is not None
+    summary = aggregate(episodes, CONDITIONS, lpips_on)
+    tf_summary = aggregate(tf_episodes, ("teacher_forced", "teacher_copy"), lpips_on) if tf_episodes else None
+
+    sc: dict[str, Any] = {"skipped": "interrupted"}
+    if not interrupted:
+        try:
+            sc = self_consistency(world, cfg, ds, cfg.progress)
+        except KeyboardInterrupt:
+            interrupted = True
+
+    def ep_json(e: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in e.items() if k != "conditions"} | {"per_frame": e["conditions"]}
+
+    world_config = getattr(world, "config", None)
+    results = {
+        "format": RESULTS_FORMAT, "format_version": RESULTS_VERSION, "interrupted": interrupted,
+        "config": asdict(cfg) | {
+            "checkpoint": str(checkpoint_path) if checkpoint_path is not None else None,
+            "checkpoint_config": world_config,
+            "dataset": str(data_path), "dataset_recorded_here": recorded,
+            "dataset_simulator": ds.simulator, "dataset_split": split_note,
+            "episode_ids": [e.id for e in chosen], "skipped_short_episodes": skipped,
+            "session_seeds": [cfg.seed + i for i in range(len(chosen))],
+            "window": window, "resolution": list(world.resolution), "action_names": list(world.action_names),
+            "conditions": {k: CONDITION_LABELS[k] for k in CONDITIONS},
+        },
+        "metrics": {"definitions": _definitions(),
+                    "lpips": {"available": lpips_on, "status": why if lpips_on else f"unavailable: {why}"}},
+        "paper": PAPER,
+        "ground_truth": {
+            "episodes_evaluated": len(episodes),
+            "summary": summary,
+            "teacher_forced_summary": tf_summary,
+            "episodes": [ep_json(e) for e in episodes],
+            "teacher_forced_episodes": [ep_json(e) for e in tf_episodes],
+        },
+        "self_consistency": sc,
+        "outputs": {"json": "results.json", "markdown": "results.md", "plot": "psnr_vs_frame.png", "videos": videos},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                        "device": str(cfg.device or getattr(world, "device", "auto"))},
+        "timing": {"generate_s": timing["generate_s"],
+                   "s_per_generated_frame": timing["generate_s"] / max(1, timing["frames"]),
+                   "total_s": time.perf_counter() - t_start},
+    }
+    results = _jsonable(results)
+
+    # plot: mean per-frame PSNR per condition
+    per_frame = {name: np.mean([e["conditions"][name]["psnr"] for e in episodes], axis=0) for name in CONDITIONS}
+    if tf_episodes:
+        for name in ("teacher_forced", "teacher_copy"):
+            per_frame[name] = np.mean([e["conditions"][name]["psnr"] for e in tf_episodes], axis=0)
+    rfrac = (np.mean([e["revisit"] for e in episodes], axis=0) if all(e["revisit"] is not None for e in episodes)
+             else None)
+    write_plot(out / "psnr_vs_frame.png", per_frame, rfrac, cfg.context,
+               f"PSNR per generated frame ({len(episodes)} test episodes, K={cfg.context}, W={window})")
+    _write_text(out / "results.md", results_markdown(results))
+    _write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=False) + "\n")
+    return results
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_arguments(parser, EvalConfig)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = dataclass_from_args(EvalConfig, args)
+    try:
+        results = run_eval(cfg)
+    except EvalError as exc:
+        print(f"worldsim eval: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from worldsim.dataset import DatasetError
+
+        if isinstance(exc, DatasetError) or type(exc).__name__ in ("CheckpointError", "RecordError", "CheckpointNotFound"):
+            print(f"worldsim eval: {exc}", file=sys.stderr)
+            return 2
+        raise
+    print((Path(cfg.out) / "results.md").read_text())
+    if results.get("interrupted"):
+        print(f"worldsim eval: interrupted; results for the {results['ground_truth']['episodes_evaluated']} finished "
+              f"episode(s) are in {cfg.out}", file=sys.stderr)
+        return 130
+    print(f"wrote {cfg.out}/results.json, results.md, psnr_vs_frame.png and "
+          f"{len(results['outputs']['videos'])} video(s)")
+    return 0

@@ -1,0 +1,238 @@
+"""Frame metrics (PSNR, SSIM, LPIPS where installed) and the revisit rule.
+
+Everything here is a pure function of arrays, so the evaluation can score any "generated"
+frames against any ground truth (a test feeds the ground truth itself and gets perfect scores).
+
+Definitions (the ones FAR's table uses, i.e. TECO's ``teco/metrics.py``):
+
+* **PSNR** per frame: ``10 * log10(255^2 / MSE)`` with the MSE over all H*W*3 values of the
+  uint8 frames (equivalently ``[0, 1]`` images with peak 1). Identical frames have an infinite
+  PSNR; we *cap* every per-frame value at :data:`PSNR_CAP_DB` = 100 dB (MSE below
+  ``255^2 * 1e-10``) so that means stay finite and the JSON stays valid JSON.
+* **SSIM** per frame (Wang et al. 2004, as ``tf.image.ssim`` and TECO): an 11x11 Gaussian
+  window with sigma 1.5 (normalised), K1 = 0.01, K2 = 0.03, dynamic range 255, population
+  (not sample) statistics, the SSIM map computed only where the window fits inside the
+  image ("valid", 54x54 positions on 64x64), averaged over positions and then over the three
+  RGB channels. This equals ``skimage.metrics.structural_similarity(a, b, channel_axis=-1,
+  data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)``; the tests
+  check it against scikit-image when that is installed.
+* **LPIPS** (Zhang et al. 2018, AlexNet, v0.1 linear layers, inputs scaled to [-1, 1]) only
+  when the ``lpips`` package *and* both of its weight files (the linear layers shipped in the
+  package and torchvision's AlexNet backbone in the torch hub cache) are already on disk.
+  Nothing is downloaded; otherwise LPIPS is reported as unavailable, never approximated.
+
+Revisit rule (:func:`revisit_mask`): a generated frame is a revisit when its pose is within
+0.5 cell (Euclidean distance of (x, y) in maze cells, inclusive) and 30 degrees (absolute
+yaw difference wrapped to [-pi, pi], inclusive) of some context frame with index
+``< context - window``, i.e. a frame that has already left the model's short window when the
+first frame is generated.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PSNR_CAP_DB = 100.0
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+REVISIT_DISTANCE_CELLS = 0.5
+REVISIT_YAW_DEGREES = 30.0
+
+
+def _as_frames(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"{name}: expected frames [N, H, W, 3] or [H, W, 3], got shape {list(x.shape)}")
+    return x
+
+
+def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    single = np.asarray(a).ndim == 3
+    a, b = _as_frames(a, "first"), _as_frames(b, "second")
+    if a.shape != b.shape:
+        raise ValueError(f"frame shapes differ: {list(a.shape)} vs {list(b.shape)}")
+    return a, b, single
+
+
+def mse(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Mean squared error per frame, in (0..255)^2 units (float64)."""
+    a, b, single = _pair(a, b)
+    d = a.astype(np.float64) - b.astype(np.float64)
+    out = np.mean(d * d, axis=(1, 2, 3))
+    return out[0] if single else out
+
+
+def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> np.ndarray:
+    """PSNR in dB per frame (``[N,H,W,3]`` -> ``[N]``; one frame -> a scalar), capped at 100 dB."""
+    m = np.asarray(mse(a, b), dtype=np.float64)
+    floor = data_range**2 * 10.0 ** (-PSNR_CAP_DB / 10.0)
+    with np.errstate(divide="ignore"):
+        val = 10.0 * np.log10(data_range**2 / np.maximum(m, floor))
+    return np.minimum(val, PSNR_CAP_DB)
+
+
+def _gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> np.ndarray:
+    coords = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+    g = np.exp(-0.5 * coords**2 / sigma**2)
+    return g / g.sum()
+
+
+def _valid_filter_matrix(n: int, g: np.ndarray) -> np.ndarray:
+    """[n, n - len(g) + 1] matrix M with (x @ M)[j] = sum_k g[k] x[j + k] (valid correlation)."""
+    m = np.zeros((n, n - len(g) + 1), dtype=np.float64)
+    for j in range(m.shape[1]):
+        m[j:j + len(g), j] = g
+    return m
+
+
+def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0, win_size: int = SSIM_WINDOW,
+         sigma: float = SSIM_SIGMA, batch: int = 64) -> np.ndarray:
+    """SSIM per frame (Gaussian 11x11, sigma 1.5, valid positions, channel-averaged), float64."""
+    a, b, single = _pair(a, b)
+    n, h, w, c = a.shape
+    if h < win_size or w < win_size:
+        raise ValueError(f"SSIM needs frames of at least {win_size}x{win_size}, got {h}x{w}")
+    g = _gaussian_window(win_size, sigma)
+    mw = _valid_filter_matrix(w, g)  # separable Gaussian as two small matrix products (BLAS)
+    mh = _valid_filter_matrix(h, g)
+    c1 = (SSIM_K1 * data_range) ** 2
+    c2 = (SSIM_K2 * data_range) ** 2
+
+    def blur(x: np.ndarray) -> np.ndarray:  # [B, C, H, W] -> [B, C, W', H'] (transposed; only means are taken)
+        bsz = x.shape[0]
+        t = (x.reshape(-1, w) @ mw).reshape(bsz, c, h, -1).swapaxes(2, 3)
+        return (t.reshape(-1, h) @ mh).reshape(bsz, c, t.shape[2], -1)
+
+    out = np.empty(n, dtype=np.float64)
+    for s in range(0, n, batch):
+        x = np.moveaxis(a[s:s + batch].astype(np.float64), -1, 1)
+        y = np.moveaxis(b[s:s + batch].astype(np.float64), -1, 1)
+        mx, my = blur(x), blur(y)
+        vx = blur(x * x) - mx * mx
+        vy = blur(y * y) - my * my
+        cxy = blur(x * y) - mx * my
+        smap = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+        out[s:s + batch] = smap.mean(axis=(2, 3)).mean(axis=1)
+    return out[0] if single else out
+
+
+# ----------------------------------------------------------------------------- LPIPS
+
+
+def lpips_status() -> tuple[bool, str]:
+    """Whether LPIPS can run from files already on disk (never downloads), and why not."""
+    try:
+        import lpips  # type: ignore[import-not-found]
+    except Exception as exc:  # ImportError, or a broken install
+        return False, f"the 'lpips' package is not installed ({type(exc).__name__})"
+    linear = Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth"
+    if not linear.is_file():
+        return False, f"LPIPS linear weights not found at {linear}"
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    backbone = sorted(hub.glob("alexnet-*.pth")) if hub.is_dir() else []
+    if not backbone:
+        return False, f"torchvision AlexNet weights not found in {hub} (would need a download)"
+    return True, f"lpips {getattr(lpips, '__version__', '?')} alex v0.1 ({linear}, {backbone[0]})"
+
+
+class Lpips:
+    """LPIPS-Alex scorer built only from local files (check :func:`lpips_status` first)."""
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        ok, why = lpips_status()
+        if not ok:
+            raise RuntimeError(f"LPIPS unavailable: {why}")
+        import lpips  # type: ignore[import-not-found]
+
+        os.environ.setdefault("TORCH_HUB_OFFLINE", "1")
+        self.device = torch.device(device)
+        self.net = lpips.LPIPS(net="alex", version="0.1", verbose=False).to(self.device).eval()
+
+    @torch.no_grad()
+    def __call__(self, a: np.ndarray, b: np.ndarray, batch: int = 64) -> np.ndarray:
+        a, b, single = _pair(a, b)
+        out = []
+        for s in range(0, len(a), batch):
+            x = torch.from_numpy(a[s:s + batch]).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+            y = torch.from_numpy(b[s:s + batch]).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+            out.append(self.net(x, y).flatten().double().cpu().numpy())
+        res = np.concatenate(out) if out else np.zeros(0)
+        return res[0] if single else res
+
+
+def score_frames(generated: np.ndarray, truth: np.ndarray, lpips: Lpips | None = None) -> dict[str, np.ndarray]:
+    """Per-frame ``psnr``, ``ssim`` (and ``lpips`` when a scorer is given) of any frames vs truth."""
+    generated, truth, _ = _pair(generated, truth)
+    out = {"psnr": psnr(generated, truth), "ssim": ssim(generated, truth)}
+    if lpips is not None:
+        out["lpips"] = lpips(generated, truth)
+    return out
+
+
+# ----------------------------------------------------------------------------- poses
+
+
+def wrap_angle(a: np.ndarray | float) -> np.ndarray:
+    """Angles wrapped to [-pi, pi)."""
+    return (np.asarray(a, dtype=np.float64) + np.pi) % (2 * np.pi) - np.pi
+
+
+def pose_match(p: np.ndarray, q: np.ndarray, distance: float, yaw_degrees: float) -> np.ndarray:
+    """Boolean [..] matrix: pose p[i] within `distance` cells and `yaw_degrees` of q[j]."""
+    p = np.asarray(p, dtype=np.float64)[:, None, :]
+    q = np.asarray(q, dtype=np.float64)[None, :, :]
+    dist = np.hypot(p[..., 0] - q[..., 0], p[..., 1] - q[..., 1])
+    dyaw = np.abs(wrap_angle(p[..., 2] - q[..., 2]))
+    return (dist <= distance + 1e-9) & (dyaw <= math.radians(yaw_degrees) + 1e-9)
+
+
+def revisit_mask(poses: np.ndarray, context: int, window: int,
+                 distance: float = REVISIT_DISTANCE_CELLS,
+                 yaw_degrees: float = REVISIT_YAW_DEGREES) -> tuple[np.ndarray, np.ndarray]:
+    """Which generated frames revisit a place seen only in the long-term context.
+
+    ``poses`` float [T, 3] (x, y in cells, yaw in radians) of the whole episode; frames
+    ``context..T-1`` are the generated ones. Returns ``(mask [T - context] bool,
+    source [T - context] int)``: ``source`` is the index of the closest matching old context
+    frame (smallest position distance, then yaw; -1 where there is none). Old context frames
+    are those with index ``< context - window``; with ``context <= window`` nothing is a revisit.
+    """
+    poses = np.asarray(poses, dtype=np.float64)
+    if poses.ndim != 2 or poses.shape[1] != 3:
+        raise ValueError(f"poses must be [T, 3], got {list(poses.shape)}")
+    if not 0 <= context <= len(poses):
+        raise ValueError(f"context {context} outside the {len(poses)} poses")
+    gen = poses[context:]
+    n_old = max(0, context - int(window))
+    mask = np.zeros(len(gen), dtype=bool)
+    source = np.full(len(gen), -1, dtype=np.int64)
+    if n_old == 0 or len(gen) == 0:
+        return mask, source
+    old = poses[:n_old]
+    match = pose_match(gen, old, distance, yaw_degrees)
+    mask = match.any(axis=1)
+    dist = np.hypot(gen[:, None, 0] - old[None, :, 0], gen[:, None, 1] - old[None, :, 1])
+    dyaw = np.abs(wrap_angle(gen[:, None, 2] - old[None, :, 2]))
+    cost = np.where(match, dist + 1e-3 * dyaw, np.inf)
+    best = np.argmin(cost, axis=1)
+    source[mask] = best[mask]
+    return mask, source
+
+
+def summarize(values: np.ndarray, mask: np.ndarray | None = None) -> dict[str, Any]:
+    """Mean, standard deviation and count of `values[mask]` (None where empty)."""
+    v = np.asarray(values, dtype=np.float64)
+    if mask is not None:
+        v = v[np.asarray(mask, dtype=bool)]
+    if v.size == 0:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std()), "n": int(v.size)}
