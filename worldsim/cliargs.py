@@ -61,7 +61,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
         required = (field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING  # type: ignore[misc]
                     and not optional)
         default_text = "none" if default is None else default
-        kwargs["help"] = help_text if required else f"{help_text} (default: {default_text})".strip()
+        # a help text that explains its own default (e.g. "default: the checkpoint's") keeps it
+        explains_default = "default" in help_text.lower()
+        kwargs["help"] = help_text if required or explains_default else f"{help_text} (default: {default_text})".strip()
         if required:
             kwargs["required"] = True
         parser.add_argument(flag, **kwargs)
