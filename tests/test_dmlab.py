@@ -207,6 +207,20 @@ def test_standin_records_through_the_recorder(standin, tmp_path, policy):
     allowed = {(0,) * 7, (0, 0, 0, 1, 0, 0, 0), (0, 0, 0, -1, 0, 0, 0), (-20, 0, 0, 0, 0, 0, 0),
                (20, 0, 0, 0, 0, 0, 0)}
     assert all(tuple(v.tolist()) in allowed for lab in labs for v, _ in lab.steps)
+    if policy == "random":
+        _trainer_accepts(out, tmp_path / "run", ACTION_NAMES)
+
+
+def _trainer_accepts(dataset, run, action_names) -> None:
+    """The trainer fits a few steps on the dataset and the exported checkpoint speaks its actions."""
+    from worldsim.cli import main
+    from worldsim.world import WorldModel
+
+    rc = main(["train", "--data", str(dataset), "--out", str(run), "--preset", "tiny", "--threads", "1",
+               "--progress", "false", "--ae-steps", "2", "--far-steps", "2", "--seq-len", "6"])
+    assert rc == 0
+    world = WorldModel.load(run / "checkpoint", device="cpu")
+    assert world.action_names == tuple(action_names)
 
 
 def test_parse_layout_pads_ragged_lines():

@@ -161,3 +161,13 @@ def test_records_through_the_recorder(tmp_path, policy, close_recorder_env):
     assert poses.shape == (16, 3) and poses.dtype == np.float32
     assert np.abs(np.diff(poses[:, :2], axis=0)).max() < 1.0   # moves continuously
     assert len({a for a in actions[1:]}) >= 2
+
+    # the trainer accepts the dataset, and its checkpoint speaks Memory Maze's six actions
+    from worldsim.cli import main
+    from worldsim.world import WorldModel
+
+    run = tmp_path / "run"
+    rc = main(["train", "--data", str(out), "--out", str(run), "--preset", "tiny", "--threads", "1",
+               "--progress", "false", "--ae-steps", "2", "--far-steps", "2", "--seq-len", "6"])
+    assert rc == 0
+    assert WorldModel.load(run / "checkpoint", device="cpu").action_names == MemoryMazeEnv.action_names
