@@ -321,7 +321,6 @@ def record(cfg: RecordConfig) -> dict[str, Any]:
     settings = parse_env_args(cfg.env_arg)
     out = Path(cfg.out)
     index_path = out / INDEX_NAME
-    episodes_dir = out / EPISODES_DIR
     if out.exists() and not out.is_dir():
         raise RecordError(f"{out}: exists and is not a folder")
     if out.is_dir() and not index_path.exists() and any(

@@ -45,10 +45,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -129,22 +127,11 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` to a temporary file beside `path` (same extension), then rename it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """`write(tmp)` to a temp file beside `path` with the same extension (imageio and
+    matplotlib pick the format from it), then rename it over `path`."""
+    from worldsim.dataset import atomic_write
+
+    atomic_write(path, write, suffix=".tmp" + Path(path).suffix)
 
 
 def _write_text(path: Path, text: str) -> None:
