@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _eval_fixtures import FakeWorld, record_tiny_dataset, save_tiny_checkpoint  # noqa: E402
 
 from worldsim import evaluate  # noqa: E402
+from worldsim.metrics import PSNR_CAP_DB  # noqa: E402
 from worldsim.evaluate import EvalConfig, EvalError, probe_pairs, run_eval, score_episode  # noqa: E402
 from worldsim.metrics import PSNR_CAP_DB  # noqa: E402
 
@@ -99,7 +100,9 @@ def test_end_to_end_with_a_stand_in_model(tiny_data, tmp_path):
     assert sorted(set(s for _, s in world.sessions)) == [0, 1]
     assert {m for m, _ in world.sessions} == {"multilevel", "sliding"}
     summary = res["ground_truth"]["summary"]
-    assert set(summary) == {"multilevel", "sliding", "copy_last"}
+    assert set(summary) == {"multilevel", "sliding", "copy_last", "autoencoder"}
+    # the stand-in has no autoencoder: its "reconstruction" is the ground truth itself
+    assert summary["autoencoder"]["psnr"]["overall"] == pytest.approx(PSNR_CAP_DB)
     assert res["metrics"]["lpips"]["available"] in (True, False)
     md = (tmp_path / "a" / "results.md").read_text()
     assert "22.3" in md and "paper" in md and "copy last context frame" in md

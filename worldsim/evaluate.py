@@ -10,7 +10,8 @@
 
    * `multilevel`  FAR with its full long context (multi-level KV cache: L1 window + L2);
    * `sliding`     the same model and seed with only the short window (no L2);
-   * `copy_last`   the floor: the last context frame repeated.
+   * `copy_last`   the floor: the last context frame repeated;
+   * `autoencoder` the ceiling: the ground truth encoded and decoded by the autoencoder.
 
    Teacher forcing: each frame predicted from the ground-truth past (`Session.predict`, then
    `Session.append(gt)`), multilevel cache, next to its own floor (the previous GT frame).
@@ -58,8 +59,9 @@ from worldsim import metrics
 from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
 
 GEN_CONDITIONS = ("multilevel", "sliding")  # model conditions of the ground-truth protocol
-CONDITIONS = GEN_CONDITIONS + ("copy_last",)
+CONDITIONS = GEN_CONDITIONS + ("copy_last", "autoencoder")
 CONDITION_LABELS = {
+    "autoencoder": "ceiling: autoencoder reconstruction of the ground truth",
     "multilevel": "FAR, full long context (multilevel)",
     "sliding": "same model, sliding window only (no L2)",
     "copy_last": "floor: copy last context frame",
@@ -304,6 +306,14 @@ def teacher_forced(world: Any, video: np.ndarray, actions: np.ndarray, context: 
 
 def copy_last(video: np.ndarray, context: int, count: int) -> np.ndarray:
     return np.repeat(video[context - 1:context], count, axis=0)
+
+
+def autoencoded(world: Any, video: np.ndarray, context: int, count: int) -> np.ndarray:
+    """The ground truth through the autoencoder: no generation can score above it."""
+    frames = video[context:context + count]
+    if not hasattr(world, "encode"):  # a stand-in world without an autoencoder
+        return frames
+    return world.decode(world.encode(frames))
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -572,7 +582,7 @@ def write_plot(path: Path, per_frame: dict[str, np.ndarray], revisit_frac: np.nd
     idx = None
     for name, vals in per_frame.items():
         idx = context + np.arange(len(vals))
-        style = "--" if name in ("copy_last", "teacher_copy") else "-"
+        style = "--" if name in ("copy_last", "teacher_copy") else ":" if name == "autoencoder" else "-"
         ax.plot(idx, vals, style, label=CONDITION_LABELS.get(name, name), lw=1.3)
     if revisit_frac is not None and idx is not None and "multilevel" in per_frame:
         sel = revisit_frac > 0
@@ -740,6 +750,7 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             timing["generate_s"] += time.perf_counter() - t0
             timing["frames"] += cfg.generate * len(GEN_CONDITIONS)
             gens["copy_last"] = copy_last(truth, cfg.context, cfg.generate)
+            gens["autoencoder"] = autoencoded(world, truth, cfg.context, cfg.generate)
             scored = score_episode(truth, gens, poses, cfg.context, window, lpips)
             scored.update(id=ep.id, maze_seed=ep.maze_seed, seed=seed, length=len(ep))
             episodes.append(scored)
