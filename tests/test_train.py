@@ -270,7 +270,7 @@ def test_val_split_taken_from_the_dataset_that_holds_it(tmp_path):
     from worldsim.cli import main as cli_main
     from worldsim.latents import load_frames
 
-    common = ["--env-arg", "resolution=16", "--length", "6", "--workers", "1", "--progress", "false"]
+    common = ["--env-arg", "resolution=32", "--length", "6", "--workers", "1", "--progress", "false"]
     assert cli_main(["record", "--out", str(tmp_path / "tr"), "--episodes", "2", "--split", "train", *common]) == 0
     assert cli_main(["record", "--out", str(tmp_path / "va"), "--episodes", "1", "--split", "val", *common]) == 0
     warnings: list[str] = []
@@ -280,3 +280,10 @@ def test_val_split_taken_from_the_dataset_that_holds_it(tmp_path):
     # with no val mazes anywhere, the training episodes stand in, with a warning
     val = load_frames([str(tmp_path / "tr")], "val", warn=warnings.append)
     assert len(val.videos) == 2 and warnings
+    # and the far stage trains on the train-only dataset while validating on the val-only one
+    run = tmp_path / "run"
+    assert cli_main(["train", "--data", str(tmp_path / "tr"), str(tmp_path / "va"), "--out", str(run), *FAST,
+                     "--ae-steps", "2", "--far-steps", "2", "--seq-len", "4"]) == 0
+    caches = sorted(p.name for p in (run / "latents").glob("*.json"))
+    assert len(caches) == 2 and any(n.startswith("tr-") and "-train-" in n for n in caches) \
+        and any(n.startswith("va-") and "-val-" in n for n in caches)

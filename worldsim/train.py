@@ -1005,7 +1005,15 @@ def build_latents(trainer: Trainer, run: RunConfig, data: DataInfo, ae: nn.Modul
         return ae.encode(x).float().cpu().numpy()
 
     store = LatentStore()
-    for path in cfg.data:
+    paths = list(cfg.data)
+    if split != "train":
+        # a val dataset beside train-only datasets: take the split from the datasets that hold
+        # it (the others would fall back to their training episodes)
+        from worldsim.latents import names_for, open_split
+
+        holding = [p for p in paths if open_split(p, split, names_for(p, data.action_names), fallback=False)[1]]
+        paths = holding or paths
+    for path in paths:
         cached = load_cached(cache_dir, path, split, ae_hash)
         if cached is None:
             if dist.is_main:
@@ -1016,11 +1024,10 @@ def build_latents(trainer: Trainer, run: RunConfig, data: DataInfo, ae: nn.Modul
                                 progress=_progress(dist, cfg, f"encode {split}"))
             dist.barrier()
             cached = load_cached(cache_dir, path, split, ae_hash)
-        if cached is None:
-            if split == "train":
-                raise TrainError(f"{path}: no {split} frames to train on")
-            continue
-        store.extend(cached)
+        if cached is not None:
+            store.extend(cached)
+    if split == "train" and not store.latents:
+        raise TrainError(f"no train frames to train on in {', '.join(map(str, cfg.data))}")
     return store
 
 
