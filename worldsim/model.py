@@ -16,9 +16,19 @@ API
       .predict_frame(x_t [B,C,h,w], t [B], action [B], frame_index, past_kv, aug=None) -> [B,C,h,w]
       .frame_kv(latents [B,F,C,h,w], actions [B,F], start_frame, past_kv, coarse=False, aug=None)
           -> new_kv of clean context frames (fine, or re-encoded coarsely for L2).
+      .frames_kv([(latents, actions, aug, start_frame, coarse), ...], past_kv) -> [new_kv per part]
+          several groups (coarse first) in one pass, e.g. a frame entering L2 + the window re-encoded.
+      The cached entry points (forward_frames, predict_frame, frame_kv, frames_kv) run an
+      inference twin of the blocks (FARBlock.infer): same math as forward(), with memoised
+      per-frame adaLN modulations and RoPE tables, one additive mask per call and the cache
+      attended in place (KVBuffer) - training (forward) is untouched.
       .null_action: int  (= num_actions, the CFG null class)
     pick_device(device=None) -> torch.device;  autocast(device) -> context manager (bf16 on CUDA)
     concat_kv(a, b) -> per-layer concatenation of two KV lists along the token axis
+    KVBuffer: one layer's growable key/value store for cached inference (see its docstring);
+      a list of them (one per block) may be passed wherever past_kv is taken. A block then writes
+      its new keys/values into the buffer's spare tail and attends to the stored prefix + them,
+      instead of concatenating the cache with them at every call (every denoising step).
 
 Faithful to FAR: AdaLN-Zero DiT blocks, RMS-normed q/k, 3-axis RoPE (time, row, col),
 frame-causal attention (full inside a frame), one timestep per frame with distinct values for
@@ -130,6 +140,181 @@ def concat_kv(a: KV | None, b: KV | None) -> KV | None:
     return [(torch.cat([ka, kb], dim=2), torch.cat([va, vb], dim=2)) for (ka, va), (kb, vb) in zip(a, b)]
 
 
+class KVBuffer:
+    """Keys/values of one layer for cached inference, stored in place with room to grow.
+
+    Storage k, v: (B, H, capacity, Dh); the first `length` tokens are the cache. `append` copies
+    only the new tokens (capacity grows by half when full, so memory grows by the appended
+    tokens' bytes, amortised). `attend(q, k_new, v_new)` is the cached attention of a block: it
+    writes the new tokens' keys/values into the spare tail (scratch, `length` is unchanged) and
+    attends to the contiguous prefix cache + new, so the fixed cache is never copied per call -
+    exactly the attention over torch.cat([cache, new]). Queries batched as m x B (the CFG
+    conditional / null halves over a cache of batch B) share the one cache instead of an m-fold
+    copy: on CPU as one attention call of all halves' queries over [cache | new_1 | .. | new_m]
+    with each half masked off the others' new keys (one read of the cache), elsewhere as m calls.
+    From SPLIT_ATTENTION_MIN cached tokens on (CPU, fp32, no grad), masked or CFG-batched calls
+    attend to the cache and to the new tokens in two flash passes merged by log-sum-exp (the
+    same softmax, ~1e-7 apart; no (queries x cache) mask to read per head)."""
+
+    __slots__ = ("k", "v", "length")
+
+    def __init__(self, k: torch.Tensor | None = None, v: torch.Tensor | None = None):
+        self.k, self.v, self.length = None, None, 0
+        if k is not None:
+            self.append(k, v)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.k[:, :, : self.length]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.v[:, :, : self.length]
+
+    def nbytes(self, capacity: bool = False) -> int:
+        if self.k is None:
+            return 0
+        tokens = self.capacity if capacity else self.length
+        return 2 * self.k[:, :, :1].numel() * tokens * self.k.element_size()
+
+    def reserve(self, n: int, like: torch.Tensor) -> None:
+        """Make room for n more tokens after `length` (storage shaped/typed like `like` (B,H,*,Dh))."""
+        need = self.length + n
+        if self.k is not None and need <= self.capacity:
+            return
+        cap = max(need, self.capacity + self.capacity // 2, 64)
+        B, H, _, Dh = like.shape if self.k is None else self.k.shape
+        dtype, device = (like.dtype, like.device) if self.k is None else (self.k.dtype, self.k.device)
+        k, v = torch.empty(B, H, cap, Dh, dtype=dtype, device=device), torch.empty(B, H, cap, Dh, dtype=dtype, device=device)
+        if self.length:
+            k[:, :, : self.length] = self.keys
+            v[:, :, : self.length] = self.values
+        self.k, self.v = k, v
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        n = k.shape[2]
+        self.reserve(n, k)
+        self.k[:, :, self.length : self.length + n] = k
+        self.v[:, :, self.length : self.length + n] = v
+        self.length += n
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate {self.length} cached tokens to {length}")
+        self.length = length
+
+    def clone(self) -> "KVBuffer":
+        twin = KVBuffer()
+        if self.k is not None:
+            twin.k, twin.v, twin.length = self.k.clone(), self.v.clone(), self.length
+        return twin
+
+    def attend(
+        self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """softmax(q [cache, new]^T) [cache, new]: q (Bq, H, Lq, Dh), k_new/v_new (Bq, H, n, Dh)."""
+        n, L = k_new.shape[2], self.length
+        if self.k is None:
+            return F.scaled_dot_product_attention(q, k_new, v_new, attn_mask=mask)
+        B = self.k.shape[0]
+        m = q.shape[0] // B
+        if L >= SPLIT_ATTENTION_MIN and (m > 1 or mask is not None) and _split_ok(q):
+            return self._attend_split(q, k_new, v_new, mask, m)
+        if m == 1:
+            self.reserve(n, k_new)
+            self.k[:, :, L : L + n] = k_new
+            self.v[:, :, L : L + n] = v_new
+            return F.scaled_dot_product_attention(q, self.k[:, :, : L + n], self.v[:, :, : L + n], attn_mask=mask)
+        self.reserve(m * n, k_new)
+        if mask is not None or q.device.type != "cpu":  # one pass per CFG half over the shared cache
+            k_all, v_all = self.k[:, :, : L + n], self.v[:, :, : L + n]
+            outs = []
+            for i in range(0, q.shape[0], B):
+                k_all[:, :, L:] = k_new[i : i + B]
+                v_all[:, :, L:] = v_new[i : i + B]
+                outs.append(F.scaled_dot_product_attention(q[i : i + B], k_all, v_all, attn_mask=mask))
+            return torch.cat(outs)
+        # the m halves' queries in one pass over the cache: keys [cache | new_1 | ... | new_m],
+        # half i masked off the other halves' new keys (exp(-inf) = 0: the same attention)
+        Lq = q.shape[2]
+        for i in range(m):
+            self.k[:, :, L + i * n : L + (i + 1) * n] = k_new[i * B : (i + 1) * B]
+            self.v[:, :, L + i * n : L + (i + 1) * n] = v_new[i * B : (i + 1) * B]
+        qf = torch.cat(q.split(B), dim=2)  # (B, H, m*Lq, Dh)
+        o = F.scaled_dot_product_attention(
+            qf, self.k[:, :, : L + m * n], self.v[:, :, : L + m * n], attn_mask=_halves_mask(L, m, n, Lq, q.dtype, q.device)
+        )
+        return torch.cat(o.split(Lq, dim=2))
+
+
+    def _attend_split(self, q, k_new, v_new, mask, m: int) -> torch.Tensor:
+        """Long caches on CPU: attention over the cache (unmasked: every new token sees all of it)
+        and over the new tokens (masked) as two flash passes merged by their log-sum-exps, which
+        is the same softmax without an (Lq, cache) mask read per head; the CFG halves' queries
+        share the cache pass."""
+        B, Lq = self.k.shape[0], q.shape[2]
+        kc, vc = self.keys, self.values
+        if m == 1:
+            o1, l1 = _flash_lse(q, kc, vc)
+            o2, l2 = _flash_lse(q, k_new, v_new, None if mask is None else mask[:, self.length :])
+            return _merge_lse(o1, l1, o2, l2)
+        if mask is not None:  # several frames' queries per CFG half: a pass per half
+            return torch.cat([self._attend_split(q[i : i + B], k_new[i : i + B], v_new[i : i + B], mask, 1)
+                              for i in range(0, q.shape[0], B)])
+        o1, l1 = _flash_lse(torch.cat(q.split(B), dim=2), kc, vc)  # (B, H, m*Lq, Dh)
+        o1, l1 = torch.cat(o1.split(Lq, dim=2)), torch.cat(l1.split(Lq, dim=2))  # (m*B, H, Lq, .)
+        o2, l2 = _flash_lse(q, k_new, v_new)  # each half with its own new keys
+        return _merge_lse(o1, l1, o2, l2)
+
+
+SPLIT_ATTENTION_MIN = 1024  # cached tokens from which KVBuffer.attend splits cache / new on CPU
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _split_ok(q: torch.Tensor) -> bool:
+    return _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype == torch.float32 and not torch.is_grad_enabled()
+
+
+def _flash_lse(q, k, v, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash attention on CPU with its log-sum-exp per query: (B, H, Lq, Dh), (B, H, Lq)."""
+    out = _FLASH_CPU(q, k, v, attn_mask=mask)
+    return out[0], out[1]
+
+
+def _merge_lse(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
+    """Softmax attention over the union of two key sets from the attention over each."""
+    lse = torch.logaddexp(l1, l2)
+    return o1 * torch.exp(l1 - lse).unsqueeze(-1) + o2 * torch.exp(l2 - lse).unsqueeze(-1)
+
+
+_HALVES_MASK: dict = {}
+
+
+def _halves_mask(L: int, m: int, n: int, Lq: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive mask (m*Lq, L + m*n): query half i sees the cache and its own n new keys."""
+    key = (L, m, n, Lq, dtype, str(device))
+    mask = _HALVES_MASK.get(key)
+    if mask is None:
+        _HALVES_MASK.clear()  # one entry: the cache length changes every frame
+        mask = torch.full((m * Lq, L + m * n), float("-inf"), dtype=dtype, device=device)
+        mask[:, :L] = 0
+        for i in range(m):
+            mask[i * Lq : (i + 1) * Lq, L + i * n : L + (i + 1) * n] = 0
+        _HALVES_MASK[key] = mask
+    return mask
+
+
+def kv_length(layer: "KVBuffer | tuple[torch.Tensor, torch.Tensor] | None") -> int:
+    """Cached tokens of one layer's past (a KVBuffer or a (k, v) pair)."""
+    if layer is None:
+        return 0
+    return layer.length if isinstance(layer, KVBuffer) else layer[0].shape[2]
+
+
 # ----------------------------------------------------------------------------------------------
 # embeddings
 
@@ -176,6 +361,21 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
     x0, x1 = x2[..., 0], x2[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return out.flatten(-2).type_as(x)
+
+
+def rope_table_full(rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) (L, Dh/2) -> (cos repeated per pair, sin with the sign of each pair member) (L, Dh)."""
+    cos, sin = rope
+    return cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
+
+
+def apply_rope_full(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """apply_rope with a rope_table_full table: x*cos + swap_pairs(x)*(-sin, sin), the same
+    products and sums (x0 cos - x1 sin, x1 cos + x0 sin) in fewer kernels (inference path)."""
+    cos, sin = table
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (xf * cos + swapped * sin).type_as(x)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -281,6 +481,74 @@ class FARBlock(nn.Module):
             outs.append(x)
         return outs, (k_new, v_new)
 
+    def infer(
+        self,
+        xs: list[torch.Tensor],
+        mods: list[tuple[torch.Tensor, ...]],
+        ropes: list[tuple[torch.Tensor, torch.Tensor]],
+        coarse: list[bool],
+        past: "tuple[torch.Tensor, torch.Tensor] | KVBuffer | None",
+        mask: torch.Tensor | None,
+        kv_only: bool = False,
+    ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """forward() at inference (FAR.forward_frames / frames_kv): the same math for token groups
+        xs (B, F, n, D) (coarse ones first) with precomputed modulations per group (shift1,
+        1+scale1, gate1, shift2, 1+scale2, gate2), each (B, F, 1, D), rope_table_full tables, and
+        the cache attended in place (KVBuffer); the shared MLP runs once over all groups' tokens.
+        Returns the groups' new states and the keys/values of their tokens."""
+        H, Dh = self.heads, self.head_dim
+        qs, ks, vs, wants = [], [], [], []
+        for x, mod, rope, c in zip(xs, mods, ropes, coarse):
+            proj = self.attn_coarse if c else self.attn_fine
+            h = torch.addcmul(mod[0], self.norm1(x), mod[1]).flatten(1, 2)  # (B, F*n, D)
+            q, k, v = proj.qkv(h).unflatten(-1, (3, H, Dh)).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, Dh)
+            ks.append(apply_rope_full(proj.k_norm(k), rope).to(v.dtype))
+            vs.append(v)
+            want = not kv_only and not (self.last and c)
+            wants.append(want)
+            if want:
+                qs.append(apply_rope_full(proj.q_norm(q), rope).to(v.dtype))
+        k_new = ks[0] if len(ks) == 1 else torch.cat(ks, dim=2)
+        v_new = vs[0] if len(vs) == 1 else torch.cat(vs, dim=2)
+        if not qs:
+            return xs, (k_new, v_new)
+        q = qs[0] if len(qs) == 1 else torch.cat(qs, dim=2)
+        if mask is not None:
+            mask = mask[-q.shape[2] :]  # query rows: groups without queries are the leading (coarse) ones
+        if isinstance(past, KVBuffer):
+            o = past.attend(q, k_new, v_new, mask)
+        else:
+            kk, vv = k_new, v_new
+            if past is not None:
+                pk, pv = past
+                if pk.shape[0] != kk.shape[0]:
+                    pk, pv = pk.expand(kk.shape[0], *pk.shape[1:]), pv.expand(kk.shape[0], *pv.shape[1:])
+                kk, vv = torch.cat([pk, kk], dim=2), torch.cat([pv, vv], dim=2)
+            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+        o = o.transpose(1, 2).flatten(2)  # (B, Lq, D)
+
+        outs, hs, start = list(xs), [], 0
+        for i, (x, mod, c, want) in enumerate(zip(xs, mods, coarse, wants)):
+            if not want:
+                continue
+            proj = self.attn_coarse if c else self.attn_fine
+            B, Fn, n, D = x.shape
+            og = proj.out(o[:, start : start + Fn * n]).view(B, Fn, n, D)
+            start += Fn * n
+            outs[i] = x = torch.addcmul(x, mod[2], og)
+            hs.append((i, torch.addcmul(mod[3], self.norm2(x), mod[4])))
+        if len(hs) == 1:
+            i, h = hs[0]
+            outs[i] = torch.addcmul(outs[i], mods[i][5], self.mlp(h))
+        else:  # the MLP is shared by coarse and fine tokens: one pass over all of them
+            flat = self.mlp(torch.cat([h.flatten(1, 2) for _, h in hs], dim=1))
+            start = 0
+            for i, h in hs:
+                B, Fn, n, D = h.shape
+                outs[i] = torch.addcmul(outs[i], mods[i][5], flat[:, start : start + Fn * n].view(B, Fn, n, D))
+                start += Fn * n
+        return outs, (k_new, v_new)
+
 
 class FinalLayer(nn.Module):
     def __init__(self, cfg: FARConfig):
@@ -380,6 +648,74 @@ class FAR(nn.Module):
         pos = self._positions(start_frame, latents.shape[1], p, latents.device)
         return TokenGroup(x, self._cond(t, actions, aug, coarse), self.rope(pos), coarse)
 
+    def _rope_table(self, start_frame: int, num_frames: int, p: int, device: torch.device):
+        """RoPE cos/sin of frames start_frame.. (inference): memoised, as every denoising step of a
+        frame uses the same table. Depends only on positions and config, never on weights."""
+        memo = self.__dict__.setdefault("_rope_memo", {})
+        key = (start_frame, num_frames, p, str(device))
+        table = memo.get(key)
+        if table is None:
+            if len(memo) >= 32:
+                memo.clear()
+            table = memo[key] = rope_table_full(self.rope(self._positions(start_frame, num_frames, p, device)))
+        return table
+
+    def _mods_params(self) -> list[torch.Tensor]:
+        mods = [self.t_embed, self.aug_embed, self.action_embed, self.final.adaLN, *(b.adaLN for b in self.blocks)]
+        return [p for m in mods for p in m.parameters()]
+
+    def _frame_mods(self, t: torch.Tensor, actions: torch.Tensor, aug: torch.Tensor | None, coarse: bool) -> list:
+        """adaLN modulations of every block, then of the final layer, for frames conditioned on
+        (t, action, aug) (B, F): [(shift1, 1+scale1, gate1, shift2, 1+scale2, gate2)] * depth +
+        [(shift, 1+scale)], each (B, F, 1, D). Inference: memoised per distinct frame condition,
+        since every frame repeats the sampler's timesteps and a few actions (the memo is dropped
+        whenever a conditioning weight changes: keyed on the parameters' version counters)."""
+        cfg, D = self.config, self.config.width
+        B, Fn = t.shape
+        if torch.is_grad_enabled():
+            cond = self._cond(t, actions, aug, coarse)
+            return self._split_mods([blk.adaLN(cond) for blk in self.blocks] + [self.final.adaLN(cond)], B, Fn)
+        if coarse:
+            tv = torch.full(t.shape, cfg.long_context_t, dtype=torch.float32, device=t.device)
+        else:
+            tv = torch.where(t < 0, torch.full_like(t, cfg.clean_t), t).float()
+        av = torch.zeros_like(tv) if aug is None else aug.float()
+        dev = t.device
+        tag = (coarse, str(dev), torch.is_autocast_enabled(dev.type))
+        keys = [(tt, aa, gg, tag) for tt, aa, gg in zip(tv.flatten().tolist(), actions.flatten().tolist(), av.flatten().tolist())]
+        memo = self.__dict__.setdefault("_mods_memo", {})
+        version = tuple((p.data_ptr(), p._version) for p in self._mods_params())
+        if memo.get("version") != version or len(memo) > 512:
+            memo.clear()
+            memo["version"] = version
+        missing = [k for k in dict.fromkeys(keys) if k not in memo]
+        if missing:
+            mt = torch.tensor([k[0] for k in missing], device=dev)[None]
+            ma = torch.tensor([k[1] for k in missing], device=dev, dtype=torch.long)[None]
+            mg = torch.tensor([k[2] for k in missing], device=dev)[None]
+            cond = self._cond(mt, ma, mg, coarse)  # (1, M, D)
+            outs = [blk.adaLN(cond) for blk in self.blocks] + [self.final.adaLN(cond)]
+            for o in outs:  # 1 + scale, once
+                for j in range(1, o.shape[-1] // D, 3):
+                    o[..., j * D : (j + 1) * D] += 1
+            for j, k in enumerate(missing):
+                memo[k] = [o[0, j] for o in outs]
+        if len(keys) == 1:
+            rows = [r.view(1, 1, 1, -1) for r in memo[keys[0]]]
+        else:
+            rows = [torch.stack([memo[k][i] for k in keys]).view(B, Fn, 1, -1) for i in range(len(self.blocks) + 1)]
+        return [r.chunk(r.shape[-1] // D, dim=-1) for r in rows]
+
+    def _split_mods(self, outs: list[torch.Tensor], B: int, Fn: int) -> list:
+        D = self.config.width
+        res = []
+        for o in outs:
+            o = o.view(B, Fn, 1, -1).clone()
+            for j in range(1, o.shape[-1] // D, 3):
+                o[..., j * D : (j + 1) * D] += 1
+            res.append(o.chunk(o.shape[-1] // D, dim=-1))
+        return res
+
     @staticmethod
     def _frame_causal_mask(groups: list[TokenGroup], start_frames: list[int], past_len: int) -> torch.Tensor | None:
         """Bool (L_new, past_len + L_new): a token sees the cache and every token of frames <= its own."""
@@ -457,8 +793,58 @@ class FAR(nn.Module):
         """F consecutive frames (absolute indices start_frame..) against a cache of earlier frames."""
         if coarse and need_output:
             raise ValueError("coarse tokens have no output head; use need_output=False")
-        g = self._group(latents, t, actions, aug, start_frame, coarse)
-        return self._run([g], [start_frame], past_kv, need_output)
+        out, kvs = self._infer([(latents, t, actions, aug, start_frame, coarse)], past_kv, need_output)
+        return out, [kv[0] for kv in kvs]
+
+    def frames_kv(self, parts: list[tuple], past_kv: KV | None) -> list[KV]:
+        """Keys/values of clean frames in several groups run as one pass (inference): parts =
+        [(latents (B,F,C,h,w), actions (B,F), aug (B,F) | None, start_frame, coarse)], coarse
+        groups first, consecutive in time. E.g. the frame leaving the window (coarse, into L2)
+        together with the window re-encoded (fine, L1): the same tokens, masks and results as two
+        frame_kv calls, in one pass over the weights and the cache. Returns one KV per part."""
+        parts = [(lat, torch.full(lat.shape[:2], self.config.clean_t, device=lat.device), act, aug, s, c)
+                 for lat, act, aug, s, c in parts]
+        _, kvs = self._infer(parts, past_kv, need_output=False)
+        return [[kv[j] for kv in kvs] for j in range(len(parts))]
+
+    def _infer(self, parts: list[tuple], past_kv: KV | None, need_output: bool) -> tuple[torch.Tensor | None, list]:
+        """parts [(latents, t, actions, aug, start_frame, coarse)] -> (velocity of the last part |
+        None, per layer a list of (k, v) per part)."""
+        cfg = self.config
+        xs, mods, ropes, coarse, ids = [], [], [], [], []
+        for latents, t, actions, aug, start_frame, c in parts:
+            Fn = latents.shape[1]
+            p = cfg.context_patch_size if c else cfg.patch_size
+            x = (self.embed_coarse if c else self.embed_fine)(self._patchify(latents, p))  # (B, F, n, D)
+            xs.append(x)
+            ropes.append(self._rope_table(start_frame, Fn, p, latents.device))
+            mods.append(self._frame_mods(t, actions, aug, c))
+            coarse.append(c)
+            ids.append(torch.arange(start_frame, start_frame + Fn, device=x.device).repeat_interleave(x.shape[2]))
+        device = xs[0].device
+        past_len = 0 if past_kv is None else kv_length(past_kv[0])
+        mask = None
+        if sum(x.shape[1] for x in xs) > 1:  # frame-causal among the new frames, all of the cache
+            ids = torch.cat(ids)
+            allowed = torch.cat([ids.new_ones(len(ids), past_len, dtype=torch.bool), ids[None, :] <= ids[:, None]], dim=1)
+            if device.type == "cpu":  # additive once, instead of a bool->float conversion per layer
+                mask = torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
+            else:
+                mask = allowed
+        sizes = [x.shape[1] * x.shape[2] for x in xs]
+        new_kv = []
+        for i, block in enumerate(self.blocks):
+            kv_only = not need_output and i == len(self.blocks) - 1
+            xs, (k, v) = block.infer(xs, [m[i] for m in mods], ropes, coarse,
+                                     None if past_kv is None else past_kv[i], mask, kv_only)
+            new_kv.append(list(zip(k.split(sizes, dim=2), v.split(sizes, dim=2))) if len(xs) > 1 else [(k, v)])
+        if not need_output:
+            return None, new_kv
+        if coarse[-1]:
+            raise ValueError("coarse tokens have no output head; use need_output=False")
+        shift, scale = mods[-1][-1]
+        out = self.final.linear(torch.addcmul(shift, self.final.norm(xs[-1]), scale))  # (B, F, n, C*p*p)
+        return self._unpatchify(out), new_kv
 
     def predict_frame(
         self,

@@ -91,11 +91,21 @@ class WorldModel:
             extra=extra if extra is not None else self.config.get("extra"),
         )
 
+    encode_batch = 64  # frames per autoencoder call: bounds activation memory for long contexts
+
     @torch.inference_mode()
     def encode(self, frames: np.ndarray) -> torch.Tensor:
-        x = frames_to_tensor(frames).to(self.device)
-        with autocast(self.device):
-            return self.autoencoder.encode(x).float()
+        if not isinstance(frames, torch.Tensor):
+            frames = np.asarray(frames)
+        lead = frames.shape[:-3]
+        flat = frames.reshape(-1, *frames.shape[-3:])
+        out = []
+        for i in range(0, max(len(flat), 1), self.encode_batch):
+            x = frames_to_tensor(flat[i : i + self.encode_batch]).to(self.device)
+            with autocast(self.device):
+                out.append(self.autoencoder.encode(x).float())
+        z = out[0] if len(out) == 1 else torch.cat(out)
+        return z.reshape(*lead, *z.shape[1:])
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
@@ -209,9 +219,12 @@ class Session:
     def fork(self) -> "Session":
         """An independent copy (same history, cache and random state), e.g. to try actions."""
         twin = copy.copy(self)
-        twin.context = copy.copy(self.context)
-        for name in ("latents", "actions", "aug"):
-            setattr(twin.context, name, list(getattr(self.context, name)))
+        if hasattr(self.context, "fork"):  # copies the cache buffers, which are written in place
+            twin.context = self.context.fork()
+        else:
+            twin.context = copy.copy(self.context)
+            for name in ("latents", "actions", "aug"):
+                setattr(twin.context, name, list(getattr(self.context, name)))
         twin.generator = torch.Generator(device=self.world.device)
         twin.generator.set_state(self.generator.get_state())
         return twin
