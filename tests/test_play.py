@@ -242,3 +242,16 @@ def test_interactive_sim_walk_without_checkpoint(tmp_path, no_shipped_checkpoint
     assert game.world.mode == "sim" and game.steps_taken == 2
     assert "already the real simulator" in game.message
     assert game.hud()[0].startswith("SIMULATOR")
+
+
+def test_headless_reality_side_by_side_gif(tiny_ckpt, tmp_path):
+    """The README's dream | reality GIF: one GIF frame per action, both panels side by side."""
+    import imageio.v2 as imageio
+
+    out = tmp_path / "tour.gif"
+    code = cli.main(["play", "--checkpoint", str(tiny_ckpt), "--headless", "--reality", "--actions", "random:4",
+                     "--out", str(out), "--scale", "2", "--context-frames", "2"])
+    assert code == 0
+    frames = imageio.mimread(out)
+    assert len(frames) == 4 and frames[0].shape[:2] == (128, 256)  # 64x64 world, scale 2, two panels
+    assert not list(tmp_path.glob(".*partial*"))

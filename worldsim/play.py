@@ -164,7 +164,8 @@ def resident_memory_bytes() -> int:
 
 
 class VideoRecorder:
-    """Streams frames to an MP4; written to a temporary file beside the target, renamed on close.
+    """Streams frames to an MP4 (or a GIF when the target ends in .gif, e.g. for a README);
+    written to a temporary file beside the target, renamed on close.
 
     Streaming keeps memory flat over long sessions; the rename means a reader never sees a
     half-written video, and a crash leaves at most a hidden `.partial` file.
@@ -175,14 +176,19 @@ class VideoRecorder:
 
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".partial.mp4", dir=self.path.parent)
+        gif = self.path.suffix.lower() == ".gif"
+        handle, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".partial.gif" if gif else ".partial.mp4",
+                                       dir=self.path.parent)
         os.close(handle)
         self.tmp = Path(tmp)
         self.frames = 0
         self.shape: tuple[int, ...] | None = None
-        # yuv420p + libx264 plays everywhere; frames are multiples of 16 for 64x64 x any scale.
-        self._writer = imageio.get_writer(str(self.tmp), format="FFMPEG", fps=float(fps), codec="libx264",
-                                          quality=8, pixelformat="yuv420p", macro_block_size=16)
+        if gif:  # imageio's pillow writer takes the frame duration in milliseconds
+            self._writer = imageio.get_writer(str(self.tmp), format="GIF", duration=1000.0 / float(fps), loop=0)
+        else:
+            # yuv420p + libx264 plays everywhere; frames are multiples of 16 for 64x64 x any scale.
+            self._writer = imageio.get_writer(str(self.tmp), format="FFMPEG", fps=float(fps), codec="libx264",
+                                              quality=8, pixelformat="yuv420p", macro_block_size=16)
 
     def append(self, frame: np.ndarray) -> None:
         if self.shape is None:
