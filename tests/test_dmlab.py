@@ -208,19 +208,39 @@ def test_standin_records_through_the_recorder(standin, tmp_path, policy):
                (20, 0, 0, 0, 0, 0, 0)}
     assert all(tuple(v.tolist()) in allowed for lab in labs for v, _ in lab.steps)
     if policy == "random":
-        _trainer_accepts(out, tmp_path / "run", ACTION_NAMES)
+        _trainer_and_evaluator_accept(out, tmp_path, ACTION_NAMES, ["resolution=32"])
 
 
-def _trainer_accepts(dataset, run, action_names) -> None:
-    """The trainer fits a few steps on the dataset and the exported checkpoint speaks its actions."""
+def _trainer_and_evaluator_accept(dataset, tmp_path, action_names, env_args) -> None:
+    """The trainer fits a few steps on the dataset, the exported checkpoint speaks its actions,
+    and the evaluator scores it on held-out (test-split) mazes recorded the same way."""
+    import json
+
     from worldsim.cli import main
     from worldsim.world import WorldModel
 
+    run = tmp_path / "run"
     rc = main(["train", "--data", str(dataset), "--out", str(run), "--preset", "tiny", "--threads", "1",
                "--progress", "false", "--ae-steps", "2", "--far-steps", "2", "--seq-len", "6"])
     assert rc == 0
     world = WorldModel.load(run / "checkpoint", device="cpu")
     assert world.action_names == tuple(action_names)
+
+    test_data = tmp_path / "test-mazes"
+    _close_recorder_cache()
+    try:
+        rc = main(["record", "--env", "worldsim/DMLab-v0", "--env-arg", *env_args, "--episodes", "1", "--length", "20",
+                   "--split", "test", "--policy", "random", "--workers", "1", "--progress", "false",
+                   "--out", str(test_data)])
+    finally:
+        _close_recorder_cache()
+    assert rc == 0
+    rc = main(["eval", "--checkpoint", str(run / "checkpoint"), "--data", str(test_data), "--out", str(tmp_path / "eval"),
+               "--episodes", "1", "--context", "12", "--generate", "8", "--steps", "1", "--probe-episodes", "0",
+               "--videos", "0", "--progress", "false"])
+    assert rc == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["ground_truth"]["episodes_evaluated"] == 1
 
 
 def test_parse_layout_pads_ragged_lines():

@@ -171,3 +171,15 @@ def test_records_through_the_recorder(tmp_path, policy, close_recorder_env):
                "--progress", "false", "--ae-steps", "2", "--far-steps", "2", "--seq-len", "6"])
     assert rc == 0
     assert WorldModel.load(run / "checkpoint", device="cpu").action_names == MemoryMazeEnv.action_names
+
+    # ... and the evaluator scores that checkpoint on held-out (test-split) Memory Maze mazes
+    test_data = tmp_path / "test-mazes"
+    rc = main(["record", "--env", "worldsim/MemoryMaze-v0", "--env-arg", "max_steps=1000", "--episodes", "1",
+               "--length", "20", "--split", "test", "--policy", "random", "--workers", "1", "--progress", "false",
+               "--out", str(test_data)])
+    assert rc == 0
+    rc = main(["eval", "--checkpoint", str(run / "checkpoint"), "--data", str(test_data), "--out", str(tmp_path / "eval"),
+               "--episodes", "1", "--context", "12", "--generate", "8", "--steps", "1", "--probe-episodes", "0",
+               "--videos", "0", "--progress", "false"])
+    assert rc == 0
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["ground_truth"]["episodes_evaluated"] == 1
