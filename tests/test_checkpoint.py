@@ -119,3 +119,13 @@ def test_missing_files_corrupt_json_and_torn_save(saved, tmp_path):
     (path / "config.json").unlink()
     with pytest.raises(CheckpointError, match="missing config.json"):
         load_checkpoint(path)
+
+
+def test_transformer_and_autoencoder_latents_must_agree(saved):
+    _, path = saved
+    config = json.loads((path / "config.json").read_text())
+    config["far"]["latent_channels"] += 1  # e.g. a hand-edited config or the wrong autoencoder
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="latents but the autoencoder makes") as e:
+        load_checkpoint(path)
+    assert str(path) in str(e.value)

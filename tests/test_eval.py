@@ -103,7 +103,7 @@ def test_end_to_end_with_a_stand_in_model(tiny_data, tmp_path):
     assert set(summary) == {"multilevel", "sliding", "copy_last", "autoencoder"}
     # the stand-in has no autoencoder: its "reconstruction" is the ground truth itself
     assert summary["autoencoder"]["psnr"]["overall"] == pytest.approx(PSNR_CAP_DB)
-    assert res["metrics"]["lpips"]["available"] in (True, False)
+    assert res["metrics"]["lpips"]["available"] == evaluate.metrics.lpips_status()[0]
     md = (tmp_path / "a" / "results.md").read_text()
     assert "22.3" in md and "paper" in md and "copy last context frame" in md
     sc = res["self_consistency"]["summary"]
@@ -202,3 +202,15 @@ def test_paper_protocol_on_the_dmlab_file_without_poses(tmp_path):
     assert res["config"]["dataset_split"].startswith("all episodes")
     assert "skipped" in res["self_consistency"]  # no simulator, no turn step
     assert "Note: this run used" not in (tmp_path / "results.md").read_text()
+
+
+def test_dmlab_clip_takes_the_checkpoint_action_names(tmp_path, dmlab_example_path):
+    """A FAR/TECO DMLab .npz that never uses the last action still matches a 3-action checkpoint."""
+    from types import SimpleNamespace
+
+    data = np.load(dmlab_example_path)
+    clip = tmp_path / "clip.npz"
+    np.savez(clip, video=data["video"][:20], actions=np.zeros(20, np.int64))  # only action 0
+    world = SimpleNamespace(resolution=(64, 64), action_names=("action_0", "action_1", "action_2"))
+    ds, note = evaluate.load_test_split(clip, world)
+    assert tuple(ds.action_names) == world.action_names and len(ds) == 1 and "no split" in note

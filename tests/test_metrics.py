@@ -83,7 +83,8 @@ def test_wrap_angle():
 
 def test_revisit_mask_on_hand_made_poses():
     d = math.radians(1.0)
-    context, window = 6, 2  # old context frames: 0..3 (index < 4); 4, 5 are in the short window
+    # generating frame 6 with window 3, the window holds frames 4, 5, 6: old context frames are 0..3
+    context, window = 6, 3
     poses = np.array([
         [1.5, 1.5, math.pi - d],      # 0  old, faces west (yaw ~ +pi)
         [2.5, 1.5, 0.0],              # 1  old, east
@@ -103,11 +104,11 @@ def test_revisit_mask_on_hand_made_poses():
     mask, source = revisit_mask(poses, context, window)
     assert mask.tolist() == [True, True, False, False, False, True, True]
     assert source.tolist() == [0, 1, -1, -1, -1, 2, 2]
-    # the same frame 10 counts once frame 4 has left the window (window 1 -> old = 0..4)
-    mask1, source1 = revisit_mask(poses, context, 1)
+    # the same frame 10 counts once frame 4 has left the window (window 2 -> it holds 5, 6; old = 0..4)
+    mask1, source1 = revisit_mask(poses, context, 2)
     assert mask1[4] and source1[4] == 4
-    # a window covering the whole context: nothing is old, nothing is a revisit
-    mask2, source2 = revisit_mask(poses, context, context)
+    # a window covering the whole context and the new frame: nothing is old, nothing is a revisit
+    mask2, source2 = revisit_mask(poses, context, context + 1)
     assert not mask2.any() and (source2 == -1).all()
 
 

@@ -1,6 +1,8 @@
 """FAR transformer, autoencoder and training objective (tiny presets, CPU, fp32)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,8 @@ from worldsim.autoencoder import AE_PRESETS, Autoencoder, AutoencoderConfig, fra
 from worldsim.model import FAR, PRESETS, FARConfig, concat_kv
 from worldsim.objective import ObjectiveConfig, training_loss
 
-DMLAB = "/work/shared/data/dmlab_example_300f.npz"
+# CI clones the repository beside shared/ (see conftest.py): found relative to the checkout
+DMLAB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dmlab_example_300f.npz"
 
 # The 2 CPU cores are shared: two spinning OpenMP threads under contention run ~20x slower than one.
 torch.set_num_threads(1)

@@ -135,13 +135,13 @@ def test_sigint_saves_and_exits_cleanly(trained, dataset, tmp_path):
            "--val-every", "0", "--preview-every", "-1"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 600  # a guard against a hung child, not a speed requirement
         while not (run / "state" / "state.json").is_file():
             assert proc.poll() is None, proc.communicate()[1]
-            assert time.time() < deadline, "no checkpoint within 120 s"
+            assert time.time() < deadline, "no checkpoint after 600 s: the training child seems stuck"
             time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -208,6 +208,10 @@ def load_checkpoint(
         raise CheckpointError(path, f"invalid model config in {CONFIG_NAME}: {e}") from None
     if len(config["action_names"]) != far_cfg.num_actions:
         raise CheckpointError(path, f"{len(config['action_names'])} action names but far.num_actions={far_cfg.num_actions}")
+    if (far_cfg.latent_channels, far_cfg.latent_size) != (ae_cfg.latent_channels, ae_cfg.latent_size):
+        raise CheckpointError(
+            path, f"the transformer expects {far_cfg.latent_size}x{far_cfg.latent_size}x{far_cfg.latent_channels} latents "
+                  f"but the autoencoder makes {ae_cfg.latent_size}x{ae_cfg.latent_size}x{ae_cfg.latent_channels}")
 
     weights = path / WEIGHTS_NAME
     if not weights.is_file():

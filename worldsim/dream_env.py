@@ -153,8 +153,10 @@ class DreamEnv(gym.Env):
         self._episode = episode
         if dataset is not None:
             from worldsim.dataset import Dataset
+            from worldsim.latents import names_for
 
-            self._dataset = Dataset(dataset)
+            # files without an index (FAR/TECO DMLab .npz) name their actions after the checkpoint's
+            self._dataset = Dataset(dataset, action_names=names_for(dataset, self.action_names))
             if tuple(self._dataset.action_names) != self.action_names:
                 raise ValueError(
                     f"dataset {str(dataset)!r} has actions {list(self._dataset.action_names)} but the "

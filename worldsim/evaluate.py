@@ -18,7 +18,7 @@
 
    Generated frames are split into *revisits* and the rest by the recorded poses: a frame is
    a revisit when its pose is within 0.5 cell and 30 degrees of a context frame with index
-   < K - W (W = the model's short window, from the checkpoint config), i.e. a place seen only
+   < K - W + 1 (W = the model's short window, from the checkpoint config), i.e. a place seen only
    in the long-term context (see `worldsim.metrics.revisit_mask`).
 
    "Overall" numbers follow TECO's protocol (which FAR's table uses): per-frame PSNR / SSIM /
@@ -257,12 +257,15 @@ def load_test_split(path: Path, world: Any) -> tuple[Any, str]:
     test set) are used whole, and the note says so.
     """
     from worldsim.dataset import Dataset
+    from worldsim.latents import names_for
 
-    whole = Dataset(path)
+    # files without an index (FAR/TECO DMLab .npz) name their actions after the checkpoint's
+    names = names_for(path, world.action_names)
+    whole = Dataset(path, action_names=names)
     if whole.episodes and all(e.split is None for e in whole.episodes):
         ds, note = whole, "all episodes (the files carry no split information; taken as held-out)"
     else:
-        ds, note = Dataset(path, split="test"), "test"
+        ds, note = Dataset(path, split="test", action_names=names), "test"
     if tuple(ds.resolution) != tuple(world.resolution):
         h, w = ds.resolution
         mh, mw = world.resolution
@@ -679,7 +682,7 @@ def _definitions() -> dict[str, str]:
         "lpips": "LPIPS: AlexNet v0.1 (lpips package), inputs in [-1, 1], only from local weights.",
         "overall": "Overall: mean of per-frame values over each episode's generated frames, then over episodes (TECO).",
         "revisit": f"Revisit: pose within {metrics.REVISIT_DISTANCE_CELLS} cell and {metrics.REVISIT_YAW_DEGREES:g} deg "
-                   "(yaw wrapped) of a context frame with index < K - W; pooled over frames.",
+                   "(yaw wrapped) of a context frame with index < K - W + 1 (no longer in the short window); pooled over frames.",
     }
 
 

@@ -24,7 +24,7 @@ Definitions (the ones FAR's table uses, i.e. TECO's ``teco/metrics.py``):
 Revisit rule (:func:`revisit_mask`): a generated frame is a revisit when its pose is within
 0.5 cell (Euclidean distance of (x, y) in maze cells, inclusive) and 30 degrees (absolute
 yaw difference wrapped to [-pi, pi], inclusive) of some context frame with index
-``< context - window``, i.e. a frame that has already left the model's short window when the
+``< context - window + 1``, i.e. a frame that has already left the model's short window when the
 first frame is generated.
 """
 from __future__ import annotations
@@ -204,7 +204,9 @@ def revisit_mask(poses: np.ndarray, context: int, window: int,
     ``context..T-1`` are the generated ones. Returns ``(mask [T - context] bool,
     source [T - context] int)``: ``source`` is the index of the closest matching old context
     frame (smallest position distance, then yaw; -1 where there is none). Old context frames
-    are those with index ``< context - window``; with ``context <= window`` nothing is a revisit.
+    are those no longer in the short window when the first frame is generated: the window then
+    holds frames ``context - window + 1 .. context`` (the new one included), so old frames have
+    index ``< context - window + 1``; with ``context < window`` nothing is a revisit.
     """
     poses = np.asarray(poses, dtype=np.float64)
     if poses.ndim != 2 or poses.shape[1] != 3:
@@ -212,7 +214,7 @@ def revisit_mask(poses: np.ndarray, context: int, window: int,
     if not 0 <= context <= len(poses):
         raise ValueError(f"context {context} outside the {len(poses)} poses")
     gen = poses[context:]
-    n_old = max(0, context - int(window))
+    n_old = max(0, context - int(window) + 1)
     mask = np.zeros(len(gen), dtype=bool)
     source = np.full(len(gen), -1, dtype=np.int64)
     if n_old == 0 or len(gen) == 0:

@@ -299,9 +299,14 @@ def open_world(config: PlayConfig, reality: bool = True, log: Callable[[str], No
         return World(env, "sim", names, f"simulator {spec['id']}")
     path = resolve_checkpoint(checkpoint)
     log(f"worldsim play: loading the world model from {path} ...")
-    env = DreamEnv(checkpoint=path, context_frames=config.context_frames, dataset=config.dataset,
-                   episode=config.episode, cache_mode=config.cache_mode, steps=config.steps, cfg=config.cfg,
-                   device=config.device, reality=reality, timing=True)
+    try:
+        env = DreamEnv(checkpoint=path, context_frames=config.context_frames, dataset=config.dataset,
+                       episode=config.episode, cache_mode=config.cache_mode, steps=config.steps, cfg=config.cfg,
+                       device=config.device, reality=reality, timing=True)
+    except ValueError as exc:  # e.g. a dataset with other actions or resolution than the checkpoint
+        if type(exc).__name__ in ("DatasetError", "CheckpointError"):
+            raise
+        raise PlayError(str(exc)) from None
     return World(env, "dream", env.action_names, f"dream {path.name}")
 
 

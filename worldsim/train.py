@@ -1340,9 +1340,17 @@ def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]
         if resuming or (cfg.ae_from and (cfg.stage == "far" or cfg.stream_env)):
             raise TrainError(f"{cfg.data[0] if cfg.data else cfg.stream_env}: resolution {data.resolution[0]}x{data.resolution[1]} "
                              f"differs from the autoencoder's {run.autoencoder.resolution}x{run.autoencoder.resolution}")
-        run.autoencoder = dataclasses.replace(run.autoencoder, resolution=data.resolution[0])
-    run.far = dataclasses.replace(run.far, latent_channels=run.autoencoder.latent_channels,
-                                  latent_size=run.autoencoder.latent_size, num_actions=len(data.action_names))
+        try:
+            run.autoencoder = dataclasses.replace(run.autoencoder, resolution=data.resolution[0])
+        except ValueError as exc:
+            raise TrainError(f"{cfg.data[0] if cfg.data else cfg.stream_env}: {exc} "
+                             "(choose --ae-down-factor to fit the frames)") from None
+    try:
+        run.far = dataclasses.replace(run.far, latent_channels=run.autoencoder.latent_channels,
+                                      latent_size=run.autoencoder.latent_size, num_actions=len(data.action_names))
+    except ValueError as exc:
+        raise TrainError(f"{cfg.data[0] if cfg.data else cfg.stream_env}: {exc} "
+                         "(choose --far-patch-size / --far-context-patch-size to fit the latent grid)") from None
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         cfg_dict = run.to_dict()

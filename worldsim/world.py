@@ -8,7 +8,7 @@ API
       .autoencoder, .far, .action_names, .resolution, .simulator, .sampler (dict), .config, .device
       .encode(frames uint8 [...,H,W,3]) -> latents [...,C,h,w];  .decode(latents) -> uint8 frames
       .new_session(context_frames uint8 [K,H,W,3], context_actions int64 [K],
-                   cache_mode="multilevel"|"kv"|"none"|"sliding" (or a GenerationContext),
+                   cache_mode="multilevel"|"multilevel-fast"|"kv"|"none"|"sliding" (or a GenerationContext),
                    steps=None, cfg=None, seed=None, context_noise=None) -> Session
     Session
       .predict(action) -> uint8 [H,W,3]      generate the next frame, do not append it
