@@ -30,7 +30,6 @@ first frame is generated.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +127,9 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0, win_size: int 
 # ----------------------------------------------------------------------------- LPIPS
 
 
+ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
+
+
 def lpips_status() -> tuple[bool, str]:
     """Whether LPIPS can run from files already on disk (never downloads), and why not."""
     try:
@@ -137,11 +139,11 @@ def lpips_status() -> tuple[bool, str]:
     linear = Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth"
     if not linear.is_file():
         return False, f"LPIPS linear weights not found at {linear}"
-    hub = Path(torch.hub.get_dir()) / "checkpoints"
-    backbone = sorted(hub.glob("alexnet-*.pth")) if hub.is_dir() else []
-    if not backbone:
-        return False, f"torchvision AlexNet weights not found in {hub} (would need a download)"
-    return True, f"lpips {getattr(lpips, '__version__', '?')} alex v0.1 ({linear}, {backbone[0]})"
+    # the exact file torchvision's alexnet(pretrained=True) looks for; any other name downloads
+    backbone = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_WEIGHTS
+    if not backbone.is_file():
+        return False, f"torchvision AlexNet weights not found at {backbone} (would need a download)"
+    return True, f"lpips {getattr(lpips, '__version__', '?')} alex v0.1 ({linear}, {backbone})"
 
 
 class Lpips:
@@ -153,7 +155,6 @@ class Lpips:
             raise RuntimeError(f"LPIPS unavailable: {why}")
         import lpips  # type: ignore[import-not-found]
 
-        os.environ.setdefault("TORCH_HUB_OFFLINE", "1")
         self.device = torch.device(device)
         self.net = lpips.LPIPS(net="alex", version="0.1", verbose=False).to(self.device).eval()
 
