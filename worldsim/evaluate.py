@@ -612,7 +612,7 @@ def results_markdown(res: dict[str, Any]) -> str:
     lines.append(f"Test episodes: {gt.get('episodes_evaluated', 0)} from `{cfgd['dataset']}` "
                  f"(split: {cfgd['dataset_split']}); "
                  f"context K = {cfgd['context']}, generated G = {cfgd['generate']}, window W = {cfgd['window']}, "
-                 f"steps = {cfgd['steps']}, cfg = {cfgd['cfg']}, seed = {cfgd['seed']}. "
+                 f"steps = {cfgd.get('sampler_used', cfgd)['steps']}, cfg = {cfgd.get('sampler_used', cfgd)['cfg']}, seed = {cfgd['seed']}. "
                  f"LPIPS: {res['metrics']['lpips']['status']}.")
     lines.append("")
     lines.append("## Ground truth: generated frames vs recorded frames")
@@ -801,6 +801,9 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             "session_seeds": [cfg.seed + i for i in range(len(chosen))],
             "window": window, "resolution": list(world.resolution), "action_names": list(world.action_names),
             "conditions": {k: CONDITION_LABELS[k] for k in CONDITIONS},
+            # what the sessions used: the options, or the checkpoint's sampler defaults
+            "sampler_used": {k: getattr(cfg, k) if getattr(cfg, k) is not None
+                             else ((world_config or {}).get("sampler") or {}).get(k) for k in ("steps", "cfg")},
         },
         "metrics": {"definitions": _definitions(),
                     "lpips": {"available": lpips_on, "status": why if lpips_on else f"unavailable: {why}"}},
