@@ -287,3 +287,26 @@ def test_val_split_taken_from_the_dataset_that_holds_it(tmp_path):
     caches = sorted(p.name for p in (run / "latents").glob("*.json"))
     assert len(caches) == 2 and any(n.startswith("tr-") and "-train-" in n for n in caches) \
         and any(n.startswith("va-") and "-val-" in n for n in caches)
+
+
+def test_latent_cache_is_rebuilt_when_an_episode_file_changes(dataset, tmp_path):
+    """Same ids and lengths but a re-recorded file: the cached latents are stale, not reused."""
+    import shutil
+
+    from worldsim.latents import build_cache, load_cached, load_frames
+
+    data = tmp_path / "maze"
+    shutil.copytree(dataset, data)
+    frames = load_frames([str(data)], "train", warn=lambda _: None)
+
+    def encode(x):
+        return x[..., :1].astype(np.float32).transpose(0, 3, 1, 2)  # any deterministic "encoder"
+
+    build_cache(tmp_path / "latents", str(data), "train", "h" * 16, frames, encode)
+    assert load_cached(tmp_path / "latents", str(data), "train", "h" * 16) is not None
+    episode = sorted((data / "episodes").glob("*.npz"))[0]
+    with np.load(episode) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["video"] = 255 - arrays["video"]  # other frames, same length
+    np.savez(episode, **arrays)
+    assert load_cached(tmp_path / "latents", str(data), "train", "h" * 16) is None

@@ -181,11 +181,15 @@ class LatentStore:
 
 
 def _dataset_signature(path: str, split: str, sources: list[str], lengths: list[int]) -> str:
+    """Episode ids, lengths, and each episode file's size and modification time: a dataset
+    re-recorded in place with the same ids and lengths (other mazes) does not reuse stale latents."""
+    files = {e.id: e.file for e in Dataset(path).episodes}
     h = hashlib.sha256()
     h.update(str(Path(path).resolve()).encode())
     h.update(split.encode())
     for s, n in zip(sources, lengths):
-        h.update(f"{s}:{n};".encode())
+        st = os.stat(files[s.rsplit(":", 1)[1]])
+        h.update(f"{s}:{n}:{st.st_size}:{st.st_mtime_ns};".encode())
     return h.hexdigest()
 
 
@@ -213,7 +217,10 @@ def load_cached(cache_dir: Path, path: str, split: str, ae_hash: str) -> LatentS
         lengths = [ds.episodes[i].length for i in idx]
     except DatasetError:
         return None
-    if meta.get("signature") != _dataset_signature(path, split, sources, lengths):
+    try:
+        if meta.get("signature") != _dataset_signature(path, split, sources, lengths):
+            return None
+    except (OSError, KeyError):  # an episode file vanished: rebuild
         return None
     store = LatentStore()
     for src, off, n, act in zip(meta["sources"], meta["offsets"], meta["lengths"], meta["actions"]):
