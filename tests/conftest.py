@@ -15,3 +15,15 @@ def dmlab_example_path() -> Path:
     if not path.is_file():
         pytest.skip(f"{path} not found (shared/ must sit beside the checkout)")
     return path
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """Run a test with one torch thread. The CPU machines are shared: with 2 threads per process
+    torch spin-waits and a tiny model step takes ~30x longer under load."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

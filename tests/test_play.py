@@ -20,15 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    # The CPU machines are shared: with 2 threads per process torch spin-waits and a tiny
-    # model step takes ~30x longer under load. One thread keeps the suite fast everywhere.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)
