@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -27,7 +26,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from worldsim.dataset import Dataset, DatasetError, split_for_maze_seed
+from worldsim.dataset import Dataset, DatasetError, atomic_write, split_for_maze_seed
 
 LATENT_FORMAT_VERSION = 1
 
@@ -245,11 +244,10 @@ def build_cache(cache_dir: Path, path: str, split: str, ae_hash: str, frames: Fr
         raise DatasetError(f"{path}: no {split} frames to encode")
     probe = encode(frames.videos[0][:1])
     shape = (total,) + tuple(probe.shape[1:])
-    fd, tmp = tempfile.mkstemp(prefix=f".{npy.stem}.", suffix=".npy.tmp", dir=cache_dir)
-    os.close(fd)
-    try:
+    offsets: list[int] = []
+
+    def write(tmp: Path) -> None:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
-        offsets = []
         pos = 0
         episodes = range(len(frames.videos))
         for e in (episodes if progress is None else progress(episodes)):
@@ -261,13 +259,8 @@ def build_cache(cache_dir: Path, path: str, split: str, ae_hash: str, frames: Fr
             pos += len(video)
         out.flush()
         del out
-        os.replace(tmp, npy)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+
+    atomic_write(npy, write, suffix=".tmp.npy")
     meta = {
         "version": LATENT_FORMAT_VERSION,
         "dataset": str(path),
