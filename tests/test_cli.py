@@ -1,4 +1,5 @@
 """The `worldsim` command and the thin entry scripts answer --help without errors."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +38,17 @@ def test_entry_scripts_help(script):
     result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"]])
+def test_help_into_a_closed_pipe_exits_quietly(argv):
+    """`worldsim train --help | head`: the reader is gone before we write; no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE
+    try:
+        result = subprocess.run([sys.executable, "-m", "worldsim", *argv], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, cwd=REPO)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+    assert result.returncode in (0, 141)  # argparse itself swallows the error of its help text
