@@ -310,3 +310,32 @@ def test_latent_cache_is_rebuilt_when_an_episode_file_changes(dataset, tmp_path)
     arrays["video"] = 255 - arrays["video"]  # other frames, same length
     np.savez(episode, **arrays)
     assert load_cached(tmp_path / "latents", str(data), "train", "h" * 16) is None
+
+
+def test_far_init_continues_from_an_exported_checkpoint(trained, dataset, tmp_path, capsys):
+    """--far-init: a new run starts from the shipped FAR weights (fresh optimizer, shape from the checkpoint)."""
+    from safetensors.torch import load_file
+
+    ck = trained / "checkpoint"
+    before = {k: v for k, v in load_file(str(ck / "model.safetensors")).items() if k.startswith("far.")}
+    run = tmp_path / "cont"
+    # lr 0: one step leaves the weights where they started, so the export must equal the checkpoint
+    assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(run), *FAST, "--ae-from", str(ck),
+                 "--far-init", str(ck), "--far-steps", "1", "--far-lr", "0", "--warmup", "0"]) == 0
+    assert "weights initialised from" in capsys.readouterr().err
+    after = load_file(str(run / "checkpoint" / "model.safetensors"))
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+    fresh = tmp_path / "fresh"  # the same run without --far-init starts elsewhere
+    assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(fresh), *FAST, "--ae-from", str(ck),
+                 "--far-steps", "1", "--far-lr", "0", "--warmup", "0"]) == 0
+    other = load_file(str(fresh / "checkpoint" / "model.safetensors"))
+    assert not all(torch.equal(other[k], v) for k, v in before.items())
+
+    capsys.readouterr()
+    assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(tmp_path / "bad"), *FAST,
+                 "--ae-from", str(ck), "--far-init", str(ck), "--far-depth", "3", "--far-steps", "1"]) != 0
+    assert "FAR shape differs" in capsys.readouterr().err
+    assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(tmp_path / "none"), *FAST,
+                 "--ae-from", str(ck), "--far-init", str(tmp_path), "--far-steps", "1"]) != 0
+    assert "no exported checkpoint there" in capsys.readouterr().err

@@ -86,6 +86,9 @@ class TrainConfig:
     preset: str = field(default="small", metadata={"help": "named preset (tiny, small, base): model sizes and the hyper-parameters below"})
     ae_from: str | None = field(default=None, metadata={
         "help": "stage far: take the autoencoder from this run folder, autoencoder folder or exported checkpoint"})
+    far_init: str | None = field(default=None, metadata={
+        "help": "stage far: start from the FAR weights of this exported checkpoint or run folder (fresh optimizer; "
+                "the FAR shape is taken from it), e.g. to continue training the shipped model"})
     # schedule
     ae_steps: int = field(default=3000, metadata={"help": "autoencoder optimisation steps"})
     far_steps: int = field(default=3000, metadata={"help": "FAR optimisation steps"})
@@ -246,7 +249,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
     ae_mod, far_mod, obj_mod = _model_modules()
     train_over = _given(args)
     ae_over, far_over, obj_over = _given(args, "ae"), _given(args, "far"), _given(args, "obj")
-    ae_over.pop("from", None)  # --ae-from is a TrainConfig field
+    ae_over.pop("from", None)  # --ae-from and --far-init are TrainConfig fields
+    far_over.pop("init", None)
     for k in ("steps", "batch", "lr"):
         ae_over.pop(k, None)
         far_over.pop(k, None)
@@ -274,7 +278,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
     preset = TRAIN_PRESETS[preset_name]
     train = dataclasses.replace(TrainConfig(), **{**preset["train"], **train_over})
     ae_cfg = dataclasses.replace(ae_mod.AE_PRESETS[preset["ae"]], **ae_over)
-    far_cfg = dataclasses.replace(far_mod.PRESETS[preset["far"]], **far_over)
+    far_base = far_mod.PRESETS[preset["far"]]
+    if train.far_init:
+        far_base = _init_far(train.far_init)[0].config
+    far_cfg = dataclasses.replace(far_base, **far_over)
     obj_cfg = dataclasses.replace(obj_mod.ObjectiveConfig(), **obj_over)
     return RunConfig(train, ae_cfg, far_cfg, obj_cfg), False
 
@@ -520,6 +527,21 @@ def load_autoencoder(path: str | os.PathLike) -> tuple[nn.Module, dict]:
             return ck.autoencoder, {"action_names": list(ck.action_names), "resolution": list(ck.resolution),
                                    "simulator": ck.simulator, "from_checkpoint": str(d)}
     raise TrainError(f"{path}: no autoencoder found (expected RUN/{AE_DIR}/, an autoencoder folder or an exported checkpoint)")
+
+
+def _init_far(path: str | os.PathLike) -> tuple[nn.Module, str]:
+    """(FAR, where from) for --far-init: an exported checkpoint, or a run folder's export."""
+    p = Path(path)
+    for d in (p, p / "checkpoint"):
+        if (d / "config.json").is_file() and json.loads((d / "config.json").read_text()).get("format") == "worldsim-checkpoint":
+            from worldsim.checkpoint import CheckpointError, load_checkpoint
+
+            try:
+                return load_checkpoint(d, device="cpu").far, str(d)
+            except CheckpointError as exc:
+                raise TrainError(f"--far-init: {exc}") from None
+    raise TrainError(f"--far-init {path}: no exported checkpoint there (expected config.json of format "
+                     f"worldsim-checkpoint in it or in its checkpoint/ folder)")
 
 
 # ============================================================================ data
@@ -1057,6 +1079,14 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
                 f"({tps['all_fine']} if every frame were fine); batch {cfg.far_batch} x {dist.world_size} rank(s)")
     torch.manual_seed(cfg.seed + 1)
     far = far_mod.FAR(far_cfg)
+    if cfg.far_init and resume_state is None:
+        init, where = _init_far(cfg.far_init)
+        if init.config != far_cfg:
+            diff = {k: (v, getattr(far_cfg, k)) for k, v in init.config.to_dict().items() if getattr(far_cfg, k) != v}
+            raise TrainError(f"--far-init {where}: its FAR shape differs from this run's (checkpoint vs run): {diff}; "
+                             f"take the autoencoder from the same checkpoint (--ae-from) and drop --far-* options")
+        far.load_state_dict(init.state_dict())
+        trainer.log(f"far: weights initialised from {where} (fresh optimizer)")
     L = cfg.seq_len
     sampler = WindowSampler(train_store.lengths, L, "train episodes") if stream is None else None
     val_len = min(L, int(max(val_store.lengths)))
