@@ -214,3 +214,15 @@ def test_dmlab_clip_takes_the_checkpoint_action_names(tmp_path, dmlab_example_pa
     world = SimpleNamespace(resolution=(64, 64), action_names=("action_0", "action_1", "action_2"))
     ds, note = evaluate.load_test_split(clip, world)
     assert tuple(ds.action_names) == world.action_names and len(ds) == 1 and "no split" in note
+
+
+def test_long_cache_runs_the_long_context_condition_in_the_play_cache(tiny_data, tmp_path):
+    """--long-cache multilevel-fast: the long-context condition, teacher forcing and the probes
+    use the cache `play --cache-mode multilevel-fast` uses; the sliding baseline stays."""
+    cfg = EvalConfig(data=str(tiny_data), out=str(tmp_path / "f"), episodes=1, context=12, generate=4, videos=0,
+                     probe_episodes=1, probe_forward=2, progress=False, long_cache="multilevel-fast")
+    world = FakeWorld()
+    res = run_eval(cfg, world=world)
+    assert {m for m, _ in world.sessions} == {"multilevel-fast", "sliding"}
+    assert res["config"]["long_cache"] == "multilevel-fast"
+    assert "long-context cache = multilevel-fast" in (tmp_path / "f" / "results.md").read_text()

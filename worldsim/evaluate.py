@@ -13,6 +13,10 @@
    * `copy_last`   the floor: the last context frame repeated;
    * `autoencoder` the ceiling: the ground truth encoded and decoded by the autoencoder.
 
+   `--long-cache multilevel-fast` runs the long-context condition (and teacher forcing and the
+   probes below) with the approximate cache that `play --cache-mode multilevel-fast` uses, so the
+   numbers describe what such a player sees.
+
    Teacher forcing: each frame predicted from the ground-truth past (`Session.predict`, then
    `Session.append(gt)`), multilevel cache, next to its own floor (the previous GT frame).
 
@@ -51,7 +55,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import numpy as np
 
@@ -94,6 +98,9 @@ class EvalConfig:
     cfg: float | None = field(default=None, metadata={"help": "classifier-free guidance scale (default: the checkpoint's)"})
     seed: int = field(default=0, metadata={"help": "base seed; each session uses seed + episode index"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: picked automatically)"})
+    long_cache: Literal["multilevel", "multilevel-fast"] = field(default="multilevel", metadata={
+        "help": "cache of the long-context condition, teacher forcing and probes (multilevel-fast: what "
+                "`play --cache-mode multilevel-fast` uses; not exact)"})
     teacher_forcing: bool = field(default=True, metadata={"help": "also score teacher-forced next-frame prediction"})
     videos: int = field(default=3, metadata={"help": "episodes to write side-by-side videos for"})
     probe_episodes: int = field(default=2, metadata={"help": "self-consistency probes (0: skip)"})
@@ -293,9 +300,10 @@ def generate(world: Any, video: np.ndarray, actions: np.ndarray, context: int, c
 
 
 def teacher_forced(world: Any, video: np.ndarray, actions: np.ndarray, context: int, count: int,
-                   steps: int | None, cfg: float | None, seed: int, bar: Any = None) -> np.ndarray:
+                   steps: int | None, cfg: float | None, seed: int, bar: Any = None,
+                   cache_mode: str = "multilevel") -> np.ndarray:
     """Each frame predicted from the ground-truth past (predict, then append the GT frame)."""
-    session = world.new_session(video[:context], actions[:context], cache_mode="multilevel", steps=steps,
+    session = world.new_session(video[:context], actions[:context], cache_mode=cache_mode, steps=steps,
                                 cfg=cfg, seed=seed)
     out = np.empty((count, *video.shape[1:]), dtype=np.uint8)
     for i in range(count):
@@ -305,6 +313,11 @@ def teacher_forced(world: Any, video: np.ndarray, actions: np.ndarray, context: 
         if bar is not None:
             bar.update(1)
     return out
+
+
+def _cache_of(condition: str, cfg: "EvalConfig") -> str:
+    """The cache mode that runs a model condition: --long-cache for the long-context one."""
+    return cfg.long_cache if condition == "multilevel" else condition
 
 
 def copy_last(video: np.ndarray, context: int, count: int) -> np.ndarray:
@@ -494,7 +507,8 @@ def self_consistency(world: Any, cfg: EvalConfig, ds: Any, bar_enabled: bool) ->
                                          "frames": len(acts), "pairs": [[t, s] for t, s in pairs],
                                          "pair_age": [t - s for t, s in pairs], "conditions": {}}
                 for mode in GEN_CONDITIONS:
-                    session = world.new_session(ctx, np.asarray(ctx_actions, dtype=np.int64), cache_mode=mode,
+                    session = world.new_session(ctx, np.asarray(ctx_actions, dtype=np.int64),
+                                                cache_mode=_cache_of(mode, cfg),
                                                 steps=cfg.steps, cfg=cfg.cfg, seed=seed)
                     gen = []
                     for a in acts:
@@ -612,7 +626,8 @@ def results_markdown(res: dict[str, Any]) -> str:
     lines.append(f"Test episodes: {gt.get('episodes_evaluated', 0)} from `{cfgd['dataset']}` "
                  f"(split: {cfgd['dataset_split']}); "
                  f"context K = {cfgd['context']}, generated G = {cfgd['generate']}, window W = {cfgd['window']}, "
-                 f"steps = {cfgd.get('sampler_used', cfgd)['steps']}, cfg = {cfgd.get('sampler_used', cfgd)['cfg']}, seed = {cfgd['seed']}. "
+                 f"steps = {cfgd.get('sampler_used', cfgd)['steps']}, cfg = {cfgd.get('sampler_used', cfgd)['cfg']}, seed = {cfgd['seed']}, "
+                 f"long-context cache = {cfgd.get('long_cache', 'multilevel')}. "
                  f"LPIPS: {res['metrics']['lpips']['status']}.")
     lines.append("")
     lines.append("## Ground truth: generated frames vs recorded frames")
@@ -749,7 +764,8 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             gens: dict[str, np.ndarray] = {}
             t0 = time.perf_counter()
             for mode in GEN_CONDITIONS:
-                gens[mode] = generate(world, truth, acts, cfg.context, cfg.generate, mode, cfg.steps, cfg.cfg, seed, bar)
+                gens[mode] = generate(world, truth, acts, cfg.context, cfg.generate, _cache_of(mode, cfg), cfg.steps,
+                                      cfg.cfg, seed, bar)
             timing["generate_s"] += time.perf_counter() - t0
             timing["frames"] += cfg.generate * len(GEN_CONDITIONS)
             gens["copy_last"] = copy_last(truth, cfg.context, cfg.generate)
@@ -758,7 +774,8 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             scored.update(id=ep.id, maze_seed=ep.maze_seed, seed=seed, length=len(ep))
             episodes.append(scored)
             if cfg.teacher_forcing:
-                tf = teacher_forced(world, truth, acts, cfg.context, cfg.generate, cfg.steps, cfg.cfg, seed, bar)
+                tf = teacher_forced(world, truth, acts, cfg.context, cfg.generate, cfg.steps, cfg.cfg, seed, bar,
+                                    cache_mode=cfg.long_cache)
                 tgen = {"teacher_forced": tf, "teacher_copy": truth[cfg.context - 1:length - 1]}
                 tsc = score_episode(truth, tgen, poses, cfg.context, window, lpips)
                 tsc.update(id=ep.id)
