@@ -339,3 +339,19 @@ def test_far_init_continues_from_an_exported_checkpoint(trained, dataset, tmp_pa
     assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(tmp_path / "none"), *FAST,
                  "--ae-from", str(ck), "--far-init", str(tmp_path), "--far-steps", "1"]) != 0
     assert "no exported checkpoint there" in capsys.readouterr().err
+
+
+def test_a_run_that_failed_before_its_first_step_can_be_started_again(dataset, tmp_path, capsys):
+    """Bad --data leaves only config.json behind; the corrected command starts there, while a
+    folder with real progress in it is still refused."""
+    val_only = tmp_path / "val-only"
+    assert main([*RECORD[:2], "1", *RECORD[3:], "--split", "val", "--out", str(val_only)]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--stage", "ae", "--data", str(val_only), "--out", str(run), *FAST, "--ae-steps", "1"]) == 1
+    assert "no training frames" in capsys.readouterr().err
+    assert [p.name for p in run.iterdir()] == ["config.json"]
+    assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(run), *FAST, "--ae-steps", "1"]) == 0
+    assert (run / "autoencoder" / "config.json").is_file()
+    capsys.readouterr()
+    assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(run), *FAST, "--ae-steps", "1"]) == 1
+    assert "already holds a training run" in capsys.readouterr().err

@@ -1340,7 +1340,10 @@ def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]
     out = Path(cfg.out)
     trainer = Trainer(run, dist, log)
     state = trainer.load_state() if (out / "state").exists() or (out / "state.old").exists() else None
-    if not resuming and (state is not None or (out / "config.json").exists()):
+    # a folder holding only config.json is a run that failed before its first step (bad data, say):
+    # nothing of value is in it, so a corrected command may start over there
+    started = out.is_dir() and any(p.name != "config.json" for p in out.iterdir())
+    if not resuming and (state is not None or started):
         raise TrainError(f"{out}: already holds a training run; continue it with --resume {out} or choose another --out")
     if resuming and state is None and not (out / AE_DIR).exists():
         log(f"{out}: no saved training state yet; starting from step 0 with its config")
