@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Train the default checkpoint on a lent GPU machine (the `device` tool), in one call.
+#
+# The machine starts bare with its own python3 (PyTorch there, no network): carry the wheels
+# of gymnasium, farama-notifications and labmaze for its Python (3.12) in .whl/, then run e.g.
+#
+#   AE_STEPS=4000 FAR_STEPS=3300 FAR_LIMIT=370 bash scripts/device_train.sh 2>&1 | tee $OUT/train.log
+#   INIT=checkpoints/maze-far-small FAR_STEPS=3000 FAR_LIMIT=400 bash scripts/device_train.sh ...
+#
+# It records the datasets of the model card (deterministic, ~25 s on 16 cores), trains the
+# autoencoder (skipped with INIT: the shipped autoencoder is kept, so its latents stay valid)
+# and the transformer (from INIT's weights if given), stopping the transformer after FAR_LIMIT
+# seconds with a saved export. On exit it packs the run into $OUT as <=15 MB parts (the tool
+# returns files of at most 16 MiB): `cat run.tar.part-* | tar xf -` here.
+# Measured on an H200 (2026-11-26): AE 38 steps/s at batch 256, FAR 9.5 steps/s at batch 64 x 96 frames.
+set -x
+export PYTHONUNBUFFERED=1
+if [ -z "${SKIP_WHEELS:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+: "${OUT:?set OUT to the folder whose files come back}"
+R="python3 -m worldsim record --env worldsim/Maze-v0 --length 300 --policy mix --env-arg max_steps=null --progress false"
+T="python3 -m worldsim train --preset small --progress false --log-every 20"
+pack() {
+  tar cf - runs/ae/metrics.jsonl runs/ae/config.json runs/ae/autoencoder runs/far/metrics.jsonl \
+    runs/far/config.json runs/far/checkpoint 2>/dev/null | split -b 15M - "$OUT/run.tar.part-"
+  ls -la "$OUT"
+}
+trap pack EXIT
+nvidia-smi --query-gpu=name,memory.total --format=csv
+$R --episodes 16 --split val --out data/maze-val --workers 16
+$R --episodes "${A_EPISODES:-240}" --split train --out data/maze-train-240 --workers 16
+# the full set resumes from a hard-linked copy of the first 240 episodes while the AE trains
+[ -e data/maze-train ] || cp -al data/maze-train-240 data/maze-train
+$R --episodes "${EPISODES:-1000}" --split train --out data/maze-train --workers 12 > record-rest.log 2>&1 &
+REC=$!
+if [ -n "${INIT:-}" ]; then
+  AE="--ae-from $INIT --far-init $INIT"
+else
+  $T --stage ae --data data/maze-train-240 data/maze-val --ae-channels 16 32 64 128 --ae-latent-channels 16 \
+    --ae-lr "${AE_LR:-2e-3}" --warmup 200 --ae-batch "${AE_BATCH:-256}" --ae-steps "${AE_STEPS:-4000}" \
+    --val-every 1000 --checkpoint-every 100000 --out runs/ae || exit 1
+  AE="--ae-from runs/ae"
+fi
+wait $REC; cat record-rest.log
+timeout -s TERM "${FAR_LIMIT:-370}" $T --stage far $AE --data data/maze-train data/maze-val \
+  --seq-len "${SEQ:-96}" --obj-random-context-length true --preview-every -1 --far-lr "${FAR_LR:-6e-4}" \
+  --warmup 300 --ema-decay 0.999 --far-batch "${FAR_BATCH:-64}" --far-steps "${FAR_STEPS:-3300}" \
+  --val-every 1000 --val-batches 4 --checkpoint-every 500 --out runs/far
+grep val_loss runs/far/metrics.jsonl | tail -8
