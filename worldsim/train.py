@@ -280,7 +280,12 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
     ae_cfg = dataclasses.replace(ae_mod.AE_PRESETS[preset["ae"]], **ae_over)
     far_base = far_mod.PRESETS[preset["far"]]
     if train.far_init:
-        far_base = _init_far(train.far_init)[0].config
+        from worldsim.checkpoint import CheckpointError, read_config
+
+        try:
+            far_base = far_mod.FARConfig.from_dict(read_config(_init_far_dir(train.far_init))["far"])
+        except CheckpointError as exc:
+            raise TrainError(f"--far-init: {exc}") from None
     far_cfg = dataclasses.replace(far_base, **far_over)
     obj_cfg = dataclasses.replace(obj_mod.ObjectiveConfig(), **obj_over)
     return RunConfig(train, ae_cfg, far_cfg, obj_cfg), False
@@ -529,17 +534,12 @@ def load_autoencoder(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     raise TrainError(f"{path}: no autoencoder found (expected RUN/{AE_DIR}/, an autoencoder folder or an exported checkpoint)")
 
 
-def _init_far(path: str | os.PathLike) -> tuple[nn.Module, str]:
-    """(FAR, where from) for --far-init: an exported checkpoint, or a run folder's export."""
+def _init_far_dir(path: str | os.PathLike) -> Path:
+    """The exported checkpoint that --far-init names: the folder itself or a run folder's checkpoint/."""
     p = Path(path)
     for d in (p, p / "checkpoint"):
         if (d / "config.json").is_file() and json.loads((d / "config.json").read_text()).get("format") == "worldsim-checkpoint":
-            from worldsim.checkpoint import CheckpointError, load_checkpoint
-
-            try:
-                return load_checkpoint(d, device="cpu").far, str(d)
-            except CheckpointError as exc:
-                raise TrainError(f"--far-init: {exc}") from None
+            return d
     raise TrainError(f"--far-init {path}: no exported checkpoint there (expected config.json of format "
                      f"worldsim-checkpoint in it or in its checkpoint/ folder)")
 
@@ -1080,7 +1080,13 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
     torch.manual_seed(cfg.seed + 1)
     far = far_mod.FAR(far_cfg)
     if cfg.far_init and resume_state is None:
-        init, where = _init_far(cfg.far_init)
+        from worldsim.checkpoint import CheckpointError, load_checkpoint
+
+        where = _init_far_dir(cfg.far_init)
+        try:
+            init = load_checkpoint(where, device="cpu").far
+        except CheckpointError as exc:
+            raise TrainError(f"--far-init: {exc}") from None
         if init.config != far_cfg:
             diff = {k: (v, getattr(far_cfg, k)) for k, v in init.config.to_dict().items() if getattr(far_cfg, k) != v}
             raise TrainError(f"--far-init {where}: its FAR shape differs from this run's (checkpoint vs run): {diff}; "
