@@ -6,9 +6,10 @@
 #
 #   AE_STEPS=4000 FAR_STEPS=3300 FAR_LIMIT=370 bash scripts/device_train.sh 2>&1 | tee $OUT/train.log
 #   INIT=checkpoints/maze-far-small FAR_STEPS=3000 FAR_LIMIT=400 bash scripts/device_train.sh ...
+#   INIT=checkpoints/maze-far-small DEC_STEPS=2000 SEQ=288 FAR_BATCH=40 ... bash scripts/device_train.sh ...
 #
 # It records the datasets of the model card (deterministic, ~25 s on 16 cores), trains the
-# autoencoder (skipped with INIT: the shipped autoencoder is kept, so its latents stay valid)
+# autoencoder (with INIT: kept, or only its decoder fine-tuned for DEC_STEPS, so its latents stay valid)
 # and the transformer (from INIT's weights if given), stopping the transformer after FAR_LIMIT
 # seconds with a saved export. On exit it packs the run into $OUT as <=15 MB parts (the tool
 # returns files of at most 16 MiB): `cat run.tar.part-* | tar xf -` here.
@@ -35,7 +36,13 @@ $R --episodes "${A_EPISODES:-240}" --split train --out data/maze-train-240 --wor
 [ -e data/maze-train ] || cp -al data/maze-train-240 data/maze-train
 $R --episodes "${EPISODES:-1000}" --split train --out data/maze-train --workers 12 > record-rest.log 2>&1 &
 REC=$!
-if [ -n "${INIT:-}" ]; then
+if [ -n "${INIT:-}" ] && [ "${DEC_STEPS:-0}" -gt 0 ]; then
+  # fine-tune only INIT's decoder: its latents stay the same, so INIT's FAR weights still apply
+  $T --stage ae --ae-init "$INIT" --ae-train decoder --data data/maze-train-240 data/maze-val \
+    --ae-lr "${DEC_LR:-5e-4}" --warmup 100 --ae-batch "${AE_BATCH:-256}" --ae-steps "$DEC_STEPS" \
+    --val-every 500 --checkpoint-every 100000 --out runs/ae || exit 1
+  AE="--ae-from runs/ae --far-init $INIT"
+elif [ -n "${INIT:-}" ]; then
   AE="--ae-from $INIT --far-init $INIT"
 else
   $T --stage ae --data data/maze-train-240 data/maze-val --ae-channels 16 32 64 128 --ae-latent-channels 16 \
@@ -46,6 +53,6 @@ fi
 wait $REC; cat record-rest.log
 timeout -s TERM "${FAR_LIMIT:-370}" $T --stage far $AE --data data/maze-train data/maze-val \
   --seq-len "${SEQ:-96}" --obj-random-context-length true --preview-every -1 --far-lr "${FAR_LR:-6e-4}" \
-  --warmup 300 --ema-decay 0.999 --far-batch "${FAR_BATCH:-64}" --far-steps "${FAR_STEPS:-3300}" \
+  --warmup "${FAR_WARMUP:-300}" --ema-decay 0.999 --far-batch "${FAR_BATCH:-64}" --far-steps "${FAR_STEPS:-3300}" \
   --val-every 1000 --val-batches 4 --checkpoint-every 500 --out runs/far
 grep val_loss runs/far/metrics.jsonl | tail -8

@@ -355,3 +355,62 @@ def test_a_run_that_failed_before_its_first_step_can_be_started_again(dataset, t
     capsys.readouterr()
     assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(run), *FAST, "--ae-steps", "1"]) == 1
     assert "already holds a training run" in capsys.readouterr().err
+
+
+def test_decoder_fine_tune_keeps_the_latents_and_re_exports_the_world_model(trained, dataset, tmp_path, capsys):
+    """--ae-init CKPT --ae-train decoder: only the decoder learns, the encoder and latent scale stay
+    bit-identical (so the checkpoint's FAR still reads the latents), and RUN/checkpoint is the
+    checkpoint with the new decoder, loadable by play and eval."""
+    from safetensors.torch import load_file
+
+    from worldsim.checkpoint import load_checkpoint
+
+    ck = trained / "checkpoint"
+    before = load_file(str(ck / "model.safetensors"))
+    run = tmp_path / "dec"
+    assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(run), *FAST, "--ae-init", str(ck),
+                 "--ae-train", "decoder", "--ae-steps", "3", "--ae-lr", "1e-2", "--warmup", "0"]) == 0
+    assert "weights initialised from" in capsys.readouterr().err
+    ae = load_file(str(run / "autoencoder" / "autoencoder.safetensors"))
+    enc = [k for k in ae if k.startswith("encoder.")] + ["latent_scale"]
+    dec = [k for k in ae if k.startswith("decoder.")]
+    assert all(torch.equal(ae[k], before["autoencoder." + k]) for k in enc)
+    assert not all(torch.equal(ae[k], before["autoencoder." + k]) for k in dec)
+
+    paired = load_file(str(run / "checkpoint" / "model.safetensors"))
+    assert all(torch.equal(paired[k], v) for k, v in before.items() if k.startswith("far."))
+    assert all(torch.equal(paired["autoencoder." + k], ae[k]) for k in ae)
+    loaded = load_checkpoint(run / "checkpoint")
+    assert loaded.step == load_checkpoint(ck).step
+    assert loaded.config["extra"]["decoder_fine_tune"]["from"] == str(ck)
+
+    # the whole autoencoder learns by default: its encoder moves too
+    whole = tmp_path / "all"
+    assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(whole), *FAST, "--ae-init", str(ck),
+                 "--ae-steps", "3", "--ae-lr", "1e-2", "--warmup", "0"]) == 0
+    moved = load_file(str(whole / "autoencoder" / "autoencoder.safetensors"))
+    assert not all(torch.equal(moved[k], before["autoencoder." + k]) for k in enc if k != "latent_scale")
+    assert not (whole / "checkpoint").exists()
+
+    capsys.readouterr()
+    assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(tmp_path / "x"), *FAST,
+                 "--ae-train", "decoder"]) != 0
+    assert "give --ae-init" in capsys.readouterr().err
+    assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(tmp_path / "y"), *FAST,
+                 "--ae-init", str(ck), "--ae-latent-channels", "7"]) != 0
+    assert "drop --ae-latent-channels" in capsys.readouterr().err
+
+
+def test_far_init_notes_an_autoencoder_whose_latents_differ(trained, dataset, tmp_path, capsys):
+    """Continuing FAR weights on another encoder's latents is allowed but said out loud."""
+    ck = trained / "checkpoint"
+    other_ae = tmp_path / "other-ae"
+    assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(other_ae), *FAST, "--ae-init", str(ck),
+                 "--ae-steps", "2", "--ae-lr", "1e-2", "--warmup", "0"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(tmp_path / "far"), *FAST,
+                 "--ae-from", str(other_ae), "--far-init", str(ck), "--far-steps", "1"]) == 0
+    assert "encoder differs" in capsys.readouterr().err
+    assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(tmp_path / "same"), *FAST,
+                 "--ae-from", str(ck), "--far-init", str(ck), "--far-steps", "1"]) == 0
+    assert "encoder differs" not in capsys.readouterr().err

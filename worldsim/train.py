@@ -86,6 +86,13 @@ class TrainConfig:
     preset: str = field(default="small", metadata={"help": "named preset (tiny, small, base): model sizes and the hyper-parameters below"})
     ae_from: str | None = field(default=None, metadata={
         "help": "stage far: take the autoencoder from this run folder, autoencoder folder or exported checkpoint"})
+    ae_init: str | None = field(default=None, metadata={
+        "help": "stage ae: start from the autoencoder of this run folder, autoencoder folder or exported checkpoint "
+                "(fresh optimizer; its shape replaces the --ae-* shape options)"})
+    ae_train: Literal["all", "decoder"] = field(default="all", metadata={
+        "help": "stage ae: what learns; `decoder` keeps the encoder and latent scale of --ae-init, so its latents, "
+                "and any FAR trained on them, stay valid (an --ae-init checkpoint is re-exported with the new "
+                "decoder in RUN/checkpoint)"})
     far_init: str | None = field(default=None, metadata={
         "help": "stage far: start from the FAR weights of this exported checkpoint or run folder (fresh optimizer; "
                 "the FAR shape is taken from it), e.g. to continue training the shipped model"})
@@ -249,7 +256,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
     ae_mod, far_mod, obj_mod = _model_modules()
     train_over = _given(args)
     ae_over, far_over, obj_over = _given(args, "ae"), _given(args, "far"), _given(args, "obj")
-    ae_over.pop("from", None)  # --ae-from and --far-init are TrainConfig fields
+    for k in ("from", "init", "train"):  # --ae-from, --ae-init, --ae-train and --far-init are TrainConfig fields
+        ae_over.pop(k, None)
     far_over.pop("init", None)
     for k in ("steps", "batch", "lr"):
         ae_over.pop(k, None)
@@ -277,7 +285,16 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
         raise TrainError(f"unknown preset {preset_name!r} (known: {', '.join(TRAIN_PRESETS)})")
     preset = TRAIN_PRESETS[preset_name]
     train = dataclasses.replace(TrainConfig(), **{**preset["train"], **train_over})
-    ae_cfg = dataclasses.replace(ae_mod.AE_PRESETS[preset["ae"]], **ae_over)
+    ae_base = ae_mod.AE_PRESETS[preset["ae"]]
+    if train.ae_init:
+        ae_base = load_autoencoder(train.ae_init)[0].config
+        changed = {k: v for k, v in ae_over.items() if getattr(ae_base, k) != v}
+        if changed:
+            raise TrainError(f"--ae-init {train.ae_init}: the autoencoder shape comes from it; drop "
+                             f"{', '.join('--ae-' + k.replace('_', '-') for k in changed)}")
+    elif train.ae_train != "all":
+        raise TrainError(f"--ae-train {train.ae_train} fine-tunes an existing autoencoder: give --ae-init")
+    ae_cfg = dataclasses.replace(ae_base, **ae_over)
     far_base = far_mod.PRESETS[preset["far"]]
     if train.far_init:
         from worldsim.checkpoint import CheckpointError, read_config
@@ -532,6 +549,29 @@ def load_autoencoder(path: str | os.PathLike) -> tuple[nn.Module, dict]:
             return ck.autoencoder, {"action_names": list(ck.action_names), "resolution": list(ck.resolution),
                                    "simulator": ck.simulator, "from_checkpoint": str(d)}
     raise TrainError(f"{path}: no autoencoder found (expected RUN/{AE_DIR}/, an autoencoder folder or an exported checkpoint)")
+
+
+def _export_with_decoder(path: Path, source: Path, ae: nn.Module, step: int, final: bool) -> None:
+    """`source` (an exported checkpoint) with `ae` in place of its autoencoder; the encoders must match."""
+    from worldsim.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(source, device="cpu")
+    ae = unwrap(ae)
+    if not _same_encoder(ck.autoencoder, ae):
+        raise TrainError(f"{source}: its encoder differs from the fine-tuned autoencoder's; cannot pair them")
+    extra = dict(ck.config.get("extra") or {})
+    extra["decoder_fine_tune"] = {"from": str(source), "ae_step": step, "final": final}
+    save_checkpoint(path, copy.deepcopy(ae).cpu(), ck.far, action_names=ck.action_names, resolution=ck.resolution,
+                    sampler=ck.sampler, simulator=ck.simulator, data_summary=ck.config.get("data"), step=ck.step,
+                    extra=extra)
+
+
+def _same_encoder(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two autoencoders map frames to the same latents (encoder weights and latent scale)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    keys = [k for k in sa if k.startswith("encoder.") or k == "latent_scale"]
+    return all(k in sb and sa[k].shape == sb[k].shape and torch.equal(sa[k].cpu(), sb[k].cpu()) for k in keys) \
+        and set(keys) == {k for k in sb if k.startswith("encoder.") or k == "latent_scale"}
 
 
 def _init_far_dir(path: str | os.PathLike) -> Path:
@@ -958,6 +998,21 @@ def run_ae_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state)
         raise TrainError(f"{', '.join(cfg.data)}: no training frames")
     torch.manual_seed(cfg.seed)
     ae = ae_mod.Autoencoder(run.autoencoder)
+    if cfg.ae_init:
+        init, _ = load_autoencoder(cfg.ae_init)
+        if init.config != ae.config:
+            raise TrainError(f"--ae-init {cfg.ae_init}: its shape {init.config.to_dict()} differs from this run's "
+                             f"{ae.config.to_dict()}")
+        if resume_state is None:
+            ae.load_state_dict(init.state_dict())
+            trainer.log(f"ae: weights initialised from {cfg.ae_init} (fresh optimizer; training {cfg.ae_train})")
+    paired = None  # an exported checkpoint whose world model the fine-tuned decoder joins
+    if cfg.ae_train == "decoder":
+        # the optimizer only sees parameters that require grad; the latent scale buffer stays the init's
+        ae.encoder.requires_grad_(False)
+        d = readable_dir(Path(cfg.ae_init), "config.json") if cfg.ae_init else None
+        if d is not None and json.loads((d / "config.json").read_text()).get("format") == "worldsim-checkpoint":
+            paired = d
     frames_sampler = WindowSampler(train.lengths, 1, "train frames")
     val_sampler = WindowSampler(val.lengths, 1, "val frames")
     val_picks = [val_sampler.draw(step_rng(cfg.seed, 10_000 + b, 0)[0], cfg.ae_batch) for b in range(max(1, cfg.val_batches))]
@@ -979,12 +1034,18 @@ def run_ae_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state)
 
     @torch.no_grad()
     def on_save(ema, step, final):
-        raw = torch.cat([ema.encode(frame_batch(train, calib_picks[i:i + 128], device), normalize=False).float()
-                         for i in range(0, len(calib_picks), 128)])
-        scale = ema.calibrate_scale(raw)
+        if cfg.ae_train == "decoder":
+            scale = float(ema.latent_scale)  # recalibrating would change the latents
+        else:
+            raw = torch.cat([ema.encode(frame_batch(train, calib_picks[i:i + 128], device), normalize=False).float()
+                             for i in range(0, len(calib_picks), 128)])
+            scale = ema.calibrate_scale(raw)
         save_autoencoder(trainer.out / AE_DIR, ema, {
             "step": step, "final": final, "latent_scale": scale, "action_names": list(data.action_names),
-            "resolution": list(data.resolution), "simulator": data.simulator, "datasets": list(cfg.data)})
+            "resolution": list(data.resolution), "simulator": data.simulator, "datasets": list(cfg.data),
+            "init": cfg.ae_init, "trained": cfg.ae_train})
+        if paired is not None:
+            _export_with_decoder(trainer.out / "checkpoint", paired, ema, step, final)
 
     spec = StageSpec("ae", ae, cfg.ae_steps, cfg.ae_lr, loss_fn, val_fn,
                      {"frames": cfg.ae_batch * dist.world_size}, on_save)
@@ -1084,15 +1145,18 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
 
         where = _init_far_dir(cfg.far_init)
         try:
-            init = load_checkpoint(where, device="cpu").far
+            init_ck = load_checkpoint(where, device="cpu")
         except CheckpointError as exc:
             raise TrainError(f"--far-init: {exc}") from None
+        init = init_ck.far
         if init.config != far_cfg:
             diff = {k: (v, getattr(far_cfg, k)) for k, v in init.config.to_dict().items() if getattr(far_cfg, k) != v}
             raise TrainError(f"--far-init {where}: its FAR shape differs from this run's (checkpoint vs run): {diff}; "
                              f"take the autoencoder from the same checkpoint (--ae-from) and drop --far-* options")
         far.load_state_dict(init.state_dict())
         trainer.log(f"far: weights initialised from {where} (fresh optimizer)")
+        if not _same_encoder(init_ck.autoencoder, ae):
+            trainer.log(f"note: the autoencoder's encoder differs from {where}'s: the FAR weights adapt to new latents")
     L = cfg.seq_len
     sampler = WindowSampler(train_store.lengths, L, "train episodes") if stream is None else None
     val_len = min(L, int(max(val_store.lengths)))
@@ -1376,7 +1440,7 @@ def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]
         if data.resolution[0] != data.resolution[1]:
             raise TrainError(f"{cfg.data[0] if cfg.data else cfg.stream_env}: frames are {data.resolution[0]}x"
                              f"{data.resolution[1]}; the autoencoder needs square frames")
-        if resuming or (cfg.ae_from and (cfg.stage == "far" or cfg.stream_env)):
+        if resuming or cfg.ae_init or (cfg.ae_from and (cfg.stage == "far" or cfg.stream_env)):
             raise TrainError(f"{cfg.data[0] if cfg.data else cfg.stream_env}: resolution {data.resolution[0]}x{data.resolution[1]} "
                              f"differs from the autoencoder's {run.autoencoder.resolution}x{run.autoencoder.resolution}")
         try:
