@@ -1088,14 +1088,13 @@ def build_latents(trainer: Trainer, run: RunConfig, data: DataInfo, ae: nn.Modul
         return ae.encode(x).float().cpu().numpy()
 
     store = LatentStore()
-    paths = list(cfg.data)
-    if split != "train":
-        # a val dataset beside train-only datasets: take the split from the datasets that hold
-        # it (the others would fall back to their training episodes)
-        from worldsim.latents import names_for, open_split
+    # a val dataset beside train-only datasets: each split comes from the datasets that hold it
+    # (for val the others would fall back to their training episodes; for train they add nothing)
+    from worldsim.latents import names_for, open_split
 
-        holding = [p for p in paths if open_split(p, split, names_for(p, data.action_names), fallback=False)[1]]
-        paths = holding or paths
+    paths = list(cfg.data)
+    holding = [p for p in paths if open_split(p, split, names_for(p, data.action_names), fallback=False)[1]]
+    paths = holding or paths
     for path in paths:
         cached = load_cached(cache_dir, path, split, ae_hash)
         if cached is None:
