@@ -392,6 +392,16 @@ def test_decoder_fine_tune_keeps_the_latents_and_re_exports_the_world_model(trai
     assert not all(torch.equal(moved[k], before["autoencoder." + k]) for k in enc if k != "latent_scale")
     assert not (whole / "checkpoint").exists()
 
+    # scripts/pair_decoder.py makes the same pairing afterwards, and refuses a moved encoder
+    script = [sys.executable, str(Path(__file__).parents[1] / "scripts" / "pair_decoder.py")]
+    done = subprocess.run([*script, str(ck), str(run), str(tmp_path / "pair")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    again = load_file(str(tmp_path / "pair" / "model.safetensors"))
+    assert again.keys() == paired.keys() and all(torch.equal(again[k], v) for k, v in paired.items())
+    refused = subprocess.run([*script, str(ck), str(whole), str(tmp_path / "bad")], capture_output=True, text=True)
+    assert refused.returncode == 1 and "encoder differs" in refused.stderr
+    assert not (tmp_path / "bad").exists()
+
     capsys.readouterr()
     assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(tmp_path / "x"), *FAST,
                  "--ae-train", "decoder"]) != 0

@@ -551,7 +551,8 @@ def load_autoencoder(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     raise TrainError(f"{path}: no autoencoder found (expected RUN/{AE_DIR}/, an autoencoder folder or an exported checkpoint)")
 
 
-def _export_with_decoder(path: Path, source: Path, ae: nn.Module, step: int, final: bool) -> None:
+def export_with_decoder(path: Path, source: Path, ae: nn.Module, step: int, final: bool,
+                        ae_source: str | None = None) -> None:
     """`source` (an exported checkpoint) with `ae` in place of its autoencoder; the encoders must match."""
     from worldsim.checkpoint import load_checkpoint, save_checkpoint
 
@@ -560,7 +561,7 @@ def _export_with_decoder(path: Path, source: Path, ae: nn.Module, step: int, fin
     if not _same_encoder(ck.autoencoder, ae):
         raise TrainError(f"{source}: its encoder differs from the fine-tuned autoencoder's; cannot pair them")
     extra = dict(ck.config.get("extra") or {})
-    extra["decoder_fine_tune"] = {"from": str(source), "ae_step": step, "final": final}
+    extra["decoder_fine_tune"] = {"from": str(source), "autoencoder": ae_source, "ae_step": step, "final": final}
     save_checkpoint(path, copy.deepcopy(ae).cpu(), ck.far, action_names=ck.action_names, resolution=ck.resolution,
                     sampler=ck.sampler, simulator=ck.simulator, data_summary=ck.config.get("data"), step=ck.step,
                     extra=extra)
@@ -1045,7 +1046,7 @@ def run_ae_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state)
             "resolution": list(data.resolution), "simulator": data.simulator, "datasets": list(cfg.data),
             "init": cfg.ae_init, "trained": cfg.ae_train})
         if paired is not None:
-            _export_with_decoder(trainer.out / "checkpoint", paired, ema, step, final)
+            export_with_decoder(trainer.out / "checkpoint", paired, ema, step, final, str(trainer.out / AE_DIR))
 
     spec = StageSpec("ae", ae, cfg.ae_steps, cfg.ae_lr, loss_fn, val_fn,
                      {"frames": cfg.ae_batch * dist.world_size}, on_save)

@@ -1,0 +1,43 @@
+"""Put a fine-tuned decoder into an exported checkpoint, keeping its world model.
+
+    python scripts/pair_decoder.py CHECKPOINT AUTOENCODER OUT
+
+AUTOENCODER is a run folder (or its autoencoder/ folder) of
+`worldsim train --stage ae --ae-init CHECKPOINT --ae-train decoder`, which learned only the
+decoder: the encoder and latent scale are CHECKPOINT's, so its FAR weights read the same
+latents. That run already writes RUN/checkpoint; this script pairs them afterwards, e.g. when
+the decoder was trained elsewhere and only its autoencoder/ folder came back. It refuses an
+autoencoder whose encoder differs. OUT is written atomically (a new folder, or files swapped
+into an existing one).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from worldsim.checkpoint import CheckpointError
+from worldsim.train import TrainError, export_with_decoder, load_autoencoder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 2)[2])
+    parser.add_argument("checkpoint", help="exported checkpoint whose world model is kept")
+    parser.add_argument("autoencoder", help="run folder or autoencoder folder with the fine-tuned decoder")
+    parser.add_argument("out", help="folder for the paired checkpoint")
+    args = parser.parse_args(argv)
+    try:
+        ae, meta = load_autoencoder(args.autoencoder)
+        export_with_decoder(Path(args.out), Path(args.checkpoint), ae, int(meta.get("step", 0)),
+                            bool(meta.get("final", True)), args.autoencoder)
+    except (TrainError, CheckpointError, OSError) as exc:
+        print(f"pair_decoder: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}: the world model of {args.checkpoint} with the autoencoder of {args.autoencoder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
