@@ -113,6 +113,55 @@ def test_objective_is_reproducible_with_a_generator():
     assert torch.equal(l1, l2)
 
 
+class RecordingFAR(torch.nn.Module):
+    """Wraps a FAR and keeps the inputs and outputs of every call."""
+
+    def __init__(self, far: FAR):
+        super().__init__()
+        self.far, self.config, self.null_action, self.calls = far, far.config, far.null_action, []
+
+    def forward(self, x, t, actions, aug=None):
+        v = self.far(x, t, actions, aug)
+        self.calls.append((x.clone(), t.clone(), actions.clone(), v.detach().clone()))
+        return v
+
+
+def test_self_context_feeds_the_model_its_own_reconstructions_and_keeps_the_targets():
+    """self_context_prob=1: a first pass (no gradients) reconstructs every window frame from a
+    noised copy; the training pass then sees those reconstructions, not the ground truth, as its
+    clean window context, while its noisy frames (the loss targets) are still built from the
+    ground truth. With prob 0 the model is called once, as before."""
+    x, a = torch.randn(2, 9, 4, 8, 8), torch.randint(0, 5, (2, 9))
+    W = PRESETS["tiny"].window
+    Tc = 9 - W
+    plain = RecordingFAR(random_far())
+    training_loss(plain, x, a, torch.Generator().manual_seed(1), ObjectiveConfig(context_noise_prob=0.0))
+    assert len(plain.calls) == 1
+
+    model = RecordingFAR(random_far())
+    cfg = ObjectiveConfig(context_noise_prob=0.0, action_dropout=0.0, self_context_prob=1.0)
+    loss, stats = training_loss(model, x, a, torch.Generator().manual_seed(1), cfg)
+    loss.backward()
+    assert len(model.calls) == 2 and torch.isfinite(loss)
+    (x1, t1, _, v1), (x2, t2, _, _) = model.calls
+    u = t1[:, Tc:]  # the first pass: window frames at their own levels, coarse frames clean
+    assert (u >= 0).all() and (u <= cfg.self_context_level).all()
+    assert torch.all(t1[:, :Tc] == model.config.clean_t)
+    x0_hat = x1[:, Tc:] - u[..., None, None, None] * v1
+    clean = t2[:, Tc:] == model.config.clean_t  # the training pass's clean window frames
+    assert clean.any() and (~clean).any()
+    assert torch.allclose(x2[:, Tc:][clean], x0_hat[clean], atol=1e-6)
+    assert not torch.allclose(x2[:, Tc:][clean], x[:, Tc:][clean])
+    # noisy frames: level*noise + (1-level)*x0 with the ground-truth x0 -> correlate with x, not x0_hat
+    noisy = ~clean
+    lv = t2[:, Tc:][noisy][:, None, None, None]
+    gt_part = ((x2[:, Tc:][noisy] - (1 - lv) * x[:, Tc:][noisy]) / lv)  # = the noise if built from GT
+    hat_part = ((x2[:, Tc:][noisy] - (1 - lv) * x0_hat[noisy]) / lv)
+    assert gt_part.std() < hat_part.std() or torch.allclose(x0_hat[noisy], x[:, Tc:][noisy])
+    assert torch.equal(x2[:, :Tc], x[:, :Tc])  # coarse context stays the ground truth
+    assert stats["self_frac"].item() == pytest.approx(clean.float().mean().item())
+
+
 def dmlab_pseudo_latents(B: int = 4, T: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
     """Real DMLab frames (every 10th) as fixed 8x8x4 "latents": 8x8 average pool + a grey channel."""
     d = np.load(DMLAB)

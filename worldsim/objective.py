@@ -2,7 +2,8 @@
 
 API
     ObjectiveConfig(clean_context_prob=0.5, t_mean=0.0, t_std=1.0, context_noise_prob=0.5,
-                    context_noise_max=0.1, action_dropout=0.1, random_context_length=False)
+                    context_noise_max=0.1, action_dropout=0.1, random_context_length=False,
+                    self_context_prob=0.0, self_context_level=0.6)
     training_loss(far, latents [B,T,C,h,w], actions [B,T], generator=None, cfg=ObjectiveConfig())
         -> (loss scalar, stats: dict[str, detached tensor])
     sample_timesteps(shape, generator, device, mean, std) -> logit-normal t in (0, 1)
@@ -15,7 +16,9 @@ gets its own logit-normal noise level and becomes clean context with probability
 matching: x_t = t*noise + (1-t)*x0, target velocity = noise - x0; the loss is the MSE on the
 noisy frames of the window only. Clean context frames (coarse ones included) may get a small
 noise augmentation (x = (1-s)*x0 + s*noise, s ~ U(0, context_noise_max), also given to the
-model) against autoregressive drift. Actions are dropped to the null class per frame with
+model) against autoregressive drift; with `self_context_prob` some are instead replaced by the
+model's own one-step reconstruction of a noised copy (an extra forward pass without gradients),
+so the context looks like the frames it generates when it plays. Actions are dropped to the null class per frame with
 probability `action_dropout` (label dropout, for classifier-free guidance).
 """
 from __future__ import annotations
@@ -39,6 +42,11 @@ class ObjectiveConfig:
     random_context_length: bool = field(
         default=False, metadata={"help": "use the last L frames, L ~ U[window, T] per batch (varied long context)"}
     )
+    self_context_prob: float = field(default=0.0, metadata={
+        "help": "P(a clean window context frame is replaced by the model's own reconstruction of it from a noised "
+                "copy): the past then looks like generated frames, against autoregressive drift; 0 disables"})
+    self_context_level: float = field(default=0.6, metadata={
+        "help": "noise level of those copies ~ U(0, level): higher gives blurrier, more generated-looking frames"})
 
 
 def _rand(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -85,8 +93,13 @@ def training_loss(
     augment = clean & (_rand((B, T), generator, device) < cfg.context_noise_prob)
     s = torch.where(augment, _rand((B, T), generator, device) * cfg.context_noise_max, torch.zeros_like(t))
 
+    x_ctx = x0
+    selfed = torch.zeros_like(clean)
+    if cfg.self_context_prob > 0 and T > 1:
+        x_ctx, selfed = _self_context(core, x0, actions, clean, Tc, s, cfg, generator)
+
     level = torch.where(clean, s, t)[..., None, None, None]  # (B, T, 1, 1, 1)
-    x_in = level * noise + (1 - level) * x0
+    x_in = level * noise + (1 - level) * x_ctx  # noisy frames: x_ctx == x0 there
     t_in = torch.where(clean, torch.full_like(t, core.config.clean_t), t)
 
     drop = _rand((B, T), generator, device) < cfg.action_dropout
@@ -105,4 +118,36 @@ def training_loss(
         "coarse_frames": torch.tensor(float(Tc)),
         "t_mean": (t[:, Tc:] * noisy).sum().detach() / noisy.sum().clamp_min(1.0),
     }
+    if cfg.self_context_prob > 0:
+        stats["self_frac"] = selfed[:, Tc:].float().mean().detach()
     return loss, stats
+
+
+@torch.no_grad()
+def _self_context(core: FAR, x0: torch.Tensor, actions: torch.Tensor, clean: torch.Tensor, Tc: int,
+                  s: torch.Tensor, cfg: ObjectiveConfig, generator: torch.Generator | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x0 with some clean window frames replaced by the model's one-step reconstruction x0_hat.
+
+    One extra forward pass without gradients: every window frame noised to its own level
+    u ~ U(0, self_context_level) (the coarse frames stay clean, as in training), and
+    x0_hat = x_u - u * v. Those frames carry the model's own errors (blur, small shifts), which
+    is what the context is made of when it plays. Only clean context frames are replaced, never
+    the noisy frames whose velocity is the target, so the loss still targets the ground truth.
+    """
+    B, T = x0.shape[:2]
+    device = x0.device
+    u = torch.zeros(B, T, device=device)
+    u[:, Tc:] = _rand((B, T - Tc), generator, device) * cfg.self_context_level
+    noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+    lv = u[..., None, None, None]  # (B, T, 1, 1, 1)
+    x_u = lv * noise + (1 - lv) * x0
+    is_window = torch.zeros(B, T, dtype=torch.bool, device=device)
+    is_window[:, Tc:] = True
+    t_in = torch.where(is_window, u, torch.full_like(u, core.config.clean_t))
+    v = core(x_u, t_in, actions, torch.zeros_like(u))  # (B, Wf, C, h, w)
+    x0_hat = (x_u[:, Tc:] - lv[:, Tc:] * v.to(x_u.dtype))
+    selfed = clean & is_window & (_rand((B, T), generator, device) < cfg.self_context_prob)
+    out = x0.clone()
+    out[:, Tc:] = torch.where(selfed[:, Tc:, None, None, None], x0_hat, x0[:, Tc:])
+    return out, selfed
