@@ -7,6 +7,7 @@
 #   AE_STEPS=4000 FAR_STEPS=3300 FAR_LIMIT=370 bash scripts/device_train.sh 2>&1 | tee $OUT/train.log
 #   INIT=checkpoints/maze-far-small FAR_STEPS=3000 FAR_LIMIT=400 bash scripts/device_train.sh ...
 #   INIT=checkpoints/maze-far-small DEC_STEPS=2000 SEQ=288 FAR_BATCH=40 ... bash scripts/device_train.sh ...
+#   FAR_ARGS="--obj-self-context-prob 0.5 --obj-context-noise-max 0.5" ...   (more `worldsim train` options)
 #
 # It records the datasets of the model card (deterministic, ~25 s on 16 cores), trains the
 # autoencoder (with INIT: kept, or only its decoder fine-tuned for DEC_STEPS, so its latents stay valid)
@@ -54,5 +55,5 @@ wait $REC; cat record-rest.log
 timeout -s TERM "${FAR_LIMIT:-370}" $T --stage far $AE --data data/maze-train data/maze-val \
   --seq-len "${SEQ:-96}" --obj-random-context-length true --preview-every -1 --far-lr "${FAR_LR:-6e-4}" \
   --warmup "${FAR_WARMUP:-300}" --ema-decay 0.999 --far-batch "${FAR_BATCH:-64}" --far-steps "${FAR_STEPS:-3300}" \
-  --val-every 1000 --val-batches 4 --checkpoint-every 500 --out runs/far
+  --val-every 1000 --val-batches 4 --checkpoint-every 500 --out runs/far ${FAR_ARGS:-}
 grep val_loss runs/far/metrics.jsonl | tail -8
