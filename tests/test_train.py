@@ -403,9 +403,18 @@ def test_decoder_fine_tune_keeps_the_latents_and_re_exports_the_world_model(trai
     assert not (tmp_path / "bad").exists()
 
     capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--ae-steps", "4", "--ae-train", "all"]) != 0
+    assert "cannot change on resume" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--ae-steps", "4"]) == 0  # more steps: still decoder only
+    ae = load_file(str(run / "autoencoder" / "autoencoder.safetensors"))
+    assert all(torch.equal(ae[k], before["autoencoder." + k]) for k in enc)
+    capsys.readouterr()
     assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(tmp_path / "x"), *FAST,
                  "--ae-train", "decoder"]) != 0
     assert "give --ae-init" in capsys.readouterr().err
+    assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(tmp_path / "z"), *FAST,
+                 "--ae-init", str(ck)]) != 0
+    assert "belong to stage ae" in capsys.readouterr().err
     assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(tmp_path / "y"), *FAST,
                  "--ae-init", str(ck), "--ae-latent-channels", "7"]) != 0
     assert "drop --ae-latent-channels" in capsys.readouterr().err

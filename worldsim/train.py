@@ -276,6 +276,11 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
                              f"(got {', '.join(['--ae-' + k for k in ae_over] + ['--far-' + k for k in far_over])})")
         if "out" in train_over and Path(train_over["out"]).resolve() != Path(resume).resolve():
             raise TrainError("--resume continues in the run folder itself; do not pass a different --out")
+        fixed = [k for k in ("ae_init", "ae_train", "far_init")
+                 if k in train_over and train_over[k] != getattr(run.train, k)]
+        if fixed:
+            raise TrainError(f"--resume {resume}: {', '.join('--' + k.replace('_', '-') for k in fixed)} cannot change "
+                             f"on resume (the run started from its stored value); start a new run instead")
         train_over["out"] = str(resume)
         run.train = dataclasses.replace(run.train, **train_over)
         run.objective = dataclasses.replace(run.objective, **obj_over)
@@ -294,6 +299,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
                              f"{', '.join('--ae-' + k.replace('_', '-') for k in changed)}")
     elif train.ae_train != "all":
         raise TrainError(f"--ae-train {train.ae_train} fine-tunes an existing autoencoder: give --ae-init")
+    if (train.ae_init or train.ae_train != "all") and train.stage == "far":
+        raise TrainError("--ae-init / --ae-train belong to stage ae (or both); for stage far give --ae-from")
     ae_cfg = dataclasses.replace(ae_base, **ae_over)
     far_base = far_mod.PRESETS[preset["far"]]
     if train.far_init:
@@ -559,7 +566,8 @@ def export_with_decoder(path: Path, source: Path, ae: nn.Module, step: int, fina
     ck = load_checkpoint(source, device="cpu")
     ae = unwrap(ae)
     if not _same_encoder(ck.autoencoder, ae):
-        raise TrainError(f"{source}: its encoder differs from the fine-tuned autoencoder's; cannot pair them")
+        raise TrainError(f"{source}: its encoder differs from that of the fine-tuned autoencoder "
+                         f"({ae_source or 'given'}); cannot pair them")
     extra = dict(ck.config.get("extra") or {})
     extra["decoder_fine_tune"] = {"from": str(source), "autoencoder": ae_source, "ae_step": step, "final": final}
     save_checkpoint(path, copy.deepcopy(ae).cpu(), ck.far, action_names=ck.action_names, resolution=ck.resolution,
@@ -1013,7 +1021,10 @@ def run_ae_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state)
         ae.encoder.requires_grad_(False)
         d = readable_dir(Path(cfg.ae_init), "config.json") if cfg.ae_init else None
         if d is not None and json.loads((d / "config.json").read_text()).get("format") == "worldsim-checkpoint":
-            paired = d
+            paired = d  # the encoder came from it; export_with_decoder checks it is still the same at each save
+        else:
+            trainer.log(f"note: --ae-init {cfg.ae_init} is not an exported checkpoint: only {trainer.out / AE_DIR} "
+                        "is written (pair it with scripts/pair_decoder.py)")
     frames_sampler = WindowSampler(train.lengths, 1, "train frames")
     val_sampler = WindowSampler(val.lengths, 1, "val frames")
     val_picks = [val_sampler.draw(step_rng(cfg.seed, 10_000 + b, 0)[0], cfg.ae_batch) for b in range(max(1, cfg.val_batches))]
@@ -1175,13 +1186,16 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
         lat, act = latent_batch(store, smp.draw(rng, cfg.far_batch), L, device)
         return obj_mod.training_loss(m, lat, act, generator=gen, cfg=run.objective)
 
+    # validation sees ground-truth context only, so its loss compares across self-context settings
+    val_objective = dataclasses.replace(run.objective, self_context_prob=0.0)
+
     def val_fn(ema):
         store, batches, length = (val_store, val_batches, val_len) if stream is None else (*stream.val_batches(cfg), L)
         losses = []
         for picks, seed in batches:
             lat, act = latent_batch(store, picks, length, device)
             gen = torch.Generator(device=device).manual_seed(seed)
-            loss, _ = obj_mod.training_loss(ema, lat, act, generator=gen, cfg=run.objective)
+            loss, _ = obj_mod.training_loss(ema, lat, act, generator=gen, cfg=val_objective)
             losses.append(float(loss))
         return {"loss": float(np.mean(losses)) if losses else float("nan")}
 
