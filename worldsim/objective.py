@@ -18,8 +18,9 @@ noisy frames of the window only. Clean context frames (coarse ones included) may
 noise augmentation (x = (1-s)*x0 + s*noise, s ~ U(0, context_noise_max), also given to the
 model) against autoregressive drift; with `self_context_prob` some are instead replaced by the
 model's own one-step reconstruction of a noised copy (an extra forward pass without gradients),
-so the context looks like the frames it generates when it plays. Actions are dropped to the null class per frame with
-probability `action_dropout` (label dropout, for classifier-free guidance).
+so the context looks like the frames it generates when it plays. Actions are dropped to the
+null class per frame with probability `action_dropout` (label dropout, for classifier-free
+guidance).
 """
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ def training_loss(
     x_ctx = x0
     selfed = torch.zeros_like(clean)
     if cfg.self_context_prob > 0 and T > 1:
-        x_ctx, selfed = _self_context(core, x0, actions, clean, Tc, s, cfg, generator)
+        x_ctx, selfed = _self_context(core, x0, actions, clean, Tc, cfg, generator)
 
     level = torch.where(clean, s, t)[..., None, None, None]  # (B, T, 1, 1, 1)
     x_in = level * noise + (1 - level) * x_ctx  # noisy frames: x_ctx == x0 there
@@ -125,8 +126,7 @@ def training_loss(
 
 @torch.no_grad()
 def _self_context(core: FAR, x0: torch.Tensor, actions: torch.Tensor, clean: torch.Tensor, Tc: int,
-                  s: torch.Tensor, cfg: ObjectiveConfig, generator: torch.Generator | None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  cfg: ObjectiveConfig, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """x0 with some clean window frames replaced by the model's one-step reconstruction x0_hat.
 
     One extra forward pass without gradients: every window frame noised to its own level
