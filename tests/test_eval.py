@@ -106,6 +106,18 @@ def test_end_to_end_with_a_stand_in_model(tiny_data, tmp_path):
     assert res["metrics"]["lpips"]["available"] == evaluate.metrics.lpips_status()[0]
     md = (tmp_path / "a" / "results.md").read_text()
     assert "22.3" in md and "paper" in md and "copy last context frame" in md
+    # the bars' differences, paired per frame, with an interval; they agree with the summary
+    gp = res["ground_truth"]["gaps"]
+    assert set(gp) == {"revisit_multilevel_vs_sliding", "overall_multilevel_vs_sliding",
+                       "overall_multilevel_vs_copy_last", "teacher_forced_vs_copy_previous"}
+    ml, sl = summary["multilevel"]["psnr"], summary["sliding"]["psnr"]
+    assert gp["overall_multilevel_vs_sliding"]["gap"] == pytest.approx(ml["overall"] - sl["overall"])
+    if ml["revisit"]["n"]:
+        assert gp["revisit_multilevel_vs_sliding"]["gap"] == pytest.approx(ml["revisit"]["mean"] - sl["revisit"]["mean"])
+    tf = res["ground_truth"]["teacher_forced_summary"]
+    assert gp["teacher_forced_vs_copy_previous"]["gap"] == pytest.approx(
+        tf["teacher_forced"]["psnr"]["overall"] - tf["teacher_copy"]["psnr"]["overall"])
+    assert "Paired PSNR differences" in md and "teacher-forced - copy-previous-frame floor" in md
     sc = res["self_consistency"]["summary"]
     assert sc["turn_360"]["multilevel"]["psnr"]["n"] > 0
     # the same seed gives the same numbers; another seed other numbers

@@ -116,3 +116,35 @@ def test_summarize():
     s = metrics.summarize(np.array([1.0, 2.0, 3.0]), np.array([True, False, True]))
     assert s == {"mean": 2.0, "std": 1.0, "n": 2}
     assert metrics.summarize(np.array([1.0]), np.array([False]))["mean"] is None
+
+
+def test_paired_gap_pools_frames_or_averages_episodes_and_brackets_the_gap():
+    # episode 0: 3 selected frames, first better by 1 dB; episode 1: 1 selected frame, worse by 3 dB
+    first = [np.array([11.0, 11.0, 11.0, 50.0]), np.array([7.0, 50.0])]
+    second = [np.array([10.0, 10.0, 10.0, 0.0]), np.array([10.0, 0.0])]
+    masks = [np.array([True, True, True, False]), np.array([True, False])]
+    pooled = metrics.paired_gap(first, second, masks, pooled=True)
+    assert pooled["gap"] == pytest.approx((3 * 1.0 - 3.0) / 4)  # frames pooled: 0
+    assert (pooled["episodes"], pooled["episodes_positive"], pooled["frames"]) == (2, 1, 4)
+    per_episode = metrics.paired_gap(first, second, masks, pooled=False)
+    assert per_episode["gap"] == pytest.approx((1.0 - 3.0) / 2)
+    for g in (pooled, per_episode):
+        # resampling two episodes can give either one twice: the interval spans both episodes' means
+        assert g["ci_low"] == pytest.approx(-3.0) and g["ci_high"] == pytest.approx(1.0)
+        assert g["ci_low"] <= g["gap"] <= g["ci_high"]
+    # the same seed gives the same interval; an episode without selected frames is left out
+    assert metrics.paired_gap(first, second, masks, seed=3) == metrics.paired_gap(first, second, masks, seed=3)
+    none = metrics.paired_gap(first + [np.array([1.0])], second + [np.array([0.0])], masks + [np.array([False])])
+    assert none["episodes"] == 2 and none["gap"] == pooled["gap"]
+
+
+def test_paired_gap_of_consistent_episodes_and_of_nothing():
+    rng = np.random.default_rng(0)
+    second = [rng.normal(12, 1, 50) for _ in range(12)]
+    first = [s + 3.0 + rng.normal(0, 0.5, 50) for s in second]
+    g = metrics.paired_gap(first, second, pooled=True)
+    assert 2.5 < g["ci_low"] < g["gap"] < g["ci_high"] < 3.5 and g["episodes_positive"] == 12
+    empty = metrics.paired_gap([np.array([1.0])], [np.array([2.0])], [np.array([False])])
+    assert empty["gap"] is None and empty["episodes"] == 0
+    with pytest.raises(ValueError, match="one array per episode"):
+        metrics.paired_gap([np.array([1.0])], [])

@@ -239,3 +239,44 @@ def summarize(values: np.ndarray, mask: np.ndarray | None = None) -> dict[str, A
     if v.size == 0:
         return {"mean": None, "std": None, "n": 0}
     return {"mean": float(v.mean()), "std": float(v.std()), "n": int(v.size)}
+
+
+def paired_gap(first: list[np.ndarray], second: list[np.ndarray], masks: list[np.ndarray] | None = None,
+               pooled: bool = True, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """Paired difference `first - second` of per-frame values, with a bootstrap CI over episodes.
+
+    Each list holds one array per episode, the two conditions scored on the same frames (and
+    `masks` selects frames, e.g. revisits). `pooled=True` averages over all selected frames of all
+    episodes (as the revisit numbers are); `pooled=False` averages each episode first, then the
+    episodes (as the overall numbers are). Episodes, not frames, are resampled with replacement
+    (frames of one episode are far from independent), `resamples` times from a fixed `seed`, and
+    the interval is the central `level` percentile range of the resampled gaps. Also returned:
+    how many episodes (with selected frames) have a positive mean difference.
+    """
+    if len(first) != len(second) or (masks is not None and len(masks) != len(first)):
+        raise ValueError("paired_gap: one array per episode in every list")
+    sums, counts = [], []
+    for i, (a, b) in enumerate(zip(first, second)):
+        d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+        if masks is not None:
+            d = d[np.asarray(masks[i], dtype=bool)]
+        if d.size:
+            sums.append(float(d.sum()))
+            counts.append(int(d.size))
+    n = len(sums)
+    if n == 0:
+        return {"gap": None, "ci_low": None, "ci_high": None, "level": level, "episodes": 0,
+                "episodes_positive": 0, "frames": 0}
+    s, c = np.asarray(sums), np.asarray(counts, dtype=np.float64)
+    per_episode = s / c
+
+    def statistic(idx: np.ndarray) -> np.ndarray:  # idx (R, n) -> (R,)
+        return s[idx].sum(-1) / c[idx].sum(-1) if pooled else per_episode[idx].mean(-1)
+
+    gap = float(statistic(np.arange(n)[None])[0])
+    rng = np.random.default_rng(seed)
+    boot = statistic(rng.integers(0, n, size=(resamples, n)))
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(boot, [tail, 100.0 - tail])
+    return {"gap": gap, "ci_low": float(low), "ci_high": float(high), "level": level, "episodes": n,
+            "episodes_positive": int((per_episode > 0).sum()), "frames": int(c.sum())}
