@@ -104,6 +104,21 @@ def test_objective_backward_reaches_coarse_projections():
     assert stats["noisy_frames"].item() >= 2  # the last frame of each sample is always noisy
 
 
+def test_random_context_length_always_keeps_a_coarse_frame():
+    far = random_far()
+    W = far.config.window
+    x, a = torch.randn(2, W + 2, 4, 8, 8), torch.randint(0, 5, (2, W + 2))
+    cfg = ObjectiveConfig(random_context_length=True)
+    lengths = set()
+    for seed in range(12):
+        far.zero_grad(set_to_none=True)
+        loss, stats = training_loss(far, x, a, torch.Generator().manual_seed(seed), cfg)
+        loss.backward()
+        lengths.add(int(stats["coarse_frames"]))
+        assert [n for n, p in far.named_parameters() if p.grad is None] == []
+    assert lengths == {1, 2}  # both lengths drawn, never the window alone
+
+
 def test_objective_is_reproducible_with_a_generator():
     far = random_far()
     x, a = torch.randn(2, 6, 4, 8, 8), torch.randint(0, 5, (2, 6))

@@ -41,7 +41,7 @@ class ObjectiveConfig:
     context_noise_max: float = field(default=0.1, metadata={"help": "augmentation level ~ U(0, max); 0 disables"})
     action_dropout: float = field(default=0.1, metadata={"help": "P(an action is replaced by the null class)"})
     random_context_length: bool = field(
-        default=False, metadata={"help": "use the last L frames, L ~ U[window, T] per batch (varied long context)"}
+        default=False, metadata={"help": "use the last L frames, L ~ U[window + 1, T] per batch (varied long context)"}
     )
     self_context_prob: float = field(default=0.0, metadata={
         "help": "P(a clean window context frame is replaced by the model's own reconstruction of it from a noised "
@@ -76,7 +76,9 @@ def training_loss(
     B, T = latents.shape[:2]
 
     if cfg.random_context_length and T > W:
-        L = int(torch.randint(W, T + 1, (1,), generator=generator, device=device).item())
+        # at least one coarse frame, so every parameter reaches the loss (DDP then needs no
+        # find_unused_parameters, which warns and walks the autograd graph every step)
+        L = int(torch.randint(W + 1, T + 1, (1,), generator=generator, device=device).item())
         latents, actions = latents[:, T - L :], actions[:, T - L :]
         T = L
     Wf = min(W, T)

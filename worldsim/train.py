@@ -777,9 +777,9 @@ class Trainer:
         if dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            # FAR: the last block's coarse-token output projection never reaches the loss (coarse tokens
-            # have no output head), and without coarse frames their projections are idle too
-            unused = spec.name == "far"
+            # FAR samples no longer than the window have no coarse frames, so the coarse-token
+            # projections never reach the loss; longer samples always have some (objective.py)
+            unused = spec.name == "far" and cfg.seq_len <= model.config.window
             train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                               find_unused_parameters=unused)
         model.train()
