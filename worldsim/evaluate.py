@@ -31,6 +31,11 @@
    SSIM 0.687, LPIPS 0.104), marked as the paper's (another dataset: a reference, not a match).
    Revisit / rest numbers are pooled over all such frames of all episodes.
 
+   Paired differences (`gaps` in results.json, a table in results.md): long context - sliding
+   window on revisit frames and overall, long context - copy floor, teacher-forced - its floor,
+   each with a 95% bootstrap interval over episodes (episodes resampled, not frames: the frames
+   of one episode are far from independent) and how many episodes have a positive difference.
+
 2. Self-consistency, no ground truth: from a few simulator frames (reset frame + noops), turn
    in place (`turn_left` x N, N = round(2 pi / turn_step), repeated `--probe-loops` times) and
    go out and back (forward k, turn 180, forward k, turn 180, repeated). The simulator follows
