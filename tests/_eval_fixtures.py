@@ -67,10 +67,12 @@ class FakeWorld:
         self.simulator = simulator if simulator is not None else {"id": MAZE_ID, "settings": dict(TINY_SIM_SETTINGS)}
         self.config = {"far": {"window": window}, "sampler": {"steps": 1, "cfg": 1.0}, "fake": True}
         self.sessions: list[tuple[str, int | None]] = []
+        self.contexts: list[np.ndarray] = []  # the context frames of every session, in order
 
     def new_session(self, context_frames, context_actions, cache_mode="multilevel", steps=None, cfg=None, seed=None):
         assert len(context_frames) == len(context_actions)
         self.sessions.append((cache_mode, seed))
+        self.contexts.append(np.array(context_frames))
         return FakeSession(self, context_frames, context_actions, cache_mode, seed)
 
 

@@ -100,7 +100,7 @@ def test_end_to_end_with_a_stand_in_model(tiny_data, tmp_path):
     assert sorted(set(s for _, s in world.sessions)) == [0, 1]
     assert {m for m, _ in world.sessions} == {"multilevel", "sliding"}
     summary = res["ground_truth"]["summary"]
-    assert set(summary) == {"multilevel", "sliding", "copy_last", "autoencoder"}
+    assert set(summary) == {"multilevel", "sliding", "copy_last", "autoencoder", "other_memory"}
     # the stand-in has no autoencoder: its "reconstruction" is the ground truth itself
     assert summary["autoencoder"]["psnr"]["overall"] == pytest.approx(PSNR_CAP_DB)
     assert res["metrics"]["lpips"]["available"] == evaluate.metrics.lpips_status()[0]
@@ -109,7 +109,8 @@ def test_end_to_end_with_a_stand_in_model(tiny_data, tmp_path):
     # the bars' differences, paired per frame, with an interval; they agree with the summary
     gp = res["ground_truth"]["gaps"]
     assert set(gp) == {"revisit_multilevel_vs_sliding", "overall_multilevel_vs_sliding",
-                       "overall_multilevel_vs_copy_last", "teacher_forced_vs_copy_previous"}
+                       "overall_multilevel_vs_copy_last", "teacher_forced_vs_copy_previous",
+                       "revisit_multilevel_vs_other_memory", "overall_multilevel_vs_other_memory"}
     ml, sl = summary["multilevel"]["psnr"], summary["sliding"]["psnr"]
     assert gp["overall_multilevel_vs_sliding"]["gap"] == pytest.approx(ml["overall"] - sl["overall"])
     if ml["revisit"]["n"]:
@@ -181,7 +182,7 @@ class _InterruptingWorld(FakeWorld):
     """Ctrl-C arrives while the second episode is being generated."""
 
     def new_session(self, *args, **kwargs):
-        if len(self.sessions) >= 3:  # multilevel, sliding, teacher-forced of episode 0 done
+        if len(self.sessions) >= 4:  # multilevel, sliding, memory control, teacher-forced of episode 0 done
             raise KeyboardInterrupt
         return super().new_session(*args, **kwargs)
 
@@ -238,3 +239,53 @@ def test_long_cache_runs_the_long_context_condition_in_the_play_cache(tiny_data,
     assert {m for m, _ in world.sessions} == {"multilevel-fast", "sliding"}
     assert res["config"]["long_cache"] == "multilevel-fast"
     assert "long-context cache = multilevel-fast" in (tmp_path / "f" / "results.md").read_text()
+
+
+def test_memory_control_swaps_only_the_long_term_context(tiny_data, tmp_path):
+    """The control condition: the frames already in L2 when generation starts (index < K - W + 1)
+    come from another test maze, the short window and everything after it are the episode's own."""
+    from worldsim.dataset import Dataset
+
+    k, window = 12, 4
+    cfg = EvalConfig(data=str(tiny_data), out=str(tmp_path / "a"), episodes=2, context=k, generate=8, videos=0,
+                     probe_episodes=0, teacher_forcing=False, progress=False)
+    world = FakeWorld(window=window)
+    res = run_eval(cfg, world=world)
+    ds = Dataset(tiny_data, split="test")
+    eps = [ds[0], ds[1]]
+    assert eps[0].maze_seed != eps[1].maze_seed
+    assert res["config"]["memory_control_status"] == "on"
+    assert res["config"]["memory_donor_episode_ids"] == [eps[1].id, eps[0].id]
+    old = k - window + 1
+    assert res["config"]["memory_control_old_frames"] == old
+    # per episode: multilevel, sliding, control - the control's context is the spliced one
+    assert [m for m, _ in world.sessions] == ["multilevel", "sliding", "multilevel"] * 2
+    for i, (me, donor) in enumerate([(eps[0], eps[1]), (eps[1], eps[0])]):
+        plain, control = world.contexts[3 * i], world.contexts[3 * i + 2]
+        np.testing.assert_array_equal(plain, me.video[:k])
+        np.testing.assert_array_equal(control[:old], donor.video[:old])
+        np.testing.assert_array_equal(control[old:], me.video[old:k])
+    # the stand-in only looks at the last context frame, so its control equals its long context
+    gp = res["ground_truth"]["gaps"]["overall_multilevel_vs_other_memory"]
+    assert gp["gap"] == pytest.approx(0.0) and gp["ci_low"] == pytest.approx(0.0)
+    assert "long context from another maze" in (tmp_path / "a" / "results.md").read_text()
+
+    # off: no control session; a context that fits in the window: skipped, and said so
+    world = FakeWorld(window=window)
+    res = run_eval(EvalConfig(**{**cfg.__dict__, "out": str(tmp_path / "b"), "memory_control": False}), world=world)
+    assert "other_memory" not in res["ground_truth"]["summary"] and len(world.sessions) == 4
+    res = run_eval(EvalConfig(**{**cfg.__dict__, "out": str(tmp_path / "c"), "context": 2, "generate": 4}),
+                   world=FakeWorld(window=window))
+    assert "other_memory" not in res["ground_truth"]["summary"]
+    assert res["config"]["memory_control_status"].startswith("skipped: the context (2) fits in the short window")
+    assert "Memory control skipped" in (tmp_path / "c" / "results.md").read_text()
+
+
+def test_memory_control_needs_another_maze(tmp_path):
+    data = record_tiny_dataset(tmp_path / "one", episodes=1, length=20)
+    cfg = EvalConfig(data=str(data), out=str(tmp_path / "a"), episodes=1, context=12, generate=8, videos=0,
+                     probe_episodes=0, teacher_forcing=False, progress=False)
+    res = run_eval(cfg, world=FakeWorld())
+    assert res["config"]["memory_control_status"] == \
+        "skipped: no test episode of another maze to take the long context from"
+    assert "other_memory" not in res["ground_truth"]["summary"]

@@ -11,7 +11,12 @@
    * `multilevel`  FAR with its full long context (multi-level KV cache: L1 window + L2);
    * `sliding`     the same model and seed with only the short window (no L2);
    * `copy_last`   the floor: the last context frame repeated;
-   * `autoencoder` the ceiling: the ground truth encoded and decoded by the autoencoder.
+   * `autoencoder` the ceiling: the ground truth encoded and decoded by the autoencoder;
+   * `other_memory` the memory control (`--memory-control`, on by default): `multilevel` with the
+     same seed, but the context frames already in L2 when generation starts (index < K - W + 1)
+     and their actions come from the next test episode of another maze. The sliding window differs
+     from `multilevel` in two ways, what the memory holds and whether there is a long context at
+     all (which the model always has in training); the control differs only in the first.
 
    `--long-cache multilevel-fast` runs the long-context condition (and teacher forcing and the
    probes below) with the approximate cache that `play --cache-mode multilevel-fast` uses, so the
@@ -69,7 +74,9 @@ from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
 
 GEN_CONDITIONS = ("multilevel", "sliding")  # model conditions of the ground-truth protocol
 CONDITIONS = GEN_CONDITIONS + ("copy_last", "autoencoder")
+MEMORY_CONTROL = "other_memory"  # multilevel, with the long-term context taken from another maze
 CONDITION_LABELS = {
+    MEMORY_CONTROL: "control: long context from another maze (multilevel)",
     "autoencoder": "ceiling: autoencoder reconstruction of the ground truth",
     "multilevel": "FAR, full long context (multilevel)",
     "sliding": "same model, sliding window only (no L2)",
@@ -107,6 +114,9 @@ class EvalConfig:
         "help": "cache of the long-context condition, teacher forcing and probes (multilevel-fast: what "
                 "`play --cache-mode multilevel-fast` uses; not exact)"})
     teacher_forcing: bool = field(default=True, metadata={"help": "also score teacher-forced next-frame prediction"})
+    memory_control: bool = field(default=True, metadata={
+        "help": "also generate with the long-term context (the frames already in L2 when generation starts) "
+                "taken from another test maze: what the memory's content adds, apart from having a long context"})
     videos: int = field(default=3, metadata={"help": "episodes to write side-by-side videos for"})
     probe_episodes: int = field(default=2, metadata={"help": "self-consistency probes (0: skip)"})
     probe_context: int = field(default=4, metadata={"help": "simulator frames given as context to a probe"})
@@ -337,6 +347,24 @@ def autoencoded(world: Any, video: np.ndarray, context: int, count: int) -> np.n
     return world.decode(world.encode(frames))
 
 
+def memory_donor(usable: Sequence[Any], index: int) -> Any | None:
+    """The next usable episode after `index` (cyclic) from another maze, or None."""
+    me = usable[index]
+    for k in range(1, len(usable)):
+        other = usable[(index + k) % len(usable)]
+        if other.id != me.id and (me.maze_seed is None or other.maze_seed != me.maze_seed):
+            return other
+    return None
+
+
+def with_other_memory(video: np.ndarray, actions: np.ndarray, donor_video: np.ndarray, donor_actions: np.ndarray,
+                      old: int) -> tuple[np.ndarray, np.ndarray]:
+    """The episode with its first `old` frames (and their actions) replaced by the donor's."""
+    video, actions = video.copy(), actions.copy()
+    video[:old], actions[:old] = donor_video[:old], donor_actions[:old]
+    return video, actions
+
+
 # ----------------------------------------------------------------------------- scoring
 
 
@@ -409,6 +437,14 @@ def gaps(episodes: list[dict[str, Any]], tf_episodes: list[dict[str, Any]], seed
         out["revisit_multilevel_vs_sliding"] = metrics.paired_gap(
             psnr_of(episodes, "multilevel"), psnr_of(episodes, "sliding"), [e["revisit"] for e in episodes],
             pooled=True, seed=seed)
+    control = bool(episodes) and all(MEMORY_CONTROL in e["conditions"] for e in episodes)
+    if control and all(e["revisit"] is not None for e in episodes):
+        out["revisit_multilevel_vs_other_memory"] = metrics.paired_gap(
+            psnr_of(episodes, "multilevel"), psnr_of(episodes, MEMORY_CONTROL), [e["revisit"] for e in episodes],
+            pooled=True, seed=seed)
+    if control:
+        out["overall_multilevel_vs_other_memory"] = metrics.paired_gap(
+            psnr_of(episodes, "multilevel"), psnr_of(episodes, MEMORY_CONTROL), pooled=False, seed=seed)
     if episodes:
         out["overall_multilevel_vs_sliding"] = metrics.paired_gap(
             psnr_of(episodes, "multilevel"), psnr_of(episodes, "sliding"), pooled=False, seed=seed)
@@ -422,6 +458,8 @@ def gaps(episodes: list[dict[str, Any]], tf_episodes: list[dict[str, Any]], seed
 
 GAP_LABELS = {
     "revisit_multilevel_vs_sliding": "revisit frames: long context - sliding window (pooled over frames)",
+    "revisit_multilevel_vs_other_memory": "revisit frames: long context - long context from another maze (pooled)",
+    "overall_multilevel_vs_other_memory": "all generated frames: long context - long context from another maze",
     "overall_multilevel_vs_sliding": "all generated frames: long context - sliding window",
     "overall_multilevel_vs_copy_last": "all generated frames: long context - copy-last floor",
     "teacher_forced_vs_copy_previous": "teacher-forced - copy-previous-frame floor",
@@ -681,7 +719,7 @@ def results_markdown(res: dict[str, Any]) -> str:
     def cell(entry: Any, key: str = "mean", digits: int = 2) -> str:
         return _fmt(entry.get(key) if isinstance(entry, dict) else None, digits)
 
-    for name in CONDITIONS:
+    for name in GEN_CONDITIONS + (MEMORY_CONTROL,) + CONDITIONS[len(GEN_CONDITIONS):]:
         if name not in agg:
             continue
         a = agg[name]
@@ -714,6 +752,13 @@ def results_markdown(res: dict[str, Any]) -> str:
             if g and g["gap"] is not None:
                 lines.append(f"| {label} | {g['gap']:+.2f} | {g['ci_low']:+.2f} .. {g['ci_high']:+.2f} | "
                              f"{g['episodes_positive']} of {g['episodes']} |")
+        if "revisit_multilevel_vs_other_memory" in gp or "overall_multilevel_vs_other_memory" in gp:
+            lines += ["", "The control keeps everything but the memory's content: the frames already in L2 when "
+                          "generation starts come from another test maze. Long context - sliding window mixes what "
+                          "the memory holds with having a long context at all (the model trains with one); long "
+                          "context - control is what remembering these places adds."]
+    if cfgd.get("memory_control_status", "on") not in ("on", "off"):
+        lines += ["", f"Memory control {cfgd['memory_control_status']}."]
     sc = res.get("self_consistency") or {}
     lines += ["", "## Self-consistency in generated worlds (revisited view vs the model's own earlier frame)", ""]
     if "summary" in sc:
@@ -795,7 +840,20 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
     chosen = usable[: cfg.episodes]
     skipped = [e.id for e in ds.episodes if e.length < length]
 
-    per_ep_frames = cfg.generate * (len(GEN_CONDITIONS) + int(cfg.teacher_forcing))
+    # the control swaps the frames that are already in L2 when the first frame is generated
+    old_frames = cfg.context - window + 1
+    control = "on"
+    if not cfg.memory_control:
+        control = "off"
+    elif old_frames < 1:
+        control = f"skipped: the context ({cfg.context}) fits in the short window ({window}), nothing is in L2"
+    elif any(memory_donor(usable, i) is None for i in range(len(chosen))):
+        control = "skipped: no test episode of another maze to take the long context from"
+    gen_names = GEN_CONDITIONS + ((MEMORY_CONTROL,) if control == "on" else ())
+    names = CONDITIONS + ((MEMORY_CONTROL,) if control == "on" else ())
+    donors: list[str | None] = []
+
+    per_ep_frames = cfg.generate * (len(gen_names) + int(cfg.teacher_forcing))
     bar = _progress(per_ep_frames * len(chosen), "eval", cfg.progress)
     episodes: list[dict[str, Any]] = []
     tf_episodes: list[dict[str, Any]] = []
@@ -814,8 +872,15 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             for mode in GEN_CONDITIONS:
                 gens[mode] = generate(world, truth, acts, cfg.context, cfg.generate, _cache_of(mode, cfg), cfg.steps,
                                       cfg.cfg, seed, bar)
+            if control == "on":
+                donor = memory_donor(usable, i)
+                dep = ds.load(donor)
+                swapped, swapped_acts = with_other_memory(truth, acts, dep.video, dep.actions, old_frames)
+                gens[MEMORY_CONTROL] = generate(world, swapped, swapped_acts, cfg.context, cfg.generate,
+                                                _cache_of("multilevel", cfg), cfg.steps, cfg.cfg, seed, bar)
+                donors.append(donor.id)
             timing["generate_s"] += time.perf_counter() - t0
-            timing["frames"] += cfg.generate * len(GEN_CONDITIONS)
+            timing["frames"] += cfg.generate * len(gen_names)
             gens["copy_last"] = copy_last(truth, cfg.context, cfg.generate)
             gens["autoencoder"] = autoencoded(world, truth, cfg.context, cfg.generate)
             scored = score_episode(truth, gens, poses, cfg.context, window, lpips)
@@ -841,7 +906,7 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
     if not episodes:  # interrupted before one episode was done: nothing to write
         raise KeyboardInterrupt
     lpips_on = lpips is not None
-    summary = aggregate(episodes, CONDITIONS, lpips_on)
+    summary = aggregate(episodes, names, lpips_on)
     tf_summary = aggregate(tf_episodes, ("teacher_forced", "teacher_copy"), lpips_on) if tf_episodes else None
     gap_summary = gaps(episodes, tf_episodes, cfg.seed)
 
@@ -866,7 +931,9 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             "episode_ids": [e.id for e in chosen], "skipped_short_episodes": skipped,
             "session_seeds": [cfg.seed + i for i in range(len(chosen))],
             "window": window, "resolution": list(world.resolution), "action_names": list(world.action_names),
-            "conditions": {k: CONDITION_LABELS[k] for k in CONDITIONS},
+            "conditions": {k: CONDITION_LABELS[k] for k in names},
+            "memory_control_status": control, "memory_control_old_frames": max(0, old_frames),
+            "memory_donor_episode_ids": donors,
             # what the sessions used: the options, or the checkpoint's sampler defaults
             "sampler_used": {k: getattr(cfg, k) if getattr(cfg, k) is not None
                              else ((world_config or {}).get("sampler") or {}).get(k) for k in ("steps", "cfg")},
@@ -893,7 +960,7 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
     results = _jsonable(results)
 
     # plot: mean per-frame PSNR per condition
-    per_frame = {name: np.mean([e["conditions"][name]["psnr"] for e in episodes], axis=0) for name in CONDITIONS}
+    per_frame = {name: np.mean([e["conditions"][name]["psnr"] for e in episodes], axis=0) for name in names}
     if tf_episodes:
         for name in ("teacher_forced", "teacher_copy"):
             per_frame[name] = np.mean([e["conditions"][name]["psnr"] for e in tf_episodes], axis=0)
