@@ -1,0 +1,107 @@
+"""Research probe: free-running rollouts on test episodes under inference-time variants.
+
+Not part of the product; it measures ideas before they earn a place in the sampler or the cache.
+Each test episode: the first K ground-truth frames as context, then G frames generated from the
+recorded actions (session seed = episode index, as `worldsim eval --seed 0`), scored by PSNR
+against the ground truth, split into revisit frames and the rest with `worldsim eval`'s rule.
+
+Variants (one per run):
+  --history-guidance W   velocity = v_sliding + W * (v_multilevel - v_sliding): two caches fed
+                         the same frames; W = 1 is the plain long-context model, W > 1 leans on
+                         the long-term memory (history guidance), at twice the cost per frame
+  --roundtrip            append decode(encode(frame)) to the context instead of the generated latent
+  --context-noise S      noise the appended context latents by S (the checkpoint's sampler option)
+
+    python scripts/probe_rollout.py --episodes 12 --history-guidance 2.0 --save runs/probe-hg2.npz
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from worldsim import metrics
+from worldsim.cache import GenerationContext, make_context
+from worldsim.dataset import Dataset
+from worldsim.evaluate import resolve_checkpoint
+from worldsim.world import WorldModel
+
+
+class HistoryGuidedContext(GenerationContext):
+    """A multilevel and a sliding cache over the same frames, velocities extrapolated."""
+
+    def __init__(self, far, weight: float):
+        super().__init__(far)
+        self.long, self.short, self.weight = make_context(far, "multilevel"), make_context(far, "sliding"), weight
+
+    @property
+    def num_frames(self) -> int:
+        return self.long.num_frames
+
+    def extend(self, latents, actions, aug=None) -> None:
+        self.long.extend(latents, actions, aug)
+        self.short.extend(latents, actions, aug)
+
+    def velocity(self, x_t, t, action):
+        v_long = self.long.velocity(x_t, t, action).float()
+        if self.weight == 1.0:
+            return v_long
+        v_short = self.short.velocity(x_t, t, action).float()
+        return v_short + self.weight * (v_long - v_short)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=None, help="default: the shipped one")
+    ap.add_argument("--data", default="data/maze-test", help="dataset with a test split")
+    ap.add_argument("--episodes", type=int, default=12)
+    ap.add_argument("--context", type=int, default=144)
+    ap.add_argument("--generate", type=int, default=156)
+    ap.add_argument("--threads", type=int, default=1)
+    variant = ap.add_mutually_exclusive_group()
+    variant.add_argument("--history-guidance", type=float, default=None, metavar="W")
+    variant.add_argument("--roundtrip", action="store_true")
+    variant.add_argument("--context-noise", type=float, default=None, metavar="S")
+    ap.add_argument("--save", default=None, help="write per-frame PSNR and revisit masks (.npz)")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    world = WorldModel.load(resolve_checkpoint(args.checkpoint))
+    ds = Dataset(args.data, split="test")
+    window = world.far.config.window
+    K, G = args.context, args.generate
+    rows, masks = [], []
+    t0 = time.time()
+    for e in range(args.episodes):
+        ep = ds[e]
+        cache = HistoryGuidedContext(world.far, args.history_guidance) if args.history_guidance is not None \
+            else "multilevel"
+        session = world.new_session(ep.video[:K], ep.actions[:K], cache_mode=cache, seed=e,
+                                    context_noise=args.context_noise)
+        row = []
+        for i in range(K, K + G):
+            a = int(ep.actions[i])
+            if args.roundtrip:
+                frame = session.predict(a)
+                session.append(frame, a)
+            else:
+                frame = session.step(a)
+            row.append(float(metrics.psnr(frame, ep.video[i])))
+        rows.append(np.array(row))
+        masks.append(metrics.revisit_mask(ep.poses[:K + G], K, window)[0])
+    flat, mask = np.concatenate(rows), np.concatenate(masks)
+    print(json.dumps({
+        "variant": {"history_guidance": args.history_guidance, "roundtrip": args.roundtrip,
+                    "context_noise": args.context_noise},
+        "episodes": args.episodes, "overall": round(float(np.mean([r.mean() for r in rows])), 2),
+        "revisit": round(float(flat[mask].mean()), 2), "rest": round(float(flat[~mask].mean()), 2),
+        "first_16": round(float(np.mean([r[:16].mean() for r in rows])), 2), "seconds": round(time.time() - t0)}))
+    if args.save:
+        np.savez(args.save, psnr=np.stack(rows), revisit=np.stack(masks))
+
+
+if __name__ == "__main__":
+    main()
