@@ -671,17 +671,17 @@ def write_plot(path: Path, per_frame: dict[str, np.ndarray], revisit_frac: np.nd
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(11, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     idx = None
     for name, vals in per_frame.items():
         idx = context + np.arange(len(vals))
         style = "--" if name in ("copy_last", "teacher_copy") else ":" if name == "autoencoder" else "-"
-        ax.plot(idx, vals, style, label=CONDITION_LABELS.get(name, name), lw=1.3)
-    if revisit_frac is not None and idx is not None and "multilevel" in per_frame:
-        sel = revisit_frac > 0
-        if sel.any():
-            ax.scatter(idx[sel], per_frame["multilevel"][sel], marker="o", s=14, c="k", zorder=5,
-                       label="revisit frames (any episode)")
+        main = name == "multilevel"  # the headline condition: drawn last-on-top and thicker
+        ax.plot(idx, vals, style, label=CONDITION_LABELS.get(name, name), lw=2.2 if main else 1.2,
+                zorder=4 if main else 2)
+    if revisit_frac is not None and idx is not None:
+        # with many episodes nearly every index has a revisit somewhere, so the fraction is
+        # shown below rather than as markers on the curves
         ax2.bar(idx, revisit_frac, width=1.0, color="tab:gray")
     ax2.set_ylabel("revisit\nfraction")
     ax2.set_ylim(0, 1)
@@ -689,7 +689,7 @@ def write_plot(path: Path, per_frame: dict[str, np.ndarray], revisit_frac: np.nd
     ax.set_ylabel("PSNR (dB), mean over episodes")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     _atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
