@@ -119,6 +119,9 @@ def test_end_to_end_with_a_stand_in_model(tiny_data, tmp_path):
     assert gp["teacher_forced_vs_copy_previous"]["gap"] == pytest.approx(
         tf["teacher_forced"]["psnr"]["overall"] - tf["teacher_copy"]["psnr"]["overall"])
     assert "Paired PSNR differences" in md and "teacher-forced - copy-previous-frame floor" in md
+    # the plot can be redrawn from results.json alone
+    evaluate.plot_results(on_disk, tmp_path / "again.png")
+    assert (tmp_path / "again.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sc = res["self_consistency"]["summary"]
     assert sc["turn_360"]["multilevel"]["psnr"]["n"] > 0
     # the same seed gives the same numbers; another seed other numbers

@@ -695,6 +695,25 @@ def write_plot(path: Path, per_frame: dict[str, np.ndarray], revisit_frac: np.nd
     plt.close(fig)
 
 
+def plot_results(results: dict[str, Any], path: Path) -> None:
+    """psnr_vs_frame.png from a results dict: run_eval's own, or a results.json read back (to redraw
+    an earlier run's plot without generating again)."""
+    gt, cfgd = results["ground_truth"], results["config"]
+    episodes, tf_episodes = gt["episodes"], gt["teacher_forced_episodes"]
+
+    def mean_psnr(eps: list[dict[str, Any]], name: str) -> np.ndarray:
+        return np.mean([np.asarray(e["per_frame"][name]["psnr"], dtype=np.float64) for e in eps], axis=0)
+
+    per_frame = {name: mean_psnr(episodes, name) for name in gt["summary"]}
+    if tf_episodes:
+        for name in ("teacher_forced", "teacher_copy"):
+            per_frame[name] = mean_psnr(tf_episodes, name)
+    rfrac = (np.mean([np.asarray(e["revisit"], dtype=np.float64) for e in episodes], axis=0)
+             if all(e["revisit"] is not None for e in episodes) else None)
+    write_plot(Path(path), per_frame, rfrac, cfgd["context"],
+               f"PSNR per generated frame ({len(episodes)} test episodes, K={cfgd['context']}, W={cfgd['window']})")
+
+
 def results_markdown(res: dict[str, Any]) -> str:
     gt = res.get("ground_truth") or {}
     cfgd = res["config"]
@@ -959,15 +978,7 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
     }
     results = _jsonable(results)
 
-    # plot: mean per-frame PSNR per condition
-    per_frame = {name: np.mean([e["conditions"][name]["psnr"] for e in episodes], axis=0) for name in names}
-    if tf_episodes:
-        for name in ("teacher_forced", "teacher_copy"):
-            per_frame[name] = np.mean([e["conditions"][name]["psnr"] for e in tf_episodes], axis=0)
-    rfrac = (np.mean([e["revisit"] for e in episodes], axis=0) if all(e["revisit"] is not None for e in episodes)
-             else None)
-    write_plot(out / "psnr_vs_frame.png", per_frame, rfrac, cfg.context,
-               f"PSNR per generated frame ({len(episodes)} test episodes, K={cfg.context}, W={window})")
+    plot_results(results, out / "psnr_vs_frame.png")
     _write_text(out / "results.md", results_markdown(results))
     _write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=False) + "\n")
     return results
