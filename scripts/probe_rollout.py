@@ -12,6 +12,11 @@ Variants (one per run):
   --roundtrip            append decode(encode(frame)) to the context instead of the generated latent
   --context-noise S      noise the appended context latents by S (the checkpoint's sampler option)
 
+Options that combine with any variant:
+  --teacher-forced       predict each frame from the ground-truth past instead of rolling out
+  --other-memory         the context frames already in L2 when generation starts come from the
+                         next test episode (another maze), as `worldsim eval`'s memory control
+
     python scripts/probe_rollout.py --episodes 12 --history-guidance 2.0 --save runs/probe-hg2.npz
 """
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 from worldsim import metrics
 from worldsim.cache import GenerationContext, make_context
 from worldsim.dataset import Dataset
-from worldsim.evaluate import resolve_checkpoint
+from worldsim.evaluate import resolve_checkpoint, with_other_memory
 from worldsim.world import WorldModel
 
 
@@ -65,6 +70,8 @@ def main() -> None:
     variant.add_argument("--history-guidance", type=float, default=None, metavar="W")
     variant.add_argument("--roundtrip", action="store_true")
     variant.add_argument("--context-noise", type=float, default=None, metavar="S")
+    ap.add_argument("--teacher-forced", action="store_true")
+    ap.add_argument("--other-memory", action="store_true")
     ap.add_argument("--save", default=None, help="write per-frame PSNR and revisit masks (.npz)")
     args = ap.parse_args()
 
@@ -79,12 +86,18 @@ def main() -> None:
         ep = ds[e]
         cache = HistoryGuidedContext(world.far, args.history_guidance) if args.history_guidance is not None \
             else "multilevel"
-        session = world.new_session(ep.video[:K], ep.actions[:K], cache_mode=cache, seed=e,
-                                    context_noise=args.context_noise)
+        video, actions = ep.video[:K], ep.actions[:K]
+        if args.other_memory:
+            donor = ds[(e + 1) % len(ds)]
+            video, actions = with_other_memory(video, actions, donor.video, donor.actions, K - window + 1)
+        session = world.new_session(video, actions, cache_mode=cache, seed=e, context_noise=args.context_noise)
         row = []
         for i in range(K, K + G):
             a = int(ep.actions[i])
-            if args.roundtrip:
+            if args.teacher_forced:
+                frame = session.predict(a)
+                session.append(ep.video[i], a)
+            elif args.roundtrip:
                 frame = session.predict(a)
                 session.append(frame, a)
             else:
@@ -95,7 +108,8 @@ def main() -> None:
     flat, mask = np.concatenate(rows), np.concatenate(masks)
     print(json.dumps({
         "variant": {"history_guidance": args.history_guidance, "roundtrip": args.roundtrip,
-                    "context_noise": args.context_noise},
+                    "context_noise": args.context_noise, "teacher_forced": args.teacher_forced,
+                    "other_memory": args.other_memory},
         "episodes": args.episodes, "overall": round(float(np.mean([r.mean() for r in rows])), 2),
         "revisit": round(float(flat[mask].mean()), 2), "rest": round(float(flat[~mask].mean()), 2),
         "first_16": round(float(np.mean([r[:16].mean() for r in rows])), 2), "seconds": round(time.time() - t0)}))
