@@ -236,3 +236,30 @@ def test_autoencoder_shapes_scale_and_learning():
     assert losses[-1] < 0.6 * losses[0]
     with pytest.raises(ValueError):
         AutoencoderConfig(down_factor=8, channels=(8, 16))
+
+
+def test_blind_window_leaves_only_the_long_term_context_clean():
+    """blind_window_prob=1: every window frame is noisy (no clean-context timestep), at levels
+    >= blind_window_min_t, while the coarse frames stay clean; the loss then covers all W frames.
+    Without long-term context nothing changes, and prob 0 is bit-identical to the default."""
+    x, a = torch.randn(3, 9, 4, 8, 8), torch.randint(0, 5, (3, 9))
+    W = PRESETS["tiny"].window
+    Tc = 9 - W
+    model = RecordingFAR(random_far())
+    cfg = ObjectiveConfig(context_noise_prob=0.0, blind_window_prob=1.0, blind_window_min_t=0.6)
+    loss, stats = training_loss(model, x, a, torch.Generator().manual_seed(2), cfg)
+    (_, t, _, _), = model.calls
+    assert torch.all(t[:, :Tc] == model.config.clean_t)
+    assert (t[:, Tc:] >= 0.6).all() and (t[:, Tc:] <= 1.0).all()
+    assert stats["noisy_frames"].item() == 3 * W and stats["blind_frac"].item() == 1.0
+    loss.backward()
+    assert torch.isfinite(loss)
+
+    no_memory = RecordingFAR(random_far())  # a sample no longer than the window: nothing to blind
+    training_loss(no_memory, x[:, -W:], a[:, -W:], torch.Generator().manual_seed(2), cfg)
+    assert (no_memory.calls[0][1] == no_memory.config.clean_t).any()
+
+    far = random_far()
+    base, _ = training_loss(far, x, a, torch.Generator().manual_seed(4), ObjectiveConfig())
+    zero, _ = training_loss(far, x, a, torch.Generator().manual_seed(4), ObjectiveConfig(blind_window_prob=0.0))
+    assert torch.equal(base, zero)

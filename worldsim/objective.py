@@ -3,7 +3,8 @@
 API
     ObjectiveConfig(clean_context_prob=0.5, t_mean=0.0, t_std=1.0, context_noise_prob=0.5,
                     context_noise_max=0.1, action_dropout=0.1, random_context_length=False,
-                    self_context_prob=0.0, self_context_level=0.6)
+                    self_context_prob=0.0, self_context_level=0.6, blind_window_prob=0.0,
+                    blind_window_min_t=0.5)
     training_loss(far, latents [B,T,C,h,w], actions [B,T], generator=None, cfg=ObjectiveConfig())
         -> (loss scalar, stats: dict[str, detached tensor])
     sample_timesteps(shape, generator, device, mean, std) -> logit-normal t in (0, 1)
@@ -18,7 +19,10 @@ noisy frames of the window only. Clean context frames (coarse ones included) may
 noise augmentation (x = (1-s)*x0 + s*noise, s ~ U(0, context_noise_max), also given to the
 model) against autoregressive drift; with `self_context_prob` some are instead replaced by the
 model's own one-step reconstruction of a noised copy (an extra forward pass without gradients),
-so the context looks like the frames it generates when it plays. Actions are dropped to the
+so the context looks like the frames it generates when it plays. With `blind_window_prob` a
+sample's whole window is noisy (levels >= `blind_window_min_t`, nothing clean but the coarse
+long-term context): one-step prediction from a clean previous frame never needs the memory (the
+eval's memory control measured no teacher-forced difference at all), these samples do. Actions are dropped to the
 null class per frame with probability `action_dropout` (label dropout, for classifier-free
 guidance).
 """
@@ -48,6 +52,11 @@ class ObjectiveConfig:
                 "copy): the past then looks like generated frames, against autoregressive drift; 0 disables"})
     self_context_level: float = field(default=0.6, metadata={
         "help": "noise level of those copies ~ U(0, level): higher gives blurrier, more generated-looking frames"})
+    blind_window_prob: float = field(default=0.0, metadata={
+        "help": "P(a sample's whole window is noisy, at levels >= blind-window-min-t): with nothing clean in the "
+                "window only the long-term context can tell the frames, which teaches the model to use it; 0 disables"})
+    blind_window_min_t: float = field(default=0.5, metadata={
+        "help": "lowest noise level of a blind window's frames (t = min_t + (1 - min_t) * logit-normal draw)"})
 
 
 def _rand(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -91,6 +100,11 @@ def training_loss(
     clean = _rand((B, T), generator, device) < cfg.clean_context_prob
     clean[:, :Tc] = True
     clean[:, -1] = False
+    blind = torch.zeros(B, dtype=torch.bool, device=device)
+    if cfg.blind_window_prob > 0 and Tc > 0:  # no draws otherwise: the objective stays bit-identical
+        blind = _rand((B,), generator, device) < cfg.blind_window_prob
+        clean[:, Tc:] &= ~blind[:, None]
+        t = torch.where(blind[:, None], cfg.blind_window_min_t + (1 - cfg.blind_window_min_t) * t, t)
 
     # noise augmentation of clean context: a small level s, also given to the model
     augment = clean & (_rand((B, T), generator, device) < cfg.context_noise_prob)
@@ -121,6 +135,8 @@ def training_loss(
         "coarse_frames": torch.tensor(float(Tc)),
         "t_mean": (t[:, Tc:] * noisy).sum().detach() / noisy.sum().clamp_min(1.0),
     }
+    if cfg.blind_window_prob > 0:
+        stats["blind_frac"] = blind.float().mean().detach()
     if cfg.self_context_prob > 0:
         stats["self_frac"] = selfed[:, Tc:].float().mean().detach()
     return loss, stats
