@@ -31,12 +31,13 @@ import torch
 from worldsim import metrics
 from worldsim.cache import GenerationContext, make_context
 from worldsim.dataset import Dataset
-from worldsim.evaluate import resolve_checkpoint, with_other_memory
+from worldsim.evaluate import memory_donor, resolve_checkpoint, with_other_memory
 from worldsim.world import WorldModel
 
 
 class HistoryGuidedContext(GenerationContext):
-    """A multilevel and a sliding cache over the same frames, velocities extrapolated."""
+    """A multilevel and a sliding cache over the same frames, velocities extrapolated.
+    Enough of a GenerationContext for Session.step/predict/append (no fork, no stats)."""
 
     def __init__(self, far, weight: float):
         super().__init__(far)
@@ -74,21 +75,31 @@ def main() -> None:
     ap.add_argument("--other-memory", action="store_true")
     ap.add_argument("--save", default=None, help="write per-frame PSNR and revisit masks (.npz)")
     args = ap.parse_args()
+    if args.teacher_forced and args.roundtrip:
+        ap.error("--roundtrip changes what a rollout appends; teacher forcing appends the ground truth")
 
     torch.set_num_threads(args.threads)
     world = WorldModel.load(resolve_checkpoint(args.checkpoint))
     ds = Dataset(args.data, split="test")
     window = world.far.config.window
     K, G = args.context, args.generate
+    usable = [e for e in ds.episodes if e.length >= K + G]  # as `worldsim eval` picks them
+    if len(usable) < args.episodes:
+        ap.error(f"{args.data}: {len(usable)} test episodes have {K + G} frames, --episodes asks for {args.episodes}")
+    if args.other_memory and K - window + 1 < 1:
+        ap.error(f"--other-memory: the context ({K}) fits in the short window ({window}), nothing is in L2")
     rows, masks = [], []
     t0 = time.time()
     for e in range(args.episodes):
-        ep = ds[e]
+        ep = ds.load(usable[e])
         cache = HistoryGuidedContext(world.far, args.history_guidance) if args.history_guidance is not None \
             else "multilevel"
         video, actions = ep.video[:K], ep.actions[:K]
         if args.other_memory:
-            donor = ds[(e + 1) % len(ds)]
+            donor_info = memory_donor(usable, e)
+            if donor_info is None:
+                raise SystemExit(f"{args.data}: no test episode of another maze than {ep.id}")
+            donor = ds.load(donor_info)
             video, actions = with_other_memory(video, actions, donor.video, donor.actions, K - window + 1)
         session = world.new_session(video, actions, cache_mode=cache, seed=e, context_noise=args.context_noise)
         row = []
@@ -106,12 +117,15 @@ def main() -> None:
         rows.append(np.array(row))
         masks.append(metrics.revisit_mask(ep.poses[:K + G], K, window)[0])
     flat, mask = np.concatenate(rows), np.concatenate(masks)
+
+    def mean(values: np.ndarray) -> float | None:
+        return round(float(values.mean()), 2) if values.size else None
     print(json.dumps({
         "variant": {"history_guidance": args.history_guidance, "roundtrip": args.roundtrip,
                     "context_noise": args.context_noise, "teacher_forced": args.teacher_forced,
                     "other_memory": args.other_memory},
         "episodes": args.episodes, "overall": round(float(np.mean([r.mean() for r in rows])), 2),
-        "revisit": round(float(flat[mask].mean()), 2), "rest": round(float(flat[~mask].mean()), 2),
+        "revisit": mean(flat[mask]), "rest": mean(flat[~mask]),
         "first_16": round(float(np.mean([r[:16].mean() for r in rows])), 2), "seconds": round(time.time() - t0)}))
     if args.save:
         np.savez(args.save, psnr=np.stack(rows), revisit=np.stack(masks))

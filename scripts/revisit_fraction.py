@@ -1,9 +1,10 @@
 """How much a dataset's training samples could teach memory: the fraction of window frames that
 revisit a place seen only in the sample's long-term (coarse) part.
 
-Draws random training samples like `train --obj-random-context-length true` (L ~ U[W+1, seq-len]
-frames from a random episode), and applies `worldsim eval`'s revisit rule (pose within 0.5 cell
-and 30 degrees) between each of the last W frames and the sample's older frames. Needs poses.
+Draws random samples roughly as `train --obj-random-context-length true` does (L ~ U[W+1, seq-len]
+consecutive frames; here from a uniformly chosen episode and start, an approximation of the
+trainer's uniform choice of windows), and applies `worldsim eval`'s revisit rule (pose within 0.5
+cell and 30 degrees) between each of the last W frames and the sample's older frames. Needs poses.
 
     python scripts/revisit_fraction.py data/maze-train-240 --seq-len 96
 """
@@ -32,10 +33,16 @@ def main() -> None:
         raise SystemExit(f"{args.data}: no {args.split} episodes with poses")
     rng = np.random.default_rng(args.seed)
     W = args.window
+    episodes = [ds.load(e).poses for e in ds.episodes if e.length > W]
+    if not episodes:
+        raise SystemExit(f"{args.data}: no episode is longer than the window ({W} frames)")
     for longest in args.seq_len:
+        if longest <= W:
+            print(f"samples of up to {longest} frames: no long-term part (window {W})")
+            continue
         fractions = []
         for _ in range(args.samples):
-            poses = ds[int(rng.integers(len(ds)))].poses
+            poses = episodes[int(rng.integers(len(episodes)))]
             L = int(rng.integers(W + 1, min(longest, len(poses)) + 1))
             start = int(rng.integers(0, len(poses) - L + 1))
             sample = poses[start:start + L]

@@ -110,7 +110,8 @@ def test_end_to_end_with_a_stand_in_model(tiny_data, tmp_path):
     gp = res["ground_truth"]["gaps"]
     assert set(gp) == {"revisit_multilevel_vs_sliding", "overall_multilevel_vs_sliding",
                        "overall_multilevel_vs_copy_last", "teacher_forced_vs_copy_previous",
-                       "revisit_multilevel_vs_other_memory", "overall_multilevel_vs_other_memory"}
+                       "revisit_multilevel_vs_other_memory", "rest_multilevel_vs_other_memory",
+                       "overall_multilevel_vs_other_memory"}
     ml, sl = summary["multilevel"]["psnr"], summary["sliding"]["psnr"]
     assert gp["overall_multilevel_vs_sliding"]["gap"] == pytest.approx(ml["overall"] - sl["overall"])
     if ml["revisit"]["n"]:
@@ -198,6 +199,7 @@ def test_interrupt_keeps_the_finished_episodes(tiny_data, tmp_path):
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["ground_truth"]["episodes_evaluated"] == 1
     assert on_disk["self_consistency"] == {"skipped": "interrupted"}
+    assert len(on_disk["config"]["memory_donor_episode_ids"]) == 1  # one per evaluated episode
 
 
 DMLAB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dmlab_example_300f.npz"

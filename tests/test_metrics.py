@@ -144,6 +144,9 @@ def test_paired_gap_of_consistent_episodes_and_of_nothing():
     first = [s + 3.0 + rng.normal(0, 0.5, 50) for s in second]
     g = metrics.paired_gap(first, second, pooled=True)
     assert 2.5 < g["ci_low"] < g["gap"] < g["ci_high"] < 3.5 and g["episodes_positive"] == 12
+    one = metrics.paired_gap([np.array([3.0, 5.0])], [np.array([1.0, 1.0])])
+    assert one["gap"] == 3.0 and one["ci_low"] is None and one["ci_high"] is None  # no interval from 1 episode
+    assert metrics.paired_gap(first, second, seed=-1)["ci_low"] is not None  # any int seed
     empty = metrics.paired_gap([np.array([1.0])], [np.array([2.0])], [np.array([False])])
     assert empty["gap"] is None and empty["episodes"] == 0
     with pytest.raises(ValueError, match="one array per episode"):

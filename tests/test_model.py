@@ -263,3 +263,9 @@ def test_blind_window_leaves_only_the_long_term_context_clean():
     base, _ = training_loss(far, x, a, torch.Generator().manual_seed(4), ObjectiveConfig())
     zero, _ = training_loss(far, x, a, torch.Generator().manual_seed(4), ObjectiveConfig(blind_window_prob=0.0))
     assert torch.equal(base, zero)
+
+
+def test_objective_probabilities_out_of_range_are_refused():
+    for bad in ({"blind_window_prob": 1.5}, {"blind_window_min_t": -0.1}, {"clean_context_prob": 2.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ObjectiveConfig(**bad)

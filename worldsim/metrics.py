@@ -250,8 +250,10 @@ def paired_gap(first: list[np.ndarray], second: list[np.ndarray], masks: list[np
     episodes (as the revisit numbers are); `pooled=False` averages each episode first, then the
     episodes (as the overall numbers are). Episodes, not frames, are resampled with replacement
     (frames of one episode are far from independent), `resamples` times from a fixed `seed`, and
-    the interval is the central `level` percentile range of the resampled gaps. Also returned:
-    how many episodes (with selected frames) have a positive mean difference.
+    the interval is the central `level` percentile range of the resampled gaps (None with fewer
+    than 2 episodes: resampling one episode says nothing; with a handful the percentile interval
+    is too narrow, so read it as a lower bound on the uncertainty). Also returned: how many
+    episodes (with selected frames) have a positive mean difference.
     """
     if len(first) != len(second) or (masks is not None and len(masks) != len(first)):
         raise ValueError("paired_gap: one array per episode in every list")
@@ -274,7 +276,10 @@ def paired_gap(first: list[np.ndarray], second: list[np.ndarray], masks: list[np
         return s[idx].sum(-1) / c[idx].sum(-1) if pooled else per_episode[idx].mean(-1)
 
     gap = float(statistic(np.arange(n)[None])[0])
-    rng = np.random.default_rng(seed)
+    if n < 2:
+        return {"gap": gap, "ci_low": None, "ci_high": None, "level": level, "episodes": n,
+                "episodes_positive": int((per_episode > 0).sum()), "frames": int(c.sum())}
+    rng = np.random.default_rng(seed % 2**32)  # any int seed (eval accepts negative ones)
     boot = statistic(rng.integers(0, n, size=(resamples, n)))
     tail = (1.0 - level) / 2.0 * 100.0
     low, high = np.percentile(boot, [tail, 100.0 - tail])

@@ -58,6 +58,12 @@ class ObjectiveConfig:
     blind_window_min_t: float = field(default=0.5, metadata={
         "help": "lowest noise level of a blind window's frames (t = min_t + (1 - min_t) * logit-normal draw)"})
 
+    def __post_init__(self) -> None:
+        for name in ("clean_context_prob", "context_noise_prob", "action_dropout", "self_context_prob",
+                     "blind_window_prob", "blind_window_min_t"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"objective {name} must be in [0, 1], got {getattr(self, name)}")
+
 
 def _rand(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     return torch.rand(shape, generator=generator, device=device)
@@ -101,6 +107,8 @@ def training_loss(
     clean[:, :Tc] = True
     clean[:, -1] = False
     blind = torch.zeros(B, dtype=torch.bool, device=device)
+    # (the loss is a mean over noisy frames, so a blind sample, all W frames noisy, weighs about
+    # twice an ordinary one: intended, it is the memory signal the ordinary samples lack)
     if cfg.blind_window_prob > 0 and Tc > 0:  # no draws otherwise: the objective stays bit-identical
         blind = _rand((B,), generator, device) < cfg.blind_window_prob
         clean[:, Tc:] &= ~blind[:, None]
