@@ -294,3 +294,29 @@ def test_memory_control_needs_another_maze(tmp_path):
     assert res["config"]["memory_control_status"] == \
         "skipped: no test episode of another maze to take the long context from"
     assert "other_memory" not in res["ground_truth"]["summary"]
+
+
+def test_rescore_recomputes_the_differences_of_an_earlier_run(tiny_data, tmp_path, capsys):
+    from worldsim.cli import main
+
+    cfg = EvalConfig(data=str(tiny_data), out=str(tmp_path / "a"), episodes=2, context=12, generate=8, videos=0,
+                     probe_episodes=1, probe_forward=2, progress=False)
+    res = run_eval(cfg, world=FakeWorld())
+    path = tmp_path / "a" / "results.json"
+    older = json.loads(path.read_text())
+    del older["ground_truth"]["gaps"]  # as written before the differences existed
+    path.write_text(json.dumps(older))
+    (tmp_path / "a" / "results.md").write_text("stale")
+    assert main(["eval", "--rescore", str(tmp_path / "a")]) == 0
+    again = json.loads(path.read_text())
+    assert again["ground_truth"]["gaps"] == json.loads(json.dumps(res["ground_truth"]["gaps"]))
+    assert again["ground_truth"]["summary"] == json.loads(json.dumps(res["ground_truth"]["summary"]))
+    assert "Paired PSNR differences" in (tmp_path / "a" / "results.md").read_text()
+    assert "rewrote" in capsys.readouterr().out
+    # a folder without a results file: a clear error, exit code 2
+    assert main(["eval", "--rescore", str(tmp_path / "nothing")]) == 2
+    assert "not found" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "results.json").write_text("{}")
+    assert main(["eval", "--rescore", str(tmp_path / "bad")]) == 2
+    assert "not a worldsim eval results file" in capsys.readouterr().err

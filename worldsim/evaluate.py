@@ -127,6 +127,10 @@ class EvalConfig:
     record_length: int | None = field(default=None, metadata={
         "help": "frames per recorded episode without --data (default: context + generate)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    rescore: str | None = field(default=None, metadata={
+        "help": "instead of evaluating: recompute the paired differences, results.md and the plot of an earlier "
+                "run from the results.json in this folder (e.g. after an upgrade added a difference); nothing "
+                "is generated"})
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -998,6 +1002,36 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
     return results
 
 
+def rescore(folder: str | Path) -> dict[str, Any]:
+    """Recompute the paired differences, results.md and psnr_vs_frame.png of an earlier run from its
+    results.json (per-frame numbers), writing all three back; returns the updated results."""
+    folder = Path(folder)
+    path = folder / "results.json"
+    try:
+        results = json.loads(path.read_text())
+        gt = results["ground_truth"]
+        if results.get("format") != RESULTS_FORMAT:
+            raise KeyError("format")
+    except FileNotFoundError:
+        raise EvalError(f"{path}: not found (--rescore takes the folder of an earlier `worldsim eval --out`)")
+    except (ValueError, KeyError) as exc:
+        raise EvalError(f"{path}: not a worldsim eval results file ({type(exc).__name__}: {exc})")
+
+    def arrays(eps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"conditions": {name: {m: np.asarray(v, dtype=np.float64) for m, v in per.items() if v is not None}
+                                for name, per in e["per_frame"].items()},
+                 "revisit": None if e.get("revisit") is None else np.asarray(e["revisit"], dtype=bool)}
+                for e in eps]
+
+    gt["gaps"] = gaps(arrays(gt["episodes"]), arrays(gt.get("teacher_forced_episodes") or []),
+                      int(results["config"].get("seed", 0)))
+    results = _jsonable(results)
+    plot_results(results, folder / "psnr_vs_frame.png")
+    _write_text(folder / "results.md", results_markdown(results))
+    _write_text(path, json.dumps(results, indent=1, allow_nan=False) + "\n")
+    return results
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -1007,6 +1041,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     cfg = dataclass_from_args(EvalConfig, args)
+    if cfg.rescore is not None:
+        try:
+            rescore(cfg.rescore)
+        except EvalError as exc:
+            print(f"worldsim eval: {exc}", file=sys.stderr)
+            return 2
+        print((Path(cfg.rescore) / "results.md").read_text())
+        print(f"rewrote {cfg.rescore}/results.json, results.md and psnr_vs_frame.png")
+        return 0
     try:
         results = run_eval(cfg)
     except EvalError as exc:
