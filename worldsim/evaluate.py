@@ -907,21 +907,20 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             for mode in GEN_CONDITIONS:
                 gens[mode] = generate(world, truth, acts, cfg.context, cfg.generate, _cache_of(mode, cfg), cfg.steps,
                                       cfg.cfg, seed, bar)
-            if control == "on":
+            donor_id = None
+            if control == "on":  # chosen[i] is usable[i]
                 donor = memory_donor(usable, i)
                 dep = ds.load(donor)
                 swapped, swapped_acts = with_other_memory(truth, acts, dep.video, dep.actions, old_frames)
                 gens[MEMORY_CONTROL] = generate(world, swapped, swapped_acts, cfg.context, cfg.generate,
                                                 _cache_of("multilevel", cfg), cfg.steps, cfg.cfg, seed, bar)
-                gens_donor = donor.id
-            else:
-                gens_donor = None
+                donor_id = donor.id
             timing["generate_s"] += time.perf_counter() - t0
             timing["frames"] += cfg.generate * len(gen_names)
             gens["copy_last"] = copy_last(truth, cfg.context, cfg.generate)
             gens["autoencoder"] = autoencoded(world, truth, cfg.context, cfg.generate)
             scored = score_episode(truth, gens, poses, cfg.context, window, lpips)
-            scored.update(id=ep.id, maze_seed=ep.maze_seed, seed=seed, length=len(ep), memory_donor=gens_donor)
+            scored.update(id=ep.id, maze_seed=ep.maze_seed, seed=seed, length=len(ep), memory_donor=donor_id)
             episodes.append(scored)
             if cfg.teacher_forcing:
                 tf = teacher_forced(world, truth, acts, cfg.context, cfg.generate, cfg.steps, cfg.cfg, seed, bar,
