@@ -286,6 +286,13 @@ def test_memory_control_swaps_only_the_long_term_context(tiny_data, tmp_path):
     assert "Memory control skipped" in (tmp_path / "c" / "results.md").read_text()
 
 
+def test_swapping_nothing_or_more_than_an_episode_is_refused():
+    video, actions = np.zeros((10, 4, 4, 3), np.uint8), np.zeros(10, np.int64)
+    for old in (0, 11):
+        with pytest.raises(ValueError, match=f"cannot swap the first {old} frames"):
+            evaluate.with_other_memory(video, actions, video, actions, old)
+
+
 def test_memory_control_needs_another_maze(tmp_path):
     data = record_tiny_dataset(tmp_path / "one", episodes=1, length=20)
     cfg = EvalConfig(data=str(data), out=str(tmp_path / "a"), episodes=1, context=12, generate=8, videos=0,

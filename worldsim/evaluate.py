@@ -441,20 +441,19 @@ def gaps(episodes: list[dict[str, Any]], tf_episodes: list[dict[str, Any]], seed
         return [e["conditions"][name]["psnr"] for e in eps]
 
     out: dict[str, Any] = {}
-    if episodes and all(e["revisit"] is not None for e in episodes):
-        out["revisit_multilevel_vs_sliding"] = metrics.paired_gap(
-            psnr_of(episodes, "multilevel"), psnr_of(episodes, "sliding"), [e["revisit"] for e in episodes],
-            pooled=True, seed=seed)
+    revisits = [e["revisit"] for e in episodes] if episodes and all(e["revisit"] is not None for e in episodes) \
+        else None
     control = bool(episodes) and all(MEMORY_CONTROL in e["conditions"] for e in episodes)
-    if control and all(e["revisit"] is not None for e in episodes):
+    if revisits is not None:
+        out["revisit_multilevel_vs_sliding"] = metrics.paired_gap(
+            psnr_of(episodes, "multilevel"), psnr_of(episodes, "sliding"), revisits, pooled=True, seed=seed)
+    if revisits is not None and control:
         out["revisit_multilevel_vs_other_memory"] = metrics.paired_gap(
-            psnr_of(episodes, "multilevel"), psnr_of(episodes, MEMORY_CONTROL), [e["revisit"] for e in episodes],
-            pooled=True, seed=seed)
-    if control and all(e["revisit"] is not None for e in episodes):
+            psnr_of(episodes, "multilevel"), psnr_of(episodes, MEMORY_CONTROL), revisits, pooled=True, seed=seed)
         # the control changes the memory everywhere, not only where the view repeats: its effect
         # on the other frames is the baseline a revisit-specific memory effect must exceed
         out["rest_multilevel_vs_other_memory"] = metrics.paired_gap(
-            psnr_of(episodes, "multilevel"), psnr_of(episodes, MEMORY_CONTROL), [~e["revisit"] for e in episodes],
+            psnr_of(episodes, "multilevel"), psnr_of(episodes, MEMORY_CONTROL), [~r for r in revisits],
             pooled=True, seed=seed)
     if control:
         out["overall_multilevel_vs_other_memory"] = metrics.paired_gap(

@@ -266,22 +266,18 @@ def paired_gap(first: list[np.ndarray], second: list[np.ndarray], masks: list[np
             sums.append(float(d.sum()))
             counts.append(int(d.size))
     n = len(sums)
-    if n == 0:
-        return {"gap": None, "ci_low": None, "ci_high": None, "level": level, "episodes": 0,
-                "episodes_positive": 0, "frames": 0}
-    s, c = np.asarray(sums), np.asarray(counts, dtype=np.float64)
-    per_episode = s / c
+    s, c = np.asarray(sums, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    per_episode = s / c  # every kept episode has >= 1 frame
 
     def statistic(idx: np.ndarray) -> np.ndarray:  # idx (R, n) -> (R,)
         return s[idx].sum(-1) / c[idx].sum(-1) if pooled else per_episode[idx].mean(-1)
 
-    gap = float(statistic(np.arange(n)[None])[0])
-    if n < 2:
-        return {"gap": gap, "ci_low": None, "ci_high": None, "level": level, "episodes": n,
-                "episodes_positive": int((per_episode > 0).sum()), "frames": int(c.sum())}
-    rng = np.random.default_rng(seed % 2**32)  # any int seed (eval accepts negative ones)
-    boot = statistic(rng.integers(0, n, size=(resamples, n)))
-    tail = (1.0 - level) / 2.0 * 100.0
-    low, high = np.percentile(boot, [tail, 100.0 - tail])
-    return {"gap": gap, "ci_low": float(low), "ci_high": float(high), "level": level, "episodes": n,
+    gap = float(statistic(np.arange(n)[None])[0]) if n else None
+    low = high = None
+    if n >= 2:
+        rng = np.random.default_rng(seed % 2**32)  # any int seed (eval accepts negative ones)
+        boot = statistic(rng.integers(0, n, size=(resamples, n)))
+        tail = (1.0 - level) / 2.0 * 100.0
+        low, high = (float(v) for v in np.percentile(boot, [tail, 100.0 - tail]))
+    return {"gap": gap, "ci_low": low, "ci_high": high, "level": level, "episodes": n,
             "episodes_positive": int((per_episode > 0).sum()), "frames": int(c.sum())}
