@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -293,8 +294,6 @@ def test_val_split_taken_from_the_dataset_that_holds_it(tmp_path):
 
 def test_latent_cache_is_rebuilt_when_an_episode_file_changes(dataset, tmp_path):
     """Same ids and lengths but a re-recorded file: the cached latents are stale, not reused."""
-    import shutil
-
     from worldsim.latents import build_cache, load_cached, load_frames
 
     data = tmp_path / "maze"
@@ -318,7 +317,11 @@ def test_far_init_continues_from_an_exported_checkpoint(trained, dataset, tmp_pa
     """--far-init: a new run starts from the shipped FAR weights (fresh optimizer, shape from the checkpoint)."""
     from safetensors.torch import load_file
 
-    ck = trained / "checkpoint"
+    ck = tmp_path / "shipped"  # a shipped checkpoint carries its own sampling defaults
+    shutil.copytree(trained / "checkpoint", ck)
+    config = json.loads((ck / "config.json").read_text())
+    config["sampler"] = {**config["sampler"], "steps": 3, "cfg": 1.0}
+    (ck / "config.json").write_text(json.dumps(config))
     before = {k: v for k, v in load_file(str(ck / "model.safetensors")).items() if k.startswith("far.")}
     run = tmp_path / "cont"
     # lr 0: one step leaves the weights where they started, so the export must equal the checkpoint
@@ -327,12 +330,16 @@ def test_far_init_continues_from_an_exported_checkpoint(trained, dataset, tmp_pa
     assert "weights initialised from" in capsys.readouterr().err
     after = load_file(str(run / "checkpoint" / "model.safetensors"))
     assert all(torch.equal(after[k], v) for k, v in before.items())
+    # the fine-tune plays like the checkpoint it started from, not with the trainer's generic defaults
+    exported = json.loads((run / "checkpoint" / "config.json").read_text())["sampler"]
+    assert (exported["steps"], exported["cfg"]) == (3, 1.0)
 
     fresh = tmp_path / "fresh"  # the same run without --far-init starts elsewhere
     assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(fresh), *FAST, "--ae-from", str(ck),
                  "--far-steps", "1", "--far-lr", "0", "--warmup", "0"]) == 0
     other = load_file(str(fresh / "checkpoint" / "model.safetensors"))
     assert not all(torch.equal(other[k], v) for k, v in before.items())
+    assert json.loads((fresh / "checkpoint" / "config.json").read_text())["sampler"]["steps"] != 3
 
     capsys.readouterr()
     assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(tmp_path / "bad"), *FAST,

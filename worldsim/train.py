@@ -1168,6 +1168,16 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
         trainer.log(f"far: weights initialised from {where} (fresh optimizer)")
         if not _same_encoder(init_ck.autoencoder, ae):
             trainer.log(f"note: the autoencoder's encoder differs from {where}'s: the FAR weights adapt to new latents")
+    # A fine-tune exports the sampling defaults (steps, CFG) its starting checkpoint ships with: they were
+    # chosen for those weights, and the trainer's generic defaults would silently change how it plays.
+    init_sampler = None
+    if cfg.far_init:
+        from worldsim.checkpoint import CheckpointError, read_config
+
+        try:
+            init_sampler = read_config(_init_far_dir(cfg.far_init))["sampler"]
+        except (TrainError, CheckpointError) as exc:  # only reachable on --resume: the init folder has gone
+            trainer.log(f"note: {exc}; the exported checkpoint gets the default sampler settings")
     L = cfg.seq_len
     sampler = WindowSampler(train_store.lengths, L, "train episodes") if stream is None else None
     val_len = min(L, int(max(val_store.lengths)))
@@ -1218,7 +1228,8 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
         last_val.clear()
         last_val.update(vals[-1] if vals else {})
         save_checkpoint(ck, ae, ema, action_names=data.action_names, resolution=data.resolution,
-                        simulator=data.simulator, data_summary={**summary, "far_step": step}, step=step,
+                        sampler=init_sampler, simulator=data.simulator,
+                        data_summary={**summary, "far_step": step}, step=step,
                         extra={"train": run.to_dict(), "val_loss": last_val.get("val_loss")})
         write_model_card(ck, run, {**summary, "far_step": step}, last_val)
         due = cfg.preview_every >= 0 and (final or trainer.interrupt.flag or
