@@ -95,7 +95,8 @@ class TrainConfig:
                 "decoder in RUN/checkpoint)"})
     far_init: str | None = field(default=None, metadata={
         "help": "stage far: start from the FAR weights of this exported checkpoint or run folder (fresh optimizer; "
-                "the FAR shape is taken from it), e.g. to continue training the shipped model"})
+                "the FAR shape and the exported sampler defaults are taken from it), e.g. to continue training "
+                "the shipped model"})
     # schedule
     ae_steps: int = field(default=3000, metadata={"help": "autoencoder optimisation steps"})
     far_steps: int = field(default=3000, metadata={"help": "FAR optimisation steps"})
