@@ -1,4 +1,4 @@
-"""scripts/probe_rollout.py: the history-guided cache interpolates between its two caches."""
+"""Probe scripts: the history-guided cache interpolates between its two caches; revisit fraction; eval comparison."""
 from __future__ import annotations
 
 import importlib.util
@@ -50,3 +50,42 @@ def test_revisit_fraction_of_a_navigator_dataset(tmp_path):
     assert res.returncode == 0, res.stderr
     fractions = [float(x) for x in re.findall(r": ([0-9.]+) of window frames", res.stdout)]
     assert len(fractions) == 2 and all(0.0 < f <= 1.0 for f in fractions), res.stdout
+
+
+def _eval_results(path: Path, checkpoint: str, psnr: list[list[float]], revisit: list[list[bool]], seed: int = 0):
+    """A results.json as `worldsim eval` writes it, reduced to what the comparison reads."""
+    import json
+
+    path.mkdir(parents=True)
+    episodes = [{"id": f"{i:06d}", "revisit": r, "per_frame": {"multilevel": {"psnr": p, "ssim": [0.5] * len(p)}}}
+                for i, (p, r) in enumerate(zip(psnr, revisit))]
+    results = {"format": "worldsim-eval",
+               "config": {"checkpoint": checkpoint, "dataset": "data/maze-test", "dataset_split": "test",
+                          "episode_ids": [e["id"] for e in episodes],
+                          "session_seeds": [seed + i for i in range(len(psnr))], "context": 8, "generate": 4},
+               "ground_truth": {"episodes": episodes}}
+    (path / "results.json").write_text(json.dumps(results))
+    return path
+
+
+def test_compare_evals_pairs_the_same_frames_of_two_checkpoints(tmp_path):
+    """NEW - OLD per frame: a checkpoint better only where the view repeats shows it on revisit frames only;
+    two runs over different episodes or seeds are refused rather than compared."""
+    script = SCRIPT.parent / "compare_evals.py"
+    revisit = [[False, False, True, True], [False, True, True, False], [True, False, False, False]]
+    old_psnr = [[12.0, 13.0, 11.0, 10.0], [14.0, 12.0, 12.0, 13.0], [9.0, 10.0, 11.0, 12.0]]
+    new_psnr = [[p + 1.5 * r for p, r in zip(ps, rs)] for ps, rs in zip(old_psnr, revisit)]
+    old = _eval_results(tmp_path / "old", "ckpt-old", old_psnr, revisit)
+    new = _eval_results(tmp_path / "new", "ckpt-new", new_psnr, revisit)
+    res = subprocess.run([sys.executable, str(script), str(new), str(old)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line.strip("|").split("|")[4].strip()
+            for line in res.stdout.splitlines() if line.startswith("| long context")}
+    assert rows[("long context (multilevel)", "revisit frames")] == "+1.50"
+    assert rows[("long context (multilevel)", "other frames")] == "+0.00"
+    assert "ckpt-new" in res.stdout and "ckpt-old" in res.stdout
+
+    other_seed = _eval_results(tmp_path / "seed1", "ckpt-new", new_psnr, revisit, seed=1)
+    res = subprocess.run([sys.executable, str(script), str(other_seed), str(old)], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode != 0 and "did not score the same frames" in res.stderr and "session_seeds" in res.stderr

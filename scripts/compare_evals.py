@@ -1,0 +1,110 @@
+"""Compare two checkpoints on the same frames: paired PSNR differences between two `worldsim eval` runs.
+
+Both runs must have scored the same test episodes with the same session seeds, context and
+generated lengths (e.g. the same `worldsim eval --data D --episodes N --seed S` command with two
+`--checkpoint`s); then each frame's PSNR under one checkpoint is paired with the same frame under
+the other, and the interval is a bootstrap over episodes, as in `worldsim eval`'s own differences.
+
+    python scripts/compare_evals.py runs/eval-new runs/eval-old
+
+prints, for each condition both runs have (long context, sliding window, memory control,
+teacher-forced), the mean PSNR of each run and NEW - OLD on all frames, revisit frames and the
+other frames, with its 95% interval and the number of episodes where NEW is ahead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worldsim import metrics
+
+MUST_MATCH = ("dataset", "dataset_split", "episode_ids", "session_seeds", "context", "generate")
+CONDITIONS = {  # results.json name -> label
+    "multilevel": "long context (multilevel)",
+    "sliding": "sliding window only",
+    "other_memory": "control: another maze's memory",
+}
+
+
+def load_results(path: str) -> tuple[Path, dict[str, Any]]:
+    file = Path(path)
+    if file.is_dir():
+        file = file / "results.json"
+    try:
+        results = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"{file}: cannot read a worldsim eval results.json ({exc})") from None
+    if results.get("format") != "worldsim-eval":
+        raise SystemExit(f"{file}: not a worldsim eval results.json (format {results.get('format')!r})")
+    return file, results
+
+
+def rows_for(name: str, new: list[dict], old: list[dict], seed: int) -> list[list[str]]:
+    """One table row per frame selection (all, revisit, rest) for one condition."""
+    a = [np.asarray(e["per_frame"][name]["psnr"], dtype=np.float64) for e in new]
+    b = [np.asarray(e["per_frame"][name]["psnr"], dtype=np.float64) for e in old]
+    selections: list[tuple[str, list[np.ndarray] | None, bool]] = [("all frames", None, False)]
+    if all(e.get("revisit") is not None for e in new):
+        revisit = [np.asarray(e["revisit"], dtype=bool) for e in new]
+        selections += [("revisit frames", revisit, True), ("other frames", [~r for r in revisit], True)]
+    rows = []
+    for label, masks, pooled in selections:
+        gap = metrics.paired_gap(a, b, masks, pooled=pooled, seed=seed)
+        if gap["gap"] is None:
+            continue
+        if masks is None:  # the TECO protocol: each episode's mean, then the mean over episodes
+            mean_a, mean_b = np.mean([x.mean() for x in a]), np.mean([x.mean() for x in b])
+        else:
+            mean_a = np.concatenate([x[m] for x, m in zip(a, masks)]).mean()
+            mean_b = np.concatenate([x[m] for x, m in zip(b, masks)]).mean()
+        interval = "n/a" if gap["ci_low"] is None else f"{gap['ci_low']:+.2f} .. {gap['ci_high']:+.2f}"
+        rows.append([CONDITIONS.get(name, name), label, f"{mean_a:.2f}", f"{mean_b:.2f}", f"{gap['gap']:+.2f}",
+                     interval, f"{gap['episodes_positive']} of {gap['episodes']}"])
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("new", help="eval output folder (or its results.json) of the checkpoint under test")
+    ap.add_argument("old", help="eval output folder (or its results.json) to compare against")
+    ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    args = ap.parse_args()
+
+    new_file, new = load_results(args.new)
+    old_file, old = load_results(args.old)
+    for key in MUST_MATCH:
+        if new["config"].get(key) != old["config"].get(key):
+            raise SystemExit(f"{new_file} and {old_file} did not score the same frames: their '{key}' differs "
+                             f"({new['config'].get(key)!r} vs {old['config'].get(key)!r}); run both evals with "
+                             f"the same --data, --episodes, --seed, --context and --generate")
+
+    header = ["condition", "frames", "new", "old", "new - old (dB)", "95% interval", "episodes new ahead"]
+    table = []
+    new_eps, old_eps = new["ground_truth"]["episodes"], old["ground_truth"]["episodes"]
+    for name in CONDITIONS:
+        if all(name in e["per_frame"] for e in new_eps + old_eps):
+            table += rows_for(name, new_eps, old_eps, args.seed)
+    new_tf, old_tf = new["ground_truth"].get("teacher_forced_episodes"), old["ground_truth"].get(
+        "teacher_forced_episodes")
+    if new_tf and old_tf and len(new_tf) == len(old_tf):
+        for row in rows_for("teacher_forced", new_tf, old_tf, args.seed):
+            table.append(["teacher-forced next frame", *row[1:]])
+    if not table:
+        raise SystemExit(f"{new_file} and {old_file}: no condition in common to compare")
+
+    print(f"new: {new['config'].get('checkpoint')} ({new_file})")
+    print(f"old: {old['config'].get('checkpoint')} ({old_file})")
+    print(f"{len(new_eps)} episodes of {new['config']['dataset']}; PSNR in dB; all frames = mean of the episodes' "
+          f"means, revisit / other frames pooled; intervals: bootstrap over episodes\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in table:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
