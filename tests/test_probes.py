@@ -89,3 +89,10 @@ def test_compare_evals_pairs_the_same_frames_of_two_checkpoints(tmp_path):
     res = subprocess.run([sys.executable, str(script), str(other_seed), str(old)], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode != 0 and "did not score the same frames" in res.stderr and "session_seeds" in res.stderr
+
+    not_eval = tmp_path / "checkpoint"  # a folder of another kind is named, not compared
+    not_eval.mkdir()
+    (not_eval / "results.json").write_text('{"format": "worldsim-checkpoint"}')
+    res = subprocess.run([sys.executable, str(script), str(not_eval), str(old)], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode != 0 and str(not_eval / "results.json") in res.stderr and "not a worldsim eval" in res.stderr
