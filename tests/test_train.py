@@ -333,6 +333,12 @@ def test_far_init_continues_from_an_exported_checkpoint(trained, dataset, tmp_pa
     # the fine-tune plays like the checkpoint it started from, not with the trainer's generic defaults
     exported = json.loads((run / "checkpoint" / "config.json").read_text())["sampler"]
     assert (exported["steps"], exported["cfg"]) == (3, 1.0)
+    # resuming keeps them even when the starting checkpoint has since been moved away
+    shutil.move(ck, tmp_path / "moved")
+    assert main(["train", "--resume", str(run), "--far-steps", "2"]) == 0
+    exported = json.loads((run / "checkpoint" / "config.json").read_text())["sampler"]
+    assert (exported["steps"], exported["cfg"]) == (3, 1.0)
+    shutil.move(tmp_path / "moved", ck)
 
     fresh = tmp_path / "fresh"  # the same run without --far-init starts elsewhere
     assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(fresh), *FAST, "--ae-from", str(ck),

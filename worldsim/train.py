@@ -1171,14 +1171,21 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
             trainer.log(f"note: the autoencoder's encoder differs from {where}'s: the FAR weights adapt to new latents")
     # A fine-tune exports the sampling defaults (steps, CFG) its starting checkpoint ships with: they were
     # chosen for those weights, and the trainer's generic defaults would silently change how it plays.
+    # On --resume the run's own export already carries them, and the --far-init folder may be gone.
     init_sampler = None
     if cfg.far_init:
         from worldsim.checkpoint import CheckpointError, read_config
 
-        try:
-            init_sampler = read_config(_init_far_dir(cfg.far_init))["sampler"]
-        except (TrainError, CheckpointError) as exc:  # only reachable on --resume: the init folder has gone
-            trainer.log(f"note: {exc}; the exported checkpoint gets the default sampler settings")
+        sources = ([trainer.out / "checkpoint"] if resume_state is not None else []) + [Path(cfg.far_init)]
+        for source in sources:
+            try:
+                init_sampler = read_config(_init_far_dir(source))["sampler"]
+                break
+            except (TrainError, CheckpointError):
+                continue
+        else:
+            trainer.log(f"note: no exported checkpoint in {' or '.join(map(str, sources))} to take the sampler "
+                        f"defaults from; the exported checkpoint gets the trainer's")
     L = cfg.seq_len
     sampler = WindowSampler(train_store.lengths, L, "train episodes") if stream is None else None
     val_len = min(L, int(max(val_store.lengths)))
