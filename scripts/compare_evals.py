@@ -43,26 +43,27 @@ def load_results(path: str) -> tuple[Path, dict[str, Any]]:
     return file, results
 
 
-def rows_for(name: str, new: list[dict], old: list[dict], seed: int) -> list[list[str]]:
-    """One table row per frame selection (all, revisit, rest) for one condition."""
+def rows_for(name: str, new: list[dict], old: list[dict], new_summary: dict, old_summary: dict,
+             seed: int) -> list[list[str]]:
+    """One table row per frame selection (all, revisit, rest) for one condition; the means are the
+    ones `worldsim eval` stored (TECO overall, pooled revisit / rest), the differences paired here."""
     a = [np.asarray(e["per_frame"][name]["psnr"], dtype=np.float64) for e in new]
     b = [np.asarray(e["per_frame"][name]["psnr"], dtype=np.float64) for e in old]
-    selections: list[tuple[str, list[np.ndarray] | None, bool]] = [("all frames", None, False)]
+    selections: list[tuple[str, str, list[np.ndarray] | None]] = [("all frames", "overall", None)]
     if all(e.get("revisit") is not None for e in new):
         revisit = [np.asarray(e["revisit"], dtype=bool) for e in new]
-        selections += [("revisit frames", revisit, True), ("other frames", [~r for r in revisit], True)]
+        selections += [("revisit frames", "revisit", revisit), ("other frames", "rest", [~r for r in revisit])]
     rows = []
-    for label, masks, pooled in selections:
-        gap = metrics.paired_gap(a, b, masks, pooled=pooled, seed=seed)
+    for label, key, masks in selections:
+        gap = metrics.paired_gap(a, b, masks, pooled=masks is not None, seed=seed)
         if gap["gap"] is None:
             continue
-        if masks is None:  # the TECO protocol: each episode's mean, then the mean over episodes
-            mean_a, mean_b = np.mean([x.mean() for x in a]), np.mean([x.mean() for x in b])
-        else:
-            mean_a = np.concatenate([x[m] for x, m in zip(a, masks)]).mean()
-            mean_b = np.concatenate([x[m] for x, m in zip(b, masks)]).mean()
+        means = []
+        for summary in (new_summary, old_summary):
+            entry = summary[name]["psnr"][key]
+            means.append(entry if masks is None else entry["mean"])
         interval = "n/a" if gap["ci_low"] is None else f"{gap['ci_low']:+.2f} .. {gap['ci_high']:+.2f}"
-        rows.append([CONDITIONS.get(name, name), label, f"{mean_a:.2f}", f"{mean_b:.2f}", f"{gap['gap']:+.2f}",
+        rows.append([CONDITIONS.get(name, name), label, f"{means[0]:.2f}", f"{means[1]:.2f}", f"{gap['gap']:+.2f}",
                      interval, f"{gap['episodes_positive']} of {gap['episodes']}"])
     return rows
 
@@ -84,14 +85,15 @@ def main() -> None:
 
     header = ["condition", "frames", "new", "old", "new - old (dB)", "95% interval", "episodes new ahead"]
     table = []
-    new_eps, old_eps = new["ground_truth"]["episodes"], old["ground_truth"]["episodes"]
+    gt_new, gt_old = new["ground_truth"], old["ground_truth"]
+    new_eps, old_eps = gt_new["episodes"], gt_old["episodes"]
     for name in CONDITIONS:
         if all(name in e["per_frame"] for e in new_eps + old_eps):
-            table += rows_for(name, new_eps, old_eps, args.seed)
-    new_tf, old_tf = new["ground_truth"].get("teacher_forced_episodes"), old["ground_truth"].get(
-        "teacher_forced_episodes")
+            table += rows_for(name, new_eps, old_eps, gt_new["summary"], gt_old["summary"], args.seed)
+    new_tf, old_tf = gt_new.get("teacher_forced_episodes"), gt_old.get("teacher_forced_episodes")
     if new_tf and old_tf and len(new_tf) == len(old_tf):
-        for row in rows_for("teacher_forced", new_tf, old_tf, args.seed):
+        for row in rows_for("teacher_forced", new_tf, old_tf, gt_new["teacher_forced_summary"],
+                            gt_old["teacher_forced_summary"], args.seed):
             table.append(["teacher-forced next frame", *row[1:]])
     if not table:
         raise SystemExit(f"{new_file} and {old_file}: no condition in common to compare")

@@ -56,14 +56,20 @@ def _eval_results(path: Path, checkpoint: str, psnr: list[list[float]], revisit:
     """A results.json as `worldsim eval` writes it, reduced to what the comparison reads."""
     import json
 
+    import numpy as np
+
+    from worldsim.evaluate import aggregate
+
     path.mkdir(parents=True)
     episodes = [{"id": f"{i:06d}", "revisit": r, "per_frame": {"multilevel": {"psnr": p, "ssim": [0.5] * len(p)}}}
                 for i, (p, r) in enumerate(zip(psnr, revisit))]
+    summary = aggregate([{"conditions": {"multilevel": {"psnr": np.asarray(p), "ssim": np.full(len(p), 0.5)}},
+                          "revisit": np.asarray(r)} for p, r in zip(psnr, revisit)], ["multilevel"], False)
     results = {"format": "worldsim-eval",
                "config": {"checkpoint": checkpoint, "dataset": "data/maze-test", "dataset_split": "test",
                           "episode_ids": [e["id"] for e in episodes],
                           "session_seeds": [seed + i for i in range(len(psnr))], "context": 8, "generate": 4},
-               "ground_truth": {"episodes": episodes}}
+               "ground_truth": {"episodes": episodes, "summary": summary}}
     (path / "results.json").write_text(json.dumps(results))
     return path
 
