@@ -265,7 +265,75 @@ def test_blind_window_leaves_only_the_long_term_context_clean():
     assert torch.equal(base, zero)
 
 
+def test_rollout_context_puts_the_models_own_frames_before_the_target(monkeypatch):
+    """rollout_prob=1: the m frames before each sample's last frame are replaced by what the
+    rollout generated (from the ground truth before them only), as clean, unaugmented context;
+    the last frame stays the noisy target built from the ground truth. Prob 0 is bit-identical
+    to the default objective (no extra draws)."""
+    import worldsim.objective as objective
+
+    B, T = 3, 9
+    x, a = torch.randn(B, T, 4, 8, 8), torch.randint(0, 5, (B, T))
+    seen = []
+
+    def fake_rollout(core, x0, actions, m, steps, generator):
+        seen.append((x0.clone(), actions.clone(), m, steps))
+        return torch.full((x0.shape[0], m, *x0.shape[2:]), 7.0)
+
+    monkeypatch.setattr(objective, "_rollout", fake_rollout)
+    model = RecordingFAR(random_far())
+    cfg = ObjectiveConfig(context_noise_prob=1.0, context_noise_max=0.5, rollout_prob=1.0, rollout_frames=2,
+                          rollout_steps=3)
+    ms = set()
+    for seed in range(8):
+        model.calls.clear()
+        seen.clear()
+        loss, stats = training_loss(model, x, a, torch.Generator().manual_seed(seed), cfg)
+        assert torch.isfinite(loss) and stats["rollout_frac"].item() == 1.0
+        (x0_seen, a_seen, m, steps), = seen
+        ms.add(m)
+        assert steps == 3 and torch.equal(x0_seen, x) and torch.equal(a_seen, a)
+        (x_in, t_in, _, _), = model.calls
+        span = slice(T - 1 - m, T - 1)
+        assert torch.all(x_in[:, span] == 7.0)  # clean and unaugmented: the generated latents as they are
+        assert torch.all(t_in[:, span] == model.config.clean_t)
+        assert t_in[:, -1].min() > 0  # the target: noisy, from the ground truth
+        assert not torch.allclose(x_in[:, -1], torch.full_like(x_in[:, -1], 7.0))
+    assert ms == {1, 2}
+
+    far = random_far()
+    base, _ = training_loss(far, x, a, torch.Generator().manual_seed(4), ObjectiveConfig())
+    zero, _ = training_loss(far, x, a, torch.Generator().manual_seed(4), ObjectiveConfig(rollout_prob=0.0))
+    assert torch.equal(base, zero)
+
+
+def test_rollout_generates_frames_as_play_does():
+    """The rollout equals generating frame by frame with the uncached long-short reference and
+    the Euler sampler, from the ground-truth prefix, each generated frame appended as context."""
+    from worldsim.cache import UncachedContext
+    from worldsim.objective import _rollout
+    from worldsim.sampler import EulerSampler
+
+    far = random_far()
+    B, T, m, steps = 2, 10, 3, 2
+    x, a = torch.randn(B, T, 4, 8, 8), torch.randint(0, 5, (B, T))
+    got = _rollout(far, x, a, m, steps, torch.Generator().manual_seed(5))
+    assert got.shape == (B, m, 4, 8, 8)
+
+    gen = torch.Generator().manual_seed(5)
+    ref = UncachedContext(far, layout="long-short")
+    ref.extend(x[:, : T - 1 - m], a[:, : T - 1 - m])
+    sampler = EulerSampler(steps=steps)
+    with torch.no_grad():
+        for i, k in enumerate(range(T - 1 - m, T - 1)):
+            z = sampler.sample(ref.velocity, torch.randn((B, 4, 8, 8), generator=gen), a[:, k], far.null_action)
+            assert torch.allclose(got[:, i], z, atol=1e-4), i
+            ref.extend(z[:, None], a[:, k : k + 1])
+    assert not torch.allclose(got, x[:, T - 1 - m : T - 1])
+
+
 def test_objective_probabilities_out_of_range_are_refused():
-    for bad in ({"blind_window_prob": 1.5}, {"blind_window_min_t": -0.1}, {"clean_context_prob": 2.0}):
+    for bad in ({"blind_window_prob": 1.5}, {"blind_window_min_t": -0.1}, {"clean_context_prob": 2.0},
+                {"rollout_prob": -0.5}, {"rollout_frames": 0}, {"rollout_steps": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ObjectiveConfig(**bad)
