@@ -72,6 +72,11 @@ def test_end_to_end_both_stages(trained, dataset):
     rows = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in rows} == {"ae", "far"}
     assert any("val_loss" in r for r in rows if r["stage"] == "far")
+    # the export says which step its validation loss was measured at (weights may be newer)
+    last_val = [r for r in rows if r["stage"] == "far" and "val_loss" in r][-1]
+    extra = json.loads((trained / "checkpoint" / "config.json").read_text())["extra"]
+    assert extra["val_step"] == last_val["step"] and extra["val_loss"] == pytest.approx(last_val["val_loss"])
+    assert f"(EMA, step {last_val['step']}): {last_val['val_loss']:.4f}" in (trained / "checkpoint" / "README.md").read_text()
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
     config = json.loads((trained / "config.json").read_text())
     assert config["train"]["preset"] == "tiny" and config["far"]["num_actions"] == 5

@@ -952,7 +952,9 @@ def write_model_card(checkpoint_dir: Path, run: RunConfig, summary: dict, val: d
         f"lr {t.far_lr}, precision {summary.get('precision')}, EMA {t.ema_decay} (these weights)",
     ]
     if val:
-        lines.append(f"- validation flow-matching loss (EMA): {val.get('val_loss', float('nan')):.4f}")
+        # an interrupted run exports weights newer than its last validation: say which step was measured
+        lines.append(f"- validation flow-matching loss (EMA, step {val.get('step')}): "
+                     f"{val.get('val_loss', float('nan')):.4f}")
     lines += ["", "Memory-consistency metrics: run `worldsim eval` on this folder.", ""]
     path = checkpoint_dir / "README.md"
     tmp = checkpoint_dir / ".README.md.tmp"
@@ -1238,7 +1240,8 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
         save_checkpoint(ck, ae, ema, action_names=data.action_names, resolution=data.resolution,
                         sampler=init_sampler, simulator=data.simulator,
                         data_summary={**summary, "far_step": step}, step=step,
-                        extra={"train": run.to_dict(), "val_loss": last_val.get("val_loss")})
+                        extra={"train": run.to_dict(), "val_loss": last_val.get("val_loss"),
+                               "val_step": last_val.get("step")})
         write_model_card(ck, run, {**summary, "far_step": step}, last_val)
         due = cfg.preview_every >= 0 and (final or trainer.interrupt.flag or
                                           (cfg.preview_every > 0 and step % cfg.preview_every == 0))
