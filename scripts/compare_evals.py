@@ -10,6 +10,12 @@ the other, and the interval is a bootstrap over episodes, as in `worldsim eval`'
 prints, for each condition both runs have (long context, sliding window, memory control,
 teacher-forced), the mean PSNR of each run and NEW - OLD on all frames, revisit frames and the
 other frames, with its 95% interval and the number of episodes where NEW is ahead.
+
+    python scripts/compare_evals.py runs/eval-new runs/eval-old --by-frame 16,48
+
+adds the same comparison by generated-frame range (here frames 1-16, 17-48, 49-last), mean of
+the episodes' means: a model can trade its first frames, which still follow the ground-truth
+context, against the late ones, where its own drift dominates.
 """
 from __future__ import annotations
 
@@ -68,11 +74,47 @@ def rows_for(name: str, new: list[dict], old: list[dict], new_summary: dict, old
     return rows
 
 
+def frame_range_rows(name: str, new: list[dict], old: list[dict], edges: list[int], seed: int) -> list[list[str]]:
+    """One row per generated-frame range [lo, hi) for one condition (ranges cut at `edges`)."""
+    a = [np.asarray(e["per_frame"][name]["psnr"], dtype=np.float64) for e in new]
+    b = [np.asarray(e["per_frame"][name]["psnr"], dtype=np.float64) for e in old]
+    count = min(len(x) for x in a)
+    cuts = [0, *[e for e in edges if 0 < e < count], count]
+    rows = []
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        masks = [(np.arange(len(x)) >= lo) & (np.arange(len(x)) < hi) for x in a]
+        gap = metrics.paired_gap(a, b, masks, pooled=False, seed=seed)
+        interval = "n/a" if gap["ci_low"] is None else f"{gap['ci_low']:+.2f} .. {gap['ci_high']:+.2f}"
+        means = [np.mean([x[lo:hi].mean() for x in runs]) for runs in (a, b)]
+        rows.append([CONDITIONS.get(name, name), f"frames {lo + 1}-{hi}", f"{means[0]:.2f}", f"{means[1]:.2f}",
+                     f"{gap['gap']:+.2f}", interval, f"{gap['episodes_positive']} of {gap['episodes']}"])
+    return rows
+
+
+def frame_edges(text: str) -> list[int]:
+    try:
+        edges = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--by-frame wants frame counts like 16,48, got {text!r}") from None
+    if not edges or edges[0] < 1:
+        raise argparse.ArgumentTypeError(f"--by-frame wants positive frame counts like 16,48, got {text!r}")
+    return edges
+
+
+def print_table(header: list[str], table: list[list[str]]) -> None:
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in table:
+        print("| " + " | ".join(row) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("new", help="eval output folder (or its results.json) of the checkpoint under test")
     ap.add_argument("old", help="eval output folder (or its results.json) to compare against")
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    ap.add_argument("--by-frame", type=frame_edges, default=None, metavar="N,M,...",
+                    help="also compare by generated-frame range, cut after these frame counts (e.g. 16,48)")
     args = ap.parse_args()
 
     new_file, new = load_results(args.new)
@@ -102,10 +144,14 @@ def main() -> None:
     print(f"old: {old['config'].get('checkpoint')} ({old_file})")
     print(f"{len(new_eps)} episodes of {new['config']['dataset']}; PSNR in dB; all frames = mean of the episodes' "
           f"means, revisit / other frames pooled; intervals: bootstrap over episodes\n")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in table:
-        print("| " + " | ".join(row) + " |")
+    print_table(header, table)
+    if args.by_frame:
+        by_frame = []
+        for name in CONDITIONS:
+            if all(name in e["per_frame"] for e in new_eps + old_eps):
+                by_frame += frame_range_rows(name, new_eps, old_eps, args.by_frame, args.seed)
+        print("\nBy generated-frame range (mean of the episodes' means):\n")
+        print_table(header, by_frame)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,19 @@ def test_compare_evals_pairs_the_same_frames_of_two_checkpoints(tmp_path):
     assert rows[("long context (multilevel)", "other frames")] == "+0.00"
     assert "ckpt-new" in res.stdout and "ckpt-old" in res.stdout
 
+    # by generated-frame range: frames 1-2 gain 0 / 0.75 / 0.75 dB in the three episodes, frames 3-4 1.5 / 0.75 / 0
+    res = subprocess.run([sys.executable, str(script), str(new), str(old), "--by-frame", "2"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    by_frame = res.stdout.split("By generated-frame range")[1]
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line.strip("|").split("|")[4].strip()
+            for line in by_frame.splitlines() if line.startswith("| long context")}
+    assert rows == {("long context (multilevel)", "frames 1-2"): "+0.50",
+                    ("long context (multilevel)", "frames 3-4"): "+0.75"}
+    res = subprocess.run([sys.executable, str(script), str(new), str(old), "--by-frame", "0"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode != 0 and "--by-frame" in res.stderr
+
     other_seed = _eval_results(tmp_path / "seed1", "ckpt-new", new_psnr, revisit, seed=1)
     res = subprocess.run([sys.executable, str(script), str(other_seed), str(old)], capture_output=True, text=True,
                          timeout=120)
