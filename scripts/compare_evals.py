@@ -49,6 +49,12 @@ def load_results(path: str) -> tuple[Path, dict[str, Any]]:
     return file, results
 
 
+def gap_cells(gap: dict[str, Any]) -> list[str]:
+    """The difference, its interval and the episodes ahead, as table cells."""
+    interval = "n/a" if gap["ci_low"] is None else f"{gap['ci_low']:+.2f} .. {gap['ci_high']:+.2f}"
+    return [f"{gap['gap']:+.2f}", interval, f"{gap['episodes_positive']} of {gap['episodes']}"]
+
+
 def rows_for(name: str, new: list[dict], old: list[dict], new_summary: dict, old_summary: dict,
              seed: int) -> list[list[str]]:
     """One table row per frame selection (all, revisit, rest) for one condition; the means are the
@@ -68,9 +74,7 @@ def rows_for(name: str, new: list[dict], old: list[dict], new_summary: dict, old
         for summary in (new_summary, old_summary):
             entry = summary[name]["psnr"][key]
             means.append(entry if masks is None else entry["mean"])
-        interval = "n/a" if gap["ci_low"] is None else f"{gap['ci_low']:+.2f} .. {gap['ci_high']:+.2f}"
-        rows.append([CONDITIONS.get(name, name), label, f"{means[0]:.2f}", f"{means[1]:.2f}", f"{gap['gap']:+.2f}",
-                     interval, f"{gap['episodes_positive']} of {gap['episodes']}"])
+        rows.append([CONDITIONS.get(name, name), label, f"{means[0]:.2f}", f"{means[1]:.2f}", *gap_cells(gap)])
     return rows
 
 
@@ -84,10 +88,9 @@ def frame_range_rows(name: str, new: list[dict], old: list[dict], edges: list[in
     for lo, hi in zip(cuts[:-1], cuts[1:]):
         masks = [(np.arange(len(x)) >= lo) & (np.arange(len(x)) < hi) for x in a]
         gap = metrics.paired_gap(a, b, masks, pooled=False, seed=seed)
-        interval = "n/a" if gap["ci_low"] is None else f"{gap['ci_low']:+.2f} .. {gap['ci_high']:+.2f}"
         means = [np.mean([x[lo:hi].mean() for x in runs]) for runs in (a, b)]
         rows.append([CONDITIONS.get(name, name), f"frames {lo + 1}-{hi}", f"{means[0]:.2f}", f"{means[1]:.2f}",
-                     f"{gap['gap']:+.2f}", interval, f"{gap['episodes_positive']} of {gap['episodes']}"])
+                     *gap_cells(gap)])
     return rows
 
 
