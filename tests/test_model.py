@@ -119,6 +119,38 @@ def test_random_context_length_always_keeps_a_coarse_frame():
     assert lengths == {1, 2}  # both lengths drawn, never the window alone
 
 
+def test_short_context_batches_have_no_long_term_part_and_still_reach_every_parameter():
+    """short_context_prob=1: every batch keeps only its last L ~ U[2, window] frames, all fine
+    (the start of play), and every parameter still reaches the loss, the coarse ones through a
+    zero term, so DDP ranks that draw different lengths agree. Prob 0 is bit-identical."""
+    far = random_far().train()
+    model = RecordingFAR(far)
+    W = far.config.window
+    T = W + 3
+    x, a = torch.randn(2, T, 4, 8, 8), torch.randint(0, 5, (2, T))
+    cfg = ObjectiveConfig(random_context_length=True, short_context_prob=1.0, action_dropout=0.0)
+    lengths = set()
+    for seed in range(16):
+        far.zero_grad(set_to_none=True)
+        model.calls.clear()
+        loss, stats = training_loss(model, x, a, torch.Generator().manual_seed(seed), cfg)
+        loss.backward()
+        (x_in, _, a_in, _), = model.calls
+        L = x_in.shape[1]
+        lengths.add(L)
+        assert stats["coarse_frames"].item() == 0 and stats["short_context"].item() == 1.0
+        assert torch.equal(a_in, a[:, T - L :])  # the last L frames: the end of the sequence
+        assert torch.isfinite(loss)
+        assert [n for n, p in far.named_parameters() if p.grad is None] == []
+        assert far.embed_coarse.weight.grad.abs().sum() == 0  # present, but the batch had no coarse token
+    assert lengths == set(range(2, W + 1))
+
+    base, _ = training_loss(far, x, a, torch.Generator().manual_seed(4), ObjectiveConfig(random_context_length=True))
+    zero, _ = training_loss(far, x, a, torch.Generator().manual_seed(4),
+                            ObjectiveConfig(random_context_length=True, short_context_prob=0.0))
+    assert torch.equal(base, zero)
+
+
 def test_objective_is_reproducible_with_a_generator():
     far = random_far()
     x, a = torch.randn(2, 6, 4, 8, 8), torch.randint(0, 5, (2, 6))
@@ -334,6 +366,7 @@ def test_rollout_generates_frames_as_play_does():
 
 def test_objective_probabilities_out_of_range_are_refused():
     for bad in ({"blind_window_prob": 1.5}, {"blind_window_min_t": -0.1}, {"clean_context_prob": 2.0},
-                {"rollout_prob": -0.5}, {"rollout_frames": 0}, {"rollout_steps": 0}):
+                {"rollout_prob": -0.5}, {"rollout_frames": 0}, {"rollout_steps": 0},
+                {"short_context_prob": 1.1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ObjectiveConfig(**bad)

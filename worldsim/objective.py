@@ -4,14 +4,17 @@ API
     ObjectiveConfig(clean_context_prob=0.5, t_mean=0.0, t_std=1.0, context_noise_prob=0.5,
                     context_noise_max=0.1, action_dropout=0.1, random_context_length=False,
                     self_context_prob=0.0, self_context_level=0.6, blind_window_prob=0.0,
-                    blind_window_min_t=0.5, rollout_prob=0.0, rollout_frames=4, rollout_steps=4)
+                    blind_window_min_t=0.5, rollout_prob=0.0, rollout_frames=4, rollout_steps=4,
+                    short_context_prob=0.0)
     training_loss(far, latents [B,T,C,h,w], actions [B,T], generator=None, cfg=ObjectiveConfig())
         -> (loss scalar, stats: dict[str, detached tensor])
     sample_timesteps(shape, generator, device, mean, std) -> logit-normal t in (0, 1)
 
 The data side hands over a sequence of (normalized) latents, up to a whole episode; this module
 splits it: the last W = far.config.window frames are the short-term window (fine tokens), the
-older frames the long-term context (coarse tokens, always clean). Inside the window each frame
+older frames the long-term context (coarse tokens, always clean); with `short_context_prob` a
+batch keeps only its last L ~ U[2, W] frames, no long-term part, as every game starts (play
+begins from a few frames, and its cache holds no coarse frame before the window fills). Inside the window each frame
 gets its own logit-normal noise level and becomes clean context with probability
 `clean_context_prob` (the last frame is always noisy, so every sample has a target). Flow
 matching: x_t = t*noise + (1-t)*x0, target velocity = noise - x0; the loss is the MSE on the
@@ -72,10 +75,14 @@ class ObjectiveConfig:
     rollout_frames: int = field(default=4, metadata={
         "help": "most frames such a rollout generates (m ~ U[1, this] per batch, at most window - 1)"})
     rollout_steps: int = field(default=4, metadata={"help": "Euler steps per generated frame of those rollouts"})
+    short_context_prob: float = field(default=0.0, metadata={
+        "help": "P(a batch keeps only its last L ~ U[2, window] frames: no long-term context, as at the start of "
+                "play); without it a rollout-trained model leans on the coarse frames and collapses when they are "
+                "missing; 0 disables"})
 
     def __post_init__(self) -> None:
         for name in ("clean_context_prob", "context_noise_prob", "action_dropout", "self_context_prob",
-                     "blind_window_prob", "blind_window_min_t", "rollout_prob"):
+                     "blind_window_prob", "blind_window_min_t", "rollout_prob", "short_context_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"objective {name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("rollout_frames", "rollout_steps"):
@@ -108,9 +115,15 @@ def training_loss(
     device = latents.device
     B, T = latents.shape[:2]
 
-    if cfg.random_context_length and T > W:
-        # at least one coarse frame, so every parameter reaches the loss (DDP then needs no
-        # find_unused_parameters, which warns and walks the autograd graph every step)
+    short = cfg.short_context_prob > 0 and T > 2 and bool(  # no draw otherwise: stays bit-identical
+        _rand((1,), generator, device).item() < cfg.short_context_prob)
+    if short:
+        L = int(torch.randint(2, min(W, T) + 1, (1,), generator=generator, device=device).item())
+        latents, actions = latents[:, T - L :], actions[:, T - L :]
+        T = L
+    elif cfg.random_context_length and T > W:
+        # at least one coarse frame (the coarse parameters then reach the loss without the
+        # zero term below)
         L = int(torch.randint(W + 1, T + 1, (1,), generator=generator, device=device).item())
         latents, actions = latents[:, T - L :], actions[:, T - L :]
         T = L
@@ -168,6 +181,12 @@ def training_loss(
     per_frame = F.mse_loss(v.float(), target.float(), reduction="none").flatten(2).mean(-1)  # (B, Wf)
     noisy = (~clean[:, Tc:]).float()
     loss = (per_frame * noisy).sum() / noisy.sum().clamp_min(1.0)
+    if Tc == 0:
+        # No coarse token this batch: the coarse-only parameters join the graph with a zero term,
+        # so every parameter reaches the loss on every rank and DDP needs no
+        # find_unused_parameters (which warns and walks the autograd graph every step); ranks
+        # draw their batches' lengths independently.
+        loss = loss + 0.0 * sum(p.sum() for name, p in core.named_parameters() if "coarse" in name)
 
     stats = {
         "loss": loss.detach(),
@@ -182,6 +201,8 @@ def training_loss(
         stats["self_frac"] = selfed[:, Tc:].float().mean().detach()
     if cfg.rollout_prob > 0:
         stats["rollout_frac"] = rolled.float().mean().detach()
+    if cfg.short_context_prob > 0:
+        stats["short_context"] = torch.tensor(float(short))
     return loss, stats
 
 
