@@ -1206,9 +1206,10 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
         lat, act = latent_batch(store, smp.draw(rng, cfg.far_batch), L, device)
         return obj_mod.training_loss(m, lat, act, generator=gen, cfg=run.objective)
 
-    # validation sees ground-truth context and the usual window only, so its loss compares across
-    # self-context and blind-window settings
-    val_objective = dataclasses.replace(run.objective, self_context_prob=0.0, blind_window_prob=0.0, rollout_prob=0.0)
+    # validation sees ground-truth context, the usual window and its long-term part, so its loss
+    # compares across self-context, blind-window, rollout and short-context settings
+    val_objective = dataclasses.replace(run.objective, self_context_prob=0.0, blind_window_prob=0.0, rollout_prob=0.0,
+                                        short_context_prob=0.0)
 
     def val_fn(ema):
         store, batches, length = (val_store, val_batches, val_len) if stream is None else (*stream.val_batches(cfg), L)
