@@ -128,3 +128,29 @@ def test_fork_is_independent(world):
     assert torch.equal(z1, z2) and s.frame_index == twin.frame_index == 6
     s.step_latent(0)
     assert twin.frame_index == 6
+
+
+def test_generated_noise_labels_only_the_models_own_frames(world):
+    """generated_noise: the frames the session generates go into the context noised and labelled
+    with that level (as --obj-rollout-aug trained them); the given context and appended real
+    frames stay clean and unlabelled. Defaults come from the checkpoint's sampler settings."""
+    frames, actions = context(3)
+    s = world.new_session(frames, actions, cache_mode="none", steps=2, seed=0, generated_noise=0.3)
+    z = s.step_latent(1)
+    s.append(frames[0], 2)
+    s.step(3)
+    assert [float(a[0]) for a in s.context.aug] == pytest.approx([0.0, 0.0, 0.0, 0.3, 0.0, 0.3])
+    residual = (s.context.latents[3][0] - 0.7 * z) / 0.3  # the noise mixed in: standard normal
+    assert 0.8 < residual.std().item() < 1.2 and abs(residual.mean().item()) < 0.2
+
+    plain = world.new_session(frames, actions, cache_mode="none", steps=2, seed=0)
+    assert torch.equal(plain.step_latent(1), z) and float(plain.context.aug[3][0]) == 0.0
+    assert torch.equal(plain.context.latents[3][0], z)
+    saved = world.sampler
+    world.sampler = {**saved, "generated_noise": 0.25}
+    try:
+        labelled = world.new_session(frames, actions, cache_mode="none", steps=2, seed=0)
+        labelled.step_latent(1)
+        assert float(labelled.context.aug[3][0]) == 0.25
+    finally:
+        world.sampler = saved

@@ -308,8 +308,8 @@ def test_rollout_context_puts_the_models_own_frames_before_the_target(monkeypatc
     x, a = torch.randn(B, T, 4, 8, 8), torch.randint(0, 5, (B, T))
     seen = []
 
-    def fake_rollout(core, x0, actions, m, steps, generator):
-        seen.append((x0.clone(), actions.clone(), m, steps))
+    def fake_rollout(core, x0, actions, m, steps, generator, aug=0.0):
+        seen.append((x0.clone(), actions.clone(), m, steps, aug))
         return torch.full((x0.shape[0], m, *x0.shape[2:]), 7.0)
 
     monkeypatch.setattr(objective, "_rollout", fake_rollout)
@@ -322,9 +322,9 @@ def test_rollout_context_puts_the_models_own_frames_before_the_target(monkeypatc
         seen.clear()
         loss, stats = training_loss(model, x, a, torch.Generator().manual_seed(seed), cfg)
         assert torch.isfinite(loss) and stats["rollout_frac"].item() == 1.0
-        (x0_seen, a_seen, m, steps), = seen
+        (x0_seen, a_seen, m, steps, aug), = seen
         ms.add(m)
-        assert steps == 3 and torch.equal(x0_seen, x) and torch.equal(a_seen, a)
+        assert steps == 3 and aug == 0.0 and torch.equal(x0_seen, x) and torch.equal(a_seen, a)
         (x_in, t_in, _, _), = model.calls
         span = slice(T - 1 - m, T - 1)
         assert torch.all(x_in[:, span] == 7.0)  # clean and unaugmented: the generated latents as they are
@@ -337,6 +337,39 @@ def test_rollout_context_puts_the_models_own_frames_before_the_target(monkeypatc
     base, _ = training_loss(far, x, a, torch.Generator().manual_seed(4), ObjectiveConfig())
     zero, _ = training_loss(far, x, a, torch.Generator().manual_seed(4), ObjectiveConfig(rollout_prob=0.0))
     assert torch.equal(base, zero)
+
+
+def test_rollout_aug_noises_and_labels_the_generated_context(monkeypatch):
+    """rollout_aug=0.3: the rollout appends its frames at that level, and the training pass sees
+    them noised to it and labelled with it (aug input 0.3), as play's generated_noise appends them."""
+    import worldsim.objective as objective
+
+    B, T = 2, 9
+    x, a = torch.randn(B, T, 4, 8, 8), torch.randint(0, 5, (B, T))
+    levels = []
+
+    def fake_rollout(core, x0, actions, m, steps, generator, aug=0.0):
+        levels.append(aug)
+        return torch.full((x0.shape[0], m, *x0.shape[2:]), 7.0)
+
+    monkeypatch.setattr(objective, "_rollout", fake_rollout)
+    augs = []
+
+    class AugRecordingFAR(RecordingFAR):
+        def forward(self, x_, t_, a_, aug_=None):
+            augs.append(aug_.clone())
+            return super().forward(x_, t_, a_, aug_)
+
+    model = AugRecordingFAR(random_far())
+    cfg = ObjectiveConfig(rollout_prob=1.0, rollout_frames=3, rollout_aug=0.3)
+    loss, _ = training_loss(model, x, a, torch.Generator().manual_seed(2), cfg)
+    (x_in, t_in, _, _), = model.calls
+    aug_in, = augs
+    span = (t_in == model.config.clean_t) & (aug_in > 0.29)  # only the generated frames carry the label
+    assert torch.isfinite(loss) and levels == [0.3] and span[:, -2].all() and not span[:, -1].any()
+    residual = (x_in[span] - 0.7 * 7.0) / 0.3  # the noise mixed in: standard normal
+    assert 0.8 < residual.std().item() < 1.2
+    assert torch.allclose(aug_in[span], torch.full_like(aug_in[span], 0.3))
 
 
 def test_rollout_generates_frames_as_play_does():
@@ -363,10 +396,22 @@ def test_rollout_generates_frames_as_play_does():
             ref.extend(z[:, None], a[:, k : k + 1])
     assert not torch.allclose(got, x[:, T - 1 - m : T - 1])
 
+    # with aug, each frame enters the context noised and labelled, as play's generated_noise does
+    got = _rollout(far, x, a, m, steps, torch.Generator().manual_seed(5), aug=0.2)
+    gen = torch.Generator().manual_seed(5)
+    ref = UncachedContext(far, layout="long-short")
+    ref.extend(x[:, : T - 1 - m], a[:, : T - 1 - m])
+    with torch.no_grad():
+        for i, k in enumerate(range(T - 1 - m, T - 1)):
+            z = sampler.sample(ref.velocity, torch.randn((B, 4, 8, 8), generator=gen), a[:, k], far.null_action)
+            assert torch.allclose(got[:, i], z, atol=1e-4), i
+            z_ctx = 0.8 * z + 0.2 * torch.randn(z.shape, generator=gen)
+            ref.extend(z_ctx[:, None], a[:, k : k + 1], torch.full((B, 1), 0.2))
+
 
 def test_objective_probabilities_out_of_range_are_refused():
     for bad in ({"blind_window_prob": 1.5}, {"blind_window_min_t": -0.1}, {"clean_context_prob": 2.0},
                 {"rollout_prob": -0.5}, {"rollout_frames": 0}, {"rollout_steps": 0},
-                {"short_context_prob": 1.1}):
+                {"short_context_prob": 1.1}, {"rollout_aug": -0.1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ObjectiveConfig(**bad)

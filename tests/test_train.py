@@ -339,7 +339,13 @@ def test_far_init_continues_from_an_exported_checkpoint(trained, dataset, tmp_pa
     assert all(torch.equal(after[k], v) for k, v in before.items())
     # the fine-tune plays like the checkpoint it started from, not with the trainer's generic defaults
     exported = json.loads((run / "checkpoint" / "config.json").read_text())["sampler"]
-    assert (exported["steps"], exported["cfg"]) == (3, 1.0)
+    assert (exported["steps"], exported["cfg"], exported["generated_noise"]) == (3, 1.0, 0.0)
+    # a model trained to see its own rollout frames noised to a level plays with that level
+    labelled = tmp_path / "labelled"
+    assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(labelled), *FAST, "--ae-from", str(ck),
+                 "--far-init", str(ck), "--far-steps", "1", "--obj-rollout-prob", "0.5", "--obj-rollout-aug", "0.15"]) == 0
+    exported = json.loads((labelled / "checkpoint" / "config.json").read_text())["sampler"]
+    assert (exported["steps"], exported["cfg"], exported["generated_noise"]) == (3, 1.0, 0.15)
     # resuming keeps them even when the starting checkpoint has since been moved away
     shutil.move(ck, tmp_path / "moved")
     assert main(["train", "--resume", str(run), "--far-steps", "2"]) == 0

@@ -7,7 +7,7 @@ API
     read_config(path) -> dict                        # config.json only, validated
     Checkpoint(autoencoder, far, config: dict, path)  # .action_names .resolution .sampler .simulator .step
     CheckpointError(ValueError)                      # message names the folder and the problem
-    DEFAULT_SAMPLER = {"steps": 10, "cfg": 1.5, "context_noise": 0.0}
+    DEFAULT_SAMPLER = {"steps": 10, "cfg": 1.5, "context_noise": 0.0, "generated_noise": 0.0}
 
 config.json keys: format, version, autoencoder (AutoencoderConfig), far (FARConfig), sampler
 (steps, cfg, context_noise), action_names, resolution [H, W], simulator ({"id", "settings"} or
@@ -40,7 +40,7 @@ FORMAT = "worldsim-checkpoint"
 VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-DEFAULT_SAMPLER: dict[str, Any] = {"steps": 10, "cfg": 1.5, "context_noise": 0.0}
+DEFAULT_SAMPLER: dict[str, Any] = {"steps": 10, "cfg": 1.5, "context_noise": 0.0, "generated_noise": 0.0}
 
 
 class CheckpointError(ValueError):

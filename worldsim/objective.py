@@ -5,7 +5,7 @@ API
                     context_noise_max=0.1, action_dropout=0.1, random_context_length=False,
                     self_context_prob=0.0, self_context_level=0.6, blind_window_prob=0.0,
                     blind_window_min_t=0.5, rollout_prob=0.0, rollout_frames=4, rollout_steps=4,
-                    short_context_prob=0.0)
+                    short_context_prob=0.0, rollout_aug=0.0)
     training_loss(far, latents [B,T,C,h,w], actions [B,T], generator=None, cfg=ObjectiveConfig())
         -> (loss scalar, stats: dict[str, detached tensor])
     sample_timesteps(shape, generator, device, mean, std) -> logit-normal t in (0, 1)
@@ -75,6 +75,10 @@ class ObjectiveConfig:
     rollout_frames: int = field(default=4, metadata={
         "help": "most frames such a rollout generates (m ~ U[1, this] per batch, at most window - 1)"})
     rollout_steps: int = field(default=4, metadata={"help": "Euler steps per generated frame of those rollouts"})
+    rollout_aug: float = field(default=0.0, metadata={
+        "help": "noise level of the rollouts' generated frames as context: noised and labelled with it (the "
+                "ground truth before them is not), so the model can tell its own frames from real ones; export "
+                "sets the sampler's generated_noise to it, so play does the same; 0 = appended clean"})
     short_context_prob: float = field(default=0.0, metadata={
         "help": "P(a batch keeps only its last L ~ U[2, window] frames: no long-term context, as at the start of "
                 "play); without it a rollout-trained model leans on the coarse frames and collapses when they are "
@@ -82,7 +86,7 @@ class ObjectiveConfig:
 
     def __post_init__(self) -> None:
         for name in ("clean_context_prob", "context_noise_prob", "action_dropout", "self_context_prob",
-                     "blind_window_prob", "blind_window_min_t", "rollout_prob", "short_context_prob"):
+                     "blind_window_prob", "blind_window_min_t", "rollout_prob", "short_context_prob", "rollout_aug"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"objective {name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("rollout_frames", "rollout_steps"):
@@ -160,14 +164,17 @@ def training_loss(
         rolled = _rand((B,), generator, device) < cfg.rollout_prob
         m = int(torch.randint(1, m + 1, (1,), generator=generator, device=device).item())
         if rolled.any():
-            gen = _rollout(core, x0[rolled], actions[rolled], m, cfg.rollout_steps, generator)  # (R, m, C, h, w)
+            gen = _rollout(core, x0[rolled], actions[rolled], m, cfg.rollout_steps, generator,
+                           cfg.rollout_aug)  # (R, m, C, h, w)
             x_ctx = x_ctx.clone()
             x_ctx[rolled, T - 1 - m : T - 1] = gen.to(x_ctx.dtype)
             span = torch.zeros(B, T, dtype=torch.bool, device=device)
             span[:, T - 1 - m : T - 1] = True
             span &= rolled[:, None]
             clean = clean | span
-            s = torch.where(span, torch.zeros_like(s), s)  # play appends its frames unaugmented
+            # play appends its own frames at the sampler's generated_noise (the export sets it to
+            # rollout_aug); x_in below noises them to that level
+            s = torch.where(span, torch.full_like(s, cfg.rollout_aug), s)
 
     level = torch.where(clean, s, t)[..., None, None, None]  # (B, T, 1, 1, 1)
     x_in = level * noise + (1 - level) * x_ctx  # noisy frames: x_ctx == x0 there
@@ -208,12 +215,14 @@ def training_loss(
 
 @torch.no_grad()
 def _rollout(core: FAR, x0: torch.Tensor, actions: torch.Tensor, m: int, steps: int,
-             generator: torch.Generator | None) -> torch.Tensor:
+             generator: torch.Generator | None, aug: float = 0.0) -> torch.Tensor:
     """The model's own frames T-1-m .. T-2 of each sequence, generated as play generates them.
 
     The ground-truth frames 0 .. T-2-m fill a multi-level cache (the exact long-short layout of
     training), then each frame is sampled from pure noise with its recorded action and appended
-    clean, so later ones condition on earlier generated ones: the drift of play, m frames deep.
+    clean (or, with `aug`, noised and labelled to that level, as play's generated_noise appends
+    them), so later ones condition on earlier generated ones: the drift of play, m frames deep.
+    Returns the frames as sampled, before any noise.
     """
     R, T = x0.shape[:2]
     start = T - 1 - m
@@ -224,7 +233,11 @@ def _rollout(core: FAR, x0: torch.Tensor, actions: torch.Tensor, m: int, steps: 
     for k in range(start, T - 1):
         noise = torch.randn((R, *x0.shape[2:]), generator=generator, device=x0.device, dtype=torch.float32)
         z = sampler.sample(context.velocity, noise, actions[:, k], core.null_action).to(x0.dtype)
-        context.extend(z[:, None], actions[:, k : k + 1])
+        z_ctx, label = z, None
+        if aug > 0:
+            z_ctx = (1 - aug) * z + aug * torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            label = torch.full((R, 1), aug, device=z.device)
+        context.extend(z_ctx[:, None], actions[:, k : k + 1], label)
         frames.append(z)
     return torch.stack(frames, dim=1)  # (R, m, C, h, w)
 

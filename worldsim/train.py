@@ -1188,6 +1188,10 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
         else:
             trainer.log(f"note: no exported checkpoint in {' or '.join(map(str, sources))} to take the sampler "
                         f"defaults from; the exported checkpoint gets the trainer's")
+    if run.objective.rollout_aug > 0:  # the model learnt to see its own frames at this level: play must match
+        from worldsim.checkpoint import DEFAULT_SAMPLER
+
+        init_sampler = {**DEFAULT_SAMPLER, **(init_sampler or {}), "generated_noise": run.objective.rollout_aug}
     L = cfg.seq_len
     sampler = WindowSampler(train_store.lengths, L, "train episodes") if stream is None else None
     val_len = min(L, int(max(val_store.lengths)))

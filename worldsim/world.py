@@ -9,7 +9,7 @@ API
       .encode(frames uint8 [...,H,W,3]) -> latents [...,C,h,w];  .decode(latents) -> uint8 frames
       .new_session(context_frames uint8 [K,H,W,3], context_actions int64 [K],
                    cache_mode="multilevel"|"multilevel-fast"|"kv"|"none"|"sliding" (or a GenerationContext),
-                   steps=None, cfg=None, seed=None, context_noise=None) -> Session
+                   steps=None, cfg=None, seed=None, context_noise=None, generated_noise=None) -> Session
     Session
       .predict(action) -> uint8 [H,W,3]      generate the next frame, do not append it
       .append(frame uint8 [H,W,3], action)   append a given (ground-truth) frame
@@ -20,7 +20,10 @@ API
 `actions[t]` produced frame t from frame t-1 (DESIGN.md), so predict(action) takes the action
 leading to the new frame. Randomness (initial noise, context noise augmentation) comes from a
 torch.Generator seeded by `seed`: the same seed gives the same frames. `context_noise` (default:
-the checkpoint's sampler setting) noises appended context latents slightly, as in training.
+the checkpoint's sampler setting) noises appended context latents slightly, as in training;
+`generated_noise` (default: the checkpoint's, 0 = off) instead noises and labels the frames the
+model generates itself (step, step_latent) with its level, never the given ones, for a model
+trained with `--obj-rollout-aug` to tell its own frames from real ones.
 """
 from __future__ import annotations
 
@@ -121,6 +124,7 @@ class WorldModel:
         cfg: float | None = None,
         seed: int | None = None,
         context_noise: float | None = None,
+        generated_noise: float | None = None,
     ) -> "Session":
         frames = np.asarray(context_frames)
         actions = np.asarray(context_actions, dtype=np.int64)
@@ -137,7 +141,9 @@ class WorldModel:
             seed = int.from_bytes(os.urandom(4), "little")
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
         noise_level = float(context_noise if context_noise is not None else self.sampler.get("context_noise", 0.0))
-        session = Session(self, context, sampler, generator, noise_level)
+        generated_level = float(generated_noise if generated_noise is not None
+                                else self.sampler.get("generated_noise", 0.0))
+        session = Session(self, context, sampler, generator, noise_level, generated_level)
         if len(frames):
             latents = self.encode(frames)  # (K, C, h, w)
             session.extend_latents(latents, torch.as_tensor(actions, device=self.device))
@@ -150,12 +156,16 @@ class Session:
     def __init__(
         self, world: WorldModel, context: GenerationContext, sampler: EulerSampler, generator: torch.Generator,
         context_noise: float = 0.0,
+        generated_noise: float = 0.0,
     ):
         self.world = world
         self.context = context
         self.sampler = sampler
         self.generator = generator
         self.context_noise = context_noise
+        # the model's own frames, when trained with --obj-rollout-aug: noised and labelled with this
+        # level, so it can tell them from the real frames it starts from (0: as any appended frame)
+        self.generated_noise = generated_noise
 
     @property
     def frame_index(self) -> int:
@@ -168,20 +178,26 @@ class Session:
         return a
 
     @torch.inference_mode()
-    def extend_latents(self, latents: torch.Tensor, actions: torch.Tensor) -> None:
-        """Append K clean latents (K,C,h,w) with their actions (K,), noise-augmented if configured."""
+    def extend_latents(self, latents: torch.Tensor, actions: torch.Tensor, level: float | None = None) -> None:
+        """Append K clean latents (K,C,h,w) with their actions (K,), noise-augmented to `level`
+        (default: the session's context_noise)."""
         dev = self.world.device
+        level = self.context_noise if level is None else level
         latents = latents.to(dev).float()[None]  # (1, K, C, h, w)
         aug = torch.zeros(latents.shape[:2], device=dev)
-        if self.context_noise > 0:
+        if level > 0:
             noise = torch.randn(latents.shape, generator=self.generator, device=dev)
-            latents = (1 - self.context_noise) * latents + self.context_noise * noise
-            aug.fill_(self.context_noise)
+            latents = (1 - level) * latents + level * noise
+            aug.fill_(level)
         with autocast(dev):
             self.context.extend(latents, actions.to(dev).long()[None], aug)
 
     def append_latent(self, latent: torch.Tensor, action: int) -> None:
         self.extend_latents(latent[None], torch.tensor([self._action(action)]))
+
+    def _append_generated(self, latent: torch.Tensor, action: int) -> None:
+        level = self.generated_noise if self.generated_noise > 0 else None
+        self.extend_latents(latent[None], torch.tensor([self._action(action)]), level)
 
     @torch.inference_mode()
     def predict_latent(self, action: int) -> torch.Tensor:
@@ -197,7 +213,7 @@ class Session:
 
     def step_latent(self, action: int) -> torch.Tensor:
         z = self.predict_latent(action)
-        self.append_latent(z, action)
+        self._append_generated(z, action)
         return z
 
     def predict(self, action: int) -> np.ndarray:
@@ -210,7 +226,7 @@ class Session:
     def step(self, action: int) -> np.ndarray:
         z = self.predict_latent(action)
         frame = self.world.decode(z[None])[0]
-        self.append_latent(z, action)  # the generated latent itself, not a decode/encode round trip
+        self._append_generated(z, action)  # the generated latent itself, not a decode/encode round trip
         return frame
 
     def stats(self) -> dict:
