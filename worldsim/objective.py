@@ -14,9 +14,9 @@ The data side hands over a sequence of (normalized) latents, up to a whole episo
 splits it: the last W = far.config.window frames are the short-term window (fine tokens), the
 older frames the long-term context (coarse tokens, always clean); with `short_context_prob` a
 batch keeps only its last L ~ U[2, W] frames, no long-term part, as every game starts (play
-begins from a few frames, and its cache holds no coarse frame before the window fills). Inside the window each frame
-gets its own logit-normal noise level and becomes clean context with probability
-`clean_context_prob` (the last frame is always noisy, so every sample has a target). Flow
+begins from a few frames, and its cache holds no coarse frame before the window fills). Inside
+the window each frame gets its own logit-normal noise level and becomes clean context with
+probability `clean_context_prob` (the last frame is always noisy, so every sample has a target). Flow
 matching: x_t = t*noise + (1-t)*x0, target velocity = noise - x0; the loss is the MSE on the
 noisy frames of the window only. Clean context frames (coarse ones included) may get a small
 noise augmentation (x = (1-s)*x0 + s*noise, s ~ U(0, context_noise_max), also given to the
@@ -32,8 +32,10 @@ the play sampler (`rollout_steps` Euler steps from pure noise, multi-level KV ca
 gradients) from the ground-truth frames before them, and stand in the context as clean frames;
 the target stays the ground truth. Play conditions on its own frames, and a model trained only
 on ground-truth context drifts off the data within ~10 generated frames; these samples teach it
-to pull back. Actions are dropped to the null class per frame with probability
-`action_dropout` (label dropout, for classifier-free guidance).
+to pull back; with `rollout_aug` those frames enter the context noised to that level and labelled
+with it (play's sampler setting generated_noise does the same to the frames it generates), so
+the model can tell its own frames from real ones. Actions are dropped to the null class per
+frame with probability `action_dropout` (label dropout, for classifier-free guidance).
 """
 from __future__ import annotations
 
@@ -81,8 +83,7 @@ class ObjectiveConfig:
                 "sets the sampler's generated_noise to it, so play does the same; 0 = appended clean"})
     short_context_prob: float = field(default=0.0, metadata={
         "help": "P(a batch keeps only its last L ~ U[2, window] frames: no long-term context, as at the start of "
-                "play); without it a rollout-trained model leans on the coarse frames and collapses when they are "
-                "missing; 0 disables"})
+                "play); a model never trained so can fail there (rollout-trained ones did); 0 disables"})
 
     def __post_init__(self) -> None:
         for name in ("clean_context_prob", "context_noise_prob", "action_dropout", "self_context_prob",
