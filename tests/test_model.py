@@ -333,6 +333,20 @@ def test_rollout_context_puts_the_models_own_frames_before_the_target(monkeypatc
         assert not torch.allclose(x_in[:, -1], torch.full_like(x_in[:, -1], 7.0))
     assert ms == {1, 2}
 
+    # longer rollouts reach into the long-term part (coarse frames), as play's own frames do once
+    # the window has filled; the first frame always stays ground truth
+    cfg = ObjectiveConfig(context_noise_prob=1.0, context_noise_max=0.5, rollout_prob=1.0, rollout_frames=20)
+    ms.clear()
+    for seed in range(12):
+        model.calls.clear()
+        seen.clear()
+        training_loss(model, x, a, torch.Generator().manual_seed(seed), cfg)
+        (_, _, m, _, _), = seen
+        (x_in, t_in, _, _), = model.calls
+        ms.add(m)
+        assert torch.all(x_in[:, T - 1 - m : T - 1] == 7.0) and not torch.all(x_in[:, 0] == 7.0)
+    assert max(ms) == T - 2 and max(ms) > model.config.window
+
     far = random_far()
     base, _ = training_loss(far, x, a, torch.Generator().manual_seed(4), ObjectiveConfig())
     zero, _ = training_loss(far, x, a, torch.Generator().manual_seed(4), ObjectiveConfig(rollout_prob=0.0))
@@ -382,6 +396,20 @@ def test_rollout_generates_frames_as_play_does():
     far = random_far()
     B, T, m, steps = 2, 10, 3, 2
     x, a = torch.randn(B, T, 4, 8, 8), torch.randint(0, 5, (B, T))
+
+    # a rollout longer than the window moves its own frames into L2, as play does
+    long_m = far.config.window + 3
+    got = _rollout(far, x, a, long_m, steps, torch.Generator().manual_seed(6))
+    gen = torch.Generator().manual_seed(6)
+    ref = UncachedContext(far, layout="long-short")
+    ref.extend(x[:, : T - 1 - long_m], a[:, : T - 1 - long_m])
+    with torch.no_grad():
+        for i, k in enumerate(range(T - 1 - long_m, T - 1)):
+            z = EulerSampler(steps=steps).sample(ref.velocity, torch.randn((B, 4, 8, 8), generator=gen), a[:, k],
+                                                 far.null_action)
+            assert torch.allclose(got[:, i], z, atol=1e-4), i
+            ref.extend(z[:, None], a[:, k : k + 1])
+
     got = _rollout(far, x, a, m, steps, torch.Generator().manual_seed(5))
     assert got.shape == (B, m, 4, 8, 8)
 
