@@ -1,6 +1,7 @@
 """FAR transformer, autoencoder and training objective (tiny presets, CPU, fp32)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -268,6 +269,44 @@ def test_autoencoder_shapes_scale_and_learning():
     assert losses[-1] < 0.6 * losses[0]
     with pytest.raises(ValueError):
         AutoencoderConfig(down_factor=8, channels=(8, 16))
+
+
+def test_deepened_decoder_starts_as_the_given_one_and_then_learns():
+    """deepen_state_dict: an autoencoder with more decoder blocks per level, loaded from a shallower
+    one, reconstructs exactly the same at first (the new blocks are identities) and has new weights
+    to train; the encoder is untouched. Fewer blocks, or any other change of shape, is refused."""
+    from worldsim.autoencoder import decoder_layout, deepen_state_dict
+
+    x = frames_to_tensor(np.load(DMLAB)["video"][::75][:4])
+    torch.manual_seed(0)
+    src_cfg = AE_PRESETS["tiny"]
+    src = Autoencoder(src_cfg)
+    for p in src.parameters():  # trained-looking weights: no block is an identity any more
+        p.data.normal_(0, 0.05)
+    dst_cfg = dataclasses.replace(src_cfg, decoder_blocks_per_level=3)
+    assert dst_cfg.decoder_blocks == 3 and src_cfg.decoder_blocks == src_cfg.blocks_per_level == 1
+    assert len(decoder_layout(dst_cfg)) == len(decoder_layout(src_cfg)) + 2 * (len(src_cfg.channels))
+    dst = Autoencoder(dst_cfg)
+    missing, unexpected = dst.load_state_dict(deepen_state_dict(src.state_dict(), src_cfg, dst_cfg), strict=False)
+    assert not unexpected and missing and all(k.startswith("decoder.layers.") for k in missing)
+    assert sum(p.numel() for p in dst.decoder.parameters()) > sum(p.numel() for p in src.decoder.parameters())
+    with torch.no_grad():
+        assert torch.equal(dst.encode(x), src.encode(x))
+        assert torch.allclose(dst(x), src(x), atol=1e-6)
+    opt = torch.optim.Adam(dst.decoder.parameters(), lr=1e-3)
+    for _ in range(3):
+        loss, _ = dst.reconstruction_loss(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        assert not torch.allclose(dst(x), src(x), atol=1e-4)
+    with pytest.raises(ValueError, match="cannot drop"):
+        deepen_state_dict(dst.state_dict(), dst_cfg, src_cfg)
+    with pytest.raises(ValueError, match="only the decoder"):
+        deepen_state_dict(src.state_dict(), src_cfg, dataclasses.replace(dst_cfg, latent_channels=8))
+    with pytest.raises(ValueError, match=">= 1"):
+        dataclasses.replace(src_cfg, decoder_blocks_per_level=0)
 
 
 def test_blind_window_leaves_only_the_long_term_context_clean():

@@ -448,6 +448,41 @@ def test_decoder_fine_tune_keeps_the_latents_and_re_exports_the_world_model(trai
     assert "drop --ae-latent-channels" in capsys.readouterr().err
 
 
+def test_deepened_decoder_fine_tune_pairs_with_the_world_model(trained, dataset, tmp_path, capsys):
+    """--ae-train decoder --ae-decoder-blocks-per-level N deepens the checkpoint's decoder: the run
+    starts from its reconstructions, keeps its encoder (so its FAR still applies), and the paired
+    checkpoint loads with the deeper decoder. Shrinking it, or deepening while the encoder trains,
+    is refused."""
+    from safetensors.torch import load_file
+
+    from worldsim.checkpoint import load_checkpoint
+
+    ck = trained / "checkpoint"
+    base = load_checkpoint(ck).autoencoder.config
+    deeper = base.decoder_blocks + 1
+    run = tmp_path / "deep"
+    assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(run), *FAST, "--ae-init", str(ck),
+                 "--ae-train", "decoder", "--ae-decoder-blocks-per-level", str(deeper), "--ae-steps", "2",
+                 "--warmup", "0"]) == 0
+    assert f"decoder deepened from {base.decoder_blocks} to {deeper}" in capsys.readouterr().err
+    paired = load_checkpoint(run / "checkpoint")
+    assert paired.autoencoder.config.decoder_blocks == deeper
+    assert paired.autoencoder.config.blocks_per_level == base.blocks_per_level
+    before, after = load_file(str(ck / "model.safetensors")), load_file(str(run / "checkpoint" / "model.safetensors"))
+    kept = [k for k in before if not k.startswith("autoencoder.decoder.")]
+    assert all(torch.equal(after[k], before[k]) for k in kept)
+    assert len([k for k in after if k.startswith("autoencoder.decoder.")]) > \
+        len([k for k in before if k.startswith("autoencoder.decoder.")])
+
+    for extra, message in ((["--ae-train", "decoder", "--ae-decoder-blocks-per-level", "0"], "only be deepened"),
+                           (["--ae-decoder-blocks-per-level", str(deeper)], "shape comes from it")):
+        capsys.readouterr()
+        assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(tmp_path / "no"), *FAST,
+                     "--ae-init", str(ck), *extra, "--ae-steps", "1"]) != 0
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "no" / "checkpoint").exists()
+
+
 def test_far_init_notes_an_autoencoder_whose_latents_differ(trained, dataset, tmp_path, capsys):
     """Continuing FAR weights on another encoder's latents is allowed but said out loud."""
     ck = trained / "checkpoint"

@@ -41,9 +41,16 @@ class AutoencoderConfig:
         metadata={"help": "conv width at each level (full res first); log2(f)+1 entries"},
     )
     blocks_per_level: int = field(default=1, metadata={"help": "residual blocks per level"})
+    decoder_blocks_per_level: int | None = field(default=None, metadata={
+        "help": "residual blocks per level of the decoder alone (default: blocks_per_level). With --ae-init and "
+                "--ae-train decoder a larger value deepens the given decoder: its blocks are kept and the new ones "
+                "start as identities, so training starts from the same reconstructions"})
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
+        if self.blocks_per_level < 1 or (self.decoder_blocks_per_level is not None and self.decoder_blocks_per_level < 1):
+            raise ValueError(f"blocks per level must be >= 1, got {self.blocks_per_level} "
+                             f"(decoder {self.decoder_blocks_per_level})")
         levels = int(round(math.log2(self.down_factor)))
         if 2**levels != self.down_factor:
             raise ValueError(f"down_factor must be a power of 2, got {self.down_factor}")
@@ -61,6 +68,10 @@ class AutoencoderConfig:
     @property
     def latent_size(self) -> int:
         return self.resolution // self.down_factor
+
+    @property
+    def decoder_blocks(self) -> int:
+        return self.blocks_per_level if self.decoder_blocks_per_level is None else self.decoder_blocks_per_level
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -173,22 +184,53 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+def decoder_layout(cfg: AutoencoderConfig) -> list[tuple[str, int, int]]:
+    """What each entry of `Decoder.layers` is: ("res", level, block index) or ("up", level, 0)."""
+    top, blocks = len(cfg.channels) - 1, cfg.decoder_blocks
+    layout = [("res", top, b) for b in range(blocks)]
+    for i in reversed(range(top)):
+        layout += [("up", i, 0)] + [("res", i, b) for b in range(blocks)]
+    return layout
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         ch = cfg.channels
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
-        layers: list[nn.Module] = [ResBlock(ch[-1]) for _ in range(cfg.blocks_per_level)]
-        for i in reversed(range(len(ch) - 1)):
-            layers.append(Upsample(ch[i + 1], ch[i]))
-            layers += [ResBlock(ch[i]) for _ in range(cfg.blocks_per_level)]
-        self.layers = nn.Sequential(*layers)
+        self.layers = nn.Sequential(*[
+            ResBlock(ch[level]) if kind == "res" else Upsample(ch[level + 1], ch[level])
+            for kind, level, _ in decoder_layout(cfg)])
         self.norm_out = _norm(ch[0])
         self.conv_out = nn.Conv2d(ch[0], cfg.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.layers(self.conv_in(z))
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def deepen_state_dict(state: dict[str, torch.Tensor], src: AutoencoderConfig,
+                      dst: AutoencoderConfig) -> dict[str, torch.Tensor]:
+    """`src`'s autoencoder weights renamed for `dst`, whose decoder has as many or more blocks per level.
+
+    Everything else must match. The blocks `dst` adds are absent from the result, so they keep
+    their construction-time init, which is the identity (`ResBlock` zeroes its last conv): an
+    autoencoder loaded with `load_state_dict(..., strict=False)` reconstructs exactly as `src`'s.
+    """
+    if dataclasses.replace(dst, decoder_blocks_per_level=src.decoder_blocks) != \
+            dataclasses.replace(src, decoder_blocks_per_level=src.decoder_blocks):
+        raise ValueError(f"only the decoder's blocks per level may differ: {src.to_dict()} vs {dst.to_dict()}")
+    if dst.decoder_blocks < src.decoder_blocks:
+        raise ValueError(f"cannot drop decoder blocks ({src.decoder_blocks} -> {dst.decoder_blocks} per level)")
+    where = {entry: i for i, entry in enumerate(decoder_layout(dst))}
+    renamed = {str(i): str(where[entry]) for i, entry in enumerate(decoder_layout(src))}
+    out = {}
+    for key, value in state.items():
+        if key.startswith("decoder.layers."):
+            index, rest = key[len("decoder.layers."):].split(".", 1)
+            key = f"decoder.layers.{renamed[index]}.{rest}"
+        out[key] = value
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

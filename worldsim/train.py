@@ -295,6 +295,11 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
     if train.ae_init:
         ae_base = load_autoencoder(train.ae_init)[0].config
         changed = {k: v for k, v in ae_over.items() if getattr(ae_base, k) != v}
+        if train.ae_train == "decoder" and "decoder_blocks_per_level" in changed:
+            if changed.pop("decoder_blocks_per_level") < ae_base.decoder_blocks:
+                raise TrainError(f"--ae-decoder-blocks-per-level {ae_over['decoder_blocks_per_level']}: the decoder of "
+                                 f"--ae-init {train.ae_init} has {ae_base.decoder_blocks} blocks per level; it can "
+                                 "only be deepened")
         if changed:
             raise TrainError(f"--ae-init {train.ae_init}: the autoencoder shape comes from it; drop "
                              f"{', '.join('--ae-' + k.replace('_', '-') for k in changed)}")
@@ -1012,12 +1017,18 @@ def run_ae_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state)
     ae = ae_mod.Autoencoder(run.autoencoder)
     if cfg.ae_init:
         init, _ = load_autoencoder(cfg.ae_init)
-        if init.config != ae.config:
+        try:
+            state = ae_mod.deepen_state_dict(init.state_dict(), init.config, ae.config)
+        except ValueError:
             raise TrainError(f"--ae-init {cfg.ae_init}: its shape {init.config.to_dict()} differs from this run's "
-                             f"{ae.config.to_dict()}")
+                             f"{ae.config.to_dict()}") from None
         if resume_state is None:
-            ae.load_state_dict(init.state_dict())
-            trainer.log(f"ae: weights initialised from {cfg.ae_init} (fresh optimizer; training {cfg.ae_train})")
+            missing, unexpected = ae.load_state_dict(state, strict=False)
+            # only the blocks that deepening adds may be absent; they start as identities
+            assert not unexpected and all(k.startswith("decoder.layers.") for k in missing), (missing, unexpected)
+            grown = (f"; decoder deepened from {init.config.decoder_blocks} to {ae.config.decoder_blocks} blocks "
+                     f"per level, the new ones identities" if missing else "")
+            trainer.log(f"ae: weights initialised from {cfg.ae_init} (fresh optimizer; training {cfg.ae_train}{grown})")
     paired = None  # an exported checkpoint whose world model the fine-tuned decoder joins
     if cfg.ae_train == "decoder":
         # the optimizer only sees parameters that require grad; the latent scale buffer stays the init's
