@@ -7,6 +7,7 @@
 #   AE_STEPS=4000 FAR_STEPS=3300 FAR_LIMIT=370 bash scripts/device_train.sh 2>&1 | tee $OUT/train.log
 #   INIT=checkpoints/maze-far-small FAR_STEPS=3000 FAR_LIMIT=400 bash scripts/device_train.sh ...
 #   INIT=checkpoints/maze-far-small DEC_STEPS=2000 SEQ=288 FAR_BATCH=40 ... bash scripts/device_train.sh ...
+#   DEC_ARGS="--ae-decoder-blocks-per-level 2" ...   (with DEC_STEPS: deepen INIT's decoder, new blocks start as identities)
 #   FAR_ARGS="--obj-self-context-prob 0.5 --obj-context-noise-max 0.5" ...   (more `worldsim train` options)
 #   INIT=checkpoints/maze-far-small FAR_ARGS="--obj-rollout-prob 0.25 --obj-rollout-frames 15 --obj-short-context-prob 0.25 --obj-rollout-aug 0.2" ...
 #     (train on the model's own rollouts; judge with the play-like check, --context 4 --generate 64:
@@ -44,7 +45,7 @@ if [ -n "${INIT:-}" ] && [ "${DEC_STEPS:-0}" -gt 0 ]; then
   # fine-tune only INIT's decoder: its latents stay the same, so INIT's FAR weights still apply
   $T --stage ae --ae-init "$INIT" --ae-train decoder --data data/maze-train-240 data/maze-val \
     --ae-lr "${DEC_LR:-5e-4}" --warmup 100 --ae-batch "${AE_BATCH:-256}" --ae-steps "$DEC_STEPS" \
-    --val-every 500 --checkpoint-every 100000 --out runs/ae || exit 1
+    --val-every 500 --checkpoint-every 100000 --out runs/ae ${DEC_ARGS:-} || exit 1
   AE="--ae-from runs/ae --far-init $INIT"
 elif [ -n "${INIT:-}" ]; then
   AE="--ae-from $INIT --far-init $INIT"
