@@ -267,6 +267,10 @@ def test_autoencoder_shapes_scale_and_learning():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.6 * losses[0]
+    mse_only, stats = ae.reconstruction_loss(x, kind="mse")
+    assert torch.allclose(mse_only, stats["mse"]) and mse_only < loss
+    with pytest.raises(ValueError, match="unknown reconstruction loss"):
+        ae.reconstruction_loss(x, kind="l2")
     with pytest.raises(ValueError):
         AutoencoderConfig(down_factor=8, channels=(8, 16))
 

@@ -483,6 +483,34 @@ def test_deepened_decoder_fine_tune_pairs_with_the_world_model(trained, dataset,
         assert not (tmp_path / "no" / "checkpoint").exists()
 
 
+def test_mse_loss_fine_tunes_on_what_psnr_scores_and_survives_resume(trained, dataset, tmp_path, capsys):
+    """--ae-loss mse trains and validates on MSE alone (the val loss is the MSE its PSNR comes
+    from; the default L1 + MSE is larger), is stored in the run config so a resume keeps it, and
+    is a training option, not part of the autoencoder's shape."""
+    ck = trained / "checkpoint"
+    runs = {}
+    for kind in ("mse", "l1+mse"):
+        runs[kind] = tmp_path / kind.replace("+", "")
+        assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(runs[kind]), *FAST,
+                     "--ae-init", str(ck), "--ae-train", "decoder", "--ae-loss", kind, "--ae-steps", "2",
+                     "--warmup", "0", "--val-every", "2", "--val-batches", "1"]) == 0
+    val = {}
+    for kind, run in runs.items():
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        val[kind] = [r for r in rows if "val_loss" in r][-1]
+    mse_from_psnr = 4.0 * 10 ** (-val["mse"]["val_psnr"] / 10)
+    assert val["mse"]["val_loss"] == pytest.approx(mse_from_psnr, rel=1e-4)
+    assert val["l1+mse"]["val_loss"] > 2 * (4.0 * 10 ** (-val["l1+mse"]["val_psnr"] / 10))
+    stored = json.loads((runs["mse"] / "config.json").read_text())
+    assert stored["train"]["ae_loss"] == "mse" and "loss" not in stored["autoencoder"]
+    assert main(["train", "--resume", str(runs["mse"]), "--ae-steps", "3", "--progress", "false"]) == 0
+    assert json.loads((runs["mse"] / "config.json").read_text())["train"]["ae_loss"] == "mse"
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(tmp_path / "no"), *FAST, "--ae-loss", "l2"])
+    assert "invalid choice: 'l2'" in capsys.readouterr().err
+
+
 def test_far_init_notes_an_autoencoder_whose_latents_differ(trained, dataset, tmp_path, capsys):
     """Continuing FAR weights on another encoder's latents is allowed but said out loud."""
     ck = trained / "checkpoint"

@@ -7,7 +7,7 @@ API
       .encode(x [B,3,H,W] in [-1,1], normalize=True) -> z [B,C,h,w]   (normalized: divided by latent_scale)
       .decode(z [B,C,h,w], normalize=True) -> x [B,3,H,W]             (unclamped)
       .forward(x) -> reconstruction (raw path, what the AE trainer optimises)
-      .reconstruction_loss(x, recon=None) -> (loss, stats)             # L1 + MSE
+      .reconstruction_loss(x, recon=None, kind) -> (loss, stats)       # L1 + MSE, or MSE
       .calibrate_scale(raw_latents) -> float     # sets the `latent_scale` buffer to their std
       .latent_scale: buffer (saved with the weights)
     frames_to_tensor(uint8 [...,H,W,3]) -> float [...,3,H,W] in [-1,1]
@@ -92,6 +92,8 @@ AE_PRESETS: dict[str, AutoencoderConfig] = {
     "small": AutoencoderConfig(latent_channels=16, channels=(32, 64, 128, 128), blocks_per_level=1),
     "base": AutoencoderConfig(latent_channels=32, channels=(64, 128, 256, 256), blocks_per_level=2),
 }
+
+RECONSTRUCTION_LOSSES = ("l1+mse", "mse")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,14 +272,20 @@ class Autoencoder(nn.Module):
         return self.decode(self.encode(x, normalize=False), normalize=False)
 
     def reconstruction_loss(
-        self, x: torch.Tensor, recon: torch.Tensor | None = None
+        self, x: torch.Tensor, recon: torch.Tensor | None = None, kind: str = "l1+mse"
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """L1 + MSE in pixel space ([-1,1]); stats are detached tensors (psnr in dB on [0,1])."""
+        """L1 + MSE (or MSE alone) in pixel space ([-1,1]); stats are detached tensors (psnr in dB on [0,1]).
+
+        L1 is robust early in training but aims at the median pixel; MSE alone is what PSNR scores,
+        so fine-tuning a trained decoder on it trades a little sharpness for PSNR.
+        """
+        if kind not in RECONSTRUCTION_LOSSES:
+            raise ValueError(f"unknown reconstruction loss {kind!r} (known: {', '.join(RECONSTRUCTION_LOSSES)})")
         if recon is None:
             recon = self(x)
         l1 = (recon - x).abs().mean()
         mse = (recon - x).pow(2).mean()
-        loss = l1 + mse
+        loss = l1 + mse if kind == "l1+mse" else mse
         psnr = 10 * torch.log10(4.0 / mse.detach().clamp_min(1e-10))  # range 2 -> peak^2 = 4
         return loss, {"loss": loss.detach(), "l1": l1.detach(), "mse": mse.detach(), "psnr": psnr}
 

@@ -93,6 +93,9 @@ class TrainConfig:
         "help": "stage ae: what learns; `decoder` keeps the encoder and latent scale of --ae-init, so its latents, "
                 "and any FAR trained on them, stay valid (an --ae-init checkpoint is re-exported with the new "
                 "decoder in RUN/checkpoint)"})
+    ae_loss: Literal["l1+mse", "mse"] = field(default="l1+mse", metadata={
+        "help": "stage ae: pixel loss; `mse` alone is what PSNR scores, for fine-tuning a trained autoencoder "
+                "or decoder (L1 + MSE is steadier from scratch)"})
     far_init: str | None = field(default=None, metadata={
         "help": "stage far: start from the FAR weights of this exported checkpoint or run folder (fresh optimizer; "
                 "the FAR shape and the exported sampler defaults are taken from it), e.g. to continue training "
@@ -257,12 +260,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
     ae_mod, far_mod, obj_mod = _model_modules()
     train_over = _given(args)
     ae_over, far_over, obj_over = _given(args, "ae"), _given(args, "far"), _given(args, "obj")
-    for k in ("from", "init", "train"):  # --ae-from, --ae-init, --ae-train and --far-init are TrainConfig fields
-        ae_over.pop(k, None)
-    far_over.pop("init", None)
-    for k in ("steps", "batch", "lr"):
-        ae_over.pop(k, None)
-        far_over.pop(k, None)
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for prefix, over in (("ae", ae_over), ("far", far_over)):  # --ae-init, --ae-loss, --far-lr, ...: TrainConfig fields
+        for k in [k for k in over if f"{prefix}_{k}" in train_fields]:
+            over.pop(k)
     resume = getattr(args, "resume", None)
     if resume:
         path = Path(resume) / "config.json"
@@ -1046,14 +1047,14 @@ def run_ae_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state)
 
     def loss_fn(m, step, rng, gen):
         x = frame_batch(train, frames_sampler.draw(rng, cfg.ae_batch), device)
-        loss, stats = unwrap(m).reconstruction_loss(x, m(x))
+        loss, stats = unwrap(m).reconstruction_loss(x, m(x), cfg.ae_loss)
         return loss, {"psnr": stats["psnr"]}
 
     def val_fn(ema):
         losses, psnrs = [], []
         for picks in val_picks:
             x = frame_batch(val, picks, device)
-            loss, stats = ema.reconstruction_loss(x)
+            loss, stats = ema.reconstruction_loss(x, kind=cfg.ae_loss)
             losses.append(float(loss))
             psnrs.append(float(stats["psnr"]))
         return {"loss": float(np.mean(losses)), "psnr": float(np.mean(psnrs))}
