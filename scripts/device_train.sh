@@ -9,6 +9,8 @@
 #   INIT=checkpoints/maze-far-small DEC_STEPS=2000 SEQ=288 FAR_BATCH=40 ... bash scripts/device_train.sh ...
 #   DEC_ARGS="--ae-decoder-blocks-per-level 2" ...   (with DEC_STEPS: deepen INIT's decoder, new blocks start as identities)
 #   DEC_ARGS="--ae-loss mse" ...   (fine-tune on MSE alone, what PSNR scores: +0.12 dB over L1 + MSE in 300 CPU steps)
+#   INIT=checkpoints/maze-far-small DEC_STEPS=4000 DEC_LR=1.5e-4 DEC_ARGS="--ae-loss mse" FAR_LIMIT=0 ...
+#     (the decoder only, no transformer stage; pair runs/ae with INIT here: scripts/pair_decoder.py)
 #   AE_ARGS="--ae-channels 32 64 128 128" ...   (without INIT: more `worldsim train` options for the new autoencoder)
 #   FAR_ARGS="--obj-self-context-prob 0.5 --obj-context-noise-max 0.5" ...   (more `worldsim train` options)
 #   INIT=checkpoints/maze-far-small FAR_ARGS="--obj-rollout-prob 0.25 --obj-rollout-frames 15 --obj-short-context-prob 0.25 --obj-rollout-aug 0.2" ...
@@ -56,6 +58,9 @@ else
     --ae-lr "${AE_LR:-2e-3}" --warmup 200 --ae-batch "${AE_BATCH:-256}" --ae-steps "${AE_STEPS:-4000}" \
     --val-every 1000 --checkpoint-every 100000 --out runs/ae ${AE_ARGS:-} || exit 1
   AE="--ae-from runs/ae"
+fi
+if [ "${FAR_LIMIT:-370}" -le 0 ]; then  # autoencoder or decoder only (FAR_LIMIT=0): runs/ae is the result
+  kill $REC; exit 0
 fi
 wait $REC; cat record-rest.log
 timeout -s TERM "${FAR_LIMIT:-370}" $T --stage far $AE --data data/maze-train data/maze-val \
