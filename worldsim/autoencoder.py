@@ -93,7 +93,7 @@ AE_PRESETS: dict[str, AutoencoderConfig] = {
     "base": AutoencoderConfig(latent_channels=32, channels=(64, 128, 256, 256), blocks_per_level=2),
 }
 
-RECONSTRUCTION_LOSSES = ("l1+mse", "mse", "psnr")
+RECONSTRUCTION_LOSSES = ("l1+mse", "mse")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,13 +274,10 @@ class Autoencoder(nn.Module):
     def reconstruction_loss(
         self, x: torch.Tensor, recon: torch.Tensor | None = None, kind: str = "l1+mse"
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """A pixel loss in [-1,1]: `l1+mse`, `mse`, or `psnr`; stats are detached tensors (psnr in dB on [0,1]).
+        """L1 + MSE (or MSE alone) in pixel space ([-1,1]); stats are detached tensors (psnr in dB on [0,1]).
 
-        L1 is robust early in training but aims at the median pixel; MSE alone is what the PSNR of a
-        batch scores, so fine-tuning a trained decoder on it trades a little sharpness for PSNR.
-        `psnr` is the mean over frames of 10 log10(frame MSE), i.e. minus the mean per-frame PSNR
-        (what `worldsim eval` reports) plus a constant: each frame's error counts relative to its
-        own, so frames that are already sharp are not given up for the hardest ones.
+        L1 is robust early in training but aims at the median pixel; MSE alone is what PSNR scores,
+        so fine-tuning a trained decoder on it trades a little sharpness for PSNR.
         """
         if kind not in RECONSTRUCTION_LOSSES:
             raise ValueError(f"unknown reconstruction loss {kind!r} (known: {', '.join(RECONSTRUCTION_LOSSES)})")
@@ -288,11 +285,7 @@ class Autoencoder(nn.Module):
             recon = self(x)
         l1 = (recon - x).abs().mean()
         mse = (recon - x).pow(2).mean()
-        if kind == "psnr":
-            frame_mse = (recon - x).pow(2).flatten(-3).mean(-1)  # (...,) one per frame
-            loss = 10 * torch.log10(frame_mse.clamp_min(1e-10)).mean()
-        else:
-            loss = l1 + mse if kind == "l1+mse" else mse
+        loss = l1 + mse if kind == "l1+mse" else mse
         psnr = 10 * torch.log10(4.0 / mse.detach().clamp_min(1e-10))  # range 2 -> peak^2 = 4
         return loss, {"loss": loss.detach(), "l1": l1.detach(), "mse": mse.detach(), "psnr": psnr}
 

@@ -93,9 +93,8 @@ class TrainConfig:
         "help": "stage ae: what learns; `decoder` keeps the encoder and latent scale of --ae-init, so its latents, "
                 "and any FAR trained on them, stay valid (an --ae-init checkpoint is re-exported with the new "
                 "decoder in RUN/checkpoint)"})
-    ae_loss: Literal["l1+mse", "mse", "psnr"] = field(default="l1+mse", metadata={
-        "help": "stage ae: pixel loss; `mse` alone is what a batch's PSNR scores and `psnr` (mean over frames of "
-                "10 log10 MSE) what the eval's per-frame PSNR averages, for fine-tuning a trained autoencoder "
+    ae_loss: Literal["l1+mse", "mse"] = field(default="l1+mse", metadata={
+        "help": "stage ae: pixel loss; `mse` alone is what PSNR scores, for fine-tuning a trained autoencoder "
                 "or decoder (L1 + MSE is steadier from scratch)"})
     far_init: str | None = field(default=None, metadata={
         "help": "stage far: start from the FAR weights of this exported checkpoint or run folder (fresh optimizer; "
