@@ -236,7 +236,7 @@ def test_dmlab_clip_takes_the_checkpoint_action_names(tmp_path, dmlab_example_pa
 
 def test_long_cache_runs_the_long_context_condition_in_the_play_cache(tiny_data, tmp_path):
     """--long-cache multilevel-fast: the long-context condition, teacher forcing and the probes
-    use the cache `play --cache-mode multilevel-fast` uses; the sliding baseline stays."""
+    use the cache `play` uses by default; the sliding baseline stays."""
     cfg = EvalConfig(data=str(tiny_data), out=str(tmp_path / "f"), episodes=1, context=12, generate=4, videos=0,
                      probe_episodes=1, probe_forward=2, progress=False, long_cache="multilevel-fast")
     world = FakeWorld()

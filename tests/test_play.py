@@ -12,8 +12,9 @@ import pytest
 
 from _tiny_world import ACTIONS, make_checkpoint
 from worldsim import cli, dream_env
+from worldsim.cache import MultiLevelCacheContext
 from worldsim.keymaps import KeymapError, load_keymap
-from worldsim.play import (PlayConfig, PlayError, VideoRecorder, display_problem, read_actions,
+from worldsim.play import (PlayConfig, PlayError, VideoRecorder, display_problem, open_world, read_actions,
                            run_interactive)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,6 +180,23 @@ def test_headless_benchmark_reports_fps(tiny_ckpt, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "frame    20" in out and "fps" in out and "resident memory" in out
+    assert "cache multilevel-fast," in out
+
+
+@pytest.mark.parametrize("mode, refreshes_window", [(None, False), ("multilevel", True)])
+def test_play_dreams_with_the_fast_multilevel_cache_unless_told(tiny_ckpt, mode, refreshes_window):
+    """Play's default is the approximate multilevel-fast cache (L1 + L2, the window not
+    re-encoded when it slides); --cache-mode multilevel gives the exact one."""
+    config = PlayConfig(checkpoint=str(tiny_ckpt), context_frames=1)
+    if mode is not None:
+        config.cache_mode = mode
+    world = open_world(config, reality=False, log=lambda _: None)
+    world.env.reset(seed=0)
+    world.env.step(0)
+    context = world.env.unwrapped._session.context
+    assert isinstance(context, MultiLevelCacheContext)
+    assert context.use_l2 and context.refresh_l1 == refreshes_window
+    assert world.env.unwrapped.cache_mode == (mode or "multilevel-fast")
 
 
 def test_headless_does_not_import_pygame(tmp_path):

@@ -28,7 +28,9 @@ Modes
                 slides (no per-frame L1 re-encoding): a plain KV cache over the window plus L2.
                 About 2/3 of the CPU time per frame at 4 steps (no per-frame re-encoding of the
                 W-1 window frames); its frames differ from `none` (window frames keep what they
-                saw, finely, of frames that are coarse now). Opt-in only; not what training sees.
+                saw, finely, of frames that are coarse now). Not what training sees, but it scores
+                the same on the test mazes (model card), so it is play's default; eval, the Dream
+                env and the tests of exactness use `multilevel`.
 
 Exactness. In the long-short layout a fine frame attends to the coarse tokens of every frame
 before the window; when the window slides, that set changes, so L1's keys/values (which depend

@@ -21,8 +21,8 @@
      revisit difference with its difference on the other frames.
 
    `--long-cache multilevel-fast` runs the long-context condition (and teacher forcing and the
-   probes below) with the approximate cache that `play --cache-mode multilevel-fast` uses, so the
-   numbers describe what such a player sees.
+   probes below) with the approximate cache that `play` uses by default, so the numbers describe
+   what a player sees; the default `multilevel` is the exact cache (the model as trained).
 
    Teacher forcing: each frame predicted from the ground-truth past (`Session.predict`, then
    `Session.append(gt)`), multilevel cache, next to its own floor (the previous GT frame).
@@ -113,8 +113,8 @@ class EvalConfig:
     seed: int = field(default=0, metadata={"help": "base seed; each session uses seed + episode index"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: picked automatically)"})
     long_cache: Literal["multilevel", "multilevel-fast"] = field(default="multilevel", metadata={
-        "help": "cache of the long-context condition, teacher forcing and probes (multilevel-fast: what "
-                "`play --cache-mode multilevel-fast` uses; not exact)"})
+        "help": "cache of the long-context condition, teacher forcing and probes (multilevel: exact; "
+                "multilevel-fast: what `play` uses by default, not exact)"})
     teacher_forcing: bool = field(default=True, metadata={"help": "also score teacher-forced next-frame prediction"})
     memory_control: bool = field(default=True, metadata={
         "help": "also generate with the long-term context (the frames already in L2 when generation starts) "
