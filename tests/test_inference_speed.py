@@ -2,6 +2,7 @@
 conditioning, batched CFG attention, merged L2 + L1 re-encoding (tiny preset, CPU, fp32)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from worldsim.cache import UncachedContext, make_context
@@ -29,7 +30,10 @@ def test_memory_grows_by_the_l2_tokens_of_one_frame():
         slack = 2 * cfg.depth * cfg.width * 4 * (64 + 2 * cfg.tokens_per_frame)
         assert before["cache_bytes"] <= st["cache_capacity_bytes"] <= 1.5 * st["cache_bytes"] + slack
         before = st
-    # nothing else is kept per frame: history older than the window is dropped
+    # nothing else is kept per frame: history older than the window is dropped (the newest frame
+    # is encoded with the next query, so until then one more latent waits)
+    assert sum(x is not None for x in s.context.latents) == W
+    s.context.flush()
     assert sum(x is not None for x in s.context.latents) == W - 1
 
 
@@ -42,6 +46,7 @@ def test_long_context_prefill_equals_frame_by_frame():
     b = world.new_session(frames[:1], actions[:1], cache_mode="multilevel", steps=2, cfg=1.5, seed=0)
     for f, act in zip(frames[1:], actions[1:]):
         b.append(f, int(act))
+    a.context.flush(), b.context.flush()
     ka, kb = a.context.kv, b.context.kv
     assert a.stats() == {**b.stats(), "cache_capacity_bytes": a.stats()["cache_capacity_bytes"]}
     for la, lb in zip(ka, kb):
@@ -154,6 +159,7 @@ def test_multilevel_fast_is_the_plain_cache_over_the_window_plus_l2():
     # its L1 is what a plain per-frame append against [L2 | L1] gives: check the newest frame's
     # keys equal a frame_kv of that frame against the cache before it
     ctx = sf.context
+    ctx.flush()
     tpf = world.far.config.tokens_per_frame
     with torch.no_grad():
         lat, act, aug = ctx._history(ctx.num_frames - 1, ctx.num_frames)
@@ -174,3 +180,38 @@ def test_split_attention_over_long_caches_is_the_same_softmax(monkeypatch):
     assert (outs[8] - outs[10**9]).abs().max() <= 1e-5
     ref, _ = rollout(world, "none", k=9, n=6)
     assert (outs[8] - ref).abs().max() <= 1e-4
+
+
+def test_appended_frames_are_encoded_in_the_next_querys_pass_with_the_same_results(monkeypatch):
+    """Without CFG, a frame appended to a multi-level cache (and, in `multilevel`, the window
+    re-encoding it triggers) is computed in the same forward pass as the next frame's first
+    denoising step. The frames equal those of encoding each appended frame at once (flush), with
+    and without the split cache / new-token attention; `multilevel` still equals `none`."""
+    import worldsim.model as model
+
+    world = tiny_world()
+    fused_calls = []
+    original = world.far.frames_kv_and_velocity
+    monkeypatch.setattr(world.far, "frames_kv_and_velocity", lambda *a: fused_calls.append(1) or original(*a))
+
+    def run(mode, flush_each_frame: bool, n: int = 9):
+        frames, actions = context(6)
+        s = world.new_session(frames, actions, cache_mode=mode, steps=2, cfg=1.0, seed=0)
+        out = []
+        for a in np.random.default_rng(1).integers(0, 5, n):
+            out.append(s.step_latent(int(a)))
+            if flush_each_frame:
+                s.context.flush()
+        return torch.stack(out)
+
+    for split_min in (10**9, 8):  # never split / split from 8 cached tokens
+        monkeypatch.setattr(model, "SPLIT_ATTENTION_MIN", split_min)
+        for mode in ("multilevel", "multilevel-fast", "sliding"):
+            fused_calls.clear()
+            eager = run(mode, flush_each_frame=True)
+            assert not fused_calls
+            fused = run(mode, flush_each_frame=False)
+            assert len(fused_calls) == 9 - 1  # every frame after the first (the context is prefilled)
+            assert (fused - eager).abs().max() <= 1e-5, mode
+        ref = run("none", flush_each_frame=False)
+        assert (run("multilevel", flush_each_frame=False) - ref).abs().max() <= 1e-4

@@ -9,6 +9,7 @@ API
       .num_frames: int;  .stats() -> dict(l1_frames, l1_tokens, l2_frames, l2_tokens, cache_bytes,
                                           cache_capacity_bytes)
       .fork() -> an independent copy (history lists and cache buffers copied)
+      .flush()    encode appended frames now (multi-level modes encode them with the next query)
     UncachedContext(far, layout="long-short" | "all-fine" | "window")   # recompute every call
     KVCacheContext(far)                                                 # plain KV cache, all fine
     MultiLevelCacheContext(far, use_l2=True, refresh_l1=True)           # L1 fine + L2 coarse
@@ -50,6 +51,12 @@ values into the buffer's spare tail and attends to [L2 | L1 | new] without copyi
 depend on the chunking), which bounds the attention mask and skips most of the masked-out upper
 triangle of one big causal pass. When the window slides by a frame, the frame entering L2 and
 the re-encoded window run as one pass (FAR.frames_kv): one read of the weights and of L2.
+Without CFG, the multi-level modes go one step further: an appended frame is only recorded, and
+its encoding (with the window re-encoding in `multilevel`) runs in the same forward pass as the
+next frame's first denoising step (FAR.frames_kv_and_velocity; the clean frames never attend to
+the noisy one, so the results are the same). On a 2-core CPU each pass costs about as much to
+read the weights and the cache as to compute, so a generated frame then costs the sampling
+steps' passes alone (multilevel-fast: plus the 4-token pass of the frame entering L2).
 """
 from __future__ import annotations
 
@@ -58,7 +65,7 @@ from typing import Literal
 
 import torch
 
-from worldsim.model import FAR, KV, KVBuffer
+from worldsim.model import FAR, KV, KVBuffer, autocast
 
 CACHE_MODES = ("none", "kv", "multilevel", "sliding", "multilevel-fast")
 
@@ -136,8 +143,12 @@ class GenerationContext:
             buffers = _append(buffers, self.far.frame_kv(lat, act, a, buffers, coarse=coarse, aug=aug))
         return buffers
 
-    def _sync(self) -> None:  # bring the cache up to date with the history
+    def _sync(self) -> None:  # called by extend: bring the cache up to date with the history
         pass
+
+    def flush(self) -> None:
+        """Bring the cache up to date now (a mode may defer appended frames to the next query)."""
+        self._sync()
 
     def fork(self) -> "GenerationContext":
         """An independent copy: same history and cache, nothing shared that is written in place."""
@@ -213,7 +224,10 @@ class KVCacheContext(GenerationContext):
 class MultiLevelCacheContext(GenerationContext):
     """L1: fine KV of frames [l1_start, n); L2: coarse KV of frames [0, l2_frames) (if use_l2).
 
-    One KVBuffer per layer holds [L2 tokens | L1 tokens]."""
+    One KVBuffer per layer holds [L2 tokens | L1 tokens]. Appended frames are encoded lazily: the
+    next velocity query encodes them in the same forward pass as its own frame (FAR.
+    frames_kv_and_velocity: one read of the weights and the cache fewer per generated frame);
+    stats() counts them already, flush() encodes them now."""
 
     def __init__(self, far: FAR, use_l2: bool = True, refresh_l1: bool = True):
         super().__init__(far)
@@ -229,9 +243,25 @@ class MultiLevelCacheContext(GenerationContext):
         return self.l2_frames * self.far.config.context_tokens_per_frame
 
     def _sync(self) -> None:
+        pass  # deferred to the next velocity() (or flush / stats)
+
+    def flush(self) -> None:
+        # as Session builds caches: in inference mode (whose tensors only it may update in place;
+        # a cache built under no_grad, as the trainer's rollouts do, stays outside) and autocast
+        inference = self.kv is None or self.kv[0].k is None or self.kv[0].k.is_inference()
+        with torch.inference_mode(inference), autocast(next(self.far.parameters()).device):
+            self._catch_up()
+
+    def _catch_up(self, query: tuple | None = None) -> torch.Tensor | None:
+        """Bring the cache up to date with the history; with query = (x_t, t, action) of the next
+        frame also return its velocity, computed in the same pass as the usual step's encoding
+        where possible (else after it)."""
         n = self.num_frames
         # when predicting frame n the window is frames n-W+1..n, so context frames < n-W+1 are old
         start = max(0, n + 1 - self.window)
+        # fused with the query: only over an existing cache (long contexts are prefilled in
+        # chunks first) and without a CFG-doubled query batch
+        fusable = query is not None and self.kv is not None and n > 0 and query[0].shape[0] == self.latents[n - 1].shape[0]
         if start > self.l1_start and not self.refresh_l1:
             self._slide_keeping_l1(start)
         if start > self.l1_start:
@@ -241,21 +271,37 @@ class MultiLevelCacheContext(GenerationContext):
             if self.use_l2 and start > self.l2_frames:  # frames leaving the window -> L2, once
                 if self.kv is not None and start - self.l2_frames <= self.prefill_frames_coarse and 0 < n - start < self.window:
                     # the usual step: the frame(s) entering L2 and the window re-encoded, one pass
-                    lat2, act2, aug2 = self._history(self.l2_frames, start)
-                    lat1, act1, aug1 = self._history(start, n)
-                    new2, new1 = self.far.frames_kv(
-                        [(lat2, act2, aug2, self.l2_frames, True), (lat1, act1, aug1, start, False)], self.kv)
+                    # (with the query's frame, where it can share it)
+                    parts = [(*self._history(self.l2_frames, start), self.l2_frames, True),
+                             (*self._history(start, n), start, False)]
+                    v = None
+                    if fusable:
+                        v, (new2, new1) = self.far.frames_kv_and_velocity(parts, *query, n, self.kv)
+                    else:
+                        new2, new1 = self.far.frames_kv(parts, self.kv)
                     self.kv = _append(_append(self.kv, new2), new1)
                     self.l2_frames, self.l1_start, self.l1_end = start, start, n
                     self._forget(start)
-                    return
+                    return v if v is not None else self._velocity_now(query)
                 self.kv = self._encode(self.kv, self.l2_frames, start, coarse=True)
                 self.l2_frames = start
             self.l1_start = self.l1_end = start
             self._forget(start)
         if n > self.l1_end:
+            if fusable and n - self.l1_end <= self.prefill_frames_fine:
+                # new frames appended to L1 as they are (multilevel-fast; the sliding window's
+                # re-encoding; any mode before the window slides), with the query
+                v, (new1,) = self.far.frames_kv_and_velocity(
+                    [(*self._history(self.l1_end, n), self.l1_end, False)], *query, n, self.kv)
+                self.kv = _append(self.kv, new1)
+                self.l1_end = n
+                return v
             self.kv = self._encode(self.kv, self.l1_end, n, coarse=False)
             self.l1_end = n
+        return self._velocity_now(query)
+
+    def _velocity_now(self, query: tuple | None) -> torch.Tensor | None:
+        return None if query is None else self.far.predict_frame(*query, self.num_frames, self.kv)
 
     def _slide_keeping_l1(self, start: int) -> None:
         """multilevel-fast: frames < start leave L1 (into L2), the rest of L1 is kept as it is."""
@@ -276,15 +322,24 @@ class MultiLevelCacheContext(GenerationContext):
         self._forget(start)
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        return self.far.predict_frame(x_t, t, action, self.num_frames, self.kv)
+        return self._catch_up((x_t, t, action))
 
     def stats(self) -> dict:
+        """What the cache holds once the appended frames are encoded (they may still be pending)."""
         cfg = self.far.config
-        l1_frames = self.l1_end - self.l1_start
+        if self.kv is None and self.num_frames:
+            self.flush()  # the first frames: nothing cached yet to size a token by
+        n = self.num_frames
+        start = max(0, n + 1 - self.window)
+        l1_frames = n - start
+        l2_frames = start if self.use_l2 else 0
+        tokens = l1_frames * cfg.tokens_per_frame + l2_frames * cfg.context_tokens_per_frame
+        per_token = 0 if self.kv is None else sum(2 * b.k[:, :, :1].numel() * b.k.element_size() for b in self.kv)
         return dict(
             l1_frames=l1_frames, l1_tokens=l1_frames * cfg.tokens_per_frame,
-            l2_frames=self.l2_frames, l2_tokens=self._l2_tokens,
-            cache_bytes=_kv_bytes(self.kv), cache_capacity_bytes=_kv_bytes(self.kv, capacity=True),
+            l2_frames=l2_frames, l2_tokens=l2_frames * cfg.context_tokens_per_frame,
+            cache_bytes=tokens * per_token,
+            cache_capacity_bytes=max(tokens * per_token, _kv_bytes(self.kv, capacity=True)),
         )
 
 

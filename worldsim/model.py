@@ -489,22 +489,24 @@ class FARBlock(nn.Module):
         coarse: list[bool],
         past: "tuple[torch.Tensor, torch.Tensor] | KVBuffer | None",
         mask: torch.Tensor | None,
-        kv_only: bool = False,
+        outputs: list[bool],
     ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """forward() at inference (FAR.forward_frames / frames_kv): the same math for token groups
         xs (B, F, n, D) (coarse ones first) with precomputed modulations per group (shift1,
         1+scale1, gate1, shift2, 1+scale2, gate2), each (B, F, 1, D), rope_table_full tables, and
         the cache attended in place (KVBuffer); the shared MLP runs once over all groups' tokens.
-        Returns the groups' new states and the keys/values of their tokens."""
+        outputs[i]: group i needs its new states (else only its keys/values: no queries, attention
+        output or MLP; such groups must lead). Returns the groups' new states (unchanged where not
+        wanted) and the keys/values of their tokens."""
         H, Dh = self.heads, self.head_dim
         qs, ks, vs, wants = [], [], [], []
-        for x, mod, rope, c in zip(xs, mods, ropes, coarse):
+        for x, mod, rope, c, want in zip(xs, mods, ropes, coarse, outputs):
             proj = self.attn_coarse if c else self.attn_fine
             h = torch.addcmul(mod[0], self.norm1(x), mod[1]).flatten(1, 2)  # (B, F*n, D)
             q, k, v = proj.qkv(h).unflatten(-1, (3, H, Dh)).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, Dh)
             ks.append(apply_rope_full(proj.k_norm(k), rope).to(v.dtype))
             vs.append(v)
-            want = not kv_only and not (self.last and c)
+            want = want and not (self.last and c)
             wants.append(want)
             if want:
                 qs.append(apply_rope_full(proj.q_norm(q), rope).to(v.dtype))
@@ -514,7 +516,7 @@ class FARBlock(nn.Module):
             return xs, (k_new, v_new)
         q = qs[0] if len(qs) == 1 else torch.cat(qs, dim=2)
         if mask is not None:
-            mask = mask[-q.shape[2] :]  # query rows: groups without queries are the leading (coarse) ones
+            mask = mask[-q.shape[2] :]  # query rows: groups without queries are the leading ones
         if isinstance(past, KVBuffer):
             o = past.attend(q, k_new, v_new, mask)
         else:
@@ -807,6 +809,21 @@ class FAR(nn.Module):
         _, kvs = self._infer(parts, past_kv, need_output=False)
         return [[kv[j] for kv in kvs] for j in range(len(parts))]
 
+    def frames_kv_and_velocity(
+        self, parts: list[tuple], x_t: torch.Tensor, t: torch.Tensor, action: torch.Tensor, frame_index: int,
+        past_kv: KV | None,
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """frames_kv(parts, past_kv), then predict_frame(x_t, t, action, frame_index) against the
+        cache extended by them, as one pass: the same tokens, masks and results (the clean frames
+        never attend to the noisy one), one read of the weights and of the cache instead of two.
+        The parts' batch must be x_t's (B,C,h,w): no CFG-doubled batch. Returns (velocity
+        (B,C,h,w), one KV per part)."""
+        clean = [(lat, torch.full(lat.shape[:2], self.config.clean_t, device=lat.device), act, aug, s, c)
+                 for lat, act, aug, s, c in parts]
+        noisy = (x_t[:, None], t[:, None], action[:, None], None, frame_index, False)
+        out, kvs = self._infer(clean + [noisy], past_kv, need_output=True)
+        return out[:, 0], [[kv[j] for kv in kvs] for j in range(len(parts))]
+
     def _infer(self, parts: list[tuple], past_kv: KV | None, need_output: bool) -> tuple[torch.Tensor | None, list]:
         """parts [(latents, t, actions, aug, start_frame, coarse)] -> (velocity of the last part |
         None, per layer a list of (k, v) per part)."""
@@ -832,11 +849,14 @@ class FAR(nn.Module):
             else:
                 mask = allowed
         sizes = [x.shape[1] * x.shape[2] for x in xs]
+        every = [True] * len(xs)
+        # the last block's new states feed only the output head: of the last part, if it is wanted
+        last = [need_output and j == len(xs) - 1 for j in range(len(xs))]
         new_kv = []
         for i, block in enumerate(self.blocks):
-            kv_only = not need_output and i == len(self.blocks) - 1
+            outputs = last if i == len(self.blocks) - 1 else every
             xs, (k, v) = block.infer(xs, [m[i] for m in mods], ropes, coarse,
-                                     None if past_kv is None else past_kv[i], mask, kv_only)
+                                     None if past_kv is None else past_kv[i], mask, outputs)
             new_kv.append(list(zip(k.split(sizes, dim=2), v.split(sizes, dim=2))) if len(xs) > 1 else [(k, v)])
         if not need_output:
             return None, new_kv
