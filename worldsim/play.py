@@ -17,9 +17,9 @@ The HUD shows the measured frames per second, the frame index, the world model's
 frame's L2 tokens per step) and the sampling steps.
 
 Play generates with the approximate `multilevel-fast` cache by default: the exact `multilevel`
-cache re-encodes the short window against the whole L2 memory once per frame, which halves the
-frame rate at frame 500 on a slow 2-core CPU, while the approximate one scored the same on the
-held-out test mazes (model card). `--cache-mode multilevel` plays with the exact cache, as
+cache re-encodes the short window against the whole L2 memory once per frame, which costs about
+a third of the frame rate at frame 500 on a slow 2-core CPU, while the approximate one scored
+the same on the held-out test mazes (model card). `--cache-mode multilevel` plays with the exact cache, as
 `worldsim eval` and `worldsim/Dream-v0` do by default.
 
 `--headless` makes the same frames without a window: `--actions FILE` (one action name per
@@ -76,7 +76,7 @@ class PlayConfig:
     cache_mode: Literal["multilevel-fast", "multilevel", "kv", "none", "sliding"] = field(default="multilevel-fast", metadata={
         "help": "KV cache used for generation. multilevel-fast (default): L1 short window + L2 compressed memory, "
                 "the window's keys/values computed once per frame and kept when it slides (not exact; no measurable "
-                "quality loss, 1.7-2x the frame rate of multilevel at frame 500 on a 2-core CPU); multilevel: the "
+                "quality loss, about 1.5x the frame rate of multilevel at frame 500 on a 2-core CPU); multilevel: the "
                 "same memory, exact (equals recomputation; re-encodes the window once per frame), what eval uses"})
     dataset: str | None = field(default=None, metadata={"help": "start worlds from this dataset's episodes instead of the simulator"})
     episode: str | None = field(default=None, metadata={"help": "dataset episode (index or id; default: drawn from the seed)"})
