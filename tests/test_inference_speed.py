@@ -192,7 +192,7 @@ def test_appended_frames_are_encoded_in_the_next_querys_pass_with_the_same_resul
     world = tiny_world()
     fused_calls = []
     original = world.far.frames_kv_and_velocity
-    monkeypatch.setattr(world.far, "frames_kv_and_velocity", lambda *a: fused_calls.append(1) or original(*a))
+    monkeypatch.setattr(world.far, "frames_kv_and_velocity", lambda *a, **k: fused_calls.append(1) or original(*a, **k))
 
     def run(mode, flush_each_frame: bool, n: int = 9):
         frames, actions = context(6)

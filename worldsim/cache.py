@@ -54,9 +54,10 @@ the re-encoded window run as one pass (FAR.frames_kv): one read of the weights a
 Without CFG, the multi-level modes go one step further: an appended frame is only recorded, and
 its encoding (with the window re-encoding in `multilevel`) runs in the same forward pass as the
 next frame's first denoising step (FAR.frames_kv_and_velocity; the clean frames never attend to
-the noisy one, so the results are the same). On a 2-core CPU each pass costs about as much to
-read the weights and the cache as to compute, so a generated frame then costs the sampling
-steps' passes alone (multilevel-fast: plus the 4-token pass of the frame entering L2).
+the noisy one, so the results are the same; in multilevel-fast the frame entering L2 joins the
+pass too, masked off the window's cached keys so it sees L2 alone). On a 2-core CPU each pass
+costs about as much to read the weights and the cache as to compute, so a generated frame then
+costs its sampling steps' passes alone.
 """
 from __future__ import annotations
 
@@ -263,6 +264,9 @@ class MultiLevelCacheContext(GenerationContext):
         # chunks first) and without a CFG-doubled query batch
         fusable = query is not None and self.kv is not None and n > 0 and query[0].shape[0] == self.latents[n - 1].shape[0]
         if start > self.l1_start and not self.refresh_l1:
+            if (fusable and self.use_l2 and 0 < start - self.l2_frames <= self.prefill_frames_coarse
+                    and start <= self.l1_end < n and n - self.l1_end <= self.prefill_frames_fine):
+                return self._slide_keeping_l1_with_query(start, query)
             self._slide_keeping_l1(start)
         if start > self.l1_start:
             if self.kv is not None:  # L1 attended to a frame that is now coarse: recompute it
@@ -305,13 +309,11 @@ class MultiLevelCacheContext(GenerationContext):
 
     def _slide_keeping_l1(self, start: int) -> None:
         """multilevel-fast: frames < start leave L1 (into L2), the rest of L1 is kept as it is."""
-        tpf = self.far.config.tokens_per_frame
         keep = max(0, self.l1_end - start)  # window frames already in L1
         kept = []
         if self.kv is not None:
+            kept = self._kept_l1(start)
             for buf in self.kv:
-                lo = buf.length - keep * tpf
-                kept.append((buf.k[:, :, lo : buf.length].clone(), buf.v[:, :, lo : buf.length].clone()))
                 buf.truncate(self._l2_tokens)
         if self.use_l2 and start > self.l2_frames:
             self.kv = self._encode(self.kv, self.l2_frames, start, coarse=True)
@@ -320,6 +322,32 @@ class MultiLevelCacheContext(GenerationContext):
             self.kv = _append(self.kv, kept)
         self.l1_start, self.l1_end = start, max(start, self.l1_end)
         self._forget(start)
+
+    def _kept_l1(self, start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of L1's keys/values of the window frames >= start (the end of each buffer)."""
+        keep = max(0, self.l1_end - start) * self.far.config.tokens_per_frame
+        return [(b.k[:, :, b.length - keep : b.length].clone(), b.v[:, :, b.length - keep : b.length].clone())
+                for b in self.kv]
+
+    def _slide_keeping_l1_with_query(self, start: int, query: tuple) -> torch.Tensor:
+        """multilevel-fast's usual step as one pass: the frame(s) entering L2 (seeing L2 alone, as
+        in _slide_keeping_l1), the new frame(s) appended to L1 and the query (seeing L2, them and
+        the kept L1). The same results as _slide_keeping_l1, then _catch_up's L1 append."""
+        n = self.num_frames
+        kept = self._kept_l1(start)
+        for buf in self.kv:  # [L2 | kept L1]: the frames leaving the window are no longer seen
+            buf.truncate(self._l2_tokens)
+        self.kv = _append(self.kv, kept)
+        v, (new2, new1) = self.far.frames_kv_and_velocity(
+            [(*self._history(self.l2_frames, start), self.l2_frames, True),
+             (*self._history(self.l1_end, n), self.l1_end, False)], *query, n, self.kv,
+            cache_visible=[self._l2_tokens, None])
+        for buf in self.kv:  # -> [L2 + new coarse | kept L1 | new L1]
+            buf.truncate(self._l2_tokens)
+        self.kv = _append(_append(_append(self.kv, new2), kept), new1)
+        self.l2_frames, self.l1_start, self.l1_end = start, start, n
+        self._forget(start)
+        return v
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         return self._catch_up((x_t, t, action))

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -214,15 +215,17 @@ class KVBuffer:
         return twin
 
     def attend(
-        self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, mask: torch.Tensor | None = None
+        self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, mask: torch.Tensor | None = None,
+        cache_masked: bool = False,
     ) -> torch.Tensor:
-        """softmax(q [cache, new]^T) [cache, new]: q (Bq, H, Lq, Dh), k_new/v_new (Bq, H, n, Dh)."""
+        """softmax(q [cache, new]^T) [cache, new]: q (Bq, H, Lq, Dh), k_new/v_new (Bq, H, n, Dh).
+        cache_masked: the mask also hides cached tokens from some queries (one masked pass then)."""
         n, L = k_new.shape[2], self.length
         if self.k is None:
             return F.scaled_dot_product_attention(q, k_new, v_new, attn_mask=mask)
         B = self.k.shape[0]
         m = q.shape[0] // B
-        if L >= SPLIT_ATTENTION_MIN and (m > 1 or mask is not None) and _split_ok(q):
+        if L >= SPLIT_ATTENTION_MIN and (m > 1 or mask is not None) and not cache_masked and _split_ok(q):
             return self._attend_split(q, k_new, v_new, mask, m)
         if m == 1:
             self.reserve(n, k_new)
@@ -490,6 +493,7 @@ class FARBlock(nn.Module):
         past: "tuple[torch.Tensor, torch.Tensor] | KVBuffer | None",
         mask: torch.Tensor | None,
         outputs: list[bool],
+        cache_masked: bool = False,
     ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """forward() at inference (FAR.forward_frames / frames_kv): the same math for token groups
         xs (B, F, n, D) (coarse ones first) with precomputed modulations per group (shift1,
@@ -497,7 +501,8 @@ class FARBlock(nn.Module):
         the cache attended in place (KVBuffer); the shared MLP runs once over all groups' tokens.
         outputs[i]: group i needs its new states (else only its keys/values: no queries, attention
         output or MLP; such groups must lead). Returns the groups' new states (unchanged where not
-        wanted) and the keys/values of their tokens."""
+        wanted) and the keys/values of their tokens. cache_masked: the mask hides cached tokens
+        from some queries (else every query sees the whole cache)."""
         H, Dh = self.heads, self.head_dim
         qs, ks, vs, wants = [], [], [], []
         for x, mod, rope, c, want in zip(xs, mods, ropes, coarse, outputs):
@@ -518,7 +523,7 @@ class FARBlock(nn.Module):
         if mask is not None:
             mask = mask[-q.shape[2] :]  # query rows: groups without queries are the leading ones
         if isinstance(past, KVBuffer):
-            o = past.attend(q, k_new, v_new, mask)
+            o = past.attend(q, k_new, v_new, mask, cache_masked)
         else:
             kk, vv = k_new, v_new
             if past is not None:
@@ -811,22 +816,27 @@ class FAR(nn.Module):
 
     def frames_kv_and_velocity(
         self, parts: list[tuple], x_t: torch.Tensor, t: torch.Tensor, action: torch.Tensor, frame_index: int,
-        past_kv: KV | None,
+        past_kv: KV | None, cache_visible: list[int | None] | None = None,
     ) -> tuple[torch.Tensor, list[KV]]:
         """frames_kv(parts, past_kv), then predict_frame(x_t, t, action, frame_index) against the
         cache extended by them, as one pass: the same tokens, masks and results (the clean frames
         never attend to the noisy one), one read of the weights and of the cache instead of two.
         The parts' batch must be x_t's (B,C,h,w): no CFG-doubled batch. Returns (velocity
-        (B,C,h,w), one KV per part)."""
+        (B,C,h,w), one KV per part). cache_visible[j]: part j sees only the first that many cached
+        tokens (e.g. a frame entering L2 sees L2 alone); the noisy frame sees the whole cache."""
         clean = [(lat, torch.full(lat.shape[:2], self.config.clean_t, device=lat.device), act, aug, s, c)
                  for lat, act, aug, s, c in parts]
         noisy = (x_t[:, None], t[:, None], action[:, None], None, frame_index, False)
-        out, kvs = self._infer(clean + [noisy], past_kv, need_output=True)
+        visible = None if cache_visible is None else list(cache_visible) + [None]
+        out, kvs = self._infer(clean + [noisy], past_kv, need_output=True, cache_visible=visible)
         return out[:, 0], [[kv[j] for kv in kvs] for j in range(len(parts))]
 
-    def _infer(self, parts: list[tuple], past_kv: KV | None, need_output: bool) -> tuple[torch.Tensor | None, list]:
+    def _infer(
+        self, parts: list[tuple], past_kv: KV | None, need_output: bool, cache_visible: list[int | None] | None = None
+    ) -> tuple[torch.Tensor | None, list]:
         """parts [(latents, t, actions, aug, start_frame, coarse)] -> (velocity of the last part |
-        None, per layer a list of (k, v) per part)."""
+        None, per layer a list of (k, v) per part). cache_visible[j]: part j's tokens see only the
+        first that many cached tokens (None: all of them)."""
         cfg = self.config
         xs, mods, ropes, coarse, ids = [], [], [], [], []
         for latents, t, actions, aug, start_frame, c in parts:
@@ -841,9 +851,14 @@ class FAR(nn.Module):
         device = xs[0].device
         past_len = 0 if past_kv is None else kv_length(past_kv[0])
         mask = None
-        if sum(x.shape[1] for x in xs) > 1:  # frame-causal among the new frames, all of the cache
+        hidden = [(row, row + x.shape[1] * x.shape[2], vis) for row, x, vis in
+                  zip(itertools.accumulate([0] + [x.shape[1] * x.shape[2] for x in xs]), xs, cache_visible or [None] * len(xs))
+                  if vis is not None and vis < past_len]
+        if sum(x.shape[1] for x in xs) > 1 or hidden:  # frame-causal among the new frames, all of the cache
             ids = torch.cat(ids)
             allowed = torch.cat([ids.new_ones(len(ids), past_len, dtype=torch.bool), ids[None, :] <= ids[:, None]], dim=1)
+            for lo, hi, vis in hidden:
+                allowed[lo:hi, vis:past_len] = False
             if device.type == "cpu":  # additive once, instead of a bool->float conversion per layer
                 mask = torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
             else:
@@ -855,8 +870,10 @@ class FAR(nn.Module):
         new_kv = []
         for i, block in enumerate(self.blocks):
             outputs = last if i == len(self.blocks) - 1 else every
+            # (in the last block only the last part has queries, and it sees the whole cache)
+            cache_masked = bool(hidden) and i < len(self.blocks) - 1
             xs, (k, v) = block.infer(xs, [m[i] for m in mods], ropes, coarse,
-                                     None if past_kv is None else past_kv[i], mask, outputs)
+                                     None if past_kv is None else past_kv[i], mask, outputs, cache_masked)
             new_kv.append(list(zip(k.split(sizes, dim=2), v.split(sizes, dim=2))) if len(xs) > 1 else [(k, v)])
         if not need_output:
             return None, new_kv
