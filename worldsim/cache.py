@@ -227,8 +227,8 @@ class MultiLevelCacheContext(GenerationContext):
 
     One KVBuffer per layer holds [L2 tokens | L1 tokens]. Appended frames are encoded lazily: the
     next velocity query encodes them in the same forward pass as its own frame (FAR.
-    frames_kv_and_velocity: one read of the weights and the cache fewer per generated frame);
-    stats() counts them already, flush() encodes them now."""
+    frames_kv_and_velocity: one or two reads of the weights and the cache fewer per generated
+    frame); stats() counts them already, flush() encodes them now."""
 
     def __init__(self, far: FAR, use_l2: bool = True, refresh_l1: bool = True):
         super().__init__(far)
