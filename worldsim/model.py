@@ -851,9 +851,11 @@ class FAR(nn.Module):
         device = xs[0].device
         past_len = 0 if past_kv is None else kv_length(past_kv[0])
         mask = None
-        hidden = [(row, row + x.shape[1] * x.shape[2], vis) for row, x, vis in
-                  zip(itertools.accumulate([0] + [x.shape[1] * x.shape[2] for x in xs]), xs, cache_visible or [None] * len(xs))
-                  if vis is not None and vis < past_len]
+        hidden = []  # (first row, end row, visible cached tokens) of parts that see part of the cache
+        if cache_visible is not None:
+            rows = itertools.accumulate([0] + [x.shape[1] * x.shape[2] for x in xs])
+            hidden = [(lo, lo + x.shape[1] * x.shape[2], vis) for lo, x, vis in zip(rows, xs, cache_visible)
+                      if vis is not None and vis < past_len]
         if sum(x.shape[1] for x in xs) > 1 or hidden:  # frame-causal among the new frames, all of the cache
             ids = torch.cat(ids)
             allowed = torch.cat([ids.new_ones(len(ids), past_len, dtype=torch.bool), ids[None, :] <= ids[:, None]], dim=1)
