@@ -246,6 +246,23 @@ def test_long_cache_runs_the_long_context_condition_in_the_play_cache(tiny_data,
     assert "long-context cache = multilevel-fast" in (tmp_path / "f" / "results.md").read_text()
 
 
+def test_precision_option_loads_the_transformer_in_bf16_and_says_so(tiny_data, tiny_checkpoint, tmp_path):
+    """--precision bf16 (what play uses by default on CPUs with native bf16) is recorded with the
+    results; the default stays exact fp32."""
+    from worldsim.cli import main
+
+    for precision in ("bf16", None):
+        out = tmp_path / str(precision)
+        argv = ["eval", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_data), "--out", str(out),
+                "--episodes", "1", "--context", "12", "--generate", "4", "--steps", "1", "--videos", "0",
+                "--probe-episodes", "0", "--progress", "false", "--device", "cpu"]
+        assert main(argv + (["--precision", precision] if precision else [])) == 0
+        res = json.loads((out / "results.json").read_text())
+        used = precision or "fp32"
+        assert res["config"]["precision_used"] == used
+        assert f"precision = {used}." in (out / "results.md").read_text()
+
+
 def test_memory_control_swaps_only_the_long_term_context(tiny_data, tmp_path):
     """The control condition: the frames already in L2 when generation starts (index < K - W + 1)
     come from another test maze, the short window and everything after it are the episode's own."""

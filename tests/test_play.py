@@ -180,7 +180,7 @@ def test_headless_benchmark_reports_fps(tiny_ckpt, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "frame    20" in out and "fps" in out and "resident memory" in out
-    assert "cache multilevel-fast," in out
+    assert "cache multilevel-fast," in out and "precision " in out
 
 
 @pytest.mark.parametrize("mode, refreshes_window", [(None, False), ("multilevel", True)])
@@ -197,6 +197,29 @@ def test_play_dreams_with_the_fast_multilevel_cache_unless_told(tiny_ckpt, mode,
     assert isinstance(context, MultiLevelCacheContext)
     assert context.use_l2 and context.refresh_l1 == refreshes_window
     assert world.env.unwrapped.cache_mode == (mode or "multilevel-fast")
+
+
+@pytest.mark.parametrize("native_bf16, option, expected", [
+    (True, None, "bf16"), (False, None, "fp32"), (True, "fp32", "fp32"), (False, "bf16", "bf16")])
+def test_play_runs_the_transformer_in_bf16_where_the_cpu_has_it_unless_told(tiny_ckpt, monkeypatch, native_bf16,
+                                                                           option, expected):
+    """Play's default precision is auto: bf16 weights and KV cache on a CPU with native bf16,
+    fp32 elsewhere; --precision picks one. Eval and the Dream env default to fp32."""
+    import torch
+
+    import worldsim.world
+
+    monkeypatch.setattr(worldsim.world, "cpu_has_native_bf16", lambda: native_bf16)
+    config = PlayConfig(checkpoint=str(tiny_ckpt), context_frames=1, device="cpu")
+    if option is not None:
+        config.precision = option
+    world = open_world(config, reality=False, log=lambda _: None)
+    world.env.reset(seed=0)
+    _, _, _, _, info = world.env.step(0)
+    assert info["precision"] == expected
+    dtype = torch.bfloat16 if expected == "bf16" else torch.float32
+    assert {p.dtype for p in world.env.unwrapped.world.far.parameters()} == {dtype}
+    assert dream_env.DreamEnv(checkpoint=tiny_ckpt, device="cpu").world.precision == "fp32"
 
 
 def test_headless_does_not_import_pygame(tmp_path):

@@ -66,7 +66,7 @@ from typing import Literal
 
 import torch
 
-from worldsim.model import FAR, KV, KVBuffer, autocast
+from worldsim.model import FAR, KV, KVBuffer, autocast_for
 
 CACHE_MODES = ("none", "kv", "multilevel", "sliding", "multilevel-fast")
 
@@ -250,7 +250,7 @@ class MultiLevelCacheContext(GenerationContext):
         # as Session builds caches: in inference mode (whose tensors only it may update in place;
         # a cache built under no_grad, as the trainer's rollouts do, stays outside) and autocast
         inference = self.kv is None or self.kv[0].k is None or self.kv[0].k.is_inference()
-        with torch.inference_mode(inference), autocast(next(self.far.parameters()).device):
+        with torch.inference_mode(inference), autocast_for(self.far):
             self._catch_up()
 
     def _catch_up(self, query: tuple | None = None) -> torch.Tensor | None:

@@ -19,7 +19,8 @@ themselves (wrap in `TimeLimit` if you want them to). Same seed + same actions -
 the sampler's noise seed is drawn from the env's `np_random`.
 
 `info`: `frame_index`, `action` (name), `l1_frames`, `l1_tokens`, `l2_frames`, `l2_tokens`,
-`cache_bytes`, `steps` (sampling steps), `maze_seed` where known, and with `timing=True`
+`cache_bytes`, `steps` (sampling steps), `cache_mode`, `precision` (the transformer's CPU
+arithmetic, `worldsim.world.PRECISIONS`; eval and this env default to fp32, play to auto), `maze_seed` where known, and with `timing=True`
 `gen_time_s` (seconds to generate this frame). Timing is opt-in because a wall-clock
 measurement never repeats, and `check_env` demands that the same seed and actions give equal
 infos; `env.unwrapped.last_gen_time_s` always holds it. With `reality=True` the real simulator follows the same actions and
@@ -106,11 +107,12 @@ class DreamEnv(gym.Env):
         steps: int | None = None,
         cfg: float | None = None,
         device: str | None = None,
+        precision: str = "fp32",
         reality: bool = False,
         timing: bool = False,
         world: Any = None,
     ) -> None:
-        """`world` passes an already-loaded WorldModel (then `checkpoint`/`device` are unused):
+        """`world` passes an already-loaded WorldModel (then `checkpoint`/`device`/`precision` are unused):
         the frontend and tests reuse one model across envs instead of reloading the weights."""
         super().__init__()
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -134,7 +136,7 @@ class DreamEnv(gym.Env):
             from worldsim.world import WorldModel
 
             self.checkpoint: Path | None = resolve_checkpoint(checkpoint)
-            world = WorldModel.load(self.checkpoint, device=device)
+            world = WorldModel.load(self.checkpoint, device=device, precision=precision)
         else:
             self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.world = world
@@ -265,6 +267,7 @@ class DreamEnv(gym.Env):
             "cache_bytes": _stat(stats, "cache_bytes"),
             "steps": self.sampling_steps,
             "cache_mode": self.cache_mode,
+            "precision": getattr(self.world, "precision", "fp32"),
         }
         if self.timing:
             info["gen_time_s"] = float(gen_time)

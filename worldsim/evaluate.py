@@ -112,6 +112,9 @@ class EvalConfig:
     cfg: float | None = field(default=None, metadata={"help": "classifier-free guidance scale (default: the checkpoint's)"})
     seed: int = field(default=0, metadata={"help": "base seed; each session uses seed + episode index"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: picked automatically)"})
+    precision: Literal["fp32", "bf16", "auto"] = field(default="fp32", metadata={
+        "help": "the transformer's arithmetic on CPU: fp32 (exact), bf16 (weights and KV cache in bfloat16; "
+                "auto: bf16 where the CPU has it natively, what `play` uses by default); CUDA always uses bf16 autocast"})
     long_cache: Literal["multilevel", "multilevel-fast"] = field(default="multilevel", metadata={
         "help": "cache of the long-context condition, teacher forcing and probes (multilevel: exact; "
                 "multilevel-fast: what `play` uses by default, not exact)"})
@@ -736,7 +739,8 @@ def results_markdown(res: dict[str, Any]) -> str:
                  f"(split: {cfgd['dataset_split']}); "
                  f"context K = {cfgd['context']}, generated G = {cfgd['generate']}, window W = {cfgd['window']}, "
                  f"steps = {cfgd.get('sampler_used', cfgd)['steps']}, cfg = {cfgd.get('sampler_used', cfgd)['cfg']}, seed = {cfgd['seed']}, "
-                 f"long-context cache = {cfgd.get('long_cache', 'multilevel')}. "
+                 f"long-context cache = {cfgd.get('long_cache', 'multilevel')}"
+                 + (f", precision = {cfgd['precision_used']}" if cfgd.get("precision_used") else "") + ". "
                  f"LPIPS: {res['metrics']['lpips']['status']}.")
     lines.append("")
     lines.append("## Ground truth: generated frames vs recorded frames")
@@ -845,7 +849,7 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
         from worldsim.world import WorldModel
 
         checkpoint_path = resolve_checkpoint(cfg.checkpoint)
-        world = WorldModel.load(checkpoint_path, device=cfg.device)
+        world = WorldModel.load(checkpoint_path, device=cfg.device, precision=cfg.precision)
     window = model_window(world)
 
     ok, why = metrics.lpips_status()
@@ -966,6 +970,7 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             "episode_ids": [e.id for e in chosen], "skipped_short_episodes": skipped,
             "session_seeds": [cfg.seed + i for i in range(len(chosen))],
             "window": window, "resolution": list(world.resolution), "action_names": list(world.action_names),
+            "precision_used": getattr(world, "precision", None),  # --precision auto, resolved
             "conditions": {k: CONDITION_LABELS[k] for k in names},
             "memory_control_status": control, "memory_control_old_frames": max(0, old_frames),
             "memory_donor_episode_ids": [e["memory_donor"] for e in episodes] if control == "on" else [],

@@ -24,6 +24,8 @@ API
       attended in place (KVBuffer) - training (forward) is untouched.
       .null_action: int  (= num_actions, the CFG null class)
     pick_device(device=None) -> torch.device;  autocast(device) -> context manager (bf16 on CUDA)
+    autocast_for(module) -> the autocast its inference runs under (also bf16 on CPU when its
+      weights are stored in bf16: WorldModel(precision="bf16"));  cpu_has_native_bf16() -> bool
     concat_kv(a, b) -> per-layer concatenation of two KV lists along the token axis
     KVBuffer: one layer's growable key/value store for cached inference (see its docstring);
       a list of them (one per block) may be passed wherever past_kv is taken. A block then writes
@@ -131,6 +133,25 @@ def autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
     if torch.device(device).type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def autocast_for(module: nn.Module) -> contextlib.AbstractContextManager:
+    """autocast(device) of the module's weights, and bf16 autocast on CPU when those weights are
+    stored in bf16: matmuls then read half the bytes (what bounds a 2-core CPU's cached
+    inference), while norms and softmax still run in fp32, as under CUDA autocast in training."""
+    weight = next(module.parameters())
+    if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return autocast(weight.device)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 numbers natively (AVX512-BF16 or AMX tiles); elsewhere
+    bf16 matmuls are emulated, which can be slower than fp32."""
+    try:  # private torch.cpu queries (cpuinfo); absent from some builds
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
 
 
 def concat_kv(a: KV | None, b: KV | None) -> KV | None:

@@ -78,6 +78,10 @@ class PlayConfig:
                 "the window's keys/values computed once per frame and kept when it slides (not exact; no measurable "
                 "quality loss, about 1.5x the frame rate of multilevel at frame 500 on a 2-core CPU); multilevel: the "
                 "same memory, exact (equals recomputation; re-encodes the window once per frame), what eval uses"})
+    precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
+        "help": "the transformer's arithmetic on CPU. auto (default): bf16 where the CPU has native bf16 "
+                "(AVX512-BF16 or AMX), else fp32; bf16: weights and KV cache in bfloat16 (fewer bytes to read per "
+                "frame; not bit-exact, scores like fp32 on the test mazes); fp32: exact, what eval uses"})
     dataset: str | None = field(default=None, metadata={"help": "start worlds from this dataset's episodes instead of the simulator"})
     episode: str | None = field(default=None, metadata={"help": "dataset episode (index or id; default: drawn from the seed)"})
     keymap: str = field(default="default", metadata={"help": f"built-in keymap ({', '.join(KEYMAPS)}) or a JSON file {{key: action}}"})
@@ -310,7 +314,7 @@ def open_world(config: PlayConfig, reality: bool = True, log: Callable[[str], No
     try:
         env = DreamEnv(checkpoint=path, context_frames=config.context_frames, dataset=config.dataset,
                        episode=config.episode, cache_mode=config.cache_mode, steps=config.steps, cfg=config.cfg,
-                       device=config.device, reality=reality, timing=True)
+                       device=config.device, precision=config.precision, reality=reality, timing=True)
     except ValueError as exc:  # e.g. a dataset with other actions or resolution than the checkpoint
         if type(exc).__name__ in ("DatasetError", "CheckpointError"):
             raise
@@ -555,7 +559,8 @@ class Game:
         info = self.info
         state = "PAUSED" if self.paused else f"{self.meter.fps:5.1f} fps (target {self.config.fps:g})"
         if self.world.mode == "dream":
-            top = f"DREAM  {state}  frame {self.frame_index}  steps {info.get('steps', '?')}  seed {self.seed}"
+            top = (f"DREAM  {state}  frame {self.frame_index}  steps {info.get('steps', '?')} "
+                   f"{info.get('precision', '')}  seed {self.seed}")
             mb = info.get("cache_bytes", 0) / 2**20
             mem = (f"memory L2 {info.get('l2_frames', 0)} fr / {info.get('l2_tokens', 0)} tok  "
                    f"L1 {info.get('l1_frames', 0)} fr  cache {mb:.1f} MB  RSS {self.rss_mb():.0f} MB")
@@ -647,6 +652,7 @@ class HeadlessResult:
     rss_bytes: int = 0
     label: str = ""
     steps: int | None = None
+    precision: str | None = None
 
 
 def run_headless(config: PlayConfig, world: World | None = None, log: Callable[[str], None] | None = None) -> HeadlessResult:
@@ -703,7 +709,7 @@ def run_headless(config: PlayConfig, world: World | None = None, log: Callable[[
         env.close()
     out = recorder.close() if recorder is not None else None
     return HeadlessResult(len(actions), out, seconds, bench, resident_memory_bytes(), world.label,
-                          info.get("steps"))
+                          info.get("steps"), info.get("precision"))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -757,7 +763,7 @@ def main(args: argparse.Namespace) -> int:
                 import torch
 
                 print(f"benchmark: {result.label}, sampling steps {result.steps}, cache {config.cache_mode}, "
-                      f"torch threads {torch.get_num_threads()}")
+                      f"precision {result.precision}, torch threads {torch.get_num_threads()}")
             for row in result.benchmark:
                 print(f"frame {row['frame']:>5} (model frame index {row['frame_index']}): {row['fps']:.2f} fps "
                       f"(last {BENCH_WINDOW} frames; {row['cpu_s_per_frame']:.3f} CPU s/frame), "

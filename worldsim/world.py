@@ -2,10 +2,11 @@
 
 API
     WorldModel(autoencoder, far, action_names, resolution=(64, 64), simulator=None, sampler=None,
-               config=None, device=None)
-      WorldModel.load(path, device=None, resolution=None, action_names=None) -> WorldModel
-      .save(path, step=None, data_summary=None, extra=None) -> Path
-      .autoencoder, .far, .action_names, .resolution, .simulator, .sampler (dict), .config, .device
+               config=None, device=None, precision="fp32")
+      WorldModel.load(path, device=None, resolution=None, action_names=None, precision="fp32") -> WorldModel
+      .save(path, step=None, data_summary=None, extra=None) -> Path   (fp32 WorldModels only)
+      .autoencoder, .far, .action_names, .resolution, .simulator, .sampler (dict), .config, .device,
+      .precision ("fp32" | "bf16": the transformer's arithmetic on CPU, see PRECISIONS)
       .encode(frames uint8 [...,H,W,3]) -> latents [...,C,h,w];  .decode(latents) -> uint8 frames
       .new_session(context_frames uint8 [K,H,W,3], context_actions int64 [K],
                    cache_mode="multilevel"|"multilevel-fast"|"kv"|"none"|"sliding" (or a GenerationContext),
@@ -38,8 +39,23 @@ import torch
 from worldsim.autoencoder import Autoencoder, frames_to_tensor, tensor_to_frames
 from worldsim.cache import GenerationContext, make_context
 from worldsim.checkpoint import DEFAULT_SAMPLER, load_checkpoint, save_checkpoint
-from worldsim.model import FAR, autocast, pick_device
+from worldsim.model import FAR, autocast, autocast_for, cpu_has_native_bf16, pick_device
 from worldsim.sampler import EulerSampler
+
+# The transformer's arithmetic on CPU (CUDA always runs it under bf16 autocast, as in training).
+# fp32: exact and reproducible (eval's default). bf16: weights and KV cache stored in bfloat16,
+# matmuls under bf16 autocast (norms and softmax in fp32): half the bytes read per forward pass,
+# which bounds a 2-core CPU's cached generation. auto: bf16 where the CPU has native bf16
+# arithmetic (cpu_has_native_bf16), else fp32. The autoencoder stays fp32 either way.
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+    return precision
 
 
 class WorldModel:
@@ -53,10 +69,14 @@ class WorldModel:
         sampler: dict | None = None,
         config: dict | None = None,
         device: str | torch.device | None = None,
+        precision: str = "fp32",
     ):
         self.device = pick_device(device)
+        self.precision = resolve_precision(precision, self.device)
         self.autoencoder = autoencoder.to(self.device).eval()
         self.far = far.to(self.device).eval()
+        if self.precision == "bf16" and self.device.type == "cpu":
+            self.far.to(torch.bfloat16)  # CUDA keeps fp32 weights under autocast
         self.action_names = tuple(action_names)
         if len(self.action_names) != far.config.num_actions:
             raise ValueError(f"{len(self.action_names)} action names for a model with {far.config.num_actions} actions")
@@ -79,13 +99,18 @@ class WorldModel:
         device: str | torch.device | None = None,
         resolution: Sequence[int] | None = None,
         action_names: Sequence[str] | None = None,
+        precision: str = "fp32",
     ) -> "WorldModel":
         ck = load_checkpoint(path, device=pick_device(device), resolution=resolution, action_names=action_names)
-        return cls(ck.autoencoder, ck.far, ck.action_names, ck.resolution, ck.simulator, ck.sampler, ck.config, device)
+        return cls(ck.autoencoder, ck.far, ck.action_names, ck.resolution, ck.simulator, ck.sampler, ck.config, device,
+                   precision)
 
     def save(
         self, path: str | os.PathLike, step: int | None = None, data_summary: dict | None = None, extra: dict | None = None
     ) -> Path:
+        if next(self.far.parameters()).dtype != torch.float32:
+            raise ValueError(f"this WorldModel holds its transformer in {self.precision} (rounded weights); "
+                             "save from one loaded with precision='fp32'")
         return save_checkpoint(
             path, self.autoencoder, self.far, action_names=self.action_names, resolution=self.resolution,
             sampler=self.sampler, simulator=self.simulator,
@@ -189,7 +214,7 @@ class Session:
             noise = torch.randn(latents.shape, generator=self.generator, device=dev)
             latents = (1 - level) * latents + level * noise
             aug.fill_(level)
-        with autocast(dev):
+        with autocast_for(self.world.far):
             self.context.extend(latents, actions.to(dev).long()[None], aug)
 
     def append_latent(self, latent: torch.Tensor, action: int) -> None:
@@ -205,7 +230,7 @@ class Session:
         dev, cfg = self.world.device, self.world.far.config
         shape = (1, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
         noise = torch.randn(shape, generator=self.generator, device=dev)
-        with autocast(dev):
+        with autocast_for(self.world.far):
             z = self.sampler.sample(
                 self.context.velocity, noise, torch.tensor([a], device=dev), self.world.far.null_action
             )

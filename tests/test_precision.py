@@ -1,0 +1,71 @@
+"""bf16 inference on CPU (WorldModel(precision="bf16"), play's default where the CPU has native
+bf16): the transformer's weights and KV cache in bfloat16, the autoencoder in fp32, frames close
+to fp32's and as reproducible (tiny preset, CPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import worldsim.world as world_module
+from worldsim.world import WorldModel, resolve_precision
+
+from tests.test_cache import ACTIONS, rollout, tiny_world
+
+torch.set_num_threads(1)
+
+
+def bf16_world(seed: int = 0) -> WorldModel:
+    w = tiny_world(seed)  # its own FAR: the bf16 WorldModel casts the module in place
+    return WorldModel(w.autoencoder, w.far, ACTIONS, device="cpu", precision="bf16")
+
+
+@pytest.mark.parametrize("mode", ["multilevel", "multilevel-fast"])
+def test_bf16_stores_the_transformer_and_its_cache_in_half_the_bytes_and_stays_close_to_fp32(mode):
+    exact, half = tiny_world(), bf16_world()
+    assert half.precision == "bf16" and exact.precision == "fp32"
+    assert {p.dtype for p in half.far.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in half.autoencoder.parameters()} == {torch.float32}
+
+    z32, s32 = rollout(exact, mode, k=6, n=10, steps=3, cfg=1.0)
+    z16, s16 = rollout(half, mode, k=6, n=10, steps=3, cfg=1.0)
+    assert z16.dtype == torch.float32  # sessions hand back fp32 latents either way
+    assert s16.context.kv[0].k.dtype == torch.bfloat16
+    s32.context.flush(), s16.context.flush()
+    st32, st16 = s32.stats(), s16.stats()
+    assert st16["l2_tokens"] == st32["l2_tokens"] > 0
+    assert st16["cache_bytes"] * 2 == st32["cache_bytes"]
+    # not bit-exact (bf16 keeps 8 significant bits), but the same frames within 1% after 10
+    # generated frames fed back into the cache
+    assert not torch.equal(z16, z32)
+    assert (z16 - z32).abs().max() <= 0.01 * z32.abs().max()
+    # and reproducible: the same seed gives the same frames
+    again, _ = rollout(bf16_world(), mode, k=6, n=10, steps=3, cfg=1.0)
+    assert torch.equal(again, z16)
+
+
+def test_bf16_with_guidance_and_frames_decode_like_fp32():
+    exact, half = tiny_world(), bf16_world()
+    z32, _ = rollout(exact, "multilevel", k=6, n=4, steps=2, cfg=1.5)
+    z16, _ = rollout(half, "multilevel", k=6, n=4, steps=2, cfg=1.5)
+    assert (z16 - z32).abs().max() <= 0.01 * z32.abs().max()
+    f32, f16 = exact.decode(z32), half.decode(z16)
+    assert f16.dtype == f32.dtype and f16.shape == f32.shape
+    assert abs(f16.astype(int) - f32.astype(int)).mean() <= 2.0  # uint8 levels
+
+
+def test_a_bf16_world_model_refuses_to_save_its_rounded_weights(tmp_path):
+    with pytest.raises(ValueError, match="precision='fp32'"):
+        bf16_world().save(tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(world_module, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(world_module, "cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16" and resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "fp32"  # CUDA: bf16 autocast regardless
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        resolve_precision("fp16", cpu)
