@@ -385,6 +385,20 @@ def test_a_run_that_failed_before_its_first_step_can_be_started_again(dataset, t
     assert "already holds a training run" in capsys.readouterr().err
 
 
+def test_a_latent_cache_copied_from_an_earlier_run_is_reused(trained, dataset, tmp_path, capsys):
+    """A new run folder holding only another run's latents/ (same data, same encoder) starts,
+    and reads its latents instead of encoding the frames again."""
+    import shutil
+
+    run = tmp_path / "seeded"
+    shutil.copytree(trained / "latents", run / "latents")
+    capsys.readouterr()
+    assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(run), *FAST,
+                 "--ae-from", str(trained / "checkpoint"), "--far-steps", "1", "--val-every", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "encoding" not in err and (run / "checkpoint" / "model.safetensors").is_file()
+
+
 def test_decoder_fine_tune_keeps_the_latents_and_re_exports_the_world_model(trained, dataset, tmp_path, capsys):
     """--ae-init CKPT --ae-train decoder: only the decoder learns, the encoder and latent scale stay
     bit-identical (so the checkpoint's FAR still reads the latents), and RUN/checkpoint is the

@@ -20,7 +20,8 @@ Run folder:
     state/                 the resumable training state: weights.safetensors (model, EMA,
                            optimizer tensors, RNG states) + state.json (step, optimizer
                            hyper-parameters, RNG states, ...); never pickles
-    latents/               the latent cache
+    latents/               the latent cache (reused when valid; copy an earlier run's, e.g.
+                           `cp -al OLD/latents NEW/latents`, to skip encoding the same data)
     metrics.jsonl, loss.png, preview/step-XXXXXX.gif
 
 Saving: every `--checkpoint-every` steps, at the end of a stage and on Ctrl-C (SIGINT/SIGTERM:
@@ -1465,8 +1466,10 @@ def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]
     trainer = Trainer(run, dist, log)
     state = trainer.load_state() if (out / "state").exists() or (out / "state.old").exists() else None
     # a folder holding only config.json is a run that failed before its first step (bad data, say):
-    # nothing of value is in it, so a corrected command may start over there
-    started = out.is_dir() and any(p.name != "config.json" for p in out.iterdir())
+    # nothing of value is in it, so a corrected command may start over there. The latent cache
+    # (latents/, keyed by dataset and encoder) may be there too: left by such a run, or copied in
+    # from an earlier run on the same data to skip the encoding
+    started = out.is_dir() and any(p.name not in ("config.json", "latents") for p in out.iterdir())
     if not resuming and (state is not None or started):
         raise TrainError(f"{out}: already holds a training run; continue it with --resume {out} or choose another --out")
     if resuming and state is None and not (out / AE_DIR).exists():
