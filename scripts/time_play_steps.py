@@ -30,11 +30,14 @@ parser.add_argument("--threads", type=int, default=2)
 args = parser.parse_args()
 
 torch.set_num_threads(args.threads)
-rng = np.random.default_rng(0)
-actions = rng.integers(0, 5, args.frames + args.timed).tolist()
+turn = 5
+timed = -(-args.timed // (2 * turn)) * 2 * turn  # whole turns, with and without decoding
+actions = None
 runs = []
 for precision in args.precision:
     world = WorldModel.load(args.checkpoint, precision=precision)
+    if actions is None:  # the same random actions for every session
+        actions = np.random.default_rng(0).integers(0, len(world.action_names), args.frames + timed).tolist()
     session = world.new_session(np.zeros((4, 64, 64, 3), np.uint8), np.zeros(4, np.int64), seed=0,
                                 cache_mode=args.cache_mode)
     for a in actions[: args.frames]:
@@ -51,17 +54,16 @@ for precision in args.precision:
     runs.append({"label": f"{args.cache_mode} {world.precision}", "session": session, "steps": step_times,
                  "latent": [], "frame": []})
 
-turn = 5
-for start in range(args.frames, args.frames + args.timed, 2 * turn):
+for start in range(args.frames, args.frames + timed, 2 * turn):
     for run in runs:
-        for key, fn in (("latent", run["session"].step_latent), ("frame", run["session"].step)):
+        for i, (key, fn) in enumerate((("latent", run["session"].step_latent), ("frame", run["session"].step))):
             t0 = time.perf_counter()
-            for a in actions[start : start + turn]:
+            for a in actions[start + i * turn : start + (i + 1) * turn]:
                 fn(a)
             run[key].append((time.perf_counter() - t0) / turn * 1000)
 for run in runs:
     frames = len(run["latent"]) * turn * 2
     steps = np.array(run["steps"]).reshape(frames, -1) * 1000
-    print(f"{run['label']} at frame ~{args.frames + args.timed // 2}: per-step ms (median over frames) "
+    print(f"{run['label']} at frame ~{args.frames + timed // 2}: per-step ms (median over frames) "
           f"{np.median(steps, 0).round(1).tolist()}, {np.median(run['latent']):.1f} ms per frame without decoding, "
           f"{np.median(run['frame']):.1f} with (medians over turns of {turn} frames)")

@@ -53,6 +53,39 @@ def test_bf16_with_guidance_and_frames_decode_like_fp32():
     assert abs(f16.astype(int) - f32.astype(int)).mean() <= 2.0  # uint8 levels
 
 
+def test_bf16_long_caches_split_their_attention_like_fp32(monkeypatch):
+    """Long caches (here from 8 cached tokens) attend to the cache and to the new tokens in two
+    flash passes merged by log-sum-exp, in bf16 as in fp32 (CFG-batched and multi-frame masked calls)."""
+    import worldsim.model as model
+
+    calls = []
+    split = model.KVBuffer._attend_split
+    monkeypatch.setattr(model.KVBuffer, "_attend_split", lambda self, *a: calls.append(1) or split(self, *a))
+    outs = {}
+    for split_min in (10**9, 8):
+        monkeypatch.setattr(model, "SPLIT_ATTENTION_MIN", split_min)
+        outs[split_min], s = rollout(bf16_world(), "multilevel", k=9, n=6, steps=2, cfg=1.5)
+        assert s.context.kv[0].k.dtype == torch.bfloat16
+    assert calls, "the split path never ran"
+    scale = outs[10**9].abs().max()
+    assert (outs[8] - outs[10**9]).abs().max() <= 0.01 * scale
+    exact, _ = rollout(tiny_world(), "multilevel", k=9, n=6, steps=2, cfg=1.5)
+    assert (outs[8] - exact).abs().max() <= 0.01 * exact.abs().max()
+
+
+def test_fp32_runs_without_autocast_and_a_bf16_copy_leaves_the_fp32_model_alone():
+    from worldsim.model import autocast_for
+
+    exact = tiny_world()
+    with autocast_for(exact.far):
+        assert not torch.is_autocast_enabled("cpu")
+    half = WorldModel(exact.autoencoder, exact.far, ACTIONS, device="cpu", precision="bf16")
+    with autocast_for(half.far):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert {p.dtype for p in exact.far.parameters()} == {torch.float32}  # not cast in place
+    assert {p.dtype for p in half.far.parameters()} == {torch.bfloat16}
+
+
 def test_a_bf16_world_model_refuses_to_save_its_rounded_weights(tmp_path):
     with pytest.raises(ValueError, match="precision='fp32'"):
         bf16_world().save(tmp_path / "ck")
@@ -66,6 +99,8 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
     monkeypatch.setattr(world_module, "cpu_has_native_bf16", lambda: False)
     assert resolve_precision("auto", cpu) == "fp32"
     assert resolve_precision("bf16", cpu) == "bf16" and resolve_precision("fp32", cpu) == "fp32"
-    assert resolve_precision("auto", torch.device("cuda")) == "fp32"  # CUDA: bf16 autocast regardless
+    # CUDA runs bf16 autocast whatever is asked, and says so; other devices run fp32
+    assert resolve_precision("auto", torch.device("cuda")) == resolve_precision("fp32", torch.device("cuda")) == "bf16"
+    assert resolve_precision("bf16", torch.device("mps")) == "fp32"
     with pytest.raises(ValueError, match="unknown precision 'fp16'"):
         resolve_precision("fp16", cpu)

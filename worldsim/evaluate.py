@@ -113,8 +113,8 @@ class EvalConfig:
     seed: int = field(default=0, metadata={"help": "base seed; each session uses seed + episode index"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: picked automatically)"})
     precision: Literal["fp32", "bf16", "auto"] = field(default="fp32", metadata={
-        "help": "the transformer's arithmetic on CPU: fp32 (exact), bf16 (weights and KV cache in bfloat16; "
-                "auto: bf16 where the CPU has it natively, what `play` uses by default); CUDA always uses bf16 autocast"})
+        "help": "the transformer's arithmetic on CPU: fp32 (exact), bf16 (weights and KV cache in bfloat16) or "
+                "auto (bf16 where the CPU has it natively, what `play` uses by default); CUDA always uses bf16 autocast"})
     long_cache: Literal["multilevel", "multilevel-fast"] = field(default="multilevel", metadata={
         "help": "cache of the long-context condition, teacher forcing and probes (multilevel: exact; "
                 "multilevel-fast: what `play` uses by default, not exact)"})

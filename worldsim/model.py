@@ -138,7 +138,7 @@ def autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
 def autocast_for(module: nn.Module) -> contextlib.AbstractContextManager:
     """autocast(device) of the module's weights, and bf16 autocast on CPU when those weights are
     stored in bf16: matmuls then read half the bytes (what bounds a 2-core CPU's cached
-    inference), while norms and softmax still run in fp32, as under CUDA autocast in training."""
+    inference); RoPE and the sampler's updates stay fp32, and the kernels accumulate in fp32."""
     weight = next(module.parameters())
     if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
         return torch.autocast("cpu", dtype=torch.bfloat16)
@@ -174,7 +174,7 @@ class KVBuffer:
     conditional / null halves over a cache of batch B) share the one cache instead of an m-fold
     copy: on CPU as one attention call of all halves' queries over [cache | new_1 | .. | new_m]
     with each half masked off the others' new keys (one read of the cache), elsewhere as m calls.
-    From SPLIT_ATTENTION_MIN cached tokens on (CPU, fp32, no grad), masked or CFG-batched calls
+    From SPLIT_ATTENTION_MIN cached tokens on (CPU, fp32 or bf16, no grad), masked or CFG-batched calls
     attend to the cache and to the new tokens in two flash passes merged by log-sum-exp (the
     same softmax, ~1e-7 apart; no (queries x cache) mask to read per head)."""
 
@@ -300,7 +300,8 @@ _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 
 def _split_ok(q: torch.Tensor) -> bool:
-    return _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype == torch.float32 and not torch.is_grad_enabled()
+    return (_FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
+            and not torch.is_grad_enabled())
 
 
 def _flash_lse(q, k, v, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,8 +312,8 @@ def _flash_lse(q, k, v, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _merge_lse(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
     """Softmax attention over the union of two key sets from the attention over each."""
-    lse = torch.logaddexp(l1, l2)
-    return o1 * torch.exp(l1 - lse).unsqueeze(-1) + o2 * torch.exp(l2 - lse).unsqueeze(-1)
+    lse = torch.logaddexp(l1, l2)  # fp32 (the flash kernel's log-sum-exps), also for bf16 outputs
+    return (o1 * torch.exp(l1 - lse).unsqueeze(-1) + o2 * torch.exp(l2 - lse).unsqueeze(-1)).to(o1.dtype)
 
 
 _HALVES_MASK: dict = {}
@@ -882,8 +883,8 @@ class FAR(nn.Module):
             allowed = torch.cat([ids.new_ones(len(ids), past_len, dtype=torch.bool), ids[None, :] <= ids[:, None]], dim=1)
             for lo, hi, vis in hidden:
                 allowed[lo:hi, vis:past_len] = False
-            if device.type == "cpu":  # additive once, instead of a bool->float conversion per layer
-                mask = torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
+            if device.type == "cpu":  # additive once, in the tokens' dtype (bf16 too): no conversion per layer
+                mask = torch.zeros(allowed.shape, device=device, dtype=xs[0].dtype).masked_fill_(~allowed, float("-inf"))
             else:
                 mask = allowed
         sizes = [x.shape[1] * x.shape[2] for x in xs]

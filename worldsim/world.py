@@ -42,19 +42,25 @@ from worldsim.checkpoint import DEFAULT_SAMPLER, load_checkpoint, save_checkpoin
 from worldsim.model import FAR, autocast, autocast_for, cpu_has_native_bf16, pick_device
 from worldsim.sampler import EulerSampler
 
-# The transformer's arithmetic on CPU (CUDA always runs it under bf16 autocast, as in training).
-# fp32: exact and reproducible (eval's default). bf16: weights and KV cache stored in bfloat16,
-# matmuls under bf16 autocast (norms and softmax in fp32): half the bytes read per forward pass,
-# which bounds a 2-core CPU's cached generation. auto: bf16 where the CPU has native bf16
-# arithmetic (cpu_has_native_bf16), else fp32. The autoencoder stays fp32 either way.
+# The transformer's arithmetic on CPU. fp32: exact and reproducible (eval's default). bf16:
+# weights and KV cache stored in bfloat16, run under CPU bf16 autocast (kernels accumulate in
+# fp32; RoPE and the sampler in fp32): half the bytes read per forward pass, which bounds a 2-core
+# CPU's cached generation. auto: bf16 where the CPU has native bf16 arithmetic
+# (cpu_has_native_bf16), else fp32. The autoencoder stays fp32 either way. CUDA always runs the
+# transformer under bf16 autocast (fp32 weights), as in training, so it reports bf16 whatever is
+# asked; other devices run fp32.
 PRECISIONS = ("fp32", "bf16", "auto")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if device.type == "cuda":
+        return "bf16"
+    if device.type != "cpu":
+        return "fp32"
     if precision == "auto":
-        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
     return precision
 
 
@@ -76,7 +82,8 @@ class WorldModel:
         self.autoencoder = autoencoder.to(self.device).eval()
         self.far = far.to(self.device).eval()
         if self.precision == "bf16" and self.device.type == "cpu":
-            self.far.to(torch.bfloat16)  # CUDA keeps fp32 weights under autocast
+            # a rounded copy: the caller's module (fp32, maybe another WorldModel's) stays as it was
+            self.far = copy.deepcopy(self.far).to(torch.bfloat16)
         self.action_names = tuple(action_names)
         if len(self.action_names) != far.config.num_actions:
             raise ValueError(f"{len(self.action_names)} action names for a model with {far.config.num_actions} actions")
