@@ -369,6 +369,25 @@ def test_far_init_continues_from_an_exported_checkpoint(trained, dataset, tmp_pa
     assert "no exported checkpoint there" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("native_bf16, expected", [(True, "ae fp32, far bf16"), (False, "fp32")])
+def test_auto_precision_trains_the_transformer_in_bf16_on_cpus_that_have_it(dataset, tmp_path, capsys, monkeypatch,
+                                                                              native_bf16, expected):
+    """--precision auto (the default) on a CPU: bf16 autocast for the transformer stage where the
+    CPU has native bf16, fp32 for the autoencoder and on other CPUs; the export says which."""
+    import worldsim.model
+
+    monkeypatch.setattr(worldsim.model, "cpu_has_native_bf16", lambda: native_bf16)
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(dataset), "--out", str(run), "--preset", "tiny", "--threads", "1",
+            "--progress", "false", "--ae-steps", "2", "--far-steps", "2", "--val-every", "2"]
+    assert main(argv) == 0
+    assert f"precision {expected} |" in capsys.readouterr().err
+    far = "bf16" if native_bf16 else "fp32"
+    assert f"precision {far}, EMA" in (run / "checkpoint" / "README.md").read_text()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
 def test_a_run_that_failed_before_its_first_step_can_be_started_again(dataset, tmp_path, capsys):
     """Bad --data leaves only config.json behind; the corrected command starts there, while a
     folder with real progress in it is still refused."""
