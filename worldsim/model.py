@@ -470,10 +470,12 @@ class FARBlock(nn.Module):
             mods.append(mod)
             h = modulate(self.norm1(g.x), mod[0], mod[1]).flatten(1, 2)  # (B, F*n, D)
             q, k, v = proj.qkv(h).unflatten(-1, (3, H, Dh)).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, Dh)
-            ks.append(apply_rope(proj.k_norm(k), g.rope).to(v.dtype))  # dtype: RMSNorm may upcast under autocast
+            # q/k normed in fp32, like the norm's fp32 weight: under autocast (bf16 q/k) a mixed-dtype
+            # RMSNorm falls back to its unfused kernel (with a warning on CPU); RoPE runs in fp32 anyway
+            ks.append(apply_rope(proj.k_norm(k.float()), g.rope).to(v.dtype))
             vs.append(v)
             if want:
-                qs.append(apply_rope(proj.q_norm(q), g.rope).to(v.dtype))
+                qs.append(apply_rope(proj.q_norm(q.float()), g.rope).to(v.dtype))
         k_new, v_new = torch.cat(ks, dim=2), torch.cat(vs, dim=2)  # (B, H, L_new, Dh)
         if not qs:
             return [g.x for g in groups], (k_new, v_new)
