@@ -119,7 +119,7 @@ class TrainConfig:
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the weights used for sampling and export"})
     precision: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata={
         "help": "bf16 autocast or fp32. auto: bf16 on GPU; on a CPU with native bf16 (AVX512-BF16 or AMX) bf16 "
-                 "for the transformer stage (measured: the same val loss per step at about 1.35x the steps per second) "
+                 "for the transformer stage (measured: the same val loss per step at 1.2-1.35x the steps per second) "
                  "and fp32 for the autoencoder (its reconstructions are what the 30 dB bar scores); fp32 on other CPUs"})
     seed: int = field(default=0, metadata={"help": "seed (data order, noise, initialisation)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
