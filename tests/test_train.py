@@ -374,9 +374,9 @@ def test_auto_precision_trains_the_transformer_in_bf16_on_cpus_that_have_it(data
                                                                               native_bf16, expected):
     """--precision auto (the default) on a CPU: bf16 autocast for the transformer stage where the
     CPU has native bf16, fp32 for the autoencoder and on other CPUs; the export says which."""
-    import worldsim.model
+    import worldsim.world
 
-    monkeypatch.setattr(worldsim.model, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(worldsim.world, "cpu_has_native_bf16", lambda: native_bf16)
     run = tmp_path / "run"
     argv = ["train", "--data", str(dataset), "--out", str(run), "--preset", "tiny", "--threads", "1",
             "--progress", "false", "--ae-steps", "2", "--far-steps", "2", "--val-every", "2"]

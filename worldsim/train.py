@@ -380,14 +380,15 @@ def autocast_ctx(precision: str, device: torch.device) -> contextlib.AbstractCon
 
 
 def stage_precision(precision: str, device: torch.device, stage: str) -> str:
-    """--precision for a stage ("ae" or "far"); auto as the option's help says."""
+    """--precision for a stage ("ae" or "far"): auto is inference's auto (world.resolve_precision),
+    except that the autoencoder trains in fp32 on CPU."""
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        return "bf16"
-    from worldsim.model import cpu_has_native_bf16
+    if device.type == "cpu" and stage == "ae":
+        return "fp32"
+    from worldsim.world import resolve_precision
 
-    return "bf16" if device.type == "cpu" and stage == "far" and cpu_has_native_bf16() else "fp32"
+    return resolve_precision("auto", device)
 
 
 def precision_note(precision: dict[str, str], stage: str) -> str:
