@@ -129,3 +129,21 @@ def test_transformer_and_autoencoder_latents_must_agree(saved):
     with pytest.raises(CheckpointError, match="latents but the autoencoder makes") as e:
         load_checkpoint(path)
     assert str(path) in str(e.value)
+
+
+def test_cpu_decode_in_channels_last_matches_the_plain_decoder(tmp_path):
+    """WorldModel decodes on CPU with an NHWC decoder (faster); frames, leading dims and the saved
+    weights must be what the plain NCHW autoencoder gives."""
+    world = make_world()
+    plain = Autoencoder(AE_PRESETS["tiny"])
+    plain.load_state_dict({k: v.contiguous() for k, v in world.autoencoder.state_dict().items()})
+    assert world.autoencoder.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    latents = torch.randn(2, 3, 4, 8, 8)
+    frames = world.decode(latents)
+    with torch.no_grad():
+        expected = ((plain.decode(latents).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1).numpy()
+    assert frames.shape == (2, 3, 64, 64, 3) and frames.dtype == np.uint8
+    assert np.abs(frames.astype(int) - expected).max() <= 1 and (frames != expected).mean() < 1e-3
+    assert np.array_equal(world.decode(latents[1, 2]), frames[1, 2])  # unbatched latents too
+    loaded = WorldModel.load(world.save(tmp_path / "ck"), device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), loaded.autoencoder.state_dict().values()))

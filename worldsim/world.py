@@ -80,6 +80,12 @@ class WorldModel:
         self.device = pick_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.autoencoder = autoencoder.to(self.device).eval()
+        if self.device.type == "cpu":
+            # Channels-last (NHWC) convolutions decode a frame about a third faster on CPU: PyTorch
+            # sends the decoder's small 8x8 and 16x16 convs of batch 1 to its im2col fallback, which
+            # is quicker on NHWC, and the rest to oneDNN. Same numbers to float rounding. Encoding
+            # (batches of frames) is left as it was.
+            self.autoencoder.decoder.to(memory_format=torch.channels_last)
         self.far = far.to(self.device).eval()
         if self.precision == "bf16" and self.device.type == "cpu":
             # a rounded copy: the caller's module (fp32, maybe another WorldModel's) stays as it was
@@ -144,8 +150,14 @@ class WorldModel:
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
+        z = latents.to(self.device)
+        lead = z.shape[:-3]
+        z = z.reshape(-1, *z.shape[-3:])  # (N, C, h, w)
+        if self.device.type == "cpu":
+            z = z.contiguous(memory_format=torch.channels_last)  # the decoder's layout (__init__)
         with autocast(self.device):
-            return tensor_to_frames(self.autoencoder.decode(latents.to(self.device)))
+            frames = tensor_to_frames(self.autoencoder.decode(z))  # (N, H, W, 3)
+        return frames.reshape(*lead, *frames.shape[1:])
 
     def new_session(
         self,
