@@ -12,14 +12,18 @@
 #   INIT=checkpoints/maze-far-small DEC_STEPS=4000 DEC_LR=1.5e-4 DEC_ARGS="--ae-loss mse" FAR_LIMIT=0 ...
 #     (the decoder only, no transformer stage; pair runs/ae with INIT here: scripts/pair_decoder.py)
 #   AE_ARGS="--ae-channels 32 64 128 128" ...   (without INIT: more `worldsim train` options for the new autoencoder)
+#   AE_INIT=checkpoints/maze-far-small FAR_ARGS="--far-depth 8 --far-width 384 --far-heads 6" FAR_LIMIT=480 ...
+#     (keep INIT's autoencoder, which meets its bar, and train a new, larger transformer from scratch;
+#     `python scripts/time_play_steps.py --precision auto --shapes shipped 8x384` says first what a
+#     size costs to play on the 2-core CPU: the model card lists the sizes measured)
 #   FAR_ARGS="--obj-self-context-prob 0.5 --obj-context-noise-max 0.5" ...   (more `worldsim train` options)
 #   INIT=checkpoints/maze-far-small FAR_ARGS="--obj-rollout-prob 0.25 --obj-rollout-frames 15 --obj-short-context-prob 0.25 --obj-rollout-aug 0.2" ...
 #     (train on the model's own rollouts; judge with the play-like check, --context 4 --generate 64:
 #     on the CPU these won the default eval protocol and lost play-like generation, model card)
 #
 # It records the datasets of the model card (deterministic, ~25 s on 16 cores), trains the
-# autoencoder (with INIT: kept, or only its decoder fine-tuned for DEC_STEPS, so its latents stay valid)
-# and the transformer (from INIT's weights if given), stopping the transformer after FAR_LIMIT
+# autoencoder (with INIT or AE_INIT: kept, or only INIT's decoder fine-tuned for DEC_STEPS, so its latents
+# stay valid) and the transformer (from INIT's weights if given, from scratch otherwise), stopping the transformer after FAR_LIMIT
 # seconds with a saved export. On exit it packs the run into $OUT as <=15 MB parts (the tool
 # returns files of at most 16 MiB): `cat run.tar.part-* | tar xf -` here.
 # Measured on an H200 (2026-11-26): AE 38 steps/s at batch 256, FAR 9.5 steps/s at batch 64 x 96 frames.
@@ -53,6 +57,8 @@ if [ -n "${INIT:-}" ] && [ "${DEC_STEPS:-0}" -gt 0 ]; then
   AE="--ae-from runs/ae --far-init $INIT"
 elif [ -n "${INIT:-}" ]; then
   AE="--ae-from $INIT --far-init $INIT"
+elif [ -n "${AE_INIT:-}" ]; then
+  AE="--ae-from $AE_INIT"  # its latents, a transformer of FAR_ARGS' shape from scratch
 else
   $T --stage ae --data data/maze-train-240 data/maze-val --ae-channels 16 32 64 128 --ae-latent-channels 16 \
     --ae-lr "${AE_LR:-2e-3}" --warmup 200 --ae-batch "${AE_BATCH:-256}" --ae-steps "${AE_STEPS:-4000}" \

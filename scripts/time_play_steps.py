@@ -1,6 +1,7 @@
 """Time each sampling step of play's generation at a given frame (diagnostics).
 
     python scripts/time_play_steps.py [--cache-mode multilevel-fast] [--precision fp32 bf16] [--frames 480] [--timed 40]
+    python scripts/time_play_steps.py --precision auto --shapes shipped 8x256 6x384   # sizes for the next training run
 
 Generates --frames random-action frames with the shipped checkpoint (not timed), then times
 --timed more: prints, per sampling step, the median over the timed frames of the wall time of
@@ -9,15 +10,23 @@ per frame without decoding (`Session.step_latent`) and with it (`Session.step`, 
 Several --precision values build one session each and time them in turns of 5 frames in the
 same process, so the machine's drift (large on shared VMs) hits them alike. To compare two code
 versions, run it twice (PYTHONPATH=...), alternating.
+
+--shapes DEPTHxWIDTH (or DEPTHxWIDTHxHEADS; default heads: width / 64) replaces the shipped
+transformer by a randomly initialised one of that size, everything else (autoencoder, tokens,
+window, sampler) kept: what a larger model would cost to play, before training it. Random weights
+attend differently, but the work per frame is the same. "shipped" is the checkpoint's own.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import numpy as np
 import torch
 
+from worldsim.checkpoint import load_checkpoint
+from worldsim.model import FAR
 from worldsim.world import WorldModel
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -26,16 +35,37 @@ parser.add_argument("--cache-mode", default="multilevel-fast")
 parser.add_argument("--precision", nargs="+", default=["fp32"], help="fp32, bf16 or auto; several are timed in turns")
 parser.add_argument("--frames", type=int, default=480, help="frames generated before timing")
 parser.add_argument("--timed", type=int, default=40, help="frames timed (half without decoding, half with)")
+parser.add_argument("--shapes", nargs="+", default=["shipped"],
+                    help="transformer sizes DEPTHxWIDTH[xHEADS] with random weights, or 'shipped'")
 parser.add_argument("--threads", type=int, default=2)
 args = parser.parse_args()
+
+
+def load_world(precision: str, shape: str) -> WorldModel:
+    ck = load_checkpoint(args.checkpoint, device="cpu")
+    far = ck.far
+    if shape != "shipped":
+        try:
+            depth, width, *heads = (int(n) for n in shape.lower().split("x"))
+        except ValueError:
+            parser.error(f"--shapes: {shape!r} is not DEPTHxWIDTH[xHEADS] or 'shipped'")
+        torch.manual_seed(0)
+        far = FAR(dataclasses.replace(far.config, depth=depth, width=width, heads=heads[0] if heads else width // 64))
+        with torch.no_grad():  # AdaLN-Zero starts every block as the identity: give the blocks weights to run
+            for p in far.parameters():
+                if not p.abs().sum():
+                    p.normal_(0, 0.02)
+    return WorldModel(ck.autoencoder, far, ck.action_names, ck.resolution, ck.simulator, ck.sampler,
+                      device="cpu", precision=precision)
+
 
 torch.set_num_threads(args.threads)
 turn = 5
 timed = -(-args.timed // (2 * turn)) * 2 * turn  # whole turns, with and without decoding
 actions = None
 runs = []
-for precision in args.precision:
-    world = WorldModel.load(args.checkpoint, precision=precision)
+for shape, precision in [(shape, precision) for shape in args.shapes for precision in args.precision]:
+    world = load_world(precision, shape)
     if actions is None:  # the same random actions for every session
         actions = np.random.default_rng(0).integers(0, len(world.action_names), args.frames + timed).tolist()
     session = world.new_session(np.zeros((4, 64, 64, 3), np.uint8), np.zeros(4, np.int64), seed=0,
@@ -51,7 +81,9 @@ for precision in args.precision:
         return out
 
     session.context.velocity = timed_velocity
-    runs.append({"label": f"{args.cache_mode} {world.precision}", "session": session, "steps": step_times,
+    params = sum(p.numel() for p in world.far.parameters()) / 1e6
+    label = f"{shape} ({world.far.config.depth}x{world.far.config.width}, {params:.1f}M) {args.cache_mode} {world.precision}"
+    runs.append({"label": label, "session": session, "steps": step_times,
                  "latent": [], "frame": []})
 
 for start in range(args.frames, args.frames + timed, 2 * turn):
