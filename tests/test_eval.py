@@ -150,6 +150,10 @@ def test_clear_errors(tiny_data, tmp_path):
     with pytest.raises(EvalError, match="no test episode has 300 frames"):
         run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path), progress=False, context=200, generate=100),
                  world=FakeWorld())
+    # --episodes 0 used to end as "interrupted" with nothing written
+    with pytest.raises(EvalError, match="--episodes must be >= 1, got 0"):
+        run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path), progress=False, context=4, generate=2, episodes=0),
+                 world=FakeWorld())
 
 
 @pytest.fixture(scope="module")

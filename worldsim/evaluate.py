@@ -840,6 +840,9 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
     t_start = time.perf_counter()
     if cfg.context < 1 or cfg.generate < 1:
         raise EvalError("--context and --generate must be >= 1")
+    if cfg.episodes < 1:  # the self-consistency probes run after them, and the summary needs one
+        raise EvalError(f"--episodes must be >= 1, got {cfg.episodes} (for mostly the probes: --episodes 1 "
+                        "--teacher-forcing false --memory-control false)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
