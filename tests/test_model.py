@@ -313,6 +313,43 @@ def test_deepened_decoder_starts_as_the_given_one_and_then_learns():
         dataclasses.replace(src_cfg, decoder_blocks_per_level=0)
 
 
+def test_deepened_far_predicts_what_the_given_one_did_and_then_learns():
+    """deepen_far_state_dict: a FAR with more blocks, loaded from a shallower trained one, predicts
+    exactly the same at first, through training's forward and the cached inference path (the new
+    AdaLN-Zero blocks are identities, the last block stays last), and its new blocks train. Fewer
+    blocks, or any other change of shape, is refused."""
+    from worldsim.model import deepen_far_state_dict, deepened_block_sources
+
+    src = random_far()  # trained-looking: no block is an identity
+    dst_cfg = dataclasses.replace(src.config, depth=4)
+    assert deepened_block_sources(2, 4) == [None, 0, None, 1] and deepened_block_sources(6, 8) == [0, 1, None, 2, None, 3, 4, 5]
+    torch.manual_seed(1)
+    dst = FAR(dst_cfg).eval()
+    missing, unexpected = dst.load_state_dict(deepen_far_state_dict(src.state_dict(), src.config, dst_cfg), strict=False)
+    assert not unexpected and {k.split(".")[1] for k in missing} == {"0", "2"}
+    x, a = torch.randn(2, 9, 4, 8, 8), torch.randint(0, 5, (2, 9))
+    t = torch.full((2, 9), -1.0)
+    t[:, -2:] = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        assert torch.allclose(dst(x, t, a), src(x, t, a), atol=1e-6)
+        l2s = [m.frame_kv(x[:, :5], a[:, :5], 0, None, coarse=True) for m in (src, dst)]
+        got = [m.predict_frame(x[:, 8], t[:, 8], a[:, 8], 8, concat_kv(l2, m.frame_kv(x[:, 5:8], a[:, 5:8], 5, l2)))
+               for m, l2 in zip((src, dst), l2s)]
+    assert torch.allclose(got[0], got[1], atol=1e-6)
+    opt = torch.optim.Adam(dst.parameters(), lr=1e-3)
+    new_block = dst.blocks[0].adaLN[1].weight
+    for _ in range(2):
+        loss = dst(x, t, a).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert new_block.abs().sum() > 0
+    with pytest.raises(ValueError, match="cannot deepen"):
+        deepen_far_state_dict(dst.state_dict(), dst_cfg, src.config)
+    with pytest.raises(ValueError, match="only the depth"):
+        deepen_far_state_dict(src.state_dict(), src.config, dataclasses.replace(dst_cfg, width=96, heads=2))
+
+
 def test_blind_window_leaves_only_the_long_term_context_clean():
     """blind_window_prob=1: every window frame is noisy (no clean-context timestep), at levels
     >= blind_window_min_t, while the coarse frames stay clean; the loss then covers all W frames.

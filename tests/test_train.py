@@ -361,9 +361,20 @@ def test_far_init_continues_from_an_exported_checkpoint(trained, dataset, tmp_pa
     assert json.loads((fresh / "checkpoint" / "config.json").read_text())["sampler"]["steps"] != 3
 
     capsys.readouterr()
-    assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(tmp_path / "bad"), *FAST,
-                 "--ae-from", str(ck), "--far-init", str(ck), "--far-depth", "3", "--far-steps", "1"]) != 0
-    assert "FAR shape differs" in capsys.readouterr().err
+    for i, shape in enumerate((["--far-width", "96", "--far-heads", "2"], ["--far-depth", "1"])):  # only deeper
+        assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(tmp_path / f"bad{i}"), *FAST,
+                     "--ae-from", str(ck), "--far-init", str(ck), *shape, "--far-steps", "1"]) != 0
+        assert "FAR shape differs" in capsys.readouterr().err
+    # deeper: the given blocks keep their weights, the new one starts as an identity (zero adaLN)
+    deep = tmp_path / "deep"
+    assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(deep), *FAST, "--ae-from", str(ck),
+                 "--far-init", str(ck), "--far-depth", "3", "--far-steps", "1", "--far-lr", "0", "--warmup", "0"]) == 0
+    assert "deepened from 2 to 3 blocks, new identity blocks at [0]" in capsys.readouterr().err
+    grown = load_file(str(deep / "checkpoint" / "model.safetensors"))
+    assert json.loads((deep / "checkpoint" / "config.json").read_text())["far"]["depth"] == 3
+    assert all(torch.equal(grown[k.replace(f"far.blocks.{i}.", f"far.blocks.{i + 1}.")], v)
+               for k, v in before.items() for i in (0, 1) if k.startswith(f"far.blocks.{i}."))
+    assert not grown["far.blocks.0.adaLN.1.weight"].any()
     assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(tmp_path / "none"), *FAST,
                  "--ae-from", str(ck), "--far-init", str(tmp_path), "--far-steps", "1"]) != 0
     assert "no exported checkpoint there" in capsys.readouterr().err

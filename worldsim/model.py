@@ -27,6 +27,8 @@ API
     autocast_for(module) -> the autocast its inference runs under (also bf16 on CPU when its
       weights are stored in bf16: WorldModel(precision="bf16"));  cpu_has_native_bf16() -> bool
     concat_kv(a, b) -> per-layer concatenation of two KV lists along the token axis
+    deepen_far_state_dict(state, src_cfg, dst_cfg) -> src's weights for a deeper dst (new blocks
+      absent: they keep AdaLN-Zero's identity init);  deepened_block_sources(src_depth, dst_depth)
     KVBuffer: one layer's growable key/value store for cached inference (see its docstring);
       a list of them (one per block) may be passed wherever past_kv is taken. A block then writes
       its new keys/values into the buffer's spare tail and attends to the stored prefix + them,
@@ -938,3 +940,40 @@ class FAR(nn.Module):
         t = torch.full(latents.shape[:2], self.config.clean_t, device=latents.device)
         _, kv = self.forward_frames(latents, t, actions, aug, start_frame, past_kv, coarse=coarse, need_output=False)
         return kv
+
+
+def deepened_block_sources(src_depth: int, dst_depth: int) -> list[int | None]:
+    """For each block of a FAR deepened from src_depth to dst_depth blocks: the source block it takes
+    its weights from, or None for a new block. The new blocks are spread evenly between the
+    source's blocks, and the last block stays last (it alone has no coarse queries)."""
+    if not 1 <= src_depth <= dst_depth:
+        raise ValueError(f"cannot deepen a FAR of {src_depth} blocks to {dst_depth}")
+    added = dst_depth - src_depth
+    # new block j goes after source block round((j + 1) * (src_depth - 1) / (added + 1)) - 1 (-1: first)
+    after = [round((j + 1) * (src_depth - 1) / (added + 1)) - 1 for j in range(added)]
+    order: list[int | None] = [None] * after.count(-1)
+    for i in range(src_depth):
+        order.append(i)
+        order += [None] * after.count(i)
+    return order
+
+
+def deepen_far_state_dict(state: dict[str, torch.Tensor], src: FARConfig, dst: FARConfig) -> dict[str, torch.Tensor]:
+    """`src`'s FAR weights renamed for `dst`, which has as many or more blocks and is otherwise the same.
+
+    The blocks `dst` adds are absent from the result, so they keep their construction-time init,
+    AdaLN-Zero's identity (zero gates): a FAR loaded with `load_state_dict(..., strict=False)`
+    predicts exactly what `src`'s does, and training grows the new blocks from there (as a
+    deepened autoencoder decoder does, autoencoder.deepen_state_dict).
+    """
+    if dataclasses.replace(dst, depth=src.depth) != src:
+        diff = {k: (v, getattr(dst, k)) for k, v in src.to_dict().items() if k != "depth" and getattr(dst, k) != v}
+        raise ValueError(f"only the depth may differ: {diff}")
+    where = {s: i for i, s in enumerate(deepened_block_sources(src.depth, dst.depth)) if s is not None}
+    out = {}
+    for key, value in state.items():
+        if key.startswith("blocks."):
+            index, rest = key[len("blocks."):].split(".", 1)
+            key = f"blocks.{where[int(index)]}.{rest}"
+        out[key] = value
+    return out

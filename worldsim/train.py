@@ -100,7 +100,8 @@ class TrainConfig:
     far_init: str | None = field(default=None, metadata={
         "help": "stage far: start from the FAR weights of this exported checkpoint or run folder (fresh optimizer; "
                 "the FAR shape and the exported sampler defaults are taken from it), e.g. to continue training "
-                "the shipped model"})
+                "the shipped model; with a larger --far-depth the model is deepened: new blocks, spread between "
+                "the given ones, start as identities (AdaLN-Zero), so training starts from the same predictions"})
     # schedule
     ae_steps: int = field(default=3000, metadata={"help": "autoencoder optimisation steps"})
     far_steps: int = field(default=3000, metadata={"help": "FAR optimisation steps"})
@@ -320,6 +321,15 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
             far_base = far_mod.FARConfig.from_dict(read_config(_init_far_dir(train.far_init))["far"])
         except CheckpointError as exc:
             raise TrainError(f"--far-init: {exc}") from None
+        # checked here, before the run folder is written: the shape comes from it, except a greater depth
+        changed = {k: v for k, v in far_over.items() if getattr(far_base, k) != v}
+        if changed.get("depth", far_base.depth) > far_base.depth:
+            changed.pop("depth")
+        if changed:
+            raise TrainError(f"--far-init {train.far_init}: its FAR shape differs from this run's (checkpoint vs run): "
+                             f"{ {k: (getattr(far_base, k), v) for k, v in changed.items()} }; the shape comes from "
+                             f"it: drop {', '.join('--far-' + k.replace('_', '-') for k in changed)} (only --far-depth "
+                             f"may grow it)")
     far_cfg = dataclasses.replace(far_base, **far_over)
     obj_cfg = dataclasses.replace(obj_mod.ObjectiveConfig(), **obj_over)
     return RunConfig(train, ae_cfg, far_cfg, obj_cfg), False
@@ -1190,12 +1200,21 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
         except CheckpointError as exc:
             raise TrainError(f"--far-init: {exc}") from None
         init = init_ck.far
-        if init.config != far_cfg:
+        try:  # the same shape, or deeper (--far-depth): the new blocks start as identities
+            state = far_mod.deepen_far_state_dict(init.state_dict(), init.config, far_cfg)
+        except ValueError:
             diff = {k: (v, getattr(far_cfg, k)) for k, v in init.config.to_dict().items() if getattr(far_cfg, k) != v}
             raise TrainError(f"--far-init {where}: its FAR shape differs from this run's (checkpoint vs run): {diff}; "
-                             f"take the autoencoder from the same checkpoint (--ae-from) and drop --far-* options")
-        far.load_state_dict(init.state_dict())
-        trainer.log(f"far: weights initialised from {where} (fresh optimizer)")
+                             f"take the autoencoder from the same checkpoint (--ae-from) and drop --far-* options "
+                             f"(only --far-depth may grow it)") from None
+        missing, unexpected = far.load_state_dict(state, strict=False)
+        assert not unexpected and all(k.startswith("blocks.") for k in missing), (missing, unexpected)
+        grown = ""
+        if far_cfg.depth > init.config.depth:
+            sources = far_mod.deepened_block_sources(init.config.depth, far_cfg.depth)
+            grown = (f"; deepened from {init.config.depth} to {far_cfg.depth} blocks, new identity blocks at "
+                     f"{[i for i, s in enumerate(sources) if s is None]}")
+        trainer.log(f"far: weights initialised from {where} (fresh optimizer{grown})")
         if not _same_encoder(init_ck.autoencoder, ae):
             trainer.log(f"note: the autoencoder's encoder differs from {where}'s: the FAR weights adapt to new latents")
     # A fine-tune exports the sampling defaults (steps, CFG) its starting checkpoint ships with: they were
