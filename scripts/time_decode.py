@@ -6,7 +6,7 @@ NCHW autoencoder, in turns in one process, inside a played session (diagnostics)
 Plays --frames random-action frames with play's defaults (not timed), then --timed more, each
 decoded both ways in alternating order: prints the median milliseconds per frame of each decode and
 of the whole frame (sampling + the decode), and the largest difference between the two decodes'
-uint8 frames. The machine's drift (large on shared VMs) hits both alike.
+uint8 frames (and how many values differ). The machine's drift (large on shared VMs) hits both alike.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ actions = np.random.default_rng(0).integers(0, len(world.action_names), args.fra
 for a in actions[: args.frames]:
     session.step_latent(a)
 times = {"channels-last": [], "plain": []}
-sample_ms, worst = [], 0
+sample_ms, worst, differing, values = [], 0, 0, 0
 for i, a in enumerate(actions[args.frames :]):
     t0 = time.perf_counter()
     z = session.step_latent(a)
@@ -56,9 +56,11 @@ for i, a in enumerate(actions[args.frames :]):
         outs[name] = world.decode(z[None])[0] if name == "channels-last" else decode_plain(z[None])[0]
         times[name].append((time.perf_counter() - t0) * 1000)
     worst = max(worst, int(np.abs(outs["plain"].astype(int) - outs["channels-last"]).max()))
+    differing += int((outs["plain"] != outs["channels-last"]).sum())
+    values += outs["plain"].size
 s = np.median(sample_ms)
 print(f"{world.precision} transformer, frame ~{args.frames + args.timed // 2}: sampling {s:.1f} ms per frame (median)")
 for name, ts in times.items():
     d = np.median(ts)
     print(f"  decode {name}: {d:.1f} ms (median), frame {s + d:.1f} ms -> {1000 / (s + d):.1f} fps")
-print(f"  largest uint8 difference between the two decodes: {worst}")
+print(f"  largest uint8 difference between the two decodes: {worst}, in {differing} of {values} values")

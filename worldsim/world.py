@@ -82,8 +82,8 @@ class WorldModel:
         self.autoencoder = autoencoder.to(self.device).eval()
         if self.device.type == "cpu":
             # Channels-last (NHWC) convolutions decode a frame faster on CPU (scripts/time_decode.py:
-            # 10-13 ms against 11-20 on a 2-core EPYC): PyTorch sends the decoder's small 8x8 and
-            # 16x16 convs of batch 1 to its im2col fallback, which is quicker on NHWC, and the rest
+            # 10-13 ms against 11-20 on a 2-core EPYC): PyTorch sends 19 of the decoder's 37 convs of
+            # a batch-1 frame to its im2col fallback, which is quicker on NHWC, and the rest
             # to oneDNN. Same numbers to float rounding. Encoding (batches of frames) is unchanged.
             # In place: a caller's module shares the layout (its weights and outputs are the same).
             self.autoencoder.decoder.to(memory_format=torch.channels_last)
