@@ -12,10 +12,12 @@
 #   INIT=checkpoints/maze-far-small DEC_STEPS=4000 DEC_LR=1.5e-4 DEC_ARGS="--ae-loss mse" FAR_LIMIT=0 ...
 #     (the decoder only, no transformer stage; pair runs/ae with INIT here: scripts/pair_decoder.py)
 #   AE_ARGS="--ae-channels 32 64 128 128" ...   (without INIT: more `worldsim train` options for the new autoencoder)
-#   AE_INIT=checkpoints/maze-far-small FAR_ARGS="--far-depth 8 --far-width 384 --far-heads 6" FAR_LIMIT=480 ...
+#   AE_INIT=checkpoints/maze-far-small FAR_ARGS="--far-depth 8 --far-width 384 --far-heads 6 --far-save-dtype bfloat16" FAR_LIMIT=480 ...
 #     (keep INIT's autoencoder, which meets its bar, and train a new, larger transformer from scratch;
 #     `python scripts/time_play_steps.py --precision auto --shapes shipped 8x384` says first what a
-#     size costs to play on the 2-core CPU: the model card lists the sizes measured)
+#     size costs to play on the 2-core CPU: the model card lists the sizes measured. bfloat16
+#     storage halves the transformer's bytes: with 8 x 384 the checkpoint is 118,366,464 bytes in
+#     float32, over the 100 MB cap, and 64,758,376 with --far-save-dtype bfloat16)
 #   FAR_ARGS="--obj-self-context-prob 0.5 --obj-context-noise-max 0.5" ...   (more `worldsim train` options)
 #   INIT=checkpoints/maze-far-small FAR_ARGS="--obj-rollout-prob 0.25 --obj-rollout-frames 15 --obj-short-context-prob 0.25 --obj-rollout-aug 0.2" ...
 #     (train on the model's own rollouts; judge with the play-like check, --context 4 --generate 64:

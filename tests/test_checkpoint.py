@@ -147,3 +147,49 @@ def test_cpu_decode_in_channels_last_matches_the_plain_decoder(tmp_path):
     assert np.array_equal(world.decode(latents[1, 2]), frames[1, 2])  # unbatched latents too
     loaded = WorldModel.load(world.save(tmp_path / "ck"), device="cpu")
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), loaded.autoencoder.state_dict().values()))
+
+
+def test_transformer_stored_in_bfloat16_halves_its_bytes_and_loads_as_rounded_float32(tmp_path):
+    world = make_world()
+    full = world.save(tmp_path / "fp32")
+    half = world.save(tmp_path / "bf16", far_dtype="bfloat16")
+    stored = load_file(str(half / "model.safetensors"))
+    far_floats = [k for k, v in stored.items() if k.startswith("far.") and v.is_floating_point()]
+    assert far_floats and all(stored[k].dtype == torch.bfloat16 for k in far_floats)
+    assert all(v.dtype == torch.float32 for k, v in stored.items() if k.startswith("autoencoder.") and v.is_floating_point())
+    assert read_config(half)["weights"]["dtypes"] == {"autoencoder": "float32", "far": "bfloat16"}
+    far_bytes = sum(p.numel() * 4 for p in world.far.state_dict().values() if p.is_floating_point())
+    saved_bytes = (full / "model.safetensors").stat().st_size - (half / "model.safetensors").stat().st_size
+    assert saved_bytes == pytest.approx(far_bytes / 2, rel=0.01)
+
+    loaded = WorldModel.load(half, device="cpu")
+    assert loaded.far.config == world.far.config
+    want = {k: v.to(torch.bfloat16).float() for k, v in world.far.state_dict().items()}
+    got = loaded.far.state_dict()
+    assert all(got[k].dtype == torch.float32 and torch.equal(got[k], want[k]) for k in want)
+    assert any(not torch.equal(want[k], v) for k, v in world.far.state_dict().items())  # rounding did happen
+    sa, sb = world.autoencoder.state_dict(), loaded.autoencoder.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+    # re-saving keeps the storage it was loaded with, unless told otherwise
+    resaved = loaded.save(tmp_path / "again")
+    assert read_config(resaved)["weights"]["dtypes"]["far"] == "bfloat16"
+    assert load_checkpoint(resaved, device="cpu").far_dtype == "bfloat16"
+    assert load_checkpoint(full, device="cpu").far_dtype == "float32"
+    with pytest.raises(ValueError, match="far_dtype must be one of float32, bfloat16"):
+        world.save(tmp_path / "bad", far_dtype="float16")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_bf16_play_is_the_same_from_either_storage(tmp_path):
+    """Play in bf16 rounds the transformer's weights to bfloat16 anyway, so storing them so
+    changes none of its frames."""
+    world = make_world()
+    frames = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    actions = np.array([0, 1, 1, 3, 4])
+    played = []
+    for name, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):
+        loaded = WorldModel.load(world.save(tmp_path / name, far_dtype=dtype), device="cpu", precision="bf16")
+        session = loaded.new_session(frames, actions, seed=1)
+        played.append(np.stack([session.step(a) for a in (1, 1, 3, 4, 2)]))
+    assert np.array_equal(played[0], played[1])

@@ -568,3 +568,56 @@ def test_far_init_notes_an_autoencoder_whose_latents_differ(trained, dataset, tm
     assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(tmp_path / "same"), *FAST,
                  "--ae-from", str(ck), "--far-init", str(ck), "--far-steps", "1"]) == 0
     assert "encoder differs" not in capsys.readouterr().err
+
+
+def test_a_transformer_stored_in_bfloat16_is_exported_continued_and_converted(trained, dataset, tmp_path, capsys):
+    """--far-save-dtype bfloat16 halves the transformer in the exported checkpoint; --far-init reads
+    such a checkpoint (upcast to float32); scripts/store_far_bf16.py converts a finished one."""
+    from safetensors.torch import load_file
+
+    from worldsim.checkpoint import load_checkpoint
+    from worldsim.train import export_with_decoder
+
+    ck = trained / "checkpoint"
+    before = load_file(str(ck / "model.safetensors"))
+    rounded = {k: v.to(torch.bfloat16) for k, v in before.items() if k.startswith("far.") and v.is_floating_point()}
+    run = tmp_path / "half"
+    assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(run), *FAST, "--ae-from", str(ck),
+                 "--far-init", str(ck), "--far-steps", "1", "--far-lr", "0", "--warmup", "0",
+                 "--far-save-dtype", "bfloat16"]) == 0
+    half = load_file(str(run / "checkpoint" / "model.safetensors"))
+    assert all(half[k].dtype == torch.bfloat16 and torch.equal(half[k], v) for k, v in rounded.items())
+    assert all(torch.equal(half[k], v) for k, v in before.items() if k.startswith("autoencoder."))
+    assert load_checkpoint(run / "checkpoint").far_dtype == "bfloat16"
+
+    # continuing from it trains in float32 from the rounded weights, stored as asked (float32 by default)
+    cont = tmp_path / "cont"
+    assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(cont), *FAST,
+                 "--ae-from", str(run / "checkpoint"), "--far-init", str(run / "checkpoint"), "--far-steps", "1",
+                 "--far-lr", "0", "--warmup", "0"]) == 0
+    full = load_file(str(cont / "checkpoint" / "model.safetensors"))
+    assert all(full[k].dtype == torch.float32 and torch.equal(full[k], v.float()) for k, v in rounded.items())
+
+    # pairing a new decoder with it keeps the transformer's storage
+    paired = tmp_path / "paired"
+    export_with_decoder(paired, run / "checkpoint", load_checkpoint(ck).autoencoder, 0, True)
+    assert load_checkpoint(paired).far_dtype == "bfloat16"
+
+    script = [sys.executable, str(REPO / "scripts" / "store_far_bf16.py")]
+    done = subprocess.run([*script, str(ck), str(tmp_path / "conv")], capture_output=True, text=True, env=_env())
+    assert done.returncode == 0, done.stderr
+    assert "transformer stored in bfloat16" in done.stdout
+    conv = load_file(str(tmp_path / "conv" / "model.safetensors"))
+    assert conv.keys() == half.keys() and all(torch.equal(conv[k], v) for k, v in half.items())
+    assert (tmp_path / "conv" / "README.md").read_text() == (ck / "README.md").read_text()  # the model card
+    assert load_checkpoint(tmp_path / "conv").config["extra"] == load_checkpoint(ck).config["extra"]
+    back = subprocess.run([*script, str(tmp_path / "conv"), str(tmp_path / "back"), "--far-dtype", "float32"],
+                          capture_output=True, text=True, env=_env())
+    assert back.returncode == 0, back.stderr
+    assert load_checkpoint(tmp_path / "back").far_dtype == "float32"
+    again = subprocess.run([*script, str(ck), str(tmp_path / "conv")], capture_output=True, text=True, env=_env())
+    assert again.returncode == 1 and "already exists" in again.stderr
+    missing = subprocess.run([*script, str(tmp_path / "nothing"), str(tmp_path / "x")], capture_output=True,
+                             text=True, env=_env())
+    assert missing.returncode == 1 and "no such checkpoint folder" in missing.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "cont", "conv", "half", "paired"]

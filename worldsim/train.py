@@ -127,6 +127,9 @@ class TrainConfig:
     threads: int = field(default=0, metadata={"help": "CPU threads per rank (0: all cores / ranks on this machine)"})
     # bookkeeping
     checkpoint_every: int = field(default=500, metadata={"help": "save state and export every N steps"})
+    far_save_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={
+        "help": "how the exported checkpoint stores the transformer's weights: bfloat16 halves the file "
+                 "(loading upcasts to float32; the autoencoder is always stored in float32)"})
     val_every: int = field(default=250, metadata={"help": "validation loss every N steps (0: only at the end)"})
     val_batches: int = field(default=4, metadata={"help": "batches per validation (fixed samples)"})
     log_every: int = field(default=10, metadata={"help": "metrics.jsonl line every N steps"})
@@ -604,7 +607,7 @@ def export_with_decoder(path: Path, source: Path, ae: nn.Module, step: int, fina
     extra["decoder_fine_tune"] = {"from": str(source), "autoencoder": ae_source, "ae_step": step, "final": final}
     save_checkpoint(path, copy.deepcopy(ae).cpu(), ck.far, action_names=ck.action_names, resolution=ck.resolution,
                     sampler=ck.sampler, simulator=ck.simulator, data_summary=ck.config.get("data"), step=ck.step,
-                    extra=extra)
+                    extra=extra, far_dtype=ck.far_dtype)
 
 
 def _same_encoder(a: nn.Module, b: nn.Module) -> bool:
@@ -1292,7 +1295,7 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
                         sampler=init_sampler, simulator=data.simulator,
                         data_summary={**summary, "far_step": step}, step=step,
                         extra={"train": run.to_dict(), "val_loss": last_val.get("val_loss"),
-                               "val_step": last_val.get("step")})
+                               "val_step": last_val.get("step")}, far_dtype=cfg.far_save_dtype)
         write_model_card(ck, run, {**summary, "far_step": step}, last_val)
         due = cfg.preview_every >= 0 and (final or trainer.interrupt.flag or
                                           (cfg.preview_every > 0 and step % cfg.preview_every == 0))

@@ -4,7 +4,8 @@ API
     WorldModel(autoencoder, far, action_names, resolution=(64, 64), simulator=None, sampler=None,
                config=None, device=None, precision="fp32")
       WorldModel.load(path, device=None, resolution=None, action_names=None, precision="fp32") -> WorldModel
-      .save(path, step=None, data_summary=None, extra=None) -> Path   (fp32 WorldModels only)
+      .save(path, step=None, data_summary=None, extra=None, far_dtype=None) -> Path   (fp32 WorldModels only;
+            far_dtype None keeps the loaded checkpoint's storage of the transformer, see checkpoint.py)
       .autoencoder, .far, .action_names, .resolution, .simulator, .sampler (dict), .config, .device,
       .precision ("fp32" | "bf16": the transformer's arithmetic on CPU, see PRECISIONS)
       .encode(frames uint8 [...,H,W,3]) -> latents [...,C,h,w];  .decode(latents) -> uint8 frames
@@ -120,7 +121,8 @@ class WorldModel:
                    precision)
 
     def save(
-        self, path: str | os.PathLike, step: int | None = None, data_summary: dict | None = None, extra: dict | None = None
+        self, path: str | os.PathLike, step: int | None = None, data_summary: dict | None = None, extra: dict | None = None,
+        far_dtype: str | None = None,
     ) -> Path:
         if next(self.far.parameters()).dtype != torch.float32:
             raise ValueError(f"this WorldModel holds its transformer in {self.precision} (rounded weights); "
@@ -131,6 +133,7 @@ class WorldModel:
             data_summary=data_summary if data_summary is not None else self.config.get("data"),
             step=step if step is not None else int(self.config.get("step", 0)),
             extra=extra if extra is not None else self.config.get("extra"),
+            far_dtype=far_dtype or ((self.config.get("weights") or {}).get("dtypes") or {}).get("far", "float32"),
         )
 
     encode_batch = 64  # frames per autoencoder call: bounds activation memory for long contexts
