@@ -346,8 +346,16 @@ def test_deepened_far_predicts_what_the_given_one_did_and_then_learns():
     assert new_block.abs().sum() > 0
     with pytest.raises(ValueError, match="cannot deepen"):
         deepen_far_state_dict(dst.state_dict(), dst_cfg, src.config)
-    with pytest.raises(ValueError, match="only the depth"):
+    with pytest.raises(ValueError, match="only the depth and the window may differ"):
         deepen_far_state_dict(src.state_dict(), src.config, dataclasses.replace(dst_cfg, width=96, heads=2))
+    # no weight depends on the window: another one takes the same tensors, and with W >= T frames
+    # every frame is fine, which is what a window of T means
+    wide_cfg = dataclasses.replace(src.config, window=9)
+    wide = FAR(wide_cfg).eval()
+    wide.load_state_dict(deepen_far_state_dict(src.state_dict(), src.config, wide_cfg))
+    with torch.no_grad():
+        assert torch.equal(wide(x, t, a), src(x, t, a, window=9))
+        assert not torch.allclose(wide(x, t, a)[:, -2:], src(x, t, a)[:, -2:], atol=1e-4)
 
 
 def test_blind_window_leaves_only_the_long_term_context_clean():

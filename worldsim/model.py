@@ -959,16 +959,19 @@ def deepened_block_sources(src_depth: int, dst_depth: int) -> list[int | None]:
 
 
 def deepen_far_state_dict(state: dict[str, torch.Tensor], src: FARConfig, dst: FARConfig) -> dict[str, torch.Tensor]:
-    """`src`'s FAR weights renamed for `dst`, which has as many or more blocks and is otherwise the same.
+    """`src`'s FAR weights renamed for `dst`, which has as many or more blocks and is otherwise the
+    same, but for the window W (no weight depends on it: a model trained with one can be
+    fine-tuned with another).
 
     The blocks `dst` adds are absent from the result, so they keep their construction-time init,
     AdaLN-Zero's identity (zero gates): a FAR loaded with `load_state_dict(..., strict=False)`
     predicts exactly what `src`'s does, and training grows the new blocks from there (as a
     deepened autoencoder decoder does, autoencoder.deepen_state_dict).
     """
-    if dataclasses.replace(dst, depth=src.depth) != src:
-        diff = {k: (v, getattr(dst, k)) for k, v in src.to_dict().items() if k != "depth" and getattr(dst, k) != v}
-        raise ValueError(f"only the depth may differ: {diff}")
+    if dataclasses.replace(dst, depth=src.depth, window=src.window) != src:
+        diff = {k: (v, getattr(dst, k)) for k, v in src.to_dict().items()
+                if k not in ("depth", "window") and getattr(dst, k) != v}
+        raise ValueError(f"only the depth and the window may differ: {diff}")
     where = {s: i for i, s in enumerate(deepened_block_sources(src.depth, dst.depth)) if s is not None}
     out = {}
     for key, value in state.items():

@@ -101,7 +101,8 @@ class TrainConfig:
         "help": "stage far: start from the FAR weights of this exported checkpoint or run folder (fresh optimizer; "
                 "the FAR shape and the exported sampler defaults are taken from it), e.g. to continue training "
                 "the shipped model; with a larger --far-depth the model is deepened: new blocks, spread between "
-                "the given ones, start as identities (AdaLN-Zero), so training starts from the same predictions"})
+                "the given ones, start as identities (AdaLN-Zero), so training starts from the same predictions; "
+                "--far-window may differ (no weight depends on it)"})
     # schedule
     ae_steps: int = field(default=3000, metadata={"help": "autoencoder optimisation steps"})
     far_steps: int = field(default=3000, metadata={"help": "FAR optimisation steps"})
@@ -325,14 +326,16 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
         except CheckpointError as exc:
             raise TrainError(f"--far-init: {exc}") from None
         # checked here, before the run folder is written: the shape comes from it, except a greater depth
+        # and the window (which no weight depends on)
         changed = {k: v for k, v in far_over.items() if getattr(far_base, k) != v}
         if changed.get("depth", far_base.depth) > far_base.depth:
             changed.pop("depth")
+        changed.pop("window", None)
         if changed:
             raise TrainError(f"--far-init {train.far_init}: its FAR shape differs from this run's (checkpoint vs run): "
                              f"{ {k: (getattr(far_base, k), v) for k, v in changed.items()} }; the shape comes from "
                              f"it: drop {', '.join('--far-' + k.replace('_', '-') for k in changed)} (only --far-depth "
-                             f"may grow it)")
+                             f"may grow it, and --far-window may change)")
     far_cfg = dataclasses.replace(far_base, **far_over)
     obj_cfg = dataclasses.replace(obj_mod.ObjectiveConfig(), **obj_over)
     return RunConfig(train, ae_cfg, far_cfg, obj_cfg), False
@@ -1209,7 +1212,7 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
             diff = {k: (v, getattr(far_cfg, k)) for k, v in init.config.to_dict().items() if getattr(far_cfg, k) != v}
             raise TrainError(f"--far-init {where}: its FAR shape differs from this run's (checkpoint vs run): {diff}; "
                              f"take the autoencoder from the same checkpoint (--ae-from) and drop --far-* options "
-                             f"(only --far-depth may grow it)") from None
+                             f"(only --far-depth may grow it, and --far-window may change)") from None
         missing, unexpected = far.load_state_dict(state, strict=False)
         assert not unexpected and all(k.startswith("blocks.") for k in missing), (missing, unexpected)
         grown = ""
