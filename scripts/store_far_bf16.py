@@ -7,9 +7,9 @@ bfloat16 halves the transformer's share of model.safetensors, so a transformer t
 shipped size still fits the 100 MB budget of `checkpoints/` (and each shipped version adds
 half as much to git). The autoencoder stays float32: its reconstructions are what the 30 dB
 bar scores. Loading upcasts to float32, so every command reads the result as before; what
-changes is that each transformer weight is rounded to bfloat16 once. Play on a CPU with native
-bf16 already rounds them so at every step (session 13's default), so there it plays the same
-frames; measure the rest with `worldsim eval`. Other files in CHECKPOINT (the model card) are
+changes is that each transformer weight is rounded to bfloat16 once. Play in bf16 (its default
+on a CPU with native bf16) rounds them the same way when it loads them, so there it plays the
+same frames; measure the rest (the fp32 eval) with `worldsim eval`. Other files in CHECKPOINT (the model card) are
 copied. OUT must not exist yet; it is written as a temp folder and renamed.
 """
 from __future__ import annotations

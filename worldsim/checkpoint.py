@@ -5,6 +5,7 @@ API
                     simulator=None, data_summary=None, step=0, extra=None, far_dtype="float32") -> Path
     load_checkpoint(path, device=None, resolution=None, action_names=None) -> Checkpoint
     read_config(path) -> dict                        # config.json only, validated
+    stored_far_dtype(config) -> "float32" | "bfloat16"  # how the file stores the transformer
     Checkpoint(autoencoder, far, config: dict, path)  # .action_names .resolution .sampler .simulator .step .far_dtype
     CheckpointError(ValueError)                      # message names the folder and the problem
     DEFAULT_SAMPLER = {"steps": 10, "cfg": 1.5, "context_noise": 0.0, "generated_noise": 0.0}
@@ -84,8 +85,12 @@ class Checkpoint:
 
     @property
     def far_dtype(self) -> str:
-        """How the transformer's weights are stored in the file ("float32" or "bfloat16")."""
-        return ((self.config.get("weights") or {}).get("dtypes") or {}).get("far", "float32")
+        return stored_far_dtype(self.config)
+
+
+def stored_far_dtype(config: dict) -> str:
+    """How a checkpoint config's file stores the transformer's weights ("float32" or "bfloat16")."""
+    return ((config.get("weights") or {}).get("dtypes") or {}).get("far", "float32")
 
 
 def _state_tensors(autoencoder: Autoencoder, far: FAR, far_dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -39,7 +39,7 @@ import torch
 
 from worldsim.autoencoder import Autoencoder, frames_to_tensor, tensor_to_frames
 from worldsim.cache import GenerationContext, make_context
-from worldsim.checkpoint import DEFAULT_SAMPLER, load_checkpoint, save_checkpoint
+from worldsim.checkpoint import DEFAULT_SAMPLER, load_checkpoint, save_checkpoint, stored_far_dtype
 from worldsim.model import FAR, autocast, autocast_for, cpu_has_native_bf16, pick_device
 from worldsim.sampler import EulerSampler
 
@@ -133,7 +133,7 @@ class WorldModel:
             data_summary=data_summary if data_summary is not None else self.config.get("data"),
             step=step if step is not None else int(self.config.get("step", 0)),
             extra=extra if extra is not None else self.config.get("extra"),
-            far_dtype=far_dtype or ((self.config.get("weights") or {}).get("dtypes") or {}).get("far", "float32"),
+            far_dtype=far_dtype or stored_far_dtype(self.config),
         )
 
     encode_batch = 64  # frames per autoencoder call: bounds activation memory for long contexts
