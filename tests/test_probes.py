@@ -115,3 +115,32 @@ def test_compare_evals_pairs_the_same_frames_of_two_checkpoints(tmp_path):
     res = subprocess.run([sys.executable, str(script), str(not_eval), str(old)], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode != 0 and str(not_eval / "results.json") in res.stderr and "not a worldsim eval" in res.stderr
+
+
+def test_sharpness_probe_replays_the_eval_turn_probe_and_measures_motion(tmp_path):
+    """scripts/probe_sharpness.py scores the same 360-degree-turn pairs as `worldsim eval` (same
+    maze, context and seed), and its motion and sharpness ratios tell a still image from reality."""
+    import numpy as np
+
+    from _eval_fixtures import save_tiny_checkpoint
+    from worldsim.dataset import Dataset
+    from worldsim.evaluate import EvalConfig, self_consistency
+    from worldsim.world import WorldModel
+
+    spec = importlib.util.spec_from_file_location("probe_sharpness", SCRIPT.parent / "probe_sharpness.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    data = record_tiny_dataset(tmp_path / "nav", episodes=1, length=8)
+    ck = save_tiny_checkpoint(tmp_path / "ck")
+    ds = Dataset(data)
+    row = module.probe(str(ck), [ds.episodes[0].maze_seed], 4, "multilevel", "fp32")
+    cfg = EvalConfig(out=str(tmp_path / "e"), probe_episodes=1, probe_context=4, progress=False)
+    sc = self_consistency(WorldModel.load(ck, device="cpu"), cfg, ds, False)
+    assert row["self-consistency PSNR"] == sc["summary"]["turn_360"]["multilevel"]["psnr"]["mean"]
+    assert row["motion (generated / real)"] > 0 and row["sharpness (generated / real)"] > 0
+
+    still = np.full((5, 8, 8, 3), 90, np.uint8)
+    stripes = still.copy()
+    stripes[:, :, ::2] = 200
+    assert module.gradient_energy(still) == 0
+    assert module.gradient_energy(stripes) == 110.0  # every horizontal step changes by 110, no vertical one
