@@ -68,10 +68,13 @@ class FakeWorld:
         self.config = {"far": {"window": window}, "sampler": {"steps": 1, "cfg": 1.0}, "fake": True}
         self.sessions: list[tuple[str, int | None]] = []
         self.contexts: list[np.ndarray] = []  # the context frames of every session, in order
+        self.shifts: list[float | None] = []  # the sampler shift every session was asked for
 
-    def new_session(self, context_frames, context_actions, cache_mode="multilevel", steps=None, cfg=None, seed=None):
+    def new_session(self, context_frames, context_actions, cache_mode="multilevel", steps=None, cfg=None, seed=None,
+                    shift=None):
         assert len(context_frames) == len(context_actions)
         self.sessions.append((cache_mode, seed))
+        self.shifts.append(shift)
         self.contexts.append(np.array(context_frames))
         return FakeSession(self, context_frames, context_actions, cache_mode, seed)
 

@@ -193,3 +193,36 @@ def test_bf16_play_is_the_same_from_either_storage(tmp_path):
         session = loaded.new_session(frames, actions, seed=1)
         played.append(np.stack([session.step(a) for a in (1, 1, 3, 4, 2)]))
     assert np.array_equal(played[0], played[1])
+
+
+def _frames(world: WorldModel, **kwargs) -> np.ndarray:
+    context = np.random.default_rng(0).integers(0, 256, size=(3, 64, 64, 3), dtype=np.uint8)
+    session = world.new_session(context, np.array([0, 1, 3]), seed=5, **kwargs)
+    return np.stack([session.step(a) for a in (1, 3, 1)])
+
+
+def test_the_sampler_shift_is_a_checkpoint_default_that_sessions_can_override(saved):
+    world, path = saved
+    assert load_checkpoint(path).sampler["shift"] == 1.0  # written explicitly by save
+    config = json.loads((path / "config.json").read_text())
+    config["sampler"]["shift"] = 3.0
+    (path / "config.json").write_text(json.dumps(config))
+    shifted = WorldModel.load(path, device="cpu")
+    assert shifted.sampler["shift"] == 3.0
+    np.testing.assert_array_equal(_frames(shifted), _frames(world, shift=3.0))
+    np.testing.assert_array_equal(_frames(shifted, shift=1.0), _frames(world))
+    assert not np.array_equal(_frames(shifted), _frames(world))
+    # a config written before the shift existed samples on the uniform grid
+    del config["sampler"]["shift"]
+    (path / "config.json").write_text(json.dumps(config))
+    np.testing.assert_array_equal(_frames(WorldModel.load(path, device="cpu")), _frames(world))
+
+
+@pytest.mark.parametrize("key, value", [("shift", 0), ("shift", "3"), ("steps", 0), ("steps", 2.5)])
+def test_bad_sampler_settings_name_the_file(saved, key, value):
+    _, path = saved
+    config = json.loads((path / "config.json").read_text())
+    config["sampler"][key] = value
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"{path}.*sampler\.{key} must be"):
+        load_checkpoint(path)

@@ -250,6 +250,22 @@ def test_long_cache_runs_the_long_context_condition_in_the_play_cache(tiny_data,
     assert "long-context cache = multilevel-fast" in (tmp_path / "f" / "results.md").read_text()
 
 
+def test_shift_option_reaches_every_session_and_the_results(tiny_data, tmp_path):
+    cfg = EvalConfig(data=str(tiny_data), out=str(tmp_path / "s"), episodes=1, context=12, generate=4, videos=0,
+                     probe_episodes=1, probe_forward=2, progress=False, shift=2.5)
+    world = FakeWorld()
+    res = run_eval(cfg, world=world)
+    assert len(world.shifts) > 4 and set(world.shifts) == {2.5}  # conditions, control, teacher forcing, probes
+    assert res["config"]["sampler_used"] == {"steps": 1, "cfg": 1.0, "shift": 2.5}
+    assert "shift = 2.5," in (tmp_path / "s" / "results.md").read_text()
+    # without the option the checkpoint's setting applies, 1 (uniform steps) where it has none
+    world = FakeWorld()
+    res = run_eval(EvalConfig(**{**cfg.__dict__, "shift": None, "out": str(tmp_path / "d")}), world=world)
+    assert set(world.shifts) == {None} and res["config"]["sampler_used"]["shift"] == 1.0
+    with pytest.raises(EvalError, match="--shift must be > 0, got 0.0"):
+        run_eval(EvalConfig(**{**cfg.__dict__, "shift": 0.0}), world=FakeWorld())
+
+
 def test_precision_option_loads_the_transformer_in_bf16_and_says_so(tiny_data, tiny_checkpoint, tmp_path):
     """--precision bf16 (what play uses by default on CPUs with native bf16) is recorded with the
     results; the default stays exact fp32."""

@@ -199,6 +199,18 @@ def test_play_dreams_with_the_fast_multilevel_cache_unless_told(tiny_ckpt, mode,
     assert world.env.unwrapped.cache_mode == (mode or "multilevel-fast")
 
 
+def test_shift_option_reaches_the_dream_and_is_checked(tiny_ckpt, capsys):
+    """--shift overrides the checkpoint's sampler shift (1 in the tiny one) for the played session."""
+    for shift, expected in ((None, 1.0), (2.5, 2.5)):
+        world = open_world(PlayConfig(checkpoint=str(tiny_ckpt), context_frames=1, shift=shift), reality=False,
+                           log=lambda _: None)
+        world.env.reset(seed=0)
+        assert world.env.unwrapped._session.sampler.shift == expected
+    assert cli.main(["play", "--checkpoint", str(tiny_ckpt), "--headless", "--actions", "random:2",
+                     "--shift", "0"]) == 2
+    assert "--shift must be > 0, got 0.0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("native_bf16, option, expected", [
     (True, None, "bf16"), (False, None, "fp32"), (True, "fp32", "fp32"), (False, "bf16", "bf16")])
 def test_play_runs_the_transformer_in_bf16_where_the_cpu_has_it_unless_told(tiny_ckpt, monkeypatch, native_bf16,

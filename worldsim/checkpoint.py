@@ -8,10 +8,11 @@ API
     stored_far_dtype(config) -> "float32" | "bfloat16"  # how the file stores the transformer
     Checkpoint(autoencoder, far, config: dict, path)  # .action_names .resolution .sampler .simulator .step .far_dtype
     CheckpointError(ValueError)                      # message names the folder and the problem
-    DEFAULT_SAMPLER = {"steps": 10, "cfg": 1.5, "context_noise": 0.0, "generated_noise": 0.0}
+    DEFAULT_SAMPLER = {"steps": 10, "cfg": 1.5, "shift": 1.0, "context_noise": 0.0, "generated_noise": 0.0}
 
 config.json keys: format, version, autoencoder (AutoencoderConfig), far (FARConfig), sampler
-(steps, cfg, context_noise), action_names, resolution [H, W], simulator ({"id", "settings"} or
+(steps, cfg, shift, context_noise, generated_noise: the defaults of play, eval and Dream-v0; a
+config without shift samples with 1.0, the uniform grid), action_names, resolution [H, W], simulator ({"id", "settings"} or
 null), data (training data summary), step, weights {file, bytes, dtypes}, extra.
 model.safetensors keys: "autoencoder.<name>" and "far.<name>" (the modules' state_dict keys).
 
@@ -46,7 +47,7 @@ FORMAT = "worldsim-checkpoint"
 VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-DEFAULT_SAMPLER: dict[str, Any] = {"steps": 10, "cfg": 1.5, "context_noise": 0.0, "generated_noise": 0.0}
+DEFAULT_SAMPLER: dict[str, Any] = {"steps": 10, "cfg": 1.5, "shift": 1.0, "context_noise": 0.0, "generated_noise": 0.0}
 FAR_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -205,6 +206,14 @@ def read_config(path: str | os.PathLike) -> dict:
     for key in ("autoencoder", "far", "action_names", "resolution", "sampler"):
         if key not in config:
             raise CheckpointError(path, f"{CONFIG_NAME} lacks the key {key!r}")
+    sampler = config["sampler"]
+    if not isinstance(sampler, dict):
+        raise CheckpointError(path, f"{CONFIG_NAME}: sampler must be an object, got {sampler!r}")
+    steps, shift = sampler.get("steps", 1), sampler.get("shift", 1.0)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise CheckpointError(path, f"{CONFIG_NAME}: sampler.steps must be an integer >= 1, got {steps!r}")
+    if not isinstance(shift, (int, float)) or isinstance(shift, bool) or not shift > 0:
+        raise CheckpointError(path, f"{CONFIG_NAME}: sampler.shift must be a number > 0, got {shift!r}")
     return config
 
 

@@ -106,6 +106,7 @@ class DreamEnv(gym.Env):
         cache_mode: str = "multilevel",
         steps: int | None = None,
         cfg: float | None = None,
+        shift: float | None = None,
         device: str | None = None,
         precision: str = "fp32",
         reality: bool = False,
@@ -127,6 +128,7 @@ class DreamEnv(gym.Env):
         self.cache_mode = cache_mode
         self.steps = steps
         self.cfg = cfg
+        self.shift = shift
         self.reality = bool(reality)
         self.timing = bool(timing)
         self.last_gen_time_s = 0.0
@@ -305,7 +307,8 @@ class DreamEnv(gym.Env):
             frames, actions = self._context_from_simulator(sim_seed, options.get("maze_seed"))
         self._session = None  # drop the previous cache before building the next one
         self._session = self.world.new_session(
-            frames, actions, cache_mode=self.cache_mode, steps=self.steps, cfg=self.cfg, seed=noise_seed)
+            frames, actions, cache_mode=self.cache_mode, steps=self.steps, cfg=self.cfg, shift=self.shift,
+            seed=noise_seed)
         self._frame = np.asarray(frames[-1], dtype=np.uint8)
         if self.render_mode == "human":
             self.render()

@@ -110,6 +110,8 @@ class EvalConfig:
     generate: int = field(default=156, metadata={"help": "frames generated after the context G"})
     steps: int | None = field(default=None, metadata={"help": "sampling steps (default: the checkpoint's)"})
     cfg: float | None = field(default=None, metadata={"help": "classifier-free guidance scale (default: the checkpoint's)"})
+    shift: float | None = field(default=None, metadata={
+        "help": "sampler timestep shift, > 0; 1 = uniform steps, > 1 = more of them at high noise (default: the checkpoint's)"})
     seed: int = field(default=0, metadata={"help": "base seed; each session uses seed + episode index"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: picked automatically)"})
     precision: Literal["fp32", "bf16", "auto"] = field(default="fp32", metadata={
@@ -311,10 +313,10 @@ def load_test_split(path: Path, world: Any) -> tuple[Any, str]:
 
 
 def generate(world: Any, video: np.ndarray, actions: np.ndarray, context: int, count: int, cache_mode: str,
-             steps: int | None, cfg: float | None, seed: int, bar: Any = None) -> np.ndarray:
+             steps: int | None, cfg: float | None, seed: int, bar: Any = None, shift: float | None = None) -> np.ndarray:
     """G frames generated after the first `context` frames from the recorded actions."""
     session = world.new_session(video[:context], actions[:context], cache_mode=cache_mode, steps=steps,
-                                cfg=cfg, seed=seed)
+                                cfg=cfg, seed=seed, shift=shift)
     out = np.empty((count, *video.shape[1:]), dtype=np.uint8)
     for i in range(count):
         out[i] = session.step(int(actions[context + i]))
@@ -325,10 +327,10 @@ def generate(world: Any, video: np.ndarray, actions: np.ndarray, context: int, c
 
 def teacher_forced(world: Any, video: np.ndarray, actions: np.ndarray, context: int, count: int,
                    steps: int | None, cfg: float | None, seed: int, bar: Any = None,
-                   cache_mode: str = "multilevel") -> np.ndarray:
+                   cache_mode: str = "multilevel", shift: float | None = None) -> np.ndarray:
     """Each frame predicted from the ground-truth past (predict, then append the GT frame)."""
     session = world.new_session(video[:context], actions[:context], cache_mode=cache_mode, steps=steps,
-                                cfg=cfg, seed=seed)
+                                cfg=cfg, seed=seed, shift=shift)
     out = np.empty((count, *video.shape[1:]), dtype=np.uint8)
     for i in range(count):
         t = context + i
@@ -602,7 +604,7 @@ def self_consistency(world: Any, cfg: EvalConfig, ds: Any, bar_enabled: bool) ->
                 for mode in GEN_CONDITIONS:
                     session = world.new_session(ctx, np.asarray(ctx_actions, dtype=np.int64),
                                                 cache_mode=_cache_of(mode, cfg),
-                                                steps=cfg.steps, cfg=cfg.cfg, seed=seed)
+                                                steps=cfg.steps, cfg=cfg.cfg, seed=seed, shift=cfg.shift)
                     gen = []
                     for a in acts:
                         gen.append(session.step(int(a)))
@@ -738,7 +740,8 @@ def results_markdown(res: dict[str, Any]) -> str:
     lines.append(f"Test episodes: {gt.get('episodes_evaluated', 0)} from `{cfgd['dataset']}` "
                  f"(split: {cfgd['dataset_split']}); "
                  f"context K = {cfgd['context']}, generated G = {cfgd['generate']}, window W = {cfgd['window']}, "
-                 f"steps = {cfgd.get('sampler_used', cfgd)['steps']}, cfg = {cfgd.get('sampler_used', cfgd)['cfg']}, seed = {cfgd['seed']}, "
+                 f"steps = {cfgd.get('sampler_used', cfgd)['steps']}, cfg = {cfgd.get('sampler_used', cfgd)['cfg']}, "
+                 f"shift = {cfgd.get('sampler_used', cfgd).get('shift', 1.0)}, seed = {cfgd['seed']}, "
                  f"long-context cache = {cfgd.get('long_cache', 'multilevel')}"
                  + (f", precision = {cfgd['precision_used']}" if cfgd.get("precision_used") else "") + ". "
                  f"LPIPS: {res['metrics']['lpips']['status']}.")
@@ -840,6 +843,8 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
     t_start = time.perf_counter()
     if cfg.context < 1 or cfg.generate < 1:
         raise EvalError("--context and --generate must be >= 1")
+    if cfg.shift is not None and not cfg.shift > 0:
+        raise EvalError(f"--shift must be > 0, got {cfg.shift}")
     if cfg.episodes < 1:  # the self-consistency probes run after them, and the summary needs one
         raise EvalError(f"--episodes must be >= 1, got {cfg.episodes} (for mostly the probes: --episodes 1 "
                         "--teacher-forcing false --memory-control false)")
@@ -912,14 +917,15 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             t0 = time.perf_counter()
             for mode in GEN_CONDITIONS:
                 gens[mode] = generate(world, truth, acts, cfg.context, cfg.generate, _cache_of(mode, cfg), cfg.steps,
-                                      cfg.cfg, seed, bar)
+                                      cfg.cfg, seed, bar, shift=cfg.shift)
             donor_id = None
             if control == "on":  # chosen[i] is usable[i]
                 donor = memory_donor(usable, i)
                 dep = ds.load(donor)
                 swapped, swapped_acts = with_other_memory(truth, acts, dep.video, dep.actions, old_frames)
                 gens[MEMORY_CONTROL] = generate(world, swapped, swapped_acts, cfg.context, cfg.generate,
-                                                _cache_of("multilevel", cfg), cfg.steps, cfg.cfg, seed, bar)
+                                                _cache_of("multilevel", cfg), cfg.steps, cfg.cfg, seed, bar,
+                                                shift=cfg.shift)
                 donor_id = donor.id
             timing["generate_s"] += time.perf_counter() - t0
             timing["frames"] += cfg.generate * len(gen_names)
@@ -930,7 +936,7 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             episodes.append(scored)
             if cfg.teacher_forcing:
                 tf = teacher_forced(world, truth, acts, cfg.context, cfg.generate, cfg.steps, cfg.cfg, seed, bar,
-                                    cache_mode=cfg.long_cache)
+                                    cache_mode=cfg.long_cache, shift=cfg.shift)
                 tgen = {"teacher_forced": tf, "teacher_copy": truth[cfg.context - 1:length - 1]}
                 tsc = score_episode(truth, tgen, poses, cfg.context, window, lpips)
                 tsc.update(id=ep.id)
@@ -979,7 +985,8 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             "memory_donor_episode_ids": [e["memory_donor"] for e in episodes] if control == "on" else [],
             # what the sessions used: the options, or the checkpoint's sampler defaults
             "sampler_used": {k: getattr(cfg, k) if getattr(cfg, k) is not None
-                             else ((world_config or {}).get("sampler") or {}).get(k) for k in ("steps", "cfg")},
+                             else ((world_config or {}).get("sampler") or {}).get(k, 1.0 if k == "shift" else None)
+                             for k in ("steps", "cfg", "shift")},
         },
         "metrics": {"definitions": _definitions(),
                     "lpips": {"available": lpips_on, "status": why if lpips_on else f"unavailable: {why}"}},

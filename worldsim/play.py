@@ -65,6 +65,8 @@ class PlayConfig:
         "help": "checkpoint folder (config.json + model.safetensors); default: the one shipped in checkpoints/"})
     steps: int | None = field(default=None, metadata={"help": "Euler sampling steps per frame (default: the checkpoint's)"})
     cfg: float | None = field(default=None, metadata={"help": "classifier-free guidance scale (default: the checkpoint's)"})
+    shift: float | None = field(default=None, metadata={
+        "help": "sampler timestep shift, > 0; 1 = uniform steps, > 1 = more of them at high noise (default: the checkpoint's)"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: picked automatically)"})
     threads: int | None = field(default=None, metadata={
         "help": "torch CPU threads (default: torch's; 1 is faster on a machine shared with other jobs)"})
@@ -314,7 +316,7 @@ def open_world(config: PlayConfig, reality: bool = True, log: Callable[[str], No
     try:
         env = DreamEnv(checkpoint=path, context_frames=config.context_frames, dataset=config.dataset,
                        episode=config.episode, cache_mode=config.cache_mode, steps=config.steps, cfg=config.cfg,
-                       device=config.device, precision=config.precision, reality=reality, timing=True)
+                       shift=config.shift, device=config.device, precision=config.precision, reality=reality, timing=True)
     except ValueError as exc:  # e.g. a dataset with other actions or resolution than the checkpoint
         if type(exc).__name__ in ("DatasetError", "CheckpointError"):
             raise
@@ -735,6 +737,8 @@ def _check(config: PlayConfig) -> None:
         raise PlayError(f"--context-frames must be >= 1, got {config.context_frames}")
     if config.steps is not None and config.steps < 1:
         raise PlayError(f"--steps must be >= 1, got {config.steps}")
+    if config.shift is not None and not config.shift > 0:
+        raise PlayError(f"--shift must be > 0, got {config.shift}")
     if not config.headless and (config.actions or config.out):
         raise PlayError("--actions and --out are for --headless runs")
     if config.threads is not None and config.threads < 1:

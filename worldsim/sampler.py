@@ -1,8 +1,8 @@
 """Euler flow-matching sampler with classifier-free guidance (the network only predicts).
 
 API
-    EulerSampler(steps=10, cfg_scale=1.0)
-      .timesteps(device) -> [steps+1] from 1 (noise) to 0 (data)
+    EulerSampler(steps=10, cfg_scale=1.0, shift=1.0)
+      .timesteps(device) -> [steps+1] from 1 (noise) to 0 (data), shifted
       .guided_velocity(velocity_fn, x [B,...], t: float, action [B], null_action) -> [B,...]
       .sample(velocity_fn, noise [B,...], action [B], null_action) -> x0 [B,...]
     velocity_fn(x_t [B',...], t [B'], action [B']) -> velocity [B',...]   (e.g. GenerationContext.velocity)
@@ -12,6 +12,10 @@ dx/dt = v and Euler steps go from t=1 to t=0: x <- x + (t_next - t) * v.
 CFG: v = v_null + s * (v_cond - v_null), the null branch swapping only the action of the frame
 being generated for the null class; both branches run as one batch of 2B. With s == 1 the null
 branch is skipped entirely, so CFG 1 is exactly no guidance.
+Shift (SD3's timestep shift, diffusers' FlowMatchEulerDiscreteScheduler `shift`): the uniform grid
+u in [1, 0] becomes t = s*u / (1 + (s-1)*u), so s > 1 spends the few steps at high noise, where the
+layout of the next frame is decided, and takes the last step from a middle level. s = 1 is the
+uniform grid. With 4 steps and s = 3: 1, 0.9, 0.75, 0.5, 0.
 """
 from __future__ import annotations
 
@@ -23,17 +27,23 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class EulerSampler:
-    def __init__(self, steps: int = 10, cfg_scale: float = 1.0):
+    def __init__(self, steps: int = 10, cfg_scale: float = 1.0, shift: float = 1.0):
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        if not shift > 0:  # also rejects NaN
+            raise ValueError(f"shift must be > 0, got {shift}")
         self.steps = int(steps)
         self.cfg_scale = float(cfg_scale)
+        self.shift = float(shift)
 
     def __repr__(self) -> str:
-        return f"EulerSampler(steps={self.steps}, cfg_scale={self.cfg_scale})"
+        return f"EulerSampler(steps={self.steps}, cfg_scale={self.cfg_scale}, shift={self.shift})"
 
     def timesteps(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        return torch.linspace(1.0, 0.0, self.steps + 1, device=device)
+        u = torch.linspace(1.0, 0.0, self.steps + 1, device=device)
+        if self.shift == 1.0:
+            return u
+        return self.shift * u / (1.0 + (self.shift - 1.0) * u)
 
     def guided_velocity(
         self, velocity_fn: VelocityFn, x: torch.Tensor, t: float, action: torch.Tensor, null_action: int

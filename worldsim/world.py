@@ -11,7 +11,8 @@ API
       .encode(frames uint8 [...,H,W,3]) -> latents [...,C,h,w];  .decode(latents) -> uint8 frames
       .new_session(context_frames uint8 [K,H,W,3], context_actions int64 [K],
                    cache_mode="multilevel"|"multilevel-fast"|"kv"|"none"|"sliding" (or a GenerationContext),
-                   steps=None, cfg=None, seed=None, context_noise=None, generated_noise=None) -> Session
+                   steps=None, cfg=None, seed=None, context_noise=None, generated_noise=None,
+                   shift=None) -> Session
     Session
       .predict(action) -> uint8 [H,W,3]      generate the next frame, do not append it
       .append(frame uint8 [H,W,3], action)   append a given (ground-truth) frame
@@ -20,7 +21,8 @@ API
       .frame_index: int (frames so far = index of the next frame);  .stats() -> dict
 
 `actions[t]` produced frame t from frame t-1 (DESIGN.md), so predict(action) takes the action
-leading to the new frame. Randomness (initial noise, context noise augmentation) comes from a
+leading to the new frame. `steps`, `cfg` and `shift` (the sampler's timestep shift, see
+worldsim.sampler) default to the checkpoint's sampler settings. Randomness (initial noise, context noise augmentation) comes from a
 torch.Generator seeded by `seed`: the same seed gives the same frames. `context_noise` (default:
 the checkpoint's sampler setting) noises appended context latents slightly, as in training;
 `generated_noise` (default: the checkpoint's, 0 = off) instead noises and labels the frames the
@@ -173,6 +175,7 @@ class WorldModel:
         seed: int | None = None,
         context_noise: float | None = None,
         generated_noise: float | None = None,
+        shift: float | None = None,
     ) -> "Session":
         frames = np.asarray(context_frames)
         actions = np.asarray(context_actions, dtype=np.int64)
@@ -184,6 +187,7 @@ class WorldModel:
         sampler = EulerSampler(
             steps=int(steps if steps is not None else self.sampler["steps"]),
             cfg_scale=float(cfg if cfg is not None else self.sampler["cfg"]),
+            shift=float(shift if shift is not None else self.sampler.get("shift", 1.0)),
         )
         if seed is None:
             seed = int.from_bytes(os.urandom(4), "little")
