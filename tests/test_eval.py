@@ -143,6 +143,22 @@ def test_records_test_mazes_without_data(tmp_path):
     assert len(ds) == 1 and split_for_maze_seed(ds.episodes[0].maze_seed) == "test"
 
 
+def test_split_val_scores_validation_mazes_and_never_test_ones(tiny_data, tmp_path):
+    """--split val: for choosing sampler settings without looking at the mazes the bars are measured on."""
+    from worldsim.dataset import Dataset, split_for_maze_seed
+
+    cfg = EvalConfig(out=str(tmp_path / "v"), episodes=1, context=6, generate=4, videos=0, probe_episodes=1,
+                     probe_forward=2, teacher_forcing=False, progress=False, split="val")
+    res = run_eval(cfg, world=FakeWorld())
+    ds = Dataset(tmp_path / "v" / "data")
+    assert len(ds) == 1 and split_for_maze_seed(ds.episodes[0].maze_seed) == "val"
+    assert res["config"]["dataset_split"] == "val"
+    assert "(split: val)" in (tmp_path / "v" / "results.md").read_text()
+    assert {split_for_maze_seed(p["maze_seed"]) for p in res["self_consistency"]["probes"]} == {"val"}
+    with pytest.raises(EvalError, match=rf"{tiny_data}: no episodes in the val split"):
+        run_eval(EvalConfig(**{**cfg.__dict__, "data": str(tiny_data)}), world=FakeWorld())
+
+
 def test_clear_errors(tiny_data, tmp_path):
     with pytest.raises(EvalError, match=r"64x64.*32x32"):
         run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path), progress=False, context=4, generate=2),

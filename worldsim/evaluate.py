@@ -4,7 +4,8 @@
     worldsim eval --checkpoint checkpoints/maze-far-small --context 144 --generate 156 --out runs/eval
 
 1. Ground truth. Held-out mazes: the `test` split of `--data` (or, without `--data`, test-split
-   mazes recorded now with the revisiting navigator into `<out>/data`). The first `--context` K
+   mazes recorded now with the revisiting navigator into `<out>/data`); `--split val` scores the
+   validation mazes instead, to choose settings (e.g. `--shift`) without looking at the test ones. The first `--context` K
    ground-truth frames are the context; the model then generates the next `--generate` G frames
    from the recorded actions. Conditions, each scored per frame against the ground truth:
 
@@ -103,7 +104,10 @@ class EvalConfig:
     checkpoint: str | None = field(default=None, metadata={
         "help": "checkpoint folder (config.json + model.safetensors); default: the one shipped in checkpoints/"})
     data: str | None = field(default=None, metadata={
-        "help": "dataset folder; only its test split is used (default: record test mazes into OUT/data)"})
+        "help": "dataset folder; only its --split is used (default: record mazes of that split into OUT/data)"})
+    split: Literal["test", "val"] = field(default="test", metadata={
+        "help": "the mazes to score: test (the held-out ones the bars are measured on) or val (to choose "
+                "settings such as --shift without looking at the test mazes)"})
     out: str = field(default="runs/eval", metadata={"help": "output folder"})
     episodes: int = field(default=8, metadata={"help": "test episodes to evaluate"})
     context: int = field(default=144, metadata={"help": "ground-truth context frames K"})
@@ -269,8 +273,8 @@ def _turn_step(spec: dict | None, sim: Any | None) -> float | None:
 
 
 def record_test_episodes(world: Any, out_dir: Path, episodes: int, length: int, seed: int,
-                         progress: bool) -> Path:
-    """Record `episodes` test-split mazes with the navigator for the checkpoint's simulator."""
+                         progress: bool, split: str = "test") -> Path:
+    """Record `episodes` mazes of `split` with the navigator for the checkpoint's simulator."""
     spec = _simulator_spec(world)
     if spec is None:
         raise EvalError("no --data given and the checkpoint records no simulator to record test mazes with")
@@ -278,13 +282,13 @@ def record_test_episodes(world: Any, out_dir: Path, episodes: int, length: int, 
 
     env_args = tuple(f"{k}={json.dumps(v)}" for k, v in (spec.get("settings") or {}).items())
     cfg = RecordConfig(out=str(out_dir), env=spec["id"], env_arg=env_args, episodes=episodes, length=length,
-                       policy="navigator", split="test", seed=seed, workers=1, progress=progress)
+                       policy="navigator", split=split, seed=seed, workers=1, progress=progress)
     record(cfg)
     return out_dir
 
 
-def load_test_split(path: Path, world: Any) -> tuple[Any, str]:
-    """The test split of a dataset, checked against the checkpoint; returns (dataset, split note).
+def load_test_split(path: Path, world: Any, split: str = "test") -> tuple[Any, str]:
+    """The test (or another) split of a dataset, checked against the checkpoint; returns (dataset, split note).
 
     Files without split information (the public FAR/TECO DMLab .npz files, which are their
     test set) are used whole, and the note says so.
@@ -298,7 +302,7 @@ def load_test_split(path: Path, world: Any) -> tuple[Any, str]:
     if whole.episodes and all(e.split is None for e in whole.episodes):
         ds, note = whole, "all episodes (the files carry no split information; taken as held-out)"
     else:
-        ds, note = Dataset(path, split="test", action_names=names), "test"
+        ds, note = Dataset(path, split=split, action_names=names), split
     if tuple(ds.resolution) != tuple(world.resolution):
         h, w = ds.resolution
         mh, mw = world.resolution
@@ -519,7 +523,7 @@ def probe_pairs(poses: np.ndarray, context: int, pos_tol: float, yaw_tol: float)
     return pairs
 
 
-def _pick_probe_maze_seeds(ds: Any, count: int, seed: int) -> list[int | None]:
+def _pick_probe_maze_seeds(ds: Any, count: int, seed: int, split: str = "test") -> list[int | None]:
     seeds: list[int | None] = []
     if ds is not None:
         seeds = [e.maze_seed for e in ds.episodes[:count]]
@@ -528,7 +532,7 @@ def _pick_probe_maze_seeds(ds: Any, count: int, seed: int) -> list[int | None]:
 
         s = 1_000_000 + 1000 * int(seed)
         while len(seeds) < count:
-            if split_for_maze_seed(s) == "test":
+            if split_for_maze_seed(s) == split:
                 seeds.append(s)
             s += 1
     return seeds
@@ -559,7 +563,7 @@ def self_consistency(world: Any, cfg: EvalConfig, ds: Any, bar_enabled: bool) ->
     noop = names.index("noop") if "noop" in names else 0
     k_ctx = max(1, cfg.probe_context)
     total = cfg.probe_episodes * sum(len(p) for p in paths.values()) * len(GEN_CONDITIONS)
-    maze_seeds = _pick_probe_maze_seeds(ds, cfg.probe_episodes, cfg.seed)
+    maze_seeds = _pick_probe_maze_seeds(ds, cfg.probe_episodes, cfg.seed, cfg.split)
     window = model_window(world)
     results: dict[str, Any] = {
         "turn_step_rad": turn_step, "full_turn_steps": max(1, round(2 * math.pi / turn_step)),
@@ -875,14 +879,15 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
         recorded = False
     else:
         data_path = out / "data"
-        record_test_episodes(world, data_path, cfg.episodes, cfg.record_length or length, cfg.seed, cfg.progress)
+        record_test_episodes(world, data_path, cfg.episodes, cfg.record_length or length, cfg.seed, cfg.progress,
+                             cfg.split)
         recorded = True
-    ds, split_note = load_test_split(data_path, world)
+    ds, split_note = load_test_split(data_path, world, cfg.split)
     if len(ds) == 0:
-        raise EvalError(f"{data_path}: no episodes in the test split")
+        raise EvalError(f"{data_path}: no episodes in the {cfg.split} split")
     usable = [e for e in ds.episodes if e.length >= length]
     if not usable:
-        raise EvalError(f"{data_path}: no test episode has {length} frames (context {cfg.context} + generate "
+        raise EvalError(f"{data_path}: no {cfg.split} episode has {length} frames (context {cfg.context} + generate "
                         f"{cfg.generate}); the longest has {max(e.length for e in ds.episodes)}")
     chosen = usable[: cfg.episodes]
     skipped = [e.id for e in ds.episodes if e.length < length]
