@@ -180,7 +180,7 @@ def test_headless_benchmark_reports_fps(tiny_ckpt, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "frame    20" in out and "fps" in out and "resident memory" in out
-    assert "cache multilevel-fast," in out and "precision " in out
+    assert "cache multilevel-fast," in out and "precision " in out and "shift 1.0," in out
 
 
 @pytest.mark.parametrize("mode, refreshes_window", [(None, False), ("multilevel", True)])
@@ -206,6 +206,7 @@ def test_shift_option_reaches_the_dream_and_is_checked(tiny_ckpt, capsys):
                            log=lambda _: None)
         world.env.reset(seed=0)
         assert world.env.unwrapped._session.sampler.shift == expected
+        assert world.env.step(0)[4]["shift"] == expected  # what the benchmark line reports
     assert cli.main(["play", "--checkpoint", str(tiny_ckpt), "--headless", "--actions", "random:2",
                      "--shift", "0"]) == 2
     assert "--shift must be > 0, got 0.0" in capsys.readouterr().err

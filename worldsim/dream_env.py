@@ -19,7 +19,7 @@ themselves (wrap in `TimeLimit` if you want them to). Same seed + same actions -
 the sampler's noise seed is drawn from the env's `np_random`.
 
 `info`: `frame_index`, `action` (name), `l1_frames`, `l1_tokens`, `l2_frames`, `l2_tokens`,
-`cache_bytes`, `steps` (sampling steps), `cache_mode`, `precision` (the transformer's CPU
+`cache_bytes`, `steps` (sampling steps), `shift` (the sampler's timestep shift), `cache_mode`, `precision` (the transformer's CPU
 arithmetic, `worldsim.world.PRECISIONS`; eval and this env default to fp32, play to auto), `maze_seed` where known, and with `timing=True`
 `gen_time_s` (seconds to generate this frame). Timing is opt-in because a wall-clock
 measurement never repeats, and `check_env` demands that the same seed and actions give equal
@@ -268,6 +268,7 @@ class DreamEnv(gym.Env):
             "l2_tokens": _stat(stats, "l2_tokens"),
             "cache_bytes": _stat(stats, "cache_bytes"),
             "steps": self.sampling_steps,
+            "shift": float(getattr(getattr(session, "sampler", None), "shift", 1.0)),
             "cache_mode": self.cache_mode,
             "precision": getattr(self.world, "precision", "fp32"),
         }

@@ -655,6 +655,7 @@ class HeadlessResult:
     label: str = ""
     steps: int | None = None
     precision: str | None = None
+    shift: float | None = None
 
 
 def run_headless(config: PlayConfig, world: World | None = None, log: Callable[[str], None] | None = None) -> HeadlessResult:
@@ -711,7 +712,7 @@ def run_headless(config: PlayConfig, world: World | None = None, log: Callable[[
         env.close()
     out = recorder.close() if recorder is not None else None
     return HeadlessResult(len(actions), out, seconds, bench, resident_memory_bytes(), world.label,
-                          info.get("steps"), info.get("precision"))
+                          info.get("steps"), info.get("precision"), info.get("shift"))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -766,7 +767,8 @@ def main(args: argparse.Namespace) -> int:
             if config.benchmark:
                 import torch
 
-                print(f"benchmark: {result.label}, sampling steps {result.steps}, cache {config.cache_mode}, "
+                print(f"benchmark: {result.label}, sampling steps {result.steps}, shift {result.shift}, "
+                      f"cache {config.cache_mode}, "
                       f"precision {result.precision}, torch threads {torch.get_num_threads()}")
             for row in result.benchmark:
                 print(f"frame {row['frame']:>5} (model frame index {row['frame_index']}): {row['fps']:.2f} fps "
