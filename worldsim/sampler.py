@@ -41,9 +41,7 @@ class EulerSampler:
 
     def timesteps(self, device: torch.device | str = "cpu") -> torch.Tensor:
         u = torch.linspace(1.0, 0.0, self.steps + 1, device=device)
-        if self.shift == 1.0:
-            return u
-        return self.shift * u / (1.0 + (self.shift - 1.0) * u)
+        return self.shift * u / (1.0 + (self.shift - 1.0) * u)  # exactly u when shift == 1
 
     def guided_velocity(
         self, velocity_fn: VelocityFn, x: torch.Tensor, t: float, action: torch.Tensor, null_action: int
