@@ -253,8 +253,31 @@ def test_schedule_and_token_counts():
     assert lr_at(9, 100, 1.0, 10, True, 0.1) == pytest.approx(1.0)
     assert lr_at(100, 100, 1.0, 10, True, 0.1) == pytest.approx(0.1)
     assert lr_at(50, 100, 1.0, 10, False, 0.1) == 1.0
+    # a wall-clock limit moves the decay on when time runs ahead of the steps, never back
+    assert lr_at(20, 100, 1.0, 10, True, 0.1, time_fraction=1.0) == pytest.approx(0.1)
+    assert lr_at(20, 100, 1.0, 10, True, 0.1, time_fraction=0.5) == pytest.approx(0.55)
+    assert lr_at(90, 100, 1.0, 10, True, 0.1, time_fraction=0.5) == lr_at(90, 100, 1.0, 10, True, 0.1)
+    assert lr_at(5, 100, 1.0, 10, True, 0.1, time_fraction=0.9) == pytest.approx(0.6)  # warm-up first
     paper = tokens_per_sample(PRESETS["far-b-long"], 300)  # the paper's numbers
     assert (paper["long_short"], paper["all_fine"]) == (2160, 19200)
+
+
+def test_a_time_limited_stage_ends_early_at_the_floor_and_exports(trained, dataset, tmp_path, capsys):
+    """--far-time-limit: a GPU lent for minutes trains until the clock runs out, its learning rate at the
+    cosine floor by then, and leaves a complete export, as if its steps were done."""
+    run = tmp_path / "timed"
+    assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(run), *FAST,
+                 "--ae-from", str(trained / "checkpoint"), "--far-steps", "100000", "--far-time-limit", "4",
+                 "--warmup", "2", "--log-every", "1", "--val-every", "0", "--checkpoint-every", "100000"]) == 0
+    assert "time limit of 4 s reached at step" in capsys.readouterr().err
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "lr" in r]
+    assert 3 <= steps[-1]["step"] < 100000
+    assert steps[-1]["lr"] < 0.15 * max(r["lr"] for r in steps)  # decayed to near the floor (0.1 x peak)
+    assert any("val_loss" in r for r in rows)  # the final validation ran
+    meta = json.loads((run / "state" / "state.json").read_text())
+    assert meta["step"] == steps[-1]["step"]
+    assert (run / "checkpoint" / "model.safetensors").exists()
 
 
 def test_datasets_that_disagree_are_named(dataset, tmp_path, capsys):

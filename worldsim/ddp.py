@@ -79,6 +79,14 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return float(t.item()) / self.world_size
 
+    def max(self, value: float) -> float:
+        """Largest value of a Python float over ranks (ranks agree on a wall-clock schedule)."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([float(value)], device=self.device, dtype=torch.float64 if self.device.type == "cpu" else torch.float32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
     def broadcast_tensors(self, tensors: list[torch.Tensor]) -> None:
         if self.enabled:
             for t in tensors:

@@ -106,6 +106,12 @@ class TrainConfig:
     # schedule
     ae_steps: int = field(default=3000, metadata={"help": "autoencoder optimisation steps"})
     far_steps: int = field(default=3000, metadata={"help": "FAR optimisation steps"})
+    ae_time_limit: float = field(default=0.0, metadata={
+        "help": "stage ae: also stop after this many seconds of the stage's wall time (0: no limit); the cosine "
+                "decay follows steps or time, whichever is further along, so it reaches its floor by the limit"})
+    far_time_limit: float = field(default=0.0, metadata={
+        "help": "stage far: the same wall-clock limit for the transformer, e.g. 480 to use a lent GPU for "
+                "8 minutes; the run ends with a full save and export, as if its steps were done"})
     ae_batch: int = field(default=32, metadata={"help": "autoencoder batch (frames per rank)"})
     far_batch: int = field(default=16, metadata={"help": "FAR batch (sequences per rank)"})
     seq_len: int = field(default=32, metadata={"help": "frames per FAR training sample (> window: the oldest become coarse context)"})
@@ -352,13 +358,17 @@ def step_rng(seed: int, rank: int, step: int, stream: int = 0) -> tuple[np.rando
     return np.random.default_rng(np_ss), int(torch_ss.generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int, cosine: bool, min_ratio: float) -> float:
-    """Linear warm-up to `peak`, then constant or cosine decay to `min_ratio * peak`."""
+def lr_at(step: int, total: int, peak: float, warmup: int, cosine: bool, min_ratio: float,
+          time_fraction: float = 0.0) -> float:
+    """Linear warm-up to `peak`, then constant or cosine decay to `min_ratio * peak`.
+
+    `time_fraction` (elapsed / time limit) moves the decay on when the wall clock is further
+    along than the step count, so a time-limited stage still ends at the floor."""
     if warmup > 0 and step < warmup:
         return peak * (step + 1) / warmup
     if not cosine or total <= warmup:
         return peak
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_fraction))
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -704,6 +714,7 @@ class StageSpec:
     units_per_step: dict[str, float]  # e.g. frames / tokens per optimisation step (all ranks)
     on_save: Callable[[nn.Module, int, bool], None]  # (ema, step, final) -> export
     extra_state: dict = field(default_factory=dict)
+    time_limit: float = 0.0  # seconds of stage wall time (resumes included); 0: steps alone end it
 
 
 class Trainer:
@@ -833,11 +844,16 @@ class Trainer:
         last_save = step
         try:
             with self.interrupt:
+                time_fraction = 0.0
                 while step < spec.total_steps:
                     rng, torch_seed = step_rng(cfg.seed, dist.rank, step)
                     torch.manual_seed(torch_seed)
                     gen = torch.Generator(device=device).manual_seed(torch_seed)
-                    lr = lr_at(step, spec.total_steps, spec.lr, cfg.warmup, cfg.cosine, cfg.min_lr_ratio)
+                    if spec.time_limit > 0:
+                        # the slowest rank's clock, so every rank uses the same rate and stops together
+                        time_fraction = dist.max((time.perf_counter() - t_stage) / spec.time_limit)
+                    lr = lr_at(step, spec.total_steps, spec.lr, cfg.warmup, cfg.cosine, cfg.min_lr_ratio,
+                               time_fraction)
                     for g in opt.param_groups:
                         g["lr"] = lr
                     with autocast_ctx(self.precision[spec.name], device):
@@ -869,7 +885,11 @@ class Trainer:
                                **{f"{k}_per_s": v * sps for k, v in spec.units_per_step.items()},
                                **{k: float(v) for k, v in stats.items() if k != "loss"}}
                         self.write_metrics(rec)
-                    final = step >= spec.total_steps
+                    final = step >= spec.total_steps or (
+                        spec.time_limit > 0 and dist.max((time.perf_counter() - t_stage) / spec.time_limit) >= 1.0)
+                    if final and step < spec.total_steps:
+                        self.log(f"{spec.name}: time limit of {spec.time_limit:g} s reached at step {step}/"
+                                 f"{spec.total_steps}")
                     if (cfg.val_every > 0 and step % cfg.val_every == 0) or final:
                         self.validate(spec, ema, step)
                     if stop or final or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0):
@@ -879,6 +899,8 @@ class Trainer:
                             self.plot()
                         dist.barrier()
                         last_save = step
+                    if final:
+                        break
                     if stop:
                         self.interrupted = True
                         self.log(f"\n{spec.name}: interrupted at step {step}; saved. Continue with "
@@ -1106,7 +1128,7 @@ def run_ae_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state)
             export_with_decoder(trainer.out / "checkpoint", paired, ema, step, final, str(trainer.out / AE_DIR))
 
     spec = StageSpec("ae", ae, cfg.ae_steps, cfg.ae_lr, loss_fn, val_fn,
-                     {"frames": cfg.ae_batch * dist.world_size}, on_save)
+                     {"frames": cfg.ae_batch * dist.world_size}, on_save, time_limit=cfg.ae_time_limit)
     return trainer.fit(spec, resume_state)
 
 
@@ -1313,7 +1335,7 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
     spec = StageSpec("far", far, cfg.far_steps, cfg.far_lr, loss_fn, val_fn,
                      {"frames": cfg.far_batch * L * dist.world_size,
                       "tokens": cfg.far_batch * tps["long_short"] * dist.world_size}, on_save,
-                     extra_state={"ae_sha256": tensors_hash(ae.state_dict())})
+                     extra_state={"ae_sha256": tensors_hash(ae.state_dict())}, time_limit=cfg.far_time_limit)
     try:
         return trainer.fit(spec, resume_state)
     finally:

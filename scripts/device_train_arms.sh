@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Train several transformers side by side on one lent GPU (the `device` tool), on the autoencoder
+# of a shipped checkpoint, each for the same wall time, and bring back their transformers.
+#
+# One transformer of this size leaves an H200 mostly idle (session 3: 9.5 steps/s for 9 M
+# parameters, about 19 TFLOP/s of its ~790), so arms that share it cost little of each other's
+# speed. Each arm is `worldsim train --stage far --ae-from $AE ...` with the shared settings
+# below plus its own options, stopped by `--far-time-limit FAR_TIME` (its cosine decay reaches
+# the floor by then, and it exports as if its steps were done). Call it with .whl carried (the
+# wheels of gymnasium, farama-notifications and labmaze for the machine's Python 3.12):
+#
+#   ARMS="wide cont" ARM_wide="--far-depth 6 --far-width 384 --far-heads 6" \
+#     ARM_cont="--far-init checkpoints/maze-far-small --far-lr 2e-4 --warmup 100" \
+#     FAR_TIME=420 bash scripts/device_train_arms.sh 2>&1 | tee $OUT/train.log
+#
+# On exit the arms' transformers, without the autoencoder they share with $AE (scripts/transport_far.py
+# strip), their metrics and logs are packed into $OUT as <=15 MB parts (the tool returns at most
+# 16 MiB a file and 64 MiB a call). Here:
+#   cat run.tar.part-* | tar xf -
+#   python scripts/transport_far.py join runs/ARM/stripped checkpoints/maze-far-small runs/ARM/checkpoint
+# DEADLINE (seconds from the start, default 560) stops any arm still running with SIGTERM, which
+# saves and exports it, so the packing always happens inside the device tool's 600 s.
+set -x
+export PYTHONUNBUFFERED=1
+START=$(date +%s)
+if [ -z "${SKIP_WHEELS:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+: "${OUT:?set OUT to the folder whose files come back}"
+: "${ARMS:?name the arms, e.g. ARMS=\"wide cont\", and give each its options in ARM_<name>}"
+AE="${AE:-checkpoints/maze-far-small}"
+R="python3 -m worldsim record --env worldsim/Maze-v0 --length ${LENGTH:-300} --policy mix --env-arg max_steps=null --progress false"
+pack() {
+  for arm in $ARMS; do
+    [ -d "runs/$arm/checkpoint" ] && python3 scripts/transport_far.py strip "runs/$arm/checkpoint" "runs/$arm/stripped"
+  done
+  files=()
+  for arm in $ARMS; do
+    for f in "runs/$arm/stripped" "runs/$arm/metrics.jsonl" "runs/$arm/config.json" "runs/$arm.log"; do
+      [ -e "$f" ] && files+=("$f")
+    done
+  done
+  tar cf - "${files[@]}" | split -b 15M - "$OUT/run.tar.part-"
+  ls -la "$OUT"
+}
+trap pack EXIT
+nvidia-smi --query-gpu=name,memory.total --format=csv
+$R --episodes "${VAL_EPISODES:-16}" --split val --out data/maze-val --workers 16
+$R --episodes "${EPISODES:-1000}" --split train --out data/maze-train --workers 16
+mkdir -p runs
+budget=$(( ${DEADLINE:-560} - ($(date +%s) - START) - 25 ))
+pids=()
+for arm in $ARMS; do
+  opts="ARM_$arm"
+  # shellcheck disable=SC2086
+  timeout -s TERM "$budget" python3 -m worldsim train --preset small --stage far --ae-from "$AE" \
+    --data data/maze-train data/maze-val --seq-len "${SEQ:-96}" --obj-random-context-length true \
+    --preview-every -1 --far-lr "${FAR_LR:-6e-4}" --warmup "${FAR_WARMUP:-300}" --ema-decay 0.999 \
+    --far-batch "${FAR_BATCH:-64}" --far-steps 1000000 --far-time-limit "${FAR_TIME:-420}" --val-every 1000 \
+    --val-batches 4 --checkpoint-every 1000 --far-save-dtype bfloat16 --progress false --log-every 50 \
+    --out "runs/$arm" ${COMMON:-} ${!opts} > "runs/$arm.log" 2>&1 &
+  pids+=($!)
+done
+# how busy the arms keep the GPU, for sizing the next run
+(while sleep 60; do nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader; done) &
+WATCH=$!
+for pid in "${pids[@]}"; do wait "$pid"; done
+kill $WATCH
+for arm in $ARMS; do
+  echo "== $arm"; tail -4 "runs/$arm.log"; grep val_loss "runs/$arm/metrics.jsonl" | tail -6
+  grep steps_per_s "runs/$arm/metrics.jsonl" | tail -1
+done

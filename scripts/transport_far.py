@@ -1,0 +1,108 @@
+"""Carry a trained transformer home without its autoencoder, then pair it with that autoencoder again.
+
+    python scripts/transport_far.py strip CHECKPOINT OUT      # on the GPU machine
+    python scripts/transport_far.py join STRIPPED AUTOENCODER_CHECKPOINT OUT   # here
+
+The device tool returns at most 64 MiB per call. A run started with `--ae-from` a shipped
+checkpoint keeps that autoencoder bit for bit, so its 11 MB need not travel: `strip` writes
+CHECKPOINT's config.json and its `far.*` tensors (as stored, e.g. bfloat16) to OUT, with the
+SHA-256 of the autoencoder they were trained on. `join` rebuilds a full checkpoint from them and
+the autoencoder of AUTOENCODER_CHECKPOINT, and refuses one whose autoencoder differs (its
+latents would not be the ones the transformer learned). Both write their OUT atomically; OUT
+must not exist yet.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from worldsim.checkpoint import CONFIG_NAME, CheckpointError, load_checkpoint, save_checkpoint, stored_far_dtype
+from worldsim.latents import tensors_hash
+from worldsim.model import FAR, FARConfig
+
+FAR_FILE = "far.safetensors"
+
+
+def _new_folder(out: Path) -> Path:
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists; choose a new folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+
+
+def strip(checkpoint: Path, out: Path) -> Path:
+    """Write CHECKPOINT's transformer tensors and config to OUT, without the autoencoder."""
+    ck = load_checkpoint(checkpoint, device="cpu")
+    stored = load_file(str(checkpoint / ck.config["weights"]["file"]))
+    far = {k: v for k, v in stored.items() if k.startswith("far.")}
+    tmp = _new_folder(out)
+    try:
+        save_file(far, str(tmp / FAR_FILE), metadata={"autoencoder_sha256": tensors_hash(ck.autoencoder.state_dict())})
+        shutil.copy2(checkpoint / CONFIG_NAME, tmp / CONFIG_NAME)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def join(stripped: Path, autoencoder_checkpoint: Path, out: Path) -> Path:
+    """Pair STRIPPED's transformer with AUTOENCODER_CHECKPOINT's autoencoder into the checkpoint OUT."""
+    from safetensors import safe_open
+
+    config = json.loads((stripped / CONFIG_NAME).read_text())
+    with safe_open(str(stripped / FAR_FILE), "pt") as f:
+        wanted = (f.metadata() or {}).get("autoencoder_sha256")
+    base = load_checkpoint(autoencoder_checkpoint, device="cpu")
+    if base.config["autoencoder"] != config["autoencoder"] or tensors_hash(base.autoencoder.state_dict()) != wanted:
+        raise CheckpointError(autoencoder_checkpoint, f"its autoencoder is not the one the transformer in {stripped} "
+                                                      "was trained on (config or weights differ)")
+    far = FAR(FARConfig.from_dict(config["far"]))
+    tensors = load_file(str(stripped / FAR_FILE))
+    far.load_state_dict({k[len("far."):]: v.float() for k, v in tensors.items()}, strict=True)
+    tmp = _new_folder(out)
+    try:
+        save_checkpoint(tmp / "ck", base.autoencoder, far, action_names=config["action_names"],
+                        resolution=config["resolution"], sampler=config["sampler"], simulator=config.get("simulator"),
+                        data_summary=config.get("data"), step=config.get("step", 0), extra=config.get("extra"),
+                        far_dtype=stored_far_dtype(config))
+        os.replace(tmp / "ck", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("strip", help="checkpoint -> its transformer alone")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("out", type=Path)
+    p = sub.add_parser("join", help="a stripped transformer + the checkpoint holding its autoencoder -> a checkpoint")
+    p.add_argument("stripped", type=Path)
+    p.add_argument("autoencoder_checkpoint", type=Path)
+    p.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "strip":
+            strip(args.checkpoint, args.out)
+        else:
+            join(args.stripped, args.autoencoder_checkpoint, args.out)
+    except (CheckpointError, OSError, ValueError, RuntimeError) as exc:
+        print(f"transport_far: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
