@@ -226,3 +226,38 @@ def test_bad_sampler_settings_name_the_file(saved, key, value):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=rf"{path}.*sampler\.{key} must be"):
         load_checkpoint(path)
+
+
+def test_a_transformer_carried_without_its_autoencoder_is_rejoined_bit_for_bit(saved, tmp_path):
+    """scripts/transport_far.py: a GPU run's transformer comes home without the autoencoder it shares
+    with a shipped checkpoint (the device tool returns 64 MiB a call) and is paired with it again;
+    an autoencoder with other weights is refused, since its latents are not the ones it learned."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    script = [sys.executable, str(repo / "scripts" / "transport_far.py")]
+    env = {"PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    world, path = saved
+
+    def run(*args):
+        return subprocess.run([*script, *map(str, args)], capture_output=True, text=True, env=env)
+
+    assert run("strip", path, tmp_path / "far").returncode == 0
+    assert not any(k.startswith("autoencoder.") for k in load_file(str(tmp_path / "far" / "far.safetensors")))
+    done = run("join", tmp_path / "far", path, tmp_path / "joined")
+    assert done.returncode == 0, done.stderr
+    a, b = load_file(str(path / "model.safetensors")), load_file(str(tmp_path / "joined" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_config(tmp_path / "joined") == read_config(path)
+
+    other = make_world()
+    with torch.no_grad():
+        next(other.autoencoder.decoder.parameters()).add_(0.01)
+    other_path = other.save(tmp_path / "other")
+    refused = run("join", tmp_path / "far", other_path, tmp_path / "wrong")
+    assert refused.returncode == 1 and "not the one the transformer" in refused.stderr and str(other_path) in refused.stderr
+    assert not (tmp_path / "wrong").exists()
+    again = run("join", tmp_path / "far", path, tmp_path / "joined")
+    assert again.returncode == 1 and "already exists" in again.stderr
