@@ -272,7 +272,7 @@ def test_shift_option_reaches_every_session_and_the_results(tiny_data, tmp_path)
     world = FakeWorld()
     res = run_eval(cfg, world=world)
     assert len(world.shifts) > 4 and set(world.shifts) == {2.5}  # conditions, control, teacher forcing, probes
-    assert res["config"]["sampler_used"] == {"steps": 1, "cfg": 1.0, "shift": 2.5}
+    assert res["config"]["sampler_used"] == {"steps": 1, "cfg": 1.0, "shift": 2.5, "generated_noise": 0.0}
     assert "shift = 2.5," in (tmp_path / "s" / "results.md").read_text()
     # without the option the checkpoint's setting applies, 1 (uniform steps) where it has none
     world = FakeWorld()
@@ -280,6 +280,24 @@ def test_shift_option_reaches_every_session_and_the_results(tiny_data, tmp_path)
     assert set(world.shifts) == {None} and res["config"]["sampler_used"]["shift"] == 1.0
     with pytest.raises(EvalError, match="--shift must be > 0, got 0.0"):
         run_eval(EvalConfig(**{**cfg.__dict__, "shift": 0.0}), world=FakeWorld())
+
+
+def test_generated_noise_option_reaches_every_generating_session_and_the_results(tiny_data, tmp_path):
+    """--generated-noise reaches every session that feeds the model its own frames (conditions, memory
+    control, probes); teacher forcing feeds it none, so there it is not passed."""
+    cfg = EvalConfig(data=str(tiny_data), out=str(tmp_path / "g"), episodes=1, context=12, generate=4, videos=0,
+                     probe_episodes=1, probe_forward=2, progress=False, generated_noise=0.25)
+    world = FakeWorld()
+    res = run_eval(cfg, world=world)
+    assert world.generated_noise.count(0.25) >= 4 and set(world.generated_noise) == {0.25, None}
+    assert world.generated_noise.count(None) == 1  # the teacher-forced session
+    assert res["config"]["sampler_used"]["generated_noise"] == 0.25
+    assert "generated noise = 0.25," in (tmp_path / "g" / "results.md").read_text()
+    world = FakeWorld()  # without the option: the checkpoint's level, 0 where it has none
+    res = run_eval(EvalConfig(**{**cfg.__dict__, "generated_noise": None, "out": str(tmp_path / "d")}), world=world)
+    assert set(world.generated_noise) == {None} and res["config"]["sampler_used"]["generated_noise"] == 0.0
+    with pytest.raises(EvalError, match=r"--generated-noise must be in \[0, 1\), got 1.5"):
+        run_eval(EvalConfig(**{**cfg.__dict__, "generated_noise": 1.5}), world=FakeWorld())
 
 
 def test_precision_option_loads_the_transformer_in_bf16_and_says_so(tiny_data, tiny_checkpoint, tmp_path):

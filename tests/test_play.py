@@ -212,6 +212,25 @@ def test_shift_option_reaches_the_dream_and_is_checked(tiny_ckpt, capsys):
     assert "--shift must be > 0, got 0.0" in capsys.readouterr().err
 
 
+def test_generated_noise_option_reaches_the_dream_and_is_checked(tiny_ckpt, capsys):
+    """--generated-noise overrides the checkpoint's level (0 in the tiny one): generated frames enter the
+    context noised and labelled with it, so the next frames differ; a level outside [0, 1) is refused."""
+    frames = {}
+    for level, expected in ((None, 0.0), (0.25, 0.25)):
+        world = open_world(PlayConfig(checkpoint=str(tiny_ckpt), context_frames=1, generated_noise=level),
+                           reality=False, log=lambda _: None)
+        world.env.reset(seed=0)
+        assert world.env.unwrapped._session.generated_noise == expected
+        first = world.env.step(1)
+        assert first[4]["generated_noise"] == expected
+        frames[expected] = (first[0], world.env.step(1)[0])
+    assert np.array_equal(frames[0.0][0], frames[0.25][0])  # the first frame sees only given context
+    assert not np.array_equal(frames[0.0][1], frames[0.25][1])  # the second sees the first, noised
+    assert cli.main(["play", "--checkpoint", str(tiny_ckpt), "--headless", "--actions", "random:2",
+                     "--generated-noise", "1"]) == 2
+    assert "--generated-noise must be in [0, 1), got 1.0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("native_bf16, option, expected", [
     (True, None, "bf16"), (False, None, "fp32"), (True, "fp32", "fp32"), (False, "bf16", "bf16")])
 def test_play_runs_the_transformer_in_bf16_where_the_cpu_has_it_unless_told(tiny_ckpt, monkeypatch, native_bf16,

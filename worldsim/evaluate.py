@@ -116,6 +116,9 @@ class EvalConfig:
     cfg: float | None = field(default=None, metadata={"help": "classifier-free guidance scale (default: the checkpoint's)"})
     shift: float | None = field(default=None, metadata={
         "help": "sampler timestep shift, > 0; 1 = uniform steps, > 1 = more of them at high noise (default: the checkpoint's)"})
+    generated_noise: float | None = field(default=None, metadata={
+        "help": "noise level in [0, 1) given to the frames the model generates before they enter its context (they "
+                "are labelled with it, as training labels noised context); 0 = off (default: the checkpoint's)"})
     seed: int = field(default=0, metadata={"help": "base seed; each session uses seed + episode index"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: picked automatically)"})
     precision: Literal["fp32", "bf16", "auto"] = field(default="fp32", metadata={
@@ -317,10 +320,11 @@ def load_test_split(path: Path, world: Any, split: str = "test") -> tuple[Any, s
 
 
 def generate(world: Any, video: np.ndarray, actions: np.ndarray, context: int, count: int, cache_mode: str,
-             steps: int | None, cfg: float | None, seed: int, bar: Any = None, shift: float | None = None) -> np.ndarray:
+             steps: int | None, cfg: float | None, seed: int, bar: Any = None, shift: float | None = None,
+             generated_noise: float | None = None) -> np.ndarray:
     """G frames generated after the first `context` frames from the recorded actions."""
     session = world.new_session(video[:context], actions[:context], cache_mode=cache_mode, steps=steps,
-                                cfg=cfg, seed=seed, shift=shift)
+                                cfg=cfg, seed=seed, shift=shift, generated_noise=generated_noise)
     out = np.empty((count, *video.shape[1:]), dtype=np.uint8)
     for i in range(count):
         out[i] = session.step(int(actions[context + i]))
@@ -608,7 +612,8 @@ def self_consistency(world: Any, cfg: EvalConfig, ds: Any, bar_enabled: bool) ->
                 for mode in GEN_CONDITIONS:
                     session = world.new_session(ctx, np.asarray(ctx_actions, dtype=np.int64),
                                                 cache_mode=_cache_of(mode, cfg),
-                                                steps=cfg.steps, cfg=cfg.cfg, seed=seed, shift=cfg.shift)
+                                                steps=cfg.steps, cfg=cfg.cfg, seed=seed, shift=cfg.shift,
+                                                generated_noise=cfg.generated_noise)
                     gen = []
                     for a in acts:
                         gen.append(session.step(int(a)))
@@ -745,7 +750,8 @@ def results_markdown(res: dict[str, Any]) -> str:
                  f"(split: {cfgd['dataset_split']}); "
                  f"context K = {cfgd['context']}, generated G = {cfgd['generate']}, window W = {cfgd['window']}, "
                  f"steps = {cfgd.get('sampler_used', cfgd)['steps']}, cfg = {cfgd.get('sampler_used', cfgd)['cfg']}, "
-                 f"shift = {cfgd.get('sampler_used', cfgd).get('shift', 1.0)}, seed = {cfgd['seed']}, "
+                 f"shift = {cfgd.get('sampler_used', cfgd).get('shift', 1.0)}, "
+                 f"generated noise = {cfgd.get('sampler_used', cfgd).get('generated_noise') or 0.0}, seed = {cfgd['seed']}, "
                  f"long-context cache = {cfgd.get('long_cache', 'multilevel')}"
                  + (f", precision = {cfgd['precision_used']}" if cfgd.get("precision_used") else "") + ". "
                  f"LPIPS: {res['metrics']['lpips']['status']}.")
@@ -849,6 +855,8 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
         raise EvalError("--context and --generate must be >= 1")
     if cfg.shift is not None and not cfg.shift > 0:
         raise EvalError(f"--shift must be > 0, got {cfg.shift}")
+    if cfg.generated_noise is not None and not 0 <= cfg.generated_noise < 1:
+        raise EvalError(f"--generated-noise must be in [0, 1), got {cfg.generated_noise}")
     if cfg.episodes < 1:  # the self-consistency probes run after them, and the summary needs one
         raise EvalError(f"--episodes must be >= 1, got {cfg.episodes} (for mostly the probes: --episodes 1 "
                         "--teacher-forcing false --memory-control false)")
@@ -922,7 +930,7 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             t0 = time.perf_counter()
             for mode in GEN_CONDITIONS:
                 gens[mode] = generate(world, truth, acts, cfg.context, cfg.generate, _cache_of(mode, cfg), cfg.steps,
-                                      cfg.cfg, seed, bar, shift=cfg.shift)
+                                      cfg.cfg, seed, bar, shift=cfg.shift, generated_noise=cfg.generated_noise)
             donor_id = None
             if control == "on":  # chosen[i] is usable[i]
                 donor = memory_donor(usable, i)
@@ -930,7 +938,7 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
                 swapped, swapped_acts = with_other_memory(truth, acts, dep.video, dep.actions, old_frames)
                 gens[MEMORY_CONTROL] = generate(world, swapped, swapped_acts, cfg.context, cfg.generate,
                                                 _cache_of("multilevel", cfg), cfg.steps, cfg.cfg, seed, bar,
-                                                shift=cfg.shift)
+                                                shift=cfg.shift, generated_noise=cfg.generated_noise)
                 donor_id = donor.id
             timing["generate_s"] += time.perf_counter() - t0
             timing["frames"] += cfg.generate * len(gen_names)
@@ -990,8 +998,8 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             "memory_donor_episode_ids": [e["memory_donor"] for e in episodes] if control == "on" else [],
             # what the sessions used: the options, or the checkpoint's sampler defaults
             "sampler_used": {k: getattr(cfg, k) if getattr(cfg, k) is not None
-                             else ((world_config or {}).get("sampler") or {}).get(k, 1.0 if k == "shift" else None)
-                             for k in ("steps", "cfg", "shift")},
+                             else ((world_config or {}).get("sampler") or {}).get(k, {"shift": 1.0, "generated_noise": 0.0}.get(k))
+                             for k in ("steps", "cfg", "shift", "generated_noise")},
         },
         "metrics": {"definitions": _definitions(),
                     "lpips": {"available": lpips_on, "status": why if lpips_on else f"unavailable: {why}"}},

@@ -67,6 +67,9 @@ class PlayConfig:
     cfg: float | None = field(default=None, metadata={"help": "classifier-free guidance scale (default: the checkpoint's)"})
     shift: float | None = field(default=None, metadata={
         "help": "sampler timestep shift, > 0; 1 = uniform steps, > 1 = more of them at high noise (default: the checkpoint's)"})
+    generated_noise: float | None = field(default=None, metadata={
+        "help": "noise level in [0, 1) given to each generated frame before it enters the model's context (labelled "
+                "with it, as training labels noised context), against drift; 0 = off (default: the checkpoint's)"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: picked automatically)"})
     threads: int | None = field(default=None, metadata={
         "help": "torch CPU threads (default: torch's; 1 is faster on a machine shared with other jobs)"})
@@ -316,7 +319,7 @@ def open_world(config: PlayConfig, reality: bool = True, log: Callable[[str], No
     try:
         env = DreamEnv(checkpoint=path, context_frames=config.context_frames, dataset=config.dataset,
                        episode=config.episode, cache_mode=config.cache_mode, steps=config.steps, cfg=config.cfg,
-                       shift=config.shift, device=config.device, precision=config.precision, reality=reality, timing=True)
+                       shift=config.shift, generated_noise=config.generated_noise, device=config.device, precision=config.precision, reality=reality, timing=True)
     except ValueError as exc:  # e.g. a dataset with other actions or resolution than the checkpoint
         if type(exc).__name__ in ("DatasetError", "CheckpointError"):
             raise
@@ -656,6 +659,7 @@ class HeadlessResult:
     steps: int | None = None
     precision: str | None = None
     shift: float | None = None
+    generated_noise: float | None = None
 
 
 def run_headless(config: PlayConfig, world: World | None = None, log: Callable[[str], None] | None = None) -> HeadlessResult:
@@ -712,7 +716,7 @@ def run_headless(config: PlayConfig, world: World | None = None, log: Callable[[
         env.close()
     out = recorder.close() if recorder is not None else None
     return HeadlessResult(len(actions), out, seconds, bench, resident_memory_bytes(), world.label,
-                          info.get("steps"), info.get("precision"), info.get("shift"))
+                          info.get("steps"), info.get("precision"), info.get("shift"), info.get("generated_noise"))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -740,6 +744,8 @@ def _check(config: PlayConfig) -> None:
         raise PlayError(f"--steps must be >= 1, got {config.steps}")
     if config.shift is not None and not config.shift > 0:
         raise PlayError(f"--shift must be > 0, got {config.shift}")
+    if config.generated_noise is not None and not 0 <= config.generated_noise < 1:
+        raise PlayError(f"--generated-noise must be in [0, 1), got {config.generated_noise}")
     if not config.headless and (config.actions or config.out):
         raise PlayError("--actions and --out are for --headless runs")
     if config.threads is not None and config.threads < 1:
@@ -768,6 +774,7 @@ def main(args: argparse.Namespace) -> int:
                 import torch
 
                 print(f"benchmark: {result.label}, sampling steps {result.steps}, shift {result.shift}, "
+                      f"generated noise {result.generated_noise}, "
                       f"cache {config.cache_mode}, "
                       f"precision {result.precision}, torch threads {torch.get_num_threads()}")
             for row in result.benchmark:
