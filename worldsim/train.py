@@ -844,14 +844,12 @@ class Trainer:
         last_save = step
         try:
             with self.interrupt:
-                time_fraction = 0.0
+                # the slowest rank's clock, so every rank uses the same rate and stops together
+                time_fraction = dist.max(elapsed / spec.time_limit) if spec.time_limit > 0 else 0.0
                 while step < spec.total_steps:
                     rng, torch_seed = step_rng(cfg.seed, dist.rank, step)
                     torch.manual_seed(torch_seed)
                     gen = torch.Generator(device=device).manual_seed(torch_seed)
-                    if spec.time_limit > 0:
-                        # the slowest rank's clock, so every rank uses the same rate and stops together
-                        time_fraction = dist.max((time.perf_counter() - t_stage) / spec.time_limit)
                     lr = lr_at(step, spec.total_steps, spec.lr, cfg.warmup, cfg.cosine, cfg.min_lr_ratio,
                                time_fraction)
                     for g in opt.param_groups:
@@ -885,8 +883,9 @@ class Trainer:
                                **{f"{k}_per_s": v * sps for k, v in spec.units_per_step.items()},
                                **{k: float(v) for k, v in stats.items() if k != "loss"}}
                         self.write_metrics(rec)
-                    final = step >= spec.total_steps or (
-                        spec.time_limit > 0 and dist.max((time.perf_counter() - t_stage) / spec.time_limit) >= 1.0)
+                    if spec.time_limit > 0:
+                        time_fraction = dist.max((time.perf_counter() - t_stage) / spec.time_limit)
+                    final = step >= spec.total_steps or time_fraction >= 1.0
                     if final and step < spec.total_steps:
                         self.log(f"{spec.name}: time limit of {spec.time_limit:g} s reached at step {step}/"
                                  f"{spec.total_steps}")
