@@ -29,6 +29,8 @@
 # seconds with a saved export. On exit it packs the run into $OUT as <=15 MB parts (the tool
 # returns files of at most 16 MiB): `cat run.tar.part-* | tar xf -` here.
 # Measured on an H200 (2026-11-26): AE 38 steps/s at batch 256, FAR 9.5 steps/s at batch 64 x 96 frames.
+# To train several transformers at once on the shipped autoencoder (one leaves the GPU mostly idle;
+# two ran at 9.3 and 8.6 steps/s side by side in session 17), use scripts/device_train_arms.sh.
 set -x
 export PYTHONUNBUFFERED=1
 if [ -z "${SKIP_WHEELS:-}" ]; then
