@@ -278,6 +278,11 @@ def test_a_time_limited_stage_ends_early_at_the_floor_and_exports(trained, datas
     meta = json.loads((run / "state" / "state.json").read_text())
     assert meta["step"] == steps[-1]["step"]
     assert (run / "checkpoint" / "model.safetensors").exists()
+    # resuming a run whose time is up finishes at once; a longer limit continues it
+    assert main(["train", "--resume", str(run)]) == 0
+    assert json.loads((run / "state" / "state.json").read_text())["step"] == meta["step"]
+    assert main(["train", "--resume", str(run), "--far-time-limit", "6"]) == 0
+    assert json.loads((run / "state" / "state.json").read_text())["step"] > meta["step"]
 
 
 def test_datasets_that_disagree_are_named(dataset, tmp_path, capsys):

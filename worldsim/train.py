@@ -846,6 +846,8 @@ class Trainer:
             with self.interrupt:
                 # the slowest rank's clock, so every rank uses the same rate and stops together
                 time_fraction = dist.max(elapsed / spec.time_limit) if spec.time_limit > 0 else 0.0
+                if time_fraction >= 1.0:  # resumed after its time ran out: done, as with all steps done
+                    return True
                 while step < spec.total_steps:
                     rng, torch_seed = step_rng(cfg.seed, dist.rank, step)
                     torch.manual_seed(torch_seed)
