@@ -14,7 +14,7 @@ Keys (default keymap; `--keymap arrows|wasd|FILE.json` maps key names to action 
 
 The HUD shows the measured frames per second, the frame index, the world model's memory
 (L2 = compressed frames that left the short window: frames, tokens, cache MB; it grows by one
-frame's L2 tokens per step) and the sampling steps.
+frame's L2 tokens per step) and the sampler's settings (steps, timestep shift, generated-frame noise).
 
 Play generates with the approximate `multilevel-fast` cache by default: the exact `multilevel`
 cache re-encodes the short window against the whole L2 memory once per frame, which costs about
@@ -564,8 +564,7 @@ class Game:
         info = self.info
         state = "PAUSED" if self.paused else f"{self.meter.fps:5.1f} fps (target {self.config.fps:g})"
         if self.world.mode == "dream":
-            top = (f"DREAM  {state}  frame {self.frame_index}  steps {info.get('steps', '?')} "
-                   f"{info.get('precision', '')}  seed {self.seed}")
+            top = f"DREAM  {state}  frame {self.frame_index}  seed {self.seed}"
             mb = info.get("cache_bytes", 0) / 2**20
             mem = (f"memory L2 {info.get('l2_frames', 0)} fr / {info.get('l2_tokens', 0)} tok  "
                    f"L1 {info.get('l1_frames', 0)} fr  cache {mb:.1f} MB  RSS {self.rss_mb():.0f} MB")
@@ -575,11 +574,14 @@ class Game:
             mem = ("pose x %.2f y %.2f yaw %.0f deg" % (pose[0], pose[1], np.degrees(pose[2]))
                    if pose is not None else "")
         status = []
+        if self.world.mode == "dream":
+            status.append(f"steps {info.get('steps', '?')} shift {info.get('shift', 1.0):g} "
+                          f"noise {info.get('generated_noise', 0.0):g} {info.get('precision', '')}")
         if self.recorder is not None:
             status.append(f"REC {self.recorder.frames} frames")
         if self.message and time.monotonic() < self.message_until:
             status.append(self.message)
-        if not status:
+        if len(status) == (self.world.mode == "dream"):
             status.append("H help")
         return [top, mem, "  |  ".join(status)]
 
