@@ -229,6 +229,8 @@ def test_generated_noise_option_reaches_the_dream_and_is_checked(tiny_ckpt, caps
     assert cli.main(["play", "--checkpoint", str(tiny_ckpt), "--headless", "--actions", "random:2",
                      "--generated-noise", "1"]) == 2
     assert "--generated-noise must be in [0, 1), got 1.0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"generated_noise must be in \[0, 1\), got 1.0"):  # the shared check
+        dream_env.DreamEnv(checkpoint=tiny_ckpt, device="cpu", context_frames=1, generated_noise=1.0).reset(seed=0)
 
 
 @pytest.mark.parametrize("native_bf16, option, expected", [

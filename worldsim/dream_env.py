@@ -130,8 +130,6 @@ class DreamEnv(gym.Env):
         self.steps = steps
         self.cfg = cfg
         self.shift = shift
-        if generated_noise is not None and not 0 <= generated_noise < 1:
-            raise ValueError(f"generated_noise must be in [0, 1), got {generated_noise}")
         self.generated_noise = generated_noise
         self.reality = bool(reality)
         self.timing = bool(timing)

@@ -574,15 +574,15 @@ class Game:
             mem = ("pose x %.2f y %.2f yaw %.0f deg" % (pose[0], pose[1], np.degrees(pose[2]))
                    if pose is not None else "")
         status = []
-        if self.world.mode == "dream":
-            status.append(f"steps {info.get('steps', '?')} shift {info.get('shift', 1.0):g} "
-                          f"noise {info.get('generated_noise', 0.0):g} {info.get('precision', '')}")
         if self.recorder is not None:
             status.append(f"REC {self.recorder.frames} frames")
         if self.message and time.monotonic() < self.message_until:
             status.append(self.message)
-        if len(status) == (self.world.mode == "dream"):
+        if not status:
             status.append("H help")
+        if self.world.mode == "dream":
+            status.insert(0, f"steps {info.get('steps', '?')} shift {info.get('shift', 1.0):g} "
+                             f"noise {info.get('generated_noise', 0.0):g} {info.get('precision', '')}")
         return [top, mem, "  |  ".join(status)]
 
     def rss_mb(self) -> float:

@@ -195,6 +195,8 @@ class WorldModel:
         noise_level = float(context_noise if context_noise is not None else self.sampler.get("context_noise", 0.0))
         generated_level = float(generated_noise if generated_noise is not None
                                 else self.sampler.get("generated_noise", 0.0))
+        if not 0 <= generated_level < 1:  # 1 would replace every generated frame by pure noise
+            raise ValueError(f"generated_noise must be in [0, 1), got {generated_level}")
         session = Session(self, context, sampler, generator, noise_level, generated_level)
         if len(frames):
             latents = self.encode(frames)  # (K, C, h, w)
