@@ -111,11 +111,16 @@ def test_end_to_end_with_a_stand_in_model(tiny_data, tmp_path):
     assert set(gp) == {"revisit_multilevel_vs_sliding", "overall_multilevel_vs_sliding",
                        "overall_multilevel_vs_copy_last", "teacher_forced_vs_copy_previous",
                        "revisit_multilevel_vs_other_memory", "rest_multilevel_vs_other_memory",
-                       "overall_multilevel_vs_other_memory"}
+                       "overall_multilevel_vs_other_memory", "revisit_by_age"}
     ml, sl = summary["multilevel"]["psnr"], summary["sliding"]["psnr"]
     assert gp["overall_multilevel_vs_sliding"]["gap"] == pytest.approx(ml["overall"] - sl["overall"])
-    if ml["revisit"]["n"]:
-        assert gp["revisit_multilevel_vs_sliding"]["gap"] == pytest.approx(ml["revisit"]["mean"] - sl["revisit"]["mean"])
+    # every revisit frame falls in exactly one reach bin, and the bins add up to the revisit gap
+    by_age = gp["revisit_by_age"]
+    assert sum(row["frames"] for row in by_age) == ml["revisit"]["n"] > 0
+    assert gp["revisit_multilevel_vs_sliding"]["gap"] == pytest.approx(ml["revisit"]["mean"] - sl["revisit"]["mean"])
+    assert gp["revisit_multilevel_vs_sliding"]["gap"] == pytest.approx(
+        sum(row["gap"] * row["frames"] for row in by_age if row["frames"]) / ml["revisit"]["n"])
+    assert "how far back the memory must reach" in md
     tf = res["ground_truth"]["teacher_forced_summary"]
     assert gp["teacher_forced_vs_copy_previous"]["gap"] == pytest.approx(
         tf["teacher_forced"]["psnr"]["overall"] - tf["teacher_copy"]["psnr"]["overall"])

@@ -110,6 +110,17 @@ def test_revisit_mask_on_hand_made_poses():
     # a window covering the whole context and the new frame: nothing is old, nothing is a revisit
     mask2, source2 = revisit_mask(poses, context, context + 1)
     assert not mask2.any() and (source2 == -1).all()
+    # the memory's reach: frames back to the latest matching old frame, -1 where none
+    assert metrics.revisit_age(poses, context, window).tolist() == [6, 6, -1, -1, -1, 9, 10]
+
+
+def test_revisit_age_counts_back_to_the_latest_sighting_not_the_closest_pose():
+    # old frames 0..3 (window 2, context 5): the place is seen at frames 0 (exactly) and 2 (0.3 off)
+    poses = np.array([[1.5, 1.5, 0.0], [4.5, 4.5, 0.0], [1.8, 1.5, 0.0], [4.5, 4.5, 0.0], [6.5, 6.5, 0.0],
+                      [1.5, 1.5, 0.0], [6.5, 6.5, 0.0]], dtype=np.float64)
+    mask, source = revisit_mask(poses, 5, 2)
+    assert mask.tolist() == [True, False] and source[0] == 0  # the closest view
+    assert metrics.revisit_age(poses, 5, 2).tolist() == [3, -1]  # the latest one: frame 2
 
 
 def test_summarize():

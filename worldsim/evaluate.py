@@ -43,6 +43,9 @@
    window on revisit frames and overall, long context - copy floor, teacher-forced - its floor,
    each with a 95% bootstrap interval over episodes (episodes resampled, not frames: the frames
    of one episode are far from independent) and how many episodes have a positive difference.
+   The revisit difference is also split by how far back the memory must reach (`revisit_by_age`:
+   frames since the latest old context frame with the pose, metrics.revisit_age), to show whether
+   the memory reaches beyond the sequence length the transformer was trained on.
 
 2. Self-consistency, no ground truth: from a few simulator frames (reset frame + noops), turn
    in place (`turn_left` x N, N = round(2 pi / turn_step), repeated `--probe-loops` times) and
@@ -404,9 +407,11 @@ def score_episode(truth: np.ndarray, generated: dict[str, np.ndarray], poses: np
         mask, source = metrics.revisit_mask(poses[: context + count], context, window)
         out["revisit"] = mask
         out["revisit_source"] = source
+        out["revisit_age"] = metrics.revisit_age(poses[: context + count], context, window)
     else:
         out["revisit"] = None
         out["revisit_source"] = None
+        out["revisit_age"] = None
     for name, frames in generated.items():
         if frames.shape != target.shape:
             raise ValueError(f"condition {name!r}: generated frames {list(frames.shape)} vs truth {list(target.shape)}")
@@ -479,7 +484,20 @@ def gaps(episodes: list[dict[str, Any]], tf_episodes: list[dict[str, Any]], seed
     if tf_episodes:
         out["teacher_forced_vs_copy_previous"] = metrics.paired_gap(
             psnr_of(tf_episodes, "teacher_forced"), psnr_of(tf_episodes, "teacher_copy"), pooled=False, seed=seed)
+    if episodes and all(e.get("revisit_age") is not None for e in episodes):
+        out["revisit_by_age"] = []
+        for lo, hi in REVISIT_AGE_BINS:
+            masks = [(a >= lo) & (a < hi) for a in (np.asarray(e["revisit_age"]) for e in episodes)]
+            pooled = {name: metrics.summarize(np.concatenate(psnr_of(episodes, name)), np.concatenate(masks))["mean"]
+                      for name in ("multilevel", "sliding")}
+            out["revisit_by_age"].append({"ages": [lo, hi if math.isfinite(hi) else None], "psnr": pooled,
+                                          **metrics.paired_gap(psnr_of(episodes, "multilevel"), psnr_of(episodes, "sliding"),
+                                                               masks, pooled=True, seed=seed)})
     return out
+
+
+# how far back the memory must reach on a revisit (metrics.revisit_age), in frames
+REVISIT_AGE_BINS = ((0, 64), (64, 128), (128, 192), (192, math.inf))
 
 
 GAP_LABELS = {
@@ -802,6 +820,20 @@ def results_markdown(res: dict[str, Any]) -> str:
             if g and g["gap"] is not None:
                 interval = "n/a (1 episode)" if g["ci_low"] is None else f"{g['ci_low']:+.2f} .. {g['ci_high']:+.2f}"
                 lines.append(f"| {label} | {g['gap']:+.2f} | {interval} | {g['episodes_positive']} of {g['episodes']} |")
+        by_age = [row for row in gp.get("revisit_by_age") or [] if row["frames"]]
+        if by_age:
+            trained = ((cfgd.get("checkpoint_config") or {}).get("data") or {}).get("seq_len")
+            lines += ["", "Revisit frames by how far back the memory must reach (frames since the latest old context "
+                          "frame with the same pose)" + (f"; the transformer was trained on {trained}-frame sequences"
+                                                          if trained else "") + ":", "",
+                      "| frames back | revisit frames | long context | sliding window | difference | 95% interval |",
+                      "|---|---|---|---|---|---|"]
+            for row in by_age:
+                lo, hi = row["ages"]
+                ages = f"{lo}+" if hi is None else f"{lo}-{hi - 1}"
+                interval = "n/a" if row["ci_low"] is None else f"{row['ci_low']:+.2f} .. {row['ci_high']:+.2f}"
+                lines.append(f"| {ages} | {row['frames']} | {_fmt(row['psnr']['multilevel'])} | "
+                             f"{_fmt(row['psnr']['sliding'])} | {row['gap']:+.2f} | {interval} |")
         if "revisit_multilevel_vs_other_memory" in gp or "overall_multilevel_vs_other_memory" in gp:
             lines += ["", "The control has a long context too, but the frames already in L2 when generation "
                           "starts come from another test maze. Long context - sliding window mixes what the memory "
@@ -1046,7 +1078,8 @@ def rescore(folder: str | Path) -> dict[str, Any]:
     def arrays(eps: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{"conditions": {name: {m: np.asarray(v, dtype=np.float64) for m, v in per.items() if v is not None}
                                 for name, per in e["per_frame"].items()},
-                 "revisit": None if e.get("revisit") is None else np.asarray(e["revisit"], dtype=bool)}
+                 "revisit": None if e.get("revisit") is None else np.asarray(e["revisit"], dtype=bool),
+                 "revisit_age": None if e.get("revisit_age") is None else np.asarray(e["revisit_age"])}
                 for e in eps]
 
     gt["gaps"] = gaps(arrays(gt["episodes"]), arrays(gt.get("teacher_forced_episodes") or []),

@@ -25,7 +25,8 @@ Revisit rule (:func:`revisit_mask`): a generated frame is a revisit when its pos
 0.5 cell (Euclidean distance of (x, y) in maze cells, inclusive) and 30 degrees (absolute
 yaw difference wrapped to [-pi, pi], inclusive) of some context frame with index
 ``< context - window + 1``, i.e. a frame that has already left the model's short window when the
-first frame is generated.
+first frame is generated. :func:`revisit_age` says how many frames back the latest such context
+frame is: the reach the memory needs there.
 """
 from __future__ import annotations
 
@@ -229,6 +230,24 @@ def revisit_mask(poses: np.ndarray, context: int, window: int,
     best = np.argmin(cost, axis=1)
     source[mask] = best[mask]
     return mask, source
+
+
+def revisit_age(poses: np.ndarray, context: int, window: int,
+                distance: float = REVISIT_DISTANCE_CELLS,
+                yaw_degrees: float = REVISIT_YAW_DEGREES) -> np.ndarray:
+    """How far back the memory must reach for each generated frame: int [T - context], the frames
+    between it and the latest old context frame (as in :func:`revisit_mask`) with its pose; -1
+    where it revisits none. The latest sighting, not the closest pose: an older view adds nothing
+    a newer one of the same place lacks, so this is the shortest reach that would do."""
+    poses = np.asarray(poses, dtype=np.float64)
+    mask, _ = revisit_mask(poses, context, window, distance, yaw_degrees)  # also checks the shapes
+    n_old = max(0, context - int(window) + 1)
+    age = np.full(len(mask), -1, dtype=np.int64)
+    if mask.any():
+        match = pose_match(poses[context:], poses[:n_old], distance, yaw_degrees)  # (G, n_old)
+        latest = n_old - 1 - np.argmax(match[:, ::-1], axis=1)
+        age[mask] = (context + np.arange(len(mask)) - latest)[mask]
+    return age
 
 
 def summarize(values: np.ndarray, mask: np.ndarray | None = None) -> dict[str, Any]:
