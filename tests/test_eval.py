@@ -64,6 +64,36 @@ def test_ground_truth_as_generation_scores_perfectly(tiny_data):
         score_episode(truth, {"x": truth[k + 1:]}, ep.poses, k, window=4)
 
 
+def test_revisit_gap_by_reach_bins_frames_by_age_and_reports_each_bin():
+    """gaps()['revisit_by_age']: each revisit frame counted in the bin of its age (edges 64, 128,
+    192, the last open), the bins' own PSNR means and differences, JSON-safe, and a table row each."""
+    ages = np.array([-1, 16, 63, 64, 127, 128, 191, 192, 300])
+    revisit = ages >= 0
+    long = np.arange(9, dtype=np.float64) + 10.0  # 10 .. 18
+    sliding = np.full(9, 10.0)
+
+    def episode(shift: float) -> dict:
+        return {"conditions": {"multilevel": {"psnr": long + shift}, "sliding": {"psnr": sliding},
+                               "copy_last": {"psnr": sliding}}, "revisit": revisit, "revisit_age": ages}
+
+    gp = evaluate.gaps([episode(0.0), episode(2.0)], [], seed=0)
+    rows = gp["revisit_by_age"]
+    assert [r["ages"] for r in rows] == [[0, 64], [64, 128], [128, 192], [192, None]]
+    assert [r["frames"] for r in rows] == [4, 4, 4, 4]  # 2 per episode; the non-revisit frame in none
+    # bin 64-127 holds frames 3 and 4: long 13, 14 (+2 in the second episode), sliding 10
+    assert rows[1]["psnr"]["multilevel"] == pytest.approx(14.5) and rows[1]["psnr"]["sliding"] == 10.0
+    assert [r["gap"] for r in rows] == pytest.approx([2.5, 4.5, 6.5, 8.5])
+    assert rows[0]["episodes_positive"] == 2 and rows[0]["ci_low"] <= rows[0]["gap"] <= rows[0]["ci_high"]
+    json.dumps(evaluate._jsonable(gp), allow_nan=False)  # no inf or numpy left
+    md = evaluate.results_markdown({
+        "config": {"checkpoint": "c", "dataset": "d", "dataset_split": "test", "context": 144, "generate": 156,
+                   "window": 16, "steps": 4, "cfg": 1.0, "seed": 0, "checkpoint_config": {"data": {"seq_len": 96}}},
+        "ground_truth": {"episodes_evaluated": 2, "gaps": gp},
+        "metrics": {"lpips": {"status": "off"}, "definitions": {"psnr": "", "ssim": ""}}})
+    assert "trained on 96-frame sequences" in md
+    assert "| 16-63 | 4 | 12.50 | 10.00 | +2.50 |" in md and "| 192+ | 4 | 18.50 | 10.00 | +8.50 |" in md
+
+
 def test_probe_pairs_on_a_turn_in_place():
     step = math.radians(90)
     yaws = [0.0] * 2 + [-(j + 1) * step for j in range(8)]  # 2 context frames, then 2 full turns left
@@ -396,6 +426,14 @@ def test_rescore_recomputes_the_differences_of_an_earlier_run(tiny_data, tmp_pat
     assert again["ground_truth"]["summary"] == json.loads(json.dumps(res["ground_truth"]["summary"]))
     assert "Paired PSNR differences" in (tmp_path / "a" / "results.md").read_text()
     assert "rewrote" in capsys.readouterr().out
+    # a file from before the reach split: rescored without it, the rest as before
+    for e in older["ground_truth"]["episodes"]:
+        del e["revisit_age"]
+    path.write_text(json.dumps(older))
+    assert main(["eval", "--rescore", str(tmp_path / "a")]) == 0
+    again = json.loads(path.read_text())["ground_truth"]["gaps"]
+    assert "revisit_by_age" not in again
+    assert again["revisit_multilevel_vs_sliding"] == json.loads(json.dumps(res["ground_truth"]["gaps"]["revisit_multilevel_vs_sliding"]))
     # a folder without a results file: a clear error, exit code 2
     assert main(["eval", "--rescore", str(tmp_path / "nothing")]) == 2
     assert "not found" in capsys.readouterr().err

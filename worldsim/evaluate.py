@@ -830,6 +830,7 @@ def results_markdown(res: dict[str, Any]) -> str:
                       "|---|---|---|---|---|---|"]
             for row in by_age:
                 lo, hi = row["ages"]
+                lo = max(lo, int(cfgd.get("window") or 0))  # nothing is nearer than the window
                 ages = f"{lo}+" if hi is None else f"{lo}-{hi - 1}"
                 interval = "n/a" if row["ci_low"] is None else f"{row['ci_low']:+.2f} .. {row['ci_high']:+.2f}"
                 lines.append(f"| {ages} | {row['frames']} | {_fmt(row['psnr']['multilevel'])} | "

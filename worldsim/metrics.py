@@ -197,6 +197,19 @@ def pose_match(p: np.ndarray, q: np.ndarray, distance: float, yaw_degrees: float
     return (dist <= distance + 1e-9) & (dyaw <= math.radians(yaw_degrees) + 1e-9)
 
 
+def _old_context_matches(poses: np.ndarray, context: int, window: int, distance: float,
+                         yaw_degrees: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(poses as float64, generated poses [G, 3], match [G, n_old] bool against the old context frames)."""
+    poses = np.asarray(poses, dtype=np.float64)
+    if poses.ndim != 2 or poses.shape[1] != 3:
+        raise ValueError(f"poses must be [T, 3], got {list(poses.shape)}")
+    if not 0 <= context <= len(poses):
+        raise ValueError(f"context {context} outside the {len(poses)} poses")
+    gen = poses[context:]
+    n_old = max(0, context - int(window) + 1)
+    return poses, gen, pose_match(gen, poses[:n_old], distance, yaw_degrees)
+
+
 def revisit_mask(poses: np.ndarray, context: int, window: int,
                  distance: float = REVISIT_DISTANCE_CELLS,
                  yaw_degrees: float = REVISIT_YAW_DEGREES) -> tuple[np.ndarray, np.ndarray]:
@@ -210,25 +223,15 @@ def revisit_mask(poses: np.ndarray, context: int, window: int,
     holds frames ``context - window + 1 .. context`` (the new one included), so old frames have
     index ``< context - window + 1``; with ``context < window`` nothing is a revisit.
     """
-    poses = np.asarray(poses, dtype=np.float64)
-    if poses.ndim != 2 or poses.shape[1] != 3:
-        raise ValueError(f"poses must be [T, 3], got {list(poses.shape)}")
-    if not 0 <= context <= len(poses):
-        raise ValueError(f"context {context} outside the {len(poses)} poses")
-    gen = poses[context:]
-    n_old = max(0, context - int(window) + 1)
-    mask = np.zeros(len(gen), dtype=bool)
-    source = np.full(len(gen), -1, dtype=np.int64)
-    if n_old == 0 or len(gen) == 0:
-        return mask, source
-    old = poses[:n_old]
-    match = pose_match(gen, old, distance, yaw_degrees)
+    poses, gen, match = _old_context_matches(poses, context, window, distance, yaw_degrees)
     mask = match.any(axis=1)
-    dist = np.hypot(gen[:, None, 0] - old[None, :, 0], gen[:, None, 1] - old[None, :, 1])
-    dyaw = np.abs(wrap_angle(gen[:, None, 2] - old[None, :, 2]))
-    cost = np.where(match, dist + 1e-3 * dyaw, np.inf)
-    best = np.argmin(cost, axis=1)
-    source[mask] = best[mask]
+    source = np.full(len(gen), -1, dtype=np.int64)
+    if mask.any():
+        old = poses[: match.shape[1]]
+        dist = np.hypot(gen[:, None, 0] - old[None, :, 0], gen[:, None, 1] - old[None, :, 1])
+        dyaw = np.abs(wrap_angle(gen[:, None, 2] - old[None, :, 2]))
+        cost = np.where(match, dist + 1e-3 * dyaw, np.inf)
+        source[mask] = np.argmin(cost, axis=1)[mask]
     return mask, source
 
 
@@ -238,15 +241,15 @@ def revisit_age(poses: np.ndarray, context: int, window: int,
     """How far back the memory must reach for each generated frame: int [T - context], the frames
     between it and the latest old context frame (as in :func:`revisit_mask`) with its pose; -1
     where it revisits none. The latest sighting, not the closest pose: an older view adds nothing
-    a newer one of the same place lacks, so this is the shortest reach that would do."""
-    poses = np.asarray(poses, dtype=np.float64)
-    mask, _ = revisit_mask(poses, context, window, distance, yaw_degrees)  # also checks the shapes
-    n_old = max(0, context - int(window) + 1)
-    age = np.full(len(mask), -1, dtype=np.int64)
+    a newer one of the same place lacks, so this is the shortest reach that would do. Only the
+    context counts (a place the generated stretch passed again is still aged from the context),
+    and a frame g steps into the generated stretch is at least W + g back."""
+    _, gen, match = _old_context_matches(poses, context, window, distance, yaw_degrees)
+    mask = match.any(axis=1)
+    age = np.full(len(gen), -1, dtype=np.int64)
     if mask.any():
-        match = pose_match(poses[context:], poses[:n_old], distance, yaw_degrees)  # (G, n_old)
-        latest = n_old - 1 - np.argmax(match[:, ::-1], axis=1)
-        age[mask] = (context + np.arange(len(mask)) - latest)[mask]
+        latest = match.shape[1] - 1 - np.argmax(match[:, ::-1], axis=1)
+        age[mask] = (context + np.arange(len(gen)) - latest)[mask]
     return age
 
 
