@@ -101,6 +101,12 @@ def test_probe_pairs_on_a_turn_in_place():
     pairs = probe_pairs(poses, context=2, pos_tol=0.1, yaw_tol=step / 2)
     # frame 5 (-360 deg) matches context frame 0; frames 6..9 match 2..5 (the first turn)
     assert pairs == [(5, 0), (6, 2), (7, 3), (8, 4), (9, 0)]
+    # the control of each pair: the earlier frame at the spot that looks most the other way
+    # (frame 5 faces 0 deg: frame 3 at -180; frame 7 at -540 = 180: frame 0 at 0, the earliest)
+    assert evaluate.opposite_view_pairs(poses, pairs, pos_tol=0.1) == [(5, 3), (6, 4), (7, 0), (8, 2), (9, 3)]
+    elsewhere = poses.copy()
+    elsewhere[:5, 0] += 1.0  # nothing earlier at the same spot: no control
+    assert evaluate.opposite_view_pairs(elsewhere, [(5, 0)], pos_tol=0.1) == []
     # standing still (a blocked move) is not a revisit
     still = np.array([[1.5, 1.5, 0.0]] * 4)
     assert probe_pairs(still, context=1, pos_tol=0.1, yaw_tol=0.1) == []
@@ -160,6 +166,8 @@ def test_end_to_end_with_a_stand_in_model(tiny_data, tmp_path):
     assert (tmp_path / "again.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sc = res["self_consistency"]["summary"]
     assert sc["turn_360"]["multilevel"]["psnr"]["n"] > 0
+    assert sc["turn_360"]["multilevel"]["psnr_opposite_view"]["n"] == sc["turn_360"]["multilevel"]["psnr"]["n"]
+    assert "against the opposite view" in md
     # the same seed gives the same numbers; another seed other numbers
     res_b = run_eval(cfg.__class__(**{**cfg.__dict__, "out": str(tmp_path / "b")}), world=FakeWorld())
     assert _numbers(res_b) == _numbers(res)

@@ -53,6 +53,8 @@
    the same actions only to know the poses; each generated frame whose pose equals that of an
    earlier frame of the same session (0.5 move step, half a turn step) is scored against that
    earliest frame -- the model's own view of the place. Conditions: multilevel vs sliding.
+   Control: the same frame scored against the earlier frame at its spot that looks most the
+   other way (`opposite_view_pairs`): a model that paints every view alike scores both the same.
 
 3. Output in `--out`: `results.json` (every number, per-frame arrays, the config: checkpoint path
    and config, dataset, seeds), `results.md` (tables), `psnr_vs_frame.png` (mean PSNR per frame
@@ -545,6 +547,21 @@ def probe_pairs(poses: np.ndarray, context: int, pos_tol: float, yaw_tol: float)
     return pairs
 
 
+def opposite_view_pairs(poses: np.ndarray, pairs: list[tuple[int, int]], pos_tol: float) -> list[tuple[int, int]]:
+    """A control for each probe pair (t, s): (t, u), u the earlier frame at t's position that looks
+    most the other way (at least 90 degrees off; the earliest among equals). A model that paints
+    every view alike scores as well against u as against s; one that remembers the place, worse."""
+    poses = np.asarray(poses, dtype=np.float64)
+    out = []
+    for t, _ in pairs:
+        near = np.hypot(poses[:t, 0] - poses[t, 0], poses[:t, 1] - poses[t, 1]) <= pos_tol + 1e-9
+        off = np.abs(metrics.wrap_angle(poses[:t, 2] - poses[t, 2]))
+        off = np.where(near & (off >= math.pi / 2 - 1e-9), off, -1.0)
+        if off.max(initial=-1.0) >= 0:
+            out.append((t, int(np.argmax(off))))
+    return out
+
+
 def _pick_probe_maze_seeds(ds: Any, count: int, seed: int, split: str = "test") -> list[int | None]:
     seeds: list[int | None] = []
     if ds is not None:
@@ -624,9 +641,11 @@ def self_consistency(world: Any, cfg: EvalConfig, ds: Any, bar_enabled: bool) ->
                         np.stack([start + [0.0, 0.0, -(j + 1) * turn_step] for j in range(len(acts))])])
                     maze_seed = ep.maze_seed
                 pairs = probe_pairs(pose_arr, k_ctx, pos_tol, yaw_tol)
+                controls = opposite_view_pairs(pose_arr, pairs, pos_tol)
                 entry: dict[str, Any] = {"probe": pname, "index": i, "maze_seed": maze_seed, "seed": seed,
                                          "frames": len(acts), "pairs": [[t, s] for t, s in pairs],
-                                         "pair_age": [t - s for t, s in pairs], "conditions": {}}
+                                         "pair_age": [t - s for t, s in pairs],
+                                         "opposite_view_pairs": [[t, u] for t, u in controls], "conditions": {}}
                 for mode in GEN_CONDITIONS:
                     session = world.new_session(ctx, np.asarray(ctx_actions, dtype=np.int64),
                                                 cache_mode=_cache_of(mode, cfg),
@@ -644,6 +663,9 @@ def self_consistency(world: Any, cfg: EvalConfig, ds: Any, bar_enabled: bool) ->
                     else:
                         sc = {"psnr": np.zeros(0), "ssim": np.zeros(0)}
                     entry["conditions"][mode] = {k: v for k, v in sc.items()}
+                    entry["conditions"][mode]["psnr_opposite_view"] = (
+                        metrics.psnr(allf[[t for t, _ in controls]], allf[[u for _, u in controls]])
+                        if controls else np.zeros(0))
                 results["probes"].append(entry)
     finally:
         bar.close()
@@ -660,6 +682,9 @@ def self_consistency(world: Any, cfg: EvalConfig, ds: Any, bar_enabled: bool) ->
                 vals = np.concatenate([e["conditions"][mode][m] for e in entries]) if entries else np.zeros(0)
                 row[m] = metrics.summarize(vals)
                 row[m + "_beyond_window"] = metrics.summarize(vals, ages > window)
+            row["psnr_opposite_view"] = metrics.summarize(np.concatenate(
+                [np.asarray(e["conditions"][mode].get("psnr_opposite_view", []), dtype=np.float64) for e in entries])
+                if entries else np.zeros(0))
             per[mode] = row
         summary[pname] = per
     results["summary"] = summary
@@ -850,12 +875,17 @@ def results_markdown(res: dict[str, Any]) -> str:
         lines.append(f"Full turn = {sc['full_turn_steps']} x turn_left; loops = {sc['loops']}; out-and-back k = "
                      f"{sc['forward']}; poses from {sc['poses_from']}.")
         lines.append("")
-        lines.append("| probe | condition | PSNR | SSIM | pairs | PSNR (pairs older than W) | pairs older than W |")
-        lines.append("|---|---|---|---|---|---|---|")
+        lines.append("| probe | condition | PSNR | SSIM | pairs | PSNR (pairs older than W) | pairs older than W | "
+                     "control: PSNR against the opposite view |")
+        lines.append("|---|---|---|---|---|---|---|---|")
         for pname, per in sc["summary"].items():
             for mode, row in per.items():
                 lines.append(f"| {pname} | {mode} | {cell(row['psnr'])} | {cell(row['ssim'], digits=3)} | {row['psnr']['n']} | "
-                             f"{cell(row['psnr_beyond_window'])} | {row['psnr_beyond_window']['n']} |")
+                             f"{cell(row['psnr_beyond_window'])} | {row['psnr_beyond_window']['n']} | "
+                             f"{cell(row.get('psnr_opposite_view'))} |")
+        lines += ["", "Control: each revisited view scored against the earlier frame at the same spot that looks most "
+                      "the other way (at least 90 degrees off). A model that remembers the place scores the probe "
+                      "above its control; one that paints every view alike scores them the same."]
         if isinstance(sc.get("out_and_back"), str):
             lines.append(f"\nout_and_back: {sc['out_and_back']}")
     else:
