@@ -69,13 +69,15 @@ class FakeWorld:
         self.sessions: list[tuple[str, int | None]] = []
         self.contexts: list[np.ndarray] = []  # the context frames of every session, in order
         self.shifts: list[float | None] = []  # the sampler shift every session was asked for
+        self.temperatures: list[float | None] = []  # and the sampling temperature
         self.generated_noise: list[float | None] = []  # and the generated-frame noise level (None: not passed)
 
     def new_session(self, context_frames, context_actions, cache_mode="multilevel", steps=None, cfg=None, seed=None,
-                    shift=None, generated_noise=None):
+                    shift=None, generated_noise=None, temperature=None):
         assert len(context_frames) == len(context_actions)
         self.sessions.append((cache_mode, seed))
         self.shifts.append(shift)
+        self.temperatures.append(temperature)
         self.generated_noise.append(generated_noise)
         self.contexts.append(np.array(context_frames))
         return FakeSession(self, context_frames, context_actions, cache_mode, seed)

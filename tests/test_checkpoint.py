@@ -218,7 +218,25 @@ def test_the_sampler_shift_is_a_checkpoint_default_that_sessions_can_override(sa
     np.testing.assert_array_equal(_frames(WorldModel.load(path, device="cpu")), _frames(world))
 
 
-@pytest.mark.parametrize("key, value", [("shift", 0), ("shift", "3"), ("steps", 0), ("steps", 2.5)])
+def test_the_sampler_temperature_is_a_checkpoint_default_that_sessions_can_override(saved):
+    world, path = saved
+    assert load_checkpoint(path).sampler["temperature"] == 1.0  # written explicitly by save
+    config = json.loads((path / "config.json").read_text())
+    config["sampler"]["temperature"] = 0.5
+    (path / "config.json").write_text(json.dumps(config))
+    cooled = WorldModel.load(path, device="cpu")
+    assert cooled.sampler["temperature"] == 0.5
+    np.testing.assert_array_equal(_frames(cooled), _frames(world, temperature=0.5))
+    np.testing.assert_array_equal(_frames(cooled, temperature=1.0), _frames(world))
+    assert not np.array_equal(_frames(cooled), _frames(world))
+    # a config written before the temperature existed samples plainly
+    del config["sampler"]["temperature"]
+    (path / "config.json").write_text(json.dumps(config))
+    np.testing.assert_array_equal(_frames(WorldModel.load(path, device="cpu")), _frames(world))
+
+
+@pytest.mark.parametrize("key, value", [("shift", 0), ("shift", "3"), ("steps", 0), ("steps", 2.5),
+                                        ("temperature", -1), ("temperature", "0.7"), ("temperature", True)])
 def test_bad_sampler_settings_name_the_file(saved, key, value):
     _, path = saved
     config = json.loads((path / "config.json").read_text())

@@ -315,7 +315,8 @@ def test_shift_option_reaches_every_session_and_the_results(tiny_data, tmp_path)
     world = FakeWorld()
     res = run_eval(cfg, world=world)
     assert len(world.shifts) > 4 and set(world.shifts) == {2.5}  # conditions, control, teacher forcing, probes
-    assert res["config"]["sampler_used"] == {"steps": 1, "cfg": 1.0, "shift": 2.5, "generated_noise": 0.0}
+    assert res["config"]["sampler_used"] == {"steps": 1, "cfg": 1.0, "shift": 2.5, "temperature": 1.0,
+                                             "generated_noise": 0.0}
     assert "shift = 2.5," in (tmp_path / "s" / "results.md").read_text()
     # without the option the checkpoint's setting applies, 1 (uniform steps) where it has none
     world = FakeWorld()
@@ -323,6 +324,22 @@ def test_shift_option_reaches_every_session_and_the_results(tiny_data, tmp_path)
     assert set(world.shifts) == {None} and res["config"]["sampler_used"]["shift"] == 1.0
     with pytest.raises(EvalError, match="--shift must be > 0, got 0.0"):
         run_eval(EvalConfig(**{**cfg.__dict__, "shift": 0.0}), world=FakeWorld())
+
+
+def test_temperature_option_reaches_every_session_and_the_results(tiny_data, tmp_path):
+    """--temperature reaches teacher forcing too: it shapes every frame the model samples."""
+    cfg = EvalConfig(data=str(tiny_data), out=str(tmp_path / "t"), episodes=1, context=12, generate=4, videos=0,
+                     probe_episodes=1, probe_forward=2, progress=False, temperature=0.7)
+    world = FakeWorld()
+    res = run_eval(cfg, world=world)
+    assert len(world.temperatures) > 4 and set(world.temperatures) == {0.7}  # conditions, control, TF, probes
+    assert res["config"]["sampler_used"]["temperature"] == 0.7
+    assert "temperature = 0.7," in (tmp_path / "t" / "results.md").read_text()
+    world = FakeWorld()  # without the option: the checkpoint's, 1 (plain sampling) where it has none
+    res = run_eval(EvalConfig(**{**cfg.__dict__, "temperature": None, "out": str(tmp_path / "d")}), world=world)
+    assert set(world.temperatures) == {None} and res["config"]["sampler_used"]["temperature"] == 1.0
+    with pytest.raises(EvalError, match="--temperature must be a finite number >= 0, got -0.5"):
+        run_eval(EvalConfig(**{**cfg.__dict__, "temperature": -0.5}), world=FakeWorld())
 
 
 def test_generated_noise_option_reaches_every_generating_session_and_the_results(tiny_data, tmp_path):

@@ -181,6 +181,7 @@ def test_headless_benchmark_reports_fps(tiny_ckpt, capsys):
     out = capsys.readouterr().out
     assert "frame    20" in out and "fps" in out and "resident memory" in out
     assert "cache multilevel-fast," in out and "precision " in out and "shift 1.0," in out
+    assert "temperature 1.0," in out
 
 
 @pytest.mark.parametrize("mode, refreshes_window", [(None, False), ("multilevel", True)])
@@ -210,6 +211,19 @@ def test_shift_option_reaches_the_dream_and_is_checked(tiny_ckpt, capsys):
     assert cli.main(["play", "--checkpoint", str(tiny_ckpt), "--headless", "--actions", "random:2",
                      "--shift", "0"]) == 2
     assert "--shift must be > 0, got 0.0" in capsys.readouterr().err
+
+
+def test_temperature_option_reaches_the_dream_and_is_checked(tiny_ckpt, capsys):
+    """--temperature overrides the checkpoint's sampling temperature (1 in the tiny one) for the played session."""
+    for temperature, expected in ((None, 1.0), (0.6, 0.6)):
+        world = open_world(PlayConfig(checkpoint=str(tiny_ckpt), context_frames=1, temperature=temperature),
+                           reality=False, log=lambda _: None)
+        world.env.reset(seed=0)
+        assert world.env.unwrapped._session.sampler.temperature == expected
+        assert world.env.step(0)[4]["temperature"] == expected  # what the HUD and the benchmark line report
+    assert cli.main(["play", "--checkpoint", str(tiny_ckpt), "--headless", "--actions", "random:2",
+                     "--temperature", "-1"]) == 2
+    assert "--temperature must be a finite number >= 0, got -1.0" in capsys.readouterr().err
 
 
 def test_generated_noise_option_reaches_the_dream_and_is_checked(tiny_ckpt, capsys):
@@ -300,7 +314,7 @@ def test_interactive_tap_and_hold_and_quit_while_recording(tiny_ckpt, tmp_path):
     assert game.steps_taken == 3
     assert video_frames(game.recordings[0]) == (4, (64, 64))
     assert game.hud()[0].startswith("DREAM")
-    assert game.hud()[2].startswith("steps 2 shift 1 noise 0 ")  # the tiny checkpoint's sampler settings
+    assert game.hud()[2].startswith("steps 2 shift 1 temp 1 noise 0 ")  # the tiny checkpoint's sampler settings
 
 
 def test_interactive_sim_walk_without_checkpoint(tmp_path, no_shipped_checkpoint, capsys):

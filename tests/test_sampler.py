@@ -1,4 +1,4 @@
-"""The Euler flow-matching sampler's timestep grid and its shift (tiny, CPU, no network)."""
+"""The Euler flow-matching sampler's timestep grid, its shift and its temperature (tiny, CPU, no network)."""
 from __future__ import annotations
 
 import math
@@ -40,3 +40,33 @@ def test_sample_steps_through_the_shifted_grid():
 def test_a_shift_that_is_not_positive_is_refused(shift):
     with pytest.raises(ValueError, match="shift must be > 0"):
         EulerSampler(4, shift=shift)
+
+
+def _nonlinear_velocity(x, t, action):
+    return torch.tanh(3 * x) - 0.5 * x + t.view(-1, 1, 1, 1)  # depends on where the path starts
+
+
+def test_temperature_scales_the_starting_noise_and_zero_is_deterministic():
+    action = torch.zeros(1, dtype=torch.long)
+    noise_a, noise_b = (torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(s)) for s in (0, 1))
+    starts: list[torch.Tensor] = []
+
+    def recording(x, t, action):
+        starts.append(x.clone())
+        return _nonlinear_velocity(x, t, action)
+
+    EulerSampler(4, temperature=0.7).sample(recording, noise_a, action, null_action=0)
+    torch.testing.assert_close(starts[0], 0.7 * noise_a)  # the ODE starts from the scaled noise
+    plain = [EulerSampler(4).sample(_nonlinear_velocity, n, action, null_action=0) for n in (noise_a, noise_b)]
+    cold = [EulerSampler(4, temperature=0.0).sample(_nonlinear_velocity, n, action, null_action=0)
+            for n in (noise_a, noise_b)]
+    assert not torch.allclose(plain[0], plain[1])
+    torch.testing.assert_close(cold[0], cold[1])  # temperature 0: the same sample whatever the noise
+    explicit_one = EulerSampler(4, temperature=1.0).sample(_nonlinear_velocity, noise_a, action, null_action=0)
+    assert torch.equal(explicit_one, plain[0])  # 1 is plain sampling, bit for bit
+
+
+@pytest.mark.parametrize("temperature", [-0.1, math.nan, math.inf])
+def test_a_temperature_that_is_negative_or_not_finite_is_refused(temperature):
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+        EulerSampler(4, temperature=temperature)

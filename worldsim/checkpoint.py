@@ -8,11 +8,13 @@ API
     stored_far_dtype(config) -> "float32" | "bfloat16"  # how the file stores the transformer
     Checkpoint(autoencoder, far, config: dict, path)  # .action_names .resolution .sampler .simulator .step .far_dtype
     CheckpointError(ValueError)                      # message names the folder and the problem
-    DEFAULT_SAMPLER = {"steps": 10, "cfg": 1.5, "shift": 1.0, "context_noise": 0.0, "generated_noise": 0.0}
+    DEFAULT_SAMPLER = {"steps": 10, "cfg": 1.5, "shift": 1.0, "temperature": 1.0, "context_noise": 0.0,
+                       "generated_noise": 0.0}
 
 config.json keys: format, version, autoencoder (AutoencoderConfig), far (FARConfig), sampler
-(steps, cfg, shift, context_noise, generated_noise: the defaults of play, eval and Dream-v0; a
-config without shift samples with 1.0, the uniform grid), action_names, resolution [H, W], simulator ({"id", "settings"} or
+(steps, cfg, shift, temperature, context_noise, generated_noise: the defaults of play, eval and
+Dream-v0; a config without shift samples with 1.0, the uniform grid, and one without temperature
+with 1.0, plain sampling), action_names, resolution [H, W], simulator ({"id", "settings"} or
 null), data (training data summary), step, weights {file, bytes, dtypes}, extra.
 model.safetensors keys: "autoencoder.<name>" and "far.<name>" (the modules' state_dict keys).
 
@@ -47,7 +49,8 @@ FORMAT = "worldsim-checkpoint"
 VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-DEFAULT_SAMPLER: dict[str, Any] = {"steps": 10, "cfg": 1.5, "shift": 1.0, "context_noise": 0.0, "generated_noise": 0.0}
+DEFAULT_SAMPLER: dict[str, Any] = {"steps": 10, "cfg": 1.5, "shift": 1.0, "temperature": 1.0, "context_noise": 0.0,
+                                   "generated_noise": 0.0}
 FAR_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -214,6 +217,9 @@ def read_config(path: str | os.PathLike) -> dict:
         raise CheckpointError(path, f"{CONFIG_NAME}: sampler.steps must be an integer >= 1, got {steps!r}")
     if not isinstance(shift, (int, float)) or isinstance(shift, bool) or not shift > 0:
         raise CheckpointError(path, f"{CONFIG_NAME}: sampler.shift must be a number > 0, got {shift!r}")
+    temperature = sampler.get("temperature", 1.0)
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature < float("inf"):
+        raise CheckpointError(path, f"{CONFIG_NAME}: sampler.temperature must be a finite number >= 0, got {temperature!r}")
     return config
 
 

@@ -19,7 +19,8 @@ themselves (wrap in `TimeLimit` if you want them to). Same seed + same actions -
 the sampler's noise seed is drawn from the env's `np_random`.
 
 `info`: `frame_index`, `action` (name), `l1_frames`, `l1_tokens`, `l2_frames`, `l2_tokens`,
-`cache_bytes`, `steps` (sampling steps), `shift` (the sampler's timestep shift), `generated_noise` (the level given to generated frames entering the context), `cache_mode`, `precision` (the transformer's CPU
+`cache_bytes`, `steps` (sampling steps), `shift` (the sampler's timestep shift), `temperature` (the scale of its
+initial noise), `generated_noise` (the level given to generated frames entering the context), `cache_mode`, `precision` (the transformer's CPU
 arithmetic, `worldsim.world.PRECISIONS`; eval and this env default to fp32, play to auto), `maze_seed` where known, and with `timing=True`
 `gen_time_s` (seconds to generate this frame). Timing is opt-in because a wall-clock
 measurement never repeats, and `check_env` demands that the same seed and actions give equal
@@ -107,6 +108,7 @@ class DreamEnv(gym.Env):
         steps: int | None = None,
         cfg: float | None = None,
         shift: float | None = None,
+        temperature: float | None = None,
         generated_noise: float | None = None,
         device: str | None = None,
         precision: str = "fp32",
@@ -130,6 +132,7 @@ class DreamEnv(gym.Env):
         self.steps = steps
         self.cfg = cfg
         self.shift = shift
+        self.temperature = temperature
         self.generated_noise = generated_noise
         self.reality = bool(reality)
         self.timing = bool(timing)
@@ -271,6 +274,7 @@ class DreamEnv(gym.Env):
             "cache_bytes": _stat(stats, "cache_bytes"),
             "steps": self.sampling_steps,
             "shift": float(getattr(getattr(session, "sampler", None), "shift", 1.0)),
+            "temperature": float(getattr(getattr(session, "sampler", None), "temperature", 1.0)),
             "generated_noise": float(getattr(session, "generated_noise", 0.0)),
             "cache_mode": self.cache_mode,
             "precision": getattr(self.world, "precision", "fp32"),
@@ -312,7 +316,7 @@ class DreamEnv(gym.Env):
         self._session = None  # drop the previous cache before building the next one
         self._session = self.world.new_session(
             frames, actions, cache_mode=self.cache_mode, steps=self.steps, cfg=self.cfg, shift=self.shift,
-            generated_noise=self.generated_noise, seed=noise_seed)
+            temperature=self.temperature, generated_noise=self.generated_noise, seed=noise_seed)
         self._frame = np.asarray(frames[-1], dtype=np.uint8)
         if self.render_mode == "human":
             self.render()

@@ -121,6 +121,9 @@ class EvalConfig:
     cfg: float | None = field(default=None, metadata={"help": "classifier-free guidance scale (default: the checkpoint's)"})
     shift: float | None = field(default=None, metadata={
         "help": "sampler timestep shift, > 0; 1 = uniform steps, > 1 = more of them at high noise (default: the checkpoint's)"})
+    temperature: float | None = field(default=None, metadata={
+        "help": "scale of the initial noise each frame is sampled from, >= 0; below 1 = nearer the middle of the "
+                "model's distribution, 0 = deterministic, 1 = plain sampling (default: the checkpoint's)"})
     generated_noise: float | None = field(default=None, metadata={
         "help": "noise level in [0, 1) given to the frames the model generates before they enter its context (they "
                 "are labelled with it, as training labels noised context); 0 = off (default: the checkpoint's)"})
@@ -326,10 +329,11 @@ def load_test_split(path: Path, world: Any, split: str = "test") -> tuple[Any, s
 
 def generate(world: Any, video: np.ndarray, actions: np.ndarray, context: int, count: int, cache_mode: str,
              steps: int | None, cfg: float | None, seed: int, bar: Any = None, shift: float | None = None,
-             generated_noise: float | None = None) -> np.ndarray:
+             generated_noise: float | None = None, temperature: float | None = None) -> np.ndarray:
     """G frames generated after the first `context` frames from the recorded actions."""
     session = world.new_session(video[:context], actions[:context], cache_mode=cache_mode, steps=steps,
-                                cfg=cfg, seed=seed, shift=shift, generated_noise=generated_noise)
+                                cfg=cfg, seed=seed, shift=shift, generated_noise=generated_noise,
+                                temperature=temperature)
     out = np.empty((count, *video.shape[1:]), dtype=np.uint8)
     for i in range(count):
         out[i] = session.step(int(actions[context + i]))
@@ -340,10 +344,11 @@ def generate(world: Any, video: np.ndarray, actions: np.ndarray, context: int, c
 
 def teacher_forced(world: Any, video: np.ndarray, actions: np.ndarray, context: int, count: int,
                    steps: int | None, cfg: float | None, seed: int, bar: Any = None,
-                   cache_mode: str = "multilevel", shift: float | None = None) -> np.ndarray:
+                   cache_mode: str = "multilevel", shift: float | None = None,
+                   temperature: float | None = None) -> np.ndarray:
     """Each frame predicted from the ground-truth past (predict, then append the GT frame)."""
     session = world.new_session(video[:context], actions[:context], cache_mode=cache_mode, steps=steps,
-                                cfg=cfg, seed=seed, shift=shift)
+                                cfg=cfg, seed=seed, shift=shift, temperature=temperature)
     out = np.empty((count, *video.shape[1:]), dtype=np.uint8)
     for i in range(count):
         t = context + i
@@ -650,7 +655,7 @@ def self_consistency(world: Any, cfg: EvalConfig, ds: Any, bar_enabled: bool) ->
                     session = world.new_session(ctx, np.asarray(ctx_actions, dtype=np.int64),
                                                 cache_mode=_cache_of(mode, cfg),
                                                 steps=cfg.steps, cfg=cfg.cfg, seed=seed, shift=cfg.shift,
-                                                generated_noise=cfg.generated_noise)
+                                                generated_noise=cfg.generated_noise, temperature=cfg.temperature)
                     gen = []
                     for a in acts:
                         gen.append(session.step(int(a)))
@@ -794,6 +799,7 @@ def results_markdown(res: dict[str, Any]) -> str:
                  f"context K = {cfgd['context']}, generated G = {cfgd['generate']}, window W = {cfgd['window']}, "
                  f"steps = {cfgd.get('sampler_used', cfgd)['steps']}, cfg = {cfgd.get('sampler_used', cfgd)['cfg']}, "
                  f"shift = {cfgd.get('sampler_used', cfgd).get('shift', 1.0)}, "
+                 f"temperature = {cfgd.get('sampler_used', cfgd).get('temperature', 1.0)}, "
                  f"generated noise = {cfgd.get('sampler_used', cfgd).get('generated_noise') or 0.0}, seed = {cfgd['seed']}, "
                  f"long-context cache = {cfgd.get('long_cache', 'multilevel')}"
                  + (f", precision = {cfgd['precision_used']}" if cfgd.get("precision_used") else "") + ". "
@@ -918,6 +924,8 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
         raise EvalError("--context and --generate must be >= 1")
     if cfg.shift is not None and not cfg.shift > 0:
         raise EvalError(f"--shift must be > 0, got {cfg.shift}")
+    if cfg.temperature is not None and not 0 <= cfg.temperature < float("inf"):
+        raise EvalError(f"--temperature must be a finite number >= 0, got {cfg.temperature}")
     if cfg.generated_noise is not None and not 0 <= cfg.generated_noise < 1:
         raise EvalError(f"--generated-noise must be in [0, 1), got {cfg.generated_noise}")
     if cfg.episodes < 1:  # the self-consistency probes run after them, and the summary needs one
@@ -993,7 +1001,8 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             t0 = time.perf_counter()
             for mode in GEN_CONDITIONS:
                 gens[mode] = generate(world, truth, acts, cfg.context, cfg.generate, _cache_of(mode, cfg), cfg.steps,
-                                      cfg.cfg, seed, bar, shift=cfg.shift, generated_noise=cfg.generated_noise)
+                                      cfg.cfg, seed, bar, shift=cfg.shift, generated_noise=cfg.generated_noise,
+                                      temperature=cfg.temperature)
             donor_id = None
             if control == "on":  # chosen[i] is usable[i]
                 donor = memory_donor(usable, i)
@@ -1001,7 +1010,8 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
                 swapped, swapped_acts = with_other_memory(truth, acts, dep.video, dep.actions, old_frames)
                 gens[MEMORY_CONTROL] = generate(world, swapped, swapped_acts, cfg.context, cfg.generate,
                                                 _cache_of("multilevel", cfg), cfg.steps, cfg.cfg, seed, bar,
-                                                shift=cfg.shift, generated_noise=cfg.generated_noise)
+                                                shift=cfg.shift, generated_noise=cfg.generated_noise,
+                                                temperature=cfg.temperature)
                 donor_id = donor.id
             timing["generate_s"] += time.perf_counter() - t0
             timing["frames"] += cfg.generate * len(gen_names)
@@ -1012,7 +1022,7 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             episodes.append(scored)
             if cfg.teacher_forcing:
                 tf = teacher_forced(world, truth, acts, cfg.context, cfg.generate, cfg.steps, cfg.cfg, seed, bar,
-                                    cache_mode=cfg.long_cache, shift=cfg.shift)
+                                    cache_mode=cfg.long_cache, shift=cfg.shift, temperature=cfg.temperature)
                 tgen = {"teacher_forced": tf, "teacher_copy": truth[cfg.context - 1:length - 1]}
                 tsc = score_episode(truth, tgen, poses, cfg.context, window, lpips)
                 tsc.update(id=ep.id)
@@ -1061,8 +1071,9 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             "memory_donor_episode_ids": [e["memory_donor"] for e in episodes] if control == "on" else [],
             # what the sessions used: the options, or the checkpoint's sampler defaults
             "sampler_used": {k: getattr(cfg, k) if getattr(cfg, k) is not None
-                             else ((world_config or {}).get("sampler") or {}).get(k, {"shift": 1.0, "generated_noise": 0.0}.get(k))
-                             for k in ("steps", "cfg", "shift", "generated_noise")},
+                             else ((world_config or {}).get("sampler") or {}).get(
+                                 k, {"shift": 1.0, "temperature": 1.0, "generated_noise": 0.0}.get(k))
+                             for k in ("steps", "cfg", "shift", "temperature", "generated_noise")},
         },
         "metrics": {"definitions": _definitions(),
                     "lpips": {"available": lpips_on, "status": why if lpips_on else f"unavailable: {why}"}},

@@ -67,6 +67,9 @@ class PlayConfig:
     cfg: float | None = field(default=None, metadata={"help": "classifier-free guidance scale (default: the checkpoint's)"})
     shift: float | None = field(default=None, metadata={
         "help": "sampler timestep shift, > 0; 1 = uniform steps, > 1 = more of them at high noise (default: the checkpoint's)"})
+    temperature: float | None = field(default=None, metadata={
+        "help": "scale of the initial noise each frame is sampled from, >= 0; below 1 = fewer invented details, "
+                "0 = deterministic, 1 = plain sampling (default: the checkpoint's)"})
     generated_noise: float | None = field(default=None, metadata={
         "help": "noise level in [0, 1) given to each generated frame before it enters the model's context (labelled "
                 "with it, as training labels noised context), against drift; 0 = off (default: the checkpoint's)"})
@@ -319,7 +322,8 @@ def open_world(config: PlayConfig, reality: bool = True, log: Callable[[str], No
     try:
         env = DreamEnv(checkpoint=path, context_frames=config.context_frames, dataset=config.dataset,
                        episode=config.episode, cache_mode=config.cache_mode, steps=config.steps, cfg=config.cfg,
-                       shift=config.shift, generated_noise=config.generated_noise, device=config.device, precision=config.precision, reality=reality, timing=True)
+                       shift=config.shift, temperature=config.temperature, generated_noise=config.generated_noise,
+                       device=config.device, precision=config.precision, reality=reality, timing=True)
     except ValueError as exc:  # e.g. a dataset with other actions or resolution than the checkpoint
         if type(exc).__name__ in ("DatasetError", "CheckpointError"):
             raise
@@ -582,6 +586,7 @@ class Game:
             status.append("H help")
         if self.world.mode == "dream":
             status.insert(0, f"steps {info.get('steps', '?')} shift {info.get('shift', 1.0):g} "
+                             f"temp {info.get('temperature', 1.0):g} "
                              f"noise {info.get('generated_noise', 0.0):g} {info.get('precision', '')}")
         return [top, mem, "  |  ".join(status)]
 
@@ -662,6 +667,7 @@ class HeadlessResult:
     precision: str | None = None
     shift: float | None = None
     generated_noise: float | None = None
+    temperature: float | None = None
 
 
 def run_headless(config: PlayConfig, world: World | None = None, log: Callable[[str], None] | None = None) -> HeadlessResult:
@@ -718,7 +724,8 @@ def run_headless(config: PlayConfig, world: World | None = None, log: Callable[[
         env.close()
     out = recorder.close() if recorder is not None else None
     return HeadlessResult(len(actions), out, seconds, bench, resident_memory_bytes(), world.label,
-                          info.get("steps"), info.get("precision"), info.get("shift"), info.get("generated_noise"))
+                          info.get("steps"), info.get("precision"), info.get("shift"), info.get("generated_noise"),
+                          info.get("temperature"))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -746,6 +753,8 @@ def _check(config: PlayConfig) -> None:
         raise PlayError(f"--steps must be >= 1, got {config.steps}")
     if config.shift is not None and not config.shift > 0:
         raise PlayError(f"--shift must be > 0, got {config.shift}")
+    if config.temperature is not None and not 0 <= config.temperature < float("inf"):
+        raise PlayError(f"--temperature must be a finite number >= 0, got {config.temperature}")
     if config.generated_noise is not None and not 0 <= config.generated_noise < 1:
         raise PlayError(f"--generated-noise must be in [0, 1), got {config.generated_noise}")
     if not config.headless and (config.actions or config.out):
@@ -776,6 +785,7 @@ def main(args: argparse.Namespace) -> int:
                 import torch
 
                 print(f"benchmark: {result.label}, sampling steps {result.steps}, shift {result.shift}, "
+                      f"temperature {result.temperature}, "
                       f"generated noise {result.generated_noise}, "
                       f"cache {config.cache_mode}, "
                       f"precision {result.precision}, torch threads {torch.get_num_threads()}")

@@ -1,10 +1,10 @@
 """Euler flow-matching sampler with classifier-free guidance (the network only predicts).
 
 API
-    EulerSampler(steps=10, cfg_scale=1.0, shift=1.0)
+    EulerSampler(steps=10, cfg_scale=1.0, shift=1.0, temperature=1.0)
       .timesteps(device) -> [steps+1] from 1 (noise) to 0 (data), shifted
       .guided_velocity(velocity_fn, x [B,...], t: float, action [B], null_action) -> [B,...]
-      .sample(velocity_fn, noise [B,...], action [B], null_action) -> x0 [B,...]
+      .sample(velocity_fn, noise [B,...], action [B], null_action) -> x0 [B,...]   (noise: standard normal)
     velocity_fn(x_t [B',...], t [B'], action [B']) -> velocity [B',...]   (e.g. GenerationContext.velocity)
 
 Flow matching: x_t = t*noise + (1-t)*x0 and the network predicts v = noise - x0, so
@@ -16,6 +16,10 @@ Shift (SD3's timestep shift, diffusers' FlowMatchEulerDiscreteScheduler `shift`)
 u in [1, 0] becomes t = s*u / (1 + (s-1)*u), so s > 1 spends the few steps at high noise, where the
 layout of the next frame is decided, and takes the last step from a middle level. s = 1 is the
 uniform grid. With 4 steps and s = 3: 1, 0.9, 0.75, 0.5, 0.
+Temperature (the sampling temperature of normalizing flows, e.g. Glow): the ODE starts from
+temperature * noise instead of noise. Below 1 the sample is drawn nearer the middle of the model's
+distribution: fewer invented details, which an autoregressive rollout would otherwise carry forward
+as if they were real. 0 is deterministic (the same frame for every seed). 1 is plain sampling.
 """
 from __future__ import annotations
 
@@ -27,17 +31,21 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class EulerSampler:
-    def __init__(self, steps: int = 10, cfg_scale: float = 1.0, shift: float = 1.0):
+    def __init__(self, steps: int = 10, cfg_scale: float = 1.0, shift: float = 1.0, temperature: float = 1.0):
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if not shift > 0:  # also rejects NaN
             raise ValueError(f"shift must be > 0, got {shift}")
+        if not 0 <= temperature < float("inf"):  # also rejects NaN
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
         self.steps = int(steps)
         self.cfg_scale = float(cfg_scale)
         self.shift = float(shift)
+        self.temperature = float(temperature)
 
     def __repr__(self) -> str:
-        return f"EulerSampler(steps={self.steps}, cfg_scale={self.cfg_scale}, shift={self.shift})"
+        return (f"EulerSampler(steps={self.steps}, cfg_scale={self.cfg_scale}, shift={self.shift}, "
+                f"temperature={self.temperature})")
 
     def timesteps(self, device: torch.device | str = "cpu") -> torch.Tensor:
         u = torch.linspace(1.0, 0.0, self.steps + 1, device=device)
@@ -61,7 +69,7 @@ class EulerSampler:
         self, velocity_fn: VelocityFn, noise: torch.Tensor, action: torch.Tensor, null_action: int
     ) -> torch.Tensor:
         ts = self.timesteps(noise.device).tolist()
-        x = noise
+        x = noise * self.temperature if self.temperature != 1.0 else noise
         for t, t_next in zip(ts[:-1], ts[1:]):
             v = self.guided_velocity(velocity_fn, x, t, action, null_action)
             x = x + (t_next - t) * v.to(x.dtype)

@@ -12,7 +12,7 @@ API
       .new_session(context_frames uint8 [K,H,W,3], context_actions int64 [K],
                    cache_mode="multilevel"|"multilevel-fast"|"kv"|"none"|"sliding" (or a GenerationContext),
                    steps=None, cfg=None, seed=None, context_noise=None, generated_noise=None,
-                   shift=None) -> Session
+                   shift=None, temperature=None) -> Session
     Session
       .predict(action) -> uint8 [H,W,3]      generate the next frame, do not append it
       .append(frame uint8 [H,W,3], action)   append a given (ground-truth) frame
@@ -21,8 +21,9 @@ API
       .frame_index: int (frames so far = index of the next frame);  .stats() -> dict
 
 `actions[t]` produced frame t from frame t-1 (DESIGN.md), so predict(action) takes the action
-leading to the new frame. `steps`, `cfg` and `shift` (the sampler's timestep shift, see
-worldsim.sampler) default to the checkpoint's sampler settings. Randomness (initial noise, context noise augmentation) comes from a
+leading to the new frame. `steps`, `cfg`, `shift` (the sampler's timestep shift) and
+`temperature` (the scale of the initial noise; see worldsim.sampler for both) default to the
+checkpoint's sampler settings. Randomness (initial noise, context noise augmentation) comes from a
 torch.Generator seeded by `seed`: the same seed gives the same frames. `context_noise` (default:
 the checkpoint's sampler setting) noises appended context latents slightly, as in training;
 `generated_noise` (default: the checkpoint's, 0 = off) instead noises and labels the frames the
@@ -176,6 +177,7 @@ class WorldModel:
         context_noise: float | None = None,
         generated_noise: float | None = None,
         shift: float | None = None,
+        temperature: float | None = None,
     ) -> "Session":
         frames = np.asarray(context_frames)
         actions = np.asarray(context_actions, dtype=np.int64)
@@ -188,6 +190,7 @@ class WorldModel:
             steps=int(steps if steps is not None else self.sampler["steps"]),
             cfg_scale=float(cfg if cfg is not None else self.sampler["cfg"]),
             shift=float(shift if shift is not None else self.sampler.get("shift", 1.0)),
+            temperature=float(temperature if temperature is not None else self.sampler.get("temperature", 1.0)),
         )
         if seed is None:
             seed = int.from_bytes(os.urandom(4), "little")
