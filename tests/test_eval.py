@@ -59,6 +59,14 @@ def test_ground_truth_as_generation_scores_perfectly(tiny_data):
     assert summary["multilevel"]["psnr"]["overall"] == PSNR_CAP_DB
     assert summary["multilevel"]["ssim"]["overall"] == pytest.approx(1.0)
     assert summary["multilevel"]["lpips"]["overall"] is None
+    assert summary["multilevel"]["sharpness"] == pytest.approx(1.0) and summary["multilevel"]["motion"] == pytest.approx(1.0)
+    # what PSNR can reward by mistake shows in the ratios: a frozen view has no motion, a blurred one less detail
+    frozen = np.repeat(truth[k - 1:k], len(truth) - k, axis=0)
+    blurred = ((truth[k:].astype(np.float64) + np.roll(truth[k:], 1, axis=2) + np.roll(truth[k:], 1, axis=1)) / 3)
+    summary = evaluate.aggregate([score_episode(truth, {"frozen": frozen, "blurred": blurred.astype(np.uint8)},
+                                                ep.poses, k, window=4)], ["frozen", "blurred"], lpips_on=False)
+    assert summary["frozen"]["motion"] == 0.0 and summary["frozen"]["sharpness"] > 0
+    assert summary["blurred"]["sharpness"] < 0.9
     # a wrong shape is an error, not a silent broadcast
     with pytest.raises(ValueError, match="generated frames"):
         score_episode(truth, {"x": truth[k + 1:]}, ep.poses, k, window=4)
@@ -168,6 +176,11 @@ def test_end_to_end_with_a_stand_in_model(tiny_data, tmp_path):
     assert sc["turn_360"]["multilevel"]["psnr"]["n"] > 0
     assert sc["turn_360"]["multilevel"]["psnr_opposite_view"]["n"] == sc["turn_360"]["multilevel"]["psnr"]["n"]
     assert "against the opposite view" in md
+    # sharpness and motion against reality: the ground truth's for the conditions, the simulator's for the probes
+    assert summary["copy_last"]["motion"] == 0.0 and summary["autoencoder"]["motion"] == pytest.approx(1.0)
+    assert 0 < summary["multilevel"]["motion"] and 0 < summary["multilevel"]["sharpness"]
+    assert sc["turn_360"]["multilevel"]["motion"] > 0 and sc["turn_360"]["sliding"]["sharpness"] > 0
+    assert "| sharpness | motion |" in md and "copying the last frame has motion 0" in md
     # the same seed gives the same numbers; another seed other numbers
     res_b = run_eval(cfg.__class__(**{**cfg.__dict__, "out": str(tmp_path / "b")}), world=FakeWorld())
     assert _numbers(res_b) == _numbers(res)

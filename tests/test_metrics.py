@@ -1,4 +1,4 @@
-"""worldsim.metrics on known inputs: PSNR, SSIM, the revisit rule."""
+"""worldsim.metrics on known inputs: PSNR, SSIM, detail and change, the revisit rule."""
 import math
 
 import numpy as np
@@ -74,6 +74,26 @@ def test_shape_errors_are_clear():
 def test_lpips_status_never_downloads():
     ok, why = metrics.lpips_status()
     assert isinstance(ok, bool) and why
+
+
+def test_detail_and_change_on_known_frames():
+    flat = np.full((1, 8, 8, 3), 100, np.uint8)
+    stripes = np.zeros((1, 8, 8, 3), np.uint8)
+    stripes[:, :, ::2] = 90  # columns alternate 90 / 0: every horizontal step changes by 90, no vertical one
+    np.testing.assert_allclose(metrics.detail(flat), [0.0])
+    np.testing.assert_allclose(metrics.detail(stripes), [90.0])
+    smoothed = (stripes.astype(np.float64) * 0.5 + 22).astype(np.uint8)  # half the contrast: half the detail
+    assert metrics.detail(smoothed)[0] == pytest.approx(45.0)
+    frames = np.concatenate([flat, flat + 10, flat + 10])  # (3, 8, 8, 3)
+    np.testing.assert_allclose(metrics.frame_change(frames, previous=flat[0] - 4), [4.0, 10.0, 0.0])
+    with pytest.raises(ValueError, match="previous frame"):
+        metrics.frame_change(frames, previous=np.zeros((4, 4, 3), np.uint8))
+
+
+def test_ratio_to_truth_pools_every_frame_of_every_episode():
+    assert metrics.ratio_to_truth([np.array([1.0, 1.0]), np.array([4.0])], [np.array([2.0, 2.0]), np.array([2.0])]) \
+        == pytest.approx(1.0)  # (1 + 1 + 4) / (2 + 2 + 2)
+    assert metrics.ratio_to_truth([np.array([1.0])], [np.array([0.0])]) is None  # a still, flat truth: no ratio
 
 
 def test_wrap_angle():

@@ -37,7 +37,10 @@
    LPIPS on [0, 1] frames, averaged over the generated frames of each episode, then over
    episodes. They are printed next to FAR's reported DMLab numbers (144 -> 156: PSNR 22.3,
    SSIM 0.687, LPIPS 0.104), marked as the paper's (another dataset: a reference, not a match).
-   Revisit / rest numbers are pooled over all such frames of all episodes.
+   Revisit / rest numbers are pooled over all such frames of all episodes. Each condition also
+   gets `sharpness` and `motion`: the summed detail and frame-to-frame change of its frames
+   (metrics.detail, metrics.frame_change) over the same sums for the ground truth. PSNR favours a
+   smoother or stiller guess; these show when a gain comes from one.
 
    Paired differences (`gaps` in results.json, a table in results.md): long context - sliding
    window on revisit frames and overall, long context - copy floor, teacher-forced - its floor,
@@ -55,6 +58,8 @@
    earliest frame -- the model's own view of the place. Conditions: multilevel vs sliding.
    Control: the same frame scored against the earlier frame at its spot that looks most the
    other way (`opposite_view_pairs`): a model that paints every view alike scores both the same.
+   With the simulator, sharpness and motion compare the generated frames with its frames along
+   the same path: a view that stops turning scores well on the probe and low on motion.
 
 3. Output in `--out`: `results.json` (every number, per-frame arrays, the config: checkpoint path
    and config, dataset, seeds), `results.md` (tables), `psnr_vs_frame.png` (mean PSNR per frame
@@ -405,11 +410,14 @@ def score_episode(truth: np.ndarray, generated: dict[str, np.ndarray], poses: np
 
     `truth` uint8 [K + G, H, W, 3] (context + the frames to generate), `generated[name]` uint8
     [G, H, W, 3] per condition, `poses` [K + G, 3] or None. Returns per-frame metrics per
-    condition plus the revisit mask (None without poses).
+    condition (with each frame's detail and change from the frame before, see worldsim.metrics),
+    the same two for the ground truth, and the revisit mask (None without poses).
     """
     count = len(truth) - context
     target = truth[context:]
-    out: dict[str, Any] = {"conditions": {}}
+    previous = truth[context - 1]  # what every condition's first frame follows
+    out: dict[str, Any] = {"conditions": {},
+                           "truth": {"detail": metrics.detail(target), "change": metrics.frame_change(target, previous)}}
     if poses is not None:
         mask, source = metrics.revisit_mask(poses[: context + count], context, window)
         out["revisit"] = mask
@@ -422,7 +430,8 @@ def score_episode(truth: np.ndarray, generated: dict[str, np.ndarray], poses: np
     for name, frames in generated.items():
         if frames.shape != target.shape:
             raise ValueError(f"condition {name!r}: generated frames {list(frames.shape)} vs truth {list(target.shape)}")
-        out["conditions"][name] = metrics.score_frames(frames, target, lpips)
+        out["conditions"][name] = metrics.score_frames(frames, target, lpips) | {
+            "detail": metrics.detail(frames), "change": metrics.frame_change(frames, previous)}
     return out
 
 
@@ -452,6 +461,11 @@ def aggregate(episodes: list[dict[str, Any]], names: Iterable[str], lpips_on: bo
             per[m] = entry
         if not lpips_on:
             per["lpips"] = {"overall": None, "revisit": None, "rest": None, "note": "unavailable"}
+        scored = episodes and all(key in e["conditions"][name] and "truth" in e
+                                  for e in episodes for key in ("detail", "change"))
+        for ratio, key in (("sharpness", "detail"), ("motion", "change")):
+            per[ratio] = metrics.ratio_to_truth([e["conditions"][name][key] for e in episodes],
+                                                [e["truth"][key] for e in episodes]) if scored else None
         result[name] = per
     return result
 
@@ -633,6 +647,7 @@ def self_consistency(world: Any, cfg: EvalConfig, ds: Any, bar_enabled: bool) ->
                         frames.append(np.asarray(obs))
                         poses.append(np.asarray(info["pose"], np.float64)[:3])
                     ctx = np.stack(frames[:k_ctx])
+                    real = np.stack(frames[k_ctx:])  # what the simulator shows along the probe's path
                     pose_arr = np.stack(poses)
                     maze_seed = int(info.get("maze_seed", maze_seeds[i] or -1))
                 else:
@@ -640,6 +655,7 @@ def self_consistency(world: Any, cfg: EvalConfig, ds: Any, bar_enabled: bool) ->
                     if len(ep) < k_ctx:
                         raise EvalError(f"episode {ep.id} has {len(ep)} frames, fewer than --probe-context {k_ctx}")
                     ctx, ctx_actions = ep.video[:k_ctx], list(ep.actions[:k_ctx])
+                    real = None
                     start = ep.poses[k_ctx - 1].astype(np.float64) if ep.poses is not None else np.zeros(3)
                     pose_arr = np.concatenate([
                         ep.poses[:k_ctx].astype(np.float64) if ep.poses is not None else np.tile(start, (k_ctx, 1)),
@@ -651,6 +667,8 @@ def self_consistency(world: Any, cfg: EvalConfig, ds: Any, bar_enabled: bool) ->
                                          "frames": len(acts), "pairs": [[t, s] for t, s in pairs],
                                          "pair_age": [t - s for t, s in pairs],
                                          "opposite_view_pairs": [[t, u] for t, u in controls], "conditions": {}}
+                if real is not None:
+                    entry["simulator"] = {"detail": metrics.detail(real), "change": metrics.frame_change(real, ctx[-1])}
                 for mode in GEN_CONDITIONS:
                     session = world.new_session(ctx, np.asarray(ctx_actions, dtype=np.int64),
                                                 cache_mode=_cache_of(mode, cfg),
@@ -671,6 +689,8 @@ def self_consistency(world: Any, cfg: EvalConfig, ds: Any, bar_enabled: bool) ->
                     entry["conditions"][mode]["psnr_opposite_view"] = (
                         metrics.psnr(allf[[t for t, _ in controls]], allf[[u for _, u in controls]])
                         if controls else np.zeros(0))
+                    entry["conditions"][mode]["detail"] = metrics.detail(np.stack(gen))
+                    entry["conditions"][mode]["change"] = metrics.frame_change(np.stack(gen), ctx[-1])
                 results["probes"].append(entry)
     finally:
         bar.close()
@@ -690,6 +710,10 @@ def self_consistency(world: Any, cfg: EvalConfig, ds: Any, bar_enabled: bool) ->
             row["psnr_opposite_view"] = metrics.summarize(np.concatenate(
                 [np.asarray(e["conditions"][mode].get("psnr_opposite_view", []), dtype=np.float64) for e in entries])
                 if entries else np.zeros(0))
+            with_sim = [e for e in entries if "simulator" in e]  # a probe without the simulator has no reality
+            for ratio, key in (("sharpness", "detail"), ("motion", "change")):
+                row[ratio] = metrics.ratio_to_truth([e["conditions"][mode][key] for e in with_sim],
+                                                    [e["simulator"][key] for e in with_sim]) if with_sim else None
             per[mode] = row
         summary[pname] = per
     results["summary"] = summary
@@ -811,8 +835,9 @@ def results_markdown(res: dict[str, Any]) -> str:
                  "revisit / rest = pooled over frames (revisit: pose within 0.5 cell and 30 deg of a context "
                  "frame older than the short window).")
     lines.append("")
-    lines.append("| condition | PSNR | SSIM | LPIPS | PSNR revisit | SSIM revisit | PSNR rest | SSIM rest | revisit / rest frames |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("| condition | PSNR | SSIM | LPIPS | PSNR revisit | SSIM revisit | PSNR rest | SSIM rest | revisit / rest frames "
+                 "| sharpness | motion |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     agg = gt.get("summary", {})
 
     def cell(entry: Any, key: str = "mean", digits: int = 2) -> str:
@@ -828,8 +853,12 @@ def results_markdown(res: dict[str, Any]) -> str:
             f"| {CONDITION_LABELS[name]} | {_fmt(a['psnr']['overall'])} | {_fmt(a['ssim']['overall'], 3)} | "
             f"{_fmt(a['lpips']['overall'], 3)} | {cell(a['psnr']['revisit'])} | {cell(a['ssim']['revisit'], digits=3)} | "
             f"{cell(a['psnr']['rest'])} | {cell(a['ssim']['rest'], digits=3)} | "
-            f"{'n/a' if nrev is None else nrev} / {'n/a' if nrest is None else nrest} |")
-    lines.append(f"| *{PAPER['label']}* | *{PAPER['psnr']}* | *{PAPER['ssim']}* | *{PAPER['lpips']}* | | | | | |")
+            f"{'n/a' if nrev is None else nrev} / {'n/a' if nrest is None else nrest} | "
+            f"{_fmt(a.get('sharpness'))} | {_fmt(a.get('motion'))} |")
+    lines.append(f"| *{PAPER['label']}* | *{PAPER['psnr']}* | *{PAPER['ssim']}* | *{PAPER['lpips']}* | | | | | | | |")
+    lines += ["", "Sharpness and motion: the generated frames' detail (adjacent-pixel differences) and change from "
+                  "the frame before, each summed and divided by the same for the ground truth. 1 = as in reality; "
+                  "below 1 = smoother or stiller, which PSNR can reward (copying the last frame has motion 0)."]
     if (cfgd["context"], cfgd["generate"]) != (PAPER["context"], PAPER["generate"]):
         lines.append("")
         lines.append(f"Note: this run used {cfgd['context']} -> {cfgd['generate']} frames, not the paper's 144 -> 156.")
@@ -882,16 +911,19 @@ def results_markdown(res: dict[str, Any]) -> str:
                      f"{sc['forward']}; poses from {sc['poses_from']}.")
         lines.append("")
         lines.append("| probe | condition | PSNR | SSIM | pairs | PSNR (pairs older than W) | pairs older than W | "
-                     "control: PSNR against the opposite view |")
-        lines.append("|---|---|---|---|---|---|---|---|")
+                     "control: PSNR against the opposite view | sharpness | motion |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
         for pname, per in sc["summary"].items():
             for mode, row in per.items():
                 lines.append(f"| {pname} | {mode} | {cell(row['psnr'])} | {cell(row['ssim'], digits=3)} | {row['psnr']['n']} | "
                              f"{cell(row['psnr_beyond_window'])} | {row['psnr_beyond_window']['n']} | "
-                             f"{cell(row.get('psnr_opposite_view'))} |")
+                             f"{cell(row.get('psnr_opposite_view'))} | {_fmt(row.get('sharpness'))} | "
+                             f"{_fmt(row.get('motion'))} |")
         lines += ["", "Control: each revisited view scored against the earlier frame at the same spot that looks most "
                       "the other way (at least 90 degrees off). A model that remembers the place scores the probe "
-                      "above its control; one that paints every view alike scores them the same."]
+                      "above its control; one that paints every view alike scores them the same. Sharpness and "
+                      "motion compare the generated frames with the simulator's along the same path (1 = as in "
+                      "reality): a view that stops turning scores well on the probe and shows low motion here."]
         if isinstance(sc.get("out_and_back"), str):
             lines.append(f"\nout_and_back: {sc['out_and_back']}")
     else:

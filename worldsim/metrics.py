@@ -21,6 +21,18 @@ Definitions (the ones FAR's table uses, i.e. TECO's ``teco/metrics.py``):
   package and torchvision's AlexNet backbone in the torch hub cache) are already on disk.
   Nothing is downloaded; otherwise LPIPS is reported as unavailable, never approximated.
 
+Two more numbers catch what PSNR rewards by mistake (a blurred or frozen frame sits nearer the
+average of what could come next, so it can score well):
+
+* **detail** per frame (:func:`detail`): the mean absolute difference between horizontally and
+  between vertically adjacent uint8 values, summed. Blur lowers it.
+* **change** per frame (:func:`frame_change`): the mean absolute difference from the frame before
+  (for the first frame, a given previous one). A view that stops turning lowers it.
+
+The evaluation reports each as the ratio of its sum over the generated frames to its sum over the
+ground-truth frames (:func:`ratio_to_truth`): sharpness and motion, 1 as in reality, below 1
+smoother or stiller.
+
 Revisit rule (:func:`revisit_mask`): a generated frame is a revisit when its pose is within
 0.5 cell (Euclidean distance of (x, y) in maze cells, inclusive) and 30 degrees (absolute
 yaw difference wrapped to [-pi, pi], inclusive) of some context frame with index
@@ -178,6 +190,28 @@ def score_frames(generated: np.ndarray, truth: np.ndarray, lpips: Lpips | None =
     if lpips is not None:
         out["lpips"] = lpips(generated, truth)
     return out
+
+
+def detail(frames: np.ndarray) -> np.ndarray:
+    """Per-frame mean |horizontal| + mean |vertical| difference of adjacent uint8 values, [N]."""
+    f = _as_frames(frames, "frames").astype(np.float32)  # (N, H, W, C)
+    return (np.abs(np.diff(f, axis=2)).mean(axis=(1, 2, 3)) + np.abs(np.diff(f, axis=1)).mean(axis=(1, 2, 3))).astype(np.float64)
+
+
+def frame_change(frames: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    """Per-frame mean absolute difference from the frame before, [N]; `previous` [H, W, C] precedes frames[0]."""
+    f = _as_frames(frames, "frames").astype(np.float32)  # (N, H, W, C)
+    if np.shape(previous) != f.shape[1:]:
+        raise ValueError(f"previous frame {list(np.shape(previous))} does not match frames {list(f.shape[1:])}")
+    before = np.concatenate([np.asarray(previous, dtype=np.float32)[None], f[:-1]])
+    return np.abs(f - before).mean(axis=(1, 2, 3)).astype(np.float64)
+
+
+def ratio_to_truth(generated: list[np.ndarray], truth: list[np.ndarray]) -> float | None:
+    """sum(generated) / sum(truth) over all frames of all episodes (None when the truth sums to 0)."""
+    g = float(sum(np.sum(np.asarray(x, dtype=np.float64)) for x in generated))
+    t = float(sum(np.sum(np.asarray(x, dtype=np.float64)) for x in truth))
+    return g / t if t > 0 else None
 
 
 # ----------------------------------------------------------------------------- poses
