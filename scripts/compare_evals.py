@@ -16,6 +16,10 @@ other frames, with its 95% interval and the number of episodes where NEW is ahea
 adds the same comparison by generated-frame range (here frames 1-16, 17-48, 49-last), mean of
 the episodes' means: a model can trade its first frames, which still follow the ground-truth
 context, against the late ones, where its own drift dominates.
+
+Where the runs report them, it also prints each condition's sharpness and motion (the generated
+frames' detail and frame-to-frame change over the recorded frames'): a PSNR gain that comes with
+lower ratios may be a smoother or stiller dream rather than a better one.
 """
 from __future__ import annotations
 
@@ -104,6 +108,10 @@ def frame_edges(text: str) -> list[int]:
     return edges
 
 
+def ratio_cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def print_table(header: list[str], table: list[list[str]]) -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -148,6 +156,15 @@ def main() -> None:
     print(f"{len(new_eps)} episodes of {new['config']['dataset']}; PSNR in dB; all frames = mean of the episodes' "
           f"means, revisit / other frames pooled; intervals: bootstrap over episodes\n")
     print_table(header, table)
+    ratio_rows = []
+    for name, label in CONDITIONS.items():
+        a, b = gt_new["summary"].get(name) or {}, gt_old["summary"].get(name) or {}
+        if any(run.get(key) is not None for run in (a, b) for key in ("sharpness", "motion")):
+            ratio_rows.append([label] + [ratio_cell(run.get(key)) for key in ("sharpness", "motion") for run in (a, b)])
+    if ratio_rows:
+        print("\nSharpness and motion (generated / recorded frames; 1 = as in reality, below 1 = smoother or "
+              "stiller):\n")
+        print_table(["condition", "sharpness new", "sharpness old", "motion new", "motion old"], ratio_rows)
     if args.by_frame:
         by_frame = []
         for name in CONDITIONS:

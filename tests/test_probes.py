@@ -52,7 +52,8 @@ def test_revisit_fraction_of_a_navigator_dataset(tmp_path):
     assert len(fractions) == 2 and all(0.0 < f <= 1.0 for f in fractions), res.stdout
 
 
-def _eval_results(path: Path, checkpoint: str, psnr: list[list[float]], revisit: list[list[bool]], seed: int = 0):
+def _eval_results(path: Path, checkpoint: str, psnr: list[list[float]], revisit: list[list[bool]], seed: int = 0,
+                  ratios: dict[str, float] | None = None):
     """A results.json as `worldsim eval` writes it, reduced to what the comparison reads."""
     import json
 
@@ -65,6 +66,7 @@ def _eval_results(path: Path, checkpoint: str, psnr: list[list[float]], revisit:
                 for i, (p, r) in enumerate(zip(psnr, revisit))]
     summary = aggregate([{"conditions": {"multilevel": {"psnr": np.asarray(p), "ssim": np.full(len(p), 0.5)}},
                           "revisit": np.asarray(r)} for p, r in zip(psnr, revisit)], ["multilevel"], False)
+    summary["multilevel"].update(ratios or {})  # sharpness / motion, as newer evals report them
     results = {"format": "worldsim-eval",
                "config": {"checkpoint": checkpoint, "dataset": "data/maze-test", "dataset_split": "test",
                           "episode_ids": [e["id"] for e in episodes],
@@ -82,9 +84,11 @@ def test_compare_evals_pairs_the_same_frames_of_two_checkpoints(tmp_path):
     old_psnr = [[12.0, 13.0, 11.0, 10.0], [14.0, 12.0, 12.0, 13.0], [9.0, 10.0, 11.0, 12.0]]
     new_psnr = [[p + 1.5 * r for p, r in zip(ps, rs)] for ps, rs in zip(old_psnr, revisit)]
     old = _eval_results(tmp_path / "old", "ckpt-old", old_psnr, revisit)
-    new = _eval_results(tmp_path / "new", "ckpt-new", new_psnr, revisit)
+    new = _eval_results(tmp_path / "new", "ckpt-new", new_psnr, revisit, ratios={"sharpness": 0.6, "motion": 0.45})
     res = subprocess.run([sys.executable, str(script), str(new), str(old)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+    # the new run reports sharpness and motion, the old one (an older eval) does not
+    assert "| long context (multilevel) | 0.60 | n/a | 0.45 | n/a |" in res.stdout.split("Sharpness and motion")[1]
     rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line.strip("|").split("|")[4].strip()
             for line in res.stdout.splitlines() if line.startswith("| long context")}
     assert rows[("long context (multilevel)", "revisit frames")] == "+1.50"
