@@ -14,6 +14,9 @@ reports beside its score three things the probe does not see:
   vs reality  PSNR of the generated frames against the simulator's frames
 
     python scripts/probe_sharpness.py checkpoints/maze-far-small runs/s15/w40/checkpoint --episodes 4
+
+`worldsim eval` now reports sharpness and motion for its own probes and conditions too (session
+19); this script stays the quick way to line several checkpoints up on the same turns.
 """
 from __future__ import annotations
 
