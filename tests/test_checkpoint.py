@@ -201,36 +201,20 @@ def _frames(world: WorldModel, **kwargs) -> np.ndarray:
     return np.stack([session.step(a) for a in (1, 3, 1)])
 
 
-def test_the_sampler_shift_is_a_checkpoint_default_that_sessions_can_override(saved):
+@pytest.mark.parametrize("key, value", [("shift", 3.0), ("temperature", 0.5)])
+def test_a_sampler_setting_is_a_checkpoint_default_that_sessions_can_override(saved, key, value):
+    """Both default to 1.0 (the uniform grid, plain sampling), also in a config written before they existed."""
     world, path = saved
-    assert load_checkpoint(path).sampler["shift"] == 1.0  # written explicitly by save
+    assert load_checkpoint(path).sampler[key] == 1.0  # written explicitly by save
     config = json.loads((path / "config.json").read_text())
-    config["sampler"]["shift"] = 3.0
+    config["sampler"][key] = value
     (path / "config.json").write_text(json.dumps(config))
-    shifted = WorldModel.load(path, device="cpu")
-    assert shifted.sampler["shift"] == 3.0
-    np.testing.assert_array_equal(_frames(shifted), _frames(world, shift=3.0))
-    np.testing.assert_array_equal(_frames(shifted, shift=1.0), _frames(world))
-    assert not np.array_equal(_frames(shifted), _frames(world))
-    # a config written before the shift existed samples on the uniform grid
-    del config["sampler"]["shift"]
-    (path / "config.json").write_text(json.dumps(config))
-    np.testing.assert_array_equal(_frames(WorldModel.load(path, device="cpu")), _frames(world))
-
-
-def test_the_sampler_temperature_is_a_checkpoint_default_that_sessions_can_override(saved):
-    world, path = saved
-    assert load_checkpoint(path).sampler["temperature"] == 1.0  # written explicitly by save
-    config = json.loads((path / "config.json").read_text())
-    config["sampler"]["temperature"] = 0.5
-    (path / "config.json").write_text(json.dumps(config))
-    cooled = WorldModel.load(path, device="cpu")
-    assert cooled.sampler["temperature"] == 0.5
-    np.testing.assert_array_equal(_frames(cooled), _frames(world, temperature=0.5))
-    np.testing.assert_array_equal(_frames(cooled, temperature=1.0), _frames(world))
-    assert not np.array_equal(_frames(cooled), _frames(world))
-    # a config written before the temperature existed samples plainly
-    del config["sampler"]["temperature"]
+    changed = WorldModel.load(path, device="cpu")
+    assert changed.sampler[key] == value
+    np.testing.assert_array_equal(_frames(changed), _frames(world, **{key: value}))
+    np.testing.assert_array_equal(_frames(changed, **{key: 1.0}), _frames(world))
+    assert not np.array_equal(_frames(changed), _frames(world))
+    del config["sampler"][key]
     (path / "config.json").write_text(json.dumps(config))
     np.testing.assert_array_equal(_frames(WorldModel.load(path, device="cpu")), _frames(world))
 
