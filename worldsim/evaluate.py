@@ -689,8 +689,8 @@ def self_consistency(world: Any, cfg: EvalConfig, ds: Any, bar_enabled: bool) ->
                     entry["conditions"][mode]["psnr_opposite_view"] = (
                         metrics.psnr(allf[[t for t, _ in controls]], allf[[u for _, u in controls]])
                         if controls else np.zeros(0))
-                    entry["conditions"][mode]["detail"] = metrics.detail(np.stack(gen))
-                    entry["conditions"][mode]["change"] = metrics.frame_change(np.stack(gen), ctx[-1])
+                    entry["conditions"][mode]["detail"] = metrics.detail(allf[len(ctx):])
+                    entry["conditions"][mode]["change"] = metrics.frame_change(allf[len(ctx):], ctx[-1])
                 results["probes"].append(entry)
     finally:
         bar.close()
