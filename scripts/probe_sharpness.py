@@ -32,9 +32,8 @@ from worldsim.world import WorldModel
 
 
 def gradient_energy(frames: np.ndarray) -> float:
-    """Mean absolute horizontal + vertical difference of uint8 frames [N, H, W, 3], grey levels."""
-    f = frames.astype(np.float64)
-    return float(np.abs(np.diff(f, axis=1)).mean() + np.abs(np.diff(f, axis=2)).mean())
+    """Mean detail of uint8 frames [N, H, W, 3] (metrics.detail, the eval's sharpness numerator)."""
+    return float(metrics.detail(frames).mean())
 
 
 def probe(checkpoint: str, maze_seeds: list[int], context: int, cache: str, precision: str) -> dict[str, float]:
@@ -64,8 +63,8 @@ def probe(checkpoint: str, maze_seeds: list[int], context: int, cache: str, prec
         real_psnr.append(metrics.psnr(gen, real[context:]))
         sharp_gen.append(gradient_energy(gen))
         sharp_real.append(gradient_energy(real[context:]))
-        motion_gen.append(np.abs(np.diff(both[context - 1:].astype(np.float64), axis=0)).mean())
-        motion_real.append(np.abs(np.diff(real[context - 1:].astype(np.float64), axis=0)).mean())
+        motion_gen.append(metrics.frame_change(gen, real[context - 1]).mean())  # the eval's motion numerator
+        motion_real.append(metrics.frame_change(real[context:], real[context - 1]).mean())
     sim.close()
     return {"self-consistency PSNR": float(np.concatenate(self_psnr).mean()),
             "PSNR vs reality": float(np.concatenate(real_psnr).mean()),
