@@ -21,7 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from worldsim.checkpoint import CONFIG_NAME, FAR_DTYPES, WEIGHTS_NAME, CheckpointError, load_checkpoint, save_checkpoint
+from worldsim.checkpoint import (CONFIG_NAME, FAR_DTYPES, WEIGHTS_NAME, CheckpointError, load_checkpoint,
+                                 readable_like_any_file, save_checkpoint)
 
 
 def store(checkpoint: Path, out: Path, far_dtype: str) -> Path:
@@ -38,6 +39,7 @@ def store(checkpoint: Path, out: Path, far_dtype: str) -> Path:
         save_checkpoint(tmp, ck.autoencoder, ck.far, action_names=ck.action_names, resolution=ck.resolution,
                         sampler=ck.sampler, simulator=ck.simulator, data_summary=ck.config.get("data"),
                         step=ck.step, extra=ck.config.get("extra"), far_dtype=far_dtype)
+        readable_like_any_file(tmp)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -67,6 +69,19 @@ def test_resave_over_existing_folder_keeps_other_files(saved):
     assert read_config(path)["step"] == 124
     assert sorted(p.name for p in path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     load_checkpoint(path, device="cpu")
+
+
+def test_a_saved_checkpoint_reads_like_any_file_the_user_makes(saved, tmp_path):
+    """Checkpoints are shared and played by others: not the 0700 / 0600 of mkdtemp and mkstemp,
+    whether the folder is new or its files are replaced."""
+    world, _ = saved
+    mask = os.umask(0o022)
+    os.umask(mask)
+    fresh = world.save(tmp_path / "fresh")
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o777 & ~mask
+    world.save(fresh, step=5)  # over the existing folder: each file swapped in
+    for name in ("config.json", "model.safetensors"):
+        assert stat.S_IMODE((fresh / name).stat().st_mode) == 0o666 & ~mask, name
 
 
 def test_wrong_resolution_or_actions_fail_clearly(saved):

@@ -226,6 +226,15 @@ def test_clear_errors(tiny_data, tmp_path):
     with pytest.raises(EvalError, match="--episodes must be >= 1, got 0"):
         run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path), progress=False, context=4, generate=2, episodes=0),
                  world=FakeWorld())
+    with pytest.raises(EvalError, match="--steps must be >= 1, got 0"):
+        run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path), progress=False, context=4, generate=2, steps=0),
+                 world=FakeWorld())
+    in_the_way = tmp_path / "results"
+    in_the_way.write_text("not a folder")
+    with pytest.raises(EvalError, match=f"--out {in_the_way}: exists and is not a folder"):
+        run_eval(EvalConfig(data=str(tiny_data), out=str(in_the_way), progress=False, context=4, generate=2),
+                 world=FakeWorld())
+    assert in_the_way.read_text() == "not a folder"
 
 
 @pytest.fixture(scope="module")

@@ -327,6 +327,24 @@ def test_interactive_sim_walk_without_checkpoint(tmp_path, no_shipped_checkpoint
     assert game.hud()[0].startswith("SIMULATOR")
 
 
+def test_a_keymap_key_pygame_does_not_know_is_refused_by_name(tmp_path, no_shipped_checkpoint, capsys):
+    """A misspelt key in a JSON keymap would never fire; the game refuses it before opening."""
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"up": "forward", "uparrow": "forward"}')
+    assert cli.main(["play", "--world", "sim", "--keymap", str(keys)]) != 0
+    err = capsys.readouterr().err
+    assert "no key named 'uparrow'" in err and str(keys) in err and "'up'" not in err.split("named")[1].split("(")[0]
+
+
+def test_headless_out_that_is_a_folder_is_refused_before_playing(tiny_ckpt, tmp_path, capsys):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    assert cli.main(["play", "--checkpoint", str(tiny_ckpt), "--headless", "--actions", "random:3",
+                     "--out", str(folder)]) != 0
+    assert f"{folder}: is a folder" in capsys.readouterr().err
+    assert list(folder.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["videos"]
+
+
 def test_headless_reality_side_by_side_gif(tiny_ckpt, tmp_path):
     """The README's dream | reality GIF: one GIF frame per action, both panels side by side."""
     import imageio.v2 as imageio

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -448,6 +449,39 @@ def test_a_run_that_failed_before_its_first_step_can_be_started_again(dataset, t
     capsys.readouterr()
     assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(run), *FAST, "--ae-steps", "1"]) == 1
     assert "already holds a training run" in capsys.readouterr().err
+
+
+def test_a_far_run_that_failed_after_copying_its_autoencoder_can_be_started_again(trained, dataset, tmp_path, capsys):
+    """With --ae-from, a transformer run copies that autoencoder in before it reads the data; when
+    the data then fails, the corrected command (same --ae-from) starts there instead of being
+    told the folder holds a training run."""
+    val_only = tmp_path / "val-only"
+    assert main([*RECORD[:2], "1", *RECORD[3:], "--split", "val", "--out", str(val_only)]) == 0
+    run, ae_from = tmp_path / "run", str(trained / "checkpoint")
+    far = ["train", "--stage", "far", "--out", str(run), *FAST, "--ae-from", ae_from, "--far-steps", "1"]
+    capsys.readouterr()
+    assert main([*far, "--data", str(val_only)]) == 1
+    assert "no train" in capsys.readouterr().err
+    assert (run / "autoencoder" / "config.json").is_file()
+    assert main([*far, "--data", str(dataset)]) == 0
+    assert (run / "checkpoint" / "model.safetensors").is_file()
+
+
+def test_the_run_folders_a_user_shares_read_like_any_folder(trained):
+    """The exported checkpoint and the autoencoder are not left with mkdtemp's 0700."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for name in ("checkpoint", "autoencoder"):
+        assert stat.S_IMODE((trained / name).stat().st_mode) == 0o777 & ~mask, name
+        assert stat.S_IMODE((trained / name / "config.json").stat().st_mode) == 0o666 & ~mask, name
+
+
+def test_an_out_path_that_is_a_file_is_refused_by_name(dataset, tmp_path, capsys):
+    in_the_way = tmp_path / "results"
+    in_the_way.write_text("not a folder")
+    assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(in_the_way), *FAST, "--ae-steps", "1"]) == 1
+    assert f"--out {in_the_way}: exists and is not a folder" in capsys.readouterr().err
+    assert in_the_way.read_text() == "not a folder"
 
 
 def test_a_latent_cache_copied_from_an_earlier_run_is_reused(trained, dataset, tmp_path, capsys):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -35,7 +36,8 @@ class BenchConfig:
     steps: int = field(default=10, metadata={"help": "Euler steps per frame (paper: 50)"})
     cfg: float = field(default=1.5, metadata={"help": "CFG scale (1 = no null-action branch)"})
     contexts: tuple[int, ...] = field(default=(16, 64, 256), metadata={"help": "context lengths (frames)"})
-    modes: tuple[str, ...] = field(default=("none", "kv", "multilevel"), metadata={"help": "cache modes"})
+    modes: tuple[str, ...] = field(default=("none", "kv", "multilevel"), metadata={
+        "help": "cache modes: none, kv, multilevel, sliding, multilevel-fast"})
     frames: int = field(default=4, metadata={"help": "generated frames timed per mode and context"})
     none_frames: int = field(default=2, metadata={"help": "frames timed for the slow `none` mode"})
     device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda if available)"})
@@ -161,8 +163,14 @@ def main(args: argparse.Namespace) -> int:
 
     bad = [m for m in cfg.modes if m not in CACHE_MODES]
     if bad:
-        print(f"worldsim bench: unknown cache mode(s) {bad}; choose from {CACHE_MODES}")
+        print(f"worldsim bench: unknown cache mode(s) {bad}; choose from {CACHE_MODES}", file=sys.stderr)
         return 2
+    positive = {"--steps": [cfg.steps], "--frames": [cfg.frames], "--none-frames": [cfg.none_frames],
+                "--contexts": list(cfg.contexts), "--sim-steps": [cfg.sim_steps]}
+    for option, values in positive.items():
+        if not values or min(values) < 1:
+            print(f"worldsim bench: {option} must be >= 1, got {' '.join(map(str, values)) or 'nothing'}", file=sys.stderr)
+            return 2
     device = pick_device(cfg.device)
     cfg = dataclasses.replace(cfg, device=str(device))
     print(f"timing generation ({', '.join(cfg.modes)}) at contexts {list(cfg.contexts)} on {device} ...", flush=True)

@@ -109,11 +109,21 @@ def _state_tensors(autoencoder: Autoencoder, far: FAR, far_dtype: torch.dtype) -
     return tensors
 
 
+def readable_like_any_file(path: str | os.PathLike) -> None:
+    """Give a file or folder from mkstemp/mkdtemp (0600/0700) the mode open()/mkdir would have.
+
+    A checkpoint is meant to be shared and played by other users of the machine."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
+
+
 def _write_file_atomic(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        readable_like_any_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -178,6 +188,7 @@ def save_checkpoint(
         try:
             write_weights(str(tmp_dir / WEIGHTS_NAME))
             write_config(str(tmp_dir / CONFIG_NAME))
+            readable_like_any_file(tmp_dir)
             os.replace(tmp_dir, path)
         except BaseException:
             shutil.rmtree(tmp_dir, ignore_errors=True)

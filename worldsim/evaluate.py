@@ -145,7 +145,10 @@ class EvalConfig:
         "help": "also generate with the long-term context (the frames already in L2 when generation starts) "
                 "taken from another test maze: what the memory's content adds, apart from having a long context"})
     videos: int = field(default=3, metadata={"help": "episodes to write side-by-side videos for"})
-    probe_episodes: int = field(default=2, metadata={"help": "self-consistency probes (0: skip)"})
+    probe_episodes: int = field(default=2, metadata={
+        "help": "mazes of the self-consistency probes (0: skip). Each runs its own fixed paths (a 360-degree "
+                "turn, out and back) under every condition, whatever --episodes and --generate say, so they "
+                "dominate a small eval: --probe-episodes 0 for a quick one"})
     probe_context: int = field(default=4, metadata={"help": "simulator frames given as context to a probe"})
     probe_forward: int = field(default=8, metadata={"help": "forward steps k of the out-and-back probe"})
     probe_loops: int = field(default=2, metadata={"help": "times each probe path is repeated"})
@@ -954,6 +957,8 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
     t_start = time.perf_counter()
     if cfg.context < 1 or cfg.generate < 1:
         raise EvalError("--context and --generate must be >= 1")
+    if cfg.steps is not None and cfg.steps < 1:
+        raise EvalError(f"--steps must be >= 1, got {cfg.steps}")
     if cfg.shift is not None and not cfg.shift > 0:
         raise EvalError(f"--shift must be > 0, got {cfg.shift}")
     if cfg.temperature is not None and not 0 <= cfg.temperature < float("inf"):
@@ -964,7 +969,12 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
         raise EvalError(f"--episodes must be >= 1, got {cfg.episodes} (for mostly the probes: --episodes 1 "
                         "--teacher-forcing false --memory-control false)")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--out {out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, or no permission
+        raise EvalError(f"--out {out}: cannot create the results folder ({exc.strerror or exc})") from None
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
 

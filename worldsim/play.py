@@ -14,7 +14,8 @@ Keys (default keymap; `--keymap arrows|wasd|FILE.json` maps key names to action 
 
 The HUD shows the measured frames per second, the frame index, the world model's memory
 (L2 = compressed frames that left the short window: frames, tokens, cache MB; it grows by one
-frame's L2 tokens per step) and the sampler's settings (steps, timestep shift, generated-frame noise).
+frame's L2 tokens per step) and the sampler's settings (steps, timestep shift, generated-frame
+noise, temperature).
 
 Play generates with the approximate `multilevel-fast` cache by default: the exact `multilevel`
 cache re-encodes the short window against the whole L2 memory once per frame, which costs about
@@ -85,7 +86,10 @@ class PlayConfig:
         "help": "KV cache used for generation. multilevel-fast (default): L1 short window + L2 compressed memory, "
                 "the window's keys/values computed once per frame and kept when it slides (not exact; no measurable "
                 "quality loss, about 1.5x the frame rate of multilevel at frame 500 on a 2-core CPU); multilevel: the "
-                "same memory, exact (equals recomputation; re-encodes the window once per frame), what eval uses"})
+                "same memory, exact (equals recomputation; re-encodes the window once per frame), what eval uses; "
+                "sliding: the window only, no long-term memory (eval's baseline); kv: a plain KV cache of every "
+                "frame, all kept fine (the paper's baseline); none: recompute the whole sequence at every sampling "
+                "step (the exact reference, slow)"})
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
         "help": "the transformer's arithmetic on CPU. auto (default): bf16 where the CPU has native bf16 "
                 "(AVX512-BF16 or AMX), else fp32; bf16: weights and KV cache in bfloat16 (fewer bytes to read per "
@@ -195,7 +199,12 @@ class VideoRecorder:
         import imageio.v2 as imageio
 
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir():
+            raise PlayError(f"{self.path}: is a folder; give the video a file name ending in .mp4 or .gif")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a parent that is a file, or no permission: before any frame is made
+            raise PlayError(f"{self.path}: cannot create its folder ({exc.strerror or exc})") from None
         gif = self.path.suffix.lower() == ".gif"
         handle, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".partial.gif" if gif else ".partial.mp4",
                                        dir=self.path.parent)
@@ -227,7 +236,11 @@ class VideoRecorder:
         mask = os.umask(0o022)
         os.umask(mask)
         os.chmod(self.tmp, 0o666 & ~mask)  # mkstemp makes 0600; a video should read like any file
-        os.replace(self.tmp, self.path)
+        try:
+            os.replace(self.tmp, self.path)
+        except OSError as exc:  # the target turned into a folder meanwhile, say: keep the frames
+            raise PlayError(f"{self.path}: cannot move the finished video into place ({exc.strerror or exc}); "
+                            f"its {self.frames} frames are in {self.tmp}") from None
         return self.path
 
     def abort(self) -> None:
@@ -418,6 +431,13 @@ class Game:
 
     HUD_LINES = 3
 
+    def _is_key_name(self, name: str) -> bool:
+        try:
+            self.pg.key.key_code(name)
+        except ValueError:
+            return False
+        return True
+
     def __init__(self, world: World, config: PlayConfig, keymap: dict[str, str],
                  window: FrameWindow | None = None) -> None:
         self.world = world
@@ -427,6 +447,10 @@ class Game:
         self.window = window or FrameWindow(title=f"worldsim - {world.label}", scale=config.scale,
                                             hud_lines=self.HUD_LINES)
         self.pg = self.window.pg
+        unknown = [key for key in keymap if not self._is_key_name(key)]
+        if unknown:  # a misspelt key would otherwise never fire
+            raise PlayError(f"keymap {config.keymap}: pygame knows no key named {', '.join(map(repr, unknown))} "
+                            "(key names as pygame spells them: 'up', 'w', 'space', 'left shift', 'return')")
         self.clock = self.pg.time.Clock()
         self.meter = FpsMeter()
         self.paused = False

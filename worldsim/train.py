@@ -454,6 +454,9 @@ def swap_dir_atomic(final: Path, write: Callable[[Path], None]) -> None:
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        from worldsim.checkpoint import readable_like_any_file
+
+        readable_like_any_file(tmp)  # mkdtemp made it 0700
         if old.exists():
             shutil.rmtree(old)
         if final.exists():
@@ -1525,13 +1528,26 @@ def main(args: argparse.Namespace) -> int:
 def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]) -> int:
     cfg = run.train
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out}: exists and is not a folder")
     trainer = Trainer(run, dist, log)
     state = trainer.load_state() if (out / "state").exists() or (out / "state.old").exists() else None
     # a folder holding only config.json is a run that failed before its first step (bad data, say):
     # nothing of value is in it, so a corrected command may start over there. The latent cache
     # (latents/, keyed by dataset and encoder) may be there too: left by such a run, or copied in
-    # from an earlier run on the same data to skip the encoding
-    started = out.is_dir() and any(p.name not in ("config.json", "latents") for p in out.iterdir())
+    # from an earlier run on the same data to skip the encoding. So may the copy of this command's
+    # --ae-from that such a run made (the same source, so this run would make the same copy)
+    def left_by_a_failed_start(p: Path) -> bool:
+        if p.name in ("config.json", "latents"):
+            return True
+        if p.name != AE_DIR or not cfg.ae_from or not (p / "config.json").is_file():
+            return False
+        try:
+            return json.loads((p / "config.json").read_text()).get("copied_from") == str(cfg.ae_from)
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    started = out.is_dir() and not all(left_by_a_failed_start(p) for p in out.iterdir())
     if not resuming and (state is not None or started):
         raise TrainError(f"{out}: already holds a training run; continue it with --resume {out} or choose another --out")
     if resuming and state is None and not (out / AE_DIR).exists():
@@ -1550,10 +1566,12 @@ def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]
                              stored.action_names, stored.resolution, f"run {out}")
     else:
         data = probe_data(cfg.data, stored, f"run {out}")
-    if cfg.ae_from and (cfg.stage == "far" or cfg.stream_env) and readable_dir(out / AE_DIR, "config.json") is None:
-        ae, meta = load_autoencoder(cfg.ae_from)
+    if cfg.ae_from and (cfg.stage == "far" or cfg.stream_env):
+        # the run's own copy when there is one (a resumed run, or a start that failed after copying)
+        own = readable_dir(out / AE_DIR, "config.json")
+        ae, meta = load_autoencoder(own if own is not None else cfg.ae_from)
         run.autoencoder = ae.config
-        if meta.get("action_names") and list(meta["action_names"]) != list(data.action_names):
+        if own is None and meta.get("action_names") and list(meta["action_names"]) != list(data.action_names):
             log(f"note: the autoencoder from {cfg.ae_from} was trained on actions {meta['action_names']}")
     if run.autoencoder.resolution != data.resolution[0]:
         if data.resolution[0] != data.resolution[1]:
