@@ -30,7 +30,8 @@ def main() -> None:
 
     ds = Dataset(args.data, split=args.split)
     if not len(ds) or ds[0].poses is None:
-        raise SystemExit(f"{args.data}: no {args.split} episodes with poses")
+        raise SystemExit(f"{args.data}: no {args.split} episodes with poses "
+                         "(a dataset recorded with --split val or test: pass the same --split here)")
     rng = np.random.default_rng(args.seed)
     W = args.window
     episodes = [ds.load(e).poses for e in ds.episodes if e.length > W]

@@ -33,6 +33,17 @@ def test_subcommand_help(command):
     assert f"worldsim {command}" in result.stdout
 
 
+def test_version_and_help_for_a_command(capsys):
+    from worldsim import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"worldsim {__version__}"
+    result = subprocess.run([sys.executable, "-m", "worldsim", "help", "bench"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0 and result.stdout.startswith("usage: worldsim bench")
+    # tuple defaults read as they are typed on the command line
+    assert "(default: 16 64 256)" in " ".join(result.stdout.split())
+
+
 @pytest.mark.parametrize("script", ["play.py", "train.py"])
 def test_entry_scripts_help(script):
     result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=REPO)

@@ -61,8 +61,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["help"] and len(argv) > 1:  # `worldsim help train` = `worldsim train --help`
+        argv = [argv[1], "--help"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_top_level_help())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from worldsim import __version__
+
+        print(f"worldsim {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
     if command not in SUBCOMMANDS:

@@ -60,7 +60,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
             kwargs.update(type=tp)
         required = (field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING  # type: ignore[misc]
                     and not optional)
-        default_text = "none" if default is None else default
+        default_text = ("none" if default is None
+                        else " ".join(map(str, default)) if isinstance(default, (tuple, list)) else default)
         # a help text that explains its own default (e.g. "default: the checkpoint's") keeps it
         explains_default = "default" in help_text.lower()
         kwargs["help"] = help_text if required or explains_default else f"{help_text} (default: {default_text})".strip()
