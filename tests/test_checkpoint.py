@@ -116,6 +116,18 @@ def test_missing_unexpected_and_misshaped_tensors(saved):
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize("depth", [1, 3])
+def test_a_config_depth_other_than_the_weights_is_named(saved, tmp_path, depth):
+    """A hand-edited or mismatched config.json: the error states both depths, not only tensor names."""
+    world, _ = saved
+    path = world.save(tmp_path / "ck")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["far"]["depth"] = depth
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=rf"says far\.depth {depth}, the weights hold {PRESETS['tiny'].depth} blocks"):
+        load_checkpoint(path)
+
+
 def test_missing_files_corrupt_json_and_torn_save(saved, tmp_path):
     _, path = saved
     with pytest.raises(CheckpointError, match="no such checkpoint folder"):

@@ -109,6 +109,18 @@ def _state_tensors(autoencoder: Autoencoder, far: FAR, far_dtype: torch.dtype) -
     return tensors
 
 
+def _depth_hint(prefix: str, module: torch.nn.Module, given: dict[str, torch.Tensor]) -> str:
+    """Why tensors are missing when config.json's transformer depth is not the weights' (the names
+    alone mislead: the last block has no coarse-output projection, so block depth-1 shows up)."""
+    if prefix != "far.":
+        return ""
+    blocks_in_file = {int(k.split(".")[1]) for k in given if k.startswith("blocks.")}
+    depth = len(module.blocks)
+    if blocks_in_file and max(blocks_in_file) + 1 != depth:
+        return f": {CONFIG_NAME} says far.depth {depth}, the weights hold {max(blocks_in_file) + 1} blocks"
+    return ""
+
+
 def readable_like_any_file(path: str | os.PathLike) -> None:
     """Give a file or folder from mkstemp/mkdtemp (0600/0700) the mode open()/mkdir would have.
 
@@ -282,7 +294,8 @@ def load_checkpoint(
         given = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         missing = sorted(set(own) - set(given))
         if missing:
-            raise CheckpointError(path, f"missing tensor(s) {[prefix + k for k in missing[:5]]}" + (" ..." if len(missing) > 5 else ""))
+            raise CheckpointError(path, f"missing tensor(s) {[prefix + k for k in missing[:5]]}"
+                                  + (" ..." if len(missing) > 5 else "") + _depth_hint(prefix, module, given))
         for k, v in given.items():
             if k in own and own[k].shape != v.shape:
                 raise CheckpointError(
@@ -295,7 +308,9 @@ def load_checkpoint(
         and not (k.startswith("far.") and k[4:] in far.state_dict())
     )
     if unexpected:
-        raise CheckpointError(path, f"unexpected tensor(s) {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else ""))
+        given_far = {k[4:]: v for k, v in tensors.items() if k.startswith("far.")}
+        raise CheckpointError(path, f"unexpected tensor(s) {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else "")
+                              + _depth_hint("far.", far, given_far))
 
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autoencoder.to(dev).eval()
