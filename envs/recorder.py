@@ -21,6 +21,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import sys
 import time
@@ -327,12 +328,26 @@ def record(cfg: RecordConfig) -> dict[str, Any]:
             p.name not in (".lock", EPISODES_DIR) and not _is_temp(p) for p in out.iterdir()):
         raise RecordError(f"{out}: folder is not empty and holds no {INDEX_NAME}; refusing to record into it")
 
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
     try:
         return _record_locked(cfg, settings, out)
+    except BaseException:
+        lock.close()
+        if created:  # a bad --env or --env-arg, say: leave no empty dataset folder behind
+            _remove_if_nothing_recorded(out)
+        raise
     finally:
         lock.close()
+
+
+def _remove_if_nothing_recorded(out: Path) -> None:
+    episodes = out / EPISODES_DIR
+    if episodes.is_dir() and any(episodes.iterdir()):
+        return
+    if all(p.name == ".lock" or p == episodes for p in out.iterdir()):
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _lock(out: Path) -> Any:

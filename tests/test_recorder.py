@@ -173,6 +173,19 @@ def test_rerun_with_other_settings_is_refused(tiny_dataset, capsys):
     assert (tiny_dataset / "index.json").read_text() == index_before
 
 
+def test_a_failed_start_leaves_no_empty_dataset_folder(tmp_path, capsys):
+    """An unknown simulator fails before any episode: the folder it made goes again, while a
+    folder the user made beforehand stays."""
+    out = tmp_path / "new" / "data"
+    assert main(["record", "--env", "worldsim/Nope-v0", "--episodes", "1", "--length", "5", "--out", str(out)]) != 0
+    assert "cannot create simulator 'worldsim/Nope-v0'" in capsys.readouterr().err
+    assert not out.exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    assert main(["record", "--env", "worldsim/Nope-v0", "--episodes", "1", "--length", "5", "--out", str(mine)]) != 0
+    assert mine.is_dir()
+
+
 def test_split_filter_draws_only_that_split(tmp_path):
     out = tmp_path / "val"
     assert main(record_args(out, 3, 10, 1, "--split", "val")) == 0
