@@ -155,6 +155,13 @@ def test_invalid_action_is_a_clear_error(tiny_world):
     env.reset(seed=0)
     with pytest.raises(ValueError, match="turn_right"):
         env.step(9)
+    for bad in ("forward", None, 1.5):  # named as given, not as a -1 it was turned into; no rounding
+        with pytest.raises(ValueError, match=f"invalid action {bad!r}"):
+            env.step(bad)
+    env.step(np.int64(1))
+    env.step(2.0)  # a whole float is that action
+    with pytest.raises(ValueError, match="unknown reset option.*'maze-seed'"):
+        env.reset(options={"maze-seed": 3})
     env.close()
 
 

@@ -476,6 +476,45 @@ def test_the_run_folders_a_user_shares_read_like_any_folder(trained):
         assert stat.S_IMODE((trained / name / "config.json").stat().st_mode) == 0o666 & ~mask, name
 
 
+def test_values_no_run_can_use_are_refused_before_anything_is_written(trained, dataset, tmp_path, capsys):
+    """Zero batches or sequence lengths, negative rates: named errors, not tracebacks after the
+    autoencoder stage; on --resume the bad override is not stored in the run's config."""
+    run = tmp_path / "bad"
+    for extra, message in ((["--far-batch", "0"], "--far-batch must be >= 1, got 0"),
+                           (["--seq-len", "0"], "--seq-len must be >= 1, got 0"),
+                           (["--ae-lr", "-1"], "--ae-lr must be a finite number >= 0, got -1.0"),
+                           (["--threads", "-1"], "--threads must be >= 0, got -1")):
+        assert main(["train", "--data", str(dataset), "--out", str(run), *FAST, *extra]) == 2, extra
+        assert message in capsys.readouterr().err
+        assert not run.exists()
+    stored = (trained / "config.json").read_text()
+    assert main(["train", "--resume", str(trained), "--far-batch", "0"]) == 2
+    assert "--far-batch must be >= 1" in capsys.readouterr().err
+    assert (trained / "config.json").read_text() == stored
+    # a decoder fine-tune with the default stage (both) would train a new transformer over its result
+    assert main(["train", "--data", str(dataset), "--out", str(run), *FAST, "--ae-init", str(trained / "checkpoint"),
+                 "--ae-train", "decoder"]) == 2
+    assert "give --stage ae" in capsys.readouterr().err and not run.exists()
+
+
+def test_a_time_limited_autoencoder_stage_reports_the_steps_it_made(dataset, tmp_path):
+    run = tmp_path / "limited"
+    assert main(["train", "--data", str(dataset), "--out", str(run), *FAST, "--ae-steps", "100000",
+                 "--ae-time-limit", "1", "--far-steps", "1", "--val-every", "0"]) == 0
+    made = json.loads((run / "autoencoder" / "config.json").read_text())["step"]
+    assert 0 < made < 100000
+    assert json.loads((run / "checkpoint" / "config.json").read_text())["data"]["ae_steps"] == made
+    assert f"{made:,} autoencoder steps" in (run / "checkpoint" / "README.md").read_text()
+
+
+def test_a_stream_simulator_that_cannot_be_made_is_named(trained, tmp_path, capsys):
+    out = tmp_path / "stream"
+    assert main(["train", "--stream-env", "worldsim/Nope-v0", "--ae-from", str(trained / "checkpoint"),
+                 "--out", str(out), *FAST, "--far-steps", "1"]) == 1
+    assert "--stream-env worldsim/Nope-v0: cannot create the simulator (NameNotFound" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_an_out_path_that_is_a_file_is_refused_by_name(dataset, tmp_path, capsys):
     in_the_way = tmp_path / "results"
     in_the_way.write_text("not a folder")

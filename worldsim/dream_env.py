@@ -34,6 +34,7 @@ this module never imports pygame, per DESIGN.md.
 """
 from __future__ import annotations
 
+import operator
 import os
 import time
 from pathlib import Path
@@ -305,6 +306,10 @@ class DreamEnv(gym.Env):
         """New world. `options`: `maze_seed` (simulator start) or `episode` (dataset start)."""
         super().reset(seed=seed)
         options = dict(options or {})
+        unknown = sorted(set(options) - {"maze_seed", "episode"})
+        if unknown:  # a typo such as "maze-seed" would otherwise start a random world silently
+            raise ValueError(f"unknown reset option(s) {', '.join(map(repr, unknown))}: DreamEnv takes 'maze_seed' "
+                             "(simulator start) and 'episode' (dataset start)")
         self._maze_seed = self._episode_id = None
         # Draw every random number from np_random in a fixed order: determinism under seed.
         sim_seed = int(self.np_random.integers(2**31 - 1))
@@ -327,12 +332,14 @@ class DreamEnv(gym.Env):
             raise RuntimeError("DreamEnv.step() called before reset()")
         if not self.action_space.contains(action):
             try:
-                action = int(action)
-            except (TypeError, ValueError):
-                action = -1
-            if not 0 <= action < len(self.action_names):
-                raise ValueError(f"invalid action {action!r}: expected 0..{len(self.action_names) - 1} "
+                index = operator.index(action)  # ints of any kind; not 1.5, "forward" or None
+            except TypeError:
+                whole = isinstance(action, (float, np.floating)) and float(action).is_integer()
+                index = int(action) if whole else -1
+            if not 0 <= index < len(self.action_names):
+                raise ValueError(f"invalid action {action!r}: expected an integer 0..{len(self.action_names) - 1} "
                                  f"({', '.join(self.action_names)})")
+            action = index
         action = int(action)
         start = time.perf_counter()
         frame = self._session.step(action)

@@ -269,6 +269,31 @@ def _given(args: argparse.Namespace, prefix: str | None = None) -> dict[str, Any
     return out
 
 
+def check_numbers(train: TrainConfig) -> None:
+    """Values no run can use, refused by option name before the run folder is written (a bad
+    override on --resume would otherwise be stored and fail every later resume)."""
+    at_least = {1: ("ae_batch", "far_batch", "seq_len", "checkpoint_every", "val_batches", "log_every",
+                    "preview_frames", "latent_batch", "stream_workers", "stream_length", "stream_buffer"),
+                0: ("ae_steps", "far_steps", "warmup", "threads", "val_every", "preview_context")}
+    for low, names in at_least.items():
+        for name in names:
+            if getattr(train, name) < low:
+                raise TrainError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(train, name)}")
+    for name in ("ae_lr", "far_lr", "weight_decay", "grad_clip", "ae_time_limit", "far_time_limit"):
+        value = getattr(train, name)
+        if not 0 <= value < float("inf"):
+            raise TrainError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if not 0 <= train.ema_decay < 1 or not 0 <= train.min_lr_ratio <= 1:
+        raise TrainError(f"--ema-decay must be in [0, 1) and --min-lr-ratio in [0, 1], got {train.ema_decay} "
+                         f"and {train.min_lr_ratio}")
+    if train.preview_every < -1:
+        raise TrainError(f"--preview-every must be >= -1 (-1: never), got {train.preview_every}")
+    if train.ae_train == "decoder" and train.stage == "both" and not train.far_init:
+        # the far stage would train a new transformer from scratch over the checkpoint the decoder was paired with
+        raise TrainError("--ae-train decoder fine-tunes the decoder of an exported checkpoint: give --stage ae "
+                         "(the default stage, both, would then train a new transformer over the result)")
+
+
 def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
     """(config, resuming). A new run: preset + overrides; a resumed run: its config + overrides."""
     ae_mod, far_mod, obj_mod = _model_modules()
@@ -299,6 +324,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
                              f"on resume (the run started from its stored value); start a new run instead")
         train_over["out"] = str(resume)
         run.train = dataclasses.replace(run.train, **train_over)
+        check_numbers(run.train)
         run.objective = dataclasses.replace(run.objective, **obj_over)
         return run, True
     preset_name = train_over.get("preset", TrainConfig.preset)
@@ -306,6 +332,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
         raise TrainError(f"unknown preset {preset_name!r} (known: {', '.join(TRAIN_PRESETS)})")
     preset = TRAIN_PRESETS[preset_name]
     train = dataclasses.replace(TrainConfig(), **{**preset["train"], **train_over})
+    check_numbers(train)
     ae_base = ae_mod.AE_PRESETS[preset["ae"]]
     if train.ae_init:
         ae_base = load_autoencoder(train.ae_init)[0].config
@@ -1070,7 +1097,8 @@ def run_ae_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state)
                         progress=_progress(dist, cfg, "load train"))
     val = load_frames(cfg.data, "val", data.action_names, data.resolution, warn=trainer.log)
     if train.num_frames == 0:
-        raise TrainError(f"{', '.join(cfg.data)}: no training frames")
+        raise TrainError(f"{', '.join(cfg.data)}: no training frames (training reads the episodes of the train "
+                         "split; these hold none: record some with `worldsim record --split train`)")
     torch.manual_seed(cfg.seed)
     ae = ae_mod.Autoencoder(run.autoencoder)
     if cfg.ae_init:
@@ -1141,6 +1169,9 @@ def _ensure_autoencoder(trainer: Trainer, run: RunConfig, data: DataInfo) -> nn.
     cfg = run.train
     own = trainer.out / AE_DIR
     if readable_dir(own, "config.json") is None:
+        if not cfg.ae_from and cfg.stream_env:
+            raise TrainError(f"--stream-env {cfg.stream_env} trains only the transformer: give --ae-from "
+                             "RUN_OR_CHECKPOINT, an autoencoder trained on a recorded dataset")
         if not cfg.ae_from:
             raise TrainError(f"{own}: no trained autoencoder in this run; train stage ae first "
                              f"(--stage both / ae) or pass --ae-from RUN_OR_CHECKPOINT")
@@ -1193,7 +1224,8 @@ def build_latents(trainer: Trainer, run: RunConfig, data: DataInfo, ae: nn.Modul
         if cached is not None:
             store.extend(cached)
     if split == "train" and not store.latents:
-        raise TrainError(f"no train frames to train on in {', '.join(map(str, cfg.data))}")
+        raise TrainError(f"no train frames to train on in {', '.join(map(str, cfg.data))} (training reads the "
+                         "episodes of the train split: record some with `worldsim record --split train`)")
     return store
 
 
@@ -1608,7 +1640,8 @@ def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]
     if cfg.stage in ("ae", "both") and state_stage != "far" and not cfg.stream_env:
         if not run_ae_stage(trainer, run, data, state if state_stage == "ae" else None):
             return 130
-        ae_steps_done = cfg.ae_steps
+        ae_dir = readable_dir(out / AE_DIR, "config.json")  # its step: fewer than asked when --ae-time-limit hit
+        ae_steps_done = int(json.loads((ae_dir / "config.json").read_text()).get("step", cfg.ae_steps)) if ae_dir else cfg.ae_steps
     else:
         ae_dir = readable_dir(out / AE_DIR, "config.json")
         ae_steps_done = int(json.loads((ae_dir / "config.json").read_text()).get("step", 0)) if ae_dir else 0
@@ -1628,8 +1661,12 @@ def stream_data_info(cfg: TrainConfig) -> DataInfo:
     import envs  # noqa: F401
     from envs.recorder import parse_env_args
 
-    settings = parse_env_args(cfg.stream_env_arg)
-    env = gym.make(cfg.stream_env, **settings)
+    try:
+        settings = parse_env_args(cfg.stream_env_arg)
+        env = gym.make(cfg.stream_env, **settings)
+    except Exception as exc:  # an unknown id (gymnasium's NameNotFound), a setting the simulator does not take
+        given = " ".join(["--stream-env", cfg.stream_env, *(["--stream-env-arg", *cfg.stream_env_arg] if cfg.stream_env_arg else [])])
+        raise TrainError(f"{given}: cannot create the simulator ({type(exc).__name__}: {exc})") from None
     try:
         obs, _ = env.reset(seed=0)
         base = env.unwrapped
