@@ -497,6 +497,15 @@ def test_values_no_run_can_use_are_refused_before_anything_is_written(trained, d
     assert "give --stage ae" in capsys.readouterr().err and not run.exists()
 
 
+def test_a_sequence_longer_than_every_episode_is_refused_before_the_autoencoder_stage(dataset, tmp_path, capsys):
+    run = tmp_path / "long"
+    assert main(["train", "--data", str(dataset), "--out", str(run), *FAST, "--seq-len", "50"]) == 1
+    assert "no train episode has --seq-len 50 frames (longest: 12)" in capsys.readouterr().err
+    assert not (run / "autoencoder").exists()
+    assert main(["train", "--data", str(dataset), "--out", str(run), *FAST, "--seq-len", "8", "--ae-steps", "1",
+                 "--far-steps", "1"]) == 0  # the corrected command, in the same folder
+
+
 def test_a_time_limited_autoencoder_stage_reports_the_steps_it_made(dataset, tmp_path):
     run = tmp_path / "limited"
     assert main(["train", "--data", str(dataset), "--out", str(run), *FAST, "--ae-steps", "100000",

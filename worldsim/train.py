@@ -1598,6 +1598,16 @@ def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]
                              stored.action_names, stored.resolution, f"run {out}")
     else:
         data = probe_data(cfg.data, stored, f"run {out}")
+        if cfg.stage in ("far", "both"):  # known from the index alone: say so before an autoencoder stage runs
+            from worldsim.latents import names_for, open_split
+
+            longest = 0
+            for path in cfg.data:
+                ds, idx, _ = open_split(path, "train", names_for(path, data.action_names), fallback=False)
+                longest = max([longest, *(ds.episodes[i].length for i in idx)])
+            if longest and longest < cfg.seq_len:
+                raise TrainError(f"{', '.join(cfg.data)}: no train episode has --seq-len {cfg.seq_len} frames "
+                                 f"(longest: {longest}); lower --seq-len or record longer episodes")
     if cfg.ae_from and (cfg.stage == "far" or cfg.stream_env):
         # the run's own copy when there is one (a resumed run, or a start that failed after copying)
         own = readable_dir(out / AE_DIR, "config.json")
