@@ -490,6 +490,8 @@ def test_values_no_run_can_use_are_refused_before_anything_is_written(trained, d
     stored = (trained / "config.json").read_text()
     assert main(["train", "--resume", str(trained), "--far-batch", "0"]) == 2
     assert "--far-batch must be >= 1" in capsys.readouterr().err
+    assert main(["train", "--resume", str(trained), "--preset", "small"]) == 2  # it would only relabel the run
+    assert "--preset cannot change on resume" in capsys.readouterr().err
     assert (trained / "config.json").read_text() == stored
     # a decoder fine-tune with the default stage (both) would train a new transformer over its result
     assert main(["train", "--data", str(dataset), "--out", str(run), *FAST, "--ae-init", str(trained / "checkpoint"),

@@ -317,7 +317,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
                              f"(got {', '.join(['--ae-' + k for k in ae_over] + ['--far-' + k for k in far_over])})")
         if "out" in train_over and Path(train_over["out"]).resolve() != Path(resume).resolve():
             raise TrainError("--resume continues in the run folder itself; do not pass a different --out")
-        fixed = [k for k in ("ae_init", "ae_train", "far_init")
+        fixed = [k for k in ("preset", "ae_init", "ae_train", "far_init")
                  if k in train_over and train_over[k] != getattr(run.train, k)]
         if fixed:
             raise TrainError(f"--resume {resume}: {', '.join('--' + k.replace('_', '-') for k in fixed)} cannot change "
@@ -1661,7 +1661,8 @@ def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]
     trainer.plot()
     if dist.is_main:
         log(f"done: {out} (peak memory {peak_rss_mib():.0f} MiB)"
-            + (f"; world model in {out / 'checkpoint'}" if cfg.stage != "ae" else f"; autoencoder in {out / AE_DIR}"))
+            + (f"; world model in {out / 'checkpoint'}" if cfg.stage != "ae" and (out / "checkpoint").is_dir()
+               else f"; autoencoder in {out / AE_DIR}" if (out / AE_DIR).is_dir() else "; nothing to export (0 steps)"))
     return 0
 
 
