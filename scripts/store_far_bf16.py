@@ -21,8 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from worldsim.checkpoint import (CONFIG_NAME, FAR_DTYPES, WEIGHTS_NAME, CheckpointError, load_checkpoint,
-                                 readable_like_any_file, save_checkpoint)
+from worldsim.checkpoint import CONFIG_NAME, FAR_DTYPES, WEIGHTS_NAME, CheckpointError, load_checkpoint, save_checkpoint
+from worldsim.dataset import readable_like_any_file
 
 
 def store(checkpoint: Path, out: Path, far_dtype: str) -> Path:

@@ -43,6 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from worldsim.autoencoder import Autoencoder, AutoencoderConfig
+from worldsim.dataset import readable_like_any_file
 from worldsim.model import FAR, FARConfig
 
 FORMAT = "worldsim-checkpoint"
@@ -119,15 +120,6 @@ def _depth_hint(prefix: str, module: torch.nn.Module, given: dict[str, torch.Ten
     if blocks_in_file and max(blocks_in_file) + 1 != depth:
         return f": {CONFIG_NAME} says far.depth {depth}, the weights hold {max(blocks_in_file) + 1} blocks"
     return ""
-
-
-def readable_like_any_file(path: str | os.PathLike) -> None:
-    """Give a file or folder from mkstemp/mkdtemp (0600/0700) the mode open()/mkdir would have.
-
-    A checkpoint is meant to be shared and played by other users of the machine."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
 
 
 def _write_file_atomic(path: Path, write) -> None:

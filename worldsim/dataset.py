@@ -208,7 +208,10 @@ def _current_umask() -> int:
     return mask
 
 
-_FILE_MODE = 0o666 & ~_current_umask()  # what open() would give; mkstemp gives 0600
+def readable_like_any_file(path: str | os.PathLike) -> None:
+    """Give a file or folder from mkstemp/mkdtemp (0600/0700) the mode open()/mkdir would have:
+    datasets, checkpoints and videos are meant to be read by the machine's other users."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_current_umask())
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], suffix: str | None = None) -> None:
@@ -228,7 +231,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], suffix:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.chmod(tmp, _FILE_MODE)
+        readable_like_any_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:

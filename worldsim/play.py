@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import numpy as np
 
 from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
+from worldsim.dataset import readable_like_any_file
 from worldsim.keymaps import CONTROL_KEYS, KEYMAPS, KeymapError, help_lines, load_keymap
 
 DEFAULT_SIMULATOR = {"id": "worldsim/Maze-v0", "settings": {}}
@@ -233,9 +234,7 @@ class VideoRecorder:
         if self.frames == 0:
             self.tmp.unlink(missing_ok=True)
             return None
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(self.tmp, 0o666 & ~mask)  # mkstemp makes 0600; a video should read like any file
+        readable_like_any_file(self.tmp)  # mkstemp makes 0600
         try:
             os.replace(self.tmp, self.path)
         except OSError as exc:  # the target turned into a folder meanwhile, say: keep the frames

@@ -60,7 +60,7 @@ import torch
 import torch.nn as nn
 
 from worldsim import cliargs
-from worldsim.dataset import DatasetError, write_json_atomic
+from worldsim.dataset import DatasetError, readable_like_any_file, write_json_atomic
 from worldsim.ddp import Dist, cpu_threads_per_rank
 from worldsim.latents import (
     FrameStore, LatentStore, build_cache, check_compatible, load_cached, load_frames, names_for, tensors_hash,
@@ -481,8 +481,6 @@ def swap_dir_atomic(final: Path, write: Callable[[Path], None]) -> None:
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        from worldsim.checkpoint import readable_like_any_file
-
         readable_like_any_file(tmp)  # mkdtemp made it 0700
         if old.exists():
             shutil.rmtree(old)
