@@ -319,6 +319,55 @@ def test_dmlab_clip_takes_the_checkpoint_action_names(tmp_path, dmlab_example_pa
     assert tuple(ds.action_names) == world.action_names and len(ds) == 1 and "no split" in note
 
 
+def test_split_less_files_the_checkpoint_trained_on_score_only_the_hash_held_out_episodes(tmp_path, dmlab_example_path):
+    """Files without split information are taken whole as held-out, unless the checkpoint's config
+    names them as training data: then only the episodes training held out (hash of the id) count,
+    and files with none held out are refused by name."""
+    from types import SimpleNamespace
+
+    data = np.load(dmlab_example_path)
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    # ep001 / ep002 hash to "test", ep000 / ep003 to "train" (latents.open_split's rule)
+    for name in ("ep000", "ep001", "ep002", "ep003"):
+        np.savez(folder / f"{name}.npz", video=data["video"][:20], actions=data["actions"][:20])
+    names = ("action_0", "action_1", "action_2")
+    stranger = SimpleNamespace(resolution=(64, 64), action_names=names, config={"data": {"datasets": ["elsewhere"]}})
+    ds, note = evaluate.load_test_split(folder, stranger)
+    assert len(ds) == 4 and note.startswith("all episodes")
+
+    trained = SimpleNamespace(resolution=(64, 64), action_names=names,
+                              config={"data": {"datasets": [str(folder)]}})
+    ds, note = evaluate.load_test_split(folder, trained)
+    assert sorted(e.id for e in ds.episodes) == ["ep001", "ep002"] and "held out" in note
+
+    for name in ("ep001", "ep002"):
+        (folder / f"{name}.npz").unlink()
+    with pytest.raises(evaluate.EvalError, match="trained on these files"):
+        evaluate.load_test_split(folder, trained)
+
+
+def test_turn_probe_without_a_simulator_or_poses_pairs_the_full_turn_with_the_last_context_frame(tmp_path):
+    """When the simulator cannot start here and the episode has no poses, the turn probe knows only
+    where the last context frame stands: the full turn is scored against that frame, not against an
+    earlier context frame the recorded agent may have left."""
+    from worldsim.dataset import Dataset
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(folder / "ep.npz", video=rng.integers(0, 255, (12, 32, 32, 3), dtype=np.uint8),
+             actions=rng.integers(0, 5, 12))
+    world = FakeWorld(simulator={"id": "worldsim/NotInstalled-v0", "settings": {"turn_step_deg": 30}})
+    cfg = EvalConfig(data=str(folder), out=str(tmp_path / "e"), probe_episodes=1, probe_context=4, probe_loops=1,
+                     progress=False)
+    ds = Dataset(folder, action_names=world.action_names)
+    res = evaluate.self_consistency(world, cfg, ds, bar_enabled=False)
+    assert res["context_source"] == "test episode (first frames)"
+    (probe,) = res["probes"]
+    assert probe["pairs"] and probe["pairs"][0] == [4 + 12 - 1, 3]  # 12 turns of 30 degrees, back at frame 3
+
+
 def test_long_cache_runs_the_long_context_condition_in_the_play_cache(tiny_data, tmp_path):
     """--long-cache multilevel-fast: the long-context condition, teacher forcing and the probes
     use the cache `play` uses by default; the sliding baseline stays."""
@@ -338,12 +387,17 @@ def test_shift_option_reaches_every_session_and_the_results(tiny_data, tmp_path)
     res = run_eval(cfg, world=world)
     assert len(world.shifts) > 4 and set(world.shifts) == {2.5}  # conditions, control, teacher forcing, probes
     assert res["config"]["sampler_used"] == {"steps": 1, "cfg": 1.0, "shift": 2.5, "temperature": 1.0,
-                                             "generated_noise": 0.0}
+                                             "generated_noise": 0.0, "context_noise": 0.0}
     assert "shift = 2.5," in (tmp_path / "s" / "results.md").read_text()
     # without the option the checkpoint's setting applies, 1 (uniform steps) where it has none
     world = FakeWorld()
     res = run_eval(EvalConfig(**{**cfg.__dict__, "shift": None, "out": str(tmp_path / "d")}), world=world)
     assert set(world.shifts) == {None} and res["config"]["sampler_used"]["shift"] == 1.0
+    # a checkpoint whose config.json names no steps or cfg samples with the library's defaults, and says so
+    world = FakeWorld()
+    world.config["sampler"] = {}
+    res = run_eval(EvalConfig(**{**cfg.__dict__, "shift": None, "out": str(tmp_path / "n")}), world=world)
+    assert (res["config"]["sampler_used"]["steps"], res["config"]["sampler_used"]["cfg"]) == (10, 1.5)
     with pytest.raises(EvalError, match="--shift must be > 0, got 0.0"):
         run_eval(EvalConfig(**{**cfg.__dict__, "shift": 0.0}), world=FakeWorld())
 

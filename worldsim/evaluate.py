@@ -5,7 +5,10 @@
 
 1. Ground truth. Held-out mazes: the `test` split of `--data` (or, without `--data`, test-split
    mazes recorded now with the revisiting navigator into `<out>/data`); `--split val` scores the
-   validation mazes instead, to choose settings (e.g. `--shift`) without looking at the test ones. The first `--context` K
+   validation mazes instead, to choose settings (e.g. `--shift`) without looking at the test ones.
+   Files without split information (the public FAR/TECO DMLab .npz files) are scored whole,
+   unless the checkpoint names them as training data: then only the episodes that training held
+   out by a hash of their id. The first `--context` K
    ground-truth frames are the context; the model then generates the next `--generate` G frames
    from the recorded actions. Conditions, each scored per frame against the ground truth:
 
@@ -310,16 +313,28 @@ def load_test_split(path: Path, world: Any, split: str = "test") -> tuple[Any, s
     """The test (or another) split of a dataset, checked against the checkpoint; returns (dataset, split note).
 
     Files without split information (the public FAR/TECO DMLab .npz files, which are their
-    test set) are used whole, and the note says so.
+    test set) are used whole, and the note says so, unless the checkpoint was trained on them:
+    then only the episodes that training held out by the hash of their id are scored.
     """
     from worldsim.dataset import Dataset
-    from worldsim.latents import names_for
+    from worldsim.latents import names_for, open_split
 
     # files without an index (FAR/TECO DMLab .npz) name their actions after the checkpoint's
     names = names_for(path, world.action_names)
     whole = Dataset(path, action_names=names)
     if whole.episodes and all(e.split is None for e in whole.episodes):
-        ds, note = whole, "all episodes (the files carry no split information; taken as held-out)"
+        if not _trained_on(path, getattr(world, "config", None) or {}):
+            ds, note = whole, "all episodes (the files carry no split information; taken as held-out)"
+        else:
+            ds, idx, _ = open_split(path, split, action_names=names, fallback=False)
+            if not idx:
+                raise EvalError(f"{path}: this checkpoint was trained on these files, which carry no split "
+                                f"information, and none of their {len(ds)} episodes falls in the {split!r} part "
+                                "that training holds out (by a hash of the episode id); evaluate on files it was "
+                                "not trained on")
+            ds.episodes = [ds.episodes[i] for i in idx]
+            note = (f"the {len(idx)} episodes that training held out as {split!r} by a hash of their id "
+                    "(the checkpoint was trained on these files, which carry no split information)")
     else:
         ds, note = Dataset(path, split=split, action_names=names), split
     if tuple(ds.resolution) != tuple(world.resolution):
@@ -330,6 +345,27 @@ def load_test_split(path: Path, world: Any, split: str = "test") -> tuple[Any, s
         raise EvalError(f"the checkpoint's actions {list(world.action_names)} differ from the dataset's "
                         f"{list(ds.action_names)} ({path})")
     return ds, note
+
+
+def _trained_on(path: Path, config: dict) -> bool:
+    """Whether `path` is one of the datasets the checkpoint's config names (its training data,
+    or a stage's in the provenance), compared as resolved paths from the current directory."""
+    named: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("datasets", "data") and isinstance(value, list):
+                    named.extend(v for v in value if isinstance(v, str))
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(config)
+    target = Path(path).resolve()
+    return any(Path(p).resolve() == target for p in named)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -660,9 +696,13 @@ def self_consistency(world: Any, cfg: EvalConfig, ds: Any, bar_enabled: bool) ->
                     ctx, ctx_actions = ep.video[:k_ctx], list(ep.actions[:k_ctx])
                     real = None
                     start = ep.poses[k_ctx - 1].astype(np.float64) if ep.poses is not None else np.zeros(3)
+                    if ep.poses is not None:
+                        ctx_poses = ep.poses[:k_ctx].astype(np.float64)
+                    else:  # only the last context frame's pose is known (the origin); NaN never matches
+                        ctx_poses = np.full((k_ctx, 3), np.nan)
+                        ctx_poses[-1] = start
                     pose_arr = np.concatenate([
-                        ep.poses[:k_ctx].astype(np.float64) if ep.poses is not None else np.tile(start, (k_ctx, 1)),
-                        np.stack([start + [0.0, 0.0, -(j + 1) * turn_step] for j in range(len(acts))])])
+                        ctx_poses, np.stack([start + [0.0, 0.0, -(j + 1) * turn_step] for j in range(len(acts))])])
                     maze_seed = ep.maze_seed
                 pairs = probe_pairs(pose_arr, k_ctx, pos_tol, yaw_tol)
                 controls = opposite_view_pairs(pose_arr, pairs, pos_tol)
@@ -709,7 +749,8 @@ def self_consistency(world: Any, cfg: EvalConfig, ds: Any, bar_enabled: bool) ->
             for m in ("psnr", "ssim"):
                 vals = np.concatenate([e["conditions"][mode][m] for e in entries]) if entries else np.zeros(0)
                 row[m] = metrics.summarize(vals)
-                row[m + "_beyond_window"] = metrics.summarize(vals, ages > window)
+                # the window holds the W - 1 frames before the one generated: age W is already in L2
+                row[m + "_beyond_window"] = metrics.summarize(vals, ages >= window)
             row["psnr_opposite_view"] = metrics.summarize(np.concatenate(
                 [np.asarray(e["conditions"][mode].get("psnr_opposite_view", []), dtype=np.float64) for e in entries])
                 if entries else np.zeros(0))
@@ -913,7 +954,7 @@ def results_markdown(res: dict[str, Any]) -> str:
         lines.append(f"Full turn = {sc['full_turn_steps']} x turn_left; loops = {sc['loops']}; out-and-back k = "
                      f"{sc['forward']}; poses from {sc['poses_from']}.")
         lines.append("")
-        lines.append("| probe | condition | PSNR | SSIM | pairs | PSNR (pairs older than W) | pairs older than W | "
+        lines.append("| probe | condition | PSNR | SSIM | pairs | PSNR (pairs out of the window, age >= W) | pairs out of the window | "
                      "control: PSNR against the opposite view | sharpness | motion |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|")
         for pname, per in sc["summary"].items():
@@ -1097,6 +1138,11 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
         return {k: v for k, v in e.items() if k != "conditions"} | {"per_frame": e["conditions"]}
 
     world_config = getattr(world, "config", None)
+    checkpoint_sampler = getattr(world, "sampler", None)  # a World's: config.json's over DEFAULT_SAMPLER
+    if not isinstance(checkpoint_sampler, dict):
+        from worldsim.checkpoint import DEFAULT_SAMPLER
+
+        checkpoint_sampler = {**DEFAULT_SAMPLER, **((world_config or {}).get("sampler") or {})}
     results = {
         "format": RESULTS_FORMAT, "format_version": RESULTS_VERSION, "interrupted": interrupted,
         "config": asdict(cfg) | {
@@ -1112,10 +1158,9 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             "memory_control_status": control, "memory_control_old_frames": max(0, old_frames),
             "memory_donor_episode_ids": [e["memory_donor"] for e in episodes] if control == "on" else [],
             # what the sessions used: the options, or the checkpoint's sampler defaults
-            "sampler_used": {k: getattr(cfg, k) if getattr(cfg, k) is not None
-                             else ((world_config or {}).get("sampler") or {}).get(
-                                 k, {"shift": 1.0, "temperature": 1.0, "generated_noise": 0.0}.get(k))
-                             for k in ("steps", "cfg", "shift", "temperature", "generated_noise")},
+            "sampler_used": {k: getattr(cfg, k) if getattr(cfg, k) is not None else checkpoint_sampler.get(k)
+                             for k in ("steps", "cfg", "shift", "temperature", "generated_noise")}
+            | {"context_noise": checkpoint_sampler.get("context_noise")},
         },
         "metrics": {"definitions": _definitions(),
                     "lpips": {"available": lpips_on, "status": why if lpips_on else f"unavailable: {why}"}},
