@@ -60,6 +60,27 @@ def test_dmlab_example_reads(dmlab_example_path):
     assert ds.episodes[0].length == 300
 
 
+def _sideways_shift(before: np.ndarray, after: np.ndarray) -> int:
+    """The horizontal shift s (pixels) that best maps `before` onto `after`: after[:, x] ~ before[:, x + s]."""
+    p, q = before.astype(np.float32).mean(-1), after.astype(np.float32).mean(-1)
+    w = p.shape[1]
+    errors = {s: (np.abs(q[:, :w - s] - p[:, s:]) if s >= 0 else np.abs(q[:, -s:] - p[:, :w + s])).mean()
+              for s in range(-12, 13)}
+    return min(errors, key=errors.get)
+
+
+def test_dmlab_file_actions_are_read_as_the_action_that_produced_each_frame(dmlab_example_path):
+    """The real DMLab episode's turns: read through Dataset, actions[t] turns video[t-1] into video[t]
+    (the project's convention), although the file stores the action taken at frame t."""
+    ep = Dataset(dmlab_example_path)[0]
+    raw = np.load(dmlab_example_path)["actions"]
+    assert np.array_equal(ep.actions[1:], raw[:-1]) and ep.actions[0] == raw[0]
+    shifts = np.array([_sideways_shift(ep.video[t - 1], ep.video[t]) for t in range(1, len(ep))])
+    for turn, sign in ((0, -1), (1, +1)):  # the two turning actions of this file move the view opposite ways
+        moved = np.sign(shifts[ep.actions[1:] == turn])
+        assert (moved == sign).mean() > 0.9, (turn, (moved == sign).mean())
+
+
 def test_dmlab_folder_and_explicit_action_names(dmlab_example_path, tmp_path):
     shutil.copy(dmlab_example_path, tmp_path / "a.npz")
     shutil.copy(dmlab_example_path, tmp_path / "b.npz")

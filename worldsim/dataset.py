@@ -278,6 +278,10 @@ def default_action_names(n: int) -> tuple[str, ...]:
 class Dataset:
     """Read a recorded dataset, a FAR/TECO DMLab .npz, or a folder of such files.
 
+    FAR/TECO files store at `actions[t]` the action taken at frame t; they are read shifted by
+    one frame to this project's convention (`actions[t]` produced `video[t]` from `video[t-1]`),
+    and frame 0 repeats the file's first action since it has no predecessor.
+
     ``split`` keeps only the episodes of that split ("train", "val", "test").
     ``action_names`` names the actions of index-less (DMLab) files; by default they are
     ``action_0 .. action_{n-1}`` with n = 1 + the largest action seen. With an index it must
@@ -443,6 +447,10 @@ class Dataset:
         if length != info.length:
             raise DatasetError(f"{file}: has {length} frames but the index says {info.length}")
         actions = actions.astype(np.int64, copy=False)
+        if self.index is None and actions.size:
+            # FAR/TECO files store the action taken at frame t (it produces frame t + 1); this
+            # project's actions[t] produces frame t. Frame 0 has none: it repeats the first.
+            actions = np.concatenate([actions[:1], actions[:-1]])
         if actions.size and (actions.min() < 0 or actions.max() >= len(self.action_names)):
             bad = int(actions.min()) if actions.min() < 0 else int(actions.max())
             raise DatasetError(f"{file}: action {bad} out of range [0, {len(self.action_names) - 1}]")
