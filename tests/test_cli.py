@@ -63,3 +63,33 @@ def test_help_into_a_closed_pipe_exits_quietly(argv):
         os.close(write_end)
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
     assert result.returncode in (0, 141)  # argparse itself swallows the error of its help text
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be made")
+def test_a_folder_that_cannot_be_made_is_one_line_naming_it(capsys, tmp_path):
+    rc = main(["record", "--env", "worldsim/Maze-v0", "--episodes", "1", "--length", "5", "--split", "train",
+               "--out", "/proc/worldsim-no/such", "--progress", "false"])
+    err = capsys.readouterr().err
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("worldsim record: /proc/worldsim-no") and err.strip().endswith("No such file or directory")
+
+
+def test_a_full_disk_while_saving_tensors_is_an_oserror_naming_the_file(monkeypatch, tmp_path):
+    """safetensors reports a full disk as a SafetensorError; the CLI's one-line OSError message
+    needs it as the OSError it is, with the file, and a failed save leaves no temp folder."""
+    import torch
+    from safetensors import SafetensorError
+
+    from worldsim import checkpoint
+    from worldsim.train import swap_dir_atomic
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    target = tmp_path / "state"
+    with pytest.raises(OSError) as caught:
+        swap_dir_atomic(target, lambda tmp: checkpoint.save_tensors({"w": torch.zeros(2)}, tmp / "w.safetensors", {}))
+    assert caught.value.errno == 28 and caught.value.strerror == "No space left on device"
+    assert caught.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []

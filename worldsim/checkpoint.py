@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from worldsim.autoencoder import Autoencoder, AutoencoderConfig
-from worldsim.dataset import readable_like_any_file
+from worldsim.dataset import atomic_write, naming, readable_like_any_file
 from worldsim.model import FAR, FARConfig
 
 FORMAT = "worldsim-checkpoint"
@@ -122,17 +123,15 @@ def _depth_hint(prefix: str, module: torch.nn.Module, given: dict[str, torch.Ten
     return ""
 
 
-def _write_file_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def save_tensors(tensors: dict[str, torch.Tensor], target: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, with its I/O failures (a full disk) raised as the OSError they are."""
     try:
-        write(tmp)
-        readable_like_any_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        save_file(tensors, str(target), metadata=metadata)
+    except SafetensorError as exc:
+        code = re.search(r"(?:os error |code: )(\d+)", str(exc))  # "... (os error 28)"
+        if code:
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(target)) from exc
+        raise OSError(None, f"cannot write the tensors: {exc}", str(target)) from exc
 
 
 def save_checkpoint(
@@ -178,7 +177,7 @@ def save_checkpoint(
     }
 
     def write_weights(target: str) -> None:
-        save_file(tensors, target, metadata={"format": FORMAT})
+        save_tensors(tensors, target, {"format": FORMAT})
         config["weights"]["bytes"] = os.path.getsize(target)
 
     def write_config(target: str) -> None:
@@ -187,21 +186,26 @@ def save_checkpoint(
             f.write("\n")
 
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        except OSError as exc:
+            raise naming(exc, path) from exc
         try:
             write_weights(str(tmp_dir / WEIGHTS_NAME))
             write_config(str(tmp_dir / CONFIG_NAME))
             readable_like_any_file(tmp_dir)
             os.replace(tmp_dir, path)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp_dir, ignore_errors=True)
+            if isinstance(exc, OSError):  # a full disk or the like: name the checkpoint, not its temp twin
+                raise naming(exc, path) from exc
             raise
     else:
         if not path.is_dir():
             raise CheckpointError(path, "exists and is not a folder")
-        _write_file_atomic(path / WEIGHTS_NAME, write_weights)
-        _write_file_atomic(path / CONFIG_NAME, write_config)
+        atomic_write(path / WEIGHTS_NAME, lambda tmp: write_weights(str(tmp)))
+        atomic_write(path / CONFIG_NAME, lambda tmp: write_config(str(tmp)))
     return path
 
 

@@ -222,7 +222,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], suffix:
     their format from the extension. The file gets the umask's usual permissions (mkstemp
     would leave 0600)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    except OSError as exc:
+        raise naming(exc, path) from exc
     os.close(fd)
     try:
         write(Path(tmp))
@@ -233,12 +236,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], suffix:
             os.close(fd)
         readable_like_any_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError):  # a full disk or the like: name the file asked for, not the temp file
+            raise naming(exc, path) from exc
         raise
+
+
+def naming(exc: OSError, path: str | os.PathLike) -> OSError:
+    """The same file-system error (errno, message), naming `path`: what the user asked to write,
+    rather than the temp file the error came from."""
+    return OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

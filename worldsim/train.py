@@ -60,7 +60,7 @@ import torch
 import torch.nn as nn
 
 from worldsim import cliargs
-from worldsim.dataset import DatasetError, readable_like_any_file, write_json_atomic
+from worldsim.dataset import DatasetError, naming, readable_like_any_file, write_json_atomic
 from worldsim.ddp import Dist, cpu_threads_per_rank
 from worldsim.latents import (
     FrameStore, LatentStore, build_cache, check_compatible, load_cached, load_frames, names_for, tensors_hash,
@@ -475,7 +475,10 @@ def swap_dir_atomic(final: Path, write: Callable[[Path], None]) -> None:
         os.replace(old, final)
     for stale in final.parent.glob(f".{final.name}.*.tmp"):  # folders of saves killed mid-write
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    except OSError as exc:
+        raise naming(exc, final) from exc
     try:
         write(tmp)
         for f in tmp.iterdir():
@@ -494,8 +497,10 @@ def swap_dir_atomic(final: Path, write: Callable[[Path], None]) -> None:
             os.close(dfd)
         except OSError:  # pragma: no cover
             pass
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):  # a full disk or the like: name the folder, not its temp twin
+            raise naming(exc, final) from exc
         raise
 
 
@@ -595,13 +600,13 @@ AE_WEIGHTS = "autoencoder.safetensors"
 
 
 def save_autoencoder(path: Path, ae: nn.Module, extra: dict) -> None:
-    from safetensors.torch import save_file
+    from worldsim.checkpoint import save_tensors
 
     ae = unwrap(ae)
 
     def write(tmp: Path) -> None:
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in ae.state_dict().items()}
-        save_file(tensors, str(tmp / AE_WEIGHTS), metadata={"format": "worldsim-autoencoder"})
+        save_tensors(tensors, tmp / AE_WEIGHTS, {"format": "worldsim-autoencoder"})
         meta = {"format": "worldsim-autoencoder", "version": 1, "autoencoder": ae.config.to_dict(),
                 "weights_sha256": tensors_hash(tensors), **extra}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -789,7 +794,7 @@ class Trainer:
 
     def save_state(self, spec: StageSpec, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, step: int,
                    elapsed: float) -> None:
-        from safetensors.torch import save_file
+        from worldsim.checkpoint import save_tensors
 
         tensors = {**_module_tensors(model, "model"), **_module_tensors(ema, "ema")}
         opt_t, opt_meta = _flatten_optimizer(opt, "optim")
@@ -806,7 +811,7 @@ class Trainer:
         }
 
         def write(tmp: Path) -> None:
-            save_file(tensors, str(tmp / "weights.safetensors"), metadata={"format": STATE_FORMAT})
+            save_tensors(tensors, tmp / "weights.safetensors", {"format": STATE_FORMAT})
             (tmp / "state.json").write_text(json.dumps(meta) + "\n")
 
         swap_dir_atomic(self.out / "state", write)
