@@ -212,7 +212,7 @@ def _record_task(task: dict[str, Any]) -> dict[str, Any]:
     ep = record_episode(env, task["policy"], task["length"], task["maze_seed"], task["seed"])
     arrays = {"video": ep["video"], "actions": ep["actions"],
               "maze_seed": np.int64(ep["maze_seed"]), "reset_seed": np.int64(ep["reset_seed"]),
-              "policy": np.str_(ep["policy"])}
+              "policy": np.str_(ep["policy"]), "recording": np.str_(task["signature"])}
     if "poses" in ep:
         arrays["poses"] = ep["poses"]
     out_dir = Path(task["out"])
@@ -294,24 +294,45 @@ def _compare(existing: dict[str, Any], header: dict[str, Any], index_path: Path)
             "them (use another --out folder, or the original settings to resume):\n" + "\n".join(diffs))
 
 
-def _adopt(path: Path, entry: dict[str, Any], length: int) -> dict[str, Any] | None:
-    """An episode file written before an interruption but missing from the index. Files are
-    written atomically, so any readable one is complete: it may be shorter than `length`
-    when the simulator ended the episode early."""
+def recording_signature(header: dict[str, Any]) -> str:
+    """What made a dataset's episodes (simulator and settings, resolution, actions, policy,
+    recording options), as stored in each episode file: a file is adopted only by the same."""
+    return json.dumps({k: v for k, v in header.items() if k != "episodes"}, sort_keys=True)
+
+
+def _readable_episode(path: Path, length: int | None = None) -> bool:
+    """Whether `path` holds a video and its actions (of `length` frames, if given)."""
     try:
         headers = npz_headers(path)
-        if "video" not in headers or "actions" not in headers:
-            return None
         frames = headers["video"][0][0]
-        if not 1 <= frames <= length or headers["actions"][0] != (frames,):
-            return None
-        with np.load(path, allow_pickle=False) as data:
-            if int(data["maze_seed"]) != entry["maze_seed"]:
-                return None
-            extra = {"policy": str(data["policy"]) if "policy" in data.files else None,
-                     "reset_seed": int(data["reset_seed"]) if "reset_seed" in data.files else None}
-    except Exception:  # DatasetError, a missing key, a corrupt member: record it again
+        return headers["actions"][0] == (frames,) and frames >= 1 and (length is None or frames == length)
+    except Exception:  # DatasetError, a missing array, a corrupt file
+        return False
+
+
+def _adopt(path: Path, entry: dict[str, Any], length: int, signature: str) -> dict[str, Any] | None:
+    """An episode file written before an interruption but missing from the index. Files are
+    written atomically, so any readable one is complete: it may be shorter than `length`
+    when the simulator ended the episode early. Returns None for an unreadable file (recorded
+    again); raises RecordError for a readable one these settings did not make (never overwritten)."""
+    if not _readable_episode(path):
         return None
+    frames = npz_headers(path)["video"][0][0]
+    with np.load(path, allow_pickle=False) as data:
+        stored = str(data["recording"]) if "recording" in data.files else None
+        maze_seed = int(data["maze_seed"]) if "maze_seed" in data.files else None
+        extra = {"policy": str(data["policy"]) if "policy" in data.files else None,
+                 "reset_seed": int(data["reset_seed"]) if "reset_seed" in data.files else None}
+    why = None
+    if stored is None:
+        why = "it does not say which settings recorded it"
+    elif stored != signature:
+        why = "it was recorded with other settings (simulator, resolution, policy or recording options)"
+    elif maze_seed != entry["maze_seed"] or frames > length:
+        why = f"it holds maze {maze_seed} in {frames} frames, where this recording puts maze {entry['maze_seed']} in at most {length}"
+    if why:
+        raise RecordError(f"{path}: is not in the dataset's index and {why}; move it out of "
+                          f"{path.parent} or record into another folder (nothing was overwritten)")
     return {**entry, "length": int(frames), **extra}
 
 
@@ -378,7 +399,8 @@ def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> di
             raise RecordError(f"{index_path}: cannot read the existing index ({exc})") from None
         _compare(existing, header, index_path)
         for e in existing.get("episodes", []):
-            if (out / e["file"]).is_file():
+            # a listed file that is unreadable (a disk error, a truncated copy) is recorded again
+            if _readable_episode(out / e["file"], e.get("length")):
                 entries[e["id"]] = e
     episodes_dir.mkdir(exist_ok=True)
     _clean_temp_files(episodes_dir)
@@ -400,7 +422,7 @@ def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> di
             continue
         entries.pop(eid, None)
         if (out / entry["file"]).is_file():
-            found = _adopt(out / entry["file"], entry, cfg.length)
+            found = _adopt(out / entry["file"], entry, cfg.length, recording_signature(header))
             if found is not None:
                 entries[eid] = found
                 adopted += 1
@@ -411,7 +433,8 @@ def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> di
     total = cfg.episodes
     skipped = total - len(plan)
     tasks = [{**e, "env": cfg.env, "settings": settings, "policy": cfg.policy, "length": cfg.length,
-              "seed": cfg.seed, "out": str(out), "compress": cfg.compress} for e in plan]
+              "seed": cfg.seed, "out": str(out), "compress": cfg.compress, "signature": recording_signature(header)}
+             for e in plan]
     workers = max(1, min(cfg.workers or os.cpu_count() or 1, len(tasks) or 1))
     summary = {"out": str(out), "episodes": total, "recorded": 0, "skipped": skipped,
                "adopted": adopted, "frames": 0, "seconds": 0.0, "fps": 0.0, "workers": workers,

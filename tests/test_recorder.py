@@ -124,6 +124,39 @@ def test_resume_adopts_episodes_the_simulator_ended_early(tmp_path, capsys):
     assert [e.length for e in ds.episodes] == [10, 10]
 
 
+def test_an_unlisted_episode_from_other_settings_is_refused_and_kept(tmp_path, capsys):
+    """With its index lost, a folder's episodes are adopted only by the settings that recorded
+    them: another resolution (or simulator, policy, length) is refused by file, never overwritten."""
+    out = tmp_path / "ds"
+    assert main(record_args(out, 2, 10, 1)) == 0
+    (out / "index.json").unlink()
+    files = sorted((out / "episodes").glob("*.npz"))
+    before = [f.read_bytes() for f in files]
+    capsys.readouterr()
+    assert main(record_args(out, 2, 10, 1, "--env-arg", "resolution=16")) == 2
+    err = capsys.readouterr().err
+    assert str(files[0]) in err and "other settings" in err and "nothing was overwritten" in err
+    assert [f.read_bytes() for f in files] == before
+    # the settings that made them adopt both, recording nothing
+    assert main(record_args(out, 2, 10, 1)) == 0
+    assert "recorded 0 episodes" in capsys.readouterr().out
+    assert [f.read_bytes() for f in files] == before
+
+
+def test_resume_records_again_an_episode_listed_but_unreadable(tmp_path, capsys):
+    out = tmp_path / "ds"
+    assert main(record_args(out, 3, 10, 1)) == 0
+    good = Dataset(out)["000001"].video.copy()
+    broken = out / "episodes" / "000001.npz"
+    broken.write_bytes(broken.read_bytes()[:200])  # a truncated copy
+    capsys.readouterr()
+    assert main(record_args(out, 3, 10, 1)) == 0
+    assert "recorded 1 episodes" in capsys.readouterr().out
+    ds = Dataset(out)
+    ds.validate()
+    assert np.array_equal(ds["000001"].video, good)
+
+
 def test_record_closes_its_simulator_and_ignores_stale_temp_files(tmp_path, monkeypatch):
     # Bug: with one worker the simulator stayed open in this process after record()
     # returned (DeepMind Lab / MuJoCo renderers held until exit).
