@@ -170,7 +170,9 @@ class DMLabEnv(SimulatorEnv):
         self.action_repeat = int(action_repeat)
         self.look_pixels = int(look_pixels)
         self.renderer = renderer
-        self.level_config = {str(k): str(v) for k, v in (level_config or {}).items()}
+        # Lua level scripts read booleans as "true"/"false" (Python's str gives "True")
+        self.level_config = {str(k): (str(v).lower() if isinstance(v, bool) else str(v))
+                             for k, v in (level_config or {}).items()}
         self.max_steps = None if max_steps is None else int(max_steps)
         self.render_mode = render_mode
 
@@ -185,13 +187,17 @@ class DMLabEnv(SimulatorEnv):
         self.lab_config = {"width": str(w), "height": str(h), "fps": str(self.fps), **self.level_config}
         observations = [OBS_RGB, OBS_POS, OBS_ROT, OBS_LAYOUT]
         try:
-            self._lab = dmlab.Lab(self.level, observations, config=self.lab_config, renderer=self.renderer)
-        except ValueError as exc:
-            if OBS_LAYOUT not in str(exc):
-                raise
-            # this level has no maze layout observation: run without it
-            observations = [OBS_RGB, OBS_POS, OBS_ROT]
-            self._lab = dmlab.Lab(self.level, observations, config=self.lab_config, renderer=self.renderer)
+            try:
+                self._lab = dmlab.Lab(self.level, observations, config=self.lab_config, renderer=self.renderer)
+            except ValueError as exc:
+                if OBS_LAYOUT not in str(exc):
+                    raise
+                # this level has no maze layout observation: run without it
+                observations = [OBS_RGB, OBS_POS, OBS_ROT]
+                self._lab = dmlab.Lab(self.level, observations, config=self.lab_config, renderer=self.renderer)
+        except RuntimeError as exc:  # DeepMind Lab's way of saying: unknown level, bad setting or renderer
+            raise ValueError(f"DeepMind Lab cannot start level {self.level!r} with config {self.lab_config} "
+                             f"and renderer {self.renderer!r}: {exc}") from None
         self.lab_observations = observations
         self._check_action_spec(self._lab.action_spec())
         self._vectors = self._action_vectors()

@@ -130,6 +130,30 @@ def test_standin_level_without_layout(standin):
     env.close()
 
 
+def test_standin_unknown_level_and_navigator_without_layout_are_clear_record_errors(standin, tmp_path, capsys):
+    """DeepMind Lab refuses an unknown level with a RuntimeError: record names it in one line; the
+    navigator on a level without a maze layout is refused before any folder is written."""
+    from worldsim.cli import main
+
+    _close_recorder_cache()
+    rc = main(["record", "--env", "worldsim/DMLab-v0", "--env-arg", "level=nope/level", "--episodes", "1",
+                      "--length", "5", "--out", str(tmp_path / "a"), "--progress", "false"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Could not find level nope/level" in err and "Traceback" not in err
+    rc = main(["record", "--env", "worldsim/DMLab-v0", "--env-arg", "level=tests/empty_room_test", "--policy", "navigator",
+                      "--episodes", "1", "--length", "5", "--out", str(tmp_path / "b"), "--progress", "false"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "navigator policy needs the maze layout" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    _close_recorder_cache()
+
+
+def test_standin_boolean_level_config_is_sent_as_lua_reads_it(standin):
+    gym.make("worldsim/DMLab-v0", level_config={"allowHoldOutLevels": True, "episodeLengthSeconds": 60})
+    assert standin.INSTANCES[-1].config["allowHoldOutLevels"] == "true"
+    assert standin.INSTANCES[-1].config["episodeLengthSeconds"] == "60"
+
+
 def test_standin_time_limit_truncates(standin, monkeypatch):
     monkeypatch.setitem(standin.LEVELS, DEFAULT_LEVEL, (11, 1))  # stand-in level: 1 s = 60 frames
     env = gym.make("worldsim/DMLab-v0").unwrapped
@@ -186,7 +210,8 @@ def test_standin_records_through_the_recorder(standin, tmp_path, policy):
     assert index["simulator"]["id"] == "worldsim/DMLab-v0"
     assert index["simulator"]["settings"]["level"] == DEFAULT_LEVEL
     assert index["action_names"] == list(ACTION_NAMES) and index["resolution"] == [32, 32]
-    labs = [lab for lab in standin.INSTANCES if lab.resets]
+    # the first Lab is the recorder's probe (for the navigator it resets once to see the layout)
+    labs = [lab for lab in standin.INSTANCES[1:] if lab.resets]
     seeds_sent = sorted(seed for lab in labs for _, seed in lab.resets)
     assert seeds_sent == [100, 101]                              # maze seed -> lab.reset(seed=)
     for lab in labs:
