@@ -79,6 +79,8 @@ def test_a_saved_checkpoint_reads_like_any_file_the_user_makes(saved, tmp_path):
     os.umask(mask)
     fresh = world.save(tmp_path / "fresh")
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o777 & ~mask
+    for name in ("config.json", "model.safetensors"):  # safetensors itself creates its files 0600
+        assert stat.S_IMODE((fresh / name).stat().st_mode) == 0o666 & ~mask, name
     world.save(fresh, step=5)  # over the existing folder: each file swapped in
     for name in ("config.json", "model.safetensors"):
         assert stat.S_IMODE((fresh / name).stat().st_mode) == 0o666 & ~mask, name

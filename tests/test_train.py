@@ -471,9 +471,10 @@ def test_the_run_folders_a_user_shares_read_like_any_folder(trained):
     """The exported checkpoint and the autoencoder are not left with mkdtemp's 0700."""
     mask = os.umask(0o022)
     os.umask(mask)
-    for name in ("checkpoint", "autoencoder"):
+    for name in ("checkpoint", "autoencoder", "state"):
         assert stat.S_IMODE((trained / name).stat().st_mode) == 0o777 & ~mask, name
-        assert stat.S_IMODE((trained / name / "config.json").stat().st_mode) == 0o666 & ~mask, name
+        for file in (trained / name).iterdir():  # the weights too: safetensors creates its files 0600
+            assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~mask, file
 
 
 def test_values_no_run_can_use_are_refused_before_anything_is_written(trained, dataset, tmp_path, capsys):

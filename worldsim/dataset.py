@@ -209,9 +209,17 @@ def _current_umask() -> int:
 
 
 def readable_like_any_file(path: str | os.PathLike) -> None:
-    """Give a file or folder from mkstemp/mkdtemp (0600/0700) the mode open()/mkdir would have:
+    """Give a file or folder from mkstemp/mkdtemp (0600/0700) the mode open()/mkdir would have,
+    and so every file and folder inside a folder (safetensors, too, creates its files 0600):
     datasets, checkpoints and videos are meant to be read by the machine's other users."""
-    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_current_umask())
+    umask = _current_umask()
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
+    if os.path.isdir(path):
+        for root, dirs, files in os.walk(path):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~umask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], suffix: str | None = None) -> None:
