@@ -443,7 +443,7 @@ def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> di
     workers = max(1, min(cfg.workers or os.cpu_count() or 1, len(tasks) or 1))
     summary = {"out": str(out), "episodes": total, "recorded": 0, "skipped": skipped,
                "adopted": adopted, "frames": 0, "seconds": 0.0, "fps": 0.0, "workers": workers,
-               "interrupted": False}
+               "interrupted": False, "in_dataset": len(entries)}
     if not tasks:
         return summary
 
@@ -465,6 +465,7 @@ def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> di
             entries[res["id"]] = res
             write_index()
             summary["recorded"] += 1
+            summary["in_dataset"] = len(entries)
             summary["frames"] += res["length"]
             elapsed = time.perf_counter() - t0
             bar.update(1)
@@ -511,6 +512,6 @@ def main(args: argparse.Namespace) -> int:
               "(rerun the same command to resume)", file=sys.stderr)
         return 130
     print(f"recorded {s['recorded']} episodes ({s['frames']} frames) in {s['seconds']:.1f} s "
-          f"({s['fps']:.0f} frames/s, {s['workers']} workers); {s['skipped']} already done; "
-          f"dataset: {s['out']} ({done} episodes)")
+          f"({s['fps']:.0f} frames/s, {s['workers']} worker{'s' if s['workers'] != 1 else ''}); "
+          f"{s['skipped']} already done; dataset: {s['out']} ({s['in_dataset']} episodes)")
     return 0

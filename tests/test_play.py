@@ -345,6 +345,14 @@ def test_headless_out_that_is_a_folder_is_refused_before_playing(tiny_ckpt, tmp_
     assert list(folder.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["videos"]
 
 
+def test_headless_out_of_another_video_kind_is_refused_before_playing(tiny_ckpt, tmp_path, capsys):
+    target = tmp_path / "session.avi"  # would have been MP4 bytes under an .avi name
+    assert cli.main(["play", "--checkpoint", str(tiny_ckpt), "--headless", "--actions", "random:3",
+                     "--out", str(target)]) != 0
+    assert f"{target}: videos are written as .mp4 or .gif" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_headless_reality_side_by_side_gif(tiny_ckpt, tmp_path):
     """The README's dream | reality GIF: one GIF frame per action, both panels side by side."""
     import imageio.v2 as imageio

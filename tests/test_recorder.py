@@ -101,6 +101,10 @@ def test_resume_skips_finished_episodes(tmp_path, capsys):
     assert main(record_args(out, 5, 30, 1)) == 0
     assert len(Dataset(out)) == 5
     assert {k: p.stat().st_mtime_ns for k, p in files.items()} == after
+    # asking for fewer later keeps them all, and the summary counts what the dataset holds
+    capsys.readouterr()
+    assert main(record_args(out, 3, 30, 1)) == 0
+    assert "1 worker);" in (said := capsys.readouterr().out) and "(5 episodes)" in said and len(Dataset(out)) == 5
 
 
 def test_resume_adopts_episodes_the_simulator_ended_early(tmp_path, capsys):

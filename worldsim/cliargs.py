@@ -63,7 +63,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
         default_text = ("none" if default is None
                         else " ".join(map(str, default)) if isinstance(default, (tuple, list)) else default)
         # a help text that explains its own default (e.g. "default: the checkpoint's") keeps it
-        explains_default = "default" in help_text.lower()
+        explains_default = "default:" in help_text.lower() or "(default" in help_text.lower()
         kwargs["help"] = help_text if required or explains_default else f"{help_text} (default: {default_text})".strip()
         if required:
             kwargs["required"] = True

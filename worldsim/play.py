@@ -101,7 +101,7 @@ class PlayConfig:
     reality: bool = field(default=False, metadata={"help": "start with the dream-vs-reality side-by-side view on (key F)"})
     record_dir: str = field(default="recordings", metadata={"help": "where V writes its MP4 recordings"})
     actions: str | None = field(default=None, metadata={"help": "headless: FILE (one action name per line) or random:N"})
-    out: str | None = field(default=None, metadata={"help": "headless: output MP4"})
+    out: str | None = field(default=None, metadata={"help": "headless: the video to write, .mp4 or .gif"})
     headless: bool = field(default=False, metadata={"help": "no window: play --actions, write --out"})
     benchmark: bool = field(default=False, metadata={
         "help": f"headless: print fps at generated frames {', '.join(map(str, BENCH_AT))} and resident memory"})
@@ -202,6 +202,8 @@ class VideoRecorder:
         self.path = Path(path)
         if self.path.is_dir():
             raise PlayError(f"{self.path}: is a folder; give the video a file name ending in .mp4 or .gif")
+        if self.path.suffix.lower() not in (".mp4", ".gif"):  # anything else would get MP4 bytes under its name
+            raise PlayError(f"{self.path}: videos are written as .mp4 or .gif; give a file name ending in one of them")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a parent that is a file, or no permission: before any frame is made
