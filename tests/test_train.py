@@ -741,3 +741,17 @@ def test_a_transformer_stored_in_bfloat16_is_exported_continued_and_converted(tr
                              text=True, env=_env())
     assert missing.returncode == 1 and "no such checkpoint folder" in missing.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "cont", "conv", "half", "paired"]
+
+
+def test_resume_without_its_state_is_refused_and_keeps_the_checkpoint(trained, tmp_path, capsys):
+    """A run whose state/ was deleted cannot be resumed: starting it over would overwrite the
+    checkpoint it exported, so --resume says so and points at --far-init."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    shutil.rmtree(run / "state")
+    weights = (run / "checkpoint" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--far-steps", "5"]) == 1
+    err = capsys.readouterr().err
+    assert "no saved training state" in err and "--far-init" in err
+    assert (run / "checkpoint" / "model.safetensors").read_bytes() == weights

@@ -1585,6 +1585,11 @@ def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]
     started = out.is_dir() and not all(left_by_a_failed_start(p) for p in out.iterdir())
     if not resuming and (state is not None or started):
         raise TrainError(f"{out}: already holds a training run; continue it with --resume {out} or choose another --out")
+    if resuming and state is None and (out / "checkpoint").exists():
+        # its state/ was deleted (to save space, say): starting over would overwrite what it trained
+        raise TrainError(f"{out}: has an exported checkpoint but no saved training state ({out / 'state'}), so "
+                         f"--resume cannot continue it; to train on from its weights use --far-init {out / 'checkpoint'} "
+                         "(and --ae-from) with another --out")
     if resuming and state is None and not (out / AE_DIR).exists():
         log(f"{out}: no saved training state yet; starting from step 0 with its config")
 
