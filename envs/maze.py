@@ -83,7 +83,7 @@ class MazeEnv(SimulatorEnv):
     that slides along walls (x and y are resolved separately).
 
     Reward is always 0. Episodes never terminate; they are truncated after `max_steps`
-    steps (None: never). `reset(options={"maze_seed": k})` builds maze k; otherwise the
+    steps (1000 by default; None: never), after which `step` needs a `reset` first. `reset(options={"maze_seed": k})` builds maze k; otherwise the
     maze seed is drawn from the env's RNG. The start is a random free cell centre with a
     random yaw. `info` carries `pose` (float32 [x, y, yaw]) and `maze_seed` (int).
 
@@ -94,7 +94,7 @@ class MazeEnv(SimulatorEnv):
         fov_deg: horizontal field of view in degrees (DeepMind Lab: 90).
         move_step: cells per forward/backward step.
         turn_step_deg: degrees per turn step.
-        max_steps: truncate after this many steps (None: never).
+        max_steps: truncate after this many steps (default 1000; None: never).
         supersample: render at k times the resolution and box-filter down (smoother edges,
             about k*k times slower).
         render_mode: None or "rgb_array".
@@ -150,6 +150,7 @@ class MazeEnv(SimulatorEnv):
         self.maze_seed: int | None = None
         self._pose = np.zeros(3, np.float64)
         self._steps = 0
+        self._needs_reset = True
         self._frame: np.ndarray | None = None
 
     # ------------------------------------------------------------------ public API
@@ -179,14 +180,16 @@ class MazeEnv(SimulatorEnv):
         yaw = self.np_random.uniform(-math.pi, math.pi)
         self._pose[:] = (c + 0.5, r + 0.5, yaw)
         self._steps = 0
+        self._needs_reset = False
         self._frame = self._render()
         return self._frame.copy(), self._info()
 
     def step(self, action):
-        if self.maze_walls is None:
-            raise RuntimeError("MazeEnv: call reset() before step()")
-        if not 0 <= int(action) < len(ACTION_NAMES):
-            raise ValueError(f"action must be in [0, {len(ACTION_NAMES)}), got {action!r}")
+        if self._needs_reset:
+            raise RuntimeError("MazeEnv: call reset() before step() (and after an episode is truncated)")
+        if not self.action_space.contains(action):  # not 1.5 taken as 1, nor "forward"
+            raise ValueError(f"invalid action {action!r}: expected an int in [0, {len(ACTION_NAMES)}) "
+                             f"({', '.join(ACTION_NAMES)})")
         name = ACTION_NAMES[int(action)]
         if name == "forward":
             self._move(self.move_step)
@@ -199,6 +202,8 @@ class MazeEnv(SimulatorEnv):
         self._steps += 1
         self._frame = self._render()
         truncated = self.max_steps is not None and self._steps >= self.max_steps
+        if truncated:
+            self._needs_reset = True
         return self._frame.copy(), 0.0, False, truncated, self._info()
 
     def render(self):

@@ -213,6 +213,19 @@ def test_truncation_no_termination():
         _, reward, terminated, truncated, _ = env.step(1)
         assert reward == 0.0 and not terminated
         assert truncated == (t == 19)
+    with pytest.raises(RuntimeError, match="after an episode is truncated"):  # as DMLab and Memory Maze
+        env.step(1)
+    env.reset(seed=1)
+    env.step(1)
+
+
+@pytest.mark.parametrize("action", [1.5, "forward", None, 5, -1])
+def test_invalid_actions_are_refused_as_given(action):
+    env = MazeEnv(resolution=8)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=f"invalid action {action!r}: expected an int in \\[0, 5\\)"):
+        env.step(action)
+    env.step(np.int64(1))  # numpy integers are actions too
 
 
 def test_render_rgb_array():
