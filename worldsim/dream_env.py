@@ -179,7 +179,7 @@ class DreamEnv(gym.Env):
         elif self.simulator_spec is None or not self.simulator_spec.get("id"):
             raise ValueError(
                 "this checkpoint records no simulator to start new worlds from; pass dataset=PATH "
-                "to start from a recorded episode instead")
+                "(`worldsim play --dataset PATH`) to start from a recorded episode instead")
 
         self._sim: gym.Env | None = None  # the real simulator: context maker and "reality" follower
         self._session = None
@@ -206,7 +206,8 @@ class DreamEnv(gym.Env):
             except Exception as exc:  # missing optional simulator (DMLab, Memory Maze ...)
                 raise RuntimeError(
                     f"cannot start the simulator {spec.get('id')!r} this checkpoint was trained on "
-                    f"({type(exc).__name__}: {exc}); pass dataset=PATH to start from a recorded episode") from exc
+                    f"({type(exc).__name__}: {exc}); pass dataset=PATH (`worldsim play --dataset PATH`) "
+                    "to start from a recorded episode") from exc
             sim_shape = tuple(self._sim.observation_space.shape or ())
             if sim_shape[:2] != self.resolution:
                 raise RuntimeError(f"simulator {spec['id']!r} makes {sim_shape} frames but the checkpoint "

@@ -702,6 +702,8 @@ def run_headless(config: PlayConfig, world: World | None = None, log: Callable[[
     log = log or (lambda text: print(text, file=sys.stderr))
     if not config.actions:
         raise PlayError("--headless needs --actions FILE (one action name per line) or --actions random:N")
+    if config.keymap != "default":
+        log(f"worldsim play: --keymap {config.keymap} is for the window; --headless plays the --actions given")
     world = world or open_world(config, reality=config.reality, log=log)
     env = world.env
     recorder = None
