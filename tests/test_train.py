@@ -562,7 +562,10 @@ def test_decoder_fine_tune_keeps_the_latents_and_re_exports_the_world_model(trai
     run = tmp_path / "dec"
     assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(run), *FAST, "--ae-init", str(ck),
                  "--ae-train", "decoder", "--ae-steps", "3", "--ae-lr", "1e-2", "--warmup", "0"]) == 0
-    assert "weights initialised from" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "weights initialised from" in said
+    assert f"paired with {ck}'s world model in {run / 'checkpoint'}" in said  # the closing line names both
+    assert f"world model (transformer, encoder, sampler settings) of `{ck}`" in (run / "checkpoint" / "README.md").read_text()
     ae = load_file(str(run / "autoencoder" / "autoencoder.safetensors"))
     enc = [k for k in ae if k.startswith("encoder.")] + ["latent_scale"]
     dec = [k for k in ae if k.startswith("decoder.")]

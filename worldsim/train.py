@@ -60,7 +60,7 @@ import torch
 import torch.nn as nn
 
 from worldsim import cliargs
-from worldsim.dataset import DatasetError, naming, readable_like_any_file, write_json_atomic
+from worldsim.dataset import DatasetError, atomic_write, naming, readable_like_any_file, write_json_atomic
 from worldsim.ddp import Dist, cpu_threads_per_rank
 from worldsim.latents import (
     FrameStore, LatentStore, build_cache, check_compatible, load_cached, load_frames, names_for, tensors_hash,
@@ -654,6 +654,12 @@ def export_with_decoder(path: Path, source: Path, ae: nn.Module, step: int, fina
     save_checkpoint(path, copy.deepcopy(ae).cpu(), ck.far, action_names=ck.action_names, resolution=ck.resolution,
                     sampler=ck.sampler, simulator=ck.simulator, data_summary=ck.config.get("data"), step=ck.step,
                     extra=extra, far_dtype=ck.far_dtype)
+    card = ["# worldsim FAR checkpoint: a fine-tuned decoder", "",
+            f"The world model (transformer, encoder, sampler settings) of `{source}`, with the decoder of "
+            f"`{ae_source or 'the fine-tuned autoencoder'}` after {step} decoder steps"
+            f"{'' if final else ' (not the last step)'}. The encoder is unchanged, so the transformer's latents are.",
+            "", "Memory-consistency metrics: run `worldsim eval` on this folder.", ""]
+    atomic_write(Path(path) / "README.md", lambda tmp: tmp.write_text("\n".join(card)))
 
 
 def _same_encoder(a: nn.Module, b: nn.Module) -> bool:
@@ -1670,6 +1676,8 @@ def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]
     if dist.is_main:
         log(f"done: {out} (peak memory {peak_rss_mib():.0f} MiB)"
             + (f"; world model in {out / 'checkpoint'}" if cfg.stage != "ae" and (out / "checkpoint").is_dir()
+               else f"; autoencoder in {out / AE_DIR}, its decoder paired with {cfg.ae_init}'s world model in "
+                    f"{out / 'checkpoint'}" if (out / AE_DIR).is_dir() and (out / "checkpoint").is_dir()
                else f"; autoencoder in {out / AE_DIR}" if (out / AE_DIR).is_dir() else "; nothing to export (0 steps)"))
     return 0
 
