@@ -99,6 +99,9 @@ def save_tiny_checkpoint(path: Path, resolution: int = 32, seed: int = 0) -> Pat
     far_cfg = dataclasses.replace(PRESETS["tiny"], num_actions=len(names), latent_channels=ae_cfg.latent_channels,
                                   latent_size=resolution // ae_cfg.down_factor)
     ae, far = Autoencoder(ae_cfg).eval(), FAR(far_cfg).eval()
+    with torch.no_grad():  # open the zero-initialised (AdaLN-Zero, output) layers: else the
+        for prm in far.parameters():  # velocity is 0 and frames ignore context, actions and sampler
+            prm.add_(0.05 * torch.randn_like(prm))
     save_checkpoint(path, ae, far, action_names=names, resolution=(resolution, resolution),
                     sampler={"steps": 2, "cfg": 1.5, "context_noise": 0.0},
                     simulator={"id": MAZE_ID, "settings": dict(TINY_SIM_SETTINGS)})

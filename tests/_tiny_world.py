@@ -29,6 +29,9 @@ def make_checkpoint(path: str | Path, preset: str = "tiny", steps: int = 2, seed
                                   latent_channels=ae_cfg.latent_channels,
                                   latent_size=ae_cfg.resolution // ae_cfg.down_factor)
     autoencoder, far = Autoencoder(ae_cfg).eval(), FAR(far_cfg).eval()
+    with torch.no_grad():  # open the zero-initialised (AdaLN-Zero, output) layers: else the
+        for prm in far.parameters():  # velocity is 0 and frames ignore context, actions and sampler
+            prm.add_(0.05 * torch.randn_like(prm))
     sampler = {"steps": steps} if steps is not None else None
     return save_checkpoint(path, autoencoder, far, action_names=ACTIONS, resolution=(ae_cfg.resolution,) * 2,
                            sampler=sampler, simulator=simulator or MAZE,

@@ -116,8 +116,8 @@ def test_standin_pose_and_layout_conversion(standin):
     p0 = info["pose"].astype(np.float64)
     _, _, _, _, info = env.step(ACTION_NAMES.index("forward"))
     moved = info["pose"][:2] - p0[:2]
-    if np.linalg.norm(moved) > 1e-6:
-        assert np.dot(moved / np.linalg.norm(moved), [math.cos(p0[2]), math.sin(p0[2])]) > 0.7
+    assert np.linalg.norm(moved) > 1e-6  # this start (maze seed 5) has room ahead
+    assert np.dot(moved / np.linalg.norm(moved), [math.cos(p0[2]), math.sin(p0[2])]) > 0.7
     assert env.move_step == pytest.approx(320 * 4 / 60 / 100)
     env.close()
 
@@ -192,10 +192,8 @@ def _close_recorder_cache():
 
 @pytest.mark.parametrize("policy", ["random", "navigator"])
 def test_standin_records_through_the_recorder(standin, tmp_path, policy):
-    try:
-        from envs.recorder import RecordConfig, record
-    except ImportError as exc:  # pragma: no cover - only while the recorder is being written
-        pytest.skip(f"envs.recorder is not available yet: {exc}")
+    from envs.recorder import RecordConfig, record
+
     _close_recorder_cache()
     out = tmp_path / policy
     cfg = RecordConfig(out=str(out), env="worldsim/DMLab-v0", env_arg=("resolution=32",),

@@ -239,7 +239,6 @@ def test_clear_errors(tiny_data, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    pytest.importorskip("worldsim.world")
     return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
@@ -265,6 +264,38 @@ def test_end_to_end_tiny_checkpoint_cli_is_deterministic(tiny_data, tiny_checkpo
     assert _numbers(a) == _numbers(b)
     ml = a["ground_truth"]["episodes"][0]["per_frame"]
     assert len(ml["multilevel"]["psnr"]) == 8 and len(ml["sliding"]["ssim"]) == 8
+
+
+def test_sampler_options_reach_the_real_model_through_the_cli(tiny_data, tiny_checkpoint, tmp_path):
+    """--shift, --temperature, --generated-noise and --long-cache on the real (tiny) world model:
+    each changes the generated frames and is reported; teacher forcing ignores the generated-frame
+    noise (it generates nothing it keeps). The option tests above use a stand-in world model."""
+    from worldsim.cli import main
+
+    def run(name: str, *extra: str) -> dict:
+        argv = ["eval", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_data), "--out", str(tmp_path / name),
+                "--episodes", "1", "--context", "12", "--generate", "4", "--steps", "2", "--seed", "3", "--videos", "0",
+                "--probe-episodes", "0", "--memory-control", "false", "--progress", "false", "--device", "cpu", *extra]
+        assert main(argv) == 0
+        return json.loads((tmp_path / name / "results.json").read_text())
+
+    def frames(res: dict, key: str = "multilevel") -> list[float]:
+        return res["ground_truth"]["episodes"][0]["per_frame"][key]["psnr"]
+
+    def teacher_forced(res: dict) -> list[float]:
+        return res["ground_truth"]["teacher_forced_episodes"][0]["per_frame"]["teacher_forced"]["psnr"]
+
+    base = run("base")
+    for name, extra, used in (("shift", ("--shift", "3"), {"shift": 3.0}),
+                              ("temperature", ("--temperature", "0.5"), {"temperature": 0.5}),
+                              ("noise", ("--generated-noise", "0.5"), {"generated_noise": 0.5})):
+        res = run(name, *extra)
+        assert {k: res["config"]["sampler_used"][k] for k in used} == used, name
+        assert frames(res) != frames(base), name
+    noise = run("noise2", "--generated-noise", "0.5")
+    assert teacher_forced(noise) == teacher_forced(base)
+    fast = run("fast", "--long-cache", "multilevel-fast")
+    assert fast["config"]["long_cache"] == "multilevel-fast" and frames(fast, "sliding") == frames(base, "sliding")
 
 
 class _InterruptingWorld(FakeWorld):

@@ -71,9 +71,34 @@ def test_shape_errors_are_clear():
         ssim(np.zeros((1, 8, 8, 3)), np.zeros((1, 8, 8, 3)))
 
 
-def test_lpips_status_never_downloads():
+def test_lpips_runs_only_from_weights_already_on_disk(tmp_path, monkeypatch):
+    """LPIPS is scored only when both weight files are present; otherwise the status names the
+    missing file (nothing is downloaded: the torch hub folder here is empty)."""
+    import sys
+    import types
+
+    import torch
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setitem(sys.modules, "lpips", None)  # not installed
     ok, why = metrics.lpips_status()
-    assert isinstance(ok, bool) and why
+    assert not ok and "not installed" in why
+
+    package = tmp_path / "site" / "lpips"
+    fake = types.ModuleType("lpips")
+    fake.__file__ = str(package / "__init__.py")
+    monkeypatch.setitem(sys.modules, "lpips", fake)
+    ok, why = metrics.lpips_status()
+    assert not ok and str(package / "weights" / "v0.1" / "alex.pth") in why
+    (package / "weights" / "v0.1").mkdir(parents=True)
+    (package / "weights" / "v0.1" / "alex.pth").write_bytes(b"")
+    ok, why = metrics.lpips_status()
+    backbone = tmp_path / "hub" / "checkpoints" / metrics.ALEXNET_WEIGHTS
+    assert not ok and str(backbone) in why and "download" in why
+    assert not backbone.exists()  # the status looked, it fetched nothing
+    backbone.parent.mkdir(parents=True)
+    backbone.write_bytes(b"")
+    assert metrics.lpips_status()[0]
 
 
 def test_detail_and_change_on_known_frames():

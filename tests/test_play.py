@@ -325,6 +325,18 @@ def test_interactive_sim_walk_without_checkpoint(tmp_path, no_shipped_checkpoint
     assert game.world.mode == "sim" and game.steps_taken == 2
     assert "already the real simulator" in game.message
     assert game.hud()[0].startswith("SIMULATOR")
+    # the arrows drove the simulator: the same world stepped forward then turn_left shows this frame
+    import gymnasium as gym
+
+    import envs  # noqa: F401
+
+    replay = gym.make("worldsim/Maze-v0", max_steps=None)
+    replay.reset(seed=config.seed)
+    replay.step(1)  # forward
+    frame, _, _, _, info = replay.step(3)  # turn_left
+    replay.close()
+    assert np.array_equal(game.frame, frame)
+    np.testing.assert_allclose(game.info["pose"], info["pose"])
 
 
 def test_a_keymap_key_pygame_does_not_know_is_refused_by_name(tmp_path, no_shipped_checkpoint, capsys):

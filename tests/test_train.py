@@ -519,6 +519,22 @@ def test_a_time_limited_autoencoder_stage_reports_the_steps_it_made(dataset, tmp
     assert f"{made:,} autoencoder steps" in (run / "checkpoint" / "README.md").read_text()
 
 
+def test_training_on_streamed_episodes_exports_a_world_model(trained, tmp_path, capsys):
+    """--stream-env: background workers record fresh train-split episodes that training samples;
+    the spool is removed at the end and the checkpoint says where its data came from."""
+    from worldsim.checkpoint import load_checkpoint
+
+    out = tmp_path / "stream"
+    assert main(["train", "--stream-env", "worldsim/Maze-v0", "--stream-env-arg", "resolution=32", "maze_size=7",
+                 "--ae-from", str(trained / "checkpoint"), "--out", str(out), *FAST, "--far-steps", "2",
+                 "--seq-len", "8", "--stream-length", "16", "--stream-buffer", "2", "--val-every", "0"]) == 0
+    assert "recording worldsim/Maze-v0 episodes" in capsys.readouterr().err
+    ck = load_checkpoint(out / "checkpoint")
+    data = ck.config["data"]
+    assert data["stream_env"] == "worldsim/Maze-v0" and data["train_episodes"] >= 2 and data["far_step"] == 2
+    assert not (out / "stream").exists()
+
+
 def test_a_stream_simulator_that_cannot_be_made_is_named(trained, tmp_path, capsys):
     out = tmp_path / "stream"
     assert main(["train", "--stream-env", "worldsim/Nope-v0", "--ae-from", str(trained / "checkpoint"),

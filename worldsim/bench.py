@@ -120,9 +120,10 @@ def report(rows: list[dict], cfg: BenchConfig, device: torch.device, threads: in
     contexts = list(cfg.contexts)
     by = {(r["mode"], r["context"]): r["s_per_frame"] for r in rows}
     nw = max([12] + [len(m) + 2 for m in cfg.modes] + [len(m) + 8 for m in ("none", "kv") if m in cfg.modes])
+    cpu_threads = f" ({threads} thread{'s' if threads != 1 else ''})" if device.type == "cpu" else ""
     lines = [
         f"FAR generation speed: preset {cfg.preset} (ae {cfg.ae_preset}), {cfg.steps} Euler steps, CFG {cfg.cfg}, "
-        f"device {device}{f' ({threads} threads)' if device.type == 'cpu' else ''}, random weights",
+        f"device {device}{cpu_threads}, random weights",
         "",
         f"{'s/frame':<{nw}}" + "".join(f"{'ctx ' + str(k):>11}" for k in contexts)
         + f"{'est. 256-frame':>16}{'paper 256-frame':>17}",

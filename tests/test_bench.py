@@ -1,0 +1,23 @@
+"""`worldsim bench`: the real entry point at tiny sizes (speeds are printed, never asserted)."""
+from __future__ import annotations
+
+import re
+
+from worldsim.cli import main
+
+
+def test_bench_times_every_mode_and_context_beside_the_paper_and_the_simulator(capsys):
+    rc = main(["bench", "--preset", "tiny", "--ae-preset", "tiny", "--contexts", "2", "4", "--frames", "1",
+               "--none-frames", "1", "--steps", "1", "--threads", "1", "--simulator", "true", "--sim-steps", "20"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for mode in ("none", "kv", "multilevel"):
+        for context in (2, 4):
+            assert re.search(rf"^  {mode} +context +{context}: +[0-9.]+ s/frame", out, re.M), (mode, context)
+    # the summary table: one row per mode with both contexts, the estimate and the paper's anchor
+    for mode, paper in (("none", 1341), ("kv", 171), ("multilevel", 104)):
+        assert re.search(rf"^{mode} +[0-9.]+ +[0-9.]+ +[0-9.]+ s +{paper} s$", out, re.M), mode
+    assert re.search(r"^none/multi +[0-9.]+x +[0-9.]+x", out, re.M)
+    assert "1 Euler steps" in out and "(1 thread)" in out
+    sim = out.split("simulator:", 1)[1]
+    assert "env_id: worldsim/Maze-v0" in sim and "steps: 20" in sim and re.search(r"frames_per_s: [0-9.]+", sim)
