@@ -130,6 +130,33 @@ def test_resume_continues_exactly(dataset, tmp_path):
     assert ae_a == ae_b
 
 
+def test_resume_applies_the_optimizer_settings_it_records(trained, tmp_path):
+    """--weight-decay / --beta1 / --beta2 on --resume: config.json stores them, so the optimizer
+    must use them (loading its state used to bring back the saved ones silently)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    steps = json.loads((run / "state" / "state.json").read_text())["step"]
+    assert main(["train", "--resume", str(run), "--far-steps", str(steps + 1), "--weight-decay", "0.5",
+                 "--beta1", "0.8", "--beta2", "0.95"]) == 0
+    groups = json.loads((run / "state" / "state.json").read_text())["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], g["betas"]) for g in groups] == [(0.5, [0.8, 0.95]), (0.0, [0.8, 0.95])]
+    assert json.loads((run / "config.json").read_text())["train"]["weight_decay"] == 0.5
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_and_keeps_the_last_good_save(trained, dataset, tmp_path, capsys):
+    run = tmp_path / "nan"
+    rc = main(["train", "--stage", "far", "--data", str(dataset), "--out", str(run), *FAST,
+               "--ae-from", str(trained / "checkpoint"), "--far-steps", "20", "--far-lr", "1e30", "--warmup", "0",
+               "--grad-clip", "0", "--val-every", "0", "--checkpoint-every", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and ("loss is nan" in err or "loss is inf" in err), err
+    # the steps saved before the bad one hold finite weights
+    from worldsim.checkpoint import load_checkpoint
+
+    far = load_checkpoint(run / "checkpoint").far
+    assert all(torch.isfinite(p).all() for p in far.parameters())
+
+
 # ----------------------------------------------------------------------------- Ctrl-C
 
 
@@ -259,6 +286,10 @@ def test_schedule_and_token_counts():
     assert lr_at(20, 100, 1.0, 10, True, 0.1, time_fraction=0.5) == pytest.approx(0.55)
     assert lr_at(90, 100, 1.0, 10, True, 0.1, time_fraction=0.5) == lr_at(90, 100, 1.0, 10, True, 0.1)
     assert lr_at(5, 100, 1.0, 10, True, 0.1, time_fraction=0.9) == pytest.approx(0.6)  # warm-up first
+    # a warm-up that took 60% of the time: the decay spans the other 40%, from the peak to the floor
+    assert lr_at(10, 1000, 1.0, 10, True, 0.1, time_fraction=0.6, warmup_end_fraction=0.6) == pytest.approx(1.0)
+    assert lr_at(11, 1000, 1.0, 10, True, 0.1, time_fraction=0.8, warmup_end_fraction=0.6) == pytest.approx(0.55)
+    assert lr_at(12, 1000, 1.0, 10, True, 0.1, time_fraction=1.0, warmup_end_fraction=0.6) == pytest.approx(0.1)
     paper = tokens_per_sample(PRESETS["far-b-long"], 300)  # the paper's numbers
     assert (paper["long_short"], paper["all_fine"]) == (2160, 19200)
 
@@ -280,10 +311,21 @@ def test_a_time_limited_stage_ends_early_at_the_floor_and_exports(trained, datas
     assert meta["step"] == steps[-1]["step"]
     assert (run / "checkpoint" / "model.safetensors").exists()
     # resuming a run whose time is up finishes at once; a longer limit continues it
+    capsys.readouterr()
     assert main(["train", "--resume", str(run)]) == 0
     assert json.loads((run / "state" / "state.json").read_text())["step"] == meta["step"]
-    assert main(["train", "--resume", str(run), "--far-time-limit", "6"]) == 0
+    assert "time limit of 4 s was already reached" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--far-time-limit", "10"]) == 0
     assert json.loads((run / "state" / "state.json").read_text())["step"] > meta["step"]
+
+
+def test_a_time_limit_that_ends_inside_the_warm_up_says_the_rate_never_decayed(trained, dataset, tmp_path, capsys):
+    run = tmp_path / "short"
+    assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(run), *FAST,
+                 "--ae-from", str(trained / "checkpoint"), "--far-steps", "100000", "--far-time-limit", "1",
+                 "--warmup", "100000", "--val-every", "0", "--checkpoint-every", "100000"]) == 0
+    assert "the time ran out during the warm-up" in capsys.readouterr().err
+    assert json.loads((run / "state" / "state.json").read_text())["warmup_end_fraction"] is None
 
 
 def test_datasets_that_disagree_are_named(dataset, tmp_path, capsys):

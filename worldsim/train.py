@@ -205,7 +205,9 @@ def _prefixed_dataclass(cls: type, prefix: str, skip: tuple[str, ...]) -> type:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     ae_mod, far_mod, obj_mod = _model_modules()
     parser.add_argument("--resume", metavar="RUN", default=None,
-                        help="continue the run in this folder exactly (its config.json; options given here override)")
+                        help="continue the run in this folder exactly (its config.json; options given here override; "
+                             "more --far-steps/--ae-steps stretch the cosine schedule: the rate rises at once to "
+                             "the longer schedule's, no second warm-up)")
     before = len(parser._actions)
     cliargs.add_dataclass_arguments(parser, TrainConfig)
     for action in parser._actions[before:]:
@@ -386,16 +388,18 @@ def step_rng(seed: int, rank: int, step: int, stream: int = 0) -> tuple[np.rando
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, cosine: bool, min_ratio: float,
-          time_fraction: float = 0.0) -> float:
+          time_fraction: float = 0.0, warmup_end_fraction: float = 0.0) -> float:
     """Linear warm-up to `peak`, then constant or cosine decay to `min_ratio * peak`.
 
     `time_fraction` (elapsed / time limit) moves the decay on when the wall clock is further
-    along than the step count, so a time-limited stage still ends at the floor."""
+    along than the step count, so a time-limited stage still ends at the floor: the decay spans
+    the time from the end of the warm-up (`warmup_end_fraction` of the limit) to the limit."""
     if warmup > 0 and step < warmup:
         return peak * (step + 1) / warmup
     if not cosine or total <= warmup:
         return peak
-    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_fraction))
+    by_time = (time_fraction - warmup_end_fraction) / max(1e-9, 1.0 - warmup_end_fraction) if time_fraction > 0 else 0.0
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), by_time))
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -799,7 +803,7 @@ class Trainer:
     # -- state
 
     def save_state(self, spec: StageSpec, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, step: int,
-                   elapsed: float) -> None:
+                   elapsed: float, warmup_end_fraction: float | None = None) -> None:
         from worldsim.checkpoint import save_tensors
 
         tensors = {**_module_tensors(model, "model"), **_module_tensors(ema, "ema")}
@@ -810,6 +814,7 @@ class Trainer:
         meta = {
             "format": STATE_FORMAT, "version": STATE_VERSION, "stage": spec.name, "step": step,
             "total_steps": spec.total_steps, "finished": step >= spec.total_steps,
+            "warmup_end_fraction": warmup_end_fraction,
             "optimizer": opt_meta, "rng": rng_meta, "world_size": self.dist.world_size,
             "seconds": elapsed, "schedule": {"lr": spec.lr, "warmup": self.cfg.warmup, "cosine": self.cfg.cosine,
                                              "min_lr_ratio": self.cfg.min_lr_ratio},
@@ -846,14 +851,20 @@ class Trainer:
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         opt = make_optimizer(model, spec.lr, cfg)
         step, elapsed = 0, 0.0
+        # where the warm-up ended, as a fraction of the time limit: a time-limited decay starts there
+        warmup_end: float | None = 0.0 if cfg.warmup <= 0 else None
         if resume_state is not None:
             meta, tensors = resume_state
             where = self.out / "state"
             _load_module(model, tensors, "model", where)
             _load_module(ema, tensors, "ema", where)
             _unflatten_optimizer(opt, tensors, meta["optimizer"], "optim")
+            # loading restores each group's saved settings: this run's config.json says what applies now
+            for group, wd in zip(opt.param_groups, (cfg.weight_decay, 0.0)):
+                group["weight_decay"], group["betas"] = wd, (cfg.beta1, cfg.beta2)
             set_rng_states(tensors, meta["rng"])
             step, elapsed = int(meta["step"]), float(meta.get("seconds", 0.0))
+            warmup_end = meta.get("warmup_end_fraction", 0.0 if step >= cfg.warmup else None)
             self.trim_metrics(spec.name, step)
             if meta.get("world_size", 1) != dist.world_size:
                 self.log(f"note: resumed with {dist.world_size} rank(s), saved with {meta.get('world_size')}: "
@@ -886,17 +897,27 @@ class Trainer:
                 # the slowest rank's clock, so every rank uses the same rate and stops together
                 time_fraction = dist.max(elapsed / spec.time_limit) if spec.time_limit > 0 else 0.0
                 if time_fraction >= 1.0:  # resumed after its time ran out: done, as with all steps done
+                    self.log(f"{spec.name}: its time limit of {spec.time_limit:g} s was already reached at step {step}; "
+                             f"raise --{spec.name}-time-limit (or set it to 0) to train on")
                     return True
                 while step < spec.total_steps:
                     rng, torch_seed = step_rng(cfg.seed, dist.rank, step)
                     torch.manual_seed(torch_seed)
                     gen = torch.Generator(device=device).manual_seed(torch_seed)
+                    if warmup_end is None and step >= cfg.warmup:
+                        warmup_end = time_fraction
                     lr = lr_at(step, spec.total_steps, spec.lr, cfg.warmup, cfg.cosine, cfg.min_lr_ratio,
-                               time_fraction)
+                               time_fraction, warmup_end or 0.0)
                     for g in opt.param_groups:
                         g["lr"] = lr
                     with autocast_ctx(self.precision[spec.name], device):
                         loss, stats = spec.loss_fn(train_model, step, rng, gen)
+                    loss_v = float(loss.detach())
+                    # every rank stops together, before a bad step reaches the (averaged) weights
+                    if dist.any_flag(not math.isfinite(loss_v)):
+                        raise TrainError(f"{spec.name}: loss is {loss_v} at step {step + 1} (on rank {dist.rank}, or "
+                                         f"another rank's is not finite); lower the learning rate (--{spec.name}-lr) "
+                                         "or use --precision fp32")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if cfg.grad_clip > 0:
@@ -906,10 +927,6 @@ class Trainer:
                     opt.step()
                     ema_update(ema, model, cfg.ema_decay, step)
                     step += 1
-                    loss_v = float(loss.detach())
-                    if not math.isfinite(loss_v):
-                        raise TrainError(f"{spec.name}: loss is {loss_v} at step {step}; lower the learning rate "
-                                         f"(--{spec.name}-lr) or use --precision fp32")
                     smooth = loss_v if smooth is None else 0.9 * smooth + 0.1 * loss_v
                     stop = dist.any_flag(self.interrupt.flag)
                     if bar is not None:
@@ -930,11 +947,14 @@ class Trainer:
                     if final and step < spec.total_steps:
                         self.log(f"{spec.name}: time limit of {spec.time_limit:g} s reached at step {step}/"
                                  f"{spec.total_steps}")
+                        if step < cfg.warmup:
+                            self.log(f"{spec.name}: warning: the time ran out during the warm-up ({step} of "
+                                     f"{cfg.warmup} steps), so the learning rate never decayed; use a smaller --warmup")
                     if (cfg.val_every > 0 and step % cfg.val_every == 0) or final:
                         self.validate(spec, ema, step)
                     if stop or final or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0):
                         if dist.is_main:
-                            self.save_state(spec, model, ema, opt, step, time.perf_counter() - t_stage)
+                            self.save_state(spec, model, ema, opt, step, time.perf_counter() - t_stage, warmup_end)
                             spec.on_save(ema, step, final)
                             self.plot()
                         dist.barrier()
