@@ -36,7 +36,9 @@ class Dist:
         return self.world_size > 1
 
     @classmethod
-    def from_env(cls, device: str = "auto", timeout_s: float = 1800.0) -> "Dist":
+    def from_env(cls, device: str = "auto", timeout_s: float = 4 * 3600.0) -> "Dist":
+        # long: the other ranks wait at a barrier while rank 0 encodes a whole dataset into the
+        # latent cache (tens of millions of frames for DMLab-sized data); a real hang is rare
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
