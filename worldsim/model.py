@@ -535,12 +535,14 @@ class FARBlock(nn.Module):
             proj = self.attn_coarse if c else self.attn_fine
             h = torch.addcmul(mod[0], self.norm1(x), mod[1]).flatten(1, 2)  # (B, F*n, D)
             q, k, v = proj.qkv(h).unflatten(-1, (3, H, Dh)).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, Dh)
-            ks.append(apply_rope_full(proj.k_norm(k), rope).to(v.dtype))
+            # the norm's own dtype: bf16 weights (play) stay bf16; under autocast (training's rollouts)
+            # bf16 k/q meet fp32 weights, which would fall back to the unfused kernel with a warning
+            ks.append(apply_rope_full(proj.k_norm(k.to(proj.k_norm.weight.dtype)), rope).to(v.dtype))
             vs.append(v)
             want = want and not (self.last and c)
             wants.append(want)
             if want:
-                qs.append(apply_rope_full(proj.q_norm(q), rope).to(v.dtype))
+                qs.append(apply_rope_full(proj.q_norm(q.to(proj.q_norm.weight.dtype)), rope).to(v.dtype))
         k_new = ks[0] if len(ks) == 1 else torch.cat(ks, dim=2)
         v_new = vs[0] if len(vs) == 1 else torch.cat(vs, dim=2)
         if not qs:
