@@ -401,7 +401,8 @@ def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> di
         try:
             existing = json.loads(index_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise RecordError(f"{index_path}: cannot read the existing index ({exc})") from None
+            raise RecordError(f"{index_path}: cannot read the existing index ({exc}); move it away and rerun this "
+                              "command to rebuild it from the episode files these settings recorded") from None
         _compare(existing, header, index_path)
         for e in existing.get("episodes", []):
             # a listed file that is unreadable (a disk error, a truncated copy) is recorded again

@@ -147,6 +147,21 @@ def test_an_unlisted_episode_from_other_settings_is_refused_and_kept(tmp_path, c
     assert [f.read_bytes() for f in files] == before
 
 
+def test_a_corrupt_index_is_refused_and_rebuilt_from_the_episodes_once_moved_away(tmp_path, capsys):
+    out = tmp_path / "ds"
+    assert main(record_args(out, 2, 10, 1)) == 0
+    before = {p.name: p.read_bytes() for p in (out / "episodes").iterdir()}
+    (out / "index.json").write_text("{ half an index")
+    capsys.readouterr()
+    assert main(record_args(out, 2, 10, 1)) == 2
+    assert "cannot read the existing index" in capsys.readouterr().err
+    (out / "index.json").rename(tmp_path / "broken-index.json")
+    assert main(record_args(out, 2, 10, 1)) == 0
+    assert "recorded 0 episodes" in capsys.readouterr().out  # both adopted, nothing overwritten
+    assert {p.name: p.read_bytes() for p in (out / "episodes").iterdir()} == before
+    Dataset(out).validate()
+
+
 def test_resume_records_again_an_episode_listed_but_unreadable(tmp_path, capsys):
     out = tmp_path / "ds"
     assert main(record_args(out, 3, 10, 1)) == 0
