@@ -65,13 +65,14 @@ class Dist:
             else:
                 dist.barrier()
 
-    def any_flag(self, flag: bool) -> bool:
-        """True on every rank if `flag` is true on any rank (used for Ctrl-C: all stop together)."""
+    def any_flag(self, *flags: bool) -> tuple[bool, ...]:
+        """For each flag, True on every rank if it is true on any rank (Ctrl-C, a loss that is not
+        finite: all ranks act together); one collective for all of them."""
         if not self.enabled:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+            return tuple(bool(f) for f in flags)
+        t = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        return tuple(bool(v > 0) for v in t.tolist())
 
     def mean(self, value: float) -> float:
         """Mean of a Python float over ranks (for logging)."""

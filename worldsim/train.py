@@ -913,8 +913,10 @@ class Trainer:
                     with autocast_ctx(self.precision[spec.name], device):
                         loss, stats = spec.loss_fn(train_model, step, rng, gen)
                     loss_v = float(loss.detach())
-                    # every rank stops together, before a bad step reaches the (averaged) weights
-                    if dist.any_flag(not math.isfinite(loss_v)):
+                    # every rank stops together: before a bad step reaches the (averaged) weights, and
+                    # on Ctrl-C after this step (one collective for both)
+                    bad, stop = dist.any_flag(not math.isfinite(loss_v), self.interrupt.flag)
+                    if bad:
                         raise TrainError(f"{spec.name}: loss is {loss_v} at step {step + 1} (on rank {dist.rank}, or "
                                          f"another rank's is not finite); lower the learning rate (--{spec.name}-lr) "
                                          "or use --precision fp32")
@@ -928,7 +930,6 @@ class Trainer:
                     ema_update(ema, model, cfg.ema_decay, step)
                     step += 1
                     smooth = loss_v if smooth is None else 0.9 * smooth + 0.1 * loss_v
-                    stop = dist.any_flag(self.interrupt.flag)
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}", refresh=False)
