@@ -305,40 +305,47 @@ def recording_signature(header: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in header.items() if k != "episodes"}, sort_keys=True)
 
 
-def _readable_episode(path: Path, length: int | None = None) -> bool:
-    """Whether `path` holds a video and its actions (of `length` frames, if given)."""
+def _episode_frames(path: Path) -> int | None:
+    """The frame count of the episode file at `path`, or None if it does not hold a readable
+    video with one action per frame (a disk error, a truncated copy)."""
     try:
         headers = npz_headers(path)
-        frames = headers["video"][0][0]
-        return headers["actions"][0] == (frames,) and frames >= 1 and (length is None or frames == length)
+        frames = int(headers["video"][0][0])
+        return frames if frames >= 1 and headers["actions"][0] == (frames,) else None
     except Exception:  # DatasetError, a missing array, a corrupt file
-        return False
+        return None
 
 
-def _adopt(path: Path, entry: dict[str, Any], length: int, signature: str) -> dict[str, Any] | None:
+def _adopt(path: Path, entry: dict[str, Any], length: int, signature: str, header: dict[str, Any]) -> dict[str, Any] | None:
     """An episode file written before an interruption but missing from the index. Files are
     written atomically, so any readable one is complete: it may be shorter than `length`
     when the simulator ended the episode early. Returns None for an unreadable file (recorded
     again); raises RecordError for a readable one these settings did not make (never overwritten)."""
-    if not _readable_episode(path):
+    frames = _episode_frames(path)
+    if frames is None:
         return None
-    frames = npz_headers(path)["video"][0][0]
-    with np.load(path, allow_pickle=False) as data:
-        stored = str(data["recording"]) if "recording" in data.files else None
-        maze_seed = int(data["maze_seed"]) if "maze_seed" in data.files else None
-        extra = {"policy": str(data["policy"]) if "policy" in data.files else None,
-                 "reset_seed": int(data["reset_seed"]) if "reset_seed" in data.files else None}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            stored = str(data["recording"]) if "recording" in data.files else None
+            maze_seed = int(data["maze_seed"]) if "maze_seed" in data.files else None
+            shape = tuple(data["video"].shape[1:3])
+            top = int(data["actions"].max())
+            extra = {"policy": str(data["policy"]) if "policy" in data.files else None,
+                     "reset_seed": int(data["reset_seed"]) if "reset_seed" in data.files else None}
+    except Exception:  # a corrupt member: record it again
+        return None
     why = None
-    if stored is None:
-        why = "it does not say which settings recorded it"
-    elif stored != signature:
+    if stored is not None and stored != signature:
         why = "it was recorded with other settings (simulator, resolution, policy or recording options)"
+    elif stored is None and (list(shape) != list(header["resolution"]) or top >= len(header["action_names"])):
+        # recorded before episode files named their settings: what can be checked must agree
+        why = f"its frames ({shape[0]}x{shape[1]}) or actions (up to {top}) do not fit these settings"
     elif maze_seed != entry["maze_seed"] or frames > length:
         why = f"it holds maze {maze_seed} in {frames} frames, where this recording puts maze {entry['maze_seed']} in at most {length}"
     if why:
         raise RecordError(f"{path}: is not in the dataset's index and {why}; move it out of "
                           f"{path.parent} or record into another folder (nothing was overwritten)")
-    return {**entry, "length": int(frames), **extra}
+    return {**entry, "length": frames, **extra}
 
 
 def record(cfg: RecordConfig) -> dict[str, Any]:
@@ -396,6 +403,7 @@ def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> di
     episodes_dir = out / EPISODES_DIR
     probe = _probe(cfg, settings)
     header = _header(cfg, probe)
+    signature = recording_signature(header)
     entries: dict[str, dict[str, Any]] = {}
     if index_path.exists():
         try:
@@ -406,7 +414,7 @@ def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> di
         _compare(existing, header, index_path)
         for e in existing.get("episodes", []):
             # a listed file that is unreadable (a disk error, a truncated copy) is recorded again
-            if _readable_episode(out / e["file"], e.get("length")):
+            if _episode_frames(out / e["file"]) == e.get("length"):
                 entries[e["id"]] = e
     episodes_dir.mkdir(exist_ok=True)
     _clean_temp_files(episodes_dir)
@@ -428,7 +436,7 @@ def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> di
             continue
         entries.pop(eid, None)
         if (out / entry["file"]).is_file():
-            found = _adopt(out / entry["file"], entry, cfg.length, recording_signature(header))
+            found = _adopt(out / entry["file"], entry, cfg.length, signature, header)
             if found is not None:
                 entries[eid] = found
                 adopted += 1
@@ -439,8 +447,7 @@ def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> di
     total = cfg.episodes
     skipped = total - len(plan)
     tasks = [{**e, "env": cfg.env, "settings": settings, "policy": cfg.policy, "length": cfg.length,
-              "seed": cfg.seed, "out": str(out), "compress": cfg.compress, "signature": recording_signature(header)}
-             for e in plan]
+              "seed": cfg.seed, "out": str(out), "compress": cfg.compress, "signature": signature} for e in plan]
     workers = max(1, min(cfg.workers or os.cpu_count() or 1, len(tasks) or 1))
     summary = {"out": str(out), "episodes": total, "recorded": 0, "skipped": skipped,
                "adopted": adopted, "frames": 0, "seconds": 0.0, "fps": 0.0, "workers": workers,
@@ -466,7 +473,6 @@ def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> di
             entries[res["id"]] = res
             write_index()
             summary["recorded"] += 1
-            summary["in_dataset"] = len(entries)
             summary["frames"] += res["length"]
             elapsed = time.perf_counter() - t0
             bar.update(1)
@@ -485,6 +491,7 @@ def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> di
             _close_env()
         bar.close()
         _clean_temp_files(episodes_dir)
+        summary["in_dataset"] = len(entries)
         summary["seconds"] = time.perf_counter() - t0
         summary["fps"] = summary["frames"] / max(summary["seconds"], 1e-9)
     return summary

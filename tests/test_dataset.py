@@ -81,6 +81,19 @@ def test_dmlab_file_actions_are_read_as_the_action_that_produced_each_frame(dmla
         assert (moved == sign).mean() > 0.9, (turn, (moved == sign).mean())
 
 
+def test_this_projects_episode_file_opened_without_its_index_is_not_shifted(tmp_path):
+    """Only FAR/TECO files (video and actions alone) are shifted: a recorded episode reads the same
+    through its dataset and as a single file."""
+    from worldsim.cli import main
+
+    out = tmp_path / "ds"
+    assert main(["record", "--env", "worldsim/Maze-v0", "--env-arg", "resolution=16", "maze_size=7", "--episodes", "1",
+                 "--length", "12", "--out", str(out), "--progress", "false"]) == 0
+    through_index = Dataset(out)[0]
+    alone = Dataset(out / "episodes" / f"{through_index.info.id}.npz", action_names=Dataset(out).action_names)[0]
+    assert np.array_equal(alone.actions, through_index.actions)
+
+
 def test_dmlab_folder_and_explicit_action_names(dmlab_example_path, tmp_path):
     shutil.copy(dmlab_example_path, tmp_path / "a.npz")
     shutil.copy(dmlab_example_path, tmp_path / "b.npz")

@@ -162,6 +162,31 @@ def test_a_corrupt_index_is_refused_and_rebuilt_from_the_episodes_once_moved_awa
     Dataset(out).validate()
 
 
+def test_an_unlisted_episode_recorded_before_files_named_their_settings_is_adopted_when_it_fits(tmp_path, capsys):
+    """Datasets recorded before episode files carried their settings still resume: an unlisted
+    file without them is adopted when its maze, length, resolution and actions fit."""
+    out = tmp_path / "ds"
+    assert main(record_args(out, 2, 10, 1)) == 0
+    old = out / "episodes" / "000001.npz"
+    with np.load(old) as data:
+        arrays = {k: data[k] for k in data.files if k != "recording"}
+    np.savez(old, **arrays)  # as the recorder wrote it before
+    index = json.loads((out / "index.json").read_text())
+    index["episodes"] = index["episodes"][:1]
+    (out / "index.json").write_text(json.dumps(index))
+    before = old.read_bytes()
+    capsys.readouterr()
+    assert main(record_args(out, 2, 10, 1)) == 0
+    assert "recorded 0 episodes" in capsys.readouterr().out and old.read_bytes() == before
+    # with the index lost, 16x16 settings cannot take these 32x32 files: refused, kept
+    first = out / "episodes" / "000000.npz"
+    with np.load(first) as data:
+        np.savez(first, **{k: data[k] for k in data.files if k != "recording"})
+    (out / "index.json").unlink()
+    assert main(record_args(out, 2, 10, 1, "--env-arg", "resolution=16")) == 2
+    assert "do not fit these settings" in capsys.readouterr().err and old.read_bytes() == before
+
+
 def test_resume_records_again_an_episode_listed_but_unreadable(tmp_path, capsys):
     out = tmp_path / "ds"
     assert main(record_args(out, 3, 10, 1)) == 0

@@ -83,6 +83,9 @@ class EpisodeInfo:
     length: int
     maze_seed: int | None = None
     split: str | None = None
+    # a FAR/TECO file (video and actions only): its actions[t] is taken at frame t, not the one
+    # that produced frame t, and is read shifted by one frame
+    actions_taken_at_frame: bool = False
 
 
 @dataclass
@@ -297,9 +300,11 @@ def default_action_names(n: int) -> tuple[str, ...]:
 class Dataset:
     """Read a recorded dataset, a FAR/TECO DMLab .npz, or a folder of such files.
 
-    FAR/TECO files store at `actions[t]` the action taken at frame t; they are read shifted by
-    one frame to this project's convention (`actions[t]` produced `video[t]` from `video[t-1]`),
-    and frame 0 repeats the file's first action since it has no predecessor.
+    FAR/TECO files (without an index, holding `video` and `actions` only) store at `actions[t]`
+    the action taken at frame t; they are read shifted by one frame to this project's convention
+    (`actions[t]` produced `video[t]` from `video[t-1]`), and frame 0 repeats the file's first
+    action since it has no predecessor. This project's episode files, even opened without their
+    index, are read as they are.
 
     ``split`` keeps only the episodes of that split ("train", "val", "test").
     ``action_names`` names the actions of index-less (DMLab) files; by default they are
@@ -414,7 +419,8 @@ class Dataset:
             if actions.size:
                 max_action = max(max_action, int(actions.max()))
             maze_seed = None
-            episodes.append(EpisodeInfo(file.stem, file, int(vshape[0]), maze_seed, None))
+            teco = set(headers) == {"video", "actions"}  # this project's files carry more (poses, maze_seed ...)
+            episodes.append(EpisodeInfo(file.stem, file, int(vshape[0]), maze_seed, None, teco))
         if action_names is None:
             action_names = default_action_names(max_action + 1)
         elif max_action >= len(action_names):
@@ -466,7 +472,7 @@ class Dataset:
         if length != info.length:
             raise DatasetError(f"{file}: has {length} frames but the index says {info.length}")
         actions = actions.astype(np.int64, copy=False)
-        if self.index is None and actions.size:
+        if info.actions_taken_at_frame and actions.size:
             # FAR/TECO files store the action taken at frame t (it produces frame t + 1); this
             # project's actions[t] produces frame t. Frame 0 has none: it repeats the first.
             actions = np.concatenate([actions[:1], actions[:-1]])

@@ -28,7 +28,7 @@ import torch
 
 from worldsim.dataset import Dataset, DatasetError, atomic_write, split_for_maze_seed
 
-LATENT_FORMAT_VERSION = 1
+LATENT_FORMAT_VERSION = 2  # 2: FAR/TECO files' actions read shifted by one frame (session 21)
 
 
 def tensors_hash(state: dict[str, torch.Tensor]) -> str:
