@@ -252,3 +252,25 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert json.loads(target.read_text()) == {"a": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json"]  # no temp file left
     assert target.stat().st_mode & 0o777 != 0o600  # not mkstemp's private mode
+
+
+def test_a_failed_atomic_write_names_the_file_asked_for_not_its_temp_twin(tmp_path):
+    from worldsim.dataset import atomic_write
+
+    target = tmp_path / "episode.npz"
+
+    def fail(error: OSError):
+        def write(tmp):
+            raise error
+        return write
+
+    for error in (OSError(28, "No space left on device"),  # np.savez into a handle: no file named
+                  OSError(28, "No space left on device", str(tmp_path / ".episode.npz.x1y2.tmp"))):  # the temp twin
+        with pytest.raises(OSError) as caught:
+            atomic_write(target, fail(error))
+        assert caught.value.filename == str(target) and caught.value.errno == 28
+    elsewhere = FileNotFoundError(2, "No such file or directory", str(tmp_path / "missing" / "input.json"))
+    with pytest.raises(FileNotFoundError) as caught:
+        atomic_write(target, fail(elsewhere))
+    assert caught.value.filename == str(tmp_path / "missing" / "input.json")  # another file keeps its name
+    assert list(tmp_path.iterdir()) == []

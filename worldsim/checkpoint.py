@@ -44,7 +44,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from worldsim.autoencoder import Autoencoder, AutoencoderConfig
-from worldsim.dataset import atomic_write, naming, readable_like_any_file
+from worldsim.dataset import atomic_write, name_the_target, readable_like_any_file
 from worldsim.model import FAR, FARConfig
 
 FORMAT = "worldsim-checkpoint"
@@ -131,7 +131,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], target: str | os.PathLike, me
         code = re.search(r"(?:os error |code: )(\d+)", str(exc))  # "... (os error 28)"
         if code:
             raise OSError(int(code[1]), os.strerror(int(code[1])), str(target)) from exc
-        raise OSError(None, f"cannot write the tensors: {exc}", str(target)) from exc
+        raise  # not an I/O error: a bug to see in full
 
 
 def save_checkpoint(
@@ -190,7 +190,8 @@ def save_checkpoint(
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         except OSError as exc:
-            raise naming(exc, path) from exc
+            name_the_target(exc, path)
+            raise
         try:
             write_weights(str(tmp_dir / WEIGHTS_NAME))
             write_config(str(tmp_dir / CONFIG_NAME))
@@ -199,7 +200,7 @@ def save_checkpoint(
         except BaseException as exc:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             if isinstance(exc, OSError):  # a full disk or the like: name the checkpoint, not its temp twin
-                raise naming(exc, path) from exc
+                name_the_target(exc, path)
             raise
     else:
         if not path.is_dir():

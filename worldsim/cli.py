@@ -83,6 +83,8 @@ def _run(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print(f"\nworldsim {command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # a closed stdout: main() stops quietly
+        raise
     except OSError as exc:  # the file system's refusal: a full disk, a folder that cannot exist, no permission
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"worldsim {command}: {where}{exc.strerror or exc}", file=sys.stderr)

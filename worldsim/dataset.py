@@ -236,7 +236,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], suffix:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
     except OSError as exc:
-        raise naming(exc, path) from exc
+        name_the_target(exc, path)
+        raise
     os.close(fd)
     try:
         write(Path(tmp))
@@ -253,14 +254,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], suffix:
         except OSError:
             pass
         if isinstance(exc, OSError):  # a full disk or the like: name the file asked for, not the temp file
-            raise naming(exc, path) from exc
+            name_the_target(exc, path)
         raise
 
 
-def naming(exc: OSError, path: str | os.PathLike) -> OSError:
-    """The same file-system error (errno, message), naming `path`: what the user asked to write,
-    rather than the temp file the error came from."""
-    return OSError(exc.errno, exc.strerror or str(exc), str(path))
+def name_the_target(exc: OSError, path: str | os.PathLike) -> None:
+    """Point a file-system error (a full disk, say) at `path`, what the user asked to write, when
+    it names no file or `path`'s temp twin (`.<name>.<random>.tmp`, where atomic writes work);
+    an error about any other file keeps its name."""
+    path = Path(path)
+    if exc.filename is None or str(exc.filename).startswith(str(path.parent / f".{path.name}.")):
+        exc.filename = str(path)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

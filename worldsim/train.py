@@ -60,7 +60,7 @@ import torch
 import torch.nn as nn
 
 from worldsim import cliargs
-from worldsim.dataset import DatasetError, atomic_write, naming, readable_like_any_file, write_json_atomic
+from worldsim.dataset import DatasetError, atomic_write, name_the_target, readable_like_any_file, write_json_atomic
 from worldsim.ddp import Dist, cpu_threads_per_rank
 from worldsim.latents import (
     FrameStore, LatentStore, build_cache, check_compatible, load_cached, load_frames, names_for, tensors_hash,
@@ -482,7 +482,8 @@ def swap_dir_atomic(final: Path, write: Callable[[Path], None]) -> None:
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     except OSError as exc:
-        raise naming(exc, final) from exc
+        name_the_target(exc, final)
+        raise
     try:
         write(tmp)
         for f in tmp.iterdir():
@@ -504,7 +505,7 @@ def swap_dir_atomic(final: Path, write: Callable[[Path], None]) -> None:
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):  # a full disk or the like: name the folder, not its temp twin
-            raise naming(exc, final) from exc
+            name_the_target(exc, final)
         raise
 
 
