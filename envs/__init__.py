@@ -18,3 +18,15 @@ _register("worldsim/Maze-v0", "envs.maze:MazeEnv")
 _register("worldsim/DMLab-v0", "envs.dmlab:DMLabEnv")
 _register("worldsim/MemoryMaze-v0", "envs.memory_maze:MemoryMazeEnv")
 _register("worldsim/Dream-v0", "worldsim.dream_env:DreamEnv")
+
+
+def make_untimed(env_id: str, settings: dict | None = None):
+    """`gym.make(env_id, **settings)` without the simulator's own step limit (`max_steps`, whose
+    truncation needs a reset): a player, the dream's reality view and eval's probes walk as long
+    as they need."""
+    import gymnasium as gym
+
+    settings = dict(settings or {})
+    if "max_steps" in settings:
+        settings["max_steps"] = None
+    return gym.make(env_id, **settings)

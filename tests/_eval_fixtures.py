@@ -72,6 +72,12 @@ class FakeWorld:
         self.temperatures: list[float | None] = []  # and the sampling temperature
         self.generated_noise: list[float | None] = []  # and the generated-frame noise level (None: not passed)
 
+    @property
+    def sampler(self) -> dict:  # as WorldModel: config.json's settings over the library's defaults
+        from worldsim.checkpoint import DEFAULT_SAMPLER
+
+        return {**DEFAULT_SAMPLER, **self.config.get("sampler", {})}
+
     def new_session(self, context_frames, context_actions, cache_mode="multilevel", steps=None, cfg=None, seed=None,
                     shift=None, generated_noise=None, temperature=None):
         assert len(context_frames) == len(context_actions)

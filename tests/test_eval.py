@@ -286,16 +286,18 @@ def test_sampler_options_reach_the_real_model_through_the_cli(tiny_data, tiny_ch
         return res["ground_truth"]["teacher_forced_episodes"][0]["per_frame"]["teacher_forced"]["psnr"]
 
     base = run("base")
+    runs = {}
     for name, extra, used in (("shift", ("--shift", "3"), {"shift": 3.0}),
                               ("temperature", ("--temperature", "0.5"), {"temperature": 0.5}),
                               ("noise", ("--generated-noise", "0.5"), {"generated_noise": 0.5})):
-        res = run(name, *extra)
+        runs[name] = res = run(name, *extra)
         assert {k: res["config"]["sampler_used"][k] for k in used} == used, name
         assert frames(res) != frames(base), name
-    noise = run("noise2", "--generated-noise", "0.5")
-    assert teacher_forced(noise) == teacher_forced(base)
+    assert teacher_forced(runs["noise"]) == teacher_forced(base)
+    # the play cache changes the long-context condition only (the sliding window keeps its own)
     fast = run("fast", "--long-cache", "multilevel-fast")
-    assert fast["config"]["long_cache"] == "multilevel-fast" and frames(fast, "sliding") == frames(base, "sliding")
+    assert fast["config"]["long_cache"] == "multilevel-fast" and frames(fast) != frames(base)
+    assert frames(fast, "sliding") == frames(base, "sliding")
 
 
 class _InterruptingWorld(FakeWorld):
@@ -399,6 +401,17 @@ def test_turn_probe_without_a_simulator_or_poses_pairs_the_full_turn_with_the_la
     assert probe["pairs"] and probe["pairs"][0] == [4 + 12 - 1, 3]  # 12 turns of 30 degrees, back at frame 3
 
 
+def test_probes_walk_past_the_simulators_own_step_limit(tmp_path):
+    """A checkpoint whose simulator settings keep a `max_steps` shorter than a probe (Maze-v0's
+    default is 1000): the probes take the simulator without its limit, as play does."""
+    from _eval_fixtures import MAZE_ID, TINY_SIM_SETTINGS
+
+    world = FakeWorld(simulator={"id": MAZE_ID, "settings": {**TINY_SIM_SETTINGS, "max_steps": 5}})
+    cfg = EvalConfig(out=str(tmp_path), probe_episodes=1, probe_forward=2, probe_loops=2, progress=False)
+    res = evaluate.self_consistency(world, cfg, None, bar_enabled=False)
+    assert [p["frames"] for p in res["probes"]] and all(p["frames"] > 5 for p in res["probes"])
+
+
 def test_long_cache_runs_the_long_context_condition_in_the_play_cache(tiny_data, tmp_path):
     """--long-cache multilevel-fast: the long-context condition, teacher forcing and the probes
     use the cache `play` uses by default; the sliding baseline stays."""
@@ -424,11 +437,6 @@ def test_shift_option_reaches_every_session_and_the_results(tiny_data, tmp_path)
     world = FakeWorld()
     res = run_eval(EvalConfig(**{**cfg.__dict__, "shift": None, "out": str(tmp_path / "d")}), world=world)
     assert set(world.shifts) == {None} and res["config"]["sampler_used"]["shift"] == 1.0
-    # a checkpoint whose config.json names no steps or cfg samples with the library's defaults, and says so
-    world = FakeWorld()
-    world.config["sampler"] = {}
-    res = run_eval(EvalConfig(**{**cfg.__dict__, "shift": None, "out": str(tmp_path / "n")}), world=world)
-    assert (res["config"]["sampler_used"]["steps"], res["config"]["sampler_used"]["cfg"]) == (10, 1.5)
     with pytest.raises(EvalError, match="--shift must be > 0, got 0.0"):
         run_eval(EvalConfig(**{**cfg.__dict__, "shift": 0.0}), world=FakeWorld())
 

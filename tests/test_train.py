@@ -143,16 +143,25 @@ def test_resume_applies_the_optimizer_settings_it_records(trained, tmp_path):
     assert json.loads((run / "config.json").read_text())["train"]["weight_decay"] == 0.5
 
 
-def test_a_loss_that_is_not_finite_stops_the_run_and_keeps_the_last_good_save(trained, dataset, tmp_path, capsys):
+def test_a_loss_that_is_not_finite_stops_the_run_before_the_optimizer_takes_it(trained, dataset, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """The check comes before the optimizer step (so no rank's averaged weights take a bad loss):
+    the optimizer stepped once per finite loss, and the last save holds finite weights."""
+    import re
+
+    from worldsim.checkpoint import load_checkpoint
+
+    calls = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (calls.append(1), real_step(self, *a, **k))[1])
     run = tmp_path / "nan"
     rc = main(["train", "--stage", "far", "--data", str(dataset), "--out", str(run), *FAST,
                "--ae-from", str(trained / "checkpoint"), "--far-steps", "20", "--far-lr", "1e30", "--warmup", "0",
                "--grad-clip", "0", "--val-every", "0", "--checkpoint-every", "1"])
     err = capsys.readouterr().err
-    assert rc == 1 and ("loss is nan" in err or "loss is inf" in err), err
-    # the steps saved before the bad one hold finite weights
-    from worldsim.checkpoint import load_checkpoint
-
+    bad = re.search(r"loss is (nan|inf) at step (\d+)", err)
+    assert rc == 1 and bad, err
+    assert len(calls) == int(bad[2]) - 1
     far = load_checkpoint(run / "checkpoint").far
     assert all(torch.isfinite(p).all() for p in far.parameters())
 
@@ -309,6 +318,7 @@ def test_a_time_limited_stage_ends_early_at_the_floor_and_exports(trained, datas
     assert any("val_loss" in r for r in rows)  # the final validation ran
     meta = json.loads((run / "state" / "state.json").read_text())
     assert meta["step"] == steps[-1]["step"]
+    assert 0 <= meta["warmup_end_seconds"] < 4  # kept in seconds: a resume with another limit decays from there
     assert (run / "checkpoint" / "model.safetensors").exists()
     # resuming a run whose time is up finishes at once; a longer limit continues it
     capsys.readouterr()
@@ -325,7 +335,7 @@ def test_a_time_limit_that_ends_inside_the_warm_up_says_the_rate_never_decayed(t
                  "--ae-from", str(trained / "checkpoint"), "--far-steps", "100000", "--far-time-limit", "1",
                  "--warmup", "100000", "--val-every", "0", "--checkpoint-every", "100000"]) == 0
     assert "the time ran out during the warm-up" in capsys.readouterr().err
-    assert json.loads((run / "state" / "state.json").read_text())["warmup_end_fraction"] is None
+    assert json.loads((run / "state" / "state.json").read_text())["warmup_end_seconds"] is None
 
 
 def test_datasets_that_disagree_are_named(dataset, tmp_path, capsys):
@@ -526,7 +536,8 @@ def test_values_no_run_can_use_are_refused_before_anything_is_written(trained, d
     for extra, message in ((["--far-batch", "0"], "--far-batch must be >= 1, got 0"),
                            (["--seq-len", "0"], "--seq-len must be >= 1, got 0"),
                            (["--ae-lr", "-1"], "--ae-lr must be a finite number >= 0, got -1.0"),
-                           (["--threads", "-1"], "--threads must be >= 0, got -1")):
+                           (["--threads", "-1"], "--threads must be >= 0, got -1"),
+                           (["--ddp-timeout", "0"], "--ddp-timeout must be a finite number > 0, got 0.0")):
         assert main(["train", "--data", str(dataset), "--out", str(run), *FAST, *extra]) == 2, extra
         assert message in capsys.readouterr().err
         assert not run.exists()

@@ -36,9 +36,7 @@ class Dist:
         return self.world_size > 1
 
     @classmethod
-    def from_env(cls, device: str = "auto", timeout_s: float = 4 * 3600.0) -> "Dist":
-        # long: the other ranks wait at a barrier while rank 0 encodes a whole dataset into the
-        # latent cache (tens of millions of frames for DMLab-sized data); a real hang is rare
+    def from_env(cls, device: str = "auto", timeout_s: float = 1800.0) -> "Dist":
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -65,7 +63,7 @@ class Dist:
             else:
                 dist.barrier()
 
-    def any_flag(self, *flags: bool) -> tuple[bool, ...]:
+    def any_flags(self, *flags: bool) -> tuple[bool, ...]:
         """For each flag, True on every rank if it is true on any rank (Ctrl-C, a loss that is not
         finite: all ranks act together); one collective for all of them."""
         if not self.enabled:

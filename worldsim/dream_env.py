@@ -195,14 +195,11 @@ class DreamEnv(gym.Env):
 
     def _simulator(self) -> gym.Env:
         if self._sim is None:
-            import envs  # noqa: F401  (registers the simulator ids)
+            from envs import make_untimed  # (and registers the simulator ids)
 
             spec = self.simulator_spec or {}
-            settings = dict(spec.get("settings") or {})
-            if "max_steps" in settings:
-                settings["max_steps"] = None  # the reality follower lives as long as the dream
-            try:
-                self._sim = gym.make(spec["id"], **settings)
+            try:  # the reality follower lives as long as the dream
+                self._sim = make_untimed(spec["id"], spec.get("settings"))
             except Exception as exc:  # missing optional simulator (DMLab, Memory Maze ...)
                 raise RuntimeError(
                     f"cannot start the simulator {spec.get('id')!r} this checkpoint was trained on "

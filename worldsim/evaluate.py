@@ -271,11 +271,9 @@ def make_simulator(spec: dict | None) -> Any | None:
     if not spec:
         return None
     try:
-        import gymnasium as gym
+        from envs import make_untimed  # (and registers the ids)
 
-        import envs  # noqa: F401  (registers the ids)
-
-        return gym.make(spec["id"], **(spec.get("settings") or {}))
+        return make_untimed(spec["id"], spec.get("settings"))  # probes as long as asked
     except Exception:  # optional simulators (DMLab, Memory Maze) may be missing
         return None
 
@@ -365,7 +363,9 @@ def _trained_on(path: Path, config: dict) -> bool:
 
     walk(config)
     target = Path(path).resolve()
-    return any(Path(p).resolve() == target for p in named)
+    # a path stored relative to another directory cannot be resolved from here: match its name
+    # (if wrong, this only narrows the score to the episodes training held out, and says so)
+    return any(Path(p).resolve() == target or (not Path(p).exists() and Path(p).name == target.name) for p in named)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -1138,11 +1138,7 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
         return {k: v for k, v in e.items() if k != "conditions"} | {"per_frame": e["conditions"]}
 
     world_config = getattr(world, "config", None)
-    checkpoint_sampler = getattr(world, "sampler", None)  # a World's: config.json's over DEFAULT_SAMPLER
-    if not isinstance(checkpoint_sampler, dict):
-        from worldsim.checkpoint import DEFAULT_SAMPLER
-
-        checkpoint_sampler = {**DEFAULT_SAMPLER, **((world_config or {}).get("sampler") or {})}
+    checkpoint_sampler = world.sampler  # config.json's over the library's defaults
     results = {
         "format": RESULTS_FORMAT, "format_version": RESULTS_VERSION, "interrupted": interrupted,
         "config": asdict(cfg) | {

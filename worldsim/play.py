@@ -291,14 +291,9 @@ class World:
 
 
 def _simulator_env(spec: dict) -> Any:
-    import gymnasium as gym
+    from envs import make_untimed  # (and registers the simulator ids)
 
-    import envs  # noqa: F401  (registers the simulator ids)
-
-    settings = dict(spec.get("settings") or {})
-    if "max_steps" in settings:
-        settings["max_steps"] = None  # a player walks as long as they like
-    return gym.make(spec["id"], **settings)
+    return make_untimed(spec["id"], spec.get("settings"))  # a player walks as long as they like
 
 
 def _checkpoint_simulator(path: Path) -> dict | None:

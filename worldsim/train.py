@@ -132,6 +132,9 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed (data order, noise, initialisation)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
     threads: int = field(default=0, metadata={"help": "CPU threads per rank (0: all cores / ranks on this machine)"})
+    ddp_timeout: float = field(default=1800.0, metadata={
+        "help": "seconds a DDP rank waits at a collective before giving up; raise it when rank 0's first "
+                "encoding of a large dataset into the latent cache takes longer (the others wait for it)"})
     # bookkeeping
     checkpoint_every: int = field(default=500, metadata={"help": "save state and export every N steps"})
     far_save_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={
@@ -281,6 +284,8 @@ def check_numbers(train: TrainConfig) -> None:
         for name in names:
             if getattr(train, name) < low:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(train, name)}")
+    if not 0 < train.ddp_timeout < float("inf"):
+        raise TrainError(f"--ddp-timeout must be a finite number > 0, got {train.ddp_timeout}")
     for name in ("ae_lr", "far_lr", "weight_decay", "grad_clip", "ae_time_limit", "far_time_limit"):
         value = getattr(train, name)
         if not 0 <= value < float("inf"):
@@ -804,7 +809,7 @@ class Trainer:
     # -- state
 
     def save_state(self, spec: StageSpec, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, step: int,
-                   elapsed: float, warmup_end_fraction: float | None = None) -> None:
+                   elapsed: float, warmup_end_s: float | None) -> None:
         from worldsim.checkpoint import save_tensors
 
         tensors = {**_module_tensors(model, "model"), **_module_tensors(ema, "ema")}
@@ -815,7 +820,7 @@ class Trainer:
         meta = {
             "format": STATE_FORMAT, "version": STATE_VERSION, "stage": spec.name, "step": step,
             "total_steps": spec.total_steps, "finished": step >= spec.total_steps,
-            "warmup_end_fraction": warmup_end_fraction,
+            "warmup_end_seconds": warmup_end_s,  # of stage time; None: still warming up
             "optimizer": opt_meta, "rng": rng_meta, "world_size": self.dist.world_size,
             "seconds": elapsed, "schedule": {"lr": spec.lr, "warmup": self.cfg.warmup, "cosine": self.cfg.cosine,
                                              "min_lr_ratio": self.cfg.min_lr_ratio},
@@ -852,20 +857,21 @@ class Trainer:
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         opt = make_optimizer(model, spec.lr, cfg)
         step, elapsed = 0, 0.0
-        # where the warm-up ended, as a fraction of the time limit: a time-limited decay starts there
-        warmup_end: float | None = 0.0 if cfg.warmup <= 0 else None
+        # the stage seconds at which the warm-up ended: a time-limited decay starts there
+        warmup_end_s: float | None = None
         if resume_state is not None:
             meta, tensors = resume_state
             where = self.out / "state"
             _load_module(model, tensors, "model", where)
             _load_module(ema, tensors, "ema", where)
-            _unflatten_optimizer(opt, tensors, meta["optimizer"], "optim")
             # loading restores each group's saved settings: this run's config.json says what applies now
-            for group, wd in zip(opt.param_groups, (cfg.weight_decay, 0.0)):
-                group["weight_decay"], group["betas"] = wd, (cfg.beta1, cfg.beta2)
+            fresh = [{k: g[k] for k in ("weight_decay", "betas")} for g in opt.param_groups]
+            _unflatten_optimizer(opt, tensors, meta["optimizer"], "optim")
+            for group, settings in zip(opt.param_groups, fresh):
+                group.update(settings)
             set_rng_states(tensors, meta["rng"])
             step, elapsed = int(meta["step"]), float(meta.get("seconds", 0.0))
-            warmup_end = meta.get("warmup_end_fraction", 0.0 if step >= cfg.warmup else None)
+            warmup_end_s = meta.get("warmup_end_seconds", 0.0 if step >= cfg.warmup else None)
             self.trim_metrics(spec.name, step)
             if meta.get("world_size", 1) != dist.world_size:
                 self.log(f"note: resumed with {dist.world_size} rank(s), saved with {meta.get('world_size')}: "
@@ -905,10 +911,10 @@ class Trainer:
                     rng, torch_seed = step_rng(cfg.seed, dist.rank, step)
                     torch.manual_seed(torch_seed)
                     gen = torch.Generator(device=device).manual_seed(torch_seed)
-                    if warmup_end is None and step >= cfg.warmup:
-                        warmup_end = time_fraction
-                    lr = lr_at(step, spec.total_steps, spec.lr, cfg.warmup, cfg.cosine, cfg.min_lr_ratio,
-                               time_fraction, warmup_end or 0.0)
+                    if warmup_end_s is None and step >= cfg.warmup:
+                        warmup_end_s = time_fraction * spec.time_limit  # the same on every rank
+                    lr = lr_at(step, spec.total_steps, spec.lr, cfg.warmup, cfg.cosine, cfg.min_lr_ratio, time_fraction,
+                               (warmup_end_s or 0.0) / spec.time_limit if spec.time_limit > 0 else 0.0)
                     for g in opt.param_groups:
                         g["lr"] = lr
                     with autocast_ctx(self.precision[spec.name], device):
@@ -916,7 +922,7 @@ class Trainer:
                     loss_v = float(loss.detach())
                     # every rank stops together: before a bad step reaches the (averaged) weights, and
                     # on Ctrl-C after this step (one collective for both)
-                    bad, stop = dist.any_flag(not math.isfinite(loss_v), self.interrupt.flag)
+                    bad, stop = dist.any_flags(not math.isfinite(loss_v), self.interrupt.flag)
                     if bad:
                         raise TrainError(f"{spec.name}: loss is {loss_v} at step {step + 1} (on rank {dist.rank}, or "
                                          f"another rank's is not finite); lower the learning rate (--{spec.name}-lr) "
@@ -956,7 +962,7 @@ class Trainer:
                         self.validate(spec, ema, step)
                     if stop or final or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0):
                         if dist.is_main:
-                            self.save_state(spec, model, ema, opt, step, time.perf_counter() - t_stage, warmup_end)
+                            self.save_state(spec, model, ema, opt, step, time.perf_counter() - t_stage, warmup_end_s)
                             spec.on_save(ema, step, final)
                             self.plot()
                         dist.barrier()
@@ -1077,10 +1083,7 @@ def write_model_card(checkpoint_dir: Path, run: RunConfig, summary: dict, val: d
         lines.append(f"- validation flow-matching loss (EMA, step {val.get('step')}): "
                      f"{val.get('val_loss', float('nan')):.4f}")
     lines += ["", "Memory-consistency metrics: run `worldsim eval` on this folder.", ""]
-    path = checkpoint_dir / "README.md"
-    tmp = checkpoint_dir / ".README.md.tmp"
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
+    atomic_write(checkpoint_dir / "README.md", lambda tmp: tmp.write_text("\n".join(lines)))
 
 
 # ============================================================================ stages
@@ -1571,7 +1574,7 @@ def main(args: argparse.Namespace) -> int:
     if not cfg.data and not cfg.stream_env:
         print("worldsim train: give --data DIR [DIR ...] (or --stream-env ENV_ID, or --resume RUN)", file=sys.stderr)
         return 2
-    dist = Dist.from_env(cfg.device)
+    dist = Dist.from_env(cfg.device, timeout_s=cfg.ddp_timeout)
     if dist.device.type == "cpu":
         torch.set_num_threads(cfg.threads or cpu_threads_per_rank(dist.local_world_size))
 
