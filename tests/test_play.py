@@ -339,6 +339,29 @@ def test_interactive_sim_walk_without_checkpoint(tmp_path, no_shipped_checkpoint
     np.testing.assert_allclose(game.info["pose"], info["pose"])
 
 
+def test_window_shows_the_frame_and_takes_keys_from_pygames_own_queue(tmp_path, no_shipped_checkpoint):
+    """Keys posted to pygame's event queue (not a scripted source) drive the game, and the window
+    shows the current frame, scaled, above the HUD."""
+    import pygame
+
+    from worldsim.play import Game
+
+    config = PlayConfig(fps=1000, scale=3, record_dir=str(tmp_path))
+    world = open_world(config, reality=True)
+    game = Game(world, config, load_keymap("default", world.action_names))
+    try:
+        pygame.event.post(pygame.event.Event(pygame.KEYDOWN, key=pygame.K_LEFT))
+        pygame.event.post(pygame.event.Event(pygame.KEYUP, key=pygame.K_LEFT))
+        game.run(max_ticks=3)
+        assert game.steps_taken == 1
+        h, w = game.frame.shape[:2]
+        shown = pygame.surfarray.array3d(game.window.screen).transpose(1, 0, 2)[: h * 3, : w * 3]
+        assert np.array_equal(shown, game.frame.repeat(3, 0).repeat(3, 1))
+    finally:
+        game.window.close()
+        world.env.close()
+
+
 def test_a_keymap_key_pygame_does_not_know_is_refused_by_name(tmp_path, no_shipped_checkpoint, capsys):
     """A misspelt key in a JSON keymap would never fire; the game refuses it before opening."""
     keys = tmp_path / "keys.json"
