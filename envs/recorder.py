@@ -252,11 +252,15 @@ def _probe(cfg: RecordConfig, settings: dict[str, Any]) -> dict[str, Any]:
         if len(shape) != 3 or shape[2] != 3:
             raise RecordError(f"{cfg.env}: observations must be HxWx3 images, got shape {shape}")
         sim_settings = base.simulator_settings() if hasattr(base, "simulator_settings") else dict(settings)
-        if cfg.policy == "navigator":  # it plans on the maze layout, which only a reset tells
-            env.reset(seed=cfg.seed)
-            if getattr(base, "maze_walls", None) is None:
-                raise RecordError(f"{cfg.env} with settings {settings}: the navigator policy needs the maze "
-                                  "layout, which this simulator does not give; use --policy random or mix")
+        if cfg.policy == "navigator":  # its own reset checks what it needs (the layout only a reset tells)
+            from envs.policies import make_policy
+
+            obs, info = env.reset(seed=cfg.seed)
+            try:
+                make_policy("navigator", np.random.default_rng(0)).reset(env, obs, info)
+            except ValueError as exc:
+                raise RecordError(f"{cfg.env} with settings {settings}: the navigator policy cannot run here "
+                                  f"({exc}); use --policy random or mix") from None
         return {"action_names": list(names), "resolution": [int(shape[0]), int(shape[1])],
                 "settings": _jsonable(sim_settings)}
     finally:
