@@ -104,3 +104,13 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
     assert resolve_precision("bf16", torch.device("mps")) == "fp32"
     with pytest.raises(ValueError, match="unknown precision 'fp16'"):
         resolve_precision("fp16", cpu)
+
+
+def test_a_bf16_model_without_a_cache_norms_q_and_k_without_a_dtype_mismatch():
+    """Cache mode "none" runs the training path (FAR.forward) on the bf16 weights: its q/k norms
+    must take bf16 inputs, or RMSNorm warns and falls back to its unfused kernel."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z, _ = rollout(bf16_world(), "none", k=6, n=2, steps=2, cfg=1.0)
+    assert torch.isfinite(z).all()

@@ -86,7 +86,8 @@ def _append(buffers: list[KVBuffer] | None, new: KV) -> list[KVBuffer]:
 
 
 def _expand_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
-    return x if x.shape[0] == batch else x.expand(batch, *x.shape[1:])
+    """The history (B, ...) for a query batch B' = B or 2B (CFG: conditional then null halves)."""
+    return x if x.shape[0] == batch else x.repeat(batch // x.shape[0], *[1] * (x.dim() - 1))
 
 
 class GenerationContext:
@@ -262,7 +263,9 @@ class MultiLevelCacheContext(GenerationContext):
         start = max(0, n + 1 - self.window)
         # fused with the query: only over an existing cache (long contexts are prefilled in
         # chunks first) and without a CFG-doubled query batch
-        fusable = query is not None and self.kv is not None and n > 0 and query[0].shape[0] == self.latents[n - 1].shape[0]
+        # (with a one-frame window the last context frame's latent is already dropped: not fusable)
+        fusable = (query is not None and self.kv is not None and n > 0 and self.latents[n - 1] is not None
+                   and query[0].shape[0] == self.latents[n - 1].shape[0])
         if start > self.l1_start and not self.refresh_l1:
             if (fusable and self.use_l2 and 0 < start - self.l2_frames <= self.prefill_frames_coarse
                     and start <= self.l1_end < n and n - self.l1_end <= self.prefill_frames_fine):

@@ -451,20 +451,12 @@ class FARBlock(nn.Module):
         hidden = int(cfg.mlp_ratio * D)
         self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, D))
 
-    def forward(
-        self,
-        groups: list[TokenGroup],
-        past: tuple[torch.Tensor, torch.Tensor] | None,
-        mask: torch.Tensor | None,
-        kv_only: bool = False,
-    ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """Returns the groups' new token states and their keys/values (post-RoPE) for caching.
-
-        kv_only: only keys/values are wanted (last layer while filling a cache). Groups that need
-        no output (all with kv_only; coarse ones in the last block) are returned unchanged."""
+    def forward(self, groups: list[TokenGroup], mask: torch.Tensor | None) -> list[torch.Tensor]:
+        """Training / uncached path: the groups' new token states. Coarse groups in the last block
+        need no output and are returned unchanged. The cached path is infer()."""
         B = groups[0].x.shape[0]
         H, Dh = self.heads, self.head_dim
-        wants = [not kv_only and not (self.last and g.coarse) for g in groups]
+        wants = [not (self.last and g.coarse) for g in groups]
         qs, ks, vs, mods = [], [], [], []
         for g, want in zip(groups, wants):
             proj = self.attn_coarse if g.coarse else self.attn_fine
@@ -472,25 +464,16 @@ class FARBlock(nn.Module):
             mods.append(mod)
             h = modulate(self.norm1(g.x), mod[0], mod[1]).flatten(1, 2)  # (B, F*n, D)
             q, k, v = proj.qkv(h).unflatten(-1, (3, H, Dh)).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, Dh)
-            # q/k normed in fp32, like the norm's fp32 weight: under autocast (bf16 q/k) a mixed-dtype
-            # RMSNorm falls back to its unfused kernel (with a warning on CPU); RoPE runs in fp32 anyway
-            ks.append(apply_rope(proj.k_norm(k.float()), g.rope).to(v.dtype))
+            # q/k normed in the norm weight's dtype: under autocast (bf16 q/k, fp32 weights) and in a
+            # bf16 model alike, a mixed-dtype RMSNorm falls back to its unfused kernel (with a warning
+            # on CPU)
+            ks.append(apply_rope(proj.k_norm(k.to(proj.k_norm.weight.dtype)), g.rope).to(v.dtype))
             vs.append(v)
             if want:
-                qs.append(apply_rope(proj.q_norm(q.float()), g.rope).to(v.dtype))
-        k_new, v_new = torch.cat(ks, dim=2), torch.cat(vs, dim=2)  # (B, H, L_new, Dh)
-        if not qs:
-            return [g.x for g in groups], (k_new, v_new)
-
-        q = torch.cat(qs, dim=2)  # (Bq, H, Lq, Dh); Bq may be a multiple of B (CFG batch)
+                qs.append(apply_rope(proj.q_norm(q.to(proj.q_norm.weight.dtype)), g.rope).to(v.dtype))
+        k, v = torch.cat(ks, dim=2), torch.cat(vs, dim=2)  # (B, H, L, Dh)
+        q = torch.cat(qs, dim=2)  # (B, H, Lq, Dh): the fine group always has queries
         Lq = q.shape[2]
-        k, v = k_new, v_new
-        if past is not None:
-            pk, pv = past
-            if pk.shape[0] != k.shape[0]:  # cache shared by the conditional / null-action halves
-                pk = pk.expand(k.shape[0], *pk.shape[1:])
-                pv = pv.expand(k.shape[0], *pv.shape[1:])
-            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
         if mask is not None:
             mask = mask[-Lq:]  # query rows: groups without queries are always the leading (coarse) ones
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, Dh)
@@ -508,7 +491,7 @@ class FARBlock(nn.Module):
             x = g.x + mod[2] * og
             x = x + mod[5] * self.mlp(modulate(self.norm2(x), mod[3], mod[4]))
             outs.append(x)
-        return outs, (k_new, v_new)
+        return outs
 
     def infer(
         self,
@@ -752,8 +735,8 @@ class FAR(nn.Module):
         return res
 
     @staticmethod
-    def _frame_causal_mask(groups: list[TokenGroup], start_frames: list[int], past_len: int) -> torch.Tensor | None:
-        """Bool (L_new, past_len + L_new): a token sees the cache and every token of frames <= its own."""
+    def _frame_causal_mask(groups: list[TokenGroup], start_frames: list[int]) -> torch.Tensor | None:
+        """Bool (L, L): a token sees every token of frames <= its own."""
         frame_ids = []
         for g, s in zip(groups, start_frames):
             Fn, n = g.x.shape[1], g.x.shape[2]
@@ -761,28 +744,17 @@ class FAR(nn.Module):
         if sum(g.x.shape[1] for g in groups) == 1:
             return None  # one frame: full attention to itself and the cache
         ids = torch.cat(frame_ids)
-        mask = ids[None, :] <= ids[:, None]  # (L_new, L_new)
-        if past_len:
-            mask = torch.cat([mask.new_ones(mask.shape[0], past_len), mask], dim=1)
-        return mask
+        return ids[None, :] <= ids[:, None]  # (L, L)
 
-    def _run(
-        self, groups: list[TokenGroup], start_frames: list[int], past_kv: KV | None, need_output: bool
-    ) -> tuple[torch.Tensor | None, KV]:
-        past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
-        mask = self._frame_causal_mask(groups, start_frames, past_len)
-        new_kv: KV = []
-        for i, block in enumerate(self.blocks):
-            kv_only = not need_output and i == len(self.blocks) - 1
-            xs, kv = block(groups, None if past_kv is None else past_kv[i], mask, kv_only=kv_only)
-            new_kv.append(kv)
+    def _run(self, groups: list[TokenGroup], start_frames: list[int]) -> torch.Tensor:
+        mask = self._frame_causal_mask(groups, start_frames)
+        for block in self.blocks:
+            xs = block(groups, mask)
             groups = [dataclasses.replace(g, x=x) for g, x in zip(groups, xs)]
-        if not need_output:
-            return None, new_kv
         fine = groups[-1]
         assert not fine.coarse
         out = self.final(fine.x, fine.cond)  # (B, F, n, C*p*p)
-        return self._unpatchify(out), new_kv
+        return self._unpatchify(out)
 
     # -- public entry points -----------------------------------------------------------------
 
@@ -811,8 +783,7 @@ class FAR(nn.Module):
             self._group(latents[:, Tc:], t[:, Tc:], actions[:, Tc:], sl(aug, Tc, T), time_offset + Tc, coarse=False)
         )
         starts.append(time_offset + Tc)
-        out, _ = self._run(groups, starts, None, need_output=True)
-        return out
+        return self._run(groups, starts)
 
     def forward_frames(
         self,
