@@ -1,12 +1,14 @@
 """Cached generation equals uncached recomputation; sampler and Session behaviour (tiny, fp32)."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from worldsim.autoencoder import AE_PRESETS, Autoencoder
-from worldsim.cache import UncachedContext
+from worldsim.cache import UncachedContext, make_context
 from worldsim.model import FAR, PRESETS
 from worldsim.sampler import EulerSampler
 from worldsim.world import WorldModel
@@ -50,6 +52,40 @@ def test_multilevel_equals_none(world):
     ref, _ = rollout(world, "none", context_noise=0.05)
     assert s.stats()["l2_frames"] == 6 + 8 - (W - 1)
     assert (ml - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("mode", ["multilevel", "multilevel-fast"])
+def test_a_one_frame_window_generates_like_recomputation(mode):
+    """W = 1 (every context frame in L2): the cache drops each latent as soon as it is coarse,
+    which used to crash the second sampling step."""
+    torch.manual_seed(0)
+    far = FAR(dataclasses.replace(PRESETS["tiny"], window=1))
+    with torch.no_grad():
+        for p in far.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    w1 = WorldModel(Autoencoder(AE_PRESETS["tiny"]), far, ACTIONS, device="cpu")
+    got, s = rollout(w1, mode, k=3, n=4)
+    ref, _ = rollout(w1, "none", k=3, n=4)
+    assert s.stats()["l1_frames"] == 0
+    tolerance = 1e-4 if mode == "multilevel" else 0.1  # -fast approximates (ARCHITECTURE.md)
+    assert (got - ref).abs().max().item() <= tolerance * max(1.0, ref.abs().max().item())
+
+
+def test_the_uncached_reference_serves_a_guided_batch_of_two(world):
+    """UncachedContext (cache mode "none", the tests' reference) with B = 2 and CFG: the query
+    batch is 2B (conditional, then null-action halves), as in the cached contexts."""
+    ctx = {"none": UncachedContext(world.far), "multilevel": make_context(world.far, "multilevel")}
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(2, 5, 4, 8, 8, generator=g)  # (B, K, C, h, w)
+    acts = torch.randint(0, 5, (2, 5), generator=g)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    sampler = EulerSampler(steps=2, cfg_scale=1.5)
+    out = {}
+    for name, c in ctx.items():
+        with torch.no_grad():
+            c.extend(lat, acts)
+            out[name] = sampler.sample(c.velocity, x.clone(), torch.tensor([1, 3]), null_action=5)
+    assert (out["none"] - out["multilevel"]).abs().max().item() <= 1e-4
 
 
 def test_kv_equals_its_uncached_all_fine_recomputation(world):
@@ -128,6 +164,14 @@ def test_fork_is_independent(world):
     assert torch.equal(z1, z2) and s.frame_index == twin.frame_index == 6
     s.step_latent(0)
     assert twin.frame_index == 6
+
+
+@pytest.mark.parametrize("option", ["context_noise", "generated_noise"])
+@pytest.mark.parametrize("level", [-0.1, 1.0, float("nan")])
+def test_a_noise_level_outside_zero_to_one_is_refused(world, option, level):
+    frames, actions = context(2)
+    with pytest.raises(ValueError, match=f"{option} must be in \\[0, 1\\)"):
+        world.new_session(frames, actions, **{option: level})
 
 
 def test_generated_noise_labels_only_the_models_own_frames(world):

@@ -437,7 +437,7 @@ def test_shift_option_reaches_every_session_and_the_results(tiny_data, tmp_path)
     world = FakeWorld()
     res = run_eval(EvalConfig(**{**cfg.__dict__, "shift": None, "out": str(tmp_path / "d")}), world=world)
     assert set(world.shifts) == {None} and res["config"]["sampler_used"]["shift"] == 1.0
-    with pytest.raises(EvalError, match="--shift must be > 0, got 0.0"):
+    with pytest.raises(EvalError, match="--shift must be a finite number > 0, got 0.0"):
         run_eval(EvalConfig(**{**cfg.__dict__, "shift": 0.0}), world=FakeWorld())
 
 

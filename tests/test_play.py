@@ -210,7 +210,7 @@ def test_shift_option_reaches_the_dream_and_is_checked(tiny_ckpt, capsys):
         assert world.env.step(0)[4]["shift"] == expected  # what the benchmark line reports
     assert cli.main(["play", "--checkpoint", str(tiny_ckpt), "--headless", "--actions", "random:2",
                      "--shift", "0"]) == 2
-    assert "--shift must be > 0, got 0.0" in capsys.readouterr().err
+    assert "--shift must be a finite number > 0, got 0.0" in capsys.readouterr().err
 
 
 def test_temperature_option_reaches_the_dream_and_is_checked(tiny_ckpt, capsys):
@@ -224,6 +224,9 @@ def test_temperature_option_reaches_the_dream_and_is_checked(tiny_ckpt, capsys):
     assert cli.main(["play", "--checkpoint", str(tiny_ckpt), "--headless", "--actions", "random:2",
                      "--temperature", "-1"]) == 2
     assert "--temperature must be a finite number >= 0, got -1.0" in capsys.readouterr().err
+    assert cli.main(["play", "--checkpoint", str(tiny_ckpt), "--headless", "--actions", "random:2",
+                     "--cfg", "nan"]) == 2  # NaN guidance used to play NaN frames
+    assert "--cfg must be a finite number, got nan" in capsys.readouterr().err
 
 
 def test_generated_noise_option_reaches_the_dream_and_is_checked(tiny_ckpt, capsys):

@@ -36,9 +36,9 @@ def test_sample_steps_through_the_shifted_grid():
     torch.testing.assert_close(out, target)
 
 
-@pytest.mark.parametrize("shift", [0.0, -1.0, math.nan])
-def test_a_shift_that_is_not_positive_is_refused(shift):
-    with pytest.raises(ValueError, match="shift must be > 0"):
+@pytest.mark.parametrize("shift", [0.0, -1.0, math.nan, math.inf])
+def test_a_shift_that_is_not_positive_and_finite_is_refused(shift):
+    with pytest.raises(ValueError, match="shift must be a finite number > 0"):
         EulerSampler(4, shift=shift)
 
 
@@ -70,3 +70,10 @@ def test_temperature_scales_the_starting_noise_and_zero_is_deterministic():
 def test_a_temperature_that_is_negative_or_not_finite_is_refused(temperature):
     with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
         EulerSampler(4, temperature=temperature)
+
+
+@pytest.mark.parametrize("cfg_scale", [math.nan, math.inf])
+def test_a_guidance_scale_that_is_not_finite_is_refused(cfg_scale):
+    # it used to be taken, and every frame came out NaN
+    with pytest.raises(ValueError, match="cfg must be a finite number"):
+        EulerSampler(4, cfg_scale=cfg_scale)

@@ -46,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from worldsim.autoencoder import Autoencoder, AutoencoderConfig
 from worldsim.dataset import atomic_write, name_the_target, readable_like_any_file
 from worldsim.model import FAR, FARConfig
+from worldsim.sampler import setting_problem
 
 FORMAT = "worldsim-checkpoint"
 VERSION = 1
@@ -232,14 +233,12 @@ def read_config(path: str | os.PathLike) -> dict:
     sampler = config["sampler"]
     if not isinstance(sampler, dict):
         raise CheckpointError(path, f"{CONFIG_NAME}: sampler must be an object, got {sampler!r}")
-    steps, shift = sampler.get("steps", 1), sampler.get("shift", 1.0)
+    steps = sampler.get("steps", 1)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise CheckpointError(path, f"{CONFIG_NAME}: sampler.steps must be an integer >= 1, got {steps!r}")
-    if not isinstance(shift, (int, float)) or isinstance(shift, bool) or not shift > 0:
-        raise CheckpointError(path, f"{CONFIG_NAME}: sampler.shift must be a number > 0, got {shift!r}")
-    temperature = sampler.get("temperature", 1.0)
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature < float("inf"):
-        raise CheckpointError(path, f"{CONFIG_NAME}: sampler.temperature must be a finite number >= 0, got {temperature!r}")
+    for name in ("cfg", "shift", "temperature", "context_noise", "generated_noise"):
+        if name in sampler and (problem := setting_problem(name, sampler[name])):
+            raise CheckpointError(path, f"{CONFIG_NAME}: sampler.{name} {problem}")
     return config
 
 

@@ -1000,12 +1000,12 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
         raise EvalError("--context and --generate must be >= 1")
     if cfg.steps is not None and cfg.steps < 1:
         raise EvalError(f"--steps must be >= 1, got {cfg.steps}")
-    if cfg.shift is not None and not cfg.shift > 0:
-        raise EvalError(f"--shift must be > 0, got {cfg.shift}")
-    if cfg.temperature is not None and not 0 <= cfg.temperature < float("inf"):
-        raise EvalError(f"--temperature must be a finite number >= 0, got {cfg.temperature}")
-    if cfg.generated_noise is not None and not 0 <= cfg.generated_noise < 1:
-        raise EvalError(f"--generated-noise must be in [0, 1), got {cfg.generated_noise}")
+    from worldsim.sampler import setting_problem
+
+    for name in ("cfg", "shift", "temperature", "generated_noise"):
+        value = getattr(cfg, name)
+        if value is not None and (problem := setting_problem(name, value)):
+            raise EvalError(f"--{name.replace('_', '-')} {problem}")
     if cfg.episodes < 1:  # the self-consistency probes run after them, and the summary needs one
         raise EvalError(f"--episodes must be >= 1, got {cfg.episodes} (for mostly the probes: --episodes 1 "
                         "--teacher-forcing false --memory-control false)")

@@ -773,12 +773,12 @@ def _check(config: PlayConfig) -> None:
         raise PlayError(f"--context-frames must be >= 1, got {config.context_frames}")
     if config.steps is not None and config.steps < 1:
         raise PlayError(f"--steps must be >= 1, got {config.steps}")
-    if config.shift is not None and not config.shift > 0:
-        raise PlayError(f"--shift must be > 0, got {config.shift}")
-    if config.temperature is not None and not 0 <= config.temperature < float("inf"):
-        raise PlayError(f"--temperature must be a finite number >= 0, got {config.temperature}")
-    if config.generated_noise is not None and not 0 <= config.generated_noise < 1:
-        raise PlayError(f"--generated-noise must be in [0, 1), got {config.generated_noise}")
+    from worldsim.sampler import setting_problem
+
+    for name in ("cfg", "shift", "temperature", "generated_noise"):
+        value = getattr(config, name)
+        if value is not None and (problem := setting_problem(name, value)):
+            raise PlayError(f"--{name.replace('_', '-')} {problem}")
     if not config.headless and (config.actions or config.out):
         raise PlayError("--actions and --out are for --headless runs")
     if config.threads is not None and config.threads < 1:

@@ -6,6 +6,9 @@ API
       .guided_velocity(velocity_fn, x [B,...], t: float, action [B], null_action) -> [B,...]
       .sample(velocity_fn, noise [B,...], action [B], null_action) -> x0 [B,...]   (noise: standard normal)
     velocity_fn(x_t [B',...], t [B'], action [B']) -> velocity [B',...]   (e.g. GenerationContext.velocity)
+    setting_problem(name, value) -> what is wrong with a number setting of config.json's `sampler`
+      (cfg, shift, temperature, context_noise, generated_noise), or None: the one rule set that the
+      sampler, sessions, play, eval and checkpoint loading apply
 
 Flow matching: x_t = t*noise + (1-t)*x0 and the network predicts v = noise - x0, so
 dx/dt = v and Euler steps go from t=1 to t=0: x <- x + (t_next - t) * v.
@@ -23,21 +26,37 @@ as if they were real. 0 is deterministic (the same frame for every seed). 1 is p
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
+_SETTING_RULES = {  # name: (accepts, what it must be)
+    "cfg": (math.isfinite, "a finite number"),
+    "shift": (lambda v: 0 < v < math.inf, "a finite number > 0"),
+    "temperature": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    # 1 would replace every such context frame by pure noise
+    "context_noise": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "generated_noise": (lambda v: 0 <= v < 1, "in [0, 1)"),
+}
+
+
+def setting_problem(name: str, value: object) -> str | None:
+    """"must be ..., got VALUE" when `value` cannot be the sampler setting `name`, else None."""
+    accepts, must = _SETTING_RULES[name]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return None if number and accepts(value) else f"must be {must}, got {value!r}"
+
 
 class EulerSampler:
     def __init__(self, steps: int = 10, cfg_scale: float = 1.0, shift: float = 1.0, temperature: float = 1.0):
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        if not shift > 0:  # also rejects NaN
-            raise ValueError(f"shift must be > 0, got {shift}")
-        if not 0 <= temperature < float("inf"):  # also rejects NaN
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+        for name, value in (("cfg", cfg_scale), ("shift", shift), ("temperature", temperature)):
+            if problem := setting_problem(name, value):
+                raise ValueError(f"{name} {problem}")
         self.steps = int(steps)
         self.cfg_scale = float(cfg_scale)
         self.shift = float(shift)

@@ -44,7 +44,7 @@ from worldsim.autoencoder import Autoencoder, frames_to_tensor, tensor_to_frames
 from worldsim.cache import GenerationContext, make_context
 from worldsim.checkpoint import DEFAULT_SAMPLER, load_checkpoint, save_checkpoint, stored_far_dtype
 from worldsim.model import FAR, autocast, autocast_for, cpu_has_native_bf16, pick_device
-from worldsim.sampler import EulerSampler
+from worldsim.sampler import EulerSampler, setting_problem
 
 # The transformer's arithmetic on CPU. fp32: exact and reproducible (eval's default). bf16:
 # weights and KV cache stored in bfloat16, run under CPU bf16 autocast (kernels accumulate in
@@ -198,8 +198,9 @@ class WorldModel:
         noise_level = float(context_noise if context_noise is not None else self.sampler.get("context_noise", 0.0))
         generated_level = float(generated_noise if generated_noise is not None
                                 else self.sampler.get("generated_noise", 0.0))
-        if not 0 <= generated_level < 1:  # 1 would replace every generated frame by pure noise
-            raise ValueError(f"generated_noise must be in [0, 1), got {generated_level}")
+        for name, value in (("context_noise", noise_level), ("generated_noise", generated_level)):
+            if problem := setting_problem(name, value):
+                raise ValueError(f"{name} {problem}")
         session = Session(self, context, sampler, generator, noise_level, generated_level)
         if len(frames):
             latents = self.encode(frames)  # (K, C, h, w)
