@@ -687,7 +687,10 @@ class FAR(nn.Module):
         (t, action, aug) (B, F): [(shift1, 1+scale1, gate1, shift2, 1+scale2, gate2)] * depth +
         [(shift, 1+scale)], each (B, F, 1, D). Inference: memoised per distinct frame condition,
         since every frame repeats the sampler's timesteps and a few actions (the memo is dropped
-        whenever a conditioning weight changes: keyed on the parameters' version counters)."""
+        whenever a conditioning weight changes: keyed on the parameters' storage and version
+        counters, which optimizers, EMA, load_state_dict and in-place ops under no_grad bump; an
+        in-place write through `.data` does not, so a caller doing that must
+        `far.__dict__.pop("_mods_memo", None)`)."""
         cfg, D = self.config, self.config.width
         B, Fn = t.shape
         if torch.is_grad_enabled():
