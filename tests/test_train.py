@@ -572,6 +572,14 @@ def test_a_time_limited_autoencoder_stage_reports_the_steps_it_made(dataset, tmp
     assert f"{made:,} autoencoder steps" in (run / "checkpoint" / "README.md").read_text()
 
 
+def test_a_save_before_the_first_metrics_line_does_not_report_a_failed_plot(dataset, tmp_path, capsys):
+    run = tmp_path / "early-save"
+    assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(run), *FAST, "--ae-steps", "2",
+                 "--checkpoint-every", "1", "--log-every", "10", "--val-every", "0"]) == 0
+    assert "loss plot failed" not in capsys.readouterr().err
+    assert (run / "loss.png").is_file()  # drawn once the run's lines exist
+
+
 def test_training_on_streamed_episodes_exports_a_world_model(trained, tmp_path, capsys):
     """--stream-env: background workers record fresh train-split episodes that training samples;
     the spool is removed at the end and the checkpoint says where its data came from."""

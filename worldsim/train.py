@@ -800,7 +800,7 @@ class Trainer:
             os.replace(tmp, self.metrics_path)
 
     def plot(self) -> None:
-        if self.dist.is_main:
+        if self.dist.is_main and self.metrics_path.is_file():  # a save before the first log line has none
             try:
                 plot_metrics(self.metrics_path, self.out / "loss.png")
             except Exception as exc:  # a plot must never stop a training
