@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Train the default checkpoint on a lent GPU machine (the `device` tool), in one call.
 #
-# The machine starts bare with its own python3 (PyTorch there, no network): carry the wheels
-# of gymnasium, farama-notifications and labmaze for its Python (3.12) in .whl/, then run e.g.
+# The machine starts bare with its own python3 (PyTorch there, no network): first fetch here the
+# wheels of gymnasium, farama-notifications and labmaze for its Python 3.12 (`bash
+# scripts/device_wheels.sh`), then call it with carry [".whl"], e.g.
 #
 #   AE_STEPS=4000 FAR_STEPS=3300 FAR_LIMIT=370 bash scripts/device_train.sh 2>&1 | tee $OUT/train.log
 #   INIT=checkpoints/maze-far-small FAR_STEPS=3000 FAR_LIMIT=400 bash scripts/device_train.sh ...
@@ -25,25 +26,55 @@
 #
 # It records the datasets of the model card (deterministic, ~25 s on 16 cores), trains the
 # autoencoder (with INIT or AE_INIT: kept, or only INIT's decoder fine-tuned for DEC_STEPS, so its latents
-# stay valid) and the transformer (from INIT's weights if given, from scratch otherwise), stopping the transformer after FAR_LIMIT
-# seconds with a saved export. On exit it packs the run into $OUT as <=15 MB parts (the tool
-# returns files of at most 16 MiB): `cat run.tar.part-* | tar xf -` here.
+# stay valid) and the transformer (from INIT's weights if given, from scratch otherwise) for
+# FAR_STEPS steps or FAR_LIMIT seconds of training (`--far-time-limit`: the cosine decay reaches its
+# floor by then, and the run validates and exports as if its steps were done), whichever comes
+# first. The limit shrinks so that everything ends by DEADLINE (default 560) seconds from the start,
+# leaving ENCODE_S (default 60) for loading and encoding the latents and 30 s for packing, inside
+# the device tool's 600 s a call; `timeout` stops it there in any case. On exit it packs the run into
+# $OUT as <=15 MB parts (the tool returns files of at most 16 MiB and 64 MiB a call; it warns above
+# that): `cat run.tar.part-* | tar xf -` here. A transformer trained on INIT's or AE_INIT's
+# autoencoder unchanged travels without it (scripts/transport_far.py strip): then
+# `python scripts/transport_far.py join runs/far/stripped INIT_OR_AE_INIT runs/far/checkpoint` here.
 # Measured on an H200 (2026-11-26): AE 38 steps/s at batch 256, FAR 9.5 steps/s at batch 64 x 96 frames.
 # To train several transformers at once on the shipped autoencoder (one leaves the GPU mostly idle;
 # two ran at 9.3 and 8.6 steps/s side by side in session 17), use scripts/device_train_arms.sh.
 set -x
 export PYTHONUNBUFFERED=1
-if [ -z "${SKIP_WHEELS:-}" ]; then
+START=$(date +%s)
+left() { echo $(( ${DEADLINE:-560} - ($(date +%s) - START) )); }
+if [ -z "${SKIP_WHEELS:-}" ]; then  # SKIP_WHEELS=1: a rehearsal where they are installed
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # this checkout's code, also for scripts/*.py
+# fail in seconds, not after the recording, when something is missing; no CUDA is an error unless ALLOW_CPU=1
+python3 -c "import os, gymnasium, labmaze, torch, worldsim.train; assert torch.cuda.is_available() or os.environ.get('ALLOW_CPU'), 'no CUDA device'" || exit 1
 : "${OUT:?set OUT to the folder whose files come back}"
+rm -rf runs/ae runs/far  # a warm machine keeps runs/ from an earlier call, and train refuses a used folder
+# the autoencoder the transformer trains on, when it is a checkpoint that is also here: not carried back
+SAME_AE=""
+if [ -n "${INIT:-}" ] && [ "${DEC_STEPS:-0}" -le 0 ]; then SAME_AE=$INIT; elif [ -z "${INIT:-}" ]; then SAME_AE=${AE_INIT:-}; fi
 R="python3 -m worldsim record --env worldsim/Maze-v0 --length 300 --policy mix --env-arg max_steps=null --progress false"
 T="python3 -m worldsim train --preset small --progress false --log-every 20"
 pack() {
-  tar cf - runs/ae/metrics.jsonl runs/ae/config.json runs/ae/autoencoder runs/far/metrics.jsonl \
-    runs/far/config.json runs/far/checkpoint 2>/dev/null | split -b 15M - "$OUT/run.tar.part-"
+  files=()
+  for f in runs/ae/metrics.jsonl runs/ae/config.json runs/far/metrics.jsonl runs/far/config.json; do
+    [ -e "$f" ] && files+=("$f")
+  done
+  if [ -d runs/far/checkpoint ] && [ -n "$SAME_AE" ] && \
+     python3 scripts/transport_far.py strip runs/far/checkpoint runs/far/stripped; then
+    files+=(runs/far/stripped)
+  elif [ -d runs/far/checkpoint ]; then
+    files+=(runs/far/checkpoint)  # it holds the autoencoder of runs/ae too
+  elif [ -d runs/ae/autoencoder ]; then
+    files+=(runs/ae/autoencoder)
+  fi
+  [ ${#files[@]} -gt 0 ] && tar cf - "${files[@]}" | split -b 15M - "$OUT/run.tar.part-"
   ls -la "$OUT"
+  total=$(cat "$OUT"/* 2>/dev/null | wc -c)
+  [ "$total" -gt 62914560 ] && echo "WARNING: $total bytes under \$OUT, over the 64 MiB a call brings back: the last parts will be missing"
+  true
 }
 trap pack EXIT
 nvidia-smi --query-gpu=name,memory.total --format=csv
@@ -73,7 +104,10 @@ if [ "${FAR_LIMIT:-370}" -le 0 ]; then  # autoencoder or decoder only (FAR_LIMIT
   kill $REC; exit 0
 fi
 wait $REC; cat record-rest.log
-timeout -s TERM "${FAR_LIMIT:-370}" $T --stage far $AE --data data/maze-train data/maze-val \
+far_time=$(( $(left) - 30 - ${ENCODE_S:-60} ))
+[ "$far_time" -gt "${FAR_LIMIT:-370}" ] && far_time=${FAR_LIMIT:-370}
+[ "$far_time" -ge 30 ] || { echo "only $(left) s left before DEADLINE: no time for the transformer"; exit 1; }
+timeout -s TERM $(( $(left) - 30 )) $T --stage far $AE --data data/maze-train data/maze-val --far-time-limit "$far_time" \
   --seq-len "${SEQ:-96}" --obj-random-context-length true --preview-every -1 --far-lr "${FAR_LR:-6e-4}" \
   --warmup "${FAR_WARMUP:-300}" --ema-decay 0.999 --far-batch "${FAR_BATCH:-64}" --far-steps "${FAR_STEPS:-3300}" \
   --val-every 1000 --val-batches 4 --checkpoint-every 500 --out runs/far ${FAR_ARGS:-}

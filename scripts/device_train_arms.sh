@@ -6,8 +6,9 @@
 # parameters, about 19 TFLOP/s of its ~790), so arms that share it cost little of each other's
 # speed. Each arm is `worldsim train --stage far --ae-from $AE ...` with the shared settings
 # below plus its own options, stopped by `--far-time-limit FAR_TIME` (its cosine decay reaches
-# the floor by then, and it exports as if its steps were done). Call it with .whl carried (the
-# wheels of gymnasium, farama-notifications and labmaze for the machine's Python 3.12):
+# the floor by then, and it exports as if its steps were done). First run `bash scripts/device_wheels.sh`
+# here (the wheels of gymnasium, farama-notifications and labmaze for the machine's Python 3.12),
+# then call it with carry [".whl"]:
 #
 #   ARMS="wide cont" ARM_wide="--far-depth 6 --far-width 384 --far-heads 6" \
 #     ARM_cont="--far-init checkpoints/maze-far-small --far-lr 2e-4 --warmup 100" \
@@ -16,33 +17,38 @@
 # On exit the arms' transformers, without the autoencoder they share with $AE (scripts/transport_far.py
 # strip), their metrics and logs are packed into $OUT as <=15 MB parts (the tool returns at most
 # 16 MiB a file and 64 MiB a call). Here:
-#   cat run.tar.part-* | tar xf -
+#   for arm in $ARMS; do cat $arm.tar.part-* | tar xf -; done
 #   python scripts/transport_far.py join runs/ARM/stripped checkpoints/maze-far-small runs/ARM/checkpoint
 # DEADLINE (seconds from the start, default 560) stops any arm still running with SIGTERM, which
 # saves and exports it, so the packing always happens inside the device tool's 600 s.
 set -x
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
-if [ -z "${SKIP_WHEELS:-}" ]; then
+if [ -z "${SKIP_WHEELS:-}" ]; then  # SKIP_WHEELS=1: a rehearsal where they are installed
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # this checkout's code, also for scripts/*.py
+# fail in seconds, not after the recording, when something is missing; no CUDA is an error unless ALLOW_CPU=1
+python3 -c "import os, gymnasium, labmaze, torch, worldsim.train; assert torch.cuda.is_available() or os.environ.get('ALLOW_CPU'), 'no CUDA device'" || exit 1
 : "${OUT:?set OUT to the folder whose files come back}"
 : "${ARMS:?name the arms, e.g. ARMS=\"wide cont\", and give each its options in ARM_<name>}"
 AE="${AE:-checkpoints/maze-far-small}"
 R="python3 -m worldsim record --env worldsim/Maze-v0 --length ${LENGTH:-300} --policy mix --env-arg max_steps=null --progress false"
-pack() {
+pack() {  # one archive per arm, so an arm that does not fit the 64 MiB still leaves the others whole
   for arm in $ARMS; do
     [ -d "runs/$arm/checkpoint" ] && python3 scripts/transport_far.py strip "runs/$arm/checkpoint" "runs/$arm/stripped"
-  done
-  files=()
-  for arm in $ARMS; do
+    files=()
     for f in "runs/$arm/stripped" "runs/$arm/metrics.jsonl" "runs/$arm/config.json" "runs/$arm.log"; do
       [ -e "$f" ] && files+=("$f")
     done
+    [ ${#files[@]} -gt 0 ] && tar cf - "${files[@]}" | split -b 15M - "$OUT/$arm.tar.part-"
   done
-  tar cf - "${files[@]}" | split -b 15M - "$OUT/run.tar.part-"
+  [ -e runs/gpu-util.log ] && cp runs/gpu-util.log "$OUT/"
   ls -la "$OUT"
+  total=$(cat "$OUT"/* 2>/dev/null | wc -c)
+  [ "$total" -gt 62914560 ] && echo "WARNING: $total bytes under \$OUT, over the 64 MiB a call brings back: the last parts will be missing"
+  true
 }
 trap pack EXIT
 nvidia-smi --query-gpu=name,memory.total --format=csv
@@ -50,8 +56,10 @@ $R --episodes "${VAL_EPISODES:-16}" --split val --out data/maze-val --workers 16
 $R --episodes "${EPISODES:-1000}" --split train --out data/maze-train --workers 16
 mkdir -p runs
 budget=$(( ${DEADLINE:-560} - ($(date +%s) - START) - 25 ))
+[ "$budget" -gt 60 ] || { echo "only $budget s left after recording: no time to train"; exit 1; }
 pids=()
 for arm in $ARMS; do
+  rm -rf "runs/$arm" "runs/$arm.log"  # a warm machine keeps runs/ from an earlier call
   opts="ARM_$arm"
   # shellcheck disable=SC2086
   timeout -s TERM "$budget" python3 -m worldsim train --preset small --stage far --ae-from "$AE" \
@@ -63,10 +71,11 @@ for arm in $ARMS; do
   pids+=($!)
 done
 # how busy the arms keep the GPU, for sizing the next run
-(while sleep 60; do nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader; done) &
+# (one process: a `while sleep` loop's sleep would outlive its kill and hold `| tee` open for up to 60 s)
+nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 60 > runs/gpu-util.log 2>&1 &
 WATCH=$!
 for pid in "${pids[@]}"; do wait "$pid"; done
-kill $WATCH
+kill $WATCH; cat runs/gpu-util.log
 for arm in $ARMS; do
   echo "== $arm"; tail -4 "runs/$arm.log"; grep val_loss "runs/$arm/metrics.jsonl" | tail -6
   grep steps_per_s "runs/$arm/metrics.jsonl" | tail -1
