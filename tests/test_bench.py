@@ -21,3 +21,11 @@ def test_bench_times_every_mode_and_context_beside_the_paper_and_the_simulator(c
     assert "1 Euler steps" in out and "(1 thread)" in out
     sim = out.split("simulator:", 1)[1]
     assert "env_id: worldsim/Maze-v0" in sim and "steps: 20" in sim and re.search(r"frames_per_s: [0-9.]+", sim)
+
+
+def test_a_device_this_machine_lacks_is_one_line(capsys, tmp_path):
+    assert main(["bench", "--preset", "tiny", "--device", "nonsense"]) == 2
+    assert "worldsim bench: device 'nonsense' is not a torch device" in capsys.readouterr().err
+    # the same check in eval, before any episode is scored
+    assert main(["eval", "--data", str(tmp_path), "--device", "nonsense", "--out", str(tmp_path / "e")]) == 2
+    assert "worldsim eval: device 'nonsense' is not a torch device" in capsys.readouterr().err

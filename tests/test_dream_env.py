@@ -204,3 +204,54 @@ def test_env_module_does_not_import_pygame(tiny_ckpt):
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
+
+
+def test_a_dataset_without_episodes_long_enough_is_refused_and_short_ones_are_not_drawn(tiny_world, tmp_path):
+    """Random starts are drawn among the episodes that hold context_frames; with none, the error
+    names the dataset (play prints it as one line), not a traceback at the first reset."""
+    from worldsim.dataset import DatasetError, Dataset
+
+    subprocess.run([sys.executable, "-m", "worldsim", "record", "--env", "worldsim/Maze-v0", "--episodes", "1",
+                    "--length", "12", "--env-arg", "maze_size=9", "--progress", "false", "--out", str(tmp_path / "d")],
+                   check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    short = tmp_path / "d" / "episodes" / "000001.npz"  # a second, 3-frame episode beside the 12-frame one
+    ep = Dataset(tmp_path / "d")[0]
+    np.savez(short, video=ep.video[:3], actions=ep.actions[:3], poses=ep.poses[:3])
+    index = json.loads((tmp_path / "d" / "index.json").read_text())
+    index["episodes"].append(dict(index["episodes"][0], id="000001", file="episodes/000001.npz", length=3))
+    (tmp_path / "d" / "index.json").write_text(json.dumps(index))
+
+    env = DreamEnv(world=tiny_world, dataset=tmp_path / "d", context_frames=8)
+    assert {env.reset(seed=s)[1]["episode"] for s in range(6)} == {"000000"}
+    with pytest.raises(DatasetError, match="episode 000001 .* 3 frames, fewer than context_frames=8"):
+        env.reset(options={"episode": 1})
+    env.close()
+    with pytest.raises(DatasetError, match=r"no episode has context_frames=20 frames \(longest: 12\)"):
+        DreamEnv(world=tiny_world, dataset=tmp_path / "d", context_frames=20)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("cache_mode", "bogus", "cache_mode must be one of"), ("steps", 0, "steps must be an integer >= 1"),
+    ("shift", 0.0, "shift must be a finite number > 0"), ("cfg", float("nan"), "cfg must be a finite number")])
+def test_sampler_options_are_checked_when_the_env_is_made(tiny_ckpt, option, value, message):
+    with pytest.raises(ValueError, match=message):  # not after the weights load, at the first reset
+        gym.make("worldsim/Dream-v0", checkpoint=tiny_ckpt, device="cpu", **{option: value})
+
+
+def test_a_simulator_that_cannot_start_is_named(tiny_ckpt, tmp_path):
+    import shutil
+
+    from worldsim.dream_env import SimulatorUnavailable
+
+    ck = tmp_path / "dmlab-ck"
+    shutil.copytree(tiny_ckpt, ck)
+    config = json.loads((ck / "config.json").read_text())
+    config["simulator"] = {"id": "worldsim/Maze-v0", "settings": {"resolution": [32, 32]}}
+    (ck / "config.json").write_text(json.dumps(config))
+    env = DreamEnv(checkpoint=ck, device="cpu", context_frames=1)
+    with pytest.raises(SimulatorUnavailable, match=r"makes \(32, 32, 3\) frames but the checkpoint expects \(64, 64\)"):
+        env.reset(seed=0)
+    config["simulator"] = {"id": "worldsim/Maze-v0", "settings": {"no_such_setting": 1}}
+    (ck / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SimulatorUnavailable, match="cannot start the simulator 'worldsim/Maze-v0'.*no_such_setting"):
+        DreamEnv(checkpoint=ck, device="cpu", context_frames=1).reset(seed=0)

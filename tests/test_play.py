@@ -402,3 +402,77 @@ def test_headless_reality_side_by_side_gif(tiny_ckpt, tmp_path):
     frames = imageio.mimread(out)
     assert len(frames) == 4 and frames[0].shape[:2] == (128, 256)  # 64x64 world, scale 2, two panels
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_a_recording_that_cannot_start_leaves_the_game_running(tmp_path, no_shipped_checkpoint, capsys):
+    """V with a record folder that cannot exist says so on the HUD; the game goes on."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    config = PlayConfig(fps=1000, scale=1, record_dir=str(blocker / "videos"))
+    game = run_interactive(config, scripted([press("v"), [("KEYDOWN", "up")], [], [("KEYUP", "up")]]))
+    assert game.steps_taken == 2 and game.recordings == [] and game.recorder is None
+    assert game.message.startswith("cannot record:") and "cannot create its folder" in game.message
+    assert "cannot record" in capsys.readouterr().err
+
+
+def test_keymap_keys_fire_under_the_name_pygames_events_give_them(tmp_path, no_shipped_checkpoint):
+    """'keypad 8' and 'pageup' are keys pygame knows, but its events call them '[8]' and 'page up'."""
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"keypad 8": "forward", "pageup": "turn_left"}')
+    config = PlayConfig(fps=1000, scale=1, record_dir=str(tmp_path), keymap=str(keys))
+    game = run_interactive(config, scripted([press("kp8"), press("pageup"), press("escape")]))
+    assert game.steps_taken == 2
+    assert game.keymap == {"[8]": "forward", "page up": "turn_left"}
+
+
+def test_a_key_held_through_a_pause_walks_after_it(tmp_path, no_shipped_checkpoint):
+    config = PlayConfig(fps=1000, scale=1, record_dir=str(tmp_path))
+    game = run_interactive(config, scripted([press("p"), [("KEYDOWN", "up")], press("p"), [], [("KEYUP", "up")]]))
+    assert game.steps_taken >= 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--world", "sim", "--dataset", "d"], "--dataset: for the dream; --world sim walks the simulator itself"),
+    (["--world", "sim", "--reality", "--steps", "2"], "--steps, --reality: for the dream"),
+    (["--world", "sim", "--checkpoint", "no-such-folder"], "--checkpoint no-such-folder: no config.json there"),
+    (["--episode", "3"], "--episode picks an episode of --dataset"),
+    (["--fps", "inf"], "--fps must be from 0.1 to 1000, got inf"),
+    (["--out", " "], "--out needs a file name"),
+])
+def test_options_that_would_do_nothing_are_refused(extra, message, capsys):
+    assert cli.main(["play", "--headless", "--actions", "random:2", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_checkpoint_whose_simulator_cannot_start_is_one_line(tiny_ckpt, tmp_path, capsys):
+    import json
+    import shutil
+
+    ck = tmp_path / "other-sim"
+    shutil.copytree(tiny_ckpt, ck)
+    config = json.loads((ck / "config.json").read_text())
+    config["simulator"] = {"id": "worldsim/Maze-v0", "settings": {"no_such_setting": 1}}
+    (ck / "config.json").write_text(json.dumps(config))
+    for world in ("dream", "sim"):
+        assert cli.main(["play", "--world", world, "--checkpoint", str(ck), "--headless", "--actions", "random:2"]) == 2
+        err = capsys.readouterr().err
+        assert "error: cannot start the simulator 'worldsim/Maze-v0'" in err and "Traceback" not in err
+
+
+def test_a_device_this_machine_lacks_is_one_line(tiny_ckpt, capsys):
+    assert cli.main(["play", "--checkpoint", str(tiny_ckpt), "--headless", "--actions", "random:2",
+                     "--device", "nonsense"]) == 2
+    assert "error: device 'nonsense' is not a torch device" in capsys.readouterr().err
+
+
+def test_a_video_target_in_a_folder_that_cannot_be_written_names_the_target(tmp_path, monkeypatch):
+    """The temporary twin cannot be made (no permission there; simulated, as root may write anywhere):
+    the error names the video asked for, not the hidden twin."""
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".x.abc.partial.mp4"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(PlayError, match=rf"^{tmp_path / 'x.mp4'}: cannot write there \(Permission denied\)$"):
+        VideoRecorder(tmp_path / "x.mp4", fps=15)

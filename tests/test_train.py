@@ -580,6 +580,14 @@ def test_a_save_before_the_first_metrics_line_does_not_report_a_failed_plot(data
     assert (run / "loss.png").is_file()  # drawn once the run's lines exist
 
 
+def test_a_device_this_machine_lacks_is_refused_before_anything_is_written(dataset, tmp_path, capsys):
+    run = tmp_path / "nodevice"
+    for device, message in (("nonsense", "device 'nonsense' is not a torch device"),
+                            ("cuda:7", "device 'cuda:7': ")):
+        assert main(["train", "--data", str(dataset), "--out", str(run), *FAST, "--device", device]) == 2
+        assert message in capsys.readouterr().err and not run.exists()
+
+
 def test_training_on_streamed_episodes_exports_a_world_model(trained, tmp_path, capsys):
     """--stream-env: background workers record fresh train-split episodes that training samples;
     the spool is removed at the end and the checkpoint says where its data came from."""

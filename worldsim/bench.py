@@ -160,7 +160,7 @@ def main(args: argparse.Namespace) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     from worldsim.cache import CACHE_MODES
-    from worldsim.model import pick_device
+    from worldsim.model import DeviceError, pick_device
 
     bad = [m for m in cfg.modes if m not in CACHE_MODES]
     if bad:
@@ -172,7 +172,11 @@ def main(args: argparse.Namespace) -> int:
         if not values or min(values) < 1:
             print(f"worldsim bench: {option} must be >= 1, got {' '.join(map(str, values)) or 'nothing'}", file=sys.stderr)
             return 2
-    device = pick_device(cfg.device)
+    try:
+        device = pick_device(cfg.device)
+    except DeviceError as exc:
+        print(f"worldsim bench: {exc}", file=sys.stderr)
+        return 2
     cfg = dataclasses.replace(cfg, device=str(device))
     print(f"timing generation ({', '.join(cfg.modes)}) at contexts {list(cfg.contexts)} on {device} ...", flush=True)
     rows = time_generation(cfg)

@@ -17,6 +17,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from worldsim import model
+
 
 @dataclasses.dataclass
 class Dist:
@@ -44,6 +46,11 @@ class Dist:
         dev = pick_device(device, local_rank)
         info = cls(world_size, rank, local_rank, local_world_size, dev, False)
         if world_size > 1:
+            if dev.type == "cuda" and local_world_size > torch.cuda.device_count():
+                # nccl refuses two ranks on one GPU, and only after the process group is up
+                raise RuntimeError(
+                    f"{local_world_size} ranks on this machine but {torch.cuda.device_count()} CUDA GPU(s): run "
+                    f"torchrun --nproc_per_node={torch.cuda.device_count()}, or --device cpu for CPU ranks (gloo)")
             if not dist.is_initialized():
                 backend = "nccl" if dev.type == "cuda" else "gloo"
                 kwargs = {}
@@ -100,10 +107,8 @@ class Dist:
 
 
 def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """`auto`: this rank's CUDA GPU where there is one, else the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    """`auto`: this rank's CUDA GPU where there is one, else the CPU (model.pick_device checks the name)."""
+    dev = model.pick_device(device)
     if dev.type == "cuda":
         if dev.index is None:
             dev = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))

@@ -56,6 +56,22 @@ class CheckpointNotFound(FileNotFoundError):
     """No checkpoint was given and none is shipped under checkpoints/."""
 
 
+class SimulatorUnavailable(RuntimeError):
+    """The simulator new worlds start from cannot run here (not installed, or other settings)."""
+
+
+def start_simulator(spec: dict, what: str = "") -> gym.Env:
+    """The simulator of `spec` ({"id", "settings"}) without a step limit (a player walks as long as
+    they like); SimulatorUnavailable names it and why where it cannot start."""
+    from envs import make_untimed  # (and registers the simulator ids)
+
+    try:
+        return make_untimed(spec["id"], spec.get("settings"))
+    except Exception as exc:  # missing optional simulator (DMLab, Memory Maze ...), unknown settings
+        raise SimulatorUnavailable(f"cannot start the simulator {spec.get('id')!r}{what} "
+                                   f"({type(exc).__name__}: {exc})") from exc
+
+
 def find_default_checkpoint(root: str | os.PathLike | None = None) -> Path | None:
     """The shipped checkpoint: a folder with config.json under `checkpoints/` (None if there is none)."""
     base = Path(root) if root is not None else CHECKPOINTS_DIR
@@ -126,6 +142,17 @@ class DreamEnv(gym.Env):
             raise ValueError(f"context_frames must be >= 1, got {context_frames}")
         if context_policy not in CONTEXT_POLICIES:
             raise ValueError(f"context_policy must be one of {CONTEXT_POLICIES}, got {context_policy!r}")
+        from worldsim.cache import CACHE_MODES  # (torch: loading the world imports it anyway)
+        from worldsim.sampler import setting_problem
+
+        if cache_mode not in CACHE_MODES:  # checked here, before the weights load, not at the first reset
+            raise ValueError(f"cache_mode must be one of {CACHE_MODES}, got {cache_mode!r}")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        for name, value in (("cfg", cfg), ("shift", shift), ("temperature", temperature),
+                            ("generated_noise", generated_noise)):
+            if value is not None and (problem := setting_problem(name, value)):
+                raise ValueError(f"{name} {problem}")
         self.render_mode = render_mode
         self.context_frames = int(context_frames)
         self.context_policy = context_policy
@@ -162,18 +189,24 @@ class DreamEnv(gym.Env):
         self._dataset = None
         self._episode = episode
         if dataset is not None:
-            from worldsim.dataset import Dataset
+            from worldsim.dataset import Dataset, DatasetError
             from worldsim.latents import names_for
 
             # files without an index (FAR/TECO DMLab .npz) name their actions after the checkpoint's
             self._dataset = Dataset(dataset, action_names=names_for(dataset, self.action_names))
             if tuple(self._dataset.action_names) != self.action_names:
-                raise ValueError(
+                raise DatasetError(
                     f"dataset {str(dataset)!r} has actions {list(self._dataset.action_names)} but the "
                     f"checkpoint has {list(self.action_names)}")
             if tuple(self._dataset.resolution) != self.resolution:
-                raise ValueError(f"dataset {str(dataset)!r} has resolution {tuple(self._dataset.resolution)} "
-                                 f"but the checkpoint has {self.resolution}")
+                raise DatasetError(f"dataset {str(dataset)!r} has resolution {tuple(self._dataset.resolution)} "
+                                   f"but the checkpoint has {self.resolution}")
+            self._long_episodes = [i for i, info in enumerate(self._dataset.episodes)
+                                   if info.length >= self.context_frames]
+            if not self._long_episodes:
+                raise DatasetError(
+                    f"{self._dataset.path}: no episode has context_frames={self.context_frames} frames (longest: "
+                    f"{max((info.length for info in self._dataset.episodes), default=0)}); lower --context-frames")
             if self._dataset.simulator and self._dataset.simulator.get("id"):
                 self.simulator_spec = self._dataset.simulator  # the episodes' own simulator, for reality
         elif self.simulator_spec is None or not self.simulator_spec.get("id"):
@@ -195,20 +228,20 @@ class DreamEnv(gym.Env):
 
     def _simulator(self) -> gym.Env:
         if self._sim is None:
-            from envs import make_untimed  # (and registers the simulator ids)
-
             spec = self.simulator_spec or {}
+            hint = ("; pass dataset=PATH (`worldsim play --dataset PATH`) to start from a recorded episode"
+                    if self._dataset is None else "")
             try:  # the reality follower lives as long as the dream
-                self._sim = make_untimed(spec["id"], spec.get("settings"))
-            except Exception as exc:  # missing optional simulator (DMLab, Memory Maze ...)
-                raise RuntimeError(
-                    f"cannot start the simulator {spec.get('id')!r} this checkpoint was trained on "
-                    f"({type(exc).__name__}: {exc}); pass dataset=PATH (`worldsim play --dataset PATH`) "
-                    "to start from a recorded episode") from exc
-            sim_shape = tuple(self._sim.observation_space.shape or ())
+                sim = start_simulator(spec, " this checkpoint was trained on")
+            except SimulatorUnavailable as exc:
+                raise SimulatorUnavailable(f"{exc}{hint}") from exc.__cause__
+            sim_shape = tuple(sim.observation_space.shape or ())
             if sim_shape[:2] != self.resolution:
-                raise RuntimeError(f"simulator {spec['id']!r} makes {sim_shape} frames but the checkpoint "
-                                   f"expects {self.resolution}: its settings do not match the training data")
+                sim.close()
+                raise SimulatorUnavailable(f"simulator {spec['id']!r} makes {sim_shape} frames but the checkpoint "
+                                           f"expects {self.resolution}: its settings do not match the training "
+                                           f"data{hint}")
+            self._sim = sim
         return self._sim
 
     def _sim_action(self, name: str) -> int:
@@ -235,12 +268,14 @@ class DreamEnv(gym.Env):
     def _context_from_dataset(self, episode: int | str | None) -> tuple[np.ndarray, np.ndarray]:
         ds = self._dataset
         assert ds is not None
-        if episode is None:
-            episode = int(self.np_random.integers(len(ds)))
+        if episode is None:  # drawn among the episodes long enough for the context
+            episode = self._long_episodes[int(self.np_random.integers(len(self._long_episodes)))]
         ep = ds[episode]
         if len(ep) < self.context_frames:
-            raise ValueError(f"episode {ep.id} of {ds.path} has {len(ep)} frames, fewer than "
-                             f"context_frames={self.context_frames}")
+            from worldsim.dataset import DatasetError
+
+            raise DatasetError(f"episode {ep.id} of {ds.path} has {len(ep)} frames, fewer than "
+                               f"context_frames={self.context_frames}")
         self._maze_seed, self._episode_id = ep.maze_seed, ep.id
         frames = np.ascontiguousarray(ep.video[: self.context_frames], dtype=np.uint8)
         actions = np.asarray(ep.actions[: self.context_frames], dtype=np.int64)

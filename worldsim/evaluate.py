@@ -1242,7 +1242,8 @@ def main(args: argparse.Namespace) -> int:
     except Exception as exc:
         from worldsim.dataset import DatasetError
 
-        if isinstance(exc, DatasetError) or type(exc).__name__ in ("CheckpointError", "RecordError", "CheckpointNotFound"):
+        user_facing = ("CheckpointError", "RecordError", "CheckpointNotFound", "DeviceError")
+        if isinstance(exc, DatasetError) or type(exc).__name__ in user_facing:
             print(f"worldsim eval: {exc}", file=sys.stderr)
             return 2
         raise

@@ -119,8 +119,8 @@ def export(dataset: str | os.PathLike | Dataset, cfg: ExportConfig) -> Path:
         raise ExportError(f"--scale must be a positive integer, got {cfg.scale}")
     if cfg.every < 1:
         raise ExportError(f"--every must be a positive integer, got {cfg.every}")
-    if cfg.fps <= 0:
-        raise ExportError(f"--fps must be positive, got {cfg.fps}")
+    if not 0.1 <= cfg.fps <= 1000:  # also NaN and inf, which no video can store
+        raise ExportError(f"--fps must be from 0.1 to 1000, got {cfg.fps}")
     if not out.parent.is_dir():
         raise ExportError(f"{out}: folder {out.parent} does not exist")
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset, split=cfg.split)

@@ -23,7 +23,7 @@ API
       per-frame adaLN modulations and RoPE tables, one additive mask per call and the cache
       attended in place (KVBuffer) - training (forward) is untouched.
       .null_action: int  (= num_actions, the CFG null class)
-    pick_device(device=None) -> torch.device;  autocast(device) -> context manager (bf16 on CUDA)
+    pick_device(device=None) -> torch.device (DeviceError where it is not here);  autocast(device) -> context manager (bf16 on CUDA)
     autocast_for(module) -> the autocast its inference runs under (also bf16 on CPU when its
       weights are stored in bf16: WorldModel(precision="bf16"));  cpu_has_native_bf16() -> bool
     concat_kv(a, b) -> per-layer concatenation of two KV lists along the token axis
@@ -124,10 +124,23 @@ PRESETS: dict[str, FARConfig] = {
 }
 
 
+class DeviceError(ValueError):
+    """A --device that names no device, or one this machine does not have."""
+
+
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """None or "auto": a CUDA GPU where there is one, else the CPU. Checks a named device exists."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DeviceError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {device!r}: this PyTorch ({torch.__version__}) sees no CUDA GPU; use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return dev
 
 
 def autocast(device: torch.device | str) -> contextlib.AbstractContextManager:

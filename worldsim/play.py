@@ -192,8 +192,11 @@ class VideoRecorder:
     """Streams frames to an MP4 (or a GIF when the target ends in .gif, e.g. for a README);
     written to a temporary file beside the target, renamed on close.
 
-    Streaming keeps memory flat over long sessions; the rename means a reader never sees a
-    half-written video, and a crash leaves at most a hidden `.partial` file.
+    An MP4 streams, so memory stays flat over long sessions. A GIF is for short clips: the GIF
+    writer (Pillow, through imageio) holds every frame until the end, stores frame times in 1/100 s
+    (15 fps becomes 60 ms a frame) and merges repeated frames into one longer frame. The rename
+    means a reader never sees a half-written video, and a crash leaves at most a hidden `.partial`
+    file.
     """
 
     def __init__(self, path: str | os.PathLike, fps: float) -> None:
@@ -209,8 +212,11 @@ class VideoRecorder:
         except OSError as exc:  # a parent that is a file, or no permission: before any frame is made
             raise PlayError(f"{self.path}: cannot create its folder ({exc.strerror or exc})") from None
         gif = self.path.suffix.lower() == ".gif"
-        handle, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".partial.gif" if gif else ".partial.mp4",
-                                       dir=self.path.parent)
+        try:
+            handle, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".partial.gif" if gif else ".partial.mp4",
+                                           dir=self.path.parent)
+        except OSError as exc:  # a folder it may not write in: name the target, not the temp twin
+            raise PlayError(f"{self.path}: cannot write there ({exc.strerror or exc})") from None
         os.close(handle)
         self.tmp = Path(tmp)
         self.frames = 0
@@ -232,7 +238,11 @@ class VideoRecorder:
 
     def close(self) -> Path | None:
         """Finish the file and move it into place; None (and no file) if nothing was recorded."""
-        self._writer.close()
+        try:
+            self._writer.close()
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
         if self.frames == 0:
             self.tmp.unlink(missing_ok=True)
             return None
@@ -290,12 +300,6 @@ class World:
     label: str
 
 
-def _simulator_env(spec: dict) -> Any:
-    from envs import make_untimed  # (and registers the simulator ids)
-
-    return make_untimed(spec["id"], spec.get("settings"))  # a player walks as long as they like
-
-
 def _checkpoint_simulator(path: Path) -> dict | None:
     """The simulator a checkpoint was trained on, read from its config.json without loading weights."""
     try:
@@ -308,7 +312,7 @@ def _checkpoint_simulator(path: Path) -> dict | None:
 
 def open_world(config: PlayConfig, reality: bool = True, log: Callable[[str], None] | None = None) -> World:
     """Build the env to play: the Dream env over a checkpoint, or the real simulator."""
-    from worldsim.dream_env import DreamEnv, find_default_checkpoint, resolve_checkpoint
+    from worldsim.dream_env import DreamEnv, find_default_checkpoint, resolve_checkpoint, start_simulator
 
     log = log or (lambda text: print(text, file=sys.stderr))
     mode = config.world
@@ -323,7 +327,7 @@ def open_world(config: PlayConfig, reality: bool = True, log: Callable[[str], No
             mode = "dream"
     if mode == "sim":
         spec = (_checkpoint_simulator(checkpoint) if config.checkpoint and checkpoint else None) or DEFAULT_SIMULATOR
-        env = _simulator_env(spec)
+        env = start_simulator(spec)
         names = tuple(getattr(env.unwrapped, "action_names", ()))
         return World(env, "sim", names, f"simulator {spec['id']}")
     path = resolve_checkpoint(checkpoint)
@@ -427,23 +431,29 @@ class Game:
 
     HUD_LINES = 3
 
-    def _is_key_name(self, name: str) -> bool:
+    def _event_key_name(self, name: str) -> str | None:
+        """The name pygame gives key events for the key called `name` ('keypad 8' -> '[8]',
+        'pageup' -> 'page up'), or None for no key: events are matched by that name."""
         try:
-            self.pg.key.key_code(name)
+            canonical = self.pg.key.name(self.pg.key.key_code(name))
         except ValueError:
-            return False
-        return True
+            return None
+        return canonical or None
 
     def __init__(self, world: World, config: PlayConfig, keymap: dict[str, str],
                  window: FrameWindow | None = None) -> None:
         self.world = world
         self.config = config
-        self.keymap = keymap
         self.action_index = {name: i for i, name in enumerate(world.action_names)}
         self.window = window or FrameWindow(title=f"worldsim - {world.label}", scale=config.scale,
                                             hud_lines=self.HUD_LINES)
         self.pg = self.window.pg
-        unknown = [key for key in keymap if not self._is_key_name(key)]
+        event_names = {key: self._event_key_name(key) for key in keymap}
+        reserved = [f"{key!r} (= {name!r})" for key, name in event_names.items() if name in CONTROL_KEYS]
+        if reserved:
+            raise PlayError(f"keymap {config.keymap}: {', '.join(reserved)} is reserved for the game's own keys")
+        self.keymap = {event_names[key]: action for key, action in keymap.items() if event_names[key]}
+        unknown = [key for key, name in event_names.items() if name is None]
         if unknown:  # a misspelt key would otherwise never fire
             raise PlayError(f"keymap {config.keymap}: pygame knows no key named {', '.join(map(repr, unknown))} "
                             "(key names as pygame spells them: 'up', 'w', 'space', 'left shift', 'return')")
@@ -507,7 +517,12 @@ class Game:
             while path.exists():
                 path = path.with_name(f"worldsim-{stamp}-{n}.mp4")
                 n += 1
-            self.recorder = VideoRecorder(path, fps=self.config.fps)
+            try:
+                self.recorder = VideoRecorder(path, fps=self.config.fps)
+            except (PlayError, OSError) as exc:  # the game goes on without a recording
+                print(f"worldsim play: cannot record: {exc}", file=sys.stderr)
+                self.say(f"cannot record: {exc}")
+                return
             self.record_layout = self.side_by_side
             self._record_frame()  # the video starts with what is on screen now
             self.say(f"recording to {path}")
@@ -560,11 +575,12 @@ class Game:
             key = pg.key.name(event.key)
             if key in CONTROL_KEYS:
                 self.command(CONTROL_KEYS[key])
-            elif key in self.keymap and not self.paused:
+            elif key in self.keymap:  # held while paused too: a key still down at unpause walks
                 if key in self.held:
                     self.held.remove(key)
                 self.held.append(key)
-                self.pending.append(key)
+                if not self.paused:
+                    self.pending.append(key)
         elif event.type == pg.KEYUP:
             key = pg.key.name(event.key)
             if key in self.held:
@@ -765,8 +781,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check(config: PlayConfig) -> None:
-    if not config.fps > 0:
-        raise PlayError(f"--fps must be positive, got {config.fps}")
+    if not 0.1 <= config.fps <= 1000:  # also NaN and inf, which no video can store
+        raise PlayError(f"--fps must be from 0.1 to 1000, got {config.fps}")
     if config.scale < 1:
         raise PlayError(f"--scale must be >= 1, got {config.scale}")
     if config.context_frames < 1:
@@ -779,6 +795,20 @@ def _check(config: PlayConfig) -> None:
         value = getattr(config, name)
         if value is not None and (problem := setting_problem(name, value)):
             raise PlayError(f"--{name.replace('_', '-')} {problem}")
+    if config.world == "sim":  # options that would be taken and silently do nothing
+        dream_only = [f"--{name.replace('_', '-')}" for name in
+                      ("dataset", "episode", "steps", "cfg", "shift", "temperature", "generated_noise")
+                      if getattr(config, name) is not None]
+        dream_only += ["--reality"] * config.reality + ["--cache-mode"] * (config.cache_mode != "multilevel-fast")
+        if dream_only:
+            raise PlayError(f"{', '.join(dream_only)}: for the dream; --world sim walks the simulator itself")
+        if config.checkpoint and not (Path(config.checkpoint) / "config.json").is_file():
+            raise PlayError(f"--checkpoint {config.checkpoint}: no config.json there (--world sim reads the "
+                            "simulator a checkpoint was trained on from it)")
+    if config.episode is not None and config.dataset is None:
+        raise PlayError("--episode picks an episode of --dataset: give --dataset too")
+    if config.out is not None and not config.out.strip():
+        raise PlayError("--out needs a file name ending in .mp4 or .gif")
     if not config.headless and (config.actions or config.out):
         raise PlayError("--actions and --out are for --headless runs")
     if config.threads is not None and config.threads < 1:
@@ -786,7 +816,7 @@ def _check(config: PlayConfig) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from worldsim.dream_env import CheckpointNotFound
+    from worldsim.dream_env import CheckpointNotFound, SimulatorUnavailable
 
     config = dataclass_from_args(PlayConfig, args)
     if config.benchmark:
@@ -826,11 +856,11 @@ def main(args: argparse.Namespace) -> int:
         game = run_interactive(config)
         print(f"worldsim play: {game.steps_taken} frames played", file=sys.stderr)
         return 0
-    except (PlayError, KeymapError, CheckpointNotFound) as exc:
+    except (PlayError, KeymapError, CheckpointNotFound, SimulatorUnavailable) as exc:
         print(f"worldsim play: error: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:  # DatasetError, CheckpointError and bad env options are ValueErrors
-        if type(exc).__name__ in ("DatasetError", "CheckpointError"):
+    except ValueError as exc:  # DatasetError, CheckpointError, DeviceError and bad env options are ValueErrors
+        if type(exc).__name__ in ("DatasetError", "CheckpointError", "DeviceError"):
             print(f"worldsim play: error: {exc}", file=sys.stderr)
             return 2
         raise

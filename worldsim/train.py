@@ -65,6 +65,7 @@ from worldsim.ddp import Dist, cpu_threads_per_rank
 from worldsim.latents import (
     FrameStore, LatentStore, build_cache, check_compatible, load_cached, load_frames, names_for, tensors_hash,
 )
+from worldsim.model import DeviceError
 
 STATE_FORMAT = "worldsim-train-state"
 STATE_VERSION = 1
@@ -1574,7 +1575,11 @@ def main(args: argparse.Namespace) -> int:
     if not cfg.data and not cfg.stream_env:
         print("worldsim train: give --data DIR [DIR ...] (or --stream-env ENV_ID, or --resume RUN)", file=sys.stderr)
         return 2
-    dist = Dist.from_env(cfg.device, timeout_s=cfg.ddp_timeout)
+    try:
+        dist = Dist.from_env(cfg.device, timeout_s=cfg.ddp_timeout)
+    except (DeviceError, RuntimeError) as exc:  # no such device; more ranks than GPUs
+        print(f"worldsim train: {exc}", file=sys.stderr)
+        return 2
     if dist.device.type == "cpu":
         torch.set_num_threads(cfg.threads or cpu_threads_per_rank(dist.local_world_size))
 
