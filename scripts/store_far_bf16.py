@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from worldsim.checkpoint import CONFIG_NAME, FAR_DTYPES, WEIGHTS_NAME, CheckpointError, load_checkpoint, save_checkpoint
-from worldsim.dataset import readable_like_any_file
+from worldsim.dataset import name_the_target, readable_like_any_file
 
 
 def store(checkpoint: Path, out: Path, far_dtype: str) -> Path:
@@ -30,8 +30,12 @@ def store(checkpoint: Path, out: Path, far_dtype: str) -> Path:
     if out.exists():
         raise FileExistsError(f"{out}: already exists; choose a new folder")
     ck = load_checkpoint(checkpoint, device="cpu")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as exc:  # name the folder asked for, not its temporary twin
+        name_the_target(exc, out)
+        raise
     try:
         for item in checkpoint.iterdir():
             if item.is_file() and item.name not in (CONFIG_NAME, WEIGHTS_NAME):
@@ -41,8 +45,10 @@ def store(checkpoint: Path, out: Path, far_dtype: str) -> Path:
                         step=ck.step, extra=ck.config.get("extra"), far_dtype=far_dtype)
         readable_like_any_file(tmp)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            name_the_target(exc, out)
         raise
     return out
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from worldsim.autoencoder import AE_PRESETS, Autoencoder
-from worldsim.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
+from worldsim.checkpoint import CheckpointError, load_checkpoint, read_config
 from worldsim.model import FAR, PRESETS
 from worldsim.world import WorldModel
 
@@ -115,6 +115,43 @@ def test_missing_unexpected_and_misshaped_tensors(saved):
         load_checkpoint(path)
     _rewrite_weights(path, lambda t: t.update({"far.blocks.1.attn_coarse.qkv.weight": torch.zeros(192, 64)}))
     with pytest.raises(CheckpointError, match=r"unexpected tensor.*far\.extra"):
+        load_checkpoint(path)
+
+
+def test_tensors_of_another_dtype_or_not_finite_are_refused(saved):
+    """load_state_dict would cast them silently: int64 action embeddings load as zeros (the model
+    then ignores the player), NaN weights play black frames."""
+    _, path = saved
+    name = "far.action_embed.weight"
+    _rewrite_weights(path, lambda t: t.update({name: (t[name] * 100).to(torch.int64)}))
+    with pytest.raises(CheckpointError, match=rf"tensor {name} is int64, expected float32"):
+        load_checkpoint(path)
+    _rewrite_weights(path, lambda t: t.update({name: torch.full_like(t[name].float(), float("nan"))}))
+    with pytest.raises(CheckpointError, match=rf"tensor {name} holds NaN or infinite values"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("far", {"depth": "6"}, r"far\.depth must be <class 'int'>, got '6'"),
+    ("far", {"depth": 6.0}, r"far\.depth must be <class 'int'>, got 6\.0"),
+    ("far", {"heads": 0}, "heads must be >= 1, got 0"),
+    ("autoencoder", {"channels": ["8", 16, 16, 16]}, r"autoencoder\.channels must be"),
+    ("resolution", [32, 32], r"resolution \[32, 32\] but the autoencoder makes 64x64 frames"),
+    ("resolution", "64", r"resolution must be \[height, width\]"),
+    ("resolution", None, r"resolution must be \[height, width\]"),
+    ("action_names", ["noop", "noop", "a", "b", "c"], "action_names must be a list of distinct names"),
+    ("step", "abc", "step must be an integer >= 0"),
+    ("simulator", "worldsim/Maze-v0", "simulator must be null or"),
+    ("weights", "x", "weights must be"),
+    ("weights", {"bytes": "123", "dtypes": {"far": "float32"}}, "weights must be"),
+    ("weights", {"bytes": None, "dtypes": {"far": "float16"}}, "weights must be"),
+])
+def test_config_values_of_the_wrong_type_name_the_key(saved, key, value, message):
+    _, path = saved
+    config = json.loads((path / "config.json").read_text())
+    config[key] = {**config[key], **value} if key in ("far", "autoencoder") else value
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"{path}.*{message}"):
         load_checkpoint(path)
 
 

@@ -588,6 +588,56 @@ def test_a_device_this_machine_lacks_is_refused_before_anything_is_written(datas
         assert message in capsys.readouterr().err and not run.exists()
 
 
+def test_damaged_autoencoders_and_checkpoints_given_to_a_run_are_one_line(trained, dataset, tmp_path, capsys):
+    """--ae-from a torn checkpoint, or an autoencoder folder whose weights are not the ones its
+    config.json records, or whose config.json is empty: one line naming the folder, nothing written."""
+    from safetensors.torch import load_file, save_file
+
+    torn = tmp_path / "torn"
+    shutil.copytree(trained / "checkpoint", torn)
+    weights = torn / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    foreign = tmp_path / "foreign-ae"
+    shutil.copytree(trained / "autoencoder", foreign)
+    tensors = load_file(str(foreign / "autoencoder.safetensors"))
+    tensors["latent_scale"] = tensors["latent_scale"] * 2
+    save_file(tensors, str(foreign / "autoencoder.safetensors"))
+    empty = tmp_path / "empty-ae"
+    shutil.copytree(trained / "autoencoder", empty)
+    (empty / "config.json").write_text("")
+    for source, message in ((torn, f"checkpoint {torn}: model.safetensors has"),
+                            (foreign, "its tensors are not those config.json records"),
+                            (empty, f"{empty / 'config.json'}: unreadable")):
+        run = tmp_path / f"from-{source.name}"
+        assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(run), *FAST,
+                     "--ae-from", str(source), "--far-steps", "1"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
+def test_a_damaged_training_state_is_named_on_resume(trained, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    assert main(["train", "--resume", str(trained / "checkpoint")]) == 2
+    assert "an exported checkpoint, not a training run" in capsys.readouterr().err
+    for damage, message in (("no optimizer", "damaged training state ('optimizer' must be dict"),
+                            ("one moment lost", "lack Adam's moments")):
+        run = tmp_path / damage.replace(" ", "-")
+        shutil.copytree(trained, run)
+        state = run / "state"
+        if damage == "no optimizer":
+            meta = json.loads((state / "state.json").read_text())
+            del meta["optimizer"]
+            (state / "state.json").write_text(json.dumps(meta))
+        else:
+            tensors = load_file(str(state / "weights.safetensors"))
+            del tensors[next(k for k in sorted(tensors) if k.startswith("optim.state.") and k.endswith(".exp_avg"))]
+            save_file(tensors, str(state / "weights.safetensors"))
+        assert main(["train", "--resume", str(run), "--far-steps", "5"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
 def test_training_on_streamed_episodes_exports_a_world_model(trained, tmp_path, capsys):
     """--stream-env: background workers record fresh train-split episodes that training samples;
     the spool is removed at the end and the checkpoint says where its data came from."""
@@ -829,6 +879,24 @@ def test_a_transformer_stored_in_bfloat16_is_exported_continued_and_converted(tr
                              text=True, env=_env())
     assert missing.returncode == 1 and "no such checkpoint folder" in missing.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "cont", "conv", "half", "paired"]
+
+
+def test_store_far_bf16_names_the_folder_asked_for_when_it_cannot_write(trained, tmp_path, monkeypatch):
+    """Its temporary twin cannot be made (no permission there; simulated, as root may write anywhere)."""
+    import importlib.util
+    import tempfile
+
+    spec = importlib.util.spec_from_file_location("store_far_bf16", REPO / "scripts" / "store_far_bf16.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def refuse(prefix="", suffix="", dir=None):
+        raise PermissionError(13, "Permission denied", str(Path(dir) / f"{prefix}abc{suffix}"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(PermissionError) as caught:
+        script.store(trained / "checkpoint", tmp_path / "out", "bfloat16")
+    assert caught.value.filename == str(tmp_path / "out")
 
 
 def test_resume_without_its_state_is_refused_and_keeps_the_checkpoint(trained, tmp_path, capsys):

@@ -4,7 +4,9 @@ API
     save_checkpoint(path, autoencoder, far, *, action_names, resolution=(64, 64), sampler=None,
                     simulator=None, data_summary=None, step=0, extra=None, far_dtype="float32") -> Path
     load_checkpoint(path, device=None, resolution=None, action_names=None) -> Checkpoint
-    read_config(path) -> dict                        # config.json only, validated
+    read_config(path) -> dict                        # config.json only, validated (keys and types)
+    check_field_types(ConfigClass, d, what, path)    # d's values have the dataclass fields' types
+    check_tensors(path, module, given, prefix="", float_dtype=float32)  # shapes, dtypes, finite values
     stored_far_dtype(config) -> "float32" | "bfloat16"  # how the file stores the transformer
     Checkpoint(autoencoder, far, config: dict, path)  # .action_names .resolution .sampler .simulator .step .far_dtype
     CheckpointError(ValueError)                      # message names the folder and the problem
@@ -35,6 +37,7 @@ import os
 import re
 import shutil
 import tempfile
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -211,6 +214,51 @@ def save_checkpoint(
     return path
 
 
+def check_field_types(cls: type, d: object, what: str, path: str | os.PathLike) -> None:
+    """config.json's `what` object holds values of the types of `cls`'s fields (an int is not a
+    bool or a float, say): else the model would be built from strings or crash on its arithmetic."""
+    if not isinstance(d, dict):
+        raise CheckpointError(path, f"{CONFIG_NAME}: {what} must be an object, got {d!r}")
+    hints = typing.get_type_hints(cls)
+
+    def fits(value: object, kind: object) -> bool:
+        if kind is int:
+            return isinstance(value, int) and not isinstance(value, bool)
+        if kind is float:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if typing.get_origin(kind) is tuple:
+            return isinstance(value, (list, tuple)) and all(fits(v, int) for v in value)
+        return any(fits(value, k) if k is not type(None) else value is None for k in typing.get_args(kind))
+
+    for key, value in d.items():
+        if key in hints and not fits(value, hints[key]):
+            raise CheckpointError(path, f"{CONFIG_NAME}: {what}.{key} must be {hints[key]}, got {value!r}")
+
+
+def check_tensors(path: str | os.PathLike, module: torch.nn.Module, given: dict[str, torch.Tensor],
+                  prefix: str = "", float_dtype: torch.dtype = torch.float32) -> None:
+    """`given` fills every tensor of `module` with its shape, its dtype (floats stored as
+    `float_dtype`) and finite values; CheckpointError(path) names the first that does not.
+    (load_state_dict alone would cast silently: int64 weights become zeros, NaN plays black frames.)
+    Tensors `module` lacks are the caller's to report."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(given))
+    if missing:
+        raise CheckpointError(path, f"missing tensor(s) {[prefix + k for k in missing[:5]]}"
+                              + (" ..." if len(missing) > 5 else "") + _depth_hint(prefix, module, given))
+    for k, v in given.items():
+        if k not in own:
+            continue
+        if own[k].shape != v.shape:
+            raise CheckpointError(path, f"shape mismatch for {prefix + k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}")
+        expected = float_dtype if own[k].is_floating_point() else own[k].dtype
+        if v.dtype != expected:
+            raise CheckpointError(path, f"tensor {prefix + k} is {str(v.dtype).removeprefix('torch.')}, "
+                                        f"expected {str(expected).removeprefix('torch.')}")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(path, f"tensor {prefix + k} holds NaN or infinite values")
+
+
 def read_config(path: str | os.PathLike) -> dict:
     """Read and validate config.json (no weights)."""
     path = Path(path)
@@ -230,6 +278,32 @@ def read_config(path: str | os.PathLike) -> dict:
     for key in ("autoencoder", "far", "action_names", "resolution", "sampler"):
         if key not in config:
             raise CheckpointError(path, f"{CONFIG_NAME} lacks the key {key!r}")
+    check_field_types(AutoencoderConfig, config["autoencoder"], "autoencoder", path)
+    check_field_types(FARConfig, config["far"], "far", path)
+    names = config["action_names"]
+    if (not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names)
+            or len(set(names)) != len(names)):
+        raise CheckpointError(path, f"{CONFIG_NAME}: action_names must be a list of distinct names, got {names!r}")
+    res = config["resolution"]
+    if not (isinstance(res, list) and len(res) == 2 and all(isinstance(r, int) and not isinstance(r, bool) and r > 0
+                                                            for r in res)):
+        raise CheckpointError(path, f"{CONFIG_NAME}: resolution must be [height, width] in pixels, got {res!r}")
+    step = config.get("step", 0)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(path, f"{CONFIG_NAME}: step must be an integer >= 0, got {step!r}")
+    simulator = config.get("simulator")
+    if simulator is not None and not (isinstance(simulator, dict) and isinstance(simulator.get("id"), str)
+                                      and isinstance(simulator.get("settings") or {}, dict)):
+        raise CheckpointError(path, f"{CONFIG_NAME}: simulator must be null or {{\"id\": ..., \"settings\": {{...}}}}, "
+                                    f"got {simulator!r}")
+    weights = config.get("weights")
+    if weights is not None:
+        size, dtypes = (weights.get("bytes"), weights.get("dtypes") or {}) if isinstance(weights, dict) else (None, None)
+        if (not isinstance(weights, dict) or not (size is None or (isinstance(size, int) and not isinstance(size, bool)))
+                or not isinstance(dtypes, dict) or dtypes.get("far", "float32") not in FAR_DTYPES
+                or dtypes.get("autoencoder", "float32") != "float32"):
+            raise CheckpointError(path, f"{CONFIG_NAME}: weights must be {{\"bytes\": N, \"dtypes\": {{\"autoencoder\": "
+                                        f"\"float32\", \"far\": one of {', '.join(FAR_DTYPES)}}}}}, got {weights!r}")
     sampler = config["sampler"]
     if not isinstance(sampler, dict):
         raise CheckpointError(path, f"{CONFIG_NAME}: sampler must be an object, got {sampler!r}")
@@ -262,8 +336,11 @@ def load_checkpoint(
     try:
         ae_cfg = AutoencoderConfig.from_dict(config["autoencoder"])
         far_cfg = FARConfig.from_dict(config["far"])
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ArithmeticError) as e:
         raise CheckpointError(path, f"invalid model config in {CONFIG_NAME}: {e}") from None
+    if list(config["resolution"]) != [ae_cfg.resolution] * 2:
+        raise CheckpointError(path, f"{CONFIG_NAME}: resolution {config['resolution']} but the autoencoder makes "
+                                    f"{ae_cfg.resolution}x{ae_cfg.resolution} frames")
     if len(config["action_names"]) != far_cfg.num_actions:
         raise CheckpointError(path, f"{len(config['action_names'])} action names but far.num_actions={far_cfg.num_actions}")
     if (far_cfg.latent_channels, far_cfg.latent_size) != (ae_cfg.latent_channels, ae_cfg.latent_size):
@@ -286,17 +363,9 @@ def load_checkpoint(
 
     autoencoder, far = Autoencoder(ae_cfg), FAR(far_cfg)
     for prefix, module in (("autoencoder.", autoencoder), ("far.", far)):
-        own = module.state_dict()
         given = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        missing = sorted(set(own) - set(given))
-        if missing:
-            raise CheckpointError(path, f"missing tensor(s) {[prefix + k for k in missing[:5]]}"
-                                  + (" ..." if len(missing) > 5 else "") + _depth_hint(prefix, module, given))
-        for k, v in given.items():
-            if k in own and own[k].shape != v.shape:
-                raise CheckpointError(
-                    path, f"shape mismatch for {prefix + k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}"
-                )
+        float_dtype = FAR_DTYPES[stored_far_dtype(config)] if prefix == "far." else torch.float32
+        check_tensors(path, module, given, prefix, float_dtype)
         module.load_state_dict(given, strict=False)
     unexpected = sorted(
         k for k in tensors

@@ -80,6 +80,9 @@ class FARConfig:
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
 
     def __post_init__(self) -> None:
+        for name in ("latent_channels", "latent_size", "depth", "width", "heads", "num_actions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for p, name in ((self.patch_size, "patch_size"), (self.context_patch_size, "context_patch_size")):
             if p < 1 or self.latent_size % p:
                 raise ValueError(f"{name}={p} must divide latent_size={self.latent_size}")

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -300,16 +299,6 @@ class World:
     label: str
 
 
-def _checkpoint_simulator(path: Path) -> dict | None:
-    """The simulator a checkpoint was trained on, read from its config.json without loading weights."""
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    spec = config.get("simulator") if isinstance(config, dict) else None
-    return spec if isinstance(spec, dict) and spec.get("id") else None
-
-
 def open_world(config: PlayConfig, reality: bool = True, log: Callable[[str], None] | None = None) -> World:
     """Build the env to play: the Dream env over a checkpoint, or the real simulator."""
     from worldsim.dream_env import DreamEnv, find_default_checkpoint, resolve_checkpoint, start_simulator
@@ -326,7 +315,11 @@ def open_world(config: PlayConfig, reality: bool = True, log: Callable[[str], No
         else:
             mode = "dream"
     if mode == "sim":
-        spec = (_checkpoint_simulator(checkpoint) if config.checkpoint and checkpoint else None) or DEFAULT_SIMULATOR
+        spec = DEFAULT_SIMULATOR
+        if config.checkpoint:  # walk the simulator that checkpoint was trained on (its config.json alone)
+            from worldsim.checkpoint import read_config
+
+            spec = read_config(config.checkpoint).get("simulator") or DEFAULT_SIMULATOR
         env = start_simulator(spec)
         names = tuple(getattr(env.unwrapped, "action_names", ()))
         return World(env, "sim", names, f"simulator {spec['id']}")
@@ -802,9 +795,6 @@ def _check(config: PlayConfig) -> None:
         dream_only += ["--reality"] * config.reality + ["--cache-mode"] * (config.cache_mode != "multilevel-fast")
         if dream_only:
             raise PlayError(f"{', '.join(dream_only)}: for the dream; --world sim walks the simulator itself")
-        if config.checkpoint and not (Path(config.checkpoint) / "config.json").is_file():
-            raise PlayError(f"--checkpoint {config.checkpoint}: no config.json there (--world sim reads the "
-                            "simulator a checkpoint was trained on from it)")
     if config.episode is not None and config.dataset is None:
         raise PlayError("--episode picks an episode of --dataset: give --dataset too")
     if config.out is not None and not config.out.strip():

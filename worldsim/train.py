@@ -60,6 +60,7 @@ import torch
 import torch.nn as nn
 
 from worldsim import cliargs
+from worldsim.checkpoint import CheckpointError
 from worldsim.dataset import DatasetError, atomic_write, name_the_target, readable_like_any_file, write_json_atomic
 from worldsim.ddp import Dist, cpu_threads_per_rank
 from worldsim.latents import (
@@ -316,6 +317,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
         path = Path(resume) / "config.json"
         if not path.is_file():
             raise TrainError(f"{resume}: not a training run folder (no config.json)")
+        if _read_json_object(path).get("format") == "worldsim-checkpoint":
+            raise TrainError(f"--resume {resume}: an exported checkpoint, not a training run; to train on from it, "
+                             f"start a new run with --far-init {resume} --ae-from {resume}")
         try:
             run = RunConfig.from_dict(json.loads(path.read_text()))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -636,10 +640,26 @@ def load_autoencoder(path: str | os.PathLike) -> tuple[nn.Module, dict]:
         d = readable_dir(c, "config.json")
         if d is None:
             continue
-        meta = json.loads((d / "config.json").read_text())
+        meta = _read_json_object(d / "config.json")
         if meta.get("format") == "worldsim-autoencoder":
-            ae = ae_mod.Autoencoder(ae_mod.AutoencoderConfig.from_dict(meta["autoencoder"]))
-            ae.load_state_dict(load_file(str(d / AE_WEIGHTS)))
+            from safetensors import SafetensorError
+
+            from worldsim.checkpoint import check_field_types, check_tensors
+
+            check_field_types(ae_mod.AutoencoderConfig, meta.get("autoencoder"), "autoencoder", d)
+            try:
+                ae = ae_mod.Autoencoder(ae_mod.AutoencoderConfig.from_dict(meta["autoencoder"]))
+                tensors = load_file(str(d / AE_WEIGHTS))
+            except (TypeError, ValueError, ArithmeticError, SafetensorError) as exc:
+                raise TrainError(f"{d}: unreadable autoencoder ({exc})") from None
+            if meta.get("weights_sha256") not in (None, tensors_hash(tensors)):
+                raise TrainError(f"{d / AE_WEIGHTS}: its tensors are not those config.json records (weights_sha256): "
+                                 "a torn or foreign file")
+            check_tensors(d, ae, tensors)
+            unexpected = sorted(set(tensors) - set(ae.state_dict()))
+            if unexpected:
+                raise TrainError(f"{d / AE_WEIGHTS}: unexpected tensor(s) {unexpected[:5]}")
+            ae.load_state_dict(tensors)
             return ae, meta
         if meta.get("format") == "worldsim-checkpoint":
             from worldsim.checkpoint import load_checkpoint
@@ -681,11 +701,22 @@ def _same_encoder(a: nn.Module, b: nn.Module) -> bool:
         and set(keys) == {k for k in sb if k.startswith("encoder.") or k == "latent_scale"}
 
 
+def _read_json_object(file: Path) -> dict:
+    """A config.json (or state.json) as a dict; TrainError names the file when it is not one."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TrainError(f"{file}: unreadable ({exc})") from None
+    if not isinstance(data, dict):
+        raise TrainError(f"{file}: not a JSON object")
+    return data
+
+
 def _init_far_dir(path: str | os.PathLike) -> Path:
     """The exported checkpoint that --far-init names: the folder itself or a run folder's checkpoint/."""
     p = Path(path)
     for d in (p, p / "checkpoint"):
-        if (d / "config.json").is_file() and json.loads((d / "config.json").read_text()).get("format") == "worldsim-checkpoint":
+        if (d / "config.json").is_file() and _read_json_object(d / "config.json").get("format") == "worldsim-checkpoint":
             return d
     raise TrainError(f"--far-init {path}: no exported checkpoint there (expected config.json of format "
                      f"worldsim-checkpoint in it or in its checkpoint/ folder)")
@@ -845,8 +876,12 @@ class Trainer:
             tensors = load_file(str(d / "weights.safetensors"))
         except Exception as exc:
             raise TrainError(f"{d}: unreadable training state ({exc})") from None
-        if meta.get("format") != STATE_FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
             raise TrainError(f"{d}: not a worldsim training state")
+        for key, kind in (("step", int), ("optimizer", dict), ("rng", dict)):
+            if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+                raise TrainError(f"{d}/state.json: damaged training state ({key!r} must be {kind.__name__}, "
+                                 f"got {meta.get(key)!r})")
         return meta, tensors
 
     # -- the loop
@@ -867,10 +902,19 @@ class Trainer:
             _load_module(ema, tensors, "ema", where)
             # loading restores each group's saved settings: this run's config.json says what applies now
             fresh = [{k: g[k] for k in ("weight_decay", "betas")} for g in opt.param_groups]
-            _unflatten_optimizer(opt, tensors, meta["optimizer"], "optim")
+            try:
+                _unflatten_optimizer(opt, tensors, meta["optimizer"], "optim")
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                raise TrainError(f"{where}: damaged optimizer state ({type(exc).__name__}: {exc})") from None
+            partial = [i for i, st in enumerate(opt.state.values()) if not {"step", "exp_avg", "exp_avg_sq"} <= set(st)]
+            if partial:  # AdamW would fail at its first step with a bare KeyError
+                raise TrainError(f"{where}: damaged optimizer state (parameter(s) {partial[:5]} lack Adam's moments)")
             for group, settings in zip(opt.param_groups, fresh):
                 group.update(settings)
-            set_rng_states(tensors, meta["rng"])
+            try:
+                set_rng_states(tensors, meta["rng"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                raise TrainError(f"{where}: damaged random-number state ({type(exc).__name__}: {exc})") from None
             step, elapsed = int(meta["step"]), float(meta.get("seconds", 0.0))
             warmup_end_s = meta.get("warmup_end_seconds", 0.0 if step >= cfg.warmup else None)
             self.trim_metrics(spec.name, step)
@@ -1582,6 +1626,10 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if dist.device.type == "cpu":
         torch.set_num_threads(cfg.threads or cpu_threads_per_rank(dist.local_world_size))
+    else:  # fp32 work on a GPU (the latent encoding, --precision fp32) in TF32, convolutions autotuned
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
 
     def log(msg: str) -> None:
         if dist.is_main:
@@ -1589,7 +1637,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         return _main(run, resuming, dist, log)
-    except (TrainError, DatasetError) as exc:
+    except (TrainError, DatasetError, CheckpointError) as exc:
         print(f"worldsim train: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -1632,9 +1680,12 @@ def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]
     # data: names, resolution and simulator, checked against each other and the run's config
     stored = None
     if resuming and (out / "config.json").is_file():
-        d = json.loads((out / "config.json").read_text()).get("data")
+        d = _read_json_object(out / "config.json").get("data")
         if d:
-            stored = DataInfo(tuple(d["action_names"]), tuple(d["resolution"]), d.get("simulator"))
+            try:
+                stored = DataInfo(tuple(d["action_names"]), tuple(d["resolution"]), d.get("simulator"))
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise TrainError(f"{out / 'config.json'}: damaged 'data' entry ({type(exc).__name__}: {exc})") from None
     if cfg.stream_env:
         data = stream_data_info(cfg)
         if stored is not None:
