@@ -162,6 +162,8 @@ def test_invalid_action_is_a_clear_error(tiny_world):
     env.step(2.0)  # a whole float is that action
     with pytest.raises(ValueError, match="unknown reset option.*'maze-seed'"):
         env.reset(options={"maze-seed": 3})
+    with pytest.raises(ValueError, match="reset option 'episode' needs a dataset"):  # else silently ignored
+        env.reset(options={"episode": 5})
     env.close()
 
 
@@ -223,6 +225,8 @@ def test_a_dataset_without_episodes_long_enough_is_refused_and_short_ones_are_no
 
     env = DreamEnv(world=tiny_world, dataset=tmp_path / "d", context_frames=8)
     assert {env.reset(seed=s)[1]["episode"] for s in range(6)} == {"000000"}
+    with pytest.raises(ValueError, match="reset option 'maze_seed' needs a start from the simulator"):
+        env.reset(options={"maze_seed": 3})
     with pytest.raises(DatasetError, match="episode 000001 .* 3 frames, fewer than context_frames=8"):
         env.reset(options={"episode": 1})
     env.close()

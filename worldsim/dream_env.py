@@ -343,6 +343,10 @@ class DreamEnv(gym.Env):
         if unknown:  # a typo such as "maze-seed" would otherwise start a random world silently
             raise ValueError(f"unknown reset option(s) {', '.join(map(repr, unknown))}: DreamEnv takes 'maze_seed' "
                              "(simulator start) and 'episode' (dataset start)")
+        other = "maze_seed" if self._dataset is not None else "episode"
+        if other in options:  # it would be ignored: a world from a dataset has no maze seed to pick, and back
+            raise ValueError(f"reset option {other!r} needs " + ("a start from the simulator (no dataset=)"
+                             if other == "maze_seed" else "a dataset to start from (dataset=PATH)"))
         self._maze_seed = self._episode_id = None
         # Draw every random number from np_random in a fixed order: determinism under seed.
         sim_seed = int(self.np_random.integers(2**31 - 1))
