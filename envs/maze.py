@@ -124,6 +124,9 @@ class MazeEnv(SimulatorEnv):
         self.rows, self.cols = _as_hw(maze_size, "maze_size")
         if self.rows % 2 == 0 or self.cols % 2 == 0 or min(self.rows, self.cols) < 5:
             raise ValueError(f"maze_size must be odd and >= 5 (labmaze), got {maze_size!r}")
+        if room_max_size >= min(self.rows, self.cols):  # such a room can take the outer wall away
+            raise ValueError(f"room_max_size must be smaller than the maze's shorter side, got {room_max_size} for "
+                             f"maze_size {self.rows}x{self.cols} (e.g. room_max_size={min(self.rows, self.cols) - 1})")
         if int(supersample) < 1:
             raise ValueError(f"supersample must be >= 1, got {supersample!r}")
         if not 10.0 <= fov_deg < 170.0:

@@ -93,3 +93,52 @@ def test_a_full_disk_while_saving_tensors_is_an_oserror_naming_the_file(monkeypa
     assert caught.value.errno == 28 and caught.value.strerror == "No space left on device"
     assert caught.value.filename == str(target)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_while_the_command_loads_is_a_quiet_interrupt(monkeypatch, capsys):
+    """Importing a command's modules (torch) takes about a second: a Ctrl-C then used to print a traceback."""
+    import importlib
+
+    def interrupted(name, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib, "import_module", interrupted)
+    assert main(["bench", "--preset", "tiny"]) == 130
+    assert capsys.readouterr().err.strip() == "worldsim bench: interrupted"
+
+
+def test_a_list_option_given_twice_adds_to_the_list():
+    """`--data a --data b` used to keep only b (argparse's default for nargs="+")."""
+    import argparse
+    import dataclasses
+
+    from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
+
+    @dataclasses.dataclass
+    class Config:
+        data: tuple[str, ...] = ("default",)
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, Config)
+    assert dataclass_from_args(Config, parser.parse_args([])).data == ("default",)
+    assert dataclass_from_args(Config, parser.parse_args(["--data", "a", "b"])).data == ("a", "b")
+    assert dataclass_from_args(Config, parser.parse_args(["--data", "a", "--data", "b", "c"])).data == ("a", "b", "c")
+
+
+def test_bad_thread_counts_and_simulator_bench_steps_are_refused(capsys):
+    assert main(["bench", "--preset", "tiny", "--threads", "-1"]) == 2  # was a RuntimeError traceback
+    assert "--threads must be >= 1, got -1" in capsys.readouterr().err
+    from worldsim import bench_sim
+
+    with pytest.raises(SystemExit):  # --episode-steps 0 used to loop forever
+        bench_sim.main(["--steps", "20", "--episode-steps", "0"])
+    assert "--episode-steps must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_keymap_file_that_is_not_text_is_a_keymap_error(tmp_path):
+    from worldsim.keymaps import KeymapError, load_keymap
+
+    keys = tmp_path / "keys.json"
+    keys.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(KeymapError, match=f"{keys}: cannot read keymap JSON"):
+        load_keymap(str(keys), ("noop", "forward"))

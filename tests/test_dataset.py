@@ -274,3 +274,16 @@ def test_a_failed_atomic_write_names_the_file_asked_for_not_its_temp_twin(tmp_pa
         atomic_write(target, fail(elsewhere))
     assert caught.value.filename == str(tmp_path / "missing" / "input.json")  # another file keeps its name
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_atomic_write_to_a_relative_path_names_it_too(tmp_path, monkeypatch):
+    """mkstemp names its temp file in full, the target may be relative: `worldsim export d --out x.png`
+    with a folder named x.png used to print the hidden temp file's name."""
+    from worldsim.dataset import atomic_write
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.png").mkdir()
+    with pytest.raises(OSError) as caught:
+        atomic_write("x.png", lambda tmp: tmp.write_bytes(b"png"))
+    assert caught.value.filename == "x.png"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]

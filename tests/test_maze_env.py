@@ -251,6 +251,13 @@ def test_bad_settings_and_step_before_reset_are_clear_errors():
         MazeEnv(resolution=0)
     with pytest.raises(ValueError, match="supersample"):
         MazeEnv(supersample=0)
+    # labmaze rooms as wide as the maze break its outer wall (35 of 60 seeds at 5x5): refused when made,
+    # not an AssertionError at some reset; one size smaller keeps the wall on every seed
+    with pytest.raises(ValueError, match="room_max_size must be smaller than the maze's shorter side, got 5"):
+        MazeEnv(maze_size=5)
+    small = MazeEnv(maze_size=(5, 11), room_max_size=4, resolution=16)
+    for seed in range(30):
+        small.reset(seed=seed)
     env = MazeEnv(resolution=8)
     with pytest.raises(RuntimeError, match="reset"):
         env.step(1)

@@ -438,6 +438,7 @@ def test_a_key_held_through_a_pause_walks_after_it(tmp_path, no_shipped_checkpoi
     (["--episode", "3"], "--episode picks an episode of --dataset"),
     (["--fps", "inf"], "--fps must be from 0.1 to 1000, got inf"),
     (["--out", " "], "--out needs a file name"),
+    (["--out", "x.gif", "--fps", "60"], "GIFs go up to 50 fps"),
 ])
 def test_options_that_would_do_nothing_are_refused(extra, message, capsys):
     assert cli.main(["play", "--headless", "--actions", "random:2", *extra]) == 2

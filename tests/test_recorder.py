@@ -386,4 +386,13 @@ def test_export_errors_are_clear(tiny_dataset, tmp_path, capsys):
     assert main(["export", str(tiny_dataset), "--split", "test", "--episode", "000001",
                  "--out", str(tmp_path / "x.gif")]) == 2
     assert "episode '000001' is in split 'train'" in capsys.readouterr().err
+    for extra, message in ((["--scale", "100000"], "--scale must be an integer from 1 to 32"),  # was a 224 TiB array
+                           (["--start", "-3"], "--start must be >= 0, got -3"),
+                           (["--columns", "0"], "--columns must be >= 1, got 0"),
+                           (["--fps", "60"], "GIFs go up to 50 fps")):
+        assert main(["export", str(tiny_dataset), "--out", str(tmp_path / "x.gif"), *extra]) == 2
+        assert message in capsys.readouterr().err
     assert not os.listdir(tmp_path)
+    # "none" is a value where the help says "none = ...": all episodes' videos side by side
+    assert main(["export", str(tiny_dataset), "--episode", "0", "1", "--columns", "none", "--end", "2",
+                 "--out", str(tmp_path / "row.gif")]) == 0

@@ -157,6 +157,9 @@ def report(rows: list[dict], cfg: BenchConfig, device: torch.device, threads: in
 
 def main(args: argparse.Namespace) -> int:
     cfg = dataclass_from_args(BenchConfig, args)
+    if cfg.threads is not None and cfg.threads < 1:
+        print(f"worldsim bench: --threads must be >= 1, got {cfg.threads}", file=sys.stderr)
+        return 2
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     from worldsim.cache import CACHE_MODES

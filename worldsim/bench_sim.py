@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for name in ("steps", "episode_steps", "resolution"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     r = benchmark_simulator(args.env_id, args.steps, args.episode_steps, args.seed,
                             resolution=args.resolution)
     print(f"{r['env_id']} {r['resolution'][0]}x{r['resolution'][1]}: "

@@ -76,9 +76,9 @@ def _run(argv: list[str] | None) -> int:
         print(f"worldsim: unknown command {command!r}\n", file=sys.stderr)
         print(_top_level_help(), file=sys.stderr)
         return 2
-    parser, module = build_parser(command)
-    args = parser.parse_args(rest)
-    try:
+    try:  # Ctrl-C during the second the command's modules (torch) take to import, too
+        parser, module = build_parser(command)
+        args = parser.parse_args(rest)
         return int(module.main(args) or 0)
     except KeyboardInterrupt:
         print(f"\nworldsim {command}: interrupted", file=sys.stderr)

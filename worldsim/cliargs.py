@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 import types
 import typing
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 
@@ -30,6 +30,25 @@ def _parse_bool(text: str) -> bool:
     if low in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+
+
+def _none_or(tp: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() == "none" else tp(text)
+
+    parse.__name__ = getattr(tp, "__name__", "value")  # argparse names the type in "invalid int value"
+    return parse
+
+
+class _ExtendList(argparse.Action):
+    """A list option given twice adds to the list (`--data a --data b` = `--data a b`, as record's
+    --env-arg): the first use replaces the default, later ones extend it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001 (argparse's signature)
+        given = namespace.__dict__.setdefault("_lists_given", set())
+        before = list(getattr(namespace, self.dest)) if self.dest in given else []
+        given.add(self.dest)
+        setattr(namespace, self.dest, before + list(values))
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
@@ -53,9 +72,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
             kwargs.update(type=type(choices[0]), choices=choices)
         elif typing.get_origin(tp) in (list, tuple):
             (item,) = typing.get_args(tp)[:1]
-            kwargs.update(type=item, nargs="+")
+            kwargs.update(type=item, nargs="+", action=_ExtendList)
         elif tp is bool:
             kwargs.update(type=_parse_bool, metavar="BOOL")
+        elif optional:  # the help texts say "none = ..."; argparse would refuse the word itself
+            kwargs.update(type=_none_or(tp), metavar=flag[2:].replace("-", "_").upper())
         else:
             kwargs.update(type=tp)
         required = (field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING  # type: ignore[misc]

@@ -263,7 +263,8 @@ def name_the_target(exc: OSError, path: str | os.PathLike) -> None:
     it names no file or `path`'s temp twin (`.<name>.<random>.tmp`, where atomic writes work);
     an error about any other file keeps its name."""
     path = Path(path)
-    if exc.filename is None or str(exc.filename).startswith(str(path.parent / f".{path.name}.")):
+    twin = os.path.abspath(path.parent / f".{path.name}.")  # mkstemp names its files in full
+    if exc.filename is None or os.path.abspath(exc.filename).startswith(twin):
         exc.filename = str(path)
 
 

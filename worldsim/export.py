@@ -115,12 +115,19 @@ def export(dataset: str | os.PathLike | Dataset, cfg: ExportConfig) -> Path:
     suffix = out.suffix.lower()
     if suffix not in FORMATS:
         raise ExportError(f"{out}: unknown output format {out.suffix or '(no extension)'!r}; use one of {', '.join(FORMATS)}")
-    if cfg.scale < 1:
-        raise ExportError(f"--scale must be a positive integer, got {cfg.scale}")
+    if not 1 <= cfg.scale <= 32:  # the upscaled video is built in memory: 64x64 x 32 is already 2048x2048
+        raise ExportError(f"--scale must be an integer from 1 to 32, got {cfg.scale}")
     if cfg.every < 1:
         raise ExportError(f"--every must be a positive integer, got {cfg.every}")
+    if cfg.start < 0:
+        raise ExportError(f"--start must be >= 0, got {cfg.start}")
+    if cfg.columns is not None and cfg.columns < 1:
+        raise ExportError(f"--columns must be >= 1, got {cfg.columns}")
     if not 0.1 <= cfg.fps <= 1000:  # also NaN and inf, which no video can store
         raise ExportError(f"--fps must be from 0.1 to 1000, got {cfg.fps}")
+    if suffix == ".gif" and cfg.fps > 50:
+        raise ExportError(f"--fps {cfg.fps:g}: a GIF stores frame times in 1/100 s and players slow frames under "
+                          "2/100 s down, so GIFs go up to 50 fps; write an .mp4 for more")
     if not out.parent.is_dir():
         raise ExportError(f"{out}: folder {out.parent} does not exist")
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset, split=cfg.split)

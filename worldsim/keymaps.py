@@ -80,7 +80,7 @@ def load_keymap(spec: str | os.PathLike, action_names: Sequence[str]) -> dict[st
         raise KeymapError(f"keymap {text!r}: neither a built-in keymap ({', '.join(KEYMAPS)}) nor an existing JSON file")
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, and bytes that are not UTF-8
         raise KeymapError(f"{path}: cannot read keymap JSON ({exc})") from None
     return validate_keymap(data, action_names, source=str(path))
 

@@ -799,6 +799,9 @@ def _check(config: PlayConfig) -> None:
         raise PlayError("--episode picks an episode of --dataset: give --dataset too")
     if config.out is not None and not config.out.strip():
         raise PlayError("--out needs a file name ending in .mp4 or .gif")
+    if config.out and config.out.lower().endswith(".gif") and config.fps > 50:
+        raise PlayError(f"--fps {config.fps:g}: a GIF stores frame times in 1/100 s and players slow frames under "
+                        "2/100 s down, so GIFs go up to 50 fps; write an .mp4 for more")
     if not config.headless and (config.actions or config.out):
         raise PlayError("--actions and --out are for --headless runs")
     if config.threads is not None and config.threads < 1:
