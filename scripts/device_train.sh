@@ -30,7 +30,8 @@
 # FAR_STEPS steps or FAR_LIMIT seconds of training (`--far-time-limit`: the cosine decay reaches its
 # floor by then, and the run validates and exports as if its steps were done), whichever comes
 # first. The limit shrinks so that everything ends by DEADLINE (default 560) seconds from the start,
-# leaving ENCODE_S (default 60) for loading and encoding the latents and 30 s for packing, inside
+# leaving ENCODE_S (default 60) for loading and encoding the latents, FINAL_S (default 30) for the
+# last validation and export, and 30 s for packing, inside
 # the device tool's 600 s a call; `timeout` stops it there in any case. On exit it packs the run into
 # $OUT as <=15 MB parts (the tool returns files of at most 16 MiB and 64 MiB a call; it warns above
 # that): `cat run.tar.part-* | tar xf -` here. A transformer trained on INIT's or AE_INIT's
@@ -73,7 +74,7 @@ pack() {
   [ ${#files[@]} -gt 0 ] && tar cf - "${files[@]}" | split -b 15M - "$OUT/run.tar.part-"
   ls -la "$OUT"
   total=$(cat "$OUT"/* 2>/dev/null | wc -c)
-  [ "$total" -gt 62914560 ] && echo "WARNING: $total bytes under \$OUT, over the 64 MiB a call brings back: the last parts will be missing"
+  [ "$total" -gt 62914560 ] && echo "WARNING: $total bytes under \$OUT, over 60 MiB: near or past the 64 MiB a call brings back, the last parts may be missing"
   true
 }
 trap pack EXIT
@@ -104,7 +105,7 @@ if [ "${FAR_LIMIT:-370}" -le 0 ]; then  # autoencoder or decoder only (FAR_LIMIT
   kill $REC; exit 0
 fi
 wait $REC; cat record-rest.log
-far_time=$(( $(left) - 30 - ${ENCODE_S:-60} ))
+far_time=$(( $(left) - 30 - ${ENCODE_S:-60} - ${FINAL_S:-30} ))  # packing, encoding, final validation + export
 [ "$far_time" -gt "${FAR_LIMIT:-370}" ] && far_time=${FAR_LIMIT:-370}
 [ "$far_time" -ge 30 ] || { echo "only $(left) s left before DEADLINE: no time for the transformer"; exit 1; }
 timeout -s TERM $(( $(left) - 30 )) $T --stage far $AE --data data/maze-train data/maze-val --far-time-limit "$far_time" \

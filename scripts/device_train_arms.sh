@@ -47,7 +47,7 @@ pack() {  # one archive per arm, so an arm that does not fit the 64 MiB still le
   [ -e runs/gpu-util.log ] && cp runs/gpu-util.log "$OUT/"
   ls -la "$OUT"
   total=$(cat "$OUT"/* 2>/dev/null | wc -c)
-  [ "$total" -gt 62914560 ] && echo "WARNING: $total bytes under \$OUT, over the 64 MiB a call brings back: the last parts will be missing"
+  [ "$total" -gt 62914560 ] && echo "WARNING: $total bytes under \$OUT, over 60 MiB: near or past the 64 MiB a call brings back, the last parts may be missing"
   true
 }
 trap pack EXIT

@@ -164,6 +164,7 @@ def test_invalid_action_is_a_clear_error(tiny_world):
         env.reset(options={"maze-seed": 3})
     with pytest.raises(ValueError, match="reset option 'episode' needs a dataset"):  # else silently ignored
         env.reset(options={"episode": 5})
+    env.reset(seed=0, options={"episode": None, "maze_seed": None})  # None: draw one
     env.close()
 
 
@@ -240,6 +241,13 @@ def test_a_dataset_without_episodes_long_enough_is_refused_and_short_ones_are_no
 def test_sampler_options_are_checked_when_the_env_is_made(tiny_ckpt, option, value, message):
     with pytest.raises(ValueError, match=message):  # not after the weights load, at the first reset
         gym.make("worldsim/Dream-v0", checkpoint=tiny_ckpt, device="cpu", **{option: value})
+
+
+def test_numpy_numbers_are_sampler_options_like_any_number(tiny_world):
+    env = DreamEnv(world=tiny_world, context_frames=1, steps=np.int64(2), cfg=np.float32(1.0), shift=np.float64(2.0))
+    env.reset(seed=0)
+    assert env._session.sampler.steps == 2 and env._session.sampler.shift == 2.0
+    env.close()
 
 
 def test_a_simulator_that_cannot_start_is_named(tiny_ckpt, tmp_path):

@@ -77,3 +77,12 @@ def test_a_guidance_scale_that_is_not_finite_is_refused(cfg_scale):
     # it used to be taken, and every frame came out NaN
     with pytest.raises(ValueError, match="cfg must be a finite number"):
         EulerSampler(4, cfg_scale=cfg_scale)
+
+
+def test_numpy_numbers_are_settings_like_any_number():
+    import numpy as np
+
+    sampler = EulerSampler(np.int64(4), cfg_scale=np.float32(1.5), shift=np.float64(2.0), temperature=np.float32(0.5))
+    assert (sampler.steps, sampler.cfg_scale, sampler.shift, sampler.temperature) == (4, 1.5, 2.0, 0.5)
+    with pytest.raises(ValueError, match="shift must be a finite number > 0"):
+        EulerSampler(4, shift=np.float32("nan"))

@@ -200,13 +200,14 @@ def test_sigint_saves_and_exits_cleanly(trained, dataset, tmp_path):
 # ----------------------------------------------------------------------------- DDP
 
 
-def test_ddp_two_cpu_ranks_hold_identical_weights(trained, dataset, tmp_path):
+@pytest.mark.parametrize("seq_len", ["6", "4"])  # 4 = the tiny window: no sample has coarse frames
+def test_ddp_two_cpu_ranks_hold_identical_weights(trained, dataset, tmp_path, seq_len):
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "train.py"), "--data", str(dataset), "--out", str(run), *FAST,
            "--stage", "far", "--ae-from", str(trained), "--far-steps", "3", "--checkpoint-every", "2",
            "--val-every", "0", "--preview-every", "-1", "--obj-random-context-length", "true",
-           "--obj-short-context-prob", "0.5"]
+           "--obj-short-context-prob", "0.5", "--seq-len", seq_len]
     res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout + res.stderr
     # every parameter reaches the loss on every rank, also when one rank draws a batch without

@@ -222,17 +222,30 @@ def check_field_types(cls: type, d: object, what: str, path: str | os.PathLike) 
     hints = typing.get_type_hints(cls)
 
     def fits(value: object, kind: object) -> bool:
+        if kind is bool:
+            return isinstance(value, bool)
         if kind is int:
             return isinstance(value, int) and not isinstance(value, bool)
-        if kind is float:
+        if kind is float:  # JSON writes 2.0 as 2.0, but a hand-edited 2 means the same
             return isinstance(value, (int, float)) and not isinstance(value, bool)
-        if typing.get_origin(kind) is tuple:
-            return isinstance(value, (list, tuple)) and all(fits(v, int) for v in value)
-        return any(fits(value, k) if k is not type(None) else value is None for k in typing.get_args(kind))
+        if typing.get_origin(kind) in (tuple, list):  # tuple[int, ...] / list[int]: JSON lists
+            item = typing.get_args(kind)[0]
+            return isinstance(value, (list, tuple)) and all(fits(v, item) for v in value)
+        if typing.get_args(kind):  # X | None
+            return any(value is None if k is type(None) else fits(value, k) for k in typing.get_args(kind))
+        return isinstance(value, kind) if isinstance(kind, type) else True
+
+    def name(kind: object) -> str:
+        words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+        if typing.get_origin(kind) in (tuple, list):
+            return f"a list of {name(typing.get_args(kind)[0]).removeprefix('an ').removeprefix('a ')}s"
+        if typing.get_args(kind):
+            return " or ".join(name(k) for k in typing.get_args(kind))
+        return words.get(kind, getattr(kind, "__name__", str(kind)))
 
     for key, value in d.items():
         if key in hints and not fits(value, hints[key]):
-            raise CheckpointError(path, f"{CONFIG_NAME}: {what}.{key} must be {hints[key]}, got {value!r}")
+            raise CheckpointError(path, f"{CONFIG_NAME}: {what}.{key} must be {name(hints[key])}, got {value!r}")
 
 
 def check_tensors(path: str | os.PathLike, module: torch.nn.Module, given: dict[str, torch.Tensor],

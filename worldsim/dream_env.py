@@ -34,6 +34,7 @@ this module never imports pygame, per DESIGN.md.
 """
 from __future__ import annotations
 
+import numbers
 import operator
 import os
 import time
@@ -147,7 +148,7 @@ class DreamEnv(gym.Env):
 
         if cache_mode not in CACHE_MODES:  # checked here, before the weights load, not at the first reset
             raise ValueError(f"cache_mode must be one of {CACHE_MODES}, got {cache_mode!r}")
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1):
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         for name, value in (("cfg", cfg), ("shift", shift), ("temperature", temperature),
                             ("generated_noise", generated_noise)):
@@ -344,7 +345,7 @@ class DreamEnv(gym.Env):
             raise ValueError(f"unknown reset option(s) {', '.join(map(repr, unknown))}: DreamEnv takes 'maze_seed' "
                              "(simulator start) and 'episode' (dataset start)")
         other = "maze_seed" if self._dataset is not None else "episode"
-        if other in options:  # it would be ignored: a world from a dataset has no maze seed to pick, and back
+        if options.get(other) is not None:  # None: draw one, as the simulators' own reset takes it  # it would be ignored: a world from a dataset has no maze seed to pick, and back
             raise ValueError(f"reset option {other!r} needs " + ("a start from the simulator (no dataset=)"
                              if other == "maze_seed" else "a dataset to start from (dataset=PATH)"))
         self._maze_seed = self._episode_id = None

@@ -27,6 +27,7 @@ as if they were real. 0 is deterministic (the same frame for every seed). 1 is p
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
 import torch
@@ -46,8 +47,8 @@ _SETTING_RULES = {  # name: (accepts, what it must be)
 def setting_problem(name: str, value: object) -> str | None:
     """"must be ..., got VALUE" when `value` cannot be the sampler setting `name`, else None."""
     accepts, must = _SETTING_RULES[name]
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return None if number and accepts(value) else f"must be {must}, got {value!r}"
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars too
+    return None if number and accepts(float(value)) else f"must be {must}, got {value!r}"
 
 
 class EulerSampler:

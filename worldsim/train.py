@@ -646,16 +646,18 @@ def load_autoencoder(path: str | os.PathLike) -> tuple[nn.Module, dict]:
 
             from worldsim.checkpoint import check_field_types, check_tensors
 
-            check_field_types(ae_mod.AutoencoderConfig, meta.get("autoencoder"), "autoencoder", d)
             try:
+                check_field_types(ae_mod.AutoencoderConfig, meta.get("autoencoder"), "autoencoder", d)
                 ae = ae_mod.Autoencoder(ae_mod.AutoencoderConfig.from_dict(meta["autoencoder"]))
                 tensors = load_file(str(d / AE_WEIGHTS))
+                if meta.get("weights_sha256") not in (None, tensors_hash(tensors)):
+                    raise TrainError(f"{d / AE_WEIGHTS}: its tensors are not those config.json records "
+                                     "(weights_sha256): a torn or foreign file")
+                check_tensors(d, ae, tensors)
+            except CheckpointError as exc:  # the shared checks speak of checkpoints: this is an autoencoder folder
+                raise TrainError(f"autoencoder {d}: {exc.problem}") from None
             except (TypeError, ValueError, ArithmeticError, SafetensorError) as exc:
                 raise TrainError(f"{d}: unreadable autoencoder ({exc})") from None
-            if meta.get("weights_sha256") not in (None, tensors_hash(tensors)):
-                raise TrainError(f"{d / AE_WEIGHTS}: its tensors are not those config.json records (weights_sha256): "
-                                 "a torn or foreign file")
-            check_tensors(d, ae, tensors)
             unexpected = sorted(set(tensors) - set(ae.state_dict()))
             if unexpected:
                 raise TrainError(f"{d / AE_WEIGHTS}: unexpected tensor(s) {unexpected[:5]}")
@@ -928,11 +930,10 @@ class Trainer:
         if dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            # FAR samples no longer than the window have no coarse frames, so the coarse-token
-            # projections never reach the loss; longer samples always have some (objective.py)
-            unused = spec.name == "far" and cfg.seq_len <= model.config.window
-            train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                              find_unused_parameters=unused)
+            # every parameter reaches the loss on every step: batches without coarse frames add
+            # the coarse-token projections with a zero term (objective.py), so DDP needs no
+            # find_unused_parameters (with it, that zero term marks them ready twice and fails)
+            train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         model.train()
         bar = None
         if dist.is_main and cfg.progress:
@@ -1626,10 +1627,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if dist.device.type == "cpu":
         torch.set_num_threads(cfg.threads or cpu_threads_per_rank(dist.local_world_size))
-    else:  # fp32 work on a GPU (the latent encoding, --precision fp32) in TF32, convolutions autotuned
-        torch.backends.cuda.matmul.allow_tf32 = True
+    elif cfg.precision != "fp32":  # on a GPU the fp32 work left (the latent encoding) runs in TF32;
+        torch.backends.cuda.matmul.allow_tf32 = True  # --precision fp32 stays true fp32 (and repeatable)
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
 
     def log(msg: str) -> None:
         if dist.is_main:
