@@ -267,3 +267,15 @@ def test_a_simulator_that_cannot_start_is_named(tiny_ckpt, tmp_path):
     (ck / "config.json").write_text(json.dumps(config))
     with pytest.raises(SimulatorUnavailable, match="cannot start the simulator 'worldsim/Maze-v0'.*no_such_setting"):
         DreamEnv(checkpoint=ck, device="cpu", context_frames=1).reset(seed=0)
+
+
+def test_an_installed_copy_finds_the_shipped_checkpoint_from_the_checkout(tmp_path, monkeypatch):
+    """`pip install .` puts the package in site-packages, away from checkpoints/: it then looks in
+    the folder it runs from (the checkout's root, where the README's commands run)."""
+    from worldsim.dream_env import find_default_checkpoint, shipped_checkpoints_dir
+
+    assert shipped_checkpoints_dir(REPO) == REPO / "checkpoints"  # a source checkout (editable install)
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    monkeypatch.chdir(REPO)
+    assert find_default_checkpoint(shipped_checkpoints_dir(site)).resolve() == REPO / "checkpoints" / "maze-far-small"

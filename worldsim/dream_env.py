@@ -46,7 +46,16 @@ import numpy as np
 from gymnasium import spaces
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINTS_DIR = REPO_ROOT / "checkpoints"
+
+
+def shipped_checkpoints_dir(package_parent: Path = REPO_ROOT) -> Path:
+    """checkpoints/ of the source checkout the package runs from (`pip install -e .`); an installed
+    copy (`pip install .`, the package in site-packages) looks in ./checkpoints, the checkout's own
+    folder when run from its root."""
+    return package_parent / "checkpoints" if (package_parent / "pyproject.toml").is_file() else Path("checkpoints")
+
+
+CHECKPOINTS_DIR = shipped_checkpoints_dir()
 # Preferred shipped checkpoint, when several folders exist under checkpoints/.
 PREFERRED_CHECKPOINTS = ("maze-far-small",)
 
