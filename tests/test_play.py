@@ -440,7 +440,8 @@ def test_a_key_held_through_a_pause_walks_after_it(tmp_path, no_shipped_checkpoi
     (["--out", " "], "--out needs a file name"),
     (["--out", "x.gif", "--fps", "60"], "GIFs go up to 50 fps"),
 ])
-def test_options_that_would_do_nothing_are_refused(extra, message, capsys):
+def test_options_that_would_do_nothing_are_refused(extra, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a regression would write its --out here, not into the checkout
     assert cli.main(["play", "--headless", "--actions", "random:2", *extra]) == 2
     assert message in capsys.readouterr().err
 
