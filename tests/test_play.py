@@ -434,6 +434,7 @@ def test_a_key_held_through_a_pause_walks_after_it(tmp_path, no_shipped_checkpoi
 @pytest.mark.parametrize("extra, message", [
     (["--world", "sim", "--dataset", "d"], "--dataset: for the dream; --world sim walks the simulator itself"),
     (["--world", "sim", "--reality", "--steps", "2"], "--steps, --reality: for the dream"),
+    (["--world", "sim", "--precision", "bf16", "--context-frames", "8"], "--precision, --context-frames: for the dream"),
     (["--world", "sim", "--checkpoint", "no-such-folder"], "checkpoint no-such-folder: no such checkpoint folder"),
     (["--episode", "3"], "--episode picks an episode of --dataset"),
     (["--fps", "inf"], "--fps must be from 0.1 to 1000, got inf"),

@@ -792,6 +792,8 @@ def _check(config: PlayConfig) -> None:
         dream_only = [f"--{name.replace('_', '-')}" for name in
                       ("dataset", "episode", "steps", "cfg", "shift", "temperature", "generated_noise")
                       if getattr(config, name) is not None]
+        dream_only += ["--device"] * (config.device is not None) + ["--precision"] * (config.precision != "auto")
+        dream_only += ["--context-frames"] * (config.context_frames != PlayConfig.context_frames)
         dream_only += ["--reality"] * config.reality + ["--cache-mode"] * (config.cache_mode != "multilevel-fast")
         if dream_only:
             raise PlayError(f"{', '.join(dream_only)}: for the dream; --world sim walks the simulator itself")
