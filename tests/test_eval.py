@@ -13,7 +13,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _eval_fixtures import FakeWorld, record_tiny_dataset, save_tiny_checkpoint  # noqa: E402
 
 from worldsim import evaluate  # noqa: E402
-from worldsim.metrics import PSNR_CAP_DB  # noqa: E402
 from worldsim.evaluate import EvalConfig, EvalError, probe_pairs, run_eval, score_episode  # noqa: E402
 from worldsim.metrics import PSNR_CAP_DB  # noqa: E402
 
@@ -136,7 +135,7 @@ def test_end_to_end_with_a_stand_in_model(tiny_data, tmp_path):
     for name in OUTPUTS:
         assert (tmp_path / "a" / name).is_file()
     assert len(list((tmp_path / "a").glob("episode_*.*"))) == 1
-    assert not list((tmp_path / "a").glob(".tmp-*"))
+    assert not list((tmp_path / "a").glob(".*.tmp*"))  # atomic_write's temp twins
     on_disk = json.loads((tmp_path / "a" / "results.json").read_text())
     assert on_disk["ground_truth"]["summary"]["multilevel"]["psnr"]["overall"] == pytest.approx(
         res["ground_truth"]["summary"]["multilevel"]["psnr"]["overall"])
@@ -318,6 +317,47 @@ def test_interrupt_keeps_the_finished_episodes(tiny_data, tmp_path):
     assert on_disk["ground_truth"]["episodes_evaluated"] == 1
     assert on_disk["self_consistency"] == {"skipped": "interrupted"}
     assert len(on_disk["config"]["memory_donor_episode_ids"]) == 1  # one per evaluated episode
+    # the ids and seeds of the episodes scored, not of those asked for (compare_evals pairs by them)
+    assert len(on_disk["config"]["episode_ids"]) == len(on_disk["config"]["session_seeds"]) == 1
+    assert "**Note:** interrupted after 1 of 2 episodes." in (tmp_path / "results.md").read_text()
+
+
+def test_probe_options_are_checked_before_the_ground_truth_run(tiny_data, tmp_path):
+    """The probes run after every episode: a bad probe option used to fail there, and lose it all."""
+    for option, value, message in (("probe_loops", 0, "--probe-loops must be >= 1, got 0"),
+                                   ("probe_forward", -2, "--probe-forward must be >= 0, got -2"),
+                                   ("probe_context", 0, "--probe-context must be >= 1, got 0"),
+                                   ("probe_episodes", -3, "--probe-episodes must be >= 0, got -3"),
+                                   ("videos", -1, "--videos must be >= 0, got -1"),
+                                   ("seed", -1, "--seed must be >= 0, got -1")):
+        world = FakeWorld()
+        with pytest.raises(EvalError, match=message):
+            run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path / option), progress=False, context=4,
+                                generate=2, **{option: value}), world=world)
+        assert not (tmp_path / option).exists()
+
+
+def test_probes_that_cannot_run_are_skipped_with_the_reason_and_the_ground_truth_kept(tiny_data, tmp_path):
+    world = FakeWorld(simulator={"id": "worldsim/NotInstalled-v0", "settings": {"turn_step_deg": 10.0}})
+    res = run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path), progress=False, context=12, generate=4,
+                              videos=0, probe_episodes=1, probe_context=100), world=world)
+    assert "fewer than --probe-context 100" in res["self_consistency"]["skipped"]
+    assert json.loads((tmp_path / "results.json").read_text())["ground_truth"]["episodes_evaluated"] == 2
+
+
+def test_fewer_episodes_than_asked_a_foreign_simulator_and_stale_videos_are_said(tiny_data, tmp_path, capsys):
+    out = tmp_path / "reused"
+    out.mkdir()
+    (out / "episode_999999.mp4").write_bytes(b"an older run's video")
+    world = FakeWorld()
+    world.simulator = {"id": "worldsim/Maze-v0", "settings": {"maze_size": [11, 11], "turn_step_deg": 10.0}}
+    res = run_eval(EvalConfig(data=str(tiny_data), out=str(out), progress=False, context=12, generate=4,
+                              episodes=5, videos=0, probe_episodes=0), world=world)
+    err = capsys.readouterr().err
+    assert "2 of the 5 episodes asked for" in err
+    assert "the dataset's simulator differs from the one the checkpoint was trained on (maze_size:" in err
+    assert res["notes"] and all(f"**Note:** {n}." in (out / "results.md").read_text() for n in res["notes"])
+    assert not (out / "episode_999999.mp4").exists()  # results.json lists no video: none may lie beside it
 
 
 DMLAB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dmlab_example_300f.npz"

@@ -345,6 +345,20 @@ def load_test_split(path: Path, world: Any, split: str = "test") -> tuple[Any, s
     return ds, note
 
 
+def _simulator_differences(dataset_sim: Any, checkpoint_sim: Any) -> str:
+    """What differs between the simulator a dataset was recorded with and the checkpoint's, as
+    "key: dataset vs checkpoint" ("" when they agree or either is unknown). Settings only one side
+    records are not compared (the recorder stores them all), nor the step limit, which changes no
+    frame or action."""
+    if not isinstance(dataset_sim, dict) or not isinstance(checkpoint_sim, dict):
+        return ""
+    if dataset_sim.get("id") != checkpoint_sim.get("id"):
+        return f"id: {dataset_sim.get('id')} vs {checkpoint_sim.get('id')}"
+    a, b = dataset_sim.get("settings") or {}, checkpoint_sim.get("settings") or {}
+    keys = sorted((set(a) & set(b)) - {"max_steps"})
+    return ", ".join(f"{k}: {a[k]} vs {b[k]}" for k in keys if a[k] != b[k])
+
+
 def _trained_on(path: Path, config: dict) -> bool:
     """Whether `path` is one of the datasets the checkpoint's config names (its training data,
     or a stage's in the provenance), compared as resolved paths from the current directory."""
@@ -855,14 +869,15 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
     rfrac = (np.mean([np.asarray(e["revisit"], dtype=np.float64) for e in episodes], axis=0)
              if all(e["revisit"] is not None for e in episodes) else None)
     write_plot(Path(path), per_frame, rfrac, cfgd["context"],
-               f"PSNR per generated frame ({len(episodes)} test episodes, K={cfgd['context']}, W={cfgd['window']})")
+               f"PSNR per generated frame ({len(episodes)} {cfgd.get('split', 'test')} episodes, K={cfgd['context']}, "
+               f"W={cfgd['window']})")
 
 
 def results_markdown(res: dict[str, Any]) -> str:
     gt = res.get("ground_truth") or {}
     cfgd = res["config"]
     lines = [f"# worldsim eval: {cfgd['checkpoint']}", ""]
-    lines.append(f"Test episodes: {gt.get('episodes_evaluated', 0)} from `{cfgd['dataset']}` "
+    lines.append(f"{cfgd.get('split', 'test').capitalize()} episodes: {gt.get('episodes_evaluated', 0)} from `{cfgd['dataset']}` "
                  f"(split: {cfgd['dataset_split']}); "
                  f"context K = {cfgd['context']}, generated G = {cfgd['generate']}, window W = {cfgd['window']}, "
                  f"steps = {cfgd.get('sampler_used', cfgd)['steps']}, cfg = {cfgd.get('sampler_used', cfgd)['cfg']}, "
@@ -872,6 +887,8 @@ def results_markdown(res: dict[str, Any]) -> str:
                  f"long-context cache = {cfgd.get('long_cache', 'multilevel')}"
                  + (f", precision = {cfgd['precision_used']}" if cfgd.get("precision_used") else "") + ". "
                  f"LPIPS: {res['metrics']['lpips']['status']}.")
+    for note in res.get("notes") or []:
+        lines.append(f"\n**Note:** {note}.")
     lines.append("")
     lines.append("## Ground truth: generated frames vs recorded frames")
     lines.append("")
@@ -1009,6 +1026,11 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
     if cfg.episodes < 1:  # the self-consistency probes run after them, and the summary needs one
         raise EvalError(f"--episodes must be >= 1, got {cfg.episodes} (for mostly the probes: --episodes 1 "
                         "--teacher-forcing false --memory-control false)")
+    # checked before anything runs: the probes come after the whole ground-truth run
+    for name, low in (("videos", 0), ("probe_episodes", 0), ("probe_context", 1), ("probe_forward", 0),
+                      ("probe_loops", 1), ("seed", 0)):
+        if getattr(cfg, name) < low:
+            raise EvalError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {out}: exists and is not a folder")
@@ -1053,6 +1075,18 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
                         f"{cfg.generate}); the longest has {max(e.length for e in ds.episodes)}")
     chosen = usable[: cfg.episodes]
     skipped = [e.id for e in ds.episodes if e.length < length]
+    notes = []  # said on stderr now and at the top of results.md
+    if len(chosen) < cfg.episodes:
+        notes.append(f"{len(chosen)} of the {cfg.episodes} episodes asked for: the {cfg.split} split holds "
+                     f"{len(usable)} with {length} frames" + (f" ({len(skipped)} shorter skipped)" if skipped else ""))
+    if cfg.split != "test" and split_note.startswith("all episodes"):
+        notes.append(f"--split {cfg.split} does not apply to files without split information: every episode is scored")
+    differs = _simulator_differences(ds.simulator, getattr(world, "simulator", None))
+    if differs:
+        notes.append(f"the dataset's simulator differs from the one the checkpoint was trained on ({differs}): "
+                     "the same action names may mean other moves")
+    for note in notes:
+        print(f"worldsim eval: note: {note}", file=sys.stderr)
 
     # the control swaps the frames that are already in L2 when the first frame is generated
     old_frames = cfg.context - window + 1
@@ -1133,6 +1167,11 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             sc = self_consistency(world, cfg, ds, cfg.progress)
         except KeyboardInterrupt:
             interrupted = True
+        except EvalError as exc:  # e.g. --probe-context longer than the episodes: keep the ground truth
+            sc = {"skipped": str(exc)}
+            print(f"worldsim eval: probes skipped: {exc}", file=sys.stderr)
+    if interrupted:
+        notes.append(f"interrupted after {len(episodes)} of {len(chosen)} episodes")
 
     def ep_json(e: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in e.items() if k != "conditions"} | {"per_frame": e["conditions"]}
@@ -1146,8 +1185,8 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             "checkpoint_config": world_config,
             "dataset": str(data_path), "dataset_recorded_here": recorded,
             "dataset_simulator": ds.simulator, "dataset_split": split_note,
-            "episode_ids": [e.id for e in chosen], "skipped_short_episodes": skipped,
-            "session_seeds": [cfg.seed + i for i in range(len(chosen))],
+            "episode_ids": [e["id"] for e in episodes], "skipped_short_episodes": skipped,
+            "session_seeds": [e["seed"] for e in episodes],
             "window": window, "resolution": list(world.resolution), "action_names": list(world.action_names),
             "precision_used": getattr(world, "precision", None),  # --precision auto, resolved
             "conditions": {k: CONDITION_LABELS[k] for k in names},
@@ -1170,6 +1209,7 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             "teacher_forced_episodes": [ep_json(e) for e in tf_episodes],
         },
         "self_consistency": sc,
+        "notes": notes,
         "outputs": {"json": "results.json", "markdown": "results.md", "plot": "psnr_vs_frame.png", "videos": videos},
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                         "device": str(cfg.device or getattr(world, "device", "auto"))},
@@ -1179,6 +1219,9 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
     }
     results = _jsonable(results)
 
+    for stale in [*out.glob("episode_*.mp4"), *out.glob("episode_*.gif")]:  # an earlier run's, in a reused --out
+        if stale.name not in videos:
+            stale.unlink()
     plot_results(results, out / "psnr_vs_frame.png")
     _write_text(out / "results.md", results_markdown(results))
     _write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=False) + "\n")
