@@ -589,6 +589,28 @@ def test_memory_control_needs_another_maze(tmp_path):
     assert "other_memory" not in res["ground_truth"]["summary"]
 
 
+def test_an_episode_too_short_to_score_can_still_give_its_memory(tiny_data, tmp_path):
+    """The control takes only the donor's first K - W + 1 frames: a second episode too short for
+    K + G frames used to leave the control "skipped" although it could serve."""
+    import shutil
+
+    from worldsim.dataset import Dataset
+
+    data = tmp_path / "mixed"
+    shutil.copytree(tiny_data, data)
+    index = json.loads((data / "index.json").read_text())
+    short = index["episodes"][1]
+    ep = Dataset(data)[1]
+    np.savez(data / short["file"], video=ep.video[:10], actions=ep.actions[:10], poses=ep.poses[:10])
+    short["length"] = 10
+    (data / "index.json").write_text(json.dumps(index))
+    res = run_eval(EvalConfig(data=str(data), out=str(tmp_path / "a"), episodes=2, context=12, generate=8, videos=0,
+                              probe_episodes=0, teacher_forcing=False, progress=False), world=FakeWorld())
+    assert res["ground_truth"]["episodes_evaluated"] == 1  # K + G = 20 frames: only the first is scored
+    assert res["config"]["memory_control_status"] == "on"  # K - W + 1 = 9 frames: the second gives them
+    assert res["config"]["memory_donor_episode_ids"] == [short["id"]]
+
+
 def test_rescore_recomputes_the_differences_of_an_earlier_run(tiny_data, tmp_path, capsys):
     from worldsim.cli import main
 

@@ -1090,12 +1090,14 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
 
     # the control swaps the frames that are already in L2 when the first frame is generated
     old_frames = cfg.context - window + 1
+    # a donor gives only its first old_frames frames: an episode too short to be scored can serve
+    donors = [e for e in ds.episodes if e.length >= max(1, old_frames)]
     control = "on"
     if not cfg.memory_control:
         control = "off"
     elif old_frames < 1:
         control = f"skipped: the context ({cfg.context}) fits in the short window ({window}), nothing is in L2"
-    elif any(memory_donor(usable, i) is None for i in range(len(chosen))):
+    elif any(memory_donor(donors, donors.index(e)) is None for e in chosen):
         control = "skipped: no test episode of another maze to take the long context from"
     gen_names = GEN_CONDITIONS + ((MEMORY_CONTROL,) if control == "on" else ())
     names = CONDITIONS + ((MEMORY_CONTROL,) if control == "on" else ())
@@ -1121,8 +1123,8 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
                                       cfg.cfg, seed, bar, shift=cfg.shift, generated_noise=cfg.generated_noise,
                                       temperature=cfg.temperature)
             donor_id = None
-            if control == "on":  # chosen[i] is usable[i]
-                donor = memory_donor(usable, i)
+            if control == "on":
+                donor = memory_donor(donors, donors.index(info))
                 dep = ds.load(donor)
                 swapped, swapped_acts = with_other_memory(truth, acts, dep.video, dep.actions, old_frames)
                 gens[MEMORY_CONTROL] = generate(world, swapped, swapped_acts, cfg.context, cfg.generate,
