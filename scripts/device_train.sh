@@ -12,7 +12,9 @@
 #   DEC_ARGS="--ae-loss mse" ...   (fine-tune on MSE alone, what PSNR scores: +0.12 dB over L1 + MSE in 300 CPU steps)
 #   INIT=checkpoints/maze-far-small DEC_STEPS=4000 DEC_LR=1.5e-4 DEC_ARGS="--ae-loss mse" FAR_LIMIT=0 ...
 #     (the decoder only, no transformer stage; pair runs/ae with INIT here: scripts/pair_decoder.py)
-#   AE_ARGS="--ae-channels 32 64 128 128" ...   (without INIT: more `worldsim train` options for the new autoencoder)
+#   AE_SHAPE="--ae-channels 32 64 128 128 --ae-latent-channels 16" ...   (without INIT: another shape for the new
+#     autoencoder; AE_ARGS="..." adds other `worldsim train` options. A list option given twice adds up, so the
+#     shape is one variable that replaces the default, not an option given again)
 #   AE_INIT=checkpoints/maze-far-small FAR_ARGS="--far-depth 8 --far-width 384 --far-heads 6 --far-save-dtype bfloat16" FAR_LIMIT=480 ...
 #     (keep INIT's autoencoder, which meets its bar, and train a new, larger transformer from scratch;
 #     `python scripts/time_play_steps.py --precision auto --shapes shipped 8x384` says first what a
@@ -96,7 +98,7 @@ elif [ -n "${INIT:-}" ]; then
 elif [ -n "${AE_INIT:-}" ]; then
   AE="--ae-from $AE_INIT"  # its latents, a transformer of FAR_ARGS' shape from scratch
 else
-  $T --stage ae --data data/maze-train-240 data/maze-val --ae-channels 16 32 64 128 --ae-latent-channels 16 \
+  $T --stage ae --data data/maze-train-240 data/maze-val ${AE_SHAPE:---ae-channels 16 32 64 128 --ae-latent-channels 16} \
     --ae-lr "${AE_LR:-2e-3}" --warmup 200 --ae-batch "${AE_BATCH:-256}" --ae-steps "${AE_STEPS:-4000}" \
     --val-every 1000 --checkpoint-every 100000 --out runs/ae ${AE_ARGS:-} || exit 1
   AE="--ae-from runs/ae"

@@ -349,6 +349,8 @@ def test_fewer_episodes_than_asked_a_foreign_simulator_and_stale_videos_are_said
     out = tmp_path / "reused"
     out.mkdir()
     (out / "episode_999999.mp4").write_bytes(b"an older run's video")
+    (out / "episode_mine.mp4").write_bytes(b"a video the user keeps here")
+    (out / "results.json").write_text(json.dumps({"outputs": {"videos": ["episode_999999.mp4"]}}))
     world = FakeWorld()
     world.simulator = {"id": "worldsim/Maze-v0", "settings": {"maze_size": [11, 11], "turn_step_deg": 10.0}}
     res = run_eval(EvalConfig(data=str(tiny_data), out=str(out), progress=False, context=12, generate=4,
@@ -357,7 +359,8 @@ def test_fewer_episodes_than_asked_a_foreign_simulator_and_stale_videos_are_said
     assert "2 of the 5 episodes asked for" in err
     assert "the dataset's simulator differs from the one the checkpoint was trained on (maze_size:" in err
     assert res["notes"] and all(f"**Note:** {n}." in (out / "results.md").read_text() for n in res["notes"])
-    assert not (out / "episode_999999.mp4").exists()  # results.json lists no video: none may lie beside it
+    assert not (out / "episode_999999.mp4").exists()  # the older run's, which its results.json listed
+    assert (out / "episode_mine.mp4").is_file()  # a file no eval wrote stays
 
 
 DMLAB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dmlab_example_300f.npz"

@@ -581,6 +581,14 @@ def test_a_save_before_the_first_metrics_line_does_not_report_a_failed_plot(data
     assert (run / "loss.png").is_file()  # drawn once the run's lines exist
 
 
+def test_model_options_do_not_take_the_word_none(dataset, tmp_path, capsys):
+    """None in --far-*/--ae-*/--obj-* only means "not given: the preset's"; typed, it used to reach
+    the model (--obj-t-mean none failed after the whole autoencoder stage)."""
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), *FAST, "--obj-t-mean", "none"])
+    assert "invalid float value: 'none'" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
 def test_a_device_this_machine_lacks_is_refused_before_anything_is_written(dataset, tmp_path, capsys):
     run = tmp_path / "nodevice"
     for device, message in (("nonsense", "device 'nonsense' is not a torch device"),

@@ -51,8 +51,12 @@ class _ExtendList(argparse.Action):
         setattr(namespace, self.dest, before + list(values))
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add one `--field` option per dataclass field, defaulting to the dataclass default."""
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+                            none_word: bool = True) -> None:
+    """Add one `--field` option per dataclass field, defaulting to the dataclass default.
+
+    none_word: an optional field takes the word "none" for None (where None is a value a user may
+    choose, as "none = ..." in its help); False where None only marks an option not given."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         if field.name in skip or not field.init:
@@ -75,7 +79,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
             kwargs.update(type=item, nargs="+", action=_ExtendList)
         elif tp is bool:
             kwargs.update(type=_parse_bool, metavar="BOOL")
-        elif optional:  # the help texts say "none = ..."; argparse would refuse the word itself
+        elif optional and none_word:  # the help texts say "none = ..."; argparse would refuse the word itself
             kwargs.update(type=_none_or(tp), metavar=flag[2:].replace("-", "_").upper())
         else:
             kwargs.update(type=tp)

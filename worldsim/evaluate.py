@@ -1173,7 +1173,8 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             sc = {"skipped": str(exc)}
             print(f"worldsim eval: probes skipped: {exc}", file=sys.stderr)
     if interrupted:
-        notes.append(f"interrupted after {len(episodes)} of {len(chosen)} episodes")
+        notes.append(f"interrupted after {len(episodes)} of {len(chosen)} episodes" if len(episodes) < len(chosen)
+                     else "interrupted during the self-consistency probes")
 
     def ep_json(e: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in e.items() if k != "conditions"} | {"per_frame": e["conditions"]}
@@ -1221,13 +1222,22 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
     }
     results = _jsonable(results)
 
-    for stale in [*out.glob("episode_*.mp4"), *out.glob("episode_*.gif")]:  # an earlier run's, in a reused --out
-        if stale.name not in videos:
-            stale.unlink()
+    for name in _earlier_videos(out):  # an earlier eval's in a reused --out (and only those): not this run's
+        if name not in videos:
+            (out / name).unlink(missing_ok=True)
     plot_results(results, out / "psnr_vs_frame.png")
     _write_text(out / "results.md", results_markdown(results))
     _write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=False) + "\n")
     return results
+
+
+def _earlier_videos(out: Path) -> list[str]:
+    """The videos an earlier eval in `out` listed in its results.json (file names, nothing else)."""
+    try:
+        listed = json.loads((out / "results.json").read_text())["outputs"]["videos"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [v for v in listed if isinstance(v, str) and v == Path(v).name and v.startswith("episode_")]
 
 
 def rescore(folder: str | Path) -> dict[str, Any]:

@@ -233,7 +233,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               (far_mod.FARConfig, "far", _DERIVED_FAR),
                               (obj_mod.ObjectiveConfig, "obj", ())):
         before = len(parser._actions)
-        cliargs.add_dataclass_arguments(parser, _prefixed_dataclass(cls, prefix, skip))
+        # None there only means "not given: the preset's value"
+        cliargs.add_dataclass_arguments(parser, _prefixed_dataclass(cls, prefix, skip), none_word=False)
         defaults = {f"{prefix}_{f.name}": f.default for f in dataclasses.fields(cls)} if prefix == "obj" else {}
         for action in parser._actions[before:]:
             action.default = argparse.SUPPRESS
@@ -1627,9 +1628,10 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if dist.device.type == "cpu":
         torch.set_num_threads(cfg.threads or cpu_threads_per_rank(dist.local_world_size))
-    elif cfg.precision != "fp32":  # on a GPU the fp32 work left (the latent encoding) runs in TF32;
-        torch.backends.cuda.matmul.allow_tf32 = True  # --precision fp32 stays true fp32 (and repeatable)
-        torch.backends.cudnn.allow_tf32 = True
+    elif cfg.precision != "fp32":  # on a GPU the fp32 work left (the latent encoding) runs in TF32 and
+        torch.backends.cuda.matmul.allow_tf32 = True  # convolutions are autotuned; --precision fp32 stays
+        torch.backends.cudnn.allow_tf32 = True  # true fp32 and repeatable
+        torch.backends.cudnn.benchmark = True
 
     def log(msg: str) -> None:
         if dist.is_main:
