@@ -221,6 +221,39 @@ def test_ddp_two_cpu_ranks_hold_identical_weights(trained, dataset, tmp_path, se
     assert (run / "checkpoint" / "model.safetensors").is_file()
 
 
+def test_a_rank_looking_at_out_while_rank_0_writes_there_does_not_refuse_the_run(dataset, tmp_path):
+    """Rank 1 looks at --out while rank 0 writes its config.json (both slowed here on purpose: the
+    temporary twin of the file stays a few seconds): it used to take the twin for a started run and
+    refuse it (1 start in 6 failed so on this machine, unslowed)."""
+    launcher = tmp_path / "slow_rank1.py"
+    launcher.write_text(
+        "import os, sys, time\n"
+        "from pathlib import Path\n"
+        "import worldsim.train as train\n"
+        "rank = os.environ.get('RANK')\n"
+        "init, write = train.Trainer.__init__, train.write_json_atomic\n"
+        "def slow_init(self, *args, **kwargs):\n"
+        "    if rank == '1':\n"
+        "        time.sleep(3)\n"
+        "    init(self, *args, **kwargs)\n"
+        "def slow_write(path, obj):\n"
+        "    twin = Path(path).parent / ('.' + Path(path).name + '.race.tmp')\n"
+        "    twin.write_text('being written')\n"
+        "    time.sleep(6)\n"
+        "    twin.unlink()\n"
+        "    write(path, obj)\n"
+        "train.Trainer.__init__, train.write_json_atomic = slow_init, slow_write\n"
+        "from worldsim.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    run = tmp_path / "race"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher),
+           "train", "--data", str(dataset), "--out", str(run), *FAST, "--ae-steps", "2", "--far-steps", "1",
+           "--val-every", "0", "--preview-every", "-1"]
+    res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "already holds a training run" not in res.stderr
+
+
 # ----------------------------------------------------------------------------- units
 
 

@@ -1678,6 +1678,9 @@ def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]
                          "(and --ae-from) with another --out")
     if resuming and state is None and not (out / AE_DIR).exists():
         log(f"{out}: no saved training state yet; starting from step 0 with its config")
+    # every rank has looked at the folder before rank 0 writes into it: a rank slower to get here
+    # used to find rank 0's first files and refuse the run as "already holds a training run"
+    dist.barrier()
 
     # data: names, resolution and simulator, checked against each other and the run's config
     stored = None
