@@ -96,7 +96,9 @@ def main() -> None:
             else "multilevel"
         video, actions = ep.video[:K], ep.actions[:K]
         if args.other_memory:
-            donor_info = memory_donor(usable, e)
+            # as `worldsim eval` picks them: among every episode that holds the K - W + 1 frames given
+            donors = [d for d in ds.episodes if d.length >= K - window + 1]
+            donor_info = memory_donor(donors, donors.index(usable[e]))
             if donor_info is None:
                 raise SystemExit(f"{args.data}: no test episode of another maze than {ep.id}")
             donor = ds.load(donor_info)

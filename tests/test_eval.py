@@ -322,6 +322,22 @@ def test_interrupt_keeps_the_finished_episodes(tiny_data, tmp_path):
     assert "**Note:** interrupted after 1 of 2 episodes." in (tmp_path / "results.md").read_text()
 
 
+def test_an_interrupt_during_the_probes_is_named_so(tiny_data, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "self_consistency", interrupted)
+    res = run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path / "a"), episodes=2, context=12, generate=4,
+                              videos=0, progress=False), world=FakeWorld())
+    assert res["interrupted"] is True and res["ground_truth"]["episodes_evaluated"] == 2
+    assert res["notes"] == ["interrupted during the self-consistency probes"]
+    # a Ctrl-C while the last episode's video is written: the probes never ran
+    monkeypatch.setattr(evaluate, "write_video", interrupted)
+    res = run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path / "b"), episodes=1, context=12, generate=4,
+                              videos=1, progress=False), world=FakeWorld())
+    assert res["notes"] == ["interrupted after 1 of 1 episodes"]
+
+
 def test_probe_options_are_checked_before_the_ground_truth_run(tiny_data, tmp_path):
     """The probes run after every episode: a bad probe option used to fail there, and lose it all."""
     for option, value, message in (("probe_loops", 0, "--probe-loops must be >= 1, got 0"),

@@ -1164,17 +1164,18 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
     gap_summary = gaps(episodes, tf_episodes, cfg.seed)
 
     sc: dict[str, Any] = {"skipped": "interrupted"}
+    probes_interrupted = False
     if not interrupted:
         try:
             sc = self_consistency(world, cfg, ds, cfg.progress)
         except KeyboardInterrupt:
-            interrupted = True
+            interrupted = probes_interrupted = True
         except EvalError as exc:  # e.g. --probe-context longer than the episodes: keep the ground truth
             sc = {"skipped": str(exc)}
             print(f"worldsim eval: probes skipped: {exc}", file=sys.stderr)
     if interrupted:
-        notes.append(f"interrupted after {len(episodes)} of {len(chosen)} episodes" if len(episodes) < len(chosen)
-                     else "interrupted during the self-consistency probes")
+        notes.append("interrupted during the self-consistency probes" if probes_interrupted
+                     else f"interrupted after {len(episodes)} of {len(chosen)} episodes")
 
     def ep_json(e: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in e.items() if k != "conditions"} | {"per_frame": e["conditions"]}
@@ -1223,8 +1224,8 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
     results = _jsonable(results)
 
     for name in _earlier_videos(out):  # an earlier eval's in a reused --out (and only those): not this run's
-        if name not in videos:
-            (out / name).unlink(missing_ok=True)
+        if name not in videos and (out / name).is_file():
+            (out / name).unlink()
     plot_results(results, out / "psnr_vs_frame.png")
     _write_text(out / "results.md", results_markdown(results))
     _write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=False) + "\n")
