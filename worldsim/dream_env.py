@@ -70,16 +70,17 @@ class SimulatorUnavailable(RuntimeError):
     """The simulator new worlds start from cannot run here (not installed, or other settings)."""
 
 
-def start_simulator(spec: dict, what: str = "") -> gym.Env:
+def start_simulator(spec: dict, what: str = "", hint: str = "") -> gym.Env:
     """The simulator of `spec` ({"id", "settings"}) without a step limit (a player walks as long as
-    they like); SimulatorUnavailable names it and why where it cannot start."""
+    they like); SimulatorUnavailable names it (`what` after its id), why, and `hint`, where it
+    cannot start."""
     from envs import make_untimed  # (and registers the simulator ids)
 
     try:
         return make_untimed(spec["id"], spec.get("settings"))
     except Exception as exc:  # missing optional simulator (DMLab, Memory Maze ...), unknown settings
         raise SimulatorUnavailable(f"cannot start the simulator {spec.get('id')!r}{what} "
-                                   f"({type(exc).__name__}: {exc})") from exc
+                                   f"({type(exc).__name__}: {exc}){hint}") from exc
 
 
 def find_default_checkpoint(root: str | os.PathLike | None = None) -> Path | None:
@@ -241,10 +242,7 @@ class DreamEnv(gym.Env):
             spec = self.simulator_spec or {}
             hint = ("; pass dataset=PATH (`worldsim play --dataset PATH`) to start from a recorded episode"
                     if self._dataset is None else "")
-            try:  # the reality follower lives as long as the dream
-                sim = start_simulator(spec, " this checkpoint was trained on")
-            except SimulatorUnavailable as exc:
-                raise SimulatorUnavailable(f"{exc}{hint}") from exc.__cause__
+            sim = start_simulator(spec, " this checkpoint was trained on", hint)  # lives as long as the dream
             sim_shape = tuple(sim.observation_space.shape or ())
             if sim_shape[:2] != self.resolution:
                 sim.close()
@@ -354,7 +352,8 @@ class DreamEnv(gym.Env):
             raise ValueError(f"unknown reset option(s) {', '.join(map(repr, unknown))}: DreamEnv takes 'maze_seed' "
                              "(simulator start) and 'episode' (dataset start)")
         other = "maze_seed" if self._dataset is not None else "episode"
-        if options.get(other) is not None:  # None: draw one, as the simulators' own reset takes it  # it would be ignored: a world from a dataset has no maze seed to pick, and back
+        # it would be ignored (a world from a dataset has no maze seed to pick, and back); None: draw one
+        if options.get(other) is not None:
             raise ValueError(f"reset option {other!r} needs " + ("a start from the simulator (no dataset=)"
                              if other == "maze_seed" else "a dataset to start from (dataset=PATH)"))
         self._maze_seed = self._episode_id = None

@@ -60,7 +60,7 @@ import torch
 import torch.nn as nn
 
 from worldsim import cliargs
-from worldsim.checkpoint import CheckpointError
+from worldsim.checkpoint import CheckpointError, check_field_types, check_tensors
 from worldsim.dataset import DatasetError, atomic_write, name_the_target, readable_like_any_file, write_json_atomic
 from worldsim.ddp import Dist, cpu_threads_per_rank
 from worldsim.latents import (
@@ -644,8 +644,6 @@ def load_autoencoder(path: str | os.PathLike) -> tuple[nn.Module, dict]:
         meta = _read_json_object(d / "config.json")
         if meta.get("format") == "worldsim-autoencoder":
             from safetensors import SafetensorError
-
-            from worldsim.checkpoint import check_field_types, check_tensors
 
             try:
                 check_field_types(ae_mod.AutoencoderConfig, meta.get("autoencoder"), "autoencoder", d)
