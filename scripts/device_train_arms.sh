@@ -20,7 +20,14 @@
 #   for arm in $ARMS; do cat $arm.tar.part-* | tar xf -; done
 #   python scripts/transport_far.py join runs/ARM/stripped checkpoints/maze-far-small runs/ARM/checkpoint
 # DEADLINE (seconds from the start, default 560) stops any arm still running with SIGTERM, which
-# saves and exports it, so the packing always happens inside the device tool's 600 s.
+# saves and exports it, so the packing always happens inside the device tool's 600 s. Each arm
+# trains for FAR_TIME, or less: what the DEADLINE leaves after recording, ENCODE_S (default 90) and
+# FINAL_S (default 20).
+# Measured on an H200 (session 23, seq 64, batch 64, `runs/s23/gpu*/`): three arms side by side
+# ran at 12.5 (6 x 256), 10.4 (8 x 256) and 0.7 steps/s (the rollout objective: its sampling loop
+# is ~18x slower than a plain step there), with 82-98% GPU use; one 6 x 256 arm alone ran at
+# 14.0 steps/s (nvidia-smi's one reading during training: 38%), so one arm leaves most of it idle. The machine's start and the
+# transfers took ~50 s of device time each call (session 17: 336 s), so two calls fit one lease.
 set -x
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
@@ -57,6 +64,13 @@ $R --episodes "${EPISODES:-1000}" --split train --out data/maze-train --workers 
 mkdir -p runs
 budget=$(( ${DEADLINE:-560} - ($(date +%s) - START) - 25 ))
 [ "$budget" -gt 60 ] || { echo "only $budget s left after recording: no time to train"; exit 1; }
+# Each arm spends ENCODE_S before its first step (start, latent encoding: ~80 s in session 23, with one
+# arm or three) and FINAL_S after its last (validation, export). Without this cap a FAR_TIME that
+# ignores them lets the SIGTERM at the budget stop the arms first (session 23: at 92% of the schedule).
+far_time=$(( budget - ${ENCODE_S:-90} - ${FINAL_S:-20} ))
+[ "$far_time" -gt "${FAR_TIME:-420}" ] && far_time=${FAR_TIME:-420}
+[ "$far_time" -ge 30 ] || { echo "only $budget s left after recording: no time to train"; exit 1; }
+echo "each arm trains for $far_time s (FAR_TIME ${FAR_TIME:-420}, budget $budget s)"
 pids=()
 for arm in $ARMS; do
   rm -rf "runs/$arm" "runs/$arm.log"  # a warm machine keeps runs/ from an earlier call
@@ -65,7 +79,7 @@ for arm in $ARMS; do
   timeout -s TERM "$budget" python3 -m worldsim train --preset small --stage far --ae-from "$AE" \
     --data data/maze-train data/maze-val --seq-len "${SEQ:-96}" --obj-random-context-length true \
     --preview-every -1 --far-lr "${FAR_LR:-6e-4}" --warmup "${FAR_WARMUP:-300}" --ema-decay 0.999 \
-    --far-batch "${FAR_BATCH:-64}" --far-steps 1000000 --far-time-limit "${FAR_TIME:-420}" --val-every 1000 \
+    --far-batch "${FAR_BATCH:-64}" --far-steps 1000000 --far-time-limit "$far_time" --val-every 1000 \
     --val-batches 4 --checkpoint-every 1000 --far-save-dtype bfloat16 --progress false --log-every 50 \
     --out "runs/$arm" ${COMMON:-} ${!opts} > "runs/$arm.log" 2>&1 &
   pids+=($!)
