@@ -88,7 +88,7 @@ class EulerSampler:
     def sample(
         self, velocity_fn: VelocityFn, noise: torch.Tensor, action: torch.Tensor, null_action: int
     ) -> torch.Tensor:
-        ts = self.timesteps(noise.device).tolist()
+        ts = self.timesteps().tolist()  # on the CPU: reading them from a GPU would wait for it
         x = noise * self.temperature if self.temperature != 1.0 else noise
         for t, t_next in zip(ts[:-1], ts[1:]):
             v = self.guided_velocity(velocity_fn, x, t, action, null_action)
