@@ -24,10 +24,11 @@
 # trains for FAR_TIME, or less: what the DEADLINE leaves after recording, ENCODE_S (default 90) and
 # FINAL_S (default 20).
 # Measured on an H200 (session 23, seq 64, batch 64, `runs/s23/gpu*/`): three arms side by side
-# ran at 12.5 (6 x 256), 10.4 (8 x 256) and 0.7 steps/s (the rollout objective: its sampling loop
-# is ~18x slower than a plain step there), with 82-98% GPU use; one 6 x 256 arm alone ran at
-# 14.0 steps/s (nvidia-smi's one reading during training: 38%), so one arm leaves most of it idle. The machine's start and the
-# transfers took ~50 s of device time each call (session 17: 336 s), so two calls fit one lease.
+# ran at 12.5 (6 x 256), 10.4 (8 x 256) and 0.7 steps/s (the rollout objective: its steps ran
+# ~18x slower than plain ones), with 82-98% GPU use; one 6 x 256 arm alone ran at 14.0 steps/s
+# (nvidia-smi's one reading during training: 38%), so one arm leaves most of the GPU idle. The
+# machine's start and the transfers took ~50 s of device time each call (session 17: 336 s), so
+# two calls fitted one lease.
 set -x
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
@@ -64,12 +65,19 @@ $R --episodes "${EPISODES:-1000}" --split train --out data/maze-train --workers 
 mkdir -p runs
 budget=$(( ${DEADLINE:-560} - ($(date +%s) - START) - 25 ))
 [ "$budget" -gt 60 ] || { echo "only $budget s left after recording: no time to train"; exit 1; }
-# Each arm spends ENCODE_S before its first step (start, latent encoding: ~80 s in session 23, with one
-# arm or three) and FINAL_S after its last (validation, export). Without this cap a FAR_TIME that
-# ignores them lets the SIGTERM at the budget stop the arms first (session 23: at 92% of the schedule).
-far_time=$(( budget - ${ENCODE_S:-90} - ${FINAL_S:-20} ))
-[ "$far_time" -gt "${FAR_TIME:-420}" ] && far_time=${FAR_TIME:-420}
-[ "$far_time" -ge 30 ] || { echo "only $budget s left after recording: no time to train"; exit 1; }
+# Each arm spends ENCODE_S before its first step (start, latent encoding: ~70 s with three arms and
+# ~45 s with one in session 23) and FINAL_S after its last (validation, export). Without this cap a
+# FAR_TIME that ignores them lets the SIGTERM at the budget stop the arms before their schedule ends
+# (session 23: in its last 5%, at a learning rate within 7% of the floor).
+for v in FAR_TIME ENCODE_S FINAL_S; do
+  [[ "${!v:-0}" =~ ^[0-9]+$ ]] || { echo "$v must be a whole number of seconds, got '${!v}'"; exit 1; }
+done
+far_time=${FAR_TIME:-420}
+room=$(( budget - ${ENCODE_S:-90} - ${FINAL_S:-20} ))
+if [ "$room" -lt "$far_time" ]; then
+  [ "$room" -ge 30 ] || { echo "only $budget s left after recording, less ENCODE_S and FINAL_S: no time to train"; exit 1; }
+  far_time=$room
+fi
 echo "each arm trains for $far_time s (FAR_TIME ${FAR_TIME:-420}, budget $budget s)"
 pids=()
 for arm in $ARMS; do

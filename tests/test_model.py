@@ -94,8 +94,8 @@ def test_cached_calls_match_uncached_forward():
 def test_inference_without_the_modulation_memo_predicts_the_same(monkeypatch):
     """Off the CPU (a GPU) inference computes the adaLN modulations as training does instead of
     memoising them, to keep device-to-host reads out of every forward. Forced here on the CPU:
-    the same predictions, uncached and through the multi-level cache, clean, noisy and
-    noise-labelled frames, several actions."""
+    through the multi-level cache (coarse, clean, noise-labelled and noisy frames, several
+    actions), both ways predict what the training forward does."""
     far = random_far()
     x, a = torch.randn(2, 9, 4, 8, 8), torch.randint(0, 5, (2, 9))
     t = torch.full((2, 9), -1.0)
@@ -103,24 +103,25 @@ def test_inference_without_the_modulation_memo_predicts_the_same(monkeypatch):
     aug = torch.zeros(2, 9)
     aug[:, 6] = 0.25
 
-    def predictions() -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        reference = far(x, t, a, aug)[:, -1]  # the training path: never memoised
+
+    def prediction() -> torch.Tensor:
         with torch.no_grad():
-            full = far(x, t, a, aug)
             l2 = None
             for f in range(5):
                 l2 = concat_kv(l2, far.frame_kv(x[:, f : f + 1], a[:, f : f + 1], f, l2, coarse=True))
             l1 = far.frame_kv(x[:, 5:8], a[:, 5:8], 5, l2, aug=aug[:, 5:8])
-            step = far.predict_frame(x[:, 8], t[:, 8], a[:, 8], 8, concat_kv(l2, l1))
-        return full, step
+            return far.predict_frame(x[:, 8], t[:, 8], a[:, 8], 8, concat_kv(l2, l1))
 
-    memo_full, memo_step = predictions()
+    memoised = prediction()
     assert far.__dict__.get("_mods_memo")  # the CPU default memoises
     far.__dict__.pop("_mods_memo")
     monkeypatch.setattr(FAR, "_memoize_mods", staticmethod(lambda device: False))
-    direct_full, direct_step = predictions()
+    direct = prediction()
     assert "_mods_memo" not in far.__dict__
-    assert (direct_full - memo_full).abs().max() <= 1e-5
-    assert (direct_step - memo_step).abs().max() <= 1e-5
+    assert (memoised - reference).abs().max() <= 1e-5
+    assert (direct - reference).abs().max() <= 1e-5
 
 
 def test_objective_backward_reaches_coarse_projections():

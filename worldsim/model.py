@@ -19,8 +19,8 @@ API
       .frames_kv([(latents, actions, aug, start_frame, coarse), ...], past_kv) -> [new_kv per part]
           several groups (coarse first) in one pass, e.g. a frame entering L2 + the window re-encoded.
       The cached entry points (forward_frames, predict_frame, frame_kv, frames_kv) run an
-      inference twin of the blocks (FARBlock.infer): same math as forward(), with memoised
-      per-frame adaLN modulations and RoPE tables, one additive mask per call and the cache
+      inference twin of the blocks (FARBlock.infer): same math as forward(), with per-frame adaLN
+      modulations (memoised on the CPU) and RoPE tables, one additive mask per call and the cache
       attended in place (KVBuffer) - training (forward) is untouched.
       .null_action: int  (= num_actions, the CFG null class)
     pick_device(device=None) -> torch.device (DeviceError where it is not here);  autocast(device) -> context manager (bf16 on CUDA)
