@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -148,3 +149,24 @@ def test_sharpness_probe_replays_the_eval_turn_probe_and_measures_motion(tmp_pat
     stripes[:, :, ::2] = 200
     assert module.gradient_energy(still) == 0
     assert module.gradient_energy(stripes) == 110.0  # every horizontal step changes by 110, no vertical one
+
+
+def test_probe_play_scores_dream_v0_against_reality_on_the_same_walks(tmp_path):
+    """scripts/probe_play.py plays each maze through Dream-v0 with the real simulator beside it:
+    the same checkpoint twice gets the same walks and frames, so its paired difference is 0."""
+    from _eval_fixtures import save_tiny_checkpoint
+
+    data = record_tiny_dataset(tmp_path / "nav", episodes=2, length=12)
+    ck = str(save_tiny_checkpoint(tmp_path / "ck"))
+    script = SCRIPT.parent / "probe_play.py"
+    res = subprocess.run([sys.executable, str(script), ck, ck, "--data", str(data), "--mazes", "3",
+                          "--context", "3", "--frames", "20", "--precision", "fp32"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "has 2 episodes, fewer than --mazes 3" in res.stdout
+    rows = [line for line in res.stdout.splitlines() if line.startswith(f"| {ck} |")]
+    assert len(rows) == 3, res.stdout  # two score rows, one difference row
+    scores = [float(x) for x in rows[0].split("|")[2:-1]]  # all, frame 1, 2-16, 17-20, sharpness, motion
+    assert len(scores) == 6 and all(np.isfinite(scores)) and 0 < scores[0] < 100, rows[0]
+    assert rows[0] == rows[1]
+    assert rows[2].split("|")[2].strip() == "+0.00" and "0 of 2" in rows[2]

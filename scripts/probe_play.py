@@ -1,0 +1,119 @@
+"""Research probe: play as `play.py` plays it, each dream frame scored against the real simulator.
+
+Not part of the product. `worldsim eval`'s play-like check (`--context 4 --generate 64`) starts
+from the first frames of recorded navigator episodes and follows their actions. A game starts
+otherwise: `worldsim/Dream-v0` makes its context from the simulator (a reset frame, then
+`turn_left`, `--context` frames in all), and the player walks where they like. This probe runs
+Dream-v0 with `reality=True` on the maze seeds of a dataset's first episodes and gives every
+checkpoint the same actions per maze: forward / turn_left / turn_right (0.5 / 0.25 / 0.25), each
+held 1-4 steps, drawn from a generator seeded with 1000 + the maze's index. For each checkpoint it prints:
+- mean PSNR against reality over all frames and by frame range (mean over mazes);
+- sharpness and motion relative to reality (1 = as in reality);
+- against the first checkpoint, the paired difference over mazes with a 95% bootstrap interval.
+
+    python scripts/probe_play.py checkpoints/maze-far-small runs/s23/c64 --data data/maze-val-nav --mazes 16
+
+Session 23 measured with its throwaway predecessor, which drew the same actions: the shipped
+checkpoint scored 12.83 at `--context 4` on the 16 mazes of `data/maze-val-nav`.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from worldsim import metrics
+from worldsim.dataset import Dataset
+from worldsim.dream_env import DreamEnv
+
+RANGES = ((0, 1), (1, 16), (16, 32), (32, 64))  # frame index ranges [lo, hi) of the printed columns
+WALK = {"forward": 0.5, "turn_left": 0.25, "turn_right": 0.25}
+
+
+def walk(action_names: tuple[str, ...] | list[str], frames: int, maze_index: int) -> list[int]:
+    """The held random actions of one maze: the same for every checkpoint with these action names."""
+    rng = np.random.default_rng(1000 + maze_index)
+    names = list(WALK)
+    actions: list[int] = []
+    while len(actions) < frames:
+        name = rng.choice(names, p=list(WALK.values()))
+        actions += [list(action_names).index(str(name))] * int(rng.integers(1, 5))
+    return actions[:frames]
+
+
+def play(checkpoint: str, maze_seeds: list[int], context: int, frames: int, cache: str,
+         precision: str) -> dict:
+    """Per maze: PSNR per frame against reality; over all mazes: sharpness and motion ratios."""
+    env = DreamEnv(checkpoint=checkpoint, context_frames=context, reality=True, precision=precision,
+                   cache_mode=cache)
+    missing = [n for n in WALK if n not in env.action_names]
+    if missing:
+        raise SystemExit(f"{checkpoint}: the walk needs actions {missing}; the checkpoint has {env.action_names}")
+    psnr, detail, change = [], ([], []), ([], [])
+    for i, maze_seed in enumerate(maze_seeds):
+        first, _ = env.reset(seed=i, options={"maze_seed": int(maze_seed)})
+        dream, real = [], []
+        for action in walk(env.action_names, frames, i):
+            obs, _, _, _, info = env.step(action)
+            dream.append(obs)
+            real.append(info["reality_frame"])
+        dream_a, real_a = np.stack(dream), np.stack(real)
+        psnr.append(metrics.psnr(dream_a, real_a))
+        detail[0].append(metrics.detail(dream_a))
+        detail[1].append(metrics.detail(real_a))
+        change[0].append(metrics.frame_change(dream_a, first))
+        change[1].append(metrics.frame_change(real_a, first))  # the same last context frame before both
+    env.close()
+    return {"psnr": psnr, "sharpness": metrics.ratio_to_truth(*detail), "motion": metrics.ratio_to_truth(*change)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", help="checkpoint folders; the first is the baseline of the differences")
+    p.add_argument("--data", default="data/maze-val-nav", help="dataset whose episodes' maze seeds are played")
+    p.add_argument("--split", default=None, help="only this split of --data (train, val, test)")
+    p.add_argument("--mazes", type=int, default=16, help="how many of its first episodes' mazes")
+    p.add_argument("--context", type=int, default=4, help="frames of the look-around a game starts from "
+                   "(Dream-v0's context_frames; play's default is 4)")
+    p.add_argument("--frames", type=int, default=64, help="frames played after it")
+    p.add_argument("--cache", default="multilevel-fast", help="cache mode (play's default: multilevel-fast)")
+    p.add_argument("--precision", default="auto", help="transformer arithmetic on the CPU (play's default: auto, "
+                   "bf16 where the CPU has it)")
+    args = p.parse_args(argv)
+    if args.mazes < 1 or args.context < 1 or args.frames < 1:
+        p.error("--mazes, --context and --frames must be >= 1")
+    episodes = list(Dataset(args.data, split=args.split))[: args.mazes]
+    seeds = [ep.maze_seed for ep in episodes]
+    if not seeds or any(s is None for s in seeds):
+        p.error(f"{args.data}: its episodes must carry maze seeds (recorded with the embedded maze)")
+    if len(seeds) < args.mazes:
+        print(f"note: {args.data} has {len(seeds)} episodes, fewer than --mazes {args.mazes}")
+
+    results = []
+    for ck in args.checkpoints:
+        start = time.perf_counter()
+        results.append(play(ck, seeds, args.context, args.frames, args.cache, args.precision))
+        print(f"{ck}: {time.perf_counter() - start:.0f} s", flush=True)
+    ranges = [(lo, min(hi, args.frames)) for lo, hi in RANGES if lo < args.frames]
+    labels = [f"frame {lo + 1}" if hi - lo == 1 else f"frames {lo + 1}-{hi}" for lo, hi in ranges]
+    print(f"\n{len(seeds)} mazes of {args.data}, context {args.context}, {args.frames} frames, "
+          f"cache {args.cache}, {args.precision}; PSNR in dB against the simulator (mean over mazes)\n")
+    print("| checkpoint | all frames | " + " | ".join(labels) + " | sharpness | motion |")
+    print("|---|---|" + "---|" * len(labels) + "---|---|")
+    for ck, r in zip(args.checkpoints, results):
+        cells = [f"{np.mean([x.mean() for x in r['psnr']]):.2f}"]
+        cells += [f"{np.mean([x[lo:hi].mean() for x in r['psnr']]):.2f}" for lo, hi in ranges]
+        cells += [f"{r['sharpness']:.2f}", f"{r['motion']:.2f}"]
+        print(f"| {ck} | " + " | ".join(cells) + " |")
+    if len(results) > 1:
+        print(f"\n| checkpoint - {args.checkpoints[0]} | dB | 95% interval | mazes ahead |\n|---|---|---|---|")
+        for ck, r in zip(args.checkpoints[1:], results[1:]):
+            g = metrics.paired_gap(r["psnr"], results[0]["psnr"], pooled=False)
+            interval = "n/a" if g["ci_low"] is None else f"{g['ci_low']:+.2f} .. {g['ci_high']:+.2f}"
+            print(f"| {ck} | {g['gap']:+.2f} | {interval} | {g['episodes_positive']} of {g['episodes']} |")
+
+
+if __name__ == "__main__":
+    main()
