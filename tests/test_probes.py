@@ -152,21 +152,34 @@ def test_sharpness_probe_replays_the_eval_turn_probe_and_measures_motion(tmp_pat
 
 
 def test_probe_play_scores_dream_v0_against_reality_on_the_same_walks(tmp_path):
-    """scripts/probe_play.py plays each maze through Dream-v0 with the real simulator beside it:
-    the same checkpoint twice gets the same walks and frames, so its paired difference is 0."""
+    """scripts/probe_play.py plays each maze through Dream-v0 with the real simulator beside it.
+    Every checkpoint gets the same walks: the baseline against itself differs by exactly 0, and
+    another checkpoint's paired difference is the difference of the two means over mazes."""
     from _eval_fixtures import save_tiny_checkpoint
 
     data = record_tiny_dataset(tmp_path / "nav", episodes=2, length=12)
-    ck = str(save_tiny_checkpoint(tmp_path / "ck"))
+    base, other = str(save_tiny_checkpoint(tmp_path / "a")), str(save_tiny_checkpoint(tmp_path / "b", seed=1))
     script = SCRIPT.parent / "probe_play.py"
-    res = subprocess.run([sys.executable, str(script), ck, ck, "--data", str(data), "--mazes", "3",
-                          "--context", "3", "--frames", "20", "--precision", "fp32"],
+    res = subprocess.run([sys.executable, str(script), base, base, other, "--data", str(data), "--mazes", "3",
+                          "--context", "3", "--frames", "20", "--precision", "fp32", "--device", "cpu"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "has 2 episodes, fewer than --mazes 3" in res.stdout
-    rows = [line for line in res.stdout.splitlines() if line.startswith(f"| {ck} |")]
-    assert len(rows) == 3, res.stdout  # two score rows, one difference row
-    scores = [float(x) for x in rows[0].split("|")[2:-1]]  # all, frame 1, 2-16, 17-20, sharpness, motion
-    assert len(scores) == 6 and all(np.isfinite(scores)) and 0 < scores[0] < 100, rows[0]
-    assert rows[0] == rows[1]
-    assert rows[2].split("|")[2].strip() == "+0.00" and "0 of 2" in rows[2]
+    assert "| frame 1 | frames 2-16 | frames 17-20 | sharpness | motion |" in res.stdout
+    scores_part, diff_part = res.stdout.split("| checkpoint - ")
+    scores = [[float(x) for x in line.split("|")[2:-1]] for line in scores_part.splitlines()
+              if line.startswith(f"| {tmp_path}")]  # base, base, other: all, frame 1, 2-16, 17-20, sharpness, motion
+    diffs = [line.split("|")[1:-1] for line in diff_part.splitlines()[2:] if line.startswith("| ")]
+    assert len(scores) == 3 and len(diffs) == 2, res.stdout
+    assert all(len(row) == 6 and all(np.isfinite(row)) for row in scores) and 0 < scores[0][0] < 100
+    assert scores[0] == scores[1] and scores[2] != scores[0]  # the same walks and frames twice; another model
+    assert diffs[0][0].strip() == base and diffs[0][1].strip() == "+0.00" and "0 of 2" in diffs[0][3]
+    assert diffs[1][0].strip() == other and abs(float(diffs[1][1]) - (scores[2][0] - scores[0][0])) <= 0.011
+
+
+def test_probe_play_names_a_missing_checkpoint_in_one_line(tmp_path):
+    data = record_tiny_dataset(tmp_path / "nav", episodes=1, length=8)
+    res = subprocess.run([sys.executable, str(SCRIPT.parent / "probe_play.py"), str(tmp_path / "nope"),
+                          "--data", str(data), "--mazes", "1"], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert res.stderr.strip().startswith("probe_play: ") and "nope" in res.stderr and "not found" in res.stderr
