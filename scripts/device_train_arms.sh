@@ -25,10 +25,10 @@
 # FINAL_S (default 20).
 # Measured on an H200 (session 23, seq 64, batch 64, `runs/s23/gpu*/`): three arms side by side
 # ran at 12.5 (6 x 256), 10.4 (8 x 256) and 0.7 steps/s (the rollout objective: its steps ran
-# ~18x slower than plain ones; session 24: 0.75 steps/s without the adaLN memo on the GPU),
-# with 82-98% GPU use; one 6 x 256 arm alone ran at 14.0 steps/s (nvidia-smi's one reading
-# during training: 38%), so one arm leaves most of the GPU idle. Session 24, the same three
-# kinds of arm: 10.8 (6 x 256), 9.6 (8 x 256) and 0.67 steps/s (steps in 400 s), 74-100% GPU use. The
+# ~18x slower than plain ones), with 82-98% GPU use (means of the logged steps_per_s); one
+# 6 x 256 arm alone ran at 14.0 steps/s (nvidia-smi's one reading during training: 38%), so one
+# arm leaves most of the GPU idle. Session 24, the same three kinds of arm, the rollout one
+# without the adaLN memo on the GPU: 11.4, 10.1 and 0.68 steps/s, 74-100% GPU use. The
 # machine's start and the transfers took ~50 s of device time each call (session 17: 336 s), so
 # two calls fitted one lease.
 set -x

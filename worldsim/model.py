@@ -749,9 +749,10 @@ class FAR(nn.Module):
     def _memoize_mods(device: torch.device) -> bool:
         """Whether inference memoises the modulations (`_frame_mods`): on the CPU only. The memo's
         `.tolist()` is a device-to-host copy, so on a GPU every forward would wait for the queue to
-        drain. Session 23 suspected it of the rollout objective's slow steps (~40 such forwards a
-        training step: 0.7 steps/s on an H200 beside two other arms, against 12.5 for a plain arm),
-        but without the memo session 24 measured the same 0.75 steps/s, so that cost lies elsewhere."""
+        drain. Session 23 suspected it of the rollout objective's slow steps (4 such forwards per
+        rolled frame, ~33 a training step: 0.69 steps/s on an H200 beside two other arms, against
+        12.5 for a plain arm), but without the memo session 24 measured 0.68, so that cost lies
+        elsewhere."""
         return device.type == "cpu"
 
     def _split_mods(self, outs: list[torch.Tensor], B: int, Fn: int) -> list:
