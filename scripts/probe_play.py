@@ -3,7 +3,8 @@
 Not part of the product. `worldsim eval`'s play-like check (`--context 4 --generate 64`) starts
 from the first frames of recorded navigator episodes and follows their actions. A game starts
 otherwise: `worldsim/Dream-v0` makes its context from the simulator (a reset frame, then
-`turn_left`, `--context` frames in all), and the player walks where they like. This probe runs
+`turn_left`, `--context` frames in all, after the checkpoint's `sampler.still_frames` copies of
+the reset frame), and the player walks where they like. This probe runs
 Dream-v0 with `reality=True` on the maze seeds of a dataset's first episodes and gives every
 checkpoint the same actions per maze: forward / turn_left / turn_right (0.5 / 0.25 / 0.25), each
 held 1-4 steps, drawn from a generator seeded with 1000 + the maze's index. For each checkpoint it prints:
@@ -47,10 +48,10 @@ def walk(action_names: tuple[str, ...] | list[str], frames: int, maze_index: int
 
 
 def play(checkpoint: str, maze_seeds: list[int], context: int, frames: int, cache: str,
-         precision: str, device: str | None, dataset_simulator: dict | None) -> dict:
+         precision: str, device: str | None, dataset_simulator: dict | None, still_frames: int | None = None) -> dict:
     """Per maze: PSNR per frame against reality; over all mazes: sharpness and motion ratios."""
-    env = DreamEnv(checkpoint=checkpoint, context_frames=context, reality=True, precision=precision,
-                   cache_mode=cache, device=device)
+    env = DreamEnv(checkpoint=checkpoint, context_frames=context, still_frames=still_frames, reality=True,
+                   precision=precision, cache_mode=cache, device=device)
     try:
         return _play(env, checkpoint, maze_seeds, frames, dataset_simulator)
     finally:
@@ -79,7 +80,7 @@ def _play(env: DreamEnv, checkpoint: str, maze_seeds: list[int], frames: int, da
         change[0].append(metrics.frame_change(dream_a, first))
         change[1].append(metrics.frame_change(real_a, first))  # the same last context frame before both
     return {"psnr": psnr, "sharpness": metrics.ratio_to_truth(*detail), "motion": metrics.ratio_to_truth(*change),
-            "ran": f"{env.world.device.type}, {env.world.precision}"}
+            "ran": f"{env.world.device.type}, {env.world.precision}, {env.still_frames} still frames"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mazes", type=int, default=16, help="how many of its first episodes' mazes")
     p.add_argument("--context", type=int, default=4, help="frames of the look-around a game starts from "
                    "(Dream-v0's context_frames; play's default is 4)")
+    p.add_argument("--still-frames", type=int, default=None, help="copies of the reset frame before the "
+                   "look-around (Dream-v0's still_frames; default: each checkpoint's sampler.still_frames)")
     p.add_argument("--frames", type=int, default=64, help="frames played after it")
     p.add_argument("--cache", default="multilevel-fast", help="cache mode (play's default: multilevel-fast)")
     p.add_argument("--precision", default="auto", help="transformer arithmetic on the CPU (play's default: auto, "
@@ -99,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.mazes < 1 or args.context < 1 or args.frames < 1:
         p.error("--mazes, --context and --frames must be >= 1")
+    if args.still_frames is not None and args.still_frames < 0:
+        p.error("--still-frames must be >= 0")
     try:
         ds = Dataset(args.data, split=args.split)
     except (DatasetError, ValueError) as exc:
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         try:
             results.append(play(ck, seeds, args.context, args.frames, args.cache, args.precision, args.device,
-                                ds.simulator))
+                                ds.simulator, args.still_frames))
         except (CheckpointNotFound, CheckpointError, SimulatorUnavailable, ValueError) as exc:
             sys.exit(f"probe_play: {ck}: {str(exc).splitlines()[0]}")
         print(f"{ck}: {time.perf_counter() - start:.0f} s ({results[-1]['ran']})", flush=True)

@@ -289,7 +289,8 @@ def test_a_sampler_setting_is_a_checkpoint_default_that_sessions_can_override(sa
 @pytest.mark.parametrize("key, value", [("shift", 0), ("shift", "3"), ("steps", 0), ("steps", 2.5),
                                         ("temperature", -1), ("temperature", "0.7"), ("temperature", True),
                                         ("cfg", float("nan")), ("cfg", "1.5"), ("generated_noise", 1.0),
-                                        ("context_noise", -0.1)])
+                                        ("context_noise", -0.1), ("still_frames", -1), ("still_frames", 2.0),
+                                        ("still_frames", True)])
 def test_bad_sampler_settings_name_the_file(saved, key, value):
     _, path = saved
     config = json.loads((path / "config.json").read_text())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,41 @@ def test_info_reports_cache_growth(tiny_world):
     assert rows[-1]["l1_frames"] <= window
     assert rows[-1]["cache_bytes"] > rows[0]["cache_bytes"]
     env.close()
+
+
+def _contexts_given(env: DreamEnv, monkeypatch, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The frames and actions a reset hands the world model, and the reset's info."""
+    given = []
+    real = env.world.new_session
+    monkeypatch.setattr(env.world, "new_session", lambda f, a, **kw: given.append((f, a)) or real(f, a, **kw))
+    _, info = env.reset(seed=seed)
+    monkeypatch.undo()
+    return (*given[0], info)
+
+
+def test_still_frames_put_a_standstill_before_the_start(tiny_world, tiny_ckpt, tmp_path, monkeypatch):
+    """A player who stood still: copies of the first context frame with noop, so that a model always trained
+    with a long-term memory starts with one; the checkpoint's sampler.still_frames is the default."""
+    noop = ACTIONS.index("noop")
+    plain, plain_actions, _ = _contexts_given(DreamEnv(world=tiny_world, context_frames=3), monkeypatch, 4)
+    env = DreamEnv(world=tiny_world, context_frames=3, still_frames=5)
+    frames, actions, info = _contexts_given(env, monkeypatch, 4)
+    assert frames.shape == (8, 64, 64, 3) and info["frame_index"] == 8
+    np.testing.assert_array_equal(frames[5:], plain)  # the same world and look-around after the standstill
+    np.testing.assert_array_equal(frames[:5], np.repeat(plain[:1], 5, axis=0))
+    assert actions.tolist() == [noop] * 5 + plain_actions.tolist()
+    env.step(1)  # the dream goes on from there
+
+    folder = tmp_path / "still"
+    shutil.copytree(tiny_ckpt, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["sampler"]["still_frames"] = 6
+    (folder / "config.json").write_text(json.dumps(config))
+    env = gym.make("worldsim/Dream-v0", checkpoint=str(folder), context_frames=2, device="cpu").unwrapped
+    assert env.still_frames == 6 and env.reset(seed=0)[1]["frame_index"] == 8
+    assert DreamEnv(world=env.world, still_frames=0).still_frames == 0  # a setting of the env overrides it
+    with pytest.raises(ValueError, match="still_frames must be an integer >= 0, got -1"):
+        DreamEnv(world=tiny_world, still_frames=-1)
 
 
 def test_reality_follows_the_same_actions(tiny_world):

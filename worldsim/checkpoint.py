@@ -16,7 +16,8 @@ API
 config.json keys: format, version, autoencoder (AutoencoderConfig), far (FARConfig), sampler
 (steps, cfg, shift, temperature, context_noise, generated_noise: the defaults of play, eval and
 Dream-v0; a config without shift samples with 1.0, the uniform grid, and one without temperature
-with 1.0, plain sampling), action_names, resolution [H, W], simulator ({"id", "settings"} or
+with 1.0, plain sampling; optional still_frames, default 0: the standstill Dream-v0, and so play,
+puts before a world's first frames, which eval does not use), action_names, resolution [H, W], simulator ({"id", "settings"} or
 null), data (training data summary), step, weights {file, bytes, dtypes}, extra.
 model.safetensors keys: "autoencoder.<name>" and "far.<name>" (the modules' state_dict keys).
 
@@ -326,6 +327,9 @@ def read_config(path: str | os.PathLike) -> dict:
     for name in ("cfg", "shift", "temperature", "context_noise", "generated_noise"):
         if name in sampler and (problem := setting_problem(name, sampler[name])):
             raise CheckpointError(path, f"{CONFIG_NAME}: sampler.{name} {problem}")
+    still = sampler.get("still_frames", 0)
+    if not isinstance(still, int) or isinstance(still, bool) or still < 0:
+        raise CheckpointError(path, f"{CONFIG_NAME}: sampler.still_frames must be an integer >= 0, got {still!r}")
     return config
 
 

@@ -9,7 +9,10 @@
 makes the first `context_frames` frames (a reset frame with `noop`, then `turn_left` so the model
 sees around itself; `context_policy="noop"` keeps still instead). With `dataset=` the context is
 the first frames of a recorded episode instead (`episode=` picks it; by default one is drawn
-from the seed). `step(action)` generates the next frame against the multi-level KV cache
+from the seed). `still_frames` copies of the first context frame (with `noop`) go before it, as if
+the player had stood still there: a transformer always trained with a long-term memory draws a
+start without one badly (session 24 of the model card). The default is the checkpoint's
+`sampler.still_frames` (0 where it has none); they count in `frame_index`. `step(action)` generates the next frame against the multi-level KV cache
 (`cache_mode="multilevel"`): memory grows by the L2 tokens of one frame per step, nothing else
 is kept per frame, so sessions of thousands of frames are fine.
 
@@ -130,6 +133,7 @@ class DreamEnv(gym.Env):
         render_mode: str | None = None,
         context_frames: int = 4,
         context_policy: str = "turn",
+        still_frames: int | None = None,
         dataset: str | os.PathLike | None = None,
         episode: int | str | None = None,
         cache_mode: str = "multilevel",
@@ -151,6 +155,9 @@ class DreamEnv(gym.Env):
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
         if int(context_frames) < 1:
             raise ValueError(f"context_frames must be >= 1, got {context_frames}")
+        if still_frames is not None and (isinstance(still_frames, bool) or not isinstance(still_frames, numbers.Integral)
+                                         or still_frames < 0):
+            raise ValueError(f"still_frames must be an integer >= 0, got {still_frames!r}")
         if context_policy not in CONTEXT_POLICIES:
             raise ValueError(f"context_policy must be one of {CONTEXT_POLICIES}, got {context_policy!r}")
         from worldsim.cache import CACHE_MODES  # (torch: loading the world imports it anyway)
@@ -186,6 +193,7 @@ class DreamEnv(gym.Env):
         else:
             self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.world = world
+        self.still_frames = int(still_frames if still_frames is not None else world.sampler.get("still_frames", 0))
         self.action_names: tuple[str, ...] = tuple(world.action_names)
         height, width = (int(v) for v in world.resolution)
         self.resolution = (height, width)
@@ -364,6 +372,9 @@ class DreamEnv(gym.Env):
             frames, actions = self._context_from_dataset(options.get("episode", self._episode))
         else:
             frames, actions = self._context_from_simulator(sim_seed, options.get("maze_seed"))
+        if self.still_frames:
+            frames = np.concatenate([np.repeat(frames[:1], self.still_frames, axis=0), frames])  # (P + K, H, W, 3)
+            actions = np.concatenate([np.full(self.still_frames, self._noop, dtype=np.int64), actions])
         self._session = None  # drop the previous cache before building the next one
         self._session = self.world.new_session(
             frames, actions, cache_mode=self.cache_mode, steps=self.steps, cfg=self.cfg, shift=self.shift,

@@ -82,6 +82,9 @@ class PlayConfig:
     scale: int = field(default=8, metadata={"help": "integer upscaling of frames on screen and in videos (64x64 -> 512x512)"})
     context_frames: int = field(default=4, metadata={
         "help": "frames the real simulator shows the model before it dreams (turning in place)"})
+    still_frames: int | None = field(default=None, metadata={
+        "help": "copies of the first of those frames put before them, as if the player had stood still: a "
+                "long-term memory to start from (default: the checkpoint's sampler.still_frames, else 0)"})
     cache_mode: Literal["multilevel-fast", "multilevel", "kv", "none", "sliding"] = field(default="multilevel-fast", metadata={
         "help": "KV cache used for generation. multilevel-fast (default): L1 short window + L2 compressed memory, "
                 "the window's keys/values computed once per frame and kept when it slides (not exact; no measurable "
@@ -326,8 +329,8 @@ def open_world(config: PlayConfig, reality: bool = True, log: Callable[[str], No
     path = resolve_checkpoint(checkpoint)
     log(f"worldsim play: loading the world model from {path} ...")
     try:
-        env = DreamEnv(checkpoint=path, context_frames=config.context_frames, dataset=config.dataset,
-                       episode=config.episode, cache_mode=config.cache_mode, steps=config.steps, cfg=config.cfg,
+        env = DreamEnv(checkpoint=path, context_frames=config.context_frames, still_frames=config.still_frames,
+                       dataset=config.dataset, episode=config.episode, cache_mode=config.cache_mode, steps=config.steps, cfg=config.cfg,
                        shift=config.shift, temperature=config.temperature, generated_noise=config.generated_noise,
                        device=config.device, precision=config.precision, reality=reality, timing=True)
     except ValueError as exc:  # e.g. a dataset with other actions or resolution than the checkpoint
@@ -780,6 +783,8 @@ def _check(config: PlayConfig) -> None:
         raise PlayError(f"--scale must be >= 1, got {config.scale}")
     if config.context_frames < 1:
         raise PlayError(f"--context-frames must be >= 1, got {config.context_frames}")
+    if config.still_frames is not None and config.still_frames < 0:
+        raise PlayError(f"--still-frames must be >= 0, got {config.still_frames}")
     if config.steps is not None and config.steps < 1:
         raise PlayError(f"--steps must be >= 1, got {config.steps}")
     from worldsim.sampler import setting_problem
@@ -790,7 +795,7 @@ def _check(config: PlayConfig) -> None:
             raise PlayError(f"--{name.replace('_', '-')} {problem}")
     if config.world == "sim":  # options that would be taken and silently do nothing
         dream_only = [f"--{name.replace('_', '-')}" for name in
-                      ("dataset", "episode", "steps", "cfg", "shift", "temperature", "generated_noise")
+                      ("dataset", "episode", "still_frames", "steps", "cfg", "shift", "temperature", "generated_noise")
                       if getattr(config, name) is not None]
         dream_only += ["--device"] * (config.device is not None) + ["--precision"] * (config.precision != "auto")
         dream_only += ["--context-frames"] * (config.context_frames != PlayConfig.context_frames)
