@@ -80,7 +80,7 @@ def _play(env: DreamEnv, checkpoint: str, maze_seeds: list[int], frames: int, da
         change[0].append(metrics.frame_change(dream_a, first))
         change[1].append(metrics.frame_change(real_a, first))  # the same last context frame before both
     return {"psnr": psnr, "sharpness": metrics.ratio_to_truth(*detail), "motion": metrics.ratio_to_truth(*change),
-            "ran": f"{env.world.device.type}, {env.world.precision}, {env.still_frames} still frames"}
+            "ran": f"{env.world.device.type}, {env.world.precision}", "still_frames": env.still_frames}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
                                 ds.simulator, args.still_frames))
         except (CheckpointNotFound, CheckpointError, SimulatorUnavailable, ValueError) as exc:
             sys.exit(f"probe_play: {ck}: {str(exc).splitlines()[0]}")
-        print(f"{ck}: {time.perf_counter() - start:.0f} s ({results[-1]['ran']})", flush=True)
+        print(f"{ck}: {time.perf_counter() - start:.0f} s ({results[-1]['ran']}, {results[-1]['still_frames']} still frames)",
+              flush=True)
     ranges = [(lo, args.frames if hi is None else min(hi, args.frames)) for lo, hi in RANGES if lo < args.frames]
     labels = [f"frame {lo + 1}" if hi - lo == 1 else f"frames {lo + 1}-{hi}" for lo, hi in ranges]
     print(f"\n{len(seeds)} mazes of {args.data}, context {args.context}, {args.frames} frames, "
