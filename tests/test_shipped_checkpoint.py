@@ -1,5 +1,5 @@
 """The checkpoint shipped in checkpoints/maze-far-small: what `python play.py`, `worldsim eval` and
-`worldsim/Dream-v0` load when given nothing. These tests load the real weights (47.6 MB)."""
+`worldsim/Dream-v0` load when given nothing. These tests load the real weights (29.4 MB)."""
 from __future__ import annotations
 
 import json
@@ -23,8 +23,8 @@ def _one_thread(one_torch_thread):
 
 def test_the_shipped_sampler_is_the_one_the_model_card_describes():
     sampler = json.loads((SHIPPED / "config.json").read_text())["sampler"]
-    assert {k: sampler[k] for k in ("steps", "cfg", "shift", "generated_noise")} == \
-        {"steps": 4, "cfg": 1.0, "shift": 2.0, "generated_noise": 0.25}
+    assert {k: sampler[k] for k in ("steps", "cfg", "shift", "generated_noise", "still_frames")} == \
+        {"steps": 4, "cfg": 1.0, "shift": 2.0, "generated_noise": 0.25, "still_frames": 44}
     assert sampler.get("temperature", 1.0) == 1.0  # no key: plain sampling
     from worldsim.world import WorldModel
 
