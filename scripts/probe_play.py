@@ -4,7 +4,7 @@ Not part of the product. `worldsim eval`'s play-like check (`--context 4 --gener
 from the first frames of recorded navigator episodes and follows their actions. A game starts
 otherwise: `worldsim/Dream-v0` makes its context from the simulator (a reset frame, then
 `turn_left`, `--context` frames in all, after the checkpoint's `sampler.still_frames` copies of
-the reset frame), and the player walks where they like. This probe runs
+the reset frame, or `--still-frames`), and the player walks where they like. This probe runs
 Dream-v0 with `reality=True` on the maze seeds of a dataset's first episodes and gives every
 checkpoint the same actions per maze: forward / turn_left / turn_right (0.5 / 0.25 / 0.25), each
 held 1-4 steps, drawn from a generator seeded with 1000 + the maze's index. For each checkpoint it prints:
@@ -48,7 +48,8 @@ def walk(action_names: tuple[str, ...] | list[str], frames: int, maze_index: int
 
 
 def play(checkpoint: str, maze_seeds: list[int], context: int, frames: int, cache: str,
-         precision: str, device: str | None, dataset_simulator: dict | None, still_frames: int | None = None) -> dict:
+         precision: str, device: str | None, dataset_simulator: dict | None,
+         still_frames: int | None = None) -> dict:
     """Per maze: PSNR per frame against reality; over all mazes: sharpness and motion ratios."""
     env = DreamEnv(checkpoint=checkpoint, context_frames=context, still_frames=still_frames, reality=True,
                    precision=precision, cache_mode=cache, device=device)

@@ -115,14 +115,20 @@ def test_still_frames_put_a_standstill_before_the_start(tiny_world, tiny_ckpt, t
     """A player who stood still: copies of the first context frame with noop, so that a model always trained
     with a long-term memory starts with one; the checkpoint's sampler.still_frames is the default."""
     noop = ACTIONS.index("noop")
-    plain, plain_actions, _ = _contexts_given(DreamEnv(world=tiny_world, context_frames=3), monkeypatch, 4)
-    env = DreamEnv(world=tiny_world, context_frames=3, still_frames=5)
+    env = DreamEnv(world=tiny_world, context_frames=3)
+    plain, plain_actions, _ = _contexts_given(env, monkeypatch, 4)
+    env.close()
+    env = DreamEnv(world=tiny_world, context_frames=3, still_frames=5, reality=True)
     frames, actions, info = _contexts_given(env, monkeypatch, 4)
-    assert frames.shape == (8, 64, 64, 3) and info["frame_index"] == 8
+    assert frames.shape == (8, 64, 64, 3) and info["frame_index"] == 8 and info["still_frames"] == 5
     np.testing.assert_array_equal(frames[5:], plain)  # the same world and look-around after the standstill
     np.testing.assert_array_equal(frames[:5], np.repeat(plain[:1], 5, axis=0))
     assert actions.tolist() == [noop] * 5 + plain_actions.tolist()
-    env.step(1)  # the dream goes on from there
+    np.testing.assert_array_equal(env._frame, plain[-1])  # play shows the last look-around frame
+    np.testing.assert_array_equal(info["reality_frame"], plain[-1])  # and reality stands where it ends
+    _, _, _, _, info = env.step(1)
+    assert info["frame_index"] == 9
+    env.close()
 
     folder = tmp_path / "still"
     shutil.copytree(tiny_ckpt, folder)
@@ -132,8 +138,15 @@ def test_still_frames_put_a_standstill_before_the_start(tiny_world, tiny_ckpt, t
     env = gym.make("worldsim/Dream-v0", checkpoint=str(folder), context_frames=2, device="cpu").unwrapped
     assert env.still_frames == 6 and env.reset(seed=0)[1]["frame_index"] == 8
     assert DreamEnv(world=env.world, still_frames=0).still_frames == 0  # a setting of the env overrides it
+    env.close()
     with pytest.raises(ValueError, match="still_frames must be an integer >= 0, got -1"):
         DreamEnv(world=tiny_world, still_frames=-1)
+    monkeypatch.setitem(tiny_world.sampler, "still_frames", 2.5)  # a world built in memory, not loaded and checked
+    with pytest.raises(ValueError, match="the checkpoint's sampler.still_frames must be an integer >= 0, got 2.5"):
+        DreamEnv(world=tiny_world)
+    monkeypatch.setattr(tiny_world, "action_names", ("action_0", *ACTIONS[1:]))  # DMLab's names: no noop
+    with pytest.raises(ValueError, match="still_frames=3 needs a 'noop' action"):
+        DreamEnv(world=tiny_world, still_frames=3)
 
 
 def test_reality_follows_the_same_actions(tiny_world):
@@ -181,6 +194,12 @@ def test_starts_from_a_dataset_episode(tiny_world, tmp_path):
     obs, _, _, _, info = env.step(actions[4])
     assert obs.shape == (64, 64, 3)
     assert np.abs(info["reality_frame"].astype(int) - video[4].astype(int)).mean() < 2.0
+    env.close()
+    # with a standstill before it: the episode's first frame repeated, the rest as before
+    env = DreamEnv(world=tiny_world, dataset=tmp_path, episode=0, context_frames=4, reality=True, still_frames=2)
+    obs, info = env.reset(seed=0)
+    np.testing.assert_array_equal(obs, video[3])
+    assert info["frame_index"] == 6 and np.abs(info["reality_frame"].astype(int) - video[3].astype(int)).mean() < 2.0
     env.close()
 
 

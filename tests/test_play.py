@@ -1,7 +1,9 @@
 """`worldsim play`: the pygame loop (scripted keys, dummy video driver), headless mode, keymaps."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -176,12 +178,27 @@ def test_headless_unknown_action_names_file_and_line(tiny_ckpt, tmp_path, capsys
 
 def test_headless_benchmark_reports_fps(tiny_ckpt, capsys):
     code = cli.main(["play", "--checkpoint", str(tiny_ckpt), "--benchmark", "--actions", "random:21",
-                     "--context-frames", "1"])
+                     "--context-frames", "1", "--still-frames", "3"])
     assert code == 0
     out = capsys.readouterr().out
     assert "frame    20" in out and "fps" in out and "resident memory" in out
     assert "cache multilevel-fast," in out and "precision " in out and "shift 1.0," in out
-    assert "temperature 1.0," in out
+    assert "temperature 1.0," in out and "still frames 3," in out
+    assert "(model frame index 24)" in out  # the standstill counts in the model's frames, not in the played ones
+
+
+def test_still_frames_reach_the_dream_from_the_option_or_the_checkpoint(tiny_ckpt, tmp_path):
+    folder = tmp_path / "still"
+    shutil.copytree(tiny_ckpt, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["sampler"]["still_frames"] = 5
+    (folder / "config.json").write_text(json.dumps(config))
+    for checkpoint, option, expected in ((tiny_ckpt, None, 0), (tiny_ckpt, 2, 2), (folder, None, 5), (folder, 0, 0)):
+        world = open_world(PlayConfig(checkpoint=str(checkpoint), still_frames=option, device="cpu"), reality=False,
+                           log=lambda _: None)
+        _, info = world.env.reset(seed=0)
+        assert world.env.unwrapped.still_frames == expected and info["frame_index"] == 4 + expected
+        world.env.close()
 
 
 @pytest.mark.parametrize("mode, refreshes_window", [(None, False), ("multilevel", True)])

@@ -36,6 +36,7 @@ def test_dream_v0_with_no_arguments_dreams_the_shipped_maze_model():
     try:
         obs, info = env.reset(seed=0)
         assert obs.shape == (64, 64, 3) and obs.dtype == np.uint8
+        assert info["still_frames"] == 44 and info["frame_index"] == 48  # the standstill, then 4 look-around frames
         frames = [env.step(env.unwrapped.action_names.index(a))[0]
                   for a in ("forward", "turn_left", "turn_left", "forward")]
     finally:

@@ -9,9 +9,9 @@
 makes the first `context_frames` frames (a reset frame with `noop`, then `turn_left` so the model
 sees around itself; `context_policy="noop"` keeps still instead). With `dataset=` the context is
 the first frames of a recorded episode instead (`episode=` picks it; by default one is drawn
-from the seed). `still_frames` copies of the first context frame (with `noop`) go before it, as if
-the player had stood still there: a transformer always trained with a long-term memory draws a
-start without one badly (session 24 of the model card). The default is the checkpoint's
+from the seed). `still_frames` copies of the first context frame (with `noop`) go before it, as
+if the player had stood still there: a transformer always trained with a long-term memory draws
+a start without one badly (session 24 of the model card). The default is the checkpoint's
 `sampler.still_frames` (0 where it has none); they count in `frame_index`. `step(action)` generates the next frame against the multi-level KV cache
 (`cache_mode="multilevel"`): memory grows by the L2 tokens of one frame per step, nothing else
 is kept per frame, so sessions of thousands of frames are fine.
@@ -23,7 +23,7 @@ the sampler's noise seed is drawn from the env's `np_random`.
 
 `info`: `frame_index`, `action` (name), `l1_frames`, `l1_tokens`, `l2_frames`, `l2_tokens`,
 `cache_bytes`, `steps` (sampling steps), `shift` (the sampler's timestep shift), `temperature` (the scale of its
-initial noise), `generated_noise` (the level given to generated frames entering the context), `cache_mode`, `precision` (the transformer's CPU
+initial noise), `generated_noise` (the level given to generated frames entering the context), `still_frames`, `cache_mode`, `precision` (the transformer's CPU
 arithmetic, `worldsim.world.PRECISIONS`; eval and this env default to fp32, play to auto), `maze_seed` where known, and with `timing=True`
 `gen_time_s` (seconds to generate this frame). Timing is opt-in because a wall-clock
 measurement never repeats, and `check_env` demands that the same seed and actions give equal
@@ -193,7 +193,11 @@ class DreamEnv(gym.Env):
         else:
             self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.world = world
-        self.still_frames = int(still_frames if still_frames is not None else world.sampler.get("still_frames", 0))
+        if still_frames is None:  # checked on load for a checkpoint folder, not for a world built in memory
+            still_frames = world.sampler.get("still_frames", 0)
+            if isinstance(still_frames, bool) or not isinstance(still_frames, numbers.Integral) or still_frames < 0:
+                raise ValueError(f"the checkpoint's sampler.still_frames must be an integer >= 0, got {still_frames!r}")
+        self.still_frames = int(still_frames)
         self.action_names: tuple[str, ...] = tuple(world.action_names)
         height, width = (int(v) for v in world.resolution)
         self.resolution = (height, width)
@@ -204,6 +208,9 @@ class DreamEnv(gym.Env):
             self._noop = self.action_names.index("noop")
         else:  # a vocabulary without noop (e.g. DMLab's action_0..): the first action stands in
             self._noop = 0
+            if self.still_frames:  # that action may move: "acted, and nothing changed" would teach nothing true
+                raise ValueError(f"still_frames={self.still_frames} needs a 'noop' action; the checkpoint has "
+                                 f"{', '.join(self.action_names)}")
 
         self._dataset = None
         self._episode = episode
@@ -326,6 +333,7 @@ class DreamEnv(gym.Env):
             "shift": float(getattr(getattr(session, "sampler", None), "shift", 1.0)),
             "temperature": float(getattr(getattr(session, "sampler", None), "temperature", 1.0)),
             "generated_noise": float(getattr(session, "generated_noise", 0.0)),
+            "still_frames": self.still_frames,
             "cache_mode": self.cache_mode,
             "precision": getattr(self.world, "precision", "fp32"),
         }

@@ -330,7 +330,8 @@ def open_world(config: PlayConfig, reality: bool = True, log: Callable[[str], No
     log(f"worldsim play: loading the world model from {path} ...")
     try:
         env = DreamEnv(checkpoint=path, context_frames=config.context_frames, still_frames=config.still_frames,
-                       dataset=config.dataset, episode=config.episode, cache_mode=config.cache_mode, steps=config.steps, cfg=config.cfg,
+                       dataset=config.dataset, episode=config.episode, cache_mode=config.cache_mode,
+                       steps=config.steps, cfg=config.cfg,
                        shift=config.shift, temperature=config.temperature, generated_noise=config.generated_noise,
                        device=config.device, precision=config.precision, reality=reality, timing=True)
     except ValueError as exc:  # e.g. a dataset with other actions or resolution than the checkpoint
@@ -700,6 +701,7 @@ class HeadlessResult:
     shift: float | None = None
     generated_noise: float | None = None
     temperature: float | None = None
+    still_frames: int | None = None
 
 
 def run_headless(config: PlayConfig, world: World | None = None, log: Callable[[str], None] | None = None) -> HeadlessResult:
@@ -759,7 +761,7 @@ def run_headless(config: PlayConfig, world: World | None = None, log: Callable[[
     out = recorder.close() if recorder is not None else None
     return HeadlessResult(len(actions), out, seconds, bench, resident_memory_bytes(), world.label,
                           info.get("steps"), info.get("precision"), info.get("shift"), info.get("generated_noise"),
-                          info.get("temperature"))
+                          info.get("temperature"), info.get("still_frames"))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -838,7 +840,7 @@ def main(args: argparse.Namespace) -> int:
 
                 print(f"benchmark: {result.label}, sampling steps {result.steps}, shift {result.shift}, "
                       f"temperature {result.temperature}, "
-                      f"generated noise {result.generated_noise}, "
+                      f"generated noise {result.generated_noise}, still frames {result.still_frames}, "
                       f"cache {config.cache_mode}, "
                       f"precision {result.precision}, torch threads {torch.get_num_threads()}")
             for row in result.benchmark:

@@ -1360,7 +1360,7 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
         trainer.log(f"far: weights initialised from {where} (fresh optimizer{grown})")
         if not _same_encoder(init_ck.autoencoder, ae):
             trainer.log(f"note: the autoencoder's encoder differs from {where}'s: the FAR weights adapt to new latents")
-    # A fine-tune exports the sampling defaults (steps, CFG) its starting checkpoint ships with: they were
+    # A fine-tune exports the sampling defaults (steps, CFG, still frames, ...) its starting checkpoint ships with: they were
     # chosen for those weights, and the trainer's generic defaults would silently change how it plays.
     # On --resume the run's own export already carries them, and the --far-init folder may be gone.
     init_sampler = None
