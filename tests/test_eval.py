@@ -534,6 +534,33 @@ def test_generated_noise_option_reaches_every_generating_session_and_the_results
         run_eval(EvalConfig(**{**cfg.__dict__, "generated_noise": 1.5}), world=FakeWorld())
 
 
+def test_still_frames_go_before_the_context_of_every_generated_condition_only(tiny_data, tmp_path):
+    """--still-frames starts the generated conditions (and the memory control) as play starts a game: copies
+    of the episode's first frame before its context. Teacher forcing and the probes keep the frames given."""
+    cfg = EvalConfig(data=str(tiny_data), out=str(tmp_path / "p"), episodes=1, context=12, generate=4, videos=0,
+                     probe_episodes=1, probe_forward=2, progress=False, still_frames=3)
+    world = FakeWorld()
+    res = run_eval(cfg, world=world)
+    lengths = [len(c) for c in world.contexts]
+    generated = [c for c in world.contexts if len(c) == 15]
+    assert len(generated) == len(evaluate.GEN_CONDITIONS) + 1  # the conditions and the memory control
+    for c in generated:
+        np.testing.assert_array_equal(c[:4], np.repeat(c[3:4], 4, axis=0))  # 3 copies, then the first frame
+    assert 12 in lengths and cfg.probe_context in lengths  # teacher forcing, the probes: as given
+    assert res["config"]["still_frames"] == 3
+    assert "still frames before the context = 3" in (tmp_path / "p" / "results.md").read_text()
+    plain = FakeWorld()
+    run_eval(EvalConfig(**{**cfg.__dict__, "still_frames": 0, "out": str(tmp_path / "q")}), world=plain)
+    assert 15 not in [len(c) for c in plain.contexts]
+    assert "still frames" not in (tmp_path / "q" / "results.md").read_text()
+    with pytest.raises(EvalError, match="--still-frames must be >= 0, got -1"):
+        run_eval(EvalConfig(**{**cfg.__dict__, "still_frames": -1}), world=FakeWorld())
+    no_noop = FakeWorld()
+    no_noop.action_names = ("action_0", *no_noop.action_names[1:])
+    with pytest.raises(EvalError, match="--still-frames 3 needs a 'noop' action"):
+        run_eval(cfg, world=no_noop)
+
+
 def test_precision_option_loads_the_transformer_in_bf16_and_says_so(tiny_data, tiny_checkpoint, tmp_path):
     """--precision bf16 (what play uses by default on CPUs with native bf16) is recorded with the
     results; the default stays exact fp32."""

@@ -135,6 +135,10 @@ class EvalConfig:
     generated_noise: float | None = field(default=None, metadata={
         "help": "noise level in [0, 1) given to the frames the model generates before they enter its context (they "
                 "are labelled with it, as training labels noised context); 0 = off (default: the checkpoint's)"})
+    still_frames: int = field(default=0, metadata={
+        "help": "copies of each episode's first frame, with noop, put before the context of every generated "
+                "condition, as play's start gives (play takes the checkpoint's sampler.still_frames); not for "
+                "teacher forcing or the probes; 0 = the frames given, as the bars are scored"})
     seed: int = field(default=0, metadata={"help": "base seed; each session uses seed + episode index"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: picked automatically)"})
     precision: Literal["fp32", "bf16", "auto"] = field(default="fp32", metadata={
@@ -387,9 +391,16 @@ def _trained_on(path: Path, config: dict) -> bool:
 
 def generate(world: Any, video: np.ndarray, actions: np.ndarray, context: int, count: int, cache_mode: str,
              steps: int | None, cfg: float | None, seed: int, bar: Any = None, shift: float | None = None,
-             generated_noise: float | None = None, temperature: float | None = None) -> np.ndarray:
-    """G frames generated after the first `context` frames from the recorded actions."""
-    session = world.new_session(video[:context], actions[:context], cache_mode=cache_mode, steps=steps,
+             generated_noise: float | None = None, temperature: float | None = None,
+             still_frames: int = 0) -> np.ndarray:
+    """G frames generated after the first `context` frames from the recorded actions (after
+    `still_frames` copies of the first frame with noop, as Dream-v0 starts a game)."""
+    frames, acts = video[:context], actions[:context]
+    if still_frames:
+        noop = list(world.action_names).index("noop")  # checked by evaluate()
+        frames = np.concatenate([np.repeat(video[:1], still_frames, axis=0), frames])  # (P + K, H, W, 3)
+        acts = np.concatenate([np.full(still_frames, noop, dtype=np.int64), acts])
+    session = world.new_session(frames, acts, cache_mode=cache_mode, steps=steps,
                                 cfg=cfg, seed=seed, shift=shift, generated_noise=generated_noise,
                                 temperature=temperature)
     out = np.empty((count, *video.shape[1:]), dtype=np.uint8)
@@ -885,6 +896,7 @@ def results_markdown(res: dict[str, Any]) -> str:
                  f"temperature = {cfgd.get('sampler_used', cfgd).get('temperature', 1.0)}, "
                  f"generated noise = {cfgd.get('sampler_used', cfgd).get('generated_noise') or 0.0}, seed = {cfgd['seed']}, "
                  f"long-context cache = {cfgd.get('long_cache', 'multilevel')}"
+                 + (f", still frames before the context = {cfgd['still_frames']}" if cfgd.get("still_frames") else "")
                  + (f", precision = {cfgd['precision_used']}" if cfgd.get("precision_used") else "") + ". "
                  f"LPIPS: {res['metrics']['lpips']['status']}.")
     for note in res.get("notes") or []:
@@ -1017,6 +1029,8 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
         raise EvalError("--context and --generate must be >= 1")
     if cfg.steps is not None and cfg.steps < 1:
         raise EvalError(f"--steps must be >= 1, got {cfg.steps}")
+    if cfg.still_frames < 0:
+        raise EvalError(f"--still-frames must be >= 0, got {cfg.still_frames}")
     from worldsim.sampler import setting_problem
 
     for name in ("cfg", "shift", "temperature", "generated_noise"):
@@ -1047,6 +1061,9 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
         checkpoint_path = resolve_checkpoint(cfg.checkpoint)
         world = WorldModel.load(checkpoint_path, device=cfg.device, precision=cfg.precision)
     window = model_window(world)
+    if cfg.still_frames and "noop" not in world.action_names:  # the first action may move
+        raise EvalError(f"--still-frames {cfg.still_frames} needs a 'noop' action; the checkpoint has "
+                        f"{', '.join(world.action_names)}")
 
     ok, why = metrics.lpips_status()
     lpips = None
@@ -1121,7 +1138,7 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             for mode in GEN_CONDITIONS:
                 gens[mode] = generate(world, truth, acts, cfg.context, cfg.generate, _cache_of(mode, cfg), cfg.steps,
                                       cfg.cfg, seed, bar, shift=cfg.shift, generated_noise=cfg.generated_noise,
-                                      temperature=cfg.temperature)
+                                      temperature=cfg.temperature, still_frames=cfg.still_frames)
             donor_id = None
             if control == "on":
                 donor = memory_donor(donors, donors.index(info))
@@ -1130,7 +1147,7 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
                 gens[MEMORY_CONTROL] = generate(world, swapped, swapped_acts, cfg.context, cfg.generate,
                                                 _cache_of("multilevel", cfg), cfg.steps, cfg.cfg, seed, bar,
                                                 shift=cfg.shift, generated_noise=cfg.generated_noise,
-                                                temperature=cfg.temperature)
+                                                temperature=cfg.temperature, still_frames=cfg.still_frames)
                 donor_id = donor.id
             timing["generate_s"] += time.perf_counter() - t0
             timing["frames"] += cfg.generate * len(gen_names)
