@@ -151,8 +151,11 @@ def main() -> None:
     if not table:
         raise SystemExit(f"{new_file} and {old_file}: no condition in common to compare")
 
-    print(f"new: {new['config'].get('checkpoint')} ({new_file})")
-    print(f"old: {old['config'].get('checkpoint')} ({old_file})")
+    # still frames change how the generated conditions start, not which frames are scored: a comparison
+    # of two starts is fair, but say which each had (results written before the option had none)
+    still = [r["config"].get("still_frames", 0) for r in (new, old)]
+    print(f"new: {new['config'].get('checkpoint')} ({new_file})" + (f", {still[0]} still frames" if any(still) else ""))
+    print(f"old: {old['config'].get('checkpoint')} ({old_file})" + (f", {still[1]} still frames" if any(still) else ""))
     print(f"{len(new_eps)} episodes of {new['config']['dataset']}; PSNR in dB; all frames = mean of the episodes' "
           f"means, revisit / other frames pooled; intervals: bootstrap over episodes\n")
     print_table(header, table)

@@ -68,6 +68,7 @@ class FakeWorld:
         self.config = {"far": {"window": window}, "sampler": {"steps": 1, "cfg": 1.0}, "fake": True}
         self.sessions: list[tuple[str, int | None]] = []
         self.contexts: list[np.ndarray] = []  # the context frames of every session, in order
+        self.context_actions: list[np.ndarray] = []  # and their actions
         self.shifts: list[float | None] = []  # the sampler shift every session was asked for
         self.temperatures: list[float | None] = []  # and the sampling temperature
         self.generated_noise: list[float | None] = []  # and the generated-frame noise level (None: not passed)
@@ -86,6 +87,7 @@ class FakeWorld:
         self.temperatures.append(temperature)
         self.generated_noise.append(generated_noise)
         self.contexts.append(np.array(context_frames))
+        self.context_actions.append(np.array(context_actions))
         return FakeSession(self, context_frames, context_actions, cache_mode, seed)
 
 

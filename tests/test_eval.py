@@ -542,15 +542,20 @@ def test_still_frames_go_before_the_context_of_every_generated_condition_only(ti
     world = FakeWorld()
     res = run_eval(cfg, world=world)
     lengths = [len(c) for c in world.contexts]
-    generated = [c for c in world.contexts if len(c) == 15]
+    generated = [(c, a) for c, a in zip(world.contexts, world.context_actions) if len(c) == 15]
     assert len(generated) == len(evaluate.GEN_CONDITIONS) + 1  # the conditions and the memory control
-    for c in generated:
-        np.testing.assert_array_equal(c[:4], np.repeat(c[3:4], 4, axis=0))  # 3 copies, then the first frame
+    plain = FakeWorld()  # the same run without: its contexts are the frames given
+    run_eval(EvalConfig(**{**cfg.__dict__, "still_frames": 0, "out": str(tmp_path / "q")}), world=plain)
+    given = [(c, a) for c, a in zip(plain.contexts, plain.context_actions) if len(c) == 12][:len(generated)]
+    noop = world.action_names.index("noop")
+    for (c, a), (g, ga) in zip(generated, given):
+        np.testing.assert_array_equal(c[3:], g)  # the recorded context, whole and in order
+        np.testing.assert_array_equal(c[:3], np.repeat(g[:1], 3, axis=0))  # after 3 copies of its first frame
+        assert a[:3].tolist() == [noop] * 3 and a[3:].tolist() == ga.tolist()
+    assert not np.array_equal(generated[0][0][0], generated[-1][0][0])  # the control's copies: the donor's frame
     assert 12 in lengths and cfg.probe_context in lengths  # teacher forcing, the probes: as given
     assert res["config"]["still_frames"] == 3
     assert "still frames before the context = 3" in (tmp_path / "p" / "results.md").read_text()
-    plain = FakeWorld()
-    run_eval(EvalConfig(**{**cfg.__dict__, "still_frames": 0, "out": str(tmp_path / "q")}), world=plain)
     assert 15 not in [len(c) for c in plain.contexts]
     assert "still frames" not in (tmp_path / "q" / "results.md").read_text()
     with pytest.raises(EvalError, match="--still-frames must be >= 0, got -1"):

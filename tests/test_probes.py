@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -94,7 +95,15 @@ def test_compare_evals_pairs_the_same_frames_of_two_checkpoints(tmp_path):
             for line in res.stdout.splitlines() if line.startswith("| long context")}
     assert rows[("long context (multilevel)", "revisit frames")] == "+1.50"
     assert rows[("long context (multilevel)", "other frames")] == "+0.00"
-    assert "ckpt-new" in res.stdout and "ckpt-old" in res.stdout
+    assert "ckpt-new" in res.stdout and "ckpt-old" in res.stdout and "still frames" not in res.stdout
+
+    # two starts of the same frames are compared, each named: still frames before the context (session 24)
+    config = json.loads((new / "results.json").read_text())
+    config["config"]["still_frames"] = 44
+    (new / "results.json").write_text(json.dumps(config))
+    res = subprocess.run([sys.executable, str(script), str(new), str(old)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert ", 44 still frames" in res.stdout.splitlines()[0] and ", 0 still frames" in res.stdout.splitlines()[1]
 
     # by generated-frame range: frames 1-2 gain 0 / 0.75 / 0.75 dB in the three episodes, frames 3-4 1.5 / 0.75 / 0
     res = subprocess.run([sys.executable, str(script), str(new), str(old), "--by-frame", "2"], capture_output=True,

@@ -27,6 +27,10 @@
    `--long-cache multilevel-fast` runs the long-context condition (and teacher forcing and the
    probes below) with the approximate cache that `play` uses by default, so the numbers describe
    what a player sees; the default `multilevel` is the exact cache (the model as trained).
+   `--still-frames N` starts the generated conditions as a game starts with a checkpoint whose
+   `sampler.still_frames` is N: N copies of the episode's first frame (noop) before its context
+   (for the memory control, of the donor's first frame). Its default is 0, whatever the checkpoint
+   says: the bars score the frames given. Teacher forcing and the probes never take them.
 
    Teacher forcing: each frame predicted from the ground-truth past (`Session.predict`, then
    `Session.append(gt)`), multilevel cache, next to its own floor (the previous GT frame).
@@ -896,7 +900,8 @@ def results_markdown(res: dict[str, Any]) -> str:
                  f"temperature = {cfgd.get('sampler_used', cfgd).get('temperature', 1.0)}, "
                  f"generated noise = {cfgd.get('sampler_used', cfgd).get('generated_noise') or 0.0}, seed = {cfgd['seed']}, "
                  f"long-context cache = {cfgd.get('long_cache', 'multilevel')}"
-                 + (f", still frames before the context = {cfgd['still_frames']}" if cfgd.get("still_frames") else "")
+                 + (f", still frames before the context = {cfgd['still_frames']} (generated conditions and control)"
+                    if cfgd.get("still_frames") else "")
                  + (f", precision = {cfgd['precision_used']}" if cfgd.get("precision_used") else "") + ". "
                  f"LPIPS: {res['metrics']['lpips']['status']}.")
     for note in res.get("notes") or []:
@@ -1113,7 +1118,8 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
     if not cfg.memory_control:
         control = "off"
     elif old_frames < 1:
-        control = f"skipped: the context ({cfg.context}) fits in the short window ({window}), nothing is in L2"
+        control = (f"skipped: the context ({cfg.context}) fits in the short window ({window}), no recorded frame "
+                   "is in L2" + (" (only the still frames)" if cfg.still_frames else ""))
     elif any(memory_donor(donors, donors.index(e)) is None for e in chosen):
         control = "skipped: no test episode of another maze to take the long context from"
     gen_names = GEN_CONDITIONS + ((MEMORY_CONTROL,) if control == "on" else ())
