@@ -380,9 +380,9 @@ class DreamEnv(gym.Env):
             frames, actions = self._context_from_dataset(options.get("episode", self._episode))
         else:
             frames, actions = self._context_from_simulator(sim_seed, options.get("maze_seed"))
-        if self.still_frames:
-            frames = np.concatenate([np.repeat(frames[:1], self.still_frames, axis=0), frames])  # (P + K, H, W, 3)
-            actions = np.concatenate([np.full(self.still_frames, self._noop, dtype=np.int64), actions])
+        from worldsim.world import with_still_frames  # (loaded with the world already; kept out of the import)
+
+        frames, actions = with_still_frames(frames, actions, self.still_frames, self._noop)
         self._session = None  # drop the previous cache before building the next one
         self._session = self.world.new_session(
             frames, actions, cache_mode=self.cache_mode, steps=self.steps, cfg=self.cfg, shift=self.shift,

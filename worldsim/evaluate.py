@@ -399,11 +399,10 @@ def generate(world: Any, video: np.ndarray, actions: np.ndarray, context: int, c
              still_frames: int = 0) -> np.ndarray:
     """G frames generated after the first `context` frames from the recorded actions (after
     `still_frames` copies of the first frame with noop, as Dream-v0 starts a game)."""
-    frames, acts = video[:context], actions[:context]
-    if still_frames:
-        noop = list(world.action_names).index("noop")  # checked by evaluate()
-        frames = np.concatenate([np.repeat(video[:1], still_frames, axis=0), frames])  # (P + K, H, W, 3)
-        acts = np.concatenate([np.full(still_frames, noop, dtype=np.int64), acts])
+    from worldsim.world import with_still_frames
+
+    noop = list(world.action_names).index("noop") if still_frames else 0  # "noop" checked by run_eval()
+    frames, acts = with_still_frames(video[:context], actions[:context], still_frames, noop)
     session = world.new_session(frames, acts, cache_mode=cache_mode, steps=steps,
                                 cfg=cfg, seed=seed, shift=shift, generated_noise=generated_noise,
                                 temperature=temperature)

@@ -68,6 +68,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def with_still_frames(frames: np.ndarray, actions: np.ndarray, still_frames: int,
+                      noop: int) -> tuple[np.ndarray, np.ndarray]:
+    """A context with `still_frames` copies of its first frame, action `noop`, in front: a player
+    who stood still there. How Dream-v0 starts a game (the checkpoint's `sampler.still_frames`),
+    and what `worldsim eval --still-frames` reproduces."""
+    if not still_frames:
+        return frames, actions
+    frames = np.concatenate([np.repeat(frames[:1], still_frames, axis=0), frames])  # (P + K, H, W, 3)
+    actions = np.concatenate([np.full(still_frames, noop, dtype=np.int64), np.asarray(actions, dtype=np.int64)])
+    return frames, actions
+
+
 class WorldModel:
     def __init__(
         self,
