@@ -71,6 +71,18 @@ def test_shape_errors_are_clear():
         ssim(np.zeros((1, 8, 8, 3)), np.zeros((1, 8, 8, 3)))
 
 
+def test_unit_range_float_frames_are_refused_not_misscored():
+    """Frames scaled to [0, 1] would read as near-black 0..255 frames and score ~48 dB too high."""
+    x = _frames(2, 16, 16, seed=6)
+    y = _frames(2, 16, 16, seed=7)
+    for fn in (psnr, ssim, metrics.detail):
+        args = (x / 255.0,) if fn is metrics.detail else (x / 255.0, y / 255.0)
+        with pytest.raises(ValueError, match=r"\[0, 1\].*multiply by 255"):
+            fn(*args)
+    # the same frames on the 0..255 scale, as floats, score exactly as the uint8 ones
+    np.testing.assert_allclose(psnr(x.astype(np.float32), y.astype(np.float64)), psnr(x, y))
+
+
 def test_lpips_runs_only_from_weights_already_on_disk(tmp_path, monkeypatch):
     """LPIPS is scored only when both weight files are present; otherwise the status names the
     missing file (nothing is downloaded: the torch hub folder here is empty)."""

@@ -6,7 +6,8 @@ frames against any ground truth (a test feeds the ground truth itself and gets p
 Definitions (the ones FAR's table uses, i.e. TECO's ``teco/metrics.py``):
 
 * **PSNR** per frame: ``10 * log10(255^2 / MSE)`` with the MSE over all H*W*3 values of the
-  uint8 frames (equivalently ``[0, 1]`` images with peak 1). Identical frames have an infinite
+  uint8 frames (equivalently ``[0, 1]`` images with peak 1). Frames are 0..255 values, uint8 or
+  float; float frames whose values all lie in [0, 1] are refused with a clear error. Identical frames have an infinite
   PSNR; we *cap* every per-frame value at :data:`PSNR_CAP_DB` = 100 dB (MSE below
   ``255^2 * 1e-10``) so that means stay finite and the JSON stays valid JSON.
 * **SSIM** per frame (Wang et al. 2004, as ``tf.image.ssim`` and TECO): an 11x11 Gaussian
@@ -64,6 +65,11 @@ def _as_frames(x: np.ndarray, name: str) -> np.ndarray:
         x = x[None]
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"{name}: expected frames [N, H, W, 3] or [H, W, 3], got shape {list(x.shape)}")
+    # Every number here is in 0..255 units, so [0, 1] floats would score ~48 dB too high in
+    # silence. Values all within (0, 1] cannot be a real 0..255 frame (it would be black).
+    if np.issubdtype(x.dtype, np.floating) and x.size and 0.0 < float(np.max(x)) <= 1.0 and float(np.min(x)) >= 0.0:
+        raise ValueError(f"{name}: float frames with values in [0, 1]; the metrics expect 0..255 "
+                         "(uint8, or floats on that scale): multiply by 255 first")
     return x
 
 
