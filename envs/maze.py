@@ -131,6 +131,15 @@ class MazeEnv(SimulatorEnv):
             raise ValueError(f"supersample must be >= 1, got {supersample!r}")
         if not 10.0 <= fov_deg < 170.0:
             raise ValueError(f"fov_deg must be in [10, 170), got {fov_deg}")
+        # a zero or negative step would make "forward" stand still or walk backward, silently
+        try:
+            move_step, turn_step_deg = float(move_step), float(turn_step_deg)
+        except (TypeError, ValueError):
+            raise ValueError(f"move_step and turn_step_deg must be numbers, got {move_step!r} and {turn_step_deg!r}") from None
+        if not (math.isfinite(move_step) and move_step > 0):
+            raise ValueError(f"move_step must be a positive number of cells, got {move_step}")
+        if not 0.0 < turn_step_deg <= 180.0:
+            raise ValueError(f"turn_step_deg must be in (0, 180], got {turn_step_deg}")
         self.max_rooms, self.room_min_size, self.room_max_size = max_rooms, room_min_size, room_max_size
         self.fov_deg = float(fov_deg)
         self.move_step = float(move_step)

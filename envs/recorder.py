@@ -410,13 +410,20 @@ def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> di
     signature = recording_signature(header)
     entries: dict[str, dict[str, Any]] = {}
     if index_path.exists():
+        move_away = ("move it away and rerun this command to rebuild it from the episode files these settings "
+                     "recorded")
         try:
             existing = json.loads(index_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise RecordError(f"{index_path}: cannot read the existing index ({exc}); move it away and rerun this "
-                              "command to rebuild it from the episode files these settings recorded") from None
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RecordError(f"{index_path}: cannot read the existing index ({exc}); {move_away}") from None
+        listed = existing.get("episodes", []) if isinstance(existing, dict) else None
+        if not isinstance(listed, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("id"), str) and isinstance(e.get("file"), str)
+                for e in listed):
+            raise RecordError(f"{index_path}: the existing index is damaged (not a dataset index whose 'episodes' "
+                              f"entries each have an 'id' and a 'file'); {move_away}")
         _compare(existing, header, index_path)
-        for e in existing.get("episodes", []):
+        for e in listed:
             # a listed file that is unreadable (a disk error, a truncated copy) is recorded again
             if _episode_frames(out / e["file"]) == e.get("length"):
                 entries[e["id"]] = e

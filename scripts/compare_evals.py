@@ -48,8 +48,16 @@ def load_results(path: str) -> tuple[Path, dict[str, Any]]:
         results = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise SystemExit(f"{file}: cannot read a worldsim eval results.json ({exc})") from None
-    if results.get("format") != "worldsim-eval":
-        raise SystemExit(f"{file}: not a worldsim eval results.json (format {results.get('format')!r})")
+    if not isinstance(results, dict) or results.get("format") != "worldsim-eval":
+        found = results.get("format") if isinstance(results, dict) else type(results).__name__
+        raise SystemExit(f"{file}: not a worldsim eval results.json (format {found!r})")
+    gt = results.get("ground_truth")
+    # what the comparison reads, checked here so a damaged file is named rather than a traceback
+    if not (isinstance(results.get("config"), dict) and isinstance(gt, dict) and isinstance(gt.get("summary"), dict)
+            and isinstance(gt.get("episodes"), list) and gt["episodes"]
+            and all(isinstance(e, dict) and isinstance(e.get("per_frame"), dict) for e in gt["episodes"])):
+        raise SystemExit(f"{file}: damaged worldsim eval results.json (it needs 'config' and 'ground_truth' with "
+                         "'summary' and 'episodes', each episode with 'per_frame')")
     return file, results
 
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from worldsim import metrics
-from worldsim.dataset import Dataset
+from worldsim.checkpoint import CheckpointError
+from worldsim.dataset import Dataset, DatasetError
 from worldsim.evaluate import _probe_paths, _simulator_spec, _turn_step, make_simulator, probe_pairs
 from worldsim.world import WorldModel
 
@@ -83,10 +84,16 @@ def main() -> None:
     parser.add_argument("--cache", default="multilevel-fast", help="cache mode (play's default: multilevel-fast)")
     parser.add_argument("--precision", default="bf16", help="fp32 or bf16 (play's default on CPUs with native bf16)")
     args = parser.parse_args()
-    seeds = [ep.maze_seed for ep in Dataset(Path(args.data)).episodes[: args.episodes]]
+    try:
+        seeds = [ep.maze_seed for ep in Dataset(Path(args.data)).episodes[: args.episodes]]
+    except DatasetError as exc:
+        raise SystemExit(f"probe_sharpness: {exc}") from None
     print(f"360-degree turn x 2, {len(seeds)} test mazes {seeds}, cache {args.cache}, precision {args.precision}")
     for ck in args.checkpoints:
-        row = probe(ck, seeds, args.context, args.cache, args.precision)
+        try:
+            row = probe(ck, seeds, args.context, args.cache, args.precision)
+        except CheckpointError as exc:
+            raise SystemExit(f"probe_sharpness: {exc}") from None
         print(f"{ck}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
 
 

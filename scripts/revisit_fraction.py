@@ -15,7 +15,7 @@ import argparse
 import numpy as np
 
 from worldsim import metrics
-from worldsim.dataset import Dataset
+from worldsim.dataset import Dataset, DatasetError
 
 
 def main() -> None:
@@ -27,14 +27,23 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.window < 1 or args.samples < 1 or min(args.seq_len) < 1:
+        ap.error("--window, --samples and --seq-len must be >= 1")
 
-    ds = Dataset(args.data, split=args.split)
-    if not len(ds) or ds[0].poses is None:
+    try:
+        ds = Dataset(args.data, split=args.split)
+        first = ds[0] if len(ds) else None
+    except DatasetError as exc:
+        raise SystemExit(f"revisit_fraction: {exc}") from None
+    if first is None or first.poses is None:
         raise SystemExit(f"{args.data}: no {args.split} episodes with poses "
                          "(a dataset recorded with --split val or test: pass the same --split here)")
     rng = np.random.default_rng(args.seed)
     W = args.window
-    episodes = [ds.load(e).poses for e in ds.episodes if e.length > W]
+    try:
+        episodes = [ds.load(e).poses for e in ds.episodes if e.length > W]
+    except DatasetError as exc:
+        raise SystemExit(f"revisit_fraction: {exc}") from None
     if not episodes:
         raise SystemExit(f"{args.data}: no episode is longer than the window ({W} frames)")
     for longest in args.seq_len:

@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from worldsim.checkpoint import load_checkpoint
+from worldsim.checkpoint import CheckpointError, load_checkpoint
 from worldsim.model import FAR
 from worldsim.world import WorldModel
 
@@ -42,7 +42,10 @@ args = parser.parse_args()
 
 
 def load_world(precision: str, shape: str) -> WorldModel:
-    ck = load_checkpoint(args.checkpoint, device="cpu")
+    try:
+        ck = load_checkpoint(args.checkpoint, device="cpu")
+    except CheckpointError as exc:
+        raise SystemExit(f"time_play_steps: {exc}") from None
     far = ck.far
     if shape != "shipped":
         try:

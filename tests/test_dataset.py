@@ -197,6 +197,29 @@ def test_bad_index_and_missing_episode_file(tmp_path):
         Dataset(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda ix: ix.update(episodes=5), "'episodes' must be a list"),
+    (lambda ix: ix.update(action_names="noop"), "'action_names' must be a list of non-empty names"),
+    (lambda ix: ix.update(action_names=["noop", "noop", "left"]), "'action_names' repeats a name"),
+    (lambda ix: ix["episodes"].__setitem__(0, "000000.npz"), "episode entry 0 is malformed"),
+])
+def test_damaged_index_is_refused_naming_the_index(tmp_path, damage, message):
+    """A hand-edited index.json fails at open, naming itself, not later in an episode or a traceback."""
+    root = make_dataset(tmp_path / "ds", [make_episode()])
+    index = json.loads((root / "index.json").read_text())
+    damage(index)
+    (root / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DatasetError, match=f"index.json: {message}"):
+        Dataset(root)
+
+
+def test_index_that_is_not_utf8_is_refused_naming_the_index(tmp_path):
+    root = make_dataset(tmp_path / "ds", [make_episode()])
+    (root / "index.json").write_bytes(b"\xff{")
+    with pytest.raises(DatasetError, match="index.json: not valid JSON"):
+        Dataset(root)
+
+
 # ----------------------------------------------------------------------------- splits
 
 

@@ -694,3 +694,15 @@ def test_rescore_recomputes_the_differences_of_an_earlier_run(tiny_data, tmp_pat
     (tmp_path / "bad" / "results.json").write_text("{}")
     assert main(["eval", "--rescore", str(tmp_path / "bad")]) == 2
     assert "not a worldsim eval results file" in capsys.readouterr().err
+    # valid JSON of the wrong shape (a list, a key or the episodes gone): named, no traceback, nothing rewritten
+    good = json.loads(json.dumps(res))
+    no_config = {k: v for k, v in good.items() if k != "config"}
+    no_episodes = json.loads(json.dumps(good))
+    del no_episodes["ground_truth"]["episodes"]
+    bad_episode = json.loads(json.dumps(good))
+    bad_episode["ground_truth"]["episodes"][0] = "episode"
+    for damaged in ([], no_config, no_episodes, bad_episode):
+        (tmp_path / "bad" / "results.json").write_text(json.dumps(damaged))
+        assert main(["eval", "--rescore", str(tmp_path / "bad")]) == 2
+        assert f"{tmp_path / 'bad' / 'results.json'}: not a worldsim eval results file" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "bad").iterdir()) == ["results.json"]

@@ -251,6 +251,13 @@ def test_bad_settings_and_step_before_reset_are_clear_errors():
         MazeEnv(resolution=0)
     with pytest.raises(ValueError, match="supersample"):
         MazeEnv(supersample=0)
+    # a zero, negative or NaN step recorded a standing or backward-walking "forward" (or crashed mid-episode)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="move_step must be a positive number of cells"):
+            MazeEnv(move_step=bad)
+    for bad in (0.0, -10.0, float("nan"), 270.0):
+        with pytest.raises(ValueError, match=r"turn_step_deg must be in \(0, 180\]"):
+            MazeEnv(turn_step_deg=bad)
     # labmaze rooms as wide as the maze break its outer wall (35 of 60 seeds at 5x5): refused when made,
     # not an AssertionError at some reset; one size smaller keeps the wall on every seed
     with pytest.raises(ValueError, match="room_max_size must be smaller than the maze's shorter side, got 5"):

@@ -129,6 +129,11 @@ def test_compare_evals_pairs_the_same_frames_of_two_checkpoints(tmp_path):
     res = subprocess.run([sys.executable, str(script), str(not_eval), str(old)], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode != 0 and str(not_eval / "results.json") in res.stderr and "not a worldsim eval" in res.stderr
+    for damaged in ([], {"format": "worldsim-eval", "config": {}, "ground_truth": {"summary": {}}}):
+        (not_eval / "results.json").write_text(json.dumps(damaged))  # valid JSON of the wrong shape: named too
+        res = subprocess.run([sys.executable, str(script), str(not_eval), str(old)], capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode != 0 and str(not_eval / "results.json") in res.stderr and "Traceback" not in res.stderr
 
 
 def test_sharpness_probe_replays_the_eval_turn_probe_and_measures_motion(tmp_path):

@@ -162,6 +162,17 @@ def test_a_corrupt_index_is_refused_and_rebuilt_from_the_episodes_once_moved_awa
     Dataset(out).validate()
 
 
+@pytest.mark.parametrize("damaged", [b"null", b"\xff{", b'{"episodes": null}', b'{"episodes": [{"id": "000000"}]}'])
+def test_a_damaged_but_parseable_index_is_refused_not_a_traceback(tmp_path, capsys, damaged):
+    out = tmp_path / "ds"
+    assert main(record_args(out, 1, 10, 1)) == 0
+    (out / "index.json").write_bytes(damaged)
+    capsys.readouterr()
+    assert main(record_args(out, 1, 10, 1)) == 2
+    err = capsys.readouterr().err
+    assert "index.json" in err and "move it away" in err and "Traceback" not in err
+
+
 def test_an_unlisted_episode_recorded_before_files_named_their_settings_is_adopted_when_it_fits(tmp_path, capsys):
     """Datasets recorded before episode files carried their settings still resume: an unlisted
     file without them is adopted when its maze, length, resolution and actions fit."""

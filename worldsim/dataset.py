@@ -356,7 +356,7 @@ class Dataset:
         index_path = self.path / INDEX_NAME
         try:
             index = json.loads(index_path.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DatasetError(f"{index_path}: not valid JSON ({exc})") from None
         except OSError as exc:
             raise DatasetError(f"{index_path}: cannot read ({exc})") from None
@@ -370,11 +370,20 @@ class Dataset:
                 raise DatasetError(f"{index_path}: missing key {key!r}")
         try:
             h, w = (int(v) for v in index["resolution"])
-            names = tuple(str(n) for n in index["action_names"])
         except (TypeError, ValueError):
-            raise DatasetError(f"{index_path}: 'resolution' must be [H, W] and 'action_names' a list of names") from None
+            raise DatasetError(f"{index_path}: 'resolution' must be [H, W]") from None
+        raw_names = index["action_names"]
+        # a bare string would iterate as one-letter names and the error would surface later, in an episode
+        if not isinstance(raw_names, list) or not all(isinstance(n, str) and n for n in raw_names):
+            raise DatasetError(f"{index_path}: 'action_names' must be a list of non-empty names, got {raw_names!r}")
+        names = tuple(raw_names)
         if not names:
             raise DatasetError(f"{index_path}: 'action_names' is empty")
+        if len(set(names)) != len(names):
+            raise DatasetError(f"{index_path}: 'action_names' repeats a name: {list(names)}")
+        if not isinstance(index["episodes"], list):
+            raise DatasetError(f"{index_path}: 'episodes' must be a list of episode entries, "
+                               f"got {type(index['episodes']).__name__}")
         if action_names is not None and tuple(action_names) != names:
             raise DatasetError(f"{index_path}: stored action names {list(names)} differ from the given {list(action_names)}")
         self.index = index
@@ -392,7 +401,7 @@ class Dataset:
                 length = int(entry["length"])
                 maze_seed = None if entry.get("maze_seed") is None else int(entry["maze_seed"])
                 split = entry.get("split")
-            except (KeyError, TypeError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise DatasetError(f"{index_path}: episode entry {n} is malformed ({exc!r})") from None
             if eid in seen:
                 raise DatasetError(f"{index_path}: duplicate episode id {eid!r}")

@@ -1268,15 +1268,6 @@ def rescore(folder: str | Path) -> dict[str, Any]:
     results.json (per-frame numbers), writing all three back; returns the updated results."""
     folder = Path(folder)
     path = folder / "results.json"
-    try:
-        results = json.loads(path.read_text())
-        gt = results["ground_truth"]
-        if results.get("format") != RESULTS_FORMAT:
-            raise KeyError("format")
-    except FileNotFoundError:
-        raise EvalError(f"{path}: not found (--rescore takes the folder of an earlier `worldsim eval --out`)")
-    except (ValueError, KeyError) as exc:
-        raise EvalError(f"{path}: not a worldsim eval results file ({type(exc).__name__}: {exc})")
 
     def arrays(eps: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{"conditions": {name: {m: np.asarray(v, dtype=np.float64) for m, v in per.items() if v is not None}
@@ -1285,11 +1276,23 @@ def rescore(folder: str | Path) -> dict[str, Any]:
                  "revisit_age": None if e.get("revisit_age") is None else np.asarray(e["revisit_age"])}
                 for e in eps]
 
-    gt["gaps"] = gaps(arrays(gt["episodes"]), arrays(gt.get("teacher_forced_episodes") or []),
-                      int(results["config"].get("seed", 0)))
-    results = _jsonable(results)
+    try:
+        results = json.loads(path.read_text())
+        if not isinstance(results, dict) or results.get("format") != RESULTS_FORMAT:
+            raise KeyError("format")
+        gt = results["ground_truth"]
+        # everything read from the file is inside the try: a hand-edited or truncated-to-valid-JSON
+        # file is named, not a traceback
+        gt["gaps"] = gaps(arrays(gt["episodes"]), arrays(gt.get("teacher_forced_episodes") or []),
+                          int(results["config"].get("seed", 0)))
+        results = _jsonable(results)
+        markdown = results_markdown(results)
+    except FileNotFoundError:
+        raise EvalError(f"{path}: not found (--rescore takes the folder of an earlier `worldsim eval --out`)")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise EvalError(f"{path}: not a worldsim eval results file ({type(exc).__name__}: {exc})")
     plot_results(results, folder / "psnr_vs_frame.png")
-    _write_text(folder / "results.md", results_markdown(results))
+    _write_text(folder / "results.md", markdown)
     _write_text(path, json.dumps(results, indent=1, allow_nan=False) + "\n")
     return results
 
