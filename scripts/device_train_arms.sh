@@ -28,7 +28,9 @@
 # ~18x slower than plain ones), with 82-98% GPU use (means of the logged steps_per_s); one
 # 6 x 256 arm alone ran at 14.0 steps/s (nvidia-smi's one reading during training: 38%), so one
 # arm leaves most of the GPU idle. Session 24, the same three kinds of arm, the rollout one
-# without the adaLN memo on the GPU: 11.4, 10.1 and 0.68 steps/s, 74-100% GPU use. The
+# without the adaLN memo on the GPU: 11.4, 10.1 and 0.68 steps/s, 74-100% GPU use.
+# Session 25, three continuations of the eighth version: batch 64 x 64 frames 10.2, batch 128 x 64
+# frames 6.7, batch 64 x 96 frames 9.2 steps/s, 69-97% GPU use (nvidia-smi each minute). The
 # machine's start and the transfers took ~50 s of device time each call (session 17: 336 s), so
 # two calls fitted one lease.
 set -x
