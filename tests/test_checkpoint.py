@@ -138,8 +138,9 @@ def test_tensors_of_another_dtype_or_not_finite_are_refused(saved):
     # these loaded and played black frames (rope_theta 0, clean_t inf) or failed deep in torch (mlp_ratio < 0)
     ("far", {"rope_theta": 0}, "rope_theta must be a positive number, got 0"),
     ("far", {"rope_theta": float("nan")}, "rope_theta must be a positive number, got nan"),
-    ("far", {"mlp_ratio": -4.0}, "mlp_ratio must be a positive number, got -4.0"),
-    ("far", {"mlp_ratio": float("inf")}, "mlp_ratio must be a positive number, got inf"),
+    ("far", {"mlp_ratio": -4.0}, r"mlp_ratio must be a positive number .*got -4\.0"),
+    ("far", {"mlp_ratio": float("inf")}, "mlp_ratio must be a positive number .*got inf"),
+    ("far", {"mlp_ratio": 0.001}, r"at least one hidden unit\), got 0\.001"),
     ("far", {"clean_t": float("inf")}, r"clean_t must be a negative number \(t < 0 marks context\), got inf"),
     ("far", {"long_context_t": 0.5}, "long_context_t must be a negative number"),
     ("autoencoder", {"channels": ["8", 16, 16, 16]}, r"autoencoder\.channels must be a list of integers"),

@@ -72,16 +72,23 @@ def test_shape_errors_are_clear():
 
 
 def test_unit_range_float_frames_are_refused_not_misscored():
-    """Frames scaled to [0, 1] would read as near-black 0..255 frames and score ~48 dB too high."""
+    """Frames scaled to [0, 1] or [-1, 1] would read as near-black 0..255 frames and score tens of dB
+    too high; they are refused unless the caller says their range (data_range=1)."""
     x = _frames(2, 16, 16, seed=6)
     y = _frames(2, 16, 16, seed=7)
-    for fn in (psnr, ssim, metrics.detail):
-        args = (x / 255.0,) if fn is metrics.detail else (x / 255.0, y / 255.0)
-        with pytest.raises(ValueError, match=r"\[0, 1\].*multiply by 255"):
-            fn(*args)
-    # the same frames on the 0..255 scale, as floats, score exactly as the uint8 ones
+    for scaled in (lambda f: f / 255.0, lambda f: f / 127.5 - 1.0):
+        for fn in (psnr, ssim, metrics.detail):
+            args = (scaled(x),) if fn is metrics.detail else (scaled(x), scaled(y))
+            with pytest.raises(ValueError, match=r"every value in .*rescale them first"):
+                fn(*args)
+        with pytest.raises(ValueError, match="previous frame"):
+            metrics.frame_change(x, scaled(y[0]))
+    # the same frames on the 0..255 scale, as floats, score exactly as the uint8 ones, and [0, 1]
+    # frames with their range given score the same as well
     np.testing.assert_allclose(psnr(x.astype(np.float32), y.astype(np.float64)), psnr(x, y))
-
+    np.testing.assert_allclose(psnr(x / 255.0, y / 255.0, data_range=1.0), psnr(x, y), rtol=1e-12)
+    np.testing.assert_allclose(ssim(x / 255.0, y / 255.0, data_range=1.0), ssim(x, y), rtol=1e-9)
+    assert psnr(np.zeros((1, 8, 8, 3)), np.zeros((1, 8, 8, 3)))[0] == PSNR_CAP_DB  # all-zero frames pass
 
 def test_lpips_runs_only_from_weights_already_on_disk(tmp_path, monkeypatch):
     """LPIPS is scored only when both weight files are present; otherwise the status names the

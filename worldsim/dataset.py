@@ -401,7 +401,7 @@ class Dataset:
                 length = int(entry["length"])
                 maze_seed = None if entry.get("maze_seed") is None else int(entry["maze_seed"])
                 split = entry.get("split")
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            except (KeyError, TypeError, ValueError) as exc:
                 raise DatasetError(f"{index_path}: episode entry {n} is malformed ({exc!r})") from None
             if eid in seen:
                 raise DatasetError(f"{index_path}: duplicate episode id {eid!r}")

@@ -1280,17 +1280,21 @@ def rescore(folder: str | Path) -> dict[str, Any]:
         results = json.loads(path.read_text())
         if not isinstance(results, dict) or results.get("format") != RESULTS_FORMAT:
             raise KeyError("format")
-        gt = results["ground_truth"]
-        # everything read from the file is inside the try: a hand-edited or truncated-to-valid-JSON
-        # file is named, not a traceback
-        gt["gaps"] = gaps(arrays(gt["episodes"]), arrays(gt.get("teacher_forced_episodes") or []),
-                          int(results["config"].get("seed", 0)))
-        results = _jsonable(results)
-        markdown = results_markdown(results)
+        gt, config = results["ground_truth"], results["config"]
+        # the parts read below, checked here: a hand-edited file is named, not a traceback
+        episodes = gt["episodes"] + (gt.get("teacher_forced_episodes") or [])
+        if not (isinstance(config, dict) and isinstance(gt["summary"], dict) and all(
+                isinstance(e, dict) and isinstance(e.get("per_frame"), dict)
+                and all(isinstance(per, dict) for per in e["per_frame"].values()) for e in episodes)):
+            raise TypeError("'config', 'ground_truth.summary' or an episode's 'per_frame' has the wrong shape")
+        seed = int(config.get("seed", 0))
     except FileNotFoundError:
         raise EvalError(f"{path}: not found (--rescore takes the folder of an earlier `worldsim eval --out`)")
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise EvalError(f"{path}: not a worldsim eval results file ({type(exc).__name__}: {exc})")
+    gt["gaps"] = gaps(arrays(gt["episodes"]), arrays(gt.get("teacher_forced_episodes") or []), seed)
+    results = _jsonable(results)
+    markdown = results_markdown(results)
     plot_results(results, folder / "psnr_vs_frame.png")
     _write_text(folder / "results.md", markdown)
     _write_text(path, json.dumps(results, indent=1, allow_nan=False) + "\n")

@@ -6,8 +6,9 @@ frames against any ground truth (a test feeds the ground truth itself and gets p
 Definitions (the ones FAR's table uses, i.e. TECO's ``teco/metrics.py``):
 
 * **PSNR** per frame: ``10 * log10(255^2 / MSE)`` with the MSE over all H*W*3 values of the
-  uint8 frames (equivalently ``[0, 1]`` images with peak 1). Frames are 0..255 values, uint8 or
-  float; float frames whose values all lie in [0, 1] are refused with a clear error. Identical frames have an infinite
+  uint8 frames (equivalently ``[0, 1]`` images with ``data_range=1``). At the default range of 255,
+  float frames whose values all lie in [-1, 1] (scaled to [0, 1] or [-1, 1] by mistake) are
+  refused with a clear error. Identical frames have an infinite
   PSNR; we *cap* every per-frame value at :data:`PSNR_CAP_DB` = 100 dB (MSE below
   ``255^2 * 1e-10``) so that means stay finite and the JSON stays valid JSON.
 * **SSIM** per frame (Wang et al. 2004, as ``tf.image.ssim`` and TECO): an 11x11 Gaussian
@@ -59,31 +60,40 @@ REVISIT_DISTANCE_CELLS = 0.5
 REVISIT_YAW_DEGREES = 30.0
 
 
-def _as_frames(x: np.ndarray, name: str) -> np.ndarray:
+def _as_frames(x: np.ndarray, name: str, data_range: float = 255.0) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim == 3:
         x = x[None]
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"{name}: expected frames [N, H, W, 3] or [H, W, 3], got shape {list(x.shape)}")
-    # Every number here is in 0..255 units, so [0, 1] floats would score ~48 dB too high in
-    # silence. Values all within (0, 1] cannot be a real 0..255 frame (it would be black).
-    if np.issubdtype(x.dtype, np.floating) and x.size and 0.0 < float(np.max(x)) <= 1.0 and float(np.min(x)) >= 0.0:
-        raise ValueError(f"{name}: float frames with values in [0, 1]; the metrics expect 0..255 "
-                         "(uint8, or floats on that scale): multiply by 255 first")
+    _check_scale(x, name, data_range)
     return x
 
 
-def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+def _check_scale(x: np.ndarray, name: str, data_range: float = 255.0) -> None:
+    """Refuse float frames scaled to [0, 1] or [-1, 1] where 0..255 values are expected: they would
+    score tens of dB too high in silence. A 0..255 frame whose every value lies within [-1, 1] would
+    be black to the eye, so such input is taken for a scaling mistake (all-zero frames pass)."""
+    if data_range != 255.0 or not np.issubdtype(x.dtype, np.floating) or not x.size:
+        return
+    lo, hi = float(np.min(x)), float(np.max(x))
+    if -1.0 <= lo and hi <= 1.0 and (lo, hi) != (0.0, 0.0):
+        raise ValueError(f"{name}: float frames with every value in [{lo:.3g}, {hi:.3g}]; the metrics expect "
+                         "0..255 values (uint8, or floats on that scale): rescale them first (or pass "
+                         "data_range=1.0 to psnr / ssim for [0, 1] frames)")
+
+
+def _pair(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> tuple[np.ndarray, np.ndarray, bool]:
     single = np.asarray(a).ndim == 3
-    a, b = _as_frames(a, "first"), _as_frames(b, "second")
+    a, b = _as_frames(a, "first", data_range), _as_frames(b, "second", data_range)
     if a.shape != b.shape:
         raise ValueError(f"frame shapes differ: {list(a.shape)} vs {list(b.shape)}")
     return a, b, single
 
 
-def mse(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Mean squared error per frame, in (0..255)^2 units (float64)."""
-    a, b, single = _pair(a, b)
+def mse(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> np.ndarray:
+    """Mean squared error per frame, in (0..data_range)^2 units (float64)."""
+    a, b, single = _pair(a, b, data_range)
     d = a.astype(np.float64) - b.astype(np.float64)
     out = np.mean(d * d, axis=(1, 2, 3))
     return out[0] if single else out
@@ -91,7 +101,7 @@ def mse(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> np.ndarray:
     """PSNR in dB per frame (``[N,H,W,3]`` -> ``[N]``; one frame -> a scalar), capped at 100 dB."""
-    m = np.asarray(mse(a, b), dtype=np.float64)
+    m = np.asarray(mse(a, b, data_range), dtype=np.float64)
     floor = data_range**2 * 10.0 ** (-PSNR_CAP_DB / 10.0)
     with np.errstate(divide="ignore"):
         val = 10.0 * np.log10(data_range**2 / np.maximum(m, floor))
@@ -115,7 +125,7 @@ def _valid_filter_matrix(n: int, g: np.ndarray) -> np.ndarray:
 def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0, win_size: int = SSIM_WINDOW,
          sigma: float = SSIM_SIGMA, batch: int = 64) -> np.ndarray:
     """SSIM per frame (Gaussian 11x11, sigma 1.5, valid positions, channel-averaged), float64."""
-    a, b, single = _pair(a, b)
+    a, b, single = _pair(a, b, data_range)
     n, h, w, c = a.shape
     if h < win_size or w < win_size:
         raise ValueError(f"SSIM needs frames of at least {win_size}x{win_size}, got {h}x{w}")
@@ -209,6 +219,7 @@ def frame_change(frames: np.ndarray, previous: np.ndarray) -> np.ndarray:
     f = _as_frames(frames, "frames").astype(np.float32)  # (N, H, W, C)
     if np.shape(previous) != f.shape[1:]:
         raise ValueError(f"previous frame {list(np.shape(previous))} does not match frames {list(f.shape[1:])}")
+    _check_scale(np.asarray(previous), "previous frame")
     before = np.concatenate([np.asarray(previous, dtype=np.float32)[None], f[:-1]])
     return np.abs(f - before).mean(axis=(1, 2, 3)).astype(np.float64)
 

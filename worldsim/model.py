@@ -94,7 +94,8 @@ class FARConfig:
             raise ValueError("window must be >= 1")
         # NaN, inf or a non-positive value here loads and plays black frames (or fails deep in torch)
         if not (math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0 and int(self.mlp_ratio * self.width) >= 1):
-            raise ValueError(f"mlp_ratio must be a positive number, got {self.mlp_ratio}")
+            raise ValueError(f"mlp_ratio must be a positive number with mlp_ratio * width >= 1 (at least one "
+                             f"hidden unit), got {self.mlp_ratio}")
         if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
             raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta}")
         for name in ("clean_t", "long_context_t"):  # t < 0 is what marks a context frame
