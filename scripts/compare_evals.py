@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from worldsim import metrics
+from worldsim.evaluate import results_shape_problem
 
 MUST_MATCH = ("dataset", "dataset_split", "episode_ids", "session_seeds", "context", "generate")
 CONDITIONS = {  # results.json name -> label
@@ -48,16 +49,9 @@ def load_results(path: str) -> tuple[Path, dict[str, Any]]:
         results = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise SystemExit(f"{file}: cannot read a worldsim eval results.json ({exc})") from None
-    if not isinstance(results, dict) or results.get("format") != "worldsim-eval":
-        found = results.get("format") if isinstance(results, dict) else type(results).__name__
-        raise SystemExit(f"{file}: not a worldsim eval results.json (format {found!r})")
-    gt = results.get("ground_truth")
-    # what the comparison reads, checked here so a damaged file is named rather than a traceback
-    if not (isinstance(results.get("config"), dict) and isinstance(gt, dict) and isinstance(gt.get("summary"), dict)
-            and isinstance(gt.get("episodes"), list) and gt["episodes"]
-            and all(isinstance(e, dict) and isinstance(e.get("per_frame"), dict) for e in gt["episodes"])):
-        raise SystemExit(f"{file}: damaged worldsim eval results.json (it needs 'config' and 'ground_truth' with "
-                         "'summary' and 'episodes', each episode with 'per_frame')")
+    problem = results_shape_problem(results)
+    if problem:
+        raise SystemExit(f"{file}: not a worldsim eval results file ({problem})")
     return file, results
 
 

@@ -1263,6 +1263,27 @@ def _earlier_videos(out: Path) -> list[str]:
     return [v for v in listed if isinstance(v, str) and v == Path(v).name and v.startswith("episode_")]
 
 
+def results_shape_problem(results: Any) -> str | None:
+    """What is wrong with the shape of a loaded results.json (None: nothing), checked before the
+    per-frame numbers are read, so a hand-edited or damaged file is named rather than a traceback."""
+    if not isinstance(results, dict):
+        return f"a JSON {type(results).__name__}, not an object"
+    if results.get("format") != RESULTS_FORMAT:
+        return f"format {results.get('format')!r}, not {RESULTS_FORMAT!r}"
+    gt = results.get("ground_truth")
+    if not isinstance(results.get("config"), dict) or not isinstance(gt, dict) or not isinstance(gt.get("summary"), dict):
+        return "'config' or 'ground_truth' with its 'summary' is missing or has the wrong shape"
+    episodes = gt.get("episodes")
+    if not isinstance(episodes, list) or not episodes:
+        return "'ground_truth.episodes' is missing or empty"
+    tf = gt.get("teacher_forced_episodes") or []
+    if not isinstance(tf, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("per_frame"), dict)
+            and all(isinstance(per, dict) for per in e["per_frame"].values()) for e in episodes + tf):
+        return "an episode without a 'per_frame' of conditions"
+    return None
+
+
 def rescore(folder: str | Path) -> dict[str, Any]:
     """Recompute the paired differences, results.md and psnr_vs_frame.png of an earlier run from its
     results.json (per-frame numbers), writing all three back; returns the updated results."""
@@ -1278,20 +1299,15 @@ def rescore(folder: str | Path) -> dict[str, Any]:
 
     try:
         results = json.loads(path.read_text())
-        if not isinstance(results, dict) or results.get("format") != RESULTS_FORMAT:
-            raise KeyError("format")
-        gt, config = results["ground_truth"], results["config"]
-        # the parts read below, checked here: a hand-edited file is named, not a traceback
-        episodes = gt["episodes"] + (gt.get("teacher_forced_episodes") or [])
-        if not (isinstance(config, dict) and isinstance(gt["summary"], dict) and all(
-                isinstance(e, dict) and isinstance(e.get("per_frame"), dict)
-                and all(isinstance(per, dict) for per in e["per_frame"].values()) for e in episodes)):
-            raise TypeError("'config', 'ground_truth.summary' or an episode's 'per_frame' has the wrong shape")
-        seed = int(config.get("seed", 0))
+        problem = results_shape_problem(results)
+        seed = None if problem else int(results["config"].get("seed", 0))
     except FileNotFoundError:
         raise EvalError(f"{path}: not found (--rescore takes the folder of an earlier `worldsim eval --out`)")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise EvalError(f"{path}: not a worldsim eval results file ({type(exc).__name__}: {exc})")
+    except (ValueError, TypeError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem:
+        raise EvalError(f"{path}: not a worldsim eval results file ({problem})")
+    gt = results["ground_truth"]
     gt["gaps"] = gaps(arrays(gt["episodes"]), arrays(gt.get("teacher_forced_episodes") or []), seed)
     results = _jsonable(results)
     markdown = results_markdown(results)
