@@ -140,6 +140,9 @@ class MazeEnv(SimulatorEnv):
             raise ValueError(f"move_step must be a positive number of cells, got {move_step}")
         if not 0.0 < turn_step_deg <= 180.0:
             raise ValueError(f"turn_step_deg must be in (0, 180], got {turn_step_deg}")
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer))
+                                      or max_steps < 1):
+            raise ValueError(f"max_steps must be an integer >= 1 or None, got {max_steps!r}")
         self.max_rooms, self.room_min_size, self.room_max_size = max_rooms, room_min_size, room_max_size
         self.fov_deg = float(fov_deg)
         self.move_step = float(move_step)

@@ -258,6 +258,10 @@ def test_bad_settings_and_step_before_reset_are_clear_errors():
     for bad in (0.0, -10.0, float("nan"), 270.0):
         with pytest.raises(ValueError, match=r"turn_step_deg must be in \(0, 180\]"):
             MazeEnv(turn_step_deg=bad)
+    # max_steps 0 cut every recording to 2 frames in silence; "abc" failed at the first step
+    for bad in (0, -5, "abc", 2.5, True):
+        with pytest.raises(ValueError, match="max_steps must be an integer >= 1 or None"):
+            MazeEnv(max_steps=bad)
     # labmaze rooms as wide as the maze break its outer wall (35 of 60 seeds at 5x5): refused when made,
     # not an AssertionError at some reset; one size smaller keeps the wall on every seed
     with pytest.raises(ValueError, match="room_max_size must be smaller than the maze's shorter side, got 5"):

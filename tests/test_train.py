@@ -571,13 +571,20 @@ def test_values_no_run_can_use_are_refused_before_anything_is_written(trained, d
                            (["--seq-len", "0"], "--seq-len must be >= 1, got 0"),
                            (["--ae-lr", "-1"], "--ae-lr must be a finite number >= 0, got -1.0"),
                            (["--threads", "-1"], "--threads must be >= 0, got -1"),
-                           (["--ddp-timeout", "0"], "--ddp-timeout must be a finite number > 0, got 0.0")):
+                           (["--ddp-timeout", "0"], "--ddp-timeout must be a finite number > 0, got 0.0"),
+                           # these trained silently on nothing (one frame), or failed in the optimizer with a traceback
+                           (["--seq-len", "1"], "--seq-len must be >= 2 for the far stage"),
+                           (["--beta2", "1.2"], "--beta1 and --beta2 must be in [0, 1), got 0.9 and 1.2"),
+                           (["--obj-context-noise-max", "-1"], "context_noise_max must be in [0, 1], got -1.0"),
+                           (["--obj-t-std", "0"], "t_std must be a finite number > 0")):
         assert main(["train", "--data", str(dataset), "--out", str(run), *FAST, *extra]) == 2, extra
         assert message in capsys.readouterr().err
         assert not run.exists()
     stored = (trained / "config.json").read_text()
     assert main(["train", "--resume", str(trained), "--far-batch", "0"]) == 2
     assert "--far-batch must be >= 1" in capsys.readouterr().err
+    assert main(["train", "--resume", str(trained), "--beta2", "1.2"]) == 2  # stored, it failed every later resume
+    assert "--beta1 and --beta2 must be in [0, 1)" in capsys.readouterr().err
     assert main(["train", "--resume", str(trained), "--preset", "small"]) == 2  # it would only relabel the run
     assert "--preset cannot change on resume" in capsys.readouterr().err
     assert (trained / "config.json").read_text() == stored
@@ -678,6 +685,48 @@ def test_a_damaged_training_state_is_named_on_resume(trained, tmp_path, capsys):
         assert main(["train", "--resume", str(run), "--far-steps", "5"]) == 1
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+
+
+def test_a_metrics_line_torn_by_a_full_disk_does_not_block_the_resume(trained, tmp_path, capsys):
+    """A full disk or a kill can leave half a line at the end of metrics.jsonl; --resume drops it
+    (the state is saved separately) instead of failing there on every try."""
+    run = tmp_path / "torn"
+    shutil.copytree(trained, run)
+    good = (run / "metrics.jsonl").read_text()
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"stage": "far", "step": 3, "lo')
+    assert main(["train", "--resume", str(run), "--far-steps", "5"]) == 0, capsys.readouterr().err
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(x) for x in lines) and lines[:len(good.splitlines())] == good.splitlines()
+    assert max(json.loads(x).get("step", 0) for x in lines if '"far"' in x) == 5
+    # a bad line in the middle is the user's to look at: named, with the run's state untouched
+    (run / "metrics.jsonl").write_text(good.replace("\n", "\n{oops\n", 1))
+    before = (run / "state" / "state.json").read_text()
+    assert main(["train", "--resume", str(run), "--far-steps", "6"]) == 1
+    assert "metrics.jsonl: line 2 is not JSON" in capsys.readouterr().err
+    assert (run / "state" / "state.json").read_text() == before
+
+
+def test_a_stage_that_leaves_out_the_saved_one_is_refused_on_resume(trained, tmp_path, capsys):
+    """--stage ae on a run saved in the far stage trained nothing (and stored stage ae for good)."""
+    run = tmp_path / "staged"
+    shutil.copytree(trained, run)
+    stored = (run / "config.json").read_text()
+    assert main(["train", "--resume", str(run), "--stage", "ae", "--far-steps", "5"]) == 1
+    assert "saved state is in the far stage" in capsys.readouterr().err
+    assert (run / "config.json").read_text() == stored
+
+
+def test_an_out_folder_that_is_not_a_run_is_named_and_its_files_kept(dataset, tmp_path, capsys):
+    """A folder of something else is not "a training run" to resume, and a config.json of the
+    user's there is not replaced."""
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "config.json").write_text('{"hello": 1}')
+    assert main(["train", "--data", str(dataset), "--out", str(other), *FAST, "--ae-steps", "1", "--far-steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "exists and is not a worldsim run folder (it holds config.json)" in err and "--resume" not in err
+    assert (other / "config.json").read_text() == '{"hello": 1}'
 
 
 def test_training_on_streamed_episodes_exports_a_world_model(trained, tmp_path, capsys):

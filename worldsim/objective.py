@@ -39,6 +39,7 @@ frame with probability `action_dropout` (label dropout, for classifier-free guid
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -94,6 +95,13 @@ class ObjectiveConfig:
         for name in ("rollout_frames", "rollout_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"objective {name} must be >= 1, got {getattr(self, name)}")
+        # a negative augmentation level would push context away from the noise and label it below 0
+        for name in ("context_noise_max", "self_context_level"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"objective {name} must be in [0, 1], got {getattr(self, name)}")
+        if not (math.isfinite(self.t_mean) and math.isfinite(self.t_std) and self.t_std > 0):
+            raise ValueError(f"objective t_std must be a finite number > 0 (and t_mean finite), got "
+                             f"{self.t_std} and {self.t_mean}")
 
 
 def _rand(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

@@ -293,6 +293,11 @@ def check_numbers(train: TrainConfig) -> None:
         value = getattr(train, name)
         if not 0 <= value < float("inf"):
             raise TrainError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if not (0 <= train.beta1 < 1 and 0 <= train.beta2 < 1):
+        raise TrainError(f"--beta1 and --beta2 must be in [0, 1), got {train.beta1} and {train.beta2}")
+    if train.stage != "ae" and train.seq_len < 2:  # one frame has no context and no action to learn from
+        raise TrainError(f"--seq-len must be >= 2 for the far stage (a context frame and the frame after it), "
+                         f"got {train.seq_len}")
     if not 0 <= train.ema_decay < 1 or not 0 <= train.min_lr_ratio <= 1:
         raise TrainError(f"--ema-decay must be in [0, 1) and --min-lr-ratio in [0, 1], got {train.ema_decay} "
                          f"and {train.min_lr_ratio}")
@@ -818,16 +823,21 @@ class Trainer:
         if not self.dist.is_main:
             return
         record = {"time": round(time.time(), 3), **record}
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        try:
+            with open(self.metrics_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as exc:  # a full disk: name the file (a torn last line is dropped on --resume)
+            raise TrainError(f"{self.metrics_path}: cannot append the metrics ({exc.strerror or exc})") from None
 
     def trim_metrics(self, stage: str, step: int) -> None:
-        """On resume: drop the lines logged after the saved step (they are trained again)."""
+        """On resume: drop the lines logged after the saved step (they are trained again), and a last
+        line torn by a full disk or a kill, which would otherwise end up between good ones."""
         if not self.dist.is_main or not self.metrics_path.is_file():
             return
         rows = _read_metrics(self.metrics_path)
         keep = [r for r in rows if not (r.get("stage") == stage and r.get("step", 0) > step)]
-        if len(keep) != len(rows):
+        lines = sum(1 for x in self.metrics_path.read_text().splitlines() if x.strip())
+        if len(keep) != lines:
             tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
             os.replace(tmp, self.metrics_path)
@@ -1472,9 +1482,20 @@ def preview_episode(run: RunConfig, data: DataInfo, val_store: LatentStore, stre
 
 
 def _read_metrics(path: Path) -> list[dict]:
+    """The logged rows; a last line that does not parse (torn by a full disk or a kill) is left out."""
     if not path.is_file():
         return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    lines = [x for x in path.read_text().splitlines() if x.strip()]
+    rows = []
+    for n, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if n == len(lines) - 1:
+                break
+            raise TrainError(f"{path}: line {n + 1} is not JSON; fix or remove it (the run's state is kept "
+                             "separately, in state/)") from None
+    return rows
 
 
 # ============================================================================ streaming
@@ -1656,9 +1677,17 @@ def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]
     # (latents/, keyed by dataset and encoder) may be there too: left by such a run, or copied in
     # from an earlier run on the same data to skip the encoding. So may the copy of this command's
     # --ae-from that such a run made (the same source, so this run would make the same copy)
+    def is_run_config(p: Path) -> bool:
+        try:
+            return json.loads(p.read_text()).get("format") == CONFIG_FORMAT
+        except (OSError, ValueError, AttributeError):
+            return False
+
     def left_by_a_failed_start(p: Path) -> bool:
-        if p.name in ("config.json", "latents"):
+        if p.name == "latents":
             return True
+        if p.name == "config.json":  # a config.json of something else is the user's, not ours to replace
+            return is_run_config(p)
         if p.name != AE_DIR or not cfg.ae_from or not (p / "config.json").is_file():
             return False
         try:
@@ -1666,8 +1695,21 @@ def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]
         except (OSError, ValueError, AttributeError):
             return False
 
+    if resuming and state is not None:  # a --stage that leaves out the saved stage would lose or skip it
+        saved = state[0]
+        if saved["stage"] == "far" and cfg.stage == "ae":
+            raise TrainError(f"--resume {out}: its saved state is in the far stage (step {saved.get('step')}), which "
+                             "--stage ae leaves out, so nothing would train; resume with --stage far or both")
+        if saved["stage"] == "ae" and cfg.stage == "far" and not saved.get("finished"):
+            raise TrainError(f"--resume {out}: its autoencoder stage is unfinished (step {saved.get('step')} of "
+                             f"{saved.get('total_steps')}), which --stage far would drop; resume with --stage ae "
+                             "or both (or start a far run with --ae-from)")
     started = out.is_dir() and not all(left_by_a_failed_start(p) for p in out.iterdir())
     if not resuming and (state is not None or started):
+        if state is None and not is_run_config(out / "config.json"):
+            held = sorted(p.name for p in out.iterdir())
+            raise TrainError(f"--out {out}: exists and is not a worldsim run folder (it holds "
+                             f"{', '.join(held[:5])}{', ...' if len(held) > 5 else ''}); choose a new or empty folder")
         raise TrainError(f"{out}: already holds a training run; continue it with --resume {out} or choose another --out")
     if resuming and state is None and (out / "checkpoint").exists():
         # its state/ was deleted (to save space, say): starting over would overwrite what it trained
@@ -1760,8 +1802,9 @@ def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]
     if dist.is_main:
         log(f"done: {out} (peak memory {peak_rss_mib():.0f} MiB)"
             + (f"; world model in {out / 'checkpoint'}" if cfg.stage != "ae" and (out / "checkpoint").is_dir()
-               else f"; autoencoder in {out / AE_DIR}, its decoder paired with {cfg.ae_init}'s world model in "
-                    f"{out / 'checkpoint'}" if (out / AE_DIR).is_dir() and (out / "checkpoint").is_dir()
+               else f"; autoencoder in {out / AE_DIR}, its decoder paired with "
+                    + (f"{cfg.ae_init}'s world model" if cfg.ae_init else "the run's world model")
+                    + f" in {out / 'checkpoint'}" if (out / AE_DIR).is_dir() and (out / "checkpoint").is_dir()
                else f"; autoencoder in {out / AE_DIR}" if (out / AE_DIR).is_dir() else "; nothing to export (0 steps)"))
     return 0
 
