@@ -140,6 +140,8 @@ class MazeEnv(SimulatorEnv):
             raise ValueError(f"move_step must be a positive number of cells, got {move_step}")
         if not 0.0 < turn_step_deg <= 180.0:
             raise ValueError(f"turn_step_deg must be in (0, 180], got {turn_step_deg}")
+        if isinstance(max_steps, float) and max_steps.is_integer():  # 1e3 on a command line, as the other envs take
+            max_steps = int(max_steps)
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer))
                                       or max_steps < 1):
             raise ValueError(f"max_steps must be an integer >= 1 or None, got {max_steps!r}")

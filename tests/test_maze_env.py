@@ -262,6 +262,7 @@ def test_bad_settings_and_step_before_reset_are_clear_errors():
     for bad in (0, -5, "abc", 2.5, True):
         with pytest.raises(ValueError, match="max_steps must be an integer >= 1 or None"):
             MazeEnv(max_steps=bad)
+    assert MazeEnv(max_steps=1e3).max_steps == 1000  # as `--env-arg max_steps=1e3` gives it, like the other envs
     # labmaze rooms as wide as the maze break its outer wall (35 of 60 seeds at 5x5): refused when made,
     # not an AssertionError at some reset; one size smaller keeps the wall on every seed
     with pytest.raises(ValueError, match="room_max_size must be smaller than the maze's shorter side, got 5"):

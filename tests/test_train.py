@@ -576,7 +576,9 @@ def test_values_no_run_can_use_are_refused_before_anything_is_written(trained, d
                            (["--seq-len", "1"], "--seq-len must be >= 2 for the far stage"),
                            (["--beta2", "1.2"], "--beta1 and --beta2 must be in [0, 1), got 0.9 and 1.2"),
                            (["--obj-context-noise-max", "-1"], "context_noise_max must be in [0, 1], got -1.0"),
-                           (["--obj-t-std", "0"], "t_std must be a finite number > 0")):
+                           (["--obj-t-std", "0"], "t_std must be a finite number > 0, got 0.0"),
+                           (["--obj-t-mean", "inf"], "t_mean must be a finite number, got inf"),
+                           (["--obj-self-context-level", "1.5"], "self_context_level must be in [0, 1], got 1.5")):
         assert main(["train", "--data", str(dataset), "--out", str(run), *FAST, *extra]) == 2, extra
         assert message in capsys.readouterr().err
         assert not run.exists()
@@ -699,22 +701,49 @@ def test_a_metrics_line_torn_by_a_full_disk_does_not_block_the_resume(trained, t
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert all(json.loads(x) for x in lines) and lines[:len(good.splitlines())] == good.splitlines()
     assert max(json.loads(x).get("step", 0) for x in lines if '"far"' in x) == 5
+    # a whole last line that lost only its newline gets it back, rather than the next record joining it
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().rstrip("\n"))
+    assert main(["train", "--resume", str(run), "--far-steps", "6"]) == 0, capsys.readouterr().err
+    assert all(json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines())
     # a bad line in the middle is the user's to look at: named, with the run's state untouched
     (run / "metrics.jsonl").write_text(good.replace("\n", "\n{oops\n", 1))
     before = (run / "state" / "state.json").read_text()
-    assert main(["train", "--resume", str(run), "--far-steps", "6"]) == 1
+    assert main(["train", "--resume", str(run), "--far-steps", "7"]) == 1
     assert "metrics.jsonl: line 2 is not JSON" in capsys.readouterr().err
     assert (run / "state" / "state.json").read_text() == before
 
 
-def test_a_stage_that_leaves_out_the_saved_one_is_refused_on_resume(trained, tmp_path, capsys):
-    """--stage ae on a run saved in the far stage trained nothing (and stored stage ae for good)."""
+def test_a_stage_that_leaves_out_the_saved_one_is_refused_on_resume(trained, dataset, tmp_path, capsys):
+    """--stage ae on a run saved in the far stage trained nothing (and stored stage ae for good);
+    --stage far on an unfinished autoencoder stage dropped it. A finished one, or one its time limit
+    ended, goes on to the far stage, and a torn metrics line left by the first stage is mended."""
     run = tmp_path / "staged"
     shutil.copytree(trained, run)
     stored = (run / "config.json").read_text()
     assert main(["train", "--resume", str(run), "--stage", "ae", "--far-steps", "5"]) == 1
     assert "saved state is in the far stage" in capsys.readouterr().err
     assert (run / "config.json").read_text() == stored
+
+    ae_run = tmp_path / "ae-only"
+    assert main(["train", "--data", str(dataset), "--out", str(ae_run), *FAST, "--stage", "ae", "--ae-steps", "2"]) == 0
+    unfinished = tmp_path / "ae-killed"  # as a kill after the checkpoint of step 2 of 4 leaves it
+    shutil.copytree(ae_run, unfinished)
+    meta = json.loads((unfinished / "state" / "state.json").read_text())
+    meta.update(finished=False, total_steps=4)
+    (unfinished / "state" / "state.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(unfinished), "--stage", "far", "--far-steps", "1"]) == 1
+    assert "autoencoder stage is unfinished (step 2 of 4)" in capsys.readouterr().err
+    timed = tmp_path / "ae-timed"  # the same state, its stage ended by --ae-time-limit: done
+    assert main(["train", "--data", str(dataset), "--out", str(timed), *FAST, "--stage", "ae", "--ae-steps", "50",
+                 "--ae-time-limit", "0.001"]) == 0
+    with open(ae_run / "metrics.jsonl", "a") as fh:
+        fh.write('{"stage": "ae", "step": 9, "lo')
+    for finished in (ae_run, timed):
+        assert main(["train", "--resume", str(finished), "--stage", "far", "--far-steps", "2",
+                     "--checkpoint-every", "1"]) == 0, capsys.readouterr().err
+        assert (finished / "checkpoint" / "config.json").is_file()
+        assert all(json.loads(x) for x in (finished / "metrics.jsonl").read_text().splitlines())
 
 
 def test_an_out_folder_that_is_not_a_run_is_named_and_its_files_kept(dataset, tmp_path, capsys):

@@ -99,9 +99,10 @@ class ObjectiveConfig:
         for name in ("context_noise_max", "self_context_level"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"objective {name} must be in [0, 1], got {getattr(self, name)}")
-        if not (math.isfinite(self.t_mean) and math.isfinite(self.t_std) and self.t_std > 0):
-            raise ValueError(f"objective t_std must be a finite number > 0 (and t_mean finite), got "
-                             f"{self.t_std} and {self.t_mean}")
+        if not math.isfinite(self.t_mean):
+            raise ValueError(f"objective t_mean must be a finite number, got {self.t_mean}")
+        if not (math.isfinite(self.t_std) and self.t_std > 0):
+            raise ValueError(f"objective t_std must be a finite number > 0, got {self.t_std}")
 
 
 def _rand(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

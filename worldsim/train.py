@@ -1055,7 +1055,7 @@ def plot_metrics(metrics_path: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    rows = _read_metrics(Path(metrics_path))
     stages = [s for s in ("ae", "far") if any(r.get("stage") == s for r in rows)]
     if not stages:
         return
@@ -1481,6 +1481,27 @@ def preview_episode(run: RunConfig, data: DataInfo, val_store: LatentStore, stre
     return ep.video, ep.actions
 
 
+def repair_metrics_tail(path: Path) -> bool:
+    """Before a resume appends to metrics.jsonl: a last line cut by a full disk or a kill is removed,
+    and a whole last line that lost its newline gets it back, so the next record starts a line of its
+    own. Rewritten atomically; returns whether anything changed."""
+    if not path.is_file():
+        return False
+    text = path.read_text()
+    if not text or text.endswith("\n"):
+        return False
+    head, _, last = text.rpartition("\n")
+    try:
+        json.loads(last)
+        fixed = text + "\n"
+    except ValueError:
+        fixed = head + "\n" if head else ""
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text(fixed)
+    os.replace(tmp, path)
+    return True
+
+
 def _read_metrics(path: Path) -> list[dict]:
     """The logged rows; a last line that does not parse (torn by a full disk or a kill) is left out."""
     if not path.is_file():
@@ -1695,12 +1716,15 @@ def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]
         except (OSError, ValueError, AttributeError):
             return False
 
+    if resuming and dist.is_main and repair_metrics_tail(out / "metrics.jsonl"):
+        log(f"{out / 'metrics.jsonl'}: its last line was cut (a full disk or a kill); repaired")
     if resuming and state is not None:  # a --stage that leaves out the saved stage would lose or skip it
         saved = state[0]
         if saved["stage"] == "far" and cfg.stage == "ae":
             raise TrainError(f"--resume {out}: its saved state is in the far stage (step {saved.get('step')}), which "
                              "--stage ae leaves out, so nothing would train; resume with --stage far or both")
-        if saved["stage"] == "ae" and cfg.stage == "far" and not saved.get("finished"):
+        ae_done = saved.get("finished") or (cfg.ae_time_limit > 0 and saved.get("seconds", 0) >= cfg.ae_time_limit)
+        if saved["stage"] == "ae" and cfg.stage == "far" and not ae_done:
             raise TrainError(f"--resume {out}: its autoencoder stage is unfinished (step {saved.get('step')} of "
                              f"{saved.get('total_steps')}), which --stage far would drop; resume with --stage ae "
                              "or both (or start a far run with --ae-from)")
