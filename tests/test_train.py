@@ -713,6 +713,20 @@ def test_a_metrics_line_torn_by_a_full_disk_does_not_block_the_resume(trained, t
     assert (run / "state" / "state.json").read_text() == before
 
 
+def test_metrics_that_cannot_be_appended_name_the_file(trained, tmp_path, capsys):
+    """A full disk (here: the log path taken by a folder) stops the run with the file named, not a bare
+    OS error, and the saved state stays resumable."""
+    run = tmp_path / "unwritable"
+    shutil.copytree(trained, run)
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").mkdir()
+    assert main(["train", "--resume", str(run), "--far-steps", "5", "--log-every", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"{run / 'metrics.jsonl'}: cannot append the metrics" in err and "Traceback" not in err
+    (run / "metrics.jsonl").rmdir()
+    assert main(["train", "--resume", str(run), "--far-steps", "5"]) == 0
+
+
 def test_a_stage_that_leaves_out_the_saved_one_is_refused_on_resume(trained, dataset, tmp_path, capsys):
     """--stage ae on a run saved in the far stage trained nothing (and stored stage ae for good);
     --stage far on an unfinished autoencoder stage dropped it. A finished one, or one its time limit
