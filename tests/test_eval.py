@@ -701,7 +701,11 @@ def test_rescore_recomputes_the_differences_of_an_earlier_run(tiny_data, tmp_pat
     del no_episodes["ground_truth"]["episodes"]
     bad_episode = json.loads(json.dumps(good))
     bad_episode["ground_truth"]["episodes"][0] = "episode"
-    for damaged in ([], no_config, no_episodes, bad_episode):
+    no_condition = json.loads(json.dumps(good))
+    no_condition["ground_truth"]["summary"].pop("multilevel")
+    no_tf_summary = json.loads(json.dumps(good))
+    no_tf_summary["ground_truth"].pop("teacher_forced_summary")
+    for damaged in ([], no_config, no_episodes, bad_episode, no_condition, no_tf_summary):
         (tmp_path / "bad" / "results.json").write_text(json.dumps(damaged))
         assert main(["eval", "--rescore", str(tmp_path / "bad")]) == 2
         assert f"{tmp_path / 'bad' / 'results.json'}: not a worldsim eval results file" in capsys.readouterr().err

@@ -1281,6 +1281,10 @@ def results_shape_problem(results: Any) -> str | None:
             isinstance(e, dict) and isinstance(e.get("per_frame"), dict)
             and all(isinstance(per, dict) for per in e["per_frame"].values()) for e in episodes + tf):
         return "an episode without a 'per_frame' of conditions"
+    if not set(episodes[0]["per_frame"]) <= set(gt["summary"]):
+        return "'ground_truth.summary' lacks a condition its episodes were scored on"
+    if tf and not isinstance(gt.get("teacher_forced_summary"), dict):
+        return "teacher-forced episodes without a 'teacher_forced_summary'"
     return None
 
 
