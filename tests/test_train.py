@@ -713,6 +713,18 @@ def test_a_metrics_line_torn_by_a_full_disk_does_not_block_the_resume(trained, t
     assert (run / "state" / "state.json").read_text() == before
 
 
+def test_fewer_steps_on_resume_say_that_nothing_trains(trained, tmp_path, capsys):
+    run = tmp_path / "past"
+    shutil.copytree(trained, run)
+    assert main(["train", "--resume", str(run), "--far-steps", "2"]) == 0
+    assert "far: already past 2 steps (at 3); nothing to train" in capsys.readouterr().err
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["far_batch"] = "two"  # hand-edited: named with its file, not a bare TypeError
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--resume", str(run)]) == 2
+    assert f"{run / 'config.json'}: a stored training value has the wrong type" in capsys.readouterr().err
+
+
 def test_metrics_that_cannot_be_appended_name_the_file(trained, tmp_path, capsys):
     """A full disk (here: the log path taken by a folder) stops the run with the file named, not a bare
     OS error, and the saved state stays resumable."""

@@ -24,7 +24,7 @@ the sampler's noise seed is drawn from the env's `np_random`.
 `info`: `frame_index`, `action` (name), `l1_frames`, `l1_tokens`, `l2_frames`, `l2_tokens`,
 `cache_bytes`, `steps` (sampling steps), `shift` (the sampler's timestep shift), `temperature` (the scale of its
 initial noise), `generated_noise` (the level given to generated frames entering the context), `still_frames`, `cache_mode`, `precision` (the transformer's CPU
-arithmetic, `worldsim.world.PRECISIONS`; eval and this env default to fp32, play to auto), `maze_seed` where known, and with `timing=True`
+arithmetic, `worldsim.world.PRECISIONS`; eval and this env default to fp32, play to auto), `maze_seed` where known, `episode` (the episode id) on dataset starts, and with `timing=True`
 `gen_time_s` (seconds to generate this frame). Timing is opt-in because a wall-clock
 measurement never repeats, and `check_env` demands that the same seed and actions give equal
 infos; `env.unwrapped.last_gen_time_s` always holds it. With `reality=True` the real simulator follows the same actions and
@@ -291,6 +291,9 @@ class DreamEnv(gym.Env):
     def _context_from_dataset(self, episode: int | str | None) -> tuple[np.ndarray, np.ndarray]:
         ds = self._dataset
         assert ds is not None
+        if isinstance(episode, (int, np.integer)) and not isinstance(episode, bool) and episode < 0:
+            # ds[-1] would quietly be the last episode: a position is counted from 0 here
+            raise ValueError(f"options['episode'] must be an episode id or a position >= 0, got {episode}")
         if episode is None:  # drawn among the episodes long enough for the context
             episode = self._long_episodes[int(self.np_random.integers(len(self._long_episodes)))]
         ep = ds[episode]

@@ -342,7 +342,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
                              f"on resume (the run started from its stored value); start a new run instead")
         train_over["out"] = str(resume)
         run.train = dataclasses.replace(run.train, **train_over)
-        check_numbers(run.train)
+        try:
+            check_numbers(run.train)
+        except TypeError as exc:  # a hand-edited value such as "far_batch": "two"
+            raise TrainError(f"{path}: a stored training value has the wrong type ({exc})") from None
         run.objective = dataclasses.replace(run.objective, **obj_over)
         return run, True
     preset_name = train_over.get("preset", TrainConfig.preset)
@@ -934,6 +937,9 @@ class Trainer:
                          "same weights, a different data order from here on")
             self.log(f"{spec.name}: resumed at step {step}/{spec.total_steps}")
         if step >= spec.total_steps:
+            if resume_state is not None and step > spec.total_steps:  # a lower --*-steps cannot undo steps
+                self.log(f"{spec.name}: already past {spec.total_steps} steps (at {step}); nothing to train: "
+                         f"give more steps to train on")
             return True
         train_model: nn.Module = model
         if dist.enabled:
