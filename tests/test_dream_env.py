@@ -285,8 +285,9 @@ def test_a_dataset_without_episodes_long_enough_is_refused_and_short_ones_are_no
         env.reset(options={"maze_seed": 3})
     with pytest.raises(DatasetError, match="episode 000001 .* 3 frames, fewer than context_frames=8"):
         env.reset(options={"episode": 1})
-    with pytest.raises(ValueError, match="a position >= 0, got -1"):  # not quietly the last episode
-        env.reset(options={"episode": -1})
+    for negative in (-1, "-1"):  # not quietly the last episode ("-1" is how play's --episode arrives)
+        with pytest.raises(ValueError, match=f"a position >= 0, got {negative!r}"):
+            env.reset(options={"episode": negative})
     assert env.reset(options={"episode": 0})[1]["episode"] == "000000"
     env.close()
     with pytest.raises(DatasetError, match=r"no episode has context_frames=20 frames \(longest: 12\)"):

@@ -705,7 +705,9 @@ def test_rescore_recomputes_the_differences_of_an_earlier_run(tiny_data, tmp_pat
     no_condition["ground_truth"]["summary"].pop("multilevel")
     no_tf_summary = json.loads(json.dumps(good))
     no_tf_summary["ground_truth"].pop("teacher_forced_summary")
-    for damaged in ([], no_config, no_episodes, bad_episode, no_condition, no_tf_summary):
+    later_episode = json.loads(json.dumps(good))  # a later episode without a condition the others have
+    later_episode["ground_truth"]["episodes"][-1]["per_frame"].pop("multilevel")
+    for damaged in ([], no_config, no_episodes, bad_episode, no_condition, no_tf_summary, later_episode):
         (tmp_path / "bad" / "results.json").write_text(json.dumps(damaged))
         assert main(["eval", "--rescore", str(tmp_path / "bad")]) == 2
         assert f"{tmp_path / 'bad' / 'results.json'}: not a worldsim eval results file" in capsys.readouterr().err

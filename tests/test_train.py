@@ -717,12 +717,18 @@ def test_fewer_steps_on_resume_say_that_nothing_trains(trained, tmp_path, capsys
     run = tmp_path / "past"
     shutil.copytree(trained, run)
     assert main(["train", "--resume", str(run), "--far-steps", "2"]) == 0
-    assert "far: already past 2 steps (at 3); nothing to train" in capsys.readouterr().err
+    assert "far: stopped at step 3, already past the 2 steps now asked for; nothing more to train" in \
+        capsys.readouterr().err
     config = json.loads((run / "config.json").read_text())
     config["train"]["far_batch"] = "two"  # hand-edited: named with its file, not a bare TypeError
     (run / "config.json").write_text(json.dumps(config))
     assert main(["train", "--resume", str(run)]) == 2
-    assert f"{run / 'config.json'}: a stored training value has the wrong type" in capsys.readouterr().err
+    assert f"{run / 'config.json'}: unreadable training config (train.far_batch must be int, got 'two')" in \
+        capsys.readouterr().err
+    config["train"]["far_batch"] = 2.5  # this one used to fail mid-run with a traceback
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "train.far_batch must be int, got 2.5" in capsys.readouterr().err
 
 
 def test_metrics_that_cannot_be_appended_name_the_file(trained, tmp_path, capsys):

@@ -1281,10 +1281,12 @@ def results_shape_problem(results: Any) -> str | None:
             isinstance(e, dict) and isinstance(e.get("per_frame"), dict)
             and all(isinstance(per, dict) for per in e["per_frame"].values()) for e in episodes + tf):
         return "an episode without a 'per_frame' of conditions"
-    if not set(episodes[0]["per_frame"]) <= set(gt["summary"]):
-        return "'ground_truth.summary' lacks a condition its episodes were scored on"
-    if tf and not isinstance(gt.get("teacher_forced_summary"), dict):
-        return "teacher-forced episodes without a 'teacher_forced_summary'"
+    # each episode is scored on the same conditions as the summary (gaps and the plot read them all)
+    if any(set(e["per_frame"]) != set(gt["summary"]) for e in episodes):
+        return "an episode's conditions differ from those of 'ground_truth.summary'"
+    if tf and not (isinstance(gt.get("teacher_forced_summary"), dict)
+                   and all(set(e["per_frame"]) == set(gt["teacher_forced_summary"]) for e in tf)):
+        return "teacher-forced episodes whose conditions differ from 'teacher_forced_summary' (or without it)"
     return None
 
 

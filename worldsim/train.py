@@ -262,6 +262,14 @@ class RunConfig:
         ae_mod, far_mod, obj_mod = _model_modules()
         t = dict(d["train"])
         t["stream_env_arg"] = tuple(t.get("stream_env_arg", ()))
+        defaults = TrainConfig()
+        for k, v in t.items():  # a hand-edited value of the wrong type, named here rather than mid-run
+            want = type(getattr(defaults, k, None))
+            ok = {bool: isinstance(v, bool), str: isinstance(v, str),
+                  int: isinstance(v, int) and not isinstance(v, bool),
+                  float: isinstance(v, (int, float)) and not isinstance(v, bool)}.get(want, True)
+            if not ok:
+                raise TypeError(f"train.{k} must be {want.__name__}, got {v!r}")
         return cls(TrainConfig(**t), ae_mod.AutoencoderConfig.from_dict(d["autoencoder"]),
                    far_mod.FARConfig.from_dict(d["far"]), obj_mod.ObjectiveConfig(**d["objective"]))
 
@@ -342,10 +350,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
                              f"on resume (the run started from its stored value); start a new run instead")
         train_over["out"] = str(resume)
         run.train = dataclasses.replace(run.train, **train_over)
-        try:
-            check_numbers(run.train)
-        except TypeError as exc:  # a hand-edited value such as "far_batch": "two"
-            raise TrainError(f"{path}: a stored training value has the wrong type ({exc})") from None
+        check_numbers(run.train)
         run.objective = dataclasses.replace(run.objective, **obj_over)
         return run, True
     preset_name = train_over.get("preset", TrainConfig.preset)
@@ -937,9 +942,10 @@ class Trainer:
                          "same weights, a different data order from here on")
             self.log(f"{spec.name}: resumed at step {step}/{spec.total_steps}")
         if step >= spec.total_steps:
-            if resume_state is not None and step > spec.total_steps:  # a lower --*-steps cannot undo steps
-                self.log(f"{spec.name}: already past {spec.total_steps} steps (at {step}); nothing to train: "
-                         f"give more steps to train on")
+            if resume_state is not None and step > spec.total_steps:
+                # a lower --*-steps cannot undo steps: say so rather than "done" in silence
+                self.log(f"{spec.name}: stopped at step {step}, already past the {spec.total_steps} steps now asked "
+                         "for; nothing more to train in this stage")
             return True
         train_model: nn.Module = model
         if dist.enabled:
@@ -1487,25 +1493,25 @@ def preview_episode(run: RunConfig, data: DataInfo, val_store: LatentStore, stre
     return ep.video, ep.actions
 
 
-def repair_metrics_tail(path: Path) -> bool:
+def repair_metrics_tail(path: Path) -> str:
     """Before a resume appends to metrics.jsonl: a last line cut by a full disk or a kill is removed,
     and a whole last line that lost its newline gets it back, so the next record starts a line of its
-    own. Rewritten atomically; returns whether anything changed."""
+    own. Rewritten atomically; returns what was repaired ("" when nothing was)."""
     if not path.is_file():
-        return False
+        return ""
     text = path.read_text()
     if not text or text.endswith("\n"):
-        return False
+        return ""
     head, _, last = text.rpartition("\n")
     try:
         json.loads(last)
-        fixed = text + "\n"
+        fixed, what = text + "\n", "its last line had lost its newline; added"
     except ValueError:
-        fixed = head + "\n" if head else ""
+        fixed, what = (head + "\n" if head else ""), "its last line was cut short; removed"
     tmp = path.with_name(".metrics.jsonl.tmp")
     tmp.write_text(fixed)
     os.replace(tmp, path)
-    return True
+    return what
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -1722,8 +1728,6 @@ def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]
         except (OSError, ValueError, AttributeError):
             return False
 
-    if resuming and dist.is_main and repair_metrics_tail(out / "metrics.jsonl"):
-        log(f"{out / 'metrics.jsonl'}: its last line was cut (a full disk or a kill); repaired")
     if resuming and state is not None:  # a --stage that leaves out the saved stage would lose or skip it
         saved = state[0]
         if saved["stage"] == "far" and cfg.stage == "ae":
@@ -1748,6 +1752,10 @@ def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]
                          "(and --ae-from) with another --out")
     if resuming and state is None and not (out / AE_DIR).exists():
         log(f"{out}: no saved training state yet; starting from step 0 with its config")
+    if resuming and dist.is_main:
+        repaired = repair_metrics_tail(out / "metrics.jsonl")
+        if repaired:
+            log(f"{out / 'metrics.jsonl'}: {repaired} (a full disk or a kill)")
     # every rank has looked at the folder before rank 0 writes into it: a rank slower to get here
     # used to find rank 0's first files and refuse the run as "already holds a training run"
     dist.barrier()
