@@ -498,3 +498,16 @@ def test_a_video_target_in_a_folder_that_cannot_be_written_names_the_target(tmp_
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
     with pytest.raises(PlayError, match=rf"^{tmp_path / 'x.mp4'}: cannot write there \(Permission denied\)$"):
         VideoRecorder(tmp_path / "x.mp4", fps=15)
+
+
+def test_a_negative_episode_is_refused_not_read_as_the_last(tmp_path, capsys):
+    """`--episode -1` arrives as the string "-1", which the dataset would read as its last episode."""
+    from _eval_fixtures import record_tiny_dataset, save_tiny_checkpoint
+
+    data = record_tiny_dataset(tmp_path / "d", episodes=2, length=12)
+    ck = save_tiny_checkpoint(tmp_path / "ck", resolution=32)
+    out = tmp_path / "s.mp4"
+    assert cli.main(["play", "--headless", "--checkpoint", str(ck), "--dataset", str(data), "--episode", "-1",
+                     "--context-frames", "4", "--actions", "random:2", "--out", str(out)]) == 2
+    assert "episode must be an episode id or a position >= 0, got '-1'" in capsys.readouterr().err
+    assert not out.exists()

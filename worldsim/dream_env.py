@@ -294,7 +294,9 @@ class DreamEnv(gym.Env):
         negative = (isinstance(episode, (int, np.integer)) and not isinstance(episode, bool) and episode < 0) or (
             isinstance(episode, str) and episode.startswith("-") and episode[1:].isdigit())  # as play's --episode
         if negative:  # ds[-1] would quietly be the last episode: a position is counted from 0 here
-            raise ValueError(f"episode must be an episode id or a position >= 0, got {episode!r}")
+            from worldsim.dataset import DatasetError
+
+            raise DatasetError(f"{ds.path}: episode must be an episode id or a position >= 0, got {episode!r}")
         if episode is None:  # drawn among the episodes long enough for the context
             episode = self._long_episodes[int(self.np_random.integers(len(self._long_episodes)))]
         ep = ds[episode]
