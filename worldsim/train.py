@@ -838,17 +838,14 @@ class Trainer:
             raise TrainError(f"{self.metrics_path}: cannot append the metrics ({exc.strerror or exc})") from None
 
     def trim_metrics(self, stage: str, step: int) -> None:
-        """On resume: drop the lines logged after the saved step (they are trained again), and a last
-        line torn by a full disk or a kill, which would otherwise end up between good ones."""
+        """On resume: drop the lines logged after the saved step (they are trained again); a torn
+        last line is already gone (`repair_metrics_tail`, before the run starts)."""
         if not self.dist.is_main or not self.metrics_path.is_file():
             return
         rows = _read_metrics(self.metrics_path)
         keep = [r for r in rows if not (r.get("stage") == stage and r.get("step", 0) > step)]
-        lines = sum(1 for x in self.metrics_path.read_text().splitlines() if x.strip())
-        if len(keep) != lines:
-            tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-            os.replace(tmp, self.metrics_path)
+        if len(keep) != len(rows):
+            atomic_write(self.metrics_path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in keep)))
 
     def plot(self) -> None:
         if self.dist.is_main and self.metrics_path.is_file():  # a save before the first log line has none
@@ -1508,26 +1505,22 @@ def repair_metrics_tail(path: Path) -> str:
         fixed, what = text + "\n", "its last line had lost its newline; added"
     except ValueError:
         fixed, what = (head + "\n" if head else ""), "its last line was cut short; removed"
-    tmp = path.with_name(".metrics.jsonl.tmp")
-    tmp.write_text(fixed)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(fixed))
     return what
 
 
 def _read_metrics(path: Path) -> list[dict]:
-    """The logged rows; a last line that does not parse (torn by a full disk or a kill) is left out."""
+    """The logged rows; a line that does not parse is named (a torn last one is repaired on resume)."""
     if not path.is_file():
         return []
-    lines = [x for x in path.read_text().splitlines() if x.strip()]
     rows = []
-    for n, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            if n == len(lines) - 1:
-                break
-            raise TrainError(f"{path}: line {n + 1} is not JSON; fix or remove it (the run's state is kept "
-                             "separately, in state/)") from None
+    for n, line in enumerate(path.read_text().splitlines()):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise TrainError(f"{path}: line {n + 1} is not JSON; fix or remove it (the run's state is kept "
+                                 "separately, in state/)") from None
     return rows
 
 
