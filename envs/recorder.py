@@ -114,6 +114,9 @@ def _make_env(env_id: str, settings: dict[str, Any]) -> Any:
                           f"{type(exc).__name__}: {exc}") from None
 
 
+MAZE_SEED_LIMIT = 2**31
+
+
 def plan_maze_seeds(episodes: int, start: int, split: str) -> list[int]:
     """The maze seed of each episode: consecutive seeds, or the next ones inside `split`."""
     if split == "all":
@@ -356,6 +359,12 @@ def record(cfg: RecordConfig) -> dict[str, Any]:
     """Record (or resume) a dataset; returns a summary. Raises RecordError on bad settings."""
     if cfg.episodes < 0 or cfg.length < 1:
         raise RecordError("--episodes must be >= 0 and --length >= 1")
+    if cfg.start_maze_seed < 0:
+        raise RecordError(f"--start-maze-seed must be >= 0, got {cfg.start_maze_seed}")
+    planned = plan_maze_seeds(cfg.episodes, cfg.start_maze_seed, cfg.split)
+    if planned and planned[-1] >= MAZE_SEED_LIMIT:  # refused before the first episode, not midway
+        raise RecordError(f"maze seeds must be below 2**31 (labmaze and DeepMind Lab take C ints); this plan "
+                          f"goes up to {planned[-1]}: lower --start-maze-seed")
     settings = parse_env_args(cfg.env_arg)
     out = Path(cfg.out)
     index_path = out / INDEX_NAME

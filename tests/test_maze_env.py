@@ -71,6 +71,15 @@ def test_maze_seed_option_picks_the_maze():
     assert pose.shape == (3,)
 
 
+def test_maze_seeds_outside_labmazes_range_are_refused():
+    """labmaze takes a C int: 2**31 used to be a pybind TypeError traceback, -5 was taken quietly."""
+    env = MazeEnv()
+    for bad in (2**31, -5):
+        with pytest.raises(ValueError, match=r"maze_seed must be in \[0, 2\*\*31\)"):
+            env.reset(options={"maze_seed": bad})
+    assert env.reset(options={"maze_seed": 2**31 - 1})[1]["maze_seed"] == 2**31 - 1
+
+
 def test_unseeded_resets_draw_new_mazes():
     env = MazeEnv()
     env.reset(seed=1)

@@ -432,6 +432,54 @@ def test_a_recording_that_cannot_start_leaves_the_game_running(tmp_path, no_ship
     assert "cannot record" in capsys.readouterr().err
 
 
+def _video_writer_that_fails_after(monkeypatch, frames: int, disk_full: bool) -> None:
+    """imageio's ffmpeg writer as it fails on a full disk: "[Errno 32] Broken pipe" and ffmpeg's
+    command line, no errno (measured on a full tmpfs); the file system then reports 0 bytes free."""
+    real = imageio.get_writer
+
+    class Failing:
+        def __init__(self, *args, **kwargs):
+            self.inner, self.count = real(*args, **kwargs), 0
+
+        def append_data(self, frame):
+            self.count += 1
+            if self.count > frames:
+                raise OSError("[Errno 32] Broken pipe\n\nFFMPEG COMMAND:\n/bin/ffmpeg -y -f rawvideo x.mp4\n")
+            self.inner.append_data(frame)
+
+        def close(self):
+            self.inner.close()
+
+    monkeypatch.setattr(imageio, "get_writer", Failing)
+    if disk_full:
+        monkeypatch.setattr("worldsim.dataset.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+
+
+@pytest.mark.parametrize("disk_full", [True, False])
+def test_a_video_write_failure_keeps_the_earlier_video(tmp_path, no_shipped_checkpoint, monkeypatch, capsys, disk_full):
+    """A full disk midway through `--out v.mp4` used to rename the broken partial video over a good v.mp4."""
+    out = tmp_path / "videos" / "v.mp4"
+    assert cli.main(["play", "--headless", "--actions", "random:6", "--out", str(out)]) == 0
+    capsys.readouterr()
+    _video_writer_that_fails_after(monkeypatch, 3, disk_full)
+    assert cli.main(["play", "--headless", "--actions", "random:8", "--out", str(out)]) != 0
+    err = capsys.readouterr().err
+    why = "No space left on device" if disk_full else "the video writer failed ([Errno 32] Broken pipe)"
+    assert f"{out}: cannot write the video ({why}); the existing file is kept" in err
+    assert "Traceback" not in err and "FFMPEG COMMAND" not in err and "kept 3 frames" not in err
+    assert video_frames(out)[0] == 6 and [p.name for p in out.parent.iterdir()] == ["v.mp4"]  # no partial file
+
+
+def test_a_recording_that_fails_midway_stops_and_the_game_goes_on(tmp_path, no_shipped_checkpoint, monkeypatch, capsys):
+    _video_writer_that_fails_after(monkeypatch, 2, disk_full=True)
+    config = PlayConfig(fps=1000, scale=1, record_dir=str(tmp_path / "videos"))
+    game = run_interactive(config, scripted([press("v"), [("KEYDOWN", "up")], [], [], [("KEYUP", "up")], press("left")]))
+    assert game.steps_taken == 4 and game.recorder is None and game.recordings == []
+    assert game.message.startswith("recording stopped:") and "No space left on device" in game.message
+    assert "recording stopped" in capsys.readouterr().err
+    assert list((tmp_path / "videos").iterdir()) == []  # the broken partial video is gone
+
+
 def test_keymap_keys_fire_under_the_name_pygames_events_give_them(tmp_path, no_shipped_checkpoint):
     """'keypad 8' and 'pageup' are keys pygame knows, but its events call them '[8]' and 'page up'."""
     keys = tmp_path / "keys.json"
@@ -457,6 +505,7 @@ def test_a_key_held_through_a_pause_walks_after_it(tmp_path, no_shipped_checkpoi
     (["--world", "sim", "--checkpoint", "no-such-folder"], "checkpoint no-such-folder: no such checkpoint folder"),
     (["--episode", "3"], "--episode picks an episode of --dataset"),
     (["--fps", "inf"], "--fps must be from 0.1 to 1000, got inf"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),  # was numpy's or Gymnasium's traceback
     (["--out", " "], "--out needs a file name"),
     (["--out", "x.gif", "--fps", "60"], "GIFs go up to 50 fps"),
 ])
@@ -464,6 +513,15 @@ def test_options_that_would_do_nothing_are_refused(extra, message, capsys, tmp_p
     monkeypatch.chdir(tmp_path)  # a regression would write its --out here, not into the checkout
     assert cli.main(["play", "--headless", "--actions", "random:2", *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_actions_file_that_is_not_utf8_is_one_line(tmp_path, no_shipped_checkpoint, capsys):
+    """Windows PowerShell's `echo forward > a.txt` writes UTF-16: that was a UnicodeDecodeError traceback."""
+    actions = tmp_path / "a.txt"
+    actions.write_bytes("forward\r\n".encode("utf-16"))
+    assert cli.main(["play", "--headless", "--actions", str(actions)]) == 2
+    err = capsys.readouterr().err
+    assert "not UTF-8 text; save it as UTF-8" in err and "Traceback" not in err
 
 
 def test_a_checkpoint_whose_simulator_cannot_start_is_one_line(tiny_ckpt, tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Recorder, policies and export, through the real `worldsim` entry points (tiny budgets)."""
 import json
 import os
+import shutil
 
 import gymnasium as gym
 import imageio.v2 as imageio
@@ -274,6 +275,16 @@ def test_a_failed_start_leaves_no_empty_dataset_folder(tmp_path, capsys):
     assert mine.is_dir()
 
 
+def test_maze_seeds_out_of_range_are_refused_before_any_episode(tmp_path, capsys):
+    """A plan that would reach 2**31 failed at its second episode with a traceback; now nothing is written."""
+    out = tmp_path / "data"
+    assert main(record_args(out, 2, 5, 1, "--start-maze-seed", str(2**31 - 1))) == 2
+    assert "maze seeds must be below 2**31" in capsys.readouterr().err and not out.exists()
+    assert main(record_args(out, 1, 5, 1, "--start-maze-seed", "-5")) == 2
+    assert "--start-maze-seed must be >= 0, got -5" in capsys.readouterr().err and not out.exists()
+    assert main(record_args(out, 1, 5, 1, "--start-maze-seed", str(2**31 - 1))) == 0
+
+
 def test_split_filter_draws_only_that_split(tmp_path):
     out = tmp_path / "val"
     assert main(record_args(out, 3, 10, 1, "--split", "val")) == 0
@@ -383,6 +394,23 @@ def test_export_gif_mp4_png(tiny_dataset, tmp_path, dmlab_example_path):
     strip = tmp_path / "dmlab.png"
     assert main(["export", str(dmlab_example_path), "--out", str(strip), "--every", "20"]) == 0
     assert imageio.imread(strip).shape == (128, 15 * 128, 3)
+
+
+def test_export_on_a_full_disk_names_the_cause_and_keeps_the_old_video(tiny_dataset, tmp_path, monkeypatch, capsys):
+    """imageio's ffmpeg writer says "[Errno 32] Broken pipe" plus its command line (no errno) when the
+    disk fills; the message was "[Errno None] None". The file system is asked instead."""
+    out = tmp_path / "a.mp4"
+    assert main(["export", str(tiny_dataset), "--episode", "0", "--out", str(out)]) == 0
+    before = out.read_bytes()
+
+    def broken_writer(*args, **kwargs):
+        raise OSError("[Errno 32] Broken pipe\n\nFFMPEG COMMAND:\n/bin/ffmpeg -y -f rawvideo a.mp4\n")
+
+    monkeypatch.setattr(imageio, "get_writer", broken_writer)
+    monkeypatch.setattr("worldsim.dataset.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    assert main(["export", str(tiny_dataset), "--episode", "1", "--out", str(out)]) == 1
+    assert capsys.readouterr().err.strip() == f"worldsim export: {out}: No space left on device"
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["a.mp4"]
 
 
 def test_export_errors_are_clear(tiny_dataset, tmp_path, capsys):

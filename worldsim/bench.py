@@ -175,6 +175,14 @@ def main(args: argparse.Namespace) -> int:
         if not values or min(values) < 1:
             print(f"worldsim bench: {option} must be >= 1, got {' '.join(map(str, values)) or 'nothing'}", file=sys.stderr)
             return 2
+    if cfg.seed < 0:  # numpy takes only non-negative seeds
+        print(f"worldsim bench: --seed must be >= 0, got {cfg.seed}", file=sys.stderr)
+        return 2
+    from worldsim.sampler import setting_problem
+
+    if problem := setting_problem("cfg", cfg.cfg):
+        print(f"worldsim bench: --cfg {problem}", file=sys.stderr)
+        return 2
     try:
         device = pick_device(cfg.device)
     except DeviceError as exc:

@@ -33,9 +33,11 @@ nothing is decompressed); ``ds[i]`` loads and fully validates one episode. Any p
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -266,6 +268,23 @@ def name_the_target(exc: OSError, path: str | os.PathLike) -> None:
     twin = os.path.abspath(path.parent / f".{path.name}.")  # mkstemp names its files in full
     if exc.filename is None or os.path.abspath(exc.filename).startswith(twin):
         exc.filename = str(path)
+
+
+def video_write_error(exc: BaseException, partial: str | os.PathLike) -> OSError:
+    """A one-line OSError for a failed video write into `partial` (call it before removing that file).
+
+    imageio's ffmpeg writer reports a full disk as "[Errno 32] Broken pipe" followed by ffmpeg's
+    command line, with no errno, so the file system is asked whether it is full."""
+    if isinstance(exc, OSError) and exc.errno not in (None, errno.EPIPE):
+        return exc
+    try:
+        full = shutil.disk_usage(Path(partial).parent).free < 16 * 2**20
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial))
+    lines = str(exc).strip().splitlines()
+    return OSError(errno.EIO, f"the video writer failed ({lines[0] if lines else type(exc).__name__})", str(partial))
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

@@ -22,7 +22,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
-from worldsim.dataset import Dataset, DatasetError, atomic_write
+from worldsim.dataset import Dataset, DatasetError, atomic_write, video_write_error
 
 FORMATS = (".mp4", ".gif", ".png")
 
@@ -101,10 +101,13 @@ def _write(path: Path, frames_or_image: np.ndarray, fps: float) -> None:
             frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
 
         def write(tmp: Path) -> None:
-            with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
-                                    quality=8, macro_block_size=1, pixelformat="yuv420p") as writer:
-                for f in frames:
-                    writer.append_data(f)
+            try:
+                with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
+                                        quality=8, macro_block_size=1, pixelformat="yuv420p") as writer:
+                    for f in frames:
+                        writer.append_data(f)
+            except OSError as exc:
+                raise video_write_error(exc, tmp) from None
 
     atomic_write(path, write, suffix=f".tmp{suffix}")
 

@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import numpy as np
 
 from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
-from worldsim.dataset import readable_like_any_file
+from worldsim.dataset import readable_like_any_file, video_write_error
 from worldsim.keymaps import CONTROL_KEYS, KEYMAPS, KeymapError, help_lines, load_keymap
 
 DEFAULT_SIMULATOR = {"id": "worldsim/Maze-v0", "settings": {}}
@@ -141,9 +141,11 @@ def read_actions(spec: str, action_names: Sequence[str], seed: int = 0) -> list[
         return [int(a) for a in rng.integers(len(action_names), size=count)]
     path = Path(spec)
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise PlayError(f"--actions {spec!r}: cannot read the actions file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:  # e.g. UTF-16, which Windows PowerShell's `>` writes
+        raise PlayError(f"--actions {spec!r}: not UTF-8 text; save it as UTF-8, one action name per line") from None
     actions = []
     for lineno, line in enumerate(lines, 1):
         name = line.split("#", 1)[0].strip()
@@ -222,6 +224,7 @@ class VideoRecorder:
         os.close(handle)
         self.tmp = Path(tmp)
         self.frames = 0
+        self.failed = False
         self.shape: tuple[int, ...] | None = None
         if gif:  # imageio's pillow writer takes the frame duration in milliseconds
             self._writer = imageio.get_writer(str(self.tmp), format="GIF", duration=1000.0 / float(fps), loop=0)
@@ -235,11 +238,21 @@ class VideoRecorder:
             self.shape = frame.shape
         elif frame.shape != self.shape:
             raise ValueError(f"recording frame shape changed from {self.shape} to {frame.shape}")
-        self._writer.append_data(np.ascontiguousarray(frame))
+        try:
+            self._writer.append_data(np.ascontiguousarray(frame))
+        except Exception as exc:  # a full disk, say: this video is broken, so close() must not replace an older one
+            self.failed = True
+            error = video_write_error(exc, self.tmp)
+            raise PlayError(f"{self.path}: cannot write the video ({error.strerror}); "
+                            f"{'the existing file is kept' if self.path.exists() else 'nothing was written'}") from None
         self.frames += 1
 
     def close(self) -> Path | None:
-        """Finish the file and move it into place; None (and no file) if nothing was recorded."""
+        """Finish the file and move it into place; None (and no file) if nothing was recorded
+        or the writer failed."""
+        if self.failed:
+            self.abort()
+            return None
         try:
             self._writer.close()
         except BaseException:
@@ -259,6 +272,9 @@ class VideoRecorder:
     def abort(self) -> None:
         try:
             self._writer.close()
+        except Exception:
+            if not self.failed:
+                raise
         finally:
             self.tmp.unlink(missing_ok=True)
 
@@ -504,7 +520,13 @@ class Game:
     def _record_frame(self) -> None:
         assert self.recorder is not None and self.frame is not None
         view = compose(self.frame, self.reality, self.record_layout)
-        self.recorder.append(upscale(view, self.config.scale))
+        try:
+            self.recorder.append(upscale(view, self.config.scale))
+        except PlayError as exc:  # a full disk, say: the game goes on without the recording
+            recorder, self.recorder = self.recorder, None
+            recorder.close()
+            print(f"worldsim play: recording stopped: {exc}", file=sys.stderr)
+            self.say(f"recording stopped: {exc}")
 
     def toggle_recording(self) -> None:
         if self.recorder is None:
@@ -783,6 +805,8 @@ def _check(config: PlayConfig) -> None:
         raise PlayError(f"--fps must be from 0.1 to 1000, got {config.fps}")
     if config.scale < 1:
         raise PlayError(f"--scale must be >= 1, got {config.scale}")
+    if config.seed < 0:  # numpy and Gymnasium take only non-negative seeds
+        raise PlayError(f"--seed must be >= 0, got {config.seed}")
     if config.context_frames < 1:
         raise PlayError(f"--context-frames must be >= 1, got {config.context_frames}")
     if config.still_frames is not None and config.still_frames < 0:
