@@ -435,6 +435,53 @@ def test_latent_cache_is_rebuilt_when_an_episode_file_changes(dataset, tmp_path)
     assert load_cached(tmp_path / "latents", str(data), "train", "h" * 16) is None
 
 
+def _encode_red(x):
+    return x[..., :1].astype(np.float32).transpose(0, 3, 1, 2)  # any deterministic "encoder"
+
+
+def test_latent_cache_that_was_cut_short_or_edited_is_rebuilt_not_trusted(dataset, tmp_path):
+    """A truncated .npy or a hand-edited meta file gives None (rebuild), never episodes with missing frames."""
+    from worldsim.latents import build_cache, cache_paths, load_cached, load_frames
+
+    data, cache = str(dataset), tmp_path / "latents"
+    build_cache(cache, data, "train", "h" * 16, load_frames([data], "train", warn=lambda _: None), _encode_red)
+    npy, meta_path = cache_paths(cache, data, "train", "h" * 16)
+    good_meta, good_arr = json.loads(meta_path.read_text()), np.load(npy)
+    for name, meta, arr in [
+        ("meta is a list", [good_meta], good_arr),
+        ("no offsets", {k: v for k, v in good_meta.items() if k != "offsets"}, good_arr),
+        ("offsets shifted", {**good_meta, "offsets": [o + 1 for o in good_meta["offsets"]]}, good_arr),
+        ("an action too few", {**good_meta, "actions": [a[:-1] for a in good_meta["actions"]]}, good_arr),
+        ("array cut short", good_meta, good_arr[: len(good_arr) // 3]),
+    ]:
+        meta_path.write_text(json.dumps(meta))
+        np.save(npy, arr)
+        assert load_cached(cache, data, "train", "h" * 16) is None, name
+    meta_path.write_text(json.dumps(good_meta))
+    np.save(npy, good_arr)
+    store = load_cached(cache, data, "train", "h" * 16)  # the checks refuse none of a sound cache
+    assert store is not None and store.lengths.tolist() == good_meta["lengths"]
+    assert [a.tolist() for a in store.actions] == good_meta["actions"]
+
+
+def test_episode_ids_and_paths_with_colons_round_trip(dataset, tmp_path):
+    """Index-less folders name episodes after their files, and 'run:1.npz' is a valid file name."""
+    from worldsim.latents import build_cache, load_cached, load_frames, split_source
+
+    folder = tmp_path / "a:b" / "dm"
+    folder.mkdir(parents=True)
+    for i, episode in enumerate(sorted((dataset / "episodes").glob("*.npz"))[:2]):
+        with np.load(episode) as z:
+            np.savez(folder / f"run:{i}.npz", video=z["video"], actions=z["actions"])
+    frames = load_frames([str(folder)], "train", warn=lambda _: None)
+    assert [split_source(s, [str(folder)]) for s in frames.sources] == [(str(folder), "run:0"), (str(folder), "run:1")]
+    build_cache(tmp_path / "latents", str(folder), "train", "h" * 16, frames, _encode_red)
+    store = load_cached(tmp_path / "latents", str(folder), "train", "h" * 16)
+    assert store is not None and store.sources == frames.sources
+    with pytest.raises(ValueError, match="none of the datasets"):
+        split_source(f"{folder}:run:0", [str(tmp_path / "other")])
+
+
 def test_far_init_continues_from_an_exported_checkpoint(trained, dataset, tmp_path, capsys):
     """--far-init: a new run starts from the shipped FAR weights (fresh optimizer, shape from the checkpoint)."""
     from safetensors.torch import load_file

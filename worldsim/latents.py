@@ -16,6 +16,7 @@ Files are written under a temporary name and renamed when complete. Nothing is p
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -179,6 +180,15 @@ class LatentStore:
         self.sources += other.sources
 
 
+def split_source(source: str, paths: Sequence[str | os.PathLike]) -> tuple[str, str]:
+    """(dataset path, episode id) of a "path:id" source made from one of `paths`: matched by
+    prefix, since an id (a file name) and a path may both hold ':'."""
+    for path in sorted(map(str, paths), key=len, reverse=True):
+        if source.startswith(f"{path}:"):
+            return path, source[len(path) + 1:]
+    raise ValueError(f"episode source {source!r} comes from none of the datasets {[str(p) for p in paths]}")
+
+
 def _dataset_signature(path: str, split: str, sources: list[str], lengths: list[int]) -> str:
     """Episode ids, lengths, and each episode file's size and modification time: a dataset
     re-recorded in place with the same ids and lengths (other mazes) does not reuse stale latents."""
@@ -187,7 +197,7 @@ def _dataset_signature(path: str, split: str, sources: list[str], lengths: list[
     h.update(str(Path(path).resolve()).encode())
     h.update(split.encode())
     for s, n in zip(sources, lengths):
-        st = os.stat(files[s.rsplit(":", 1)[1]])
+        st = os.stat(files[split_source(s, [path])[1]])
         h.update(f"{s}:{n}:{st.st_size}:{st.st_mtime_ns};".encode())
     return h.hexdigest()
 
@@ -207,7 +217,7 @@ def load_cached(cache_dir: Path, path: str, split: str, ae_hash: str) -> LatentS
         arr = np.load(npy, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, json.JSONDecodeError):
         return None
-    if meta.get("version") != LATENT_FORMAT_VERSION or meta.get("ae_hash") != ae_hash:
+    if not isinstance(meta, dict) or meta.get("version") != LATENT_FORMAT_VERSION or meta.get("ae_hash") != ae_hash:
         return None
     # the dataset must still list the same episodes
     try:
@@ -221,10 +231,25 @@ def load_cached(cache_dir: Path, path: str, split: str, ae_hash: str) -> LatentS
             return None
     except (OSError, KeyError):  # an episode file vanished: rebuild
         return None
+    # A cache copied, cut short or edited by hand is rebuilt rather than trusted: every episode
+    # must have its frames in the array and one action per frame.
+    offsets, cached_lengths, actions = meta.get("offsets"), meta.get("lengths"), meta.get("actions")
+    if not (isinstance(offsets, list) and isinstance(actions, list) and cached_lengths == lengths
+            and len(offsets) == len(lengths) == len(actions)):
+        return None
+    starts = [0, *itertools.accumulate(lengths)][:len(lengths)]
+    if offsets != starts or arr.ndim != 4 or arr.shape[0] != sum(lengths):
+        return None
     store = LatentStore()
-    for src, off, n, act in zip(meta["sources"], meta["offsets"], meta["lengths"], meta["actions"]):
+    for src, off, n, act in zip(sources, offsets, lengths, actions):
+        try:
+            act = np.asarray(act, dtype=np.int64)
+        except (TypeError, ValueError):
+            return None
+        if act.shape != (n,):
+            return None
         store.latents.append(arr[off:off + n])
-        store.actions.append(np.asarray(act, dtype=np.int64))
+        store.actions.append(act)
         store.sources.append(src)
     return store
 

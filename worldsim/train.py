@@ -5,7 +5,8 @@
     worldsim train --data data/maze --stage far --ae-from runs/ae --out runs/far
     worldsim train --resume runs/small                                          # continue exactly
     worldsim train --resume runs/small --far-steps 20000                        # ... and train longer
-    worldsim train --stream-env worldsim/Maze-v0 --preset small --out runs/live # fresh episodes
+    worldsim train --stream-env worldsim/Maze-v0 --stage far --ae-from checkpoints/maze-far-small --out runs/live
+                                                                   # ... on fresh episodes from the simulator
     torchrun --nproc_per_node=8 train.py --data data/maze --preset base --out runs/base
 
 Stages: `ae` trains the autoencoder on single frames; `far` encodes every frame once with the
@@ -64,7 +65,8 @@ from worldsim.checkpoint import CheckpointError, check_field_types, check_tensor
 from worldsim.dataset import DatasetError, atomic_write, name_the_target, readable_like_any_file, write_json_atomic
 from worldsim.ddp import Dist, cpu_threads_per_rank
 from worldsim.latents import (
-    FrameStore, LatentStore, build_cache, check_compatible, load_cached, load_frames, names_for, tensors_hash,
+    FrameStore, LatentStore, build_cache, check_compatible, load_cached, load_frames, names_for, split_source,
+    tensors_hash,
 )
 from worldsim.model import DeviceError
 
@@ -152,7 +154,8 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     # streaming
     stream_env: str | None = field(default=None, metadata={
-        "help": "train on fresh episodes recorded in background workers from this simulator (e.g. worldsim/Maze-v0)"})
+        "help": "train the transformer on fresh episodes recorded in background workers from this simulator "
+                "(e.g. worldsim/Maze-v0); needs --ae-from, an autoencoder trained on recorded data"})
     stream_env_arg: tuple[str, ...] = field(default=(), metadata={"help": "simulator settings key=value for --stream-env"})
     stream_workers: int = field(default=1, metadata={"help": "recording worker processes for --stream-env"})
     stream_length: int = field(default=128, metadata={"help": "frames per streamed episode"})
@@ -1484,7 +1487,7 @@ def preview_episode(run: RunConfig, data: DataInfo, val_store: LatentStore, stre
     from worldsim.dataset import Dataset
 
     e = int(np.argmax(val_store.lengths))
-    path, eid = val_store.sources[e].rsplit(":", 1)
+    path, eid = split_source(val_store.sources[e], run.train.data)
     ds = Dataset(path, action_names=names_for(path, data.action_names))
     ep = ds[eid]
     return ep.video, ep.actions
