@@ -31,8 +31,9 @@ each held for `action_repeat` frames (`num_steps`, default 4 at 60 fps, as in IM
     turn_left   [-20, 0, 0,  0, 0, 0, 0]     (look_pixels = 20, DMLab-30's action set)
     turn_right  [+20, 0, 0,  0, 0, 0, 0]
 
-DeepMind Lab turns 0.11 * 0.96 = 0.1056 degrees per look pixel per frame (upstream
-python/tests/utils/math_utils.py), so a turn action is 20 * 4 * 0.1056 = 8.45 degrees.
+DeepMind Lab turns 0.11 * 60 * 0.96 = 6.336 degrees per look pixel per second of game time
+(upstream python/tests/utils/math_utils.py), so a turn action is 20 * 6.336 * 4/60 = 8.45
+degrees at 60 fps and twice that at 30 fps.
 `move_step` is an estimate (Quake III's 320 units/s run speed -> 21 units = 0.21 cells per
 4-frame step once at speed; the player accelerates and slides, the navigator corrects with
 the pose).
@@ -42,9 +43,11 @@ bottom-left corner of the maze text with y pointing up; DEBUG.POS.ROT is (pitch,
 in degrees, yaw counter-clockwise from +x (looking right decreases it). In our convention
 (docs/ARCHITECTURE.md: x = column, y = row going down, view (cos yaw, sin yaw)):
 x = X / 100, y = rows - Y / 100, yaw = -radians(yaw_dmlab); `turn_right` increases yaw as in
-the embedded maze. `maze_walls` comes from the 'DEBUG.MAZE.LAYOUT' text ('*' = wall) when
-the level exposes it; otherwise it is None (the navigator policy is then unavailable; the
-random walk works) and y is -Y / 100 (same axes, unknown row offset).
+the embedded maze. `maze_walls` comes from the 'DEBUG.MAZE.LAYOUT' text ('*' = wall). A level
+that builds no maze (upstream's debug_observations returns '' for it) gives None: the navigator
+policy is then unavailable, the random walk works, and y is -Y / 100 (same axes, unknown row
+offset). The DEBUG.* observations come with levels decorated by upstream's
+custom_observations, as DMLab-30's are; a level without them is refused with a clear error.
 """
 from __future__ import annotations
 
@@ -63,7 +66,7 @@ DEFAULT_LEVEL = "contributed/dmlab30/explore_goal_locations_small"
 DOCS = "docs/dmlab.md"
 
 CELL_UNITS = 100.0                     # DeepMind Lab maze cell size in game units
-DEG_PER_LOOK_PIXEL_FRAME = 0.11 * 0.96  # upstream math_utils: PIXELS_PER_FRAME_TO_DEG_PER_SECOND/60 * TIME_DIALATION
+DEG_PER_LOOK_PIXEL_SECOND = 0.11 * 60 * 0.96  # upstream math_utils: PIXELS_PER_FRAME_TO_DEG_PER_SECOND * TIME_DIALATION
 RUN_SPEED_UNITS_PER_S = 320.0          # Quake III player speed (estimate for move_step)
 
 # Names of the 7 action-vector slots, in DeepMind Lab's order.
@@ -120,7 +123,7 @@ class DMLabEnv(SimulatorEnv):
     `reset(options={"maze_seed": k})` resets DeepMind Lab with `seed=k` (the level builds its
     maze and spawn from it); otherwise the seed is drawn from the env's RNG. `info` carries
     `pose` (float32 [x, y, yaw]) and `maze_seed`. `maze_walls` is the layout of the current
-    episode (or None when the level does not expose 'DEBUG.MAZE.LAYOUT').
+    episode (or None when the level builds no maze: its 'DEBUG.MAZE.LAYOUT' is empty).
 
     Args:
         level: DeepMind Lab level script name.
@@ -177,7 +180,7 @@ class DMLabEnv(SimulatorEnv):
         self.render_mode = render_mode
 
         frames_s = self.action_repeat / self.fps
-        self.turn_step = math.radians(self.look_pixels * self.action_repeat * DEG_PER_LOOK_PIXEL_FRAME)
+        self.turn_step = math.radians(self.look_pixels * DEG_PER_LOOK_PIXEL_SECOND * frames_s)  # a rate per second, like moving
         self.move_step = RUN_SPEED_UNITS_PER_S * frames_s / CELL_UNITS
 
         self.action_space = spaces.Discrete(len(ACTION_NAMES))
@@ -187,14 +190,14 @@ class DMLabEnv(SimulatorEnv):
         self.lab_config = {"width": str(w), "height": str(h), "fps": str(self.fps), **self.level_config}
         observations = [OBS_RGB, OBS_POS, OBS_ROT, OBS_LAYOUT]
         try:
-            try:
-                self._lab = dmlab.Lab(self.level, observations, config=self.lab_config, renderer=self.renderer)
-            except ValueError as exc:
-                if OBS_LAYOUT not in str(exc):
-                    raise
-                # this level has no maze layout observation: run without it
-                observations = [OBS_RGB, OBS_POS, OBS_ROT]
-                self._lab = dmlab.Lab(self.level, observations, config=self.lab_config, renderer=self.renderer)
+            self._lab = dmlab.Lab(self.level, observations, config=self.lab_config, renderer=self.renderer)
+        except ValueError as exc:
+            if "Unknown observation" not in str(exc):
+                raise
+            # upstream adds the pose and layout observations together (debug_observations.extend)
+            raise ValueError(f"DeepMind Lab level {self.level!r} lacks an observation worldsim needs ({exc}); "
+                             f"the pose and maze layout come with levels decorated by custom_observations, "
+                             f"as DMLab-30's are (see {DOCS})") from None
         except RuntimeError as exc:  # DeepMind Lab's way of saying: unknown level, bad setting or renderer
             raise ValueError(f"DeepMind Lab cannot start level {self.level!r} with config {self.lab_config} "
                              f"and renderer {self.renderer!r}: {exc}") from None
@@ -239,7 +242,7 @@ class DMLabEnv(SimulatorEnv):
             raise RuntimeError(f"DeepMind Lab level {self.level!r} is not running right after reset")
         obs = self._lab.observations()
         self.maze_seed = maze_seed
-        self.maze_walls = parse_layout(obs[OBS_LAYOUT]) if OBS_LAYOUT in obs else None
+        self.maze_walls = parse_layout(obs[OBS_LAYOUT])
         self._steps = 0
         self._needs_reset = False
         self._read(obs)

@@ -27,8 +27,8 @@ game units, 100 per maze cell, origin at the bottom-left corner of the layout, y
 'DEBUG.POS.ROT' (pitch, yaw, roll degrees; yaw counter-clockwise from +x, looking right
 turns clockwise), 'VEL.TRANS', 'VEL.ROT', and 'DEBUG.MAZE.LAYOUT' (text, '*' = wall) on the
 maze levels. The maze comes from labmaze seeded with the reset seed; motion is simple
-kinematics (320 units/s, 0.1056 degrees per look pixel per frame, as upstream's test
-utilities compute it) with wall collision; the picture is a crude column raycast (sky,
+kinematics (320 units/s, 6.336 degrees per look pixel per second, as upstream's test
+utilities compute it, so a frame turns more at a lower fps) with wall collision; the picture is a crude column raycast (sky,
 floor, walls shaded by distance and coloured by cell), enough for frames to change with
 the pose.
 
@@ -57,12 +57,12 @@ _ACTION_SPEC = [
 LEVELS = {
     "contributed/dmlab30/explore_goal_locations_small": (11, 90),
     "contributed/dmlab30/explore_goal_locations_large": (17, 120),
-    "tests/empty_room_test": (None, 60),   # no DEBUG.MAZE.LAYOUT
+    "tests/empty_room_test": (None, 60),   # builds no maze: DEBUG.MAZE.LAYOUT is ''
 }
 
 CELL = 100.0
 SPEED = 320.0                    # game units per second
-DEG_PER_PIXEL_FRAME = 0.11 * 0.96  # degrees per look pixel per frame (upstream math_utils)
+DEG_PER_PIXEL_SECOND = 0.11 * 60 * 0.96  # degrees per look pixel per second (upstream math_utils.calculate_angle)
 
 
 def version() -> str:
@@ -227,9 +227,8 @@ class Lab:
             {"dtype": np.float64, "name": "VEL.ROT", "shape": (3,)},
             {"dtype": np.float64, "name": "DEBUG.POS.TRANS", "shape": (3,)},
             {"dtype": np.float64, "name": "DEBUG.POS.ROT", "shape": (3,)},
+            {"dtype": str, "name": "DEBUG.MAZE.LAYOUT", "shape": ()},  # added with DEBUG.POS.* upstream
         ]
-        if self._size is not None:
-            spec.append({"dtype": str, "name": "DEBUG.MAZE.LAYOUT", "shape": ()})
         return spec
 
     def _new_map(self, seed: int) -> None:
@@ -259,7 +258,7 @@ class Lab:
         return not (0 <= r < rows and 0 <= c < cols) or bool(self._walls[r, c])
 
     def _advance(self, look: int, strafe: int, move: int) -> None:
-        self._yaw = (self._yaw - look * DEG_PER_PIXEL_FRAME + 180.0) % 360.0 - 180.0
+        self._yaw = (self._yaw - look * DEG_PER_PIXEL_SECOND / self._fps + 180.0) % 360.0 - 180.0
         yaw = math.radians(self._yaw)
         fwd = np.array([math.cos(yaw), math.sin(yaw)])
         right = np.array([math.sin(yaw), -math.cos(yaw)])
@@ -288,8 +287,8 @@ class Lab:
             return self._vel.copy()
         if name == "VEL.ROT":
             return np.zeros(3)
-        if name == "DEBUG.MAZE.LAYOUT":
-            return "\n".join("".join(row) for row in self._grid) + "\n"
+        if name == "DEBUG.MAZE.LAYOUT":  # upstream's mazeLayout stays '' unless the level calls setMaze
+            return "" if self._size is None else "\n".join("".join(row) for row in self._grid) + "\n"
         raise ValueError(f"Unknown observation '{name}'.")
 
     def _render(self) -> np.ndarray:

@@ -122,12 +122,35 @@ def test_standin_pose_and_layout_conversion(standin):
     env.close()
 
 
-def test_standin_level_without_layout(standin):
+def test_standin_turn_size_follows_game_time_not_frames(standin):
+    """DeepMind Lab's look speed is a rate per second (upstream math_utils.calculate_angle: speed x
+    0.96 x frames / fps x 6.6 degrees), so at 30 fps a 4-frame turn action turns twice as far."""
+    env = gym.make("worldsim/DMLab-v0", fps=30).unwrapped
+    _, info = env.reset(options={"maze_seed": 5})
+    yaw = float(info["pose"][2])
+    _, _, _, _, info = env.step(ACTION_NAMES.index("turn_right"))
+    assert math.degrees(env.turn_step) == pytest.approx(20 * 0.96 * 4 / 30 * 0.11 * 60, abs=1e-3)  # 16.9
+    assert math.remainder(float(info["pose"][2]) - yaw, 2 * math.pi) == pytest.approx(env.turn_step, abs=1e-5)
+    assert env.move_step == pytest.approx(320 * 4 / 30 / 100)
+    env.close()
+
+
+def test_standin_level_without_a_maze(standin):
+    """A level that builds no maze still has the layout observation, empty (upstream debug_observations)."""
     env = gym.make("worldsim/DMLab-v0", level="tests/empty_room_test").unwrapped
-    assert standin.INSTANCES[-1].observation_names == ["RGB_INTERLEAVED", "DEBUG.POS.TRANS", "DEBUG.POS.ROT"]
+    assert "DEBUG.MAZE.LAYOUT" in standin.INSTANCES[-1].observation_names
     obs, info = env.reset(options={"maze_seed": 1})
+    assert standin.INSTANCES[-1].observations()["DEBUG.MAZE.LAYOUT"] == ""
     assert env.maze_walls is None and info["pose"].shape == (3,)
     env.close()
+
+
+def test_standin_level_without_debug_observations_is_named(standin, monkeypatch):
+    """A level not decorated by custom_observations has no DEBUG.* observations: refused, named."""
+    plain = [{"dtype": np.uint8, "name": "RGB_INTERLEAVED", "shape": (64, 64, 3)}]
+    monkeypatch.setattr(standin.Lab, "_observation_spec", lambda self: plain)
+    with pytest.raises(ValueError, match="level 'tests/empty_room_test' lacks an observation .*custom_observations"):
+        gym.make("worldsim/DMLab-v0", level="tests/empty_room_test")
 
 
 def test_standin_unknown_level_and_navigator_without_layout_are_clear_record_errors(standin, tmp_path, capsys):
