@@ -33,7 +33,8 @@ import numpy as np
 from worldsim import metrics
 from worldsim.evaluate import results_shape_problem
 
-MUST_MATCH = ("dataset", "dataset_split", "episode_ids", "session_seeds", "context", "generate")
+# the dataset itself is compared by its frames (same_frames_problem), not by the --data string
+MUST_MATCH = ("dataset_split", "episode_ids", "session_seeds", "context", "generate", "window")
 CONDITIONS = {  # results.json name -> label
     "multilevel": "long context (multilevel)",
     "sliding": "sliding window only",
@@ -53,6 +54,34 @@ def load_results(path: str) -> tuple[Path, dict[str, Any]]:
     if problem:
         raise SystemExit(f"{file}: not a worldsim eval results file ({problem})")
     return file, results
+
+
+def same_frames_problem(new: dict[str, Any], old: dict[str, Any]) -> str | None:
+    """Why two runs did not score the same frames (None: they did). The episodes are compared by
+    what each run measured of its recorded frames (their detail and change, the copy-last floor),
+    so one dataset under two paths matches and two datasets under one path (a moved link) do not;
+    runs written before those numbers were stored fall back to the --data path."""
+    for key in MUST_MATCH:
+        if new["config"].get(key) != old["config"].get(key):
+            return f"their '{key}' differs ({new['config'].get(key)!r} vs {old['config'].get(key)!r})"
+    compared = True
+    for a, b in zip(new["ground_truth"]["episodes"], old["ground_truth"]["episodes"]):
+        for key in ("id", "maze_seed", "length"):
+            if a.get(key) != b.get(key):
+                return f"episode {a.get('id')}'s '{key}' differs ({a.get(key)!r} vs {b.get(key)!r})"
+        fingerprints = [(a.get("truth") or {}).get(m) for m in ("detail", "change")]
+        fingerprints += [(a["per_frame"].get("copy_last") or {}).get("psnr")]
+        others = [(b.get("truth") or {}).get(m) for m in ("detail", "change")]
+        others += [(b["per_frame"].get("copy_last") or {}).get("psnr")]
+        pairs = [(x, y) for x, y in zip(fingerprints, others) if x is not None and y is not None]
+        compared = compared and bool(pairs)
+        for x, y in pairs:
+            x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+            if x.shape != y.shape or not np.allclose(x, y, rtol=1e-6, atol=1e-6, equal_nan=True):
+                return f"episode {a.get('id')}'s recorded frames differ"
+    if not compared and new["config"].get("dataset") != old["config"].get("dataset"):
+        return f"their 'dataset' differs ({new['config'].get('dataset')!r} vs {old['config'].get('dataset')!r})"
+    return None
 
 
 def gap_cells(gap: dict[str, Any]) -> list[str]:
@@ -132,11 +161,11 @@ def main() -> None:
 
     new_file, new = load_results(args.new)
     old_file, old = load_results(args.old)
-    for key in MUST_MATCH:
-        if new["config"].get(key) != old["config"].get(key):
-            raise SystemExit(f"{new_file} and {old_file} did not score the same frames: their '{key}' differs "
-                             f"({new['config'].get(key)!r} vs {old['config'].get(key)!r}); run both evals with "
-                             f"the same --data, --episodes, --seed, --context and --generate")
+    problem = same_frames_problem(new, old)
+    if problem:
+        raise SystemExit(f"{new_file} and {old_file} did not score the same frames: {problem}; run both evals "
+                         f"with the same --data, --episodes, --seed, --context and --generate, and checkpoints "
+                         f"of the same window")
 
     header = ["condition", "frames", "new", "old", "new - old (dB)", "95% interval", "episodes new ahead"]
     table = []

@@ -707,7 +707,15 @@ def test_rescore_recomputes_the_differences_of_an_earlier_run(tiny_data, tmp_pat
     no_tf_summary["ground_truth"].pop("teacher_forced_summary")
     later_episode = json.loads(json.dumps(good))  # a later episode without a condition the others have
     later_episode["ground_truth"]["episodes"][-1]["per_frame"].pop("multilevel")
-    for damaged in ([], no_config, no_episodes, bad_episode, no_condition, no_tf_summary, later_episode):
+    other_version = json.loads(json.dumps(good))  # numbers of another format version may mean other things
+    other_version["format_version"] = 99
+    no_window = json.loads(json.dumps(good))  # was a KeyError traceback from results.md
+    no_window["config"].pop("window")
+    no_metrics = {k: v for k, v in good.items() if k != "metrics"}
+    no_tf_episodes = json.loads(json.dumps(good))
+    no_tf_episodes["ground_truth"].pop("teacher_forced_episodes")
+    for damaged in ([], no_config, no_episodes, bad_episode, no_condition, no_tf_summary, later_episode,
+                    other_version, no_window, no_metrics, no_tf_episodes):
         (tmp_path / "bad" / "results.json").write_text(json.dumps(damaged))
         assert main(["eval", "--rescore", str(tmp_path / "bad")]) == 2
         assert f"{tmp_path / 'bad' / 'results.json'}: not a worldsim eval results file" in capsys.readouterr().err

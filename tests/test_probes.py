@@ -55,8 +55,10 @@ def test_revisit_fraction_of_a_navigator_dataset(tmp_path):
 
 
 def _eval_results(path: Path, checkpoint: str, psnr: list[list[float]], revisit: list[list[bool]], seed: int = 0,
-                  ratios: dict[str, float] | None = None):
-    """A results.json as `worldsim eval` writes it, reduced to what the comparison reads."""
+                  ratios: dict[str, float] | None = None, dataset: str = "data/maze-test", window: int = 16,
+                  detail: float | None = None):
+    """A results.json as `worldsim eval` writes it, reduced to what the comparison reads; `detail`
+    stands for the recorded frames (each episode's `truth`), None for an eval older than it."""
     import json
 
     import numpy as np
@@ -66,14 +68,17 @@ def _eval_results(path: Path, checkpoint: str, psnr: list[list[float]], revisit:
     path.mkdir(parents=True)
     episodes = [{"id": f"{i:06d}", "revisit": r, "per_frame": {"multilevel": {"psnr": p, "ssim": [0.5] * len(p)}}}
                 for i, (p, r) in enumerate(zip(psnr, revisit))]
+    if detail is not None:
+        for e in episodes:
+            e["truth"] = {"detail": [detail] * len(e["revisit"]), "change": [0.1] * len(e["revisit"])}
     summary = aggregate([{"conditions": {"multilevel": {"psnr": np.asarray(p), "ssim": np.full(len(p), 0.5)}},
                           "revisit": np.asarray(r)} for p, r in zip(psnr, revisit)], ["multilevel"], False)
     summary["multilevel"].update(ratios or {})  # sharpness / motion, as newer evals report them
-    results = {"format": "worldsim-eval",
-               "config": {"checkpoint": checkpoint, "dataset": "data/maze-test", "dataset_split": "test",
-                          "episode_ids": [e["id"] for e in episodes],
+    results = {"format": "worldsim-eval", "format_version": 1, "metrics": {"lpips": {"status": "not installed"}},
+               "config": {"checkpoint": checkpoint, "dataset": dataset, "dataset_split": "test",
+                          "episode_ids": [e["id"] for e in episodes], "seed": 0, "window": window,
                           "session_seeds": [seed + i for i in range(len(psnr))], "context": 8, "generate": 4},
-               "ground_truth": {"episodes": episodes, "summary": summary}}
+               "ground_truth": {"episodes": episodes, "summary": summary, "teacher_forced_episodes": []}}
     (path / "results.json").write_text(json.dumps(results))
     return path
 
@@ -122,6 +127,23 @@ def test_compare_evals_pairs_the_same_frames_of_two_checkpoints(tmp_path):
     res = subprocess.run([sys.executable, str(script), str(other_seed), str(old)], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode != 0 and "did not score the same frames" in res.stderr and "session_seeds" in res.stderr
+
+    # the window decides which frames are revisits: runs of two windows are not paired
+    other_window = _eval_results(tmp_path / "w8", "ckpt-new", new_psnr, revisit, window=8)
+    res = subprocess.run([sys.executable, str(script), str(other_window), str(old)], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode != 0 and "'window' differs (8 vs 16)" in res.stderr
+
+    # the dataset is told by its frames: one dataset under two paths pairs, two under one path do not
+    runs = {name: _eval_results(tmp_path / name, "ckpt", old_psnr, revisit, dataset=dataset, detail=detail)
+            for name, dataset, detail in (("a", "data/maze-test", 0.5), ("b", "/abs/data/maze-test", 0.5),
+                                          ("c", "data/maze-test", 0.7))}
+    res = subprocess.run([sys.executable, str(script), str(runs["b"]), str(runs["a"])], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run([sys.executable, str(script), str(runs["c"]), str(runs["a"])], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode != 0 and "episode 000000's recorded frames differ" in res.stderr
 
     not_eval = tmp_path / "checkpoint"  # a folder of another kind is named, not compared
     not_eval.mkdir()

@@ -37,8 +37,10 @@
 
    Generated frames are split into *revisits* and the rest by the recorded poses: a frame is
    a revisit when its pose is within 0.5 cell and 30 degrees of a context frame with index
-   < K - W + 1 (W = the model's short window, from the checkpoint config), i.e. a place seen only
-   in the long-term context (see `worldsim.metrics.revisit_mask`).
+   < K - W + 1 (W = the model's short window, from the checkpoint config), i.e. a place the
+   long-term context has seen (DESIGN.md's rule; a context frame still in the short window may
+   show it too, as for 110 of the 1,624 revisit frames of the 24 test episodes at K = 144,
+   W = 16; see `worldsim.metrics.revisit_mask`).
 
    "Overall" numbers follow TECO's protocol (which FAR's table uses): per-frame PSNR / SSIM /
    LPIPS on [0, 1] frames, averaged over the generated frames of each episode, then over
@@ -110,6 +112,8 @@ PAPER = {
 }
 RESULTS_FORMAT = "worldsim-eval"
 RESULTS_VERSION = 1
+# what results.md and the plot read from a results.json's config (a rescore redraws both)
+RESULTS_CONFIG_KEYS = ("checkpoint", "dataset", "dataset_split", "context", "generate", "window", "seed")
 
 
 class EvalError(RuntimeError):
@@ -1270,9 +1274,16 @@ def results_shape_problem(results: Any) -> str | None:
         return f"a JSON {type(results).__name__}, not an object"
     if results.get("format") != RESULTS_FORMAT:
         return f"format {results.get('format')!r}, not {RESULTS_FORMAT!r}"
+    if results.get("format_version") != RESULTS_VERSION:  # another version's numbers may mean other things
+        return f"format_version {results.get('format_version')!r}; this worldsim reads version {RESULTS_VERSION}"
     gt = results.get("ground_truth")
     if not isinstance(results.get("config"), dict) or not isinstance(gt, dict) or not isinstance(gt.get("summary"), dict):
         return "'config' or 'ground_truth' with its 'summary' is missing or has the wrong shape"
+    missing = [f"config.{key}" for key in RESULTS_CONFIG_KEYS if key not in results["config"]]
+    missing += [] if isinstance(results.get("metrics"), dict) else ["metrics"]
+    missing += [] if "teacher_forced_episodes" in gt else ["ground_truth.teacher_forced_episodes"]
+    if missing:
+        return f"no {', '.join(missing)}"
     episodes = gt.get("episodes")
     if not isinstance(episodes, list) or not episodes:
         return "'ground_truth.episodes' is missing or empty"
@@ -1284,6 +1295,8 @@ def results_shape_problem(results: Any) -> str | None:
     # each episode is scored on the same conditions as the summary (gaps and the plot read them all)
     if any(set(e["per_frame"]) != set(gt["summary"]) for e in episodes):
         return "an episode's conditions differ from those of 'ground_truth.summary'"
+    if any("revisit" not in e for e in episodes):
+        return "an episode without its 'revisit' frames (null where poses are unknown)"
     if tf and not (isinstance(gt.get("teacher_forced_summary"), dict)
                    and all(set(e["per_frame"]) == set(gt["teacher_forced_summary"]) for e in tf)):
         return "teacher-forced episodes whose conditions differ from 'teacher_forced_summary' (or without it)"
@@ -1314,10 +1327,13 @@ def rescore(folder: str | Path) -> dict[str, Any]:
     if problem:
         raise EvalError(f"{path}: not a worldsim eval results file ({problem})")
     gt = results["ground_truth"]
-    gt["gaps"] = gaps(arrays(gt["episodes"]), arrays(gt.get("teacher_forced_episodes") or []), seed)
-    results = _jsonable(results)
-    markdown = results_markdown(results)
-    plot_results(results, folder / "psnr_vs_frame.png")
+    try:
+        gt["gaps"] = gaps(arrays(gt["episodes"]), arrays(gt.get("teacher_forced_episodes") or []), seed)
+        results = _jsonable(results)
+        markdown = results_markdown(results)
+        plot_results(results, folder / "psnr_vs_frame.png")
+    except (KeyError, TypeError, ValueError) as exc:  # a hand-edited file the shape check let through
+        raise EvalError(f"{path}: not a worldsim eval results file ({type(exc).__name__}: {exc})") from None
     _write_text(folder / "results.md", markdown)
     _write_text(path, json.dumps(results, indent=1, allow_nan=False) + "\n")
     return results
