@@ -24,9 +24,15 @@ def make_untimed(env_id: str, settings: dict | None = None):
     """`gym.make(env_id, **settings)` without the simulator's own step limit (`max_steps`, whose
     truncation needs a reset): a player, the dream's reality view and eval's probes walk as long
     as they need."""
+    import inspect
+
     import gymnasium as gym
+    from gymnasium.envs.registration import load_env_creator
 
     settings = dict(settings or {})
-    if "max_steps" in settings:
+    entry = gym.spec(env_id).entry_point
+    creator = load_env_creator(entry) if isinstance(entry, str) else entry
+    # also when the settings leave it out: the simulator's default limit (Maze-v0: 1000) applies then
+    if "max_steps" in settings or "max_steps" in inspect.signature(creator).parameters:
         settings["max_steps"] = None
     return gym.make(env_id, **settings)

@@ -135,6 +135,24 @@ def test_standin_turn_size_follows_game_time_not_frames(standin):
     env.close()
 
 
+def test_standin_the_levels_time_limit_ends_reality_not_the_dream(standin, tmp_path, capsys):
+    """A real level ends on its own (90 s: 90 steps at fps 4 and 4 frames a step). The dream over it,
+    which play always opens with the reality view, and a walk of the level itself go on."""
+    from _tiny_world import make_checkpoint
+    from worldsim.cli import main
+    from worldsim.dream_env import DreamEnv
+
+    ck = make_checkpoint(tmp_path / "ck", simulator={"id": "worldsim/DMLab-v0", "settings": {"fps": 4}})
+    env = DreamEnv(ck, context_frames=2, reality=True, device="cpu")
+    env.reset(seed=0)
+    infos = [env.step(1)[4] for _ in range(100)]
+    assert "reality_frame" in infos[0] and "reality_frame" not in infos[-1]
+    assert infos[-1]["frame_index"] == infos[0]["frame_index"] + 99
+    env.close()
+    assert main(["play", "--world", "sim", "--checkpoint", str(ck), "--headless", "--actions", "random:100"]) == 0
+    assert "the level's episode ended before action" in capsys.readouterr().err
+
+
 def test_standin_level_without_a_maze(standin):
     """A level that builds no maze still has the layout observation, empty (upstream debug_observations)."""
     env = gym.make("worldsim/DMLab-v0", level="tests/empty_room_test").unwrapped

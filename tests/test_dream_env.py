@@ -252,6 +252,18 @@ def test_human_render_uses_the_frontend_window(tiny_world, monkeypatch):
     env.close()
 
 
+def test_a_closed_env_says_so_and_renders_nothing(tiny_ckpt):
+    env = DreamEnv(tiny_ckpt, context_frames=2, render_mode="rgb_array", device="cpu")
+    env.reset(seed=0)
+    env.close()
+    assert env.render() is None  # in human mode this would have opened a new window
+    with pytest.raises(RuntimeError, match="after close"):
+        env.step(0)
+    env.reset(seed=0)  # a reset opens what it needs again
+    assert env.step(0)[0].shape == env.observation_space.shape
+    env.close()
+
+
 def test_env_module_does_not_import_pygame(tiny_ckpt):
     code = (
         "import sys; from worldsim.dream_env import DreamEnv\n"

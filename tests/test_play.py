@@ -515,6 +515,29 @@ def test_options_that_would_do_nothing_are_refused(extra, message, capsys, tmp_p
     assert message in capsys.readouterr().err
 
 
+def test_walking_the_simulator_has_no_step_limit(tmp_path, no_shipped_checkpoint):
+    """Maze-v0 truncates at 1,000 steps by default: play's walk used to crash at step 1,001
+    (`--world sim --benchmark` plays 2,000)."""
+    assert cli.main(["play", "--world", "sim", "--headless", "--actions", "random:1001"]) == 0
+    config = PlayConfig(fps=1000, scale=1, record_dir=str(tmp_path))
+    game = run_interactive(config, scripted([[("KEYDOWN", "up")], *[[]] * 1002, [("KEYUP", "up")]]))
+    assert game.steps_taken > 1000
+
+
+def test_the_fps_meter_measures_a_tapped_frame_by_its_own_time():
+    """A tap between idle ticks leaves one timestamp in the window: the HUD said 0.0 fps."""
+    from worldsim.play import FpsMeter
+
+    meter = FpsMeter()
+    for t in range(5):
+        meter.gap()  # an idle tick
+        meter.tick(now=float(t), frame_seconds=0.125)
+    assert meter.fps == 8.0
+    meter.tick(now=4.1)
+    meter.tick(now=4.2)  # then a held key: the rate over the window
+    assert 9.9 < meter.fps < 10.1
+
+
 def test_an_actions_file_that_is_not_utf8_is_one_line(tmp_path, no_shipped_checkpoint, capsys):
     """Windows PowerShell's `echo forward > a.txt` writes UTF-16: that was a UnicodeDecodeError traceback."""
     actions = tmp_path / "a.txt"

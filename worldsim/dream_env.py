@@ -29,7 +29,8 @@ arithmetic, `worldsim.world.PRECISIONS`; eval and this env default to fp32, play
 measurement never repeats, and `check_env` demands that the same seed and actions give equal
 infos; `env.unwrapped.last_gen_time_s` always holds it. With `reality=True` the real simulator follows the same actions and
 `info["reality_frame"]` / `info["reality_pose"]` carry what the world really looks like ("dream
-vs reality"; the dream itself has no pose).
+vs reality"; the dream itself has no pose) until the simulator's own episode ends (a DeepMind Lab
+level's or Memory Maze's time limit): the dream goes on, and the two keys are left out from then on.
 
 Render modes: `rgb_array` returns the last frame. `human` shows it in a window, and the window
 code lives in the pygame frontend (`worldsim.play.FrameWindow`, imported only when rendering):
@@ -246,6 +247,7 @@ class DreamEnv(gym.Env):
         self._reality_frame: np.ndarray | None = None
         self._reality_pose: np.ndarray | None = None
         self._reality_ok = False
+        self._closed = False
         self._maze_seed: int | None = None
         self._episode_id: str | None = None
         self._window = None
@@ -368,6 +370,7 @@ class DreamEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         """New world. `options`: `maze_seed` (simulator start) or `episode` (dataset start)."""
         super().reset(seed=seed)
+        self._closed = False  # a reset after close() opens what it needs again
         options = dict(options or {})
         unknown = sorted(set(options) - {"maze_seed", "episode"})
         if unknown:  # a typo such as "maze-seed" would otherwise start a random world silently
@@ -400,7 +403,8 @@ class DreamEnv(gym.Env):
 
     def step(self, action):
         if self._session is None:
-            raise RuntimeError("DreamEnv.step() called before reset()")
+            raise RuntimeError("DreamEnv.step() called after close()" if self._closed
+                               else "DreamEnv.step() called before reset()")
         if not self.action_space.contains(action):
             try:
                 index = operator.index(action)  # ints of any kind; not 1.5, "forward" or None
@@ -417,8 +421,10 @@ class DreamEnv(gym.Env):
         gen_time = self.last_gen_time_s = time.perf_counter() - start
         self._frame = np.asarray(frame, dtype=np.uint8)
         if self.reality and self._reality_ok and self._sim is not None:
-            obs, _, _, _, sim_info = self._sim.step(self._sim_action(self.action_names[action]))
+            obs, _, terminated, truncated, sim_info = self._sim.step(self._sim_action(self.action_names[action]))
             self._reality_frame, self._reality_pose = np.asarray(obs, np.uint8), sim_info.get("pose")
+            # the real level's own time limit (DMLab, Memory Maze) ends reality, not the dream
+            self._reality_ok = not (terminated or truncated)
         if self.render_mode == "human":
             self.render()
         return self._frame.copy(), 0.0, False, False, self._info(action, gen_time)
@@ -446,5 +452,5 @@ class DreamEnv(gym.Env):
         if self._sim is not None:
             self._sim.close()
             self._sim = None
-        self._session = None
+        self._session, self._frame, self._closed = None, None, True  # render() after close opens no window
         super().close()

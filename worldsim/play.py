@@ -283,15 +283,18 @@ class FpsMeter:
     """Frames per second over the last `window` consecutive frames (what the player gets).
 
     `gap()` marks a stretch without frames (no key held, paused, new world): the idle time is
-    not counted as slow generation, and the last measurement stays on the HUD meanwhile.
+    not counted as slow generation, and the last measurement stays on the HUD meanwhile. A lone
+    frame after a gap (a tapped key) is measured by its own time, `frame_seconds`.
     """
 
     def __init__(self, window: int = 20) -> None:
         self.times: deque[float] = deque(maxlen=window)
         self.last = 0.0
 
-    def tick(self, now: float | None = None) -> None:
+    def tick(self, now: float | None = None, frame_seconds: float | None = None) -> None:
         self.times.append(time.perf_counter() if now is None else now)
+        if len(self.times) < 2 and frame_seconds:
+            self.last = 1.0 / frame_seconds
 
     def gap(self) -> None:
         if len(self.times) >= 2:
@@ -504,10 +507,15 @@ class Game:
         self.say(f"new world (seed {seed})")
 
     def play(self, action_name: str) -> None:
-        obs, _, _, _, info = self.world.env.step(self.action_index[action_name])
+        start = time.perf_counter()
+        obs, _, terminated, truncated, info = self.world.env.step(self.action_index[action_name])
         self.steps_taken += 1
-        self.meter.tick()
+        # a tapped key's frame counts at most at the target rate, which the loop keeps to
+        self.meter.tick(frame_seconds=max(time.perf_counter() - start, 1.0 / self.config.fps))
         self._show(obs, info, index=int(info.get("frame_index", self.frame_index + 1)))
+        if terminated or truncated:  # a real level's own time limit (--world sim over DMLab, Memory Maze)
+            self.new_world()
+            self.say(f"the level's episode ended: new world (seed {self.seed})")
 
     def _show(self, obs: np.ndarray, info: dict[str, Any], index: int) -> None:
         self.frame, self.info, self.frame_index = obs, info, index
@@ -746,13 +754,20 @@ def run_headless(config: PlayConfig, world: World | None = None, log: Callable[[
     try:
         actions = read_actions(config.actions, world.action_names, seed=config.seed)
         obs, info = env.reset(seed=config.seed)
+        ended, episode_over = 0, False  # episodes the simulator ended on its own so far
         if config.out:
             recorder = VideoRecorder(config.out, fps=config.fps)
         start = time.perf_counter()
         for i, action in enumerate(tqdm(actions, desc=f"worldsim play ({world.mode})", unit="frame",
                                         file=sys.stderr, disable=None), 1):
+            if episode_over:  # the simulator's own time limit: the walk goes on in a new world
+                obs, info = env.reset(seed=config.seed + ended)
+                episode_over = False
+                log(f"worldsim play: the level's episode ended before action {i}; new world (seed {config.seed + ended})")
             t0, c0 = time.perf_counter(), time.process_time()
-            obs, _, _, _, info = env.step(action)
+            obs, _, terminated, truncated, info = env.step(action)
+            if terminated or truncated:
+                ended, episode_over = ended + 1, True
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
             if recorder is not None:
