@@ -91,6 +91,21 @@ def test_cached_calls_match_uncached_forward():
     assert (got - ref).abs().max() <= 1e-5
 
 
+def test_a_plain_kv_cache_serves_cfg_halves_of_a_batch_of_two():
+    """A (k, v) tuple cache of batch B under a CFG-doubled query batch 2B: each half sees its own
+    rows (it raised for B > 1), as with each half predicted on its own."""
+    far = random_far()
+    x, a = torch.randn(2, 9, 4, 8, 8), torch.randint(0, 5, (2, 9))
+    with torch.no_grad():
+        l1 = far.frame_kv(x[:, :8], a[:, :8], 0, None)
+        t = torch.tensor([0.7, 0.3])
+        null = torch.full((2,), far.config.num_actions)  # the null class
+        both = far.predict_frame(torch.cat([x[:, 8], x[:, 8]]), torch.cat([t, t]), torch.cat([a[:, 8], null]), 8, l1)
+        cond = far.predict_frame(x[:, 8], t, a[:, 8], 8, l1)
+        uncond = far.predict_frame(x[:, 8], t, null, 8, l1)
+    assert (both - torch.cat([cond, uncond])).abs().max() <= 1e-5
+
+
 def test_inference_without_the_modulation_memo_predicts_the_same(monkeypatch):
     """Off the CPU (a GPU) inference computes the adaLN modulations as training does instead of
     memoising them, to keep device-to-host reads out of every forward. Forced here on the CPU:

@@ -36,8 +36,13 @@ API
 
 Faithful to FAR: AdaLN-Zero DiT blocks, RMS-normed q/k, 3-axis RoPE (time, row, col),
 frame-causal attention (full inside a frame), one timestep per frame with distinct values for
-clean short-term context (-1) and long-term context (-2, the paper code's `timestep * 2`),
-actions embedded (plus a null class) and added to the timestep embedding. Long-short context:
+clean short-term context (`clean_t`) and long-term context (`long_context_t`, the paper code's
+`timestep * 2`), actions embedded (plus a null class) and added to the timestep embedding. One
+deviation in scale: the embedder takes t in [0, 1] times 1000, so the defaults -1 / -2 sit at
+-1000 / -2000 on the paper code's 0..1000 scale, where its labels are -1 / -2 (-0.001 / -0.002
+here, `--far-clean-t` / `--far-long-context-t`): ours is a label far from every noise level, the
+paper's one just past the cleanest (the shipped weights were trained with ours; HISTORY.md,
+"Session 26", compares the two from scratch). Long-short context:
 the last `window` frames are fine tokens (patch_size), older frames coarse tokens
 (context_patch_size) with their own input projection and, per block, their own qkv / output
 projections and q/k norms; adaLN and MLP are shared. Conditioning is per frame (cheaper than
@@ -564,8 +569,9 @@ class FARBlock(nn.Module):
             kk, vv = k_new, v_new
             if past is not None:
                 pk, pv = past
-                if pk.shape[0] != kk.shape[0]:
-                    pk, pv = pk.expand(kk.shape[0], *pk.shape[1:]), pv.expand(kk.shape[0], *pv.shape[1:])
+                if pk.shape[0] != kk.shape[0]:  # CFG: the m halves of the query batch share the cache of batch B
+                    m = kk.shape[0] // pk.shape[0]
+                    pk, pv = pk.repeat(m, 1, 1, 1), pv.repeat(m, 1, 1, 1)  # (m*B, H, L, Dh): rows as in the query
                 kk, vv = torch.cat([pk, kk], dim=2), torch.cat([pv, vv], dim=2)
             o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
         o = o.transpose(1, 2).flatten(2)  # (B, Lq, D)

@@ -200,6 +200,8 @@ def training_loss(
     target = (noise - x0)[:, Tc:]
     per_frame = F.mse_loss(v.float(), target.float(), reduction="none").flatten(2).mean(-1)  # (B, Wf)
     noisy = (~clean[:, Tc:]).float()
+    # the mean over the batch's noisy frames (the FAR code averages within each sample first, so
+    # there a sample with fewer noisy frames weighs as much as one with many)
     loss = (per_frame * noisy).sum() / noisy.sum().clamp_min(1.0)
     if Tc == 0:
         # No coarse token this batch: the coarse-only parameters join the graph with a zero term,

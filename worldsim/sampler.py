@@ -13,8 +13,10 @@ API
 Flow matching: x_t = t*noise + (1-t)*x0 and the network predicts v = noise - x0, so
 dx/dt = v and Euler steps go from t=1 to t=0: x <- x + (t_next - t) * v.
 CFG: v = v_null + s * (v_cond - v_null), the null branch swapping only the action of the frame
-being generated for the null class; both branches run as one batch of 2B. With s == 1 the null
-branch is skipped entirely, so CFG 1 is exactly no guidance.
+being generated for the null class; both branches run as one batch of 2B. (The FAR code's null
+branch nulls every frame's action, context included; swapping one lets both branches share one
+cache of the context.) With s == 1 the null branch is skipped entirely, so CFG 1 is exactly no
+guidance.
 Shift (SD3's timestep shift, diffusers' FlowMatchEulerDiscreteScheduler `shift`): the uniform grid
 u in [1, 0] becomes t = s*u / (1 + (s-1)*u), so s > 1 spends the few steps at high noise, where the
 layout of the next frame is decided, and takes the last step from a middle level. s = 1 is the
