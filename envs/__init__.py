@@ -23,16 +23,14 @@ _register("worldsim/Dream-v0", "worldsim.dream_env:DreamEnv")
 def make_untimed(env_id: str, settings: dict | None = None):
     """`gym.make(env_id, **settings)` without the simulator's own step limit (`max_steps`, whose
     truncation needs a reset): a player, the dream's reality view and eval's probes walk as long
-    as they need."""
-    import inspect
-
+    as they need. Also when the settings leave it out, where the simulator's default (Maze-v0:
+    1000) would apply; a level's own time limit (DMLab, Memory Maze) stays."""
     import gymnasium as gym
-    from gymnasium.envs.registration import load_env_creator
 
     settings = dict(settings or {})
-    entry = gym.spec(env_id).entry_point
-    creator = load_env_creator(entry) if isinstance(entry, str) else entry
-    # also when the settings leave it out: the simulator's default limit (Maze-v0: 1000) applies then
-    if "max_steps" in settings or "max_steps" in inspect.signature(creator).parameters:
+    if "max_steps" in settings:
         settings["max_steps"] = None
-    return gym.make(env_id, **settings)
+    env = gym.make(env_id, **settings)
+    if getattr(env.unwrapped, "max_steps", None) is not None:  # our simulators read it at every step
+        env.unwrapped.max_steps = None
+    return env

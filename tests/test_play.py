@@ -432,40 +432,51 @@ def test_a_recording_that_cannot_start_leaves_the_game_running(tmp_path, no_ship
     assert "cannot record" in capsys.readouterr().err
 
 
-def _video_writer_that_fails_after(monkeypatch, frames: int, disk_full: bool) -> None:
+def _video_writer_that_fails_after(monkeypatch, frames: int | None, disk_full: bool) -> None:
     """imageio's ffmpeg writer as it fails on a full disk: "[Errno 32] Broken pipe" and ffmpeg's
-    command line, no errno (measured on a full tmpfs); the file system then reports 0 bytes free."""
+    command line, no errno (measured on a full tmpfs); the file system then reports 0 bytes free.
+    frames=None: it fails only while finishing the file, silently (x264 holds the frames until
+    then; a full disk or `ulimit -f` then cuts the file, and imageio-ffmpeg does not raise)."""
     real = imageio.get_writer
 
     class Failing:
-        def __init__(self, *args, **kwargs):
-            self.inner, self.count = real(*args, **kwargs), 0
+        def __init__(self, path, *args, **kwargs):
+            self.path, self.inner, self.count = path, real(path, *args, **kwargs), 0
 
         def append_data(self, frame):
             self.count += 1
-            if self.count > frames:
+            if frames is not None and self.count > frames:
                 raise OSError("[Errno 32] Broken pipe\n\nFFMPEG COMMAND:\n/bin/ffmpeg -y -f rawvideo x.mp4\n")
             self.inner.append_data(frame)
 
         def close(self):
             self.inner.close()
+            if frames is None:
+                with open(self.path, "r+b") as fh:
+                    fh.truncate(2000)
 
     monkeypatch.setattr(imageio, "get_writer", Failing)
     if disk_full:
         monkeypatch.setattr("worldsim.dataset.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
 
 
-@pytest.mark.parametrize("disk_full", [True, False])
-def test_a_video_write_failure_keeps_the_earlier_video(tmp_path, no_shipped_checkpoint, monkeypatch, capsys, disk_full):
-    """A full disk midway through `--out v.mp4` used to rename the broken partial video over a good v.mp4."""
+@pytest.mark.parametrize("fail_after, disk_full, why", [
+    (3, True, "No space left on device"),
+    (3, False, "the video writer failed ([Errno 32] Broken pipe)"),
+    (None, True, "No space left on device"),
+    (None, False, "the video writer failed (the finished file cannot be read back"),
+])
+def test_a_video_write_failure_keeps_the_earlier_video(tmp_path, no_shipped_checkpoint, monkeypatch, capsys,
+                                                       fail_after, disk_full, why):
+    """A full disk midway through `--out v.mp4`, or while ffmpeg finishes the file, used to rename
+    the broken partial video over a good v.mp4."""
     out = tmp_path / "videos" / "v.mp4"
     assert cli.main(["play", "--headless", "--actions", "random:6", "--out", str(out)]) == 0
     capsys.readouterr()
-    _video_writer_that_fails_after(monkeypatch, 3, disk_full)
+    _video_writer_that_fails_after(monkeypatch, fail_after, disk_full)
     assert cli.main(["play", "--headless", "--actions", "random:8", "--out", str(out)]) != 0
     err = capsys.readouterr().err
-    why = "No space left on device" if disk_full else "the video writer failed ([Errno 32] Broken pipe)"
-    assert f"{out}: cannot write the video ({why}); the existing file is kept" in err
+    assert f"{out}: cannot write the video ({why}" in err and "the existing file is kept" in err
     assert "Traceback" not in err and "FFMPEG COMMAND" not in err and "kept 3 frames" not in err
     assert video_frames(out)[0] == 6 and [p.name for p in out.parent.iterdir()] == ["v.mp4"]  # no partial file
 
@@ -515,13 +526,14 @@ def test_options_that_would_do_nothing_are_refused(extra, message, capsys, tmp_p
     assert message in capsys.readouterr().err
 
 
-def test_walking_the_simulator_has_no_step_limit(tmp_path, no_shipped_checkpoint):
+def test_walking_the_simulator_has_no_step_limit(tmp_path, no_shipped_checkpoint, capsys):
     """Maze-v0 truncates at 1,000 steps by default: play's walk used to crash at step 1,001
-    (`--world sim --benchmark` plays 2,000)."""
+    (`--world sim --benchmark` plays 2,000). The walk goes on in the same world."""
     assert cli.main(["play", "--world", "sim", "--headless", "--actions", "random:1001"]) == 0
+    assert "episode ended" not in capsys.readouterr().err
     config = PlayConfig(fps=1000, scale=1, record_dir=str(tmp_path))
     game = run_interactive(config, scripted([[("KEYDOWN", "up")], *[[]] * 1002, [("KEYUP", "up")]]))
-    assert game.steps_taken > 1000
+    assert game.steps_taken > 1000 and game.worlds == 1 and game.world.env.unwrapped.max_steps is None
 
 
 def test_the_fps_meter_measures_a_tapped_frame_by_its_own_time():
@@ -539,12 +551,15 @@ def test_the_fps_meter_measures_a_tapped_frame_by_its_own_time():
 
 
 def test_an_actions_file_that_is_not_utf8_is_one_line(tmp_path, no_shipped_checkpoint, capsys):
-    """Windows PowerShell's `echo forward > a.txt` writes UTF-16: that was a UnicodeDecodeError traceback."""
+    """Windows PowerShell's `echo forward > a.txt` writes UTF-16: that was a UnicodeDecodeError traceback.
+    Saved "as UTF-8" there, it starts with a byte-order mark, which is read as UTF-8."""
     actions = tmp_path / "a.txt"
     actions.write_bytes("forward\r\n".encode("utf-16"))
     assert cli.main(["play", "--headless", "--actions", str(actions)]) == 2
     err = capsys.readouterr().err
     assert "not UTF-8 text; save it as UTF-8" in err and "Traceback" not in err
+    actions.write_bytes("forward\r\nturn_left\r\n".encode("utf-8-sig"))
+    assert read_actions(str(actions), ACTIONS) == [ACTIONS.index("forward"), ACTIONS.index("turn_left")]
 
 
 def test_a_checkpoint_whose_simulator_cannot_start_is_one_line(tiny_ckpt, tmp_path, capsys):

@@ -412,6 +412,30 @@ def test_export_on_a_full_disk_names_the_cause_and_keeps_the_old_video(tiny_data
     assert capsys.readouterr().err.strip() == f"worldsim export: {out}: No space left on device"
     assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["a.mp4"]
 
+    monkeypatch.undo()  # the real writer again, but the file it finishes is cut short (ulimit -f, say)
+    real = imageio.get_writer
+
+    class CutOnClose:
+        def __init__(self, path, *args, **kwargs):
+            self.path, self.inner = path, real(path, *args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.inner.close()
+            with open(self.path, "r+b") as fh:
+                fh.truncate(2000)
+
+        def append_data(self, frame):
+            self.inner.append_data(frame)
+
+    monkeypatch.setattr(imageio, "get_writer", CutOnClose)
+    assert main(["export", str(tiny_dataset), "--episode", "1", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"worldsim export: {out}: the video writer failed (the finished file cannot be read back")
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["a.mp4"]
+
 
 def test_export_errors_are_clear(tiny_dataset, tmp_path, capsys):
     assert main(["export", str(tiny_dataset), "--episode", "7", "--out", str(tmp_path / "x.gif")]) == 2

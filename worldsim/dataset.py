@@ -287,6 +287,19 @@ def video_write_error(exc: BaseException, partial: str | os.PathLike) -> OSError
     return OSError(errno.EIO, f"the video writer failed ({lines[0] if lines else type(exc).__name__})", str(partial))
 
 
+def finished_video_problem(path: str | os.PathLike, frames: int) -> str | None:
+    """Why a just-closed MP4 is unusable (None: it holds its `frames`). The ffmpeg writer may fail
+    only while finishing the file (x264 holds frames until the end; a full disk or a file-size
+    limit then cuts the file) without raising, so the file is read back before it replaces anything."""
+    from imageio_ffmpeg import count_frames_and_secs
+
+    try:
+        found, _ = count_frames_and_secs(str(path))
+    except (OSError, RuntimeError):  # ffmpeg's own message is its exit code and command line
+        return "the finished file cannot be read back"
+    return None if found == frames else f"the finished file holds {found} of its {frames} frames"
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to a temp file beside `path`, then rename over it (never half-written)."""
     text = json.dumps(obj, indent=1) + "\n"

@@ -830,9 +830,16 @@ def write_video(path: Path, truth: np.ndarray, gens: dict[str, np.ndarray], cont
             note = f"frame {t}  generated" + ("  REVISIT" if rv else "")
         footer = _label_strip([note], row.shape[1], 16, row.shape[1])
         frames.append(np.concatenate([header, row, footer], axis=0))
+    def write_mp4(p: Path) -> None:
+        from worldsim.dataset import finished_video_problem
+
+        imageio.mimwrite(p, frames, fps=fps, macro_block_size=1, quality=8, format="FFMPEG")
+        problem = finished_video_problem(p, len(frames))  # ffmpeg may cut the file without raising
+        if problem:
+            raise OSError(problem)
+
     try:
-        _atomic_write(path, lambda p: imageio.mimwrite(p, frames, fps=fps, macro_block_size=1,
-                                                       quality=8, format="FFMPEG"))
+        _atomic_write(path, write_mp4)
         return path
     except Exception:
         gif = path.with_suffix(".gif")

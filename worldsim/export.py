@@ -22,7 +22,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
-from worldsim.dataset import Dataset, DatasetError, atomic_write, video_write_error
+from worldsim.dataset import Dataset, DatasetError, atomic_write, finished_video_problem, video_write_error
 
 FORMATS = (".mp4", ".gif", ".png")
 
@@ -108,6 +108,9 @@ def _write(path: Path, frames_or_image: np.ndarray, fps: float) -> None:
                         writer.append_data(f)
             except OSError as exc:
                 raise video_write_error(exc, tmp) from None
+            problem = finished_video_problem(tmp, len(frames))
+            if problem:  # an older video under this name stays as it was
+                raise video_write_error(OSError(problem), tmp)
 
     atomic_write(path, write, suffix=f".tmp{suffix}")
 

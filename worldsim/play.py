@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import numpy as np
 
 from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
-from worldsim.dataset import readable_like_any_file, video_write_error
+from worldsim.dataset import finished_video_problem, readable_like_any_file, video_write_error
 from worldsim.keymaps import CONTROL_KEYS, KEYMAPS, KeymapError, help_lines, load_keymap
 
 DEFAULT_SIMULATOR = {"id": "worldsim/Maze-v0", "settings": {}}
@@ -141,7 +141,7 @@ def read_actions(spec: str, action_names: Sequence[str], seed: int = 0) -> list[
         return [int(a) for a in rng.integers(len(action_names), size=count)]
     path = Path(spec)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: PowerShell's "UTF-8" starts with a BOM
     except OSError as exc:
         raise PlayError(f"--actions {spec!r}: cannot read the actions file ({exc.strerror or exc})") from None
     except UnicodeDecodeError:  # e.g. UTF-16, which Windows PowerShell's `>` writes
@@ -261,6 +261,12 @@ class VideoRecorder:
         if self.frames == 0:
             self.tmp.unlink(missing_ok=True)
             return None
+        problem = None if self.tmp.suffix == ".gif" else finished_video_problem(self.tmp, self.frames)
+        if problem:  # a full disk while ffmpeg finished the file: an older video under this name stays
+            reason = video_write_error(OSError(problem), self.tmp).strerror
+            self.tmp.unlink(missing_ok=True)
+            raise PlayError(f"{self.path}: cannot write the video ({reason}); "
+                            f"{'the existing file is kept' if self.path.exists() else 'nothing was written'}")
         readable_like_any_file(self.tmp)  # mkstemp makes 0600
         try:
             os.replace(self.tmp, self.path)
