@@ -491,6 +491,18 @@ def test_a_recording_that_fails_midway_stops_and_the_game_goes_on(tmp_path, no_s
     assert list((tmp_path / "videos").iterdir()) == []  # the broken partial video is gone
 
 
+def test_a_recording_that_cannot_be_finished_is_reported_and_the_game_goes_on(tmp_path, no_shipped_checkpoint,
+                                                                             monkeypatch, capsys):
+    _video_writer_that_fails_after(monkeypatch, None, disk_full=True)  # cut while ffmpeg finishes the file
+    config = PlayConfig(fps=1000, scale=1, record_dir=str(tmp_path / "videos"))
+    game = run_interactive(config, scripted([press("v"), [("KEYDOWN", "up")], [], [("KEYUP", "up")], press("v"),
+                                             press("left")]))
+    assert game.steps_taken == 3 and game.recorder is None and game.recordings == []
+    assert "cannot write the video (No space left on device); nothing was written" in game.message
+    assert "cannot write the video" in capsys.readouterr().err
+    assert list((tmp_path / "videos").iterdir()) == []
+
+
 def test_keymap_keys_fire_under_the_name_pygames_events_give_them(tmp_path, no_shipped_checkpoint):
     """'keypad 8' and 'pageup' are keys pygame knows, but its events call them '[8]' and 'page up'."""
     keys = tmp_path / "keys.json"

@@ -242,10 +242,15 @@ class VideoRecorder:
             self._writer.append_data(np.ascontiguousarray(frame))
         except Exception as exc:  # a full disk, say: this video is broken, so close() must not replace an older one
             self.failed = True
-            error = video_write_error(exc, self.tmp)
-            raise PlayError(f"{self.path}: cannot write the video ({error.strerror}); "
-                            f"{'the existing file is kept' if self.path.exists() else 'nothing was written'}") from None
+            raise self._write_error(exc) from None
         self.frames += 1
+
+    def _write_error(self, exc: BaseException) -> PlayError:
+        """One line for a failed write: the cause (found while the partial file is still there)
+        and that an older video under this name is untouched."""
+        reason = video_write_error(exc, self.tmp).strerror
+        kept = "the existing file is kept" if self.path.exists() else "nothing was written"
+        return PlayError(f"{self.path}: cannot write the video ({reason}); {kept}")
 
     def close(self) -> Path | None:
         """Finish the file and move it into place; None (and no file) if nothing was recorded
@@ -263,10 +268,9 @@ class VideoRecorder:
             return None
         problem = None if self.tmp.suffix == ".gif" else finished_video_problem(self.tmp, self.frames)
         if problem:  # a full disk while ffmpeg finished the file: an older video under this name stays
-            reason = video_write_error(OSError(problem), self.tmp).strerror
+            error = self._write_error(OSError(problem))
             self.tmp.unlink(missing_ok=True)
-            raise PlayError(f"{self.path}: cannot write the video ({reason}); "
-                            f"{'the existing file is kept' if self.path.exists() else 'nothing was written'}")
+            raise error
         readable_like_any_file(self.tmp)  # mkstemp makes 0600
         try:
             os.replace(self.tmp, self.path)
@@ -567,7 +571,12 @@ class Game:
             return
         recorder, self.recorder = self.recorder, None
         frames = recorder.frames
-        path = recorder.close()
+        try:
+            path = recorder.close()
+        except PlayError as exc:  # the file could not be finished (a full disk): the game goes on
+            print(f"worldsim play: {exc}", file=sys.stderr)
+            self.say(str(exc))
+            return
         if path is not None:
             self.recordings.append(path)
             self.say(f"saved {frames} frames to {path}")
@@ -795,7 +804,11 @@ def run_headless(config: PlayConfig, world: World | None = None, log: Callable[[
     except BaseException:
         # Ctrl-C or an error: keep what was already generated (renamed into place), then re-raise.
         if recorder is not None:
-            frames, path = recorder.frames, recorder.close()
+            try:
+                frames, path = recorder.frames, recorder.close()
+            except PlayError as exc:  # the first error is the one to raise; say this one too
+                frames, path = 0, None
+                log(f"worldsim play: {exc}")
             if path is not None:
                 log(f"worldsim play: kept {frames} frames in {path}")
         raise
