@@ -91,6 +91,17 @@ def test_cached_calls_match_uncached_forward():
     assert (got - ref).abs().max() <= 1e-5
 
 
+def test_context_labels_take_the_fars_scale_and_older_configs_keep_theirs():
+    """New models label clean / long-term context as the FAR code does on its 0..1000 scale (-1 / -2,
+    so -0.001 / -0.002 of t in [0, 1]); a config saved without the labels predates that and trained
+    with -1 / -2 of t, so it loads with those (a new default must not change what old weights see)."""
+    assert (FARConfig().clean_t, FARConfig().long_context_t) == (-0.001, -0.002)
+    old = {k: v for k, v in FARConfig().to_dict().items() if k not in ("clean_t", "long_context_t")}
+    assert (FARConfig.from_dict(old).clean_t, FARConfig.from_dict(old).long_context_t) == (-1.0, -2.0)
+    stored = FARConfig(clean_t=-1.0, long_context_t=-2.0).to_dict()
+    assert FARConfig.from_dict(stored) == FARConfig(clean_t=-1.0, long_context_t=-2.0)
+
+
 def test_a_plain_kv_cache_serves_cfg_halves_of_a_batch_of_two():
     """A (k, v) tuple cache of batch B under a CFG-doubled query batch 2B: each half sees its own
     rows (it raised for B > 1), as with each half predicted on its own."""

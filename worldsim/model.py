@@ -2,7 +2,7 @@
 
 API
     FARConfig(latent_channels, latent_size, patch_size, context_patch_size, depth, width, heads,
-              mlp_ratio, num_actions, window, clean_t=-1, long_context_t=-2, rope_theta)
+              mlp_ratio, num_actions, window, clean_t=-0.001, long_context_t=-0.002, rope_theta)
     PRESETS: dict[str, FARConfig]                 # "tiny" (tests), "small" (CPU default), "far-b-long"
     FAR(cfg)
       .forward(latents [B,T,C,h,w], t [B,T], actions [B,T], aug=None [B,T], window=None, time_offset=0)
@@ -37,12 +37,12 @@ API
 Faithful to FAR: AdaLN-Zero DiT blocks, RMS-normed q/k, 3-axis RoPE (time, row, col),
 frame-causal attention (full inside a frame), one timestep per frame with distinct values for
 clean short-term context (`clean_t`) and long-term context (`long_context_t`, the paper code's
-`timestep * 2`), actions embedded (plus a null class) and added to the timestep embedding. One
-deviation in scale: the embedder takes t in [0, 1] times 1000, so the defaults -1 / -2 sit at
--1000 / -2000 on the paper code's 0..1000 scale, where its labels are -1 / -2 (-0.001 / -0.002
-here, `--far-clean-t` / `--far-long-context-t`): ours is a label far from every noise level, the
-paper's one just past the cleanest (the shipped weights were trained with ours; HISTORY.md,
-"Session 26", compares the two from scratch). Long-short context:
+`timestep * 2`), actions embedded (plus a null class) and added to the timestep embedding. The
+embedder takes t in [0, 1] times 1000, the paper code's 0..1000 scale, where its labels are -1 / -2:
+-0.001 / -0.002 here, the defaults since session 26, just past the cleanest noise level. Before,
+they were -1 / -2 here (-1000 / -2000 on that scale), labels far from every noise level; the shipped
+weights were trained with those (their config.json stores them), and the model card's HISTORY.md,
+"Session 26", compares the two from scratch. Long-short context:
 the last `window` frames are fine tokens (patch_size), older frames coarse tokens
 (context_patch_size) with their own input projection and, per block, their own qkv / output
 projections and q/k norms; adaLN and MLP are shared. Conditioning is per frame (cheaper than
@@ -80,8 +80,10 @@ class FARConfig:
     mlp_ratio: float = field(default=4.0, metadata={"help": "MLP hidden = mlp_ratio * width"})
     num_actions: int = field(default=5, metadata={"help": "action vocabulary (null class added)"})
     window: int = field(default=16, metadata={"help": "short-term window W (fine frames)"})
-    clean_t: float = field(default=-1.0, metadata={"help": "timestep of clean short-term context"})
-    long_context_t: float = field(default=-2.0, metadata={"help": "timestep of long-term (coarse) context"})
+    # the FAR code's -1 / -2 on its 0..1000 timestep scale; until session 26 the defaults were -1 / -2
+    # here (-1000 / -2000 there), which the shipped weights were trained with (their config says so)
+    clean_t: float = field(default=-0.001, metadata={"help": "timestep of clean short-term context (t in [0, 1])"})
+    long_context_t: float = field(default=-0.002, metadata={"help": "timestep of long-term (coarse) context"})
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
 
     def __post_init__(self) -> None:
@@ -128,7 +130,8 @@ class FARConfig:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown FAR config keys: {sorted(unknown)}")
-        return cls(**d)
+        # a config without the context labels was written when -1 / -2 were the defaults
+        return cls(**{"clean_t": -1.0, "long_context_t": -2.0, **d})
 
 
 PRESETS: dict[str, FARConfig] = {
