@@ -31,6 +31,9 @@ def make_untimed(env_id: str, settings: dict | None = None):
     if "max_steps" in settings:
         settings["max_steps"] = None
     env = gym.make(env_id, **settings)
-    if getattr(env.unwrapped, "max_steps", None) is not None:  # our simulators read it at every step
+    from envs._base import SimulatorEnv
+
+    # only ours: they read it at every step, and None means no limit (another env's may need a number)
+    if isinstance(env.unwrapped, SimulatorEnv) and env.unwrapped.max_steps is not None:
         env.unwrapped.max_steps = None
     return env

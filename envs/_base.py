@@ -10,12 +10,13 @@ import numpy as np
 class SimulatorEnv(gym.Env):
     """Base of the simulator envs: the maze seed choice on reset, `pose` and `info`.
 
-    Subclasses keep the pose in `self._pose` (float64 [x, y, yaw]) and the current maze
-    seed in `self.maze_seed`.
+    Subclasses keep the pose in `self._pose` (float64 [x, y, yaw]), the current maze seed in
+    `self.maze_seed`, and their step limit in `self.max_steps` (None: none), read at every step.
     """
 
     _pose: np.ndarray
     maze_seed: int | None
+    max_steps: int | None
 
     @property
     def pose(self) -> np.ndarray:

@@ -80,6 +80,39 @@ def test_maze_seeds_outside_labmazes_range_are_refused():
     assert env.reset(options={"maze_seed": 2**31 - 1})[1]["maze_seed"] == 2**31 - 1
 
 
+def test_make_untimed_lifts_our_step_limit_and_leaves_other_envs_alone():
+    """Maze-v0's default limit (1,000) is lifted even when the settings leave it out; an env of
+    another package whose `max_steps` must stay a number (MiniGrid's does) is not touched."""
+    from envs import make_untimed
+
+    assert make_untimed("worldsim/Maze-v0").unwrapped.max_steps is None
+    assert make_untimed("worldsim/Maze-v0", {"max_steps": 5}).unwrapped.max_steps is None
+
+    class Counted(gym.Env):
+        observation_space = gym.spaces.Discrete(1)
+        action_space = gym.spaces.Discrete(1)
+
+        def __init__(self):
+            self.max_steps, self.count = 3, 0
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            self.count = 0
+            return 0, {}
+
+        def step(self, action):
+            self.count += 1
+            return 0, 0.0, False, self.count >= self.max_steps, {}
+
+    gym.register("worldsim-test/Counted-v0", entry_point=Counted)
+    try:
+        env = make_untimed("worldsim-test/Counted-v0")
+        env.reset()
+        assert env.unwrapped.max_steps == 3 and [env.step(0)[3] for _ in range(3)] == [False, False, True]
+    finally:
+        gym.registry.pop("worldsim-test/Counted-v0")
+
+
 def test_unseeded_resets_draw_new_mazes():
     env = MazeEnv()
     env.reset(seed=1)

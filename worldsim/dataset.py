@@ -291,12 +291,22 @@ def finished_video_problem(path: str | os.PathLike, frames: int) -> str | None:
     """Why a just-closed MP4 is unusable (None: it holds its `frames`). The ffmpeg writer may fail
     only while finishing the file (x264 holds frames until the end; a full disk or a file-size
     limit then cuts the file) without raising, so the file is read back before it replaces anything."""
-    from imageio_ffmpeg import count_frames_and_secs
+    import re
+    import subprocess
 
+    from imageio_ffmpeg import get_ffmpeg_exe
+
+    # the packets counted as they are (-c copy), not decoded: 0.03 s for 1,500 frames at 512x512
+    # where decoding them all took 1 s, which a player would wait for when a recording stops
     try:
-        found, _ = count_frames_and_secs(str(path))
-    except (OSError, RuntimeError):  # ffmpeg's own message is its exit code and command line
+        run = subprocess.run([get_ffmpeg_exe(), "-nostdin", "-i", str(path), "-map", "0:v:0", "-c", "copy",
+                              "-f", "null", "-"], capture_output=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired):
         return "the finished file cannot be read back"
+    counts = re.findall(rb"frame=\s*(\d+)", run.stderr)
+    if run.returncode != 0 or not counts:
+        return "the finished file cannot be read back"
+    found = int(counts[-1])
     return None if found == frames else f"the finished file holds {found} of its {frames} frames"
 
 
