@@ -17,6 +17,8 @@ class SimulatorEnv(gym.Env):
     _pose: np.ndarray
     maze_seed: int | None
     max_steps: int | None
+    # maze seeds are [0, MAZE_SEED_LIMIT): labmaze and DeepMind Lab take C ints; Memory Maze more
+    MAZE_SEED_LIMIT: int = 2**31
 
     @property
     def pose(self) -> np.ndarray:
@@ -24,12 +26,17 @@ class SimulatorEnv(gym.Env):
         return self._pose.astype(np.float32)
 
     def _pick_maze_seed(self, options: dict | None) -> int:
-        """`options["maze_seed"]` when given, else a seed drawn from `self.np_random` (call
-        after `super().reset(seed=...)`, so that the same reset seed gives the same maze)."""
+        """`options["maze_seed"]` when given (checked against MAZE_SEED_LIMIT), else a seed drawn
+        from `self.np_random` (call after `super().reset(seed=...)`, so that the same reset seed
+        gives the same maze)."""
         options = options or {}
-        if options.get("maze_seed") is not None:
-            return int(options["maze_seed"])
-        return int(self.np_random.integers(0, 2**31 - 1))
+        if options.get("maze_seed") is None:
+            return int(self.np_random.integers(0, 2**31 - 1))
+        maze_seed = int(options["maze_seed"])
+        if not 0 <= maze_seed < self.MAZE_SEED_LIMIT:
+            bits = self.MAZE_SEED_LIMIT.bit_length() - 1
+            raise ValueError(f"maze_seed must be in [0, 2**{bits}) for {type(self).__name__}, got {maze_seed}")
+        return maze_seed
 
     def _info(self) -> dict[str, Any]:
         return {"pose": self.pose, "maze_seed": self.maze_seed}

@@ -235,8 +235,6 @@ class DMLabEnv(SimulatorEnv):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         maze_seed = self._pick_maze_seed(options)
-        if not 0 <= maze_seed < 2**31:
-            raise ValueError(f"maze_seed must be in [0, 2**31) (DeepMind Lab seeds are C ints), got {maze_seed}")
         self._lab.reset(seed=maze_seed)
         if not self._lab.is_running():
             raise RuntimeError(f"DeepMind Lab level {self.level!r} is not running right after reset")

@@ -191,8 +191,6 @@ class MazeEnv(SimulatorEnv):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         maze_seed = self._pick_maze_seed(options)
-        if not 0 <= maze_seed < 2**31:
-            raise ValueError(f"maze_seed must be in [0, 2**31) (labmaze seeds are C ints), got {maze_seed}")
         self._build_maze(maze_seed)
         free = np.argwhere(~self.maze_walls)
         r, c = free[self.np_random.integers(len(free))]

@@ -137,6 +137,8 @@ class MemoryMazeEnv(SimulatorEnv):
         render_mode: None or "rgb_array".
     """
 
+    MAZE_SEED_LIMIT = 2**32
+
     metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
 
     action_names: tuple[str, ...] = ACTION_NAMES
@@ -208,8 +210,6 @@ class MemoryMazeEnv(SimulatorEnv):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         maze_seed = self._pick_maze_seed(options)
-        if not 0 <= maze_seed < 2**32:
-            raise ValueError(f"maze_seed must be in [0, 2**32), got {maze_seed}")
         if maze_seed == self._compiled_seed and self._start_state is not None:
             ts = self._replay_reset()
         else:

@@ -32,6 +32,7 @@ from typing import Any, Iterator, Literal
 
 import numpy as np
 
+from envs._base import SimulatorEnv
 from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
 from worldsim.dataset import (
     EPISODES_DIR, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, npz_headers,
@@ -112,9 +113,6 @@ def _make_env(env_id: str, settings: dict[str, Any]) -> Any:
     except (ImportError, TypeError, ValueError) as exc:
         raise RecordError(f"cannot create simulator {env_id!r} with settings {settings}: "
                           f"{type(exc).__name__}: {exc}") from None
-
-
-MAZE_SEED_LIMIT = 2**31
 
 
 def plan_maze_seeds(episodes: int, start: int, split: str) -> list[int]:
@@ -362,7 +360,7 @@ def record(cfg: RecordConfig) -> dict[str, Any]:
     if cfg.start_maze_seed < 0:
         raise RecordError(f"--start-maze-seed must be >= 0, got {cfg.start_maze_seed}")
     planned = plan_maze_seeds(cfg.episodes, cfg.start_maze_seed, cfg.split)
-    if planned and planned[-1] >= MAZE_SEED_LIMIT:  # refused before the first episode, not midway
+    if planned and planned[-1] >= SimulatorEnv.MAZE_SEED_LIMIT:  # refused before the first episode, not midway
         raise RecordError(f"maze seeds must be below 2**31 (labmaze and DeepMind Lab take C ints); this plan "
                           f"goes up to {planned[-1]}: lower --start-maze-seed")
     settings = parse_env_args(cfg.env_arg)

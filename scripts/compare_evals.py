@@ -64,16 +64,16 @@ def same_frames_problem(new: dict[str, Any], old: dict[str, Any]) -> str | None:
     for key in MUST_MATCH:
         if new["config"].get(key) != old["config"].get(key):
             return f"their '{key}' differs ({new['config'].get(key)!r} vs {old['config'].get(key)!r})"
+    def fingerprints(e: dict[str, Any]) -> list:
+        truth = e.get("truth") or {}
+        return [truth.get("detail"), truth.get("change"), (e["per_frame"].get("copy_last") or {}).get("psnr")]
+
     compared = True
     for a, b in zip(new["ground_truth"]["episodes"], old["ground_truth"]["episodes"]):
         for key in ("id", "maze_seed", "length"):
             if a.get(key) != b.get(key):
                 return f"episode {a.get('id')}'s '{key}' differs ({a.get(key)!r} vs {b.get(key)!r})"
-        fingerprints = [(a.get("truth") or {}).get(m) for m in ("detail", "change")]
-        fingerprints += [(a["per_frame"].get("copy_last") or {}).get("psnr")]
-        others = [(b.get("truth") or {}).get(m) for m in ("detail", "change")]
-        others += [(b["per_frame"].get("copy_last") or {}).get("psnr")]
-        pairs = [(x, y) for x, y in zip(fingerprints, others) if x is not None and y is not None]
+        pairs = [(x, y) for x, y in zip(fingerprints(a), fingerprints(b)) if x is not None and y is not None]
         compared = compared and bool(pairs)
         for x, y in pairs:
             x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)

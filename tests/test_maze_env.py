@@ -75,7 +75,7 @@ def test_maze_seeds_outside_labmazes_range_are_refused():
     """labmaze takes a C int: 2**31 used to be a pybind TypeError traceback, -5 was taken quietly."""
     env = MazeEnv()
     for bad in (2**31, -5):
-        with pytest.raises(ValueError, match=r"maze_seed must be in \[0, 2\*\*31\)"):
+        with pytest.raises(ValueError, match=r"maze_seed must be in \[0, 2\*\*31\) for MazeEnv"):
             env.reset(options={"maze_seed": bad})
     assert env.reset(options={"maze_seed": 2**31 - 1})[1]["maze_seed"] == 2**31 - 1
 

@@ -830,6 +830,7 @@ def write_video(path: Path, truth: np.ndarray, gens: dict[str, np.ndarray], cont
             note = f"frame {t}  generated" + ("  REVISIT" if rv else "")
         footer = _label_strip([note], row.shape[1], 16, row.shape[1])
         frames.append(np.concatenate([header, row, footer], axis=0))
+
     def write_mp4(p: Path) -> None:
         from worldsim.dataset import finished_video_problem
 
