@@ -526,7 +526,12 @@ def test_far_init_continues_from_an_exported_checkpoint(trained, dataset, tmp_pa
     for i, shape in enumerate((["--far-width", "96", "--far-heads", "2"], ["--far-depth", "1"])):  # only deeper
         assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(tmp_path / f"bad{i}"), *FAST,
                      "--ae-from", str(ck), "--far-init", str(ck), *shape, "--far-steps", "1"]) != 0
-        assert "FAR shape differs" in capsys.readouterr().err
+        assert "FAR settings differ" in capsys.readouterr().err
+    # the context labels are learned with the weights: a continuation keeps them, and says so
+    assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(tmp_path / "badlabel"), *FAST,
+                 "--ae-from", str(ck), "--far-init", str(ck), "--far-clean-t", "-0.5", "--far-steps", "1"]) != 0
+    err = capsys.readouterr().err
+    assert "clean_t must stay as the weights were trained with" in err and "drop --far-clean-t" in err
     # deeper: the given blocks keep their weights, the new one starts as an identity (zero adaLN)
     deep = tmp_path / "deep"
     assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(deep), *FAST, "--ae-from", str(ck),

@@ -394,10 +394,12 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
             changed.pop("depth")
         changed.pop("window", None)
         if changed:
-            raise TrainError(f"--far-init {train.far_init}: its FAR shape differs from this run's (checkpoint vs run): "
-                             f"{ {k: (getattr(far_base, k), v) for k, v in changed.items()} }; the shape comes from "
-                             f"it: drop {', '.join('--far-' + k.replace('_', '-') for k in changed)} (only --far-depth "
-                             f"may grow it, and --far-window may change)")
+            learned = [k for k in changed if k in ("clean_t", "long_context_t", "rope_theta")]
+            why = (f"; {', '.join(learned)} must stay as the weights were trained with" if learned else "")
+            raise TrainError(f"--far-init {train.far_init}: its FAR settings differ from this run's (checkpoint vs run): "
+                             f"{ {k: (getattr(far_base, k), v) for k, v in changed.items()} }; they come from "
+                             f"it{why}: drop {', '.join('--far-' + k.replace('_', '-') for k in changed)} (only "
+                             f"--far-depth may grow it, and --far-window may change)")
     far_cfg = dataclasses.replace(far_base, **far_over)
     obj_cfg = dataclasses.replace(obj_mod.ObjectiveConfig(), **obj_over)
     return RunConfig(train, ae_cfg, far_cfg, obj_cfg), False
