@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import math
 import os
 import sys
@@ -66,6 +67,12 @@ class MemoryMazeUnavailableError(ImportError):
 _TASKS: types.ModuleType | None = None
 
 
+def _quiet_free_joint_warning(record: logging.LogRecord) -> bool:
+    """dm_control logs this for Memory Maze's ball walker (slide joints, no free joint) on every
+    build: nothing a user can act on, and it repeated for every episode `record` wrote."""
+    return not record.getMessage().startswith("Cannot set velocity on Entity with no free joint")
+
+
 def _load_tasks() -> types.ModuleType:
     """Import `memory_maze.tasks` without running `memory_maze/__init__.py` (which needs the
     old `gym` package and re-raises ImportError without it)."""
@@ -90,6 +97,7 @@ def _load_tasks() -> types.ModuleType:
             pkg.__file__ = spec.origin
             sys.modules["memory_maze"] = pkg
         _TASKS = importlib.import_module("memory_maze.tasks")
+        logging.getLogger("absl").addFilter(_quiet_free_joint_warning)
         return _TASKS
     except MemoryMazeUnavailableError:
         raise

@@ -25,6 +25,7 @@ import shutil
 import signal
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
@@ -32,7 +33,6 @@ from typing import Any, Iterator, Literal
 
 import numpy as np
 
-from envs._base import SimulatorEnv
 from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
 from worldsim.dataset import (
     EPISODES_DIR, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, npz_headers,
@@ -137,9 +137,36 @@ def episode_id(k: int) -> str:
 _WORKER: dict[str, Any] = {}
 
 
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def _worker_init(env_id: str, settings: dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     _WORKER.clear()
+    # close the simulator when the worker ends, before the interpreter's exit handlers: dm_control's
+    # (Memory Maze) print tracebacks for a renderer still open then
+    from multiprocessing import util
+
+    util.Finalize(None, _close_env, exitpriority=10)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """A worker whose parent was killed (SIGKILL, or SIGTERM before its handler) stops instead of
+    recording on alone (Linux; elsewhere the parent's pool.terminate() is the only stop)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def _get_env(env_id: str, settings: dict[str, Any]) -> Any:
@@ -263,7 +290,7 @@ def _probe(cfg: RecordConfig, settings: dict[str, Any]) -> dict[str, Any]:
                 raise RecordError(f"{cfg.env} with settings {settings}: the navigator policy cannot run here "
                                   f"({exc}); use --policy random or mix") from None
         return {"action_names": list(names), "resolution": [int(shape[0]), int(shape[1])],
-                "settings": _jsonable(sim_settings)}
+                "settings": _jsonable(sim_settings), "maze_seed_limit": getattr(base, "MAZE_SEED_LIMIT", None)}
     finally:
         env.close()
 
@@ -316,7 +343,10 @@ def _episode_frames(path: Path) -> int | None:
     try:
         headers = npz_headers(path)
         frames = int(headers["video"][0][0])
-        return frames if frames >= 1 and headers["actions"][0] == (frames,) else None
+        if frames < 1 or headers["actions"][0] != (frames,):
+            return None
+        with zipfile.ZipFile(path) as zf:  # the data too: a flipped byte leaves the headers intact
+            return frames if zf.testzip() is None else None
     except Exception:  # DatasetError, a missing array, a corrupt file
         return None
 
@@ -359,10 +389,6 @@ def record(cfg: RecordConfig) -> dict[str, Any]:
         raise RecordError("--episodes must be >= 0 and --length >= 1")
     if cfg.start_maze_seed < 0:
         raise RecordError(f"--start-maze-seed must be >= 0, got {cfg.start_maze_seed}")
-    planned = plan_maze_seeds(cfg.episodes, cfg.start_maze_seed, cfg.split)
-    if planned and planned[-1] >= SimulatorEnv.MAZE_SEED_LIMIT:  # refused before the first episode, not midway
-        raise RecordError(f"maze seeds must be below 2**31 (labmaze and DeepMind Lab take C ints); this plan "
-                          f"goes up to {planned[-1]}: lower --start-maze-seed")
     settings = parse_env_args(cfg.env_arg)
     out = Path(cfg.out)
     index_path = out / INDEX_NAME
@@ -413,6 +439,11 @@ def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> di
     index_path = out / INDEX_NAME
     episodes_dir = out / EPISODES_DIR
     probe = _probe(cfg, settings)
+    planned = plan_maze_seeds(cfg.episodes, cfg.start_maze_seed, cfg.split)
+    limit = probe["maze_seed_limit"]
+    if limit is not None and planned and planned[-1] >= limit:  # refused before the first episode, not midway
+        raise RecordError(f"{cfg.env} takes maze seeds below 2**{limit.bit_length() - 1}; this plan goes up to "
+                          f"{planned[-1]}: lower --start-maze-seed")
     header = _header(cfg, probe)
     signature = recording_signature(header)
     entries: dict[str, dict[str, Any]] = {}
@@ -479,6 +510,11 @@ def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> di
     bar = tqdm(total=total, initial=skipped, unit="ep", desc=f"record {out.name}",
                disable=not cfg.progress, dynamic_ncols=True)
     pool = None
+
+    def stop(signum: int, frame: Any) -> None:  # SIGTERM (timeout, a scheduler, docker stop) stops as Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous_term = signal.signal(signal.SIGTERM, stop) if _in_main_thread() else None
     try:
         if workers == 1:
             results: Iterator[dict[str, Any]] = map(_record_task, tasks)
@@ -507,6 +543,8 @@ def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> di
             pool.join()
         else:
             _close_env()
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
         bar.close()
         _clean_temp_files(episodes_dir)
         summary["in_dataset"] = len(entries)

@@ -145,11 +145,13 @@ def test_records_through_the_recorder(tmp_path, policy, close_recorder_env):
     from envs.recorder import RecordConfig, record
 
     out = tmp_path / policy
+    # Memory Maze takes maze seeds up to 2**32 (record used to refuse 2**31 and up, labmaze's limit)
     cfg = RecordConfig(out=str(out), env="worldsim/MemoryMaze-v0", env_arg=("max_steps=1000",),
-                       episodes=1, length=16, policy=policy, workers=1, progress=False)
+                       episodes=1, length=16, policy=policy, workers=1, progress=False, start_maze_seed=2**31)
     summary = record(cfg)
     assert summary["recorded"] == 1
     index = json.loads((out / "index.json").read_text())
+    assert index["episodes"][0]["maze_seed"] == 2**31
     assert index["action_names"] == list(MemoryMazeEnv.action_names)
     assert index["simulator"]["id"] == "worldsim/MemoryMaze-v0"
     assert index["resolution"] == [64, 64]

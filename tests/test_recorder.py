@@ -2,6 +2,8 @@
 import json
 import os
 import shutil
+import signal
+from pathlib import Path
 
 import gymnasium as gym
 import imageio.v2 as imageio
@@ -13,7 +15,7 @@ from envs import recorder
 from envs.maze import MazeEnv
 from envs.policies import NavigatorPolicy, RandomWalkPolicy, make_policy
 from worldsim.cli import main
-from worldsim.dataset import Dataset, split_for_maze_seed
+from worldsim.dataset import Dataset, DatasetError, split_for_maze_seed
 
 TINY = ["--env", "worldsim/Maze-v0", "--env-arg", "resolution=32", "--progress", "false"]
 
@@ -211,6 +213,16 @@ def test_resume_records_again_an_episode_listed_but_unreadable(tmp_path, capsys)
     ds = Dataset(out)
     ds.validate()
     assert np.array_equal(ds["000001"].video, good)
+    # bytes damaged inside the data, the headers intact (a disk error): the CRC tells, and it is recorded again
+    data = bytearray(broken.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 100] = bytes(b ^ 0xFF for b in data[middle:middle + 100])
+    broken.write_bytes(bytes(data))
+    assert main(record_args(out, 3, 10, 1)) == 0
+    assert "recorded 1 episodes" in capsys.readouterr().out
+    ds = Dataset(out)
+    ds.validate()
+    assert np.array_equal(ds["000001"].video, good)
 
 
 def test_record_closes_its_simulator_and_ignores_stale_temp_files(tmp_path, monkeypatch):
@@ -252,6 +264,32 @@ def test_interrupt_keeps_finished_episodes(tmp_path, monkeypatch, capsys):
     assert len(Dataset(out)) == 4
 
 
+def test_sigterm_stops_like_ctrl_c_and_takes_the_workers_along(tmp_path):
+    """Bug: SIGTERM (timeout, a scheduler, docker stop) killed the parent with no message while its
+    pool workers, orphaned, went on writing episodes and printed BrokenPipeError tracebacks."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "ds"
+    proc = subprocess.Popen([sys.executable, "-m", "worldsim", *record_args(out, 5000, 40, 2)],
+                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    index = out / "index.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if index.exists() and len(json.loads(index.read_text() or "{}").get("episodes", [])) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err
+    assert "interrupted;" in err and "Traceback" not in err
+    files = sorted((out / "episodes").glob("*.npz"))
+    time.sleep(1.0)  # no orphaned worker writes on
+    assert sorted((out / "episodes").glob("*.npz")) == files
+    assert 3 <= len(Dataset(out)) < 5000
+
+
 def test_rerun_with_other_settings_is_refused(tiny_dataset, capsys):
     index_before = (tiny_dataset / "index.json").read_text()
     assert main(record_args(tiny_dataset, 3, 41, 1)) == 2
@@ -279,7 +317,7 @@ def test_maze_seeds_out_of_range_are_refused_before_any_episode(tmp_path, capsys
     """A plan that would reach 2**31 failed at its second episode with a traceback; now nothing is written."""
     out = tmp_path / "data"
     assert main(record_args(out, 2, 5, 1, "--start-maze-seed", str(2**31 - 1))) == 2
-    assert "maze seeds must be below 2**31" in capsys.readouterr().err and not out.exists()
+    assert "worldsim/Maze-v0 takes maze seeds below 2**31" in capsys.readouterr().err and not out.exists()
     assert main(record_args(out, 1, 5, 1, "--start-maze-seed", "-5")) == 2
     assert "--start-maze-seed must be >= 0, got -5" in capsys.readouterr().err and not out.exists()
     assert main(record_args(out, 1, 5, 1, "--start-maze-seed", str(2**31 - 1))) == 0
@@ -292,6 +330,32 @@ def test_split_filter_draws_only_that_split(tmp_path):
     assert [e.split for e in ds.episodes] == ["val"] * 3
     assert all(split_for_maze_seed(e.maze_seed) == "val" for e in ds.episodes)
     assert len(Dataset(out, split="val")) == 3 and len(Dataset(out, split="train")) == 0
+
+
+def test_episode_files_opened_without_their_index_keep_splits_and_action_names(tmp_path, capsys):
+    """Bug: `--data ds/episodes` (the files without index.json) split them by a hash of the file name,
+    so held-out test mazes trained, and named the actions action_0..4; the files carry their header."""
+    from worldsim.latents import open_split
+
+    out = tmp_path / "ds"
+    assert main(record_args(out, 12, 4, 1, "--policy", "random")) == 0
+    indexed = Dataset(out)
+    plain = Dataset(out / "episodes")
+    assert plain.action_names == indexed.action_names == ("noop", "forward", "backward", "turn_left", "turn_right")
+    assert plain.simulator == indexed.simulator
+    assert [(e.id, e.maze_seed, e.split) for e in plain.episodes] == [(e.id, e.maze_seed, e.split) for e in indexed.episodes]
+    assert {e.split for e in indexed.episodes} >= {"train", "test"}  # mazes 0..11 hold both, so the check can fail
+    for split in ("train", "test"):
+        ds, idx, _ = open_split(out / "episodes", split)
+        assert {ds.episodes[i].split for i in idx} == {split}
+    with pytest.raises(DatasetError, match="differ from the given"):
+        Dataset(out / "episodes", action_names=["a", "b", "c", "d", "e"])
+    # files of another recording in the same folder are refused, not mixed
+    other = tmp_path / "other"
+    assert main(record_args(other, 1, 4, 1, "--env-arg", "turn_step_deg=20")) == 0
+    shutil.copy(next((other / "episodes").glob("*.npz")), out / "episodes" / "zz.npz")
+    with pytest.raises(DatasetError, match="come from different simulators"):
+        Dataset(out / "episodes")
 
 
 # ----------------------------------------------------------------------------- policies

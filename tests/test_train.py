@@ -390,6 +390,24 @@ def test_dmlab_npz_is_accepted():
     assert info.resolution == (64, 64) and info.action_names[0] == "action_0"
 
 
+def test_dmlab_files_of_fewer_actions_train_in_any_order(tmp_path):
+    """Bug: index-less files are named by their largest action, and the first --data path set the names,
+    so a file without the last action first refused the full one ("action 2 is out of range")."""
+    if not DMLAB.is_file():
+        pytest.skip("no DMLab example file")
+    from worldsim.train import probe_data
+
+    with np.load(DMLAB) as z:
+        video, actions = z["video"], z["actions"]
+    fewer = tmp_path / "fewer.npz"
+    top = int(actions.max())
+    np.savez(fewer, video=video, actions=np.where(actions == top, top - 1, actions))
+    full = probe_data([str(DMLAB)], None, "").action_names
+    assert len(full) == top + 1
+    assert probe_data([str(fewer), str(DMLAB)], None, "").action_names == full
+    assert probe_data([str(DMLAB), str(fewer)], None, "").action_names == full
+
+
 def test_val_split_taken_from_the_dataset_that_holds_it(tmp_path):
     """A train-only dataset beside a val-only one: validation uses only the val mazes."""
     from worldsim.cli import main as cli_main

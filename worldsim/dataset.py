@@ -459,6 +459,10 @@ class Dataset:
         episodes = []
         resolution = None
         max_action = -1
+        # this project's episode files carry their recording's header and maze seed: opened without
+        # the index they keep its action names and splits (a hash of the file name would put held-out
+        # mazes into training)
+        recorded: dict[Path, dict[str, Any]] = {}
         for file in files:
             headers = npz_headers(file)
             for key in ("video", "actions"):
@@ -474,9 +478,36 @@ class Dataset:
                 raise DatasetError(f"{file}: negative action {int(actions.min())}")
             if actions.size:
                 max_action = max(max_action, int(actions.max()))
-            maze_seed = None
+            maze_seed, split = None, None
+            if {"maze_seed", "recording"} <= set(headers):
+                meta = _load_arrays(file, ["maze_seed", "recording"])
+                try:
+                    header = json.loads(str(meta["recording"]))
+                    maze_seed = int(meta["maze_seed"])
+                    names = header["action_names"]
+                    assert isinstance(names, list) and all(isinstance(n, str) and n for n in names)
+                except (ValueError, TypeError, KeyError, AssertionError):
+                    raise DatasetError(f"{file}: its 'recording' header or 'maze_seed' is malformed") from None
+                recorded[file] = {"action_names": names, "simulator": header.get("simulator")}
+                split = split_for_maze_seed(maze_seed)
             teco = set(headers) == {"video", "actions"}  # this project's files carry more (poses, maze_seed ...)
-            episodes.append(EpisodeInfo(file.stem, file, int(vshape[0]), maze_seed, None, teco))
+            episodes.append(EpisodeInfo(file.stem, file, int(vshape[0]), maze_seed, split, teco))
+        if recorded:
+            first = next(iter(recorded))
+            for file in files:
+                if file not in recorded:
+                    raise DatasetError(f"{self.path}: mixes worldsim episodes ({first.name}) with files without their "
+                                       f"recording header ({file.name}); give them as separate --data paths")
+                if recorded[file] != recorded[first]:
+                    raise DatasetError(f"{self.path}: {first.name} and {file.name} come from different simulators or "
+                                       f"action lists; give them as separate --data paths")
+            names = tuple(recorded[first]["action_names"])
+            if action_names is not None and tuple(action_names) != names:
+                raise DatasetError(f"{self.path}: stored action names {list(names)} differ from the given {list(action_names)}")
+            if max_action >= len(names):
+                raise DatasetError(f"{self.path}: action {max_action} is out of range for its {len(names)} action names")
+            self.simulator = recorded[first]["simulator"]
+            action_names = names
         if action_names is None:
             action_names = default_action_names(max_action + 1)
         elif max_action >= len(action_names):

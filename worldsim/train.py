@@ -1167,17 +1167,25 @@ class DataInfo:
 
 def probe_data(paths: list[str], want: DataInfo | None, what: str) -> DataInfo:
     """Action names, resolution and simulator of the datasets; they must agree with each other and `want`."""
+    from worldsim.dataset import default_action_names
     from worldsim.latents import open_split
 
     info = want
+    if info is None:
+        first, _, _ = open_split(paths[0], "train")
+        names = tuple(first.action_names)
+        if names == default_action_names(len(names)):
+            # index-less (DMLab) files name their actions by the largest one each holds: take the widest,
+            # so that the order of --data does not matter
+            for p in paths[1:]:
+                other = tuple(open_split(p, "train")[0].action_names)
+                if other == default_action_names(len(other)) and len(other) > len(names):
+                    names = other
+        info = DataInfo(names, tuple(first.resolution), first.simulator)  # type: ignore[arg-type]
     for p in paths:
         ds, _, _ = open_split(p, "train", action_names=names_for(p, info.action_names if info else None))
-        if info is not None:
-            check_compatible(p, ds.action_names, ds.resolution, info.action_names, info.resolution,
-                             what if want is not None else paths[0])
-        else:
-            info = DataInfo(tuple(ds.action_names), tuple(ds.resolution), ds.simulator)  # type: ignore[arg-type]
-    assert info is not None
+        check_compatible(p, ds.action_names, ds.resolution, info.action_names, info.resolution,
+                         what if want is not None else paths[0])
     return info
 
 
