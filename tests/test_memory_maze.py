@@ -185,3 +185,21 @@ def test_records_through_the_recorder(tmp_path, policy, close_recorder_env):
                "--videos", "0", "--progress", "false"])
     assert rc == 0
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["ground_truth"]["episodes_evaluated"] == 1
+
+
+def test_recording_with_workers_prints_no_simulator_tracebacks(tmp_path):
+    """Bug: pool workers never closed their simulator, so every Memory Maze recording with more than one
+    worker (the default on a multi-core machine) ended with dm_control tracebacks at exit; dm_control's
+    free-joint warning also came once per episode."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run([sys.executable, "-m", "worldsim", "record", "--env", "worldsim/MemoryMaze-v0",
+                             "--out", str(tmp_path / "mm"), "--episodes", "2", "--length", "3", "--workers", "2",
+                             "--progress", "false"], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert "recorded 2 episodes" in result.stdout
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
+    assert "Cannot set velocity" not in result.stderr
