@@ -15,12 +15,13 @@
 #   AE_SHAPE="--ae-channels 32 64 128 128 --ae-latent-channels 16" ...   (without INIT: another shape for the new
 #     autoencoder; AE_ARGS="..." adds other `worldsim train` options. A list option given twice adds up, so the
 #     shape is one variable that replaces the default, not an option given again)
-#   AE_INIT=checkpoints/maze-far-small FAR_ARGS="--far-depth 8 --far-width 384 --far-heads 6 --far-save-dtype bfloat16" FAR_LIMIT=480 ...
+#   AE_INIT=checkpoints/maze-far-small FAR_ARGS="--far-depth 8 --far-width 384 --far-heads 6" FAR_LIMIT=480 ...
 #     (keep INIT's autoencoder, which meets its bar, and train a new, larger transformer from scratch;
 #     `python scripts/time_play_steps.py --precision auto --shapes shipped 8x384` says first what a
-#     size costs to play on the 2-core CPU: the model card lists the sizes measured. bfloat16
-#     storage halves the transformer's bytes: with 8 x 384 the checkpoint is 118,366,464 bytes in
-#     float32, over the 100 MB cap, and 64,758,376 with --far-save-dtype bfloat16)
+#     size costs to play on the 2-core CPU: the model card lists the sizes measured. The transformer
+#     is stored in bfloat16 (--far-save-dtype, as shipped; FAR_ARGS="--far-save-dtype float32" keeps
+#     float32): with 8 x 384 the checkpoint is 64,758,376 bytes, against 118,366,464 in float32, over
+#     the 100 MB cap and the 64 MiB a call brings back)
 #   FAR_ARGS="--obj-self-context-prob 0.5 --obj-context-noise-max 0.5" ...   (more `worldsim train` options)
 #   INIT=checkpoints/maze-far-small FAR_ARGS="--obj-rollout-prob 0.25 --obj-rollout-frames 15 --obj-short-context-prob 0.25 --obj-rollout-aug 0.2" ...
 #     (train on the model's own rollouts; judge with the play-like check, --context 4 --generate 64:
@@ -77,6 +78,8 @@ pack() {
   ls -la "$OUT"
   total=$(cat "$OUT"/* 2>/dev/null | wc -c)
   [ "$total" -gt 62914560 ] && echo "WARNING: $total bytes under \$OUT, over 60 MiB: near or past the 64 MiB a call brings back, the last parts may be missing"
+  count=$(find "$OUT" -type f | wc -l)
+  [ "$count" -gt 8 ] && echo "WARNING: $count files under \$OUT: a call brings back at most 8"
   true
 }
 trap pack EXIT
@@ -113,5 +116,5 @@ far_time=$(( $(left) - 30 - ${ENCODE_S:-60} - ${FINAL_S:-30} ))  # packing, enco
 timeout -s TERM $(( $(left) - 30 )) $T --stage far $AE --data data/maze-train data/maze-val --far-time-limit "$far_time" \
   --seq-len "${SEQ:-96}" --obj-random-context-length true --preview-every -1 --far-lr "${FAR_LR:-6e-4}" \
   --warmup "${FAR_WARMUP:-300}" --ema-decay 0.999 --far-batch "${FAR_BATCH:-64}" --far-steps "${FAR_STEPS:-3300}" \
-  --val-every 1000 --val-batches 4 --checkpoint-every 500 --out runs/far ${FAR_ARGS:-}
+  --val-every 1000 --val-batches 4 --checkpoint-every 500 --far-save-dtype bfloat16 --out runs/far ${FAR_ARGS:-}
 grep val_loss runs/far/metrics.jsonl | tail -8

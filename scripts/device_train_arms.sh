@@ -16,9 +16,13 @@
 #
 # On exit the arms' transformers, without the autoencoder they share with $AE (scripts/transport_far.py
 # strip), their metrics and logs are packed into $OUT as <=15 MB parts (the tool returns at most
-# 16 MiB a file and 64 MiB a call). Here:
+# 8 files of 16 MiB, 64 MiB a call: one 6 x 384 arm packs into 3 parts, 40.6 MB; three such arms
+# do not come back whole). Here:
 #   for arm in $ARMS; do cat $arm.tar.part-* | tar xf -; done
 #   python scripts/transport_far.py join runs/ARM/stripped checkpoints/maze-far-small runs/ARM/checkpoint
+# A transformer that needs several leases is kept in the repository between sessions and continued
+# with scripts/device_wip.sh (keep / swap-in / swap-out), which also keeps the working tree a call
+# carries under its 64 MiB.
 # DEADLINE (seconds from the start, default 560) stops any arm still running with SIGTERM, which
 # saves and exports it, so the packing always happens inside the device tool's 600 s. Each arm
 # trains for FAR_TIME, or less: what the DEADLINE leaves after recording, ENCODE_S (default 90) and
@@ -31,8 +35,9 @@
 # without the adaLN memo on the GPU: 11.4, 10.1 and 0.68 steps/s, 74-100% GPU use.
 # Session 25, three continuations of the eighth version: batch 64 x 64 frames 10.2, batch 128 x 64
 # frames 6.7, batch 64 x 96 frames 9.2 steps/s, 69-97% GPU use (nvidia-smi each minute). The
-# machine's start and the transfers took ~50 s of device time each call (session 17: 336 s), so
-# two calls fitted one lease.
+# machine's start and the transfers took ~50 s of device time a call (session 17: 336 s); one call
+# with DEADLINE=565 held the machine 572 s of the lease's 900, so a second such call does not fit
+# (a lease starts no machine with under 4 minutes left).
 set -x
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
@@ -60,6 +65,8 @@ pack() {  # one archive per arm, so an arm that does not fit the 64 MiB still le
   ls -la "$OUT"
   total=$(cat "$OUT"/* 2>/dev/null | wc -c)
   [ "$total" -gt 62914560 ] && echo "WARNING: $total bytes under \$OUT, over 60 MiB: near or past the 64 MiB a call brings back, the last parts may be missing"
+  count=$(find "$OUT" -type f | wc -l)
+  [ "$count" -gt 8 ] && echo "WARNING: $count files under \$OUT: a call brings back at most 8"
   true
 }
 trap pack EXIT
