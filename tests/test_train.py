@@ -254,6 +254,34 @@ def test_a_rank_looking_at_out_while_rank_0_writes_there_does_not_refuse_the_run
     assert "already holds a training run" not in res.stderr
 
 
+def test_a_rank_late_to_the_autoencoder_copy_and_the_latent_cache_keeps_step_with_rank_0(trained, dataset, tmp_path):
+    """Each rank used to decide alone whether to wait for rank 0's copy of the autoencoder and its latent
+    cache: a rank 1 that looked after rank 0 had written skipped the barrier, and every later collective
+    paired with the wrong one ("no train frames to train on", or a hang until --ddp-timeout)."""
+    launcher = tmp_path / "late_rank1.py"
+    launcher.write_text(
+        "import os, sys, time\n"
+        "import worldsim.train as train\n"
+        "def late(fn):\n"
+        "    def wrapped(*args, **kwargs):\n"
+        "        if os.environ.get('RANK') == '1':\n"
+        "            time.sleep(1.5)\n"
+        "        return fn(*args, **kwargs)\n"
+        "    return wrapped\n"
+        "train._ensure_autoencoder = late(train._ensure_autoencoder)\n"
+        "train.build_latents = late(train.build_latents)\n"
+        "from worldsim.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    run = tmp_path / "late"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher),
+           "train", "--data", str(dataset), "--out", str(run), *FAST, "--stage", "far", "--ae-from", str(trained),
+           "--far-steps", "2", "--val-every", "0", "--preview-every", "-1", "--ddp-timeout", "60"]
+    res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr
+    hashes = dict(re.findall(r"\[rank (\d)\] far weights sha256 ([0-9a-f]{64})", res.stdout + res.stderr))
+    assert set(hashes) == {"0", "1"} and hashes["0"] == hashes["1"], res.stdout + res.stderr
+
+
 # ----------------------------------------------------------------------------- units
 
 

@@ -1279,7 +1279,10 @@ def _ensure_autoencoder(trainer: Trainer, run: RunConfig, data: DataInfo) -> nn.
     """The frozen autoencoder of the far stage: RUN/autoencoder, else --ae-from (copied into the run)."""
     cfg = run.train
     own = trainer.out / AE_DIR
-    if readable_dir(own, "config.json") is None:
+    # decided together: a rank that looked after rank 0 wrote the copy would skip the barrier below,
+    # and every later collective would pair with the wrong one (a crash, or a hang to --ddp-timeout)
+    (missing,) = trainer.dist.any_flags(readable_dir(own, "config.json") is None)
+    if missing:
         if not cfg.ae_from and cfg.stream_env:
             raise TrainError(f"--stream-env {cfg.stream_env} trains only the transformer: give --ae-from "
                              "RUN_OR_CHECKPOINT, an autoencoder trained on a recorded dataset")
@@ -1323,8 +1326,9 @@ def build_latents(trainer: Trainer, run: RunConfig, data: DataInfo, ae: nn.Modul
     paths = holding or paths
     for path in paths:
         cached = load_cached(cache_dir, path, split, ae_hash)
-        if cached is None:
-            if dist.is_main:
+        (missing,) = dist.any_flags(cached is None)  # decided together, as in _ensure_autoencoder
+        if missing:
+            if dist.is_main and cached is None:
                 trainer.log(f"far: encoding {split} frames of {path} once (latent cache in {cache_dir})")
                 frames = load_frames([path], split, data.action_names, data.resolution, warn=trainer.log)
                 if frames.num_frames:
