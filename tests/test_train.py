@@ -811,6 +811,33 @@ def test_a_metrics_line_torn_by_a_full_disk_does_not_block_the_resume(trained, t
     assert (run / "state" / "state.json").read_text() == before
 
 
+def test_a_stage_killed_before_its_first_save_logs_its_steps_once_after_resume(dataset, tmp_path, monkeypatch, capsys):
+    """Bug: a far stage killed (a crash, SIGKILL) before its first save left its rows in metrics.jsonl;
+    --resume trained it again from step 0 and appended the same steps again (loss.png drew both)."""
+    import worldsim.train as train_mod
+
+    run = tmp_path / "killed"
+    real = train_mod.lr_at
+
+    def crash_at_far_step_5(step, total, *args, **kwargs):
+        if total == 8 and step == 5:
+            raise RuntimeError("killed")
+        return real(step, total, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "lr_at", crash_at_far_step_5)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(["train", "--data", str(dataset), "--out", str(run), *FAST, "--ae-steps", "3", "--far-steps", "8",
+              "--checkpoint-every", "100", "--val-every", "2", "--log-every", "1", "--preview-every", "-1"])
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["stage"] == "far" for r in rows)  # the killed stage had logged, so the check can fail
+    monkeypatch.setattr(train_mod, "lr_at", real)
+    assert main(["train", "--resume", str(run)]) == 0, capsys.readouterr().err
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["stage"], r["step"], "val_loss" in r) for r in rows]
+    assert len(keys) == len(set(keys)), keys
+    assert {k for k in keys if k[0] == "ae"} and max(r["step"] for r in rows if r["stage"] == "far") == 8
+
+
 def test_fewer_steps_on_resume_say_that_nothing_trains(trained, tmp_path, capsys):
     run = tmp_path / "past"
     shutil.copytree(trained, run)

@@ -916,7 +916,9 @@ class Trainer:
         step, elapsed = 0, 0.0
         # the stage seconds at which the warm-up ended: a time-limited decay starts there
         warmup_end_s: float | None = None
-        if resume_state is not None:
+        if resume_state is None:  # the stage starts over: rows of a start killed before its first save go
+            self.trim_metrics(spec.name, -1)
+        else:
             meta, tensors = resume_state
             where = self.out / "state"
             _load_module(model, tensors, "model", where)
