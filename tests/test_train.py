@@ -838,6 +838,17 @@ def test_a_stage_killed_before_its_first_save_logs_its_steps_once_after_resume(d
     assert {k for k in keys if k[0] == "ae"} and max(r["step"] for r in rows if r["stage"] == "far") == 8
 
 
+def test_previews_come_every_preview_every_steps_not_only_at_checkpoint_saves(trained, dataset, tmp_path, capsys):
+    """Bug: a preview was drawn only when a checkpoint save fell on a multiple of --preview-every (the
+    base preset's 2,000 / 5,000 previewed every 10,000 steps)."""
+    run = tmp_path / "previews"
+    assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(run), *FAST, "--ae-from", str(trained),
+                 "--far-steps", "6", "--checkpoint-every", "5", "--preview-every", "2", "--val-every", "0"]) == 0, \
+        capsys.readouterr().err
+    assert sorted(p.name for p in (run / "preview").glob("*.gif")) == \
+        ["step-000002.gif", "step-000004.gif", "step-000006.gif"]
+
+
 def test_fewer_steps_on_resume_say_that_nothing_trains(trained, tmp_path, capsys):
     run = tmp_path / "past"
     shutil.copytree(trained, run)

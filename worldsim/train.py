@@ -147,7 +147,7 @@ class TrainConfig:
     val_every: int = field(default=250, metadata={"help": "validation loss every N steps (0: only at the end)"})
     val_batches: int = field(default=4, metadata={"help": "batches per validation (fixed samples)"})
     log_every: int = field(default=10, metadata={"help": "metrics.jsonl line every N steps"})
-    preview_every: int = field(default=1000, metadata={"help": "preview GIF every N FAR steps (0: only at the end; -1: never)"})
+    preview_every: int = field(default=1000, metadata={"help": "preview GIF every N FAR steps, drawn from the checkpoint exported then (0: only at the end; -1: never)"})
     preview_context: int = field(default=8, metadata={"help": "preview: ground-truth context frames"})
     preview_frames: int = field(default=16, metadata={"help": "preview: generated frames"})
     latent_batch: int = field(default=256, metadata={"help": "frames per autoencoder call when building the latent cache"})
@@ -815,6 +815,7 @@ class StageSpec:
     on_save: Callable[[nn.Module, int, bool], None]  # (ema, step, final) -> export
     extra_state: dict = field(default_factory=dict)
     time_limit: float = 0.0  # seconds of stage wall time (resumes included); 0: steps alone end it
+    save_also_every: int = 0  # also save and export every N steps, for work on_save does then (previews)
 
 
 class Trainer:
@@ -1031,7 +1032,8 @@ class Trainer:
                                      f"{cfg.warmup} steps), so the learning rate never decayed; use a smaller --warmup")
                     if (cfg.val_every > 0 and step % cfg.val_every == 0) or final:
                         self.validate(spec, ema, step)
-                    if stop or final or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0):
+                    if stop or final or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or \
+                            (spec.save_also_every > 0 and step % spec.save_also_every == 0):
                         if dist.is_main:
                             self.save_state(spec, model, ema, opt, step, time.perf_counter() - t_stage, warmup_end_s)
                             spec.on_save(ema, step, final)
@@ -1488,7 +1490,8 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
     spec = StageSpec("far", far, cfg.far_steps, cfg.far_lr, loss_fn, val_fn,
                      {"frames": cfg.far_batch * L * dist.world_size,
                       "tokens": cfg.far_batch * tps["long_short"] * dist.world_size}, on_save,
-                     extra_state={"ae_sha256": tensors_hash(ae.state_dict())}, time_limit=cfg.far_time_limit)
+                     extra_state={"ae_sha256": tensors_hash(ae.state_dict())}, time_limit=cfg.far_time_limit,
+                     save_also_every=max(cfg.preview_every, 0))  # a preview draws from the checkpoint it exports
     try:
         return trainer.fit(spec, resume_state)
     finally:
