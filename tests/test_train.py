@@ -942,6 +942,78 @@ def test_training_on_streamed_episodes_exports_a_world_model(trained, tmp_path, 
     assert not (out / "stream").exists()
 
 
+def test_stream_with_data_is_refused_rather_than_ignoring_the_data(trained, dataset, tmp_path, capsys):
+    """--data beside --stream-env was never read, yet the model card listed it as the data."""
+    out = tmp_path / "both"
+    assert main(["train", "--stream-env", "worldsim/Maze-v0", "--data", str(dataset), "--ae-from",
+                 str(trained / "checkpoint"), "--out", str(out), *FAST, "--far-steps", "1"]) == 2
+    assert "--stream-env trains on the episodes it records, not on --data" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_resumed_stream_records_other_mazes(tmp_path):
+    """Bug: the workers' maze draws depended on (seed, worker) alone, so every start and resume of a
+    streaming run trained on the same first mazes again."""
+    import hashlib
+    import multiprocessing as mp
+    import time
+
+    from worldsim.train import _stream_worker
+
+    def first_episodes(start_step: int) -> list[str]:
+        spool = tmp_path / f"spool{start_step}"
+        spool.mkdir()
+        proc = mp.get_context("spawn").Process(
+            target=_stream_worker, daemon=True,
+            args=(str(spool), "worldsim/Maze-v0", {"resolution": 16, "maze_size": 7}, "random", 4, 0, 0, 3,
+                  start_step, os.getpid()))
+        proc.start()
+        deadline = time.monotonic() + 120
+        while len(list(spool.glob("*.npz"))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.terminate()
+        proc.join(10)
+        files = sorted(spool.glob("*.npz"))
+        assert len(files) == 3
+        return [hashlib.sha256(np.load(f)["video"].tobytes()).hexdigest() for f in files]
+
+    assert first_episodes(0) != first_episodes(40)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the parent-death signal is Linux's")
+def test_stream_workers_end_with_a_killed_trainer(trained, tmp_path):
+    """Bug: a trainer killed with SIGKILL (or SIGTERM while the stream started) left its recording worker
+    running forever, orphaned."""
+    import signal as signal_mod
+    import time
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "worldsim", "train", "--stream-env", "worldsim/Maze-v0", "--stream-env-arg",
+           "resolution=32", "maze_size=7", "--ae-from", str(trained / "checkpoint"), "--out", str(out), *FAST,
+           "--far-steps", "100000", "--seq-len", "8", "--stream-length", "16", "--stream-buffer", "2",
+           "--val-every", "0", "--preview-every", "-1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list[int] = []
+    deadline = time.monotonic() + 120
+    while not children and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        try:
+            children = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        except OSError:
+            pass
+    assert children, "the trainer started no worker"
+    time.sleep(1.0)  # the worker past its start-up
+    proc.send_signal(signal_mod.SIGKILL)
+    proc.wait(30)
+    deadline = time.monotonic() + 20
+    alive = children
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [c for c in alive if Path(f"/proc/{c}").exists()
+                 and "Z" not in Path(f"/proc/{c}/stat").read_text().split(")")[-1].split()[:1]]
+    assert not alive, f"worker(s) {alive} outlived the trainer"
+
+
 def test_a_stream_simulator_that_cannot_be_made_is_named(trained, tmp_path, capsys):
     out = tmp_path / "stream"
     assert main(["train", "--stream-env", "worldsim/Nope-v0", "--ae-from", str(trained / "checkpoint"),

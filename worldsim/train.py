@@ -1361,7 +1361,8 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
             write_json_atomic(trainer.out / "config.json", {**stored, **run.to_dict()})
     stream = None
     if cfg.stream_env:
-        stream = StreamingData(run, data, ae, device, trainer.out / "stream", trainer.log)
+        stream = StreamingData(run, data, ae, device, trainer.out / "stream", trainer.log,
+                               start_step=int(resume_state[0]["step"]) if resume_state is not None else 0)
         train_store, val_store = stream.store, stream.val_store
     else:
         train_store = build_latents(trainer, run, data, ae, "train")
@@ -1550,18 +1551,21 @@ def _read_metrics(path: Path) -> list[dict]:
 
 
 def _stream_worker(spool: str, env_id: str, settings: dict, policy: str, length: int, worker: int, seed: int,
-                   max_files: int) -> None:
-    """Record episodes forever into `spool` (atomic .npz files), never more than `max_files` waiting."""
+                   max_files: int, start_step: int, parent: int) -> None:
+    """Record episodes forever into `spool` (atomic .npz files), never more than `max_files` waiting;
+    stop when the trainer that started it (`parent`) is gone."""
     import envs  # noqa: F401  (registers the ids)
-    from envs.recorder import _make_env, record_episode
+    from envs.recorder import _die_with_parent, _make_env, record_episode
     from worldsim.dataset import split_for_maze_seed, write_episode_atomic
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()  # a trainer killed (SIGKILL, SIGTERM at startup) leaves no recorder behind
     env = _make_env(env_id, settings)
     spool_p = Path(spool)
-    rng = np.random.default_rng([seed, worker])
+    # the start step too: a resumed run records new mazes, not the first ones again
+    rng = np.random.default_rng([seed, worker, start_step])
     k = 0
-    while True:
+    while os.getppid() == parent:  # where the death signal is not available
         if len(list(spool_p.glob("*.npz"))) >= max_files:
             time.sleep(0.2)
             continue
@@ -1585,7 +1589,7 @@ class StreamingData:
     """
 
     def __init__(self, run: RunConfig, data: DataInfo, ae: nn.Module, device: torch.device, spool: Path,
-                 log: Callable[[str], None]):
+                 log: Callable[[str], None], start_step: int = 0):
         import multiprocessing as mp
 
         from envs.recorder import parse_env_args
@@ -1601,7 +1605,8 @@ class StreamingData:
         rank = int(os.environ.get("RANK", "0"))
         self.procs = [ctx.Process(target=_stream_worker, daemon=True,
                                   args=(str(self.spool), cfg.stream_env, settings, cfg.stream_policy,
-                                        cfg.stream_length, rank * 1000 + w, cfg.seed, 4 * max(1, cfg.stream_workers)))
+                                        cfg.stream_length, rank * 1000 + w, cfg.seed, 4 * max(1, cfg.stream_workers),
+                                        start_step, os.getpid()))
                       for w in range(max(1, cfg.stream_workers))]
         for p in self.procs:
             p.start()
@@ -1610,8 +1615,12 @@ class StreamingData:
         self._preview: tuple[np.ndarray, np.ndarray] | None = None
         self._val_batches = None
         log(f"stream: {len(self.procs)} worker(s) recording {cfg.stream_env} episodes into {self.spool}")
-        while not self.store.latents or not self.val_store.latents:
-            self._ingest(wait=True)
+        try:
+            while not self.store.latents or not self.val_store.latents:
+                self._ingest(wait=True)
+        except BaseException:
+            self.close()
+            raise
 
     def _ingest(self, wait: bool = False) -> bool:
         from worldsim.autoencoder import frames_to_tensor
@@ -1687,6 +1696,10 @@ def main(args: argparse.Namespace) -> int:
     cfg = run.train
     if not cfg.data and not cfg.stream_env:
         print("worldsim train: give --data DIR [DIR ...] (or --stream-env ENV_ID, or --resume RUN)", file=sys.stderr)
+        return 2
+    if cfg.data and cfg.stream_env:
+        print(f"worldsim train: --stream-env trains on the episodes it records, not on --data "
+              f"({', '.join(cfg.data)}); give one of the two", file=sys.stderr)
         return 2
     try:
         dist = Dist.from_env(cfg.device, timeout_s=cfg.ddp_timeout)
