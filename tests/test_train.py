@@ -849,6 +849,20 @@ def test_previews_come_every_preview_every_steps_not_only_at_checkpoint_saves(tr
         ["step-000002.gif", "step-000004.gif", "step-000006.gif"]
 
 
+def test_a_resume_that_stretches_the_schedule_says_the_learning_rate_rises(trained, dataset, tmp_path, capsys):
+    """--resume with far more steps (or the time limit set to 0, which the "time limit reached" message
+    suggests) put the learning rate from its floor back near its peak without a word."""
+    run = tmp_path / "longer"
+    assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(run), *FAST, "--ae-from", str(trained),
+                 "--far-steps", "4", "--warmup", "0", "--log-every", "1", "--val-every", "0"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--far-steps", "5"]) == 0
+    assert "the learning rate rises" not in capsys.readouterr().err  # one step more: the cosine ends there
+    assert main(["train", "--resume", str(run), "--far-steps", "40"]) == 0
+    err = capsys.readouterr().err
+    assert "note: far: the learning rate rises from" in err and "the schedule now spans 40 steps" in err
+
+
 def test_fewer_steps_on_resume_say_that_nothing_trains(trained, tmp_path, capsys):
     run = tmp_path / "past"
     shutil.copytree(trained, run)

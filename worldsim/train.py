@@ -34,7 +34,10 @@ continues with exactly the same data order as an uninterrupted one.
 
 Several GPUs or machines: launch the same command with torchrun (WORLD_SIZE/RANK/LOCAL_RANK
 are read from the environment; nccl on CUDA, gloo on CPU). Every rank draws its own samples,
-gradients are averaged by DDP, only rank 0 writes. `--far-batch` is per rank.
+gradients are averaged by DDP, only rank 0 writes. `--far-batch` is per rank. Ctrl-C or SIGTERM
+to torchrun saves as above, but torchrun itself then exits with 1 and prints a ChildFailedError
+naming a rank that got the signal: the run is saved all the same (the log says "interrupted at step N;
+saved").
 """
 from __future__ import annotations
 
@@ -908,6 +911,24 @@ class Trainer:
 
     # -- the loop
 
+    def _note_learning_rate_rise(self, spec: StageSpec, step: int, time_fraction: float,
+                                 warmup_end_s: float | None) -> None:
+        """A resume with more steps or time, or without the time limit, stretches the cosine: the
+        learning rate climbs back from where the save left it. Say so rather than let the loss jump."""
+        cfg = self.cfg
+        if not self.dist.is_main:
+            return
+        logged = [r for r in _read_metrics(self.metrics_path) if r.get("stage") == spec.name and "lr" in r]
+        if not logged:
+            return
+        now = lr_at(step, spec.total_steps, spec.lr, cfg.warmup, cfg.cosine, cfg.min_lr_ratio, time_fraction,
+                    (warmup_end_s or 0.0) / spec.time_limit if spec.time_limit > 0 else 0.0)
+        before = float(logged[-1]["lr"])
+        if now > 1.5 * before:
+            span = f"{spec.total_steps} steps" + (f" or {spec.time_limit:g} s" if spec.time_limit > 0 else "")
+            self.log(f"note: {spec.name}: the learning rate rises from {before:.2e} (last logged, step "
+                     f"{logged[-1].get('step')}) to {now:.2e}: the schedule now spans {span} from the stage's start")
+
     def fit(self, spec: StageSpec, resume_state: tuple[dict, dict] | None) -> bool:
         """Train one stage; returns False if interrupted."""
         cfg, dist, device = self.cfg, self.dist, self.device
@@ -977,8 +998,11 @@ class Trainer:
                 time_fraction = dist.max(elapsed / spec.time_limit) if spec.time_limit > 0 else 0.0
                 if time_fraction >= 1.0:  # resumed after its time ran out: done, as with all steps done
                     self.log(f"{spec.name}: its time limit of {spec.time_limit:g} s was already reached at step {step}; "
-                             f"raise --{spec.name}-time-limit (or set it to 0) to train on")
+                             f"raise --{spec.name}-time-limit (or set it to 0 to go by --{spec.name}-steps) to train "
+                             f"on; the learning rate then follows the longer schedule")
                     return True
+                if resume_state is not None:
+                    self._note_learning_rate_rise(spec, step, time_fraction, warmup_end_s)
                 while step < spec.total_steps:
                     rng, torch_seed = step_rng(cfg.seed, dist.rank, step)
                     torch.manual_seed(torch_seed)
