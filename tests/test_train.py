@@ -37,6 +37,15 @@ def _env() -> dict:
     return env
 
 
+RUN_CLI = "from worldsim.cli import main\nsys.exit(main(sys.argv[1:]))\n"  # the end of a patched launcher
+
+
+def _torchrun(script: Path, *args: str) -> subprocess.CompletedProcess:
+    """`script ARGS` on two CPU ranks (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args]
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "maze"
@@ -203,12 +212,10 @@ def test_sigint_saves_and_exits_cleanly(trained, dataset, tmp_path):
 @pytest.mark.parametrize("seq_len", ["6", "4"])  # 4 = the tiny window: no sample has coarse frames
 def test_ddp_two_cpu_ranks_hold_identical_weights(trained, dataset, tmp_path, seq_len):
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "train.py"), "--data", str(dataset), "--out", str(run), *FAST,
-           "--stage", "far", "--ae-from", str(trained), "--far-steps", "3", "--checkpoint-every", "2",
-           "--val-every", "0", "--preview-every", "-1", "--obj-random-context-length", "true",
-           "--obj-short-context-prob", "0.5", "--seq-len", seq_len]
-    res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    res = _torchrun(REPO / "train.py", "--data", str(dataset), "--out", str(run), *FAST,
+                    "--stage", "far", "--ae-from", str(trained), "--far-steps", "3", "--checkpoint-every", "2",
+                    "--val-every", "0", "--preview-every", "-1", "--obj-random-context-length", "true",
+                    "--obj-short-context-prob", "0.5", "--seq-len", seq_len)
     assert res.returncode == 0, res.stdout + res.stderr
     # every parameter reaches the loss on every rank, also when one rank draws a batch without
     # long-term context (short-context prob 0.5): no find_unused_parameters, no hang
@@ -243,13 +250,10 @@ def test_a_rank_looking_at_out_while_rank_0_writes_there_does_not_refuse_the_run
         "    twin.unlink()\n"
         "    write(path, obj)\n"
         "train.Trainer.__init__, train.write_json_atomic = slow_init, slow_write\n"
-        "from worldsim.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n")
+        + RUN_CLI)
     run = tmp_path / "race"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher),
-           "train", "--data", str(dataset), "--out", str(run), *FAST, "--ae-steps", "2", "--far-steps", "1",
-           "--val-every", "0", "--preview-every", "-1"]
-    res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    res = _torchrun(launcher, "train", "--data", str(dataset), "--out", str(run), *FAST, "--ae-steps", "2",
+                    "--far-steps", "1", "--val-every", "0", "--preview-every", "-1")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "already holds a training run" not in res.stderr
 
@@ -270,13 +274,11 @@ def test_a_rank_late_to_the_autoencoder_copy_and_the_latent_cache_keeps_step_wit
         "    return wrapped\n"
         "train._ensure_autoencoder = late(train._ensure_autoencoder)\n"
         "train.build_latents = late(train.build_latents)\n"
-        "from worldsim.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n")
+        + RUN_CLI)
     run = tmp_path / "late"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher),
-           "train", "--data", str(dataset), "--out", str(run), *FAST, "--stage", "far", "--ae-from", str(trained),
-           "--far-steps", "2", "--val-every", "0", "--preview-every", "-1", "--ddp-timeout", "60"]
-    res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    res = _torchrun(launcher, "train", "--data", str(dataset), "--out", str(run), *FAST, "--stage", "far",
+                    "--ae-from", str(trained), "--far-steps", "2", "--val-every", "0", "--preview-every", "-1",
+                    "--ddp-timeout", "60")
     assert res.returncode == 0, res.stdout + res.stderr
     hashes = dict(re.findall(r"\[rank (\d)\] far weights sha256 ([0-9a-f]{64})", res.stdout + res.stderr))
     assert set(hashes) == {"0", "1"} and hashes["0"] == hashes["1"], res.stdout + res.stderr
