@@ -19,7 +19,9 @@ context, against the late ones, where its own drift dominates.
 
 Where the runs report them, it also prints each condition's sharpness and motion (the generated
 frames' detail and frame-to-frame change over the recorded frames'): a PSNR gain that comes with
-lower ratios may be a smoother or stiller dream rather than a better one.
+lower ratios may be a smoother or stiller dream rather than a better one. Generation settings that
+differ between the runs (sampler steps, CFG, shift, temperature, noise; precision; long-context
+cache) are named above the table: such a comparison is of two samplers, not only two checkpoints.
 """
 from __future__ import annotations
 
@@ -143,6 +145,19 @@ def ratio_cell(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+def setting_differences(new: dict[str, Any], old: dict[str, Any]) -> list[str]:
+    """The generation settings two runs used that differ: the sampler (as resolved against each
+    checkpoint's defaults), the precision and the long-context cache."""
+    def used(config: dict[str, Any]) -> dict[str, Any]:
+        sampler = config.get("sampler_used") or {k: config.get(k) for k in ("steps", "cfg", "shift", "temperature",
+                                                                            "generated_noise")}
+        return {**{k: v for k, v in sampler.items()}, "precision": config.get("precision_used") or config.get("precision"),
+                "long_cache": config.get("long_cache")}
+
+    a, b = used(new), used(old)
+    return [f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)]
+
+
 def print_table(header: list[str], table: list[list[str]]) -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -187,6 +202,9 @@ def main() -> None:
     still = [r["config"].get("still_frames", 0) for r in (new, old)]
     print(f"new: {new['config'].get('checkpoint')} ({new_file})" + (f", {still[0]} still frames" if any(still) else ""))
     print(f"old: {old['config'].get('checkpoint')} ({old_file})" + (f", {still[1]} still frames" if any(still) else ""))
+    differ = setting_differences(new["config"], old["config"])
+    if differ:  # a fair comparison of two samplers, or an accident: either way it must be seen
+        print(f"settings that differ (new vs old): {'; '.join(differ)}")
     print(f"{len(new_eps)} episodes of {new['config']['dataset']}; PSNR in dB; all frames = mean of the episodes' "
           f"means, revisit / other frames pooled; intervals: bootstrap over episodes\n")
     print_table(header, table)

@@ -7,13 +7,17 @@ AUTOENCODER is a run folder (or its autoencoder/ folder) of
 decoder: the encoder and latent scale are CHECKPOINT's, so its FAR weights read the same
 latents. That run already writes RUN/checkpoint; this script pairs them afterwards, e.g. when
 the decoder was trained elsewhere and only its autoencoder/ folder came back. It refuses an
-autoencoder whose encoder differs. OUT is written atomically (a new folder, or files swapped
-into an existing one).
+autoencoder whose encoder differs. OUT must be a new folder; it is written whole into a temporary
+folder beside it and renamed, so an interruption leaves nothing half-written (copy its files over
+a checkpoint afterwards to replace that one's).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from worldsim.checkpoint import CheckpointError
@@ -28,13 +32,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("autoencoder", help="run folder or autoencoder folder with the fine-tuned decoder")
     parser.add_argument("out", help="folder for the paired checkpoint")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.exists():
+        print(f"pair_decoder: {out}: already exists; choose a new folder (then copy its files where you want them)",
+              file=sys.stderr)
+        return 1
+    tmp = None
     try:
         ae, meta = load_autoencoder(args.autoencoder)
-        export_with_decoder(Path(args.out), Path(args.checkpoint), ae, int(meta.get("step", 0)),
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        export_with_decoder(tmp, Path(args.checkpoint), ae, int(meta.get("step", 0)),
                             bool(meta.get("final", True)), args.autoencoder)
+        os.replace(tmp, out)
+        tmp = None
     except (TrainError, CheckpointError, OSError) as exc:
         print(f"pair_decoder: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {args.out}: the world model of {args.checkpoint} with the autoencoder of {args.autoencoder}")
     return 0
 

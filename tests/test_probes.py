@@ -109,6 +109,17 @@ def test_compare_evals_pairs_the_same_frames_of_two_checkpoints(tmp_path):
     res = subprocess.run([sys.executable, str(script), str(new), str(old)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert ", 44 still frames" in res.stdout.splitlines()[0] and ", 0 still frames" in res.stdout.splitlines()[1]
+    assert "settings that differ" not in res.stdout
+
+    # two samplers or precisions on the same frames compare, but the differences are named (they were silent)
+    config["config"].update(sampler_used={"steps": 1, "cfg": 1.0}, precision_used="fp32")
+    (new / "results.json").write_text(json.dumps(config))
+    config_old = json.loads((old / "results.json").read_text())
+    config_old["config"].update(sampler_used={"steps": 4, "cfg": 1.0}, precision_used="bf16")
+    (old / "results.json").write_text(json.dumps(config_old))
+    res = subprocess.run([sys.executable, str(script), str(new), str(old)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "settings that differ (new vs old): precision 'fp32' vs 'bf16'; steps 1 vs 4" in res.stdout
 
     # by generated-frame range: frames 1-2 gain 0 / 0.75 / 0.75 dB in the three episodes, frames 3-4 1.5 / 0.75 / 0
     res = subprocess.run([sys.executable, str(script), str(new), str(old), "--by-frame", "2"], capture_output=True,

@@ -1106,14 +1106,31 @@ def test_decoder_fine_tune_keeps_the_latents_and_re_exports_the_world_model(trai
     assert again.keys() == paired.keys() and all(torch.equal(again[k], v) for k, v in paired.items())
     refused = subprocess.run([*script, str(ck), str(whole), str(tmp_path / "bad")], capture_output=True, text=True)
     assert refused.returncode == 1 and "encoder differs" in refused.stderr
-    assert not (tmp_path / "bad").exists()
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad.*"))
+    # an existing OUT (a run, or the checkpoint itself) was overwritten file by file; now it is refused whole
+    config_before = (run / "config.json").read_text()
+    refused = subprocess.run([*script, str(ck), str(run), str(run)], capture_output=True, text=True)
+    assert refused.returncode == 1 and "already exists; choose a new folder" in refused.stderr
+    assert (run / "config.json").read_text() == config_before
 
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--ae-steps", "4", "--ae-train", "all"]) != 0
     assert "cannot change on resume" in capsys.readouterr().err
-    assert main(["train", "--resume", str(run), "--ae-steps", "4"]) == 0  # more steps: still decoder only
+    # more steps: still decoder only; the --ae-init folder need not be where it was (the state holds the
+    # weights, RUN/checkpoint the world model), and the stored shape may be given again
+    moved_ck = tmp_path / "moved-away"
+    shutil.move(ck, moved_ck)
+    try:
+        assert main(["train", "--resume", str(run), "--ae-steps", "4", "--ae-decoder-blocks-per-level",
+                     str(load_checkpoint(run / "checkpoint").autoencoder.config.decoder_blocks)]) == 0, \
+            capsys.readouterr().err
+    finally:
+        shutil.move(moved_ck, ck)
     ae = load_file(str(run / "autoencoder" / "autoencoder.safetensors"))
     assert all(torch.equal(ae[k], before["autoencoder." + k]) for k in enc)
+    assert load_checkpoint(run / "checkpoint").config["extra"]["decoder_fine_tune"]["from"] == str(ck)
+    assert main(["train", "--resume", str(run), "--ae-steps", "5", "--ae-latent-channels", "7"]) != 0
+    assert "cannot change on resume (got --ae-latent-channels)" in capsys.readouterr().err
     capsys.readouterr()
     assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(tmp_path / "x"), *FAST,
                  "--ae-train", "decoder"]) != 0

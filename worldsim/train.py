@@ -344,9 +344,12 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
             run = RunConfig.from_dict(json.loads(path.read_text()))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise TrainError(f"{path}: unreadable training config ({exc})") from None
-        if ae_over or far_over:
+        stored = {**dataclasses.asdict(run.autoencoder), "decoder_blocks_per_level": run.autoencoder.decoder_blocks}
+        changed = [f"--ae-{k}" for k, v in ae_over.items() if stored[k] != v] + \
+                  [f"--far-{k}" for k, v in far_over.items() if getattr(run.far, k) != v]
+        if changed:  # the stored values given again are fine
             raise TrainError(f"--resume {resume}: the model shape cannot change on resume "
-                             f"(got {', '.join(['--ae-' + k for k in ae_over] + ['--far-' + k for k in far_over])})")
+                             f"(got {', '.join(k.replace('_', '-') for k in changed)})")
         if "out" in train_over and Path(train_over["out"]).resolve() != Path(resume).resolve():
             raise TrainError("--resume continues in the run folder itself; do not pass a different --out")
         fixed = [k for k in ("preset", "ae_init", "ae_train", "far_init")
@@ -703,6 +706,9 @@ def export_with_decoder(path: Path, source: Path, ae: nn.Module, step: int, fina
         raise TrainError(f"{source}: its encoder differs from that of the fine-tuned autoencoder "
                          f"({ae_source or 'given'}); cannot pair them")
     extra = dict(ck.config.get("extra") or {})
+    prior = extra.get("decoder_fine_tune")
+    if Path(path).resolve() == Path(source).resolve() and isinstance(prior, dict) and prior.get("from"):
+        source = Path(prior["from"])  # paired again in place (a resumed run): its world model's origin stays
     extra["decoder_fine_tune"] = {"from": str(source), "autoencoder": ae_source, "ae_step": step, "final": final}
     save_checkpoint(path, copy.deepcopy(ae).cpu(), ck.far, action_names=ck.action_names, resolution=ck.resolution,
                     sampler=ck.sampler, simulator=ck.simulator, data_summary=ck.config.get("data"), step=ck.step,
@@ -1240,26 +1246,28 @@ def run_ae_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state)
                          "split; these hold none: record some with `worldsim record --split train`)")
     torch.manual_seed(cfg.seed)
     ae = ae_mod.Autoencoder(run.autoencoder)
-    if cfg.ae_init:
+    if cfg.ae_init and resume_state is None:  # a resume has the weights in its state: the init may be gone
         init, _ = load_autoencoder(cfg.ae_init)
         try:
             state = ae_mod.deepen_state_dict(init.state_dict(), init.config, ae.config)
         except ValueError:
             raise TrainError(f"--ae-init {cfg.ae_init}: its shape {init.config.to_dict()} differs from this run's "
                              f"{ae.config.to_dict()}") from None
-        if resume_state is None:
-            missing, unexpected = ae.load_state_dict(state, strict=False)
-            # only the blocks that deepening adds may be absent; they start as identities
-            assert not unexpected and all(k.startswith("decoder.layers.") for k in missing), (missing, unexpected)
-            grown = (f"; decoder deepened from {init.config.decoder_blocks} to {ae.config.decoder_blocks} blocks "
-                     f"per level, the new ones identities" if missing else "")
-            trainer.log(f"ae: weights initialised from {cfg.ae_init} (fresh optimizer; training {cfg.ae_train}{grown})")
+        missing, unexpected = ae.load_state_dict(state, strict=False)
+        # only the blocks that deepening adds may be absent; they start as identities
+        assert not unexpected and all(k.startswith("decoder.layers.") for k in missing), (missing, unexpected)
+        grown = (f"; decoder deepened from {init.config.decoder_blocks} to {ae.config.decoder_blocks} blocks "
+                 f"per level, the new ones identities" if missing else "")
+        trainer.log(f"ae: weights initialised from {cfg.ae_init} (fresh optimizer; training {cfg.ae_train}{grown})")
     paired = None  # an exported checkpoint whose world model the fine-tuned decoder joins
     if cfg.ae_train == "decoder":
         # the optimizer only sees parameters that require grad; the latent scale buffer stays the init's
         ae.encoder.requires_grad_(False)
         d = readable_dir(Path(cfg.ae_init), "config.json") if cfg.ae_init else None
-        if d is not None and json.loads((d / "config.json").read_text()).get("format") == "worldsim-checkpoint":
+        own = readable_dir(trainer.out / "checkpoint", "config.json")
+        if resume_state is not None and own is not None:
+            paired = own  # the world model paired at the last save (the --ae-init folder may have moved since)
+        elif d is not None and json.loads((d / "config.json").read_text()).get("format") == "worldsim-checkpoint":
             paired = d  # the encoder came from it; export_with_decoder checks it is still the same at each save
         else:
             trainer.log(f"note: --ae-init {cfg.ae_init} is not an exported checkpoint: only {trainer.out / AE_DIR} "
