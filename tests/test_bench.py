@@ -18,7 +18,7 @@ def test_bench_times_every_mode_and_context_beside_the_paper_and_the_simulator(c
     for mode, paper in (("none", 1341), ("kv", 171), ("multilevel", 104)):
         assert re.search(rf"^{mode} +[0-9.]+ +[0-9.]+ +[0-9.]+ s +{paper} s$", out, re.M), mode
     assert re.search(r"^none/multi +[0-9.]+x +[0-9.]+x", out, re.M)
-    assert "1 Euler steps" in out and "(1 thread)" in out
+    assert "1 Euler steps" in out and "(1 thread)" in out and "precision fp32" in out
     sim = out.split("simulator:", 1)[1]
     assert "env_id: worldsim/Maze-v0" in sim and "steps: 20" in sim and re.search(r"frames_per_s: [0-9.]+", sim)
 
@@ -29,3 +29,11 @@ def test_a_device_this_machine_lacks_is_one_line(capsys, tmp_path):
     # the same check in eval, before any episode is scored
     assert main(["eval", "--data", str(tmp_path), "--device", "nonsense", "--out", str(tmp_path / "e")]) == 2
     assert "worldsim eval: device 'nonsense' is not a torch device" in capsys.readouterr().err
+
+
+def test_bench_times_the_precision_play_uses(capsys):
+    """bench timed fp32 only and did not say so, while play runs bf16 on CPUs that have it."""
+    rc = main(["bench", "--preset", "tiny", "--ae-preset", "tiny", "--contexts", "2", "--frames", "1", "--steps", "1",
+               "--threads", "1", "--modes", "multilevel", "--precision", "bf16"])
+    assert rc == 0
+    assert "precision bf16" in capsys.readouterr().out

@@ -41,6 +41,9 @@ class BenchConfig:
     frames: int = field(default=4, metadata={"help": "generated frames timed per mode and context"})
     none_frames: int = field(default=2, metadata={"help": "frames timed for the slow `none` mode"})
     device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda if available)"})
+    precision: Literal["fp32", "bf16", "auto"] = field(default="fp32", metadata={
+        "help": "the transformer's arithmetic on a CPU (play's default is auto: bf16 where the CPU has it; "
+                "fp32 here keeps the README's table comparable; a GPU always runs bf16)"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     simulator: bool = field(default=False, metadata={"help": "also benchmark the simulator (worldsim.bench_sim)"})
@@ -62,7 +65,8 @@ def _random_world(cfg: BenchConfig):
         PRESETS[cfg.preset], latent_channels=ae_cfg.latent_channels, latent_size=ae_cfg.latent_size, num_actions=5
     )
     names = ("noop", "forward", "backward", "turn_left", "turn_right")
-    return WorldModel(Autoencoder(ae_cfg), FAR(far_cfg), names, (ae_cfg.resolution,) * 2, device=cfg.device)
+    return WorldModel(Autoencoder(ae_cfg), FAR(far_cfg), names, (ae_cfg.resolution,) * 2, device=cfg.device,
+                      precision=cfg.precision)
 
 
 def _sync(device: torch.device) -> None:
@@ -73,6 +77,7 @@ def _sync(device: torch.device) -> None:
 def time_generation(cfg: BenchConfig) -> list[dict]:
     """One row per (mode, context): prefill seconds, seconds per generated frame, cache stats."""
     world = _random_world(cfg)
+    print(f"precision {world.precision}", flush=True)
     fc = world.far.config
     rng = np.random.default_rng(cfg.seed)
     rows = []
@@ -87,6 +92,7 @@ def time_generation(cfg: BenchConfig) -> list[dict]:
             )
             t0 = time.perf_counter()
             session.extend_latents(latents, actions)
+            session.context.flush()  # the multi-level modes defer encoding to the next query: time it here
             _sync(world.device)
             prefill = time.perf_counter() - t0
             session.step(1)  # warm-up frame (allocator, first-call overheads): not timed
@@ -117,13 +123,15 @@ def _estimate_rollout(points: dict[int, float], frames: int = PAPER_FRAMES) -> f
 
 
 def report(rows: list[dict], cfg: BenchConfig, device: torch.device, threads: int) -> str:
+    from worldsim.world import resolve_precision
+
     contexts = list(cfg.contexts)
     by = {(r["mode"], r["context"]): r["s_per_frame"] for r in rows}
     nw = max([12] + [len(m) + 2 for m in cfg.modes] + [len(m) + 8 for m in ("none", "kv") if m in cfg.modes])
     cpu_threads = f" ({threads} thread{'s' if threads != 1 else ''})" if device.type == "cpu" else ""
     lines = [
         f"FAR generation speed: preset {cfg.preset} (ae {cfg.ae_preset}), {cfg.steps} Euler steps, CFG {cfg.cfg}, "
-        f"device {device}{cpu_threads}, random weights",
+        f"device {device}{cpu_threads}, precision {resolve_precision(cfg.precision, device)}, random weights",
         "",
         f"{'s/frame':<{nw}}" + "".join(f"{'ctx ' + str(k):>11}" for k in contexts)
         + f"{'est. 256-frame':>16}{'paper 256-frame':>17}",
@@ -149,7 +157,8 @@ def report(rows: list[dict], cfg: BenchConfig, device: torch.device, threads: in
             )
     lines += [
         "",
-        "est. 256-frame = sum over a 256-frame rollout of the s/frame interpolated between the measured contexts.",
+        "est. 256-frame = sum over a 256-frame rollout of the s/frame interpolated between the measured contexts "
+        "(held flat beyond them).",
         "paper: FAR-B-Long, 50 steps, on a GPU; compare ratios, not seconds.",
     ]
     return "\n".join(lines)
