@@ -687,6 +687,13 @@ def test_rescore_recomputes_the_differences_of_an_earlier_run(tiny_data, tmp_pat
     again = json.loads(path.read_text())["ground_truth"]["gaps"]
     assert "revisit_by_age" not in again
     assert again["revisit_multilevel_vs_sliding"] == json.loads(json.dumps(res["ground_truth"]["gaps"]["revisit_multilevel_vs_sliding"]))
+    # options that a rescore cannot honour were dropped without a word: refused, and nothing is rewritten
+    before = path.read_text()
+    capsys.readouterr()
+    assert main(["eval", "--rescore", str(tmp_path / "a"), "--out", str(tmp_path / "elsewhere"),
+                 "--precision", "bf16"]) == 2
+    assert "from its results.json alone; drop --out, --precision" in capsys.readouterr().err
+    assert path.read_text() == before and not (tmp_path / "elsewhere").exists()
     # a folder without a results file: a clear error, exit code 2
     assert main(["eval", "--rescore", str(tmp_path / "nothing")]) == 2
     assert "not found" in capsys.readouterr().err

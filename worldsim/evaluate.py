@@ -85,6 +85,7 @@ import math
 import platform
 import sys
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
@@ -1357,6 +1358,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     cfg = dataclass_from_args(EvalConfig, args)
     if cfg.rescore is not None:
+        default = EvalConfig()
+        ignored = [f.name for f in dataclasses.fields(EvalConfig) if f.name not in ("rescore", "progress")
+                   and getattr(cfg, f.name) != getattr(default, f.name)]
+        if ignored:  # they were silently dropped: the folder is rewritten from its results.json alone
+            print(f"worldsim eval: --rescore rewrites {cfg.rescore} in place from its results.json alone; drop "
+                  f"{', '.join('--' + n.replace('_', '-') for n in ignored)}", file=sys.stderr)
+            return 2
         try:
             rescore(cfg.rescore)
         except EvalError as exc:
