@@ -185,6 +185,7 @@ def test_headless_benchmark_reports_fps(tiny_ckpt, capsys):
     assert "cache multilevel-fast," in out and "precision " in out and "shift 1.0," in out
     assert "temperature 1.0," in out and "still frames 3," in out
     assert "(model frame index 24)" in out  # the standstill counts in the model's frames, not in the played ones
+    assert "not reached: frames 500, 2000 (the walk ended after 21 frames)" in out
 
 
 def test_still_frames_reach_the_dream_from_the_option_or_the_checkpoint(tiny_ckpt, tmp_path):

@@ -907,6 +907,10 @@ def main(args: argparse.Namespace) -> int:
                       f"L2 {row['l2_frames']} frames / {row['l2_tokens']} tokens, "
                       f"cache {row['cache_mb']:.1f} MB, RSS {row['rss_mb']:.0f} MB")
             if config.benchmark:
+                missed = [f for f in BENCH_AT if f not in {row["frame"] for row in result.benchmark}]
+                if missed:  # a shorter --actions list ends first: say so, not only by their absence
+                    print(f"not reached: frame{'s' if len(missed) > 1 else ''} {', '.join(map(str, missed))} "
+                          f"(the walk ended after {result.frames} frames)")
                 print(f"resident memory at the end: {result.rss_bytes / 2**20:.0f} MB")
             return 0
         problem = display_problem()
