@@ -151,6 +151,9 @@ def test_session_seed_predict_append_step(world):
     assert a.frame_index == 5 and a.stats()["l1_frames"] == W - 1
     with pytest.raises(ValueError):
         a.predict(5)  # the null class is not a playable action
+    for bad in (5, -1, 9):  # nor a context action: 5 was taken silently, -1 and 9 failed deep in torch
+        with pytest.raises(ValueError, match=f"context action {bad} out of range"):
+            world.new_session(frames, np.array([0, bad, 1]), steps=1, cfg=1.0, seed=0)
     empty = world.new_session(np.zeros((0, 64, 64, 3), np.uint8), np.zeros(0, np.int64), steps=1, cfg=1.0, seed=0)
     assert empty.step(0).shape == (64, 64, 3) and empty.frame_index == 1
 

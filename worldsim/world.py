@@ -197,6 +197,9 @@ class WorldModel:
             raise ValueError(f"context_frames must be uint8 [K,{self.resolution[0]},{self.resolution[1]},3], got {frames.dtype} {frames.shape}")
         if actions.shape != (frames.shape[0],):
             raise ValueError(f"context_actions must have shape ({frames.shape[0]},), got {actions.shape}")
+        bad = actions[(actions < 0) | (actions >= len(self.action_names))]
+        if bad.size:  # the null class (CFG's) is not a context action, and others fail deep in torch
+            raise ValueError(f"context action {int(bad[0])} out of range for {self.action_names}")
         context = make_context(self.far, cache_mode) if isinstance(cache_mode, str) else cache_mode
         sampler = EulerSampler(
             steps=int(steps if steps is not None else self.sampler["steps"]),
