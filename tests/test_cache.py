@@ -201,3 +201,47 @@ def test_generated_noise_labels_only_the_models_own_frames(world):
         assert float(labelled.context.aug[3][0]) == 0.25
     finally:
         world.sampler = saved
+
+
+def test_kv_buffer_drop_front_keeps_the_newest_tokens_in_order():
+    from worldsim.model import KVBuffer
+
+    k = torch.arange(2 * 3 * 10 * 4, dtype=torch.float32).reshape(2, 3, 10, 4)
+    buf = KVBuffer(k, -k)
+    buf.drop_front(4)
+    assert buf.length == 6 and torch.equal(buf.keys, k[:, :, 4:]) and torch.equal(buf.values, -k[:, :, 4:])
+    buf.append(k[:, :, :2], -k[:, :, :2])  # appends land after what was kept
+    assert torch.equal(buf.keys, torch.cat([k[:, :, 4:], k[:, :, :2]], dim=2))
+    with pytest.raises(ValueError, match="cannot drop 9 of 8"):
+        buf.drop_front(9)
+
+
+@pytest.mark.parametrize("mode", ["multilevel", "multilevel-fast"])
+@pytest.mark.parametrize("cfg", [1.0, 1.5])
+def test_a_bounded_memory_forgets_the_oldest_frames_and_stops_growing(world, mode, cfg):
+    """L2 grew without end, and the time per frame with it (0.8 s at 20,000 frames of play): memory_frames
+    bounds it. Until the bound is reached nothing changes; then the oldest frames are forgotten in chunks,
+    the newest keep their keys, values and positions, and the cache stops growing."""
+    frames, actions = context(6)
+    bound = 8
+    capped = world.new_session(frames, actions, cache_mode=mode, steps=2, cfg=cfg, seed=5, memory_frames=bound)
+    free = world.new_session(frames, actions, cache_mode=mode, steps=2, cfg=cfg, seed=5)
+    rng = np.random.default_rng(2)
+    held, sizes, diverged_at = [], [], None
+    for i, a in enumerate(rng.integers(0, 5, 40)):
+        za, zb = capped.step_latent(int(a)), free.step_latent(int(a))
+        assert capped.context.l2_frames - capped.context.l2_first <= bound  # held between frames
+        stats = capped.stats()
+        held.append(stats["l2_frames"])
+        sizes.append(stats["cache_bytes"])
+        if diverged_at is None and not torch.equal(za, zb):
+            diverged_at = i
+        free_l2 = free.stats()["l2_frames"]
+        if free_l2 <= bound:  # the bound not yet reached: the very same frames
+            assert torch.equal(za, zb) and stats == free.stats()
+    assert max(held) <= bound and min(held[-20:]) >= bound - bound // 4  # forgets a quarter at a time
+    assert len(set(sizes[-20:])) <= bound // 4 + 1 and max(sizes[-20:]) == max(sizes)  # flat, not growing
+    assert diverged_at is not None  # past the bound the memory differs, so the check above can fail
+    assert capped.context.l2_first > 0 and capped.frame_index == free.frame_index
+    with pytest.raises(ValueError, match="max_l2_frames must be >= 1"):
+        world.new_session(frames, actions, cache_mode=mode, memory_frames=0)

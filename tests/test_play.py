@@ -620,3 +620,19 @@ def test_a_negative_episode_is_refused_not_read_as_the_last(tmp_path, capsys):
                      "--context-frames", "4", "--actions", "random:2", "--out", str(out)]) == 2
     assert "episode must be an episode id or a position >= 0, got '-1'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_play_bounds_the_long_term_memory_and_says_so(tiny_ckpt, capsys):
+    """The long-term memory grew without end in play, and the time per frame with it; play keeps the
+    last --memory-frames (2,000 by default; 0: every frame)."""
+    for option, expected in ((None, 2000), (5, 5), (0, None)):
+        config = PlayConfig(checkpoint=str(tiny_ckpt), context_frames=1)
+        if option is not None:
+            config.memory_frames = option
+        world = open_world(config, reality=False, log=lambda _: None)
+        world.env.reset(seed=0)
+        assert world.env.step(0)[4]["memory_frames"] == expected
+        assert world.env.unwrapped._session.context.max_l2_frames == expected
+    assert cli.main(["play", "--checkpoint", str(tiny_ckpt), "--headless", "--actions", "random:2",
+                     "--memory-frames", "-1"]) == 2
+    assert "--memory-frames must be >= 0 (0: no limit), got -1" in capsys.readouterr().err

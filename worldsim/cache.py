@@ -12,7 +12,7 @@ API
       .flush()    encode appended frames now (multi-level modes encode them with the next query)
     UncachedContext(far, layout="long-short" | "all-fine" | "window")   # recompute every call
     KVCacheContext(far)                                                 # plain KV cache, all fine
-    MultiLevelCacheContext(far, use_l2=True, refresh_l1=True)           # L1 fine + L2 coarse
+    MultiLevelCacheContext(far, use_l2=True, refresh_l1=True, max_l2_frames=None)  # L1 fine + L2 coarse
 
 Modes
     none        recompute the long-short sequence (coarse old frames, fine last W) at every
@@ -39,6 +39,17 @@ on what their frames attended to in earlier layers) change too. To equal `none` 
 recomputed once per generated frame when a frame leaves the window: one forward over the W-1
 context frames against L2 - done once per frame, not per denoising step, and amortised over
 the steps x (CFG) queries of the new frame. Before the window fills, frames are simply appended.
+
+Bounded memory. L2 grows by 4 tokens per frame without end, and the time per generated frame
+with it (scripts/time_long_play.py, the shipped checkpoint, multilevel-fast in bf16 on a 2-core
+CPU: 32 ms a frame with 500 frames behind it, 61 with 2,000, 101 with 4,000; bounded to 2,000
+frames, 60 at 4,000 and 66 at 8,000). `max_l2_frames` (make_context's
+`memory_frames`; play's --memory-frames) keeps only the most recent frames: once L2 holds more,
+the oldest are forgotten down to the bound less a chunk (L2_FORGET_CHUNK frames, at most a quarter
+of the bound; one move of the cache each). What
+is kept keeps its keys and values as computed (with the memory of their time) and its positions;
+frames entering L2 later see only the bounded L2. Without a bound (the default, as in eval and
+the tests of exactness) nothing changes.
 
 Storage. Each cached mode keeps one growable KVBuffer per layer (model.py), laid out
 [L2 | L1] for multilevel: a frame leaving the window appends its 4 coarse tokens to L2 (memory
@@ -69,6 +80,7 @@ import torch
 from worldsim.model import FAR, KV, KVBuffer, autocast_for
 
 CACHE_MODES = ("none", "kv", "multilevel", "sliding", "multilevel-fast")
+L2_FORGET_CHUNK = 64  # frames forgotten at once when L2 is bounded (max_l2_frames)
 
 
 def _kv_bytes(kv: list[KVBuffer] | None, capacity: bool = False) -> int:
@@ -231,18 +243,35 @@ class MultiLevelCacheContext(GenerationContext):
     frames_kv_and_velocity: one or two reads of the weights and the cache fewer per generated
     frame); stats() counts them already, flush() encodes them now."""
 
-    def __init__(self, far: FAR, use_l2: bool = True, refresh_l1: bool = True):
+    def __init__(self, far: FAR, use_l2: bool = True, refresh_l1: bool = True, max_l2_frames: int | None = None):
         super().__init__(far)
+        if max_l2_frames is not None and max_l2_frames < 1:
+            raise ValueError(f"max_l2_frames must be >= 1 or None (no limit), got {max_l2_frames}")
         self.use_l2 = use_l2
         self.refresh_l1 = refresh_l1  # False: multilevel-fast (inexact, see the module docstring)
+        self.max_l2_frames = max_l2_frames
         self.kv: list[KVBuffer] | None = None  # per layer: L2 then L1
         self.l1_start = 0  # first frame in the window (frames before it are in L2 or dropped)
         self.l1_end = 0  # frames [l1_start, l1_end) are in L1
-        self.l2_frames = 0  # frames [0, l2_frames) are in L2
+        self.l2_frames = 0  # frames [l2_first, l2_frames) are in L2
+        self.l2_first = 0  # frames before it were forgotten (max_l2_frames)
 
     @property
     def _l2_tokens(self) -> int:
-        return self.l2_frames * self.far.config.context_tokens_per_frame
+        return (self.l2_frames - self.l2_first) * self.far.config.context_tokens_per_frame
+
+    def _forget_oldest(self) -> None:
+        """With max_l2_frames: once L2 holds more frames than that, forget the oldest, down to
+        max_l2_frames less a chunk (L2_FORGET_CHUNK, at most a quarter of the bound): each forgetting
+        moves the whole cache once, so it happens once per chunk of frames, not at every frame."""
+        if self.max_l2_frames is None or self.kv is None:
+            return
+        excess = self.l2_frames - self.l2_first - self.max_l2_frames
+        if excess > 0:
+            drop = excess + min(L2_FORGET_CHUNK, self.max_l2_frames // 4)
+            for buf in self.kv:
+                buf.drop_front(drop * self.far.config.context_tokens_per_frame)
+            self.l2_first += drop
 
     def _sync(self) -> None:
         pass  # deferred to the next velocity() (or flush / stats)
@@ -253,6 +282,7 @@ class MultiLevelCacheContext(GenerationContext):
         inference = self.kv is None or self.kv[0].k is None or self.kv[0].k.is_inference()
         with torch.inference_mode(inference), autocast_for(self.far):
             self._catch_up()
+            self._forget_oldest()
 
     def _catch_up(self, query: tuple | None = None) -> torch.Tensor | None:
         """Bring the cache up to date with the history; with query = (x_t, t, action) of the next
@@ -353,7 +383,16 @@ class MultiLevelCacheContext(GenerationContext):
         return v
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        return self._catch_up((x_t, t, action))
+        if self.max_l2_frames is not None and self._l2_pending() > self.max_l2_frames:
+            self._catch_up()  # the query would see more than the bound: forget first (unfused, once a chunk)
+            self._forget_oldest()
+        v = self._catch_up((x_t, t, action))
+        self._forget_oldest()
+        return v
+
+    def _l2_pending(self) -> int:
+        """Frames L2 holds once the appended frames are encoded, before any forgetting."""
+        return max(0, self.num_frames + 1 - self.window) - self.l2_first if self.use_l2 else 0
 
     def stats(self) -> dict:
         """What the cache holds once the appended frames are encoded (they may still be pending)."""
@@ -363,7 +402,9 @@ class MultiLevelCacheContext(GenerationContext):
         n = self.num_frames
         start = max(0, n + 1 - self.window)
         l1_frames = n - start
-        l2_frames = start if self.use_l2 else 0
+        l2_frames = self._l2_pending()
+        if self.max_l2_frames is not None and l2_frames > self.max_l2_frames:  # what the next forgetting leaves
+            l2_frames = self.max_l2_frames - min(L2_FORGET_CHUNK, self.max_l2_frames // 4)
         tokens = l1_frames * cfg.tokens_per_frame + l2_frames * cfg.context_tokens_per_frame
         per_token = 0 if self.kv is None else sum(2 * b.k[:, :, :1].numel() * b.k.element_size() for b in self.kv)
         return dict(
@@ -374,15 +415,17 @@ class MultiLevelCacheContext(GenerationContext):
         )
 
 
-def make_context(far: FAR, mode: str) -> GenerationContext:
+def make_context(far: FAR, mode: str, memory_frames: int | None = None) -> GenerationContext:
+    """The context of cache `mode`; memory_frames bounds the L2 of the multi-level modes (the other
+    modes have no L2 and ignore it)."""
     if mode == "none":
         return UncachedContext(far, layout="long-short")
     if mode == "kv":
         return KVCacheContext(far)
     if mode == "multilevel":
-        return MultiLevelCacheContext(far, use_l2=True)
+        return MultiLevelCacheContext(far, use_l2=True, max_l2_frames=memory_frames)
     if mode == "sliding":
         return MultiLevelCacheContext(far, use_l2=False)
     if mode == "multilevel-fast":
-        return MultiLevelCacheContext(far, use_l2=True, refresh_l1=False)
+        return MultiLevelCacheContext(far, use_l2=True, refresh_l1=False, max_l2_frames=memory_frames)
     raise ValueError(f"unknown cache mode {mode!r}; choose one of {CACHE_MODES}")

@@ -14,7 +14,10 @@ if the player had stood still there: a transformer always trained with a long-te
 a start without one badly (session 24 of the model card). The default is the checkpoint's
 `sampler.still_frames` (0 where it has none); they count in `frame_index`. `step(action)` generates the next frame against the multi-level KV cache
 (`cache_mode="multilevel"`): memory grows by the L2 tokens of one frame per step, nothing else
-is kept per frame, so sessions of thousands of frames are fine.
+is kept per frame, but the time per frame grows with that memory (scripts/time_long_play.py: the
+shipped checkpoint with play's cache on a 2-core CPU takes 32 ms a frame with 500 frames behind
+it, 101 ms with 4,000). `memory_frames=N` keeps only the last N frames in L2 (cache.py, "Bounded memory"), so the
+time per frame stops growing there; play sets it, the default (None) keeps every frame.
 
 Observations are uint8 [H, W, 3]; the action space is `Discrete(len(action_names))` with the
 checkpoint's action names (`env.unwrapped.action_names`). Reward is 0, episodes never end by
@@ -22,7 +25,7 @@ themselves (wrap in `TimeLimit` if you want them to). Same seed + same actions -
 the sampler's noise seed is drawn from the env's `np_random`.
 
 `info`: `frame_index`, `action` (name), `l1_frames`, `l1_tokens`, `l2_frames`, `l2_tokens`,
-`cache_bytes`, `steps` (sampling steps), `shift` (the sampler's timestep shift), `temperature` (the scale of its
+`cache_bytes`, `memory_frames`, `steps` (sampling steps), `shift` (the sampler's timestep shift), `temperature` (the scale of its
 initial noise), `generated_noise` (the level given to generated frames entering the context), `still_frames`, `cache_mode`, `precision` (the transformer's CPU
 arithmetic, `worldsim.world.PRECISIONS`; eval and this env default to fp32, play to auto), `maze_seed` where known, `episode` (the episode id) on dataset starts, and with `timing=True`
 `gen_time_s` (seconds to generate this frame). Timing is opt-in because a wall-clock
@@ -138,6 +141,7 @@ class DreamEnv(gym.Env):
         dataset: str | os.PathLike | None = None,
         episode: int | str | None = None,
         cache_mode: str = "multilevel",
+        memory_frames: int | None = None,
         steps: int | None = None,
         cfg: float | None = None,
         shift: float | None = None,
@@ -168,6 +172,9 @@ class DreamEnv(gym.Env):
             raise ValueError(f"cache_mode must be one of {CACHE_MODES}, got {cache_mode!r}")
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1):
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if memory_frames is not None and (isinstance(memory_frames, bool) or not isinstance(memory_frames, numbers.Integral)
+                                          or memory_frames < 1):
+            raise ValueError(f"memory_frames must be an integer >= 1 or None (no limit), got {memory_frames!r}")
         for name, value in (("cfg", cfg), ("shift", shift), ("temperature", temperature),
                             ("generated_noise", generated_noise)):
             if value is not None and (problem := setting_problem(name, value)):
@@ -176,6 +183,7 @@ class DreamEnv(gym.Env):
         self.context_frames = int(context_frames)
         self.context_policy = context_policy
         self.cache_mode = cache_mode
+        self.memory_frames = None if memory_frames is None else int(memory_frames)
         self.steps = steps
         self.cfg = cfg
         self.shift = shift
@@ -343,6 +351,7 @@ class DreamEnv(gym.Env):
             "generated_noise": float(getattr(session, "generated_noise", 0.0)),
             "still_frames": self.still_frames,
             "cache_mode": self.cache_mode,
+            "memory_frames": self.memory_frames,
             "precision": getattr(self.world, "precision", "fp32"),
         }
         if self.timing:
@@ -395,7 +404,8 @@ class DreamEnv(gym.Env):
         self._session = None  # drop the previous cache before building the next one
         self._session = self.world.new_session(
             frames, actions, cache_mode=self.cache_mode, steps=self.steps, cfg=self.cfg, shift=self.shift,
-            temperature=self.temperature, generated_noise=self.generated_noise, seed=noise_seed)
+            temperature=self.temperature, generated_noise=self.generated_noise, seed=noise_seed,
+            memory_frames=self.memory_frames)
         self._frame = np.asarray(frames[-1], dtype=np.uint8)
         if self.render_mode == "human":
             self.render()

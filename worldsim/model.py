@@ -264,6 +264,18 @@ class KVBuffer:
             raise ValueError(f"cannot truncate {self.length} cached tokens to {length}")
         self.length = length
 
+    def drop_front(self, n: int) -> None:
+        """Forget the first n cached tokens (the oldest long-term memory); the rest move to the front.
+        Keys carry their rotary positions, so what is kept attends as before."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot drop {n} of {self.length} cached tokens")
+        if n == 0:
+            return
+        rest = self.length - n
+        self.k[:, :, :rest] = self.k[:, :, n : self.length].clone()  # the ranges overlap
+        self.v[:, :, :rest] = self.v[:, :, n : self.length].clone()
+        self.length = rest
+
     def clone(self) -> "KVBuffer":
         twin = KVBuffer()
         if self.k is not None:

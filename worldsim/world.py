@@ -190,7 +190,10 @@ class WorldModel:
         generated_noise: float | None = None,
         shift: float | None = None,
         temperature: float | None = None,
+        memory_frames: int | None = None,
     ) -> "Session":
+        """memory_frames: keep at most this many frames in the multi-level modes' long-term memory
+        (L2), the oldest forgotten (cache.py, "Bounded memory"); None: every frame, as in the paper."""
         frames = np.asarray(context_frames)
         actions = np.asarray(context_actions, dtype=np.int64)
         if frames.ndim != 4 or frames.shape[1:3] != self.resolution or frames.shape[3] != 3 or frames.dtype != np.uint8:
@@ -200,7 +203,7 @@ class WorldModel:
         bad = actions[(actions < 0) | (actions >= len(self.action_names))]
         if bad.size:  # the null class (CFG's) is not a context action, and others fail deep in torch
             raise ValueError(f"context action {int(bad[0])} out of range for {self.action_names}")
-        context = make_context(self.far, cache_mode) if isinstance(cache_mode, str) else cache_mode
+        context = make_context(self.far, cache_mode, memory_frames) if isinstance(cache_mode, str) else cache_mode
         sampler = EulerSampler(
             steps=int(steps if steps is not None else self.sampler["steps"]),
             cfg_scale=float(cfg if cfg is not None else self.sampler["cfg"]),
