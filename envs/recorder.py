@@ -137,12 +137,6 @@ def episode_id(k: int) -> str:
 _WORKER: dict[str, Any] = {}
 
 
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 def _worker_init(env_id: str, settings: dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     _WORKER.clear()
@@ -510,11 +504,6 @@ def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> di
     bar = tqdm(total=total, initial=skipped, unit="ep", desc=f"record {out.name}",
                disable=not cfg.progress, dynamic_ncols=True)
     pool = None
-
-    def stop(signum: int, frame: Any) -> None:  # SIGTERM (timeout, a scheduler, docker stop) stops as Ctrl-C does
-        raise KeyboardInterrupt
-
-    previous_term = signal.signal(signal.SIGTERM, stop) if _in_main_thread() else None
     try:
         if workers == 1:
             results: Iterator[dict[str, Any]] = map(_record_task, tasks)
@@ -543,8 +532,6 @@ def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> di
             pool.join()
         else:
             _close_env()
-        if previous_term is not None:
-            signal.signal(signal.SIGTERM, previous_term)
         bar.close()
         _clean_temp_files(episodes_dir)
         summary["in_dataset"] = len(entries)
@@ -565,11 +552,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     cfg = dataclass_from_args(RecordConfig, args, env_arg=tuple(args.env_arg or ()))
+
+    def stop(signum: int, frame: Any) -> None:  # SIGTERM (timeout, a scheduler, docker stop) stops as Ctrl-C does
+        raise KeyboardInterrupt
+
+    # the command's own handler, not record()'s: a caller of record() (eval) keeps its own handling
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         s = record(cfg)
     except RecordError as exc:
         print(f"worldsim record: {exc}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     done = s["skipped"] + s["recorded"]
     if s["interrupted"]:
         print(f"worldsim record: interrupted; {done}/{s['episodes']} episodes are saved in {s['out']} "

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from worldsim.checkpoint import CheckpointError
+from worldsim.dataset import readable_like_any_file
 from worldsim.train import TrainError, export_with_decoder, load_autoencoder
 
 
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         export_with_decoder(tmp, Path(args.checkpoint), ae, int(meta.get("step", 0)),
                             bool(meta.get("final", True)), args.autoencoder)
+        readable_like_any_file(tmp)  # mkdtemp's 0700
         os.replace(tmp, out)
         tmp = None
     except (TrainError, CheckpointError, OSError) as exc:

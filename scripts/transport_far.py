@@ -24,6 +24,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from worldsim.checkpoint import CONFIG_NAME, CheckpointError, load_checkpoint, save_checkpoint, stored_far_dtype
+from worldsim.dataset import readable_like_any_file
 from worldsim.latents import tensors_hash
 from worldsim.model import FAR, FARConfig
 
@@ -46,6 +47,7 @@ def strip(checkpoint: Path, out: Path) -> Path:
     try:
         save_file(far, str(tmp / FAR_FILE), metadata={"autoencoder_sha256": tensors_hash(ck.autoencoder.state_dict())})
         shutil.copy2(checkpoint / CONFIG_NAME, tmp / CONFIG_NAME)
+        readable_like_any_file(tmp)  # mkdtemp's 0700, safetensors' 0600
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

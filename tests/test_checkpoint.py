@@ -326,6 +326,11 @@ def test_a_transformer_carried_without_its_autoencoder_is_rejoined_bit_for_bit(s
 
     assert run("strip", path, tmp_path / "far").returncode == 0
     assert not any(k.startswith("autoencoder.") for k in load_file(str(tmp_path / "far" / "far.safetensors")))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    # readable like any folder (mkdtemp made it 0700, safetensors its file 0600)
+    assert (tmp_path / "far").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "far" / "far.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     done = run("join", tmp_path / "far", path, tmp_path / "joined")
     assert done.returncode == 0, done.stderr
     a, b = load_file(str(path / "model.safetensors")), load_file(str(tmp_path / "joined" / "model.safetensors"))

@@ -198,6 +198,28 @@ def test_records_test_mazes_without_data(tmp_path):
     assert len(ds) == 1 and split_for_maze_seed(ds.episodes[0].maze_seed) == "test"
 
 
+def test_an_interrupted_recording_of_test_mazes_stops_the_eval(tmp_path, monkeypatch):
+    """record() keeps what it wrote and returns on Ctrl-C; the eval went on to score the few episodes
+    recorded so far as if they were all it had been asked for."""
+    from envs import recorder
+
+    real = recorder._record_task
+    calls = []
+
+    def interrupted_at_the_second(task):
+        calls.append(task["id"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(task)
+
+    monkeypatch.setattr(recorder, "_record_task", interrupted_at_the_second)
+    cfg = EvalConfig(out=str(tmp_path), episodes=3, context=6, generate=4, videos=0, probe_episodes=0,
+                     teacher_forcing=False, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(cfg, world=FakeWorld())
+    assert not (tmp_path / "results.json").exists()
+
+
 def test_split_val_scores_validation_mazes_and_never_test_ones(tiny_data, tmp_path):
     """--split val: for choosing sampler settings without looking at the mazes the bars are measured on."""
     from worldsim.dataset import Dataset, split_for_maze_seed

@@ -1103,6 +1103,9 @@ def test_decoder_fine_tune_keeps_the_latents_and_re_exports_the_world_model(trai
     done = subprocess.run([*script, str(ck), str(run), str(tmp_path / "pair")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     again = load_file(str(tmp_path / "pair" / "model.safetensors"))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "pair").stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
     assert again.keys() == paired.keys() and all(torch.equal(again[k], v) for k, v in paired.items())
     refused = subprocess.run([*script, str(ck), str(whole), str(tmp_path / "bad")], capture_output=True, text=True)
     assert refused.returncode == 1 and "encoder differs" in refused.stderr

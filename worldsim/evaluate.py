@@ -316,7 +316,8 @@ def record_test_episodes(world: Any, out_dir: Path, episodes: int, length: int, 
     env_args = tuple(f"{k}={json.dumps(v)}" for k, v in (spec.get("settings") or {}).items())
     cfg = RecordConfig(out=str(out_dir), env=spec["id"], env_arg=env_args, episodes=episodes, length=length,
                        policy="navigator", split=split, seed=seed, workers=1, progress=progress)
-    record(cfg)
+    if record(cfg)["interrupted"]:  # record() keeps what it wrote and returns; the eval must stop too
+        raise KeyboardInterrupt
     return out_dir
 
 
