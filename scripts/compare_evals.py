@@ -149,13 +149,14 @@ def setting_differences(new: dict[str, Any], old: dict[str, Any]) -> list[str]:
     """The generation settings two runs used that differ: the sampler (as resolved against each
     checkpoint's defaults), the precision and the long-context cache."""
     def used(config: dict[str, Any]) -> dict[str, Any]:
-        sampler = config.get("sampler_used") or {k: config.get(k) for k in ("steps", "cfg", "shift", "temperature",
-                                                                            "generated_noise")}
-        return {**{k: v for k, v in sampler.items()}, "precision": config.get("precision_used") or config.get("precision"),
+        # only what a run recorded: older results.json lack sampler_used's later keys, precision_used
+        # or long_cache, and an absent setting is not a different one
+        return {**(config.get("sampler_used") or {}), "precision": config.get("precision_used"),
                 "long_cache": config.get("long_cache")}
 
     a, b = used(new), used(old)
-    return [f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)]
+    return [f"{k} {a[k]!r} vs {b[k]!r}" for k in sorted(set(a) & set(b), key=str)
+            if a[k] is not None and b[k] is not None and a[k] != b[k]]
 
 
 def print_table(header: list[str], table: list[list[str]]) -> None:

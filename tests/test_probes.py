@@ -120,6 +120,11 @@ def test_compare_evals_pairs_the_same_frames_of_two_checkpoints(tmp_path):
     res = subprocess.run([sys.executable, str(script), str(new), str(old)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "settings that differ (new vs old): precision 'fp32' vs 'bf16'; steps 1 vs 4" in res.stdout
+    # an older run that did not record a setting differs in nothing it did not record
+    config_old["config"].update(sampler_used={"steps": 1}, precision_used=None)
+    (old / "results.json").write_text(json.dumps(config_old))
+    res = subprocess.run([sys.executable, str(script), str(new), str(old)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "settings that differ" not in res.stdout, res.stdout + res.stderr
 
     # by generated-frame range: frames 1-2 gain 0 / 0.75 / 0.75 dB in the three episodes, frames 3-4 1.5 / 0.75 / 0
     res = subprocess.run([sys.executable, str(script), str(new), str(old), "--by-frame", "2"], capture_output=True,

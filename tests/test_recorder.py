@@ -350,6 +350,9 @@ def test_episode_files_opened_without_their_index_keep_splits_and_action_names(t
         assert {ds.episodes[i].split for i in idx} == {split}
     with pytest.raises(DatasetError, match="differ from the given"):
         Dataset(out / "episodes", action_names=["a", "b", "c", "d", "e"])
+    # a run trained on these files before they kept their names called them action_0..: said why
+    with pytest.raises(DatasetError, match="trained on them before episode files opened without index.json kept"):
+        Dataset(out / "episodes", action_names=[f"action_{i}" for i in range(5)])
     # files of another recording in the same folder are refused, not mixed
     other = tmp_path / "other"
     assert main(record_args(other, 1, 4, 1, "--env-arg", "turn_step_deg=20")) == 0

@@ -854,12 +854,33 @@ def test_previews_come_every_preview_every_steps_not_only_at_checkpoint_saves(tr
 def test_a_resume_that_stretches_the_schedule_says_the_learning_rate_rises(trained, dataset, tmp_path, capsys):
     """--resume with far more steps (or the time limit set to 0, which the "time limit reached" message
     suggests) put the learning rate from its floor back near its peak without a word."""
+    import worldsim.train as train_mod
+
+    # a resume of the same schedule says nothing, even in its warm-up (where the rate still climbs)
+    warm = tmp_path / "warm"
+    real = train_mod.lr_at
+
+    def crash_at_step_5(step, total, *args, **kwargs):
+        if step == 5:
+            raise RuntimeError("killed")
+        return real(step, total, *args, **kwargs)
+
+    train_mod.lr_at = crash_at_step_5
+    try:
+        with pytest.raises(RuntimeError, match="killed"):
+            main(["train", "--stage", "far", "--data", str(dataset), "--out", str(warm), *FAST, "--ae-from",
+                  str(trained), "--far-steps", "8", "--warmup", "20", "--checkpoint-every", "3", "--log-every", "2",
+                  "--val-every", "0"])
+    finally:
+        train_mod.lr_at = real
+    capsys.readouterr()
+    assert main(["train", "--resume", str(warm)]) == 0
+    assert "the learning rate rises" not in capsys.readouterr().err
+
     run = tmp_path / "longer"
     assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(run), *FAST, "--ae-from", str(trained),
                  "--far-steps", "4", "--warmup", "0", "--log-every", "1", "--val-every", "0"]) == 0
     capsys.readouterr()
-    assert main(["train", "--resume", str(run), "--far-steps", "5"]) == 0
-    assert "the learning rate rises" not in capsys.readouterr().err  # one step more: the cosine ends there
     assert main(["train", "--resume", str(run), "--far-steps", "40"]) == 0
     err = capsys.readouterr().err
     assert "note: far: the learning rate rises from" in err and "the schedule now spans 40 steps" in err
@@ -956,6 +977,12 @@ def test_training_on_streamed_episodes_exports_a_world_model(trained, tmp_path, 
     data = ck.config["data"]
     assert data["stream_env"] == "worldsim/Maze-v0" and data["train_episodes"] >= 2 and data["far_step"] == 2
     assert not (out / "stream").exists()
+    # a streaming run started beside --data (taken, never read, before that was refused) still resumes
+    config = json.loads((out / "config.json").read_text())
+    config["train"]["data"] = [str(out / "never-read")]
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--resume", str(out), "--far-steps", "3"]) == 0, capsys.readouterr().err
+    assert "its --data" in capsys.readouterr().err and load_checkpoint(out / "checkpoint").step == 3
 
 
 def test_stream_with_data_is_refused_rather_than_ignoring_the_data(trained, dataset, tmp_path, capsys):

@@ -25,7 +25,10 @@ Every episode file holds ``video`` uint8 [T, H, W, 3], ``actions`` int [T] (read
 
 Files without an index (DMLab) carry no action names: they default to
 ``action_0 .. action_{n-1}`` with ``n = 1 + max action seen`` over all files, unless
-``action_names=`` is passed explicitly. Their episodes have no maze seed and no split.
+``action_names=`` is passed explicitly. Their episodes have no maze seed and no split. This
+project's episode files opened without their index (a folder of them, or one file) are not of
+that kind: each carries its recording's header and maze seed, so they keep their action names,
+simulator and split (`split_for_maze_seed`); files of different recordings are not mixed.
 
 Opening a dataset reads ``index.json`` and the array headers of every episode file (cheap:
 nothing is decompressed); ``ds[i]`` loads and fully validates one episode. Any problem is a
@@ -355,8 +358,8 @@ class Dataset:
 
     ``split`` keeps only the episodes of that split ("train", "val", "test").
     ``action_names`` names the actions of index-less (DMLab) files; by default they are
-    ``action_0 .. action_{n-1}`` with n = 1 + the largest action seen. With an index it must
-    agree with the stored names.
+    ``action_0 .. action_{n-1}`` with n = 1 + the largest action seen. With an index, or for
+    this project's episode files (which carry their header), it must agree with the stored names.
     """
 
     def __init__(self, path: str | os.PathLike, split: str | None = None,
@@ -502,6 +505,12 @@ class Dataset:
                     raise DatasetError(f"{self.path}: {first.name} and {file.name} come from different simulators or "
                                        f"action lists; give them as separate --data paths")
             names = tuple(recorded[first]["action_names"])
+            if action_names is not None and tuple(action_names) == default_action_names(len(action_names)) != names:
+                raise DatasetError(
+                    f"{self.path}: these worldsim episodes name their actions {list(names)}, where the run or "
+                    f"checkpoint reading them calls them {list(action_names)}: it was trained on them before episode "
+                    "files opened without index.json kept their action names and maze splits (so its held-out mazes "
+                    "may have been trained on); train it again")
             if action_names is not None and tuple(action_names) != names:
                 raise DatasetError(f"{self.path}: stored action names {list(names)} differ from the given {list(action_names)}")
             if max_action >= len(names):

@@ -882,7 +882,7 @@ class Trainer:
         tensors.update(rng_t)
         meta = {
             "format": STATE_FORMAT, "version": STATE_VERSION, "stage": spec.name, "step": step,
-            "total_steps": spec.total_steps, "finished": step >= spec.total_steps,
+            "total_steps": spec.total_steps, "time_limit": spec.time_limit, "finished": step >= spec.total_steps,
             "warmup_end_seconds": warmup_end_s,  # of stage time; None: still warming up
             "optimizer": opt_meta, "rng": rng_meta, "world_size": self.dist.world_size,
             "seconds": elapsed, "schedule": {"lr": spec.lr, "warmup": self.cfg.warmup, "cosine": self.cfg.cosine,
@@ -917,23 +917,29 @@ class Trainer:
 
     # -- the loop
 
-    def _note_learning_rate_rise(self, spec: StageSpec, step: int, time_fraction: float,
+    def _note_learning_rate_rise(self, spec: StageSpec, meta: dict, step: int, elapsed: float,
                                  warmup_end_s: float | None) -> None:
         """A resume with more steps or time, or without the time limit, stretches the cosine: the
-        learning rate climbs back from where the save left it. Say so rather than let the loss jump."""
+        learning rate climbs back from where the saved schedule had it. Say so rather than let the
+        loss jump (a resume of the same schedule, even in its warm-up, says nothing)."""
         cfg = self.cfg
         if not self.dist.is_main:
             return
-        logged = [r for r in _read_metrics(self.metrics_path) if r.get("stage") == spec.name and "lr" in r]
-        if not logged:
-            return
-        now = lr_at(step, spec.total_steps, spec.lr, cfg.warmup, cfg.cosine, cfg.min_lr_ratio, time_fraction,
-                    (warmup_end_s or 0.0) / spec.time_limit if spec.time_limit > 0 else 0.0)
-        before = float(logged[-1]["lr"])
+        saved = meta.get("schedule") or {}
+
+        def rate(total: int, limit: float, lr: float, warmup: int, cosine: bool, min_ratio: float) -> float:
+            fraction = elapsed / limit if limit > 0 else 0.0
+            return lr_at(step, total, lr, warmup, cosine, min_ratio, fraction,
+                         (warmup_end_s or 0.0) / limit if limit > 0 else 0.0)
+
+        now = rate(spec.total_steps, spec.time_limit, spec.lr, cfg.warmup, cfg.cosine, cfg.min_lr_ratio)
+        before = rate(int(meta.get("total_steps", spec.total_steps)), float(meta.get("time_limit", spec.time_limit)),
+                      float(saved.get("lr", spec.lr)), int(saved.get("warmup", cfg.warmup)),
+                      bool(saved.get("cosine", cfg.cosine)), float(saved.get("min_lr_ratio", cfg.min_lr_ratio)))
         if now > 1.5 * before:
             span = f"{spec.total_steps} steps" + (f" or {spec.time_limit:g} s" if spec.time_limit > 0 else "")
-            self.log(f"note: {spec.name}: the learning rate rises from {before:.2e} (last logged, step "
-                     f"{logged[-1].get('step')}) to {now:.2e}: the schedule now spans {span} from the stage's start")
+            self.log(f"note: {spec.name}: the learning rate rises from {before:.2e} (the saved schedule's, at step "
+                     f"{step}) to {now:.2e}: the schedule now spans {span} from the stage's start")
 
     def fit(self, spec: StageSpec, resume_state: tuple[dict, dict] | None) -> bool:
         """Train one stage; returns False if interrupted."""
@@ -1008,7 +1014,7 @@ class Trainer:
                              f"on; the learning rate then follows the longer schedule")
                     return True
                 if resume_state is not None:
-                    self._note_learning_rate_rise(spec, step, time_fraction, warmup_end_s)
+                    self._note_learning_rate_rise(spec, resume_state[0], step, elapsed, warmup_end_s)
                 while step < spec.total_steps:
                     rng, torch_seed = step_rng(cfg.seed, dist.rank, step)
                     torch.manual_seed(torch_seed)
@@ -1729,7 +1735,11 @@ def main(args: argparse.Namespace) -> int:
     if not cfg.data and not cfg.stream_env:
         print("worldsim train: give --data DIR [DIR ...] (or --stream-env ENV_ID, or --resume RUN)", file=sys.stderr)
         return 2
-    if cfg.data and cfg.stream_env:
+    if cfg.data and cfg.stream_env and resuming:  # a streaming run started before --data was refused beside it
+        print(f"worldsim train: note: this run streams its episodes; its --data ({', '.join(cfg.data)}) was "
+              "never read and is dropped", file=sys.stderr)
+        run.train = cfg = dataclasses.replace(cfg, data=())
+    elif cfg.data and cfg.stream_env:
         print(f"worldsim train: --stream-env trains on the episodes it records, not on --data "
               f"({', '.join(cfg.data)}); give one of the two", file=sys.stderr)
         return 2
