@@ -4,8 +4,9 @@
     python scripts/time_long_play.py --cases 3000:0 3000:1000 --timed 50
 
 Each case N:B starts a session of the checkpoint (play's cache and precision by default) with N
-random latent frames of context (what a session would hold after N played frames, without playing
-them), bounds its L2 to B frames (0: keep every frame), generates 3 untimed frames, then times
+random latent frames of context (about what a session holds after N played frames, without playing
+them; bounded, they enter L2 in chunks of at most B frames), bounds its L2 to B frames (0: keep
+every frame), generates 3 untimed frames, then times
 --timed generated frames (decoded, as play shows them). Prints milliseconds and frames per second,
 CPU milliseconds, the frames in L2 and the cache's megabytes.
 """

@@ -214,6 +214,10 @@ def test_kv_buffer_drop_front_keeps_the_newest_tokens_in_order():
     assert torch.equal(buf.keys, torch.cat([k[:, :, 4:], k[:, :, :2]], dim=2))
     with pytest.raises(ValueError, match="cannot drop 9 of 8"):
         buf.drop_front(9)
+    big = KVBuffer(torch.randn(1, 2, 1000, 4), torch.randn(1, 2, 1000, 4))  # a long prefill, then forgetting
+    kept = big.keys[:, :, 990:].clone()
+    big.drop_front(990)
+    assert torch.equal(big.keys, kept) and big.capacity < 100  # the memory is given back
 
 
 @pytest.mark.parametrize("mode", ["multilevel", "multilevel-fast"])
@@ -243,5 +247,70 @@ def test_a_bounded_memory_forgets_the_oldest_frames_and_stops_growing(world, mod
     assert len(set(sizes[-20:])) <= bound // 4 + 1 and max(sizes[-20:]) == max(sizes)  # flat, not growing
     assert diverged_at is not None  # past the bound the memory differs, so the check above can fail
     assert capped.context.l2_first > 0 and capped.frame_index == free.frame_index
+    # the buffers hold what the counters say, and the window (exact mode) was encoded against the kept
+    # memory: a recomputation of L1 over the kept L2 answers a query alike
+    ctx = capped.context
+    ctx.flush()
+    stats = capped.stats()
+    tokens = stats["l1_tokens"] + stats["l2_tokens"]
+    assert all(buf.length == tokens for buf in ctx.kv) and stats["l2_frames"] == ctx.l2_frames - ctx.l2_first
+    if mode == "multilevel":
+        from worldsim.model import KVBuffer
+
+        far, n = world.far, ctx.num_frames
+        ref = [KVBuffer(buf.k[:, :, :ctx._l2_tokens].clone(), buf.v[:, :, :ctx._l2_tokens].clone()) for buf in ctx.kv]
+        lat, act, aug = ctx._history(ctx.l1_start, n)
+        with torch.inference_mode():
+            for buf, (k, v) in zip(ref, far.frame_kv(lat, act, ctx.l1_start, ref, aug=aug)):
+                buf.append(k, v)
+            x, t, a = torch.randn(1, *lat.shape[2:]), torch.tensor([0.7]), torch.tensor([2])
+            torch.testing.assert_close(ctx.velocity(x, t, a), far.predict_frame(x, t, a, n, ref), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="max_l2_frames must be >= 1"):
         world.new_session(frames, actions, cache_mode=mode, memory_frames=0)
+
+
+def test_a_bounded_exact_memory_equals_a_reference_that_forgets_the_same_frames(world):
+    """The exact multi-level cache with a bound against a reference built here frame by frame: each
+    frame leaving the window enters an L2 that first forgot its oldest frames by the same rule, and
+    every query sees that L2 and the window encoded against it, never more than the bound."""
+    from worldsim.cache import L2_FORGET_CHUNK
+    from worldsim.model import KVBuffer
+
+    far, W = world.far, world.far.config.window
+    bound, ctpf = 6, world.far.config.context_tokens_per_frame
+    frames, actions = context(6)
+    session = world.new_session(frames, actions, cache_mode="multilevel", steps=2, cfg=1.0, seed=5,
+                                memory_frames=bound)
+    lats, acts = list(world.encode(frames).float()), [int(a) for a in actions]
+    ref: list[KVBuffer] = [KVBuffer() for _ in range(far.config.depth)]
+    first = entered = 0
+    rng = np.random.default_rng(4)
+    forgot = False
+    with torch.inference_mode():
+        for _ in range(30):
+            n = len(lats)
+            for j in range(entered, max(0, n + 1 - W)):  # frame j leaves the window: room first, then L2
+                if entered - first + 1 > bound:
+                    drop = min(entered - first, entered - first + 1 - bound + min(L2_FORGET_CHUNK, bound // 4))
+                    for buf in ref:
+                        buf.drop_front(drop * ctpf)
+                    first, forgot = first + drop, True
+                kv = far.frame_kv(lats[j][None, None], torch.tensor([[acts[j]]]), j, ref if entered else None,
+                                  coarse=True)
+                for buf, (k, v) in zip(ref, kv):
+                    buf.append(k, v)
+                entered += 1
+            start = max(0, n + 1 - W)
+            window = [KVBuffer(b.k[:, :, :b.length].clone(), b.v[:, :, :b.length].clone()) for b in ref]
+            l1 = far.frame_kv(torch.stack(lats[start:n])[None], torch.tensor([acts[start:n]]), start,
+                              window if entered else None)
+            for buf, (k, v) in zip(window, l1):
+                buf.append(k, v)
+            x, t, a = torch.randn(1, *lats[0].shape), torch.tensor([0.6]), torch.tensor([int(rng.integers(0, 5))])
+            torch.testing.assert_close(session.context.velocity(x, t, a), far.predict_frame(x, t, a, n, window),
+                                       rtol=1e-5, atol=1e-5)
+            assert entered - first <= bound and session.stats()["l2_frames"] == entered - first
+            action = int(rng.integers(0, 5))
+            lats.append(session.step_latent(action).float())
+            acts.append(action)
+    assert forgot  # the bound was reached, so the comparison covers the forgetting

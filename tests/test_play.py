@@ -633,6 +633,10 @@ def test_play_bounds_the_long_term_memory_and_says_so(tiny_ckpt, capsys):
         world.env.reset(seed=0)
         assert world.env.step(0)[4]["memory_frames"] == expected
         assert world.env.unwrapped._session.context.max_l2_frames == expected
+    world = open_world(PlayConfig(checkpoint=str(tiny_ckpt), context_frames=1, cache_mode="kv"), reality=False,
+                       log=lambda _: None)
+    world.env.reset(seed=0)
+    assert world.env.step(0)[4]["memory_frames"] is None  # a plain KV cache has no L2 to bound
     assert cli.main(["play", "--checkpoint", str(tiny_ckpt), "--headless", "--actions", "random:2",
                      "--memory-frames", "-1"]) == 2
     assert "--memory-frames must be >= 0 (0: no limit), got -1" in capsys.readouterr().err

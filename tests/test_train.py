@@ -881,6 +881,8 @@ def test_a_resume_that_stretches_the_schedule_says_the_learning_rate_rises(train
     assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(run), *FAST, "--ae-from", str(trained),
                  "--far-steps", "4", "--warmup", "0", "--log-every", "1", "--val-every", "0"]) == 0
     capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--far-steps", "5"]) == 0  # one more: below its last step's rate
+    assert "the learning rate rises" not in capsys.readouterr().err
     assert main(["train", "--resume", str(run), "--far-steps", "40"]) == 0
     err = capsys.readouterr().err
     assert "note: far: the learning rate rises from" in err and "the schedule now spans 40 steps" in err

@@ -42,18 +42,19 @@ the steps x (CFG) queries of the new frame. Before the window fills, frames are 
 
 Bounded memory. L2 grows by 4 tokens per frame without end, and the time per generated frame
 with it (scripts/time_long_play.py, the shipped checkpoint, multilevel-fast in bf16 on a 2-core
-CPU: 32 ms a frame with 500 frames behind it, 61 with 2,000, 101 with 4,000; bounded to 2,000
-frames, 60 at 4,000 and 66 at 8,000). `max_l2_frames` (make_context's
-`memory_frames`; play's --memory-frames) keeps only the most recent frames: once L2 holds more,
-the oldest are forgotten down to the bound less a chunk (L2_FORGET_CHUNK frames, at most a quarter
-of the bound; one move of the cache each). What
-is kept keeps its keys and values as computed (with the memory of their time) and its positions;
-frames entering L2 later see only the bounded L2. Without a bound (the default, as in eval and
-the tests of exactness) nothing changes.
+CPU: 35 ms a frame with 500 frames behind it, 67 with 2,000, 100 with 4,000; bounded to 2,000
+frames, 59 at 4,000 and 62 at 8,000). `max_l2_frames` (make_context's
+`memory_frames`; play's --memory-frames) keeps only the most recent frames: before frames enter
+L2 beyond the bound, the oldest are forgotten down to the bound less a chunk (L2_FORGET_CHUNK
+frames, at most a quarter of the bound; one move of the cache each). What is kept keeps its keys
+and values as computed (with the memory of their time) and its positions; what enters L2 after,
+the window encoded against it and every query see only the bounded L2 (a long context appended at
+once enters in chunks of at most the bound). Without a bound (the default, as in eval and the
+tests of exactness) nothing changes.
 
 Storage. Each cached mode keeps one growable KVBuffer per layer (model.py), laid out
-[L2 | L1] for multilevel: a frame leaving the window appends its 4 coarse tokens to L2 (memory
-grows by exactly those bytes per frame, amortised: capacity grows by half when full), the stale
+[L2 | L1] for multilevel: a frame leaving the window appends its 4 coarse tokens to L2 (without a
+bound memory grows by exactly those bytes per frame, amortised: capacity grows by half when full), the stale
 L1 part is truncated and recomputed in place. A denoising step writes the new frame's keys and
 values into the buffer's spare tail and attends to [L2 | L1 | new] without copying the cache
 (the CFG halves share it). History: only the latents the cache may still need are kept
@@ -236,7 +237,8 @@ class KVCacheContext(GenerationContext):
 
 
 class MultiLevelCacheContext(GenerationContext):
-    """L1: fine KV of frames [l1_start, n); L2: coarse KV of frames [0, l2_frames) (if use_l2).
+    """L1: fine KV of frames [l1_start, n); L2: coarse KV of frames [l2_first, l2_frames) (if use_l2;
+    l2_first > 0 once a bounded memory, max_l2_frames, forgot the oldest).
 
     One KVBuffer per layer holds [L2 tokens | L1 tokens]. Appended frames are encoded lazily: the
     next velocity query encodes them in the same forward pass as its own frame (FAR.
@@ -260,18 +262,34 @@ class MultiLevelCacheContext(GenerationContext):
     def _l2_tokens(self) -> int:
         return (self.l2_frames - self.l2_first) * self.far.config.context_tokens_per_frame
 
-    def _forget_oldest(self) -> None:
-        """With max_l2_frames: once L2 holds more frames than that, forget the oldest, down to
-        max_l2_frames less a chunk (L2_FORGET_CHUNK, at most a quarter of the bound): each forgetting
-        moves the whole cache once, so it happens once per chunk of frames, not at every frame."""
+    def _make_room(self, incoming: int) -> None:
+        """With max_l2_frames: before `incoming` frames enter L2, forget the oldest so that L2 then
+        holds at most max_l2_frames, down to that less a chunk (L2_FORGET_CHUNK, at most a quarter
+        of the bound): each forgetting moves the whole cache once, so it happens once per chunk of
+        frames, not at every frame. Called while the buffers hold L2 alone (L1 truncated), so what
+        enters L2, the window re-encoded after it and the query all see the bounded L2."""
         if self.max_l2_frames is None or self.kv is None:
             return
-        excess = self.l2_frames - self.l2_first - self.max_l2_frames
+        held = self.l2_frames - self.l2_first
+        excess = held + incoming - self.max_l2_frames
         if excess > 0:
-            drop = excess + min(L2_FORGET_CHUNK, self.max_l2_frames // 4)
+            drop = min(held, excess + min(L2_FORGET_CHUNK, self.max_l2_frames // 4))
             for buf in self.kv:
                 buf.drop_front(drop * self.far.config.context_tokens_per_frame)
             self.l2_first += drop
+
+    def _encode_l2(self, start: int) -> None:
+        """Frames [l2_frames, start) into L2 (the buffers hold L2 alone); bounded, in chunks that
+        each see at most max_l2_frames of L2, with room made before each."""
+        if self.max_l2_frames is None:
+            self.kv = self._encode(self.kv, self.l2_frames, start, coarse=True)
+            self.l2_frames = start
+            return
+        while self.l2_frames < start:
+            chunk = min(start - self.l2_frames, self.prefill_frames_coarse, self.max_l2_frames)
+            self._make_room(chunk)
+            self.kv = self._encode(self.kv, self.l2_frames, self.l2_frames + chunk, coarse=True)
+            self.l2_frames += chunk
 
     def _sync(self) -> None:
         pass  # deferred to the next velocity() (or flush / stats)
@@ -282,7 +300,6 @@ class MultiLevelCacheContext(GenerationContext):
         inference = self.kv is None or self.kv[0].k is None or self.kv[0].k.is_inference()
         with torch.inference_mode(inference), autocast_for(self.far):
             self._catch_up()
-            self._forget_oldest()
 
     def _catch_up(self, query: tuple | None = None) -> torch.Tensor | None:
         """Bring the cache up to date with the history; with query = (x_t, t, action) of the next
@@ -296,8 +313,10 @@ class MultiLevelCacheContext(GenerationContext):
         # (with a one-frame window the last context frame's latent is already dropped: not fusable)
         fusable = (query is not None and self.kv is not None and n > 0 and self.latents[n - 1] is not None
                    and query[0].shape[0] == self.latents[n - 1].shape[0])
+        # the most frames that may enter L2 in one pass (a bounded memory makes room for them first)
+        one_pass = min(self.prefill_frames_coarse, self.max_l2_frames or self.prefill_frames_coarse)
         if start > self.l1_start and not self.refresh_l1:
-            if (fusable and self.use_l2 and 0 < start - self.l2_frames <= self.prefill_frames_coarse
+            if (fusable and self.use_l2 and 0 < start - self.l2_frames <= one_pass
                     and start <= self.l1_end < n and n - self.l1_end <= self.prefill_frames_fine):
                 return self._slide_keeping_l1_with_query(start, query)
             self._slide_keeping_l1(start)
@@ -306,9 +325,10 @@ class MultiLevelCacheContext(GenerationContext):
                 for buf in self.kv:
                     buf.truncate(self._l2_tokens)
             if self.use_l2 and start > self.l2_frames:  # frames leaving the window -> L2, once
-                if self.kv is not None and start - self.l2_frames <= self.prefill_frames_coarse and 0 < n - start < self.window:
+                if self.kv is not None and start - self.l2_frames <= one_pass and 0 < n - start < self.window:
                     # the usual step: the frame(s) entering L2 and the window re-encoded, one pass
                     # (with the query's frame, where it can share it)
+                    self._make_room(start - self.l2_frames)
                     parts = [(*self._history(self.l2_frames, start), self.l2_frames, True),
                              (*self._history(start, n), start, False)]
                     v = None
@@ -320,8 +340,7 @@ class MultiLevelCacheContext(GenerationContext):
                     self.l2_frames, self.l1_start, self.l1_end = start, start, n
                     self._forget(start)
                     return v if v is not None else self._velocity_now(query)
-                self.kv = self._encode(self.kv, self.l2_frames, start, coarse=True)
-                self.l2_frames = start
+                self._encode_l2(start)
             self.l1_start = self.l1_end = start
             self._forget(start)
         if n > self.l1_end:
@@ -349,8 +368,7 @@ class MultiLevelCacheContext(GenerationContext):
             for buf in self.kv:
                 buf.truncate(self._l2_tokens)
         if self.use_l2 and start > self.l2_frames:
-            self.kv = self._encode(self.kv, self.l2_frames, start, coarse=True)
-            self.l2_frames = start
+            self._encode_l2(start)
         if self.kv is not None and keep:
             self.kv = _append(self.kv, kept)
         self.l1_start, self.l1_end = start, max(start, self.l1_end)
@@ -370,6 +388,7 @@ class MultiLevelCacheContext(GenerationContext):
         kept = self._kept_l1(start)
         for buf in self.kv:  # [L2 | kept L1]: the frames leaving the window are no longer seen
             buf.truncate(self._l2_tokens)
+        self._make_room(start - self.l2_frames)
         self.kv = _append(self.kv, kept)
         v, (new2, new1) = self.far.frames_kv_and_velocity(
             [(*self._history(self.l2_frames, start), self.l2_frames, True),
@@ -383,16 +402,26 @@ class MultiLevelCacheContext(GenerationContext):
         return v
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        if self.max_l2_frames is not None and self._l2_pending() > self.max_l2_frames:
-            self._catch_up()  # the query would see more than the bound: forget first (unfused, once a chunk)
-            self._forget_oldest()
-        v = self._catch_up((x_t, t, action))
-        self._forget_oldest()
-        return v
+        return self._catch_up((x_t, t, action))
 
     def _l2_pending(self) -> int:
-        """Frames L2 holds once the appended frames are encoded, before any forgetting."""
-        return max(0, self.num_frames + 1 - self.window) - self.l2_first if self.use_l2 else 0
+        """Frames L2 holds once the appended frames are encoded (what _encode_l2 and _make_room
+        leave of it with a bound: the same chunks, the same arithmetic)."""
+        if not self.use_l2:
+            return 0
+        held = self.l2_frames - self.l2_first
+        incoming = max(0, max(0, self.num_frames + 1 - self.window) - self.l2_frames)
+        if self.max_l2_frames is None:
+            return held + incoming
+        bound = self.max_l2_frames
+        while incoming:
+            chunk = min(incoming, self.prefill_frames_coarse, bound)
+            excess = held + chunk - bound
+            if excess > 0:
+                held -= min(held, excess + min(L2_FORGET_CHUNK, bound // 4))
+            held += chunk
+            incoming -= chunk
+        return held
 
     def stats(self) -> dict:
         """What the cache holds once the appended frames are encoded (they may still be pending)."""
@@ -403,8 +432,6 @@ class MultiLevelCacheContext(GenerationContext):
         start = max(0, n + 1 - self.window)
         l1_frames = n - start
         l2_frames = self._l2_pending()
-        if self.max_l2_frames is not None and l2_frames > self.max_l2_frames:  # what the next forgetting leaves
-            l2_frames = self.max_l2_frames - min(L2_FORGET_CHUNK, self.max_l2_frames // 4)
         tokens = l1_frames * cfg.tokens_per_frame + l2_frames * cfg.context_tokens_per_frame
         per_token = 0 if self.kv is None else sum(2 * b.k[:, :, :1].numel() * b.k.element_size() for b in self.kv)
         return dict(

@@ -927,15 +927,17 @@ class Trainer:
             return
         saved = meta.get("schedule") or {}
 
-        def rate(total: int, limit: float, lr: float, warmup: int, cosine: bool, min_ratio: float) -> float:
+        def rate(at: int, total: int, limit: float, lr: float, warmup: int, cosine: bool, min_ratio: float) -> float:
             fraction = elapsed / limit if limit > 0 else 0.0
-            return lr_at(step, total, lr, warmup, cosine, min_ratio, fraction,
+            return lr_at(at, total, lr, warmup, cosine, min_ratio, fraction,
                          (warmup_end_s or 0.0) / limit if limit > 0 else 0.0)
 
-        now = rate(spec.total_steps, spec.time_limit, spec.lr, cfg.warmup, cfg.cosine, cfg.min_lr_ratio)
-        before = rate(int(meta.get("total_steps", spec.total_steps)), float(meta.get("time_limit", spec.time_limit)),
-                      float(saved.get("lr", spec.lr)), int(saved.get("warmup", cfg.warmup)),
-                      bool(saved.get("cosine", cfg.cosine)), float(saved.get("min_lr_ratio", cfg.min_lr_ratio)))
+        now = rate(step, spec.total_steps, spec.time_limit, spec.lr, cfg.warmup, cfg.cosine, cfg.min_lr_ratio)
+        old = (int(meta.get("total_steps", spec.total_steps)), float(meta.get("time_limit", spec.time_limit)),
+               float(saved.get("lr", spec.lr)), int(saved.get("warmup", cfg.warmup)),
+               bool(saved.get("cosine", cfg.cosine)), float(saved.get("min_lr_ratio", cfg.min_lr_ratio)))
+        # the saved schedule's rate here, or that of its last step trained (a finished run's is higher)
+        before = max(rate(step, *old), rate(max(step - 1, 0), *old))
         if now > 1.5 * before:
             span = f"{spec.total_steps} steps" + (f" or {spec.time_limit:g} s" if spec.time_limit > 0 else "")
             self.log(f"note: {spec.name}: the learning rate rises from {before:.2e} (the saved schedule's, at step "
