@@ -214,10 +214,10 @@ def test_kv_buffer_drop_front_keeps_the_newest_tokens_in_order():
     assert torch.equal(buf.keys, torch.cat([k[:, :, 4:], k[:, :, :2]], dim=2))
     with pytest.raises(ValueError, match="cannot drop 9 of 8"):
         buf.drop_front(9)
-    big = KVBuffer(torch.randn(1, 2, 1000, 4), torch.randn(1, 2, 1000, 4))  # a long prefill, then forgetting
-    kept = big.keys[:, :, 990:].clone()
+    big = KVBuffer(torch.randn(1, 2, 1000, 4), torch.randn(1, 2, 1000, 4))
+    kept = big.keys[:, :, 990:].clone(), big.values[:, :, 990:].clone()
     big.drop_front(990)
-    assert torch.equal(big.keys, kept) and big.capacity < 100  # the memory is given back
+    assert torch.equal(big.keys, kept[0]) and torch.equal(big.values, kept[1])
 
 
 @pytest.mark.parametrize("mode", ["multilevel", "multilevel-fast"])
@@ -314,3 +314,45 @@ def test_a_bounded_exact_memory_equals_a_reference_that_forgets_the_same_frames(
             lats.append(session.step_latent(action).float())
             acts.append(action)
     assert forgot  # the bound was reached, so the comparison covers the forgetting
+
+
+@pytest.mark.parametrize("mode", ["multilevel", "multilevel-fast"])
+def test_a_bounded_memory_takes_long_contexts_and_bulk_appends_in_chunks(world, mode, monkeypatch):
+    """A long prefill or a bulk append under a bound: every pass sees at most the bound in L2, and the
+    frames enter in forgetting chunks, so L2 is never emptied to make room (chunks of the bound's size
+    forgot all of L2 before each)."""
+    far, bound = world.far, 20
+    ctpf = far.config.context_tokens_per_frame
+    frames, actions = context(3)
+    session = world.new_session(frames, actions, cache_mode=mode, steps=1, cfg=1.5, seed=1, memory_frames=bound)
+    ctx = session.context
+    seen: list[int] = []
+    kept_before_entering: list[int] = []  # L2 held as frames enter it, once it was full
+    infer = far._infer
+
+    def counting(parts, past_kv, *args, **kwargs):
+        coarse = sum(p[0].shape[1] for p in parts if p[5])  # frames entering L2 in this pass
+        seen.append(ctx.l2_frames - ctx.l2_first + coarse)
+        if coarse and ctx.l2_first:
+            kept_before_entering.append(ctx.l2_frames - ctx.l2_first)
+        if past_kv is not None:  # the cache holds [L2 | L1...]: its L2 is what the counters say
+            assert all(buf.length >= (ctx.l2_frames - ctx.l2_first) * ctpf for buf in past_kv)
+        return infer(parts, past_kv, *args, **kwargs)
+
+    monkeypatch.setattr(far, "_infer", counting)
+    rng = np.random.default_rng(0)
+    fc = far.config
+    for bulk in (300, 0, 90, 0):  # a long context, a few frames, a bulk append mid-session, a few frames
+        if bulk:
+            session.extend_latents(torch.randn(bulk, fc.latent_channels, fc.latent_size, fc.latent_size),
+                                   torch.as_tensor(rng.integers(0, 5, bulk)))
+        for _ in range(3):
+            session.step_latent(int(rng.integers(0, 5)))
+            held = ctx.l2_frames - ctx.l2_first
+            assert bound - 2 * (bound // 4) <= held <= bound  # forgotten in chunks, never emptied
+        predicted = session.stats()
+        ctx.flush()
+        assert session.stats() == predicted
+        assert all(buf.length == predicted["l1_tokens"] + predicted["l2_tokens"] for buf in ctx.kv)
+    assert seen and max(seen) <= bound
+    assert kept_before_entering and min(kept_before_entering) >= bound - 2 * (bound // 4)

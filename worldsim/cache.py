@@ -49,7 +49,7 @@ L2 beyond the bound, the oldest are forgotten down to the bound less a chunk (L2
 frames, at most a quarter of the bound; one move of the cache each). What is kept keeps its keys
 and values as computed (with the memory of their time) and its positions; what enters L2 after,
 the window encoded against it and every query see only the bounded L2 (a long context appended at
-once enters in chunks of at most the bound). Without a bound (the default, as in eval and the
+once enters in chunks of a forgetting chunk). Without a bound (the default, as in eval and the
 tests of exactness) nothing changes.
 
 Storage. Each cached mode keeps one growable KVBuffer per layer (model.py), laid out
@@ -278,15 +278,20 @@ class MultiLevelCacheContext(GenerationContext):
                 buf.drop_front(drop * self.far.config.context_tokens_per_frame)
             self.l2_first += drop
 
+    def _l2_chunk(self, incoming: int, held: int | None = None) -> int:
+        """Of `incoming` frames about to enter L2 (holding `held`), how many enter in the next pass:
+        all of them (in prefill chunks) where they fit the bound, as without one; else a bounded
+        memory's forgetting chunk, so that making room never forgets nearly all of L2 at once."""
+        held = self.l2_frames - self.l2_first if held is None else held
+        if self.max_l2_frames is None or held + incoming <= self.max_l2_frames:
+            return incoming
+        return max(1, min(incoming, self.prefill_frames_coarse, L2_FORGET_CHUNK, self.max_l2_frames // 4))
+
     def _encode_l2(self, start: int) -> None:
-        """Frames [l2_frames, start) into L2 (the buffers hold L2 alone); bounded, in chunks that
-        each see at most max_l2_frames of L2, with room made before each."""
-        if self.max_l2_frames is None:
-            self.kv = self._encode(self.kv, self.l2_frames, start, coarse=True)
-            self.l2_frames = start
-            return
+        """Frames [l2_frames, start) into L2 (the buffers hold L2 alone); beyond a bound, in chunks
+        (_l2_chunk) that each see at most max_l2_frames of L2, with room made before each."""
         while self.l2_frames < start:
-            chunk = min(start - self.l2_frames, self.prefill_frames_coarse, self.max_l2_frames)
+            chunk = self._l2_chunk(start - self.l2_frames)
             self._make_room(chunk)
             self.kv = self._encode(self.kv, self.l2_frames, self.l2_frames + chunk, coarse=True)
             self.l2_frames += chunk
@@ -313,8 +318,9 @@ class MultiLevelCacheContext(GenerationContext):
         # (with a one-frame window the last context frame's latent is already dropped: not fusable)
         fusable = (query is not None and self.kv is not None and n > 0 and self.latents[n - 1] is not None
                    and query[0].shape[0] == self.latents[n - 1].shape[0])
-        # the most frames that may enter L2 in one pass (a bounded memory makes room for them first)
-        one_pass = min(self.prefill_frames_coarse, self.max_l2_frames or self.prefill_frames_coarse)
+        # frames that may enter L2 in the usual one pass (a bounded memory makes room for them first)
+        incoming = start - self.l2_frames
+        one_pass = incoming if incoming <= self.prefill_frames_coarse and self._l2_chunk(incoming) == incoming else 0
         if start > self.l1_start and not self.refresh_l1:
             if (fusable and self.use_l2 and 0 < start - self.l2_frames <= one_pass
                     and start <= self.l1_end < n and n - self.l1_end <= self.prefill_frames_fine):
@@ -415,7 +421,7 @@ class MultiLevelCacheContext(GenerationContext):
             return held + incoming
         bound = self.max_l2_frames
         while incoming:
-            chunk = min(incoming, self.prefill_frames_coarse, bound)
+            chunk = self._l2_chunk(incoming, held)
             excess = held + chunk - bound
             if excess > 0:
                 held -= min(held, excess + min(L2_FORGET_CHUNK, bound // 4))

@@ -272,14 +272,8 @@ class KVBuffer:
         if n == 0:
             return
         rest = self.length - n
-        if self.capacity > 2 * max(rest, 64):  # e.g. after a long prefill: give the memory back
-            k, v = self.k[:, :, n : self.length].clone(), self.v[:, :, n : self.length].clone()
-            self.k, self.v, self.length = None, None, 0
-            self.reserve(max(rest + rest // 2, 64), k)
-            self.k[:, :, :rest], self.v[:, :, :rest] = k, v
-        else:
-            self.k[:, :, :rest] = self.k[:, :, n : self.length].clone()  # the ranges overlap
-            self.v[:, :, :rest] = self.v[:, :, n : self.length].clone()
+        self.k[:, :, :rest] = self.k[:, :, n : self.length].clone()  # the ranges overlap
+        self.v[:, :, :rest] = self.v[:, :, n : self.length].clone()
         self.length = rest
 
     def clone(self) -> "KVBuffer":

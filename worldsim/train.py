@@ -940,7 +940,7 @@ class Trainer:
         before = max(rate(step, *old), rate(max(step - 1, 0), *old))
         if now > 1.5 * before:
             span = f"{spec.total_steps} steps" + (f" or {spec.time_limit:g} s" if spec.time_limit > 0 else "")
-            self.log(f"note: {spec.name}: the learning rate rises from {before:.2e} (the saved schedule's, at step "
+            self.log(f"note: {spec.name}: the learning rate rises from {before:.2e} (the saved schedule's at step "
                      f"{step}) to {now:.2e}: the schedule now spans {span} from the stage's start")
 
     def fit(self, spec: StageSpec, resume_state: tuple[dict, dict] | None) -> bool:
