@@ -42,8 +42,8 @@ the steps x (CFG) queries of the new frame. Before the window fills, frames are 
 
 Bounded memory. L2 grows by 4 tokens per frame without end, and the time per generated frame
 with it (scripts/time_long_play.py, the shipped checkpoint, multilevel-fast in bf16 on a 2-core
-CPU: 35 ms a frame with 500 frames behind it, 67 with 2,000, 100 with 4,000; bounded to 2,000
-frames, 59 at 4,000 and 62 at 8,000). `max_l2_frames` (make_context's
+CPU: 33 ms a frame with 500 frames behind it, 61 with 2,000, 105 with 4,000; bounded to 2,000
+frames, 63 at 4,000 and 62 at 8,000). `max_l2_frames` (make_context's
 `memory_frames`; play's --memory-frames) keeps only the most recent frames: before frames enter
 L2 beyond the bound, the oldest are forgotten down to the bound less a chunk (L2_FORGET_CHUNK
 frames, at most a quarter of the bound; one move of the cache each). What is kept keeps its keys

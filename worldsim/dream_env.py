@@ -15,8 +15,8 @@ a start without one badly (session 24 of the model card). The default is the che
 `sampler.still_frames` (0 where it has none); they count in `frame_index`. `step(action)` generates the next frame against the multi-level KV cache
 (`cache_mode="multilevel"`): memory grows by the L2 tokens of one frame per step, nothing else
 is kept per frame, but the time per frame grows with that memory (scripts/time_long_play.py: the
-shipped checkpoint with play's cache on a 2-core CPU takes 35 ms a frame with 500 frames behind
-it, 100 ms with 4,000). `memory_frames=N` keeps only the last N frames in L2 (cache.py, "Bounded memory"), so the
+shipped checkpoint with play's cache on a 2-core CPU takes 33 ms a frame with 500 frames behind
+it, 105 ms with 4,000). `memory_frames=N` keeps only the last N frames in L2 (cache.py, "Bounded memory"), so the
 time per frame stops growing there; play sets it, the default (None) keeps every frame.
 
 Observations are uint8 [H, W, 3]; the action space is `Discrete(len(action_names))` with the

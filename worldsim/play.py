@@ -96,7 +96,7 @@ class PlayConfig:
     memory_frames: int = field(default=2000, metadata={
         "help": "frames the long-term memory (L2 of the multi-level caches) keeps at most, the oldest forgotten 64 "
                 "at a time: the time per frame grows with the memory. 2,000 frames (about 2 minutes of play) keep "
-                "the shipped checkpoint at about 16 fps on a 2-core CPU, where keeping every frame gave 10 fps at "
+                "the shipped checkpoint at about 16 fps on a 2-core CPU, where keeping every frame gave 9.5 fps at "
                 "4,000 frames (README); 0: keep every frame, as eval does"})
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
         "help": "the transformer's arithmetic on CPU. auto (default): bf16 where the CPU has native bf16 "
