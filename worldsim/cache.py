@@ -48,8 +48,8 @@ frames, 63 at 4,000 and 62 at 8,000). `max_l2_frames` (make_context's
 L2 beyond the bound, the oldest are forgotten down to the bound less a chunk (L2_FORGET_CHUNK
 frames, at most a quarter of the bound; one move of the cache each). What is kept keeps its keys
 and values as computed (with the memory of their time) and its positions; what enters L2 after,
-the window encoded against it and every query see only the bounded L2 (a long context appended at
-once enters in chunks of a forgetting chunk). Without a bound (the default, as in eval and the
+the window encoded against it and every query see only the bounded L2 (frames beyond the bound
+enter it a forgetting chunk at a time, even a long context appended at once). Without a bound (the default, as in eval and the
 tests of exactness) nothing changes.
 
 Storage. Each cached mode keeps one growable KVBuffer per layer (model.py), laid out
@@ -270,13 +270,16 @@ class MultiLevelCacheContext(GenerationContext):
         enters L2, the window re-encoded after it and the query all see the bounded L2."""
         if self.max_l2_frames is None or self.kv is None:
             return
-        held = self.l2_frames - self.l2_first
-        excess = held + incoming - self.max_l2_frames
-        if excess > 0:
-            drop = min(held, excess + min(L2_FORGET_CHUNK, self.max_l2_frames // 4))
+        drop = self._to_forget(self.l2_frames - self.l2_first, incoming)
+        if drop:
             for buf in self.kv:
                 buf.drop_front(drop * self.far.config.context_tokens_per_frame)
             self.l2_first += drop
+
+    def _to_forget(self, held: int, incoming: int) -> int:
+        """Frames _make_room forgets of `held` before `incoming` enter (a bound is set)."""
+        excess = held + incoming - self.max_l2_frames
+        return min(held, excess + min(L2_FORGET_CHUNK, self.max_l2_frames // 4)) if excess > 0 else 0
 
     def _l2_chunk(self, incoming: int, held: int | None = None) -> int:
         """Of `incoming` frames about to enter L2 (holding `held`), how many enter in the next pass:
@@ -419,13 +422,9 @@ class MultiLevelCacheContext(GenerationContext):
         incoming = max(0, max(0, self.num_frames + 1 - self.window) - self.l2_frames)
         if self.max_l2_frames is None:
             return held + incoming
-        bound = self.max_l2_frames
         while incoming:
             chunk = self._l2_chunk(incoming, held)
-            excess = held + chunk - bound
-            if excess > 0:
-                held -= min(held, excess + min(L2_FORGET_CHUNK, bound // 4))
-            held += chunk
+            held += chunk - self._to_forget(held, chunk)
             incoming -= chunk
         return held
 
