@@ -14,9 +14,10 @@ held 1-4 steps, drawn from a generator seeded with 1000 + the maze's index. For 
 
     python scripts/probe_play.py checkpoints/maze-far-small runs/NEW/checkpoint --data data/maze-val-nav --mazes 16
 
-Session 23 measured with its throwaway predecessor, which drew the same actions: the shipped
-checkpoint scored 12.83 at `--context 4` on the 16 mazes of `data/maze-val-nav` (bf16 on the CPU,
-which `--precision auto` picks on a CPU that has it; the header says what ran).
+Session 23 measured with its throwaway predecessor, which drew the same actions: the seventh
+version scored 12.83 at `--context 4` on the 16 mazes of `data/maze-val-nav`; the eighth (shipped
+since session 24) scores 13.01 with the command above and `--split val` (session 27; bf16 on the
+CPU, which `--precision auto` picks on a CPU that has it; the header says what ran).
 """
 from __future__ import annotations
 

@@ -17,9 +17,12 @@ import numpy as np
 import torch
 
 from worldsim.autoencoder import Autoencoder, tensor_to_frames
+from worldsim.checkpoint import CheckpointError
 from worldsim.world import WorldModel
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 1)[1] if "\n\n" in __doc__ else None,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--checkpoint", default="checkpoints/maze-far-small")
 parser.add_argument("--precision", default="auto")
 parser.add_argument("--frames", type=int, default=480, help="frames played before timing")
@@ -28,7 +31,10 @@ parser.add_argument("--threads", type=int, default=2)
 args = parser.parse_args()
 
 torch.set_num_threads(args.threads)
-world = WorldModel.load(args.checkpoint, precision=args.precision)
+try:
+    world = WorldModel.load(args.checkpoint, precision=args.precision)
+except CheckpointError as exc:
+    raise SystemExit(f"time_decode: {exc}") from None
 plain = Autoencoder(world.autoencoder.config).eval()  # the NCHW layout WorldModel used before
 plain.load_state_dict({k: v.contiguous() for k, v in world.autoencoder.state_dict().items()})
 

@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from worldsim.checkpoint import CheckpointError
 from worldsim.world import WorldModel
 
 
@@ -31,11 +32,22 @@ def main() -> None:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--timed", type=int, default=30, help="generated frames timed per case")
     args = ap.parse_args()
-    world = WorldModel.load(args.checkpoint, precision=args.precision)
+    cases = []
+    for case in args.cases:
+        try:
+            total, bound = (int(v) for v in case.split(":"))
+        except ValueError:
+            ap.error(f"--cases takes FRAMES:BOUND pairs of whole numbers (BOUND 0: none), got {case!r}")
+        if total < 0 or bound < 0:
+            ap.error(f"--cases: FRAMES and BOUND must be >= 0, got {case!r}")
+        cases.append((total, bound))
+    try:
+        world = WorldModel.load(args.checkpoint, precision=args.precision)
+    except CheckpointError as exc:
+        raise SystemExit(f"time_long_play: {exc}") from None
     fc = world.far.config
     rng = np.random.default_rng(0)
-    for case in args.cases:
-        total, bound = (int(v) for v in case.split(":"))
+    for total, bound in cases:
         session = world.new_session(np.zeros((0, *world.resolution, 3), np.uint8), np.zeros(0, np.int64),
                                     cache_mode=args.cache_mode, seed=0, memory_frames=bound or None)
         session.extend_latents(torch.randn(total, fc.latent_channels, fc.latent_size, fc.latent_size),

@@ -29,7 +29,9 @@ from worldsim.checkpoint import CheckpointError, load_checkpoint
 from worldsim.model import FAR
 from worldsim.world import WorldModel
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 1)[1] if "\n\n" in __doc__ else None,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--checkpoint", default="checkpoints/maze-far-small")
 parser.add_argument("--cache-mode", default="multilevel-fast")
 parser.add_argument("--precision", nargs="+", default=["fp32"], help="fp32, bf16 or auto; several are timed in turns")
@@ -71,7 +73,7 @@ for shape, precision in [(shape, precision) for shape in args.shapes for precisi
     world = load_world(precision, shape)
     if actions is None:  # the same random actions for every session
         actions = np.random.default_rng(0).integers(0, len(world.action_names), args.frames + timed).tolist()
-    session = world.new_session(np.zeros((4, 64, 64, 3), np.uint8), np.zeros(4, np.int64), seed=0,
+    session = world.new_session(np.zeros((4, *world.resolution, 3), np.uint8), np.zeros(4, np.int64), seed=0,
                                 cache_mode=args.cache_mode)
     for a in actions[: args.frames]:
         session.step_latent(a)
