@@ -85,10 +85,13 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16", help="fp32 or bf16 (play's default on CPUs with native bf16)")
     args = parser.parse_args()
     try:
-        seeds = [ep.maze_seed for ep in Dataset(Path(args.data)).episodes[: args.episodes]]
+        chosen = Dataset(Path(args.data)).episodes[: args.episodes]
     except DatasetError as exc:
         raise SystemExit(f"probe_sharpness: {exc}") from None
-    print(f"360-degree turn x 2, {len(seeds)} test mazes {seeds}, cache {args.cache}, precision {args.precision}")
+    seeds = [ep.maze_seed for ep in chosen]
+    splits = "/".join(sorted({ep.split or "unsplit" for ep in chosen}))  # e.g. val with data/maze-val-nav
+    print(f"360-degree turn x 2, {len(seeds)} {splits} mazes {seeds} of {args.data}, cache {args.cache}, "
+          f"precision {args.precision}")
     for ck in args.checkpoints:
         try:
             row = probe(ck, seeds, args.context, args.cache, args.precision)
