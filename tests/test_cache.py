@@ -317,14 +317,17 @@ def test_a_bounded_exact_memory_equals_a_reference_that_forgets_the_same_frames(
 
 
 @pytest.mark.parametrize("mode", ["multilevel", "multilevel-fast"])
-def test_a_bounded_memory_takes_long_contexts_and_bulk_appends_in_chunks(world, mode, monkeypatch):
+@pytest.mark.parametrize("bound, appends, cfg", [(20, (300, 0, 90, 0), 1.5), (4, (2, 2, 0, 2, 2), 1.0)])
+def test_a_bounded_memory_takes_long_contexts_and_bulk_appends_in_chunks(world, mode, bound, appends, cfg,
+                                                                         monkeypatch):
     """A long prefill or a bulk append under a bound: every pass sees at most the bound in L2, and the
     frames enter in forgetting chunks, so L2 is never emptied to make room (chunks of the bound's size
-    forgot all of L2 before each)."""
-    far, bound = world.far, 20
+    forgot all of L2 before each). Appends of a few frames under a small bound, without CFG, take the
+    fused passes (multilevel-fast's slide with the query), which must chunk as well."""
+    far = world.far
     ctpf = far.config.context_tokens_per_frame
     frames, actions = context(3)
-    session = world.new_session(frames, actions, cache_mode=mode, steps=1, cfg=1.5, seed=1, memory_frames=bound)
+    session = world.new_session(frames, actions, cache_mode=mode, steps=1, cfg=cfg, seed=1, memory_frames=bound)
     ctx = session.context
     seen: list[int] = []
     kept_before_entering: list[int] = []  # L2 held as frames enter it, once it was full
@@ -342,7 +345,7 @@ def test_a_bounded_memory_takes_long_contexts_and_bulk_appends_in_chunks(world, 
     monkeypatch.setattr(far, "_infer", counting)
     rng = np.random.default_rng(0)
     fc = far.config
-    for bulk in (300, 0, 90, 0):  # a long context, a few frames, a bulk append mid-session, a few frames
+    for bulk in appends:  # e.g. a long context, a few frames, a bulk append mid-session, a few frames
         if bulk:
             session.extend_latents(torch.randn(bulk, fc.latent_channels, fc.latent_size, fc.latent_size),
                                    torch.as_tensor(rng.integers(0, 5, bulk)))
