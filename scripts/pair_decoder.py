@@ -43,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         ae, meta = load_autoencoder(args.autoencoder)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        export_with_decoder(tmp, Path(args.checkpoint), ae, int(meta.get("step", 0)),
-                            bool(meta.get("final", True)), args.autoencoder)
+        # an exported checkpoint's autoencoder has no step count of its own decoder training
+        step = int(meta["step"]) if "step" in meta else None
+        export_with_decoder(tmp, Path(args.checkpoint), ae, step, bool(meta.get("final", True)), args.autoencoder)
         readable_like_any_file(tmp)  # mkdtemp's 0700
         os.replace(tmp, out)
         tmp = None

@@ -1136,6 +1136,13 @@ def test_decoder_fine_tune_keeps_the_latents_and_re_exports_the_world_model(trai
     os.umask(umask)
     assert (tmp_path / "pair").stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
     assert again.keys() == paired.keys() and all(torch.equal(again[k], v) for k, v in paired.items())
+    assert "after 3 decoder steps" in (tmp_path / "pair" / "README.md").read_text()
+    # the decoder taken from an exported checkpoint: its card claims no step count (it said "after 0")
+    done = subprocess.run([*script, str(ck), str(run / "checkpoint"), str(tmp_path / "pair2")], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    card = (tmp_path / "pair2" / "README.md").read_text()
+    assert f"with the decoder of `{run / 'checkpoint'}`. The encoder" in card and "decoder steps" not in card
     refused = subprocess.run([*script, str(ck), str(whole), str(tmp_path / "bad")], capture_output=True, text=True)
     assert refused.returncode == 1 and "encoder differs" in refused.stderr
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad.*"))

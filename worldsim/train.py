@@ -695,9 +695,10 @@ def load_autoencoder(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     raise TrainError(f"{path}: no autoencoder found (expected RUN/{AE_DIR}/, an autoencoder folder or an exported checkpoint)")
 
 
-def export_with_decoder(path: Path, source: Path, ae: nn.Module, step: int, final: bool,
+def export_with_decoder(path: Path, source: Path, ae: nn.Module, step: int | None, final: bool,
                         ae_source: str | None = None) -> None:
-    """`source` (an exported checkpoint) with `ae` in place of its autoencoder; the encoders must match."""
+    """`source` (an exported checkpoint) with `ae` in place of its autoencoder; the encoders must match.
+    step: the decoder steps `ae` was trained for, None where unknown (an autoencoder taken from a checkpoint)."""
     from worldsim.checkpoint import load_checkpoint, save_checkpoint
 
     ck = load_checkpoint(source, device="cpu")
@@ -715,8 +716,9 @@ def export_with_decoder(path: Path, source: Path, ae: nn.Module, step: int, fina
                     extra=extra, far_dtype=ck.far_dtype)
     card = ["# worldsim FAR checkpoint: a fine-tuned decoder", "",
             f"The world model (transformer, encoder, sampler settings) of `{source}`, with the decoder of "
-            f"`{ae_source or 'the fine-tuned autoencoder'}` after {step} decoder steps"
-            f"{'' if final else ' (not the last step)'}. The encoder is unchanged, so the transformer's latents are.",
+            f"`{ae_source or 'the fine-tuned autoencoder'}`"
+            + (f" after {step} decoder steps{'' if final else ' (not the last step)'}" if step is not None else "")
+            + ". The encoder is unchanged, so the transformer's latents are.",
             "", "Memory-consistency metrics: run `worldsim eval` on this folder.", ""]
     atomic_write(Path(path) / "README.md", lambda tmp: tmp.write_text("\n".join(card)))
 
