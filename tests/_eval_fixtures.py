@@ -71,6 +71,7 @@ class FakeWorld:
         self.context_actions: list[np.ndarray] = []  # and their actions
         self.shifts: list[float | None] = []  # the sampler shift every session was asked for
         self.temperatures: list[float | None] = []  # and the sampling temperature
+        self.memory_frames: list[int | None] = []  # and the bound on its long-term memory
         self.generated_noise: list[float | None] = []  # and the generated-frame noise level (None: not passed)
 
     @property
@@ -80,9 +81,10 @@ class FakeWorld:
         return {**DEFAULT_SAMPLER, **self.config.get("sampler", {})}
 
     def new_session(self, context_frames, context_actions, cache_mode="multilevel", steps=None, cfg=None, seed=None,
-                    shift=None, generated_noise=None, temperature=None):
+                    shift=None, generated_noise=None, temperature=None, memory_frames=None):
         assert len(context_frames) == len(context_actions)
         self.sessions.append((cache_mode, seed))
+        self.memory_frames.append(memory_frames)
         self.shifts.append(shift)
         self.temperatures.append(temperature)
         self.generated_noise.append(generated_noise)

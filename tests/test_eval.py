@@ -319,6 +319,13 @@ def test_sampler_options_reach_the_real_model_through_the_cli(tiny_data, tiny_ch
     fast = run("fast", "--long-cache", "multilevel-fast")
     assert fast["config"]["long_cache"] == "multilevel-fast" and frames(fast) != frames(base)
     assert frames(fast, "sliding") == frames(base, "sliding")
+    # a long-term memory bounded below the context forgets its oldest frames: the long context and
+    # teacher forcing change, the window alone does not
+    bounded = run("bounded", "--memory-frames", "2")
+    assert bounded["config"]["memory_frames"] == 2 and frames(bounded) != frames(base)
+    assert teacher_forced(bounded) != teacher_forced(base)
+    assert frames(bounded, "sliding") == frames(base, "sliding")
+    assert frames(run("roomy", "--memory-frames", "100")) == frames(base)  # a bound never reached changes nothing
 
 
 class _InterruptingWorld(FakeWorld):
@@ -536,6 +543,25 @@ def test_temperature_option_reaches_every_session_and_the_results(tiny_data, tmp
     assert set(world.temperatures) == {None} and res["config"]["sampler_used"]["temperature"] == 1.0
     with pytest.raises(EvalError, match="--temperature must be a finite number >= 0, got -0.5"):
         run_eval(EvalConfig(**{**cfg.__dict__, "temperature": -0.5}), world=FakeWorld())
+
+
+def test_memory_frames_option_reaches_every_long_context_session_and_the_results(tiny_data, tmp_path):
+    """--memory-frames bounds the long-term memory of every long-context session (conditions, control,
+    teacher forcing, probes), as play's option does; 0, the default, keeps every frame."""
+    cfg = EvalConfig(data=str(tiny_data), out=str(tmp_path / "m"), episodes=1, context=12, generate=4, videos=0,
+                     probe_episodes=1, probe_forward=2, progress=False, memory_frames=6)
+    world = FakeWorld()
+    res = run_eval(cfg, world=world)
+    long_sessions = [bound for (mode, _), bound in zip(world.sessions, world.memory_frames) if mode != "sliding"]
+    assert len(long_sessions) > 3 and set(long_sessions) == {6}  # conditions, control, TF, probes
+    assert res["config"]["memory_frames"] == 6
+    assert "long-term memory bounded to 6 frames" in (tmp_path / "m" / "results.md").read_text()
+    world = FakeWorld()
+    res = run_eval(EvalConfig(**{**cfg.__dict__, "memory_frames": 0, "out": str(tmp_path / "d")}), world=world)
+    assert set(world.memory_frames) == {None} and res["config"]["memory_frames"] == 0
+    assert "bounded" not in (tmp_path / "d" / "results.md").read_text()
+    with pytest.raises(EvalError, match="--memory-frames must be >= 0"):
+        run_eval(EvalConfig(**{**cfg.__dict__, "memory_frames": -1}), world=FakeWorld())
 
 
 def test_generated_noise_option_reaches_every_generating_session_and_the_results(tiny_data, tmp_path):

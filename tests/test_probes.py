@@ -125,6 +125,13 @@ def test_compare_evals_pairs_the_same_frames_of_two_checkpoints(tmp_path):
     (old / "results.json").write_text(json.dumps(config_old))
     res = subprocess.run([sys.executable, str(script), str(new), str(old)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "settings that differ" not in res.stdout, res.stdout + res.stderr
+    # a bounded long-term memory is named against a run from before eval had the bound (it kept every frame)
+    config["config"]["memory_frames"] = 64
+    (new / "results.json").write_text(json.dumps(config))
+    res = subprocess.run([sys.executable, str(script), str(new), str(old)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "settings that differ (new vs old): memory_frames 64 vs 0" in res.stdout, res.stdout
+    config["config"]["memory_frames"] = 0
+    (new / "results.json").write_text(json.dumps(config))
 
     # by generated-frame range: frames 1-2 gain 0 / 0.75 / 0.75 dB in the three episodes, frames 3-4 1.5 / 0.75 / 0
     res = subprocess.run([sys.executable, str(script), str(new), str(old), "--by-frame", "2"], capture_output=True,

@@ -156,6 +156,11 @@ class EvalConfig:
     long_cache: Literal["multilevel", "multilevel-fast"] = field(default="multilevel", metadata={
         "help": "cache of the long-context condition, teacher forcing and probes (multilevel: exact; "
                 "multilevel-fast: what `play` uses by default, not exact)"})
+    memory_frames: int = field(default=0, metadata={
+        "help": "frames the long-context cache's long-term memory (L2) keeps at most, the oldest forgotten, as "
+                "play's --memory-frames bounds it (for every long-context session: generation, the memory "
+                "control, teacher forcing and the probes); 0 = every frame, as the bars are scored. A bound "
+                "below the context shows, in the revisit table by reach, what revisits beyond it lose"})
     teacher_forcing: bool = field(default=True, metadata={"help": "also score teacher-forced next-frame prediction"})
     memory_control: bool = field(default=True, metadata={
         "help": "also generate with the long-term context (the frames already in L2 when generation starts) "
@@ -402,16 +407,17 @@ def _trained_on(path: Path, config: dict) -> bool:
 def generate(world: Any, video: np.ndarray, actions: np.ndarray, context: int, count: int, cache_mode: str,
              steps: int | None, cfg: float | None, seed: int, bar: Any = None, shift: float | None = None,
              generated_noise: float | None = None, temperature: float | None = None,
-             still_frames: int = 0) -> np.ndarray:
+             still_frames: int = 0, memory_frames: int | None = None) -> np.ndarray:
     """G frames generated after the first `context` frames from the recorded actions (after
-    `still_frames` copies of the first frame with noop, as Dream-v0 starts a game)."""
+    `still_frames` copies of the first frame with noop, as Dream-v0 starts a game); memory_frames
+    bounds the long-term memory of the multi-level caches (None: every frame)."""
     from worldsim.world import with_still_frames
 
     noop = list(world.action_names).index("noop") if still_frames else 0  # "noop" checked by run_eval()
     frames, acts = with_still_frames(video[:context], actions[:context], still_frames, noop)
     session = world.new_session(frames, acts, cache_mode=cache_mode, steps=steps,
                                 cfg=cfg, seed=seed, shift=shift, generated_noise=generated_noise,
-                                temperature=temperature)
+                                temperature=temperature, memory_frames=memory_frames)
     out = np.empty((count, *video.shape[1:]), dtype=np.uint8)
     for i in range(count):
         out[i] = session.step(int(actions[context + i]))
@@ -423,10 +429,11 @@ def generate(world: Any, video: np.ndarray, actions: np.ndarray, context: int, c
 def teacher_forced(world: Any, video: np.ndarray, actions: np.ndarray, context: int, count: int,
                    steps: int | None, cfg: float | None, seed: int, bar: Any = None,
                    cache_mode: str = "multilevel", shift: float | None = None,
-                   temperature: float | None = None) -> np.ndarray:
+                   temperature: float | None = None, memory_frames: int | None = None) -> np.ndarray:
     """Each frame predicted from the ground-truth past (predict, then append the GT frame)."""
     session = world.new_session(video[:context], actions[:context], cache_mode=cache_mode, steps=steps,
-                                cfg=cfg, seed=seed, shift=shift, temperature=temperature)
+                                cfg=cfg, seed=seed, shift=shift, temperature=temperature,
+                                memory_frames=memory_frames)
     out = np.empty((count, *video.shape[1:]), dtype=np.uint8)
     for i in range(count):
         t = context + i
@@ -750,7 +757,8 @@ def self_consistency(world: Any, cfg: EvalConfig, ds: Any, bar_enabled: bool) ->
                     session = world.new_session(ctx, np.asarray(ctx_actions, dtype=np.int64),
                                                 cache_mode=_cache_of(mode, cfg),
                                                 steps=cfg.steps, cfg=cfg.cfg, seed=seed, shift=cfg.shift,
-                                                generated_noise=cfg.generated_noise, temperature=cfg.temperature)
+                                                generated_noise=cfg.generated_noise, temperature=cfg.temperature,
+                                                memory_frames=cfg.memory_frames or None)
                     gen = []
                     for a in acts:
                         gen.append(session.step(int(a)))
@@ -915,6 +923,7 @@ def results_markdown(res: dict[str, Any]) -> str:
                  f"long-context cache = {cfgd.get('long_cache', 'multilevel')}"
                  + (f", still frames before the context = {cfgd['still_frames']} (generated conditions and control)"
                     if cfgd.get("still_frames") else "")
+                 + (f", long-term memory bounded to {cfgd['memory_frames']} frames" if cfgd.get("memory_frames") else "")
                  + (f", precision = {cfgd['precision_used']}" if cfgd.get("precision_used") else "") + ". "
                  f"LPIPS: {res['metrics']['lpips']['status']}.")
     for note in res.get("notes") or []:
@@ -1049,6 +1058,8 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
         raise EvalError(f"--steps must be >= 1, got {cfg.steps}")
     if cfg.still_frames < 0:
         raise EvalError(f"--still-frames must be >= 0, got {cfg.still_frames}")
+    if cfg.memory_frames < 0:
+        raise EvalError(f"--memory-frames must be >= 0 (0: every frame), got {cfg.memory_frames}")
     from worldsim.sampler import setting_problem
 
     for name in ("cfg", "shift", "temperature", "generated_noise"):
@@ -1157,7 +1168,8 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             for mode in GEN_CONDITIONS:
                 gens[mode] = generate(world, truth, acts, cfg.context, cfg.generate, _cache_of(mode, cfg), cfg.steps,
                                       cfg.cfg, seed, bar, shift=cfg.shift, generated_noise=cfg.generated_noise,
-                                      temperature=cfg.temperature, still_frames=cfg.still_frames)
+                                      temperature=cfg.temperature, still_frames=cfg.still_frames,
+                                      memory_frames=cfg.memory_frames or None)
             donor_id = None
             if control == "on":
                 donor = memory_donor(donors, donors.index(info))
@@ -1166,7 +1178,8 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
                 gens[MEMORY_CONTROL] = generate(world, swapped, swapped_acts, cfg.context, cfg.generate,
                                                 _cache_of("multilevel", cfg), cfg.steps, cfg.cfg, seed, bar,
                                                 shift=cfg.shift, generated_noise=cfg.generated_noise,
-                                                temperature=cfg.temperature, still_frames=cfg.still_frames)
+                                                temperature=cfg.temperature, still_frames=cfg.still_frames,
+                                                memory_frames=cfg.memory_frames or None)
                 donor_id = donor.id
             timing["generate_s"] += time.perf_counter() - t0
             timing["frames"] += cfg.generate * len(gen_names)
@@ -1177,7 +1190,8 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             episodes.append(scored)
             if cfg.teacher_forcing:
                 tf = teacher_forced(world, truth, acts, cfg.context, cfg.generate, cfg.steps, cfg.cfg, seed, bar,
-                                    cache_mode=cfg.long_cache, shift=cfg.shift, temperature=cfg.temperature)
+                                    cache_mode=cfg.long_cache, shift=cfg.shift, temperature=cfg.temperature,
+                                    memory_frames=cfg.memory_frames or None)
                 tgen = {"teacher_forced": tf, "teacher_copy": truth[cfg.context - 1:length - 1]}
                 tsc = score_episode(truth, tgen, poses, cfg.context, window, lpips)
                 tsc.update(id=ep.id)
