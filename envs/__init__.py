@@ -20,7 +20,7 @@ _register("worldsim/MemoryMaze-v0", "envs.memory_maze:MemoryMazeEnv")
 _register("worldsim/Dream-v0", "worldsim.dream_env:DreamEnv")
 
 
-def make_untimed(env_id: str, settings: dict | None = None):
+def make_untimed(env_id: str, settings: dict | None = None) -> "gym.Env":
     """`gym.make(env_id, **settings)` without the simulator's own step limit (`max_steps`, whose
     truncation needs a reset): a player, the dream's reality view and eval's probes walk as long
     as they need. Also when the settings leave it out, where the simulator's default (Maze-v0:

@@ -170,11 +170,7 @@ class Atlas:
     n_colours: int
     n_floor_colours: int
 
-    @property
-    def n_wall_textures(self) -> int:
-        return self.n_tints * self.n_shapes * self.n_colours
-
-    def wall_texture_id(self, tint, shape, colour):
+    def wall_texture_id(self, tint: int, shape: int, colour: int) -> int:
         return (tint * self.n_shapes + shape) * self.n_colours + colour
 
 

@@ -201,7 +201,6 @@ class DMLabEnv(SimulatorEnv):
         except RuntimeError as exc:  # DeepMind Lab's way of saying: unknown level, bad setting or renderer
             raise ValueError(f"DeepMind Lab cannot start level {self.level!r} with config {self.lab_config} "
                              f"and renderer {self.renderer!r}: {exc}") from None
-        self.lab_observations = observations
         self._check_action_spec(self._lab.action_spec())
         self._vectors = self._action_vectors()
 
@@ -232,7 +231,7 @@ class DMLabEnv(SimulatorEnv):
         """The 7-int np.intc vector sent to `lab.step` for one of our actions."""
         return self._vectors[int(action)].copy()
 
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
         maze_seed = self._pick_maze_seed(options)
         self._lab.reset(seed=maze_seed)
@@ -246,7 +245,7 @@ class DMLabEnv(SimulatorEnv):
         self._read(obs)
         return self._frame.copy(), self._info()
 
-    def step(self, action):
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         if self._needs_reset:
             raise RuntimeError("DMLabEnv: call reset() before step() (and after an episode ends)")
         if not self.action_space.contains(action):
@@ -264,7 +263,7 @@ class DMLabEnv(SimulatorEnv):
             self._needs_reset = True
         return self._frame.copy(), reward, False, truncated, self._info()
 
-    def render(self):
+    def render(self) -> np.ndarray | None:
         if self.render_mode == "rgb_array":
             return self._frame.copy()
         return None
@@ -287,7 +286,6 @@ class DMLabEnv(SimulatorEnv):
         if not (look["min"] <= -lp and lp <= look["max"]):
             raise ValueError(f"look_pixels={self.look_pixels} is outside DeepMind Lab's bounds "
                              f"[{look['min']}, {look['max']}]")
-        self._action_spec = spec
 
     def _action_vectors(self) -> list[np.ndarray]:
         index = {name: i for i, name in enumerate(ACTION_SPEC_NAMES)}

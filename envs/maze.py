@@ -188,7 +188,7 @@ class MazeEnv(SimulatorEnv):
             "supersample": self.supersample,
         }
 
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
         maze_seed = self._pick_maze_seed(options)
         self._build_maze(maze_seed)
@@ -201,7 +201,7 @@ class MazeEnv(SimulatorEnv):
         self._frame = self._render()
         return self._frame.copy(), self._info()
 
-    def step(self, action):
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         if self._needs_reset:
             raise RuntimeError("MazeEnv: call reset() before step() (and after an episode is truncated)")
         if not self.action_space.contains(action):  # not 1.5 taken as 1, nor "forward"
@@ -223,7 +223,7 @@ class MazeEnv(SimulatorEnv):
             self._needs_reset = True
         return self._frame.copy(), 0.0, False, truncated, self._info()
 
-    def render(self):
+    def render(self) -> np.ndarray | None:
         if self.render_mode == "rgb_array" and self._frame is not None:
             return self._frame.copy()
         return None

@@ -215,7 +215,7 @@ class MemoryMazeEnv(SimulatorEnv):
             "max_steps": self.max_steps,
         }
 
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
         maze_seed = self._pick_maze_seed(options)
         if maze_seed == self._compiled_seed and self._start_state is not None:
@@ -231,7 +231,7 @@ class MemoryMazeEnv(SimulatorEnv):
         self._read(ts.observation, layout=True)
         return self._frame.copy(), self._info()
 
-    def step(self, action):
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         if self._needs_reset:
             raise RuntimeError("MemoryMazeEnv: call reset() before step() (and after an episode ends)")
         if not self.action_space.contains(action):
@@ -248,7 +248,7 @@ class MemoryMazeEnv(SimulatorEnv):
         reward = float(ts.reward or 0.0)
         return self._frame.copy(), reward, terminated, truncated, self._info()
 
-    def render(self):
+    def render(self) -> np.ndarray | None:
         if self.render_mode == "rgb_array" and self._frame is not None:
             return self._frame.copy()
         return None

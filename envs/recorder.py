@@ -183,7 +183,9 @@ def _close_env() -> None:
 
 
 def episode_rngs(seed: int, maze_seed: int) -> tuple[int, np.random.Generator]:
-    """(reset seed, policy generator) of the episode on `maze_seed`."""
+    """(reset seed, policy generator) of the episode on `maze_seed`: the two children of
+    SeedSequence([seed, maze_seed, 0x57]), each taken modulo 2**32. The index records this recipe as
+    "SeedSequence([seed, maze_seed])", a string that resume compares, so it stays as it was written."""
     ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(maze_seed) & 0xFFFFFFFF, 0x57])
     reset_ss, policy_ss = ss.spawn(2)
     return int(reset_ss.generate_state(1)[0] & 0x7FFFFFFF), np.random.default_rng(policy_ss)
@@ -470,7 +472,7 @@ def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> di
 
     plan = []
     adopted = 0
-    for k, maze_seed in enumerate(plan_maze_seeds(cfg.episodes, cfg.start_maze_seed, cfg.split)):
+    for k, maze_seed in enumerate(planned):
         eid = episode_id(k)
         entry = {"id": eid, "file": f"{EPISODES_DIR}/{eid}.npz", "length": cfg.length,
                  "maze_seed": maze_seed, "split": split_for_maze_seed(maze_seed)}

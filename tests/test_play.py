@@ -116,6 +116,9 @@ def test_keymaps_are_names_and_checked(tmp_path):
     path = tmp_path / "keys.json"
     path.write_text('{"i": "forward", "J": "turn_left"}')
     assert load_keymap(str(path), ACTIONS) == {"i": "forward", "j": "turn_left"}
+    # Windows PowerShell 5's `Set-Content -Encoding UTF8` starts the file with a byte-order mark
+    path.write_bytes(b'\xef\xbb\xbf{"\xc3\xa9": "forward"}')
+    assert load_keymap(str(path), ACTIONS) == {"\u00e9": "forward"}
     path.write_text('{"i": "jump"}')
     with pytest.raises(KeymapError, match="unknown action 'jump'"):
         load_keymap(str(path), ACTIONS)

@@ -298,7 +298,7 @@ class DreamEnv(gym.Env):
         self._reality_ok = True
         return np.stack(frames), np.asarray(actions, dtype=np.int64)
 
-    def _context_from_dataset(self, episode: int | str | None) -> tuple[np.ndarray, np.ndarray]:
+    def _context_from_dataset(self, episode: int | str | None, sim_seed: int) -> tuple[np.ndarray, np.ndarray]:
         ds = self._dataset
         assert ds is not None
         negative = (isinstance(episode, (int, np.integer)) and not isinstance(episode, bool) and episode < 0) or (
@@ -320,14 +320,14 @@ class DreamEnv(gym.Env):
         actions = np.asarray(ep.actions[: self.context_frames], dtype=np.int64)
         self._reality_ok = False
         if self.reality and self.simulator_spec and ep.maze_seed is not None and ep.poses is not None:
-            self._place_reality(ep.maze_seed, ep.poses[self.context_frames - 1])
+            self._place_reality(sim_seed, ep.maze_seed, ep.poses[self.context_frames - 1])
         return frames, actions
 
-    def _place_reality(self, maze_seed: int, pose: np.ndarray) -> None:
+    def _place_reality(self, sim_seed: int, maze_seed: int, pose: np.ndarray) -> None:
         """Put the real simulator where the recorded episode's context ends (maze seed + pose)."""
         try:
             sim = self._simulator()
-            _, info = sim.reset(options={"maze_seed": int(maze_seed)})
+            sim.reset(seed=sim_seed, options={"maze_seed": int(maze_seed)})  # seeded: never the OS's entropy
             obs = sim.unwrapped.set_pose(*(float(v) for v in pose))
         except Exception:  # reality is a bonus view (a simulator without set_pose ...): never fail the dream
             return
@@ -377,7 +377,7 @@ class DreamEnv(gym.Env):
 
     # ------------------------------------------------------------------ gym API
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         """New world. `options`: `maze_seed` (simulator start) or `episode` (dataset start)."""
         super().reset(seed=seed)
         self._closed = False  # a reset after close() opens what it needs again
@@ -396,7 +396,7 @@ class DreamEnv(gym.Env):
         sim_seed = int(self.np_random.integers(2**31 - 1))
         noise_seed = int(self.np_random.integers(2**31 - 1))
         if self._dataset is not None:
-            frames, actions = self._context_from_dataset(options.get("episode", self._episode))
+            frames, actions = self._context_from_dataset(options.get("episode", self._episode), sim_seed)
         else:
             frames, actions = self._context_from_simulator(sim_seed, options.get("maze_seed"))
         from worldsim.world import with_still_frames  # (loaded with the world already; kept out of the import)
@@ -412,7 +412,7 @@ class DreamEnv(gym.Env):
             self.render()
         return self._frame.copy(), self._info(None, 0.0)
 
-    def step(self, action):
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         if self._session is None:
             raise RuntimeError("DreamEnv.step() called after close()" if self._closed
                                else "DreamEnv.step() called before reset()")
@@ -440,7 +440,7 @@ class DreamEnv(gym.Env):
             self.render()
         return self._frame.copy(), 0.0, False, False, self._info(action, gen_time)
 
-    def render(self):
+    def render(self) -> np.ndarray | None:
         if self.render_mode is None:
             gym.logger.warn("DreamEnv.render() called without a render_mode (use 'rgb_array' or 'human')")
             return None

@@ -79,7 +79,7 @@ def load_keymap(spec: str | os.PathLike, action_names: Sequence[str]) -> dict[st
     if not path.exists():
         raise KeymapError(f"keymap {text!r}: neither a built-in keymap ({', '.join(KEYMAPS)}) nor an existing JSON file")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: PowerShell's UTF-8 starts with a BOM
     except (OSError, ValueError) as exc:  # ValueError: bad JSON, and bytes that are not UTF-8
         raise KeymapError(f"{path}: cannot read keymap JSON ({exc})") from None
     return validate_keymap(data, action_names, source=str(path))

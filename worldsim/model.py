@@ -18,7 +18,10 @@ API
           -> new_kv of clean context frames (fine, or re-encoded coarsely for L2).
       .frames_kv([(latents, actions, aug, start_frame, coarse), ...], past_kv) -> [new_kv per part]
           several groups (coarse first) in one pass, e.g. a frame entering L2 + the window re-encoded.
-      The cached entry points (forward_frames, predict_frame, frame_kv, frames_kv) run an
+      .frames_kv_and_velocity(parts, x_t, t, action, frame_index, past_kv, cache_visible=None)
+          -> (velocity [B,C,h,w], [new_kv per part]): frames_kv then predict_frame as one pass.
+      The cached entry points (forward_frames, predict_frame, frame_kv, frames_kv,
+      frames_kv_and_velocity) run an
       inference twin of the blocks (FARBlock.infer): same math as forward(), with per-frame adaLN
       modulations (memoised on the CPU) and RoPE tables, one additive mask per call and the cache
       attended in place (KVBuffer) - training (forward) is untouched.
@@ -446,7 +449,7 @@ def apply_rope_full(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -
     products and sums (x0 cos - x1 sin, x1 cos + x0 sin) in fewer kernels (inference path)."""
     cos, sin = table
     xf = x.float()
-    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (B, H, L, Dh): pairs (x1, x0)
     return (xf * cos + swapped * sin).type_as(x)
 
 
@@ -605,7 +608,7 @@ class FARBlock(nn.Module):
             i, h = hs[0]
             outs[i] = torch.addcmul(outs[i], mods[i][5], self.mlp(h))
         else:  # the MLP is shared by coarse and fine tokens: one pass over all of them
-            flat = self.mlp(torch.cat([h.flatten(1, 2) for _, h in hs], dim=1))
+            flat = self.mlp(torch.cat([h.flatten(1, 2) for _, h in hs], dim=1))  # (B, sum of F*n, D)
             start = 0
             for i, h in hs:
                 B, Fn, n, D = h.shape
@@ -770,8 +773,9 @@ class FAR(nn.Module):
             for j, k in enumerate(missing):
                 memo[k] = [o[0, j] for o in outs]
         if len(keys) == 1:
-            rows = [r.view(1, 1, 1, -1) for r in memo[keys[0]]]
+            rows = [r.view(1, 1, 1, -1) for r in memo[keys[0]]]  # per block: (1, 1, 1, 6D; the final layer's 2D)
         else:
+            # per block: (B, Fn, 1, 6D; the final layer's 2D)
             rows = [torch.stack([memo[k][i] for k in keys]).view(B, Fn, 1, -1) for i in range(len(self.blocks) + 1)]
         return [r.chunk(r.shape[-1] // D, dim=-1) for r in rows]
 
@@ -789,7 +793,7 @@ class FAR(nn.Module):
         D = self.config.width
         res = []
         for o in outs:
-            o = o.view(B, Fn, 1, -1).clone()
+            o = o.view(B, Fn, 1, -1).clone()  # (B, Fn, 1, 6D; the final layer's 2D)
             for j in range(1, o.shape[-1] // D, 3):
                 o[..., j * D : (j + 1) * D] += 1
             res.append(o.chunk(o.shape[-1] // D, dim=-1))
@@ -936,6 +940,7 @@ class FAR(nn.Module):
             cache_masked = bool(hidden) and i < len(self.blocks) - 1
             xs, (k, v) = block.infer(xs, [m[i] for m in mods], ropes, coarse,
                                      None if past_kv is None else past_kv[i], mask, outputs, cache_masked)
+            # per part: (B, heads, F*n of that part, head_dim)
             new_kv.append(list(zip(k.split(sizes, dim=2), v.split(sizes, dim=2))) if len(xs) > 1 else [(k, v)])
         if not need_output:
             return None, new_kv

@@ -14,7 +14,7 @@ Keys (default keymap; `--keymap arrows|wasd|FILE.json` maps key names to action 
 
 The HUD shows the measured frames per second, the frame index, the world model's memory
 (L2 = compressed frames that left the short window: frames, tokens, cache MB; it grows by one
-frame's L2 tokens per step) and the sampler's settings (steps, timestep shift, generated-frame
+frame's L2 tokens per step, up to --memory-frames) and the sampler's settings (steps, timestep shift, generated-frame
 noise, temperature).
 
 Play generates with the approximate `multilevel-fast` cache by default: the exact `multilevel`
@@ -180,7 +180,7 @@ def compose(dream: np.ndarray, reality: np.ndarray | None, side_by_side: bool) -
 
 
 def resident_memory_bytes() -> int:
-    """Current resident set size of this process (0 where it cannot be read)."""
+    """Current resident set size of this process (its peak where /proc is missing; 0 where neither can be read)."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:

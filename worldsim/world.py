@@ -12,7 +12,7 @@ API
       .new_session(context_frames uint8 [K,H,W,3], context_actions int64 [K],
                    cache_mode="multilevel"|"multilevel-fast"|"kv"|"none"|"sliding" (or a GenerationContext),
                    steps=None, cfg=None, seed=None, context_noise=None, generated_noise=None,
-                   shift=None, temperature=None) -> Session
+                   shift=None, temperature=None, memory_frames=None) -> Session
     Session
       .predict(action) -> uint8 [H,W,3]      generate the next frame, do not append it
       .append(frame uint8 [H,W,3], action)   append a given (ground-truth) frame
