@@ -3,6 +3,7 @@ conditioning, batched CFG attention, merged L2 + L1 re-encoding (tiny preset, CP
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from worldsim.cache import UncachedContext, make_context
@@ -82,6 +83,22 @@ def test_fork_does_not_share_the_in_place_buffers():
     replay = world.new_session(frames, actions, steps=2, cfg=1.5, seed=3)
     assert torch.equal(s.step_latent(1), replay.step_latent(1))
     assert torch.equal(s.step_latent(4), replay.step_latent(4))
+
+
+@pytest.mark.parametrize("mode", ["multilevel", "multilevel-fast", "kv", "sliding"])
+def test_a_fork_made_outside_inference_mode_flushes_and_steps_like_its_source(mode):
+    """A caller's own code runs outside Session's inference mode: forking there and bringing the
+    twin's cache up to date (context.flush()) raised "Inference tensors cannot be saved for backward"
+    in multilevel-fast, whose clones became normal tensors beside its other inference tensors."""
+    world = tiny_world()
+    frames, actions = context(6)
+    s = world.new_session(frames, actions, steps=2, cfg=1.0, seed=3, cache_mode=mode)
+    s.step_latent(1)
+    s.append_latent(s.predict_latent(2), 2)  # appended frames wait for the next query
+    twin = s.fork()
+    twin.context.flush()
+    s.context.flush()  # (a flush encodes apart what the next query would have fused: the same, up to rounding)
+    assert torch.equal(twin.step_latent(3), s.step_latent(3))
 
 
 def test_frames_kv_equals_separate_frame_kv_calls():

@@ -282,7 +282,10 @@ class KVBuffer:
     def clone(self) -> "KVBuffer":
         twin = KVBuffer()
         if self.k is not None:
-            twin.k, twin.v, twin.length = self.k.clone(), self.v.clone(), self.length
+            # a cache of inference tensors stays one when forked outside inference mode: a clone there
+            # would be a normal tensor, which the next flush would mix with the context's others
+            with torch.inference_mode(self.k.is_inference()):
+                twin.k, twin.v, twin.length = self.k.clone(), self.v.clone(), self.length
         return twin
 
     def attend(
