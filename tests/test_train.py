@@ -512,6 +512,56 @@ def test_latent_cache_that_was_cut_short_or_edited_is_rebuilt_not_trusted(datase
     assert [a.tolist() for a in store.actions] == good_meta["actions"]
 
 
+def test_latent_cache_on_a_full_disk_is_an_error_naming_it_and_leaves_no_temp_file(dataset, tmp_path, monkeypatch):
+    """The cache was written through a memory map: a full disk killed the trainer with SIGBUS ("Bus
+    error") and left its temp file, as large as the cache, on the full disk. Writes now fail as an
+    OSError naming the cache; a temp file a killed run left is swept by the next build."""
+    import builtins
+
+    from worldsim.latents import build_cache, cache_paths, load_cached, load_frames
+
+    data, cache = str(dataset), tmp_path / "latents"
+    frames = load_frames([data], "train", warn=lambda _: None)
+    cache.mkdir()
+    (cache / ".left-by-a-killed-run.npy.abc.tmp.npy").write_bytes(b"\0" * 1000)
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, fh):
+            self.fh, self.written = fh, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 3000:  # a few frames in
+                raise OSError(28, "No space left on device")
+            return self.fh.write(data)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    def opener(file, mode="r", *args, **kwargs):
+        fh = real_open(file, mode, *args, **kwargs)
+        return FullDisk(fh) if "w" in mode and str(file).endswith(".tmp.npy") else fh
+
+    monkeypatch.setattr(builtins, "open", opener)
+    npy, _ = cache_paths(cache, data, "train", "h" * 16)
+    with pytest.raises(OSError, match="No space left") as err:
+        build_cache(cache, data, "train", "h" * 16, frames, _encode_red)
+    assert err.value.filename == str(npy)
+    assert sorted(p.name for p in cache.iterdir()) == []  # neither this temp file nor the stale one
+    monkeypatch.setattr(builtins, "open", real_open)
+    build_cache(cache, data, "train", "h" * 16, frames, _encode_red)
+    store = load_cached(cache, data, "train", "h" * 16)
+    first = frames.videos[0]
+    assert np.array_equal(store.latents[0], _encode_red(first).astype(np.float16))
+
+
 def test_episode_ids_and_paths_with_colons_round_trip(dataset, tmp_path):
     """Index-less folders name episodes after their files, and 'run:1.npz' is a valid file name."""
     from worldsim.latents import build_cache, load_cached, load_frames, split_source

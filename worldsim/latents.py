@@ -272,19 +272,29 @@ def build_cache(cache_dir: Path, path: str, split: str, ae_hash: str, frames: Fr
     offsets: list[int] = []
 
     def write(tmp: Path) -> None:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+        # plain writes in order, not a memory map: a full disk is then an OSError naming the cache,
+        # where a map's page that cannot be stored kills the process with SIGBUS ("Bus error")
         pos = 0
-        episodes = range(len(frames.videos))
-        for e in (episodes if progress is None else progress(episodes)):
-            video = frames.videos[e]
-            offsets.append(pos)
-            for s in range(0, len(video), batch_frames):
-                chunk = encode(video[s:s + batch_frames])
-                out[pos + s:pos + s + len(chunk)] = chunk.astype(np.float16)
-            pos += len(video)
-        out.flush()
-        del out
+        with open(tmp, "wb") as fh:
+            np.lib.format.write_array_header_1_0(fh, {"descr": np.dtype("<f2").str, "fortran_order": False,
+                                                      "shape": shape})
+            episodes = range(len(frames.videos))
+            for e in (episodes if progress is None else progress(episodes)):
+                video = frames.videos[e]
+                offsets.append(pos)
+                for s in range(0, len(video), batch_frames):
+                    chunk = encode(video[s:s + batch_frames])
+                    if chunk.shape[1:] != shape[1:]:
+                        raise ValueError(f"encoder gave latents of shape {chunk.shape[1:]}, expected {shape[1:]}")
+                    fh.write(np.ascontiguousarray(chunk, dtype="<f2").tobytes())
+                pos += len(video)
+        if pos != total:
+            raise ValueError(f"{path}: {pos} frames encoded, {total} expected")
 
+    # a run killed while writing (SIGKILL, or SIGBUS before this wrote in order) leaves its temp
+    # file; only this run's trainer writes here, so no other writer owns one
+    for stale in cache_dir.glob(".*.tmp.npy"):
+        stale.unlink(missing_ok=True)
     atomic_write(npy, write, suffix=".tmp.npy")
     meta = {
         "version": LATENT_FORMAT_VERSION,
