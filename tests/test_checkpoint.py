@@ -164,6 +164,32 @@ def test_config_values_of_the_wrong_type_name_the_key(saved, key, value, message
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize("section, key", [("far", "window"), ("far", "depth"), ("autoencoder", "resolution"),
+                                          ("autoencoder", "latent_channels")])
+def test_a_config_lacking_a_model_key_is_refused_by_name(saved, section, key):
+    """Without far.window the model loaded with the default window, 16, not the one it was trained
+    with, and played; a missing depth or resolution was blamed on the default's value."""
+    _, path = saved
+    config = json.loads((path / "config.json").read_text())
+    del config[section][key]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"{path}.*{section} lacks '{key}'"):
+        load_checkpoint(path)
+
+
+def test_keys_older_versions_did_not_write_load_with_their_old_meaning(saved):
+    """Checkpoints from before the context labels and the deepened decoder lack those keys."""
+    _, path = saved
+    config = json.loads((path / "config.json").read_text())
+    for key in ("clean_t", "long_context_t"):
+        del config["far"][key]
+    del config["autoencoder"]["decoder_blocks_per_level"]
+    (path / "config.json").write_text(json.dumps(config))
+    ck = load_checkpoint(path)
+    assert (ck.far.config.clean_t, ck.far.config.long_context_t) == (-1.0, -2.0)
+    assert ck.autoencoder.config.decoder_blocks_per_level is None
+
+
 @pytest.mark.parametrize("depth", [1, 3])
 def test_a_config_depth_other_than_the_weights_is_named(saved, tmp_path, depth):
     """A hand-edited or mismatched config.json: the error states both depths, not only tensor names."""

@@ -5,7 +5,7 @@ API
                     simulator=None, data_summary=None, step=0, extra=None, far_dtype="float32") -> Path
     load_checkpoint(path, device=None, resolution=None, action_names=None) -> Checkpoint
     read_config(path) -> dict                        # config.json only, validated (keys and types)
-    check_field_types(ConfigClass, d, what, path)    # d's values have the dataclass fields' types
+    check_field_types(ConfigClass, d, what, path)    # d has every field (but MAY_BE_ABSENT's) with its type
     check_tensors(path, module, given, prefix="", float_dtype=float32)  # shapes, dtypes, finite values
     stored_far_dtype(config) -> "float32" | "bfloat16"  # how the file stores the transformer
     Checkpoint(autoencoder, far, config: dict, path)  # .action_names .resolution .sampler .simulator .step .far_dtype
@@ -33,6 +33,7 @@ that a torn save is detected on load.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -215,11 +216,21 @@ def save_checkpoint(
     return path
 
 
+# keys of config.json's objects that older versions did not write: their defaults are what those
+# versions meant (from_dict fills them in); any other missing key would load as a default silently
+MAY_BE_ABSENT = {"far": ("clean_t", "long_context_t"), "autoencoder": ("decoder_blocks_per_level",)}
+
+
 def check_field_types(cls: type, d: object, what: str, path: str | os.PathLike) -> None:
-    """config.json's `what` object holds values of the types of `cls`'s fields (an int is not a
-    bool or a float, say): else the model would be built from strings or crash on its arithmetic."""
+    """config.json's `what` object holds every field of `cls` (but those MAY_BE_ABSENT) with values
+    of the fields' types (an int is not a bool or a float, say): else the model would be built from
+    strings, crash on its arithmetic, or take a default it was not trained with (a window of 16)."""
     if not isinstance(d, dict):
         raise CheckpointError(path, f"{CONFIG_NAME}: {what} must be an object, got {d!r}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.name not in MAY_BE_ABSENT.get(what, ())]
+    if missing:
+        raise CheckpointError(path, f"{CONFIG_NAME}: {what} lacks {', '.join(repr(k) for k in missing)} "
+                                    "(a config edited by hand, or written by another tool?)")
     hints = typing.get_type_hints(cls)
 
     def fits(value: object, kind: object) -> bool:
