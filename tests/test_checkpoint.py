@@ -71,6 +71,28 @@ def test_resave_over_existing_folder_keeps_other_files(saved):
     load_checkpoint(path, device="cpu")
 
 
+def test_a_full_disk_while_resaving_keeps_the_old_checkpoint_whole(saved, monkeypatch):
+    """A re-save (train --resume re-exporting RUN/checkpoint, WorldModel.save over a folder) replaced
+    the weights first and the config second: the config failing on a full disk left new bf16 weights
+    beside the old config, a checkpoint that no longer loaded. Both are written before either lands."""
+    import worldsim.checkpoint as checkpoint_module
+
+    world, path = saved
+    before = {name: (path / name).read_bytes() for name in ("config.json", "model.safetensors")}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.json, "dump", full_disk)
+    with pytest.raises(OSError, match="No space left") as err:
+        world.save(path, step=999, far_dtype="bfloat16")
+    assert err.value.filename == str(path / "config.json")  # what was being written, not a temp name
+    assert {name: (path / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]  # no temp files
+    monkeypatch.undo()
+    assert load_checkpoint(path, device="cpu").step == 123
+
+
 def test_a_saved_checkpoint_reads_like_any_file_the_user_makes(saved, tmp_path):
     """Checkpoints are shared and played by others: not the 0700 / 0600 of mkdtemp and mkstemp,
     whether the folder is new or its files are replaced."""

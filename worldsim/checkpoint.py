@@ -49,7 +49,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from worldsim.autoencoder import Autoencoder, AutoencoderConfig
-from worldsim.dataset import atomic_write, name_the_target, readable_like_any_file
+from worldsim.dataset import name_the_target, readable_like_any_file
 from worldsim.model import FAR, FARConfig
 from worldsim.sampler import setting_problem
 
@@ -211,8 +211,29 @@ def save_checkpoint(
     else:
         if not path.is_dir():
             raise CheckpointError(path, "exists and is not a folder")
-        atomic_write(path / WEIGHTS_NAME, lambda tmp: write_weights(str(tmp)))
-        atomic_write(path / CONFIG_NAME, lambda tmp: write_config(str(tmp)))
+        # both files are written in full before either replaces its old one: a full disk (or a
+        # Ctrl-C) while writing the second must not leave new weights beside the old config
+        temps: dict[str, str] = {}
+        name = WEIGHTS_NAME
+        try:
+            for name, write in ((WEIGHTS_NAME, write_weights), (CONFIG_NAME, write_config)):
+                fd, temps[name] = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path)
+                os.close(fd)
+                write(temps[name])
+                fd = os.open(temps[name], os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                readable_like_any_file(temps[name])
+            for name in (WEIGHTS_NAME, CONFIG_NAME):
+                os.replace(temps.pop(name), path / name)
+        except BaseException as exc:
+            for tmp in temps.values():
+                Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError):  # name the file being written, not its temp twin
+                name_the_target(exc, path / name)
+            raise
     return path
 
 
