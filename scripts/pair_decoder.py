@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from worldsim.checkpoint import CheckpointError
-from worldsim.dataset import readable_like_any_file
+from worldsim.dataset import name_the_target, readable_like_any_file
 from worldsim.train import TrainError, export_with_decoder, load_autoencoder
 
 
@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp, out)
         tmp = None
     except (TrainError, CheckpointError, OSError) as exc:
+        if isinstance(exc, OSError):  # a full disk: name OUT, not the temp folder that is removed
+            name_the_target(exc, out)
         print(f"pair_decoder: {exc}", file=sys.stderr)
         return 1
     finally:

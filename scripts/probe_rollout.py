@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from worldsim import metrics
 from worldsim.cache import GenerationContext, make_context
-from worldsim.dataset import Dataset
+from worldsim.dataset import Dataset, atomic_write
 from worldsim.evaluate import memory_donor, resolve_checkpoint, with_other_memory
 from worldsim.world import WorldModel
 
@@ -77,6 +78,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.teacher_forced and args.roundtrip:
         ap.error("--roundtrip changes what a rollout appends; teacher forcing appends the ground truth")
+    save = None
+    if args.save:  # checked now, not after the whole probe
+        save = Path(args.save if args.save.endswith(".npz") else args.save + ".npz")  # as np.savez names it
+        if not save.parent.is_dir():
+            ap.error(f"--save {args.save}: no folder {save.parent}")
 
     torch.set_num_threads(args.threads)
     world = WorldModel.load(resolve_checkpoint(args.checkpoint))
@@ -129,8 +135,12 @@ def main() -> None:
         "episodes": args.episodes, "overall": round(float(np.mean([r.mean() for r in rows])), 2),
         "revisit": mean(flat[mask]), "rest": mean(flat[~mask]),
         "first_16": round(float(np.mean([r[:16].mean() for r in rows])), 2), "seconds": round(time.time() - t0)}))
-    if args.save:
-        np.savez(args.save, psnr=np.stack(rows), revisit=np.stack(masks))
+    if save is not None:  # an interrupted or failed write keeps an earlier file whole
+        try:
+            atomic_write(save, lambda tmp: np.savez(tmp, psnr=np.stack(rows), revisit=np.stack(masks)),
+                         suffix=".tmp.npz")
+        except OSError as exc:
+            raise SystemExit(f"probe_rollout: {exc}") from None
 
 
 if __name__ == "__main__":

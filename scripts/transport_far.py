@@ -14,17 +14,18 @@ must not exist yet.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from worldsim.checkpoint import CONFIG_NAME, CheckpointError, load_checkpoint, save_checkpoint, stored_far_dtype
-from worldsim.dataset import readable_like_any_file
+from worldsim.checkpoint import (CONFIG_NAME, FAR_DTYPES, CheckpointError, check_tensors, load_checkpoint,
+                                 read_config, save_checkpoint, save_tensors, stored_far_dtype)
+from worldsim.dataset import name_the_target, readable_like_any_file
 from worldsim.latents import tensors_hash
 from worldsim.model import FAR, FARConfig
 
@@ -45,12 +46,14 @@ def strip(checkpoint: Path, out: Path) -> Path:
     far = {k: v for k, v in stored.items() if k.startswith("far.")}
     tmp = _new_folder(out)
     try:
-        save_file(far, str(tmp / FAR_FILE), metadata={"autoencoder_sha256": tensors_hash(ck.autoencoder.state_dict())})
+        save_tensors(far, tmp / FAR_FILE, {"autoencoder_sha256": tensors_hash(ck.autoencoder.state_dict())})
         shutil.copy2(checkpoint / CONFIG_NAME, tmp / CONFIG_NAME)
         readable_like_any_file(tmp)  # mkdtemp's 0700, safetensors' 0600
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):  # a full disk: name OUT, not the temp folder that is gone
+            name_the_target(exc, out)
         raise
     return out
 
@@ -59,16 +62,25 @@ def join(stripped: Path, autoencoder_checkpoint: Path, out: Path) -> Path:
     """Pair STRIPPED's transformer with AUTOENCODER_CHECKPOINT's autoencoder into the checkpoint OUT."""
     from safetensors import safe_open
 
-    config = json.loads((stripped / CONFIG_NAME).read_text())
-    with safe_open(str(stripped / FAR_FILE), "pt") as f:
-        wanted = (f.metadata() or {}).get("autoencoder_sha256")
+    config = read_config(stripped)  # a stripped folder keeps its checkpoint's config.json
+    far_file = stripped / FAR_FILE
+    try:  # a copy cut short on its way home is the likely damage
+        with safe_open(str(far_file), "pt") as f:
+            wanted = (f.metadata() or {}).get("autoencoder_sha256")
+        tensors = load_file(str(far_file))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(far_file, f"unreadable transformer weights ({exc})") from None
     base = load_checkpoint(autoencoder_checkpoint, device="cpu")
     if base.config["autoencoder"] != config["autoencoder"] or tensors_hash(base.autoencoder.state_dict()) != wanted:
         raise CheckpointError(autoencoder_checkpoint, f"its autoencoder is not the one the transformer in {stripped} "
                                                       "was trained on (config or weights differ)")
     far = FAR(FARConfig.from_dict(config["far"]))
-    tensors = load_file(str(stripped / FAR_FILE))
-    far.load_state_dict({k[len("far."):]: v.float() for k, v in tensors.items()}, strict=True)
+    unexpected = sorted(set(tensors) - {"far." + k for k in far.state_dict()})
+    if unexpected:
+        raise CheckpointError(far_file, f"unexpected tensor(s) {unexpected[:5]}")
+    given = {k[len("far."):]: v for k, v in tensors.items()}
+    check_tensors(far_file, far, given, prefix="far.", float_dtype=FAR_DTYPES[stored_far_dtype(config)])
+    far.load_state_dict({k: v.float() for k, v in given.items()}, strict=True)
     tmp = _new_folder(out)
     try:
         save_checkpoint(tmp / "ck", base.autoencoder, far, action_names=config["action_names"],
@@ -76,6 +88,9 @@ def join(stripped: Path, autoencoder_checkpoint: Path, out: Path) -> Path:
                         data_summary=config.get("data"), step=config.get("step", 0), extra=config.get("extra"),
                         far_dtype=stored_far_dtype(config))
         os.replace(tmp / "ck", out)
+    except OSError as exc:  # a full disk: name OUT, not the temp folder that is gone
+        name_the_target(exc, out)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

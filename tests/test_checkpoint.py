@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 
 import numpy as np
@@ -394,3 +395,23 @@ def test_a_transformer_carried_without_its_autoencoder_is_rejoined_bit_for_bit(s
     assert not (tmp_path / "wrong").exists()
     again = run("join", tmp_path / "far", path, tmp_path / "joined")
     assert again.returncode == 1 and "already exists" in again.stderr
+
+    # what a copy cut short or edited on its way home gives: one line naming the file, no traceback
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "far", damaged)
+    weights = (damaged / "far.safetensors").read_bytes()
+    (damaged / "far.safetensors").write_bytes(weights[: len(weights) // 2])
+    said = run("join", damaged, path, tmp_path / "j1")
+    assert said.returncode == 1 and str(damaged / "far.safetensors") in said.stderr, said.stderr
+    assert "unreadable transformer weights" in said.stderr and len(said.stderr.strip().splitlines()) == 1
+    (damaged / "far.safetensors").write_bytes(weights)
+    config = json.loads((damaged / "config.json").read_text())
+    del config["far"]
+    (damaged / "config.json").write_text(json.dumps(config))
+    said = run("join", damaged, path, tmp_path / "j2")
+    assert said.returncode == 1 and str(damaged) in said.stderr and "'far'" in said.stderr, said.stderr
+    assert len(said.stderr.strip().splitlines()) == 1, said.stderr
+    (damaged / "config.json").write_text("{not json")
+    said = run("join", damaged, path, tmp_path / "j3")
+    assert said.returncode == 1 and str(damaged) in said.stderr and "corrupt config.json" in said.stderr, said.stderr
+    assert not any(p.name.startswith((".j1", ".j2", ".j3", "j1", "j2", "j3")) for p in tmp_path.iterdir())

@@ -837,6 +837,16 @@ def test_a_damaged_training_state_is_named_on_resume(trained, tmp_path, capsys):
         assert main(["train", "--resume", str(run), "--far-steps", "5"]) == 1
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+    # the autoencoder's config.json of the run: an AttributeError or JSONDecodeError traceback before
+    for text, message in (("[1, 2]", "not a JSON object"), ("{torn", "unreadable"),
+                          ('{"step": "many"}', "step must be an integer >= 0, got 'many'")):
+        run = tmp_path / "ae-config"
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(trained, run)
+        (run / "autoencoder" / "config.json").write_text(text)
+        assert main(["train", "--resume", str(run), "--far-steps", "5"]) != 0
+        err = capsys.readouterr().err
+        assert f"{run / 'autoencoder' / 'config.json'}: {message}" in err, err
 
 
 def test_a_metrics_line_torn_by_a_full_disk_does_not_block_the_resume(trained, tmp_path, capsys):

@@ -742,6 +742,14 @@ def _read_json_object(file: Path) -> dict:
     return data
 
 
+def _ae_step(ae_dir: Path, default: int) -> int:
+    """The steps the autoencoder in `ae_dir` was trained for, from its config.json."""
+    step = _read_json_object(ae_dir / "config.json").get("step", default)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise TrainError(f"{ae_dir / 'config.json'}: step must be an integer >= 0, got {step!r}")
+    return step
+
+
 def _init_far_dir(path: str | os.PathLike) -> Path:
     """The exported checkpoint that --far-init names: the folder itself or a run folder's checkpoint/."""
     p = Path(path)
@@ -1903,10 +1911,10 @@ def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]
         if not run_ae_stage(trainer, run, data, state if state_stage == "ae" else None):
             return 130
         ae_dir = readable_dir(out / AE_DIR, "config.json")  # its step: fewer than asked when --ae-time-limit hit
-        ae_steps_done = int(json.loads((ae_dir / "config.json").read_text()).get("step", cfg.ae_steps)) if ae_dir else cfg.ae_steps
+        ae_steps_done = _ae_step(ae_dir, cfg.ae_steps) if ae_dir else cfg.ae_steps
     else:
         ae_dir = readable_dir(out / AE_DIR, "config.json")
-        ae_steps_done = int(json.loads((ae_dir / "config.json").read_text()).get("step", 0)) if ae_dir else 0
+        ae_steps_done = _ae_step(ae_dir, 0) if ae_dir else 0
     if cfg.stage in ("far", "both"):
         if not run_far_stage(trainer, run, data, state if state_stage == "far" else None, ae_steps_done):
             return 130
