@@ -102,6 +102,25 @@ def test_context_labels_take_the_fars_scale_and_older_configs_keep_theirs():
     assert FARConfig.from_dict(stored) == FARConfig(clean_t=-1.0, long_context_t=-2.0)
 
 
+def test_long_term_frames_carry_their_own_label_and_noised_context_its_level():
+    """Frames older than the window are labelled long_context_t, not clean_t: the shipped weights
+    learned their memory under that label. A context frame's noise level (aug: training's context
+    noise, play's generated_noise) reaches the model too; models trained with it tell their own
+    frames from real ones by it."""
+    window = PRESETS["tiny"].window
+    frames = window + 3
+    x, a = torch.randn(1, frames, 4, 8, 8), torch.randint(0, 5, (1, frames))
+    t = torch.full((1, frames), PRESETS["tiny"].clean_t)
+    t[:, -1] = 0.6
+    far = random_far()
+    same_label = random_far(dataclasses.replace(PRESETS["tiny"], long_context_t=PRESETS["tiny"].clean_t))
+    with torch.no_grad():
+        assert (far(x, t, a) - same_label(x, t, a)).abs().max() > 1e-4  # the same weights, another label
+        aug = torch.zeros(1, frames)
+        aug[:, -2] = 0.3
+        assert (far(x, t, a, aug)[:, -1] - far(x, t, a)[:, -1]).abs().max() > 1e-4
+
+
 def test_a_plain_kv_cache_serves_cfg_halves_of_a_batch_of_two():
     """A (k, v) tuple cache of batch B under a CFG-doubled query batch 2B: each half sees its own
     rows (it raised for B > 1), as with each half predicted on its own."""

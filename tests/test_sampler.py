@@ -57,6 +57,8 @@ def test_temperature_scales_the_starting_noise_and_zero_is_deterministic():
 
     EulerSampler(4, temperature=0.7).sample(recording, noise_a, action, null_action=0)
     torch.testing.assert_close(starts[0], 0.7 * noise_a)  # the ODE starts from the scaled noise
+    EulerSampler(4, temperature=2.0).sample(recording, noise_a, action, null_action=0)
+    torch.testing.assert_close(starts[4], 2.0 * noise_a)  # above 1 too: a wilder dream, not plain sampling
     plain = [EulerSampler(4).sample(_nonlinear_velocity, n, action, null_action=0) for n in (noise_a, noise_b)]
     cold = [EulerSampler(4, temperature=0.0).sample(_nonlinear_velocity, n, action, null_action=0)
             for n in (noise_a, noise_b)]
@@ -64,6 +66,19 @@ def test_temperature_scales_the_starting_noise_and_zero_is_deterministic():
     torch.testing.assert_close(cold[0], cold[1])  # temperature 0: the same sample whatever the noise
     explicit_one = EulerSampler(4, temperature=1.0).sample(_nonlinear_velocity, noise_a, action, null_action=0)
     assert torch.equal(explicit_one, plain[0])  # 1 is plain sampling, bit for bit
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.5, 2.0])
+def test_guidance_mixes_the_conditional_and_unconditional_velocities_at_any_scale(scale):
+    """v_null + s (v_cond - v_null): 0 is the unconditional model, below 1 a weaker pull toward the
+    action, above 1 a stronger one; only 1 skips the unconditional pass."""
+    x = torch.randn(1, 2, 3, 3)
+
+    def by_action(x_, t_, a_):  # the conditional action 2 gives 3x, the null class 5 gives 6x
+        return x_ * (a_.view(-1, 1, 1, 1).float() + 1)
+
+    v = EulerSampler(2, cfg_scale=scale).guided_velocity(by_action, x, 0.5, torch.tensor([2]), null_action=5)
+    torch.testing.assert_close(v, 6 * x + scale * (3 * x - 6 * x))
 
 
 @pytest.mark.parametrize("temperature", [-0.1, math.nan, math.inf])

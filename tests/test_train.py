@@ -298,6 +298,33 @@ def test_each_rank_and_step_draws_different_samples():
         assert s + 16 <= [50, 80, 30][e]
 
 
+def test_windows_reach_the_last_frames_of_every_episode():
+    """Every valid window is drawn, the last one too: an episode as long as --seq-len has one window,
+    and the last frames of longer ones are trained on."""
+    from worldsim.train import WindowSampler
+
+    smp = WindowSampler(np.array([16, 20]), 16, "x")
+    starts = {pick for seed in range(20) for pick in smp.draw(np.random.default_rng(seed), 50)}
+    assert starts == {(0, 0), *((1, s) for s in range(5))}
+
+
+def test_ema_moves_a_warmed_up_fraction_toward_the_weights():
+    """The exported and played weights are the EMA: it keeps `decay` of itself, and less in the first
+    steps ((1 + step) / (10 + step)), so that it does not start as the random initial weights."""
+    from worldsim.train import ema_update
+
+    ema, model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.zero_()
+        for p in model.parameters():
+            p.fill_(1.0)
+    ema_update(ema, model, 0.99, step=10_000)
+    torch.testing.assert_close(ema.weight, torch.full((2, 2), 0.01))
+    ema_update(ema, model, 0.99, step=0)  # warm-up: it keeps 1/10 of itself at the first step
+    torch.testing.assert_close(ema.weight, torch.full((2, 2), 0.01 + 0.99 * 0.9))
+
+
 def test_optimizer_state_round_trips_without_pickles():
     from worldsim.train import _flatten_optimizer, _unflatten_optimizer
 
