@@ -6,7 +6,14 @@
 #     ALT="--precision fp32" bash scripts/bench_play.sh
 # Each line "frame 500 ...: X fps" is the mean over the 10 frames ending at frame 500.
 set -e
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+  sed -n '2,/^set -e/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'  # the header above
+  exit 0
+fi
 runs=${1:-3}
+case "$runs" in
+  ''|*[!0-9]*) echo "bench_play: RUNS must be a whole number, got '$runs' (options for play.py come after it)" >&2; exit 2 ;;
+esac
 shift || true
 alt=${ALT:---cache-mode multilevel}
 for i in $(seq "$runs"); do

@@ -4,7 +4,7 @@
 # A lease trains at most ~7 minutes (scripts/device_train_arms.sh), and only what is in the
 # repository outlives a session, so a transformer in progress is kept in wip/NAME (its stripped
 # form: no autoencoder, bf16; a 6 x 384 one is 40.6 MB) and committed. The device tool carries
-# the whole working tree, at most 64 MiB with the carried .whl/: the shipped checkpoint (33 MB) and
+# the whole working tree, at most 64 MiB with the carried .whl/: the shipped checkpoint (29.6 MB) and
 # wip/ (41 MB) together do not fit, so for a continuation the joined transformer takes the shipped
 # checkpoint's place for the call and wip/ leaves the tree, and both come back after it:
 #
@@ -30,6 +30,9 @@ tree_bytes() {  # what a device call copies: tracked files still here, untracked
 }
 
 case "${1:-}" in
+  -h|--help|help)
+    sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'  # the header above
+    ;;
   keep)
     [ $# -eq 4 ] || die "usage: keep FILES_AT ARM NAME"
     files_at=$2 arm=$3 name=$4

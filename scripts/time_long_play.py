@@ -23,14 +23,14 @@ from worldsim.world import WorldModel
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default="checkpoints/maze-far-small")
+    ap.add_argument("--checkpoint", default="checkpoints/maze-far-small", help="default: %(default)s")
     ap.add_argument("--cases", nargs="+", default=["500:0", "2000:0", "4000:0", "4000:2000", "8000:2000"],
-                    metavar="FRAMES:BOUND", help="context frames and L2 bound (0: none)")
-    ap.add_argument("--cache-mode", default="multilevel-fast")
-    ap.add_argument("--precision", default="auto")
-    ap.add_argument("--timed", type=int, default=30, help="generated frames timed per case")
+                    metavar="FRAMES:BOUND", help="context frames and L2 bound (0: none); default: %(default)s")
+    ap.add_argument("--cache-mode", default="multilevel-fast", help="default: %(default)s (play's)")
+    ap.add_argument("--precision", default="auto", help="default: %(default)s (play's)")
+    ap.add_argument("--timed", type=int, default=30, help="generated frames timed per case; default: %(default)s")
     args = ap.parse_args()
     cases = []
     for case in args.cases:

@@ -158,7 +158,7 @@ class TrainConfig:
     # streaming
     stream_env: str | None = field(default=None, metadata={
         "help": "train the transformer on fresh episodes recorded in background workers from this simulator "
-                "(e.g. worldsim/Maze-v0); needs --ae-from, an autoencoder trained on recorded data"})
+                "(e.g. worldsim/Maze-v0), instead of --data; needs --ae-from, an autoencoder trained on recorded data"})
     stream_env_arg: tuple[str, ...] = field(default=(), metadata={"help": "simulator settings key=value for --stream-env"})
     stream_workers: int = field(default=1, metadata={"help": "recording worker processes for --stream-env"})
     stream_length: int = field(default=128, metadata={"help": "frames per streamed episode"})
@@ -231,8 +231,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         lines += textwrap.wrap(text, 96, initial_indent="  ", subsequent_indent="      ")
     lines += ["", *textwrap.wrap(
         "Options without a preset value keep the defaults shown. Model options --ae-*, --far-*, --obj-* default "
-        "to the preset's AutoencoderConfig / FARConfig / ObjectiveConfig; the resolution, latent size and channels "
-        "and the number of actions follow the data and the autoencoder. On --resume, given options override the "
+        "to the preset's AutoencoderConfig / FARConfig / ObjectiveConfig; the resolution and the number of actions "
+        "follow the data, and the transformer's latent size and channels the autoencoder's (--ae-down-factor, "
+        "--ae-latent-channels). On --resume, given options override the "
         "stored config (e.g. more --far-steps); the model shape cannot change.", 96)]
     parser.epilog = "\n".join(lines)
     for cls, prefix, skip in ((ae_mod.AutoencoderConfig, "ae", _DERIVED_AE),
