@@ -1,9 +1,13 @@
 """`worldsim eval`: the scorer, the self-consistency pairing and tiny end-to-end runs."""
 from __future__ import annotations
 
+import errno
+import gc
 import json
 import math
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -365,6 +369,59 @@ def test_an_interrupt_during_the_probes_is_named_so(tiny_data, tmp_path, monkeyp
     res = run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path / "b"), episodes=1, context=12, generate=4,
                               videos=1, progress=False), world=FakeWorld())
     assert res["notes"] == ["interrupted after 1 of 1 episodes"]
+
+
+def _video_inputs(context: int = 4, generate: int = 3):
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 256, (context + generate, 32, 32, 3), dtype=np.uint8)
+    return truth, {m: truth[context:] for m in evaluate.GEN_CONDITIONS}, context, None
+
+
+@pytest.mark.parametrize("failure", ["full disk", "read-only folder"])
+def test_a_video_the_file_system_refuses_is_said_so_not_written_as_a_gif(tmp_path, monkeypatch, full_disk, unraisable,
+                                                                         failure):
+    """Any MP4 failure fell back to a GIF: on a full disk or a read-only folder the error named an
+    episode_N.gif that never existed, hid the MP4's, and a PluginV3.__del__ traceback followed."""
+    import imageio.v2 as imageio
+
+    path = tmp_path / "episode_000007.mp4"
+    if failure == "full disk":  # what imageio's ffmpeg writer says then; the file system has 0 bytes free
+        def mimwrite(*args, **kwargs):
+            raise OSError("[Errno 32] Broken pipe\n\nFFMPEG COMMAND:\n/bin/ffmpeg -y -f rawvideo x.mp4\n")
+
+        monkeypatch.setattr(imageio, "mimwrite", mimwrite)
+        monkeypatch.setattr("worldsim.dataset.shutil.disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
+        full_disk(tmp_path)
+        want = "No space left on device"
+    else:
+        def mkstemp(suffix=None, prefix=None, dir=None, text=False):  # it names the temp file it tried
+            raise OSError(errno.EROFS, "Read-only file system", str(Path(dir) / f"{prefix}x1y2{suffix}"))
+
+        monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+        want = "Read-only file system"
+    with pytest.raises(OSError) as caught:
+        evaluate.write_video(path, *_video_inputs())
+    assert (caught.value.filename, caught.value.strerror) == (str(path), want)  # what the command line says
+    del caught
+    gc.collect()
+    assert unraisable == [] and list(tmp_path.iterdir()) == []
+
+
+def test_a_video_without_an_mp4_encoder_is_a_gif(tmp_path, monkeypatch):
+    import imageio.v2 as imageio
+
+    real = imageio.mimwrite
+
+    def no_ffmpeg(uri, ims, format=None, **kwargs):  # imageio-ffmpeg without its binary
+        if format == "FFMPEG":
+            raise RuntimeError("No ffmpeg exe could be found. Install ffmpeg on your system")
+        return real(uri, ims, format=format, **kwargs)
+
+    monkeypatch.setattr(imageio, "mimwrite", no_ffmpeg)
+    truth, gens, context, revisit = _video_inputs()
+    written = evaluate.write_video(tmp_path / "episode_000007.mp4", truth, gens, context, revisit)
+    assert written == tmp_path / "episode_000007.gif" and [p.name for p in tmp_path.iterdir()] == [written.name]
+    assert len(imageio.mimread(written)) == len(truth)
 
 
 def test_probe_options_are_checked_before_the_ground_truth_run(tiny_data, tmp_path):

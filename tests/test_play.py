@@ -1,6 +1,7 @@
 """`worldsim play`: the pygame loop (scripted keys, dummy video driver), headless mode, keymaps."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -483,6 +484,23 @@ def test_a_video_write_failure_keeps_the_earlier_video(tmp_path, no_shipped_chec
     assert f"{out}: cannot write the video ({why}" in err and "the existing file is kept" in err
     assert "Traceback" not in err and "FFMPEG COMMAND" not in err and "kept 3 frames" not in err
     assert video_frames(out)[0] == 6 and [p.name for p in out.parent.iterdir()] == ["v.mp4"]  # no partial file
+
+
+def test_a_gif_on_a_full_disk_is_said_in_one_line_and_the_earlier_one_kept(tmp_path, no_shipped_checkpoint,
+                                                                          full_disk, unraisable, capsys):
+    """`--out p.gif` on a full disk said "worldsim play: No space left on device" (no file named), then
+    imageio's GIF writer saved its frames again in its __del__: ~45 lines of "Exception ignored in" at exit."""
+    out = tmp_path / "videos" / "p.gif"
+    assert cli.main(["play", "--headless", "--actions", "random:4", "--out", str(out)]) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    full_disk(out.parent)
+    assert cli.main(["play", "--headless", "--actions", "random:6", "--out", str(out)]) == 2
+    gc.collect()
+    err = capsys.readouterr().err
+    assert f"{out}: cannot write the video (No space left on device); the existing file is kept" in err
+    assert "Traceback" not in err and unraisable == []
+    assert out.read_bytes() == before and [p.name for p in out.parent.iterdir()] == ["p.gif"]  # no partial file
 
 
 def test_a_recording_that_fails_midway_stops_and_the_game_goes_on(tmp_path, no_shipped_checkpoint, monkeypatch, capsys):

@@ -1,4 +1,5 @@
 """Recorder, policies and export, through the real `worldsim` entry points (tiny budgets)."""
+import gc
 import json
 import os
 import shutil
@@ -461,6 +462,22 @@ def test_export_gif_mp4_png(tiny_dataset, tmp_path, dmlab_example_path):
     strip = tmp_path / "dmlab.png"
     assert main(["export", str(dmlab_example_path), "--out", str(strip), "--every", "20"]) == 0
     assert imageio.imread(strip).shape == (128, 15 * 128, 3)
+
+
+def test_export_gif_on_a_full_disk_says_one_line_and_keeps_the_old_one(tiny_dataset, tmp_path, full_disk, unraisable,
+                                                                       capsys):
+    """The one-line error was followed by imageio's GIF writer saving its frames again in its __del__: a
+    22-line "Exception ignored in: PluginV3.__del__" traceback."""
+    out = tmp_path / "x.gif"
+    assert main(["export", str(tiny_dataset), "--episode", "0", "--out", str(out), "--end", "10"]) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    full_disk(tmp_path)
+    assert main(["export", str(tiny_dataset), "--episode", "1", "--out", str(out)]) == 1
+    gc.collect()
+    assert capsys.readouterr().err.strip() == f"worldsim export: {out}: No space left on device"
+    assert unraisable == []
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["x.gif"]
 
 
 def test_export_on_a_full_disk_names_the_cause_and_keeps_the_old_video(tiny_dataset, tmp_path, monkeypatch, capsys):

@@ -5,6 +5,7 @@ shared cores; more threads than free cores makes torch much slower, not faster).
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -936,6 +937,24 @@ def test_previews_come_every_preview_every_steps_not_only_at_checkpoint_saves(tr
         capsys.readouterr().err
     assert sorted(p.name for p in (run / "preview").glob("*.gif")) == \
         ["step-000002.gif", "step-000004.gif", "step-000006.gif"]
+
+
+def test_a_preview_on_a_full_disk_names_its_file_and_leaves_no_temp_file(trained, dataset, tmp_path, full_disk,
+                                                                         unraisable, capsys):
+    """A failed preview left its temp file (`.step-N.gif.tmp.gif`, one per failed step), logged "preview
+    failed: OSError: [Errno 28] No space left on device" without the file, and imageio's GIF writer
+    printed an "Exception ignored in: PluginV3.__del__" traceback. The training goes on."""
+    run = tmp_path / "full"
+    full_disk(run / "preview")
+    assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(run), *FAST, "--ae-from", str(trained),
+                 "--far-steps", "2", "--checkpoint-every", "1", "--preview-every", "1", "--val-every", "0"]) == 0
+    gc.collect()
+    err = capsys.readouterr().err
+    for step in (1, 2):
+        gif = run / "preview" / f"step-00000{step}.gif"
+        assert f"preview failed: OSError: [Errno 28] No space left on device: '{gif}'" in err, err
+    assert "Traceback" not in err and unraisable == []
+    assert list((run / "preview").iterdir()) == []
 
 
 def test_a_resume_that_stretches_the_schedule_says_the_learning_rate_rises(trained, dataset, tmp_path, capsys):

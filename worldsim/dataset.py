@@ -45,7 +45,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -311,6 +311,35 @@ def finished_video_problem(path: str | os.PathLike, frames: int) -> str | None:
         return "the finished file cannot be read back"
     found = int(counts[-1])
     return None if found == frames else f"the finished file holds {found} of its {frames} frames"
+
+
+class GifWriter:
+    """A GIF written with Pillow, as imageio's GIF writer does it (every frame held until close()),
+    minus that writer's failure: after a failed save (a full disk) imageio keeps the frames and its
+    `__del__` saves them again, printing "Exception ignored in: ...__del__" tracebacks at exit.
+    Pillow, given a file name, closes the file whatever happens. `duration`: milliseconds a frame."""
+
+    def __init__(self, path: str | os.PathLike, duration: float) -> None:
+        self.path, self.duration, self.images = Path(path), duration, []
+
+    def append_data(self, frame: np.ndarray) -> None:
+        from PIL import Image
+
+        self.images.append(Image.fromarray(np.ascontiguousarray(frame)))  # a copy, as imageio's
+
+    def close(self) -> None:
+        images, self.images = self.images, []  # tried once: a failed save is the caller's to report
+        if images:
+            images[0].save(self.path, format="GIF", save_all=len(images) > 1, append_images=images[1:],
+                           duration=self.duration, loop=0)
+
+
+def write_gif(path: str | os.PathLike, frames: Iterable[np.ndarray], duration: float) -> None:
+    """Write `frames` as a GIF (see GifWriter); `duration`: milliseconds a frame."""
+    writer = GifWriter(path, duration)
+    for frame in frames:
+        writer.append_data(frame)
+    writer.close()
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

@@ -841,20 +841,25 @@ def write_video(path: Path, truth: np.ndarray, gens: dict[str, np.ndarray], cont
         footer = _label_strip([note], row.shape[1], 16, row.shape[1])
         frames.append(np.concatenate([header, row, footer], axis=0))
 
-    def write_mp4(p: Path) -> None:
-        from worldsim.dataset import finished_video_problem
+    from worldsim.dataset import finished_video_problem, video_write_error, write_gif
 
-        imageio.mimwrite(p, frames, fps=fps, macro_block_size=1, quality=8, format="FFMPEG")
+    def write_mp4(p: Path) -> None:
+        try:
+            imageio.mimwrite(p, frames, fps=fps, macro_block_size=1, quality=8, format="FFMPEG")
+        except OSError as exc:  # a full disk reads "[Errno 32] Broken pipe" and ffmpeg's command line
+            raise video_write_error(exc, p) from None
         problem = finished_video_problem(p, len(frames))  # ffmpeg may cut the file without raising
         if problem:
-            raise OSError(problem)
+            raise video_write_error(OSError(problem), p)
 
     try:
         _atomic_write(path, write_mp4)
         return path
-    except Exception:
+    except OSError:  # a full disk, a read-only folder, ffmpeg failing: said as it is, naming the .mp4
+        raise
+    except Exception:  # no MP4 encoder here (imageio-ffmpeg or its ffmpeg missing): a GIF instead
         gif = path.with_suffix(".gif")
-        _atomic_write(gif, lambda p: imageio.mimwrite(p, frames, duration=1000.0 / fps, loop=0, format="GIF"))
+        _atomic_write(gif, lambda p: write_gif(p, frames, duration=1000.0 / fps))
         return gif
 
 

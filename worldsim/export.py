@@ -22,7 +22,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
-from worldsim.dataset import Dataset, DatasetError, atomic_write, finished_video_problem, video_write_error
+from worldsim.dataset import Dataset, DatasetError, atomic_write, finished_video_problem, video_write_error, write_gif
 
 FORMATS = (".mp4", ".gif", ".png")
 
@@ -92,8 +92,7 @@ def _write(path: Path, frames_or_image: np.ndarray, fps: float) -> None:
             imageio.imwrite(tmp, frames_or_image, format="png")
     elif suffix == ".gif":
         def write(tmp: Path) -> None:
-            # imageio >= 2.28 (pillow plugin) takes the frame duration in milliseconds
-            imageio.mimsave(tmp, list(frames_or_image), format="gif", duration=1000.0 / fps, loop=0)
+            write_gif(tmp, frames_or_image, duration=1000.0 / fps)  # not imageio's: see GifWriter
     else:
         frames = frames_or_image
         h, w = frames.shape[1:3]

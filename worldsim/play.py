@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import numpy as np
 
 from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
-from worldsim.dataset import finished_video_problem, readable_like_any_file, video_write_error
+from worldsim.dataset import GifWriter, finished_video_problem, readable_like_any_file, video_write_error
 from worldsim.keymaps import CONTROL_KEYS, KEYMAPS, KeymapError, help_lines, load_keymap
 
 DEFAULT_SIMULATOR = {"id": "worldsim/Maze-v0", "settings": {}}
@@ -202,7 +202,7 @@ class VideoRecorder:
     written to a temporary file beside the target, renamed on close.
 
     An MP4 streams, so memory stays flat over long sessions. A GIF is for short clips: the GIF
-    writer (Pillow, through imageio) holds every frame until the end, stores frame times in 1/100 s
+    writer (Pillow) holds every frame until the end, stores frame times in 1/100 s
     (15 fps becomes 60 ms a frame) and merges repeated frames into one longer frame. The rename
     means a reader never sees a half-written video, and a crash leaves at most a hidden `.partial`
     file.
@@ -231,8 +231,8 @@ class VideoRecorder:
         self.frames = 0
         self.failed = False
         self.shape: tuple[int, ...] | None = None
-        if gif:  # imageio's pillow writer takes the frame duration in milliseconds
-            self._writer = imageio.get_writer(str(self.tmp), format="GIF", duration=1000.0 / float(fps), loop=0)
+        if gif:  # not imageio's GIF writer: a failed one prints tracebacks at exit (see GifWriter)
+            self._writer = GifWriter(self.tmp, duration=1000.0 / float(fps))
         else:
             # yuv420p + libx264 plays everywhere; frames are multiples of 16 for 64x64 x any scale.
             self._writer = imageio.get_writer(str(self.tmp), format="FFMPEG", fps=float(fps), codec="libx264",
@@ -265,6 +265,10 @@ class VideoRecorder:
             return None
         try:
             self._writer.close()
+        except Exception as exc:  # a full disk while the file is finished: one line naming it, as append's
+            error = self._write_error(exc)
+            self.tmp.unlink(missing_ok=True)
+            raise error from None
         except BaseException:
             self.tmp.unlink(missing_ok=True)
             raise

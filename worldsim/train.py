@@ -65,7 +65,8 @@ import torch.nn as nn
 
 from worldsim import cliargs
 from worldsim.checkpoint import CheckpointError, check_field_types, check_tensors
-from worldsim.dataset import DatasetError, atomic_write, name_the_target, readable_like_any_file, write_json_atomic
+from worldsim.dataset import (DatasetError, atomic_write, name_the_target, readable_like_any_file, write_gif,
+                              write_json_atomic)
 from worldsim.ddp import Dist, cpu_threads_per_rank
 from worldsim.latents import (
     FrameStore, LatentStore, build_cache, check_compatible, load_cached, load_frames, names_for, split_source,
@@ -1160,8 +1161,6 @@ def plot_metrics(metrics_path: Path, png: Path) -> None:
 def write_preview(checkpoint_dir: Path, video: np.ndarray, actions: np.ndarray, context: int, frames: int,
                   gif: Path, seed: int = 0, device: torch.device | None = None) -> None:
     """Context + generated frames beside the ground truth: GIF rows [ground truth | generated]."""
-    import imageio.v2 as imageio
-
     from worldsim.world import WorldModel
 
     world = WorldModel.load(checkpoint_dir, device=device)
@@ -1181,9 +1180,8 @@ def write_preview(checkpoint_dir: Path, video: np.ndarray, actions: np.ndarray, 
         scale = max(1, 128 // gt.shape[0])
         out.append(np.repeat(np.repeat(row, scale, axis=0), scale, axis=1))
     gif.parent.mkdir(parents=True, exist_ok=True)
-    tmp = gif.with_name(f".{gif.name}.tmp.gif")
-    imageio.mimsave(tmp, out, duration=120, loop=0)  # milliseconds (imageio >= 2.28)
-    os.replace(tmp, gif)
+    # a failed preview (a full disk) removes its temp file and names the GIF in its error
+    atomic_write(gif, lambda tmp: write_gif(tmp, out, duration=120), suffix=".tmp.gif")  # milliseconds
 
 
 def write_model_card(checkpoint_dir: Path, run: RunConfig, summary: dict, val: dict | None) -> None:
