@@ -94,6 +94,16 @@ def test_a_full_disk_while_resaving_keeps_the_old_checkpoint_whole(saved, monkey
     assert load_checkpoint(path, device="cpu").step == 123
 
 
+def test_a_checkpoint_refuses_another_width_or_action_order(saved):
+    """A caller's frames of another width, or its actions in another order (the same names), would
+    drive the model with wrong inputs: both are refused, not only another height or other names."""
+    _, path = saved
+    with pytest.raises(CheckpointError, match="resolution"):
+        load_checkpoint(path, resolution=(64, 84))
+    with pytest.raises(CheckpointError, match="action names"):
+        load_checkpoint(path, action_names=tuple(reversed(ACTIONS)))
+
+
 def test_a_saved_checkpoint_reads_like_any_file_the_user_makes(saved, tmp_path):
     """Checkpoints are shared and played by others: not the 0700 / 0600 of mkdtemp and mkstemp,
     whether the folder is new or its files are replaced."""

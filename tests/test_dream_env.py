@@ -276,6 +276,19 @@ def test_env_module_does_not_import_pygame(tiny_ckpt):
     assert result.returncode == 0, result.stderr
 
 
+def test_a_dataset_of_another_resolution_is_refused_by_name(tiny_world, tmp_path):
+    """Play --dataset and Dream-v0 start from recorded frames: frames of another size would be encoded
+    into latents of another grid, which the transformer cannot read."""
+    from worldsim.cli import main
+    from worldsim.dataset import DatasetError
+
+    out = tmp_path / "small"
+    assert main(["record", "--out", str(out), "--episodes", "1", "--length", "12", "--workers", "1",
+                 "--env-arg", "resolution=32", "--env-arg", "maze_size=9", "--progress", "false"]) == 0
+    with pytest.raises(DatasetError, match=r"has resolution \(32, 32\) but the checkpoint has \(64, 64\)"):
+        DreamEnv(world=tiny_world, dataset=str(out), context_frames=4)
+
+
 def test_a_dataset_without_episodes_long_enough_is_refused_and_short_ones_are_not_drawn(tiny_world, tmp_path):
     """Random starts are drawn among the episodes that hold context_frames; with none, the error
     names the dataset (play prints it as one line), not a traceback at the first reset."""

@@ -101,6 +101,22 @@ def test_a_fork_made_outside_inference_mode_flushes_and_steps_like_its_source(mo
     assert torch.equal(twin.step_latent(3), s.step_latent(3))
 
 
+@pytest.mark.parametrize("mode", ["kv", "multilevel-fast", "multilevel"])
+def test_a_fork_of_a_session_whose_cache_exists_does_not_touch_its_source(mode):
+    """The fork test above forks before anything is cached (the multi-level modes encode lazily):
+    here the source has generated, so its buffers exist, and the twin writes into its own."""
+    world = tiny_world()
+    frames, actions = context(6)
+    s = world.new_session(frames, actions, steps=2, cfg=1.5, seed=3, cache_mode=mode)
+    replay = world.new_session(frames, actions, steps=2, cfg=1.5, seed=3, cache_mode=mode)
+    s.step_latent(0)
+    replay.step_latent(0)
+    twin = s.fork()
+    twin.step_latent(2)
+    twin.step_latent(3)
+    assert torch.equal(s.step_latent(1), replay.step_latent(1))
+
+
 def test_frames_kv_equals_separate_frame_kv_calls():
     world = tiny_world()
     far = world.far

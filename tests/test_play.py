@@ -15,6 +15,7 @@ import pytest
 
 from _tiny_world import ACTIONS, make_checkpoint
 from worldsim import cli, dream_env
+from worldsim import play as play_mod
 from worldsim.cache import MultiLevelCacheContext
 from worldsim.keymaps import KeymapError, load_keymap
 from worldsim.play import (PlayConfig, PlayError, VideoRecorder, display_problem, open_world, read_actions,
@@ -112,7 +113,9 @@ def test_no_display_is_a_clear_error(monkeypatch, capsys):
 
 
 def test_keymaps_are_names_and_checked(tmp_path):
-    assert load_keymap("default", ACTIONS)["up"] == "forward"
+    assert load_keymap("default", ACTIONS) == {  # the arrows and WASD alike (the README's controls)
+        "up": "forward", "w": "forward", "down": "backward", "s": "backward", "left": "turn_left",
+        "a": "turn_left", "right": "turn_right", "d": "turn_right", "space": "noop"}
     assert "down" not in load_keymap("default", ("noop", "forward", "turn_left", "turn_right"))
     path = tmp_path / "keys.json"
     path.write_text('{"i": "forward", "J": "turn_left"}')
@@ -533,6 +536,21 @@ def test_keymap_keys_fire_under_the_name_pygames_events_give_them(tmp_path, no_s
     game = run_interactive(config, scripted([press("kp8"), press("pageup"), press("escape")]))
     assert game.steps_taken == 2
     assert game.keymap == {"[8]": "forward", "page up": "turn_left"}
+
+
+def test_the_latest_held_key_steers(tmp_path, no_shipped_checkpoint, monkeypatch):
+    """Hold up, then also left: the player turns while left is held, and walks on once it is released."""
+    played = []
+    real_play = play_mod.Game.play
+
+    def spy(self, name):
+        played.append(name)
+        return real_play(self, name)
+
+    monkeypatch.setattr(play_mod.Game, "play", spy)
+    config = PlayConfig(fps=1000, scale=1, record_dir=str(tmp_path))
+    run_interactive(config, scripted([[("KEYDOWN", "up")], [("KEYDOWN", "left")], [], [("KEYUP", "left")], []]))
+    assert played == ["forward", "turn_left", "turn_left", "forward", "forward"]
 
 
 def test_a_key_held_through_a_pause_walks_after_it(tmp_path, no_shipped_checkpoint):

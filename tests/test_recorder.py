@@ -384,6 +384,36 @@ def test_navigator_episodes_revisit_places(tmp_path):
     assert looked >= 1  # at least one full 360-degree look-around
 
 
+def _navigator_in_a_maze(**settings) -> tuple[NavigatorPolicy, np.ndarray]:
+    env = MazeEnv(resolution=8)
+    obs, info = env.reset(seed=0, options={"maze_seed": 2})
+    policy = NavigatorPolicy(np.random.default_rng(0), **settings)
+    policy.reset(env, obs, info)
+    return policy, np.asarray(info["pose"], dtype=np.float64)
+
+
+def test_the_navigator_returns_only_to_places_older_than_min_return_age():
+    """A return to a place seen 10 frames ago is still in the model's short window; eval's revisits
+    need places the long-term memory alone holds. (The episodes test above revisits by chance too.)"""
+    policy, pose = _navigator_in_a_maze(p_return=1.0)
+    here = policy._cell(pose)
+    old, recent = [tuple(int(v) for v in c) for c in policy.free if tuple(c) != here][:2]
+    policy._t = 200
+    policy.waypoints = [(old, 10, False), (recent, 190, False)]  # 190 and 10 frames ago
+    policy._choose_target(pose)
+    assert policy._target == old and policy._target_is_return == 0
+
+
+def test_a_return_always_looks_around_a_full_turn():
+    """Arriving back at a waypoint turns a full circle in place, whatever p_look says: the views eval
+    scores as revisits and the 360-degree probe replays."""
+    policy, pose = _navigator_in_a_maze(p_look=0.0)
+    policy._target, policy._target_is_return = policy._cell(pose), 0
+    policy._arrive(pose)
+    turns = int(np.ceil(2 * np.pi / policy.turn_step - 1e-6))
+    assert len(policy._queue) == turns and len(set(policy._queue)) == 1 and policy.waypoints[-1][2] is True
+
+
 class MemoryMazeLike(MazeEnv):
     """The embedded maze behind Memory Maze's action names (no backward)."""
 
