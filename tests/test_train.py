@@ -957,6 +957,24 @@ def test_a_preview_on_a_full_disk_names_its_file_and_leaves_no_temp_file(trained
     assert list((run / "preview").iterdir()) == []
 
 
+def test_a_loss_plot_that_cannot_be_saved_names_loss_png_and_leaves_no_temp_file(trained, tmp_path, monkeypatch):
+    """It was saved under a fixed temp name and renamed: a failed save left `.loss.png.tmp.png`."""
+    import matplotlib.figure
+
+    from worldsim.train import plot_metrics
+
+    shutil.copy(trained / "metrics.jsonl", tmp_path / "metrics.jsonl")
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    with pytest.raises(OSError) as err:
+        plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+    assert err.value.filename == str(tmp_path / "loss.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
 def test_a_resume_that_stretches_the_schedule_says_the_learning_rate_rises(trained, dataset, tmp_path, capsys):
     """--resume with far more steps (or the time limit set to 0, which the "time limit reached" message
     suggests) put the learning rate from its floor back near its peak without a word."""

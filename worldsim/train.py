@@ -1149,10 +1149,10 @@ def plot_metrics(metrics_path: Path, png: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png)
+    try:  # a failed save (a full disk) removes its temp file and names loss.png
+        atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=100), suffix=".tmp.png")
+    finally:
+        plt.close(fig)
 
 
 # ============================================================================ preview
