@@ -227,7 +227,8 @@ def save_checkpoint(
                     os.close(fd)
                 readable_like_any_file(temps[name])
             for name in (WEIGHTS_NAME, CONFIG_NAME):
-                os.replace(temps.pop(name), path / name)
+                os.replace(temps[name], path / name)
+                del temps[name]  # only now: a failed rename still removes its temp file
         except BaseException as exc:
             for tmp in temps.values():
                 Path(tmp).unlink(missing_ok=True)
@@ -237,9 +238,10 @@ def save_checkpoint(
     return path
 
 
-# keys of config.json's objects that older versions did not write: their defaults are what those
-# versions meant (from_dict fills them in); any other missing key would load as a default silently
-MAY_BE_ABSENT = {"far": ("clean_t", "long_context_t"), "autoencoder": ("decoder_blocks_per_level",)}
+# keys of config.json's objects that older versions did not write (the first checkpoints, before
+# the decoder could be deepened): their defaults are what those versions meant; any other missing
+# key would load as a default silently
+MAY_BE_ABSENT = {"autoencoder": ("decoder_blocks_per_level",)}
 
 
 def check_field_types(cls: type, d: object, what: str, path: str | os.PathLike) -> None:
