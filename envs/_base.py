@@ -1,6 +1,7 @@
 """What every worldsim simulator env shares (docs/ARCHITECTURE.md, "Simulators")."""
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import gymnasium as gym
@@ -30,9 +31,18 @@ class SimulatorEnv(gym.Env):
         from `self.np_random` (call after `super().reset(seed=...)`, so that the same reset seed
         gives the same maze)."""
         options = options or {}
+        unknown = sorted(set(options) - {"maze_seed"})
+        if unknown:  # a typo such as "maze-seed" would otherwise build a random maze silently
+            raise ValueError(f"unknown reset option(s) {', '.join(map(repr, unknown))}: "
+                             f"{type(self).__name__} takes 'maze_seed'")
         if options.get("maze_seed") is None:
             return int(self.np_random.integers(0, 2**31 - 1))
-        maze_seed = int(options["maze_seed"])
+        try:  # 5.7, "5" or True are not maze 5 or 1
+            if isinstance(options["maze_seed"], bool):
+                raise TypeError
+            maze_seed = operator.index(options["maze_seed"])
+        except TypeError:
+            raise ValueError(f"maze_seed must be an integer, got {options['maze_seed']!r}") from None
         if not 0 <= maze_seed < self.MAZE_SEED_LIMIT:
             bits = self.MAZE_SEED_LIMIT.bit_length() - 1
             raise ValueError(f"maze_seed must be in [0, 2**{bits}) for {type(self).__name__}, got {maze_seed}")

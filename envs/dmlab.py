@@ -178,6 +178,7 @@ class DMLabEnv(SimulatorEnv):
                              for k, v in (level_config or {}).items()}
         self.max_steps = None if max_steps is None else int(max_steps)
         self.render_mode = render_mode
+        self.metadata = {**self.metadata, "render_fps": self.fps / self.action_repeat}  # a frame per step
 
         frames_s = self.action_repeat / self.fps
         self.turn_step = math.radians(self.look_pixels * DEG_PER_LOOK_PIXEL_SECOND * frames_s)  # a rate per second, like moving
@@ -234,6 +235,8 @@ class DMLabEnv(SimulatorEnv):
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
         maze_seed = self._pick_maze_seed(options)
+        if self._lab is None:
+            raise RuntimeError("DMLabEnv: closed; make a new env (gym.make('worldsim/DMLab-v0', ...))")
         self._lab.reset(seed=maze_seed)
         if not self._lab.is_running():
             raise RuntimeError(f"DeepMind Lab level {self.level!r} is not running right after reset")
@@ -273,6 +276,7 @@ class DMLabEnv(SimulatorEnv):
         if lab is not None:
             lab.close()
             self._lab = None
+        self._needs_reset = True  # a step now says so, not an AttributeError
         super().close()
 
     # ------------------------------------------------------------------ internals

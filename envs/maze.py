@@ -83,7 +83,9 @@ class MazeEnv(SimulatorEnv):
     that slides along walls (x and y are resolved separately).
 
     Reward is always 0. Episodes never terminate; they are truncated after `max_steps`
-    steps (1000 by default; None: never), after which `step` needs a `reset` first. `reset(options={"maze_seed": k})` builds maze k; otherwise the
+    steps (1000 by default; None: never), after which `step` needs a `reset` first. That is the env's
+    own limit: `gym.make(..., max_episode_steps=N)` can only shorten it; for longer episodes pass
+    `max_steps=N` (or None). `reset(options={"maze_seed": k})` builds maze k; otherwise the
     maze seed is drawn from the env's RNG. The start is a random free cell centre with a
     random yaw. `info` carries `pose` (float32 [x, y, yaw]) and `maze_seed` (int).
 

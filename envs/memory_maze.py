@@ -180,7 +180,7 @@ class MemoryMazeEnv(SimulatorEnv):
         self.randomize_colors = bool(randomize_colors)
         self.max_steps = None if max_steps is None else int(max_steps)
         self.render_mode = render_mode
-
+        self.metadata = {**self.metadata, "render_fps": self.control_freq}  # a frame per step
         self.move_step = FORWARD_SPEED_CELLS_PER_S / self.control_freq
         self.turn_step = TURN_RATE_RAD_PER_S / self.control_freq
 
@@ -263,7 +263,14 @@ class MemoryMazeEnv(SimulatorEnv):
                 pass
             self._dm = None
             self._composer = None
+        # the next reset builds the simulator again; a step before it says so (not an AttributeError)
+        self._compiled_seed, self._start_state, self._needs_reset = None, None, True
         super().close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # deepcopy and pickle end here: dm_control's physics and GL context cannot be copied
+        raise TypeError("MemoryMazeEnv cannot be copied or pickled (dm_control's physics and GL context); "
+                        "make another with gym.make('worldsim/MemoryMaze-v0', ...) and reset it to the same maze_seed")
 
     # ------------------------------------------------------------------ internals
 

@@ -208,6 +208,19 @@ def test_standin_time_limit_truncates(standin, monkeypatch):
     env.close()
 
 
+def test_standin_a_closed_env_says_so(standin):
+    """After close() a step said "'NoneType' object has no attribute 'step'", and so did a reset."""
+    env = gym.make("worldsim/DMLab-v0", fps=30, action_repeat=2).unwrapped
+    assert env.metadata["render_fps"] == 15  # a frame per step: 30 fps / 2 (RecordVideo plays at this rate)
+    env.reset(options={"maze_seed": 2})
+    env.close()
+    with pytest.raises(RuntimeError, match="call reset"):
+        env.step(0)
+    with pytest.raises(RuntimeError, match="closed; make a new env"):
+        env.reset()
+    env.close()  # twice is fine
+
+
 def test_standin_check_env_and_determinism(standin):
     from gymnasium.utils.env_checker import check_env
 

@@ -117,6 +117,21 @@ def test_a_fork_of_a_session_whose_cache_exists_does_not_touch_its_source(mode):
     assert torch.equal(s.step_latent(1), replay.step_latent(1))
 
 
+def test_a_copied_or_pickled_cache_buffer_stays_an_inference_buffer():
+    """copy.deepcopy or pickle of a Dream-v0 env copies its cache: those copies were normal tensors,
+    so the copy's next flush ran outside inference mode (a clone already kept the flag)."""
+    import copy
+    import pickle
+
+    with torch.inference_mode():
+        buf = KVBuffer(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    for twin in (copy.deepcopy(buf), pickle.loads(pickle.dumps(buf))):
+        assert twin.k.is_inference() and twin.v.is_inference() and twin.length == 3
+        assert torch.equal(twin.k, buf.k) and torch.equal(twin.v, buf.v)
+    empty = pickle.loads(pickle.dumps(KVBuffer()))
+    assert empty.k is None and empty.length == 0
+
+
 def test_frames_kv_equals_separate_frame_kv_calls():
     world = tiny_world()
     far = world.far

@@ -80,6 +80,18 @@ def test_maze_seeds_outside_labmazes_range_are_refused():
     assert env.reset(options={"maze_seed": 2**31 - 1})[1]["maze_seed"] == 2**31 - 1
 
 
+def test_reset_options_other_than_an_integer_maze_seed_are_refused():
+    """A typo ("maze-seed") built a random maze silently; 5.7, "5" and True were taken as 5, 5 and 1."""
+    env = MazeEnv()
+    with pytest.raises(ValueError, match=r"unknown reset option\(s\) 'maze-seed': MazeEnv takes 'maze_seed'"):
+        env.reset(seed=0, options={"maze-seed": 5})
+    for bad in (5.7, "5", True):
+        with pytest.raises(ValueError, match="maze_seed must be an integer"):
+            env.reset(options={"maze_seed": bad})
+    assert env.reset(options={"maze_seed": np.int64(5)})[1]["maze_seed"] == 5
+    env.reset(options={"maze_seed": None})  # None: drawn, as without the option
+
+
 def test_make_untimed_lifts_our_step_limit_and_leaves_other_envs_alone():
     """Maze-v0's default limit (1,000) is lifted even when the settings leave it out; an env of
     another package whose `max_steps` must stay a number (MiniGrid's does) is not touched."""

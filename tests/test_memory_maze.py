@@ -34,6 +34,29 @@ def mm():
     env.close()
 
 
+def test_a_closed_env_resets_anew_and_copies_are_refused_by_name():
+    """After close() a step said "'NoneType' object has no attribute 'step'"; copy.deepcopy said
+    "cannot pickle 'module' object". render_fps follows control_freq (a frame per step)."""
+    import copy
+
+    try:
+        env = MemoryMazeEnv(control_freq=8.0)
+        first = env.reset(options={"maze_seed": 3})[0]
+    except MemoryMazeUnavailableError as exc:
+        pytest.skip(f"Memory Maze cannot render here: {exc}")
+    try:
+        assert env.metadata["render_fps"] == 8.0 and MemoryMazeEnv.metadata["render_fps"] == 4
+        with pytest.raises(TypeError, match="MemoryMazeEnv cannot be copied or pickled"):
+            copy.deepcopy(env)
+        env.close()
+        with pytest.raises(RuntimeError, match="call reset"):
+            env.step(1)
+        assert np.array_equal(env.reset(options={"maze_seed": 3})[0], first)  # built again, the same maze
+        env.step(1)
+    finally:
+        env.close()
+
+
 def test_spaces_names_and_settings(mm):
     assert mm.action_names == ("noop", "forward", "turn_left", "turn_right", "forward_left", "forward_right")
     assert mm.action_space.n == 6

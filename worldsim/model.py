@@ -288,6 +288,19 @@ class KVBuffer:
                 twin.k, twin.v, twin.length = self.k.clone(), self.v.clone(), self.length
         return twin
 
+    # copy.deepcopy and pickle (a Dream-v0 env copied whole) keep inference tensors inference tensors,
+    # as clone does: else the copy's cache runs outside inference mode and generates other frames
+    def __deepcopy__(self, memo: dict) -> "KVBuffer":
+        return self.clone()
+
+    def __getstate__(self) -> tuple:
+        return self.k, self.v, self.length, self.k is not None and self.k.is_inference()
+
+    def __setstate__(self, state: tuple) -> None:
+        k, v, self.length, inference = state
+        with torch.inference_mode(inference):
+            self.k, self.v = (None, None) if k is None else (k.clone(), v.clone())
+
     def attend(
         self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, mask: torch.Tensor | None = None,
         cache_masked: bool = False,
