@@ -35,7 +35,7 @@ import numpy as np
 
 from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
 from worldsim.dataset import (
-    EPISODES_DIR, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, npz_headers,
+    EPISODES_DIR, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, interrupts_held, npz_headers,
     split_for_maze_seed, write_episode_atomic, write_json_atomic,
 )
 
@@ -62,7 +62,7 @@ class RecordConfig:
         "help": "record only mazes of this split (seeds are drawn until enough lie in it)"})
     seed: int = field(default=0, metadata={"help": "seed of the policies and the simulator resets"})
     compress: bool = field(default=True, metadata={"help": "zlib-compress episode files"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar (on a terminal; never in a redirected log)"})
 
 
 # ----------------------------------------------------------------------------- settings
@@ -385,6 +385,8 @@ def record(cfg: RecordConfig) -> dict[str, Any]:
         raise RecordError("--episodes must be >= 0 and --length >= 1")
     if cfg.start_maze_seed < 0:
         raise RecordError(f"--start-maze-seed must be >= 0, got {cfg.start_maze_seed}")
+    if cfg.seed < 0:  # Gymnasium's reset refuses it, after the first episode's setup
+        raise RecordError(f"--seed must be >= 0, got {cfg.seed}")
     settings = parse_env_args(cfg.env_arg)
     out = Path(cfg.out)
     index_path = out / INDEX_NAME
@@ -504,7 +506,7 @@ def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> di
 
     t0 = time.perf_counter()
     bar = tqdm(total=total, initial=skipped, unit="ep", desc=f"record {out.name}",
-               disable=not cfg.progress, dynamic_ncols=True)
+               disable=None if cfg.progress else True, dynamic_ncols=True)  # None: only on a terminal
     pool = None
     try:
         if workers == 1:
@@ -515,10 +517,11 @@ def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> di
             results = pool.imap_unordered(_record_task, tasks, chunksize=1)
         for res in results:
             res.pop("seconds", None)
-            entries[res["id"]] = res
-            write_index()
-            summary["recorded"] += 1
-            summary["frames"] += res["length"]
+            with interrupts_held():  # the index, and the count the interrupt message gives, agree
+                entries[res["id"]] = res
+                write_index()
+                summary["recorded"] += 1
+                summary["frames"] += res["length"]
             elapsed = time.perf_counter() - t0
             bar.update(1)
             bar.set_postfix(fps=f"{summary['frames'] / max(elapsed, 1e-9):.0f}", refresh=False)
@@ -554,19 +557,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     cfg = dataclass_from_args(RecordConfig, args, env_arg=tuple(args.env_arg or ()))
-
-    def stop(signum: int, frame: Any) -> None:  # SIGTERM (timeout, a scheduler, docker stop) stops as Ctrl-C does
-        raise KeyboardInterrupt
-
-    # the command's own handler, not record()'s: a caller of record() (eval) keeps its own handling
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
+    try:  # SIGTERM stops it as Ctrl-C does (cli.main's handler)
         s = record(cfg)
     except RecordError as exc:
         print(f"worldsim record: {exc}", file=sys.stderr)
         return 2
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     done = s["skipped"] + s["recorded"]
     if s["interrupted"]:
         print(f"worldsim record: interrupted; {done}/{s['episodes']} episodes are saved in {s['out']} "

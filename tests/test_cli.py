@@ -21,6 +21,12 @@ def test_top_level_help_lists_every_subcommand(capsys):
 def test_unknown_subcommand_is_an_error(capsys):
     assert main(["fly"]) == 2
     assert "unknown command 'fly'" in capsys.readouterr().err
+    assert main(["--verbose"]) == 2 and "unknown option '--verbose'" in capsys.readouterr().err
+    # nothing to do is a usage error, not a success (a script's empty $command), and help takes one command
+    assert main([]) == 2
+    said = capsys.readouterr()
+    assert said.out == "" and "usage: worldsim <command>" in said.err
+    assert main(["help", "record", "extra"]) == 2 and "help takes one command" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
@@ -105,6 +111,64 @@ def test_ctrl_c_while_the_command_loads_is_a_quiet_interrupt(monkeypatch, capsys
     monkeypatch.setattr(importlib, "import_module", interrupted)
     assert main(["bench", "--preset", "tiny"]) == 130
     assert capsys.readouterr().err.strip() == "worldsim bench: interrupted"
+
+
+def test_sigterm_stops_any_command_as_ctrl_c_does(tmp_path):
+    """Only record and train handled SIGTERM (timeout, a scheduler, docker stop): play, export and
+    eval died with 143 and left their hidden temp videos. Now each stops as on Ctrl-C: exit 130,
+    a one-line message, and play keeps the video it had made."""
+    import signal
+    import time
+
+    out = tmp_path / "walk.mp4"
+    proc = subprocess.Popen([sys.executable, "-m", "worldsim", "play", "--headless", "--world", "sim", "--actions",
+                             "random:1000000", "--out", str(out), "--scale", "1"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".walk*")) and time.time() < deadline:  # the video is being written
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "kept" in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["walk.mp4"]  # no temp file beside it
+
+
+def test_a_second_interrupt_while_a_command_stops_is_ignored(monkeypatch, capsys):
+    """The interrupt handler ignores further Ctrl-C until main() returns (a second one printed a
+    KeyboardInterrupt traceback from the final flush), and main() puts the handlers back."""
+    import importlib
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    seen = []
+
+    def interrupted(name, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    real_flush = sys.stdout.flush
+
+    def flush():
+        seen.append(signal.getsignal(signal.SIGINT))
+        return real_flush()
+
+    monkeypatch.setattr(importlib, "import_module", interrupted)
+    monkeypatch.setattr(sys.stdout, "flush", flush)
+    assert main(["bench"]) == 130
+    assert seen and seen[-1] == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) == before and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_an_optional_choice_takes_the_word_none_its_help_shows():
+    """export --split says "(default: none)" but refused `--split none` as an invalid choice."""
+    from worldsim.cli import build_parser
+
+    parser, _ = build_parser("export")
+    assert parser.parse_args(["ds", "--out", "x.gif", "--split", "none"]).split is None
+    assert parser.parse_args(["ds", "--out", "x.gif", "--split", "val"]).split == "val"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["ds", "--out", "x.gif", "--split", "bogus"])
 
 
 def test_a_list_option_given_twice_adds_to_the_list():

@@ -134,6 +134,29 @@ def test_keymaps_are_names_and_checked(tmp_path):
         load_keymap(str(path), ACTIONS)
 
 
+def test_an_interrupt_during_a_frames_write_keeps_the_video_whole(tmp_path):
+    """Ctrl-C (or SIGTERM) landing inside imageio-ffmpeg's write of a frame made it kill ffmpeg, so
+    play's "keep what was generated" lost the whole MP4. The interrupt now waits for the frame."""
+    import signal
+    import time
+
+    out = tmp_path / "v.mp4"
+    rec = VideoRecorder(out, fps=10)
+    for i in range(2):
+        rec.append(np.full((64, 64, 3), 40 * i, np.uint8))
+    write = rec._writer.append_data
+
+    def interrupted_write(frame):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while the frame is being written
+        time.sleep(0.05)
+        return write(frame)
+
+    rec._writer.append_data = interrupted_write
+    with pytest.raises(KeyboardInterrupt):
+        rec.append(np.full((64, 64, 3), 200, np.uint8))
+    assert rec.close() == out and video_frames(out) == (3, (64, 64))
+
+
 def test_recorder_is_atomic(tmp_path):
     out = tmp_path / "videos" / "a.mp4"
     rec = VideoRecorder(out, fps=10)
@@ -626,13 +649,13 @@ def test_a_checkpoint_whose_simulator_cannot_start_is_one_line(tiny_ckpt, tmp_pa
     for world in ("dream", "sim"):
         assert cli.main(["play", "--world", world, "--checkpoint", str(ck), "--headless", "--actions", "random:2"]) == 2
         err = capsys.readouterr().err
-        assert "error: cannot start the simulator 'worldsim/Maze-v0'" in err and "Traceback" not in err
+        assert "worldsim play: cannot start the simulator 'worldsim/Maze-v0'" in err and "Traceback" not in err
 
 
 def test_a_device_this_machine_lacks_is_one_line(tiny_ckpt, capsys):
     assert cli.main(["play", "--checkpoint", str(tiny_ckpt), "--headless", "--actions", "random:2",
                      "--device", "nonsense"]) == 2
-    assert "error: device 'nonsense' is not a torch device" in capsys.readouterr().err
+    assert "worldsim play: device 'nonsense' is not a torch device" in capsys.readouterr().err
 
 
 def test_a_video_target_in_a_folder_that_cannot_be_written_names_the_target(tmp_path, monkeypatch):

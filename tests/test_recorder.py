@@ -321,6 +321,9 @@ def test_maze_seeds_out_of_range_are_refused_before_any_episode(tmp_path, capsys
     assert "worldsim/Maze-v0 takes maze seeds below 2**31" in capsys.readouterr().err and not out.exists()
     assert main(record_args(out, 1, 5, 1, "--start-maze-seed", "-5")) == 2
     assert "--start-maze-seed must be >= 0, got -5" in capsys.readouterr().err and not out.exists()
+    # a negative --seed was Gymnasium's traceback with the navigator, and taken silently otherwise
+    assert main(record_args(out, 1, 5, 1, "--seed", "-1", "--policy", "navigator")) == 2
+    assert "--seed must be >= 0, got -1" in capsys.readouterr().err and not out.exists()
     assert main(record_args(out, 1, 5, 1, "--start-maze-seed", str(2**31 - 1))) == 0
 
 

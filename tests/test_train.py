@@ -108,7 +108,7 @@ def test_end_to_end_both_stages(trained, dataset):
 
 def test_new_run_refuses_existing_folder(trained, dataset, capsys):
     rc = main(["train", "--data", str(dataset), "--out", str(trained), *FAST])
-    assert rc == 1
+    assert rc == 2
     assert "--resume" in capsys.readouterr().err
 
 
@@ -170,7 +170,7 @@ def test_a_loss_that_is_not_finite_stops_the_run_before_the_optimizer_takes_it(t
                "--grad-clip", "0", "--val-every", "0", "--checkpoint-every", "1"])
     err = capsys.readouterr().err
     bad = re.search(r"loss is (nan|inf) at step (\d+)", err)
-    assert rc == 1 and bad, err
+    assert rc == 2 and bad, err
     assert len(calls) == int(bad[2]) - 1
     far = load_checkpoint(run / "checkpoint").far
     assert all(torch.isfinite(p).all() for p in far.parameters())
@@ -434,7 +434,7 @@ def test_datasets_that_disagree_are_named(dataset, tmp_path, capsys):
     if not DMLAB.is_file():
         pytest.skip("no DMLab example file")
     rc = main(["train", "--data", str(dataset), str(DMLAB), "--out", str(tmp_path / "r"), *FAST])
-    assert rc == 1
+    assert rc == 2
     err = capsys.readouterr().err
     assert str(DMLAB) in err and "action names" in err
 
@@ -705,13 +705,13 @@ def test_a_run_that_failed_before_its_first_step_can_be_started_again(dataset, t
     val_only = tmp_path / "val-only"
     assert main([*RECORD[:2], "1", *RECORD[3:], "--split", "val", "--out", str(val_only)]) == 0
     run = tmp_path / "run"
-    assert main(["train", "--stage", "ae", "--data", str(val_only), "--out", str(run), *FAST, "--ae-steps", "1"]) == 1
+    assert main(["train", "--stage", "ae", "--data", str(val_only), "--out", str(run), *FAST, "--ae-steps", "1"]) == 2
     assert "no training frames" in capsys.readouterr().err
     assert [p.name for p in run.iterdir()] == ["config.json"]
     assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(run), *FAST, "--ae-steps", "1"]) == 0
     assert (run / "autoencoder" / "config.json").is_file()
     capsys.readouterr()
-    assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(run), *FAST, "--ae-steps", "1"]) == 1
+    assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(run), *FAST, "--ae-steps", "1"]) == 2
     assert "already holds a training run" in capsys.readouterr().err
 
 
@@ -724,7 +724,7 @@ def test_a_far_run_that_failed_after_copying_its_autoencoder_can_be_started_agai
     run, ae_from = tmp_path / "run", str(trained / "checkpoint")
     far = ["train", "--stage", "far", "--out", str(run), *FAST, "--ae-from", ae_from, "--far-steps", "1"]
     capsys.readouterr()
-    assert main([*far, "--data", str(val_only)]) == 1
+    assert main([*far, "--data", str(val_only)]) == 2
     assert "no train" in capsys.readouterr().err
     assert (run / "autoencoder" / "config.json").is_file()
     assert main([*far, "--data", str(dataset)]) == 0
@@ -776,7 +776,7 @@ def test_values_no_run_can_use_are_refused_before_anything_is_written(trained, d
 
 def test_a_sequence_longer_than_every_episode_is_refused_before_the_autoencoder_stage(dataset, tmp_path, capsys):
     run = tmp_path / "long"
-    assert main(["train", "--data", str(dataset), "--out", str(run), *FAST, "--seq-len", "50"]) == 1
+    assert main(["train", "--data", str(dataset), "--out", str(run), *FAST, "--seq-len", "50"]) == 2
     assert "no train episode has --seq-len 50 frames (longest: 12)" in capsys.readouterr().err
     assert not (run / "autoencoder").exists()
     assert main(["train", "--data", str(dataset), "--out", str(run), *FAST, "--seq-len", "8", "--ae-steps", "1",
@@ -839,7 +839,7 @@ def test_damaged_autoencoders_and_checkpoints_given_to_a_run_are_one_line(traine
                             (empty, f"{empty / 'config.json'}: unreadable")):
         run = tmp_path / f"from-{source.name}"
         assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(run), *FAST,
-                     "--ae-from", str(source), "--far-steps", "1"]) == 1
+                     "--ae-from", str(source), "--far-steps", "1"]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
 
@@ -862,7 +862,7 @@ def test_a_damaged_training_state_is_named_on_resume(trained, tmp_path, capsys):
             tensors = load_file(str(state / "weights.safetensors"))
             del tensors[next(k for k in sorted(tensors) if k.startswith("optim.state.") and k.endswith(".exp_avg"))]
             save_file(tensors, str(state / "weights.safetensors"))
-        assert main(["train", "--resume", str(run), "--far-steps", "5"]) == 1
+        assert main(["train", "--resume", str(run), "--far-steps", "5"]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
     # the autoencoder's config.json of the run: an AttributeError or JSONDecodeError traceback before
@@ -896,7 +896,7 @@ def test_a_metrics_line_torn_by_a_full_disk_does_not_block_the_resume(trained, t
     # a bad line in the middle is the user's to look at: named, with the run's state untouched
     (run / "metrics.jsonl").write_text(good.replace("\n", "\n{oops\n", 1))
     before = (run / "state" / "state.json").read_text()
-    assert main(["train", "--resume", str(run), "--far-steps", "7"]) == 1
+    assert main(["train", "--resume", str(run), "--far-steps", "7"]) == 2
     assert "metrics.jsonl: line 2 is not JSON" in capsys.readouterr().err
     assert (run / "state" / "state.json").read_text() == before
 
@@ -1037,7 +1037,7 @@ def test_metrics_that_cannot_be_appended_name_the_file(trained, tmp_path, capsys
     shutil.copytree(trained, run)
     (run / "metrics.jsonl").unlink()
     (run / "metrics.jsonl").mkdir()
-    assert main(["train", "--resume", str(run), "--far-steps", "5", "--log-every", "1"]) == 1
+    assert main(["train", "--resume", str(run), "--far-steps", "5", "--log-every", "1"]) == 2
     err = capsys.readouterr().err
     assert f"{run / 'metrics.jsonl'}: cannot append the metrics" in err and "Traceback" not in err
     (run / "metrics.jsonl").rmdir()
@@ -1051,7 +1051,7 @@ def test_a_stage_that_leaves_out_the_saved_one_is_refused_on_resume(trained, dat
     run = tmp_path / "staged"
     shutil.copytree(trained, run)
     stored = (run / "config.json").read_text()
-    assert main(["train", "--resume", str(run), "--stage", "ae", "--far-steps", "5"]) == 1
+    assert main(["train", "--resume", str(run), "--stage", "ae", "--far-steps", "5"]) == 2
     assert "saved state is in the far stage" in capsys.readouterr().err
     assert (run / "config.json").read_text() == stored
 
@@ -1063,7 +1063,7 @@ def test_a_stage_that_leaves_out_the_saved_one_is_refused_on_resume(trained, dat
     meta.update(finished=False, total_steps=4)
     (unfinished / "state" / "state.json").write_text(json.dumps(meta))
     capsys.readouterr()
-    assert main(["train", "--resume", str(unfinished), "--stage", "far", "--far-steps", "1"]) == 1
+    assert main(["train", "--resume", str(unfinished), "--stage", "far", "--far-steps", "1"]) == 2
     assert "autoencoder stage is unfinished (step 2 of 4)" in capsys.readouterr().err
     timed = tmp_path / "ae-timed"  # the same state, its stage ended by --ae-time-limit: done
     assert main(["train", "--data", str(dataset), "--out", str(timed), *FAST, "--stage", "ae", "--ae-steps", "50",
@@ -1083,7 +1083,7 @@ def test_an_out_folder_that_is_not_a_run_is_named_and_its_files_kept(dataset, tm
     other = tmp_path / "notes"
     other.mkdir()
     (other / "config.json").write_text('{"hello": 1}')
-    assert main(["train", "--data", str(dataset), "--out", str(other), *FAST, "--ae-steps", "1", "--far-steps", "1"]) == 1
+    assert main(["train", "--data", str(dataset), "--out", str(other), *FAST, "--ae-steps", "1", "--far-steps", "1"]) == 2
     err = capsys.readouterr().err
     assert "exists and is not a worldsim run folder (it holds config.json)" in err and "--resume" not in err
     assert (other / "config.json").read_text() == '{"hello": 1}'
@@ -1186,7 +1186,7 @@ def test_stream_workers_end_with_a_killed_trainer(trained, tmp_path):
 def test_a_stream_simulator_that_cannot_be_made_is_named(trained, tmp_path, capsys):
     out = tmp_path / "stream"
     assert main(["train", "--stream-env", "worldsim/Nope-v0", "--ae-from", str(trained / "checkpoint"),
-                 "--out", str(out), *FAST, "--far-steps", "1"]) == 1
+                 "--out", str(out), *FAST, "--far-steps", "1"]) == 2
     assert "--stream-env worldsim/Nope-v0: cannot create the simulator (NameNotFound" in capsys.readouterr().err
     assert not out.exists()
 
@@ -1194,7 +1194,7 @@ def test_a_stream_simulator_that_cannot_be_made_is_named(trained, tmp_path, caps
 def test_an_out_path_that_is_a_file_is_refused_by_name(dataset, tmp_path, capsys):
     in_the_way = tmp_path / "results"
     in_the_way.write_text("not a folder")
-    assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(in_the_way), *FAST, "--ae-steps", "1"]) == 1
+    assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(in_the_way), *FAST, "--ae-steps", "1"]) == 2
     assert f"--out {in_the_way}: exists and is not a folder" in capsys.readouterr().err
     assert in_the_way.read_text() == "not a folder"
 
@@ -1463,7 +1463,7 @@ def test_resume_without_its_state_is_refused_and_keeps_the_checkpoint(trained, t
     shutil.rmtree(run / "state")
     weights = (run / "checkpoint" / "model.safetensors").read_bytes()
     capsys.readouterr()
-    assert main(["train", "--resume", str(run), "--far-steps", "5"]) == 1
+    assert main(["train", "--resume", str(run), "--far-steps", "5"]) == 2
     err = capsys.readouterr().err
     assert "no saved training state" in err and "--far-init" in err
     assert (run / "checkpoint" / "model.safetensors").read_bytes() == weights

@@ -73,7 +73,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
         kwargs: dict[str, Any] = {"dest": field.name, "default": default}
         if typing.get_origin(tp) is typing.Literal:
             choices = typing.get_args(tp)
-            kwargs.update(type=type(choices[0]), choices=choices)
+            if optional and none_word:  # "(default: none)" in the help: the word is a choice too
+                kwargs.update(type=_none_or(type(choices[0])), choices=(*choices, None),
+                              metavar="{" + ",".join(map(str, (*choices, "none"))) + "}")
+            else:
+                kwargs.update(type=type(choices[0]), choices=choices)
         elif typing.get_origin(tp) in (list, tuple):
             (item,) = typing.get_args(tp)[:1]
             kwargs.update(type=item, nargs="+", action=_ExtendList)

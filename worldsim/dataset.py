@@ -36,12 +36,15 @@ nothing is decompressed); ``ds[i]`` loads and fully validates one episode. Any p
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,6 +314,22 @@ def finished_video_problem(path: str | os.PathLike, frames: int) -> str | None:
         return "the finished file cannot be read back"
     found = int(counts[-1])
     return None if found == frames else f"the finished file holds {found} of its {frames} frames"
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Ctrl-C or SIGTERM arrive after the block, not inside it: for a step that must not be cut in
+    two, such as a frame's write into ffmpeg (imageio-ffmpeg kills ffmpeg when an interrupt lands
+    there, and the video kept on Ctrl-C is lost) or an episode and its index entry."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 class GifWriter:

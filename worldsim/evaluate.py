@@ -176,7 +176,7 @@ class EvalConfig:
     probe_loops: int = field(default=2, metadata={"help": "times each probe path is repeated"})
     record_length: int | None = field(default=None, metadata={
         "help": "frames per recorded episode without --data (default: context + generate)"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar (on a terminal; never in a redirected log)"})
     rescore: str | None = field(default=None, metadata={
         "help": "instead of evaluating: recompute the paired differences, results.md and the plot of an earlier "
                 "run from the results.json in this folder (e.g. after an upgrade added a difference); nothing "
@@ -221,7 +221,7 @@ def _write_text(path: Path, text: str) -> None:
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="frame", disable=not enabled, dynamic_ncols=True,
+    return tqdm(total=total, desc=desc, unit="frame", disable=None if enabled else True, dynamic_ncols=True,
                 file=sys.stderr)
 
 

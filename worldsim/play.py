@@ -46,7 +46,8 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import numpy as np
 
 from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
-from worldsim.dataset import GifWriter, finished_video_problem, readable_like_any_file, video_write_error
+from worldsim.dataset import (GifWriter, finished_video_problem, interrupts_held, readable_like_any_file,
+                              video_write_error)
 from worldsim.keymaps import CONTROL_KEYS, KEYMAPS, KeymapError, help_lines, load_keymap
 
 DEFAULT_SIMULATOR = {"id": "worldsim/Maze-v0", "settings": {}}
@@ -244,11 +245,12 @@ class VideoRecorder:
         elif frame.shape != self.shape:
             raise ValueError(f"recording frame shape changed from {self.shape} to {frame.shape}")
         try:
-            self._writer.append_data(np.ascontiguousarray(frame))
+            with interrupts_held():
+                self._writer.append_data(np.ascontiguousarray(frame))
+                self.frames += 1  # counted before an interrupt held meanwhile is raised
         except Exception as exc:  # a full disk, say: this video is broken, so close() must not replace an older one
             self.failed = True
             raise self._write_error(exc) from None
-        self.frames += 1
 
     def _write_error(self, exc: BaseException) -> PlayError:
         """One line for a failed write: the cause (found while the partial file is still there)
@@ -933,10 +935,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"worldsim play: {game.steps_taken} frames played", file=sys.stderr)
         return 0
     except (PlayError, KeymapError, CheckpointNotFound, SimulatorUnavailable) as exc:
-        print(f"worldsim play: error: {exc}", file=sys.stderr)
+        print(f"worldsim play: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # DatasetError, CheckpointError, DeviceError and bad env options are ValueErrors
         if type(exc).__name__ in ("DatasetError", "CheckpointError", "DeviceError"):
-            print(f"worldsim play: error: {exc}", file=sys.stderr)
+            print(f"worldsim play: {exc}", file=sys.stderr)
             return 2
         raise

@@ -155,7 +155,7 @@ class TrainConfig:
     preview_context: int = field(default=8, metadata={"help": "preview: ground-truth context frames"})
     preview_frames: int = field(default=16, metadata={"help": "preview: generated frames"})
     latent_batch: int = field(default=256, metadata={"help": "frames per autoencoder call when building the latent cache"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar (on a terminal; never in a redirected log)"})
     # streaming
     stream_env: str | None = field(default=None, metadata={
         "help": "train the transformer on fresh episodes recorded in background workers from this simulator "
@@ -1013,7 +1013,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=spec.total_steps, initial=step, desc=f"train {spec.name}", unit="step",
-                       dynamic_ncols=True, smoothing=0.1)
+                       dynamic_ncols=True, smoothing=0.1, disable=None)  # None: a log file gets the log lines only
         smooth = None
         t_last, steps_last = time.perf_counter(), step
         t_stage = time.perf_counter() - elapsed
@@ -1246,7 +1246,7 @@ def _progress(dist: Dist, cfg: TrainConfig, desc: str):
             return it
         from tqdm import tqdm
 
-        return tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
+        return tqdm(it, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # only on a terminal
 
     return wrap
 
@@ -1774,7 +1774,7 @@ def main(args: argparse.Namespace) -> int:
         return _main(run, resuming, dist, log)
     except (TrainError, DatasetError, CheckpointError) as exc:
         print(f"worldsim train: {exc}", file=sys.stderr)
-        return 1
+        return 2
     finally:
         dist.close()
 
