@@ -136,9 +136,15 @@ def test_keymaps_are_names_and_checked(tmp_path):
 
 def test_an_interrupt_during_a_frames_write_keeps_the_video_whole(tmp_path):
     """Ctrl-C (or SIGTERM) landing inside imageio-ffmpeg's write of a frame made it kill ffmpeg, so
-    play's "keep what was generated" lost the whole MP4. The interrupt now waits for the frame."""
+    play's "keep what was generated" lost the whole MP4. The interrupt now waits for the frame, also
+    with other threads alive (as torch's are), which a signal mask on the main thread let take it."""
     import signal
+    import threading
     import time
+
+    done = threading.Event()
+    other = threading.Thread(target=done.wait, daemon=True)
+    other.start()
 
     out = tmp_path / "v.mp4"
     rec = VideoRecorder(out, fps=10)
@@ -152,8 +158,11 @@ def test_an_interrupt_during_a_frames_write_keeps_the_video_whole(tmp_path):
         return write(frame)
 
     rec._writer.append_data = interrupted_write
-    with pytest.raises(KeyboardInterrupt):
-        rec.append(np.full((64, 64, 3), 200, np.uint8))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            rec.append(np.full((64, 64, 3), 200, np.uint8))
+    finally:
+        done.set()
     assert rec.close() == out and video_frames(out) == (3, (64, 64))
 
 

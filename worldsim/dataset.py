@@ -320,16 +320,29 @@ def finished_video_problem(path: str | os.PathLike, frames: int) -> str | None:
 def interrupts_held() -> Iterator[None]:
     """Ctrl-C or SIGTERM arrive after the block, not inside it: for a step that must not be cut in
     two, such as a frame's write into ffmpeg (imageio-ffmpeg kills ffmpeg when an interrupt lands
-    there, and the video kept on Ctrl-C is lost) or an episode and its index entry."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    there, and the video kept on Ctrl-C is lost) or an episode and its index entry.
+
+    The handlers are swapped for one that only notes the signal, then the command's own handlers run
+    for it after the block. (Blocking the signal with a mask would not do: the kernel hands it to
+    any thread that does not block it, such as a torch worker, and Python then raises it in the
+    main thread at once.)"""
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    arrived: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in held}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if arrived:
+            handler = previous[arrived[0]]
+            if callable(handler):  # Python's KeyboardInterrupt, cli's SIGTERM, train's stop flag
+                handler(arrived[0], None)
+            elif handler == signal.SIG_DFL:  # what the signal would have done: end the process
+                signal.raise_signal(arrived[0])
 
 
 class GifWriter:
