@@ -40,6 +40,20 @@ def _none_or(tp: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _choice_or_none(choices: tuple) -> Callable[[str], Any]:
+    """One of `choices` (parsed as their type) or the word "none" for None."""
+    def parse(text: str) -> Any:
+        if text.strip().lower() == "none":
+            return None
+        value = type(choices[0])(text)
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from "
+                                             f"{', '.join(map(str, (*choices, 'none')))})")
+        return value
+
+    return parse
+
+
 class _ExtendList(argparse.Action):
     """A list option given twice adds to the list (`--data a --data b` = `--data a b`, as record's
     --env-arg): the first use replaces the default, later ones extend it."""
@@ -74,8 +88,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
         if typing.get_origin(tp) is typing.Literal:
             choices = typing.get_args(tp)
             if optional and none_word:  # "(default: none)" in the help: the word is a choice too
-                kwargs.update(type=_none_or(type(choices[0])), choices=(*choices, None),
-                              metavar="{" + ",".join(map(str, (*choices, "none"))) + "}")
+                kwargs.update(type=_choice_or_none(choices), metavar="{" + ",".join(map(str, (*choices, "none"))) + "}")
             else:
                 kwargs.update(type=type(choices[0]), choices=choices)
         elif typing.get_origin(tp) in (list, tuple):

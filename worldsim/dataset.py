@@ -330,9 +330,10 @@ def interrupts_held() -> Iterator[None]:
         yield
         return
     arrived: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in held}
-    try:
+    previous = {}
+    try:  # swapped inside the try: an interrupt between the two swaps still restores the first
+        for s in (signal.SIGINT, signal.SIGTERM):
+            previous[s] = signal.signal(s, lambda signum, frame: arrived.append(signum))
         yield
     finally:
         for s, handler in previous.items():
