@@ -856,13 +856,11 @@ def write_video(path: Path, truth: np.ndarray, gens: dict[str, np.ndarray], cont
     try:
         _atomic_write(path, write_mp4)
         return path
-    except OSError as exc:  # the file system refusing (a full disk, a read-only folder): said, naming the .mp4
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG):
+    except Exception as exc:
+        refused = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+        if isinstance(exc, OSError) and exc.errno in refused:  # the file system (a full disk): said, on the .mp4
             raise
-        gif = path.with_suffix(".gif")  # an ffmpeg that cannot encode (no libx264 ...): a GIF, as below
-        _atomic_write(gif, lambda p: write_gif(p, frames, duration=1000.0 / fps))
-        return gif
-    except Exception:  # no MP4 encoder here (imageio-ffmpeg or its ffmpeg missing): a GIF instead
+        # no MP4 encoder here (imageio-ffmpeg or its ffmpeg missing, an ffmpeg without libx264): a GIF
         gif = path.with_suffix(".gif")
         _atomic_write(gif, lambda p: write_gif(p, frames, duration=1000.0 / fps))
         return gif
