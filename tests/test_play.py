@@ -132,6 +132,9 @@ def test_keymaps_are_names_and_checked(tmp_path):
     path.write_text('{"escape": "forward"}')
     with pytest.raises(KeymapError, match="reserved"):
         load_keymap(str(path), ACTIONS)
+    path.write_text('{"up": "forward", "UP": "backward"}')  # one key: the last binding won silently
+    with pytest.raises(KeymapError, match="key 'UP' is bound twice .* 'forward' and 'backward'"):
+        load_keymap(str(path), ACTIONS)
 
 
 def test_an_interrupt_during_a_frames_write_keeps_the_video_whole(tmp_path):
@@ -585,6 +588,33 @@ def test_the_latest_held_key_steers(tmp_path, no_shipped_checkpoint, monkeypatch
     assert played == ["forward", "turn_left", "turn_left", "forward", "forward"]
 
 
+def test_a_window_too_large_for_sdl_is_one_line(tmp_path, no_shipped_checkpoint, capsys):
+    """--scale 300 asked SDL for a 19,200-pixel window: a pygame.error traceback."""
+    assert cli.main(["play", "--world", "sim", "--scale", "300"]) == 2
+    err = capsys.readouterr().err
+    assert "worldsim play: cannot open a 19200x" in err and "lower --scale" in err and "Traceback" not in err
+
+
+def test_the_hud_fits_long_messages_to_the_window(tmp_path, no_shipped_checkpoint, monkeypatch):
+    """A recording's path or a write error ran off a 512-pixel window, and a recording whose first
+    frame failed still said "recording to ..." over the reason it stopped."""
+    from worldsim.play import FrameWindow
+
+    window = FrameWindow(scale=8, hud_lines=3)
+    line = "steps 4 shift 2 temp 1 noise 0.25 bf16  |  REC 2 frames  |  recording to " + "x" * 200 + ".mp4"
+    fitted = window._fitted(line, 504)
+    assert fitted.endswith("...") and window.font.size(fitted)[0] <= 504 and line.startswith(fitted[:-3])
+    assert window._fitted("H help", 504) == "H help"
+
+    def full_disk(self, frame):
+        raise PlayError("v.mp4: cannot write the video (No space left on device); nothing was written")
+
+    monkeypatch.setattr(play_mod.VideoRecorder, "append", full_disk)
+    config = PlayConfig(world="sim", fps=1000, scale=1, record_dir=str(tmp_path))
+    game = run_interactive(config, scripted([press("v"), []]))
+    assert game.recorder is None and game.message.startswith("recording stopped: v.mp4: cannot write")
+
+
 def test_a_key_held_through_a_pause_walks_after_it(tmp_path, no_shipped_checkpoint):
     config = PlayConfig(fps=1000, scale=1, record_dir=str(tmp_path))
     game = run_interactive(config, scripted([press("p"), [("KEYDOWN", "up")], press("p"), [], [("KEYUP", "up")]]))
@@ -603,6 +633,7 @@ def test_a_key_held_through_a_pause_walks_after_it(tmp_path, no_shipped_checkpoi
     (["--seed", "-1"], "--seed must be >= 0, got -1"),  # was numpy's or Gymnasium's traceback
     (["--out", " "], "--out needs a file name"),
     (["--out", "x.gif", "--fps", "60"], "GIFs go up to 50 fps"),
+    (["--cache-mode", "kv", "--memory-frames", "10"], "--memory-frames bounds the long-term memory of the multilevel"),
 ])
 def test_options_that_would_do_nothing_are_refused(extra, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a regression would write its --out here, not into the checkout

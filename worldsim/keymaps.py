@@ -98,6 +98,9 @@ def validate_keymap(data: object, action_names: Sequence[str], source: str = "ke
         if action not in action_names:
             raise KeymapError(f"{source}: key {key!r} maps to unknown action {action!r} "
                               f"(this world's actions: {', '.join(action_names)})")
+        if name in keymap and keymap[name] != action:  # "up" and "UP" are one key: the last would win silently
+            raise KeymapError(f"{source}: key {key!r} is bound twice (key names ignore case), to "
+                              f"{keymap[name]!r} and {action!r}")
         keymap[name] = action
     return keymap
 

@@ -415,6 +415,17 @@ class FrameWindow:
         self.font = self.pg.font.Font(None, 20)
         self.clock = self.pg.time.Clock()
 
+    def _fitted(self, line: str, width: int) -> str:
+        """`line` cut to `width` pixels with a trailing "...": a long message (a recording's path, an
+        error) ran off the window; its head, and the full text on the terminal, stay readable."""
+        if self.font.size(line)[0] <= width:
+            return line
+        lo, hi = 0, len(line)  # the longest prefix that fits with the ellipsis
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.font.size(line[:mid] + "...")[0] <= width else (lo, mid - 1)
+        return line[:lo] + "..."
+
     def show(self, frame: np.ndarray, hud: Sequence[str] = (), overlay: Sequence[str] | None = None,
              pump: bool = True, labels: Sequence[str] = ()) -> None:
         """Draw `frame` scaled; `labels` caption equal-width panels left to right (dream | reality)."""
@@ -423,7 +434,10 @@ class FrameWindow:
         view = (w * self.scale, h * self.scale)
         size = (view[0], view[1] + self.hud_height)
         if size != self.size:
-            self.screen = pg.display.set_mode(size)
+            try:
+                self.screen = pg.display.set_mode(size)
+            except pg.error as exc:  # SDL's limit (16,384 pixels a side): --scale too large
+                raise PlayError(f"cannot open a {size[0]}x{size[1]} window ({exc}); lower --scale") from None
             pg.display.set_caption(self.title)
             self.size = size
         surface = pg.surfarray.make_surface(np.ascontiguousarray(frame.transpose(1, 0, 2)))
@@ -434,7 +448,7 @@ class FrameWindow:
         if self.hud_height:
             self.screen.fill((16, 16, 16), pg.Rect(0, view[1], size[0], self.hud_height))
             for i, line in enumerate(hud):
-                self.screen.blit(self.font.render(line, True, (230, 230, 230)),
+                self.screen.blit(self.font.render(self._fitted(line, size[0] - 2 * self.PAD), True, (230, 230, 230)),
                                  (self.PAD, view[1] + self.PAD + i * self.LINE))
         if overlay:
             panel = pg.Surface(view, pg.SRCALPHA)
@@ -573,7 +587,9 @@ class Game:
                 return
             self.record_layout = self.side_by_side
             self._record_frame()  # the video starts with what is on screen now
-            self.say(f"recording to {path}")
+            if self.recorder is not None:  # (a failed first frame dropped it, and said why)
+                self.say(f"recording to {path.name}")
+                print(f"worldsim play: recording to {path}", file=sys.stderr)
         else:
             self.stop_recording()
 
@@ -659,7 +675,9 @@ class Game:
         if self.world.mode == "dream":
             top = f"DREAM  {state}  frame {self.frame_index}  seed {self.seed}"
             mb = info.get("cache_bytes", 0) / 2**20
-            mem = (f"memory L2 {info.get('l2_frames', 0)} fr / {info.get('l2_tokens', 0)} tok  "
+            bound = info.get("memory_frames")
+            mem = (f"memory L2 {info.get('l2_frames', 0)}{f' of {bound}' if bound else ''} fr / "
+                   f"{info.get('l2_tokens', 0)} tok  "
                    f"L1 {info.get('l1_frames', 0)} fr  cache {mb:.1f} MB  RSS {self.rss_mb():.0f} MB")
         else:
             top = f"SIMULATOR (no model)  {state}  frame {self.frame_index}  seed {self.seed}"
@@ -876,6 +894,10 @@ def _check(config: PlayConfig) -> None:
         dream_only += ["--memory-frames"] * (config.memory_frames != PlayConfig.memory_frames)
         if dream_only:
             raise PlayError(f"{', '.join(dream_only)}: for the dream; --world sim walks the simulator itself")
+    elif (config.cache_mode not in ("multilevel", "multilevel-fast")
+          and config.memory_frames != PlayConfig.memory_frames):  # only the multi-level caches have an L2 to bound
+        raise PlayError(f"--memory-frames bounds the long-term memory of the multilevel caches; --cache-mode "
+                        f"{config.cache_mode} has none")
     if config.episode is not None and config.dataset is None:
         raise PlayError("--episode picks an episode of --dataset: give --dataset too")
     if config.out is not None and not config.out.strip():
