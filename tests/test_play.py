@@ -377,6 +377,7 @@ def test_interactive_tap_and_hold_and_quit_while_recording(tiny_ckpt, tmp_path):
     assert game.steps_taken == 3
     assert video_frames(game.recordings[0]) == (4, (64, 64))
     assert game.hud()[0].startswith("DREAM")
+    assert game.hud()[1].startswith("memory L2 ") and " of 2000 fr / " in game.hud()[1]  # play's default bound
     assert game.hud()[2].startswith("steps 2 shift 1 temp 1 noise 0 ")  # the tiny checkpoint's sampler settings
 
 
