@@ -627,6 +627,23 @@ def test_memory_frames_option_reaches_every_long_context_session_and_the_results
         run_eval(EvalConfig(**{**cfg.__dict__, "memory_frames": -1}), world=FakeWorld())
 
 
+def test_threads_option_sets_torchs_threads_and_refuses_zero(tiny_data, tmp_path):
+    """As play, train and bench take it: on a shared machine one thread is faster than torch's default."""
+    import torch
+
+    before = torch.get_num_threads()
+    cfg = EvalConfig(data=str(tiny_data), out=str(tmp_path / "t"), episodes=1, context=12, generate=2, videos=0,
+                     probe_episodes=0, progress=False, threads=1)
+    try:
+        torch.set_num_threads(2)  # (OMP_NUM_THREADS=1 in a test run would make 1 the default)
+        run_eval(cfg, world=FakeWorld())
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(EvalError, match="--threads must be >= 1, got 0"):
+        run_eval(EvalConfig(**{**cfg.__dict__, "threads": 0}), world=FakeWorld())
+
+
 def test_generated_noise_option_reaches_every_generating_session_and_the_results(tiny_data, tmp_path):
     """--generated-noise reaches every session that feeds the model its own frames (conditions, memory
     control, probes); teacher forcing feeds it none, so there it is not passed."""

@@ -151,6 +151,8 @@ class EvalConfig:
                 "teacher forcing or the probes; 0 = the frames given, as the bars are scored"})
     seed: int = field(default=0, metadata={"help": "base seed; each session uses seed + episode index"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: picked automatically)"})
+    threads: int | None = field(default=None, metadata={
+        "help": "torch CPU threads (default: torch's; 1 is faster on a machine shared with other jobs)"})
     precision: Literal["fp32", "bf16", "auto"] = field(default="fp32", metadata={
         "help": "the transformer's arithmetic on CPU: fp32 (exact), bf16 (weights and KV cache in bfloat16) or "
                 "auto (bf16 where the CPU has it natively, what `play` uses by default); CUDA always uses bf16 autocast"})
@@ -1068,6 +1070,8 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
         raise EvalError(f"--still-frames must be >= 0, got {cfg.still_frames}")
     if cfg.memory_frames < 0:
         raise EvalError(f"--memory-frames must be >= 0 (0: every frame), got {cfg.memory_frames}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise EvalError(f"--threads must be >= 1, got {cfg.threads}")
     from worldsim.sampler import setting_problem
 
     for name in ("cfg", "shift", "temperature", "generated_noise"):
@@ -1091,6 +1095,8 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
         raise EvalError(f"--out {out}: cannot create the results folder ({exc.strerror or exc})") from None
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
 
     if world is None:
         from worldsim.world import WorldModel
