@@ -49,7 +49,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from worldsim.autoencoder import Autoencoder, AutoencoderConfig
-from worldsim.dataset import name_the_target, readable_like_any_file
+from worldsim.dataset import atomic_write_all, name_the_target, readable_like_any_file
 from worldsim.model import FAR, FARConfig
 from worldsim.sampler import setting_problem
 
@@ -213,28 +213,7 @@ def save_checkpoint(
             raise CheckpointError(path, "exists and is not a folder")
         # both files are written in full before either replaces its old one: a full disk (or a
         # Ctrl-C) while writing the second must not leave new weights beside the old config
-        temps: dict[str, str] = {}
-        name = WEIGHTS_NAME
-        try:
-            for name, write in ((WEIGHTS_NAME, write_weights), (CONFIG_NAME, write_config)):
-                fd, temps[name] = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path)
-                os.close(fd)
-                write(temps[name])
-                fd = os.open(temps[name], os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                readable_like_any_file(temps[name])
-            for name in (WEIGHTS_NAME, CONFIG_NAME):
-                os.replace(temps[name], path / name)
-                del temps[name]  # only now: a failed rename still removes its temp file
-        except BaseException as exc:
-            for tmp in temps.values():
-                Path(tmp).unlink(missing_ok=True)
-            if isinstance(exc, OSError):  # name the file being written, not its temp twin
-                name_the_target(exc, path / name)
-            raise
+        atomic_write_all([(path / WEIGHTS_NAME, write_weights), (path / CONFIG_NAME, write_config)])
     return path
 
 

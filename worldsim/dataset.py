@@ -240,27 +240,39 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], suffix:
     (what the recorder sweeps up after a crash); pass ".tmp.gif" etc. to writers that pick
     their format from the extension. The file gets the umask's usual permissions (mkstemp
     would leave 0600)."""
-    path = Path(path)
+    atomic_write_all([(path, write)], suffix)
+
+
+def atomic_write_all(writes: Sequence[tuple[str | os.PathLike, Callable[[Path], None]]],
+                     suffix: str | None = None) -> None:
+    """atomic_write for files that belong together (a checkpoint's weights and config): every one
+    is written in full before any replaces its old file, so a full disk on the last one leaves
+    all the old files. On failure the temp files are removed and the error names the file it
+    concerns, not a temp file."""
+    temps: dict[Path, str] = {}
+    path = Path(writes[0][0])
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
-    except OSError as exc:
-        name_the_target(exc, path)
-        raise
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
+        for target, write in writes:
+            path = Path(target)
+            fd, temps[path] = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
             os.close(fd)
-        readable_like_any_file(tmp)
-        os.replace(tmp, path)
+            write(Path(temps[path]))
+            fd = os.open(temps[path], os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            readable_like_any_file(temps[path])
+        for target, _ in writes:
+            path = Path(target)
+            os.replace(temps[path], path)
+            del temps[path]  # only now: a failed rename still removes its temp file
     except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        for tmp in temps.values():
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         if isinstance(exc, OSError):  # a full disk or the like: name the file asked for, not the temp file
             name_the_target(exc, path)
         raise
