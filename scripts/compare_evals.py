@@ -147,13 +147,14 @@ def ratio_cell(value: float | None) -> str:
 
 def setting_differences(new: dict[str, Any], old: dict[str, Any]) -> list[str]:
     """The generation settings two runs used that differ: the sampler (as resolved against each
-    checkpoint's defaults), the precision, the long-context cache and its memory bound."""
+    checkpoint's defaults), the precision, the long-context cache, its memory bound and span."""
     def used(config: dict[str, Any]) -> dict[str, Any]:
         # only what a run recorded: older results.json lack sampler_used's later keys, precision_used
-        # or long_cache, and an absent setting is not a different one. memory_frames is the exception:
-        # eval kept every frame (0) before it had the option
+        # or long_cache, and an absent setting is not a different one. memory_frames and the memory span
+        # are the exceptions: eval kept every frame (0) at its frame index (0) before it had the options
         return {**(config.get("sampler_used") or {}), "precision": config.get("precision_used"),
-                "long_cache": config.get("long_cache"), "memory_frames": config.get("memory_frames", 0)}
+                "long_cache": config.get("long_cache"), "memory_frames": config.get("memory_frames", 0),
+                "memory_span": config.get("memory_span_used", 0)}
 
     a, b = used(new), used(old)
     return [f"{k} {a[k]!r} vs {b[k]!r}" for k in sorted(set(a) & set(b), key=str)

@@ -54,6 +54,49 @@ def test_multilevel_equals_none(world):
     assert (ml - ref).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("mode", ["none", "multilevel", "multilevel-fast"])
+def test_a_memory_span_beyond_the_history_changes_nothing(world, mode):
+    """memory_span moves only a memory reaching further back than it: 14 frames under a span of 30
+    are generated exactly as at their frame indices; under a span of 5 (window 4) they are not."""
+    plain, _ = rollout(world, mode)
+    own = world.far.config
+    try:
+        world.far.config = dataclasses.replace(own, memory_span=30)
+        wide, _ = rollout(world, mode)
+        world.far.config = dataclasses.replace(own, memory_span=W + 1)
+        narrow, _ = rollout(world, mode)
+    finally:
+        world.far.config = own
+    assert torch.equal(wide, plain)
+    assert (narrow - plain).abs().max() > 1e-4
+
+
+def test_a_long_context_under_a_memory_span_is_prefilled_seeing_its_memory_spread(world):
+    """A context appended at once enters L2 in passes of at most span - W - 1 frames (here 1), and
+    each sees the memory before it at the positions memory_time_positions gives it, as a generated
+    frame's pass does: the L2 of frame-by-frame frame_kv calls given that memory."""
+    own = world.far.config
+    try:
+        world.far.config = far_cfg = dataclasses.replace(own, memory_span=W + 2)
+        frames, actions = context(20)
+        s = world.new_session(frames, actions, cache_mode="multilevel")
+        s.context.flush()
+        with torch.inference_mode():
+            lat, act = world.encode(frames)[None], torch.as_tensor(actions)[None]
+            ref = None
+            for f in range(s.context.l2_frames):
+                new = world.far.frame_kv(lat[:, f : f + 1], act[:, f : f + 1], f, ref, coarse=True,
+                                         memory=(0, f) if f else None)
+                ref = new if ref is None else [(torch.cat([k0, k1], 2), torch.cat([v0, v1], 2))
+                                               for (k0, v0), (k1, v1) in zip(ref, new)]
+    finally:
+        world.far.config = own
+    assert s.context.prefill_frames_coarse == 1 and far_cfg.memory_span == W + 2
+    tokens = s.context._l2_tokens
+    for buf, (k, v) in zip(s.context.kv, ref):
+        assert torch.allclose(buf.k[:, :, :tokens], k, atol=1e-5) and torch.allclose(buf.v[:, :, :tokens], v, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["multilevel", "multilevel-fast"])
 def test_a_one_frame_window_generates_like_recomputation(mode):
     """W = 1 (every context frame in L2): the cache drops each latent as soon as it is coarse,

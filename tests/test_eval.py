@@ -291,7 +291,7 @@ def test_end_to_end_tiny_checkpoint_cli_is_deterministic(tiny_data, tiny_checkpo
     assert len(ml["multilevel"]["psnr"]) == 8 and len(ml["sliding"]["ssim"]) == 8
 
 
-def test_sampler_options_reach_the_real_model_through_the_cli(tiny_data, tiny_checkpoint, tmp_path):
+def test_sampler_options_reach_the_real_model_through_the_cli(tiny_data, tiny_checkpoint, tmp_path, capsys):
     """--shift, --temperature, --generated-noise and --long-cache on the real (tiny) world model:
     each changes the generated frames and is reported; teacher forcing ignores the generated-frame
     noise (it generates nothing it keeps). The option tests above use a stand-in world model."""
@@ -330,6 +330,17 @@ def test_sampler_options_reach_the_real_model_through_the_cli(tiny_data, tiny_ch
     assert teacher_forced(bounded) != teacher_forced(base)
     assert frames(bounded, "sliding") == frames(base, "sliding")
     assert frames(run("roomy", "--memory-frames", "100")) == frames(base)  # a bound never reached changes nothing
+    # a memory span below the context moves the long-term memory's time positions: the long context and
+    # teacher forcing change, the window alone does not; the span used is recorded
+    assert base["config"]["memory_span_used"] == 0
+    spread = run("spread", "--memory-span", "5")
+    assert spread["config"]["memory_span_used"] == 5 and frames(spread) != frames(base)
+    assert teacher_forced(spread) != teacher_forced(base)
+    assert frames(spread, "sliding") == frames(base, "sliding")
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_data), "--out", str(tmp_path / "x"),
+                 "--memory-span", "4"]) == 2
+    assert "--memory-span: memory_span must be 0 (frame indices) or greater than the window (4)" in capsys.readouterr().err
 
 
 class _InterruptingWorld(FakeWorld):

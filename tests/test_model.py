@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from worldsim.autoencoder import AE_PRESETS, Autoencoder, AutoencoderConfig, frames_to_tensor, tensor_to_frames
-from worldsim.model import FAR, PRESETS, FARConfig, concat_kv
+from worldsim.model import FAR, PRESETS, FARConfig, KVBuffer, apply_rope, concat_kv, memory_time_positions
 from worldsim.objective import ObjectiveConfig, training_loss
 
 # CI clones the repository beside shared/ (see conftest.py): found relative to the checkout
@@ -89,6 +89,71 @@ def test_cached_calls_match_uncached_forward():
         got = far.predict_frame(x[:, 8], t[:, 8], a[:, 8], 8, concat_kv(l2, l1))
         assert l2[0][0].shape[2] == 5 * 4 and l1[0][0].shape[2] == 3 * 16
     assert (got - ref).abs().max() <= 1e-5
+
+
+def test_memory_time_positions_spread_a_long_memory_over_the_span():
+    frames = torch.arange(0.0, 284.0, dtype=torch.float64)  # the eval's longest memory: frames 0..283, query 299
+    pos = memory_time_positions(frames, 0, 283, 299, 95)
+    assert pos[0] == 299 - 95 and pos[-1] == 283  # the oldest at the span, the newest where it is
+    steps = pos.diff()
+    assert (steps > 0).all() and torch.allclose(steps, steps[0].expand_as(steps))  # in order, evenly
+    # within reach, or without a span: the frame indices
+    assert torch.equal(memory_time_positions(frames[:40], 0, 39, 80, 95), frames[:40])
+    assert torch.equal(memory_time_positions(frames, 0, 283, 299, 0), frames)
+    # a bounded memory that forgot frames 0..99 spreads from its oldest kept frame
+    kept = memory_time_positions(frames[100:], 100, 283, 299, 95)
+    assert kept[0] == 204 and kept[-1] == 283
+
+
+def test_memory_span_must_exceed_the_window():
+    tiny = PRESETS["tiny"]
+    for bad in (-1, 1, tiny.window):
+        with pytest.raises(ValueError, match="memory_span"):
+            dataclasses.replace(tiny, memory_span=bad)
+    assert dataclasses.replace(tiny, memory_span=tiny.window + 1).memory_span == tiny.window + 1
+
+
+def test_memory_span_shows_cached_memory_keys_at_their_spread_positions():
+    """The cache keeps memory keys rotated to their frame indices; under memory_span a query sees each
+    at the position memory_time_positions gives it: the attention of keys rotated there from scratch."""
+    cfg = dataclasses.replace(PRESETS["tiny"], memory_span=6)  # window 4
+    far = random_far(cfg)
+    n, q = 12, 13  # memory frames 0..11 seen from frame 13: reaching 13 back, spread over 7..11
+    x, a, t = torch.randn(1, q + 1, 4, 8, 8), torch.randint(0, 5, (1, q + 1)), torch.tensor([0.6])
+    with torch.no_grad():
+        l2 = far.frame_kv(x[:, :n], a[:, :n], 0, None, coarse=True)
+        at_index = far._positions(0, n, cfg.context_patch_size, x.device)
+        spread = at_index.clone()
+        spread[:, 0] = memory_time_positions(at_index[:, 0], 0, n - 1, q, cfg.memory_span)
+        assert spread[0, 0] == q - 6
+        moved = [(apply_rope(apply_rope(k, far.rope(-at_index)), far.rope(spread)), v) for k, v in l2]
+        want = far.predict_frame(x[:, q], t, a[:, q], q, moved)
+        for past in (l2, [KVBuffer(k, v) for k, v in l2]):  # both cache forms
+            got = far.predict_frame(x[:, q], t, a[:, q], q, past, memory=(0, n))
+            assert (got - want).abs().max() <= 1e-5
+        at_indices = far.predict_frame(x[:, q], t, a[:, q], q, l2)  # without `memory`: left where it is
+        assert (at_indices - want).abs().max() > 1e-3
+
+
+def test_a_turned_memory_is_not_reused_once_the_window_behind_it_changes():
+    """The turned copy of the memory keys is kept for a frame's denoising steps; a window re-encoded
+    in place (the same token count, other keys) must not be served from it."""
+    cfg = dataclasses.replace(PRESETS["tiny"], memory_span=6)
+    far = random_far(cfg)
+    n, q = 12, 15
+    x, a, t = torch.randn(2, q + 1, 4, 8, 8), torch.randint(0, 5, (2, q + 1)), torch.tensor([0.6])
+    with torch.no_grad():
+        l2 = far.frame_kv(x[:1, :n], a[:1, :n], 0, None, coarse=True)
+        l1 = [far.frame_kv(x[i : i + 1, n:q], a[i : i + 1, n:q], n, l2, memory=(0, n)) for i in (0, 1)]
+        cache = [KVBuffer(k, v) for k, v in concat_kv(l2, l1[0])]
+        far.predict_frame(x[:1, q], t, a[:1, q], q, cache, memory=(0, n))
+        for buf, (k, v) in zip(cache, l1[1]):
+            buf.truncate(buf.length - k.shape[2])
+            buf.append(k, v)
+        got = far.predict_frame(x[:1, q], t, a[:1, q], q, cache, memory=(0, n))
+        fresh = far.predict_frame(x[:1, q], t, a[:1, q], q, [KVBuffer(k, v) for k, v in concat_kv(l2, l1[1])],
+                                  memory=(0, n))
+    assert torch.equal(got, fresh)
 
 
 def test_context_labels_take_the_fars_scale_and_older_configs_keep_theirs():
@@ -424,7 +489,7 @@ def test_deepened_far_predicts_what_the_given_one_did_and_then_learns():
     assert new_block.abs().sum() > 0
     with pytest.raises(ValueError, match="cannot deepen"):
         deepen_far_state_dict(dst.state_dict(), dst_cfg, src.config)
-    with pytest.raises(ValueError, match="only the depth and the window may differ"):
+    with pytest.raises(ValueError, match="only the depth, the window and memory_span may differ"):
         deepen_far_state_dict(src.state_dict(), src.config, dataclasses.replace(dst_cfg, width=96, heads=2))
     # no weight depends on the window: another one takes the same tensors, and with W >= T frames
     # every frame is fine, which is what a window of T means

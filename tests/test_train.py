@@ -668,11 +668,13 @@ def test_far_init_continues_from_an_exported_checkpoint(trained, dataset, tmp_pa
     assert all(torch.equal(grown[k.replace(f"far.blocks.{i}.", f"far.blocks.{i + 1}.")], v)
                for k, v in before.items() for i in (0, 1) if k.startswith(f"far.blocks.{i}."))
     assert not grown["far.blocks.0.adaLN.1.weight"].any()
-    # another window: the same weights, trained to see more (or fewer) frames finely
+    # another window (and memory span): the same weights, trained to see more (or fewer) frames finely
     wide = tmp_path / "wide"
     assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(wide), *FAST, "--ae-from", str(ck),
-                 "--far-init", str(ck), "--far-window", "6", "--far-steps", "1", "--far-lr", "0", "--warmup", "0"]) == 0
-    assert json.loads((wide / "checkpoint" / "config.json").read_text())["far"]["window"] == 6
+                 "--far-init", str(ck), "--far-window", "6", "--far-memory-span", "20", "--far-steps", "1",
+                 "--far-lr", "0", "--warmup", "0"]) == 0
+    far_config = json.loads((wide / "checkpoint" / "config.json").read_text())["far"]
+    assert far_config["window"] == 6 and far_config["memory_span"] == 20
     widened = load_file(str(wide / "checkpoint" / "model.safetensors"))
     assert all(torch.equal(widened[k], v) for k, v in before.items())
     assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(tmp_path / "none"), *FAST,

@@ -52,6 +52,11 @@ the window encoded against it and every query see only the bounded L2 (frames be
 enter it a forgetting chunk at a time, even a long context appended at once). Without a bound (the default, as in eval and the
 tests of exactness) nothing changes.
 
+Memory span (FARConfig.memory_span, model.py). The multi-level modes tell every pass which frames
+L2 holds (FAR's `memory`), and a pass sees them at the spread positions its newest frame gives
+them. A long context then enters L2 in passes of at most span - W - 1 frames, so that within a
+pass no memory needs spreading further than the span allows. Without a span nothing changes.
+
 Storage. Each cached mode keeps one growable KVBuffer per layer (model.py), laid out
 [L2 | L1] for multilevel: a frame leaving the window appends its 4 coarse tokens to L2 (without a
 bound memory grows by exactly those bytes per frame, amortised: capacity grows by half when full), the stale
@@ -155,8 +160,14 @@ class GenerationContext:
         for a in range(lo, hi, chunk):
             b = min(hi, a + chunk)
             lat, act, aug = self._history(a, b)
-            buffers = _append(buffers, self.far.frame_kv(lat, act, a, buffers, coarse=coarse, aug=aug))
+            memory = self._memory(a if coarse else None)
+            buffers = _append(buffers, self.far.frame_kv(lat, act, a, buffers, coarse=coarse, aug=aug, memory=memory))
         return buffers
+
+    def _memory(self, end: int | None = None) -> tuple[int, int] | None:
+        """(first frame, frames) of the long-term memory the cache begins with (FAR.forward_frames'
+        `memory`), while frames before `end` (default: every frame) are in it; None: no memory."""
+        return None
 
     def _sync(self) -> None:  # called by extend: bring the cache up to date with the history
         pass
@@ -257,6 +268,15 @@ class MultiLevelCacheContext(GenerationContext):
         self.l1_end = 0  # frames [l1_start, l1_end) are in L1
         self.l2_frames = 0  # frames [l2_first, l2_frames) are in L2
         self.l2_first = 0  # frames before it were forgotten (max_l2_frames)
+        span = far.config.memory_span
+        if span and use_l2:
+            # a pass that adds k frames to L2 has its newest frame up to k + W - 1 frames after the
+            # newest memory frame; below the span the memory stays in order (memory_time_positions)
+            self.prefill_frames_coarse = max(1, min(self.prefill_frames_coarse, span - self.window - 1))
+
+    def _memory(self, end: int | None = None) -> tuple[int, int] | None:
+        count = (self.l2_frames if end is None else end) - self.l2_first
+        return (self.l2_first, count) if self.use_l2 and count > 0 else None
 
     @property
     def _l2_tokens(self) -> int:
@@ -342,9 +362,10 @@ class MultiLevelCacheContext(GenerationContext):
                              (*self._history(start, n), start, False)]
                     v = None
                     if fusable:
-                        v, (new2, new1) = self.far.frames_kv_and_velocity(parts, *query, n, self.kv)
+                        v, (new2, new1) = self.far.frames_kv_and_velocity(parts, *query, n, self.kv,
+                                                                          memory=self._memory())
                     else:
-                        new2, new1 = self.far.frames_kv(parts, self.kv)
+                        new2, new1 = self.far.frames_kv(parts, self.kv, memory=self._memory())
                     self.kv = _append(_append(self.kv, new2), new1)
                     self.l2_frames, self.l1_start, self.l1_end = start, start, n
                     self._forget(start)
@@ -357,7 +378,7 @@ class MultiLevelCacheContext(GenerationContext):
                 # new frames appended to L1 as they are (multilevel-fast; the sliding window's
                 # re-encoding; any mode before the window slides), with the query
                 v, (new1,) = self.far.frames_kv_and_velocity(
-                    [(*self._history(self.l1_end, n), self.l1_end, False)], *query, n, self.kv)
+                    [(*self._history(self.l1_end, n), self.l1_end, False)], *query, n, self.kv, memory=self._memory())
                 self.kv = _append(self.kv, new1)
                 self.l1_end = n
                 return v
@@ -366,7 +387,7 @@ class MultiLevelCacheContext(GenerationContext):
         return self._velocity_now(query)
 
     def _velocity_now(self, query: tuple | None) -> torch.Tensor | None:
-        return None if query is None else self.far.predict_frame(*query, self.num_frames, self.kv)
+        return None if query is None else self.far.predict_frame(*query, self.num_frames, self.kv, memory=self._memory())
 
     def _slide_keeping_l1(self, start: int) -> None:
         """multilevel-fast: frames < start leave L1 (into L2), the rest of L1 is kept as it is."""
@@ -402,7 +423,7 @@ class MultiLevelCacheContext(GenerationContext):
         v, (new2, new1) = self.far.frames_kv_and_velocity(
             [(*self._history(self.l2_frames, start), self.l2_frames, True),
              (*self._history(self.l1_end, n), self.l1_end, False)], *query, n, self.kv,
-            cache_visible=[self._l2_tokens, None])
+            cache_visible=[self._l2_tokens, None], memory=self._memory())
         for buf in self.kv:  # -> [L2 + new coarse | kept L1 | new L1]
             buf.truncate(self._l2_tokens)
         self.kv = _append(_append(_append(self.kv, new2), kept), new1)

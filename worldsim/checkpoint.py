@@ -220,7 +220,7 @@ def save_checkpoint(
 # keys of config.json's objects that older versions did not write (the first checkpoints, before
 # the decoder could be deepened): their defaults are what those versions meant; any other missing
 # key would load as a default silently
-MAY_BE_ABSENT = {"autoencoder": ("decoder_blocks_per_level",)}
+MAY_BE_ABSENT = {"autoencoder": ("decoder_blocks_per_level",), "far": ("memory_span",)}
 
 
 def check_field_types(cls: type, d: object, what: str, path: str | os.PathLike) -> None:

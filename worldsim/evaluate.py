@@ -164,6 +164,10 @@ class EvalConfig:
                 "play's --memory-frames bounds it (for every long-context session: generation, the memory "
                 "control, teacher forcing and the probes); 0 = every frame, as the bars are scored. A bound "
                 "below the context shows, in the revisit table by reach, what revisits beyond it lose"})
+    memory_span: int | None = field(default=None, metadata={
+        "help": "the transformer's memory_span for this run: a long-term memory reaching further back than this "
+                "many frames is presented spread evenly over the last that many (RoPE time positions), e.g. the "
+                "furthest its training samples reached; 0 = frame indices (default: the checkpoint's)"})
     teacher_forcing: bool = field(default=True, metadata={"help": "also score teacher-forced next-frame prediction"})
     memory_control: bool = field(default=True, metadata={
         "help": "also generate with the long-term context (the frames already in L2 when generation starts) "
@@ -934,6 +938,7 @@ def results_markdown(res: dict[str, Any]) -> str:
                  + (f", still frames before the context = {cfgd['still_frames']} (generated conditions and control)"
                     if cfgd.get("still_frames") else "")
                  + (f", long-term memory bounded to {cfgd['memory_frames']} frames" if cfgd.get("memory_frames") else "")
+                 + (f", memory span = {cfgd['memory_span_used']} frames" if cfgd.get("memory_span_used") else "")
                  + (f", precision = {cfgd['precision_used']}" if cfgd.get("precision_used") else "") + ". "
                  f"LPIPS: {res['metrics']['lpips']['status']}.")
     for note in res.get("notes") or []:
@@ -1058,7 +1063,27 @@ def _definitions() -> dict[str, str]:
 
 
 def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | None = None) -> dict[str, Any]:
-    """Run the whole evaluation and write every output into `cfg.out`; returns the results dict."""
+    """Run the whole evaluation and write every output into `cfg.out`; returns the results dict.
+    A given world's transformer runs with cfg.memory_span (if set) and is given its own back."""
+    far = getattr(world, "far", None)
+    own = None if far is None else far.config
+    try:
+        return _run_eval(cfg, world, checkpoint_path)
+    finally:
+        if far is not None:
+            far.config = own
+
+
+def _with_memory_span(world: Any, span: int | None) -> None:
+    if span is None or getattr(world, "far", None) is None:
+        return
+    try:
+        world.far.config = dataclasses.replace(world.far.config, memory_span=span)
+    except ValueError as exc:
+        raise EvalError(f"--memory-span: {exc}") from None
+
+
+def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None) -> dict[str, Any]:
     import torch
 
     t_start = time.perf_counter()
@@ -1103,6 +1128,7 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
 
         checkpoint_path = resolve_checkpoint(cfg.checkpoint)
         world = WorldModel.load(checkpoint_path, device=cfg.device, precision=cfg.precision)
+    _with_memory_span(world, cfg.memory_span)
     window = model_window(world)
     if cfg.still_frames and "noop" not in world.action_names:  # the first action may move
         raise EvalError(f"--still-frames {cfg.still_frames} needs a 'noop' action; the checkpoint has "
@@ -1257,6 +1283,7 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
             "session_seeds": [e["seed"] for e in episodes],
             "window": window, "resolution": list(world.resolution), "action_names": list(world.action_names),
             "precision_used": getattr(world, "precision", None),  # --precision auto, resolved
+            "memory_span_used": getattr(getattr(getattr(world, "far", None), "config", None), "memory_span", None),
             "conditions": {k: CONDITION_LABELS[k] for k in names},
             "memory_control_status": control, "memory_control_old_frames": max(0, old_frames),
             "memory_donor_episode_ids": [e["memory_donor"] for e in episodes] if control == "on" else [],

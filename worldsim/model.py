@@ -2,7 +2,8 @@
 
 API
     FARConfig(latent_channels, latent_size, patch_size, context_patch_size, depth, width, heads,
-              mlp_ratio, num_actions, window, clean_t=-0.001, long_context_t=-0.002, rope_theta)
+              mlp_ratio, num_actions, window, clean_t=-0.001, long_context_t=-0.002, rope_theta,
+              memory_span=0)
     PRESETS: dict[str, FARConfig]                 # "tiny" (tests), "small" (CPU default), "far-b-long"
     FAR(cfg)
       .forward(latents [B,T,C,h,w], t [B,T], actions [B,T], aug=None [B,T], window=None, time_offset=0)
@@ -20,6 +21,8 @@ API
           several groups (coarse first) in one pass, e.g. a frame entering L2 + the window re-encoded.
       .frames_kv_and_velocity(parts, x_t, t, action, frame_index, past_kv, cache_visible=None)
           -> (velocity [B,C,h,w], [new_kv per part]): frames_kv then predict_frame as one pass.
+      The cached entry points take memory=(first frame, frames): the long-term memory the cache
+      begins with, which memory_span moves (cache.py passes it; None leaves the cache as it is).
       The cached entry points (forward_frames, predict_frame, frame_kv, frames_kv,
       frames_kv_and_velocity) run an
       inference twin of the blocks (FARBlock.infer): same math as forward(), with per-frame adaLN
@@ -30,6 +33,7 @@ API
     autocast_for(module) -> the autocast its inference runs under (also bf16 on CPU when its
       weights are stored in bf16: WorldModel(precision="bf16"));  cpu_has_native_bf16() -> bool
     concat_kv(a, b) -> per-layer concatenation of two KV lists along the token axis
+    memory_time_positions(frames, first, last, query, span) -> the memory's RoPE time positions
     deepen_far_state_dict(state, src_cfg, dst_cfg) -> src's weights for a deeper dst (new blocks
       absent: they keep AdaLN-Zero's identity init);  deepened_block_sources(src_depth, dst_depth)
     KVBuffer: one layer's growable key/value store for cached inference (see its docstring);
@@ -55,6 +59,18 @@ of noise-augmented clean context, embedded and added to the frame's conditioning
 RoPE positions: time = absolute frame index in the sequence; row/col = patch centres in latent
 pixel units, so a coarse token sits at the centre of the fine tokens it summarises. Training
 and cached inference compute identical positions for the same frame.
+
+Memory span (not in the paper; memory_span > 0). A transformer trained on T-frame samples never
+saw a query more than T - 1 frames from a key, and it degrades on a memory further back (the
+shipped one, trained on 96- then 64-frame samples, predicts worse from 284 frames of memory than
+from 64: model card, HISTORY "Session 28"/"Session 29"). With memory_span = N, a long-term memory
+reaching further back than N frames from a query is presented spread evenly over the last N
+(memory_time_positions: the order kept, the newest memory frame at its index); the short-term
+window and the frame itself keep their indices. forward() spreads every coarse frame relative to
+the sequence's last frame. The cache stores keys at their frame indices and each pass turns the
+memory's keys to the positions its newest frame gives them (KVBuffer.attend's memory_turn); a
+frame's coarse tokens, computed when it entered L2, keep what they saw then. So the cached modes
+are not exactly `forward` under a span (they are without one), as multilevel-fast is not.
 """
 from __future__ import annotations
 
@@ -88,6 +104,10 @@ class FARConfig:
     clean_t: float = field(default=-0.001, metadata={"help": "timestep of clean short-term context (t in [0, 1])"})
     long_context_t: float = field(default=-0.002, metadata={"help": "timestep of long-term (coarse) context"})
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
+    # an inference setting as much as a model one: no weight depends on it (see memory_time_positions)
+    memory_span: int = field(default=0, metadata={"help": (
+        "0: RoPE time = frame index. N > window: a long-term memory reaching further back than N frames "
+        "is spread evenly over the last N (e.g. the furthest its training samples showed it: N = length - 1)")})
 
     def __post_init__(self) -> None:
         for name in ("latent_channels", "latent_size", "depth", "width", "heads", "num_actions"):
@@ -108,6 +128,9 @@ class FARConfig:
                              f"hidden unit), got {self.mlp_ratio}")
         if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
             raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta}")
+        if self.memory_span < 0 or 0 < self.memory_span <= self.window:
+            raise ValueError(f"memory_span must be 0 (frame indices) or greater than the window ({self.window}), "
+                             f"got {self.memory_span}")
         for name in ("clean_t", "long_context_t"):  # t < 0 is what marks a context frame
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) < 0):
                 raise ValueError(f"{name} must be a negative number (t < 0 marks context), got {getattr(self, name)}")
@@ -200,6 +223,17 @@ def concat_kv(a: KV | None, b: KV | None) -> KV | None:
     return [(torch.cat([ka, kb], dim=2), torch.cat([va, vb], dim=2)) for (ka, va), (kb, vb) in zip(a, b)]
 
 
+@dataclass(frozen=True)
+class MemoryTurn:
+    """The turn of a cache's long-term memory keys under memory_span: its first `tokens` keys,
+    stored at their frames' indices, are turned by `table` (rope_table_full of the time shifts) to
+    the positions memory_time_positions gives them; `tag` names the turn (memo key)."""
+
+    tokens: int
+    table: tuple[torch.Tensor, torch.Tensor]
+    tag: tuple
+
+
 class KVBuffer:
     """Keys/values of one layer for cached inference, stored in place with room to grow.
 
@@ -216,10 +250,12 @@ class KVBuffer:
     attend to the cache and to the new tokens in two flash passes merged by log-sum-exp (the
     same softmax, ~1e-7 apart; no (queries x cache) mask to read per head)."""
 
-    __slots__ = ("k", "v", "length")
+    __slots__ = ("k", "v", "length", "edits", "_turned")
 
     def __init__(self, k: torch.Tensor | None = None, v: torch.Tensor | None = None):
         self.k, self.v, self.length = None, None, 0
+        self.edits = 0  # bumped by every change of the stored tokens (keys the memo of _turned_view)
+        self._turned = None  # (key, KVBuffer): the cache with its memory keys turned (memory_span)
         if k is not None:
             self.append(k, v)
 
@@ -254,6 +290,7 @@ class KVBuffer:
             k[:, :, : self.length] = self.keys
             v[:, :, : self.length] = self.values
         self.k, self.v = k, v
+        self.edits += 1
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         n = k.shape[2]
@@ -261,11 +298,13 @@ class KVBuffer:
         self.k[:, :, self.length : self.length + n] = k
         self.v[:, :, self.length : self.length + n] = v
         self.length += n
+        self.edits += 1
 
     def truncate(self, length: int) -> None:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate {self.length} cached tokens to {length}")
         self.length = length
+        self.edits += 1
 
     def drop_front(self, n: int) -> None:
         """Forget the first n cached tokens (the oldest long-term memory); the rest move to the front.
@@ -278,6 +317,7 @@ class KVBuffer:
         self.k[:, :, :rest] = self.k[:, :, n : self.length].clone()  # the ranges overlap
         self.v[:, :, :rest] = self.v[:, :, n : self.length].clone()
         self.length = rest
+        self.edits += 1
 
     def clone(self) -> "KVBuffer":
         twin = KVBuffer()
@@ -298,18 +338,23 @@ class KVBuffer:
 
     def __setstate__(self, state: tuple) -> None:
         k, v, self.length, inference = state
+        self.edits, self._turned = 0, None
         with torch.inference_mode(inference):
             self.k, self.v = (None, None) if k is None else (k.clone(), v.clone())
 
     def attend(
         self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, mask: torch.Tensor | None = None,
-        cache_masked: bool = False,
+        cache_masked: bool = False, memory_turn: "MemoryTurn | None" = None,
     ) -> torch.Tensor:
         """softmax(q [cache, new]^T) [cache, new]: q (Bq, H, Lq, Dh), k_new/v_new (Bq, H, n, Dh).
-        cache_masked: the mask also hides cached tokens from some queries (one masked pass then)."""
+        cache_masked: the mask also hides cached tokens from some queries (one masked pass then).
+        memory_turn: the cache's first tokens (the long-term memory) are attended with their keys
+        turned to other time positions (memory_span)."""
         n, L = k_new.shape[2], self.length
         if self.k is None:
             return F.scaled_dot_product_attention(q, k_new, v_new, attn_mask=mask)
+        if memory_turn is not None:
+            return self._turned_view(memory_turn).attend(q, k_new, v_new, mask, cache_masked)
         B = self.k.shape[0]
         m = q.shape[0] // B
         if L >= SPLIT_ATTENTION_MIN and (m > 1 or mask is not None) and not cache_masked and _split_ok(q):
@@ -340,6 +385,20 @@ class KVBuffer:
         )
         return torch.cat(o.split(Lq, dim=2))
 
+
+    def _turned_view(self, turn: "MemoryTurn") -> "KVBuffer":
+        """A copy of this cache whose first turn.tokens keys are turned by turn.table; its values
+        are this cache's (attend writes only their spare tail). Memoised until the cache changes or
+        another turn is asked for, so the denoising steps of a frame share one copy."""
+        key = (turn.tag, self.edits, self.length)
+        if self._turned is None or self._turned[0] != key:
+            if turn.tokens > self.length:
+                raise ValueError(f"cannot turn {turn.tokens} memory keys of a cache of {self.length} tokens")
+            view = KVBuffer()
+            view.k, view.v, view.length = self.k.clone(), self.v, self.length
+            view.k[:, :, : turn.tokens] = apply_rope_full(self.k[:, :, : turn.tokens], turn.table).to(self.k.dtype)
+            self._turned = (key, view)
+        return self._turned[1]
 
     def _attend_split(self, q, k_new, v_new, mask, m: int) -> torch.Tensor:
         """Long caches on CPU: attention over the cache (unmasked: every new token sees all of it)
@@ -469,6 +528,22 @@ def apply_rope_full(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -
     return (xf * cos + swapped * sin).type_as(x)
 
 
+def memory_time_positions(frames: torch.Tensor, first: int, last: int, query: int, span: int) -> torch.Tensor:
+    """RoPE time positions of long-term memory frames `frames` (indices in [first, last]) as the
+    queries of frame `query` see them under memory_span `span`: a memory reaching further back than
+    `query - span` is spread evenly over [query - span, last] (order kept, the newest frame where it
+    is), so no query is further than `span` frames from a memory frame; otherwise (or span 0) the
+    frame indices. Why: a transformer never saw a memory frame further away than its longest
+    training samples allowed (95 frames for the shipped one), and its next-frame prediction from a
+    memory reaching further degrades (model card HISTORY, "Session 29": spread over 95 frames,
+    teacher forcing gains 0.9 dB, but generation loses 0.5)."""
+    lo = query - span
+    if span <= 0 or lo <= first or last <= first:
+        return frames
+    lo = min(lo, last)  # a pass longer than the span (not in the caches, see cache.py) clamps its memory
+    return lo + (frames - first) * ((last - lo) / (last - first))
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
 
@@ -567,6 +642,7 @@ class FARBlock(nn.Module):
         mask: torch.Tensor | None,
         outputs: list[bool],
         cache_masked: bool = False,
+        memory_turn: MemoryTurn | None = None,
     ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """forward() at inference (FAR.forward_frames / frames_kv): the same math for token groups
         xs (B, F, n, D) (coarse ones first) with precomputed modulations per group (shift1,
@@ -575,7 +651,8 @@ class FARBlock(nn.Module):
         outputs[i]: group i needs its new states (else only its keys/values: no queries, attention
         output or MLP; such groups must lead). Returns the groups' new states (unchanged where not
         wanted) and the keys/values of their tokens. cache_masked: the mask hides cached tokens
-        from some queries (else every query sees the whole cache)."""
+        from some queries (else every query sees the whole cache). memory_turn: the cache's
+        long-term memory is seen at the positions memory_span gives it."""
         H, Dh = self.heads, self.head_dim
         qs, ks, vs, wants = [], [], [], []
         for x, mod, rope, c, want in zip(xs, mods, ropes, coarse, outputs):
@@ -598,11 +675,14 @@ class FARBlock(nn.Module):
         if mask is not None:
             mask = mask[-q.shape[2] :]  # query rows: groups without queries are the leading ones
         if isinstance(past, KVBuffer):
-            o = past.attend(q, k_new, v_new, mask, cache_masked)
+            o = past.attend(q, k_new, v_new, mask, cache_masked, memory_turn)
         else:
             kk, vv = k_new, v_new
             if past is not None:
                 pk, pv = past
+                if memory_turn is not None:
+                    turned = apply_rope_full(pk[:, :, : memory_turn.tokens], memory_turn.table).to(pk.dtype)
+                    pk = torch.cat([turned, pk[:, :, memory_turn.tokens :]], dim=2)
                 if pk.shape[0] != kk.shape[0]:  # CFG: the m halves of the query batch share the cache of batch B
                     m = kk.shape[0] // pk.shape[0]
                     pk, pv = pk.repeat(m, 1, 1, 1), pv.repeat(m, 1, 1, 1)  # (m*B, H, L, Dh): rows as in the query
@@ -724,11 +804,15 @@ class FAR(nn.Module):
             aug = torch.zeros_like(t)
         return self.t_embed(t) + self.action_embed(actions) + self.aug_embed(aug)
 
-    def _group(self, latents, t, actions, aug, start_frame: int, coarse: bool) -> TokenGroup:
+    def _group(self, latents, t, actions, aug, start_frame: int, coarse: bool, query_frame: int = 0) -> TokenGroup:
         p = self.config.context_patch_size if coarse else self.config.patch_size
         embed = self.embed_coarse if coarse else self.embed_fine
         x = embed(self._patchify(latents, p))  # (B, F, n, D)
-        pos = self._positions(start_frame, latents.shape[1], p, latents.device)
+        Fn = latents.shape[1]
+        pos = self._positions(start_frame, Fn, p, latents.device)
+        if coarse and self.config.memory_span:
+            pos[:, 0] = memory_time_positions(pos[:, 0], start_frame, start_frame + Fn - 1, query_frame,
+                                              self.config.memory_span)
         return TokenGroup(x, self._cond(t, actions, aug, coarse), self.rope(pos), coarse)
 
     def _rope_table(self, start_frame: int, num_frames: int, p: int, device: torch.device):
@@ -742,6 +826,28 @@ class FAR(nn.Module):
                 memo.clear()
             table = memo[key] = rope_table_full(self.rope(self._positions(start_frame, num_frames, p, device)))
         return table
+
+    def _memory_turn(self, memory: tuple[int, int] | None, query_frame: int, device: torch.device) -> MemoryTurn | None:
+        """How a pass whose newest frame is query_frame turns the cached keys of the long-term memory
+        frames memory = (first, count), stored at their frame indices, to the positions
+        memory_time_positions gives them; None where nothing moves (memo as _rope_table)."""
+        span = self.config.memory_span
+        if not span or memory is None or memory[1] < 2 or query_frame - span <= memory[0]:
+            return None
+        first, count = memory
+        tag = ("memory", first, count, query_frame, span, str(device))
+        memo = self.__dict__.setdefault("_rope_memo", {})
+        turn = memo.get(tag)
+        if turn is None:
+            if len(memo) >= 32:
+                memo.clear()
+            frames = torch.arange(first, first + count, device=device, dtype=torch.float64)
+            shift = memory_time_positions(frames, first, first + count - 1, query_frame, span) - frames
+            pos = torch.zeros(count, self.config.context_tokens_per_frame, 3, device=device, dtype=torch.float64)
+            pos[:, :, 0] = shift[:, None]  # time only: the rows and columns stay where they are
+            table = rope_table_full(self.rope(pos.flatten(0, 1)))  # (count * tokens per frame, head_dim) each
+            turn = memo[tag] = MemoryTurn(count * self.config.context_tokens_per_frame, table, tag)
+        return turn
 
     def _mods_params(self) -> list[torch.Tensor]:
         mods = [self.t_embed, self.aug_embed, self.action_embed, self.final.adaLN, *(b.adaLN for b in self.blocks)]
@@ -858,7 +964,8 @@ class FAR(nn.Module):
         sl = lambda a, lo, hi: None if a is None else a[:, lo:hi]  # noqa: E731
         groups, starts = [], []
         if Tc > 0:
-            groups.append(self._group(latents[:, :Tc], t[:, :Tc], actions[:, :Tc], sl(aug, 0, Tc), time_offset, coarse=True))
+            groups.append(self._group(latents[:, :Tc], t[:, :Tc], actions[:, :Tc], sl(aug, 0, Tc), time_offset,
+                                      coarse=True, query_frame=time_offset + T - 1))
             starts.append(time_offset)
         groups.append(
             self._group(latents[:, Tc:], t[:, Tc:], actions[:, Tc:], sl(aug, Tc, T), time_offset + Tc, coarse=False)
@@ -876,47 +983,56 @@ class FAR(nn.Module):
         past_kv: KV | None,
         coarse: bool = False,
         need_output: bool = True,
+        memory: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor | None, KV]:
-        """F consecutive frames (absolute indices start_frame..) against a cache of earlier frames."""
+        """F consecutive frames (absolute indices start_frame..) against a cache of earlier frames.
+        memory = (first frame, frames): the cache begins with the coarse tokens of these long-term
+        memory frames (what memory_span moves; None: no memory, or leave it where it is)."""
         if coarse and need_output:
             raise ValueError("coarse tokens have no output head; use need_output=False")
-        out, kvs = self._infer([(latents, t, actions, aug, start_frame, coarse)], past_kv, need_output)
+        out, kvs = self._infer([(latents, t, actions, aug, start_frame, coarse)], past_kv, need_output, memory=memory)
         return out, [kv[0] for kv in kvs]
 
-    def frames_kv(self, parts: list[tuple], past_kv: KV | None) -> list[KV]:
+    def frames_kv(self, parts: list[tuple], past_kv: KV | None, memory: tuple[int, int] | None = None) -> list[KV]:
         """Keys/values of clean frames in several groups run as one pass (inference): parts =
         [(latents (B,F,C,h,w), actions (B,F), aug (B,F) | None, start_frame, coarse)], coarse
         groups first, consecutive in time. E.g. the frame leaving the window (coarse, into L2)
         together with the window re-encoded (fine, L1): the same tokens, masks and results as two
-        frame_kv calls, in one pass over the weights and the cache. Returns one KV per part."""
+        frame_kv calls, in one pass over the weights and the cache. Returns one KV per part.
+        memory: as forward_frames'."""
         parts = [(lat, torch.full(lat.shape[:2], self.config.clean_t, device=lat.device), act, aug, s, c)
                  for lat, act, aug, s, c in parts]
-        _, kvs = self._infer(parts, past_kv, need_output=False)
+        _, kvs = self._infer(parts, past_kv, need_output=False, memory=memory)
         return [[kv[j] for kv in kvs] for j in range(len(parts))]
 
     def frames_kv_and_velocity(
         self, parts: list[tuple], x_t: torch.Tensor, t: torch.Tensor, action: torch.Tensor, frame_index: int,
-        past_kv: KV | None, cache_visible: list[int | None] | None = None,
+        past_kv: KV | None, cache_visible: list[int | None] | None = None, memory: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, list[KV]]:
         """frames_kv(parts, past_kv), then predict_frame(x_t, t, action, frame_index) against the
         cache extended by them, as one pass: the same tokens, masks and results (the clean frames
         never attend to the noisy one), one read of the weights and of the cache instead of two.
         The parts' batch must be x_t's (B,C,h,w): no CFG-doubled batch. Returns (velocity
         (B,C,h,w), one KV per part). cache_visible[j]: part j sees only the first that many cached
-        tokens (e.g. a frame entering L2 sees L2 alone); the noisy frame sees the whole cache."""
+        tokens (e.g. a frame entering L2 sees L2 alone); the noisy frame sees the whole cache.
+        memory: as forward_frames'."""
         clean = [(lat, torch.full(lat.shape[:2], self.config.clean_t, device=lat.device), act, aug, s, c)
                  for lat, act, aug, s, c in parts]
         noisy = (x_t[:, None], t[:, None], action[:, None], None, frame_index, False)
         visible = None if cache_visible is None else list(cache_visible) + [None]
-        out, kvs = self._infer(clean + [noisy], past_kv, need_output=True, cache_visible=visible)
+        out, kvs = self._infer(clean + [noisy], past_kv, need_output=True, cache_visible=visible, memory=memory)
         return out[:, 0], [[kv[j] for kv in kvs] for j in range(len(parts))]
 
     def _infer(
-        self, parts: list[tuple], past_kv: KV | None, need_output: bool, cache_visible: list[int | None] | None = None
+        self, parts: list[tuple], past_kv: KV | None, need_output: bool, cache_visible: list[int | None] | None = None,
+        memory: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor | None, list]:
         """parts [(latents, t, actions, aug, start_frame, coarse)] -> (velocity of the last part |
         None, per layer a list of (k, v) per part). cache_visible[j]: part j's tokens see only the
-        first that many cached tokens (None: all of them)."""
+        first that many cached tokens (None: all of them). memory = (first frame, frames) of the
+        long-term memory the cache begins with: under memory_span the whole pass sees it at the
+        positions memory_time_positions gives it for the pass's newest frame (its own tokens keep
+        their frame indices; the keys it returns are at their frame indices, as the cache keeps them)."""
         cfg = self.config
         xs, mods, ropes, coarse, ids = [], [], [], [], []
         for latents, t, actions, aug, start_frame, c in parts:
@@ -946,6 +1062,7 @@ class FAR(nn.Module):
             else:
                 mask = allowed
         sizes = [x.shape[1] * x.shape[2] for x in xs]
+        turn = self._memory_turn(memory, max(p[4] + p[0].shape[1] - 1 for p in parts), device) if past_len else None
         every = [True] * len(xs)
         # the last block's new states feed only the output head: of the last part, if it is wanted
         last = [need_output and j == len(xs) - 1 for j in range(len(xs))]
@@ -955,7 +1072,7 @@ class FAR(nn.Module):
             # (in the last block only the last part has queries, and it sees the whole cache)
             cache_masked = bool(hidden) and i < len(self.blocks) - 1
             xs, (k, v) = block.infer(xs, [m[i] for m in mods], ropes, coarse,
-                                     None if past_kv is None else past_kv[i], mask, outputs, cache_masked)
+                                     None if past_kv is None else past_kv[i], mask, outputs, cache_masked, turn)
             # per part: (B, heads, F*n of that part, head_dim)
             new_kv.append(list(zip(k.split(sizes, dim=2), v.split(sizes, dim=2))) if len(xs) > 1 else [(k, v)])
         if not need_output:
@@ -974,11 +1091,13 @@ class FAR(nn.Module):
         frame_index: int,
         past_kv: KV | None,
         aug: torch.Tensor | None = None,
+        memory: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Velocity of one noisy frame x_t (B,C,h,w) at level t (B,) given the cached context."""
+        """Velocity of one noisy frame x_t (B,C,h,w) at level t (B,) given the cached context
+        (memory: as forward_frames')."""
         out, _ = self.forward_frames(
             x_t[:, None], t[:, None], action[:, None], None if aug is None else aug[:, None],
-            frame_index, past_kv, coarse=False, need_output=True,
+            frame_index, past_kv, coarse=False, need_output=True, memory=memory,
         )
         return out[:, 0]
 
@@ -990,10 +1109,13 @@ class FAR(nn.Module):
         past_kv: KV | None,
         coarse: bool = False,
         aug: torch.Tensor | None = None,
+        memory: tuple[int, int] | None = None,
     ) -> KV:
-        """Keys/values of clean context frames (B,F,C,h,w): fine for L1, coarse for L2."""
+        """Keys/values of clean context frames (B,F,C,h,w): fine for L1, coarse for L2 (memory: as
+        forward_frames')."""
         t = torch.full(latents.shape[:2], self.config.clean_t, device=latents.device)
-        _, kv = self.forward_frames(latents, t, actions, aug, start_frame, past_kv, coarse=coarse, need_output=False)
+        _, kv = self.forward_frames(latents, t, actions, aug, start_frame, past_kv, coarse=coarse, need_output=False,
+                                    memory=memory)
         return kv
 
 
@@ -1023,10 +1145,10 @@ def deepen_far_state_dict(state: dict[str, torch.Tensor], src: FARConfig, dst: F
     predicts exactly what `src`'s does, and training grows the new blocks from there (as a
     deepened autoencoder decoder does, autoencoder.deepen_state_dict).
     """
-    if dataclasses.replace(dst, depth=src.depth, window=src.window) != src:
+    if dataclasses.replace(dst, depth=src.depth, window=src.window, memory_span=src.memory_span) != src:
         diff = {k: (v, getattr(dst, k)) for k, v in src.to_dict().items()
-                if k not in ("depth", "window") and getattr(dst, k) != v}
-        raise ValueError(f"only the depth and the window may differ: {diff}")
+                if k not in ("depth", "window", "memory_span") and getattr(dst, k) != v}
+        raise ValueError(f"only the depth, the window and memory_span may differ: {diff}")
     where = {s: i for i, s in enumerate(deepened_block_sources(src.depth, dst.depth)) if s is not None}
     out = {}
     for key, value in state.items():

@@ -395,19 +395,20 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
             far_base = far_mod.FARConfig.from_dict(read_config(_init_far_dir(train.far_init))["far"])
         except CheckpointError as exc:
             raise TrainError(f"--far-init: {exc}") from None
-        # checked here, before the run folder is written: the shape comes from it, except a greater depth
-        # and the window (which no weight depends on)
+        # checked here, before the run folder is written: the shape comes from it, except a greater depth,
+        # the window and the memory span (which no weight depends on)
         changed = {k: v for k, v in far_over.items() if getattr(far_base, k) != v}
         if changed.get("depth", far_base.depth) > far_base.depth:
             changed.pop("depth")
         changed.pop("window", None)
+        changed.pop("memory_span", None)
         if changed:
             learned = [k for k in changed if k in ("clean_t", "long_context_t", "rope_theta")]
             why = (f"; {', '.join(learned)} must stay as the weights were trained with" if learned else "")
             raise TrainError(f"--far-init {train.far_init}: its FAR settings differ from this run's (checkpoint vs run): "
                              f"{ {k: (getattr(far_base, k), v) for k, v in changed.items()} }; they come from "
                              f"it{why}: drop {', '.join('--far-' + k.replace('_', '-') for k in changed)} (only "
-                             f"--far-depth may grow it, and --far-window may change)")
+                             f"--far-depth may grow it, and --far-window and --far-memory-span may change)")
     far_cfg = dataclasses.replace(far_base, **far_over)
     obj_cfg = dataclasses.replace(obj_mod.ObjectiveConfig(), **obj_over)
     return RunConfig(train, ae_cfg, far_cfg, obj_cfg), False
