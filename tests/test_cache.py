@@ -71,6 +71,29 @@ def test_a_memory_span_beyond_the_history_changes_nothing(world, mode):
     assert (narrow - plain).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("mode", ["multilevel", "multilevel-fast"])
+def test_under_a_memory_span_every_denoising_step_of_a_frame_sees_the_same_memory(world, mode):
+    """A frame's first step must not see the memory otherwise than its later steps (as a pass fusing
+    it with the frame entering L2 would): the same query twice gives the same velocity, flushed or not."""
+    own = world.far.config
+    try:
+        world.far.config = dataclasses.replace(own, memory_span=W + 2)
+        frames, actions = context(14)
+        x, t, a = torch.randn(1, 4, 8, 8), torch.tensor([0.7]), torch.tensor([1])
+        with torch.inference_mode():
+            lat, act = world.encode(frames)[None], torch.as_tensor(actions)[None]
+            lazy, flushed = make_context(world.far, mode), make_context(world.far, mode)
+            for ctx in (lazy, flushed):
+                ctx.extend(lat[:, :12], act[:, :12])
+                ctx.flush()
+                ctx.extend(lat[:, 12:13], act[:, 12:13])  # a frame leaves the window: into L2 with the next query
+            flushed.flush()
+            first, second, other = lazy.velocity(x, t, a), lazy.velocity(x, t, a), flushed.velocity(x, t, a)
+    finally:
+        world.far.config = own
+    assert torch.equal(first, second) and torch.equal(first, other)
+
+
 def test_a_long_context_under_a_memory_span_is_prefilled_seeing_its_memory_spread(world):
     """A context appended at once enters L2 in passes of at most span - W - 1 frames (here 1), and
     each sees the memory before it at the positions memory_time_positions gives it, as a generated

@@ -55,7 +55,9 @@ tests of exactness) nothing changes.
 Memory span (FARConfig.memory_span, model.py). The multi-level modes tell every pass which frames
 L2 holds (FAR's `memory`), and a pass sees them at the spread positions its newest frame gives
 them. A long context then enters L2 in passes of at most span - W - 1 frames, so that within a
-pass no memory needs spreading further than the span allows. Without a span nothing changes.
+pass no memory needs spreading further than the span allows, and a generated frame is not fused
+with the frames entering L2 (below): every denoising step of a frame sees the same memory, at the
+positions the frame gives it. Without a span nothing changes.
 
 Storage. Each cached mode keeps one growable KVBuffer per layer (model.py), laid out
 [L2 | L1] for multilevel: a frame leaving the window appends its 4 coarse tokens to L2 (without a
@@ -268,11 +270,14 @@ class MultiLevelCacheContext(GenerationContext):
         self.l1_end = 0  # frames [l1_start, l1_end) are in L1
         self.l2_frames = 0  # frames [l2_first, l2_frames) are in L2
         self.l2_first = 0  # frames before it were forgotten (max_l2_frames)
-        span = far.config.memory_span
-        if span and use_l2:
+        if self._spreads_memory:
             # a pass that adds k frames to L2 has its newest frame up to k + W - 1 frames after the
             # newest memory frame; below the span the memory stays in order (memory_time_positions)
-            self.prefill_frames_coarse = max(1, min(self.prefill_frames_coarse, span - self.window - 1))
+            self.prefill_frames_coarse = max(1, min(self.prefill_frames_coarse, far.config.memory_span - self.window - 1))
+
+    @property
+    def _spreads_memory(self) -> bool:
+        return self.use_l2 and self.far.config.memory_span > 0
 
     def _memory(self, end: int | None = None) -> tuple[int, int] | None:
         count = (self.l2_frames if end is None else end) - self.l2_first
@@ -339,8 +344,11 @@ class MultiLevelCacheContext(GenerationContext):
         # fused with the query: only over an existing cache (long contexts are prefilled in
         # chunks first) and without a CFG-doubled query batch
         # (with a one-frame window the last context frame's latent is already dropped: not fusable)
+        # Not under a memory span: a pass spreads the memory from its newest frame, and the fused pass
+        # (the new frame with the frames entering L2) would show the first denoising step another
+        # memory than the steps after it
         fusable = (query is not None and self.kv is not None and n > 0 and self.latents[n - 1] is not None
-                   and query[0].shape[0] == self.latents[n - 1].shape[0])
+                   and query[0].shape[0] == self.latents[n - 1].shape[0] and not self._spreads_memory)
         # frames that may enter L2 in the usual one pass (a bounded memory makes room for them first)
         incoming = start - self.l2_frames
         one_pass = incoming if incoming <= self.prefill_frames_coarse and self._l2_chunk(incoming) == incoming else 0

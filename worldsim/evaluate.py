@@ -1095,6 +1095,8 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None) -
         raise EvalError(f"--still-frames must be >= 0, got {cfg.still_frames}")
     if cfg.memory_frames < 0:
         raise EvalError(f"--memory-frames must be >= 0 (0: every frame), got {cfg.memory_frames}")
+    if cfg.memory_span is not None and cfg.memory_span < 0:
+        raise EvalError(f"--memory-span must be >= 0 (0: frame indices), got {cfg.memory_span}")
     if cfg.threads is not None and cfg.threads < 1:
         raise EvalError(f"--threads must be >= 1, got {cfg.threads}")
     from worldsim.sampler import setting_problem
