@@ -1015,7 +1015,8 @@ class FAR(nn.Module):
         The parts' batch must be x_t's (B,C,h,w): no CFG-doubled batch. Returns (velocity
         (B,C,h,w), one KV per part). cache_visible[j]: part j sees only the first that many cached
         tokens (e.g. a frame entering L2 sees L2 alone); the noisy frame sees the whole cache.
-        memory: as forward_frames'."""
+        memory: as forward_frames'; under a memory span the one pass spreads it from the noisy frame,
+        so the results then differ from the two calls' (the caches do not fuse then)."""
         clean = [(lat, torch.full(lat.shape[:2], self.config.clean_t, device=lat.device), act, aug, s, c)
                  for lat, act, aug, s, c in parts]
         noisy = (x_t[:, None], t[:, None], action[:, None], None, frame_index, False)
