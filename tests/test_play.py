@@ -377,7 +377,7 @@ def test_interactive_tap_and_hold_and_quit_while_recording(tiny_ckpt, tmp_path):
     assert game.steps_taken == 3
     assert video_frames(game.recordings[0]) == (4, (64, 64))
     assert game.hud()[0].startswith("DREAM")
-    assert game.hud()[1].startswith("memory L2 ") and " of 2000 fr / " in game.hud()[1]  # play's default bound
+    assert game.hud()[1].startswith("memory L2 ") and " of 300 fr / " in game.hud()[1]  # play's default bound
     assert game.hud()[2].startswith("steps 2 shift 1 temp 1 noise 0 ")  # the tiny checkpoint's sampler settings
 
 
@@ -727,8 +727,8 @@ def test_a_negative_episode_is_refused_not_read_as_the_last(tmp_path, capsys):
 
 def test_play_bounds_the_long_term_memory_and_says_so(tiny_ckpt, capsys):
     """The long-term memory grew without end in play, and the time per frame with it; play keeps the
-    last --memory-frames (2,000 by default; 0: every frame)."""
-    for option, expected in ((None, 2000), (5, 5), (0, None)):
+    last --memory-frames (300 by default; 0: every frame)."""
+    for option, expected in ((None, 300), (5, 5), (0, None)):
         config = PlayConfig(checkpoint=str(tiny_ckpt), context_frames=1)
         if option is not None:
             config.memory_frames = option
