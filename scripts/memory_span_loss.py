@@ -3,15 +3,16 @@
 For each episode and each end frame T, the last frame of frames 0..T-1 is noised to fixed levels
 and its velocity predicted by the uncached long-short forward (the training path: the last W
 frames fine, the older ones coarse), with the window clean, as at inference. The same frames and
-noise are scored under each memory span (FARConfig.memory_span: 0 = frame indices) and with the
-memory cut to its last N frames (`--bound`), so the differences are paired. Lower is better.
+noise are scored under each memory span (FARConfig.memory_span: 0 = frame indices) and with only
+the last N frames given (`--bound`: the window and N - W frames of memory), so the differences are
+paired. Lower is better.
 
 Session 29 ran it on the 16 val mazes to ask whether the long memory's RoPE distances (up to 284
 frames in the eval, against at most 95 in training) are what lowers teacher forcing:
 
     PYTHONPATH=. python scripts/memory_span_loss.py --data data/maze-val --split val --spans 0 63 80 95 127 160 --bound 64
 
-Prints the mean MSE per (T, setting) and each setting's paired difference to span 0.
+Prints the mean MSE per (T, setting) and each setting's paired difference to the first --spans value.
 """
 from __future__ import annotations
 
@@ -34,14 +35,31 @@ def main() -> None:
     parser.add_argument("--ends", type=int, nargs="+", default=[64, 150, 300], help="end frames T")
     parser.add_argument("--levels", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="noise levels t")
     parser.add_argument("--spans", type=int, nargs="+", default=[0, 95], help="memory spans (0: frame indices)")
-    parser.add_argument("--bound", type=int, default=0, help="also: only the last N frames (0: skip)")
+    parser.add_argument("--bound", type=int, default=0,
+                        help="also: only the last N frames, window included (0: skip; else more than the window)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
+    for name, low in (("episodes", 1), ("threads", 1), ("bound", 0)):
+        if getattr(args, name) < low:
+            parser.error(f"--{name} must be >= {low}, got {getattr(args, name)}")
+    if min(args.ends) < 2:
+        parser.error(f"--ends must be >= 2 frames (a context and the frame predicted), got {min(args.ends)}")
     torch.set_num_threads(args.threads)
 
-    world = WorldModel.load(args.checkpoint, device="cpu")
+    try:
+        world = WorldModel.load(args.checkpoint, device="cpu")
+        ds = Dataset(args.data, split=args.split)
+    except (OSError, ValueError) as exc:  # CheckpointError and DatasetError are ValueErrors
+        parser.error(str(exc))
     far, own = world.far, world.far.config
-    ds = Dataset(args.data, split=args.split)
+    W = own.window
+    if args.bound and args.bound <= W:
+        parser.error(f"--bound must be more than the window ({W} frames), got {args.bound}")
+    for span in args.spans:
+        try:
+            dataclasses.replace(own, memory_span=span)
+        except ValueError as exc:
+            parser.error(f"--spans: {exc}")
     if args.episodes > len(ds):
         parser.error(f"{args.data} has {len(ds)} {args.split} episodes, not {args.episodes}")
     settings = [f"span {s}" for s in args.spans] + ([f"last {args.bound}"] if args.bound else [])

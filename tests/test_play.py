@@ -161,10 +161,14 @@ def test_an_interrupt_during_a_frames_write_keeps_the_video_whole(tmp_path):
         return write(frame)
 
     rec._writer.append_data = interrupted_write
+    # Ctrl-C raising KeyboardInterrupt, as in a terminal: a test run started in the background by a
+    # shell (`cmd &`) inherits SIGINT ignored, and would then see no interrupt at all
+    own = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
             rec.append(np.full((64, 64, 3), 200, np.uint8))
     finally:
+        signal.signal(signal.SIGINT, own)
         done.set()
     assert rec.close() == out and video_frames(out) == (3, (64, 64))
 

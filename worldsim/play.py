@@ -96,8 +96,8 @@ class PlayConfig:
                 "step (the exact reference, slow)"})
     memory_frames: int = field(default=300, metadata={
         "help": "frames the long-term memory (L2 of the multi-level caches) keeps at most, the oldest forgotten 64 "
-                "at a time. 300 (the eval's episode length): deep into a game the shipped checkpoint generates as "
-                "well or better from its last 300 frames as from 900 (+0.43 dB on 8 test mazes, +0.06 on 16 val "
+                "at a time. 300 (the eval's episode length): deep into a game the shipped checkpoint generates at "
+                "least as well from its last 300 frames as from 900 (+0.43 dB on 8 test mazes, +0.06 on 16 val "
                 "mazes) and predicts the next frame far better (+2.8 to +3.0 dB), and the time per frame stops "
                 "growing there (model card HISTORY, session 29); 0: keep every frame, as eval does"})
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
