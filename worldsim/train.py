@@ -1926,6 +1926,10 @@ def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]
                     + (f"{cfg.ae_init}'s world model" if cfg.ae_init else "the run's world model")
                     + f" in {out / 'checkpoint'}" if (out / AE_DIR).is_dir() and (out / "checkpoint").is_dir()
                else f"; autoencoder in {out / AE_DIR}" if (out / AE_DIR).is_dir() else "; nothing to export (0 steps)"))
+    # every rank leaves together: a rank that tore its process group down while rank 0 still wrote
+    # its outputs was once aborted by gloo ("terminate called without an active exception", SIGABRT,
+    # and torchrun then stopped rank 0), in a 2-rank CPU test of session 29's CI run
+    dist.barrier()
     return 0
 
 
