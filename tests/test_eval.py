@@ -636,6 +636,10 @@ def test_memory_frames_option_reaches_every_long_context_session_and_the_results
     assert "bounded" not in (tmp_path / "d" / "results.md").read_text()
     with pytest.raises(EvalError, match="--memory-frames must be >= 0"):
         run_eval(EvalConfig(**{**cfg.__dict__, "memory_frames": -1}), world=FakeWorld())
+    out = tmp_path / "negative-span"  # refused before anything runs: no results folder is left behind
+    with pytest.raises(EvalError, match="--memory-span must be >= 0"):
+        run_eval(EvalConfig(**{**cfg.__dict__, "memory_span": -1, "out": str(out)}), world=FakeWorld())
+    assert not out.exists()
 
 
 def test_threads_option_sets_torchs_threads_and_refuses_zero(tiny_data, tmp_path):
