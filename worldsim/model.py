@@ -390,7 +390,7 @@ class KVBuffer:
         """A copy of this cache whose first turn.tokens keys are turned by turn.table; its values
         are this cache's (attend writes only their spare tail). Memoised until the cache changes or
         another turn is asked for, so the denoising steps of a frame share one copy."""
-        key = (turn.tag, self.edits, self.length)
+        key = (turn.tag, self.edits)  # every change of the stored tokens bumps edits
         if self._turned is None or self._turned[0] != key:
             if turn.tokens > self.length:
                 raise ValueError(f"cannot turn {turn.tokens} memory keys of a cache of {self.length} tokens")
