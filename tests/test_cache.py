@@ -182,6 +182,23 @@ def test_cache_stats_token_counts(world):
     assert st["cache_bytes"] == per_token * (st["l1_tokens"] + st["l2_tokens"])
 
 
+def test_cache_capacity_counts_the_turned_copy_of_the_memory_keys(world):
+    """Under a memory span every layer also holds a turned copy of its keys, which the capacity
+    a user sizes memory by must count (the stored tokens, cache_bytes, stay as they are)."""
+    own = world.far.config
+    try:
+        plain = rollout(world, "multilevel", k=14, n=2)[1].stats()
+        world.far.config = dataclasses.replace(own, memory_span=W + 2)
+        s = rollout(world, "multilevel", k=14, n=2)[1]
+        spread = s.stats()
+    finally:
+        world.far.config = own
+    storage = sum(2 * b.k.numel() * b.k.element_size() for b in s.context.kv)  # k and v, spare room included
+    turned = sum(b._turned[1].k.numel() * b._turned[1].k.element_size() for b in s.context.kv)
+    assert turned > 0 and spread["cache_bytes"] == plain["cache_bytes"]
+    assert spread["cache_capacity_bytes"] == storage + turned
+
+
 def test_cfg_scale_one_is_no_guidance(world):
     torch.manual_seed(0)
     x, a = torch.randn(1, 4, 8, 8), torch.tensor([2])

@@ -275,7 +275,10 @@ class KVBuffer:
         if self.k is None:
             return 0
         tokens = self.capacity if capacity else self.length
-        return 2 * self.k[:, :, :1].numel() * tokens * self.k.element_size()
+        held = 2 * self.k[:, :, :1].numel() * tokens * self.k.element_size()
+        if capacity and self._turned is not None:  # memory_span: the memoised copy of the turned keys
+            held += self._turned[1].k.numel() * self._turned[1].k.element_size()
+        return held
 
     def reserve(self, n: int, like: torch.Tensor) -> None:
         """Make room for n more tokens after `length` (storage shaped/typed like `like` (B,H,*,Dh))."""
