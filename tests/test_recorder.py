@@ -572,7 +572,23 @@ def test_export_errors_are_clear(tiny_dataset, tmp_path, capsys):
                            (["--fps", "60"], "GIFs go up to 50 fps")):
         assert main(["export", str(tiny_dataset), "--out", str(tmp_path / "x.gif"), *extra]) == 2
         assert message in capsys.readouterr().err
+    # a refused request leaves no folder behind, even where --out names one that does not exist yet
+    assert main(["export", str(tiny_dataset), "--episode", "7", "--out", str(tmp_path / "new" / "x.gif")]) == 2
+    assert "episode index 7 out of range" in capsys.readouterr().err
     assert not os.listdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    assert main(["export", str(tiny_dataset), "--out", str(tmp_path / "a-file" / "x.gif")]) == 2
+    assert f"{tmp_path / 'a-file'} is a file, not a folder" in capsys.readouterr().err
+    (tmp_path / "clip.gif").mkdir()
+    assert main(["export", str(tiny_dataset), "--out", str(tmp_path / "clip.gif")]) == 2
+    assert "clip.gif: is a folder; give the output a file name" in capsys.readouterr().err
+    (tmp_path / "a-file").unlink()
+    (tmp_path / "clip.gif").rmdir()
+    # as play --out does, a missing folder is created for the output
+    assert main(["export", str(tiny_dataset), "--episode", "0", "--end", "2",
+                 "--out", str(tmp_path / "videos" / "new" / "ep0.gif")]) == 0
+    assert (tmp_path / "videos" / "new" / "ep0.gif").is_file()
+    shutil.rmtree(tmp_path / "videos")
     # "none" is a value where the help says "none = ...": all episodes' videos side by side
     assert main(["export", str(tiny_dataset), "--episode", "0", "1", "--columns", "none", "--end", "2",
                  "--out", str(tmp_path / "row.gif")]) == 0

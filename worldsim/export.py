@@ -33,7 +33,8 @@ class ExportError(ValueError):
 
 @dataclass
 class ExportConfig:
-    out: str = field(metadata={"help": "output file: .mp4, .gif or .png (strip of every k-th frame)"})
+    out: str = field(metadata={"help": "output file: .mp4, .gif or .png (strip of every k-th frame); "
+                                            "a missing folder is created"})
     episode: tuple[str, ...] = field(default=("0",), metadata={
         "help": "episode ids or positions; several make a grid"})
     every: int = field(default=20, metadata={"help": "PNG strip: keep every k-th frame"})
@@ -133,8 +134,10 @@ def export(dataset: str | os.PathLike | Dataset, cfg: ExportConfig) -> Path:
     if suffix == ".gif" and cfg.fps > 50:
         raise ExportError(f"--fps {cfg.fps:g}: a GIF stores frame times in 1/100 s and players slow frames under "
                           "2/100 s down, so GIFs go up to 50 fps; write an .mp4 for more")
-    if not out.parent.is_dir():
-        raise ExportError(f"{out}: folder {out.parent} does not exist")
+    if out.is_dir():
+        raise ExportError(f"{out}: is a folder; give the output a file name ending in {', '.join(FORMATS)}")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ExportError(f"{out}: {out.parent} is a file, not a folder")
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset, split=cfg.split)
     if not cfg.episode:
         raise ExportError("no episode given (--episode ID ...)")
@@ -146,6 +149,10 @@ def export(dataset: str | os.PathLike | Dataset, cfg: ExportConfig) -> Path:
             raise ExportError(f"episode {ep.id}: frame range [{cfg.start}, {end}) is empty "
                               f"(episode has {len(ep)} frames)")
         videos.append(ep.video[cfg.start:end])
+    try:  # as play --out does; only now, so that a refused request leaves no new folder behind
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"{out}: cannot create its folder ({exc.strerror or exc})") from None
     gap = 1
     if suffix == ".png":
         image = upscale(strip(videos, cfg.every, gap=0 if len(videos) == 1 else gap), cfg.scale)
