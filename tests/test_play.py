@@ -620,6 +620,46 @@ def test_the_hud_fits_long_messages_to_the_window(tmp_path, no_shipped_checkpoin
     assert game.recorder is None and game.message.startswith("recording stopped: v.mp4: cannot write")
 
 
+def test_at_a_low_fps_esc_and_pause_are_handled_within_the_tick(tmp_path, no_shipped_checkpoint, monkeypatch):
+    """At --fps 0.5 a tick lasts 2 s, and the game waited it out before it looked at the keyboard:
+    pause showed and Esc quit up to 2 s late. A movement key pressed meanwhile still waits for the
+    next tick, as --fps paces the walk. On a fake clock: no test asserts a wall-clock time."""
+    import types
+
+    import pygame
+
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(play_mod, "time", types.SimpleNamespace(
+        perf_counter=lambda: clock.now, monotonic=lambda: clock.now,
+        sleep=lambda seconds: setattr(clock, "now", clock.now + seconds)))
+    drawn = []
+    real_draw = play_mod.Game.draw
+
+    def spy_draw(self):
+        drawn.append((clock.now, self.paused, self.steps_taken))
+        return real_draw(self)
+
+    monkeypatch.setattr(play_mod.Game, "draw", spy_draw)
+    key = lambda kind, code: pygame.event.Event(kind, key=code)
+    script = [(0.1, [key(pygame.KEYDOWN, pygame.K_UP), key(pygame.KEYUP, pygame.K_UP)]),  # a tap in tick 1's wait
+              (2.2, [key(pygame.KEYDOWN, pygame.K_p)]), (2.4, [key(pygame.KEYDOWN, pygame.K_ESCAPE)])]
+
+    calls = []
+
+    def source():
+        calls.append(clock.now)
+        if calls.count(clock.now) > 3:  # a loop that waits on another clock than ours: end it, do not hang
+            return [key(pygame.KEYDOWN, pygame.K_ESCAPE)]
+        return script.pop(0)[1] if script and clock.now >= script[0][0] else []
+
+    config = PlayConfig(world="sim", fps=0.5, scale=1, record_dir=str(tmp_path))
+    game = run_interactive(config, source)
+    assert not game.running and game.paused and game.steps_taken == 1
+    assert min(t for t, _, steps in drawn if steps == 1) >= 2.0  # the tap played on the next tick
+    assert 2.2 <= min(t for t, paused, _ in drawn if paused) < 2.3  # the pause showed at once
+    assert clock.now < 2.5  # and Esc quit within tick 2's 2 s
+
+
 def test_a_key_held_through_a_pause_walks_after_it(tmp_path, no_shipped_checkpoint):
     config = PlayConfig(fps=1000, scale=1, record_dir=str(tmp_path))
     game = run_interactive(config, scripted([press("p"), [("KEYDOWN", "up")], press("p"), [], [("KEYUP", "up")]]))

@@ -52,6 +52,7 @@ from worldsim.keymaps import CONTROL_KEYS, KEYMAPS, KeymapError, help_lines, loa
 
 DEFAULT_SIMULATOR = {"id": "worldsim/Maze-v0", "settings": {}}
 BENCH_AT = (20, 500, 2000)  # generated-frame indices where --benchmark reports fps
+WAKE_SECONDS = 0.05  # while waiting for the next tick, the window's events are handled this often
 BENCH_WINDOW = 10  # fps at frame i = frames / seconds over the BENCH_WINDOW steps ending at i
 
 
@@ -509,7 +510,6 @@ class Game:
         if unknown:  # a misspelt key would otherwise never fire
             raise PlayError(f"keymap {config.keymap}: pygame knows no key named {', '.join(map(repr, unknown))} "
                             "(key names as pygame spells them: 'up', 'w', 'space', 'left shift', 'return')")
-        self.clock = self.pg.time.Clock()
         self.meter = FpsMeter()
         self.paused = False
         self.show_help = False
@@ -726,6 +726,7 @@ class Game:
         ticks = 0
         try:
             while self.running and (max_ticks is None or ticks < max_ticks):
+                started = time.perf_counter()
                 for event in events():
                     self.handle(event)
                     if not self.running:
@@ -738,10 +739,28 @@ class Game:
                 else:
                     self.meter.gap()
                 self.draw()
-                self.clock.tick(self.config.fps)
+                self.wait_for_next_tick(started + 1.0 / self.config.fps, events)
                 ticks += 1
         finally:
             self.stop_recording()  # never lose a recording, even on Ctrl-C or an error
+
+    def wait_for_next_tick(self, due: float, events: EventSource) -> None:
+        """Keep to --fps, handling the events that come meanwhile: at a low --fps a tick lasts
+        seconds, and Esc, the window's close, pause or help must not wait for it. A movement key
+        pressed meanwhile is only queued; it plays on the next tick, at the pace --fps sets."""
+        while self.running and due - time.perf_counter() > WAKE_SECONDS:
+            time.sleep(WAKE_SECONDS)
+            handled = False
+            for event in events():
+                self.handle(event)
+                handled = True
+                if not self.running:
+                    return
+            if handled:
+                self.draw()
+        left = due - time.perf_counter()
+        if left > 0 and self.running:
+            time.sleep(left)
 
 
 def run_interactive(config: PlayConfig, events: EventSource | None = None, max_ticks: int | None = None,
