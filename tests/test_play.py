@@ -173,6 +173,65 @@ def test_an_interrupt_during_a_frames_write_keeps_the_video_whole(tmp_path):
     assert rec.close() == out and video_frames(out) == (3, (64, 64))
 
 
+@pytest.mark.parametrize("kind", ["gif", "mp4"])
+def test_an_interrupt_while_the_finished_video_is_saved_keeps_it_whole(tmp_path, no_shipped_checkpoint, monkeypatch,
+                                                                       capsys, kind):
+    """Ctrl-C while a headless run saved its finished GIF (Pillow writes every frame then, seconds
+    for a long clip, just when the progress bar stands at 100%) deleted the whole recording."""
+    import signal
+
+    from worldsim.dataset import GifWriter
+
+    out = tmp_path / f"walk.{kind}"
+    out.write_bytes(b"an older video")
+    # the step that finishes the file: Pillow's save of a GIF, the read-back check of an MP4
+    owner, name = (GifWriter, "close") if kind == "gif" else (play_mod, "finished_video_problem")
+    real = getattr(owner, name)
+
+    def interrupted(*args):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while the file is being finished
+        return real(*args)
+
+    monkeypatch.setattr(owner, name, interrupted)
+    own = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, also under `cmd &`
+    try:
+        code = cli.main(["play", "--headless", "--world", "sim", "--actions", "random:7", "--out", str(out)])
+    finally:
+        signal.signal(signal.SIGINT, own)
+    assert code == 130
+    assert f"kept 7 frames in {out}" in capsys.readouterr().err
+    if kind == "gif":
+        with imageio.get_reader(out) as gif:
+            assert len(list(gif)) >= 1  # a GIF merges repeated frames: readable, and not the older bytes
+    else:
+        assert video_frames(out) == (7, (512, 512))
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no partial file left
+
+
+def test_an_interrupt_while_a_played_recording_is_saved_keeps_it(tmp_path, no_shipped_checkpoint, monkeypatch, capsys):
+    """In the window, V stops a recording; a Ctrl-C while it is saved waits for the file, then quits."""
+    import signal
+
+    real = play_mod.finished_video_problem
+
+    def interrupted(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(play_mod, "finished_video_problem", interrupted)
+    config = PlayConfig(world="sim", fps=1000, scale=1, record_dir=str(tmp_path))
+    own = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_interactive(config, scripted([press("v"), press("up"), press("up"), press("v"), []]))
+    finally:
+        signal.signal(signal.SIGINT, own)
+    videos = list(tmp_path.glob("*.mp4"))
+    assert len(videos) == 1 and video_frames(videos[0])[0] >= 2
+    assert f"saved {video_frames(videos[0])[0]} frames to {videos[0]}" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".*partial*"))
+
+
 def test_recorder_is_atomic(tmp_path):
     out = tmp_path / "videos" / "a.mp4"
     rec = VideoRecorder(out, fps=10)

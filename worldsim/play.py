@@ -233,6 +233,8 @@ class VideoRecorder:
         self.tmp = Path(tmp)
         self.frames = 0
         self.failed = False
+        self.closed = False
+        self.saved: Path | None = None  # where close() put the finished video
         self.shape: tuple[int, ...] | None = None
         if gif:  # not imageio's GIF writer: a failed one prints tracebacks at exit (see GifWriter)
             self._writer = GifWriter(self.tmp, duration=1000.0 / float(fps))
@@ -263,7 +265,17 @@ class VideoRecorder:
 
     def close(self) -> Path | None:
         """Finish the file and move it into place; None (and no file) if nothing was recorded
-        or the writer failed."""
+        or the writer failed. A Ctrl-C or SIGTERM meanwhile waits until the video is in place (a GIF
+        is written whole here, seconds for a long one), then is raised: see `saved`. Closing again
+        returns what the first close did."""
+        if self.closed:
+            return self.saved
+        self.closed = True
+        with interrupts_held():
+            self.saved = self._finish()
+        return self.saved
+
+    def _finish(self) -> Path | None:
         if self.failed:
             self.abort()
             return None
@@ -600,15 +612,16 @@ class Game:
         recorder, self.recorder = self.recorder, None
         frames = recorder.frames
         try:
-            path = recorder.close()
+            recorder.close()
         except PlayError as exc:  # the file could not be finished (a full disk): the game goes on
             print(f"worldsim play: {exc}", file=sys.stderr)
             self.say(str(exc))
-            return
-        if path is not None:
-            self.recordings.append(path)
-            self.say(f"saved {frames} frames to {path}")
-            print(f"worldsim play: saved {frames} frames to {path}", file=sys.stderr)
+        finally:  # also when a Ctrl-C held while the video was finished is raised now
+            path = recorder.saved
+            if path is not None:
+                self.recordings.append(path)
+                self.say(f"saved {frames} frames to {path}")
+                print(f"worldsim play: saved {frames} frames to {path}", file=sys.stderr)
 
     # -- input
 
@@ -850,20 +863,22 @@ def run_headless(config: PlayConfig, world: World | None = None, log: Callable[[
                 log(f"worldsim play: benchmark at frame {i}: {bench[-1]['fps']:.2f} fps, "
                     f"{bench[-1]['cpu_s_per_frame']:.3f} CPU s/frame, RSS {bench[-1]['rss_mb']:.0f} MB")
         seconds = time.perf_counter() - start
+        out = recorder.close() if recorder is not None else None
     except BaseException:
         # Ctrl-C or an error: keep what was already generated (renamed into place), then re-raise.
+        # A Ctrl-C while the finished video was saved is raised once it is in place: it is kept whole.
         if recorder is not None:
+            frames = recorder.frames
             try:
-                frames, path = recorder.frames, recorder.close()
+                recorder.close()
             except PlayError as exc:  # the first error is the one to raise; say this one too
-                frames, path = 0, None
                 log(f"worldsim play: {exc}")
-            if path is not None:
-                log(f"worldsim play: kept {frames} frames in {path}")
+            finally:
+                if recorder.saved is not None:
+                    log(f"worldsim play: kept {frames} frames in {recorder.saved}")
         raise
     finally:
         env.close()
-    out = recorder.close() if recorder is not None else None
     return HeadlessResult(len(actions), out, seconds, bench, resident_memory_bytes(), world.label,
                           info.get("steps"), info.get("precision"), info.get("shift"), info.get("generated_noise"),
                           info.get("temperature"), info.get("still_frames"))
