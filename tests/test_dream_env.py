@@ -221,6 +221,8 @@ def test_invalid_action_is_a_clear_error(tiny_world):
         env.reset(options={"episode": 5})
     env.reset(seed=0, options={"episode": None, "maze_seed": None})  # None: draw one
     env.close()
+    with pytest.raises(ValueError, match="episode=3 needs a dataset to start from"):  # was a random maze
+        DreamEnv(world=tiny_world, context_frames=1, episode=3)
 
 
 def test_missing_default_checkpoint_says_what_to_do(tmp_path, monkeypatch):

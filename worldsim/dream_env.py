@@ -223,6 +223,8 @@ class DreamEnv(gym.Env):
 
         self._dataset = None
         self._episode = episode
+        if episode is not None and dataset is None:  # else ignored: a random maze instead of the episode asked for
+            raise ValueError(f"episode={episode!r} needs a dataset to start from (dataset=PATH)")
         if dataset is not None:
             from worldsim.dataset import Dataset, DatasetError
             from worldsim.latents import names_for
