@@ -559,6 +559,8 @@ def test_export_errors_are_clear(tiny_dataset, tmp_path, capsys):
     assert "episode index 7 out of range" in capsys.readouterr().err
     assert main(["export", str(tiny_dataset), "--episode", "nope", "--out", str(tmp_path / "x.gif")]) == 2
     assert "no episode 'nope'" in capsys.readouterr().err
+    assert main(["export", str(tiny_dataset), "--episode", "0", "-1", "--out", str(tmp_path / "x.gif")]) == 2
+    assert "--episode -1: give an episode id or a position >= 0" in capsys.readouterr().err  # was the last one
     assert main(["export", str(tiny_dataset), "--out", str(tmp_path / "x.avi")]) == 2
     assert "unknown output format '.avi'" in capsys.readouterr().err
     # maze seeds 0, 1, 2 are train, train, test: with --split test, an id from train is an

@@ -141,6 +141,9 @@ def export(dataset: str | os.PathLike | Dataset, cfg: ExportConfig) -> Path:
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset, split=cfg.split)
     if not cfg.episode:
         raise ExportError("no episode given (--episode ID ...)")
+    negative = [key for key in cfg.episode if key.startswith("-") and key[1:].isdigit()]
+    if negative:  # ds[-1] would quietly be the last episode; play's --episode refuses it too
+        raise ExportError(f"--episode {negative[0]}: give an episode id or a position >= 0")
     videos = []
     for key in cfg.episode:
         ep = ds[key]
