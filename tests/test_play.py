@@ -93,6 +93,9 @@ def test_random_actions_are_seeded():
     assert a != read_actions("random:50", ACTIONS, seed=4)
     with pytest.raises(PlayError, match="random:N"):
         read_actions("random:x", ACTIONS)
+    assert len(read_actions("random:1000000", ACTIONS)) == 1_000_000
+    with pytest.raises(PlayError, match="N goes up to 1,000,000"):  # was a numpy memory error's traceback
+        read_actions("random:100000000000", ACTIONS)
 
 
 def test_display_detection():

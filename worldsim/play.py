@@ -52,6 +52,7 @@ from worldsim.keymaps import CONTROL_KEYS, KEYMAPS, KeymapError, help_lines, loa
 
 DEFAULT_SIMULATOR = {"id": "worldsim/Maze-v0", "settings": {}}
 BENCH_AT = (20, 500, 2000)  # generated-frame indices where --benchmark reports fps
+MAX_RANDOM_ACTIONS = 1_000_000  # --actions random:N; about 8 hours at play's 35 fps
 WAKE_SECONDS = 0.05  # while waiting for the next tick, the window's events are handled this often
 BENCH_WINDOW = 10  # fps at frame i = frames / seconds over the BENCH_WINDOW steps ending at i
 
@@ -145,6 +146,9 @@ def read_actions(spec: str, action_names: Sequence[str], seed: int = 0) -> list[
             count = -1
         if count < 1:
             raise PlayError(f"--actions {spec!r}: expected random:N with N a positive integer")
+        if count > MAX_RANDOM_ACTIONS:  # a typo's extra zeros: no memory error before the first frame
+            raise PlayError(f"--actions {spec!r}: N goes up to {MAX_RANDOM_ACTIONS:,} (hours of play); "
+                            "for a longer walk give a file of actions")
         rng = np.random.default_rng(seed)
         return [int(a) for a in rng.integers(len(action_names), size=count)]
     path = Path(spec)
