@@ -499,6 +499,10 @@ def test_a_keymap_key_pygame_does_not_know_is_refused_by_name(tmp_path, no_shipp
     assert cli.main(["play", "--world", "sim", "--keymap", str(keys)]) != 0
     err = capsys.readouterr().err
     assert "no key named 'uparrow'" in err and str(keys) in err and "'up'" not in err.split("named")[1].split("(")[0]
+    # two spellings of one key: the second binding silently replaced the first
+    keys.write_text('{"pageup": "forward", "page up": "backward"}')
+    assert cli.main(["play", "--world", "sim", "--keymap", str(keys)]) != 0
+    assert "'pageup' and 'page up' are the same key" in capsys.readouterr().err
 
 
 def test_headless_out_that_is_a_folder_is_refused_before_playing(tiny_ckpt, tmp_path, capsys):

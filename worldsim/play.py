@@ -526,6 +526,13 @@ class Game:
         if unknown:  # a misspelt key would otherwise never fire
             raise PlayError(f"keymap {config.keymap}: pygame knows no key named {', '.join(map(repr, unknown))} "
                             "(key names as pygame spells them: 'up', 'w', 'space', 'left shift', 'return')")
+        spellings: dict[str, list[str]] = {}
+        for key, name in event_names.items():
+            spellings.setdefault(name, []).append(key)
+        twice = [keys for keys in spellings.values() if len(keys) > 1]
+        if twice:  # one binding would silently replace the other
+            raise PlayError(f"keymap {config.keymap}: {' and '.join(map(repr, twice[0]))} are the same key; "
+                            "bind it once")
         self.meter = FpsMeter()
         self.paused = False
         self.show_help = False
