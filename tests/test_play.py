@@ -293,6 +293,15 @@ def test_headless_benchmark_reports_fps(tiny_ckpt, capsys):
     assert "cache multilevel-fast," in out and "precision " in out and "shift 1.0," in out
     assert "temperature 1.0," in out and "still frames 3," in out
     assert "(model frame index 24)" in out  # the standstill counts in the model's frames, not in the played ones
+    assert "L2 " in out and " tokens, cache " in out
+
+
+def test_a_benchmark_of_the_simulator_names_no_sampler_or_cache(no_shipped_checkpoint, capsys):
+    """--world sim printed 'sampling steps None' and 'L2 None frames': settings that do not apply."""
+    assert cli.main(["play", "--world", "sim", "--benchmark", "--actions", "random:21"]) == 0
+    out = capsys.readouterr().out
+    assert "benchmark: simulator worldsim/Maze-v0, torch threads " in out and "frame    20: " in out
+    assert "None" not in out and "L2" not in out and "sampling" not in out
     assert "not reached: frames 500, 2000 (the walk ended after 21 frames)" in out
 
 

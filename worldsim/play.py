@@ -978,16 +978,18 @@ def main(args: argparse.Namespace) -> int:
             if config.benchmark:
                 import torch
 
-                print(f"benchmark: {result.label}, sampling steps {result.steps}, shift {result.shift}, "
-                      f"temperature {result.temperature}, "
-                      f"generated noise {result.generated_noise}, still frames {result.still_frames}, "
-                      f"cache {config.cache_mode}, "
-                      f"precision {result.precision}, torch threads {torch.get_num_threads()}")
+                dream = result.steps is not None  # the simulator alone has no sampler or cache to report
+                print(f"benchmark: {result.label}, "
+                      + (f"sampling steps {result.steps}, shift {result.shift}, temperature {result.temperature}, "
+                         f"generated noise {result.generated_noise}, still frames {result.still_frames}, "
+                         f"cache {config.cache_mode}, precision {result.precision}, " if dream else "")
+                      + f"torch threads {torch.get_num_threads()}")
             for row in result.benchmark:
-                print(f"frame {row['frame']:>5} (model frame index {row['frame_index']}): {row['fps']:.2f} fps "
-                      f"(last {BENCH_WINDOW} frames; {row['cpu_s_per_frame']:.3f} CPU s/frame), "
-                      f"L2 {row['l2_frames']} frames / {row['l2_tokens']} tokens, "
-                      f"cache {row['cache_mb']:.1f} MB, RSS {row['rss_mb']:.0f} MB")
+                print(f"frame {row['frame']:>5}" + (f" (model frame index {row['frame_index']})" if dream else "")
+                      + f": {row['fps']:.2f} fps (last {BENCH_WINDOW} frames; {row['cpu_s_per_frame']:.3f} CPU s/frame), "
+                      + (f"L2 {row['l2_frames']} frames / {row['l2_tokens']} tokens, cache {row['cache_mb']:.1f} MB, "
+                         if dream else "")
+                      + f"RSS {row['rss_mb']:.0f} MB")
             if config.benchmark:
                 missed = [f for f in BENCH_AT if f not in {row["frame"] for row in result.benchmark}]
                 if missed:  # a shorter --actions list ends first: say so, not only by their absence
