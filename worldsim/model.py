@@ -101,8 +101,9 @@ class FARConfig:
     window: int = field(default=16, metadata={"help": "short-term window W (fine frames)"})
     # the FAR code's -1 / -2 on its 0..1000 timestep scale; until session 26 the defaults were -1 / -2
     # here (-1000 / -2000 there), which the shipped weights were trained with (their config says so)
-    clean_t: float = field(default=-0.001, metadata={"help": "timestep of clean short-term context (t in [0, 1])"})
-    long_context_t: float = field(default=-0.002, metadata={"help": "timestep of long-term (coarse) context"})
+    clean_t: float = field(default=-0.001, metadata={
+        "help": "timestep label of clean short-term context: a negative number, outside the noise levels t in [0, 1]"})
+    long_context_t: float = field(default=-0.002, metadata={"help": "timestep label of long-term (coarse) context: a negative number"})
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
     # an inference setting as much as a model one: no weight depends on it (see memory_time_positions)
     memory_span: int = field(default=0, metadata={"help": (
