@@ -758,7 +758,9 @@ def test_values_no_run_can_use_are_refused_before_anything_is_written(trained, d
                            (["--obj-context-noise-max", "-1"], "context_noise_max must be in [0, 1], got -1.0"),
                            (["--obj-t-std", "0"], "t_std must be a finite number > 0, got 0.0"),
                            (["--obj-t-mean", "inf"], "t_mean must be a finite number, got inf"),
-                           (["--obj-self-context-level", "1.5"], "self_context_level must be in [0, 1], got 1.5")):
+                           (["--obj-self-context-level", "1.5"], "self_context_level must be in [0, 1], got 1.5"),
+                           # the far stage then stopped with "train stage ae first (--stage both / ae)"
+                           (["--ae-steps", "0"], "--ae-steps 0 trains no autoencoder for the far stage")):
         assert main(["train", "--data", str(dataset), "--out", str(run), *FAST, *extra]) == 2, extra
         assert message in capsys.readouterr().err
         assert not run.exists()

@@ -317,6 +317,10 @@ def check_numbers(train: TrainConfig) -> None:
     if not 0 <= train.ema_decay < 1 or not 0 <= train.min_lr_ratio <= 1:
         raise TrainError(f"--ema-decay must be in [0, 1) and --min-lr-ratio in [0, 1], got {train.ema_decay} "
                          f"and {train.min_lr_ratio}")
+    if train.stage == "both" and train.ae_steps == 0 and not train.ae_from:
+        # the far stage would then stop for want of an autoencoder, saying to train one with --stage both
+        raise TrainError("--ae-steps 0 trains no autoencoder for the far stage of --stage both: give --ae-steps "
+                         "N >= 1, or train only the transformer with --stage far --ae-from RUN_OR_CHECKPOINT")
     if train.preview_every < -1:
         raise TrainError(f"--preview-every must be >= -1 (-1: never), got {train.preview_every}")
     if train.ae_train == "decoder" and train.stage == "both" and not train.far_init:
