@@ -197,6 +197,9 @@ def test_tensors_of_another_dtype_or_not_finite_are_refused(saved):
     ("step", "abc", "step must be an integer >= 0"),
     ("simulator", "worldsim/Maze-v0", "simulator must be null or"),
     ("weights", "x", "weights must be"),
+    # eval generated every episode, then failed with an AttributeError and wrote no results
+    ("data", "x", "data must be an object or null, got 'x'"),
+    ("extra", ["note"], r"extra must be an object or null, got \['note'\]"),
     ("weights", {"bytes": "123", "dtypes": {"far": "float32"}}, "weights must be"),
     ("weights", {"bytes": None, "dtypes": {"far": "float16"}}, "weights must be"),
 ])

@@ -323,6 +323,9 @@ def read_config(path: str | os.PathLike) -> dict:
                                       and isinstance(simulator.get("settings") or {}, dict)):
         raise CheckpointError(path, f"{CONFIG_NAME}: simulator must be null or {{\"id\": ..., \"settings\": {{...}}}}, "
                                     f"got {simulator!r}")
+    for key in ("data", "extra"):  # the training data's summary and free notes: read as objects (eval's table by age)
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise CheckpointError(path, f"{CONFIG_NAME}: {key} must be an object or null, got {config[key]!r}")
     weights = config.get("weights")
     if weights is not None:
         size, dtypes = (weights.get("bytes"), weights.get("dtypes") or {}) if isinstance(weights, dict) else (None, None)
