@@ -30,6 +30,7 @@ import math
 import os
 import sys
 import types
+import weakref
 from typing import Any
 
 import numpy as np
@@ -303,15 +304,20 @@ class MemoryMazeEnv(SimulatorEnv):
         # (after the maze was generated and compiled), so that a reset to the same maze can
         # skip regenerating and recompiling it (~1-4 s): see _replay_reset.
         task = getattr(env, "_task", None)
-        original = getattr(task, "initialize_episode", None)
+        original = getattr(type(task), "initialize_episode", None)  # the class's: no bound task to hold
         if task is None or original is None or not hasattr(task, "_current_target_ix"):
             return
-        holder = self.__dict__
+        # Weak references only: a closure holding the task and this env (which holds the task) made a
+        # cycle, so an env dropped without close() was freed by the cyclic collector, where
+        # dm_control's render context deadlocks in its __del__ and the process hangs for good.
+        owner, task_ref = weakref.ref(self), weakref.ref(task)
 
         def initialize_episode(physics: Any, random_state: Any) -> Any:
-            holder["_start_state"] = {"rng": random_state.get_state(),
-                                      "target_ix": task._current_target_ix}
-            return original(physics, random_state)
+            this_task, this_env = task_ref(), owner()
+            if this_env is not None:
+                this_env._start_state = {"rng": random_state.get_state(),
+                                         "target_ix": this_task._current_target_ix}
+            return original(this_task, physics, random_state)
 
         task.initialize_episode = initialize_episode
 

@@ -226,3 +226,24 @@ def test_recording_with_workers_prints_no_simulator_tracebacks(tmp_path):
     assert "recorded 2 episodes" in result.stdout
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
     assert "Cannot set velocity" not in result.stderr
+
+
+def test_an_env_dropped_without_close_is_freed_without_hanging():
+    """Bug: the reset-replay hook's closure held the task and the env, a reference cycle, so an env a
+    script dropped without close() was freed by the cyclic collector, where dm_control's render
+    context waits forever in its __del__: the process hung at the next gc.collect()."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import gc, gymnasium as gym, envs\n"
+              "def walk():\n"
+              "    env = gym.make('worldsim/MemoryMaze-v0', resolution=32)\n"
+              "    env.reset(seed=0)\n"
+              "    env.step(1)\n"
+              "walk()\n"
+              "gc.collect()\n"
+              "print('freed')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0 and "freed" in result.stdout, result.stderr
