@@ -1023,15 +1023,47 @@ def test_fewer_steps_on_resume_say_that_nothing_trains(trained, tmp_path, capsys
     assert "far: stopped at step 3, already past the 2 steps now asked for; nothing more to train" in \
         capsys.readouterr().err
     config = json.loads((run / "config.json").read_text())
+    # more autoencoder steps once the transformer trains on its latents: recorded, and nothing trained
+    assert main(["train", "--resume", str(run), "--ae-steps", str(config["train"]["ae_steps"] + 4)]) == 2
+    assert "so that autoencoder is fixed now and --ae-steps" in capsys.readouterr().err
+    assert json.loads((run / "config.json").read_text()) == config
+    assert main(["train", "--resume", str(run), "--ae-steps", str(config["train"]["ae_steps"])]) == 0  # the same: fine
+    capsys.readouterr()
     config["train"]["far_batch"] = "two"  # hand-edited: named with its file, not a bare TypeError
     (run / "config.json").write_text(json.dumps(config))
     assert main(["train", "--resume", str(run)]) == 2
-    assert f"{run / 'config.json'}: unreadable training config (train.far_batch must be int, got 'two')" in \
+    assert f"{run / 'config.json'}: unreadable training config (train.far_batch must be an integer, got 'two')" in \
         capsys.readouterr().err
     config["train"]["far_batch"] = 2.5  # this one used to fail mid-run with a traceback
     (run / "config.json").write_text(json.dumps(config))
     assert main(["train", "--resume", str(run)]) == 2
-    assert "train.far_batch must be int, got 2.5" in capsys.readouterr().err
+    assert "train.far_batch must be an integer, got 2.5" in capsys.readouterr().err
+    config["train"]["far_batch"] = 2
+    stored = json.dumps(config)
+    # the model's sections too: these resumed with the default window (and exported it), failed in the
+    # model's build with a traceback after the latents were encoded, or read a path letter by letter
+    for section, key, value, message in (
+            ("far", "window", None, "far lacks 'window'"),
+            ("far", "depth", 2.0, "far.depth must be an integer, got 2.0"),
+            ("autoencoder", "latent_channels", 4.0, "autoencoder.latent_channels must be an integer, got 4.0"),
+            ("train", "stage", "xyz", "train.stage must be one of 'ae', 'far', 'both', got 'xyz'"),
+            ("train", "data", "/tmp/data", "train.data must be a list of strings, got '/tmp/data'"),
+            ("objective", "t_std", "1", "objective.t_std must be a number, got '1'")):
+        edited = json.loads(stored)
+        if value is None:
+            del edited[section][key]
+        else:
+            edited[section][key] = value
+        (run / "config.json").write_text(json.dumps(edited))
+        assert main(["train", "--resume", str(run)]) == 2, key
+        assert f"unreadable training config ({message}" in capsys.readouterr().err
+    # what a run of an older version lacks resumes: options added since, and the model keys of old runs
+    edited = json.loads(stored)
+    for section, key in (("train", "far_save_dtype"), ("far", "memory_span"), ("far", "clean_t"),
+                         ("far", "long_context_t"), ("autoencoder", "decoder_blocks_per_level")):
+        del edited[section][key]
+    (run / "config.json").write_text(json.dumps(edited))
+    assert main(["train", "--resume", str(run)]) == 0
 
 
 def test_metrics_that_cannot_be_appended_name_the_file(trained, tmp_path, capsys):

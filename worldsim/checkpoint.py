@@ -42,7 +42,7 @@ import tempfile
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -223,13 +223,16 @@ def save_checkpoint(
 MAY_BE_ABSENT = {"autoencoder": ("decoder_blocks_per_level",), "far": ("memory_span",)}
 
 
-def check_field_types(cls: type, d: object, what: str, path: str | os.PathLike) -> None:
-    """config.json's `what` object holds every field of `cls` (but those MAY_BE_ABSENT) with values
-    of the fields' types (an int is not a bool or a float, say): else the model would be built from
-    strings, crash on its arithmetic, or take a default it was not trained with (a window of 16)."""
+def check_field_types(cls: type, d: object, what: str, path: str | os.PathLike,
+                      may_be_absent: Iterable[str] | None = None) -> None:
+    """config.json's `what` object holds every field of `cls` (but those MAY_BE_ABSENT, or
+    `may_be_absent` where given) with values of the fields' types (an int is not a bool or a float,
+    a Literal one of its values): else the model would be built from strings, crash on its
+    arithmetic, or take a default it was not trained with (a window of 16)."""
     if not isinstance(d, dict):
         raise CheckpointError(path, f"{CONFIG_NAME}: {what} must be an object, got {d!r}")
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.name not in MAY_BE_ABSENT.get(what, ())]
+    absent_ok = set(MAY_BE_ABSENT.get(what, ()) if may_be_absent is None else may_be_absent)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.name not in absent_ok]
     if missing:
         raise CheckpointError(path, f"{CONFIG_NAME}: {what} lacks {', '.join(repr(k) for k in missing)} "
                                     "(a config edited by hand, or written by another tool?)")
@@ -245,6 +248,8 @@ def check_field_types(cls: type, d: object, what: str, path: str | os.PathLike) 
         if typing.get_origin(kind) in (tuple, list):  # tuple[int, ...] / list[int]: JSON lists
             item = typing.get_args(kind)[0]
             return isinstance(value, (list, tuple)) and all(fits(v, item) for v in value)
+        if typing.get_origin(kind) is typing.Literal:
+            return any(value == v and type(value) is type(v) for v in typing.get_args(kind))
         if typing.get_args(kind):  # X | None
             return any(value is None if k is type(None) else fits(value, k) for k in typing.get_args(kind))
         return isinstance(value, kind) if isinstance(kind, type) else True
@@ -253,6 +258,8 @@ def check_field_types(cls: type, d: object, what: str, path: str | os.PathLike) 
         words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
         if typing.get_origin(kind) in (tuple, list):
             return f"a list of {name(typing.get_args(kind)[0]).removeprefix('an ').removeprefix('a ')}s"
+        if typing.get_origin(kind) is typing.Literal:
+            return "one of " + ", ".join(map(repr, typing.get_args(kind)))
         if typing.get_args(kind):
             return " or ".join(name(k) for k in typing.get_args(kind))
         return words.get(kind, getattr(kind, "__name__", str(kind)))

@@ -268,16 +268,21 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
         ae_mod, far_mod, obj_mod = _model_modules()
+        # a hand-edited value of the wrong type, or a model key deleted, named here rather than mid-run
+        # (or never: a run without far.window resumed with the default 16 and exported it). Options
+        # added since a run started may be absent (their defaults), as may the model keys whose
+        # absence older runs' configs give a meaning to (FARConfig.from_dict, MAY_BE_ABSENT).
+        sections = (("train", TrainConfig, None), ("objective", obj_mod.ObjectiveConfig, None),
+                    ("autoencoder", ae_mod.AutoencoderConfig, ("decoder_blocks_per_level",)),
+                    ("far", far_mod.FARConfig, ("clean_t", "long_context_t", "memory_span")))
+        for what, kind, absent_ok in sections:
+            try:
+                check_field_types(kind, d[what], what, "", [f.name for f in dataclasses.fields(kind)]
+                                  if absent_ok is None else absent_ok)
+            except CheckpointError as exc:
+                raise TypeError(exc.problem.removeprefix("config.json: ")) from None
         t = dict(d["train"])
         t["stream_env_arg"] = tuple(t.get("stream_env_arg", ()))
-        defaults = TrainConfig()
-        for k, v in t.items():  # a hand-edited value of the wrong type, named here rather than mid-run
-            want = type(getattr(defaults, k, None))
-            ok = {bool: isinstance(v, bool), str: isinstance(v, str),
-                  int: isinstance(v, int) and not isinstance(v, bool),
-                  float: isinstance(v, (int, float)) and not isinstance(v, bool)}.get(want, True)
-            if not ok:
-                raise TypeError(f"train.{k} must be {want.__name__}, got {v!r}")
         return cls(TrainConfig(**t), ae_mod.AutoencoderConfig.from_dict(d["autoencoder"]),
                    far_mod.FARConfig.from_dict(d["far"]), obj_mod.ObjectiveConfig(**d["objective"]))
 
@@ -1819,6 +1824,13 @@ def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]
         if saved["stage"] == "far" and cfg.stage == "ae":
             raise TrainError(f"--resume {out}: its saved state is in the far stage (step {saved.get('step')}), which "
                              "--stage ae leaves out, so nothing would train; resume with --stage far or both")
+        stored_ae_steps = _read_json_object(out / "config.json").get("train", {}).get("ae_steps")
+        if saved["stage"] == "far" and cfg.ae_steps != stored_ae_steps:
+            # the run would record the new count and train nothing more of the autoencoder
+            raise TrainError(f"--resume {out}: its transformer trains on the latents of its autoencoder (far step "
+                             f"{saved.get('step')}), so that autoencoder is fixed now and --ae-steps {cfg.ae_steps} "
+                             f"(it had {stored_ae_steps}) would train nothing; drop --ae-steps, or fine-tune the "
+                             "autoencoder in a new run with --stage ae --ae-init RUN/checkpoint")
         ae_done = saved.get("finished") or (cfg.ae_time_limit > 0 and saved.get("seconds", 0) >= cfg.ae_time_limit)
         if saved["stage"] == "ae" and cfg.stage == "far" and not ae_done:
             raise TrainError(f"--resume {out}: its autoencoder stage is unfinished (step {saved.get('step')} of "
