@@ -118,7 +118,8 @@ class DMLabEnv(SimulatorEnv):
 
     Reward: DeepMind Lab's reward summed over the repeated frames. Episodes end when the
     level's time limit runs out (`lab.is_running()` turns False; reported as `truncated`,
-    the frame is then the last one seen) or after `max_steps` steps (also `truncated`).
+    the frame is then the last one seen, not the action's result, and `info["stale_frame"]` is
+    True) or after `max_steps` steps (also `truncated`).
 
     `reset(options={"maze_seed": k})` resets DeepMind Lab with `seed=k` (the level builds its
     maze and spawn from it); otherwise the seed is drawn from the env's RNG. `info` carries
@@ -165,6 +166,8 @@ class DMLabEnv(SimulatorEnv):
             raise ValueError(f"action_repeat and fps must be >= 1, got {action_repeat}, {fps}")
         if renderer not in ("software", "hardware"):
             raise ValueError(f"renderer must be 'software' or 'hardware', got {renderer!r}")
+        if int(look_pixels) < 1:  # 0 turns nowhere (the navigator divides by the turn); < 0 swaps left and right
+            raise ValueError(f"look_pixels must be >= 1, got {look_pixels!r}")
         if max_steps is not None and int(max_steps) < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {max_steps!r}")
         self.level = str(level)
@@ -255,16 +258,20 @@ class DMLabEnv(SimulatorEnv):
             raise ValueError(f"invalid action {action!r}: expected an int in [0, {len(ACTION_NAMES)})")
         reward = float(self._lab.step(self._vectors[int(action)], num_steps=self.action_repeat))
         self._steps += 1
-        truncated = False
+        truncated = ended = False
         if self._lab.is_running():
             self._read(self._lab.observations())
         else:
-            truncated = True  # the level's time limit: keep the last frame and pose
+            # the level's time limit: DeepMind Lab shows nothing more, so the last frame and pose stay
+            truncated = ended = True
         if self.max_steps is not None and self._steps >= self.max_steps:
             truncated = True
         if truncated:
             self._needs_reset = True
-        return self._frame.copy(), reward, False, truncated, self._info()
+        info = self._info()
+        if ended:  # the frame is not this action's result: a recorder must not pair the two
+            info["stale_frame"] = True
+        return self._frame.copy(), reward, False, truncated, info
 
     def render(self) -> np.ndarray | None:
         if self.render_mode == "rgb_array":

@@ -199,13 +199,46 @@ def test_standin_time_limit_truncates(standin, monkeypatch):
     monkeypatch.setitem(standin.LEVELS, DEFAULT_LEVEL, (11, 1))  # stand-in level: 1 s = 60 frames
     env = gym.make("worldsim/DMLab-v0").unwrapped
     env.reset(options={"maze_seed": 2})
-    flags = [env.step(0)[3] for _ in range(15)]
-    assert flags == [False] * 14 + [True]                      # 15 steps x 4 frames = 60
+    steps = [env.step(0) for _ in range(15)]
+    assert [s[3] for s in steps] == [False] * 14 + [True]      # 15 steps x 4 frames = 60
+    # the last step's frame is the one before it: the level showed nothing of that step
+    assert [bool(s[4].get("stale_frame")) for s in steps] == [False] * 14 + [True]
     with pytest.raises(RuntimeError, match="reset"):
         env.step(0)
     env.reset(options={"maze_seed": 2})                          # a new episode runs again
     assert env.step(0)[3] is False
     env.close()
+    env = gym.make("worldsim/DMLab-v0", max_steps=3).unwrapped  # our own limit: the frame is the step's
+    env.reset(options={"maze_seed": 2})
+    last = [env.step(1) for _ in range(3)][-1]
+    assert last[3] is True and "stale_frame" not in last[4]
+    env.close()
+
+
+def test_standin_a_recording_leaves_out_the_step_the_level_ended_in(standin, monkeypatch, tmp_path):
+    """The step in which the level's time ran out was saved with the frame before it, so its action
+    was paired with a frame it did not produce (actions[t] must be what produced video[t])."""
+    from envs.recorder import RecordConfig, record
+
+    monkeypatch.setitem(standin.LEVELS, DEFAULT_LEVEL, (11, 1))  # 15 steps of 4 frames, the last one stale
+    _close_recorder_cache()
+    out = tmp_path / "ended"
+    try:
+        record(RecordConfig(out=str(out), env="worldsim/DMLab-v0", env_arg=("resolution=16",), episodes=1,
+                            length=40, policy="random", workers=1, progress=False))
+    finally:
+        _close_recorder_cache()
+    (ep,) = json.loads((out / "index.json").read_text())["episodes"]
+    with np.load(out / ep["file"]) as data:
+        video, actions, poses = data["video"], data["actions"], data["poses"]
+    assert ep["length"] == len(video) == len(actions) == len(poses) == 15  # the reset's frame and 14 steps
+
+
+def test_standin_look_pixels_must_turn(standin):
+    """0 turned nowhere (the navigator then divided by zero) and a negative value swapped left and right."""
+    for bad in (0, -20):
+        with pytest.raises(ValueError, match=f"look_pixels must be >= 1, got {bad}"):
+            gym.make("worldsim/DMLab-v0", look_pixels=bad)
 
 
 def test_standin_a_closed_env_says_so(standin):
