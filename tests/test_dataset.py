@@ -202,6 +202,10 @@ def test_bad_index_and_missing_episode_file(tmp_path):
     (lambda ix: ix.update(action_names="noop"), "'action_names' must be a list of non-empty names"),
     (lambda ix: ix.update(action_names=["noop", "noop", "left"]), "'action_names' repeats a name"),
     (lambda ix: ix["episodes"].__setitem__(0, "000000.npz"), "episode entry 0 is malformed"),
+    (lambda ix: ix["episodes"][0].update(length=-3), "episode '000000' has length -3"),
+    # maze seed 2 is a test maze: an edited split put it into training without a word
+    (lambda ix: ix["episodes"][0].update(maze_seed=2, split="train"),
+     "episode '000000' is listed in split 'train', but its maze seed 2 belongs to split 'test'"),
 ])
 def test_damaged_index_is_refused_naming_the_index(tmp_path, damage, message):
     """A hand-edited index.json fails at open, naming itself, not later in an episode or a traceback."""
@@ -211,6 +215,16 @@ def test_damaged_index_is_refused_naming_the_index(tmp_path, damage, message):
     (root / "index.json").write_text(json.dumps(index))
     with pytest.raises(DatasetError, match=f"index.json: {message}"):
         Dataset(root)
+
+
+def test_an_index_naming_another_maze_seed_than_the_file_is_refused_at_load(tmp_path):
+    root = make_dataset(tmp_path / "ds", [{**make_episode(), "maze_seed": np.int64(0)}])  # as the recorder stores it
+    assert Dataset(root)[0].maze_seed == 0
+    index = json.loads((root / "index.json").read_text())
+    index["episodes"][0].update(maze_seed=1, split=split_for_maze_seed(1))  # the file says 0
+    (root / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DatasetError, match="000000.npz: was recorded in maze seed 0 but the index says 1"):
+        Dataset(root)[0]
 
 
 def test_index_that_is_not_utf8_is_refused_naming_the_index(tmp_path):

@@ -167,7 +167,7 @@ def test_reality_follows_the_same_actions(tiny_world):
 
 
 def test_starts_from_a_dataset_episode(tiny_world, tmp_path):
-    from worldsim.dataset import write_episode_atomic, write_json_atomic
+    from worldsim.dataset import split_for_maze_seed, write_episode_atomic, write_json_atomic
 
     sim = gym.make("worldsim/Maze-v0", maze_size=9)
     obs, info = sim.reset(seed=1)
@@ -184,7 +184,8 @@ def test_starts_from_a_dataset_episode(tiny_world, tmp_path):
     write_json_atomic(tmp_path / "index.json", {
         "format": "worldsim-dataset", "format_version": 1, "simulator": tiny_world.simulator,
         "resolution": [64, 64], "action_names": list(ACTIONS),
-        "episodes": [{"id": "000000", "file": "episodes/000000.npz", "length": 6, "maze_seed": maze_seed, "split": "train"}]})
+        "episodes": [{"id": "000000", "file": "episodes/000000.npz", "length": 6, "maze_seed": maze_seed,
+                      "split": split_for_maze_seed(maze_seed)}]})
     env = DreamEnv(world=tiny_world, dataset=tmp_path, episode=0, context_frames=4, reality=True)
     obs, info = env.reset(seed=0)
     np.testing.assert_array_equal(obs, video[3])

@@ -30,8 +30,9 @@ project's episode files opened without their index (a folder of them, or one fil
 that kind: each carries its recording's header and maze seed, so they keep their action names,
 simulator and split (`split_for_maze_seed`); files of different recordings are not mixed.
 
-Opening a dataset reads ``index.json`` and the array headers of every episode file (cheap:
-nothing is decompressed); ``ds[i]`` loads and fully validates one episode. Any problem is a
+Opening a dataset reads ``index.json`` and checks that every episode file it lists exists
+(without an index: reads the array headers of every file; cheap, nothing is decompressed);
+``ds[i]`` loads and fully validates one episode. Any problem is a
 :class:`DatasetError` whose message names the file and the problem.
 """
 from __future__ import annotations
@@ -527,6 +528,12 @@ class Dataset:
             seen.add(eid)
             if split is not None and split not in SPLITS:
                 raise DatasetError(f"{index_path}: episode {eid!r} has unknown split {split!r}")
+            if length < 1:
+                raise DatasetError(f"{index_path}: episode {eid!r} has length {length}; an episode has >= 1 frames")
+            if split is not None and maze_seed is not None and split != split_for_maze_seed(maze_seed):
+                # an edited index would put a held-out maze into training (or a training maze into the test)
+                raise DatasetError(f"{index_path}: episode {eid!r} is listed in split {split!r}, but its maze "
+                                   f"seed {maze_seed} belongs to split {split_for_maze_seed(maze_seed)!r}")
             if not file.is_file():
                 raise DatasetError(f"{file}: episode file listed in {index_path} is missing")
             episodes.append(EpisodeInfo(eid, file, length, maze_seed, split))
@@ -634,13 +641,17 @@ class Dataset:
 
     def load(self, info: EpisodeInfo) -> Episode:
         file = info.file
-        arrays = _load_arrays(file, ["video", "actions"], optional=["poses"])
+        arrays = _load_arrays(file, ["video", "actions"], optional=["poses", "maze_seed"])
         video, actions = arrays["video"], arrays["actions"]
         _check_video(file, video.shape, video.dtype, self.resolution)
         length = video.shape[0]
         _check_actions_header(file, actions.shape, actions.dtype, length)
         if length != info.length:
             raise DatasetError(f"{file}: has {length} frames but the index says {info.length}")
+        stored_seed = arrays.get("maze_seed")
+        if (info.maze_seed is not None and stored_seed is not None and stored_seed.shape == ()
+                and stored_seed.dtype.kind in "iu" and int(stored_seed) != info.maze_seed):
+            raise DatasetError(f"{file}: was recorded in maze seed {int(stored_seed)} but the index says {info.maze_seed}")
         actions = actions.astype(np.int64, copy=False)
         if info.actions_taken_at_frame and actions.size:
             # FAR/TECO files store the action taken at frame t (it produces frame t + 1); this
