@@ -72,6 +72,19 @@ def test_resave_over_existing_folder_keeps_other_files(saved):
     load_checkpoint(path, device="cpu")
 
 
+def test_a_save_sweeps_up_the_temp_files_of_saves_killed_mid_write(saved):
+    """A SIGKILL while a checkpoint was written left its full-size temp twin, never removed."""
+    world, path = saved
+    (path / ".model.safetensors.k1ll3d.tmp").write_bytes(b"x" * 1000)
+    (path / ".config.json.k1ll3d.tmp").write_text("{")
+    (path.parent / ".ck.k1ll3d.tmp").mkdir()  # a first save into a new folder, killed
+    (path.parent / ".ck.k1ll3d.tmp" / "model.safetensors").write_bytes(b"x")
+    (path / "notes.tmp").write_text("the user's")
+    world.save(path, step=125)
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "notes.tmp"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ck"]
+
+
 def test_a_full_disk_while_resaving_keeps_the_old_checkpoint_whole(saved, monkeypatch):
     """A re-save (train --resume re-exporting RUN/checkpoint, WorldModel.save over a folder) replaced
     the weights first and the config second: the config failing on a full disk left new bf16 weights

@@ -191,6 +191,14 @@ def save_checkpoint(
             json.dump(config, f, indent=2)
             f.write("\n")
 
+    # what saves killed mid-write (SIGKILL, a power cut) left: full-size temp twins no one else owns
+    stale = [*path.parent.glob(f".{path.name}.*.tmp"), *path.glob(f".{WEIGHTS_NAME}.*.tmp"),
+             *path.glob(f".{CONFIG_NAME}.*.tmp")]
+    for leftover in stale:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
     if not path.exists():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
