@@ -1247,6 +1247,13 @@ def test_a_latent_cache_copied_from_an_earlier_run_is_reused(trained, dataset, t
                  "--ae-from", str(trained / "checkpoint"), "--far-steps", "1", "--val-every", "1"]) == 0
     err = capsys.readouterr().err
     assert "encoding" not in err and (run / "checkpoint" / "model.safetensors").is_file()
+    # the same dataset spelled another way (relative, with a trailing slash): the same cache
+    again = tmp_path / "relative"
+    shutil.copytree(trained / "latents", again / "latents")
+    spelled = os.path.relpath(dataset) + os.sep
+    assert main(["train", "--stage", "far", "--data", spelled, "--out", str(again), *FAST,
+                 "--ae-from", str(trained / "checkpoint"), "--far-steps", "1", "--val-every", "1"]) == 0
+    assert "encoding" not in capsys.readouterr().err
 
 
 def test_decoder_fine_tune_keeps_the_latents_and_re_exports_the_world_model(trained, dataset, tmp_path, capsys):

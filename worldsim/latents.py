@@ -197,8 +197,9 @@ def _dataset_signature(path: str, split: str, sources: list[str], lengths: list[
     h.update(str(Path(path).resolve()).encode())
     h.update(split.encode())
     for s, n in zip(sources, lengths):
-        st = os.stat(files[split_source(s, [path])[1]])
-        h.update(f"{s}:{n}:{st.st_size}:{st.st_mtime_ns};".encode())
+        eid = split_source(s, [path])[1]  # the id alone: ./data and /abs/data are one dataset (its resolved path is above)
+        st = os.stat(files[eid])
+        h.update(f"{eid}:{n}:{st.st_size}:{st.st_mtime_ns};".encode())
     return h.hexdigest()
 
 
