@@ -1147,6 +1147,52 @@ def test_training_on_streamed_episodes_exports_a_world_model(trained, tmp_path, 
     assert "its --data" in capsys.readouterr().err and load_checkpoint(out / "checkpoint").step == 3
 
 
+def test_a_stream_worker_that_stops_mid_run_is_restarted_and_one_that_keeps_stopping_ends_the_run(
+        trained, tmp_path, capsys, monkeypatch):
+    """A recording worker killed mid-run (the out-of-memory killer) went unnoticed: training ran to
+    the end on the few buffered episodes and exited 0. The checkpoint also said it trained on the
+    buffer's first fill (2 episodes), not on what it streamed."""
+    import signal
+
+    from worldsim import train as train_mod
+
+    real = train_mod.StreamingData._restart_stopped_workers
+    seen = {}
+
+    def kill_one_at_step_2(self, step):
+        if step == 2:
+            os.kill(self.procs[0].pid, signal.SIGKILL)
+            self.procs[0].join(timeout=10)
+        seen["episodes"] = self.episodes_seen
+        return real(self, step)
+
+    monkeypatch.setattr(train_mod.StreamingData, "_restart_stopped_workers", kill_one_at_step_2)
+    args = ["--stream-env", "worldsim/Maze-v0", "--stream-env-arg", "resolution=32", "maze_size=7",
+            "--ae-from", str(trained / "checkpoint"), *FAST, "--seq-len", "8", "--stream-length", "16",
+            "--stream-buffer", "2", "--val-every", "0"]
+    out = tmp_path / "restarted"
+    assert main(["train", *args, "--out", str(out), "--far-steps", "4"]) == 0
+    assert "stream: recording worker 0 stopped (exit code -9); starting it again (restart 1 of 3)" in \
+        capsys.readouterr().err
+    from worldsim.checkpoint import read_config
+
+    assert read_config(out / "checkpoint")["data"]["train_episodes"] == seen["episodes"] >= 2
+    monkeypatch.setattr(train_mod, "STREAM_RESTARTS", 0)
+    out = tmp_path / "stopped"
+    assert main(["train", *args, "--out", str(out), "--far-steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "stream: recording worker 0 stopped 1 time, the last with exit code -9" in err
+    assert f"continue with --resume {out}" in err
+
+
+def test_a_run_trained_on_data_cannot_switch_to_streaming_on_resume(trained, capsys):
+    """It streamed, said its --data "was never read and is dropped", and its card forgot the data."""
+    stored = (trained / "config.json").read_text()
+    assert main(["train", "--resume", str(trained), "--far-steps", "4", "--stream-env", "worldsim/Maze-v0"]) == 2
+    assert "--stream-env cannot change on resume" in capsys.readouterr().err
+    assert (trained / "config.json").read_text() == stored
+
+
 def test_stream_with_data_is_refused_rather_than_ignoring_the_data(trained, dataset, tmp_path, capsys):
     """--data beside --stream-env was never read, yet the model card listed it as the data."""
     out = tmp_path / "both"
@@ -1225,6 +1271,12 @@ def test_a_stream_simulator_that_cannot_be_made_is_named(trained, tmp_path, caps
                  "--out", str(out), *FAST, "--far-steps", "1"]) == 2
     assert "--stream-env worldsim/Nope-v0: cannot create the simulator (NameNotFound" in capsys.readouterr().err
     assert not out.exists()
+    # episodes the simulator ends early: the advice was to raise --stream-length, already long enough
+    assert main(["train", "--stream-env", "worldsim/Maze-v0", "--stream-env-arg", "resolution=32", "max_steps=3",
+                 "--ae-from", str(trained / "checkpoint"), "--out", str(tmp_path / "short"), *FAST, "--far-steps", "1",
+                 "--seq-len", "8", "--stream-length", "16"]) == 2
+    assert ("episodes of 4 frames are shorter than --seq-len 8; the simulator ended them before --stream-length 16 "
+            "(its max_steps") in capsys.readouterr().err
 
 
 def test_an_out_path_that_is_a_file_is_refused_by_name(dataset, tmp_path, capsys):

@@ -363,7 +363,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
                              f"(got {', '.join(k.replace('_', '-') for k in changed)})")
         if "out" in train_over and Path(train_over["out"]).resolve() != Path(resume).resolve():
             raise TrainError("--resume continues in the run folder itself; do not pass a different --out")
-        fixed = [k for k in ("preset", "ae_init", "ae_train", "far_init")
+        # stream_env too: added to a run trained on --data, it dropped that data from the run's record
+        fixed = [k for k in ("preset", "ae_init", "ae_train", "far_init", "stream_env")
                  if k in train_over and train_over[k] != getattr(run.train, k)]
         if fixed:
             raise TrainError(f"--resume {resume}: {', '.join('--' + k.replace('_', '-') for k in fixed)} cannot change "
@@ -1201,7 +1202,10 @@ def write_model_card(checkpoint_dir: Path, run: RunConfig, summary: dict, val: d
         f"Trained with `worldsim train` (preset `{t.preset}`), step {summary.get('far_step')} of the FAR stage "
         f"and {summary.get('ae_steps')} autoencoder steps.", "",
         f"- data: {', '.join(summary.get('datasets', [])) or t.stream_env}",
-        f"- train episodes / frames: {summary.get('train_episodes')} / {summary.get('train_frames')}",
+        f"- train episodes / frames: {summary.get('train_episodes')} / {summary.get('train_frames')}"
+        + ((" (recorded as it trained" + (f"; rank 0's, of {summary.get('world_size')} ranks"
+                                         if summary.get("world_size", 1) > 1 else "") + ")")
+           if summary.get("stream_env") else ""),
         f"- resolution {summary.get('resolution')}, actions {summary.get('action_names')}",
         f"- FAR: depth {run.far.depth}, width {run.far.width}, window {run.far.window}, "
         f"{run.far.tokens_per_frame} tokens/frame fine, {run.far.context_tokens_per_frame} coarse",
@@ -1522,6 +1526,20 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
         "seq_len": L, "tokens_per_sample": tps,
     }
     last_val: dict = {}
+    streamed_before = (0, 0)  # what a streaming run's earlier starts trained on, from the checkpoint they saved
+    if stream is not None and resume_state is not None:
+        earlier = readable_dir(trainer.out / "checkpoint", "config.json")
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            saved_data = json.loads((earlier / "config.json").read_text()).get("data") if earlier else None
+            if isinstance(saved_data, dict) and saved_data.get("stream_env") == cfg.stream_env:
+                streamed_before = (int(saved_data.get("train_episodes") or 0), int(saved_data.get("train_frames") or 0))
+
+    def summary_at(step: int) -> dict:
+        if stream is None:
+            return {**summary, "far_step": step}
+        # the episodes training has drawn from so far, not the buffer's first fill
+        return {**summary, "train_episodes": streamed_before[0] + stream.episodes_seen,
+                "train_frames": streamed_before[1] + stream.frames_seen, "far_step": step}
 
     def on_save(ema, step, final):
         from worldsim.checkpoint import save_checkpoint
@@ -1533,10 +1551,10 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
         last_val.update(vals[-1] if vals else {})
         save_checkpoint(ck, ae, ema, action_names=data.action_names, resolution=data.resolution,
                         sampler=init_sampler, simulator=data.simulator,
-                        data_summary={**summary, "far_step": step}, step=step,
+                        data_summary=summary_at(step), step=step,
                         extra={"train": run.to_dict(), "val_loss": last_val.get("val_loss"),
                                "val_step": last_val.get("step")}, far_dtype=cfg.far_save_dtype)
-        write_model_card(ck, run, {**summary, "far_step": step}, last_val)
+        write_model_card(ck, run, summary_at(step), last_val)
         due = cfg.preview_every >= 0 and (final or trainer.interrupt.flag or
                                           (cfg.preview_every > 0 and step % cfg.preview_every == 0))
         if due:
@@ -1638,6 +1656,9 @@ def _stream_worker(spool: str, env_id: str, settings: dict, policy: str, length:
         k += 1
 
 
+STREAM_RESTARTS = 3  # times a stopped recording worker is started again before the run stops
+
+
 class StreamingData:
     """Fresh episodes from background recording processes, encoded once as they arrive.
 
@@ -1659,16 +1680,11 @@ class StreamingData:
         self.spool.mkdir(parents=True, exist_ok=True)
         for f in self.spool.glob("*"):
             f.unlink()
-        settings = parse_env_args(cfg.stream_env_arg)
-        ctx = mp.get_context("spawn")
-        rank = int(os.environ.get("RANK", "0"))
-        self.procs = [ctx.Process(target=_stream_worker, daemon=True,
-                                  args=(str(self.spool), cfg.stream_env, settings, cfg.stream_policy,
-                                        cfg.stream_length, rank * 1000 + w, cfg.seed, 4 * max(1, cfg.stream_workers),
-                                        start_step, os.getpid()))
-                      for w in range(max(1, cfg.stream_workers))]
-        for p in self.procs:
-            p.start()
+        self._settings = parse_env_args(cfg.stream_env_arg)
+        self._ctx = mp.get_context("spawn")
+        self.procs = [self._start_worker(w, start_step) for w in range(max(1, cfg.stream_workers))]
+        self.restarts = [0] * len(self.procs)
+        self.episodes_seen, self.frames_seen = 0, 0  # training episodes ingested by this process
         self.store, self.val_store = LatentStore(), LatentStore()
         self.sampler: WindowSampler | None = None
         self._preview: tuple[np.ndarray, np.ndarray] | None = None
@@ -1680,6 +1696,36 @@ class StreamingData:
         except BaseException:
             self.close()
             raise
+
+    def _start_worker(self, w: int, start_step: int):
+        cfg = self.cfg
+        rank = int(os.environ.get("RANK", "0"))
+        proc = self._ctx.Process(target=_stream_worker, daemon=True,
+                                 args=(str(self.spool), cfg.stream_env, self._settings, cfg.stream_policy,
+                                       cfg.stream_length, rank * 1000 + w, cfg.seed, 4 * max(1, cfg.stream_workers),
+                                       start_step, os.getpid()))
+        proc.start()
+        return proc
+
+    def _restart_stopped_workers(self, step: int) -> None:
+        """A worker that stopped mid-run (the out-of-memory killer, an error while recording) is
+        started again, from this step's mazes: else training went on, to the end and exit 0, on the
+        few buffered episodes. One that keeps stopping ends the run with its exit code."""
+        for w, proc in enumerate(self.procs):
+            if proc.is_alive():
+                continue
+            code = proc.exitcode
+            if self.restarts[w] >= STREAM_RESTARTS:
+                raise TrainError(
+                    f"stream: recording worker {w} stopped {self.restarts[w] + 1} "
+                    f"time{'s' if self.restarts[w] else ''}, the last with exit code "
+                    f"{code} (a negative code is the signal that ended it: -9 is SIGKILL, as the out-of-memory "
+                    f"killer sends; an error prints its traceback above). The state saved last is kept; continue "
+                    f"with --resume {self.cfg.out}")
+            self.restarts[w] += 1
+            self.log(f"stream: recording worker {w} stopped (exit code {code}); starting it again "
+                     f"(restart {self.restarts[w]} of {STREAM_RESTARTS})")
+            self.procs[w] = self._start_worker(w, step)
 
     def _ingest(self, wait: bool = False) -> bool:
         from worldsim.autoencoder import frames_to_tensor
@@ -1696,8 +1742,11 @@ class StreamingData:
                 video, actions = z["video"], z["actions"].astype(np.int64)
             f.unlink()
             if len(video) < self.cfg.seq_len:
+                cause = ("raise --stream-length" if len(video) >= self.cfg.stream_length else
+                         f"the simulator ended them before --stream-length {self.cfg.stream_length} (its max_steps, or "
+                         "a level's time limit)")
                 raise TrainError(f"stream: episodes of {len(video)} frames are shorter than --seq-len {self.cfg.seq_len}; "
-                                 f"raise --stream-length")
+                                 f"{cause}")
             with torch.no_grad():
                 lat = torch.cat([self.ae.encode(frames_to_tensor(torch.from_numpy(video[i:i + 256]).to(self.device))).float()
                                  for i in range(0, len(video), 256)]).cpu().numpy().astype(np.float16)
@@ -1706,6 +1755,8 @@ class StreamingData:
             target.latents.append(lat)
             target.actions.append(actions)
             target.sources.append(f.name)
+            if target is self.store:
+                self.episodes_seen, self.frames_seen = self.episodes_seen + 1, self.frames_seen + len(video)
             if target is self.val_store and self._preview is None:
                 self._preview = (video, actions)
             if len(target.latents) > cap:
@@ -1714,6 +1765,7 @@ class StreamingData:
         return True
 
     def poll(self, step: int) -> tuple[LatentStore, WindowSampler]:
+        self._restart_stopped_workers(step)
         self._ingest()
         assert self.sampler is not None
         return self.store, self.sampler
