@@ -7,6 +7,7 @@ Used by `worldsim bench`; also runnable alone:
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Any
 
@@ -79,8 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("steps", "episode_steps", "resolution"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    r = benchmark_simulator(args.env_id, args.steps, args.episode_steps, args.seed,
-                            resolution=args.resolution)
+    import gymnasium as gym
+
+    try:
+        r = benchmark_simulator(args.env_id, args.steps, args.episode_steps, args.seed,
+                                resolution=args.resolution)
+    except gym.error.Error as exc:  # an unknown id, a missing simulator package: one line, not a traceback
+        print(f"bench_sim: --env-id {args.env_id}: cannot create the simulator ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
+        return 2
     print(f"{r['env_id']} {r['resolution'][0]}x{r['resolution'][1]}: "
           f"{r['frames_per_s']:.0f} frames/s wall clock, {r['frames_per_cpu_s']:.0f} frames/s "
           f"of process CPU time ({r['step_ms']:.3f} ms/step, "
