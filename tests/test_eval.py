@@ -191,6 +191,25 @@ def test_end_to_end_with_a_stand_in_model(tiny_data, tmp_path):
     assert res_c["ground_truth"]["summary"]["multilevel"] != summary["multilevel"]
 
 
+def test_an_episode_without_poses_leaves_the_revisit_numbers_of_the_others(tiny_data, tmp_path):
+    """One episode file without poses among posed ones blanked the revisit and rest numbers, their
+    gaps and the by-age table of the whole run, without a word."""
+    from worldsim.dataset import Dataset, write_episode_atomic
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    second = Dataset(data).episodes[1].file
+    with np.load(second) as z:
+        arrays = {k: z[k] for k in z.files if k != "poses"}
+    write_episode_atomic(second, **arrays)
+    cfg = EvalConfig(data=str(data), out=str(tmp_path / "a"), episodes=2, context=12, generate=8, videos=0,
+                     probe_episodes=0, progress=False)
+    res = run_eval(cfg, world=FakeWorld())
+    assert "1 of 2 episodes have no poses: the revisit and rest numbers pool the other 1" in res["notes"]
+    assert res["ground_truth"]["summary"]["multilevel"]["psnr"]["rest"] is not None
+    assert "revisit_multilevel_vs_sliding" in res["ground_truth"]["gaps"]
+
+
 def test_records_test_mazes_without_data(tmp_path):
     cfg = EvalConfig(out=str(tmp_path), episodes=1, context=6, generate=4, videos=0, probe_episodes=0,
                      teacher_forcing=False, progress=False)

@@ -526,9 +526,16 @@ def _metric_names(lpips_on: bool) -> tuple[str, ...]:
     return ("psnr", "ssim", "lpips") if lpips_on else ("psnr", "ssim")
 
 
+def _posed(episodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The episodes with poses, which alone tell revisits from the rest (an episode file without
+    poses among them used to blank the revisit numbers of the whole run)."""
+    return [e for e in episodes if e["revisit"] is not None]
+
+
 def aggregate(episodes: list[dict[str, Any]], names: Iterable[str], lpips_on: bool) -> dict[str, Any]:
     """Overall (TECO: mean per episode, then over episodes) and pooled revisit / rest numbers."""
     result: dict[str, Any] = {}
+    posed = _posed(episodes)
     for name in names:
         per: dict[str, Any] = {}
         for m in _metric_names(lpips_on):
@@ -538,9 +545,9 @@ def aggregate(episodes: list[dict[str, Any]], names: Iterable[str], lpips_on: bo
                 "overall": float(np.mean(ep_means)) if ep_means else None,
                 "overall_std_over_episodes": float(np.std(ep_means)) if ep_means else None,
             }
-            if all(e["revisit"] is not None for e in episodes) and episodes:
-                allv = np.concatenate(vals)
-                mask = np.concatenate([e["revisit"] for e in episodes])
+            if posed:
+                allv = np.concatenate([e["conditions"][name][m] for e in posed])
+                mask = np.concatenate([e["revisit"] for e in posed])
                 entry["revisit"] = metrics.summarize(allv, mask)
                 entry["rest"] = metrics.summarize(allv, ~mask)
             else:
@@ -567,19 +574,19 @@ def gaps(episodes: list[dict[str, Any]], tf_episodes: list[dict[str, Any]], seed
         return [e["conditions"][name]["psnr"] for e in eps]
 
     out: dict[str, Any] = {}
-    revisits = [e["revisit"] for e in episodes] if episodes and all(e["revisit"] is not None for e in episodes) \
-        else None
+    posed = _posed(episodes)
+    revisits = [e["revisit"] for e in posed] if posed else None
     control = bool(episodes) and all(MEMORY_CONTROL in e["conditions"] for e in episodes)
     if revisits is not None:
         out["revisit_multilevel_vs_sliding"] = metrics.paired_gap(
-            psnr_of(episodes, "multilevel"), psnr_of(episodes, "sliding"), revisits, pooled=True, seed=seed)
+            psnr_of(posed, "multilevel"), psnr_of(posed, "sliding"), revisits, pooled=True, seed=seed)
     if revisits is not None and control:
         out["revisit_multilevel_vs_other_memory"] = metrics.paired_gap(
-            psnr_of(episodes, "multilevel"), psnr_of(episodes, MEMORY_CONTROL), revisits, pooled=True, seed=seed)
+            psnr_of(posed, "multilevel"), psnr_of(posed, MEMORY_CONTROL), revisits, pooled=True, seed=seed)
         # the control changes the memory everywhere, not only where the view repeats: its effect
         # on the other frames is the baseline a revisit-specific memory effect must exceed
         out["rest_multilevel_vs_other_memory"] = metrics.paired_gap(
-            psnr_of(episodes, "multilevel"), psnr_of(episodes, MEMORY_CONTROL), [~r for r in revisits],
+            psnr_of(posed, "multilevel"), psnr_of(posed, MEMORY_CONTROL), [~r for r in revisits],
             pooled=True, seed=seed)
     if control:
         out["overall_multilevel_vs_other_memory"] = metrics.paired_gap(
@@ -592,14 +599,15 @@ def gaps(episodes: list[dict[str, Any]], tf_episodes: list[dict[str, Any]], seed
     if tf_episodes:
         out["teacher_forced_vs_copy_previous"] = metrics.paired_gap(
             psnr_of(tf_episodes, "teacher_forced"), psnr_of(tf_episodes, "teacher_copy"), pooled=False, seed=seed)
-    if episodes and all(e.get("revisit_age") is not None for e in episodes):
+    aged = [e for e in posed if e.get("revisit_age") is not None]
+    if aged and len(aged) == len(posed):
         out["revisit_by_age"] = []
         for lo, hi in REVISIT_AGE_BINS:
-            masks = [(a >= lo) & (a < hi) for a in (np.asarray(e["revisit_age"]) for e in episodes)]
-            pooled = {name: metrics.summarize(np.concatenate(psnr_of(episodes, name)), np.concatenate(masks))["mean"]
+            masks = [(a >= lo) & (a < hi) for a in (np.asarray(e["revisit_age"]) for e in aged)]
+            pooled = {name: metrics.summarize(np.concatenate(psnr_of(aged, name)), np.concatenate(masks))["mean"]
                       for name in ("multilevel", "sliding")}
             out["revisit_by_age"].append({"ages": [lo, hi if math.isfinite(hi) else None], "psnr": pooled,
-                                          **metrics.paired_gap(psnr_of(episodes, "multilevel"), psnr_of(episodes, "sliding"),
+                                          **metrics.paired_gap(psnr_of(aged, "multilevel"), psnr_of(aged, "sliding"),
                                                                masks, pooled=True, seed=seed)})
     return out
 
@@ -1251,6 +1259,10 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None) -
     if not episodes:  # interrupted before one episode was done: nothing to write
         raise KeyboardInterrupt
     lpips_on = lpips is not None
+    unposed = len(episodes) - len(_posed(episodes))
+    if 0 < unposed < len(episodes):
+        notes.append(f"{unposed} of {len(episodes)} episodes have no poses: the revisit and rest numbers pool the "
+                     f"other {len(episodes) - unposed}")
     summary = aggregate(episodes, names, lpips_on)
     tf_summary = aggregate(tf_episodes, ("teacher_forced", "teacher_copy"), lpips_on) if tf_episodes else None
     gap_summary = gaps(episodes, tf_episodes, cfg.seed)
