@@ -38,6 +38,12 @@
 # machine's start and the transfers took ~50 s of device time a call (session 17: 336 s); one call
 # with DEADLINE=565 held the machine 572 s of the lease's 900, so a second such call does not fit
 # (a lease starts no machine with under 4 minutes left).
+# Session 30 rehearsed two arms for one lease on the CPU (ALLOW_CPU=1 SKIP_WHEELS=1 EPISODES=4
+# VAL_EPISODES=2 FAR_TIME=40 ENCODE_S=40 FINAL_S=40 DEADLINE=220, --far-batch 2 --threads 1 in each arm):
+#   SEQ=64 ARMS="w long" ARM_w="--far-width 384 --far-heads 6" \
+#     ARM_long="--far-init checkpoints/maze-far-small --seq-len 300 --far-lr 2e-4 --warmup 100"
+# An arm's own --seq-len comes after SEQ's and wins ("1392 tokens per 300-frame sample"); the two
+# packed into 6 files, 58.9 MB (w 40.6, long 18.2): both come back from one call.
 set -x
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
