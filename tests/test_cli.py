@@ -203,6 +203,10 @@ def test_bad_thread_counts_and_simulator_bench_steps_are_refused(capsys):
     assert "--episode-steps must be >= 1, got 0" in capsys.readouterr().err
     assert bench_sim.main(["--env-id", "worldsim/Nope-v0", "--steps", "2"]) == 2  # was gymnasium's traceback
     assert "bench_sim: --env-id worldsim/Nope-v0: cannot create the simulator (NameNotFound" in capsys.readouterr().err
+    # a simulator whose package is missing here (DeepMind Lab's ImportError) or that takes no resolution
+    assert bench_sim.main(["--env-id", "CartPole-v1", "--steps", "2"]) == 2
+    assert "bench_sim: --env-id CartPole-v1: cannot create the simulator with settings {'resolution': 64} " \
+           "(TypeError" in capsys.readouterr().err
 
 
 def test_a_keymap_file_that_is_not_text_is_a_keymap_error(tmp_path):

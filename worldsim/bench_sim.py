@@ -14,6 +14,10 @@ from typing import Any
 import numpy as np
 
 
+class SimulatorUnavailable(ValueError):
+    """The simulator cannot be made here (message names it and why)."""
+
+
 def benchmark_simulator(
     env_id: str = "worldsim/Maze-v0",
     steps: int = 5000,
@@ -33,7 +37,13 @@ def benchmark_simulator(
     import envs  # noqa: F401  (registers the worldsim/* ids)
 
     # The passive checker wraps every step; it is not part of the simulator's cost.
-    env = gym.make(env_id, disable_env_checker=True, **settings)
+    try:
+        env = gym.make(env_id, disable_env_checker=True, **settings)
+    except gym.error.Error as exc:  # an unknown id
+        raise SimulatorUnavailable(f"--env-id {env_id}: cannot create the simulator ({type(exc).__name__}: {exc})") from None
+    except (ImportError, TypeError, ValueError) as exc:  # a missing package (DeepMind Lab), settings it does not take
+        raise SimulatorUnavailable(f"--env-id {env_id}: cannot create the simulator with settings {settings} "
+                                   f"({type(exc).__name__}: {exc})") from None
     rng = np.random.default_rng(seed)
     n_actions = int(env.action_space.n)
     actions = rng.integers(0, n_actions, size=steps)
@@ -80,14 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("steps", "episode_steps", "resolution"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    import gymnasium as gym
-
     try:
         r = benchmark_simulator(args.env_id, args.steps, args.episode_steps, args.seed,
                                 resolution=args.resolution)
-    except gym.error.Error as exc:  # an unknown id, a missing simulator package: one line, not a traceback
-        print(f"bench_sim: --env-id {args.env_id}: cannot create the simulator ({type(exc).__name__}: {exc})",
-              file=sys.stderr)
+    except SimulatorUnavailable as exc:  # one line, not a traceback
+        print(f"bench_sim: {exc}", file=sys.stderr)
         return 2
     print(f"{r['env_id']} {r['resolution'][0]}x{r['resolution'][1]}: "
           f"{r['frames_per_s']:.0f} frames/s wall clock, {r['frames_per_cpu_s']:.0f} frames/s "
