@@ -1306,6 +1306,27 @@ def test_a_latent_cache_copied_from_an_earlier_run_is_reused(trained, dataset, t
     assert main(["train", "--stage", "far", "--data", spelled, "--out", str(again), *FAST,
                  "--ae-from", str(trained / "checkpoint"), "--far-steps", "1", "--val-every", "1"]) == 0
     assert "encoding" not in capsys.readouterr().err
+    # a cache written before session 30 (its signature hashed "path:id" as that run spelled the path)
+    # is still valid: no re-encoding of a dataset only because the signature's formula changed
+    import hashlib
+
+    from worldsim.dataset import Dataset
+
+    older = tmp_path / "older"
+    shutil.copytree(trained / "latents", older / "latents")
+    for meta_path in (older / "latents").glob("*.json"):
+        meta = json.loads(meta_path.read_text())
+        files = {e.id: e.file for e in Dataset(meta["dataset"]).episodes}
+        h = hashlib.sha256()
+        h.update(str(Path(meta["dataset"]).resolve()).encode())
+        h.update(meta["split"].encode())
+        for source, n in zip(meta["sources"], meta["lengths"]):
+            st = os.stat(files[source[len(meta["dataset"]) + 1:]])
+            h.update(f"{source}:{n}:{st.st_size}:{st.st_mtime_ns};".encode())
+        meta_path.write_text(json.dumps({**meta, "signature": h.hexdigest()}))
+    assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(older), *FAST,
+                 "--ae-from", str(trained / "checkpoint"), "--far-steps", "1", "--val-every", "1"]) == 0
+    assert "encoding" not in capsys.readouterr().err
 
 
 def test_decoder_fine_tune_keeps_the_latents_and_re_exports_the_world_model(trained, dataset, tmp_path, capsys):

@@ -189,17 +189,22 @@ def split_source(source: str, paths: Sequence[str | os.PathLike]) -> tuple[str, 
     raise ValueError(f"episode source {source!r} comes from none of the datasets {[str(p) for p in paths]}")
 
 
-def _dataset_signature(path: str, split: str, sources: list[str], lengths: list[int]) -> str:
+def _dataset_signature(path: str, split: str, sources: list[str], lengths: list[int],
+                       spelled: str | None = None) -> str:
     """Episode ids, lengths, and each episode file's size and modification time: a dataset
-    re-recorded in place with the same ids and lengths (other mazes) does not reuse stale latents."""
+    re-recorded in place with the same ids and lengths (other mazes) does not reuse stale latents.
+    The ids alone, so that ./data and /abs/data are one dataset (its resolved path is hashed too);
+    `spelled`: the signature caches written before session 30 carry, which hashed each id behind
+    the dataset's path as that run spelled it."""
     files = {e.id: e.file for e in Dataset(path).episodes}
     h = hashlib.sha256()
     h.update(str(Path(path).resolve()).encode())
     h.update(split.encode())
     for s, n in zip(sources, lengths):
-        eid = split_source(s, [path])[1]  # the id alone: ./data and /abs/data are one dataset (its resolved path is above)
+        eid = split_source(s, [path])[1]
         st = os.stat(files[eid])
-        h.update(f"{eid}:{n}:{st.st_size}:{st.st_mtime_ns};".encode())
+        key = eid if spelled is None else f"{spelled}:{eid}"
+        h.update(f"{key}:{n}:{st.st_size}:{st.st_mtime_ns};".encode())
     return h.hexdigest()
 
 
@@ -228,7 +233,9 @@ def load_cached(cache_dir: Path, path: str, split: str, ae_hash: str) -> LatentS
     except DatasetError:
         return None
     try:
-        if meta.get("signature") != _dataset_signature(path, split, sources, lengths):
+        if meta.get("signature") != _dataset_signature(path, split, sources, lengths) and not (
+                isinstance(meta.get("dataset"), str)  # a cache from before session 30, still valid: no re-encoding
+                and meta.get("signature") == _dataset_signature(path, split, sources, lengths, meta["dataset"])):
             return None
     except (OSError, KeyError):  # an episode file vanished: rebuild
         return None
