@@ -1026,6 +1026,8 @@ def test_fewer_steps_on_resume_say_that_nothing_trains(trained, tmp_path, capsys
     # more autoencoder steps once the transformer trains on its latents: recorded, and nothing trained
     assert main(["train", "--resume", str(run), "--ae-steps", str(config["train"]["ae_steps"] + 4)]) == 2
     assert "so that autoencoder is fixed now and --ae-steps" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--ae-lr", "0.5"]) == 2  # its siblings too
+    assert "so that autoencoder is fixed now and --ae-lr 0.5 (it had " in capsys.readouterr().err
     assert json.loads((run / "config.json").read_text()) == config
     assert main(["train", "--resume", str(run), "--ae-steps", str(config["train"]["ae_steps"])]) == 0  # the same: fine
     capsys.readouterr()

@@ -1876,13 +1876,17 @@ def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]
         if saved["stage"] == "far" and cfg.stage == "ae":
             raise TrainError(f"--resume {out}: its saved state is in the far stage (step {saved.get('step')}), which "
                              "--stage ae leaves out, so nothing would train; resume with --stage far or both")
-        stored_ae_steps = _read_json_object(out / "config.json").get("train", {}).get("ae_steps")
-        if saved["stage"] == "far" and cfg.ae_steps != stored_ae_steps:
-            # the run would record the new count and train nothing more of the autoencoder
+        stored_train = _read_json_object(out / "config.json").get("train", {})
+        ae_changed = [f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)} (it had {stored_train[f.name]})"
+                      for f in dataclasses.fields(TrainConfig)
+                      if f.name.startswith("ae_") and f.name in stored_train
+                      and getattr(cfg, f.name) != stored_train[f.name]]
+        if saved["stage"] == "far" and ae_changed:
+            # the run would record the new settings and train nothing more of the autoencoder
             raise TrainError(f"--resume {out}: its transformer trains on the latents of its autoencoder (far step "
-                             f"{saved.get('step')}), so that autoencoder is fixed now and --ae-steps {cfg.ae_steps} "
-                             f"(it had {stored_ae_steps}) would train nothing; drop --ae-steps, or fine-tune the "
-                             "autoencoder in a new run with --stage ae --ae-init RUN/checkpoint")
+                             f"{saved.get('step')}), so that autoencoder is fixed now and {', '.join(ae_changed)} "
+                             "would change nothing; drop the option, or fine-tune the autoencoder in a new run "
+                             "with --stage ae --ae-init RUN/checkpoint")
         ae_done = saved.get("finished") or (cfg.ae_time_limit > 0 and saved.get("seconds", 0) >= cfg.ae_time_limit)
         if saved["stage"] == "ae" and cfg.stage == "far" and not ae_done:
             raise TrainError(f"--resume {out}: its autoencoder stage is unfinished (step {saved.get('step')} of "
