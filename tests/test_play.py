@@ -511,7 +511,11 @@ def test_a_keymap_key_pygame_does_not_know_is_refused_by_name(tmp_path, no_shipp
     # two spellings of one key: the second binding silently replaced the first
     keys.write_text('{"pageup": "forward", "page up": "backward"}')
     assert cli.main(["play", "--world", "sim", "--keymap", str(keys)]) != 0
-    assert "'pageup' and 'page up' are the same key" in capsys.readouterr().err
+    assert "'pageup' and 'page up' are the same key, bound to 'forward' and 'backward'" in capsys.readouterr().err
+    keys.write_text('{"pageup": "forward", "page up": "forward"}')  # the same binding twice: harmless, as before
+    game = run_interactive(PlayConfig(world="sim", fps=1000, scale=1, record_dir=str(tmp_path), keymap=str(keys)),
+                           scripted([press("pageup")]))
+    assert game.steps_taken == 1 and game.keymap == {"page up": "forward"}
 
 
 def test_headless_out_that_is_a_folder_is_refused_before_playing(tiny_ckpt, tmp_path, capsys):

@@ -529,10 +529,11 @@ class Game:
         spellings: dict[str, list[str]] = {}
         for key, name in event_names.items():
             spellings.setdefault(name, []).append(key)
-        twice = [keys for keys in spellings.values() if len(keys) > 1]
-        if twice:  # one binding would silently replace the other
-            raise PlayError(f"keymap {config.keymap}: {' and '.join(map(repr, twice[0]))} are the same key; "
-                            "bind it once")
+        # one key under two spellings bound to two actions: one binding would silently replace the other
+        twice = [keys for keys in spellings.values() if len({keymap[k] for k in keys}) > 1]
+        if twice:
+            raise PlayError(f"keymap {config.keymap}: {' and '.join(map(repr, twice[0]))} are the same key, bound "
+                            f"to {' and '.join(repr(keymap[k]) for k in twice[0])}; bind it once")
         self.meter = FpsMeter()
         self.paused = False
         self.show_help = False
