@@ -224,6 +224,8 @@ def test_invalid_action_is_a_clear_error(tiny_world):
     env.close()
     with pytest.raises(ValueError, match="episode=3 needs a dataset to start from"):  # was a random maze
         DreamEnv(world=tiny_world, context_frames=1, episode=3)
+    with pytest.raises(ValueError, match="episode=3 needs a dataset"):  # said before any weights load
+        DreamEnv(checkpoint="/nowhere/no-such-checkpoint", episode=3)
 
 
 def test_missing_default_checkpoint_says_what_to_do(tmp_path, monkeypatch):

@@ -165,6 +165,8 @@ class DreamEnv(gym.Env):
             raise ValueError(f"still_frames must be an integer >= 0, got {still_frames!r}")
         if context_policy not in CONTEXT_POLICIES:
             raise ValueError(f"context_policy must be one of {CONTEXT_POLICIES}, got {context_policy!r}")
+        if episode is not None and dataset is None:  # else ignored: a random maze instead of the episode asked for
+            raise ValueError(f"episode={episode!r} needs a dataset to start from (dataset=PATH)")
         from worldsim.cache import CACHE_MODES  # (torch: loading the world imports it anyway)
         from worldsim.sampler import setting_problem
 
@@ -223,8 +225,6 @@ class DreamEnv(gym.Env):
 
         self._dataset = None
         self._episode = episode
-        if episode is not None and dataset is None:  # else ignored: a random maze instead of the episode asked for
-            raise ValueError(f"episode={episode!r} needs a dataset to start from (dataset=PATH)")
         if dataset is not None:
             from worldsim.dataset import Dataset, DatasetError
             from worldsim.latents import names_for
