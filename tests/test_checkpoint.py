@@ -83,6 +83,10 @@ def test_a_save_sweeps_up_the_temp_files_of_saves_killed_mid_write(saved):
     world.save(path, step=125)
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "notes.tmp"]
     assert sorted(p.name for p in path.parent.iterdir()) == ["ck"]
+    odd = path.parent / "ck[1]"  # a name glob would read as a pattern
+    (path.parent / ".ck[1].k1ll3d.tmp").mkdir()
+    world.save(odd, step=1)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ck", "ck[1]"]
 
 
 def test_a_full_disk_while_resaving_keeps_the_old_checkpoint_whole(saved, monkeypatch):

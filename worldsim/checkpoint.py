@@ -34,6 +34,7 @@ that a torn save is detected on load.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import re
@@ -192,8 +193,8 @@ def save_checkpoint(
             f.write("\n")
 
     # what saves killed mid-write (SIGKILL, a power cut) left: full-size temp twins no one else owns
-    stale = [*path.parent.glob(f".{path.name}.*.tmp"), *path.glob(f".{WEIGHTS_NAME}.*.tmp"),
-             *path.glob(f".{CONFIG_NAME}.*.tmp")]
+    stale = [*path.parent.glob(f".{glob.escape(path.name)}.*.tmp"), *path.glob(f".{WEIGHTS_NAME}.*.tmp"),
+             *path.glob(f".{CONFIG_NAME}.*.tmp")]  # escaped: a checkpoint named ck[1] is no pattern
     for leftover in stale:
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)

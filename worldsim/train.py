@@ -45,6 +45,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -525,7 +526,7 @@ def swap_dir_atomic(final: Path, write: Callable[[Path], None]) -> None:
     old = final.with_name(final.name + ".old")
     if old.exists() and not final.exists():  # an earlier save was killed between its renames
         os.replace(old, final)
-    for stale in final.parent.glob(f".{final.name}.*.tmp"):  # folders of saves killed mid-write
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):  # folders of saves killed mid-write
         shutil.rmtree(stale, ignore_errors=True)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
