@@ -273,6 +273,9 @@ def test_clear_errors(tiny_data, tmp_path):
     with pytest.raises(EvalError, match="--steps must be >= 1, got 0"):
         run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path), progress=False, context=4, generate=2, steps=0),
                  world=FakeWorld())
+    with pytest.raises(EvalError, match=r"--seed must be from 0 to 2\*\*63 - 1, got 99999999999999999999"):  # overflow
+        run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path), progress=False, context=4, generate=2,
+                            seed=99999999999999999999), world=FakeWorld())
     in_the_way = tmp_path / "results"
     in_the_way.write_text("not a folder")
     with pytest.raises(EvalError, match=f"--out {in_the_way}: exists and is not a folder"):

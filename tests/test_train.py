@@ -760,7 +760,10 @@ def test_values_no_run_can_use_are_refused_before_anything_is_written(trained, d
                            (["--obj-t-mean", "inf"], "t_mean must be a finite number, got inf"),
                            (["--obj-self-context-level", "1.5"], "self_context_level must be in [0, 1], got 1.5"),
                            # the far stage then stopped with "train stage ae first (--stage both / ae)"
-                           (["--ae-steps", "0"], "--ae-steps 0 trains no autoencoder for the far stage")):
+                           (["--ae-steps", "0"], "--ae-steps 0 trains no autoencoder for the far stage"),
+                           # an overflow traceback after config.json was written; -1 was taken
+                           (["--seed", "18446744073709551616"], "--seed must be from 0 to 2**63 - 2"),
+                           (["--seed", "-1"], "--seed must be from 0 to 2**63 - 2, got -1")):
         assert main(["train", "--data", str(dataset), "--out", str(run), *FAST, *extra]) == 2, extra
         assert message in capsys.readouterr().err
         assert not run.exists()

@@ -184,8 +184,8 @@ def main(args: argparse.Namespace) -> int:
         if not values or min(values) < 1:
             print(f"worldsim bench: {option} must be >= 1, got {' '.join(map(str, values)) or 'nothing'}", file=sys.stderr)
             return 2
-    if cfg.seed < 0:  # numpy takes only non-negative seeds
-        print(f"worldsim bench: --seed must be >= 0, got {cfg.seed}", file=sys.stderr)
+    if not 0 <= cfg.seed < 2**63:  # numpy takes only non-negative seeds, torch only 64-bit ones
+        print(f"worldsim bench: --seed must be from 0 to 2**63 - 1, got {cfg.seed}", file=sys.stderr)
         return 2
     from worldsim.sampler import setting_problem
 

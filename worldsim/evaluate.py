@@ -1121,6 +1121,8 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None) -
                       ("probe_loops", 1), ("seed", 0)):
         if getattr(cfg, name) < low:
             raise EvalError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
+    if cfg.seed >= 2**63:  # torch's seeds are 64-bit: a larger one was an overflow traceback
+        raise EvalError(f"--seed must be from 0 to 2**63 - 1, got {cfg.seed}")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {out}: exists and is not a folder")

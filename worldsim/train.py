@@ -309,6 +309,8 @@ def check_numbers(train: TrainConfig) -> None:
         for name in names:
             if getattr(train, name) < low:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(train, name)}")
+    if not 0 <= train.seed < 2**63 - 1:  # torch seeds with seed + 1 too: 64 bits, and numpy none below 0
+        raise TrainError(f"--seed must be from 0 to 2**63 - 2, got {train.seed}")
     if not 0 < train.ddp_timeout < float("inf"):
         raise TrainError(f"--ddp-timeout must be a finite number > 0, got {train.ddp_timeout}")
     for name in ("ae_lr", "far_lr", "weight_decay", "grad_clip", "ae_time_limit", "far_time_limit"):
