@@ -763,7 +763,11 @@ def test_values_no_run_can_use_are_refused_before_anything_is_written(trained, d
                            (["--ae-steps", "0"], "--ae-steps 0 trains no autoencoder for the far stage"),
                            # an overflow traceback after config.json was written; -1 was taken
                            (["--seed", "18446744073709551616"], "--seed must be from 0 to 2**63 - 2"),
-                           (["--seed", "-1"], "--seed must be from 0 to 2**63 - 2, got -1")):
+                           (["--seed", "-1"], "--seed must be from 0 to 2**63 - 2, got -1"),
+                           # these crashed mid-run (a conv channel mismatch, a zero division, math's domain error)
+                           (["--ae-in-channels", "1"], "in_channels must be 3 (RGB frames), got 1"),
+                           (["--ae-channels", "8", "0", "16", "16"], "channels must each be >= 1, got [8, 0, 16, 16]"),
+                           (["--ae-down-factor", "0"], "down_factor must be >= 1, got 0")):
         assert main(["train", "--data", str(dataset), "--out", str(run), *FAST, *extra]) == 2, extra
         assert message in capsys.readouterr().err
         assert not run.exists()

@@ -48,6 +48,13 @@ class AutoencoderConfig:
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
+        if self.in_channels != 3:  # the frames are RGB everywhere (frames_to_tensor); another count crashed mid-run
+            raise ValueError(f"in_channels must be 3 (RGB frames), got {self.in_channels}")
+        small = {name: v for name, v in (("resolution", self.resolution), ("down_factor", self.down_factor),
+                                         ("latent_channels", self.latent_channels)) if v < 1}
+        if small or min(self.channels, default=1) < 1:  # else a log2 domain error, a zero division, a negative size
+            raise ValueError(", ".join(f"{k} must be >= 1, got {v}" for k, v in small.items())
+                             or f"channels must each be >= 1, got {list(self.channels)}")
         if self.blocks_per_level < 1 or (self.decoder_blocks_per_level is not None and self.decoder_blocks_per_level < 1):
             raise ValueError(f"blocks per level must be >= 1, got {self.blocks_per_level} "
                              f"(decoder {self.decoder_blocks_per_level})")
