@@ -273,6 +273,11 @@ def test_clear_errors(tiny_data, tmp_path):
     with pytest.raises(EvalError, match="--steps must be >= 1, got 0"):
         run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path), progress=False, context=4, generate=2, steps=0),
                  world=FakeWorld())
+    for bad in (-1, 0, 5):  # -1 named record's options, 0 meant the default, 5 recorded a dataset first
+        with pytest.raises(EvalError, match=f"--record-length must be at least --context \\+ --generate = 6, got {bad}"):
+            run_eval(EvalConfig(out=str(tmp_path / "rec"), progress=False, context=4, generate=2, record_length=bad),
+                     world=FakeWorld())
+        assert not (tmp_path / "rec").exists()
     with pytest.raises(EvalError, match=r"--seed must be from 0 to 2\*\*63 - 1, got 99999999999999999999"):  # overflow
         run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path), progress=False, context=4, generate=2,
                             seed=99999999999999999999), world=FakeWorld())

@@ -1123,6 +1123,10 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None) -
             raise EvalError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
     if cfg.seed >= 2**63:  # torch's seeds are 64-bit: a larger one was an overflow traceback
         raise EvalError(f"--seed must be from 0 to 2**63 - 1, got {cfg.seed}")
+    if cfg.record_length is not None and cfg.record_length < cfg.context + cfg.generate:
+        # else recorded first and refused after (a negative one named record's options; 0 meant the default)
+        raise EvalError(f"--record-length must be at least --context + --generate = {cfg.context + cfg.generate}, "
+                        f"got {cfg.record_length}")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {out}: exists and is not a folder")
@@ -1161,7 +1165,7 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None) -
         recorded = False
     else:
         data_path = out / "data"
-        record_test_episodes(world, data_path, cfg.episodes, cfg.record_length or length, cfg.seed, cfg.progress,
+        record_test_episodes(world, data_path, cfg.episodes, length if cfg.record_length is None else cfg.record_length, cfg.seed, cfg.progress,
                              cfg.split)
         recorded = True
     ds, split_note = load_test_split(data_path, world, cfg.split)
