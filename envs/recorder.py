@@ -390,6 +390,8 @@ def record(cfg: RecordConfig) -> dict[str, Any]:
         raise RecordError(f"--start-maze-seed must be >= 0, got {cfg.start_maze_seed}")
     if cfg.seed < 0:  # Gymnasium's reset refuses it, after the first episode's setup
         raise RecordError(f"--seed must be >= 0, got {cfg.seed}")
+    if cfg.workers is not None and cfg.workers < 1:  # 0 meant one per core, -4 one: say none for one per core
+        raise RecordError(f"--workers must be >= 1 (or none: one per CPU core), got {cfg.workers}")
     settings = parse_env_args(cfg.env_arg)
     out = Path(cfg.out)
     index_path = out / INDEX_NAME

@@ -1209,6 +1209,11 @@ def test_stream_with_data_is_refused_rather_than_ignoring_the_data(trained, data
                  str(trained / "checkpoint"), "--out", str(out), *FAST, "--far-steps", "1"]) == 2
     assert "--stream-env trains on the episodes it records, not on --data" in capsys.readouterr().err
     assert not out.exists()
+    # its settings without it did nothing, yet were recorded in the run's config
+    assert main(["train", "--data", str(dataset), "--stream-env-arg", "maze_size=7", "--out", str(out), *FAST,
+                 "--far-steps", "1"]) == 2
+    assert "--stream-env-arg maze_size=7 sets the simulator of --stream-env" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_a_resumed_stream_records_other_mazes(tmp_path):

@@ -1819,6 +1819,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"worldsim train: --stream-env trains on the episodes it records, not on --data "
               f"({', '.join(cfg.data)}); give one of the two", file=sys.stderr)
         return 2
+    if cfg.stream_env_arg and not cfg.stream_env:  # it did nothing, yet the run's config recorded it
+        print(f"worldsim train: --stream-env-arg {' '.join(cfg.stream_env_arg)} sets the simulator of --stream-env, "
+              "which this run does not stream from", file=sys.stderr)
+        return 2
     try:
         dist = Dist.from_env(cfg.device, timeout_s=cfg.ddp_timeout)
     except (DeviceError, RuntimeError) as exc:  # no such device; more ranks than GPUs
