@@ -81,6 +81,8 @@ def parse_env_args(items: tuple[str, ...] | list[str] | None) -> dict[str, Any]:
             value: Any = low == "true"
         elif low in ("none", "null"):
             value = None
+        elif low in ("nan", "inf", "+inf", "-inf", "infinity", "-infinity"):  # numbers, which the simulator's range checks name
+            value = float(low)
         else:
             try:
                 value = json.loads(text)

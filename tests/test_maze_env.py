@@ -303,6 +303,11 @@ def test_bad_settings_and_step_before_reset_are_clear_errors():
     # stepping before reset failed deep in the collision code with a TypeError.
     with pytest.raises(ValueError, match="resolution must be positive"):
         MazeEnv(resolution=0)
+    # what --env-arg maze_size=9,9 gives (a string): int() failed on the character ','
+    for bad in ("9,9", 9.5, True, [9]):
+        with pytest.raises(ValueError, match=f"maze_size must be an integer or a pair of integers .*got {re.escape(repr(bad))}"):
+            MazeEnv(maze_size=bad)
+    assert MazeEnv(maze_size=[9, 11]).rows == 9 and MazeEnv(maze_size=np.int64(9)).cols == 9
     with pytest.raises(ValueError, match="supersample"):
         MazeEnv(supersample=0)
     # a zero, negative or NaN step recorded a standing or backward-walking "forward" (or crashed mid-episode)
