@@ -230,10 +230,16 @@ def test_invalid_action_is_a_clear_error(tiny_world):
 
 def test_missing_default_checkpoint_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(dream_env, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
-    with pytest.raises(CheckpointNotFound, match="--world sim"):
+    with pytest.raises(CheckpointNotFound, match="--world sim") as err:
         DreamEnv()
+    assert f"none shipped in {tmp_path / 'checkpoints'}" in str(err.value) and "installed copy" not in str(err.value)
     with pytest.raises(CheckpointNotFound, match="nowhere"):
         DreamEnv(checkpoint=tmp_path / "nowhere")
+    # an installed copy (`pip install .`) looks in ./checkpoints: said, with the way out
+    monkeypatch.setattr(dream_env, "CHECKPOINTS_DIR", dream_env.Path("checkpoints"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointNotFound, match=r"an installed copy looks in \./checkpoints.*pip install -e \."):
+        DreamEnv()
 
 
 def test_default_checkpoint_is_found(tmp_path, monkeypatch):

@@ -114,11 +114,19 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | None) -> Path:
     path = find_default_checkpoint()
     if path is None:
         raise CheckpointNotFound(
-            f"no world-model checkpoint given and none shipped in {CHECKPOINTS_DIR} "
-            "(a folder with config.json + model.safetensors). Train one with `worldsim train`, "
-            "pass checkpoint=PATH (`worldsim play --checkpoint PATH`), or walk the embedded "
-            "simulator itself with `worldsim play --world sim`.")
+            f"no world-model checkpoint given and {where_checkpoints_were_looked_for()} (a folder with config.json + "
+            "model.safetensors). Train one with `worldsim train`, pass --checkpoint PATH (checkpoint=PATH to "
+            "worldsim/Dream-v0), or walk the embedded simulator itself with `worldsim play --world sim`.")
     return path
+
+
+def where_checkpoints_were_looked_for() -> str:
+    """Where the shipped checkpoint was looked for, and for an installed copy why it was not there."""
+    where = f"none shipped in {CHECKPOINTS_DIR.resolve()}"
+    if not CHECKPOINTS_DIR.is_absolute():  # `pip install .`: the package in site-packages has no checkpoints/
+        where += (" (an installed copy looks in ./checkpoints; run it from the source checkout or install that "
+                  "with `pip install -e .`)")
+    return where
 
 
 def _stat(stats: dict[str, Any], key: str) -> int:

@@ -362,14 +362,15 @@ class World:
 
 def open_world(config: PlayConfig, reality: bool = True, log: Callable[[str], None] | None = None) -> World:
     """Build the env to play: the Dream env over a checkpoint, or the real simulator."""
-    from worldsim.dream_env import DreamEnv, find_default_checkpoint, resolve_checkpoint, start_simulator
+    from worldsim.dream_env import (DreamEnv, find_default_checkpoint, resolve_checkpoint, start_simulator,
+                                    where_checkpoints_were_looked_for)
 
     log = log or (lambda text: print(text, file=sys.stderr))
     mode = config.world
     checkpoint = Path(config.checkpoint) if config.checkpoint else find_default_checkpoint()
     if mode == "auto":
         if checkpoint is None:
-            log("worldsim play: no world-model checkpoint found (none given, none shipped in checkpoints/).\n"
+            log(f"worldsim play: no world-model checkpoint found (none given, {where_checkpoints_were_looked_for()}).\n"
                 "  You are walking the embedded maze simulator itself (--world sim), not a dream.\n"
                 "  Train a model with `worldsim train`, then play it with --checkpoint PATH.")
             mode = "sim"
