@@ -709,7 +709,7 @@ def test_a_run_that_failed_before_its_first_step_can_be_started_again(dataset, t
     run = tmp_path / "run"
     assert main(["train", "--stage", "ae", "--data", str(val_only), "--out", str(run), *FAST, "--ae-steps", "1"]) == 2
     assert "no training frames" in capsys.readouterr().err
-    assert [p.name for p in run.iterdir()] == ["config.json"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "config.json"]
     assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(run), *FAST, "--ae-steps", "1"]) == 0
     assert (run / "autoencoder" / "config.json").is_file()
     capsys.readouterr()
@@ -1192,6 +1192,21 @@ def test_a_stream_worker_that_stops_mid_run_is_restarted_and_one_that_keeps_stop
     err = capsys.readouterr().err
     assert "stream: recording worker 0 stopped 1 time, the last with exit code -9" in err
     assert f"continue with --resume {out}" in err
+
+
+def test_a_second_train_in_a_folder_being_trained_in_is_refused(trained, tmp_path, capsys):
+    """Two resumes of one run (two terminals) both wrote its state, metrics and checkpoint."""
+    import fcntl
+
+    run = tmp_path / "busy"
+    shutil.copytree(trained, run)
+    stored = (run / "config.json").read_text()
+    with open(run / ".lock", "a") as held:  # what the other `worldsim train` holds while it trains
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["train", "--resume", str(run), "--far-steps", "5"]) == 2
+        assert f"{run}: another `worldsim train` is training in this folder" in capsys.readouterr().err
+    assert (run / "config.json").read_text() == stored
+    assert main(["train", "--resume", str(run), "--far-steps", "4"]) == 0  # free again: it trains
 
 
 def test_a_run_trained_on_data_cannot_switch_to_streaming_on_resume(trained, capsys):

@@ -1848,11 +1848,51 @@ def main(args: argparse.Namespace) -> int:
         dist.close()
 
 
+class RunFolderLock:
+    """An exclusive lock on RUN/.lock, held by rank 0 while it trains: a second `worldsim train` on
+    the same folder (a resume typed in two terminals) would interleave their states, metrics and
+    checkpoints. Taken once the folder exists; released when the process ends, also on SIGKILL."""
+
+    def __init__(self, out: Path, enabled: bool) -> None:
+        self.out, self.enabled, self.fh = out, enabled, None
+
+    def acquire(self) -> None:
+        if not self.enabled or self.fh is not None or not self.out.is_dir():
+            return
+        fh = open(self.out / ".lock", "a")
+        try:
+            import fcntl
+
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - not POSIX: no lock
+            pass
+        except OSError:
+            fh.close()
+            raise TrainError(f"{self.out}: another `worldsim train` is training in this folder (locked "
+                             f"{self.out / '.lock'}); wait for it, or stop it first") from None
+        self.fh = fh
+
+    def release(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+
+
 def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]) -> int:
+    lock = RunFolderLock(Path(run.train.out), dist.is_main)
+    try:
+        return _train(run, resuming, dist, log, lock)
+    finally:
+        lock.release()
+
+
+def _train(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None], lock: RunFolderLock) -> int:
     cfg = run.train
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out}: exists and is not a folder")
+    if resuming:  # before the state is read: a run training there now would change it under us
+        lock.acquire()  # (a new run takes it once its folder is made: a user's other folder gets no .lock)
     trainer = Trainer(run, dist, log)
     state = trainer.load_state() if (out / "state").exists() or (out / "state.old").exists() else None
     # a folder holding only config.json is a run that failed before its first step (bad data, say):
@@ -1867,7 +1907,7 @@ def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]
             return False
 
     def left_by_a_failed_start(p: Path) -> bool:
-        if p.name == "latents":
+        if p.name in ("latents", ".lock"):
             return True
         if p.name == "config.json":  # a config.json of something else is the user's, not ours to replace
             return is_run_config(p)
@@ -1974,6 +2014,7 @@ def _main(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None]
                          "(choose --far-patch-size / --far-context-patch-size to fit the latent grid)") from None
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
         cfg_dict = run.to_dict()
         cfg_dict["data"] = {"action_names": list(data.action_names), "resolution": list(data.resolution),
                             "simulator": data.simulator}
