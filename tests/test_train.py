@@ -1209,6 +1209,21 @@ def test_a_second_train_in_a_folder_being_trained_in_is_refused(trained, tmp_pat
     assert main(["train", "--resume", str(run), "--far-steps", "4"]) == 0  # free again: it trains
 
 
+def test_runs_from_before_this_sessions_checks_still_resume(trained, tmp_path, capsys):
+    """A negative seed and --stream-env-arg without --stream-env are refused for new runs now; a run
+    that recorded them before still resumes (the second with its dead setting dropped, and said so).
+    An --ae-from given again spelled another way is the same autoencoder."""
+    run = tmp_path / "older"
+    shutil.copytree(trained, run)
+    config = json.loads((run / "config.json").read_text())
+    config["train"].update(seed=-1, stream_env_arg=["maze_size=7"], ae_from=str(trained / "checkpoint"))
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--resume", str(run), "--far-steps", "4", "--ae-from", str(trained / "checkpoint") + "/"]) == 0
+    assert "its --stream-env-arg (maze_size=7) did nothing and is dropped" in capsys.readouterr().err
+    stored = json.loads((run / "config.json").read_text())["train"]
+    assert stored["seed"] == -1 and stored["stream_env_arg"] == []
+
+
 def test_a_run_trained_on_data_cannot_switch_to_streaming_on_resume(trained, capsys):
     """It streamed, said its --data "was never read and is dropped", and its card forgot the data."""
     stored = (trained / "config.json").read_text()

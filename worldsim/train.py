@@ -299,7 +299,7 @@ def _given(args: argparse.Namespace, prefix: str | None = None) -> dict[str, Any
     return out
 
 
-def check_numbers(train: TrainConfig) -> None:
+def check_numbers(train: TrainConfig, new_run: bool = True) -> None:
     """Values no run can use, refused by option name before the run folder is written (a bad
     override on --resume would otherwise be stored and fail every later resume)."""
     at_least = {1: ("ae_batch", "far_batch", "seq_len", "checkpoint_every", "val_batches", "log_every",
@@ -309,7 +309,9 @@ def check_numbers(train: TrainConfig) -> None:
         for name in names:
             if getattr(train, name) < low:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(train, name)}")
-    if not 0 <= train.seed < 2**63 - 1:  # torch seeds with seed + 1 too: 64 bits, and numpy none below 0
+    # torch seeds with seed + 1 too: 64 bits. Below 0 only for new runs: a run started with one
+    # before this check (its steps' seeds are masked to 32 bits) still resumes.
+    if not (0 if new_run else -2**63) <= train.seed < 2**63 - 1:
         raise TrainError(f"--seed must be from 0 to 2**63 - 2, got {train.seed}")
     if not 0 < train.ddp_timeout < float("inf"):
         raise TrainError(f"--ddp-timeout must be a finite number > 0, got {train.ddp_timeout}")
@@ -374,7 +376,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
                              f"on resume (the run started from its stored value); start a new run instead")
         train_over["out"] = str(resume)
         run.train = dataclasses.replace(run.train, **train_over)
-        check_numbers(run.train)
+        check_numbers(run.train, new_run=False)
         run.objective = dataclasses.replace(run.objective, **obj_over)
         return run, True
     preset_name = train_over.get("preset", TrainConfig.preset)
@@ -1819,7 +1821,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"worldsim train: --stream-env trains on the episodes it records, not on --data "
               f"({', '.join(cfg.data)}); give one of the two", file=sys.stderr)
         return 2
-    if cfg.stream_env_arg and not cfg.stream_env:  # it did nothing, yet the run's config recorded it
+    if cfg.stream_env_arg and not cfg.stream_env and resuming:  # recorded by a run from before this was refused
+        print(f"worldsim train: note: this run does not stream; its --stream-env-arg "
+              f"({' '.join(cfg.stream_env_arg)}) did nothing and is dropped", file=sys.stderr)
+        run.train = cfg = dataclasses.replace(cfg, stream_env_arg=())
+    elif cfg.stream_env_arg and not cfg.stream_env:  # it did nothing, yet the run's config recorded it
         print(f"worldsim train: --stream-env-arg {' '.join(cfg.stream_env_arg)} sets the simulator of --stream-env, "
               "which this run does not stream from", file=sys.stderr)
         return 2
@@ -1856,21 +1862,26 @@ class RunFolderLock:
     def __init__(self, out: Path, enabled: bool) -> None:
         self.out, self.enabled, self.fh = out, enabled, None
 
-    def acquire(self) -> None:
-        if not self.enabled or self.fh is not None or not self.out.is_dir():
-            return
-        fh = open(self.out / ".lock", "a")
-        try:
-            import fcntl
+    def acquire(self, dist: Dist) -> None:
+        """Take the lock on rank 0; every rank raises the refusal together (a rank left waiting at
+        the next collective would bury the message under gloo's traceback)."""
+        busy = False
+        if self.enabled and self.fh is None and self.out.is_dir():
+            fh = open(self.out / ".lock", "a")
+            try:
+                import fcntl
 
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # pragma: no cover - not POSIX: no lock
-            pass
-        except OSError:
-            fh.close()
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.fh = fh
+            except ImportError:  # pragma: no cover - not POSIX: no lock
+                self.fh = fh
+            except OSError:
+                fh.close()
+                busy = True
+        (busy,) = dist.any_flags(busy)
+        if busy:
             raise TrainError(f"{self.out}: another `worldsim train` is training in this folder (locked "
-                             f"{self.out / '.lock'}); wait for it, or stop it first") from None
-        self.fh = fh
+                             f"{self.out / '.lock'}); wait for it, or stop it first")
 
     def release(self) -> None:
         if self.fh is not None:
@@ -1892,7 +1903,7 @@ def _train(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out}: exists and is not a folder")
     if resuming:  # before the state is read: a run training there now would change it under us
-        lock.acquire()  # (a new run takes it once its folder is made: a user's other folder gets no .lock)
+        lock.acquire(dist)  # (a new run takes it once its folder is made: a user's other folder gets no .lock)
     trainer = Trainer(run, dist, log)
     state = trainer.load_state() if (out / "state").exists() or (out / "state.old").exists() else None
     # a folder holding only config.json is a run that failed before its first step (bad data, say):
@@ -1924,10 +1935,15 @@ def _train(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None
             raise TrainError(f"--resume {out}: its saved state is in the far stage (step {saved.get('step')}), which "
                              "--stage ae leaves out, so nothing would train; resume with --stage far or both")
         stored_train = _read_json_object(out / "config.json").get("train", {})
+        def same(name: str, now: Any, then: Any) -> bool:  # --ae-from X/ is the stored X
+            if name in ("ae_from", "ae_init") and isinstance(now, str) and isinstance(then, str):
+                return Path(now).resolve() == Path(then).resolve()
+            return now == then
+
         ae_changed = [f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)} (it had {stored_train[f.name]})"
                       for f in dataclasses.fields(TrainConfig)
                       if f.name.startswith("ae_") and f.name in stored_train
-                      and getattr(cfg, f.name) != stored_train[f.name]]
+                      and not same(f.name, getattr(cfg, f.name), stored_train[f.name])]
         if saved["stage"] == "far" and ae_changed:
             # the run would record the new settings and train nothing more of the autoencoder
             raise TrainError(f"--resume {out}: its transformer trains on the latents of its autoencoder (far step "
@@ -2014,7 +2030,8 @@ def _train(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None
                          "(choose --far-patch-size / --far-context-patch-size to fit the latent grid)") from None
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
+    lock.acquire(dist)
+    if dist.is_main:
         cfg_dict = run.to_dict()
         cfg_dict["data"] = {"action_names": list(data.action_names), "resolution": list(data.resolution),
                             "simulator": data.simulator}
