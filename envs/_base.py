@@ -2,10 +2,25 @@
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, Sequence
 
 import gymnasium as gym
 import numpy as np
+
+
+def as_hw(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """An int or an (H, W) / (rows, cols) pair -> a pair of positive ints (a simulator setting: a
+    resolution, a maze size), or a ValueError naming it."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        h = w = int(value)
+    elif (isinstance(value, (list, tuple)) and len(value) == 2
+          and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)):
+        h, w = (int(v) for v in value)
+    else:  # "9,9" from --env-arg, a float, true: named, not a failure of int() on one character
+        raise ValueError(f"{name} must be an integer or a pair of integers such as [9, 11], got {value!r}")
+    if h <= 0 or w <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return h, w
 
 
 class SimulatorEnv(gym.Env):

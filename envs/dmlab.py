@@ -58,7 +58,7 @@ from typing import Any, Mapping
 import numpy as np
 from gymnasium import spaces
 
-from envs._base import SimulatorEnv
+from envs._base import SimulatorEnv, as_hw
 
 ACTION_NAMES: tuple[str, ...] = ("noop", "forward", "backward", "turn_left", "turn_right")
 
@@ -156,12 +156,7 @@ class DMLabEnv(SimulatorEnv):
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
-        if isinstance(resolution, (int, np.integer)):
-            h = w = int(resolution)
-        else:
-            h, w = (int(v) for v in resolution)
-        if h <= 0 or w <= 0:
-            raise ValueError(f"resolution must be positive, got {resolution!r}")
+        h, w = as_hw(resolution, "resolution")
         if int(action_repeat) < 1 or int(fps) < 1:
             raise ValueError(f"action_repeat and fps must be >= 1, got {action_repeat}, {fps}")
         if renderer not in ("software", "hardware"):

@@ -28,7 +28,7 @@ import labmaze
 import numpy as np
 from gymnasium import spaces
 
-from envs._base import SimulatorEnv
+from envs._base import SimulatorEnv, as_hw
 
 from envs._textures import FLOOR_VARIANTS, SKY_INDEX, Atlas, build_atlas
 
@@ -54,20 +54,6 @@ def _hash(*keys: np.ndarray | int) -> np.ndarray:
 def _clamp(a: np.ndarray, hi: int) -> np.ndarray:
     """Clamp integer indices to [0, hi] (np.clip has a slow Python wrapper)."""
     return np.minimum(np.maximum(a, 0), hi)
-
-
-def _as_hw(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    """An int or an (H, W) / (rows, cols) pair -> a pair of positive ints."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        h = w = int(value)
-    elif (isinstance(value, (list, tuple)) and len(value) == 2
-          and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)):
-        h, w = (int(v) for v in value)
-    else:  # "9,9" from --env-arg, a float, true: named, not a failure of int() on one character
-        raise ValueError(f"{name} must be an integer or a pair of integers such as [9, 11], got {value!r}")
-    if h <= 0 or w <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
-    return h, w
 
 
 class MazeEnv(SimulatorEnv):
@@ -125,8 +111,8 @@ class MazeEnv(SimulatorEnv):
     ):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
-        self.height, self.width = _as_hw(resolution, "resolution")
-        self.rows, self.cols = _as_hw(maze_size, "maze_size")
+        self.height, self.width = as_hw(resolution, "resolution")
+        self.rows, self.cols = as_hw(maze_size, "maze_size")
         if self.rows % 2 == 0 or self.cols % 2 == 0 or min(self.rows, self.cols) < 5:
             raise ValueError(f"maze_size must be odd and >= 5 (labmaze), got {maze_size!r}")
         if room_max_size >= min(self.rows, self.cols):  # such a room can take the outer wall away

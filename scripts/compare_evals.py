@@ -98,19 +98,27 @@ def rows_for(name: str, new: list[dict], old: list[dict], new_summary: dict, old
     ones `worldsim eval` stored (TECO overall, pooled revisit / rest), the differences paired here."""
     a = [np.asarray(e["per_frame"][name]["psnr"], dtype=np.float64) for e in new]
     b = [np.asarray(e["per_frame"][name]["psnr"], dtype=np.float64) for e in old]
-    selections: list[tuple[str, str, list[np.ndarray] | None]] = [("all frames", "overall", None)]
-    if all(e.get("revisit") is not None for e in new):
-        revisit = [np.asarray(e["revisit"], dtype=bool) for e in new]
-        selections += [("revisit frames", "revisit", revisit), ("other frames", "rest", [~r for r in revisit])]
+    selections: list[tuple[str, str, list[int], list[np.ndarray] | None]] = [
+        ("all frames", "overall", list(range(len(new))), None)]
+    posed = [i for i, e in enumerate(new) if e.get("revisit") is not None]  # as eval pools them
+    if posed:
+        revisit = [np.asarray(new[i]["revisit"], dtype=bool) for i in posed]
+        selections += [("revisit frames", "revisit", posed, revisit),
+                       ("other frames", "rest", posed, [~r for r in revisit])]
     rows = []
-    for label, key, masks in selections:
-        gap = metrics.paired_gap(a, b, masks, pooled=masks is not None, seed=seed)
+    for label, key, picked, masks in selections:
+        gap = metrics.paired_gap([a[i] for i in picked], [b[i] for i in picked], masks, pooled=masks is not None,
+                                 seed=seed)
         if gap["gap"] is None:
             continue
         means = []
         for summary in (new_summary, old_summary):
             entry = summary[name]["psnr"][key]
+            if entry is None:  # an eval from before it pooled the posed episodes left these blank
+                break
             means.append(entry if masks is None else entry["mean"])
+        if len(means) < 2:
+            continue
         rows.append([CONDITIONS.get(name, name), label, f"{means[0]:.2f}", f"{means[1]:.2f}", *gap_cells(gap)])
     return rows
 

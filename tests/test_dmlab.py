@@ -239,6 +239,9 @@ def test_standin_look_pixels_must_turn(standin):
     for bad in (0, -20):
         with pytest.raises(ValueError, match=f"look_pixels must be >= 1, got {bad}"):
             gym.make("worldsim/DMLab-v0", look_pixels=bad)
+    # --env-arg resolution=64,64 is a string: int() failed on the character ','
+    with pytest.raises(ValueError, match="resolution must be an integer or a pair of integers .*got '64,64'"):
+        gym.make("worldsim/DMLab-v0", resolution="64,64")
 
 
 def test_standin_a_closed_env_says_so(standin):

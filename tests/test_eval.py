@@ -123,6 +123,16 @@ def test_probe_pairs_on_a_turn_in_place():
     assert probe_pairs(still, context=1, pos_tol=0.1, yaw_tol=0.1) == []
 
 
+def test_probe_maze_seeds_stay_in_the_simulators_range_for_any_seed():
+    """--seed 3000000 drew probe mazes from 3e9 on: the maze's 'maze_seed must be in [0, 2**31)' traceback."""
+    from worldsim.dataset import split_for_maze_seed
+
+    for seed in (0, 5, 3_000_000, 2**62):
+        seeds = evaluate._pick_probe_maze_seeds(None, 3, seed)
+        assert all(0 <= s < 2**31 and split_for_maze_seed(s) == "test" for s in seeds), (seed, seeds)
+    assert evaluate._pick_probe_maze_seeds(None, 1, 5)[0] >= 1_005_000  # small seeds draw as before
+
+
 def test_probe_paths_use_the_turn_step():
     names = ("noop", "forward", "backward", "turn_left", "turn_right")
     paths = evaluate._probe_paths(names, math.radians(10), forward=3, loops=2, with_forward=True)
@@ -273,6 +283,9 @@ def test_clear_errors(tiny_data, tmp_path):
     with pytest.raises(EvalError, match="--steps must be >= 1, got 0"):
         run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path), progress=False, context=4, generate=2, steps=0),
                  world=FakeWorld())
+    # with --data nothing is recorded, so --record-length is not checked against the episodes asked for
+    run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path / "given"), progress=False, context=4, generate=2,
+                        episodes=1, probe_episodes=0, videos=0, record_length=3), world=FakeWorld())
     for bad in (-1, 0, 5):  # -1 named record's options, 0 meant the default, 5 recorded a dataset first
         with pytest.raises(EvalError, match=f"--record-length must be at least --context \\+ --generate = 6, got {bad}"):
             run_eval(EvalConfig(out=str(tmp_path / "rec"), progress=False, context=4, generate=2, record_length=bad),

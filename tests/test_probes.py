@@ -72,7 +72,8 @@ def _eval_results(path: Path, checkpoint: str, psnr: list[list[float]], revisit:
         for e in episodes:
             e["truth"] = {"detail": [detail] * len(e["revisit"]), "change": [0.1] * len(e["revisit"])}
     summary = aggregate([{"conditions": {"multilevel": {"psnr": np.asarray(p), "ssim": np.full(len(p), 0.5)}},
-                          "revisit": np.asarray(r)} for p, r in zip(psnr, revisit)], ["multilevel"], False)
+                          "revisit": None if r is None else np.asarray(r)} for p, r in zip(psnr, revisit)],
+                        ["multilevel"], False)
     summary["multilevel"].update(ratios or {})  # sharpness / motion, as newer evals report them
     results = {"format": "worldsim-eval", "format_version": 1, "metrics": {"lpips": {"status": "not installed"}},
                "config": {"checkpoint": checkpoint, "dataset": dataset, "dataset_split": "test",
@@ -81,6 +82,22 @@ def _eval_results(path: Path, checkpoint: str, psnr: list[list[float]], revisit:
                "ground_truth": {"episodes": episodes, "summary": summary, "teacher_forced_episodes": []}}
     (path / "results.json").write_text(json.dumps(results))
     return path
+
+
+def test_compare_evals_pools_the_revisits_of_the_episodes_with_poses(tmp_path):
+    """One episode without poses blanked the revisit rows, as it blanked eval's own numbers."""
+    script = SCRIPT.parent / "compare_evals.py"
+    revisit = [[False, False, True, True], None, [True, False, False, False]]
+    old_psnr = [[12.0, 13.0, 11.0, 10.0], [14.0, 12.0, 12.0, 13.0], [9.0, 10.0, 11.0, 12.0]]
+    new_psnr = [[p + 1.5 * bool(r and r[i]) for i, p in enumerate(ps)] for ps, r in zip(old_psnr, revisit)]
+    old = _eval_results(tmp_path / "old", "ckpt-old", old_psnr, revisit)
+    new = _eval_results(tmp_path / "new", "ckpt-new", new_psnr, revisit)
+    res = subprocess.run([sys.executable, str(script), str(new), str(old)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line.strip("|").split("|")[4].strip()
+            for line in res.stdout.splitlines() if line.startswith("| long context")}
+    assert rows[("long context (multilevel)", "revisit frames")] == "+1.50"
+    assert rows[("long context (multilevel)", "other frames")] == "+0.00"
 
 
 def test_compare_evals_pairs_the_same_frames_of_two_checkpoints(tmp_path):

@@ -252,7 +252,9 @@ def resolve_checkpoint(path: str | None) -> Path:
         except FileNotFoundError as exc:
             raise EvalError(str(exc)) from None
     if path is None:
-        raise EvalError("no --checkpoint given and none shipped under checkpoints/")
+        from worldsim.dream_env import where_checkpoints_were_looked_for
+
+        raise EvalError(f"no --checkpoint given and {where_checkpoints_were_looked_for()}")
     return Path(path)
 
 
@@ -683,7 +685,7 @@ def _pick_probe_maze_seeds(ds: Any, count: int, seed: int, split: str = "test") 
     if len(seeds) < count:
         from worldsim.dataset import split_for_maze_seed
 
-        s = 1_000_000 + 1000 * int(seed)
+        s = 1_000_000 + (1000 * int(seed)) % 2**30  # the same for seeds below ~1e6; below 2**31 for any seed
         while len(seeds) < count:
             if split_for_maze_seed(s) == split:
                 seeds.append(s)
@@ -924,8 +926,8 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
     if tf_episodes:
         for name in ("teacher_forced", "teacher_copy"):
             per_frame[name] = mean_psnr(tf_episodes, name)
-    rfrac = (np.mean([np.asarray(e["revisit"], dtype=np.float64) for e in episodes], axis=0)
-             if all(e["revisit"] is not None for e in episodes) else None)
+    posed = [e for e in episodes if e["revisit"] is not None]  # as the revisit numbers pool them
+    rfrac = np.mean([np.asarray(e["revisit"], dtype=np.float64) for e in posed], axis=0) if posed else None
     write_plot(Path(path), per_frame, rfrac, cfgd["context"],
                f"PSNR per generated frame ({len(episodes)} {cfgd.get('split', 'test')} episodes, K={cfgd['context']}, "
                f"W={cfgd['window']})")
@@ -1123,7 +1125,7 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None) -
             raise EvalError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
     if cfg.seed >= 2**63:  # torch's seeds are 64-bit: a larger one was an overflow traceback
         raise EvalError(f"--seed must be from 0 to 2**63 - 1, got {cfg.seed}")
-    if cfg.record_length is not None and cfg.record_length < cfg.context + cfg.generate:
+    if cfg.data is None and cfg.record_length is not None and cfg.record_length < cfg.context + cfg.generate:
         # else recorded first and refused after (a negative one named record's options; 0 meant the default)
         raise EvalError(f"--record-length must be at least --context + --generate = {cfg.context + cfg.generate}, "
                         f"got {cfg.record_length}")
@@ -1269,6 +1271,7 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None) -
     if 0 < unposed < len(episodes):
         notes.append(f"{unposed} of {len(episodes)} episodes have no poses: the revisit and rest numbers pool the "
                      f"other {len(episodes) - unposed}")
+        print(f"worldsim eval: note: {notes[-1]}", file=sys.stderr)
     summary = aggregate(episodes, names, lpips_on)
     tf_summary = aggregate(tf_episodes, ("teacher_forced", "teacher_copy"), lpips_on) if tf_episodes else None
     gap_summary = gaps(episodes, tf_episodes, cfg.seed)
