@@ -36,7 +36,7 @@ import numpy as np
 from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
 from worldsim.dataset import (
     EPISODES_DIR, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, interrupts_held, npz_headers,
-    split_for_maze_seed, write_episode_atomic, write_json_atomic,
+    split_for_maze_seed, try_lock, write_episode_atomic, write_json_atomic,
 )
 
 
@@ -427,16 +427,9 @@ def _remove_if_nothing_recorded(out: Path) -> None:
 
 def _lock(out: Path) -> Any:
     """Hold an exclusive lock on `out/.lock` so two recorders never write one dataset."""
-    fh = open(out / ".lock", "a")
-    try:
-        import fcntl
-
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:  # pragma: no cover - not POSIX: no lock
-        pass
-    except OSError:
-        fh.close()
-        raise RecordError(f"{out}: another `worldsim record` is writing this dataset (locked {out / '.lock'})") from None
+    fh = try_lock(out / ".lock")
+    if fh is None:
+        raise RecordError(f"{out}: another `worldsim record` is writing this dataset (locked {out / '.lock'})")
     return fh
 
 

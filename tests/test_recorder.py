@@ -331,6 +331,20 @@ def test_maze_seeds_out_of_range_are_refused_before_any_episode(tmp_path, capsys
     assert main(record_args(out, 1, 5, 1, "--start-maze-seed", str(2**31 - 1))) == 0
 
 
+def test_a_second_recorder_on_a_dataset_being_written_is_refused(tmp_path, capsys):
+    """Two recorders on one folder would write the same episodes and index; the second is refused."""
+    import fcntl
+
+    out = tmp_path / "data"
+    out.mkdir()
+    with open(out / ".lock", "a") as held:  # what the first `worldsim record` holds while it writes
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(record_args(out, 1, 5, 1)) == 2
+        assert f"{out}: another `worldsim record` is writing this dataset" in capsys.readouterr().err
+        assert not (out / "index.json").exists()
+    assert main(record_args(out, 1, 5, 1)) == 0  # free again
+
+
 def test_split_filter_draws_only_that_split(tmp_path):
     out = tmp_path / "val"
     assert main(record_args(out, 3, 10, 1, "--split", "val")) == 0

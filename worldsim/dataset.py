@@ -329,6 +329,24 @@ def finished_video_problem(path: str | os.PathLike, frames: int) -> str | None:
     return None if found == frames else f"the finished file holds {found} of its {frames} frames"
 
 
+def try_lock(path: str | os.PathLike) -> Any:
+    """An exclusive lock on the file `path` (created if missing) for one writer of a folder (a
+    dataset's recorder, a run's trainer): the open file that holds it, or None when another process
+    holds it. The lock ends when the file is closed or the process ends, also on SIGKILL. Where
+    there is no flock (not POSIX) there is no lock."""
+    fh = open(path, "a")
+    try:
+        import fcntl
+
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # pragma: no cover - not POSIX
+        pass
+    except OSError:
+        fh.close()
+        return None
+    return fh
+
+
 @contextlib.contextmanager
 def interrupts_held() -> Iterator[None]:
     """Ctrl-C or SIGTERM arrive after the block, not inside it: for a step that must not be cut in

@@ -66,8 +66,8 @@ import torch.nn as nn
 
 from worldsim import cliargs
 from worldsim.checkpoint import CheckpointError, check_field_types, check_tensors
-from worldsim.dataset import (DatasetError, atomic_write, name_the_target, readable_like_any_file, write_gif,
-                              write_json_atomic)
+from worldsim.dataset import (DatasetError, atomic_write, name_the_target, readable_like_any_file, try_lock,
+                              write_gif, write_json_atomic)
 from worldsim.ddp import Dist, cpu_threads_per_rank
 from worldsim.latents import (
     FrameStore, LatentStore, build_cache, check_compatible, load_cached, load_frames, names_for, split_source,
@@ -1867,17 +1867,8 @@ class RunFolderLock:
         the next collective would bury the message under gloo's traceback)."""
         busy = False
         if self.enabled and self.fh is None and self.out.is_dir():
-            fh = open(self.out / ".lock", "a")
-            try:
-                import fcntl
-
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self.fh = fh
-            except ImportError:  # pragma: no cover - not POSIX: no lock
-                self.fh = fh
-            except OSError:
-                fh.close()
-                busy = True
+            self.fh = try_lock(self.out / ".lock")
+            busy = self.fh is None
         (busy,) = dist.any_flags(busy)
         if busy:
             raise TrainError(f"{self.out}: another `worldsim train` is training in this folder (locked "
