@@ -674,3 +674,12 @@ def test_objective_probabilities_out_of_range_are_refused():
                 {"short_context_prob": 1.1}, {"rollout_aug": -0.1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ObjectiveConfig(**bad)
+    # 1.0 was taken and exported as the sampler's generated_noise, which no checkpoint may hold (the
+    # trained model would not load); alone, it trained nothing and was exported all the same
+    with pytest.raises(ValueError, match=r"rollout_aug must be in \[0, 1\), got 1.0"):
+        ObjectiveConfig(rollout_prob=0.5, rollout_aug=1.0)
+    with pytest.raises(ValueError, match="it needs rollout_prob > 0"):
+        ObjectiveConfig(rollout_aug=0.3)
+    for bad in ({"self_context_level": 0.0}, {"clean_context_prob": 0.0}):  # no frame would be replaced
+        with pytest.raises(ValueError, match="self_context_level > 0 and clean_context_prob > 0"):
+            ObjectiveConfig(self_context_prob=0.5, **bad)

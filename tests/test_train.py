@@ -767,7 +767,10 @@ def test_values_no_run_can_use_are_refused_before_anything_is_written(trained, d
                            # these crashed mid-run (a conv channel mismatch, a zero division, math's domain error)
                            (["--ae-in-channels", "1"], "in_channels must be 3 (RGB frames), got 1"),
                            (["--ae-channels", "8", "0", "16", "16"], "channels must each be >= 1, got [8, 0, 16, 16]"),
-                           (["--ae-down-factor", "0"], "down_factor must be >= 1, got 0")):
+                           (["--ae-down-factor", "0"], "down_factor must be >= 1, got 0"),
+                           # options these samples can never use trained exactly as without them
+                           (["--seq-len", "4", "--obj-blind-window-prob", "0.5"], "it needs samples longer than the window"),
+                           (["--seq-len", "2", "--obj-rollout-prob", "0.5"], "it needs --seq-len >= 3")):
         assert main(["train", "--data", str(dataset), "--out", str(run), *FAST, *extra]) == 2, extra
         assert message in capsys.readouterr().err
         assert not run.exists()

@@ -89,9 +89,19 @@ class ObjectiveConfig:
 
     def __post_init__(self) -> None:
         for name in ("clean_context_prob", "context_noise_prob", "action_dropout", "self_context_prob",
-                     "blind_window_prob", "blind_window_min_t", "rollout_prob", "short_context_prob", "rollout_aug"):
+                     "blind_window_prob", "blind_window_min_t", "rollout_prob", "short_context_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"objective {name} must be in [0, 1], got {getattr(self, name)}")
+        # exported as the sampler's generated_noise, which checkpoints hold below 1 (1 is pure noise)
+        if not 0.0 <= self.rollout_aug < 1.0:
+            raise ValueError(f"objective rollout_aug must be in [0, 1), got {self.rollout_aug}")
+        if self.rollout_aug > 0 and self.rollout_prob == 0:  # trained nothing, yet exported to the sampler
+            raise ValueError("objective rollout_aug labels the frames of the model's own rollouts: it needs "
+                             f"rollout_prob > 0 (--obj-rollout-prob), got rollout_aug {self.rollout_aug} alone")
+        if self.self_context_prob > 0 and (self.self_context_level == 0 or self.clean_context_prob == 0):
+            # no frame would change: a level of 0 copies it exactly, and with no clean frames there is none to replace
+            raise ValueError("objective self_context_prob replaces clean window frames by noised copies: it needs "
+                             "self_context_level > 0 and clean_context_prob > 0")
         for name in ("rollout_frames", "rollout_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"objective {name} must be >= 1, got {getattr(self, name)}")

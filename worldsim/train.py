@@ -378,6 +378,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
         run.train = dataclasses.replace(run.train, **train_over)
         check_numbers(run.train, new_run=False)
         run.objective = dataclasses.replace(run.objective, **obj_over)
+        check_objective(run)
         return run, True
     preset_name = train_over.get("preset", TrainConfig.preset)
     if preset_name not in TRAIN_PRESETS:
@@ -426,7 +427,24 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
                              f"--far-depth may grow it, and --far-window and --far-memory-span may change)")
     far_cfg = dataclasses.replace(far_base, **far_over)
     obj_cfg = dataclasses.replace(obj_mod.ObjectiveConfig(), **obj_over)
-    return RunConfig(train, ae_cfg, far_cfg, obj_cfg), False
+    run = RunConfig(train, ae_cfg, far_cfg, obj_cfg)
+    check_objective(run)
+    return run, False
+
+
+def check_objective(run: RunConfig) -> None:
+    """Objective options this run's samples can never use, refused by name: they trained exactly
+    as without them, while the run's config said otherwise."""
+    t, o, window = run.train, run.objective, run.far.window
+    if t.stage == "ae":
+        return
+    if o.blind_window_prob > 0 and (t.seq_len <= window or o.short_context_prob == 1):
+        raise TrainError(f"--obj-blind-window-prob hides the window so that the long-term context must tell the "
+                         f"frames: it needs samples longer than the window (--seq-len > {window}, got {t.seq_len}) "
+                         "that keep their long-term context (--obj-short-context-prob < 1)")
+    if o.rollout_prob > 0 and t.seq_len < 3:
+        raise TrainError(f"--obj-rollout-prob predicts a frame after the model's own rollout of the frames before it: "
+                         f"it needs --seq-len >= 3 (a context frame, a rolled-out frame and the last), got {t.seq_len}")
 
 
 # ============================================================================ small utilities
