@@ -109,8 +109,11 @@ class RandomWalkPolicy(Policy):
         self.weights = dict(self.DEFAULT_WEIGHTS if weights is None else weights)
         if max_repeat < 1:
             raise ValueError("max_repeat must be >= 1")
+        lo, hi = stuck_turns
+        if not 1 <= lo <= hi:  # else numpy's "low >= high" the first time the walk is stuck, mid-episode
+            raise ValueError(f"stuck_turns must be (low, high) with 1 <= low <= high, got {tuple(stuck_turns)}")
         self.max_repeat = int(max_repeat)
-        self.stuck_turns = stuck_turns
+        self.stuck_turns = (int(lo), int(hi))
 
     def settings(self) -> dict:
         return {"name": self.name, "weights": self.weights, "max_repeat": self.max_repeat,

@@ -239,6 +239,21 @@ def test_session_seed_predict_append_step(world):
             world.new_session(frames, np.array([0, bad, 1]), steps=1, cfg=1.0, seed=0)
     empty = world.new_session(np.zeros((0, 64, 64, 3), np.uint8), np.zeros(0, np.int64), steps=1, cfg=1.0, seed=0)
     assert empty.step(0).shape == (64, 64, 3) and empty.frame_index == 1
+    # a frame or latent of another shape broke the session for good (the next step failed in torch.stack);
+    # a fractional action was cut to an integer; encode of another resolution gave latents of another size
+    for mode in ("multilevel", "kv"):
+        s = world.new_session(frames, actions, cache_mode=mode, steps=1, cfg=1.0, seed=0)
+        with pytest.raises(ValueError, match=r"frame must be \[64, 64, 3\], got \(32, 32, 3\)"):
+            s.append(frames[0, :32, :32], 1)
+        with pytest.raises(ValueError, match=r"frame must be \[64, 64, 3\], got \(2, 64, 64, 3\)"):
+            s.append(frames[:2], 1)
+        with pytest.raises(ValueError, match=r"latents must be \[K, 4, 8, 8\]"):
+            s.append_latent(torch.zeros(3, 4, 4), 1)
+        with pytest.raises(ValueError, match="action must be a whole number, got 1.9"):
+            s.step(1.9)
+        assert s.frame_index == 3 and s.step(2.0).shape == (64, 64, 3)  # untouched, and a whole float is that action
+    with pytest.raises(ValueError, match=r"frames must be \[\.\.\., 64, 64, 3\], got \(1, 128, 128, 3\)"):
+        world.encode(np.zeros((1, 128, 128, 3), np.uint8))
 
 
 def test_fork_is_independent(world):

@@ -485,6 +485,9 @@ def test_policies_are_reproducible_and_need_their_actions():
     obs, info = env.reset(options={"maze_seed": 0})
     with pytest.raises(ValueError, match="needs actions"):
         NavigatorPolicy(np.random.default_rng(0)).reset(env, obs, info)
+    for bad in ((8, 3), (0, 2)):  # (8, 3) was numpy's "low >= high" the first time the walk got stuck
+        with pytest.raises(ValueError, match=r"stuck_turns must be \(low, high\) with 1 <= low <= high"):
+            RandomWalkPolicy(np.random.default_rng(0), stuck_turns=bad)
 
 
 # ----------------------------------------------------------------------------- export

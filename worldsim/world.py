@@ -157,6 +157,8 @@ class WorldModel:
     def encode(self, frames: np.ndarray) -> torch.Tensor:
         if not isinstance(frames, torch.Tensor):
             frames = np.asarray(frames)
+        if frames.ndim < 3 or tuple(frames.shape[-3:]) != (*self.resolution, 3):  # else latents of another size
+            raise ValueError(f"frames must be [..., {self.resolution[0]}, {self.resolution[1]}, 3], got {tuple(frames.shape)}")
         lead = frames.shape[:-3]
         flat = frames.reshape(-1, *frames.shape[-3:])
         out = []
@@ -248,6 +250,9 @@ class Session:
         return self.context.num_frames
 
     def _action(self, action: int) -> int:
+        if isinstance(action, bool) or not isinstance(action, (int, np.integer, float, np.floating)) or \
+                float(action) != int(action):  # 1.9 was played as 1
+            raise ValueError(f"action must be a whole number, got {action!r}")
         a = int(action)
         if not 0 <= a < len(self.world.action_names):
             raise ValueError(f"action {a} out of range for {self.world.action_names}")
@@ -257,6 +262,12 @@ class Session:
     def extend_latents(self, latents: torch.Tensor, actions: torch.Tensor, level: float | None = None) -> None:
         """Append K clean latents (K,C,h,w) with their actions (K,), noise-augmented to `level`
         (default: the session's context_noise)."""
+        cfg = self.world.far.config
+        want = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+        if latents.ndim != 4 or tuple(latents.shape[1:]) != want or tuple(actions.shape) != (latents.shape[0],):
+            # checked before anything is appended: a wrong one broke the session for good
+            raise ValueError(f"latents must be [K, {', '.join(map(str, want))}] with K actions, got latents "
+                             f"{tuple(latents.shape)} and actions {tuple(actions.shape)}")
         dev = self.world.device
         level = self.context_noise if level is None else level
         latents = latents.to(dev).float()[None]  # (1, K, C, h, w)
@@ -297,6 +308,8 @@ class Session:
 
     def append(self, frame: np.ndarray, action: int) -> None:
         frame = np.asarray(frame)
+        if frame.shape != (*self.world.resolution, 3):  # one frame: a batch, or another size, broke the session
+            raise ValueError(f"frame must be [{self.world.resolution[0]}, {self.world.resolution[1]}, 3], got {frame.shape}")
         self.append_latent(self.world.encode(frame[None])[0], action)
 
     def step(self, action: int) -> np.ndarray:
