@@ -252,6 +252,8 @@ def test_session_seed_predict_append_step(world):
         with pytest.raises(ValueError, match="action must be a whole number, got 1.9"):
             s.step(1.9)
         assert s.frame_index == 3 and s.step(2.0).shape == (64, 64, 3)  # untouched, and a whole float is that action
+    with pytest.raises(ValueError, match="seed must fit in 64 bits, got 1180591620717411303424"):
+        world.new_session(frames, actions, seed=2**70)
     with pytest.raises(ValueError, match=r"frames must be \[\.\.\., 64, 64, 3\], got \(1, 128, 128, 3\)"):
         world.encode(np.zeros((1, 128, 128, 3), np.uint8))
 

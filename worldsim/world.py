@@ -214,6 +214,8 @@ class WorldModel:
         )
         if seed is None:
             seed = int.from_bytes(os.urandom(4), "little")
+        elif not -2**63 <= int(seed) < 2**64:  # torch's seeds are 64-bit: else its "Overflow when unpacking long long"
+            raise ValueError(f"seed must fit in 64 bits, got {seed}")
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
         noise_level = float(context_noise if context_noise is not None else self.sampler.get("context_noise", 0.0))
         generated_level = float(generated_noise if generated_noise is not None
