@@ -12,11 +12,15 @@
 #
 #   ARMS="wide cont" ARM_wide="--far-depth 6 --far-width 384 --far-heads 6" \
 #     ARM_cont="--far-init checkpoints/maze-far-small --far-lr 2e-4 --warmup 100" \
-#     FAR_TIME=420 bash scripts/device_train_arms.sh 2>&1 | tee $OUT/train.log
+#     FAR_TIME=420 bash scripts/device_train_arms.sh > $OUT/train.log 2>&1
+#
+# (not `| tee`, which would hide the status: 1 when an arm failed, 143 when stopped by a signal.) Give
+# the device call a timeout_s of at least DEADLINE + 40: a stop before the DEADLINE is passed on to
+# the arms, which save and export, but a SIGKILL (rc 137) loses what they trained.
 #
 # On exit the arms' transformers, without the autoencoder they share with $AE (scripts/transport_far.py
 # strip), their metrics and logs are packed into $OUT as <=15 MB parts (the tool returns at most
-# 8 files of 16 MiB, 64 MiB a call: one 6 x 384 arm packs into 3 parts, 40.6 MB; three such arms
+# 8 files of 16 MiB, 64 MiB a call: one 6 x 384 arm packs into 3 parts, 40.6 MB; two such arms
 # do not come back whole). Here:
 #   for arm in $ARMS; do cat $arm.tar.part-* | tar xf -; done
 #   python scripts/transport_far.py join runs/ARM/stripped checkpoints/maze-far-small runs/ARM/checkpoint
@@ -57,6 +61,32 @@ python3 -c "import os, gymnasium, labmaze, torch, worldsim.train; assert torch.c
 : "${OUT:?set OUT to the folder whose files come back}"
 : "${ARMS:?name the arms, e.g. ARMS=\"wide cont\", and give each its options in ARM_<name>}"
 AE="${AE:-checkpoints/maze-far-small}"
+arm_command() {  # the train command of arm $1 (budget and time limit in $2 $3), one word per line
+  local opts="ARM_$1"
+  # shellcheck disable=SC2086
+  printf '%s\n' python3 -m worldsim train --preset small --stage far --ae-from "$AE" \
+    --data data/maze-train data/maze-val --seq-len "${SEQ:-96}" --obj-random-context-length true \
+    --preview-every -1 --far-lr "${FAR_LR:-6e-4}" --warmup "${FAR_WARMUP:-300}" --ema-decay 0.999 \
+    --far-batch "${FAR_BATCH:-64}" --far-steps 1000000 --far-time-limit "$3" --val-every 1000 \
+    --val-batches 4 --checkpoint-every 1000 --far-save-dtype bfloat16 --progress false --log-every 50 \
+    --out "runs/$1" ${COMMON:-} ${!opts}
+}
+# every arm's name and options checked in seconds, before the recording: a typo found after it
+# cost that arm its whole share of the lease (session 30's audit)
+for arm in $ARMS; do
+  [[ "$arm" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || { echo "arm name '$arm': letters, digits and _ only (its options are ARM_$arm)"; exit 1; }
+  mapfile -t cmd < <(arm_command "$arm" 0 60)
+  python3 -c "
+import sys
+from worldsim.cli import build_parser
+from worldsim.train import TrainError, config_from_args
+parser, _ = build_parser('train')
+try:
+    config_from_args(parser.parse_args(sys.argv[1:]))
+except (TrainError, ValueError, TypeError) as exc:
+    sys.exit(f'arm $arm: {exc}')
+" "${cmd[@]:4}" || exit 1
+done
 R="python3 -m worldsim record --env worldsim/Maze-v0 --length ${LENGTH:-300} --policy mix --env-arg max_steps=null --progress false"
 pack() {  # one archive per arm, so an arm that does not fit the 64 MiB still leaves the others whole
   for arm in $ARMS; do
@@ -97,25 +127,36 @@ if [ "$room" -lt "$far_time" ]; then
 fi
 echo "each arm trains for $far_time s (FAR_TIME ${FAR_TIME:-420}, budget $budget s)"
 pids=()
+# A stop signal to this script (the device call's own limit before DEADLINE) must reach the arms,
+# which `timeout` puts in process groups of their own: else the EXIT trap packed at once, without
+# their checkpoints, while they trained on as orphans. Each arm saves and exports on SIGTERM.
+stop_arms() {
+  echo "stopped: passing the signal to the arms, then packing what they save"
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+  for pid in "${pids[@]}"; do wait "$pid"; done
+  exit 143
+}
+trap stop_arms TERM INT
 for arm in $ARMS; do
   rm -rf "runs/$arm" "runs/$arm.log"  # a warm machine keeps runs/ from an earlier call
-  opts="ARM_$arm"
-  # shellcheck disable=SC2086
-  timeout -s TERM "$budget" python3 -m worldsim train --preset small --stage far --ae-from "$AE" \
-    --data data/maze-train data/maze-val --seq-len "${SEQ:-96}" --obj-random-context-length true \
-    --preview-every -1 --far-lr "${FAR_LR:-6e-4}" --warmup "${FAR_WARMUP:-300}" --ema-decay 0.999 \
-    --far-batch "${FAR_BATCH:-64}" --far-steps 1000000 --far-time-limit "$far_time" --val-every 1000 \
-    --val-batches 4 --checkpoint-every 1000 --far-save-dtype bfloat16 --progress false --log-every 50 \
-    --out "runs/$arm" ${COMMON:-} ${!opts} > "runs/$arm.log" 2>&1 &
+  mapfile -t cmd < <(arm_command "$arm" "$budget" "$far_time")
+  timeout -s TERM "$budget" "${cmd[@]}" > "runs/$arm.log" 2>&1 &
   pids+=($!)
 done
 # how busy the arms keep the GPU, for sizing the next run
 # (one process: a `while sleep` loop's sleep would outlive its kill and hold `| tee` open for up to 60 s)
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 60 > runs/gpu-util.log 2>&1 &
 WATCH=$!
-for pid in "${pids[@]}"; do wait "$pid"; done
+codes=()
+for pid in "${pids[@]}"; do wait "$pid"; codes+=($?); done
 kill $WATCH; cat runs/gpu-util.log
+failed=0
+i=0
 for arm in $ARMS; do
-  echo "== $arm"; tail -4 "runs/$arm.log"; grep val_loss "runs/$arm/metrics.jsonl" | tail -6
+  echo "== $arm (exit ${codes[$i]}; 124: stopped at the DEADLINE, saved)"; tail -4 "runs/$arm.log"
+  grep val_loss "runs/$arm/metrics.jsonl" | tail -6
   grep steps_per_s "runs/$arm/metrics.jsonl" | tail -1
+  case "${codes[$i]}" in 0|124) ;; *) echo "arm $arm FAILED (exit ${codes[$i]}): see runs/$arm.log"; failed=1 ;; esac
+  i=$((i + 1))
 done
+exit $failed  # the EXIT trap packs first; a failed arm shows in the status, not only in its log

@@ -38,10 +38,17 @@ case "${1:-}" in
     files_at=$2 arm=$3 name=$4
     [ -e "$AWAY" ] && die "a swap is in place ($AWAY): run swap-out first"
     compgen -G "$files_at/$arm.tar.part-*" > /dev/null || die "$files_at: no $arm.tar.part-* files"
+    # unpacked beside runs/ first: a missing or cut part must not replace a good runs/ARM
+    unpack="runs/.$arm.unpack.tmp"
+    rm -rf "$unpack"
+    mkdir -p "$unpack"
+    cat "$files_at/$arm".tar.part-* | (cd "$unpack" && tar xf -) ||
+      { rm -rf "$unpack"; die "$files_at/$arm.tar.part-*: cannot unpack (a part missing or cut?)"; }
+    [ -f "$unpack/runs/$arm/stripped/far.safetensors" ] ||
+      { rm -rf "$unpack"; die "$files_at/$arm.tar.part-*: no runs/$arm/stripped in it"; }
     rm -rf "runs/$arm"
-    mkdir -p runs
-    cat "$files_at/$arm".tar.part-* | tar xf -
-    [ -f "runs/$arm/stripped/far.safetensors" ] || die "$files_at/$arm.tar.part-*: no runs/$arm/stripped in it"
+    mv "$unpack/runs/$arm" "runs/$arm"
+    rm -rf "$unpack"
     mkdir -p wip
     rm -rf "wip/.$name.tmp"
     cp -r "runs/$arm/stripped" "wip/.$name.tmp"
