@@ -1529,7 +1529,7 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
     # validation sees ground-truth context, the usual window and its long-term part, so its loss
     # compares across self-context, blind-window, rollout and short-context settings
     val_objective = dataclasses.replace(run.objective, self_context_prob=0.0, blind_window_prob=0.0, rollout_prob=0.0,
-                                        short_context_prob=0.0)
+                                        rollout_aug=0.0, short_context_prob=0.0)
 
     def val_fn(ema):
         store, batches, length = (val_store, val_batches, val_len) if stream is None else (*stream.val_batches(cfg), L)
