@@ -89,6 +89,7 @@ except (TrainError, ValueError, TypeError) as exc:
 done
 R="python3 -m worldsim record --env worldsim/Maze-v0 --length ${LENGTH:-300} --policy mix --env-arg max_steps=null --progress false"
 pack() {  # one archive per arm, so an arm that does not fit the 64 MiB still leaves the others whole
+  trap '' TERM INT  # a stop while packing must not cut the pack short (stop_arms would exit mid-way)
   for arm in $ARMS; do
     [ -d "runs/$arm/checkpoint" ] && python3 scripts/transport_far.py strip "runs/$arm/checkpoint" "runs/$arm/stripped"
     files=()
@@ -134,6 +135,7 @@ stop_arms() {
   echo "stopped: passing the signal to the arms, then packing what they save"
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null; done
   for pid in "${pids[@]}"; do wait "$pid"; done
+  [ -n "${WATCH:-}" ] && kill "$WATCH" 2>/dev/null
   exit 143
 }
 trap stop_arms TERM INT

@@ -48,6 +48,7 @@ case "${1:-}" in
       { rm -rf "$unpack"; die "$files_at/$arm.tar.part-*: no runs/$arm/stripped in it"; }
     rm -rf "runs/$arm"
     mv "$unpack/runs/$arm" "runs/$arm"
+    [ -f "$unpack/runs/$arm.log" ] && mv "$unpack/runs/$arm.log" "runs/$arm.log"  # the arm's log came too
     rm -rf "$unpack"
     mkdir -p wip
     rm -rf "wip/.$name.tmp"

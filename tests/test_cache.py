@@ -249,8 +249,9 @@ def test_session_seed_predict_append_step(world):
             s.append(frames[:2], 1)
         with pytest.raises(ValueError, match=r"latents must be \[K, 4, 8, 8\]"):
             s.append_latent(torch.zeros(3, 4, 4), 1)
-        with pytest.raises(ValueError, match="action must be a whole number, got 1.9"):
-            s.step(1.9)
+        for bad in (1.9, float("inf"), True, "1"):
+            with pytest.raises(ValueError, match=f"action must be a whole number, got {bad!r}"):
+                s.step(bad)
         assert s.frame_index == 3 and s.step(2.0).shape == (64, 64, 3)  # untouched, and a whole float is that action
     with pytest.raises(ValueError, match="seed must fit in 64 bits, got 1180591620717411303424"):
         world.new_session(frames, actions, seed=2**70)

@@ -1225,6 +1225,14 @@ def test_runs_from_before_this_sessions_checks_still_resume(trained, tmp_path, c
     assert "its --stream-env-arg (maze_size=7) did nothing and is dropped" in capsys.readouterr().err
     stored = json.loads((run / "config.json").read_text())["train"]
     assert stored["seed"] == -1 and stored["stream_env_arg"] == []
+    # an objective refused since (rollout_aug without rollout_prob): the option given with --resume mends it
+    config = json.loads((run / "config.json").read_text())
+    config["objective"].update(rollout_aug=0.2, rollout_prob=0.0)
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--resume", str(run), "--far-steps", "5"]) == 2
+    assert "objective options given with --resume replace the stored ones" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--far-steps", "5", "--obj-rollout-prob", "0.25"]) == 0
+    assert json.loads((run / "config.json").read_text())["objective"]["rollout_prob"] == 0.25
 
 
 def test_a_run_trained_on_data_cannot_switch_to_streaming_on_resume(trained, capsys):

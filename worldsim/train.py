@@ -357,9 +357,15 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
             raise TrainError(f"--resume {resume}: an exported checkpoint, not a training run; to train on from it, "
                              f"start a new run with --far-init {resume} --ae-from {resume}")
         try:
-            run = RunConfig.from_dict(json.loads(path.read_text()))
+            stored_dict = json.loads(path.read_text())
+            if isinstance(stored_dict, dict) and isinstance(stored_dict.get("objective"), dict):
+                # the objective options given now apply before its checks: a run that recorded a
+                # combination refused since (rollout_aug without rollout_prob) resumes with the fix given
+                stored_dict["objective"] = {**stored_dict["objective"], **obj_over}
+            run = RunConfig.from_dict(stored_dict)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise TrainError(f"{path}: unreadable training config ({exc})") from None
+            hint = "; objective options given with --resume replace the stored ones" if "objective" in str(exc) else ""
+            raise TrainError(f"{path}: unreadable training config ({exc}){hint}") from None
         stored = {**dataclasses.asdict(run.autoencoder), "decoder_blocks_per_level": run.autoencoder.decoder_blocks}
         changed = [f"--ae-{k}" for k, v in ae_over.items() if stored[k] != v] + \
                   [f"--far-{k}" for k, v in far_over.items() if getattr(run.far, k) != v]

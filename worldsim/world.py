@@ -33,6 +33,7 @@ trained with `--obj-rollout-aug` to tell its own frames from real ones.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -253,7 +254,7 @@ class Session:
 
     def _action(self, action: int) -> int:
         if isinstance(action, bool) or not isinstance(action, (int, np.integer, float, np.floating)) or \
-                float(action) != int(action):  # 1.9 was played as 1
+                not math.isfinite(float(action)) or float(action) != int(action):  # 1.9 was played as 1
             raise ValueError(f"action must be a whole number, got {action!r}")
         a = int(action)
         if not 0 <= a < len(self.world.action_names):
