@@ -1167,8 +1167,8 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None) -
         recorded = False
     else:
         data_path = out / "data"
-        record_test_episodes(world, data_path, cfg.episodes, length if cfg.record_length is None else cfg.record_length, cfg.seed, cfg.progress,
-                             cfg.split)
+        record_length = length if cfg.record_length is None else cfg.record_length
+        record_test_episodes(world, data_path, cfg.episodes, record_length, cfg.seed, cfg.progress, cfg.split)
         recorded = True
     ds, split_note = load_test_split(data_path, world, cfg.split)
     if len(ds) == 0:
