@@ -178,6 +178,27 @@ def test_revisit_mask_on_hand_made_poses():
     assert metrics.revisit_age(poses, context, window).tolist() == [6, 6, -1, -1, -1, 9, 10]
 
 
+def test_revisit_boundaries_hold_for_float32_poses_as_datasets_store_them():
+    """Poses are stored in float32: a view three 10-degree turns (exactly 30 degrees) or exactly
+    0.5 cell from an old one is a revisit, whatever the rounding. With a 1e-9 slack 3% of the
+    test split's revisits (those at exactly 30 degrees) were counted as the rest."""
+    turn = math.radians(10.0)
+    yaws = [np.float32(np.float32(-math.pi) + k * np.float32(turn)) for k in range(36)]  # the maze's turns, as float32
+    misses = []
+    for k, yaw in enumerate(yaws):
+        for x0 in (1.5, 7.35, 10.65):
+            old = [x0, 3.2, yaw]
+            poses = np.array([old, [9.0, 9.0, 0.0], [9.0, 9.0, 0.0],
+                              [x0, 3.2, yaws[(k + 3) % 36]],     # exactly 30 degrees on: a revisit
+                              [x0, 3.2, yaws[(k + 4) % 36]],     # 40 degrees: not
+                              [x0 + 0.5, 3.2, yaw],               # exactly 0.5 cell: a revisit
+                              [x0 + 0.5001, 3.2, yaw]], dtype=np.float32)
+            mask, _ = revisit_mask(poses, 3, 2)
+            if mask.tolist() != [True, False, True, False]:
+                misses.append((k, x0, mask.tolist()))
+    assert misses == []
+
+
 def test_revisit_age_counts_back_to_the_latest_sighting_not_the_closest_pose():
     # old frames 0..3 (window 2, context 5): the place is seen at frames 0 (exactly) and 2 (0.3 off)
     poses = np.array([[1.5, 1.5, 0.0], [4.5, 4.5, 0.0], [1.8, 1.5, 0.0], [4.5, 4.5, 0.0], [6.5, 6.5, 0.0],

@@ -239,13 +239,18 @@ def wrap_angle(a: np.ndarray | float) -> np.ndarray:
     return (np.asarray(a, dtype=np.float64) + np.pi) % (2 * np.pi) - np.pi
 
 
+POSE_SLACK = 1e-5  # cells and radians: far above float32 rounding, far below any step the simulators take
+
+
 def pose_match(p: np.ndarray, q: np.ndarray, distance: float, yaw_degrees: float) -> np.ndarray:
     """Boolean [..] matrix: pose p[i] within `distance` cells and `yaw_degrees` of q[j]."""
     p = np.asarray(p, dtype=np.float64)[:, None, :]
     q = np.asarray(q, dtype=np.float64)[None, :, :]
     dist = np.hypot(p[..., 0] - q[..., 0], p[..., 1] - q[..., 1])
     dyaw = np.abs(wrap_angle(p[..., 2] - q[..., 2]))
-    return (dist <= distance + 1e-9) & (dyaw <= math.radians(yaw_degrees) + 1e-9)
+    # poses are stored in float32, whose rounding (~1e-7 rad near pi, ~1e-6 cell at 10 cells)
+    # would otherwise decide the inclusive boundaries: a 30-degree turn is three 10-degree turns
+    return (dist <= distance + POSE_SLACK) & (dyaw <= math.radians(yaw_degrees) + POSE_SLACK)
 
 
 def _old_context_matches(poses: np.ndarray, context: int, window: int, distance: float,
