@@ -37,3 +37,25 @@ def test_bench_times_the_precision_play_uses(capsys):
                "--threads", "1", "--modes", "multilevel", "--precision", "bf16"])
     assert rc == 0
     assert "precision bf16" in capsys.readouterr().out
+
+
+def test_bench_shows_a_progress_bar_over_every_timed_frame_on_a_terminal(monkeypatch, capsys):
+    """DESIGN: every long job shows a progress bar; bench's uncached mode at long contexts takes
+    minutes and showed none. The bar goes to stderr (a terminal only); the rows stay on stdout."""
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    from worldsim.bench import BenchConfig, time_generation
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    rows = time_generation(BenchConfig(preset="tiny", ae_preset="tiny", contexts=(2, 3), frames=2, none_frames=1,
+                                       steps=1, threads=1))
+    assert len(rows) == 6
+    # per context: none 1 + kv 2 + multilevel 2 timed frames, each mode with one warm-up frame
+    assert "worldsim bench: 100%" in terminal.getvalue() and "16/16" in terminal.getvalue()
+    assert "kv         context    3:" in capsys.readouterr().out

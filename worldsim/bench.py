@@ -81,6 +81,12 @@ def time_generation(cfg: BenchConfig) -> list[dict]:
     fc = world.far.config
     rng = np.random.default_rng(cfg.seed)
     rows = []
+    from tqdm import tqdm
+
+    # the uncached mode at long contexts takes minutes: a bar (on a terminal only) counts the frames
+    per_context = sum((cfg.none_frames if mode == "none" else cfg.frames) + 1 for mode in cfg.modes)
+    bar = tqdm(total=per_context * len(cfg.contexts), desc="worldsim bench", unit="frame", disable=None,
+               dynamic_ncols=True, file=sys.stderr)
     for K in cfg.contexts:
         latents = torch.randn(K, fc.latent_channels, fc.latent_size, fc.latent_size)
         actions = torch.as_tensor(rng.integers(0, 5, K))
@@ -97,18 +103,22 @@ def time_generation(cfg: BenchConfig) -> list[dict]:
             prefill = time.perf_counter() - t0
             session.step(1)  # warm-up frame (allocator, first-call overheads): not timed
             _sync(world.device)
+            bar.update(1)
             t0, c0 = time.perf_counter(), time.process_time()
             for i in range(n):
                 session.step(int(actions[i % K]))
+                bar.update(1)  # a bar update costs microseconds against a frame's milliseconds
             _sync(world.device)
             per_frame = (time.perf_counter() - t0) / n
             # CPU seconds too: on a shared machine wall-clock time mostly measures the neighbours
             cpu_per_frame = (time.process_time() - c0) / n
             rows.append(dict(mode=mode, context=K, s_per_frame=per_frame, cpu_s_per_frame=cpu_per_frame,
                              prefill_s=prefill, frames=n, **session.stats()))
-            print(f"  {mode:<10} context {K:>4}: {per_frame:8.3f} s/frame, {cpu_per_frame:.3f} CPU s/frame  "
-                  f"(prefill {prefill:.2f} s, {n} frames timed, L1 {session.stats()['l1_tokens']} tok, "
-                  f"L2 {session.stats()['l2_tokens']} tok)", flush=True)
+            bar.write(f"  {mode:<10} context {K:>4}: {per_frame:8.3f} s/frame, {cpu_per_frame:.3f} CPU s/frame  "
+                      f"(prefill {prefill:.2f} s, {n} frames timed, L1 {session.stats()['l1_tokens']} tok, "
+                      f"L2 {session.stats()['l2_tokens']} tok)", file=sys.stdout)
+            sys.stdout.flush()
+    bar.close()
     return rows
 
 
