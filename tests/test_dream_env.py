@@ -80,6 +80,22 @@ def test_seeded_determinism(tiny_world):
     assert not np.array_equal(a[0], c[0])  # another seed, another maze
 
 
+def test_the_dream_follows_the_action_it_is_given(tiny_world, monkeypatch):
+    """The frame after a step depends on that step's action (same seed, same start, another action:
+    another frame), and the world model is asked for exactly that action, step after step."""
+    after_forward = _rollout(tiny_world, 5, [1, 1])
+    after_turn = _rollout(tiny_world, 5, [1, 3])
+    np.testing.assert_array_equal(after_forward[1], after_turn[1])  # same start, same first step
+    assert np.abs(after_forward[2].astype(int) - after_turn[2].astype(int)).mean() > 0.1  # random weights: 0.48
+
+    from worldsim.world import Session
+
+    asked, real_step = [], Session.step
+    monkeypatch.setattr(Session, "step", lambda self, action: asked.append(action) or real_step(self, action))
+    _rollout(tiny_world, 5, [1, 3, 4, 2, 0, np.int64(3)])
+    assert asked == [1, 3, 4, 2, 0, 3]
+
+
 def test_info_reports_cache_growth(tiny_world):
     env = DreamEnv(world=tiny_world, context_frames=2, timing=True)
     _, info = env.reset(seed=0)

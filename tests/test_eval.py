@@ -910,3 +910,41 @@ def test_rescore_recomputes_the_differences_of_an_earlier_run(tiny_data, tmp_pat
         assert main(["eval", "--rescore", str(tmp_path / "bad")]) == 2
         assert f"{tmp_path / 'bad' / 'results.json'}: not a worldsim eval results file" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "bad").iterdir()) == ["results.json"]
+
+
+def test_teacher_forcing_predicts_each_frame_from_the_ground_truth_past():
+    """The teacher-forced number (a headline bar) must see the real frames, never its own: with a
+    model that predicts "the last frame I was given", teacher forcing returns the ground truth
+    shifted by one frame (the copy-previous floor), and free generation repeats the context's last."""
+
+    class LastFrameSession:
+        def __init__(self, frames: np.ndarray, actions: np.ndarray) -> None:
+            self.given, self.actions = [np.asarray(f) for f in frames], list(actions)
+
+        def predict(self, action: int) -> np.ndarray:
+            return self.given[-1].copy()
+
+        def append(self, frame: np.ndarray, action: int) -> None:
+            self.given.append(np.asarray(frame).copy())
+            self.actions.append(int(action))
+
+        def step(self, action: int) -> np.ndarray:
+            frame = self.predict(action)
+            self.append(frame, action)
+            return frame
+
+    class LastFrameWorld:
+        def new_session(self, frames, actions, **kwargs):
+            self.session = LastFrameSession(frames, actions)
+            return self.session
+
+    rng = np.random.default_rng(0)
+    video = rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
+    actions = rng.integers(0, 5, 12)
+    world = LastFrameWorld()
+    out = evaluate.teacher_forced(world, video, actions, context=5, count=7, steps=None, cfg=None, seed=0)
+    np.testing.assert_array_equal(out, video[4:11])
+    assert world.session.actions == list(actions)  # each frame appended with the action that produced it
+    generated = evaluate.generate(world, video, actions, context=5, count=7, cache_mode="multilevel", steps=None,
+                                  cfg=None, seed=0)
+    np.testing.assert_array_equal(generated, np.repeat(video[4:5], 7, axis=0))
