@@ -1286,6 +1286,35 @@ def test_a_resumed_stream_records_other_mazes(tmp_path):
     assert first_episodes(0) != first_episodes(40)
 
 
+def test_a_stream_worker_never_records_a_held_out_test_maze(tmp_path):
+    """README: streamed mazes are never of the test split. A seed whose first maze draw is a test
+    maze: the worker draws again, and no episode of the test split reaches the spool."""
+    import multiprocessing as mp
+    import time
+
+    from worldsim.dataset import split_for_maze_seed
+    from worldsim.train import _stream_worker
+
+    def first_draw(seed: int) -> int:  # the worker's first draw, as it makes it
+        return int(np.random.default_rng([seed, 0, 0]).integers(0, 2**31 - 1))
+
+    seed = next(s for s in range(10_000) if split_for_maze_seed(first_draw(s)) == "test")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    proc = mp.get_context("spawn").Process(
+        target=_stream_worker, daemon=True,
+        args=(str(spool), "worldsim/Maze-v0", {"resolution": 16, "maze_size": 7}, "random", 4, 0, seed, 2, 0,
+              os.getpid()))
+    proc.start()
+    deadline = time.monotonic() + 120
+    while len(list(spool.glob("*.npz"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.terminate()
+    proc.join(10)
+    names = sorted(f.name for f in spool.glob("*.npz"))
+    assert len(names) == 2 and not [n for n in names if n.startswith("test-")], names
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the parent-death signal is Linux's")
 def test_stream_workers_end_with_a_killed_trainer(trained, tmp_path):
     """Bug: a trainer killed with SIGKILL (or SIGTERM while the stream started) left its recording worker
