@@ -1667,3 +1667,36 @@ def test_resume_without_its_state_is_refused_and_keeps_the_checkpoint(trained, t
     err = capsys.readouterr().err
     assert "no saved training state" in err and "--far-init" in err
     assert (run / "checkpoint" / "model.safetensors").read_bytes() == weights
+
+
+def test_a_resume_redoes_the_export_a_full_disk_or_a_kill_cut_after_the_state_was_saved(
+        trained, dataset, tmp_path, capsys):
+    """A run saves its state, then exports (autoencoder/, checkpoint/). When the export failed (a full
+    disk, a second Ctrl-C, a kill), a resume said "done" from the state alone: the far stage then
+    refused the run ("no trained autoencoder in this run") or checkpoint/ stayed at an earlier step."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    cut = json.loads((run / "checkpoint" / "config.json").read_text())
+    assert cut["step"] == 3
+    cut["step"] = 2  # the export of step 2 stands, the final one never landed
+    (run / "checkpoint" / "config.json").write_text(json.dumps(cut))
+    assert main(["train", "--resume", str(run), "--progress", "false", "--threads", "1"]) == 0
+    assert "far: the export of step 3 did not complete (it holds step 2); writing it again" in capsys.readouterr().err
+    assert json.loads((run / "checkpoint" / "config.json").read_text())["step"] == 3
+    before = (run / "checkpoint" / "model.safetensors").stat().st_mtime_ns
+    # with the export in place a resume writes nothing again
+    assert main(["train", "--resume", str(run), "--progress", "false", "--threads", "1"]) == 0
+    assert "writing it again" not in capsys.readouterr().err
+    assert (run / "checkpoint" / "model.safetensors").stat().st_mtime_ns == before
+
+    # the autoencoder stage's export, cut at its end: the far stage could not start
+    ae_run = tmp_path / "ae"
+    assert main(["train", "--data", str(dataset), "--out", str(ae_run), *FAST, "--stage", "ae", "--ae-steps", "2",
+                 "--val-every", "0"]) == 0
+    shutil.rmtree(ae_run / "autoencoder")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(ae_run), "--progress", "false", "--threads", "1"]) == 0
+    assert "ae: the export of step 2 did not complete (it holds nothing); writing it again" in capsys.readouterr().err
+    assert json.loads((ae_run / "autoencoder" / "config.json").read_text())["step"] == 2

@@ -877,6 +877,21 @@ class StageSpec:
     extra_state: dict = field(default_factory=dict)
     time_limit: float = 0.0  # seconds of stage wall time (resumes included); 0: steps alone end it
     save_also_every: int = 0  # also save and export every N steps, for work on_save does then (previews)
+    # the step its export (autoencoder/, checkpoint/) holds, None where there is none: a resume of a
+    # finished stage redoes an export that a full disk or a kill cut after the state was saved
+    exported_step: Callable[[], int | None] | None = None
+
+
+def exported_step_in(folder: Path, *keys: str) -> int | None:
+    """The step an export folder's config.json holds under `keys` (None: no readable export)."""
+    found = readable_dir(folder, "config.json")
+    try:
+        value: Any = json.loads((found / "config.json").read_text()) if found is not None else None
+        for key in keys:
+            value = value[key]
+        return int(value)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
 
 
 class Trainer:
@@ -1038,6 +1053,8 @@ class Trainer:
                 # a lower --*-steps cannot undo steps: say so rather than "done" in silence
                 self.log(f"{spec.name}: stopped at step {step}, already past the {spec.total_steps} steps now asked "
                          "for; nothing more to train in this stage")
+            if resume_state is not None:
+                self.finish_export(spec, ema, step)
             return True
         train_model: nn.Module = model
         if dist.enabled:
@@ -1066,6 +1083,7 @@ class Trainer:
                     self.log(f"{spec.name}: its time limit of {spec.time_limit:g} s was already reached at step {step}; "
                              f"raise --{spec.name}-time-limit (or set it to 0 to go by --{spec.name}-steps) to train "
                              f"on; the learning rate then follows the longer schedule")
+                    self.finish_export(spec, ema, step)
                     return True
                 if resume_state is not None:
                     self._note_learning_rate_rise(spec, resume_state[0], step, elapsed, warmup_end_s)
@@ -1144,6 +1162,17 @@ class Trainer:
         if dist.enabled:
             print(f"[rank {dist.rank}] {spec.name} weights sha256 {params_sha256(model)}", flush=True)
         return True
+
+    def finish_export(self, spec: StageSpec, ema: nn.Module, step: int) -> None:
+        """A resumed stage with nothing left to train: its state is saved, but the export written after
+        it may not be (a full disk, a second Ctrl-C, a kill): write it again where it lags."""
+        if self.dist.is_main and spec.exported_step is not None:
+            held = spec.exported_step()
+            if held != step:
+                self.log(f"{spec.name}: the export of step {step} did not complete (it holds "
+                         f"{'nothing' if held is None else f'step {held}'}); writing it again")
+                spec.on_save(ema, step, True)
+        self.dist.barrier()
 
     def validate(self, spec: StageSpec, ema: nn.Module, step: int) -> None:
         if not self.dist.is_main:
@@ -1366,8 +1395,16 @@ def run_ae_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state)
         if paired is not None:
             export_with_decoder(trainer.out / "checkpoint", paired, ema, step, final, str(trainer.out / AE_DIR))
 
+    def exported_step() -> int | None:
+        step = exported_step_in(trainer.out / AE_DIR, "step")
+        if paired is not None and exported_step_in(trainer.out / "checkpoint", "extra", "decoder_fine_tune",
+                                                   "ae_step") != step:
+            return None
+        return step
+
     spec = StageSpec("ae", ae, cfg.ae_steps, cfg.ae_lr, loss_fn, val_fn,
-                     {"frames": cfg.ae_batch * dist.world_size}, on_save, time_limit=cfg.ae_time_limit)
+                     {"frames": cfg.ae_batch * dist.world_size}, on_save, time_limit=cfg.ae_time_limit,
+                     exported_step=exported_step)
     return trainer.fit(spec, resume_state)
 
 
@@ -1598,7 +1635,8 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
                      {"frames": cfg.far_batch * L * dist.world_size,
                       "tokens": cfg.far_batch * tps["long_short"] * dist.world_size}, on_save,
                      extra_state={"ae_sha256": tensors_hash(ae.state_dict())}, time_limit=cfg.far_time_limit,
-                     save_also_every=max(cfg.preview_every, 0))  # a preview draws from the checkpoint it exports
+                     save_also_every=max(cfg.preview_every, 0),  # a preview draws from the checkpoint it exports
+                     exported_step=lambda: exported_step_in(trainer.out / "checkpoint", "step"))
     try:
         return trainer.fit(spec, resume_state)
     finally:
