@@ -422,6 +422,64 @@ def test_an_interrupt_during_the_probes_is_named_so(tiny_data, tmp_path, monkeyp
     assert res["notes"] == ["interrupted after 1 of 1 episodes"]
 
 
+def test_an_out_folder_it_cannot_write_is_refused_before_anything_is_generated(tiny_data, tmp_path, monkeypatch):
+    """A read-only --out was found at the end: the whole eval (22 minutes for the bars) generated, then lost."""
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "ro" / ".write-check-x"))
+
+    monkeypatch.setattr(evaluate.tempfile, "mkstemp", refused)
+    world = FakeWorld()
+    with pytest.raises(EvalError, match=r"--out .*ro: cannot write in the results folder \(Permission denied\)"):
+        run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path / "ro"), episodes=1, context=12, generate=4,
+                            videos=0, progress=False), world=world)
+    assert world.sessions == []
+
+
+def test_a_video_the_disk_cannot_hold_keeps_the_episodes_scored_and_names_the_file(tiny_data, tmp_path, monkeypatch):
+    """A full disk at the second episode's video lost both episodes' scores (no results.json)."""
+    real = evaluate.write_video
+    written = []
+
+    def disk_full_at_the_second(path, *args, **kwargs):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        written.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "write_video", disk_full_at_the_second)
+    out = tmp_path / "full"
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        run_eval(EvalConfig(data=str(tiny_data), out=str(out), episodes=2, context=12, generate=4, videos=2,
+                            progress=False), world=FakeWorld())
+    assert caught.value.filename.endswith(".mp4")
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["interrupted"] is True and on_disk["ground_truth"]["episodes_evaluated"] == 2
+    assert on_disk["outputs"]["videos"] == [written[0].name]
+    assert on_disk["notes"][-1].startswith("stopped: a video could not be written (")
+    assert on_disk["notes"][-1].endswith(": No space left on device); 2 of 2 episodes scored, no probes")
+    assert (out / "results.md").is_file() and (out / "psnr_vs_frame.png").is_file()
+
+
+def test_a_second_ctrl_c_while_the_results_are_written_keeps_them(tiny_data, tmp_path, monkeypatch):
+    """After the first Ctrl-C the outputs take seconds to write; a second one there left an empty folder."""
+    import os
+    import signal
+
+    real = evaluate._write_text
+
+    def interrupted_while_writing(path, text):
+        os.kill(os.getpid(), signal.SIGINT)  # Python's own handler: KeyboardInterrupt at the next bytecode
+        real(path, text)
+
+    monkeypatch.setattr(evaluate, "_write_text", interrupted_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path), episodes=2, context=12, generate=4, videos=0,
+                            progress=False), world=_InterruptingWorld())
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["ground_truth"]["episodes_evaluated"] == 1
+    assert (tmp_path / "results.md").is_file() and (tmp_path / "psnr_vs_frame.png").is_file()
+
+
 def _video_inputs(context: int = 4, generate: int = 3):
     rng = np.random.default_rng(0)
     truth = rng.integers(0, 256, (context + generate, 32, 32, 3), dtype=np.uint8)

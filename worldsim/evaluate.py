@@ -83,8 +83,10 @@ import argparse
 import errno
 import json
 import math
+import os
 import platform
 import sys
+import tempfile
 import time
 import dataclasses
 from dataclasses import asdict, dataclass, field
@@ -1136,6 +1138,12 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None) -
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file in the way, or no permission
         raise EvalError(f"--out {out}: cannot create the results folder ({exc.strerror or exc})") from None
+    try:  # a folder it cannot write to was found only after the whole eval (22 minutes for the bars)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise EvalError(f"--out {out}: cannot write in the results folder ({exc.strerror or exc})") from None
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
     if cfg.threads is not None:
@@ -1214,6 +1222,7 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None) -
     videos: list[str] = []
     timing = {"generate_s": 0.0, "frames": 0}
     interrupted = False
+    write_error: OSError | None = None
     try:
         for i, info in enumerate(chosen):
             ep = ds.load(info)
@@ -1255,7 +1264,11 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None) -
                 tsc.update(id=ep.id)
                 tf_episodes.append(tsc)
             if i < cfg.videos:
-                vpath = write_video(out / f"episode_{ep.id}.mp4", truth, gens, cfg.context, scored["revisit"])
+                try:
+                    vpath = write_video(out / f"episode_{ep.id}.mp4", truth, gens, cfg.context, scored["revisit"])
+                except OSError as exc:  # a full disk: the episodes scored so far are still written, then it stops
+                    write_error = exc
+                    break
                 videos.append(vpath.name)
     except KeyboardInterrupt:  # keep what is done: finish the outputs for the episodes so far
         interrupted = True
@@ -1278,7 +1291,12 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None) -
 
     sc: dict[str, Any] = {"skipped": "interrupted"}
     probes_interrupted = False
-    if not interrupted:
+    if write_error is not None:
+        sc = {"skipped": "stopped: a video could not be written"}
+        notes.append(f"stopped: a video could not be written ({write_error.filename}: "
+                     f"{write_error.strerror or write_error}); {len(episodes)} of {len(chosen)} episodes scored, "
+                     "no probes")
+    elif not interrupted:
         try:
             sc = self_consistency(world, cfg, ds, cfg.progress)
         except KeyboardInterrupt:
@@ -1296,7 +1314,8 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None) -
     world_config = getattr(world, "config", None)
     checkpoint_sampler = world.sampler  # config.json's over the library's defaults
     results = {
-        "format": RESULTS_FORMAT, "format_version": RESULTS_VERSION, "interrupted": interrupted,
+        "format": RESULTS_FORMAT, "format_version": RESULTS_VERSION,
+        "interrupted": interrupted or write_error is not None,  # either way: the episodes finished, not all
         "config": asdict(cfg) | {
             "checkpoint": str(checkpoint_path) if checkpoint_path is not None else None,
             "checkpoint_config": world_config,
@@ -1337,12 +1356,20 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None) -
     }
     results = _jsonable(results)
 
-    for name in _earlier_videos(out):  # an earlier eval's in a reused --out (and only those): not this run's
-        if name not in videos and (out / name).is_file():
-            (out / name).unlink()
-    plot_results(results, out / "psnr_vs_frame.png")
-    _write_text(out / "results.md", results_markdown(results))
-    _write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=False) + "\n")
+    from worldsim.dataset import interrupts_held
+
+    if interrupted:
+        print(f"worldsim eval: writing the results of the {len(episodes)} finished episode(s) ...", file=sys.stderr)
+    with interrupts_held():  # a second Ctrl-C here lost every finished episode
+        for name in _earlier_videos(out):  # an earlier eval's in a reused --out (and only those): not this run's
+            if name not in videos and (out / name).is_file():
+                (out / name).unlink()
+        # the numbers first: a disk that fills up at the plot keeps them
+        _write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=False) + "\n")
+        _write_text(out / "results.md", results_markdown(results))
+        plot_results(results, out / "psnr_vs_frame.png")
+    if write_error is not None:
+        raise write_error
     return results
 
 
