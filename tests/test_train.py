@@ -1700,3 +1700,51 @@ def test_a_resume_redoes_the_export_a_full_disk_or_a_kill_cut_after_the_state_wa
     assert main(["train", "--resume", str(ae_run), "--progress", "false", "--threads", "1"]) == 0
     assert "ae: the export of step 2 did not complete (it holds nothing); writing it again" in capsys.readouterr().err
     assert json.loads((ae_run / "autoencoder" / "config.json").read_text())["step"] == 2
+
+
+def test_ctrl_c_at_the_autoencoders_last_step_stops_before_the_far_stage(dataset, tmp_path, capsys, monkeypatch):
+    """Bug: a Ctrl-C during the ae stage's last step saved it as finished, then the run encoded every
+    frame and trained a far step before it stopped (minutes of work on a large dataset)."""
+    import os
+    import signal
+
+    from worldsim import train as train_mod
+
+    real = train_mod.step_rng
+
+    def ctrl_c_during_step_3(seed, rank, step):
+        if step == 2:  # the steps count from 0: this is the last of --ae-steps 3
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(seed, rank, step)
+
+    monkeypatch.setattr(train_mod, "step_rng", ctrl_c_during_step_3)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(dataset), "--out", str(run), *FAST, "--ae-steps", "3", "--far-steps", "2",
+                 "--val-every", "0", "--preview-every", "-1"]) == 130
+    assert "ae: interrupted at step 3; saved" in capsys.readouterr().err
+    state = json.loads((run / "state" / "state.json").read_text())
+    assert state["stage"] == "ae" and state["step"] == 3
+    assert not (run / "latents").exists() and not (run / "checkpoint").exists()
+    monkeypatch.setattr(train_mod, "step_rng", real)
+    assert main(["train", "--resume", str(run), "--progress", "false", "--threads", "1"]) == 0  # the far stage next
+    assert json.loads((run / "checkpoint" / "config.json").read_text())["step"] == 2
+
+
+def test_a_resume_whose_autoencoder_was_swapped_is_refused(trained, tmp_path, capsys):
+    """The far state records its autoencoder's hash; an autoencoder/ replaced by another one was used
+    silently: the latents re-encoded with it, and the transformer trained on with them."""
+    import shutil
+
+    from worldsim.train import load_autoencoder, save_autoencoder
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    ae, meta = load_autoencoder(run)
+    with torch.no_grad():
+        next(ae.parameters()).add_(0.01)
+    save_autoencoder(run / "autoencoder", ae, {k: v for k, v in meta.items()
+                                               if k not in ("format", "version", "autoencoder", "weights_sha256")})
+    assert main(["train", "--resume", str(run), "--far-steps", "5", "--progress", "false", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "its transformer was trained on the latents of another autoencoder than" in err
+    assert json.loads((run / "state" / "state.json").read_text())["step"] == 3  # nothing trained

@@ -1148,13 +1148,13 @@ class Trainer:
                             self.plot()
                         dist.barrier()
                         last_save = step
-                    if final:
-                        break
-                    if stop:
+                    if stop:  # before `final`: a Ctrl-C at a stage's last step must not start the next stage
                         self.interrupted = True
                         self.log(f"\n{spec.name}: interrupted at step {step}; saved. Continue with "
                                  f"`worldsim train --resume {self.out}`")
                         return False
+                    if final:
+                        break
         finally:
             if bar is not None:
                 bar.close()
@@ -1481,6 +1481,12 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
     _, far_mod, obj_mod = _model_modules()
     cfg, dist, device = run.train, trainer.dist, trainer.device
     ae = _ensure_autoencoder(trainer, run, data)
+    trained_on = resume_state[0].get("ae_sha256") if resume_state is not None else None
+    if trained_on is not None and trained_on != tensors_hash(ae.state_dict()):
+        # the latents would be re-encoded with another autoencoder, and the transformer go on with them
+        raise TrainError(f"--resume {trainer.out}: its transformer was trained on the latents of another "
+                         f"autoencoder than {trainer.out / AE_DIR} holds now (weights sha256 {trained_on[:12]}... in "
+                         "state/); put that autoencoder back, or start a new run with --far-init RUN/checkpoint")
     far_cfg = dataclasses.replace(run.far, latent_channels=ae.config.latent_channels,
                                   latent_size=ae.config.latent_size, num_actions=len(data.action_names))
     if far_cfg != run.far or ae.config != run.autoencoder:
