@@ -18,10 +18,11 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from worldsim.checkpoint import CONFIG_NAME, FAR_DTYPES, WEIGHTS_NAME, CheckpointError, load_checkpoint, save_checkpoint
+from worldsim.checkpoint import (CONFIG_NAME, FAR_DTYPES, WEIGHTS_NAME, CheckpointError, load_checkpoint,
+                                 save_checkpoint, temp_twin)
+from worldsim.cli import stops_on_sigterm
 from worldsim.dataset import name_the_target, readable_like_any_file
 
 
@@ -30,12 +31,7 @@ def store(checkpoint: Path, out: Path, far_dtype: str) -> Path:
     if out.exists():
         raise FileExistsError(f"{out}: already exists; choose a new folder")
     ck = load_checkpoint(checkpoint, device="cpu")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as exc:  # name the folder asked for, not its temporary twin
-        name_the_target(exc, out)
-        raise
+    tmp = temp_twin(out)
     try:
         for item in checkpoint.iterdir():
             if item.is_file() and item.name not in (CONFIG_NAME, WEIGHTS_NAME):
@@ -64,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     src, out = Path(args.checkpoint), Path(args.out)
     try:
-        store(src, out, args.far_dtype)
+        with stops_on_sigterm():
+            store(src, out, args.far_dtype)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the temp folder is gone, OUT never half-written
+        print(f"store_far_bf16: interrupted; {out} not written", file=sys.stderr)
+        return 130
     except (CheckpointError, OSError) as exc:
         print(f"store_far_bf16: {exc}", file=sys.stderr)
         return 1

@@ -17,14 +17,14 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from worldsim.checkpoint import (CONFIG_NAME, FAR_DTYPES, CheckpointError, check_tensors, load_checkpoint,
-                                 read_config, save_checkpoint, save_tensors, stored_far_dtype)
+                                 read_config, save_checkpoint, save_tensors, stored_far_dtype, temp_twin)
+from worldsim.cli import stops_on_sigterm
 from worldsim.dataset import name_the_target, readable_like_any_file
 from worldsim.latents import tensors_hash
 from worldsim.model import FAR, FARConfig
@@ -35,8 +35,7 @@ FAR_FILE = "far.safetensors"
 def _new_folder(out: Path) -> Path:
     if out.exists():
         raise FileExistsError(f"{out}: already exists; choose a new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    return temp_twin(out)
 
 
 def strip(checkpoint: Path, out: Path) -> Path:
@@ -110,10 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path)
     args = parser.parse_args(argv)
     try:
-        if args.command == "strip":
-            strip(args.checkpoint, args.out)
-        else:
-            join(args.stripped, args.autoencoder_checkpoint, args.out)
+        with stops_on_sigterm():
+            if args.command == "strip":
+                strip(args.checkpoint, args.out)
+            else:
+                join(args.stripped, args.autoencoder_checkpoint, args.out)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the temp folder is gone, OUT never half-written
+        print(f"transport_far: interrupted; {args.out} not written", file=sys.stderr)
+        return 130
     except (CheckpointError, OSError, ValueError, RuntimeError) as exc:
         print(f"transport_far: {exc}", file=sys.stderr)
         return 1

@@ -455,3 +455,49 @@ def test_a_transformer_carried_without_its_autoencoder_is_rejoined_bit_for_bit(s
     said = run("join", damaged, path, tmp_path / "j3")
     assert said.returncode == 1 and str(damaged) in said.stderr and "corrupt config.json" in said.stderr, said.stderr
     assert not any(p.name.startswith((".j1", ".j2", ".j3", "j1", "j2", "j3")) for p in tmp_path.iterdir())
+
+
+def test_a_stopped_transport_leaves_no_temp_folder_and_the_next_run_sweeps_old_ones(saved, tmp_path):
+    """scripts/transport_far.py and store_far_bf16.py, stopped by SIGTERM (a timeout, the device call's
+    end) were killed outright: a full-size `.OUT.<random>.tmp` stayed beside OUT for good, and Ctrl-C
+    was a traceback. Both now stop as Ctrl-C does (exit 130, the temp folder removed), and a later
+    write to OUT sweeps the twins that a SIGKILL left."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    _, path = saved
+    stop_mid_write = (
+        "import os, signal, sys, importlib.util\n"
+        "spec = importlib.util.spec_from_file_location('s', sys.argv[1]); s = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(s)\n"
+        "real = s.save_tensors if hasattr(s, 'save_tensors') else None\n"
+        "import worldsim.checkpoint as c\n"
+        "def stopped(*a, **k):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    raise AssertionError('SIGTERM did not stop the write')\n"
+        "s.save_tensors = stopped; c.save_tensors = stopped\n"
+        "sys.exit(s.main(sys.argv[2:]))\n")
+    env = {"PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    for script, args in (("transport_far.py", ["strip", path]), ("store_far_bf16.py", [path])):
+        out = tmp_path / script.split(".")[0]
+        done = subprocess.run([sys.executable, "-c", stop_mid_write, str(repo / "scripts" / script), *map(str, args),
+                               str(out)], capture_output=True, text=True, env=env)
+        assert done.returncode == 130, (script, done.returncode, done.stderr)
+        assert f"interrupted; {out} not written" in done.stderr and "Traceback" not in done.stderr
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+    from worldsim.checkpoint import temp_twin
+
+    left = tmp_path / ".far.k1ll3d.tmp"  # what a SIGKILL mid-write leaves
+    left.mkdir()
+    (left / "far.safetensors").write_bytes(b"x" * 1000)
+    twin = temp_twin(tmp_path / "far")
+    assert not left.exists() and twin.is_dir() and twin.name.startswith(".far.")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError) as caught:  # was "[Errno 17] File exists: '.../file'"
+        temp_twin(tmp_path / "file" / "out")
+    assert "a file is in the way of its folder" in str(caught.value) and caught.value.filename == str(tmp_path / "file")
+    with pytest.raises(NotADirectoryError):
+        temp_twin(tmp_path / "file" / "sub" / "out")

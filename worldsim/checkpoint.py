@@ -34,6 +34,7 @@ that a torn save is detected on load.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import glob
 import json
 import os
@@ -141,6 +142,38 @@ def save_tensors(tensors: dict[str, torch.Tensor], target: str | os.PathLike, me
         raise  # not an I/O error: a bug to see in full
 
 
+def _sweep(leftovers: list[Path]) -> None:
+    for leftover in leftovers:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def sweep_temp_twins(path: Path) -> None:
+    """Remove the `.NAME.<random>.tmp` twins of `path` that writes killed mid-way left."""
+    _sweep(list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")))  # escaped: ck[1] is no pattern
+
+
+def temp_twin(path: str | os.PathLike) -> Path:
+    """A new empty folder `.NAME.<random>.tmp` beside `path`, to write in and rename to `path`.
+
+    The twins that writes killed mid-way left (SIGKILL, a power cut; full-size, owned by no one)
+    are removed first, and an error names `path`, not the twin."""
+    path = Path(path)
+    sweep_temp_twins(path)
+    try:
+        if path.parent.exists() and not path.parent.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "a file is in the way of its folder", str(path.parent))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except FileExistsError as exc:  # a file further up the path: mkdir says "File exists"
+        raise NotADirectoryError(errno.ENOTDIR, "a file is in the way of its folder", exc.filename) from None
+    except OSError as exc:
+        name_the_target(exc, path)
+        raise
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     autoencoder: Autoencoder,
@@ -193,20 +226,10 @@ def save_checkpoint(
             f.write("\n")
 
     # what saves killed mid-write (SIGKILL, a power cut) left: full-size temp twins no one else owns
-    stale = [*path.parent.glob(f".{glob.escape(path.name)}.*.tmp"), *path.glob(f".{WEIGHTS_NAME}.*.tmp"),
-             *path.glob(f".{CONFIG_NAME}.*.tmp")]  # escaped: a checkpoint named ck[1] is no pattern
-    for leftover in stale:
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
+    sweep_temp_twins(path)
+    _sweep([*path.glob(f".{WEIGHTS_NAME}.*.tmp"), *path.glob(f".{CONFIG_NAME}.*.tmp")])
     if not path.exists():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        except OSError as exc:
-            name_the_target(exc, path)
-            raise
+        tmp_dir = temp_twin(path)
         try:
             write_weights(str(tmp_dir / WEIGHTS_NAME))
             write_config(str(tmp_dir / CONFIG_NAME))

@@ -7,11 +7,13 @@ Each subcommand lives in its own module, which exposes `add_arguments(parser)` a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import signal
 import sys
 import threading
+from typing import Iterator
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "record": ("envs.recorder", "record trajectories from a simulator into a dataset"),
@@ -54,6 +56,21 @@ def build_parser(command: str) -> tuple[argparse.ArgumentParser, object]:
 
 def _stop(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stops_on_sigterm() -> Iterator[None]:
+    """Inside the block SIGTERM raises KeyboardInterrupt, as Ctrl-C does, where nothing else handles
+    it (for the scripts/ that run outside `worldsim`; main() does the same for every command)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def main(argv: list[str] | None = None) -> int:
