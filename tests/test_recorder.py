@@ -615,3 +615,24 @@ def test_export_errors_are_clear(tiny_dataset, tmp_path, capsys):
     # "none" is a value where the help says "none = ...": all episodes' videos side by side
     assert main(["export", str(tiny_dataset), "--episode", "0", "1", "--columns", "none", "--end", "2",
                  "--out", str(tmp_path / "row.gif")]) == 0
+
+
+def test_export_into_a_folder_it_may_not_create_exits_1_as_any_refused_write(tiny_dataset, tmp_path, monkeypatch,
+                                                                              capsys):
+    """`--out /ro/sub/x.png` exited 2, `--out /ro/x.png` 1: no permission is the file system's refusal (exit 1,
+    README), whichever write meets it first (simulated: root may write anywhere). A file in the way stays 2."""
+    from pathlib import Path
+
+    real_mkdir = Path.mkdir
+
+    def no_permission(self, *args, **kwargs):
+        if self.name == "sub":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", no_permission)
+    assert main(["export", str(tiny_dataset), "--episode", "0", "--out", str(tmp_path / "sub" / "x.png")]) == 1
+    assert capsys.readouterr().err.strip() == f"worldsim export: {tmp_path / 'sub'}: Permission denied"
+    (tmp_path / "file").write_text("")
+    assert main(["export", str(tiny_dataset), "--episode", "0", "--out", str(tmp_path / "file" / "x.png")]) == 2
+    assert f"{tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err

@@ -279,6 +279,10 @@ def atomic_write_all(writes: Sequence[tuple[str | os.PathLike, Callable[[Path], 
         raise
 
 
+# the file system's refusals of a write: exit 1 in every command (README), other problems with an output 2
+FILE_SYSTEM_REFUSALS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
+
+
 def name_the_target(exc: OSError, path: str | os.PathLike) -> None:
     """Point a file-system error (a full disk, say) at `path`, what the user asked to write, when
     it names no file or `path`'s temp twin (`.<name>.<random>.tmp`, where atomic writes work);

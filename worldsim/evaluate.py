@@ -864,7 +864,8 @@ def write_video(path: Path, truth: np.ndarray, gens: dict[str, np.ndarray], cont
 
     def write_mp4(p: Path) -> None:
         try:
-            imageio.mimwrite(p, frames, fps=fps, macro_block_size=1, quality=8, format="FFMPEG")
+            imageio.mimwrite(p, frames, fps=fps, macro_block_size=1, quality=8, format="FFMPEG",
+                             ffmpeg_log_level="quiet")  # a failure is reported in one line below
         except OSError as exc:  # a full disk reads "[Errno 32] Broken pipe" and ffmpeg's command line
             raise video_write_error(exc, p) from None
         problem = finished_video_problem(p, len(frames))  # ffmpeg may cut the file without raising

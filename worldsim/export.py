@@ -22,7 +22,8 @@ from typing import Literal, Sequence
 import numpy as np
 
 from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
-from worldsim.dataset import Dataset, DatasetError, atomic_write, finished_video_problem, video_write_error, write_gif
+from worldsim.dataset import (FILE_SYSTEM_REFUSALS, Dataset, DatasetError, atomic_write, finished_video_problem,
+                              name_the_target, video_write_error, write_gif)
 
 FORMATS = (".mp4", ".gif", ".png")
 
@@ -103,7 +104,8 @@ def _write(path: Path, frames_or_image: np.ndarray, fps: float) -> None:
         def write(tmp: Path) -> None:
             try:
                 with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
-                                        quality=8, macro_block_size=1, pixelformat="yuv420p") as writer:
+                                        quality=8, macro_block_size=1, pixelformat="yuv420p",
+                                        ffmpeg_log_level="quiet") as writer:  # errors: ours, one line
                     for f in frames:
                         writer.append_data(f)
             except OSError as exc:
@@ -155,6 +157,9 @@ def export(dataset: str | os.PathLike | Dataset, cfg: ExportConfig) -> Path:
     try:  # as play --out does; only now, so that a refused request leaves no new folder behind
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        if exc.errno in FILE_SYSTEM_REFUSALS:  # no permission: exit 1 naming it, as a refused write is
+            name_the_target(exc, out)
+            raise
         raise ExportError(f"{out}: cannot create its folder ({exc.strerror or exc})") from None
     gap = 1
     if suffix == ".png":

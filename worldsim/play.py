@@ -46,8 +46,8 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import numpy as np
 
 from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
-from worldsim.dataset import (GifWriter, finished_video_problem, interrupts_held, readable_like_any_file,
-                              video_write_error)
+from worldsim.dataset import (FILE_SYSTEM_REFUSALS, GifWriter, finished_video_problem, interrupts_held,
+                              readable_like_any_file, video_write_error)
 from worldsim.keymaps import CONTROL_KEYS, KEYMAPS, KeymapError, help_lines, load_keymap
 
 DEFAULT_SIMULATOR = {"id": "worldsim/Maze-v0", "settings": {}}
@@ -58,7 +58,12 @@ BENCH_WINDOW = 10  # fps at frame i = frames / seconds over the BENCH_WINDOW ste
 
 
 class PlayError(RuntimeError):
-    """A user-facing problem (bad option, bad actions file, no display ...): printed, exit 2."""
+    """A user-facing problem (bad option, bad actions file, no display ...): printed, exit 2; exit 1
+    where the file system refused a write (a full disk, no permission), as in every command."""
+
+    def __init__(self, message: str, errno_: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = 1 if errno_ in FILE_SYSTEM_REFUSALS else 2
 
 
 @dataclass
@@ -226,13 +231,13 @@ class VideoRecorder:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a parent that is a file, or no permission: before any frame is made
-            raise PlayError(f"{self.path}: cannot create its folder ({exc.strerror or exc})") from None
+            raise PlayError(f"{self.path}: cannot create its folder ({exc.strerror or exc})", exc.errno) from None
         gif = self.path.suffix.lower() == ".gif"
         try:
             handle, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".partial.gif" if gif else ".partial.mp4",
                                            dir=self.path.parent)
         except OSError as exc:  # a folder it may not write in: name the target, not the temp twin
-            raise PlayError(f"{self.path}: cannot write there ({exc.strerror or exc})") from None
+            raise PlayError(f"{self.path}: cannot write there ({exc.strerror or exc})", exc.errno) from None
         os.close(handle)
         self.tmp = Path(tmp)
         self.frames = 0
@@ -245,7 +250,8 @@ class VideoRecorder:
         else:
             # yuv420p + libx264 plays everywhere; frames are multiples of 16 for 64x64 x any scale.
             self._writer = imageio.get_writer(str(self.tmp), format="FFMPEG", fps=float(fps), codec="libx264",
-                                              quality=8, pixelformat="yuv420p", macro_block_size=16)
+                                              quality=8, pixelformat="yuv420p", macro_block_size=16,
+                                              ffmpeg_log_level="quiet")  # a failure: our one line, not ffmpeg's
 
     def append(self, frame: np.ndarray) -> None:
         if self.shape is None:
@@ -263,9 +269,9 @@ class VideoRecorder:
     def _write_error(self, exc: BaseException) -> PlayError:
         """One line for a failed write: the cause (found while the partial file is still there)
         and that an older video under this name is untouched."""
-        reason = video_write_error(exc, self.tmp).strerror
+        error = video_write_error(exc, self.tmp)
         kept = "the existing file is kept" if self.path.exists() else "nothing was written"
-        return PlayError(f"{self.path}: cannot write the video ({reason}); {kept}")
+        return PlayError(f"{self.path}: cannot write the video ({error.strerror}); {kept}", error.errno)
 
     def close(self) -> Path | None:
         """Finish the file and move it into place; None (and no file) if nothing was recorded
@@ -1008,7 +1014,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     except (PlayError, KeymapError, CheckpointNotFound, SimulatorUnavailable) as exc:
         print(f"worldsim play: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
     except ValueError as exc:  # DatasetError, CheckpointError, DeviceError and bad env options are ValueErrors
         if type(exc).__name__ in ("DatasetError", "CheckpointError", "DeviceError"):
             print(f"worldsim play: {exc}", file=sys.stderr)
