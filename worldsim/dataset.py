@@ -4,7 +4,8 @@ A dataset is one of
 
 * a folder with ``index.json`` and ``episodes/<id>.npz`` (written by ``worldsim record``);
 * a single ``.npz`` file in the public FAR/TECO DeepMind Lab format (``video``, ``actions``);
-* a folder of such ``.npz`` files without an index.
+* a folder of such ``.npz`` files without an index, read with its subfolders (TECO publishes
+  ``dmlab/train/<shard>/<n>.npz`` and ``dmlab/test/<shard>/<n>.npz``).
 
 ``index.json`` (format version 1)::
 
@@ -25,10 +26,21 @@ Every episode file holds ``video`` uint8 [T, H, W, 3], ``actions`` int [T] (read
 
 Files without an index (DMLab) carry no action names: they default to
 ``action_0 .. action_{n-1}`` with ``n = 1 + max action seen`` over all files, unless
-``action_names=`` is passed explicitly. Their episodes have no maze seed and no split. This
-project's episode files opened without their index (a folder of them, or one file) are not of
-that kind: each carries its recording's header and maze seed, so they keep their action names,
-simulator and split (`split_for_maze_seed`); files of different recordings are not mixed.
+``action_names=`` is passed explicitly. Their episodes have no maze seed. This project's episode
+files opened without their index (a folder of them, or one file) are not of that kind: each
+carries its recording's header and maze seed, so they keep their action names, simulator and
+split (`split_for_maze_seed`); files of different recordings are not mixed.
+
+An index-less folder is searched with its subfolders, sorted by path; hidden files and folders
+(``.x``, such as macOS's ``._0.npz``) are skipped, and a subfolder holding its own ``index.json``
+is refused (a dataset of its own: give it as its own path). A file directly in the folder has
+its stem as id; deeper ones their path below the folder with ``/`` as ``-`` (``train/0/12.npz``
+-> ``train-0-12``); two files with one id are refused. Splits of FAR/TECO files: the innermost
+folder named ``test``, ``val``/``valid``/``validation`` or ``train`` (any case; the given
+folder's own name counts, the folders above it do not) decides; a ``train`` folder's episodes
+whose id hash (`split_for_id`) says "val" are "val", none "test". Files outside such folders
+have no split of their own: training splits them by that hash (`latents.open_split`, the same
+~90/5/5 as maze seeds), and only a dataset where no file has a split refuses ``split=``.
 
 Opening a dataset reads ``index.json`` and checks that every episode file it lists exists
 (without an index: reads the array headers of every file; cheap, nothing is decompressed);
@@ -82,6 +94,30 @@ def split_for_maze_seed(seed: int) -> str:
     return "test"
 
 
+def split_for_id(episode_id: str) -> str:
+    """The split a hash of an episode id gives a file that carries no split of its own (a FAR/TECO
+    file outside any train/val/test folder): ~90/5/5 as `split_for_maze_seed`."""
+    return split_for_maze_seed(int(hashlib.sha256(episode_id.encode()).hexdigest()[:8], 16))
+
+
+# names of the folders that decide the split of the FAR/TECO files below them (compared in lower case)
+SPLIT_FOLDERS = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val"}
+
+
+def split_of_folders(folders: Sequence[str]) -> str | None:
+    """The split named by the innermost of `folders` (outermost first) called train, test, val,
+    valid or validation in any case; None when none is."""
+    for name in reversed(folders):
+        if name.lower() in SPLIT_FOLDERS:
+            return SPLIT_FOLDERS[name.lower()]
+    return None
+
+
+def episode_split(info: EpisodeInfo) -> str:
+    """The split training puts an episode in: its own (index, maze seed or folder), else the hash of its id."""
+    return info.split if info.split is not None else split_for_id(info.id)
+
+
 # ----------------------------------------------------------------------------- records
 
 
@@ -95,6 +131,9 @@ class EpisodeInfo:
     # a FAR/TECO file (video and actions only): its actions[t] is taken at frame t, not the one
     # that produced frame t, and is read shifted by one frame
     actions_taken_at_frame: bool = False
+    # the split a train/val/test folder above an index-less file names ("train" for a file whose
+    # id hash moved it to "val"), None elsewhere
+    folder_split: str | None = None
 
 
 @dataclass
@@ -444,6 +483,46 @@ def default_action_names(n: int) -> tuple[str, ...]:
     return tuple(f"action_{i}" for i in range(n))
 
 
+def plain_folder_files(root: Path) -> list[tuple[Path, str, str | None]]:
+    """(file, episode id, folder split) of every .npz below an index-less folder, sorted by path.
+
+    Hidden files and folders (".x", such as macOS's "._0.npz" resource forks) are skipped. A file
+    directly in `root` keeps its stem as id (the id the hash split has always used); deeper ones
+    are named by their path, "train/0/12.npz" -> "train-0-12". The folder split comes from `root`'s
+    own name and the folders below it (`split_of_folders`). A subfolder with its own index.json
+    is a worldsim dataset and is refused, not mixed in.
+    """
+    root = Path(root)
+    top = Path(os.path.abspath(root)).name  # "." or "data/test/" name the folder itself
+    found: list[tuple[tuple[str, ...], Path]] = []
+    seen_dirs: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath)
+        real = os.path.realpath(here)
+        if real in seen_dirs:  # a link back up the tree (or to a folder read already) would loop
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if here != root and INDEX_NAME in filenames:
+            raise DatasetError(f"{here}: is a worldsim dataset (it holds {INDEX_NAME}) inside {root}, which has no "
+                               f"{INDEX_NAME}; pass it as its own --data path rather than mixing it into {root}")
+        rel = here.relative_to(root).parts
+        for name in filenames:
+            if name.endswith(".npz") and not name.startswith(".") and (here / name).is_file():
+                found.append((rel + (name,), here / name))
+    out: list[tuple[Path, str, str | None]] = []
+    ids: dict[str, Path] = {}
+    for parts, file in sorted(found):
+        eid = file.stem if len(parts) == 1 else "-".join(parts[:-1] + (file.stem,))
+        if eid in ids:
+            raise DatasetError(f"{file}: its episode id {eid!r} is also the id of {ids[eid]} (ids join the folders "
+                               "below the dataset with '-'); rename one of them")
+        ids[eid] = file
+        out.append((file, eid, split_of_folders((top,) + parts[:-1])))
+    return out
+
+
 class Dataset:
     """Read a recorded dataset, a FAR/TECO DMLab .npz, or a folder of such files.
 
@@ -453,7 +532,8 @@ class Dataset:
     action since it has no predecessor. This project's episode files, even opened without their
     index, are read as they are.
 
-    ``split`` keeps only the episodes of that split ("train", "val", "test").
+    ``split`` keeps only the episodes of that split ("train", "val", "test"); files without a
+    split of their own beside ones with it are split by the hash of their id (`episode_split`).
     ``action_names`` names the actions of index-less (DMLab) files; by default they are
     ``action_0 .. action_{n-1}`` with n = 1 + the largest action seen. With an index, or for
     this project's episode files (which carry their header), it must agree with the stored names.
@@ -474,21 +554,23 @@ class Dataset:
         if self.path.is_dir() and (self.path / INDEX_NAME).exists():
             episodes = self._open_index(action_names)
         elif self.path.is_dir():
-            files = sorted(p for p in self.path.glob("*.npz") if p.is_file())
+            files = plain_folder_files(self.path)
             if not files:
-                raise DatasetError(f"{self.path}: no {INDEX_NAME} and no .npz episode files in this folder")
+                raise DatasetError(f"{self.path}: no {INDEX_NAME} and no .npz episode files in this folder or its "
+                                   "subfolders (hidden ones skipped)")
             episodes = self._open_plain(files, action_names)
         elif self.path.suffix == ".npz":
-            episodes = self._open_plain([self.path], action_names)
+            episodes = self._open_plain([(self.path, self.path.stem, None)], action_names)
         else:
             raise DatasetError(f"{self.path}: not a dataset (expected a folder with {INDEX_NAME} or an .npz file)")
         # Split of every id, kept before filtering: an id from another split is an error,
         # not a position (ds["000003"] must never silently return another episode).
-        self._split_of_id = {e.id: e.split for e in episodes}
+        self._split_of_id = {e.id: episode_split(e) for e in episodes}
         if split is not None:
-            if any(e.split is None for e in episodes):
+            if episodes and all(e.split is None for e in episodes):
                 raise DatasetError(f"{self.path}: has no train/val/test split information; cannot select split {split!r}")
-            episodes = [e for e in episodes if e.split == split]
+            # beside files of train/val/test folders, the others are split by their id, as training splits them
+            episodes = [e for e in episodes if episode_split(e) == split]
         self.episodes: list[EpisodeInfo] = episodes
         self._by_id = {e.id: i for i, e in enumerate(episodes)}
 
@@ -561,7 +643,10 @@ class Dataset:
             episodes.append(EpisodeInfo(eid, file, length, maze_seed, split))
         return episodes
 
-    def _open_plain(self, files: list[Path], action_names: Sequence[str] | None) -> list[EpisodeInfo]:
+    def _open_plain(self, found: list[tuple[Path, str, str | None]],
+                    action_names: Sequence[str] | None) -> list[EpisodeInfo]:
+        """`found`: (file, episode id, split named by its folders) of every file, as `plain_folder_files`."""
+        files = [file for file, _, _ in found]
         episodes = []
         resolution = None
         max_action = -1
@@ -569,7 +654,7 @@ class Dataset:
         # the index they keep its action names and splits (a hash of the file name would put held-out
         # mazes into training)
         recorded: dict[Path, dict[str, Any]] = {}
-        for file in files:
+        for file, eid, folder_split in found:
             headers = npz_headers(file)
             for key in ("video", "actions"):
                 if key not in headers:
@@ -596,16 +681,27 @@ class Dataset:
                     raise DatasetError(f"{file}: its 'recording' header or 'maze_seed' is malformed") from None
                 recorded[file] = {"action_names": names, "simulator": header.get("simulator")}
                 split = split_for_maze_seed(maze_seed)
+                folder_split = None  # the maze decides, wherever the file lies
+            elif folder_split == "train":
+                # a train folder keeps the episodes its id hash puts in "val" for validation, but
+                # sends none to "test": the held-out ones are those of a test folder
+                split = "val" if split_for_id(eid) == "val" else "train"
+            else:
+                split = folder_split
             teco = set(headers) == {"video", "actions"}  # this project's files carry more (poses, maze_seed ...)
-            episodes.append(EpisodeInfo(file.stem, file, int(vshape[0]), maze_seed, split, teco))
+            episodes.append(EpisodeInfo(eid, file, int(vshape[0]), maze_seed, split, teco, folder_split))
         if recorded:
             first = next(iter(recorded))
+
+            def shown(file: Path) -> str:  # the path below the folder: files of two subfolders may share a name
+                return str(file.relative_to(self.path)) if self.path.is_dir() else file.name
+
             for file in files:
                 if file not in recorded:
-                    raise DatasetError(f"{self.path}: mixes worldsim episodes ({first.name}) with files without their "
-                                       f"recording header ({file.name}); give them as separate --data paths")
+                    raise DatasetError(f"{self.path}: mixes worldsim episodes ({shown(first)}) with files without their "
+                                       f"recording header ({shown(file)}); give them as separate --data paths")
                 if recorded[file] != recorded[first]:
-                    raise DatasetError(f"{self.path}: {first.name} and {file.name} come from different simulators or "
+                    raise DatasetError(f"{self.path}: {shown(first)} and {shown(file)} come from different simulators or "
                                        f"action lists; give them as separate --data paths")
             names = tuple(recorded[first]["action_names"])
             if action_names is not None and tuple(action_names) == default_action_names(len(action_names)) != names:

@@ -8,7 +8,9 @@
    validation mazes instead, to choose settings (e.g. `--shift`) without looking at the test ones.
    Files without split information (the public FAR/TECO DMLab .npz files) are scored whole,
    unless the checkpoint names them as training data: then only the episodes that training held
-   out by a hash of their id. The first `--context` K
+   out by a hash of their id. FAR/TECO files below a `train`/`val`/`test` folder (TECO's
+   `dmlab/test/<shard>/<n>.npz`) take its split; files beside them outside such folders are then
+   split by the hash, as training splits them. The first `--context` K
    ground-truth frames are the context; the model then generates the next `--generate` G frames
    from the recorded actions. Conditions, each scored per frame against the ground truth:
 
@@ -342,7 +344,9 @@ def load_test_split(path: Path, world: Any, split: str = "test") -> tuple[Any, s
 
     Files without split information (the public FAR/TECO DMLab .npz files, which are their
     test set) are used whole, and the note says so, unless the checkpoint was trained on them:
-    then only the episodes that training held out by the hash of their id are scored.
+    then only the episodes that training held out by the hash of their id are scored. Once some
+    files take a split from their folder (train/val/test), the split is chosen as training
+    chooses it (`latents.open_split`): by folder, the others by the hash of their id.
     """
     from worldsim.dataset import Dataset
     from worldsim.latents import names_for, open_split
@@ -365,6 +369,9 @@ def load_test_split(path: Path, world: Any, split: str = "test") -> tuple[Any, s
                     "(the checkpoint was trained on these files, which carry no split information)")
     else:
         ds, note = Dataset(path, split=split, action_names=names), split
+        if any(e.split is None for e in whole.episodes):
+            note = (f"{split} (files by their train/val/test folder, the others by a hash of their id, "
+                    "as training splits them)")
     if tuple(ds.resolution) != tuple(world.resolution):
         h, w = ds.resolution
         mh, mw = world.resolution

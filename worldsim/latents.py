@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from worldsim.dataset import Dataset, DatasetError, atomic_write, split_for_maze_seed
+from worldsim.dataset import Dataset, DatasetError, atomic_write, episode_split
 
 LATENT_FORMAT_VERSION = 2  # 2: FAR/TECO files' actions read shifted by one frame (session 21)
 
@@ -56,26 +56,27 @@ def open_split(path: str | os.PathLike, split: str, action_names: Sequence[str] 
                fallback: bool = True) -> tuple[Dataset, list[int], str | None]:
     """Open dataset `path` and pick the episodes of `split`.
 
-    Datasets with split information (an index written by `worldsim record`) use it. Files
-    without it (FAR/TECO DMLab .npz) are split by a hash of the episode id, like maze seeds;
+    Datasets with split information (an index written by `worldsim record`, this project's
+    episode files, FAR/TECO files below a train/val/test folder) use it. Other files (FAR/TECO
+    DMLab .npz) are split by a hash of the episode id, like maze seeds (`dataset.episode_split`);
     when that leaves a split empty and `fallback` is set, the train episodes are used and a
-    warning is returned.
+    warning is returned. When no episode falls in "train", the episodes a hash split (files
+    outside split folders, those of a train folder) train, all of them: never those of a test
+    or val folder, nor held-out mazes.
     """
     ds = Dataset(path, action_names=action_names)
     warning = None
-    if ds.episodes and all(e.split is not None for e in ds.episodes):
-        idx = [i for i, e in enumerate(ds.episodes) if e.split == split]
-        if not idx and split != "train" and fallback:
-            idx = [i for i, e in enumerate(ds.episodes) if e.split == "train"]
-            warning = f"{path}: no {split!r} episodes; using the train episodes for {split}"
-    else:
-        keyed = [split_for_maze_seed(int(hashlib.sha256(e.id.encode()).hexdigest()[:8], 16)) for e in ds.episodes]
-        idx = [i for i, s in enumerate(keyed) if s == split]
-        if not idx and split == "train":
-            idx = list(range(len(ds.episodes)))
-        elif not idx and fallback:
-            idx = [i for i, s in enumerate(keyed) if s == "train"] or list(range(len(ds.episodes)))
-            warning = f"{path}: too few episodes to hold some out for {split!r}; validating on training episodes"
+    idx = [i for i, e in enumerate(ds.episodes) if episode_split(e) == split]
+    # a hash split of a few files may leave "train" empty; held-out files (test/val folders) stay out
+    hashed = [i for i, e in enumerate(ds.episodes) if e.split is None or e.folder_split == "train"]
+    if not idx and split == "train":
+        idx = hashed
+    elif not idx and fallback and ds.episodes and all(e.split is not None for e in ds.episodes):
+        idx = [i for i, e in enumerate(ds.episodes) if e.split == "train"]
+        warning = f"{path}: no {split!r} episodes; using the train episodes for {split}"
+    elif not idx and fallback:
+        idx = [i for i, e in enumerate(ds.episodes) if episode_split(e) == "train"] or hashed
+        warning = f"{path}: too few episodes to hold some out for {split!r}; validating on training episodes"
     return ds, idx, warning
 
 
