@@ -3,6 +3,7 @@ import json
 import shutil
 from collections import Counter
 
+import imageio.v2 as imageio
 import numpy as np
 import pytest
 
@@ -105,6 +106,71 @@ def test_dmlab_folder_and_explicit_action_names(dmlab_example_path, tmp_path):
         Dataset(tmp_path, action_names=["only", "two"])
     with pytest.raises(DatasetError, match="split"):
         Dataset(tmp_path, split="train")  # DMLab files carry no maze seeds
+
+
+def teco_file(path, t=8, size=16, seed=0):
+    """A FAR/TECO-format file (`video`, `actions` only) with a small synthetic video."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, video=rng.integers(0, 256, (t, size, size, 3), dtype=np.uint8), actions=rng.integers(0, 3, t))
+    return path
+
+
+def teco_tree(root, files):
+    """TECO's layout, e.g. "train/0/3" -> root/train/0/3.npz; each file's video seeded by its position."""
+    for i, name in enumerate(files):
+        teco_file(root / f"{name}.npz", seed=i)
+    return root
+
+
+def test_teco_layout_is_read_with_its_subfolders_and_ids_name_the_path(tmp_path):
+    """TECO publishes dmlab/train/<shard>/<n>.npz: only files directly in the folder were read."""
+    root = teco_tree(tmp_path / "dmlab", ["train/1/0", "train/0/1", "train/0/0", "test/0/0", "loose"])
+    ds = Dataset(root)
+    # sorted by path; a file directly in the folder keeps its stem (the id hash splits have always used)
+    assert [e.id for e in ds.episodes] == ["loose", "test-0-0", "train-0-0", "train-0-1", "train-1-0"]
+    assert [e.file for e in ds.episodes] == [root / "loose.npz", root / "test/0/0.npz", root / "train/0/0.npz",
+                                             root / "train/0/1.npz", root / "train/1/0.npz"]
+    assert all(e.actions_taken_at_frame for e in ds.episodes)  # read as FAR/TECO files, shifted
+    raw = np.load(root / "train/0/1.npz")
+    ep = ds["train-0-1"]
+    assert np.array_equal(ep.video, raw["video"]) and np.array_equal(ep.actions[1:], raw["actions"][:-1])
+    # a shard folder given alone: ids below it
+    assert [e.id for e in Dataset(root / "train").episodes] == ["0-0", "0-1", "1-0"]
+
+
+def test_hidden_files_and_folders_are_skipped(tmp_path):
+    """macOS's "._0.npz" resource forks (not zip files) made the whole folder unreadable."""
+    root = teco_tree(tmp_path / "clips", ["0", "shard/1", ".cache/2"])
+    (root / "._0.npz").write_bytes(b"\x00\x05\x16\x07 Mac OS X resource fork")
+    (root / "shard" / "._1.npz").write_bytes(b"\x00\x05\x16\x07")
+    assert [e.id for e in Dataset(root).episodes] == ["0", "shard-1"]
+    only_hidden = tmp_path / "hidden"
+    teco_file(only_hidden / ".tmp" / "0.npz")
+    (only_hidden / "._0.npz").write_bytes(b"\x00")
+    with pytest.raises(DatasetError, match="hidden.*no .npz episode files in this folder or its subfolders"):
+        Dataset(only_hidden)
+
+
+def test_a_worldsim_dataset_inside_an_index_less_folder_is_refused(tmp_path):
+    """`--data data` holding data/maze (index.json) and DMLab files would mix two datasets."""
+    make_dataset(tmp_path / "data" / "maze", [make_episode(seed=i) for i in range(2)])
+    teco_file(tmp_path / "data" / "dmlab" / "0.npz")
+    with pytest.raises(DatasetError, match=r"data/maze: is a worldsim dataset \(it holds index.json\) inside .*data, "
+                                           r"which has no index.json; pass it as its own --data path"):
+        Dataset(tmp_path / "data")
+    assert len(Dataset(tmp_path / "data" / "maze")) == 2  # given itself, it reads as before
+    assert [e.id for e in Dataset(tmp_path / "data" / "dmlab").episodes] == ["0"]
+
+
+def test_two_files_of_one_id_are_refused_naming_both(tmp_path):
+    root = teco_tree(tmp_path / "dmlab", ["train/0/1", "train/0-1"])
+    with pytest.raises(DatasetError, match=r"train/0-1.npz: its episode id 'train-0-1' is also the id of .*train/0/1.npz"):
+        Dataset(root)
+    teco_file(tmp_path / "flat" / "train-0-1.npz")  # a flat file's stem against a nested path's id
+    teco_file(tmp_path / "flat" / "train" / "0" / "1.npz")
+    with pytest.raises(DatasetError, match=r"flat/train-0-1.npz: .*'train-0-1' is also the id of .*flat/train/0/1.npz"):
+        Dataset(tmp_path / "flat")
 
 
 def test_corrupt_file_in_plain_folder_is_named(dmlab_example_path, tmp_path):
@@ -275,6 +341,84 @@ def test_id_of_another_split_is_an_error_not_a_position(tmp_path):
     assert test["000001"].id == "000001" and test[1].id == "000001"
     with pytest.raises(DatasetError, match="episode '000003' is in split 'train'"):
         test["000003"]
+
+
+# the id hash (split_for_id) of these TECO-layout files, fixed so that every rule below is exercised:
+# train-0-2 hashes to "val", train-0-9 and train-0-11 to "test"; ep001 and ep002 to "test"
+TECO_TRAIN = [f"train/0/{i}" for i in range(12)]
+
+
+def test_train_val_test_folders_decide_the_split(tmp_path):
+    """A user passing TECO's test folder (or its parent) to train trained on most of it: files without
+    an index were split 90/5/5 by a hash of their id, wherever they lay."""
+    from worldsim.dataset import split_for_id
+    from worldsim.latents import open_split
+
+    root = teco_tree(tmp_path / "dmlab", [*TECO_TRAIN, "test/0/0", "test/1/0", "Valid/0/0"])
+    assert {split_for_id(f"train-0-{i}") for i in range(12)} == {"train", "val", "test"}  # the rules below all apply
+    ds = Dataset(root)
+    split = {e.id: e.split for e in ds.episodes}
+    assert split["test-0-0"] == split["test-1-0"] == "test" and split["Valid-0-0"] == "val"  # any case
+    # a train folder keeps its id-hash "val" episodes for validation, and holds out none as test
+    assert {i for i, s in split.items() if i.startswith("train-") and s == "val"} == {"train-0-2"}
+    assert split["train-0-9"] == split["train-0-11"] == "train"
+    parts = {s: open_split(root, s) for s in ("train", "val", "test")}
+    chosen = {s: sorted(ds.episodes[i].id for i in idx) for s, (ds, idx, _) in parts.items()}
+    assert chosen["test"] == ["test-0-0", "test-1-0"]
+    assert chosen["val"] == ["Valid-0-0", "train-0-2"]
+    assert chosen["train"] == sorted(f"train-0-{i}" for i in range(12) if i != 2)
+    assert all(w is None for _, _, w in parts.values())
+    for s in ("train", "val", "test"):  # Dataset(split=), what export --split reads, agrees
+        assert sorted(e.id for e in Dataset(root, split=s).episodes) == chosen[s]
+    # the given folder's own name counts: TECO's test folder alone has nothing to train on
+    assert open_split(root / "test", "train")[1] == []
+    assert {e.split for e in Dataset(root / "test").episodes} == {"test"}
+    assert len(Dataset(root / "test", split="test")) == 2
+    # a tiny train folder whose id hashes all say "val" still trains (on all of them), as a flat folder does
+    tiny = teco_tree(tmp_path / "train", ["0", "12"])
+    assert [e.split for e in Dataset(tiny).episodes] == ["val", "val"]
+    assert open_split(tiny, "train")[1] == [0, 1]
+
+
+def test_files_outside_split_folders_keep_the_hash_split_and_the_fallback_never_takes_test_files(tmp_path):
+    from worldsim.latents import load_frames, open_split
+
+    root = teco_tree(tmp_path / "dmlab", ["test/0/0", "test/0/1", "ep000", "ep001", "ep002", "ep003"])
+    ds, idx, _ = open_split(root, "train")
+    assert [ds.episodes[i].id for i in idx] == ["ep000", "ep003"]  # as in a flat folder of them
+    ds, idx, _ = open_split(root, "test")
+    assert [ds.episodes[i].id for i in idx] == ["ep001", "ep002", "test-0-0", "test-0-1"]
+    assert [e.id for e in Dataset(root, split="test").episodes] == ["ep001", "ep002", "test-0-0", "test-0-1"]
+    with pytest.raises(DatasetError, match="'ep000' is in split 'train'"):
+        Dataset(root, split="test")["ep000"]
+    # no file outside the test folder hashes to "train": the train split falls back to all the files a hash
+    # splits (as a flat folder's does), never to the test folder's
+    for name in ("ep000", "ep003"):
+        (root / f"{name}.npz").unlink()
+    ds, idx, _ = open_split(root, "train")
+    assert [ds.episodes[i].id for i in idx] == ["ep001", "ep002"]
+    ds, idx, warning = open_split(root, "val")  # val falls back the same way, with a warning
+    assert [ds.episodes[i].id for i in idx] == ["ep001", "ep002"] and "validating on training episodes" in warning
+    frames = load_frames([str(root)], "train", warn=lambda _: None)
+    assert [s.rsplit(":", 1)[1] for s in frames.sources] == ["ep001", "ep002"]
+    # and with only the test folder left, nothing trains
+    for name in ("ep001", "ep002"):
+        (root / f"{name}.npz").unlink()
+    assert open_split(root, "train")[1] == [] and load_frames([str(root)], "train").videos == []
+
+
+def test_export_split_test_reads_a_teco_test_folder(tmp_path, capsys):
+    from worldsim.cli import main
+
+    root = teco_tree(tmp_path / "dmlab", ["train/0/0", "test/0/0", "test/0/1"])
+    out = tmp_path / "strip.png"
+    assert main(["export", str(root), "--split", "test", "--episode", "test-0-1", "--out", str(out),
+                 "--every", "4", "--scale", "1"]) == 0
+    video = Dataset(root)["test-0-1"].video
+    assert np.array_equal(imageio.imread(out), np.concatenate([video[0], video[4]], axis=1))
+    assert main(["export", str(root / "test"), "--split", "test", "--episode", "1", "--out", str(out)]) == 0
+    assert main(["export", str(root), "--split", "test", "--episode", "train-0-0", "--out", str(out)]) == 2
+    assert "episode 'train-0-0' is in split 'train', not in the selected split 'test'" in capsys.readouterr().err
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
