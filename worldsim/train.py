@@ -1323,6 +1323,22 @@ def _progress(dist: Dist, cfg: TrainConfig, desc: str):
     return wrap
 
 
+def _no_train_split_hint(paths: list[str]) -> str:
+    """What to do about datasets without train episodes: FAR/TECO files of a test or val folder (TECO's
+    dmlab/test) are held out from training by their folder, so recording more would not help."""
+    from worldsim.dataset import Dataset
+
+    for path in paths:
+        try:
+            episodes = Dataset(path).episodes
+        except DatasetError:
+            continue
+        if episodes and all(e.folder_split in ("test", "val") for e in episodes):
+            return (f"the files of {path} lie in a {episodes[0].folder_split} folder, which never trains; give "
+                    "TECO's train folder or the folder above both")
+    return "record some with `worldsim record --split train`"
+
+
 def run_ae_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state) -> bool:
     ae_mod, _, _ = _model_modules()
     cfg, dist, device = run.train, trainer.dist, trainer.device
@@ -1332,7 +1348,7 @@ def run_ae_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state)
     val = load_frames(cfg.data, "val", data.action_names, data.resolution, warn=trainer.log)
     if train.num_frames == 0:
         raise TrainError(f"{', '.join(cfg.data)}: no training frames (training reads the episodes of the train "
-                         "split; these hold none: record some with `worldsim record --split train`)")
+                         f"split; these hold none: {_no_train_split_hint(cfg.data)})")
     torch.manual_seed(cfg.seed)
     ae = ae_mod.Autoencoder(run.autoencoder)
     if cfg.ae_init and resume_state is None:  # a resume has the weights in its state: the init may be gone
@@ -1473,7 +1489,7 @@ def build_latents(trainer: Trainer, run: RunConfig, data: DataInfo, ae: nn.Modul
             store.extend(cached)
     if split == "train" and not store.latents:
         raise TrainError(f"no train frames to train on in {', '.join(map(str, cfg.data))} (training reads the "
-                         "episodes of the train split: record some with `worldsim record --split train`)")
+                         f"episodes of the train split: {_no_train_split_hint(cfg.data)})")
     return store
 
 
