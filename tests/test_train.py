@@ -466,6 +466,25 @@ def test_dmlab_files_of_fewer_actions_train_in_any_order(tmp_path):
     assert probe_data([str(DMLAB), str(fewer)], None, "").action_names == full
 
 
+def test_teco_test_folder_never_trains(tmp_path, capsys):
+    """TECO's dmlab/test/<shard>/<n>.npz given to train: the folder was not read, and a flat folder of
+    such files trained on ~90% of them by a hash of their id. Now the test folder holds no train split."""
+    from worldsim.latents import load_frames
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "dmlab"
+    for name in ("train/0/0", "train/0/1", "test/0/0", "test/1/0"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(root / f"{name}.npz", video=rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8),
+                 actions=rng.integers(0, 3, 8))
+    frames = load_frames([str(root)], "train", warn=lambda _: None)
+    assert [s.rsplit(":", 1)[1] for s in frames.sources] == ["train-0-0", "train-0-1"]
+    rc = main(["train", "--data", str(root / "test"), "--out", str(tmp_path / "r"), *FAST, "--ae-steps", "2"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"{root / 'test'}: no training frames" in err and "lie in a test folder, which never trains" in err
+
+
 def test_val_split_taken_from_the_dataset_that_holds_it(tmp_path):
     """A train-only dataset beside a val-only one: validation uses only the val mazes."""
     from worldsim.cli import main as cli_main
