@@ -640,6 +640,37 @@ def test_split_less_files_the_checkpoint_trained_on_score_only_the_hash_held_out
         evaluate.load_test_split(folder, trained)
 
 
+def test_teco_layout_scores_the_test_folder_and_splits_the_other_files_as_training_did(tmp_path):
+    """TECO's dmlab/{train,test}/<shard>/<n>.npz: the test split is the test folder's files, for a checkpoint
+    trained on them or not; files beside them outside split folders are held out by their id hash, as
+    training holds them out."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "dmlab"
+    for name in ("train/0/0", "train/0/9", "test/0/0", "test/1/0"):  # train-0-9's id hash says "test"
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(root / f"{name}.npz", video=rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8),
+                 actions=rng.integers(0, 3, 8))
+    names = ("action_0", "action_1", "action_2")
+    for data in ({"datasets": ["elsewhere"]}, {"datasets": [str(root)]}):
+        world = SimpleNamespace(resolution=(16, 16), action_names=names, config={"data": data})
+        ds, note = evaluate.load_test_split(root, world)
+        assert [e.id for e in ds.episodes] == ["test-0-0", "test-1-0"] and note == "test"
+        ds, note = evaluate.load_test_split(root / "test", world)
+        assert [e.id for e in ds.episodes] == ["0-0", "1-0"] and note == "test"
+    fake = FakeWorld(resolution=(16, 16), simulator={})
+    fake.action_names = names
+    with pytest.raises(evaluate.EvalError, match="no episodes in the test split"):  # a train folder holds none out
+        run_eval(EvalConfig(data=str(root / "train"), out=str(tmp_path / "e"), progress=False), world=fake)
+    # files outside split folders beside them: ep001 / ep002 hash to "test", ep000 to "train"
+    for name in ("ep000", "ep001", "ep002"):
+        np.savez(root / f"{name}.npz", video=rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8),
+                 actions=rng.integers(0, 3, 8))
+    ds, note = evaluate.load_test_split(root, world)
+    assert [e.id for e in ds.episodes] == ["ep001", "ep002", "test-0-0", "test-1-0"] and "hash of their id" in note
+
+
 def test_turn_probe_without_a_simulator_or_poses_pairs_the_full_turn_with_the_last_context_frame(tmp_path):
     """When the simulator cannot start here and the episode has no poses, the turn probe knows only
     where the last context frame stands: the full turn is scored against that frame, not against an
