@@ -63,6 +63,34 @@ def trained(dataset, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.fixture()
+def step_clock(monkeypatch):
+    """`step_clock(seconds)`: the clock a stage's time limit is read from (`time.perf_counter` in
+    worldsim.train, which `Trainer.fit` calls) moves on `seconds` with each optimiser step and stands
+    still otherwise, so a limit of L seconds ends a stage after exactly L / seconds steps on any machine
+    (the step ends with `ema_update`: that is where the clock moves). Other `time` uses are the real ones."""
+    import types
+
+    import worldsim.train as train_mod
+
+    clock = {"now": 1000.0, "per_step": 0.0}
+    real_update = train_mod.ema_update
+
+    def ema_update(*args, **kwargs):
+        real_update(*args, **kwargs)
+        clock["now"] += clock["per_step"]
+
+    fake_time = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    fake_time.perf_counter = lambda: clock["now"]
+    monkeypatch.setattr(train_mod, "time", fake_time)
+    monkeypatch.setattr(train_mod, "ema_update", ema_update)
+
+    def set_seconds_per_step(seconds: float) -> None:
+        clock["per_step"] = seconds
+
+    return set_seconds_per_step
+
+
 def _state_tensors(run: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -395,39 +423,62 @@ def test_schedule_and_token_counts():
     assert (paper["long_short"], paper["all_fine"]) == (2160, 19200)
 
 
-def test_a_time_limited_stage_ends_early_at_the_floor_and_exports(trained, dataset, tmp_path, capsys):
+def test_a_time_limited_stage_ends_early_at_the_floor_and_exports(trained, dataset, tmp_path, capsys, step_clock):
     """--far-time-limit: a GPU lent for minutes trains until the clock runs out, its learning rate at the
-    cosine floor by then, and leaves a complete export, as if its steps were done."""
+    cosine floor by then, and leaves a complete export, as if its steps were done. The clock is a fake
+    one of 0.25 s a step: a 4 s limit is 16 steps on any machine, however slow."""
+    from worldsim.train import lr_at
+
+    step_clock(0.25)
     run = tmp_path / "timed"
     assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(run), *FAST,
                  "--ae-from", str(trained / "checkpoint"), "--far-steps", "100000", "--far-time-limit", "4",
                  "--warmup", "2", "--log-every", "1", "--val-every", "0", "--checkpoint-every", "100000"]) == 0
-    assert "time limit of 4 s reached at step" in capsys.readouterr().err
+    assert "time limit of 4 s reached at step 16/100000" in capsys.readouterr().err
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "lr" in r]
-    assert 3 <= steps[-1]["step"] < 100000
-    assert steps[-1]["lr"] < 0.15 * max(r["lr"] for r in steps)  # decayed to near the floor (0.1 x peak)
+    assert [r["step"] for r in steps] == list(range(1, 17))
+    peak = max(r["lr"] for r in steps)
+    # the rate of step i: the warm-up's 2 steps, then a cosine over the time left (0.5 s .. 4 s) to the floor
+    expected = [lr_at(i, 100000, peak, 2, True, 0.1, time_fraction=i * 0.25 / 4, warmup_end_fraction=0.5 / 4)
+                for i in range(16)]
+    assert [r["lr"] for r in steps] == pytest.approx(expected, rel=1e-6)
+    assert steps[-1]["lr"] < 0.115 * peak  # the last step's rate is near the floor (0.1 x peak) ...
+    assert lr_at(16, 100000, peak, 2, True, 0.1, 16 * 0.25 / 4, 0.5 / 4) == pytest.approx(0.1 * peak)  # ... at it next
     assert any("val_loss" in r for r in rows)  # the final validation ran
     meta = json.loads((run / "state" / "state.json").read_text())
-    assert meta["step"] == steps[-1]["step"]
-    assert 0 <= meta["warmup_end_seconds"] < 4  # kept in seconds: a resume with another limit decays from there
+    assert (meta["step"], meta["seconds"], meta["finished"]) == (16, 4.0, False)
+    assert meta["warmup_end_seconds"] == 0.5  # kept in seconds: a resume with another limit decays from there
     assert (run / "checkpoint" / "model.safetensors").exists()
-    # resuming a run whose time is up finishes at once; a longer limit continues it
+    assert json.loads((run / "checkpoint" / "config.json").read_text())["step"] == 16  # the export is of the last step
+    # resuming a run whose time is up finishes at once; a longer limit continues it to its new end
     capsys.readouterr()
     assert main(["train", "--resume", str(run)]) == 0
-    assert json.loads((run / "state" / "state.json").read_text())["step"] == meta["step"]
+    assert json.loads((run / "state" / "state.json").read_text())["step"] == 16
     assert "time limit of 4 s was already reached" in capsys.readouterr().err
     assert main(["train", "--resume", str(run), "--far-time-limit", "10"]) == 0
-    assert json.loads((run / "state" / "state.json").read_text())["step"] > meta["step"]
+    assert "time limit of 10 s reached at step 40/100000" in capsys.readouterr().err
+    meta = json.loads((run / "state" / "state.json").read_text())
+    assert (meta["step"], meta["seconds"], meta["warmup_end_seconds"]) == (40, 10.0, 0.5)
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "lr" in r]
+    assert [r["step"] for r in steps] == list(range(1, 41))
+    assert [r["lr"] for r in steps[16:]] == pytest.approx(
+        [lr_at(i, 100000, peak, 2, True, 0.1, i * 0.25 / 10, 0.5 / 10) for i in range(16, 40)], rel=1e-6)
 
 
-def test_a_time_limit_that_ends_inside_the_warm_up_says_the_rate_never_decayed(trained, dataset, tmp_path, capsys):
+def test_a_time_limit_that_ends_inside_the_warm_up_says_the_rate_never_decayed(trained, dataset, tmp_path, capsys,
+                                                                                step_clock):
+    step_clock(0.25)
     run = tmp_path / "short"
     assert main(["train", "--stage", "far", "--data", str(dataset), "--out", str(run), *FAST,
                  "--ae-from", str(trained / "checkpoint"), "--far-steps", "100000", "--far-time-limit", "1",
                  "--warmup", "100000", "--val-every", "0", "--checkpoint-every", "100000"]) == 0
-    assert "the time ran out during the warm-up" in capsys.readouterr().err
-    assert json.loads((run / "state" / "state.json").read_text())["warmup_end_seconds"] is None
+    err = capsys.readouterr().err
+    assert "time limit of 1 s reached at step 4/100000" in err
+    assert "the time ran out during the warm-up (4 of 100000 steps)" in err
+    meta = json.loads((run / "state" / "state.json").read_text())
+    assert (meta["step"], meta["warmup_end_seconds"]) == (4, None)
 
 
 def test_datasets_that_disagree_are_named(dataset, tmp_path, capsys):
@@ -816,12 +867,13 @@ def test_a_sequence_longer_than_every_episode_is_refused_before_the_autoencoder_
                  "--far-steps", "1"]) == 0  # the corrected command, in the same folder
 
 
-def test_a_time_limited_autoencoder_stage_reports_the_steps_it_made(dataset, tmp_path):
+def test_a_time_limited_autoencoder_stage_reports_the_steps_it_made(dataset, tmp_path, step_clock):
+    step_clock(0.25)  # a 1 s limit: 4 steps
     run = tmp_path / "limited"
     assert main(["train", "--data", str(dataset), "--out", str(run), *FAST, "--ae-steps", "100000",
                  "--ae-time-limit", "1", "--far-steps", "1", "--val-every", "0"]) == 0
     made = json.loads((run / "autoencoder" / "config.json").read_text())["step"]
-    assert 0 < made < 100000
+    assert made == 4
     assert json.loads((run / "checkpoint" / "config.json").read_text())["data"]["ae_steps"] == made
     assert f"{made:,} autoencoder steps" in (run / "checkpoint" / "README.md").read_text()
 
@@ -1111,7 +1163,7 @@ def test_metrics_that_cannot_be_appended_name_the_file(trained, tmp_path, capsys
     assert main(["train", "--resume", str(run), "--far-steps", "5"]) == 0
 
 
-def test_a_stage_that_leaves_out_the_saved_one_is_refused_on_resume(trained, dataset, tmp_path, capsys):
+def test_a_stage_that_leaves_out_the_saved_one_is_refused_on_resume(trained, dataset, tmp_path, capsys, step_clock):
     """--stage ae on a run saved in the far stage trained nothing (and stored stage ae for good);
     --stage far on an unfinished autoencoder stage dropped it. A finished one, or one its time limit
     ended, goes on to the far stage, and a torn metrics line left by the first stage is mended."""
@@ -1133,8 +1185,11 @@ def test_a_stage_that_leaves_out_the_saved_one_is_refused_on_resume(trained, dat
     assert main(["train", "--resume", str(unfinished), "--stage", "far", "--far-steps", "1"]) == 2
     assert "autoencoder stage is unfinished (step 2 of 4)" in capsys.readouterr().err
     timed = tmp_path / "ae-timed"  # the same state, its stage ended by --ae-time-limit: done
+    step_clock(0.5)  # a 1 s limit: 2 steps of the 50
     assert main(["train", "--data", str(dataset), "--out", str(timed), *FAST, "--stage", "ae", "--ae-steps", "50",
-                 "--ae-time-limit", "0.001"]) == 0
+                 "--ae-time-limit", "1"]) == 0
+    meta = json.loads((timed / "state" / "state.json").read_text())
+    assert (meta["step"], meta["total_steps"], meta["finished"], meta["seconds"]) == (2, 50, False, 1.0)
     with open(ae_run / "metrics.jsonl", "a") as fh:
         fh.write('{"stage": "ae", "step": 9, "lo')
     for finished in (ae_run, timed):
