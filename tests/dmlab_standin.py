@@ -10,14 +10,21 @@ adapter without the Bazel-built module:
   `PyUnicode_AsUTF8` raises); `renderer` must be 'software' or 'hardware' (RuntimeError);
   an unknown level fails like `init` (RuntimeError); an unknown observation name raises
   `ValueError("Unknown observation 'X'.")`.
-* `reset(episode=-1, seed=None)`: `seed` must be int or None (ValueError, same message).
-* `step(action, num_steps=1)`: `action` must be a numpy array (TypeError), of shape (7,)
+* `reset(episode=-1, seed=None)`: `episode` is parsed as a C int (format "i": anything with
+  `__index__`, NumPy integers included; TypeError for a float or a str, OverflowError outside a
+  C int); `seed` is None (one is drawn) or passes `PyLong_Check` (a Python int or bool):
+  anything else, NumPy integers included, raises ValueError("'seed' must be int or None,
+  was 'T'.") with T the C type name ('float', 'numpy.int64').
+* `step(action, num_steps=1)`: `num_steps` is parsed as a C int like `episode`;
+  `action` must be a numpy array (TypeError), of shape (7,)
   ("action must have shape (7)") and dtype np.intc ("action must have dtype np.intc")
   (ValueError); stepping a finished episode raises RuntimeError("Environment in wrong
   status to advance."). Returns the reward as a float. Stricter than the real module: action
   values outside the action spec bounds raise ValueError (the real one calls that undefined
   behaviour), and `num_steps` must be >= 1.
-* `observations()` (RuntimeError when not running), `is_running()`, `num_steps()`, `fps()`,
+* `num_steps()`: the sum of the `num_steps` asked of `step` since the last `reset` (the real
+  module adds the whole request, even where the episode ended partway through it).
+* `observations()` (RuntimeError when not running), `is_running()`, `fps()`,
   `events()`, `close()`, `action_spec()` (list of {'min', 'max', 'name'}),
   `observation_spec()` (list of {'name', 'shape', 'dtype'}); module functions `version()`,
   `runfiles_path()`, `set_runfiles_path(path)`.
@@ -38,6 +45,7 @@ Every Lab instance is appended to `INSTANCES` and logs what it receives (`level`
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
 
@@ -81,6 +89,24 @@ def set_runfiles_path(path: str) -> bool:
         raise TypeError(f"argument 1 must be str, not {type(path).__name__}")
     _RUNFILES[0] = path
     return True
+
+
+def _c_int(value: object) -> int:
+    """A C `int` argument parsed with format "i": what `operator.index` takes, in a C int's range."""
+    n = operator.index(value)  # TypeError: "'float' object cannot be interpreted as an integer"
+    if n > 2**31 - 1:
+        raise OverflowError("signed integer is greater than maximum")
+    if n < -2**31:
+        raise OverflowError("signed integer is less than minimum")
+    return n
+
+
+def _tp_name(value: object) -> str:
+    """`Py_TYPE(value)->tp_name`: 'str' for built-ins and classes defined in Python, 'numpy.int64'
+    for a C type such as NumPy's scalars."""
+    kind = type(value)
+    heap = bool(kind.__flags__ & (1 << 9))  # Py_TPFLAGS_HEAPTYPE
+    return kind.__name__ if heap or kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
 
 
 def _check_str(value: object) -> str:
@@ -134,15 +160,15 @@ class Lab:
         self.observation_names = list(observations)
         self._status = "uninitialized"
         self._episode = 0
-        self._frames = 0
+        self._frames = 0       # frames the level ran this episode (its time limit counts these)
+        self._num_steps = 0    # what num_steps() reports: the frames asked for
 
     # ------------------------------------------------------------------ API
 
     def reset(self, episode=-1, seed=None):
-        if not isinstance(episode, int):
-            raise TypeError(f"'{type(episode).__name__}' object cannot be interpreted as an integer")
-        if seed is not None and not isinstance(seed, int):
-            raise ValueError(f"'seed' must be int or None, was '{type(seed).__name__}'.")
+        episode = _c_int(episode)
+        if seed is not None and not isinstance(seed, int):  # PyLong_Check: a NumPy integer is not one
+            raise ValueError(f"'seed' must be int or None, was '{_tp_name(seed)}'.")
         if self._status == "closed":
             raise RuntimeError('Failed to start environment - "closed"')
         if episode >= 0:
@@ -151,7 +177,7 @@ class Lab:
         if seed is None:
             seed = int(np.random.randint(2**31))
         self._new_map(int(seed) & 0x7FFFFFFF)
-        self._frames = 0
+        self._frames = self._num_steps = 0
         self._episode += 1
         self._status = "running"
         return True
@@ -159,8 +185,7 @@ class Lab:
     def step(self, action, num_steps=1):
         if not isinstance(action, np.ndarray):
             raise TypeError(f"argument 1 must be numpy.ndarray, not {type(action).__name__}")
-        if not isinstance(num_steps, int):
-            raise TypeError(f"'{type(num_steps).__name__}' object cannot be interpreted as an integer")
+        num_steps = _c_int(num_steps)
         if self._status != "running":
             raise RuntimeError("Environment in wrong status to advance.")
         if action.ndim != 1 or action.shape[0] != len(_ACTION_SPEC):
@@ -173,6 +198,7 @@ class Lab:
         if num_steps < 1:
             raise ValueError("stand-in: num_steps must be >= 1")
         self.steps.append((action.copy(), num_steps))
+        self._num_steps += num_steps  # the whole request, as the real module counts it
         look, _, strafe, move = (int(v) for v in action[:4])
         for _ in range(num_steps):
             self._advance(look, strafe, move)
@@ -194,7 +220,7 @@ class Lab:
         return self._status == "running"
 
     def num_steps(self):
-        return self._frames
+        return self._num_steps
 
     def fps(self):
         return self._fps

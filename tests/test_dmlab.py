@@ -60,6 +60,47 @@ def test_standin_rejects_what_the_real_module_rejects(standin):
     assert lab.observations()["RGB_INTERLEAVED"].shape == (8, 8, 3)
 
 
+def test_standin_parses_int_arguments_as_the_c_module_does(standin):
+    """dmlab_module.c parses step's `num_steps` and reset's `episode` with format "i", which takes
+    NumPy integers (a frame count computed with NumPy works there); reset's `seed` must pass
+    PyLong_Check, which a NumPy integer does not (ValueError naming its type)."""
+    lab = standin.Lab(DEFAULT_LEVEL, ["RGB_INTERLEAVED"], config={"width": "8", "height": "8"})
+    assert lab.reset(episode=np.int32(3), seed=7) is True
+    noop = np.zeros(7, np.intc)
+    assert lab.step(noop, num_steps=np.int64(4)) == 0.0
+    lab.step(noop, np.uint8(2))
+    assert [n for _, n in lab.steps] == [4, 2] and lab.num_steps() == 6
+    for bad in (4.0, np.float64(4), "4"):
+        with pytest.raises(TypeError, match="cannot be interpreted as an integer"):
+            lab.step(noop, num_steps=bad)
+        with pytest.raises(TypeError, match="cannot be interpreted as an integer"):
+            lab.reset(episode=bad)
+    with pytest.raises(OverflowError, match="signed integer is greater than maximum"):
+        lab.step(noop, num_steps=np.int64(2**31))
+    with pytest.raises(ValueError, match=r"'seed' must be int or None, was 'numpy\.int64'\."):
+        lab.reset(seed=np.int64(7))
+    with pytest.raises(ValueError, match=r"'seed' must be int or None, was 'float'\."):
+        lab.reset(seed=7.0)
+    assert lab.reset(seed=True) is True  # a bool is an int to PyLong_Check
+    assert lab.num_steps() == 0
+
+
+def test_standin_num_steps_counts_every_frame_asked_for(standin, monkeypatch):
+    """The real module adds each step's whole `num_steps` to `num_steps()`, also where the level's
+    time ran out partway through them; a reset starts it at 0 again."""
+    monkeypatch.setitem(standin.LEVELS, DEFAULT_LEVEL, (11, 1))  # stand-in level: 1 s = 60 frames
+    lab = standin.Lab(DEFAULT_LEVEL, ["RGB_INTERLEAVED"], config={"width": "8", "height": "8"})
+    lab.reset(seed=1)
+    noop = np.zeros(7, np.intc)
+    for _ in range(8):
+        lab.step(noop, num_steps=7)
+    assert lab.num_steps() == 56 and lab.is_running()
+    lab.step(noop, num_steps=7)  # the level ends at frame 60, 4 frames into these 7
+    assert not lab.is_running() and lab.num_steps() == 63
+    lab.reset(seed=1)
+    assert lab.num_steps() == 0 and lab.is_running()
+
+
 def test_standin_lab_receives_level_config_and_observations(standin):
     env = gym.make("worldsim/DMLab-v0", level_config={"logLevel": 1})
     (lab,) = standin.INSTANCES
