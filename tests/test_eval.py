@@ -302,6 +302,125 @@ def test_clear_errors(tiny_data, tmp_path):
     assert in_the_way.read_text() == "not a folder"
 
 
+@pytest.fixture()
+def fake_lpips(tmp_path, monkeypatch):
+    """A stand-in `lpips` package whose weight files exist (empty: nothing loads them, nothing is
+    downloaded), so `metrics.lpips_status()` says it can run. `lpips.LPIPS(net=...)` returns a module
+    whose distance is the mean absolute difference of each image pair, so the expected numbers follow
+    from the frames; it checks that its inputs are frames scaled to [-1, 1] (uint8 v -> v / 127.5 - 1)
+    and logs each call's batch size and smallest and largest input."""
+    import types
+
+    import torch
+
+    package = tmp_path / "fake-lpips" / "lpips"
+    (package / "weights" / "v0.1").mkdir(parents=True)
+    (package / "weights" / "v0.1" / "alex.pth").write_bytes(b"")
+    hub = tmp_path / "fake-hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    (hub / "checkpoints" / evaluate.metrics.ALEXNET_WEIGHTS).write_bytes(b"")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    log = types.SimpleNamespace(made=[], batches=[], low=math.inf, high=-math.inf)
+
+    class MeanAbsoluteDifference(torch.nn.Module):
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            for t in (x, y):
+                assert t.dtype == torch.float32 and t.ndim == 4 and t.shape[1] == 3  # N, C, H, W
+                assert -1.0 <= float(t.min()) and float(t.max()) <= 1.0
+                levels = (t + 1) * 127.5  # the uint8 values back: whole numbers only for v / 127.5 - 1
+                assert torch.allclose(levels, levels.round(), atol=1e-3)
+                log.low, log.high = min(log.low, float(t.min())), max(log.high, float(t.max()))
+            log.batches.append(len(x))
+            return (x - y).abs().mean(dim=(1, 2, 3), keepdim=True)  # [N, 1, 1, 1], as lpips.LPIPS gives
+
+    def LPIPS(net="alex", version="0.1", **kwargs):
+        log.made.append((net, version))
+        return MeanAbsoluteDifference()
+
+    module = types.ModuleType("lpips")
+    module.__file__ = str(package / "__init__.py")
+    module.__version__ = "0.0-stand-in"
+    module.LPIPS = LPIPS
+    monkeypatch.setitem(sys.modules, "lpips", module)
+    return log
+
+
+def _mean_abs_difference(frames: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per frame: what the stand-in LPIPS gives for uint8 frames, in the [-1, 1] scale."""
+    return np.abs(frames.astype(np.float64) - truth.astype(np.float64)).mean(axis=(1, 2, 3)) / 127.5
+
+
+def test_lpips_scores_frames_scaled_to_plus_minus_one_in_batches(fake_lpips):
+    frames = np.random.default_rng(0).integers(0, 256, (2, 7, 8, 8, 3), dtype=np.uint8)
+    ok, why = evaluate.metrics.lpips_status()
+    assert ok, why
+    scorer = evaluate.metrics.Lpips(device="cpu")
+    assert fake_lpips.made == [("alex", "0.1")]
+    got = scorer(frames[0], frames[1], batch=3)
+    assert fake_lpips.batches == [3, 3, 1]
+    np.testing.assert_allclose(got, _mean_abs_difference(frames[0], frames[1]), rtol=1e-5)
+    assert scorer(frames[0, 0], frames[1, 0]) == pytest.approx(_mean_abs_difference(frames[0, :1], frames[1, :1])[0])
+    assert fake_lpips.low == -1.0 and fake_lpips.high == 1.0  # uint8 0 and 255
+
+
+def test_eval_reports_the_lpips_of_its_frames_when_lpips_can_run(tiny_data, tmp_path, fake_lpips):
+    """With lpips installed (a stand-in here: the package is not), results.json and results.md carry
+    each condition's LPIPS: per episode the mean over its generated frames, then the mean over episodes."""
+    from worldsim.dataset import Dataset
+
+    k, g = 12, 8
+    cfg = EvalConfig(data=str(tiny_data), out=str(tmp_path / "lp"), episodes=2, context=k, generate=g, videos=0,
+                     probe_episodes=0, progress=False)
+    res = run_eval(cfg, world=FakeWorld())
+    assert res["metrics"]["lpips"]["available"] is True
+    assert res["metrics"]["lpips"]["status"].startswith("lpips 0.0-stand-in alex v0.1")
+    assert fake_lpips.made == [("alex", "0.1")] and fake_lpips.low < -0.5 and fake_lpips.high > 0.5
+
+    # the frames each condition scores, made here again: the stand-in world is seeded with seed + episode
+    expected: dict[str, list[float]] = {n: [] for n in ("multilevel", "sliding", "copy_last", "autoencoder",
+                                                        "teacher_forced", "teacher_copy")}
+    episodes = [e for e in Dataset(tiny_data, split="test").episodes if e.length >= k + g][:2]
+    assert len(episodes) == 2
+    for seed, info in enumerate(episodes):
+        ep = Dataset(tiny_data, split="test").load(info)
+        truth, acts = ep.video[: k + g], ep.actions[: k + g]
+        target = truth[k:]
+        frames = {}
+        for mode in ("multilevel", "sliding"):
+            session = FakeWorld().new_session(truth[:k], acts[:k], cache_mode=mode, seed=seed)
+            frames[mode] = np.stack([session.step(int(a)) for a in acts[k:]])
+        session = FakeWorld().new_session(truth[:k], acts[:k], cache_mode="multilevel", seed=seed)
+        forced = []
+        for t in range(k, k + g):
+            forced.append(session.predict(int(acts[t])))
+            session.append(truth[t], int(acts[t]))
+        frames["teacher_forced"] = np.stack(forced)
+        frames["teacher_copy"] = truth[k - 1: k + g - 1]
+        frames["copy_last"] = np.repeat(truth[k - 1: k], g, axis=0)
+        frames["autoencoder"] = target  # the stand-in world has no autoencoder: the truth itself
+        for name, f in frames.items():
+            expected[name].append(float(_mean_abs_difference(f, target).mean()))
+    expected_overall = {name: float(np.mean(v)) for name, v in expected.items()}
+    assert expected_overall["autoencoder"] == 0.0 and expected_overall["copy_last"] > 0.01
+
+    on_disk = json.loads((tmp_path / "lp" / "results.json").read_text())
+    for results in (res, on_disk):
+        gt = results["ground_truth"]
+        for name in ("multilevel", "sliding", "copy_last", "autoencoder"):
+            assert gt["summary"][name]["lpips"]["overall"] == pytest.approx(expected_overall[name], rel=1e-5, abs=1e-9)
+            assert gt["summary"][name]["lpips"]["overall_std_over_episodes"] == pytest.approx(
+                float(np.std(expected[name])), rel=1e-4, abs=1e-9)
+        for name in ("teacher_forced", "teacher_copy"):
+            assert gt["teacher_forced_summary"][name]["lpips"]["overall"] == pytest.approx(
+                expected_overall[name], rel=1e-5)
+        assert gt["summary"]["other_memory"]["lpips"]["overall"] > 0
+    md = (tmp_path / "lp" / "results.md").read_text()
+    assert "LPIPS: lpips 0.0-stand-in alex v0.1" in md
+    for name in ("multilevel", "sliding", "copy_last", "autoencoder"):
+        row = next(line for line in md.splitlines() if line.startswith(f"| {evaluate.CONDITION_LABELS[name]} |"))
+        assert row.split(" | ")[3] == f"{expected_overall[name]:.3f}", row  # condition | PSNR | SSIM | LPIPS
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
