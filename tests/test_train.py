@@ -1331,29 +1331,34 @@ def test_stream_with_data_is_refused_rather_than_ignoring_the_data(trained, data
     assert not out.exists()
 
 
+def _stream_worker_files(spool: Path, seed: int, count: int, start_step: int) -> list[Path]:
+    """The first `count` episodes a stream worker (worker 0, 16x16 mazes of 7x7, 4 frames) records."""
+    import multiprocessing as mp
+
+    from worldsim.train import _stream_worker
+
+    spool.mkdir()
+    proc = mp.get_context("spawn").Process(
+        target=_stream_worker, daemon=True,
+        args=(str(spool), "worldsim/Maze-v0", {"resolution": 16, "maze_size": 7}, "random", 4, 0, seed, count,
+              start_step, os.getpid()))
+    proc.start()
+    deadline = time.monotonic() + 120  # a guard against a hung worker, not a speed requirement
+    while len(list(spool.glob("*.npz"))) < count and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.terminate()
+    proc.join(10)
+    return sorted(spool.glob("*.npz"))
+
+
 def test_a_resumed_stream_records_other_mazes(tmp_path):
     """Bug: the workers' maze draws depended on (seed, worker) alone, so every start and resume of a
     streaming run trained on the same first mazes again."""
     import hashlib
-    import multiprocessing as mp
-    import time
-
-    from worldsim.train import _stream_worker
 
     def first_episodes(start_step: int) -> list[str]:
         spool = tmp_path / f"spool{start_step}"
-        spool.mkdir()
-        proc = mp.get_context("spawn").Process(
-            target=_stream_worker, daemon=True,
-            args=(str(spool), "worldsim/Maze-v0", {"resolution": 16, "maze_size": 7}, "random", 4, 0, 0, 3,
-                  start_step, os.getpid()))
-        proc.start()
-        deadline = time.monotonic() + 120
-        while len(list(spool.glob("*.npz"))) < 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        proc.terminate()
-        proc.join(10)
-        files = sorted(spool.glob("*.npz"))
+        files = _stream_worker_files(spool, seed=0, count=3, start_step=start_step)
         assert len(files) == 3
         return [hashlib.sha256(np.load(f)["video"].tobytes()).hexdigest() for f in files]
 
@@ -1363,29 +1368,13 @@ def test_a_resumed_stream_records_other_mazes(tmp_path):
 def test_a_stream_worker_never_records_a_held_out_test_maze(tmp_path):
     """README: streamed mazes are never of the test split. A seed whose first maze draw is a test
     maze: the worker draws again, and no episode of the test split reaches the spool."""
-    import multiprocessing as mp
-    import time
-
     from worldsim.dataset import split_for_maze_seed
-    from worldsim.train import _stream_worker
 
     def first_draw(seed: int) -> int:  # the worker's first draw, as it makes it
         return int(np.random.default_rng([seed, 0, 0]).integers(0, 2**31 - 1))
 
     seed = next(s for s in range(10_000) if split_for_maze_seed(first_draw(s)) == "test")
-    spool = tmp_path / "spool"
-    spool.mkdir()
-    proc = mp.get_context("spawn").Process(
-        target=_stream_worker, daemon=True,
-        args=(str(spool), "worldsim/Maze-v0", {"resolution": 16, "maze_size": 7}, "random", 4, 0, seed, 2, 0,
-              os.getpid()))
-    proc.start()
-    deadline = time.monotonic() + 120
-    while len(list(spool.glob("*.npz"))) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    proc.terminate()
-    proc.join(10)
-    names = sorted(f.name for f in spool.glob("*.npz"))
+    names = [f.name for f in _stream_worker_files(tmp_path / "spool", seed=seed, count=2, start_step=0)]
     assert len(names) == 2 and not [n for n in names if n.startswith("test-")], names
 
 
