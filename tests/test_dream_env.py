@@ -390,3 +390,27 @@ def test_an_installed_copy_finds_the_shipped_checkpoint_from_the_checkout(tmp_pa
     site.mkdir()
     monkeypatch.chdir(REPO)
     assert find_default_checkpoint(shipped_checkpoints_dir(site)).resolve() == REPO / "checkpoints" / "maze-far-small"
+
+
+def test_an_async_vector_env_of_dreams_runs_after_the_parent_ran_torch_multithreaded(tiny_ckpt):
+    """gym.make_vec(..., vectorization_mode="async") builds one env in the parent, then forks the workers;
+    with torch's default threads (2 here) the workers hung for good in their first parallel op (the
+    OpenMP pool does not survive a fork). A subprocess, so that a hang is a timeout, not a stuck suite."""
+    script = (
+        "import sys, torch, gymnasium as gym, worldsim\n"
+        "torch.set_num_threads(2)\n"
+        "torch.ones(512, 512) @ torch.ones(512, 512)  # the parent's pool at work before the fork\n"
+        "v = gym.make_vec('worldsim/Dream-v0', num_envs=2, vectorization_mode='async',\n"
+        "                 checkpoint=sys.argv[1], context_frames=2, device='cpu')\n"
+        "obs, _ = v.reset(seed=0)\n"
+        "obs, *_ = v.step([1, 3])\n"
+        "v.close()\n"
+        "print('stepped', obs.shape)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    try:
+        done = subprocess.run([sys.executable, "-c", script, str(tiny_ckpt)], capture_output=True, text=True,
+                              env=env, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the async vector env hung (no step within 180 s)")
+    assert done.returncode == 0 and "stepped (2, 64, 64, 3)" in done.stdout, done.stderr[-2000:]

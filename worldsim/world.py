@@ -57,6 +57,17 @@ from worldsim.sampler import EulerSampler, setting_problem
 PRECISIONS = ("fp32", "bf16", "auto")
 
 
+def _one_thread_after_fork() -> None:
+    # torch's OpenMP pool does not survive a fork: a child forked after the parent ran multi-threaded
+    # (gymnasium's AsyncVectorEnv forks its workers after building a Dream-v0 in the parent) hung in
+    # its first parallel op for good. One thread there; a worker may raise it with set_num_threads.
+    torch.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_one_thread_after_fork)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
