@@ -66,6 +66,9 @@ class MemoryMazeUnavailableError(ImportError):
 
 
 _TASKS: types.ModuleType | None = None
+# the process that rendered with MuJoCo's OpenGL context: a process forked from it (gymnasium's
+# async vector env forks its workers by default) hangs for good when it sets up its own
+_RENDERED_IN_PID: int | None = None
 
 
 def _quiet_free_joint_warning(record: logging.LogRecord) -> bool:
@@ -225,6 +228,8 @@ class MemoryMazeEnv(SimulatorEnv):
             self._compiled_seed = None
             self._reseed(maze_seed)
             ts = self._dm.reset()
+            global _RENDERED_IN_PID
+            _RENDERED_IN_PID = os.getpid()  # its first frame is rendered
             self._compiled_seed = maze_seed
         self.maze_seed = maze_seed
         self._steps = 0
@@ -276,6 +281,12 @@ class MemoryMazeEnv(SimulatorEnv):
     # ------------------------------------------------------------------ internals
 
     def _build(self, maze_seed: int) -> None:
+        if _RENDERED_IN_PID not in (None, os.getpid()):
+            raise RuntimeError(
+                "Memory Maze cannot start in a process forked after its parent rendered Memory Maze "
+                "(dm_control's render thread does not survive a fork: it would hang for good); start the "
+                "workers with spawn, e.g. gym.make_vec('worldsim/MemoryMaze-v0', n, vectorization_mode='async', "
+                "vector_kwargs={'context': 'spawn'})")
         make = getattr(self._tasks, f"memory_maze_{self.maze_size}x{self.maze_size}")
         try:
             self._dm = make(

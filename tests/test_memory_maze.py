@@ -259,3 +259,35 @@ def test_an_env_dropped_without_close_is_freed_without_hanging():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0 and "freed" in result.stdout, result.stderr
+
+
+def _start_in_a_fork(queue) -> None:
+    try:
+        env = MemoryMazeEnv(max_steps=4)
+        env.reset(options={"maze_seed": 5})
+        queue.put("started")
+    except Exception as exc:  # noqa: BLE001 - the child reports whatever it met
+        queue.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_a_process_forked_after_rendering_is_told_to_spawn_instead_of_hanging(mm):
+    """gymnasium's async vector env forks its workers; after an env had rendered in the parent (a check_env,
+    an eval env), each worker hung for good setting up its OpenGL context (dm_control's render thread
+    does not survive a fork)."""
+    import multiprocessing as mp
+    import queue as queue_mod
+
+    mm.reset(options={"maze_seed": 3})  # this process has rendered
+    ctx = mp.get_context("fork")
+    said = ctx.Queue()
+    child = ctx.Process(target=_start_in_a_fork, args=(said,), daemon=True)
+    child.start()
+    try:
+        message = said.get(timeout=120)
+    except queue_mod.Empty:
+        message = "hung"
+    finally:
+        child.kill()
+        child.join(10)
+    assert message.startswith("RuntimeError: Memory Maze cannot start in a process forked after its parent rendered")
+    assert "vector_kwargs={'context': 'spawn'}" in message
