@@ -335,3 +335,22 @@ def test_bad_settings_and_step_before_reset_are_clear_errors():
         env.step(1)
     with pytest.raises(RuntimeError, match="reset"):
         env.set_pose(1.5, 1.5, 0.0)
+
+
+def test_a_users_own_envs_package_is_named_when_it_shadows_ours(tmp_path):
+    """An RL project's own envs/ (a common name) earlier on sys.path shadowed worldsim's simulators:
+    `import worldsim` registered nothing and gym.make said "Namespace worldsim not found"."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "envs").mkdir()
+    (tmp_path / "envs" / "__init__.py").write_text("")
+    done = subprocess.run([sys.executable, "-c", "import gymnasium as gym, worldsim; gym.make('worldsim/Maze-v0')"],
+                          cwd=tmp_path, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1
+    assert (f"worldsim: the module 'envs' was imported from {tmp_path / 'envs' / '__init__.py'}, not from "
+            f"worldsim's simulators package ({repo / 'envs'})") in done.stderr
+    assert "rename it, or run from another folder" in done.stderr
