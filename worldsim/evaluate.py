@@ -41,7 +41,7 @@
    a revisit when its pose is within 0.5 cell and 30 degrees of a context frame with index
    < K - W + 1 (W = the model's short window, from the checkpoint config), i.e. a place the
    long-term context has seen (DESIGN.md's rule; a context frame still in the short window may
-   show it too, as for 110 of the 1,624 revisit frames of the 24 test episodes at K = 144,
+   show it too, as for 123 of the 1,675 revisit frames of the 24 test episodes at K = 144,
    W = 16; see `worldsim.metrics.revisit_mask`).
 
    "Overall" numbers follow TECO's protocol (which FAR's table uses): per-frame PSNR / SSIM /
