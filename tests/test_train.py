@@ -1811,3 +1811,45 @@ def test_a_resume_whose_autoencoder_was_swapped_is_refused(trained, tmp_path, ca
     err = capsys.readouterr().err
     assert "its transformer was trained on the latents of another autoencoder than" in err
     assert json.loads((run / "state" / "state.json").read_text())["step"] == 3  # nothing trained
+
+
+def test_the_latent_cache_is_encoded_one_episode_at_a_time_and_equals_the_one_from_memory(dataset, tmp_path):
+    """The far stage loaded every frame of a dataset before encoding it (TECO's DMLab training set is
+    ~130 GB of frames): it now reads one episode, encodes it, then reads the next, and the cache it
+    writes is the one encoding from memory wrote (so existing caches stay valid)."""
+    from worldsim.latents import build_cache, cache_paths, load_frames, read_episodes
+
+    data = str(dataset)
+    build_cache(tmp_path / "mem", data, "train", "h" * 16, load_frames([data], "train", warn=lambda _: None),
+                _encode_red)
+    reader = read_episodes(data, "train", None, None, fallback=True, what="the first dataset", warn=lambda _: None)
+    events: list[str] = []
+    real_read = reader.read
+
+    def read(e):
+        events.append("read")
+        return real_read(e)
+
+    def encode(x):
+        events.append("encode")
+        return _encode_red(x)
+
+    reader.read = read
+    build_cache(tmp_path / "disk", data, "train", "h" * 16, reader, encode)
+    assert events.count("read") == len(reader.indices) + 1  # the first one twice: its first frame sizes the cache
+    assert "read,read" not in ",".join(events)  # never a second episode read before the first is encoded
+    (mem_npy, mem_meta), (disk_npy, disk_meta) = (cache_paths(tmp_path / d, data, "train", "h" * 16)
+                                                  for d in ("mem", "disk"))
+    assert mem_npy.read_bytes() == disk_npy.read_bytes()
+    assert json.loads(mem_meta.read_text()) == json.loads(disk_meta.read_text())
+
+
+def test_the_far_stage_never_loads_a_whole_dataset_into_memory(trained, dataset, tmp_path, monkeypatch):
+    from worldsim import train as train_mod
+
+    def whole_dataset(*args, **kwargs):
+        raise AssertionError("load_frames: every frame of a dataset in memory")
+
+    monkeypatch.setattr(train_mod, "load_frames", whole_dataset)
+    assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "far"), *FAST, "--stage", "far",
+                 "--ae-from", str(trained), "--far-steps", "2", "--val-every", "0", "--preview-every", "-1"]) == 0

@@ -104,6 +104,44 @@ class FrameStore:
         self.actions.append(actions.astype(np.int64, copy=False))
         self.sources.append(source)
 
+    def read(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """Episode `e`'s (video, actions), as `EpisodeReader.read` gives them."""
+        return self.videos[e], self.actions[e]
+
+
+@dataclass
+class EpisodeReader:
+    """The `split` episodes of one dataset, read from disk one at a time: what the latent cache
+    encodes without holding every frame in memory (TECO's DMLab training set is 36,000 episodes,
+    about 130 GB of frames). Lengths and sources are known from the index or the file headers."""
+
+    dataset: Dataset
+    indices: list[int]
+    path: str
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([self.dataset.episodes[i].length for i in self.indices], dtype=np.int64)
+
+    @property
+    def sources(self) -> list[str]:
+        return [f"{self.path}:{self.dataset.episodes[i].id}" for i in self.indices]
+
+    def read(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        ep = self.dataset.load(self.dataset.episodes[self.indices[e]])
+        return ep.video, ep.actions.astype(np.int64, copy=False)
+
+
+def read_episodes(path: str, split: str, action_names: Sequence[str] | None, resolution: Sequence[int] | None,
+                  fallback: bool, what: str, warn: Callable[[str], None] = print) -> EpisodeReader:
+    """Open dataset `path` for its `split` episodes (`open_split`), checked against the action names
+    and resolution wanted (None: any), without reading an episode yet."""
+    ds, idx, warning = open_split(path, split, action_names=names_for(path, action_names), fallback=fallback)
+    if warning:
+        warn(warning)
+    check_compatible(str(path), ds.action_names, ds.resolution, action_names, resolution, what)
+    return EpisodeReader(ds, idx, str(path))
+
 
 def check_compatible(path: str, action_names: Sequence[str], resolution: Sequence[int],
                      want_actions: Sequence[str] | None, want_resolution: Sequence[int] | None, what: str) -> None:
@@ -130,22 +168,18 @@ def load_frames(paths: Sequence[str], split: str, action_names: Sequence[str] | 
     fallback = split == "train" or not any(
         open_split(path, split, names_for(path, action_names), fallback=False)[1] for path in paths)
     for path in paths:
-        ds, idx, warning = open_split(path, split, action_names=names_for(path, action_names), fallback=fallback)
-        if warning:
-            warn(warning)
         want_a = action_names if action_names is not None else (store.action_names or None)
         want_r = resolution if resolution is not None else (store.resolution if store.videos else None)
-        check_compatible(str(path), ds.action_names, ds.resolution, want_a, want_r,
-                         what if action_names is not None else f"{paths[0]}")
-        store.action_names = tuple(ds.action_names)
-        store.resolution = tuple(ds.resolution)  # type: ignore[assignment]
+        reader = read_episodes(path, split, want_a, want_r, fallback,
+                               what if action_names is not None else f"{paths[0]}", warn)
+        store.action_names = tuple(reader.dataset.action_names)
+        store.resolution = tuple(reader.dataset.resolution)  # type: ignore[assignment]
         if store.simulator is None:
-            store.simulator = ds.simulator
-        it = idx if progress is None else progress(idx)
-        for i in it:
-            info = ds.episodes[i]
-            ep = ds.load(info)
-            store.add(ep.video, ep.actions, f"{path}:{info.id}")
+            store.simulator = reader.dataset.simulator
+        sources = reader.sources
+        episodes = range(len(reader.indices))
+        for e in (episodes if progress is None else progress(episodes)):
+            store.add(*reader.read(e), sources[e])
     return store
 
 
@@ -263,22 +297,27 @@ def load_cached(cache_dir: Path, path: str, split: str, ae_hash: str) -> LatentS
     return store
 
 
-def build_cache(cache_dir: Path, path: str, split: str, ae_hash: str, frames: FrameStore,
+def build_cache(cache_dir: Path, path: str, split: str, ae_hash: str, frames: FrameStore | EpisodeReader,
                 encode: Callable[[np.ndarray], np.ndarray], batch_frames: int = 256,
                 progress: Callable[[Iterable], Iterable] | None = None) -> LatentStore:
-    """Encode every frame of `frames` (the episodes of `path`/`split`) once and write the cache.
+    """Encode every frame of `frames` (the episodes of `path`/`split`, in memory or read one at a
+    time from disk) once and write the cache.
 
     `encode(uint8 [B,H,W,3]) -> float [B,C,h,w]` is the frozen autoencoder's encoder.
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
     npy, meta_path = cache_paths(cache_dir, path, split, ae_hash)
-    lengths = [len(a) for a in frames.actions]
+    lengths = [int(n) for n in frames.lengths]
+    sources = frames.sources
     total = int(sum(lengths))
     if total == 0:
         raise DatasetError(f"{path}: no {split} frames to encode")
-    probe = encode(frames.videos[0][:1])
+    first_video, _ = frames.read(0)
+    probe = encode(first_video[:1])
+    del first_video
     shape = (total,) + tuple(probe.shape[1:])
     offsets: list[int] = []
+    actions: list[list[int]] = []
 
     def write(tmp: Path) -> None:
         # plain writes in order, not a memory map: a full disk is then an OSError naming the cache,
@@ -287,9 +326,12 @@ def build_cache(cache_dir: Path, path: str, split: str, ae_hash: str, frames: Fr
         with open(tmp, "wb") as fh:
             np.lib.format.write_array_header_1_0(fh, {"descr": np.dtype("<f2").str, "fortran_order": False,
                                                       "shape": shape})
-            episodes = range(len(frames.videos))
+            episodes = range(len(lengths))
             for e in (episodes if progress is None else progress(episodes)):
-                video = frames.videos[e]
+                video, episode_actions = frames.read(e)  # one episode in memory at a time
+                if len(video) != lengths[e]:
+                    raise ValueError(f"{sources[e]}: {len(video)} frames read, {lengths[e]} expected")
+                actions.append(episode_actions.tolist())
                 offsets.append(pos)
                 for s in range(0, len(video), batch_frames):
                     chunk = encode(video[s:s + batch_frames])
@@ -311,11 +353,11 @@ def build_cache(cache_dir: Path, path: str, split: str, ae_hash: str, frames: Fr
         "split": split,
         "ae_hash": ae_hash,
         "shape": list(shape),
-        "sources": frames.sources,
+        "sources": sources,
         "lengths": lengths,
         "offsets": offsets,
-        "actions": [a.tolist() for a in frames.actions],
-        "signature": _dataset_signature(path, split, frames.sources, lengths),
+        "actions": actions,
+        "signature": _dataset_signature(path, split, sources, lengths),
     }
     from worldsim.dataset import write_json_atomic
 

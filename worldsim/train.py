@@ -70,8 +70,8 @@ from worldsim.dataset import (DatasetError, atomic_write, name_the_target, reada
                               write_gif, write_json_atomic)
 from worldsim.ddp import Dist, cpu_threads_per_rank
 from worldsim.latents import (
-    FrameStore, LatentStore, build_cache, check_compatible, load_cached, load_frames, names_for, split_source,
-    tensors_hash,
+    FrameStore, LatentStore, build_cache, check_compatible, load_cached, load_frames, names_for, read_episodes,
+    split_source, tensors_hash,
 )
 from worldsim.model import DeviceError
 
@@ -1479,9 +1479,12 @@ def build_latents(trainer: Trainer, run: RunConfig, data: DataInfo, ae: nn.Modul
         if missing:
             if dist.is_main and cached is None:
                 trainer.log(f"far: encoding {split} frames of {path} once (latent cache in {cache_dir})")
-                frames = load_frames([path], split, data.action_names, data.resolution, warn=trainer.log)
-                if frames.num_frames:
-                    build_cache(cache_dir, path, split, ae_hash, frames, encode, cfg.latent_batch,
+                # read one episode at a time: a dataset larger than memory encodes in one pass
+                episodes = read_episodes(path, split, data.action_names, data.resolution,
+                                         fallback=split == "train" or not holding, what="the first dataset",
+                                         warn=trainer.log)
+                if int(episodes.lengths.sum()):
+                    build_cache(cache_dir, path, split, ae_hash, episodes, encode, cfg.latent_batch,
                                 progress=_progress(dist, cfg, f"encode {split}"))
             dist.barrier()
             cached = load_cached(cache_dir, path, split, ae_hash)
