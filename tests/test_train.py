@@ -1814,8 +1814,8 @@ def test_a_resume_whose_autoencoder_was_swapped_is_refused(trained, tmp_path, ca
 
 
 def test_the_latent_cache_is_encoded_one_episode_at_a_time_and_equals_the_one_from_memory(dataset, tmp_path):
-    """The far stage loaded every frame of a dataset before encoding it (TECO's DMLab training set is
-    ~130 GB of frames): it now reads one episode, encodes it, then reads the next, and the cache it
+    """The far stage loaded every frame of a dataset before encoding it (TECO's DMLab set is ~147 GB
+    of frames): it now reads one episode, encodes it, then reads the next, and the cache it
     writes is the one encoding from memory wrote (so existing caches stay valid)."""
     from worldsim.latents import build_cache, cache_paths, load_frames, read_episodes
 

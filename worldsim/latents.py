@@ -112,8 +112,8 @@ class FrameStore:
 @dataclass
 class EpisodeReader:
     """The `split` episodes of one dataset, read from disk one at a time: what the latent cache
-    encodes without holding every frame in memory (TECO's DMLab training set is 36,000 episodes,
-    about 130 GB of frames). Lengths and sources are known from the index or the file headers."""
+    encodes without holding every frame in memory (TECO's DMLab set is 40,000 episodes, about 147 GB
+    of frames). Lengths and sources are known from the index or the file headers."""
 
     dataset: Dataset
     indices: list[int]
