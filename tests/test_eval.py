@@ -548,10 +548,14 @@ def test_an_out_folder_it_cannot_write_is_refused_before_anything_is_generated(t
 
     monkeypatch.setattr(evaluate.tempfile, "mkstemp", refused)
     world = FakeWorld()
-    with pytest.raises(EvalError, match=r"--out .*ro: cannot write in the results folder \(Permission denied\)"):
+    with pytest.raises(PermissionError) as caught:  # the file system's refusal: exit 1 naming the folder
         run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path / "ro"), episodes=1, context=12, generate=4,
                             videos=0, progress=False), world=world)
+    assert caught.value.filename == str(tmp_path / "ro")
     assert world.sessions == []
+    from worldsim.cli import main
+
+    assert main(["eval", "--data", str(tiny_data), "--out", str(tmp_path / "ro"), "--episodes", "1"]) == 1
 
 
 def test_a_video_the_disk_cannot_hold_keeps_the_episodes_scored_and_names_the_file(tiny_data, tmp_path, monkeypatch):
@@ -1156,3 +1160,16 @@ def test_teacher_forcing_predicts_each_frame_from_the_ground_truth_past():
     generated = evaluate.generate(world, video, actions, context=5, count=7, cache_mode="multilevel", steps=None,
                                   cfg=None, seed=0)
     np.testing.assert_array_equal(generated, np.repeat(video[4:5], 7, axis=0))
+
+
+def test_the_opposite_view_control_takes_a_view_exactly_90_degrees_off_in_float32():
+    """Poses come in float32: with a 1e-9 slack a view nine 10-degree turns (exactly 90 degrees) away
+    was no control for 22 of the 36 headings, by rounding alone."""
+    turn = np.float32(math.radians(10.0))
+    missed = []
+    for k in range(36):
+        yaw = np.float32(-math.pi) + k * turn
+        poses = np.array([[3.5, 2.5, yaw + 9 * turn], [6.5, 6.5, 0.0], [3.5, 2.5, yaw]], dtype=np.float32)
+        if evaluate.opposite_view_pairs(poses, [(2, 0)], pos_tol=0.075) != [(2, 0)]:
+            missed.append(k)
+    assert missed == []

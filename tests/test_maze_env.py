@@ -354,3 +354,25 @@ def test_a_users_own_envs_package_is_named_when_it_shadows_ours(tmp_path):
     assert (f"worldsim: the module 'envs' was imported from {tmp_path / 'envs' / '__init__.py'}, not from "
             f"worldsim's simulators package ({repo / 'envs'})") in done.stderr
     assert "rename it, or run from another folder" in done.stderr
+
+
+def test_a_sourceless_install_is_not_mistaken_for_a_shadowing_envs(tmp_path):
+    """The check above compared envs' __init__.py by name; a sourceless install (PyInstaller,
+    `compileall -b` with the .py files removed) has __init__.pyc and was refused."""
+    import compileall
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    site = tmp_path / "site"
+    for package in ("worldsim", "envs"):
+        shutil.copytree(repo / package, site / package, ignore=shutil.ignore_patterns("__pycache__"))
+    assert compileall.compile_dir(str(site), quiet=1, legacy=True)
+    for source in site.rglob("*.py"):
+        source.unlink()
+    done = subprocess.run([sys.executable, "-c", "import gymnasium as gym, worldsim; gym.make('worldsim/Maze-v0')"],
+                          cwd=tmp_path, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-1500:]

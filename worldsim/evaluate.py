@@ -679,9 +679,10 @@ def opposite_view_pairs(poses: np.ndarray, pairs: list[tuple[int, int]], pos_tol
     poses = np.asarray(poses, dtype=np.float64)
     out = []
     for t, _ in pairs:
-        near = np.hypot(poses[:t, 0] - poses[t, 0], poses[:t, 1] - poses[t, 1]) <= pos_tol + 1e-9
+        # the slack of metrics.pose_match: poses come in float32, and 90 degrees is nine 10-degree turns
+        near = np.hypot(poses[:t, 0] - poses[t, 0], poses[:t, 1] - poses[t, 1]) <= pos_tol + metrics.POSE_SLACK
         off = np.abs(metrics.wrap_angle(poses[:t, 2] - poses[t, 2]))
-        off = np.where(near & (off >= math.pi / 2 - 1e-9), off, -1.0)
+        off = np.where(near & (off >= math.pi / 2 - metrics.POSE_SLACK), off, -1.0)
         if off.max(initial=-1.0) >= 0:
             out.append((t, int(np.argmax(off))))
     return out
@@ -1144,14 +1145,17 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None) -
         raise EvalError(f"--out {out}: exists and is not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a file in the way, or no permission
-        raise EvalError(f"--out {out}: cannot create the results folder ({exc.strerror or exc})") from None
-    try:  # a folder it cannot write to was found only after the whole eval (22 minutes for the bars)
+        # a folder it cannot write in was found only after the whole eval (22 minutes for the bars)
         fd, probe = tempfile.mkstemp(dir=out, prefix=".write-check-")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise EvalError(f"--out {out}: cannot write in the results folder ({exc.strerror or exc})") from None
+        from worldsim.dataset import FILE_SYSTEM_REFUSALS
+
+        if exc.errno in FILE_SYSTEM_REFUSALS:  # no permission, a full disk: exit 1 naming it, as every command
+            exc.filename = str(out)
+            raise
+        raise EvalError(f"--out {out}: cannot create the results folder ({exc.strerror or exc})") from None
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
     if cfg.threads is not None:

@@ -57,11 +57,16 @@ from worldsim.sampler import EulerSampler, setting_problem
 PRECISIONS = ("fp32", "bf16", "auto")
 
 
+_RAN_A_WORLD_MODEL = False  # set by WorldModel(): only then do forks of this process get one thread
+
+
 def _one_thread_after_fork() -> None:
     # torch's OpenMP pool does not survive a fork: a child forked after the parent ran multi-threaded
     # (gymnasium's AsyncVectorEnv forks its workers after building a Dream-v0 in the parent) hung in
-    # its first parallel op for good. One thread there; a worker may raise it with set_num_threads.
-    torch.set_num_threads(1)
+    # its first parallel op for good, and hangs again if it raises its threads. Workers that need
+    # more threads start with spawn (vector_kwargs={"context": "spawn"}).
+    if _RAN_A_WORLD_MODEL:
+        torch.set_num_threads(1)
 
 
 if hasattr(os, "register_at_fork"):  # POSIX
@@ -105,6 +110,8 @@ class WorldModel:
         device: str | torch.device | None = None,
         precision: str = "fp32",
     ):
+        global _RAN_A_WORLD_MODEL
+        _RAN_A_WORLD_MODEL = True
         self.device = pick_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.autoencoder = autoencoder.to(self.device).eval()
