@@ -343,9 +343,9 @@ def test_id_of_another_split_is_an_error_not_a_position(tmp_path):
         test["000003"]
 
 
-# the id hash (split_for_id) of these TECO-layout files, fixed so that every rule below is exercised:
-# train-0-2 hashes to "val", train-0-9 and train-0-11 to "test"; ep001 and ep002 to "test"
-TECO_TRAIN = [f"train/0/{i}" for i in range(12)]
+# the hash (split_for_id) of these TECO-layout files, fixed so that every rule below is exercised: a train
+# folder's files hash by their path below it, "0-5" to "val" and "0-15" to "test"; ep001 and ep002 to "test"
+TECO_TRAIN = [f"train/0/{i}" for i in range(16)]
 
 
 def test_train_val_test_folders_decide_the_split(tmp_path):
@@ -355,25 +355,29 @@ def test_train_val_test_folders_decide_the_split(tmp_path):
     from worldsim.latents import open_split
 
     root = teco_tree(tmp_path / "dmlab", [*TECO_TRAIN, "test/0/0", "test/1/0", "Valid/0/0"])
-    assert {split_for_id(f"train-0-{i}") for i in range(12)} == {"train", "val", "test"}  # the rules below all apply
+    assert {split_for_id(f"0-{i}") for i in range(16)} == {"train", "val", "test"}  # the rules below all apply
     ds = Dataset(root)
     split = {e.id: e.split for e in ds.episodes}
     assert split["test-0-0"] == split["test-1-0"] == "test" and split["Valid-0-0"] == "val"  # any case
     # a train folder keeps its id-hash "val" episodes for validation, and holds out none as test
-    assert {i for i, s in split.items() if i.startswith("train-") and s == "val"} == {"train-0-2"}
-    assert split["train-0-9"] == split["train-0-11"] == "train"
+    assert {i for i, s in split.items() if i.startswith("train-") and s == "val"} == {"train-0-5"}
+    assert split["train-0-15"] == "train"
     parts = {s: open_split(root, s) for s in ("train", "val", "test")}
     chosen = {s: sorted(ds.episodes[i].id for i in idx) for s, (ds, idx, _) in parts.items()}
     assert chosen["test"] == ["test-0-0", "test-1-0"]
-    assert chosen["val"] == ["Valid-0-0", "train-0-2"]
-    assert chosen["train"] == sorted(f"train-0-{i}" for i in range(12) if i != 2)
+    assert chosen["val"] == ["Valid-0-0", "train-0-5"]
+    assert chosen["train"] == sorted(f"train-0-{i}" for i in range(16) if i != 5)
     assert all(w is None for _, _, w in parts.values())
     for s in ("train", "val", "test"):  # Dataset(split=), what export --split reads, agrees
         assert sorted(e.id for e in Dataset(root, split=s).episodes) == chosen[s]
-    # the given folder's own name counts: TECO's test folder alone has nothing to train on
-    assert open_split(root / "test", "train")[1] == []
+    # the given folder's own name counts, and those above it: TECO's test folder, or one shard of it, alone
+    # has nothing to train on
+    assert open_split(root / "test", "train")[1] == [] and open_split(root / "test" / "0", "train")[1] == []
     assert {e.split for e in Dataset(root / "test").episodes} == {"test"}
-    assert len(Dataset(root / "test", split="test")) == 2
+    assert len(Dataset(root / "test", split="test")) == 2 and len(Dataset(root / "test" / "1", split="test")) == 1
+    # the train folder given itself: the same episodes go to val (the hash is of the path below it)
+    assert [e.id for e in Dataset(root / "train", split="val").episodes] == ["0-5"]
+    assert [e.id for e in Dataset(root / "train" / "0", split="val").episodes] == ["5"]
     # a tiny train folder whose id hashes all say "val" still trains (on all of them), as a flat folder does
     tiny = teco_tree(tmp_path / "train", ["0", "12"])
     assert [e.split for e in Dataset(tiny).episodes] == ["val", "val"]

@@ -36,9 +36,10 @@ An index-less folder is searched with its subfolders, sorted by path; hidden fil
 is refused (a dataset of its own: give it as its own path). A file directly in the folder has
 its stem as id; deeper ones their path below the folder with ``/`` as ``-`` (``train/0/12.npz``
 -> ``train-0-12``); two files with one id are refused. Splits of FAR/TECO files: the innermost
-folder named ``test``, ``val``/``valid``/``validation`` or ``train`` (any case; the given
-folder's own name counts, the folders above it do not) decides; a ``train`` folder's episodes
-whose id hash (`split_for_id`) says "val" are "val", none "test". Files outside such folders
+folder on the file's path named ``test``/``testing``, ``val``/``valid``/``validation`` or
+``train``/``training`` (any case; the folders above the given one count too, so a test shard given
+alone is test) decides; a ``train`` folder's episodes whose hash (`split_for_id` of the path below
+that folder, the same whichever folder is given) says "val" are "val", none "test". Files outside such folders
 have no split of their own: training splits them by that hash (`latents.open_split`, the same
 ~90/5/5 as maze seeds), and only a dataset where no file has a split refuses ``split=``.
 
@@ -101,16 +102,33 @@ def split_for_id(episode_id: str) -> str:
 
 
 # names of the folders that decide the split of the FAR/TECO files below them (compared in lower case)
-SPLIT_FOLDERS = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val"}
+SPLIT_FOLDERS = {"train": "train", "training": "train", "test": "test", "testing": "test",
+                 "val": "val", "valid": "val", "validation": "val"}
 
 
 def split_of_folders(folders: Sequence[str]) -> str | None:
-    """The split named by the innermost of `folders` (outermost first) called train, test, val,
-    valid or validation in any case; None when none is."""
-    for name in reversed(folders):
-        if name.lower() in SPLIT_FOLDERS:
-            return SPLIT_FOLDERS[name.lower()]
+    """The split named by the innermost of `folders` (outermost first) called train(ing),
+    test(ing), val, valid or validation in any case; None when none is."""
+    found = _innermost_split_folder(folders)
+    return None if found is None else SPLIT_FOLDERS[folders[found].lower()]
+
+
+def _innermost_split_folder(folders: Sequence[str]) -> int | None:
+    for i in range(len(folders) - 1, -1, -1):
+        if folders[i].lower() in SPLIT_FOLDERS:
+            return i
     return None
+
+
+def folder_split_and_key(file: Path) -> tuple[str | None, str]:
+    """The split the folders above a FAR/TECO file name (all of them, from the file system's root:
+    `--data dmlab/test/0` holds test episodes too), and the key its train/val hash is taken of: its
+    path below that folder ("0-12" for .../train/0/12.npz), whichever folder was given as the dataset."""
+    folders = Path(os.path.abspath(file)).parts[:-1]
+    found = _innermost_split_folder(folders)
+    if found is None:
+        return None, file.stem
+    return SPLIT_FOLDERS[folders[found].lower()], "-".join(folders[found + 1:] + (file.stem,))
 
 
 def episode_split(info: EpisodeInfo) -> str:
@@ -483,17 +501,15 @@ def default_action_names(n: int) -> tuple[str, ...]:
     return tuple(f"action_{i}" for i in range(n))
 
 
-def plain_folder_files(root: Path) -> list[tuple[Path, str, str | None]]:
-    """(file, episode id, folder split) of every .npz below an index-less folder, sorted by path.
+def plain_folder_files(root: Path) -> list[tuple[Path, str]]:
+    """(file, episode id) of every .npz below an index-less folder, sorted by path.
 
     Hidden files and folders (".x", such as macOS's "._0.npz" resource forks) are skipped. A file
     directly in `root` keeps its stem as id (the id the hash split has always used); deeper ones
-    are named by their path, "train/0/12.npz" -> "train-0-12". The folder split comes from `root`'s
-    own name and the folders below it (`split_of_folders`). A subfolder with its own index.json
+    are named by their path, "train/0/12.npz" -> "train-0-12". A subfolder with its own index.json
     is a worldsim dataset and is refused, not mixed in.
     """
     root = Path(root)
-    top = Path(os.path.abspath(root)).name  # "." or "data/test/" name the folder itself
     found: list[tuple[tuple[str, ...], Path]] = []
     seen_dirs: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -511,7 +527,7 @@ def plain_folder_files(root: Path) -> list[tuple[Path, str, str | None]]:
         for name in filenames:
             if name.endswith(".npz") and not name.startswith(".") and (here / name).is_file():
                 found.append((rel + (name,), here / name))
-    out: list[tuple[Path, str, str | None]] = []
+    out: list[tuple[Path, str]] = []
     ids: dict[str, Path] = {}
     for parts, file in sorted(found):
         eid = file.stem if len(parts) == 1 else "-".join(parts[:-1] + (file.stem,))
@@ -519,7 +535,7 @@ def plain_folder_files(root: Path) -> list[tuple[Path, str, str | None]]:
             raise DatasetError(f"{file}: its episode id {eid!r} is also the id of {ids[eid]} (ids join the folders "
                                "below the dataset with '-'); rename one of them")
         ids[eid] = file
-        out.append((file, eid, split_of_folders((top,) + parts[:-1])))
+        out.append((file, eid))
     return out
 
 
@@ -560,7 +576,7 @@ class Dataset:
                                    "subfolders (hidden ones skipped)")
             episodes = self._open_plain(files, action_names)
         elif self.path.suffix == ".npz":
-            episodes = self._open_plain([(self.path, self.path.stem, None)], action_names)
+            episodes = self._open_plain([(self.path, self.path.stem)], action_names)
         else:
             raise DatasetError(f"{self.path}: not a dataset (expected a folder with {INDEX_NAME} or an .npz file)")
         # Split of every id, kept before filtering: an id from another split is an error,
@@ -643,10 +659,10 @@ class Dataset:
             episodes.append(EpisodeInfo(eid, file, length, maze_seed, split))
         return episodes
 
-    def _open_plain(self, found: list[tuple[Path, str, str | None]],
+    def _open_plain(self, found: list[tuple[Path, str]],
                     action_names: Sequence[str] | None) -> list[EpisodeInfo]:
-        """`found`: (file, episode id, split named by its folders) of every file, as `plain_folder_files`."""
-        files = [file for file, _, _ in found]
+        """`found`: (file, episode id) of every file, as `plain_folder_files` gives them."""
+        files = [file for file, _ in found]
         episodes = []
         resolution = None
         max_action = -1
@@ -654,7 +670,8 @@ class Dataset:
         # the index they keep its action names and splits (a hash of the file name would put held-out
         # mazes into training)
         recorded: dict[Path, dict[str, Any]] = {}
-        for file, eid, folder_split in found:
+        for file, eid in found:
+            folder_split, split_key = folder_split_and_key(file)
             headers = npz_headers(file)
             for key in ("video", "actions"):
                 if key not in headers:
@@ -683,9 +700,9 @@ class Dataset:
                 split = split_for_maze_seed(maze_seed)
                 folder_split = None  # the maze decides, wherever the file lies
             elif folder_split == "train":
-                # a train folder keeps the episodes its id hash puts in "val" for validation, but
-                # sends none to "test": the held-out ones are those of a test folder
-                split = "val" if split_for_id(eid) == "val" else "train"
+                # a train folder keeps the episodes its hash puts in "val" for validation, but sends
+                # none to "test": the held-out ones are those of a test folder
+                split = "val" if split_for_id(split_key) == "val" else "train"
             else:
                 split = folder_split
             teco = set(headers) == {"video", "actions"}  # this project's files carry more (poses, maze_seed ...)
