@@ -1763,6 +1763,12 @@ def test_a_resume_redoes_the_export_a_full_disk_or_a_kill_cut_after_the_state_wa
     assert main(["train", "--resume", str(ae_run), "--progress", "false", "--threads", "1"]) == 0
     assert "ae: the export of step 2 did not complete (it holds nothing); writing it again" in capsys.readouterr().err
     assert json.loads((ae_run / "autoencoder" / "config.json").read_text())["step"] == 2
+    # ... and when the resume goes on with the far stage alone (--stage far): "no trained autoencoder"
+    shutil.rmtree(ae_run / "autoencoder")
+    assert main(["train", "--resume", str(ae_run), "--stage", "far", "--far-steps", "2", "--progress", "false",
+                 "--threads", "1"]) == 0
+    assert "ae: the export of step 2 did not complete (it holds nothing); writing it again" in capsys.readouterr().err
+    assert json.loads((ae_run / "checkpoint" / "config.json").read_text())["step"] == 2
 
 
 def test_ctrl_c_at_the_autoencoders_last_step_stops_before_the_far_stage(dataset, tmp_path, capsys, monkeypatch):

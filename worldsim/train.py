@@ -2122,7 +2122,11 @@ def _train(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None
     ae_steps_done = 0
     if cfg.stream_env and cfg.stage == "ae":
         raise TrainError("--stream-env trains the far stage; train the autoencoder on a dataset first (--stage ae)")
-    if cfg.stage in ("ae", "both") and state_stage != "far" and not cfg.stream_env:
+    # a finished autoencoder stage whose export was cut (a full disk, a kill) runs again with
+    # --stage far too: it only writes the export, which the far stage needs
+    (ae_export_cut,) = dist.any_flags(state_stage == "ae" and
+                                      exported_step_in(out / AE_DIR, "step") != int(state[0]["step"]))
+    if (cfg.stage in ("ae", "both") and state_stage != "far" and not cfg.stream_env) or ae_export_cut:
         if not run_ae_stage(trainer, run, data, state if state_stage == "ae" else None):
             return 130
         ae_dir = readable_dir(out / AE_DIR, "config.json")  # its step: fewer than asked when --ae-time-limit hit
