@@ -439,10 +439,11 @@ def load_checkpoint(
         float_dtype = FAR_DTYPES[stored_far_dtype(config)] if prefix == "far." else torch.float32
         check_tensors(path, module, given, prefix, float_dtype)
         module.load_state_dict(given, strict=False)
+    ae_keys, far_keys = autoencoder.state_dict().keys(), far.state_dict().keys()  # once, not per tensor
     unexpected = sorted(
         k for k in tensors
-        if not (k.startswith("autoencoder.") and k[12:] in autoencoder.state_dict())
-        and not (k.startswith("far.") and k[4:] in far.state_dict())
+        if not (k.startswith("autoencoder.") and k[12:] in ae_keys)
+        and not (k.startswith("far.") and k[4:] in far_keys)
     )
     if unexpected:
         given_far = {k[4:]: v for k, v in tensors.items() if k.startswith("far.")}
