@@ -84,7 +84,9 @@ class PlayConfig:
                 "with it, as training labels noised context), against drift; 0 = off (default: the checkpoint's)"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: picked automatically)"})
     threads: int | None = field(default=None, metadata={
-        "help": "torch CPU threads (default: torch's; 1 is faster on a machine shared with other jobs)"})
+        "help": "torch CPU threads (default: one fewer than the cores this process may use, at most torch's "
+                "default, at least 1: a thread that must share its core with another program stalls the "
+                "frame for up to seconds)"})
     seed: int = field(default=0, metadata={"help": "world seed; R (new world) uses seed+1, seed+2, ..."})
     fps: float = field(default=15.0, metadata={"help": "target frames per second; a held key repeats at this rate"})
     scale: int = field(default=8, metadata={"help": "integer upscaling of frames on screen and in videos (64x64 -> 512x512)"})
@@ -965,6 +967,19 @@ def _check(config: PlayConfig) -> None:
         raise PlayError(f"--threads must be >= 1, got {config.threads}")
 
 
+def default_threads() -> int:
+    """Play's torch threads: one core left for the rest of the machine. On this project's 2-core CPU,
+    with one other busy core, 2 threads played at 9.4 fps and 1 thread at 29 (a helper's profile, session 31;
+    quiet, 2 threads are 1.3-1.5x faster, which a window capped at --fps 15 does not show)."""
+    import torch
+
+    try:
+        cores = len(os.sched_getaffinity(0))  # what a container or taskset leaves this process
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cores - 1))
+
+
 def main(args: argparse.Namespace) -> int:
     from worldsim.dream_env import CheckpointNotFound, SimulatorUnavailable
 
@@ -974,10 +989,9 @@ def main(args: argparse.Namespace) -> int:
         config.actions = config.actions or f"random:{max(BENCH_AT)}"
     try:
         _check(config)
-        if config.threads is not None:
-            import torch
+        import torch
 
-            torch.set_num_threads(config.threads)
+        torch.set_num_threads(config.threads if config.threads is not None else default_threads())
         if config.headless:
             result = run_headless(config)
             rate = result.frames / max(result.seconds, 1e-9)
