@@ -475,3 +475,17 @@ def test_a_failed_atomic_write_to_a_relative_path_names_it_too(tmp_path, monkeyp
         atomic_write("x.png", lambda tmp: tmp.write_bytes(b"png"))
     assert caught.value.filename == "x.png"
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
+
+
+def test_a_folder_named_test_above_the_dataset_does_not_hold_it_out(tmp_path):
+    """Folders above the given one counted for a while: a home, project or CI folder named test, val or
+    training made every dataset under it held out (or all training), and this suite failed under such
+    a --basetemp. Only the given folder, those below it, and the folder above a numbered shard count."""
+    from worldsim.latents import open_split
+
+    root = teco_tree(tmp_path / "test" / "me" / "dm", ["ep000", "ep001", "ep002", "ep003", "sub/0"])
+    assert {e.split for e in Dataset(root).episodes} == {None}
+    assert [Dataset(root).episodes[i].id for i in open_split(root, "train")[1]] == ["ep000", "ep003", "sub-0"]
+    assert Dataset(root / "ep000.npz").episodes[0].split is None
+    shard = teco_tree(tmp_path / "training" / "dmlab" / "test" / "7", ["3"])  # TECO's test shard given alone
+    assert Dataset(shard).episodes[0].split == "test" and Dataset(shard / "3.npz").episodes[0].split == "test"

@@ -37,8 +37,8 @@ is refused (a dataset of its own: give it as its own path). A file directly in t
 its stem as id; deeper ones their path below the folder with ``/`` as ``-`` (``train/0/12.npz``
 -> ``train-0-12``); two files with one id are refused. Splits of FAR/TECO files: the innermost
 folder on the file's path named ``test``/``testing``, ``val``/``valid``/``validation`` or
-``train``/``training`` (any case; the folders above the given one count too, so a test shard given
-alone is test) decides; a ``train`` folder's episodes whose hash (`split_for_id` of the path below
+``train``/``training`` (any case; the given folder's own name counts, and the one above a numbered
+shard given alone, so ``dmlab/test/0`` is test; folders further up do not) decides; a ``train`` folder's episodes whose hash (`split_for_id` of the path below
 that folder, the same whichever folder is given) says "val" are "val", none "test". Files outside such folders
 have no split of their own: training splits them by that hash (`latents.open_split`, the same
 ~90/5/5 as maze seeds), and only a dataset where no file has a split refuses ``split=``.
@@ -120,11 +120,19 @@ def _innermost_split_folder(folders: Sequence[str]) -> int | None:
     return None
 
 
-def folder_split_and_key(file: Path) -> tuple[str | None, str]:
-    """The split the folders above a FAR/TECO file name (all of them, from the file system's root:
-    `--data dmlab/test/0` holds test episodes too), and the key its train/val hash is taken of: its
-    path below that folder ("0-12" for .../train/0/12.npz), whichever folder was given as the dataset."""
-    folders = Path(os.path.abspath(file)).parts[:-1]
+def folder_split_and_key(file: Path, given: Path) -> tuple[str | None, str]:
+    """The split the folders of a FAR/TECO file name, and the key its train/val hash is taken of: its
+    path below that folder ("0-12" for .../train/0/12.npz), whichever folder was given as the dataset.
+
+    The folders that count: the one given (a file given alone: its folder) and those below it, and
+    the folder above a shard given alone whose name is a number (TECO's `dmlab/test/0`). Not the
+    folders further up: a home or CI folder named test must not make every dataset under it held out."""
+    base = Path(os.path.abspath(given))
+    if not base.is_dir():
+        base = base.parent
+    folders = (base.name,) + Path(os.path.abspath(file)).parent.relative_to(base).parts
+    if base.name.isdigit():
+        folders = (base.parent.name,) + folders
     found = _innermost_split_folder(folders)
     if found is None:
         return None, file.stem
@@ -671,7 +679,7 @@ class Dataset:
         # mazes into training)
         recorded: dict[Path, dict[str, Any]] = {}
         for file, eid in found:
-            folder_split, split_key = folder_split_and_key(file)
+            folder_split, split_key = folder_split_and_key(file, self.path)
             headers = npz_headers(file)
             for key in ("video", "actions"):
                 if key not in headers:
