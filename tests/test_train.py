@@ -1862,7 +1862,8 @@ def test_the_far_stage_never_loads_a_whole_dataset_into_memory(trained, dataset,
 
 
 def test_a_dataset_without_val_episodes_is_encoded_once_and_validated_on_its_train_store(dataset, trained,
-                                                                                          tmp_path, capsys):
+                                                                                          tmp_path, capsys,
+                                                                                          monkeypatch):
     """With no val episodes anywhere, val fell back to the train episodes and encoded them all a second
     time into a byte-identical cache (65 s each on a 72,000-frame dataset, helper-measured)."""
     from worldsim.dataset import Dataset
@@ -1878,5 +1879,15 @@ def test_a_dataset_without_val_episodes_is_encoded_once_and_validated_on_its_tra
                  str(trained), "--far-steps", "2", "--val-every", "1", "--preview-every", "-1"]) == 0
     assert "note: no val frames; validating on train episodes" in capsys.readouterr().err
     assert len(list((run / "latents").glob("*.npy"))) == 1
+    # the autoencoder stage held the train frames twice in memory (its val fell back to them)
+    from worldsim import latents
+
+    loaded, real = [], latents.load_frames
+    monkeypatch.setattr("worldsim.train.load_frames", lambda paths, split, *a, **k: loaded.append(split) or real(
+        paths, split, *a, **k))
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "ae"), *FAST, "--stage", "ae",
+                 "--ae-steps", "2", "--val-every", "1"]) == 0
+    assert loaded == ["train"]
+    assert "note: no val episodes; validating the autoencoder on train frames" in capsys.readouterr().err
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in r for r in rows)

@@ -155,8 +155,10 @@ class TrainConfig:
     preview_every: int = field(default=1000, metadata={"help": "preview GIF every N FAR steps, drawn from the checkpoint exported then (0: only at the end; -1: never)"})
     preview_context: int = field(default=8, metadata={"help": "preview: ground-truth context frames"})
     preview_frames: int = field(default=16, metadata={"help": "preview: generated frames"})
-    # 32: on this CPU 512 frames encode in 1.3 CPU s against 2.0 at 256, to the same latents (session 31)
-    latent_batch: int = field(default=32, metadata={"help": "frames per autoencoder call when building the latent cache"})
+    # None: 32 on a CPU, where 512 maze frames encoded in 1.3 CPU s against 2.0 at 256, to the same latents
+    # (session 31: the shipped autoencoder's encode timed on data/maze-val, 1 thread); 256 on a GPU
+    latent_batch: int | None = field(default=None, metadata={
+        "help": "frames per autoencoder call when building the latent cache (default: 32 on a CPU, 256 on a GPU)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar (on a terminal; never in a redirected log)"})
     # streaming
     stream_env: str | None = field(default=None, metadata={
@@ -308,7 +310,7 @@ def check_numbers(train: TrainConfig, new_run: bool = True) -> None:
                 0: ("ae_steps", "far_steps", "warmup", "threads", "val_every", "preview_context")}
     for low, names in at_least.items():
         for name in names:
-            if getattr(train, name) < low:
+            if getattr(train, name) is not None and getattr(train, name) < low:  # None: the device's default
                 raise TrainError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(train, name)}")
     # torch seeds with seed + 1 too: 64 bits. Below 0 only for new runs: a run started with one
     # before this check (its steps' seeds are masked to 32 bits) still resumes.
@@ -1346,7 +1348,13 @@ def run_ae_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state)
     trainer.log(f"ae: loading frames of {len(cfg.data)} dataset(s)")
     train = load_frames(cfg.data, "train", data.action_names, data.resolution, warn=trainer.log,
                         progress=_progress(dist, cfg, "load train"))
-    val = load_frames(cfg.data, "val", data.action_names, data.resolution, warn=trainer.log)
+    from worldsim.latents import open_split
+
+    if any(open_split(p, "val", names_for(p, data.action_names), fallback=False)[1] for p in cfg.data):
+        val = load_frames(cfg.data, "val", data.action_names, data.resolution, warn=trainer.log)
+    else:  # the fallback would load the train frames a second time, a second copy in memory
+        trainer.log("note: no val episodes; validating the autoencoder on train frames")
+        val = train
     if train.num_frames == 0:
         raise TrainError(f"{', '.join(cfg.data)}: no training frames (training reads the episodes of the train "
                          f"split; these hold none: {_no_train_split_hint(cfg.data)})")
@@ -1487,7 +1495,8 @@ def build_latents(trainer: Trainer, run: RunConfig, data: DataInfo, ae: nn.Modul
                                          fallback=split == "train", what="the first dataset",
                                          warn=trainer.log)
                 if int(episodes.lengths.sum()):
-                    build_cache(cache_dir, path, split, ae_hash, episodes, encode, cfg.latent_batch,
+                    batch = cfg.latent_batch or (32 if device.type == "cpu" else 256)
+                    build_cache(cache_dir, path, split, ae_hash, episodes, encode, batch,
                                 progress=_progress(dist, cfg, f"encode {split}"))
             dist.barrier()
             cached = load_cached(cache_dir, path, split, ae_hash)
