@@ -1173,3 +1173,25 @@ def test_the_opposite_view_control_takes_a_view_exactly_90_degrees_off_in_float3
         if evaluate.opposite_view_pairs(poses, [(2, 0)], pos_tol=0.075) != [(2, 0)]:
             missed.append(k)
     assert missed == []
+
+
+def test_max_frame_difference_reports_the_largest_per_frame_psnr_change(tmp_path, capsys):
+    """scripts/max_frame_difference.py: how far any single frame moved between two runs of the same
+    episodes (the means in compare_evals.py round to 0.01 dB)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mfd", Path(__file__).resolve().parents[1] / "scripts" /
+                                                  "max_frame_difference.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def run(gt: list[float], probe: list[float]) -> dict:
+        return {"ground_truth": {"episodes": [{"per_frame": {"multilevel": {"psnr": gt, "ssim": [0.5] * len(gt)}}}]},
+                "self_consistency": {"probes": [{"conditions": {"sliding": {"psnr": probe}}}]}}
+
+    (tmp_path / "a.json").write_text(json.dumps(run([20.0, 21.0, 22.0], [15.0])))
+    (tmp_path / "b.json").write_text(json.dumps(run([20.0, 21.25, 22.0], [15.0, 16.0])))
+    assert script.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "ground_truth: largest per-frame PSNR difference 0.25000 dB",  # SSIM lists are not PSNR: ignored
+        "self_consistency: not the same frames in both runs"]

@@ -969,8 +969,9 @@ def _check(config: PlayConfig) -> None:
 
 def default_threads() -> int:
     """Play's torch threads: one core left for the rest of the machine. On this project's 2-core CPU,
-    with one other busy core, 2 threads played at 9.4 fps and 1 thread at 29 (a helper's profile, session 31;
-    quiet, 2 threads are 1.3-1.5x faster, which a window capped at --fps 15 does not show)."""
+    with another program keeping one core busy, `play.py --headless --benchmark --actions random:510`
+    played frame 500 at 6.97 fps with 2 threads and 24.04 with 1 (session 31); quiet, 2 threads were
+    1.3-1.5x faster, which a window capped at --fps 15 does not show."""
     import torch
 
     try:
