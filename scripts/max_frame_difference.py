@@ -16,7 +16,7 @@ import numpy as np
 
 
 def psnr_lists(node: Any, path: str = "") -> Iterator[tuple[str, np.ndarray]]:
-    """Every list of numbers under a key path holding "psnr", in document order."""
+    """Every list of numbers under a key path holding "psnr", with its path (list positions included)."""
     if isinstance(node, dict):
         for key, value in node.items():
             yield from psnr_lists(value, f"{path}/{key}")
@@ -24,8 +24,8 @@ def psnr_lists(node: Any, path: str = "") -> Iterator[tuple[str, np.ndarray]]:
         if "psnr" in path:
             yield path, np.asarray(node, dtype=np.float64)
     elif isinstance(node, list):
-        for value in node:
-            yield from psnr_lists(value, path)
+        for i, value in enumerate(node):
+            yield from psnr_lists(value, f"{path}[{i}]")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,12 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     new, old = (json.loads(open(p).read()) for p in args)
     for part in ("ground_truth", "self_consistency"):
-        pairs = list(zip(psnr_lists(new.get(part)), psnr_lists(old.get(part))))
-        if not pairs or any(pn != po or len(a) != len(b) for (pn, a), (po, b) in pairs):
-            print(f"{part}: not the same frames in both runs")
-            continue
-        worst = max(float(np.abs(a - b).max()) for (_, a), (_, b) in pairs)
-        print(f"{part}: largest per-frame PSNR difference {worst:.5f} dB")
+        a, b = dict(psnr_lists(new.get(part))), dict(psnr_lists(old.get(part)))
+        if not a and not b:
+            print(f"{part}: in neither run")
+        elif a.keys() != b.keys() or any(len(a[k]) != len(b[k]) for k in a):
+            print(f"{part}: not the same frames in both runs (other episodes, probes or lengths)")
+        else:
+            worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+            print(f"{part}: largest per-frame PSNR difference {worst:.5f} dB")
     return 0
 
 

@@ -480,7 +480,7 @@ def test_a_failed_atomic_write_to_a_relative_path_names_it_too(tmp_path, monkeyp
 def test_a_folder_named_test_above_the_dataset_does_not_hold_it_out(tmp_path):
     """Folders above the given one counted for a while: a home, project or CI folder named test, val or
     training made every dataset under it held out (or all training), and this suite failed under such
-    a --basetemp. Only the given folder, those below it, and the folder above a numbered shard count."""
+    a --basetemp. Only the given folder, those below it, and the one above it count."""
     from worldsim.latents import open_split
 
     root = teco_tree(tmp_path / "test" / "me" / "dm", ["ep000", "ep001", "ep002", "ep003", "sub/0"])
@@ -489,3 +489,8 @@ def test_a_folder_named_test_above_the_dataset_does_not_hold_it_out(tmp_path):
     assert Dataset(root / "ep000.npz").episodes[0].split is None
     shard = teco_tree(tmp_path / "training" / "dmlab" / "test" / "7", ["3"])  # TECO's test shard given alone
     assert Dataset(shard).episodes[0].split == "test" and Dataset(shard / "3.npz").episodes[0].split == "test"
+    part = teco_tree(tmp_path / "dmlab" / "test" / "part_a", ["0", "1", "2", "3"])  # any part of it
+    assert {e.split for e in Dataset(part).episodes} == {"test"} and open_split(part, "train")[1] == []
+    sub = teco_tree(tmp_path / "dmlab" / "train" / "sub", [str(i) for i in range(6)])
+    assert ([e.split for e in Dataset(sub).episodes] ==
+            [e.split for e in Dataset(tmp_path / "dmlab" / "train").episodes if e.id.startswith("sub-")])

@@ -1194,4 +1194,10 @@ def test_max_frame_difference_reports_the_largest_per_frame_psnr_change(tmp_path
     assert script.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
     assert capsys.readouterr().out.splitlines() == [
         "ground_truth: largest per-frame PSNR difference 0.25000 dB",  # SSIM lists are not PSNR: ignored
-        "self_consistency: not the same frames in both runs"]
+        "self_consistency: not the same frames in both runs (other episodes, probes or lengths)"]
+    two = run([20.0, 21.0, 22.0], [15.0])
+    two["ground_truth"]["episodes"].append(two["ground_truth"]["episodes"][0])  # a run of more episodes
+    (tmp_path / "c.json").write_text(json.dumps(two))
+    assert script.main([str(tmp_path / "c.json"), str(tmp_path / "a.json")]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "ground_truth: not the same frames in both runs (other episodes, probes or lengths)")

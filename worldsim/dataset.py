@@ -37,8 +37,8 @@ is refused (a dataset of its own: give it as its own path). A file directly in t
 its stem as id; deeper ones their path below the folder with ``/`` as ``-`` (``train/0/12.npz``
 -> ``train-0-12``); two files with one id are refused. Splits of FAR/TECO files: the innermost
 folder on the file's path named ``test``/``testing``, ``val``/``valid``/``validation`` or
-``train``/``training`` (any case; the given folder's own name counts, and the one above a numbered
-shard given alone, so ``dmlab/test/0`` is test; folders further up do not) decides; a ``train`` folder's episodes whose hash (`split_for_id` of the path below
+``train``/``training`` (any case; the given folder's own name counts, and the one above it, so
+``dmlab/test/0`` is test; folders further up do not) decides; a ``train`` folder's episodes whose hash (`split_for_id` of the path below
 that folder, the same whichever folder is given) says "val" are "val", none "test". Files outside such folders
 have no split of their own: training splits them by that hash (`latents.open_split`, the same
 ~90/5/5 as maze seeds), and only a dataset where no file has a split refuses ``split=``.
@@ -124,15 +124,14 @@ def folder_split_and_key(file: Path, given: Path) -> tuple[str | None, str]:
     """The split the folders of a FAR/TECO file name, and the key its train/val hash is taken of: its
     path below that folder ("0-12" for .../train/0/12.npz), whichever folder was given as the dataset.
 
-    The folders that count: the one given (a file given alone: its folder) and those below it, and
-    the folder above a shard given alone whose name is a number (TECO's `dmlab/test/0`). Not the
-    folders further up: a home or CI folder named test must not make every dataset under it held out."""
+    The folders that count: the one given (a file given alone: its folder), those below it, and the
+    one above it, so that a shard or part of a test folder given alone (TECO's `dmlab/test/0`) stays
+    held out. Not the folders further up: a home or CI folder named test must not make every dataset
+    somewhere under it held out."""
     base = Path(os.path.abspath(given))
     if not base.is_dir():
         base = base.parent
-    folders = (base.name,) + Path(os.path.abspath(file)).parent.relative_to(base).parts
-    if base.name.isdigit():
-        folders = (base.parent.name,) + folders
+    folders = (base.parent.name, base.name) + Path(os.path.abspath(file)).parent.relative_to(base).parts
     found = _innermost_split_folder(folders)
     if found is None:
         return None, file.stem
