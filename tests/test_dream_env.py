@@ -408,9 +408,15 @@ def test_an_async_vector_env_of_dreams_runs_after_the_parent_ran_torch_multithre
         "print('stepped', obs.shape)\n")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    import signal
+
+    # a session of its own: a hang is ended with the forked workers, which would outlive their parent
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tiny_ckpt)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
-        done = subprocess.run([sys.executable, "-c", script, str(tiny_ckpt)], capture_output=True, text=True,
-                              env=env, timeout=180)
+        out, err = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         pytest.fail("the async vector env hung (no step within 180 s)")
-    assert done.returncode == 0 and "stepped (2, 64, 64, 3)" in done.stdout, done.stderr[-2000:]
+    assert proc.returncode == 0 and "stepped (2, 64, 64, 3)" in out, err[-2000:]
