@@ -157,6 +157,11 @@ def check_compatible(path: str, action_names: Sequence[str], resolution: Sequenc
         )
 
 
+def holding_split(paths: Sequence[str], split: str, action_names: Sequence[str] | None = None) -> list[str]:
+    """The datasets among `paths` that hold episodes of `split` themselves (no fallback)."""
+    return [p for p in paths if open_split(p, split, names_for(p, action_names), fallback=False)[1]]
+
+
 def load_frames(paths: Sequence[str], split: str, action_names: Sequence[str] | None = None,
                 resolution: Sequence[int] | None = None, what: str = "the first dataset",
                 progress: Callable[[Iterable], Iterable] | None = None,
@@ -165,8 +170,7 @@ def load_frames(paths: Sequence[str], split: str, action_names: Sequence[str] | 
     store = FrameStore()
     # Fall back to training episodes only when no dataset holds the split: a separate val
     # dataset beside a train dataset must not pull the whole training set in as "val".
-    fallback = split == "train" or not any(
-        open_split(path, split, names_for(path, action_names), fallback=False)[1] for path in paths)
+    fallback = split == "train" or not holding_split(paths, split, action_names)
     for path in paths:
         want_a = action_names if action_names is not None else (store.action_names or None)
         want_r = resolution if resolution is not None else (store.resolution if store.videos else None)

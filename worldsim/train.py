@@ -70,8 +70,8 @@ from worldsim.dataset import (DatasetError, atomic_write, name_the_target, reada
                               write_gif, write_json_atomic)
 from worldsim.ddp import Dist, cpu_threads_per_rank
 from worldsim.latents import (
-    FrameStore, LatentStore, build_cache, check_compatible, load_cached, load_frames, names_for, read_episodes,
-    split_source, tensors_hash,
+    FrameStore, LatentStore, build_cache, check_compatible, holding_split, load_cached, load_frames, names_for,
+    read_episodes, split_source, tensors_hash,
 )
 from worldsim.model import DeviceError
 
@@ -1348,9 +1348,7 @@ def run_ae_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state)
     trainer.log(f"ae: loading frames of {len(cfg.data)} dataset(s)")
     train = load_frames(cfg.data, "train", data.action_names, data.resolution, warn=trainer.log,
                         progress=_progress(dist, cfg, "load train"))
-    from worldsim.latents import open_split
-
-    if any(open_split(p, "val", names_for(p, data.action_names), fallback=False)[1] for p in cfg.data):
+    if holding_split(cfg.data, "val", data.action_names):
         val = load_frames(cfg.data, "val", data.action_names, data.resolution, warn=trainer.log)
     else:  # the fallback would load the train frames a second time, a second copy in memory
         trainer.log("note: no val episodes; validating the autoencoder on train frames")
@@ -1477,10 +1475,8 @@ def build_latents(trainer: Trainer, run: RunConfig, data: DataInfo, ae: nn.Modul
     store = LatentStore()
     # a val dataset beside train-only datasets: each split comes from the datasets that hold it
     # (for val the others would fall back to their training episodes; for train they add nothing)
-    from worldsim.latents import names_for, open_split
-
     paths = list(cfg.data)
-    holding = [p for p in paths if open_split(p, split, names_for(p, data.action_names), fallback=False)[1]]
+    holding = holding_split(paths, split, data.action_names)
     if split != "train" and not holding:  # it would be the train episodes, encoded a second time: the
         return store                      # caller validates on the train store itself
     paths = holding or paths
