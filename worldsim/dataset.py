@@ -106,20 +106,6 @@ SPLIT_FOLDERS = {"train": "train", "training": "train", "test": "test", "testing
                  "val": "val", "valid": "val", "validation": "val"}
 
 
-def split_of_folders(folders: Sequence[str]) -> str | None:
-    """The split named by the innermost of `folders` (outermost first) called train(ing),
-    test(ing), val, valid or validation in any case; None when none is."""
-    found = _innermost_split_folder(folders)
-    return None if found is None else SPLIT_FOLDERS[folders[found].lower()]
-
-
-def _innermost_split_folder(folders: Sequence[str]) -> int | None:
-    for i in range(len(folders) - 1, -1, -1):
-        if folders[i].lower() in SPLIT_FOLDERS:
-            return i
-    return None
-
-
 def folder_split_and_key(file: Path, given: Path) -> tuple[str | None, str]:
     """The split the folders of a FAR/TECO file name, and the key its train/val hash is taken of: its
     path below that folder ("0-12" for .../train/0/12.npz), whichever folder was given as the dataset.
@@ -132,10 +118,10 @@ def folder_split_and_key(file: Path, given: Path) -> tuple[str | None, str]:
     if not base.is_dir():
         base = base.parent
     folders = (base.parent.name, base.name) + Path(os.path.abspath(file)).parent.relative_to(base).parts
-    found = _innermost_split_folder(folders)
-    if found is None:
-        return None, file.stem
-    return SPLIT_FOLDERS[folders[found].lower()], "-".join(folders[found + 1:] + (file.stem,))
+    for i in range(len(folders) - 1, -1, -1):  # the innermost split folder decides
+        if folders[i].lower() in SPLIT_FOLDERS:
+            return SPLIT_FOLDERS[folders[i].lower()], "-".join(folders[i + 1:] + (file.stem,))
+    return None, file.stem
 
 
 def episode_split(info: EpisodeInfo) -> str:
