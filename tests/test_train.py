@@ -1097,6 +1097,21 @@ def test_a_resume_that_stretches_the_schedule_says_the_learning_rate_rises(train
     assert "note: far: the learning rate rises from" in err and "the schedule now spans 40 steps" in err
 
 
+def test_a_resume_that_changes_the_validation_batches_says_so(trained, tmp_path, capsys):
+    """The far stage's fixed validation batches are drawn with --seq-len, --far-batch, --val-batches
+    and --seed: a resume that changed one put a step into the val curve that no training made."""
+    run = tmp_path / "val"
+    shutil.copytree(trained, run)
+    seq_len = json.loads((run / "config.json").read_text())["train"]["seq_len"]
+    assert main(["train", "--resume", str(run), "--far-steps", "4"]) == 0
+    assert "validation batches" not in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--far-steps", "5", "--seq-len", str(seq_len - 1)]) == 0
+    assert (f"note: --seq-len {seq_len - 1} (it had {seq_len}) changes the far stage's validation batches: its val "
+            "loss from here on is not comparable") in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--far-steps", "6"]) == 0  # recorded: said once
+    assert "validation batches" not in capsys.readouterr().err
+
+
 def test_fewer_steps_on_resume_say_that_nothing_trains(trained, tmp_path, capsys):
     run = tmp_path / "past"
     shutil.copytree(trained, run)
