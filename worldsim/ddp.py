@@ -95,11 +95,6 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
 
-    def broadcast_tensors(self, tensors: list[torch.Tensor]) -> None:
-        if self.enabled:
-            for t in tensors:
-                dist.broadcast(t, src=0)
-
     def close(self) -> None:
         if self.initialized and dist.is_initialized():
             dist.destroy_process_group()
