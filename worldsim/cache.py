@@ -212,11 +212,12 @@ class UncachedContext(GenerationContext):
         if n > lo:
             lat, act, aug = self._history(lo, n)
             lat = torch.cat([_expand_batch(lat, B), x_t[:, None]], dim=1)  # (B', F+1, C, h, w)
-            act = torch.cat([_expand_batch(act, B), action[:, None]], dim=1)
-            aug = torch.cat([_expand_batch(aug, B), torch.zeros_like(t)[:, None]], dim=1)
-            tt = torch.cat([torch.full(lat.shape[:1] + (n - lo,), self.far.config.clean_t, device=t.device), t[:, None]], dim=1)
+            act = torch.cat([_expand_batch(act, B), action[:, None]], dim=1)  # (B', F+1)
+            aug = torch.cat([_expand_batch(aug, B), torch.zeros_like(t)[:, None]], dim=1)  # (B', F+1)
+            tt = torch.cat([torch.full(lat.shape[:1] + (n - lo,), self.far.config.clean_t, device=t.device), t[:, None]],
+                           dim=1)  # (B', F+1): the context clean, the new frame at t
         else:
-            lat, act, aug, tt = x_t[:, None], action[:, None], torch.zeros_like(t)[:, None], t[:, None]
+            lat, act, aug, tt = x_t[:, None], action[:, None], torch.zeros_like(t)[:, None], t[:, None]  # F+1 = 1
         return self.far(lat, tt, act, aug, window=window, time_offset=lo)[:, -1]
 
     def stats(self) -> dict:

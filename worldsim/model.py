@@ -387,8 +387,7 @@ class KVBuffer:
         o = F.scaled_dot_product_attention(
             qf, self.k[:, :, : L + m * n], self.v[:, :, : L + m * n], attn_mask=_halves_mask(L, m, n, Lq, q.dtype, q.device)
         )
-        return torch.cat(o.split(Lq, dim=2))
-
+        return torch.cat(o.split(Lq, dim=2))  # (m*B, H, Lq, Dh): the halves back in the batch
 
     def _turned_view(self, turn: "MemoryTurn") -> "KVBuffer":
         """A copy of this cache whose first turn.tokens keys are turned by turn.table; its values
@@ -514,7 +513,7 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
     x2 = x.float().unflatten(-1, (-1, 2))  # (B, H, L, Dh/2, 2)
     x0, x1 = x2[..., 0], x2[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
+    return out.flatten(-2).type_as(x)  # (B, H, L, Dh)
 
 
 def rope_table_full(rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -700,7 +699,7 @@ class FARBlock(nn.Module):
                 continue
             proj = self.attn_coarse if c else self.attn_fine
             B, Fn, n, D = x.shape
-            og = proj.out(o[:, start : start + Fn * n]).view(B, Fn, n, D)
+            og = proj.out(o[:, start : start + Fn * n]).view(B, Fn, n, D)  # (B, F, n, D)
             start += Fn * n
             outs[i] = x = torch.addcmul(x, mod[2], og)
             hs.append((i, torch.addcmul(mod[3], self.norm2(x), mod[4])))
@@ -712,7 +711,8 @@ class FARBlock(nn.Module):
             start = 0
             for i, h in hs:
                 B, Fn, n, D = h.shape
-                outs[i] = torch.addcmul(outs[i], mods[i][5], flat[:, start : start + Fn * n].view(B, Fn, n, D))
+                mlp_out = flat[:, start : start + Fn * n].view(B, Fn, n, D)  # (B, F, n, D)
+                outs[i] = torch.addcmul(outs[i], mods[i][5], mlp_out)
                 start += Fn * n
         return outs, (k_new, v_new)
 
@@ -777,7 +777,7 @@ class FAR(nn.Module):
 
     def _patchify(self, latents: torch.Tensor, p: int) -> torch.Tensor:
         B, Fn, C, h, w = latents.shape
-        x = latents.reshape(B, Fn, C, h // p, p, w // p, p)
+        x = latents.reshape(B, Fn, C, h // p, p, w // p, p)  # (B, F, C, h/p, p, w/p, p)
         x = x.permute(0, 1, 3, 5, 2, 4, 6)  # (B, F, h/p, w/p, C, p, p)
         return x.reshape(B, Fn, (h // p) * (w // p), C * p * p)  # (B, F, n, C*p*p)
 
@@ -785,7 +785,7 @@ class FAR(nn.Module):
         cfg = self.config
         p, g = cfg.patch_size, cfg.latent_size // cfg.patch_size
         B, Fn = x.shape[:2]
-        x = x.reshape(B, Fn, g, g, cfg.latent_channels, p, p)
+        x = x.reshape(B, Fn, g, g, cfg.latent_channels, p, p)  # (B, F, h/p, w/p, C, p, p)
         x = x.permute(0, 1, 4, 2, 5, 3, 6)  # (B, F, C, g, p, g, p)
         return x.reshape(B, Fn, cfg.latent_channels, g * p, g * p)  # (B, F, C, h, w)
 
@@ -795,7 +795,7 @@ class FAR(nn.Module):
         centres = (torch.arange(g, device=device, dtype=torch.float64) + 0.5) * p
         t = torch.arange(start_frame, start_frame + num_frames, device=device, dtype=torch.float64)
         tt, rr, cc = torch.meshgrid(t, centres, centres, indexing="ij")
-        return torch.stack([tt, rr, cc], dim=-1).reshape(-1, 3)
+        return torch.stack([tt, rr, cc], dim=-1).reshape(-1, 3)  # (F*n, 3)
 
     def _cond(self, t: torch.Tensor, actions: torch.Tensor, aug: torch.Tensor | None, coarse: bool) -> torch.Tensor:
         """Per-frame conditioning (B, F, D) = timestep emb + action emb (+ augmentation emb)."""
@@ -890,7 +890,7 @@ class FAR(nn.Module):
         if missing:
             mt = torch.tensor([k[0] for k in missing], device=dev)[None]
             ma = torch.tensor([k[1] for k in missing], device=dev, dtype=torch.long)[None]
-            mg = torch.tensor([k[2] for k in missing], device=dev)[None]
+            mg = torch.tensor([k[2] for k in missing], device=dev)[None]  # each (1, M): the M missing conditions
             cond = self._cond(mt, ma, mg, coarse)  # (1, M, D)
             outs = [blk.adaLN(cond) for blk in self.blocks] + [self.final.adaLN(cond)]
             for o in outs:  # 1 + scale, once
@@ -903,7 +903,7 @@ class FAR(nn.Module):
         else:
             # per block: (B, Fn, 1, 6D; the final layer's 2D)
             rows = [torch.stack([memo[k][i] for k in keys]).view(B, Fn, 1, -1) for i in range(len(self.blocks) + 1)]
-        return [r.chunk(r.shape[-1] // D, dim=-1) for r in rows]
+        return [r.chunk(r.shape[-1] // D, dim=-1) for r in rows]  # per block 6 x (B, F, 1, D); the final layer's 2
 
     @staticmethod
     def _memoize_mods(device: torch.device) -> bool:
@@ -922,7 +922,7 @@ class FAR(nn.Module):
             o = o.view(B, Fn, 1, -1).clone()  # (B, Fn, 1, 6D; the final layer's 2D)
             for j in range(1, o.shape[-1] // D, 3):
                 o[..., j * D : (j + 1) * D] += 1
-            res.append(o.chunk(o.shape[-1] // D, dim=-1))
+            res.append(o.chunk(o.shape[-1] // D, dim=-1))  # 6 x (B, Fn, 1, D); the final layer's 2
         return res
 
     @staticmethod
@@ -1059,6 +1059,7 @@ class FAR(nn.Module):
                       if vis is not None and vis < past_len]
         if sum(x.shape[1] for x in xs) > 1 or hidden:  # frame-causal among the new frames, all of the cache
             ids = torch.cat(ids)
+            # (new tokens, cached + new tokens)
             allowed = torch.cat([ids.new_ones(len(ids), past_len, dtype=torch.bool), ids[None, :] <= ids[:, None]], dim=1)
             for lo, hi, vis in hidden:
                 allowed[lo:hi, vis:past_len] = False
