@@ -799,14 +799,18 @@ class FAR(nn.Module):
 
     def _cond(self, t: torch.Tensor, actions: torch.Tensor, aug: torch.Tensor | None, coarse: bool) -> torch.Tensor:
         """Per-frame conditioning (B, F, D) = timestep emb + action emb (+ augmentation emb)."""
-        cfg = self.config
-        if coarse:
-            t = torch.full_like(t, cfg.long_context_t, dtype=torch.float32)
-        else:
-            t = torch.where(t < 0, torch.full_like(t, cfg.clean_t), t).float()
+        t = self._timestep_labels(t, coarse)
         if aug is None:  # always embedded (zeros = not augmented) so train and inference agree
             aug = torch.zeros_like(t)
         return self.t_embed(t) + self.action_embed(actions) + self.aug_embed(aug)
+
+    def _timestep_labels(self, t: torch.Tensor, coarse: bool) -> torch.Tensor:
+        """t as the embedder sees it (float32): every coarse frame long_context_t, a clean fine one
+        (t < 0) clean_t, a noisy one its level."""
+        cfg = self.config
+        if coarse:
+            return torch.full_like(t, cfg.long_context_t, dtype=torch.float32)
+        return torch.where(t < 0, torch.full_like(t, cfg.clean_t), t).float()
 
     def _group(self, latents, t, actions, aug, start_frame: int, coarse: bool, query_frame: int = 0) -> TokenGroup:
         p = self.config.context_patch_size if coarse else self.config.patch_size
@@ -868,15 +872,12 @@ class FAR(nn.Module):
         counters, which optimizers, EMA, load_state_dict and in-place ops under no_grad bump; an
         in-place write through `.data` does not, so a caller doing that must
         `far.__dict__.pop("_mods_memo", None)`.)"""
-        cfg, D = self.config, self.config.width
+        D = self.config.width
         B, Fn = t.shape
         if torch.is_grad_enabled() or not self._memoize_mods(t.device):
             cond = self._cond(t, actions, aug, coarse)
             return self._split_mods([blk.adaLN(cond) for blk in self.blocks] + [self.final.adaLN(cond)], B, Fn)
-        if coarse:
-            tv = torch.full(t.shape, cfg.long_context_t, dtype=torch.float32, device=t.device)
-        else:
-            tv = torch.where(t < 0, torch.full_like(t, cfg.clean_t), t).float()
+        tv = self._timestep_labels(t, coarse)
         av = torch.zeros_like(tv) if aug is None else aug.float()
         dev = t.device
         tag = (coarse, str(dev), torch.is_autocast_enabled(dev.type))
@@ -894,8 +895,7 @@ class FAR(nn.Module):
             cond = self._cond(mt, ma, mg, coarse)  # (1, M, D)
             outs = [blk.adaLN(cond) for blk in self.blocks] + [self.final.adaLN(cond)]
             for o in outs:  # 1 + scale, once
-                for j in range(1, o.shape[-1] // D, 3):
-                    o[..., j * D : (j + 1) * D] += 1
+                self._add_one_to_scales(o)
             for j, k in enumerate(missing):
                 memo[k] = [o[0, j] for o in outs]
         if len(keys) == 1:
@@ -915,13 +915,19 @@ class FAR(nn.Module):
         elsewhere."""
         return device.type == "cpu"
 
+    def _add_one_to_scales(self, mods: torch.Tensor) -> None:
+        """In place: (shift, scale, gate) * k along the last axis -> (shift, 1 + scale, gate) * k
+        (the blocks' 6D and the final layer's 2D alike), so inference modulates with one addcmul."""
+        D = self.config.width
+        for j in range(1, mods.shape[-1] // D, 3):
+            mods[..., j * D : (j + 1) * D] += 1
+
     def _split_mods(self, outs: list[torch.Tensor], B: int, Fn: int) -> list:
         D = self.config.width
         res = []
         for o in outs:
             o = o.view(B, Fn, 1, -1).clone()  # (B, Fn, 1, 6D; the final layer's 2D)
-            for j in range(1, o.shape[-1] // D, 3):
-                o[..., j * D : (j + 1) * D] += 1
+            self._add_one_to_scales(o)
             res.append(o.chunk(o.shape[-1] // D, dim=-1))  # 6 x (B, Fn, 1, D); the final layer's 2
         return res
 
@@ -1004,8 +1010,7 @@ class FAR(nn.Module):
         together with the window re-encoded (fine, L1): the same tokens, masks and results as two
         frame_kv calls, in one pass over the weights and the cache. Returns one KV per part.
         memory: as forward_frames'."""
-        parts = [(lat, torch.full(lat.shape[:2], self.config.clean_t, device=lat.device), act, aug, s, c)
-                 for lat, act, aug, s, c in parts]
+        parts = self._clean_parts(parts)
         _, kvs = self._infer(parts, past_kv, need_output=False, memory=memory)
         return [[kv[j] for kv in kvs] for j in range(len(parts))]
 
@@ -1021,12 +1026,16 @@ class FAR(nn.Module):
         tokens (e.g. a frame entering L2 sees L2 alone); the noisy frame sees the whole cache.
         memory: as forward_frames'; under a memory span the one pass spreads it from the noisy frame,
         so the results then differ from the two calls' (the caches do not fuse then)."""
-        clean = [(lat, torch.full(lat.shape[:2], self.config.clean_t, device=lat.device), act, aug, s, c)
-                 for lat, act, aug, s, c in parts]
+        clean = self._clean_parts(parts)
         noisy = (x_t[:, None], t[:, None], action[:, None], None, frame_index, False)
         visible = None if cache_visible is None else list(cache_visible) + [None]
         out, kvs = self._infer(clean + [noisy], past_kv, need_output=True, cache_visible=visible, memory=memory)
         return out[:, 0], [[kv[j] for kv in kvs] for j in range(len(parts))]
+
+    def _clean_parts(self, parts: list[tuple]) -> list[tuple]:
+        """frames_kv's parts (latents, actions, aug, start_frame, coarse) as _infer's, t = clean_t."""
+        return [(lat, torch.full(lat.shape[:2], self.config.clean_t, device=lat.device), act, aug, s, c)
+                for lat, act, aug, s, c in parts]
 
     def _infer(
         self, parts: list[tuple], past_kv: KV | None, need_output: bool, cache_visible: list[int | None] | None = None,
