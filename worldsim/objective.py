@@ -88,8 +88,10 @@ class ObjectiveConfig:
                 "play); a model never trained so can fail there (rollout-trained ones did); 0 disables"})
 
     def __post_init__(self) -> None:
+        # probabilities, and noise levels (a negative one would push context away from the noise and label it below 0)
         for name in ("clean_context_prob", "context_noise_prob", "action_dropout", "self_context_prob",
-                     "blind_window_prob", "blind_window_min_t", "rollout_prob", "short_context_prob"):
+                     "blind_window_prob", "blind_window_min_t", "rollout_prob", "short_context_prob",
+                     "context_noise_max", "self_context_level"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"objective {name} must be in [0, 1], got {getattr(self, name)}")
         # exported as the sampler's generated_noise, which checkpoints hold below 1 (1 is pure noise)
@@ -105,10 +107,6 @@ class ObjectiveConfig:
         for name in ("rollout_frames", "rollout_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"objective {name} must be >= 1, got {getattr(self, name)}")
-        # a negative augmentation level would push context away from the noise and label it below 0
-        for name in ("context_noise_max", "self_context_level"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"objective {name} must be in [0, 1], got {getattr(self, name)}")
         if not math.isfinite(self.t_mean):
             raise ValueError(f"objective t_mean must be a finite number, got {self.t_mean}")
         if not (math.isfinite(self.t_std) and self.t_std > 0):
