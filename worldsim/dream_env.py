@@ -129,6 +129,11 @@ def where_checkpoints_were_looked_for() -> str:
     return where
 
 
+def _whole_number_at_least(value: object, minimum: int) -> bool:
+    """An integer (numpy's too; not a bool, not 2.0) >= minimum: a count that cannot be half a frame."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= minimum
+
+
 def _stat(stats: dict[str, Any], key: str) -> int:
     value = stats.get(key, 0)
     return int(value) if value is not None else 0
@@ -168,8 +173,7 @@ class DreamEnv(gym.Env):
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
         if int(context_frames) < 1:
             raise ValueError(f"context_frames must be >= 1, got {context_frames}")
-        if still_frames is not None and (isinstance(still_frames, bool) or not isinstance(still_frames, numbers.Integral)
-                                         or still_frames < 0):
+        if still_frames is not None and not _whole_number_at_least(still_frames, 0):
             raise ValueError(f"still_frames must be an integer >= 0, got {still_frames!r}")
         if context_policy not in CONTEXT_POLICIES:
             raise ValueError(f"context_policy must be one of {CONTEXT_POLICIES}, got {context_policy!r}")
@@ -180,10 +184,9 @@ class DreamEnv(gym.Env):
 
         if cache_mode not in CACHE_MODES:  # checked here, before the weights load, not at the first reset
             raise ValueError(f"cache_mode must be one of {CACHE_MODES}, got {cache_mode!r}")
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1):
+        if steps is not None and not _whole_number_at_least(steps, 1):
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        if memory_frames is not None and (isinstance(memory_frames, bool) or not isinstance(memory_frames, numbers.Integral)
-                                          or memory_frames < 1):
+        if memory_frames is not None and not _whole_number_at_least(memory_frames, 1):
             raise ValueError(f"memory_frames must be an integer >= 1 or None (no limit), got {memory_frames!r}")
         for name, value in (("cfg", cfg), ("shift", shift), ("temperature", temperature),
                             ("generated_noise", generated_noise)):
@@ -214,7 +217,7 @@ class DreamEnv(gym.Env):
         self.world = world
         if still_frames is None:  # checked on load for a checkpoint folder, not for a world built in memory
             still_frames = world.sampler.get("still_frames", 0)
-            if isinstance(still_frames, bool) or not isinstance(still_frames, numbers.Integral) or still_frames < 0:
+            if not _whole_number_at_least(still_frames, 0):
                 raise ValueError(f"the checkpoint's sampler.still_frames must be an integer >= 0, got {still_frames!r}")
         self.still_frames = int(still_frames)
         self.action_names: tuple[str, ...] = tuple(world.action_names)
