@@ -345,12 +345,7 @@ class Session:
     def fork(self) -> "Session":
         """An independent copy (same history, cache and random state), e.g. to try actions."""
         twin = copy.copy(self)
-        if hasattr(self.context, "fork"):  # copies the cache buffers, which are written in place
-            twin.context = self.context.fork()
-        else:
-            twin.context = copy.copy(self.context)
-            for name in ("latents", "actions", "aug"):
-                setattr(twin.context, name, list(getattr(self.context, name)))
+        twin.context = self.context.fork()  # copies the cache buffers, which are written in place
         twin.generator = torch.Generator(device=self.world.device)
         twin.generator.set_state(self.generator.get_state())
         return twin
