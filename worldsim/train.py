@@ -826,7 +826,8 @@ class WindowSampler:
         return [(int(e), int(s)) for e, s in zip(eps, starts)]
 
 
-def latent_batch(store: LatentStore, picks: list[tuple[int, int]], length: int, device: torch.device):
+def latent_batch(store: LatentStore, picks: list[tuple[int, int]], length: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     lat = np.stack([np.asarray(store.latents[e][s:s + length], dtype=np.float32) for e, s in picks])
     act = np.stack([store.actions[e][s:s + length] for e, s in picks])
     return torch.from_numpy(lat).to(device, non_blocking=True), torch.from_numpy(act).to(device, non_blocking=True)
@@ -1342,7 +1343,7 @@ def _no_train_split_hint(paths: list[str]) -> str:
     return "record some with `worldsim record --split train`"
 
 
-def run_ae_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state) -> bool:
+def run_ae_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state: tuple[dict, dict] | None) -> bool:
     ae_mod, _, _ = _model_modules()
     cfg, dist, device = run.train, trainer.dist, trainer.device
     trainer.log(f"ae: loading frames of {len(cfg.data)} dataset(s)")
@@ -1504,7 +1505,8 @@ def build_latents(trainer: Trainer, run: RunConfig, data: DataInfo, ae: nn.Modul
     return store
 
 
-def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state, ae_steps_done: int) -> bool:
+def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state: tuple[dict, dict] | None,
+                  ae_steps_done: int) -> bool:
     _, far_mod, obj_mod = _model_modules()
     cfg, dist, device = run.train, trainer.dist, trainer.device
     ae = _ensure_autoencoder(trainer, run, data)
@@ -1677,7 +1679,8 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
             stream.close()
 
 
-def preview_episode(run: RunConfig, data: DataInfo, val_store: LatentStore, stream) -> tuple[np.ndarray, np.ndarray]:
+def preview_episode(run: RunConfig, data: DataInfo, val_store: LatentStore,
+                    stream: StreamingData | None) -> tuple[np.ndarray, np.ndarray]:
     """Frames and actions of the longest validation episode (ground truth for the preview)."""
     if stream is not None:
         return stream.preview_episode()
@@ -1870,7 +1873,9 @@ class StreamingData:
         assert self.sampler is not None
         return self.store, self.sampler
 
-    def val_batches(self, cfg: TrainConfig):
+    def val_batches(self, cfg: TrainConfig) -> tuple[LatentStore, list[tuple[list[tuple[int, int]], int]]]:
+        """The validation episodes as they were at the first call, and the batches drawn from them:
+        (picks, seed) each, the same at every validation."""
         if self._val_batches is None:
             smp = WindowSampler(self.val_store.lengths, cfg.seq_len, "stream val")
             self._val_batches = []
