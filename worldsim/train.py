@@ -1525,7 +1525,7 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
             write_json_atomic(trainer.out / "config.json", {**stored, **run.to_dict()})
     stream = None
     if cfg.stream_env:
-        stream = StreamingData(run, data, ae, device, trainer.out / "stream", trainer.log,
+        stream = StreamingData(run, ae, device, trainer.out / "stream", trainer.log,
                                start_step=int(resume_state[0]["step"]) if resume_state is not None else 0)
         train_store, val_store = stream.store, stream.val_store
     else:
@@ -1771,7 +1771,7 @@ class StreamingData:
     resumed streaming run is not bit-identical to an uninterrupted one.
     """
 
-    def __init__(self, run: RunConfig, data: DataInfo, ae: nn.Module, device: torch.device, spool: Path,
+    def __init__(self, run: RunConfig, ae: nn.Module, device: torch.device, spool: Path,
                  log: Callable[[str], None], start_step: int = 0):
         import multiprocessing as mp
 
