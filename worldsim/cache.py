@@ -40,17 +40,17 @@ recomputed once per generated frame when a frame leaves the window: one forward 
 context frames against L2 - done once per frame, not per denoising step, and amortised over
 the steps x (CFG) queries of the new frame. Before the window fills, frames are simply appended.
 
-Bounded memory. L2 grows by 4 tokens per frame without end, and the time per generated frame
-with it (scripts/time_long_play.py, the shipped checkpoint, multilevel-fast in bf16 on a 2-core
-CPU: 33 ms a frame with 500 frames behind it, 61 with 2,000, 105 with 4,000; bounded to 2,000
-frames, 63 at 4,000 and 62 at 8,000). `max_l2_frames` (make_context's
-`memory_frames`; play's --memory-frames) keeps only the most recent frames: before frames enter
-L2 beyond the bound, the oldest are forgotten down to the bound less a chunk (L2_FORGET_CHUNK
-frames, at most a quarter of the bound; one move of the cache each). What is kept keeps its keys
-and values as computed (with the memory of their time) and its positions; what enters L2 after,
-the window encoded against it and every query see only the bounded L2 (frames beyond the bound
-enter it a forgetting chunk at a time, even a long context appended at once). Without a bound (the default, as in eval and the
-tests of exactness) nothing changes.
+Bounded memory. L2 grows by 4 tokens per frame without end, and the time per generated frame with it
+(scripts/time_long_play.py, the shipped checkpoint, multilevel-fast in bf16 on a 2-core CPU: 33 ms a
+frame with 500 frames behind it, 61 with 2,000, 105 with 4,000; bounded to 2,000 frames, 63 at 4,000
+and 62 at 8,000). `max_l2_frames` (make_context's `memory_frames`; play's --memory-frames) keeps
+only the most recent frames: before frames enter L2 beyond the bound, the oldest are forgotten down
+to the bound less a chunk (L2_FORGET_CHUNK frames, at most a quarter of the bound; one move of the
+cache each). What is kept keeps its keys and values as computed (with the memory of their time) and
+its positions; what enters L2 after, the window encoded against it and every query see only the
+bounded L2 (frames beyond the bound enter it a forgetting chunk at a time, even a long context
+appended at once). Without a bound (the default, as in eval and the tests of exactness) nothing
+changes.
 
 Memory span (FARConfig.memory_span, model.py). The multi-level modes tell every pass which frames
 L2 holds (FAR's `memory`), and a pass sees them at the spread positions its newest frame gives
@@ -59,24 +59,23 @@ pass no memory needs spreading further than the span allows, and a generated fra
 with the frames entering L2 (below): every denoising step of a frame sees the same memory, at the
 positions the frame gives it. Without a span nothing changes.
 
-Storage. Each cached mode keeps one growable KVBuffer per layer (model.py), laid out
-[L2 | L1] for multilevel: a frame leaving the window appends its 4 coarse tokens to L2 (without a
-bound memory grows by exactly those bytes per frame, amortised: capacity grows by half when full), the stale
-L1 part is truncated and recomputed in place. A denoising step writes the new frame's keys and
-values into the buffer's spare tail and attends to [L2 | L1 | new] without copying the cache
-(the CFG halves share it). History: only the latents the cache may still need are kept
-(multilevel/sliding drop frames older than the window). Long contexts are prefilled in chunks
-(`prefill_frames_coarse` / `prefill_frames_fine` frames; exact: frame-causal attention does not
-depend on the chunking), which bounds the attention mask and skips most of the masked-out upper
-triangle of one big causal pass. When the window slides by a frame, the frame entering L2 and
-the re-encoded window run as one pass (FAR.frames_kv): one read of the weights and of L2.
-Without CFG, the multi-level modes go one step further: an appended frame is only recorded, and
-its encoding (with the window re-encoding in `multilevel`) runs in the same forward pass as the
-next frame's first denoising step (FAR.frames_kv_and_velocity; the clean frames never attend to
-the noisy one, so the results are the same; in multilevel-fast the frame entering L2 joins the
-pass too, masked off the window's cached keys so it sees L2 alone). On a 2-core CPU each pass
-costs about as much to read the weights and the cache as to compute, so a generated frame then
-costs its sampling steps' passes alone.
+Storage. Each cached mode keeps one growable KVBuffer per layer (model.py), laid out [L2 | L1] for
+multilevel: a frame leaving the window appends its 4 coarse tokens to L2 (without a bound memory
+grows by exactly those bytes per frame, amortised: capacity grows by half when full), the stale L1
+part is truncated and recomputed in place. A denoising step writes the new frame's keys and values
+into the buffer's spare tail and attends to [L2 | L1 | new] without copying the cache (the CFG
+halves share it). History: only the latents the cache may still need are kept (multilevel/sliding
+drop frames older than the window). Long contexts are prefilled in chunks (`prefill_frames_coarse` /
+`prefill_frames_fine` frames; exact: frame-causal attention does not depend on the chunking), which
+bounds the attention mask and skips most of the masked-out upper triangle of one big causal pass.
+When the window slides by a frame, the frame entering L2 and the re-encoded window run as one pass
+(FAR.frames_kv): one read of the weights and of L2. Without CFG, the multi-level modes go one step
+further: an appended frame is only recorded, and its encoding (with the window re-encoding in
+`multilevel`) runs in the same forward pass as the next frame's first denoising step
+(FAR.frames_kv_and_velocity; the clean frames never attend to the noisy one, so the results are the
+same; in multilevel-fast the frame entering L2 joins the pass too, masked off the window's cached
+keys so it sees L2 alone). On a 2-core CPU each pass costs about as much to read the weights and the
+cache as to compute, so a generated frame then costs its sampling steps' passes alone.
 """
 from __future__ import annotations
 

@@ -17,8 +17,9 @@ config.json keys: format, version, autoencoder (AutoencoderConfig), far (FARConf
 (steps, cfg, shift, temperature, context_noise, generated_noise: the defaults of play, eval and
 Dream-v0; a config without shift samples with 1.0, the uniform grid, and one without temperature
 with 1.0, plain sampling; optional still_frames, default 0: how many standstill copies of a
-world's first frame Dream-v0 and play put before its start; eval ignores it), action_names, resolution [H, W], simulator ({"id", "settings"} or
-null), data (training data summary), step, weights {file, bytes, dtypes}, extra.
+world's first frame Dream-v0 and play put before its start; eval ignores it), action_names,
+resolution [H, W], simulator ({"id", "settings"} or null), data (training data summary), step,
+weights {file, bytes, dtypes}, extra.
 model.safetensors keys: "autoencoder.<name>" and "far.<name>" (the modules' state_dict keys).
 
 The transformer's floating-point tensors may be stored in bfloat16 (`far_dtype="bfloat16"`),

@@ -5,19 +5,22 @@
     obs, reward, terminated, truncated, info = env.step(env.unwrapped.action_names.index("forward"))
 
 `reset(seed)` starts a new world. By default the simulator the checkpoint was trained on
-(`world.simulator` = {"id", "settings"} -> `gym.make(id, **settings)`) draws a fresh maze and
-makes the first `context_frames` frames (a reset frame with `noop`, then `turn_left` so the model
-sees around itself; `context_policy="noop"` keeps still instead). With `dataset=` the context is
-the first frames of a recorded episode instead (`episode=` picks it; by default one is drawn
-from the seed). `still_frames` copies of the first context frame (with `noop`) go before it, as
-if the player had stood still there: a transformer always trained with a long-term memory draws
-a start without one badly (session 24 of the model card). The default is the checkpoint's
-`sampler.still_frames` (0 where it has none); they count in `frame_index`. `step(action)` generates the next frame against the multi-level KV cache
-(`cache_mode="multilevel"`): memory grows by the L2 tokens of one frame per step, nothing else
-is kept per frame, but the time per frame grows with that memory (scripts/time_long_play.py: the
-shipped checkpoint with play's cache on a 2-core CPU takes 33 ms a frame with 500 frames behind
-it, 105 ms with 4,000). `memory_frames=N` keeps only the last N frames in L2 (cache.py, "Bounded memory"), so the
-time per frame stops growing there; play sets it, the default (None) keeps every frame.
+(`world.simulator` = {"id", "settings"} -> `gym.make(id, **settings)`) draws a fresh maze and makes
+the first `context_frames` frames (a reset frame with `noop`, then `turn_left` so the model sees
+around itself; `context_policy="noop"` keeps still instead). With `dataset=` the context is the
+first frames of a recorded episode instead (`episode=` picks it; by default one is drawn from the
+seed). `still_frames` copies of the first context frame (with `noop`) go before it, as if the player
+had stood still there: a transformer always trained with a long-term memory draws a start without
+one badly (session 24 of the model card). The default is the checkpoint's `sampler.still_frames` (0
+where it has none); they count in `frame_index`.
+
+`step(action)` generates the next frame against the multi-level KV cache
+(`cache_mode="multilevel"`): memory grows by the L2 tokens of one frame per step, nothing else is
+kept per frame, but the time per frame grows with that memory (scripts/time_long_play.py: the
+shipped checkpoint with play's cache on a 2-core CPU takes 33 ms a frame with 500 frames behind it,
+105 ms with 4,000). `memory_frames=N` keeps only the last N frames in L2 (cache.py, "Bounded
+memory"), so the time per frame stops growing there; play sets it, the default (None) keeps every
+frame.
 
 Observations are uint8 [H, W, 3]; the action space is `Discrete(len(action_names))` with the
 checkpoint's action names (`env.unwrapped.action_names`). Reward is 0, episodes never end by
@@ -25,15 +28,18 @@ themselves (wrap in `TimeLimit` if you want them to). Same seed + same actions -
 the sampler's noise seed is drawn from the env's `np_random`.
 
 `info`: `frame_index`, `action` (name), `l1_frames`, `l1_tokens`, `l2_frames`, `l2_tokens`,
-`cache_bytes`, `memory_frames`, `steps` (sampling steps), `shift` (the sampler's timestep shift), `temperature` (the scale of its
-initial noise), `generated_noise` (the level given to generated frames entering the context), `still_frames`, `cache_mode`, `precision` (the transformer's CPU
-arithmetic, `worldsim.world.PRECISIONS`; eval and this env default to fp32, play to auto), `maze_seed` where known, `episode` (the episode id) on dataset starts, and with `timing=True`
-`gen_time_s` (seconds to generate this frame). Timing is opt-in because a wall-clock
-measurement never repeats, and `check_env` demands that the same seed and actions give equal
-infos; `env.unwrapped.last_gen_time_s` always holds it. With `reality=True` the real simulator follows the same actions and
-`info["reality_frame"]` / `info["reality_pose"]` carry what the world really looks like ("dream
-vs reality"; the dream itself has no pose) until the simulator's own episode ends (a DeepMind Lab
-level's or Memory Maze's time limit): the dream goes on, and the two keys are left out from then on.
+`cache_bytes`, `memory_frames`, `steps` (sampling steps), `shift` (the sampler's timestep shift),
+`temperature` (the scale of its initial noise), `generated_noise` (the level given to generated
+frames entering the context), `still_frames`, `cache_mode`, `precision` (the transformer's CPU
+arithmetic, `worldsim.world.PRECISIONS`; eval and this env default to fp32, play to auto),
+`maze_seed` where known, `episode` (the episode id) on dataset starts, and with `timing=True`
+`gen_time_s` (seconds to generate this frame). Timing is opt-in because a wall-clock measurement
+never repeats, and `check_env` demands that the same seed and actions give equal infos;
+`env.unwrapped.last_gen_time_s` always holds it. With `reality=True` the real simulator follows the
+same actions and `info["reality_frame"]` / `info["reality_pose"]` carry what the world really looks
+like ("dream vs reality"; the dream itself has no pose) until the simulator's own episode ends (a
+DeepMind Lab level's or Memory Maze's time limit): the dream goes on, and the two keys are left out
+from then on.
 
 Render modes: `rgb_array` returns the last frame. `human` shows it in a window, and the window
 code lives in the pygame frontend (`worldsim.play.FrameWindow`, imported only when rendering):

@@ -21,20 +21,19 @@ API
           several groups (coarse first) in one pass, e.g. a frame entering L2 + the window re-encoded.
       .frames_kv_and_velocity(parts, x_t, t, action, frame_index, past_kv, cache_visible=None)
           -> (velocity [B,C,h,w], [new_kv per part]): frames_kv then predict_frame as one pass.
-      The cached entry points take memory=(first frame, frames): the long-term memory the cache
-      begins with, which memory_span moves (cache.py passes it; None leaves the cache as it is).
       The cached entry points (forward_frames, predict_frame, frame_kv, frames_kv,
-      frames_kv_and_velocity) run an
-      inference twin of the blocks (FARBlock.infer): same math as forward(), with per-frame adaLN
-      modulations (memoised on the CPU) and RoPE tables, one additive mask per call and the cache
-      attended in place (KVBuffer) - training (forward) is untouched.
+      frames_kv_and_velocity) take memory=(first frame, frames): the long-term memory the cache
+      begins with, which memory_span moves (cache.py passes it; None leaves the cache as it is).
+      They run an inference twin of the blocks (FARBlock.infer): same math as forward(), with
+      per-frame adaLN modulations (memoised on the CPU) and RoPE tables, one additive mask per
+      call and the cache attended in place (KVBuffer) - training (forward) is untouched.
       .null_action: int  (= num_actions, the CFG null class)
     pick_device(device=None) -> torch.device (DeviceError where it is not here);  autocast(device) -> context manager (bf16 on CUDA)
     autocast_for(module) -> the autocast its inference runs under (also bf16 on CPU when its
       weights are stored in bf16: WorldModel(precision="bf16"));  cpu_has_native_bf16() -> bool
     concat_kv(a, b) -> per-layer concatenation of two KV lists along the token axis
     memory_time_positions(frames, first, last, query, span) -> the memory's RoPE time positions
-    deepen_far_state_dict(state, src_cfg, dst_cfg) -> src's weights for a deeper dst (new blocks
+    deepen_far_state_dict(state, src, dst) -> src's weights for a deeper dst (new blocks
       absent: they keep AdaLN-Zero's identity init);  deepened_block_sources(src_depth, dst_depth)
     KVBuffer: one layer's growable key/value store for cached inference (see its docstring);
       a list of them (one per block) may be passed wherever past_kv is taken. A block then writes
