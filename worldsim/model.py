@@ -170,303 +170,6 @@ PRESETS: dict[str, FARConfig] = {
 }
 
 
-class DeviceError(ValueError):
-    """A --device that names no device, or one this machine does not have."""
-
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """None or "auto": a CUDA GPU where there is one, else the CPU. Checks a named device exists."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise DeviceError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"device {device!r}: this PyTorch ({torch.__version__}) sees no CUDA GPU; use cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise DeviceError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    return dev
-
-
-def autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; plain fp32 elsewhere (exact, reproducible CPU tests)."""
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def autocast_for(module: nn.Module) -> contextlib.AbstractContextManager:
-    """autocast(device) of the module's weights, and bf16 autocast on CPU when those weights are
-    stored in bf16: matmuls then read half the bytes (what bounds a 2-core CPU's cached
-    inference); RoPE and the sampler's updates stay fp32, and the kernels accumulate in fp32."""
-    weight = next(module.parameters())
-    if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return autocast(weight.device)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 numbers natively (AVX512-BF16 or AMX tiles); elsewhere
-    bf16 matmuls are emulated, which can be slower than fp32."""
-    try:  # private torch.cpu queries (cpuinfo); absent from some builds
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:
-        return False
-
-
-def concat_kv(a: KV | None, b: KV | None) -> KV | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return [(torch.cat([ka, kb], dim=2), torch.cat([va, vb], dim=2)) for (ka, va), (kb, vb) in zip(a, b)]
-
-
-@dataclass(frozen=True)
-class MemoryTurn:
-    """The turn of a cache's long-term memory keys under memory_span: its first `tokens` keys,
-    stored at their frames' indices, are turned by `table` (rope_table_full of the time shifts) to
-    the positions memory_time_positions gives them; `tag` names the turn (memo key)."""
-
-    tokens: int
-    table: tuple[torch.Tensor, torch.Tensor]
-    tag: tuple
-
-
-class KVBuffer:
-    """Keys/values of one layer for cached inference, stored in place with room to grow.
-
-    Storage k, v: (B, H, capacity, Dh); the first `length` tokens are the cache. `append` copies
-    only the new tokens (capacity grows by half when full, so memory grows by the appended
-    tokens' bytes, amortised). `attend(q, k_new, v_new)` is the cached attention of a block: it
-    writes the new tokens' keys/values into the spare tail (scratch, `length` is unchanged) and
-    attends to the contiguous prefix cache + new, so the fixed cache is never copied per call -
-    exactly the attention over torch.cat([cache, new]). Queries batched as m x B (the CFG
-    conditional / null halves over a cache of batch B) share the one cache instead of an m-fold
-    copy: on CPU as one attention call of all halves' queries over [cache | new_1 | .. | new_m]
-    with each half masked off the others' new keys (one read of the cache), elsewhere as m calls.
-    From SPLIT_ATTENTION_MIN cached tokens on (CPU, fp32 or bf16, no grad), masked or CFG-batched calls
-    attend to the cache and to the new tokens in two flash passes merged by log-sum-exp (the
-    same softmax, ~1e-7 apart; no (queries x cache) mask to read per head)."""
-
-    __slots__ = ("k", "v", "length", "edits", "_turned")
-
-    def __init__(self, k: torch.Tensor | None = None, v: torch.Tensor | None = None):
-        self.k, self.v, self.length = None, None, 0
-        self.edits = 0  # bumped by every change of the stored tokens (keys the memo of _turned_view)
-        self._turned = None  # (key, KVBuffer): the cache with its memory keys turned (memory_span)
-        if k is not None:
-            self.append(k, v)
-
-    @property
-    def capacity(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
-
-    @property
-    def keys(self) -> torch.Tensor:
-        return self.k[:, :, : self.length]
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self.v[:, :, : self.length]
-
-    def nbytes(self, capacity: bool = False) -> int:
-        if self.k is None:
-            return 0
-        tokens = self.capacity if capacity else self.length
-        held = 2 * self.k[:, :, :1].numel() * tokens * self.k.element_size()
-        if capacity and self._turned is not None:  # memory_span: the memoised copy of the turned keys
-            held += self._turned[1].k.numel() * self._turned[1].k.element_size()
-        return held
-
-    def reserve(self, n: int, like: torch.Tensor) -> None:
-        """Make room for n more tokens after `length` (storage shaped/typed like `like` (B,H,*,Dh))."""
-        need = self.length + n
-        if self.k is not None and need <= self.capacity:
-            return
-        cap = max(need, self.capacity + self.capacity // 2, 64)
-        B, H, _, Dh = like.shape if self.k is None else self.k.shape
-        dtype, device = (like.dtype, like.device) if self.k is None else (self.k.dtype, self.k.device)
-        k, v = torch.empty(B, H, cap, Dh, dtype=dtype, device=device), torch.empty(B, H, cap, Dh, dtype=dtype, device=device)
-        if self.length:
-            k[:, :, : self.length] = self.keys
-            v[:, :, : self.length] = self.values
-        self.k, self.v = k, v
-        self.edits += 1
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        n = k.shape[2]
-        self.reserve(n, k)
-        self.k[:, :, self.length : self.length + n] = k
-        self.v[:, :, self.length : self.length + n] = v
-        self.length += n
-        self.edits += 1
-
-    def truncate(self, length: int) -> None:
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate {self.length} cached tokens to {length}")
-        self.length = length
-        self.edits += 1
-
-    def drop_front(self, n: int) -> None:
-        """Forget the first n cached tokens (the oldest long-term memory); the rest move to the front.
-        Keys carry their rotary positions, so what is kept attends as before."""
-        if not 0 <= n <= self.length:
-            raise ValueError(f"cannot drop {n} of {self.length} cached tokens")
-        if n == 0:
-            return
-        rest = self.length - n
-        self.k[:, :, :rest] = self.k[:, :, n : self.length].clone()  # the ranges overlap
-        self.v[:, :, :rest] = self.v[:, :, n : self.length].clone()
-        self.length = rest
-        self.edits += 1
-
-    def clone(self) -> "KVBuffer":
-        twin = KVBuffer()
-        if self.k is not None:
-            # a cache of inference tensors stays one when forked outside inference mode: a clone there
-            # would be a normal tensor, which the next flush would mix with the context's others
-            with torch.inference_mode(self.k.is_inference()):
-                twin.k, twin.v, twin.length = self.k.clone(), self.v.clone(), self.length
-        return twin
-
-    # copy.deepcopy and pickle (a Dream-v0 env copied whole) keep inference tensors inference tensors,
-    # as clone does: else the copy's cache runs outside inference mode and generates other frames
-    def __deepcopy__(self, memo: dict) -> "KVBuffer":
-        return self.clone()
-
-    def __getstate__(self) -> tuple:
-        return self.k, self.v, self.length, self.k is not None and self.k.is_inference()
-
-    def __setstate__(self, state: tuple) -> None:
-        k, v, self.length, inference = state
-        self.edits, self._turned = 0, None
-        with torch.inference_mode(inference):
-            self.k, self.v = (None, None) if k is None else (k.clone(), v.clone())
-
-    def attend(
-        self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, mask: torch.Tensor | None = None,
-        cache_masked: bool = False, memory_turn: "MemoryTurn | None" = None,
-    ) -> torch.Tensor:
-        """softmax(q [cache, new]^T) [cache, new]: q (Bq, H, Lq, Dh), k_new/v_new (Bq, H, n, Dh).
-        cache_masked: the mask also hides cached tokens from some queries (one masked pass then).
-        memory_turn: the cache's first tokens (the long-term memory) are attended with their keys
-        turned to other time positions (memory_span)."""
-        n, L = k_new.shape[2], self.length
-        if self.k is None:
-            return F.scaled_dot_product_attention(q, k_new, v_new, attn_mask=mask)
-        if memory_turn is not None:
-            return self._turned_view(memory_turn).attend(q, k_new, v_new, mask, cache_masked)
-        B = self.k.shape[0]
-        m = q.shape[0] // B
-        if L >= SPLIT_ATTENTION_MIN and (m > 1 or mask is not None) and not cache_masked and _split_ok(q):
-            return self._attend_split(q, k_new, v_new, mask, m)
-        if m == 1:
-            self.reserve(n, k_new)
-            self.k[:, :, L : L + n] = k_new
-            self.v[:, :, L : L + n] = v_new
-            return F.scaled_dot_product_attention(q, self.k[:, :, : L + n], self.v[:, :, : L + n], attn_mask=mask)
-        self.reserve(m * n, k_new)
-        if mask is not None or q.device.type != "cpu":  # one pass per CFG half over the shared cache
-            k_all, v_all = self.k[:, :, : L + n], self.v[:, :, : L + n]
-            outs = []
-            for i in range(0, q.shape[0], B):
-                k_all[:, :, L:] = k_new[i : i + B]
-                v_all[:, :, L:] = v_new[i : i + B]
-                outs.append(F.scaled_dot_product_attention(q[i : i + B], k_all, v_all, attn_mask=mask))
-            return torch.cat(outs)
-        # the m halves' queries in one pass over the cache: keys [cache | new_1 | ... | new_m],
-        # half i masked off the other halves' new keys (exp(-inf) = 0: the same attention)
-        Lq = q.shape[2]
-        for i in range(m):
-            self.k[:, :, L + i * n : L + (i + 1) * n] = k_new[i * B : (i + 1) * B]
-            self.v[:, :, L + i * n : L + (i + 1) * n] = v_new[i * B : (i + 1) * B]
-        qf = torch.cat(q.split(B), dim=2)  # (B, H, m*Lq, Dh)
-        o = F.scaled_dot_product_attention(
-            qf, self.k[:, :, : L + m * n], self.v[:, :, : L + m * n], attn_mask=_halves_mask(L, m, n, Lq, q.dtype, q.device)
-        )
-        return torch.cat(o.split(Lq, dim=2))  # (m*B, H, Lq, Dh): the halves back in the batch
-
-    def _turned_view(self, turn: "MemoryTurn") -> "KVBuffer":
-        """A copy of this cache whose first turn.tokens keys are turned by turn.table; its values
-        are this cache's (attend writes only their spare tail). Memoised until the cache changes or
-        another turn is asked for, so the denoising steps of a frame share one copy."""
-        key = (turn.tag, self.edits)  # every change of the stored tokens bumps edits
-        if self._turned is None or self._turned[0] != key:
-            if turn.tokens > self.length:
-                raise ValueError(f"cannot turn {turn.tokens} memory keys of a cache of {self.length} tokens")
-            view = KVBuffer()
-            view.k, view.v, view.length = self.k.clone(), self.v, self.length
-            view.k[:, :, : turn.tokens] = apply_rope_full(self.k[:, :, : turn.tokens], turn.table).to(self.k.dtype)
-            self._turned = (key, view)
-        return self._turned[1]
-
-    def _attend_split(self, q, k_new, v_new, mask, m: int) -> torch.Tensor:
-        """Long caches on CPU: attention over the cache (unmasked: every new token sees all of it)
-        and over the new tokens (masked) as two flash passes merged by their log-sum-exps, which
-        is the same softmax without an (Lq, cache) mask read per head; the CFG halves' queries
-        share the cache pass."""
-        B, Lq = self.k.shape[0], q.shape[2]
-        kc, vc = self.keys, self.values
-        if m == 1:
-            o1, l1 = _flash_lse(q, kc, vc)
-            o2, l2 = _flash_lse(q, k_new, v_new, None if mask is None else mask[:, self.length :])
-            return _merge_lse(o1, l1, o2, l2)
-        if mask is not None:  # several frames' queries per CFG half: a pass per half
-            return torch.cat([self._attend_split(q[i : i + B], k_new[i : i + B], v_new[i : i + B], mask, 1)
-                              for i in range(0, q.shape[0], B)])
-        o1, l1 = _flash_lse(torch.cat(q.split(B), dim=2), kc, vc)  # (B, H, m*Lq, Dh)
-        o1, l1 = torch.cat(o1.split(Lq, dim=2)), torch.cat(l1.split(Lq, dim=2))  # (m*B, H, Lq, .)
-        o2, l2 = _flash_lse(q, k_new, v_new)  # each half with its own new keys
-        return _merge_lse(o1, l1, o2, l2)
-
-
-SPLIT_ATTENTION_MIN = 1024  # cached tokens from which KVBuffer.attend splits cache / new on CPU
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-def _split_ok(q: torch.Tensor) -> bool:
-    return (_FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
-            and not torch.is_grad_enabled())
-
-
-def _flash_lse(q, k, v, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flash attention on CPU with its log-sum-exp per query: (B, H, Lq, Dh), (B, H, Lq)."""
-    out = _FLASH_CPU(q, k, v, attn_mask=mask)
-    return out[0], out[1]
-
-
-def _merge_lse(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
-    """Softmax attention over the union of two key sets from the attention over each."""
-    lse = torch.logaddexp(l1, l2)  # fp32 (the flash kernel's log-sum-exps), also for bf16 outputs
-    return (o1 * torch.exp(l1 - lse).unsqueeze(-1) + o2 * torch.exp(l2 - lse).unsqueeze(-1)).to(o1.dtype)
-
-
-_HALVES_MASK: dict = {}
-
-
-def _halves_mask(L: int, m: int, n: int, Lq: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Additive mask (m*Lq, L + m*n): query half i sees the cache and its own n new keys."""
-    key = (L, m, n, Lq, dtype, str(device))
-    mask = _HALVES_MASK.get(key)
-    if mask is None:
-        _HALVES_MASK.clear()  # one entry: the cache length changes every frame
-        mask = torch.full((m * Lq, L + m * n), float("-inf"), dtype=dtype, device=device)
-        mask[:, :L] = 0
-        for i in range(m):
-            mask[i * Lq : (i + 1) * Lq, L + i * n : L + (i + 1) * n] = 0
-        _HALVES_MASK[key] = mask
-    return mask
-
-
-def kv_length(layer: "KVBuffer | tuple[torch.Tensor, torch.Tensor] | None") -> int:
-    """Cached tokens of one layer's past (a KVBuffer or a (k, v) pair)."""
-    if layer is None:
-        return 0
-    return layer.length if isinstance(layer, KVBuffer) else layer[0].shape[2]
-
-
 # ----------------------------------------------------------------------------------------------
 # embeddings
 
@@ -1171,3 +874,308 @@ def deepen_far_state_dict(state: dict[str, torch.Tensor], src: FARConfig, dst: F
             key = f"blocks.{where[int(index)]}.{rest}"
         out[key] = value
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# cached inference: the per-layer key/value store the blocks attend in place
+
+
+def concat_kv(a: KV | None, b: KV | None) -> KV | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return [(torch.cat([ka, kb], dim=2), torch.cat([va, vb], dim=2)) for (ka, va), (kb, vb) in zip(a, b)]
+
+
+@dataclass(frozen=True)
+class MemoryTurn:
+    """The turn of a cache's long-term memory keys under memory_span: its first `tokens` keys,
+    stored at their frames' indices, are turned by `table` (rope_table_full of the time shifts) to
+    the positions memory_time_positions gives them; `tag` names the turn (memo key)."""
+
+    tokens: int
+    table: tuple[torch.Tensor, torch.Tensor]
+    tag: tuple
+
+
+class KVBuffer:
+    """Keys/values of one layer for cached inference, stored in place with room to grow.
+
+    Storage k, v: (B, H, capacity, Dh); the first `length` tokens are the cache. `append` copies
+    only the new tokens (capacity grows by half when full, so memory grows by the appended
+    tokens' bytes, amortised). `attend(q, k_new, v_new)` is the cached attention of a block: it
+    writes the new tokens' keys/values into the spare tail (scratch, `length` is unchanged) and
+    attends to the contiguous prefix cache + new, so the fixed cache is never copied per call -
+    exactly the attention over torch.cat([cache, new]). Queries batched as m x B (the CFG
+    conditional / null halves over a cache of batch B) share the one cache instead of an m-fold
+    copy: on CPU as one attention call of all halves' queries over [cache | new_1 | .. | new_m]
+    with each half masked off the others' new keys (one read of the cache), elsewhere as m calls.
+    From SPLIT_ATTENTION_MIN cached tokens on (CPU, fp32 or bf16, no grad), masked or CFG-batched calls
+    attend to the cache and to the new tokens in two flash passes merged by log-sum-exp (the
+    same softmax, ~1e-7 apart; no (queries x cache) mask to read per head)."""
+
+    __slots__ = ("k", "v", "length", "edits", "_turned")
+
+    def __init__(self, k: torch.Tensor | None = None, v: torch.Tensor | None = None):
+        self.k, self.v, self.length = None, None, 0
+        self.edits = 0  # bumped by every change of the stored tokens (keys the memo of _turned_view)
+        self._turned = None  # (key, KVBuffer): the cache with its memory keys turned (memory_span)
+        if k is not None:
+            self.append(k, v)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.k[:, :, : self.length]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.v[:, :, : self.length]
+
+    def nbytes(self, capacity: bool = False) -> int:
+        if self.k is None:
+            return 0
+        tokens = self.capacity if capacity else self.length
+        held = 2 * self.k[:, :, :1].numel() * tokens * self.k.element_size()
+        if capacity and self._turned is not None:  # memory_span: the memoised copy of the turned keys
+            held += self._turned[1].k.numel() * self._turned[1].k.element_size()
+        return held
+
+    def reserve(self, n: int, like: torch.Tensor) -> None:
+        """Make room for n more tokens after `length` (storage shaped/typed like `like` (B,H,*,Dh))."""
+        need = self.length + n
+        if self.k is not None and need <= self.capacity:
+            return
+        cap = max(need, self.capacity + self.capacity // 2, 64)
+        B, H, _, Dh = like.shape if self.k is None else self.k.shape
+        dtype, device = (like.dtype, like.device) if self.k is None else (self.k.dtype, self.k.device)
+        k, v = torch.empty(B, H, cap, Dh, dtype=dtype, device=device), torch.empty(B, H, cap, Dh, dtype=dtype, device=device)
+        if self.length:
+            k[:, :, : self.length] = self.keys
+            v[:, :, : self.length] = self.values
+        self.k, self.v = k, v
+        self.edits += 1
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        n = k.shape[2]
+        self.reserve(n, k)
+        self.k[:, :, self.length : self.length + n] = k
+        self.v[:, :, self.length : self.length + n] = v
+        self.length += n
+        self.edits += 1
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate {self.length} cached tokens to {length}")
+        self.length = length
+        self.edits += 1
+
+    def drop_front(self, n: int) -> None:
+        """Forget the first n cached tokens (the oldest long-term memory); the rest move to the front.
+        Keys carry their rotary positions, so what is kept attends as before."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot drop {n} of {self.length} cached tokens")
+        if n == 0:
+            return
+        rest = self.length - n
+        self.k[:, :, :rest] = self.k[:, :, n : self.length].clone()  # the ranges overlap
+        self.v[:, :, :rest] = self.v[:, :, n : self.length].clone()
+        self.length = rest
+        self.edits += 1
+
+    def clone(self) -> "KVBuffer":
+        twin = KVBuffer()
+        if self.k is not None:
+            # a cache of inference tensors stays one when forked outside inference mode: a clone there
+            # would be a normal tensor, which the next flush would mix with the context's others
+            with torch.inference_mode(self.k.is_inference()):
+                twin.k, twin.v, twin.length = self.k.clone(), self.v.clone(), self.length
+        return twin
+
+    # copy.deepcopy and pickle (a Dream-v0 env copied whole) keep inference tensors inference tensors,
+    # as clone does: else the copy's cache runs outside inference mode and generates other frames
+    def __deepcopy__(self, memo: dict) -> "KVBuffer":
+        return self.clone()
+
+    def __getstate__(self) -> tuple:
+        return self.k, self.v, self.length, self.k is not None and self.k.is_inference()
+
+    def __setstate__(self, state: tuple) -> None:
+        k, v, self.length, inference = state
+        self.edits, self._turned = 0, None
+        with torch.inference_mode(inference):
+            self.k, self.v = (None, None) if k is None else (k.clone(), v.clone())
+
+    def attend(
+        self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, mask: torch.Tensor | None = None,
+        cache_masked: bool = False, memory_turn: "MemoryTurn | None" = None,
+    ) -> torch.Tensor:
+        """softmax(q [cache, new]^T) [cache, new]: q (Bq, H, Lq, Dh), k_new/v_new (Bq, H, n, Dh).
+        cache_masked: the mask also hides cached tokens from some queries (one masked pass then).
+        memory_turn: the cache's first tokens (the long-term memory) are attended with their keys
+        turned to other time positions (memory_span)."""
+        n, L = k_new.shape[2], self.length
+        if self.k is None:
+            return F.scaled_dot_product_attention(q, k_new, v_new, attn_mask=mask)
+        if memory_turn is not None:
+            return self._turned_view(memory_turn).attend(q, k_new, v_new, mask, cache_masked)
+        B = self.k.shape[0]
+        m = q.shape[0] // B
+        if L >= SPLIT_ATTENTION_MIN and (m > 1 or mask is not None) and not cache_masked and _split_ok(q):
+            return self._attend_split(q, k_new, v_new, mask, m)
+        if m == 1:
+            self.reserve(n, k_new)
+            self.k[:, :, L : L + n] = k_new
+            self.v[:, :, L : L + n] = v_new
+            return F.scaled_dot_product_attention(q, self.k[:, :, : L + n], self.v[:, :, : L + n], attn_mask=mask)
+        self.reserve(m * n, k_new)
+        if mask is not None or q.device.type != "cpu":  # one pass per CFG half over the shared cache
+            k_all, v_all = self.k[:, :, : L + n], self.v[:, :, : L + n]
+            outs = []
+            for i in range(0, q.shape[0], B):
+                k_all[:, :, L:] = k_new[i : i + B]
+                v_all[:, :, L:] = v_new[i : i + B]
+                outs.append(F.scaled_dot_product_attention(q[i : i + B], k_all, v_all, attn_mask=mask))
+            return torch.cat(outs)
+        # the m halves' queries in one pass over the cache: keys [cache | new_1 | ... | new_m],
+        # half i masked off the other halves' new keys (exp(-inf) = 0: the same attention)
+        Lq = q.shape[2]
+        for i in range(m):
+            self.k[:, :, L + i * n : L + (i + 1) * n] = k_new[i * B : (i + 1) * B]
+            self.v[:, :, L + i * n : L + (i + 1) * n] = v_new[i * B : (i + 1) * B]
+        qf = torch.cat(q.split(B), dim=2)  # (B, H, m*Lq, Dh)
+        o = F.scaled_dot_product_attention(
+            qf, self.k[:, :, : L + m * n], self.v[:, :, : L + m * n], attn_mask=_halves_mask(L, m, n, Lq, q.dtype, q.device)
+        )
+        return torch.cat(o.split(Lq, dim=2))  # (m*B, H, Lq, Dh): the halves back in the batch
+
+    def _turned_view(self, turn: "MemoryTurn") -> "KVBuffer":
+        """A copy of this cache whose first turn.tokens keys are turned by turn.table; its values
+        are this cache's (attend writes only their spare tail). Memoised until the cache changes or
+        another turn is asked for, so the denoising steps of a frame share one copy."""
+        key = (turn.tag, self.edits)  # every change of the stored tokens bumps edits
+        if self._turned is None or self._turned[0] != key:
+            if turn.tokens > self.length:
+                raise ValueError(f"cannot turn {turn.tokens} memory keys of a cache of {self.length} tokens")
+            view = KVBuffer()
+            view.k, view.v, view.length = self.k.clone(), self.v, self.length
+            view.k[:, :, : turn.tokens] = apply_rope_full(self.k[:, :, : turn.tokens], turn.table).to(self.k.dtype)
+            self._turned = (key, view)
+        return self._turned[1]
+
+    def _attend_split(self, q, k_new, v_new, mask, m: int) -> torch.Tensor:
+        """Long caches on CPU: attention over the cache (unmasked: every new token sees all of it)
+        and over the new tokens (masked) as two flash passes merged by their log-sum-exps, which
+        is the same softmax without an (Lq, cache) mask read per head; the CFG halves' queries
+        share the cache pass."""
+        B, Lq = self.k.shape[0], q.shape[2]
+        kc, vc = self.keys, self.values
+        if m == 1:
+            o1, l1 = _flash_lse(q, kc, vc)
+            o2, l2 = _flash_lse(q, k_new, v_new, None if mask is None else mask[:, self.length :])
+            return _merge_lse(o1, l1, o2, l2)
+        if mask is not None:  # several frames' queries per CFG half: a pass per half
+            return torch.cat([self._attend_split(q[i : i + B], k_new[i : i + B], v_new[i : i + B], mask, 1)
+                              for i in range(0, q.shape[0], B)])
+        o1, l1 = _flash_lse(torch.cat(q.split(B), dim=2), kc, vc)  # (B, H, m*Lq, Dh)
+        o1, l1 = torch.cat(o1.split(Lq, dim=2)), torch.cat(l1.split(Lq, dim=2))  # (m*B, H, Lq, .)
+        o2, l2 = _flash_lse(q, k_new, v_new)  # each half with its own new keys
+        return _merge_lse(o1, l1, o2, l2)
+
+
+SPLIT_ATTENTION_MIN = 1024  # cached tokens from which KVBuffer.attend splits cache / new on CPU
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _split_ok(q: torch.Tensor) -> bool:
+    return (_FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
+            and not torch.is_grad_enabled())
+
+
+def _flash_lse(q, k, v, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash attention on CPU with its log-sum-exp per query: (B, H, Lq, Dh), (B, H, Lq)."""
+    out = _FLASH_CPU(q, k, v, attn_mask=mask)
+    return out[0], out[1]
+
+
+def _merge_lse(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
+    """Softmax attention over the union of two key sets from the attention over each."""
+    lse = torch.logaddexp(l1, l2)  # fp32 (the flash kernel's log-sum-exps), also for bf16 outputs
+    return (o1 * torch.exp(l1 - lse).unsqueeze(-1) + o2 * torch.exp(l2 - lse).unsqueeze(-1)).to(o1.dtype)
+
+
+_HALVES_MASK: dict = {}
+
+
+def _halves_mask(L: int, m: int, n: int, Lq: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive mask (m*Lq, L + m*n): query half i sees the cache and its own n new keys."""
+    key = (L, m, n, Lq, dtype, str(device))
+    mask = _HALVES_MASK.get(key)
+    if mask is None:
+        _HALVES_MASK.clear()  # one entry: the cache length changes every frame
+        mask = torch.full((m * Lq, L + m * n), float("-inf"), dtype=dtype, device=device)
+        mask[:, :L] = 0
+        for i in range(m):
+            mask[i * Lq : (i + 1) * Lq, L + i * n : L + (i + 1) * n] = 0
+        _HALVES_MASK[key] = mask
+    return mask
+
+
+def kv_length(layer: "KVBuffer | tuple[torch.Tensor, torch.Tensor] | None") -> int:
+    """Cached tokens of one layer's past (a KVBuffer or a (k, v) pair)."""
+    if layer is None:
+        return 0
+    return layer.length if isinstance(layer, KVBuffer) else layer[0].shape[2]
+
+
+# ----------------------------------------------------------------------------------------------
+# devices and precision
+
+
+class DeviceError(ValueError):
+    """A --device that names no device, or one this machine does not have."""
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """None or "auto": a CUDA GPU where there is one, else the CPU. Checks a named device exists."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DeviceError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {device!r}: this PyTorch ({torch.__version__}) sees no CUDA GPU; use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return dev
+
+
+def autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; plain fp32 elsewhere (exact, reproducible CPU tests)."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def autocast_for(module: nn.Module) -> contextlib.AbstractContextManager:
+    """autocast(device) of the module's weights, and bf16 autocast on CPU when those weights are
+    stored in bf16: matmuls then read half the bytes (what bounds a 2-core CPU's cached
+    inference); RoPE and the sampler's updates stay fp32, and the kernels accumulate in fp32."""
+    weight = next(module.parameters())
+    if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return autocast(weight.device)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 numbers natively (AVX512-BF16 or AMX tiles); elsewhere
+    bf16 matmuls are emulated, which can be slower than fp32."""
+    try:  # private torch.cpu queries (cpuinfo); absent from some builds
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
