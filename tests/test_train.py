@@ -327,6 +327,20 @@ def test_each_rank_and_step_draws_different_samples():
         assert s + 16 <= [50, 80, 30][e]
 
 
+def test_step_rng_seeds_are_python_ints_that_runs_already_saved_keep():
+    """The torch seed of a step is a non-negative int below 2**63, the same on every NumPy: on NumPy 1.x
+    `np.uint64 >> 1` raised TypeError and every `worldsim train` stopped at its first step. The pinned
+    values are the ones earlier runs drew, so a resume still draws what they would have."""
+    from worldsim.train import step_rng
+
+    pinned = {(0, 0, 0, 0): 2440950710608614359, (0, 10_000, 0, 0): 5411148163626478192,
+              (7, 1, 123, 2): 7976359448347999313}
+    for args, seed in pinned.items():
+        rng, torch_seed = step_rng(*args)
+        assert type(torch_seed) is int and torch_seed == seed
+    assert int(step_rng(7, 1, 123, 2)[0].integers(1 << 30)) == 348267681
+
+
 def test_windows_reach_the_last_frames_of_every_episode():
     """Every valid window is drawn, the last one too: an episode as long as --seq-len has one window,
     and the last frames of longer ones are trained on."""

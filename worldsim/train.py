@@ -464,7 +464,9 @@ def step_rng(seed: int, rank: int, step: int, stream: int = 0) -> tuple[np.rando
     a pure function of these, so a resumed run draws exactly what an uninterrupted one would."""
     ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(rank), int(step), int(stream)])
     np_ss, torch_ss = ss.spawn(2)
-    return np.random.default_rng(np_ss), int(torch_ss.generate_state(1, dtype=np.uint64)[0] >> 1)
+    # int() before the shift: NumPy 1.x refuses np.uint64 >> a Python int (uint64 with int64 has no
+    # integer type in common); the value is the same as NumPy 2's
+    return np.random.default_rng(np_ss), int(torch_ss.generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, cosine: bool, min_ratio: float,
