@@ -341,6 +341,29 @@ def test_step_rng_seeds_are_python_ints_that_runs_already_saved_keep():
     assert int(step_rng(7, 1, 123, 2)[0].integers(1 << 30)) == 348267681
 
 
+def test_train_imports_and_reports_peak_memory_without_posix_resource(monkeypatch):
+    """Windows has no `resource` module: `worldsim train` (which imported it at the top) could not
+    even show its --help there. Peak memory is then left out; macOS counts ru_maxrss in bytes."""
+    code = ("import sys; sys.modules['resource'] = None\n"
+            "import worldsim.train as t\n"
+            "assert t.peak_rss_mib() is None\n"
+            "from worldsim.cli import main\n"
+            "sys.exit(main(['train', '--help']))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert res.returncode == 0 and "--data" in res.stdout, res.stderr
+
+    import resource
+
+    from worldsim import train as train_mod
+
+    usage = type("Usage", (), {"ru_maxrss": 3 * 2**30})()
+    monkeypatch.setattr(resource, "getrusage", lambda who: usage)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert train_mod.peak_rss_mib() == 3 * 1024  # bytes there
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert train_mod.peak_rss_mib() == 3 * 2**20  # KiB here
+
+
 def test_windows_reach_the_last_frames_of_every_episode():
     """Every valid window is drawn, the last one too: an episode as long as --seq-len has one window,
     and the last frames of longer ones are trained on."""

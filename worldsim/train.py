@@ -50,7 +50,6 @@ import json
 import math
 import os
 import random
-import resource
 import shutil
 import signal
 import sys
@@ -536,8 +535,15 @@ def precision_note(precision: dict[str, str], stage: str) -> str:
     return values.pop() if len(values) == 1 else ", ".join(f"{s} {precision[s]}" for s in stages)
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory in MiB; None where the platform does not say (Windows has
+    no `resource` module)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0  # macOS: bytes; Linux: KiB
 
 
 def tokens_per_sample(far_cfg: Any, seq_len: int) -> dict[str, int]:
@@ -2162,7 +2168,8 @@ def _train(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None
             return 130
     trainer.plot()
     if dist.is_main:
-        log(f"done: {out} (peak memory {peak_rss_mib():.0f} MiB)"
+        peak = peak_rss_mib()
+        log(f"done: {out}" + (f" (peak memory {peak:.0f} MiB)" if peak is not None else "")
             + (f"; world model in {out / 'checkpoint'}" if cfg.stage != "ae" and (out / "checkpoint").is_dir()
                else f"; autoencoder in {out / AE_DIR}, its decoder paired with "
                     + (f"{cfg.ae_init}'s world model" if cfg.ae_init else "the run's world model")
