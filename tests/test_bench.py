@@ -31,6 +31,22 @@ def test_a_device_this_machine_lacks_is_one_line(capsys, tmp_path):
     assert "worldsim eval: device 'nonsense' is not a torch device" in capsys.readouterr().err
 
 
+def test_a_device_type_worldsim_does_not_run_on_is_one_line(capsys):
+    """`--device mps` passed pick_device unchecked: a traceback where PyTorch lacks MPS, and on a Mac
+    the float64 RoPE angles fail (MPS has no float64). Only cpu and cuda are taken."""
+    import pytest
+
+    from worldsim.model import DeviceError, pick_device
+
+    for name in ("mps", "xpu", "meta"):
+        with pytest.raises(DeviceError, match=f"device '{name}': worldsim runs on cpu or cuda only"):
+            pick_device(name)
+    assert pick_device("cpu").type == "cpu" and pick_device("auto").type in ("cpu", "cuda")
+    assert main(["bench", "--preset", "tiny", "--device", "mps"]) == 2
+    err = capsys.readouterr().err
+    assert "worldsim bench: device 'mps': worldsim runs on cpu or cuda only" in err and "Traceback" not in err
+
+
 def test_bench_times_the_precision_play_uses(capsys):
     """bench timed fp32 only and did not say so, while play runs bf16 on CPUs that have it."""
     rc = main(["bench", "--preset", "tiny", "--ae-preset", "tiny", "--contexts", "2", "--frames", "1", "--steps", "1",

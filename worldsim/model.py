@@ -1148,6 +1148,9 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         raise DeviceError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type not in ("cpu", "cuda"):  # e.g. Apple's mps, which has no float64 (RoPE's angles are float64)
+        raise DeviceError(f"device {device!r}: worldsim runs on cpu or cuda only (its position encoding "
+                          f"computes in float64, which {dev.type} may lack); use cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {device!r}: this PyTorch ({torch.__version__}) sees no CUDA GPU; use cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
