@@ -442,6 +442,31 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert target.stat().st_mode & 0o777 != 0o600  # not mkstemp's private mode
 
 
+def test_atomic_writes_flush_through_handles_open_for_writing(tmp_path, monkeypatch):
+    """Windows' fsync (FlushFileBuffers) needs a handle open for writing and fails with EBADF on a
+    read-only one, which the atomic writes (a dataset's index.json, a run's checkpoint folder) used:
+    this fsync refuses read-only descriptors as Windows does."""
+    import errno
+    import fcntl
+    import os
+
+    from worldsim.dataset import atomic_write
+    from worldsim.train import swap_dir_atomic
+
+    real_fsync = os.fsync
+
+    def windows_fsync(fd):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", windows_fsync)
+    atomic_write(tmp_path / "index.json", lambda tmp: tmp.write_text("{}"))
+    assert (tmp_path / "index.json").read_text() == "{}"
+    swap_dir_atomic(tmp_path / "checkpoint", lambda tmp: (tmp / "config.json").write_text("{}"))
+    assert (tmp_path / "checkpoint" / "config.json").read_text() == "{}"
+
+
 def test_a_failed_atomic_write_names_the_file_asked_for_not_its_temp_twin(tmp_path):
     from worldsim.dataset import atomic_write
 

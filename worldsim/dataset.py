@@ -308,7 +308,7 @@ def atomic_write_all(writes: Sequence[tuple[str | os.PathLike, Callable[[Path], 
             fd, temps[path] = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
             os.close(fd)
             write(Path(temps[path]))
-            fd = os.open(temps[path], os.O_RDONLY)
+            fd = os.open(temps[path], os.O_RDWR)  # Windows flushes only handles open for writing
             try:
                 os.fsync(fd)
             finally:

@@ -575,7 +575,7 @@ def swap_dir_atomic(final: Path, write: Callable[[Path], None]) -> None:
     try:
         write(tmp)
         for f in tmp.iterdir():
-            with open(f, "rb") as fh:
+            with open(f, "r+b") as fh:  # Windows flushes only handles open for writing
                 os.fsync(fh.fileno())
         readable_like_any_file(tmp)  # mkdtemp made it 0700
         if old.exists():
