@@ -248,6 +248,22 @@ def test_recorder_is_atomic(tmp_path):
     assert empty.close() is None and [p.name for p in out.parent.iterdir()] == ["a.mp4"]
 
 
+def test_an_mp4_without_imageio_ffmpeg_is_a_play_error(tmp_path, monkeypatch):
+    """The lent GPU machine's image has imageio but not imageio-ffmpeg: imageio then raises an
+    ImportError for format="FFMPEG", which was a traceback in `play --headless --out x.mp4` and
+    ended an interactive game on V (it catches PlayError and OSError only)."""
+    def no_plugin(*args, **kwargs):  # what imageio raises without the plugin
+        raise ImportError("The `FFMPEG` plugin is not installed. Use `pip install imageio[ffmpeg]` to install it.")
+
+    monkeypatch.setattr(imageio, "get_writer", no_plugin)
+    with pytest.raises(PlayError, match="imageio-ffmpeg.*gif"):
+        VideoRecorder(tmp_path / "v" / "a.mp4", fps=10)
+    assert list((tmp_path / "v").iterdir()) == []  # no partial file left behind
+    gif = VideoRecorder(tmp_path / "v" / "a.gif", fps=10)  # GIFs need no plugin
+    gif.append(np.zeros((64, 64, 3), np.uint8))
+    assert gif.close() == tmp_path / "v" / "a.gif"
+
+
 # ----------------------------------------------------------------------------- headless
 
 

@@ -251,9 +251,14 @@ class VideoRecorder:
             self._writer = GifWriter(self.tmp, duration=1000.0 / float(fps))
         else:
             # yuv420p + libx264 plays everywhere; frames are multiples of 16 for 64x64 x any scale.
-            self._writer = imageio.get_writer(str(self.tmp), format="FFMPEG", fps=float(fps), codec="libx264",
-                                              quality=8, pixelformat="yuv420p", macro_block_size=16,
-                                              ffmpeg_log_level="quiet")  # a failure: our one line, not ffmpeg's
+            try:
+                self._writer = imageio.get_writer(str(self.tmp), format="FFMPEG", fps=float(fps), codec="libx264",
+                                                  quality=8, pixelformat="yuv420p", macro_block_size=16,
+                                                  ffmpeg_log_level="quiet")  # a failure: our one line, not ffmpeg's
+            except ImportError:  # imageio without its FFMPEG plugin (e.g. the lent GPU machine's image)
+                self.tmp.unlink(missing_ok=True)
+                raise PlayError(f"{self.path}: no MP4 encoder here (imageio-ffmpeg is not installed): "
+                                "`pip install imageio-ffmpeg`, or give a file name ending in .gif") from None
 
     def append(self, frame: np.ndarray) -> None:
         if self.shape is None:
