@@ -1,7 +1,7 @@
 """A checkpoint's cached generation against uncached recomputation, on a real recorded context.
 
     python scripts/cache_vs_uncached.py [--checkpoint checkpoints/maze-far-small] [--data data/maze-test]
-                                        [--context 24] [--generate 6]
+                                        [--context 24] [--generate 6] [--device cpu]
 
 Generates the same frames (same seed, the episode's actions) with cache_mode "none" (every frame
 recomputed from scratch), "multilevel" (exact: must agree up to float rounding, DESIGN.md) and
@@ -27,9 +27,11 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=24, help="context frames (more than the window puts some in L2)")
     parser.add_argument("--generate", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="default: cpu, fp32, where the caches must agree to float "
+                        "rounding; a GPU runs the transformer under bf16 autocast, whose rounding is far larger")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    world = WorldModel.load(args.checkpoint)
+    world = WorldModel.load(args.checkpoint, device=args.device)
     episode = Dataset(args.data)[args.episode]
     K, G = args.context, args.generate
     if K + G > len(episode.actions):

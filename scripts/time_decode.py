@@ -32,7 +32,9 @@ args = parser.parse_args()
 
 torch.set_num_threads(args.threads)
 try:
-    world = WorldModel.load(args.checkpoint, precision=args.precision)
+    # on the CPU always: the plain decoder below is a CPU module, and the layouts timed are the CPU's
+    # (on a GPU machine the default device would put the world on CUDA and the plain decode would fail)
+    world = WorldModel.load(args.checkpoint, device="cpu", precision=args.precision)
 except CheckpointError as exc:
     raise SystemExit(f"time_decode: {exc}") from None
 plain = Autoencoder(world.autoencoder.config).eval()  # the NCHW layout WorldModel used before

@@ -259,3 +259,22 @@ def test_probe_play_names_a_missing_checkpoint_in_one_line(tmp_path):
                           "--data", str(data), "--mazes", "1"], capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert res.stderr.strip().startswith("probe_play: ") and "nope" in res.stderr and "not found" in res.stderr
+
+
+def test_time_decode_stays_on_the_cpu_where_a_gpu_is_the_default(tmp_path, monkeypatch, capsys):
+    """scripts/time_decode.py compares WorldModel.decode with a plain decoder it builds on the CPU.
+    On a GPU machine WorldModel.load's default device is CUDA, and the plain decode of CUDA latents
+    failed ("Input type (torch.cuda.FloatTensor) and weight type (torch.FloatTensor) should be the
+    same"). Here `cuda is available` is faked: a world loaded onto the default device fails at once
+    on this CPU-only torch, so the script must name the CPU itself."""
+    import runpy
+
+    from _tiny_world import make_checkpoint
+
+    ck = make_checkpoint(tmp_path / "ck")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "time_decode.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--checkpoint", str(ck), "--frames", "1", "--timed", "2",
+                                      "--threads", "1", "--precision", "fp32"])
+    runpy.run_path(str(script), run_name="__main__")
+    assert "decode channels-last" in capsys.readouterr().out
