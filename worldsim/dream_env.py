@@ -44,6 +44,11 @@ from then on.
 Render modes: `rgb_array` returns the last frame. `human` shows it in a window, and the window
 code lives in the pygame frontend (`worldsim.play.FrameWindow`, imported only when rendering):
 this module never imports pygame, per DESIGN.md.
+
+Vector envs: `gym.make_vec("worldsim/Dream-v0", n, vectorization_mode="async")` forks its workers
+after making one env in this process; on the CPU each forked worker gets one torch thread (world.py's
+fork hook). With the model on a GPU, pass `vector_kwargs={"context": "spawn"}`: PyTorch cannot use
+CUDA again in a process forked after it initialised CUDA.
 """
 from __future__ import annotations
 
