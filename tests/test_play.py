@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import os
 import shutil
@@ -469,7 +470,7 @@ def test_interactive_tap_and_hold_and_quit_while_recording(tiny_ckpt, tmp_path):
     assert video_frames(game.recordings[0]) == (4, (64, 64))
     assert game.hud()[0].startswith("DREAM")
     assert game.hud()[1].startswith("memory L2 ") and " of 300 fr / " in game.hud()[1]  # play's default bound
-    assert game.hud()[2].startswith("steps 2 shift 1 temp 1 noise 0 ")  # the tiny checkpoint's sampler settings
+    assert "  |  steps 2 shift 1 temp 1 noise 0 " in game.hud()[2]  # the tiny checkpoint's sampler settings, last
 
 
 def test_interactive_sim_walk_without_checkpoint(tmp_path, no_shipped_checkpoint, capsys):
@@ -714,6 +715,108 @@ def test_the_hud_fits_long_messages_to_the_window(tmp_path, no_shipped_checkpoin
     config = PlayConfig(world="sim", fps=1000, scale=1, record_dir=str(tmp_path))
     game = run_interactive(config, scripted([press("v"), []]))
     assert game.recorder is None and game.message.startswith("recording stopped: v.mp4: cannot write")
+
+
+def _screen(game) -> np.ndarray:
+    import pygame
+
+    game.draw()
+    return pygame.surfarray.array3d(game.window.screen).transpose(1, 0, 2).copy()
+
+
+@pytest.fixture
+def small_game(tiny_ckpt, tmp_path):
+    """A dream with the real window at --scale 4 (a 256-pixel view), F pressed: dream | reality."""
+    from worldsim.play import Game
+
+    config = PlayConfig(checkpoint=str(tiny_ckpt), fps=1000, scale=4, context_frames=2, record_dir=str(tmp_path))
+    world = open_world(config, reality=True, log=lambda _: None)
+    game = Game(world, config, load_keymap("default", world.action_names))
+    game.new_world()
+    game.message_until = 0.0
+    try:
+        yield game
+    finally:
+        game.stop_recording()
+        game.window.close()
+        world.env.close()
+
+
+def test_the_help_stays_inside_the_view_below_the_captions(small_game):
+    """Seen on rendered windows at --scale 4: with dream | reality on, the help's last line was drawn
+    over the HUD's first, its title over the "DREAM (model)" caption, and in the dream alone two
+    lines ran off the window's right edge ("dream vs reality: the real...")."""
+    game = small_game
+    view_h = 64 * 4
+    for side_by_side in (True, False):
+        game.side_by_side = side_by_side
+        game.show_help = False
+        plain = _screen(game)
+        game.show_help = True
+        helped = _screen(game)
+        assert np.array_equal(helped[view_h:], plain[view_h:])  # the HUD strip: untouched
+        if side_by_side:
+            w, h = game.window.font.size("DREAM (model)")
+            assert np.array_equal(helped[4:4 + h, 4:4 + w], plain[4:4 + h, 4:4 + w])  # the caption: on top, undimmed
+    from worldsim.keymaps import KEYMAPS, help_lines
+
+    window = game.window
+    lines = ["worldsim play - keys", ""] + help_lines(KEYMAPS["default"])
+    area = window.pg.Rect(0, 0, 64 * 4, view_h)
+    placed = window.overlay_layout(lines, area)
+    shown = [text for text, _, _ in placed]
+    assert shown == [piece for line in lines for piece in line.split("\t") if piece]  # whole, nothing cut
+    for text, font, (x, y) in placed:
+        assert area.contains(window.pg.Rect((x, y), font.size(text)))
+    for (t1, f1, (x1, y1)), (_, _, (x2, y2)) in itertools.pairwise(placed):
+        if y1 == y2:  # keys | what on one row: the columns do not overlap
+            assert x1 + f1.size(t1)[0] < x2
+
+
+def test_recording_and_pause_show_on_the_view_at_a_small_size(small_game):
+    """At --scale 4 the HUD's third line was cut after the sampler settings, so neither "REC" nor a
+    message like "recording to ..." showed; pause was one grey word in the HUD. And the first
+    screen said "0.0 fps" before any frame was timed."""
+    game = small_game
+    assert " -- fps" in game.hud()[0] and "0.0 fps" not in game.hud()[0]
+    game.side_by_side = False
+    plain = _screen(game)
+    game.toggle_recording()
+    recording = _screen(game)
+    width = 64 * 4
+    assert game.window._fitted(game.hud()[2], width - 8).startswith("REC 1 frame  |  recording to ")
+    corner = np.s_[0:30, width - 60:width]
+    red = (recording[corner][..., 0] > 200) & (recording[corner][..., 1] < 100)
+    assert red.sum() > 20  # a red "REC" badge at the view's top right
+    game.stop_recording()
+    game.paused = True
+    paused = _screen(game)
+    middle = np.s_[width // 2 - 10:width // 2 + 10, 20:width - 20]
+    assert np.any(paused[middle] != plain[middle])  # a "PAUSED" banner across the view
+    assert np.array_equal(paused[:30, width - 60:width], plain[:30, width - 60:width])  # no REC once stopped
+
+
+def test_the_simulators_help_leaves_out_dream_vs_reality(tmp_path, small_game, no_shipped_checkpoint):
+    """F does nothing in --world sim (it says "this is already the real simulator"): its help line went."""
+    from worldsim.play import Game
+
+    def shown_help(game):
+        seen = []
+        game.window.show = lambda frame, hud, overlay, **_: seen.append(overlay)
+        game.show_help = True
+        game.draw()
+        return seen[-1]
+
+    assert any(line.startswith("f\t") for line in shown_help(small_game))
+    config = PlayConfig(world="sim", fps=1000, scale=2, record_dir=str(tmp_path))
+    world = open_world(config, log=lambda _: None)
+    game = Game(world, config, load_keymap("default", world.action_names), window=small_game.window)
+    try:
+        game.new_world()
+        lines = shown_help(game)
+        assert lines and not any(line.startswith("f\t") for line in lines)
+    finally:
+        world.env.close()
 
 
 def test_at_a_low_fps_esc_and_pause_are_handled_within_the_tick(tmp_path, no_shipped_checkpoint, monkeypatch):

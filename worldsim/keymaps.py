@@ -50,7 +50,7 @@ CONTROL_HELP: dict[str, str] = {
     "new_world": "new world (fresh maze)",
     "pause": "pause / resume",
     "quit": "quit",
-    "reality": "dream vs reality: the real simulator side by side",
+    "reality": "dream vs reality, side by side",
     "record": "start / stop recording to MP4",
     "help": "show / hide this help",
 }
@@ -105,12 +105,13 @@ def validate_keymap(data: object, action_names: Sequence[str], source: str = "ke
     return keymap
 
 
-def help_lines(keymap: Mapping[str, str]) -> list[str]:
-    """Human-readable key bindings, one line per action / command, for the help overlay."""
+def help_lines(keymap: Mapping[str, str], skip: Sequence[str] = ()) -> list[str]:
+    """Human-readable key bindings, one line per action / command, for the help overlay; the
+    commands in `skip` are left out (F, dream vs reality, does nothing in the simulator itself)."""
     by_action: dict[str, list[str]] = {}
     for key, action in keymap.items():
         by_action.setdefault(action, []).append(key)
     # "keys<TAB>what": the frontend draws the two columns apart (its font is proportional).
     lines = [f"{' / '.join(keys)}\t{action}" for action, keys in by_action.items()]
-    lines += [f"{key}\t{CONTROL_HELP[cmd]}" for key, cmd in CONTROL_KEYS.items()]
+    lines += [f"{key}\t{CONTROL_HELP[cmd]}" for key, cmd in CONTROL_KEYS.items() if cmd not in skip]
     return lines

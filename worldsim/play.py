@@ -444,23 +444,78 @@ class FrameWindow:
         self.hud_height = hud_lines * self.LINE + 2 * self.PAD if hud_lines else 0
         self.screen = None
         self.size: tuple[int, int] | None = None
-        self.font = self.pg.font.Font(None, 20)
+        self._fonts: dict[int, Any] = {}
+        self.font = self._font(20)
         self.clock = self.pg.time.Clock()
 
-    def _fitted(self, line: str, width: int) -> str:
+    def _fitted(self, line: str, width: int, font: Any = None) -> str:
         """`line` cut to `width` pixels with a trailing "...": a long message (a recording's path, an
         error) ran off the window; its head, and the full text on the terminal, stay readable."""
-        if self.font.size(line)[0] <= width:
+        font = font or self.font
+        if font.size(line)[0] <= width:
             return line
         lo, hi = 0, len(line)  # the longest prefix that fits with the ellipsis
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if self.font.size(line[:mid] + "...")[0] <= width else (lo, mid - 1)
+            lo, hi = (mid, hi) if font.size(line[:mid] + "...")[0] <= width else (lo, mid - 1)
         return line[:lo] + "..."
 
+    def _font(self, size: int):
+        if size not in self._fonts:
+            self._fonts[size] = self.pg.font.Font(None, size)
+        return self._fonts[size]
+
+    OVERLAY_SIZES = (20, 18, 16, 14)  # the help's font shrinks down to this to fit a small window
+
+    def overlay_layout(self, overlay: Sequence[str], area: Any, pad_top: int = 12) -> list[tuple[str, Any, tuple[int, int]]]:
+        """Where each piece of the help goes: (text, font, (x, y)), all inside `area` (a pygame Rect).
+
+        "keys<TAB>what" lines are two columns, the second just right of the widest key (the font is
+        proportional). The largest font whose lines all fit is used; in a window too small for
+        even the smallest, lines are cut with "..." and those below the area are left out, rather
+        than drawn over the HUD or off the window."""
+        rows = [line.split("\t", 1) for line in overlay]
+        for size in self.OVERLAY_SIZES:
+            font = self._font(size)
+            step = font.get_linesize() + 2
+            key_w = max((font.size(row[0])[0] for row in rows if len(row) == 2), default=0)
+            col2 = area.x + 12 + key_w + 16
+            widest = max(col2 + font.size(row[1])[0] if len(row) == 2 else area.x + 12 + font.size(row[0])[0]
+                         for row in rows)
+            if widest <= area.right - 8 and area.y + pad_top + len(rows) * step <= area.bottom - 4:
+                break
+        placed = []
+        for i, row in enumerate(rows):
+            y = area.y + pad_top + i * step
+            if y + font.get_height() > area.bottom:
+                break
+            cells = list(zip(row, (area.x + 12, col2))) if len(row) == 2 else [(row[0], area.x + 12)]
+            for text, x in cells:
+                if not text:
+                    continue
+                fitted = self._fitted(text, area.right - 8 - x, font)
+                if fitted != "...":
+                    placed.append((fitted, font, (x, y)))
+        return placed
+
+    def label_text(self, label: str, width: int) -> str:
+        """A panel's caption for a panel `width` pixels wide: its first word where the whole does not fit."""
+        if self.font.size(label)[0] + 8 > width:
+            label = label.split(" ", 1)[0]
+        return self._fitted(label, width - 8)
+
+    def _badge(self, text: str, colour: tuple[int, int, int], pos: tuple[int, int], anchor: str) -> Any:
+        """`text` on a black box (readable over bright sky and dark floor alike); returns its Rect."""
+        render = self.font.render(text, True, colour)
+        rect = render.get_rect(**{anchor: pos}).inflate(8, 4)
+        self.screen.fill((0, 0, 0), rect)
+        self.screen.blit(render, render.get_rect(center=rect.center))
+        return rect
+
     def show(self, frame: np.ndarray, hud: Sequence[str] = (), overlay: Sequence[str] | None = None,
-             pump: bool = True, labels: Sequence[str] = ()) -> None:
-        """Draw `frame` scaled; `labels` caption equal-width panels left to right (dream | reality)."""
+             pump: bool = True, labels: Sequence[str] = (), corner: str = "", banner: str = "") -> None:
+        """Draw `frame` scaled; `labels` caption equal-width panels left to right (dream | reality);
+        `corner` is a red badge at the view's top right (REC), `banner` a line across its middle (PAUSED)."""
         pg = self.pg
         h, w = frame.shape[:2]
         view = (w * self.scale, h * self.scale)
@@ -474,22 +529,29 @@ class FrameWindow:
             self.size = size
         surface = pg.surfarray.make_surface(np.ascontiguousarray(frame.transpose(1, 0, 2)))
         self.screen.blit(pg.transform.scale(surface, view), (0, 0))
+        top = 0  # below the panel captions: the help starts there
+        if overlay:
+            panel = pg.Surface(view, pg.SRCALPHA)
+            panel.fill((0, 0, 0, 190))
+            self.screen.blit(panel, (0, 0))
+        panel_w = view[0] // max(1, len(labels))
         for i, label in enumerate(labels):
-            text = self.font.render(label, True, (255, 255, 255), (0, 0, 0))
-            self.screen.blit(text, (i * view[0] // len(labels) + 4, 4))
+            text = self.font.render(self.label_text(label, panel_w), True, (255, 255, 255), (0, 0, 0))
+            self.screen.blit(text, (i * panel_w + 4, 4))
+            top = max(top, 4 + text.get_height())
+        if corner:
+            self._badge(corner, (255, 64, 64), (view[0] - 6, 6), "topright")
+        if banner and not overlay:
+            self._badge(self._fitted(banner, view[0] - 16), (255, 255, 255), (view[0] // 2, view[1] // 2), "center")
         if self.hud_height:
             self.screen.fill((16, 16, 16), pg.Rect(0, view[1], size[0], self.hud_height))
             for i, line in enumerate(hud):
                 self.screen.blit(self.font.render(self._fitted(line, size[0] - 2 * self.PAD), True, (230, 230, 230)),
                                  (self.PAD, view[1] + self.PAD + i * self.LINE))
         if overlay:
-            panel = pg.Surface(view, pg.SRCALPHA)
-            panel.fill((0, 0, 0, 190))
-            self.screen.blit(panel, (0, 0))
-            for i, line in enumerate(overlay):
-                # "left<TAB>right" lines are drawn as two columns (the font is proportional).
-                for text, x in zip(line.split("\t"), (12, 12 + min(120, view[0] // 3))):
-                    self.screen.blit(self.font.render(text, True, (255, 255, 255)), (x, 12 + i * self.LINE))
+            area = pg.Rect(0, top, view[0], view[1] - top)
+            for text, font, pos in self.overlay_layout(overlay, area, pad_top=6 if top else 12):
+                self.screen.blit(font.render(text, True, (255, 255, 255)), pos)
         pg.display.flip()
         if pump:  # standalone use (render_mode="human"): keep the window responsive, pace it
             pg.event.pump()
@@ -711,7 +773,9 @@ class Game:
 
     def hud(self) -> list[str]:
         info = self.info
-        state = "PAUSED" if self.paused else f"{self.meter.fps:5.1f} fps (target {self.config.fps:g})"
+        fps = self.meter.fps  # 0 until a frame was generated: "--", not a rate of 0.0 on the first screen
+        rate = f"{fps:5.1f}" if fps > 0 else "  --"
+        state = "PAUSED" if self.paused else f"{rate} fps (target {self.config.fps:g})"
         if self.world.mode == "dream":
             top = f"DREAM  {state}  frame {self.frame_index}  seed {self.seed}"
             mb = info.get("cache_bytes", 0) / 2**20
@@ -726,15 +790,16 @@ class Game:
                    if pose is not None else "")
         status = []
         if self.recorder is not None:
-            status.append(f"REC {self.recorder.frames} frames")
+            frames = self.recorder.frames
+            status.append(f"REC {frames} frame{'' if frames == 1 else 's'}")
         if self.message and time.monotonic() < self.message_until:
             status.append(self.message)
         if not status:
             status.append("H help")
-        if self.world.mode == "dream":
-            status.insert(0, f"steps {info.get('steps', '?')} shift {info.get('shift', 1.0):g} "
-                             f"temp {info.get('temperature', 1.0):g} "
-                             f"noise {info.get('generated_noise', 0.0):g} {info.get('precision', '')}")
+        if self.world.mode == "dream":  # last: a narrow window cuts the line's end, and these never change
+            status.append(f"steps {info.get('steps', '?')} shift {info.get('shift', 1.0):g} "
+                          f"temp {info.get('temperature', 1.0):g} "
+                          f"noise {info.get('generated_noise', 0.0):g} {info.get('precision', '')}")
         return [top, mem, "  |  ".join(status)]
 
     def rss_mb(self) -> float:
@@ -750,11 +815,14 @@ class Game:
         view = compose(self.frame, self.reality, self.side_by_side)
         overlay = None
         if self.show_help:
-            overlay = ["worldsim play - keys", ""] + help_lines(self.keymap)
+            overlay = ["worldsim play - keys", ""] + help_lines(
+                self.keymap, skip=() if self.world.mode == "dream" else ("reality",))
             if self.side_by_side:
                 overlay += ["", "left: dream (model)   right: reality (simulator)"]
         labels = ("DREAM (model)", "REALITY (simulator)") if self.side_by_side else ()
-        self.window.show(view, self.hud(), overlay, pump=False, labels=labels)
+        self.window.show(view, self.hud(), overlay, pump=False, labels=labels,
+                         corner="REC" if self.recorder is not None else "",
+                         banner="PAUSED - P to resume" if self.paused else "")
 
     # -- loop
 
