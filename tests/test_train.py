@@ -1097,6 +1097,33 @@ def test_a_loss_plot_that_cannot_be_saved_names_loss_png_and_leaves_no_temp_file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
 
 
+def test_loss_plot_labels_its_log_axis_in_plain_numbers():
+    """loss.png labelled a FAR loss between 1.3 and 2 as 1.3 x 10^0 .. 2 x 10^0 (and 6 x 10^-1 for the
+    autoencoder): the log scale's scientific notation on every tick of a range inside one decade."""
+    import matplotlib.pyplot as plt
+
+    from worldsim.train import loss_figure
+
+    rows = [{"stage": "ae", "step": s, "loss": 0.65 - 0.005 * s} for s in range(5, 65, 5)]
+    rows += [{"stage": "far", "step": s, "loss": 2.0 - 0.004 * s} for s in range(5, 155, 5)]
+    rows += [{"stage": "far", "step": s, "val_loss": 1.9 - 0.003 * s} for s in (20, 80, 150)]
+    rows += [{"stage": "far", "step": 200 + s, "loss": 10.0 ** (-s / 100)} for s in range(0, 300, 10)]  # 3 decades
+    fig = loss_figure(rows)
+    try:
+        fig.canvas.draw()
+        for ax in fig.axes:
+            assert ax.get_yscale() == "log"
+            labels = [t.get_text() for t in ax.get_yticklabels(minor=False) + ax.get_yticklabels(minor=True)]
+            shown = [t for t in labels if t]
+            assert len(shown) >= 2, labels
+            assert all("10^" not in t and "times" not in t for t in shown), labels
+            assert all(float(t) > 0 for t in shown), labels  # plain numbers
+        legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes]
+        assert legends[1] == ["train", "train (mean of 2 logged steps)", "val (EMA)"], legends
+    finally:
+        plt.close(fig)
+
+
 def test_a_resume_that_stretches_the_schedule_says_the_learning_rate_rises(trained, dataset, tmp_path, capsys):
     """--resume with far more steps (or the time limit set to 0, which the "time limit reached" message
     suggests) put the learning rate from its floor back near its peak without a word."""

@@ -1204,10 +1204,35 @@ def plot_metrics(metrics_path: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = _read_metrics(Path(metrics_path))
+    fig = loss_figure(_read_metrics(Path(metrics_path)))
+    if fig is None:
+        return
+    try:  # a failed save (a full disk) removes its temp file and names loss.png
+        atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=100), suffix=".tmp.png")
+    finally:
+        plt.close(fig)
+
+
+def _plain_log_formatter(minor: bool) -> Any:
+    """Log-axis tick labels as plain numbers (0.4, 1.5, 2): matplotlib's own choice of which ticks to
+    label, without its 4 x 10^-1 notation, which made a loss inside one decade hard to read."""
+    from matplotlib.ticker import LogFormatterSciNotation
+
+    class PlainLogFormatter(LogFormatterSciNotation):
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    return PlainLogFormatter(labelOnlyBase=not minor)
+
+
+def loss_figure(rows: list[dict]) -> Any:
+    """loss.png's figure from metrics.jsonl's rows (None when no stage has logged yet): one panel per
+    stage, train (raw and a running mean) and validation loss against the step."""
+    import matplotlib.pyplot as plt
+
     stages = [s for s in ("ae", "far") if any(r.get("stage") == s for r in rows)]
     if not stages:
-        return
+        return None
     fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4), squeeze=False)
     for ax, s in zip(axes[0], stages):
         tr = [(r["step"], r["loss"]) for r in rows if r.get("stage") == s and "loss" in r]
@@ -1218,7 +1243,7 @@ def plot_metrics(metrics_path: Path, png: Path) -> None:
             if len(y) >= 10:
                 k = max(2, len(y) // 30)
                 ys = np.convolve(y, np.ones(k) / k, mode="valid")
-                ax.plot(x[k - 1:], ys, lw=1.5, label=f"train (mean of {k})")
+                ax.plot(x[k - 1:], ys, lw=1.5, label=f"train (mean of {k} logged steps)")
         if va:
             x, y = zip(*va)
             ax.plot(x, y, "o-", lw=1.5, label="val (EMA)")
@@ -1227,13 +1252,12 @@ def plot_metrics(metrics_path: Path, png: Path) -> None:
         ax.set_ylabel("loss")
         if all(v > 0 for _, v in tr + va):
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(_plain_log_formatter(minor=False))
+            ax.yaxis.set_minor_formatter(_plain_log_formatter(minor=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    try:  # a failed save (a full disk) removes its temp file and names loss.png
-        atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=100), suffix=".tmp.png")
-    finally:
-        plt.close(fig)
+    return fig
 
 
 # ============================================================================ preview
