@@ -1079,6 +1079,37 @@ def test_a_preview_on_a_full_disk_names_its_file_and_leaves_no_temp_file(trained
     assert list((run / "preview").iterdir()) == []
 
 
+def test_preview_gif_captions_its_panels_and_frames(trained, dataset, tmp_path):
+    """The preview showed two uncaptioned panels: nothing said which was the recording and which the
+    model, and during the context both showed the ground truth (only thin blue / red bars told them apart)."""
+    from PIL import Image
+
+    from worldsim.dataset import Dataset
+    from worldsim.train import write_preview
+
+    ep = Dataset(dataset)[0]
+    gif = tmp_path / "p.gif"
+    write_preview(trained / "checkpoint", ep.video, ep.actions, 3, 2, gif)
+    frames = []
+    with Image.open(gif) as im:
+        for i in range(im.n_frames):
+            im.seek(i)
+            frames.append(np.asarray(im.convert("RGB")))
+    scale = 128 // ep.video.shape[1]
+    h, w = ep.video.shape[1] * scale, (2 * ep.video.shape[2] + 2) * scale
+    assert len(frames) == 5 and frames[0].shape[:2] == (h + 2 * 14, w)  # a caption strip above and below
+    panel = w // 2
+    header = [f[:14] for f in frames]
+    footer = [f[-14:] for f in frames]
+    ink = [f.max(-1) > 100 for f in header]  # text pixels (GIF palettes shift colours a little per frame)
+    assert all(m[:, :panel].any() and m[:, panel:].any() for m in ink)  # both panels captioned
+    assert np.array_equal(ink[0][:, :panel], ink[4][:, :panel])  # "ground truth" throughout
+    assert not np.array_equal(ink[2][:, panel:], ink[3][:, panel:])  # "context (given)" -> "generated"
+    assert len({(f.max(-1) > 100).tobytes() for f in footer}) == 5  # the frame number changes every frame
+    assert tuple(header[0][:, panel:].reshape(-1, 3).max(0)) < (64, 255, 256)  # context caption in blue
+    assert header[4][:, panel:, 0].max() > 200 and header[4][:, panel:, 2].max() < 128  # generated in red
+
+
 def test_a_loss_plot_that_cannot_be_saved_names_loss_png_and_leaves_no_temp_file(trained, tmp_path, monkeypatch):
     """It was saved under a fixed temp name and renamed: a failed save left `.loss.png.tmp.png`."""
     import matplotlib.figure

@@ -57,7 +57,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -1263,9 +1263,21 @@ def loss_figure(rows: list[dict]) -> Any:
 # ============================================================================ preview
 
 
+def _caption_strip(width: int, texts: Sequence[tuple[int, str, tuple[int, int, int]]], height: int = 14) -> np.ndarray:
+    """A black strip `width` pixels wide with each (x, text, colour) written at x (Pillow's default font)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(img)
+    for x, text, colour in texts:
+        draw.text((x + 3, 1), text, fill=tuple(int(c) for c in colour))
+    return np.asarray(img)
+
+
 def write_preview(checkpoint_dir: Path, video: np.ndarray, actions: np.ndarray, context: int, frames: int,
                   gif: Path, seed: int = 0, device: torch.device | None = None) -> None:
-    """Context + generated frames beside the ground truth: GIF rows [ground truth | generated]."""
+    """Context + generated frames beside the ground truth: GIF rows [ground truth | model], captioned
+    (panels above, frame and whether it is context or generated below; blue: context, red: generated)."""
     from worldsim.world import WorldModel
 
     world = WorldModel.load(checkpoint_dir, device=device)
@@ -1279,11 +1291,20 @@ def write_preview(checkpoint_dir: Path, video: np.ndarray, actions: np.ndarray, 
         gen = video[t] if t < context else generated[t - context]
         pad = np.zeros((gt.shape[0], 2, 3), np.uint8)
         row = np.concatenate([gt, pad, gen], axis=1).copy()
-        color = np.array([0, 160, 255] if t < context else [255, 64, 64], np.uint8)  # blue: context, red: generated
+        color = (0, 160, 255) if t < context else (255, 64, 64)  # blue: context, red: generated
         row[:2, gt.shape[1] + 2:] = color
         row[-2:, gt.shape[1] + 2:] = color
         scale = max(1, 128 // gt.shape[0])
-        out.append(np.repeat(np.repeat(row, scale, axis=0), scale, axis=1))
+        row = np.repeat(np.repeat(row, scale, axis=0), scale, axis=1)
+        # captions: which panel is the recording and which the model, and whether the model's panel
+        # shows a context frame (the ground truth it is given) or one it generated
+        panel = (gt.shape[1] + 2) * scale
+        right = "context (given)" if t < context else "generated"
+        header = _caption_strip(row.shape[1], [(0, "ground truth", (255, 255, 255)), (panel, "model: " + right, color)])
+        note = (f"frame {t}: context {t + 1} of {context}" if t < context  # 0-based, as eval's videos
+                else f"frame {t}: generated {t - context + 1} of {frames}")
+        footer = _caption_strip(row.shape[1], [(0, note, color)])
+        out.append(np.concatenate([header, row, footer], axis=0))
     gif.parent.mkdir(parents=True, exist_ok=True)
     # a failed preview (a full disk) removes its temp file and names the GIF in its error
     atomic_write(gif, lambda tmp: write_gif(tmp, out, duration=120), suffix=".tmp.gif")  # milliseconds
