@@ -511,11 +511,14 @@ def test_export_gif_mp4_png(tiny_dataset, tmp_path, dmlab_example_path):
     assert np.abs(grid[5][:32, 33:65].astype(int) - video1[5]).mean() < 12  # tile 2, through lossy MP4
     assert main(["export", str(tiny_dataset), "--episode", "1", "--out", str(png), "--every", "20"]) == 0
     strip = imageio.imread(png)
-    assert strip.shape == (64, 128, 3)  # frames 0 and 20, scale 2
-    assert np.array_equal(strip[:, 64:], video1[20].repeat(2, 0).repeat(2, 1))
+    # frames 0 and 20, scale 2, a black line between them (the frames ran into each other without it)
+    assert strip.shape == (64, 130, 3)
+    assert np.array_equal(strip[:, :64], video1[0].repeat(2, 0).repeat(2, 1))
+    assert not strip[:, 64:66].any()
+    assert np.array_equal(strip[:, 66:], video1[20].repeat(2, 0).repeat(2, 1))
     strip = tmp_path / "dmlab.png"
     assert main(["export", str(dmlab_example_path), "--out", str(strip), "--every", "20"]) == 0
-    assert imageio.imread(strip).shape == (128, 15 * 128, 3)
+    assert imageio.imread(strip).shape == (128, 15 * 128 + 14 * 2, 3)
 
 
 def test_export_gif_on_a_full_disk_says_one_line_and_keeps_the_old_one(tiny_dataset, tmp_path, full_disk, unraisable,

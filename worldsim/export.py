@@ -71,11 +71,14 @@ def grid(videos: Sequence[np.ndarray], columns: int | None = None, gap: int = 1)
 
 
 def strip(videos: Sequence[np.ndarray], every: int, gap: int = 1) -> np.ndarray:
-    """Every `every`-th frame of each video in a row; one row per video -> [H', W', 3]."""
+    """Every `every`-th frame of each video in a row, `gap` black pixels between frames (where one ends
+    shows: a corridor's sky and floor ran on from frame to frame) and between rows; one row per video
+    -> [H', W', 3]."""
     rows = []
     for v in videos:
         frames = v[::every]
-        rows.append(np.concatenate(list(frames), axis=1))
+        sep = np.zeros((v.shape[1], gap, 3), np.uint8)
+        rows.append(np.concatenate([part for f in frames for part in (sep, f)][1:], axis=1))
     width = max(r.shape[1] for r in rows)
     h = rows[0].shape[0]
     out = np.zeros((len(rows) * h + (len(rows) - 1) * gap, width, 3), np.uint8)
@@ -163,7 +166,7 @@ def export(dataset: str | os.PathLike | Dataset, cfg: ExportConfig) -> Path:
         raise ExportError(f"{out}: cannot create its folder ({exc.strerror or exc})") from None
     gap = 1
     if suffix == ".png":
-        image = upscale(strip(videos, cfg.every, gap=0 if len(videos) == 1 else gap), cfg.scale)
+        image = upscale(strip(videos, cfg.every, gap=gap), cfg.scale)
         _write(out, image, cfg.fps)
     else:
         frames = upscale(grid(videos, cfg.columns, gap=gap), cfg.scale)
