@@ -454,7 +454,8 @@ def test_interactive_dream_records_a_session(tiny_ckpt, tmp_path):
     ]))
     assert game.steps_taken == 4 and game.worlds == 2
     assert len(game.recordings) == 1
-    assert video_frames(game.recordings[0]) == (5, (256, 128))  # dream | reality, each 64*2
+    # dream | reality, each 64*2, under a 16-pixel caption strip
+    assert video_frames(game.recordings[0]) == (5, (256, 144))
     assert game.info["l2_frames"] == 0 and game.info["frame_index"] == 2  # the new world
 
 
@@ -561,7 +562,16 @@ def test_headless_reality_side_by_side_gif(tiny_ckpt, tmp_path):
                      "--out", str(out), "--scale", "2", "--context-frames", "2"])
     assert code == 0
     frames = imageio.mimread(out)
-    assert len(frames) == 4 and frames[0].shape[:2] == (128, 256)  # 64x64 world, scale 2, two panels
+    # 64x64 world, scale 2, two panels, a line between them and a caption strip above (the README's GIF
+    # showed two uncaptioned panels whose skies ran into each other)
+    assert len(frames) == 4 and frames[0].shape[:2] == (16 + 128, 256)
+    frame = np.asarray(frames[0])[..., :3]
+    assert frame[16:, 127:129].max() < 40  # the dark line between dream and reality
+    ink = frame[:16].max(-1) > 128  # caption text: white on black, over each panel
+    assert ink[:, :128].any() and ink[:, 128:].any()
+    from worldsim.play import recorded_view
+    dream = np.zeros((64, 64, 3), np.uint8)
+    assert np.array_equal(recorded_view(dream, None, False, 2), dream.repeat(2, 0).repeat(2, 1))  # dream alone: as before
     assert not list(tmp_path.glob(".*partial*"))
 
 

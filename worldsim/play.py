@@ -193,6 +193,28 @@ def compose(dream: np.ndarray, reality: np.ndarray | None, side_by_side: bool) -
     return np.concatenate([dream, right], axis=1)
 
 
+CAPTION_HEIGHT = 16  # pixels above a recorded dream | reality video (MP4 pads sides to multiples of 16)
+
+
+def recorded_view(dream: np.ndarray, reality: np.ndarray | None, side_by_side: bool, scale: int) -> np.ndarray:
+    """A recorded video frame: the view upscaled; dream | reality also gets a dark 2-pixel line over the
+    seam between the panels and a caption strip above them ("dream (model)" | "reality (simulator)"), so
+    a clip shown away from the window (the README's GIF) says which side is which and where one ends."""
+    if not side_by_side:
+        return upscale(dream, scale)
+    from PIL import Image, ImageDraw
+
+    view = upscale(compose(dream, reality, True), scale).copy()
+    half = view.shape[1] // 2
+    view[:, half - 1:half + 1] = 16
+    img = Image.new("RGB", (view.shape[1], CAPTION_HEIGHT), (0, 0, 0))
+    draw = ImageDraw.Draw(img)
+    for x, full, short in ((0, "dream (model)", "dream"), (half, "reality (simulator)", "reality")):
+        text = full if draw.textlength(full) + 6 <= half else short
+        draw.text((x + 3, 2), text, fill=(255, 255, 255))
+    return np.concatenate([np.asarray(img), view], axis=0)
+
+
 def resident_memory_bytes() -> int:
     """Current resident set size of this process (its peak where /proc is missing; 0 where neither can be read)."""
     try:
@@ -663,9 +685,8 @@ class Game:
 
     def _record_frame(self) -> None:
         assert self.recorder is not None and self.frame is not None
-        view = compose(self.frame, self.reality, self.record_layout)
         try:
-            self.recorder.append(upscale(view, self.config.scale))
+            self.recorder.append(recorded_view(self.frame, self.reality, self.record_layout, self.config.scale))
         except PlayError as exc:  # a full disk, say: the game goes on without the recording
             recorder, self.recorder = self.recorder, None
             recorder.close()
@@ -942,8 +963,8 @@ def run_headless(config: PlayConfig, world: World | None = None, log: Callable[[
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
             if recorder is not None:
-                view = compose(obs, info.get("reality_frame"), config.reality and world.mode == "dream")
-                recorder.append(upscale(view, config.scale))
+                recorder.append(recorded_view(obs, info.get("reality_frame"), config.reality and world.mode == "dream",
+                                              config.scale))
             if config.benchmark and i in BENCH_AT:
                 bench.append({
                     "frame": i, "frame_index": int(info.get("frame_index", i)),
