@@ -1201,3 +1201,23 @@ def test_max_frame_difference_reports_the_largest_per_frame_psnr_change(tmp_path
     assert script.main([str(tmp_path / "c.json"), str(tmp_path / "a.json")]) == 0
     assert capsys.readouterr().out.splitlines()[0] == (
         "ground_truth: not the same frames in both runs (other episodes, probes or lengths)")
+
+
+def test_psnr_plot_marks_frames_that_hit_the_100_db_cap(tmp_path, monkeypatch):
+    """runs/s31/evalR/psnr_vs_frame.png: the copy-last floor jumped by ~3.5 dB at frames 149 and 179, each a
+    single episode's frame equal to the last context frame (PSNR capped at 100 dB in a mean over 24
+    episodes); nothing on the plot said so. Those frames are marked and the legend explains the mark."""
+    import matplotlib.figure
+
+    figures = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: (figures.append(self), save(self, *a, **k)))
+    per_frame = {"multilevel": np.full(6, 13.0), "copy_last": np.array([12.0, 12, 15.5, 12, 12, 12])}
+    capped = {"multilevel": np.zeros(6, bool), "copy_last": np.array([False, False, True, False, False, False])}
+    evaluate.write_plot(tmp_path / "a.png", per_frame, None, 10, "t", capped)
+    evaluate.write_plot(tmp_path / "b.png", per_frame, None, 10, "t")
+    marked, plain = ([t.get_text() for t in f.axes[0].get_legend().get_texts()] for f in figures)
+    assert marked[-1] == "x  frame equal to the truth in an episode (100 dB cap)" and len(marked) == 3, marked
+    assert len(plain) == 2 and not any("cap" in t for t in plain), plain
+    (xs, ys) = figures[0].axes[0].lines[-1].get_data()
+    assert list(xs) == [12] and list(ys) == [15.5]  # at the capped frame, on its condition's curve

@@ -894,7 +894,10 @@ def write_video(path: Path, truth: np.ndarray, gens: dict[str, np.ndarray], cont
 
 
 def write_plot(path: Path, per_frame: dict[str, np.ndarray], revisit_frac: np.ndarray | None, context: int,
-               title: str) -> None:
+               title: str, capped: dict[str, np.ndarray] | None = None) -> None:
+    """`capped[name]`: per frame, whether some episode's frame scored the 100 dB cap (equal to the
+    truth): one such frame lifts a mean over 24 episodes by ~3.5 dB, a spike that is not the
+    condition's doing, so those frames get a marker and a legend entry saying so."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -906,8 +909,13 @@ def write_plot(path: Path, per_frame: dict[str, np.ndarray], revisit_frac: np.nd
         idx = context + np.arange(len(vals))
         style = "--" if name in ("copy_last", "teacher_copy") else ":" if name == "autoencoder" else "-"
         main = name == "multilevel"  # the headline condition: drawn last-on-top and thicker
-        ax.plot(idx, vals, style, label=CONDITION_LABELS.get(name, name), lw=2.2 if main else 1.2,
-                zorder=4 if main else 2)
+        (line,) = ax.plot(idx, vals, style, label=CONDITION_LABELS.get(name, name), lw=2.2 if main else 1.2,
+                          zorder=4 if main else 2)
+        hit = np.asarray((capped or {}).get(name, np.zeros(len(vals), bool)), dtype=bool)
+        if hit.any():
+            marked = any(t.startswith("x ") for t in ax.get_legend_handles_labels()[1])
+            ax.plot(idx[hit], np.asarray(vals)[hit], "x", color=line.get_color(), ms=7, zorder=5,
+                    label=None if marked else f"x  frame equal to the truth in an episode ({metrics.PSNR_CAP_DB:g} dB cap)")
     if revisit_frac is not None and idx is not None:
         # with many episodes nearly every index has a revisit somewhere, so the fraction is
         # shown below rather than as markers on the curves
@@ -933,15 +941,21 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
     def mean_psnr(eps: list[dict[str, Any]], name: str) -> np.ndarray:
         return np.mean([np.asarray(e["per_frame"][name]["psnr"], dtype=np.float64) for e in eps], axis=0)
 
+    def capped_frames(eps: list[dict[str, Any]], name: str) -> np.ndarray:
+        return np.any([np.asarray(e["per_frame"][name]["psnr"], dtype=np.float64) >= metrics.PSNR_CAP_DB
+                       for e in eps], axis=0)
+
     per_frame = {name: mean_psnr(episodes, name) for name in gt["summary"]}
+    capped = {name: capped_frames(episodes, name) for name in gt["summary"]}
     if tf_episodes:
         for name in ("teacher_forced", "teacher_copy"):
             per_frame[name] = mean_psnr(tf_episodes, name)
+            capped[name] = capped_frames(tf_episodes, name)
     posed = [e for e in episodes if e["revisit"] is not None]  # as the revisit numbers pool them
     rfrac = np.mean([np.asarray(e["revisit"], dtype=np.float64) for e in posed], axis=0) if posed else None
     write_plot(Path(path), per_frame, rfrac, cfgd["context"],
                f"PSNR per generated frame ({len(episodes)} {cfgd.get('split', 'test')} episodes, K={cfgd['context']}, "
-               f"W={cfgd['window']})")
+               f"W={cfgd['window']})", capped)
 
 
 def results_markdown(res: dict[str, Any]) -> str:
