@@ -1217,7 +1217,7 @@ def test_psnr_plot_marks_frames_that_hit_the_100_db_cap(tmp_path, monkeypatch):
     evaluate.write_plot(tmp_path / "a.png", per_frame, None, 10, "t", capped)
     evaluate.write_plot(tmp_path / "b.png", per_frame, None, 10, "t")
     marked, plain = ([t.get_text() for t in f.axes[0].get_legend().get_texts()] for f in figures)
-    assert marked[-1] == "x  frame equal to the truth in an episode (100 dB cap)" and len(marked) == 3, marked
+    assert marked[-1] == "frame equal to the truth in an episode (100 dB cap)" and len(marked) == 3, marked
     assert len(plain) == 2 and not any("cap" in t for t in plain), plain
     (xs, ys) = figures[0].axes[0].lines[-1].get_data()
     assert list(xs) == [12] and list(ys) == [15.5]  # at the capped frame, on its condition's curve

@@ -915,7 +915,7 @@ def write_plot(path: Path, per_frame: dict[str, np.ndarray], revisit_frac: np.nd
         if hit.any():
             marked = any(t.startswith("x ") for t in ax.get_legend_handles_labels()[1])
             ax.plot(idx[hit], np.asarray(vals)[hit], "x", color=line.get_color(), ms=7, zorder=5,
-                    label=None if marked else f"x  frame equal to the truth in an episode ({metrics.PSNR_CAP_DB:g} dB cap)")
+                    label=None if marked else f"frame equal to the truth in an episode ({metrics.PSNR_CAP_DB:g} dB cap)")
     if revisit_frac is not None and idx is not None:
         # with many episodes nearly every index has a revisit somewhere, so the fraction is
         # shown below rather than as markers on the curves
