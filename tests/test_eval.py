@@ -1221,3 +1221,20 @@ def test_psnr_plot_marks_frames_that_hit_the_100_db_cap(tmp_path, monkeypatch):
     assert len(plain) == 2 and not any("cap" in t for t in plain), plain
     (xs, ys) = figures[0].axes[0].lines[-1].get_data()
     assert list(xs) == [12] and list(ys) == [15.5]  # at the capped frame, on its condition's curve
+
+
+def test_the_cap_markers_legend_entry_is_written_once_for_several_conditions(tmp_path, monkeypatch):
+    """c35e7e7 dropped the "x  " the legend entry started with but kept looking for it, so every
+    condition with a capped frame (copy floor and teacher-forced copy, say) added its own entry."""
+    import matplotlib.figure
+
+    figures = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: (figures.append(self), save(self, *a, **k)))
+    per_frame = {"multilevel": np.array([13.0, 13, 16, 13]), "copy_last": np.array([12.0, 12, 15.5, 12])}
+    capped = {"multilevel": np.array([False, False, True, False]), "copy_last": np.array([False, True, True, False])}
+    evaluate.write_plot(tmp_path / "a.png", per_frame, None, 10, "t", capped)
+    texts = [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
+    assert sum("100 dB cap" in t for t in texts) == 1 and len(texts) == 3, texts
+    marks = [ln for ln in figures[0].axes[0].lines if ln.get_marker() == "x"]
+    assert [list(ln.get_xdata()) for ln in marks] == [[12], [11, 12]]  # both conditions still marked

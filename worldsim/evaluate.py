@@ -913,9 +913,10 @@ def write_plot(path: Path, per_frame: dict[str, np.ndarray], revisit_frac: np.nd
                           zorder=4 if main else 2)
         hit = np.asarray((capped or {}).get(name, np.zeros(len(vals), bool)), dtype=bool)
         if hit.any():
-            marked = any(t.startswith("x ") for t in ax.get_legend_handles_labels()[1])
+            cap_label = f"frame equal to the truth in an episode ({metrics.PSNR_CAP_DB:g} dB cap)"
+            marked = cap_label in ax.get_legend_handles_labels()[1]  # one legend entry for every condition's marks
             ax.plot(idx[hit], np.asarray(vals)[hit], "x", color=line.get_color(), ms=7, zorder=5,
-                    label=None if marked else f"frame equal to the truth in an episode ({metrics.PSNR_CAP_DB:g} dB cap)")
+                    label=None if marked else cap_label)
     if revisit_frac is not None and idx is not None:
         # with many episodes nearly every index has a revisit somewhere, so the fraction is
         # shown below rather than as markers on the curves
