@@ -2001,3 +2001,31 @@ def test_a_dataset_without_val_episodes_is_encoded_once_and_validated_on_its_tra
     assert "note: no val episodes; validating the autoencoder on train frames" in capsys.readouterr().err
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in r for r in rows)
+
+
+def test_preview_captions_fit_with_pillows_older_bitmap_font(tmp_path, monkeypatch):
+    """Sized on Pillow 13's default font (FreeType, ~5 px a character): with the 6-pixel bitmap font
+    that Pillow before 10.1 (declared pillow>=9.2) draws, "model: context (given)" ran 7 px past a
+    64x64 preview's 260-pixel width and was cut off at the edge."""
+    from _tiny_world import make_checkpoint
+    from PIL import Image, ImageFont
+
+    from worldsim.train import write_preview
+
+    if hasattr(ImageFont, "load_default_imagefont"):  # Pillow >= 10.1 draws FreeType by default
+        bitmap = ImageFont.load_default_imagefont()
+        monkeypatch.setattr(ImageFont, "load_default", lambda *a, **k: bitmap)
+    ck = make_checkpoint(tmp_path / "ck")
+    rng = np.random.default_rng(0)
+    video = rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    gif = tmp_path / "p.gif"
+    write_preview(ck, video, np.zeros(4, np.int64), 2, 2, gif)
+    with Image.open(gif) as im:
+        headers = []
+        for i in range(im.n_frames):
+            im.seek(i)
+            headers.append(np.asarray(im.convert("RGB"))[:14])
+    assert headers[0].shape[1] == 260
+    for h in headers:
+        ink = h.max(-1) > 100
+        assert ink[:, 135:].any() and not ink[:, -3:].any()  # the model's caption written, not cut at the edge

@@ -1263,13 +1263,20 @@ def loss_figure(rows: list[dict]) -> Any:
 # ============================================================================ preview
 
 
-def _caption_strip(width: int, texts: Sequence[tuple[int, str, tuple[int, int, int]]], height: int = 14) -> np.ndarray:
-    """A black strip `width` pixels wide with each (x, text, colour) written at x (Pillow's default font)."""
+def _caption_strip(width: int, texts: Sequence[tuple[int, str | Sequence[str], tuple[int, int, int]]],
+                   height: int = 14) -> np.ndarray:
+    """A black strip `width` pixels wide with each (x, text, colour) written at x (Pillow's default font).
+    `text` may be a list of ever shorter alternatives: the first that fits before the next text (or
+    the strip's end) is written, so a font wider than the one it was sized on (Pillow before 10.1 draws
+    a 6-pixel bitmap font) shortens a caption instead of cutting it off at the edge."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (width, height), (0, 0, 0))
     draw = ImageDraw.Draw(img)
-    for x, text, colour in texts:
+    for i, (x, text, colour) in enumerate(texts):
+        room = (texts[i + 1][0] if i + 1 < len(texts) else width) - x - 3
+        options = [text] if isinstance(text, str) else list(text)
+        text = next((t for t in options if draw.textlength(t) <= room), options[-1])
         draw.text((x + 3, 1), text, fill=tuple(int(c) for c in colour))
     return np.asarray(img)
 
@@ -1300,7 +1307,9 @@ def write_preview(checkpoint_dir: Path, video: np.ndarray, actions: np.ndarray, 
         # shows a context frame (the ground truth it is given) or one it generated
         panel = (gt.shape[1] + 2) * scale
         right = "context (given)" if t < context else "generated"
-        header = _caption_strip(row.shape[1], [(0, "ground truth", (255, 255, 255)), (panel, "model: " + right, color)])
+        header = _caption_strip(row.shape[1], [(0, "ground truth", (255, 255, 255)),
+                                                    (panel, ["model: " + right, "model: " + right.split(" ")[0], "model"],
+                                                     color)])
         note = (f"frame {t}: context {t + 1} of {context}" if t < context  # 0-based, as eval's videos
                 else f"frame {t}: generated {t - context + 1} of {frames}")
         footer = _caption_strip(row.shape[1], [(0, note, color)])
