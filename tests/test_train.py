@@ -1192,9 +1192,10 @@ def test_a_resume_that_stretches_the_schedule_says_the_learning_rate_rises(train
     assert "note: far: the learning rate rises from" in err and "the schedule now spans 40 steps" in err
 
 
-def test_a_resume_that_changes_the_validation_batches_says_so(trained, tmp_path, capsys):
+def test_a_resume_that_changes_the_validation_batches_says_so(trained, dataset, tmp_path, capsys):
     """The far stage's fixed validation batches are drawn with --seq-len, --far-batch, --val-batches
-    and --seed: a resume that changed one put a step into the val curve that no training made."""
+    and --seed (the autoencoder's with --ae-batch, --val-batches and --seed): a resume that changed one
+    put a step into the val curve that no training made."""
     run = tmp_path / "val"
     shutil.copytree(trained, run)
     seq_len = json.loads((run / "config.json").read_text())["train"]["seq_len"]
@@ -1205,6 +1206,14 @@ def test_a_resume_that_changes_the_validation_batches_says_so(trained, tmp_path,
             "loss from here on is not comparable") in capsys.readouterr().err
     assert main(["train", "--resume", str(run), "--far-steps", "6"]) == 0  # recorded: said once
     assert "validation batches" not in capsys.readouterr().err
+    ae_run = tmp_path / "ae"  # the autoencoder stage's are drawn with --ae-batch, --val-batches and --seed
+    assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(ae_run), *FAST, "--ae-steps", "2",
+                 "--val-every", "1"]) == 0
+    ae_batch = json.loads((ae_run / "config.json").read_text())["train"]["ae_batch"]
+    capsys.readouterr()
+    assert main(["train", "--resume", str(ae_run), "--ae-steps", "3", "--ae-batch", str(ae_batch + 1)]) == 0
+    assert (f"note: --ae-batch {ae_batch + 1} (it had {ae_batch}) changes the autoencoder stage's validation "
+            "batches") in capsys.readouterr().err
 
 
 def test_fewer_steps_on_resume_say_that_nothing_trains(trained, tmp_path, capsys):

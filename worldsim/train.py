@@ -2103,14 +2103,15 @@ def _train(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None
                              f"{saved.get('step')}), so that autoencoder is fixed now and {', '.join(ae_changed)} "
                              "would change nothing; drop the option, or fine-tune the autoencoder in a new run "
                              "with --stage ae --ae-init RUN/checkpoint")
-        # the far stage's fixed validation batches are drawn from these: a curve across such a
+        # the saved stage's fixed validation batches are drawn from these: a curve across such a
         # resume would show a step that is the val set's, not the model's
+        drawn_from, stage_name = {"far": (("seq_len", "far_batch", "val_batches", "seed"), "far stage"),
+                                  "ae": (("ae_batch", "val_batches", "seed"), "autoencoder stage")}.get(saved["stage"], ((), ""))
         val_changed = [f"--{name.replace('_', '-')} {getattr(cfg, name)} (it had {stored_train[name]})"
-                       for name in ("seq_len", "far_batch", "val_batches", "seed")
-                       if name in stored_train and getattr(cfg, name) != stored_train[name]]
-        if val_changed and saved["stage"] == "far" and dist.is_main:
-            log(f"note: {', '.join(val_changed)} changes the far stage's validation batches: its val loss from "
-                "here on is not comparable with the run's earlier val points")
+                       for name in drawn_from if name in stored_train and getattr(cfg, name) != stored_train[name]]
+        if val_changed and dist.is_main:
+            log(f"note: {', '.join(val_changed)} changes the {stage_name}'s validation batches: its val loss "
+                "from here on is not comparable with the run's earlier val points")
         ae_done = saved.get("finished") or (cfg.ae_time_limit > 0 and saved.get("seconds", 0) >= cfg.ae_time_limit)
         if saved["stage"] == "ae" and cfg.stage == "far" and not ae_done:
             raise TrainError(f"--resume {out}: its autoencoder stage is unfinished (step {saved.get('step')} of "
