@@ -303,6 +303,15 @@ def test_a_rank_late_to_the_autoencoder_copy_and_the_latent_cache_keeps_step_wit
         "    return wrapped\n"
         "train._ensure_autoencoder = late(train._ensure_autoencoder)\n"
         "train.build_latents = late(train.build_latents)\n"
+        "import worldsim.ddp as ddp\n"
+        "close = ddp.Dist.close\n"
+        "def closed(self):\n"
+        "    close(self)\n"
+        "    if not os.path.isdir('/proc/self/task'):\n"
+        "        return\n"
+        "    gloo = sorted(n for n in (open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')) if 'gloo' in n)\n"
+        "    print(f'[rank {self.rank}] gloo threads after close: {gloo}', flush=True)\n"
+        "ddp.Dist.close = closed\n"
         + RUN_CLI)
     run = tmp_path / "late"
     res = _torchrun(launcher, "train", "--data", str(dataset), "--out", str(run), *FAST, "--stage", "far",
@@ -311,6 +320,12 @@ def test_a_rank_late_to_the_autoencoder_copy_and_the_latent_cache_keeps_step_wit
     assert res.returncode == 0, res.stdout + res.stderr
     hashes = dict(re.findall(r"\[rank (\d)\] far weights sha256 ([0-9a-f]{64})", res.stdout + res.stderr))
     assert set(hashes) == {"0", "1"} and hashes["0"] == hashes["1"], res.stdout + res.stderr
+    # each rank's process group is gone once it closes, gloo's threads joined: a group that outlived
+    # destroy_process_group (torch.distributed.nn imported after it was made, a DDP wrapper left in a
+    # cycle) left a worker thread that could take the GIL during interpreter exit, and abort (SIGABRT)
+    if sys.platform.startswith("linux"):
+        closed = dict(re.findall(r"\[rank (\d)\] gloo threads after close: (.*)", res.stdout))
+        assert closed == {"0": "[]", "1": "[]"}, res.stdout
 
 
 # ----------------------------------------------------------------------------- units

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib
 import os
 
 import torch
@@ -52,6 +53,12 @@ class Dist:
                     f"{local_world_size} ranks on this machine but {torch.cuda.device_count()} CUDA GPU(s): run "
                     f"torchrun --nproc_per_node={torch.cuda.device_count()}, or --device cpu for CPU ranks (gloo)")
             if not dist.is_initialized():
+                # Before the process group exists: torch.distributed.nn (DDP imports it) binds group.WORLD
+                # into ten functions' default arguments when first imported, so a group made before it
+                # outlived destroy_process_group and gloo's worker threads were never joined; one still
+                # dropping a finished barrier's tensors at interpreter exit took the GIL there ("terminate
+                # called without an active exception", SIGABRT: about 1 torchrun in 10 on a loaded 2-core VM).
+                importlib.import_module("torch.distributed.nn")  # (`import torch....` here would make torch local)
                 backend = "nccl" if dev.type == "cuda" else "gloo"
                 kwargs = {}
                 if dev.type == "cuda":
@@ -97,6 +104,9 @@ class Dist:
 
     def close(self) -> None:
         if self.initialized and dist.is_initialized():
+            import gc
+
+            gc.collect()  # a DDP wrapper left in a reference cycle holds the group too
             dist.destroy_process_group()
             self.initialized = False
 

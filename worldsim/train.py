@@ -2230,9 +2230,9 @@ def _train(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None
                     + (f"{cfg.ae_init}'s world model" if cfg.ae_init else "the run's world model")
                     + f" in {out / 'checkpoint'}" if (out / AE_DIR).is_dir() and (out / "checkpoint").is_dir()
                else f"; autoencoder in {out / AE_DIR}" if (out / AE_DIR).is_dir() else "; nothing to export (0 steps)"))
-    # every rank leaves together: a rank that tore its process group down while rank 0 still wrote
-    # its outputs was once aborted by gloo ("terminate called without an active exception", SIGABRT,
-    # and torchrun then stopped rank 0), in a 2-rank CPU test of session 29's CI run
+    # every rank leaves together. (The gloo abort this barrier was first added for, "terminate called
+    # without an active exception" at a rank's exit, came from a process group that outlived
+    # Dist.close(): see Dist.from_env.)
     dist.barrier()
     return 0
 
