@@ -124,10 +124,16 @@ def test_sigterm_stops_any_command_as_ctrl_c_does(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "worldsim", "play", "--headless", "--world", "sim", "--actions",
                              "random:1000000", "--out", str(out), "--scale", "1"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.time() + 120
-    while not list(tmp_path.glob(".walk*")) and time.time() < deadline:  # the video is being written
-        time.sleep(0.1)
-    time.sleep(1.0)
+
+    def frames_in_the_video() -> bool:  # ffmpeg writes the temp file once it has a frame: a video to keep
+        try:
+            return any(p.stat().st_size > 0 for p in tmp_path.glob(".walk*"))
+        except FileNotFoundError:  # renamed or removed meanwhile: the child stopped
+            return True
+
+    deadline = time.monotonic() + 120  # a guard against a stuck child, not a speed requirement
+    while not frames_in_the_video() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
