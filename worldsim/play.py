@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 import tempfile
@@ -202,17 +203,26 @@ def recorded_view(dream: np.ndarray, reality: np.ndarray | None, side_by_side: b
     a clip shown away from the window (the README's GIF) says which side is which and where one ends."""
     if not side_by_side:
         return upscale(dream, scale)
-    from PIL import Image, ImageDraw
-
     view = upscale(compose(dream, reality, True), scale).copy()
     half = view.shape[1] // 2
     view[:, half - 1:half + 1] = 16
-    img = Image.new("RGB", (view.shape[1], CAPTION_HEIGHT), (0, 0, 0))
+    return np.concatenate([_caption_strip(view.shape[1]), view], axis=0)
+
+
+@functools.lru_cache(maxsize=4)
+def _caption_strip(width: int) -> np.ndarray:
+    """recorded_view's caption strip, drawn once per video width rather than once per recorded frame."""
+    from PIL import Image, ImageDraw
+
+    half = width // 2
+    img = Image.new("RGB", (width, CAPTION_HEIGHT), (0, 0, 0))
     draw = ImageDraw.Draw(img)
     for x, full, short in ((0, "dream (model)", "dream"), (half, "reality (simulator)", "reality")):
         text = full if draw.textlength(full) + 6 <= half else short
         draw.text((x + 3, 2), text, fill=(255, 255, 255))
-    return np.concatenate([np.asarray(img), view], axis=0)
+    strip = np.asarray(img)
+    strip.flags.writeable = False  # shared by every frame of the video
+    return strip
 
 
 def resident_memory_bytes() -> int:
