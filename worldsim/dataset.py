@@ -431,6 +431,26 @@ def interrupts_held() -> Iterator[None]:
                 signal.raise_signal(arrived[0])
 
 
+def caption_strip(width: int, texts: Sequence[tuple[int, str | Sequence[str], tuple[int, int, int]]],
+                  height: int = 16) -> np.ndarray:
+    """A black strip `width` pixels wide, uint8 [height, width, 3], with each (x, text, colour) written
+    from x in Pillow's default font: the captions above and below the panels of the videos and GIFs
+    the tools write (eval's videos, training's previews, play's dream | reality recordings).
+    `text` may be a list of ever shorter alternatives: the first that fits before the next text (or
+    the strip's end) is written, so a font wider than the one it was sized on (Pillow before 10.1 draws
+    a 6-pixel bitmap font) shortens a caption instead of cutting it off at the edge."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(img)
+    for i, (x, text, colour) in enumerate(texts):
+        room = (texts[i + 1][0] if i + 1 < len(texts) else width) - x - 3
+        options = [text] if isinstance(text, str) else list(text)
+        text = next((t for t in options if draw.textlength(t) <= room), options[-1])
+        draw.text((x + 3, (height - 12) // 2), text, fill=tuple(int(c) for c in colour))
+    return np.asarray(img)
+
+
 class GifWriter:
     """A GIF written with Pillow, as imageio's GIF writer does it (every frame held until close()),
     minus that writer's failure: after a failed save (a full disk) imageio keeps the frames and its

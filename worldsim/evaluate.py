@@ -836,27 +836,19 @@ def self_consistency(world: Any, cfg: EvalConfig, ds: Any, bar_enabled: bool) ->
 # ----------------------------------------------------------------------------- outputs
 
 
-def _label_strip(texts: Sequence[str], width: int, height: int, panel: int) -> np.ndarray:
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (width, height), (0, 0, 0))
-    draw = ImageDraw.Draw(img)
-    for i, text in enumerate(texts):
-        draw.text((i * panel + 4, 2), text, fill=(255, 255, 255))
-    return np.asarray(img)
-
-
 def write_video(path: Path, truth: np.ndarray, gens: dict[str, np.ndarray], context: int,
                 revisit: np.ndarray | None, fps: int = 10) -> Path:
     """Side-by-side video: ground truth | long context | sliding window (context shown as GT)."""
     import imageio.v2 as imageio
+
+    from worldsim.dataset import caption_strip, finished_video_problem, video_write_error, write_gif
 
     t_total, h, w, _ = truth.shape
     scale = max(1, 256 // max(h, w))
     panel = w * scale
     labels = ["ground truth", "long context", "sliding window"]
     cols = [truth] + [np.concatenate([truth[:context], gens[m]]) for m in GEN_CONDITIONS]
-    header = _label_strip(labels, panel * len(cols), 16, panel)
+    header = caption_strip(panel * len(cols), [(i * panel, text, (255, 255, 255)) for i, text in enumerate(labels)])
     frames = []
     for t in range(t_total):
         row = np.concatenate([np.kron(c[t], np.ones((scale, scale, 1), np.uint8)) for c in cols], axis=1)
@@ -865,10 +857,9 @@ def write_video(path: Path, truth: np.ndarray, gens: dict[str, np.ndarray], cont
         else:
             rv = revisit is not None and bool(revisit[t - context])
             note = f"frame {t}  generated" + ("  REVISIT" if rv else "")
-        footer = _label_strip([note], row.shape[1], 16, row.shape[1])
+        footer = caption_strip(row.shape[1], [(0, note, (255, 255, 255))])
         frames.append(np.concatenate([header, row, footer], axis=0))
 
-    from worldsim.dataset import finished_video_problem, video_write_error, write_gif
 
     def write_mp4(p: Path) -> None:
         try:

@@ -47,8 +47,8 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import numpy as np
 
 from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
-from worldsim.dataset import (FILE_SYSTEM_REFUSALS, GifWriter, finished_video_problem, interrupts_held,
-                              readable_like_any_file, video_write_error)
+from worldsim.dataset import (FILE_SYSTEM_REFUSALS, GifWriter, caption_strip, finished_video_problem,
+                              interrupts_held, readable_like_any_file, video_write_error)
 from worldsim.keymaps import CONTROL_KEYS, KEYMAPS, KeymapError, help_lines, load_keymap
 
 DEFAULT_SIMULATOR = {"id": "worldsim/Maze-v0", "settings": {}}
@@ -206,21 +206,14 @@ def recorded_view(dream: np.ndarray, reality: np.ndarray | None, side_by_side: b
     view = upscale(compose(dream, reality, True), scale).copy()
     half = view.shape[1] // 2
     view[:, half - 1:half + 1] = 16
-    return np.concatenate([_caption_strip(view.shape[1]), view], axis=0)
+    return np.concatenate([_recording_captions(view.shape[1]), view], axis=0)
 
 
 @functools.lru_cache(maxsize=4)
-def _caption_strip(width: int) -> np.ndarray:
+def _recording_captions(width: int) -> np.ndarray:
     """recorded_view's caption strip, drawn once per video width rather than once per recorded frame."""
-    from PIL import Image, ImageDraw
-
-    half = width // 2
-    img = Image.new("RGB", (width, CAPTION_HEIGHT), (0, 0, 0))
-    draw = ImageDraw.Draw(img)
-    for x, full, short in ((0, "dream (model)", "dream"), (half, "reality (simulator)", "reality")):
-        text = full if draw.textlength(full) + 6 <= half else short
-        draw.text((x + 3, 2), text, fill=(255, 255, 255))
-    strip = np.asarray(img)
+    strip = caption_strip(width, [(0, ("dream (model)", "dream"), (255, 255, 255)),
+                                  (width // 2, ("reality (simulator)", "reality"), (255, 255, 255))], CAPTION_HEIGHT)
     strip.flags.writeable = False  # shared by every frame of the video
     return strip
 

@@ -65,8 +65,8 @@ import torch.nn as nn
 
 from worldsim import cliargs
 from worldsim.checkpoint import CheckpointError, check_field_types, check_tensors
-from worldsim.dataset import (DatasetError, atomic_write, name_the_target, readable_like_any_file, try_lock,
-                              write_gif, write_json_atomic)
+from worldsim.dataset import (DatasetError, atomic_write, caption_strip, name_the_target, readable_like_any_file,
+                              try_lock, write_gif, write_json_atomic)
 from worldsim.ddp import Dist, cpu_threads_per_rank
 from worldsim.latents import (
     FrameStore, LatentStore, build_cache, check_compatible, holding_split, load_cached, load_frames, names_for,
@@ -1263,24 +1263,6 @@ def loss_figure(rows: list[dict]) -> Any:
 # ============================================================================ preview
 
 
-def _caption_strip(width: int, texts: Sequence[tuple[int, str | Sequence[str], tuple[int, int, int]]],
-                   height: int = 14) -> np.ndarray:
-    """A black strip `width` pixels wide with each (x, text, colour) written at x (Pillow's default font).
-    `text` may be a list of ever shorter alternatives: the first that fits before the next text (or
-    the strip's end) is written, so a font wider than the one it was sized on (Pillow before 10.1 draws
-    a 6-pixel bitmap font) shortens a caption instead of cutting it off at the edge."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (width, height), (0, 0, 0))
-    draw = ImageDraw.Draw(img)
-    for i, (x, text, colour) in enumerate(texts):
-        room = (texts[i + 1][0] if i + 1 < len(texts) else width) - x - 3
-        options = [text] if isinstance(text, str) else list(text)
-        text = next((t for t in options if draw.textlength(t) <= room), options[-1])
-        draw.text((x + 3, 1), text, fill=tuple(int(c) for c in colour))
-    return np.asarray(img)
-
-
 def write_preview(checkpoint_dir: Path, video: np.ndarray, actions: np.ndarray, context: int, frames: int,
                   gif: Path, seed: int = 0, device: torch.device | None = None) -> None:
     """Context + generated frames beside the ground truth: GIF rows [ground truth | model], captioned
@@ -1307,12 +1289,12 @@ def write_preview(checkpoint_dir: Path, video: np.ndarray, actions: np.ndarray, 
         # shows a context frame (the ground truth it is given) or one it generated
         panel = (gt.shape[1] + 2) * scale
         right = "context (given)" if t < context else "generated"
-        header = _caption_strip(row.shape[1], [(0, "ground truth", (255, 255, 255)),
-                                                    (panel, ["model: " + right, "model: " + right.split(" ")[0], "model"],
-                                                     color)])
+        header = caption_strip(row.shape[1], [(0, "ground truth", (255, 255, 255)),
+                                              (panel, ["model: " + right, "model: " + right.split(" ")[0], "model"],
+                                               color)], height=14)
         note = (f"frame {t}: context {t + 1} of {context}" if t < context  # 0-based, as eval's videos
                 else f"frame {t}: generated {t - context + 1} of {frames}")
-        footer = _caption_strip(row.shape[1], [(0, note, color)])
+        footer = caption_strip(row.shape[1], [(0, note, color)], height=14)
         out.append(np.concatenate([header, row, footer], axis=0))
     gif.parent.mkdir(parents=True, exist_ok=True)
     # a failed preview (a full disk) removes its temp file and names the GIF in its error
