@@ -1231,6 +1231,22 @@ def test_a_resume_that_changes_the_validation_batches_says_so(trained, dataset, 
             "batches") in capsys.readouterr().err
 
 
+def test_a_finished_autoencoder_stage_left_by_a_resume_says_nothing_of_its_validation_batches(dataset, tmp_path, capsys):
+    """The autoencoder stage's val batches matter to a resume only while that stage trains on: one that
+    goes on to the far stage (--stage far), or has no --ae-steps left, adds no autoencoder val point,
+    so a changed --seed / --val-batches there must not say the curve is not comparable."""
+    run = tmp_path / "ae_done"
+    assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(run), *FAST, "--ae-steps", "2",
+                 "--val-every", "1"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--stage", "ae", "--ae-steps", "2", "--val-batches", "2"]) == 0
+    assert "validation batches" not in capsys.readouterr().err  # nothing trains: no val point
+    assert main(["train", "--resume", str(run), "--stage", "far", "--far-steps", "1", "--seed", "5",
+                 "--val-every", "0", "--preview-every", "-1"]) == 0
+    err = capsys.readouterr().err
+    assert "validation batches" not in err, err
+
+
 def test_fewer_steps_on_resume_say_that_nothing_trains(trained, tmp_path, capsys):
     run = tmp_path / "past"
     shutil.copytree(trained, run)

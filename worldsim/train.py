@@ -2091,7 +2091,12 @@ def _train(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None
                                   "ae": (("ae_batch", "val_batches", "seed"), "autoencoder stage")}.get(saved["stage"], ((), ""))
         val_changed = [f"--{name.replace('_', '-')} {getattr(cfg, name)} (it had {stored_train[name]})"
                        for name in drawn_from if name in stored_train and getattr(cfg, name) != stored_train[name]]
-        if val_changed and dist.is_main:
+        # only a stage that trains on validates again: a finished autoencoder stage that this resume
+        # leaves for the far stage (--stage far, or all its --ae-steps done) adds no val point to compare
+        steps, limit = (cfg.ae_steps, cfg.ae_time_limit) if saved["stage"] == "ae" else (cfg.far_steps, cfg.far_time_limit)
+        trains_on = (cfg.stage != "far" if saved["stage"] == "ae" else cfg.stage != "ae") \
+            and int(saved.get("step", 0)) < steps and not (limit > 0 and float(saved.get("seconds", 0)) >= limit)
+        if val_changed and trains_on and dist.is_main:
             log(f"note: {', '.join(val_changed)} changes the {stage_name}'s validation batches: its val loss "
                 "from here on is not comparable with the run's earlier val points")
         ae_done = saved.get("finished") or (cfg.ae_time_limit > 0 and saved.get("seconds", 0) >= cfg.ae_time_limit)
