@@ -310,7 +310,8 @@ def test_a_rank_late_to_the_autoencoder_copy_and_the_latent_cache_keeps_step_wit
         "    if not os.path.isdir('/proc/self/task'):\n"
         "        return\n"
         "    gloo = sorted(n for n in (open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')) if 'gloo' in n)\n"
-        "    print(f'[rank {self.rank}] gloo threads after close: {gloo}', flush=True)\n"
+        "    sys.stdout.write(f'[rank {self.rank}] gloo threads after close: {gloo}\\n')\n"  # one write: ranks share the pipe
+        "    sys.stdout.flush()\n"
         "ddp.Dist.close = closed\n"
         + RUN_CLI)
     run = tmp_path / "late"
@@ -324,7 +325,7 @@ def test_a_rank_late_to_the_autoencoder_copy_and_the_latent_cache_keeps_step_wit
     # destroy_process_group (torch.distributed.nn imported after it was made, a DDP wrapper left in a
     # cycle) left a worker thread that could take the GIL during interpreter exit, and abort (SIGABRT)
     if sys.platform.startswith("linux"):
-        closed = dict(re.findall(r"\[rank (\d)\] gloo threads after close: (.*)", res.stdout))
+        closed = dict(re.findall(r"\[rank (\d)\] gloo threads after close: (\[[^\]]*\])", res.stdout))
         assert closed == {"0": "[]", "1": "[]"}, res.stdout
 
 
