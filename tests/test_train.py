@@ -329,6 +329,37 @@ def test_a_rank_late_to_the_autoencoder_copy_and_the_latent_cache_keeps_step_wit
         assert closed == {"0": "[]", "1": "[]"}, res.stdout
 
 
+def test_a_training_stopped_by_an_error_still_frees_its_process_group_at_close(dataset, tmp_path):
+    """An exception passing through train.main (a full disk at a save, Ctrl-C twice, a peer rank gone)
+    held the training frames, the DDP wrapper among them, in its traceback while Dist.close() ran, so
+    the process group outlived destroy_process_group and gloo's threads were still up at the exit."""
+    launcher = tmp_path / "full_disk.py"
+    launcher.write_text(
+        "import os, sys\n"
+        "import worldsim.train as train\n"
+        "def full(*args, **kwargs):\n"
+        "    raise OSError(28, 'No space left on device', 'state')\n"
+        "train.Trainer.save_state = full\n"
+        "import worldsim.ddp as ddp\n"
+        "close = ddp.Dist.close\n"
+        "def closed(self):\n"
+        "    close(self)\n"
+        "    if not os.path.isdir('/proc/self/task'):\n"
+        "        return\n"
+        "    gloo = sorted(n for n in (open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')) if 'gloo' in n)\n"
+        "    sys.stdout.write(f'[rank {self.rank}] gloo threads after close: {gloo}\\n')\n"
+        "    sys.stdout.flush()\n"
+        "ddp.Dist.close = closed\n"
+        + RUN_CLI)
+    res = _torchrun(launcher, "train", "--stage", "ae", "--data", str(dataset), "--out", str(tmp_path / "full"), *FAST,
+                    "--ae-steps", "4", "--checkpoint-every", "2", "--val-every", "0", "--preview-every", "-1",
+                    "--ddp-timeout", "60")
+    assert res.returncode != 0 and "No space left on device" in res.stderr, res.stdout + res.stderr
+    if sys.platform.startswith("linux"):
+        closed = dict(re.findall(r"\[rank (\d)\] gloo threads after close: (\[[^\]]*\])", res.stdout))
+        assert closed.get("0") == "[]", res.stdout + res.stderr
+
+
 # ----------------------------------------------------------------------------- units
 
 

@@ -55,6 +55,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -1994,6 +1995,13 @@ def main(args: argparse.Namespace) -> int:
     except (TrainError, DatasetError, CheckpointError) as exc:
         print(f"worldsim train: {exc}", file=sys.stderr)
         return 2
+    except BaseException as exc:  # Ctrl-C twice, a full disk, a peer rank gone: passed on, after close()
+        # its traceback holds the training frames, the DDP wrapper (so the process group) among them:
+        # their locals go first, or the group outlives close() and gloo can abort the exit (see Dist.close)
+        while exc is not None:
+            traceback.clear_frames(exc.__traceback__)
+            exc = exc.__cause__ or exc.__context__
+        raise
     finally:
         dist.close()
 
