@@ -2073,6 +2073,74 @@ def test_a_dataset_without_val_episodes_is_encoded_once_and_validated_on_its_tra
     assert "note: no val episodes; validating the autoencoder on train frames" in capsys.readouterr().err
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in r for r in rows)
+    # each validation row says what it measured on, and loss.png's legend says it (it said "val (EMA)")
+    ae_rows = [json.loads(line) for line in (tmp_path / "ae" / "metrics.jsonl").read_text().splitlines()]
+    for stage_rows in (rows, ae_rows):
+        assert all(r["val_on"] == "train" for r in stage_rows if "val_loss" in r)
+        assert all("val_on" not in r for r in stage_rows if "val_loss" not in r)  # train rows: as before
+    _assert_val_legend(ae_rows + rows, "val (EMA, on train episodes)")
+
+
+def _assert_val_legend(rows: list[dict], expected: str) -> None:
+    import matplotlib.pyplot as plt
+
+    from worldsim.train import loss_figure
+
+    fig = loss_figure(rows)
+    try:
+        for ax in fig.axes:
+            assert [t.get_text() for t in ax.get_legend().get_texts()][-1] == expected
+    finally:
+        plt.close(fig)
+
+
+def test_validation_rows_on_val_episodes_say_so(trained):
+    """A run with val episodes: its validation rows say `"val_on": "val"` and the legend stays "val (EMA)"."""
+    rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in rows if "val_loss" in r]
+    assert {r["stage"] for r in vals} == {"ae", "far"} and all(r["val_on"] == "val" for r in vals)
+    _assert_val_legend(rows, "val (EMA)")
+
+
+def test_loss_plot_names_each_stages_loss():
+    """loss.png's y axes said only "loss": the autoencoder's is its --ae-loss (L1 + MSE, or MSE) on
+    pixels in [-1, 1], the far stage's the flow-matching velocity MSE."""
+    import matplotlib.pyplot as plt
+
+    from worldsim.train import loss_figure
+
+    rows = [{"stage": s, "step": k, "loss": 1.0 / k} for s in ("ae", "far") for k in range(1, 20)]
+    for ae_loss, ae_label in (("l1+mse", "L1 + MSE of pixels in [-1, 1]"), ("mse", "MSE of pixels in [-1, 1]"),
+                              (None, "reconstruction loss")):
+        fig = loss_figure(rows, ae_loss=ae_loss)
+        try:
+            assert [ax.get_ylabel() for ax in fig.axes] == [ae_label, "flow-matching velocity MSE"]
+            assert [ax.get_title() for ax in fig.axes] == ["autoencoder: reconstruction loss",
+                                                          "FAR: flow-matching loss"]
+        finally:
+            plt.close(fig)
+    # mixed rows (a resume that gained val episodes) say so too
+    mixed = rows + [{"stage": "far", "step": 5, "val_loss": 0.2, "val_on": "train"},
+                    {"stage": "far", "step": 10, "val_loss": 0.1, "val_on": "val"}]
+    fig = loss_figure(mixed)
+    try:
+        assert fig.axes[1].get_legend().get_texts()[-1].get_text() == "val (EMA, partly on train episodes)"
+    finally:
+        plt.close(fig)
+
+
+def test_the_trainer_names_its_ae_loss_on_loss_png(trained, monkeypatch):
+    """Trainer.plot hands the run's --ae-loss to the plot."""
+    import worldsim.train as train_mod
+
+    seen = {}
+    monkeypatch.setattr(train_mod, "loss_figure", lambda rows, **kw: seen.update(kw))
+    from types import SimpleNamespace
+
+    train_mod.Trainer.plot(SimpleNamespace(dist=SimpleNamespace(is_main=True), metrics_path=trained / "metrics.jsonl",
+                                           out=trained, run=SimpleNamespace(train=SimpleNamespace(ae_loss="mse")),
+                                           log=print))
+    assert seen == {"ae_loss": "mse"}
 
 
 def test_preview_captions_fit_with_pillows_older_bitmap_font(tmp_path, monkeypatch):

@@ -24,6 +24,8 @@ Run folder:
     latents/               the latent cache (reused when valid; copy an earlier run's, e.g.
                            `cp -al OLD/latents NEW/latents`, to skip encoding the same data)
     metrics.jsonl, loss.png, preview/step-XXXXXX.gif
+                           (a validation row's `val_on` is "train" where the data held no
+                           val episodes and the train ones stood in)
 
 Saving: every `--checkpoint-every` steps, at the end of a stage and on Ctrl-C (SIGINT/SIGTERM:
 the step in progress finishes, everything is saved, the command exits with 130). A save writes
@@ -893,6 +895,9 @@ class StageSpec:
     # the step its export (autoencoder/, checkpoint/) holds, None where there is none: a resume of a
     # finished stage redoes an export that a full disk or a kill cut after the state was saved
     exported_step: Callable[[], int | None] | None = None
+    # validation falls back to the train episodes (the dataset holds no val ones): its metrics.jsonl
+    # rows then say `"val_on": "train"`, and loss.png's legend says so
+    val_on_train: bool = False
 
 
 def exported_step_in(folder: Path, *keys: str) -> int | None:
@@ -945,7 +950,7 @@ class Trainer:
     def plot(self) -> None:
         if self.dist.is_main and self.metrics_path.is_file():  # a save before the first log line has none
             try:
-                plot_metrics(self.metrics_path, self.out / "loss.png")
+                plot_metrics(self.metrics_path, self.out / "loss.png", ae_loss=self.run.train.ae_loss)
             except Exception as exc:  # a plot must never stop a training
                 self.log(f"loss plot failed: {exc}")
 
@@ -1193,19 +1198,20 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             with autocast_ctx(self.precision[spec.name], self.device), torch.no_grad():
                 stats = spec.val_fn(ema)
-        self.write_metrics({"stage": spec.name, "step": step, **{f"val_{k}": float(v) for k, v in stats.items()}})
+        self.write_metrics({"stage": spec.name, "step": step, **{f"val_{k}": float(v) for k, v in stats.items()},
+                            "val_on": "train" if spec.val_on_train else "val"})
 
 
 # ============================================================================ plotting
 
 
-def plot_metrics(metrics_path: Path, png: Path) -> None:
+def plot_metrics(metrics_path: Path, png: Path, ae_loss: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = loss_figure(_read_metrics(Path(metrics_path)))
+    fig = loss_figure(_read_metrics(Path(metrics_path)), ae_loss=ae_loss)
     if fig is None:
         return
     try:  # a failed save (a full disk) removes its temp file and names loss.png
@@ -1226,9 +1232,17 @@ def _plain_log_formatter(minor: bool) -> Any:
     return PlainLogFormatter(labelOnlyBase=not minor)
 
 
-def loss_figure(rows: list[dict]) -> Any:
+# what each stage minimises, for loss.png's y axes: the autoencoder's pixel loss (--ae-loss; frames in
+# [-1, 1]) and the far stage's flow-matching loss (objective.training_loss)
+AE_LOSS_LABELS = {"l1+mse": "L1 + MSE of pixels in [-1, 1]", "mse": "MSE of pixels in [-1, 1]"}
+FAR_LOSS_LABEL = "flow-matching velocity MSE"
+
+
+def loss_figure(rows: list[dict], ae_loss: str | None = None) -> Any:
     """loss.png's figure from metrics.jsonl's rows (None when no stage has logged yet): one panel per
-    stage, train (raw and a running mean) and validation loss against the step."""
+    stage, train (raw and a running mean) and validation loss against the step. `ae_loss` is the run's
+    --ae-loss, which names the autoencoder's loss on its y axis (None: left unnamed). Validation rows
+    with `"val_on": "train"` (a dataset without val episodes) are labelled as such."""
     import matplotlib.pyplot as plt
 
     stages = [s for s in ("ae", "far") if any(r.get("stage") == s for r in rows)]
@@ -1247,10 +1261,13 @@ def loss_figure(rows: list[dict]) -> Any:
                 ax.plot(x[k - 1:], ys, lw=1.5, label=f"train (mean of {k} logged steps)")
         if va:
             x, y = zip(*va)
-            ax.plot(x, y, "o-", lw=1.5, label="val (EMA)")
-        ax.set_title({"ae": "autoencoder", "far": "FAR"}[s])
+            on = [r.get("val_on") for r in rows if r.get("stage") == s and "val_loss" in r]
+            where = (", on train episodes" if all(o == "train" for o in on)
+                     else ", partly on train episodes" if "train" in on else "")
+            ax.plot(x, y, "o-", lw=1.5, label=f"val (EMA{where})")
+        ax.set_title({"ae": "autoencoder: reconstruction loss", "far": "FAR: flow-matching loss"}[s])
         ax.set_xlabel("step")
-        ax.set_ylabel("loss")
+        ax.set_ylabel({"ae": AE_LOSS_LABELS.get(ae_loss or "", "reconstruction loss"), "far": FAR_LOSS_LABEL}[s])
         if all(v > 0 for _, v in tr + va):
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(_plain_log_formatter(minor=False))
@@ -1399,6 +1416,7 @@ def run_ae_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state:
     else:  # the fallback would load the train frames a second time, a second copy in memory
         trainer.log("note: no val episodes; validating the autoencoder on train frames")
         val = train
+    val_on_train = val is train
     if train.num_frames == 0:
         raise TrainError(f"{', '.join(cfg.data)}: no training frames (training reads the episodes of the train "
                          f"split; these hold none: {_no_train_split_hint(cfg.data)})")
@@ -1473,7 +1491,7 @@ def run_ae_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state:
 
     spec = StageSpec("ae", ae, cfg.ae_steps, cfg.ae_lr, loss_fn, val_fn,
                      {"frames": cfg.ae_batch * dist.world_size}, on_save, time_limit=cfg.ae_time_limit,
-                     exported_step=exported_step)
+                     exported_step=exported_step, val_on_train=val_on_train)
     return trainer.fit(spec, resume_state)
 
 
@@ -1716,7 +1734,8 @@ def run_far_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state
                       "tokens": cfg.far_batch * tps["long_short"] * dist.world_size}, on_save,
                      extra_state={"ae_sha256": tensors_hash(ae.state_dict())}, time_limit=cfg.far_time_limit,
                      save_also_every=max(cfg.preview_every, 0),  # a preview draws from the checkpoint it exports
-                     exported_step=lambda: exported_step_in(trainer.out / "checkpoint", "step"))
+                     exported_step=lambda: exported_step_in(trainer.out / "checkpoint", "step"),
+                     val_on_train=stream is None and val_store is train_store)
     try:
         return trainer.fit(spec, resume_state)
     finally:
