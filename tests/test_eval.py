@@ -1238,3 +1238,41 @@ def test_the_cap_markers_legend_entry_is_written_once_for_several_conditions(tmp
     assert sum("100 dB cap" in t for t in texts) == 1 and len(texts) == 3, texts
     marks = [ln for ln in figures[0].axes[0].lines if ln.get_marker() == "x"]
     assert [list(ln.get_xdata()) for ln in marks] == [[12], [11, 12]]  # both conditions still marked
+
+
+def _psnr_plot_results(teacher_forcing: bool) -> dict:
+    """A results dict as plot_results reads it: 2 episodes of 4 generated frames after K = 3."""
+    def ep(names, revisit):
+        return {"per_frame": {n: {"psnr": [20.0, 19.0, 18.5, 18.0]} for n in names}, "revisit": revisit}
+
+    names = ("multilevel", "sliding", "copy_last")
+    gt = {"episodes": [ep(names, [False, True, True, False]), ep(names, [False, False, True, False])],
+          "teacher_forced_episodes": [ep(("teacher_forced", "teacher_copy"), None)] * 2 if teacher_forcing else [],
+          "summary": dict.fromkeys(names)}
+    return {"ground_truth": gt, "config": {"context": 3, "window": 2, "split": "test"}}
+
+
+@pytest.mark.parametrize("teacher_forcing", [True, False])
+def test_psnr_plot_title_covers_the_teacher_forced_lines_and_the_revisit_panel_says_what_it_counts(
+        tmp_path, monkeypatch, teacher_forcing):
+    """psnr_vs_frame.png's title said "PSNR per generated frame" over the teacher-forced lines too (one-step
+    predictions from the recorded frames, not generated rollouts), and the lower panel's "revisit
+    fraction" did not say of what: it is the share of the episodes whose frame at that index is a revisit."""
+    import matplotlib.figure
+
+    figures = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: (figures.append(self), save(self, *a, **k)))
+    evaluate.plot_results(_psnr_plot_results(teacher_forcing), tmp_path / "psnr_vs_frame.png")
+    top, bottom = figures[0].axes
+    title = top.get_title().splitlines()
+    assert title[0] == "PSNR against the recorded frames (2 test episodes, K=3, W=2)"
+    assert "generated frame" not in top.get_title()
+    if teacher_forcing:
+        assert title[1] == "teacher-forced lines: one-step predictions from the recorded frames before, not rollouts"
+        assert any(t.get_text().startswith("teacher-forced") for t in top.get_legend().get_texts())
+    else:
+        assert len(title) == 1
+    assert bottom.get_title() == "revisits: share of the episodes whose frame at this index is a revisit"
+    assert bottom.get_ylabel() == "share of\nepisodes"
+    assert [p.get_height() for p in bottom.patches] == [0.0, 0.5, 1.0, 0.0]  # the share, per frame index

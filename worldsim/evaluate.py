@@ -912,7 +912,9 @@ def write_plot(path: Path, per_frame: dict[str, np.ndarray], revisit_frac: np.nd
         # with many episodes nearly every index has a revisit somewhere, so the fraction is
         # shown below rather than as markers on the curves
         ax2.bar(idx, revisit_frac, width=1.0, color="tab:gray")
-    ax2.set_ylabel("revisit\nfraction")
+    # the share of the episodes whose frame at that index is a revisit (metrics.revisit_mask)
+    ax2.set_ylabel("share of\nepisodes")
+    ax2.set_title("revisits: share of the episodes whose frame at this index is a revisit", fontsize=9)
     ax2.set_ylim(0, 1)
     ax2.set_xlabel("frame index (context = frames 0..%d)" % (context - 1))
     ax.set_ylabel("PSNR (dB), mean over episodes")
@@ -945,9 +947,13 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
             capped[name] = capped_frames(tf_episodes, name)
     posed = [e for e in episodes if e["revisit"] is not None]  # as the revisit numbers pool them
     rfrac = np.mean([np.asarray(e["revisit"], dtype=np.float64) for e in posed], axis=0) if posed else None
-    write_plot(Path(path), per_frame, rfrac, cfgd["context"],
-               f"PSNR per generated frame ({len(episodes)} {cfgd.get('split', 'test')} episodes, K={cfgd['context']}, "
-               f"W={cfgd['window']})", capped)
+    # not every line is a generated frame: the teacher-forced ones are one-step predictions from the
+    # recorded frames, the autoencoder's a reconstruction; all are scored against the recording
+    title = (f"PSNR against the recorded frames ({len(episodes)} {cfgd.get('split', 'test')} episodes, "
+             f"K={cfgd['context']}, W={cfgd['window']})")
+    if tf_episodes:
+        title += "\nteacher-forced lines: one-step predictions from the recorded frames before, not rollouts"
+    write_plot(Path(path), per_frame, rfrac, cfgd["context"], title, capped)
 
 
 def results_markdown(res: dict[str, Any]) -> str:
