@@ -1276,3 +1276,32 @@ def test_psnr_plot_title_covers_the_teacher_forced_lines_and_the_revisit_panel_s
     assert bottom.get_title() == "revisits: share of the episodes whose frame at this index is a revisit"
     assert bottom.get_ylabel() == "share of\nepisodes"
     assert [p.get_height() for p in bottom.patches] == [0.0, 0.5, 1.0, 0.0]  # the share, per frame index
+
+
+def test_the_videos_panels_are_parted_by_a_dark_line(tmp_path, monkeypatch):
+    """The three panels of an episode video had no seam: the context frames, the same in all three,
+    ran into each other. A dark 2-pixel line now parts them (as in play's dream | reality recordings),
+    added between the panels so none of a panel is hidden, and the frame size stays even for yuv420p."""
+    import imageio.v2 as imageio
+
+    context, generate = 4, 3
+    truth = np.full((context + generate, 32, 32, 3), 200, np.uint8)  # one grey: no edge of its own
+    truth[:, :, 0] = 255  # the panel's edge columns differ from the seam's colour
+    gens = {m: truth[context:] for m in evaluate.GEN_CONDITIONS}
+    written_frames = []
+    real = imageio.mimwrite
+    monkeypatch.setattr(imageio, "mimwrite", lambda uri, ims, **kw: (written_frames.extend(ims), real(uri, ims, **kw)))
+    written = evaluate.write_video(tmp_path / "episode_000001.mp4", truth, gens, context, None)
+    frame = written_frames[0]
+    panel = 32 * 8  # scaled to 256 pixels
+    assert frame.shape[1] == 3 * panel + 2 * 2 and frame.shape[0] % 2 == 0 and frame.shape[1] % 2 == 0
+    body = frame[16:16 + panel]  # below the caption strip
+    for x in (panel, 2 * panel + 2):
+        assert (body[:, x:x + 2] == 16).all()
+    for x0 in (0, panel + 2, 2 * panel + 4):  # every panel whole, its edges included
+        assert np.array_equal(body[:, x0:x0 + panel], np.kron(truth[0], np.ones((8, 8, 1), np.uint8)))
+    if written.suffix == ".mp4":  # and the encoded video shows it
+        decoded = imageio.mimread(written, format="FFMPEG")[0].astype(int)
+        assert decoded.shape == frame.shape
+        seam = decoded[16:16 + panel, panel:panel + 2].mean()
+        assert seam < 60 and decoded[16:16 + panel, panel - 4:panel - 2].mean() > 150, seam

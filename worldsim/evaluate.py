@@ -836,9 +836,15 @@ def self_consistency(world: Any, cfg: EvalConfig, ds: Any, bar_enabled: bool) ->
 # ----------------------------------------------------------------------------- outputs
 
 
+SEAM, SEAM_COLOUR = 2, 16  # the dark line between the panels of eval's videos: play's recorded_view's
+
+
 def write_video(path: Path, truth: np.ndarray, gens: dict[str, np.ndarray], context: int,
                 revisit: np.ndarray | None, fps: int = 10) -> Path:
-    """Side-by-side video: ground truth | long context | sliding window (context shown as GT)."""
+    """Side-by-side video: ground truth | long context | sliding window (context shown as GT), the panels
+    parted by a dark SEAM-pixel line (as play's dream | reality recordings): the context frames, the same
+    in all three, ran into each other. The line is added between the panels, hiding none of them; the
+    writer takes any size (macro_block_size=1) and an even one stays even (yuv420p)."""
     import imageio.v2 as imageio
 
     from worldsim.dataset import caption_strip, finished_video_problem, video_write_error, write_gif
@@ -848,10 +854,13 @@ def write_video(path: Path, truth: np.ndarray, gens: dict[str, np.ndarray], cont
     panel = w * scale
     labels = ["ground truth", "long context", "sliding window"]
     cols = [truth] + [np.concatenate([truth[:context], gens[m]]) for m in GEN_CONDITIONS]
-    header = caption_strip(panel * len(cols), [(i * panel, text, (255, 255, 255)) for i, text in enumerate(labels)])
+    seam = np.full((h * scale, SEAM, 3), SEAM_COLOUR, np.uint8)
+    header = caption_strip(panel * len(cols) + SEAM * (len(cols) - 1),
+                           [(i * (panel + SEAM), text, (255, 255, 255)) for i, text in enumerate(labels)])
     frames = []
     for t in range(t_total):
-        row = np.concatenate([np.kron(c[t], np.ones((scale, scale, 1), np.uint8)) for c in cols], axis=1)
+        parts = [np.kron(c[t], np.ones((scale, scale, 1), np.uint8)) for c in cols]
+        row = np.concatenate([x for i, p in enumerate(parts) for x in ((seam, p) if i else (p,))], axis=1)
         if t < context:
             note = f"frame {t}  context"
         else:
