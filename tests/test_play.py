@@ -1016,3 +1016,77 @@ def test_play_leaves_one_core_to_the_rest_of_the_machine_by_default(tmp_path, no
     assert cli.main(["play", "--headless", "--world", "sim", "--actions", "random:2"]) == 0
     assert cli.main(["play", "--headless", "--world", "sim", "--actions", "random:2", "--threads", "2"]) == 0
     assert asked == [3, 2]
+
+
+
+def _hud_shows(screen: np.ndarray, view_h: int, lines: list[str], font) -> bool:
+    """Whether the window's HUD strip shows exactly `lines` in `font` (light grey on the dark strip)."""
+    import pygame
+
+    from worldsim.play import FrameWindow
+
+    strip = pygame.Surface((screen.shape[1], screen.shape[0] - view_h))
+    strip.fill((16, 16, 16))
+    for i, line in enumerate(lines):
+        strip.blit(font.render(line, True, (230, 230, 230)), (FrameWindow.PAD, FrameWindow.PAD + i * FrameWindow.LINE))
+    return np.array_equal(screen[view_h:], pygame.surfarray.array3d(strip).transpose(1, 0, 2))
+
+
+def test_the_hud_keeps_its_numbers_in_a_256_pixel_window(small_game):
+    """At --scale 4 (the dream alone: a 256-pixel window) the HUD's first two lines were cut with "...":
+    the frame number, the seed, the cache size and the RSS did not show. A smaller font and shorter
+    forms of the lines (the same numbers) fit now; the rendered window is read back."""
+    game = small_game
+    game.side_by_side = False
+    game.frame_index, game.seed = 1234, 987654
+    game.info.update(cache_bytes=123.4 * 2**20, l2_frames=1180, l2_tokens=4720, l1_frames=15)
+    game._rss_at, game._rss = 1e18, 1277.0  # a fixed RSS: no re-read
+    screen = _screen(game)
+    view_h, width = 64 * 4, 256
+    assert screen.shape[1] == width
+    font, lines = game.window.hud_layout(game.hud_forms(), width - 2 * game.window.PAD)
+    assert _hud_shows(screen, view_h, lines, font)
+    top, mem, status = lines
+    assert "1234" in top and "seed 987654" in top and not top.endswith("...")
+    assert "cache 123 MB" in mem and "RSS 1277 MB" in mem and not mem.endswith("...")
+    assert status.startswith("H help  |  steps 2")
+    assert all(font.size(line)[0] <= width - 2 * game.window.PAD for line in lines)
+    assert font.get_height() < game.window.font.get_height()  # a smaller font than the 20-pixel one
+    # the third line still starts with its status; a long message is cut at its end, not the font shrunk
+    game.message, game.message_until = "recording to /a/rather/long/folder/name/video.mp4", float("inf")
+    screen = _screen(game)
+    font2, lines2 = game.window.hud_layout(game.hud_forms(), width - 2 * game.window.PAD)
+    assert font2 is font and lines2[:2] == lines[:2] and _hud_shows(screen, view_h, lines2, font)
+    assert lines2[2].startswith("recording to /a/") and lines2[2].endswith("...")
+
+
+def test_the_hud_of_a_512_pixel_window_is_unchanged(tiny_ckpt, tmp_path):
+    """--scale 8 (the default, a 512-pixel window): the full lines in the 20-pixel font, as before."""
+    import pygame
+
+    from worldsim.play import FrameWindow, Game
+
+    config = PlayConfig(checkpoint=str(tiny_ckpt), fps=1000, scale=8, context_frames=2, record_dir=str(tmp_path))
+    world = open_world(config, log=lambda _: None)
+    game = Game(world, config, load_keymap("default", world.action_names))
+    try:
+        game.new_world()
+        game.message_until = 0.0
+        game.frame_index, game.seed = 1234, 987654
+        game.info.update(cache_bytes=123.4 * 2**20, l2_frames=1180, l2_tokens=4720, l1_frames=15, memory_frames=2000)
+        game._rss_at, game._rss = 1e18, 1277.0
+        screen = _screen(game)
+        assert screen.shape[1] == 512
+        lines = game.hud()
+        assert lines[1] == "memory L2 1180 of 2000 fr / 4720 tok  L1 15 fr  cache 123.4 MB  RSS 1277 MB"
+        expected = pygame.Surface((512, game.window.hud_height))  # the HUD as it was drawn before
+        expected.fill((16, 16, 16))
+        font = pygame.font.Font(None, 20)
+        for i, line in enumerate(lines):
+            expected.blit(font.render(game.window._fitted(line, 512 - 2 * FrameWindow.PAD), True, (230, 230, 230)),
+                          (FrameWindow.PAD, FrameWindow.PAD + i * FrameWindow.LINE))
+        want = pygame.surfarray.array3d(expected).transpose(1, 0, 2)
+        assert np.array_equal(screen[64 * 8:], want)
+    finally:
+        game.window.close()
+        world.env.close()

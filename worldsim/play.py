@@ -15,7 +15,9 @@ Keys (default keymap; `--keymap arrows|wasd|FILE.json` maps key names to action 
 The HUD shows the measured frames per second, the frame index, the world model's memory
 (L2 = compressed frames that left the short window: frames, tokens, cache MB; it grows by one
 frame's L2 tokens per step, up to --memory-frames) and the sampler's settings (steps, timestep shift, generated-frame
-noise, temperature).
+noise, temperature). In a narrow window (--scale 4 shows the dream in 256 pixels) its font steps
+down from 20 to 14 pixels and its first two lines take shorter forms that keep the frame, seed,
+cache size and RSS ("14.8/15 fps"; the shortest memory line leaves out the L2 token count).
 
 Play generates with the approximate `multilevel-fast` cache by default: the exact `multilevel`
 cache re-encodes the short window against the whole L2 memory once per frame, which costs about
@@ -491,6 +493,22 @@ class FrameWindow:
         return self._fonts[size]
 
     OVERLAY_SIZES = (20, 18, 16, 14)  # the help's font shrinks down to this to fit a small window
+    HUD_SIZES = (20, 18, 16, 14)  # the HUD's likewise (20: as ever in a window 512 pixels wide)
+
+    def hud_layout(self, hud: Sequence[str | Sequence[str]], width: int) -> tuple[Any, list[str]]:
+        """The HUD's font and lines for a window `width` pixels wide (less the padding). A line given as
+        ever shorter forms shows the longest that fits; the font is the largest at which every such
+        line has a form that fits, so a narrow window (--scale 4: 256 pixels) keeps their numbers
+        rather than cutting them with "...". A plain string (the status: messages, paths) does not
+        shrink the font; it is cut at its end."""
+        forms = [(line,) if isinstance(line, str) else tuple(line) for line in hud]
+        shrinking = [f for f, line in zip(forms, hud) if not isinstance(line, str)]
+        for size in self.HUD_SIZES:
+            font = self._font(size)
+            if all(any(font.size(t)[0] <= width for t in f) for f in shrinking):
+                break
+        chosen = [next((t for t in f if font.size(t)[0] <= width), f[-1]) for f in forms]
+        return font, [self._fitted(t, width, font) for t in chosen]
 
     def overlay_layout(self, overlay: Sequence[str], area: Any, pad_top: int = 12) -> list[tuple[str, Any, tuple[int, int]]]:
         """Where each piece of the help goes: (text, font, (x, y)), all inside `area` (a pygame Rect).
@@ -537,7 +555,7 @@ class FrameWindow:
         self.screen.blit(render, render.get_rect(center=rect.center))
         return rect
 
-    def show(self, frame: np.ndarray, hud: Sequence[str] = (), overlay: Sequence[str] | None = None,
+    def show(self, frame: np.ndarray, hud: Sequence[str | Sequence[str]] = (), overlay: Sequence[str] | None = None,
              pump: bool = True, labels: Sequence[str] = (), corner: str = "", banner: str = "") -> None:
         """Draw `frame` scaled; `labels` caption equal-width panels left to right (dream | reality);
         `corner` is a red badge at the view's top right (REC), `banner` a line across its middle (PAUSED)."""
@@ -570,9 +588,9 @@ class FrameWindow:
             self._badge(self._fitted(banner, view[0] - 16), (255, 255, 255), (view[0] // 2, view[1] // 2), "center")
         if self.hud_height:
             self.screen.fill((16, 16, 16), pg.Rect(0, view[1], size[0], self.hud_height))
-            for i, line in enumerate(hud):
-                self.screen.blit(self.font.render(self._fitted(line, size[0] - 2 * self.PAD), True, (230, 230, 230)),
-                                 (self.PAD, view[1] + self.PAD + i * self.LINE))
+            font, lines = self.hud_layout(hud, size[0] - 2 * self.PAD)
+            for i, line in enumerate(lines):
+                self.screen.blit(font.render(line, True, (230, 230, 230)), (self.PAD, view[1] + self.PAD + i * self.LINE))
         if overlay:
             area = pg.Rect(0, top, view[0], view[1] - top)
             for text, font, pos in self.overlay_layout(overlay, area, pad_top=6 if top else 12):
@@ -796,19 +814,37 @@ class Game:
     # -- drawing
 
     def hud(self) -> list[str]:
+        """The HUD's three lines, in full (as a window 512 pixels wide, --scale 8, shows them)."""
+        return [line if isinstance(line, str) else line[0] for line in self.hud_forms()]
+
+    def hud_forms(self) -> list[str | tuple[str, ...]]:
+        """The HUD's lines, the first two as ever shorter forms (FrameWindow shows the longest that
+        fits): at --scale 4 the full ones were cut with "..." and lost the frame, the seed, the cache
+        size and the RSS, which every form keeps (the shortest memory form leaves out the L2 token
+        count). The third, the status, is one string, cut at its end."""
         info = self.info
         fps = self.meter.fps  # 0 until a frame was generated: "--", not a rate of 0.0 on the first screen
         rate = f"{fps:5.1f}" if fps > 0 else "  --"
         state = "PAUSED" if self.paused else f"{rate} fps (target {self.config.fps:g})"
+        short_state = "PAUSED" if self.paused else f"{rate.strip()}/{self.config.fps:g} fps"
+        frame, seed = self.frame_index, self.seed
         if self.world.mode == "dream":
-            top = f"DREAM  {state}  frame {self.frame_index}  seed {self.seed}"
+            top: str | tuple[str, ...] = (f"DREAM  {state}  frame {frame}  seed {seed}",
+                                          f"DREAM  {short_state}  frame {frame}  seed {seed}",
+                                          f"DREAM {short_state}  fr {frame}  seed {seed}")
             mb = info.get("cache_bytes", 0) / 2**20
             bound = info.get("memory_frames")
-            mem = (f"memory L2 {info.get('l2_frames', 0)}{f' of {bound}' if bound else ''} fr / "
-                   f"{info.get('l2_tokens', 0)} tok  "
-                   f"L1 {info.get('l1_frames', 0)} fr  cache {mb:.1f} MB  RSS {self.rss_mb():.0f} MB")
+            l2, tok, l1 = info.get("l2_frames", 0), info.get("l2_tokens", 0), info.get("l1_frames", 0)
+            rss = self.rss_mb()
+            mem: str | tuple[str, ...] = (
+                f"memory L2 {l2}{f' of {bound}' if bound else ''} fr / {tok} tok  "
+                f"L1 {l1} fr  cache {mb:.1f} MB  RSS {rss:.0f} MB",
+                f"L2 {l2}{f' of {bound}' if bound else ''} fr / {tok} tok  L1 {l1} fr  cache {mb:.1f} MB  RSS {rss:.0f} MB",
+                f"L2 {l2}{f'/{bound}' if bound else ''} fr  L1 {l1} fr  cache {mb:.0f} MB  RSS {rss:.0f} MB")
         else:
-            top = f"SIMULATOR (no model)  {state}  frame {self.frame_index}  seed {self.seed}"
+            top = (f"SIMULATOR (no model)  {state}  frame {frame}  seed {seed}",
+                   f"SIMULATOR  {short_state}  frame {frame}  seed {seed}",
+                   f"SIM {short_state}  fr {frame}  seed {seed}")
             pose = info.get("pose")
             mem = ("pose x %.2f y %.2f yaw %.0f deg" % (pose[0], pose[1], np.degrees(pose[2]))
                    if pose is not None else "")
@@ -844,7 +880,7 @@ class Game:
             if self.side_by_side:
                 overlay += ["", "left: dream (model)   right: reality (simulator)"]
         labels = ("DREAM (model)", "REALITY (simulator)") if self.side_by_side else ()
-        self.window.show(view, self.hud(), overlay, pump=False, labels=labels,
+        self.window.show(view, self.hud_forms(), overlay, pump=False, labels=labels,
                          corner="REC" if self.recorder is not None else "",
                          banner="PAUSED - P to resume" if self.paused else "")
 
