@@ -155,10 +155,10 @@ def test_still_frames_put_a_standstill_before_the_start(tiny_world, tiny_ckpt, t
     assert env.still_frames == 6 and env.reset(seed=0)[1]["frame_index"] == 8
     assert DreamEnv(world=env.world, still_frames=0).still_frames == 0  # a setting of the env overrides it
     env.close()
-    with pytest.raises(ValueError, match="still_frames must be an integer >= 0, got -1"):
+    with pytest.raises(ValueError, match="still_frames must be an integer from 0 to 10000, got -1"):
         DreamEnv(world=tiny_world, still_frames=-1)
     monkeypatch.setitem(tiny_world.sampler, "still_frames", 2.5)  # a world built in memory, not loaded and checked
-    with pytest.raises(ValueError, match="the checkpoint's sampler.still_frames must be an integer >= 0, got 2.5"):
+    with pytest.raises(ValueError, match="the checkpoint's sampler.still_frames must be an integer from 0 to 10000, got 2.5"):
         DreamEnv(world=tiny_world)
     monkeypatch.setattr(tiny_world, "action_names", ("action_0", *ACTIONS[1:]))  # DMLab's names: no noop
     with pytest.raises(ValueError, match="still_frames=3 needs a 'noop' action"):
@@ -347,7 +347,7 @@ def test_a_dataset_without_episodes_long_enough_is_refused_and_short_ones_are_no
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("cache_mode", "bogus", "cache_mode must be one of"), ("steps", 0, "steps must be an integer >= 1"),
+    ("cache_mode", "bogus", "cache_mode must be one of"), ("steps", 0, "steps must be an integer from 1 to 1000"),
     ("shift", 0.0, "shift must be a finite number > 0"), ("cfg", float("nan"), "cfg must be a finite number")])
 def test_sampler_options_are_checked_when_the_env_is_made(tiny_ckpt, option, value, message):
     with pytest.raises(ValueError, match=message):  # not after the weights load, at the first reset

@@ -280,7 +280,7 @@ def test_clear_errors(tiny_data, tmp_path):
     with pytest.raises(EvalError, match="--episodes must be >= 1, got 0"):
         run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path), progress=False, context=4, generate=2, episodes=0),
                  world=FakeWorld())
-    with pytest.raises(EvalError, match="--steps must be >= 1, got 0"):
+    with pytest.raises(EvalError, match="--steps must be from 1 to 1000, got 0"):
         run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path), progress=False, context=4, generate=2, steps=0),
                  world=FakeWorld())
     # with --data nothing is recorded, so --record-length is not checked against the episodes asked for
@@ -953,7 +953,7 @@ def test_still_frames_go_before_the_context_of_every_generated_condition_only(ti
     assert "still frames before the context = 3" in (tmp_path / "p" / "results.md").read_text()
     assert 15 not in [len(c) for c in plain.contexts]
     assert "still frames" not in (tmp_path / "q" / "results.md").read_text()
-    with pytest.raises(EvalError, match="--still-frames must be >= 0, got -1"):
+    with pytest.raises(EvalError, match="--still-frames must be from 0 to 10000, got -1"):
         run_eval(EvalConfig(**{**cfg.__dict__, "still_frames": -1}), world=FakeWorld())
     no_noop = FakeWorld()
     no_noop.action_names = ("action_0", *no_noop.action_names[1:])

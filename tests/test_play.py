@@ -880,7 +880,7 @@ def test_a_key_held_through_a_pause_walks_after_it(tmp_path, no_shipped_checkpoi
     (["--world", "sim", "--reality", "--steps", "2"], "--steps, --reality: for the dream"),
     (["--world", "sim", "--precision", "bf16", "--context-frames", "8"], "--precision, --context-frames: for the dream"),
     (["--world", "sim", "--still-frames", "8"], "--still-frames: for the dream"),
-    (["--still-frames", "-1"], "--still-frames must be >= 0, got -1"),
+    (["--still-frames", "-1"], "--still-frames must be from 0 to 10000, got -1"),
     (["--world", "sim", "--checkpoint", "no-such-folder"], "checkpoint no-such-folder: no such checkpoint folder"),
     (["--episode", "3"], "--episode picks an episode of --dataset"),
     (["--fps", "inf"], "--fps must be from 0.1 to 1000, got inf"),

@@ -54,7 +54,7 @@ from safetensors.torch import load_file, save_file
 from worldsim.autoencoder import Autoencoder, AutoencoderConfig
 from worldsim.dataset import atomic_write_all, name_the_target, readable_like_any_file
 from worldsim.model import FAR, FARConfig
-from worldsim.sampler import setting_problem
+from worldsim.sampler import MAX_STEPS, MAX_STILL_FRAMES, setting_problem
 
 FORMAT = "worldsim-checkpoint"
 VERSION = 1
@@ -378,14 +378,15 @@ def read_config(path: str | os.PathLike) -> dict:
     if not isinstance(sampler, dict):
         raise CheckpointError(path, f"{CONFIG_NAME}: sampler must be an object, got {sampler!r}")
     steps = sampler.get("steps", 1)
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise CheckpointError(path, f"{CONFIG_NAME}: sampler.steps must be an integer >= 1, got {steps!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+        raise CheckpointError(path, f"{CONFIG_NAME}: sampler.steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
     for name in ("cfg", "shift", "temperature", "context_noise", "generated_noise"):
         if name in sampler and (problem := setting_problem(name, sampler[name])):
             raise CheckpointError(path, f"{CONFIG_NAME}: sampler.{name} {problem}")
     still = sampler.get("still_frames", 0)
-    if not isinstance(still, int) or isinstance(still, bool) or still < 0:
-        raise CheckpointError(path, f"{CONFIG_NAME}: sampler.still_frames must be an integer >= 0, got {still!r}")
+    if not isinstance(still, int) or isinstance(still, bool) or not 0 <= still <= MAX_STILL_FRAMES:
+        raise CheckpointError(path, f"{CONFIG_NAME}: sampler.still_frames must be an integer from 0 to "
+                                    f"{MAX_STILL_FRAMES}, got {still!r}")
     return config
 
 
@@ -434,12 +435,24 @@ def load_checkpoint(
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(path, f"unreadable {WEIGHTS_NAME}: {e}") from None
 
+    # config.json's sizes are checked against the weights before the modules get memory: a hand-edited
+    # far.width of 10**6 allocated 4 TB (a RuntimeError traceback) and a depth of 10**5 ate memory for
+    # minutes. The depth first, from the tensor names (building 10**5 empty blocks is slow too), then
+    # every shape on storage-less ("meta") modules.
+    blocks_in_file = {int(k.split(".")[2]) for k in tensors if re.match(r"far\.blocks\.\d+\.", k)}
+    if blocks_in_file and max(blocks_in_file) + 1 != far_cfg.depth:
+        raise CheckpointError(path, f"{CONFIG_NAME} says far.depth {far_cfg.depth}, the weights hold "
+                                    f"{max(blocks_in_file) + 1} blocks")
+    with torch.device("meta"):
+        shells = {"autoencoder.": Autoencoder(ae_cfg), "far.": FAR(far_cfg)}
+    givens = {}
+    for prefix, shell in shells.items():
+        givens[prefix] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        float_dtype = FAR_DTYPES[stored_far_dtype(config)] if prefix == "far." else torch.float32
+        check_tensors(path, shell, givens[prefix], prefix, float_dtype)
     autoencoder, far = Autoencoder(ae_cfg), FAR(far_cfg)
     for prefix, module in (("autoencoder.", autoencoder), ("far.", far)):
-        given = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        float_dtype = FAR_DTYPES[stored_far_dtype(config)] if prefix == "far." else torch.float32
-        check_tensors(path, module, given, prefix, float_dtype)
-        module.load_state_dict(given, strict=False)
+        module.load_state_dict(givens[prefix], strict=False)
     ae_keys, far_keys = autoencoder.state_dict().keys(), far.state_dict().keys()  # once, not per tensor
     unexpected = sorted(
         k for k in tensors

@@ -182,10 +182,12 @@ class DreamEnv(gym.Env):
         super().__init__()
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
-        if int(context_frames) < 1:
-            raise ValueError(f"context_frames must be >= 1, got {context_frames}")
-        if still_frames is not None and not _whole_number_at_least(still_frames, 0):
-            raise ValueError(f"still_frames must be an integer >= 0, got {still_frames!r}")
+        from worldsim.sampler import MAX_STEPS, MAX_STILL_FRAMES  # (torch: loading the world imports it anyway)
+
+        if not 1 <= int(context_frames) <= MAX_STILL_FRAMES:  # each is a simulator step and a model frame
+            raise ValueError(f"context_frames must be from 1 to {MAX_STILL_FRAMES}, got {context_frames}")
+        if still_frames is not None and not (_whole_number_at_least(still_frames, 0) and still_frames <= MAX_STILL_FRAMES):
+            raise ValueError(f"still_frames must be an integer from 0 to {MAX_STILL_FRAMES}, got {still_frames!r}")
         if context_policy not in CONTEXT_POLICIES:
             raise ValueError(f"context_policy must be one of {CONTEXT_POLICIES}, got {context_policy!r}")
         if episode is not None and dataset is None:  # else ignored: a random maze instead of the episode asked for
@@ -195,8 +197,8 @@ class DreamEnv(gym.Env):
 
         if cache_mode not in CACHE_MODES:  # checked here, before the weights load, not at the first reset
             raise ValueError(f"cache_mode must be one of {CACHE_MODES}, got {cache_mode!r}")
-        if steps is not None and not _whole_number_at_least(steps, 1):
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if steps is not None and not (_whole_number_at_least(steps, 1) and steps <= MAX_STEPS):
+            raise ValueError(f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
         if memory_frames is not None and not _whole_number_at_least(memory_frames, 1):
             raise ValueError(f"memory_frames must be an integer >= 1 or None (no limit), got {memory_frames!r}")
         for name, value in (("cfg", cfg), ("shift", shift), ("temperature", temperature),
@@ -228,8 +230,9 @@ class DreamEnv(gym.Env):
         self.world = world
         if still_frames is None:  # checked on load for a checkpoint folder, not for a world built in memory
             still_frames = world.sampler.get("still_frames", 0)
-            if not _whole_number_at_least(still_frames, 0):
-                raise ValueError(f"the checkpoint's sampler.still_frames must be an integer >= 0, got {still_frames!r}")
+            if not (_whole_number_at_least(still_frames, 0) and still_frames <= MAX_STILL_FRAMES):
+                raise ValueError(f"the checkpoint's sampler.still_frames must be an integer from 0 to "
+                                 f"{MAX_STILL_FRAMES}, got {still_frames!r}")
         self.still_frames = int(still_frames)
         self.action_names: tuple[str, ...] = tuple(world.action_names)
         height, width = (int(v) for v in world.resolution)

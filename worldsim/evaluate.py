@@ -1131,10 +1131,12 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None) -
     t_start = time.perf_counter()
     if cfg.context < 1 or cfg.generate < 1:
         raise EvalError("--context and --generate must be >= 1")
-    if cfg.steps is not None and cfg.steps < 1:
-        raise EvalError(f"--steps must be >= 1, got {cfg.steps}")
-    if cfg.still_frames < 0:
-        raise EvalError(f"--still-frames must be >= 0, got {cfg.still_frames}")
+    from worldsim.sampler import MAX_STEPS, MAX_STILL_FRAMES
+
+    if cfg.steps is not None and not 1 <= cfg.steps <= MAX_STEPS:
+        raise EvalError(f"--steps must be from 1 to {MAX_STEPS}, got {cfg.steps}")
+    if not 0 <= cfg.still_frames <= MAX_STILL_FRAMES:
+        raise EvalError(f"--still-frames must be from 0 to {MAX_STILL_FRAMES}, got {cfg.still_frames}")
     if cfg.memory_frames < 0:
         raise EvalError(f"--memory-frames must be >= 0 (0: every frame), got {cfg.memory_frames}")
     if cfg.memory_span is not None and cfg.memory_span < 0:

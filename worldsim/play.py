@@ -55,6 +55,7 @@ from worldsim.keymaps import CONTROL_KEYS, KEYMAPS, KeymapError, help_lines, loa
 
 DEFAULT_SIMULATOR = {"id": "worldsim/Maze-v0", "settings": {}}
 BENCH_AT = (20, 500, 2000)  # generated-frame indices where --benchmark reports fps
+MAX_SCALE = 64  # headless --scale: --scale 10000 made 1 TiB video frames (a MemoryError traceback)
 MAX_RANDOM_ACTIONS = 1_000_000  # --actions random:N; about 8 hours at play's 35 fps
 WAKE_SECONDS = 0.05  # while waiting for the next tick, the window's events are handled this often
 BENCH_WINDOW = 10  # fps at frame i = frames / seconds over the BENCH_WINDOW steps ending at i
@@ -1057,14 +1058,19 @@ def _check(config: PlayConfig) -> None:
         raise PlayError(f"--fps must be from 0.1 to 1000, got {config.fps}")
     if config.scale < 1:
         raise PlayError(f"--scale must be >= 1, got {config.scale}")
+    if config.headless and config.scale > MAX_SCALE:  # a window's is SDL's to refuse (FrameWindow.show)
+        raise PlayError(f"--scale goes up to {MAX_SCALE} in a headless video (64x64 frames {64 * MAX_SCALE} pixels "
+                        f"a side), got {config.scale}")
     if config.seed < 0:  # numpy and Gymnasium take only non-negative seeds
         raise PlayError(f"--seed must be >= 0, got {config.seed}")
-    if config.context_frames < 1:
-        raise PlayError(f"--context-frames must be >= 1, got {config.context_frames}")
-    if config.still_frames is not None and config.still_frames < 0:
-        raise PlayError(f"--still-frames must be >= 0, got {config.still_frames}")
-    if config.steps is not None and config.steps < 1:
-        raise PlayError(f"--steps must be >= 1, got {config.steps}")
+    from worldsim.sampler import MAX_STEPS, MAX_STILL_FRAMES
+
+    if not 1 <= config.context_frames <= MAX_STILL_FRAMES:
+        raise PlayError(f"--context-frames must be from 1 to {MAX_STILL_FRAMES}, got {config.context_frames}")
+    if config.still_frames is not None and not 0 <= config.still_frames <= MAX_STILL_FRAMES:
+        raise PlayError(f"--still-frames must be from 0 to {MAX_STILL_FRAMES}, got {config.still_frames}")
+    if config.steps is not None and not 1 <= config.steps <= MAX_STEPS:
+        raise PlayError(f"--steps must be from 1 to {MAX_STEPS}, got {config.steps}")
     if config.memory_frames < 0:
         raise PlayError(f"--memory-frames must be >= 0 (0: no limit), got {config.memory_frames}")
     from worldsim.sampler import setting_problem

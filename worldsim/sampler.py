@@ -36,6 +36,12 @@ import torch
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
+# Upper bounds of the integer settings, checked where they are read (config.json, --steps,
+# --still-frames, Dream-v0's arguments): a typo's 10**9 otherwise allocates a 4 GB timestep grid
+# (steps) or a 11 TiB stack of frames (still_frames) and dies in a MemoryError, or loops for days.
+MAX_STEPS = 1000          # Euler steps per frame; the models here sample in 4-50
+MAX_STILL_FRAMES = 10_000  # standstill copies before a world's first frame (the shipped model: 44)
+
 _SETTING_RULES = {  # name: (accepts, what it must be)
     "cfg": (math.isfinite, "a finite number"),
     "shift": (lambda v: 0 < v < math.inf, "a finite number > 0"),
@@ -55,8 +61,8 @@ def setting_problem(name: str, value: object) -> str | None:
 
 class EulerSampler:
     def __init__(self, steps: int = 10, cfg_scale: float = 1.0, shift: float = 1.0, temperature: float = 1.0):
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+        if not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"steps must be from 1 to {MAX_STEPS}, got {steps}")
         for name, value in (("cfg", cfg_scale), ("shift", shift), ("temperature", temperature)):
             if problem := setting_problem(name, value):
                 raise ValueError(f"{name} {problem}")
