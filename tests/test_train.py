@@ -287,6 +287,21 @@ def test_a_rank_looking_at_out_while_rank_0_writes_there_does_not_refuse_the_run
     assert "already holds a training run" not in res.stderr
 
 
+# a launcher's lines that print each rank's gloo threads once Dist.close() ran ("[rank R] gloo threads
+# after close: [...]"), in one write: the ranks share the pipe, and PYTHONUNBUFFERED=1 split a print in two
+REPORT_GLOO_THREADS_AFTER_CLOSE = (
+    "import worldsim.ddp as ddp\n"
+    "close = ddp.Dist.close\n"
+    "def closed(self):\n"
+    "    close(self)\n"
+    "    if not os.path.isdir('/proc/self/task'):\n"
+    "        return\n"
+    "    gloo = sorted(n for n in (open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')) if 'gloo' in n)\n"
+    "    sys.stdout.write(f'[rank {self.rank}] gloo threads after close: {gloo}\\n')\n"
+    "    sys.stdout.flush()\n"
+    "ddp.Dist.close = closed\n")
+
+
 def test_a_rank_late_to_the_autoencoder_copy_and_the_latent_cache_keeps_step_with_rank_0(trained, dataset, tmp_path):
     """Each rank used to decide alone whether to wait for rank 0's copy of the autoencoder and its latent
     cache: a rank 1 that looked after rank 0 had written skipped the barrier, and every later collective
@@ -303,16 +318,7 @@ def test_a_rank_late_to_the_autoencoder_copy_and_the_latent_cache_keeps_step_wit
         "    return wrapped\n"
         "train._ensure_autoencoder = late(train._ensure_autoencoder)\n"
         "train.build_latents = late(train.build_latents)\n"
-        "import worldsim.ddp as ddp\n"
-        "close = ddp.Dist.close\n"
-        "def closed(self):\n"
-        "    close(self)\n"
-        "    if not os.path.isdir('/proc/self/task'):\n"
-        "        return\n"
-        "    gloo = sorted(n for n in (open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')) if 'gloo' in n)\n"
-        "    sys.stdout.write(f'[rank {self.rank}] gloo threads after close: {gloo}\\n')\n"  # one write: ranks share the pipe
-        "    sys.stdout.flush()\n"
-        "ddp.Dist.close = closed\n"
+        + REPORT_GLOO_THREADS_AFTER_CLOSE
         + RUN_CLI)
     run = tmp_path / "late"
     res = _torchrun(launcher, "train", "--data", str(dataset), "--out", str(run), *FAST, "--stage", "far",
@@ -340,16 +346,7 @@ def test_a_training_stopped_by_an_error_still_frees_its_process_group_at_close(d
         "def full(*args, **kwargs):\n"
         "    raise OSError(28, 'No space left on device', 'state')\n"
         "train.Trainer.save_state = full\n"
-        "import worldsim.ddp as ddp\n"
-        "close = ddp.Dist.close\n"
-        "def closed(self):\n"
-        "    close(self)\n"
-        "    if not os.path.isdir('/proc/self/task'):\n"
-        "        return\n"
-        "    gloo = sorted(n for n in (open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')) if 'gloo' in n)\n"
-        "    sys.stdout.write(f'[rank {self.rank}] gloo threads after close: {gloo}\\n')\n"
-        "    sys.stdout.flush()\n"
-        "ddp.Dist.close = closed\n"
+        + REPORT_GLOO_THREADS_AFTER_CLOSE
         + RUN_CLI)
     res = _torchrun(launcher, "train", "--stage", "ae", "--data", str(dataset), "--out", str(tmp_path / "full"), *FAST,
                     "--ae-steps", "4", "--checkpoint-every", "2", "--val-every", "0", "--preview-every", "-1",
