@@ -219,8 +219,24 @@ def _rewrite(path, **changes):
     write_episode_atomic(path, **arrays)
 
 
+def _declare_frames(path, frames):
+    """`video`'s header declares `frames` frames over a few bytes of data (a damaged or hostile file):
+    reading it allocated the declared 11 TiB before anything said the file was wrong."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (frames, 8, 8, 3)})
+    actions = io.BytesIO()
+    np.save(actions, np.zeros(6, np.int64))
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("video.npy", header.getvalue() + bytes(64))
+        z.writestr("actions.npy", actions.getvalue())
+
+
 @pytest.mark.parametrize("corrupt, message", [
     (_corrupt_truncated, "not a valid .npz"),
+    (lambda p: _declare_frames(p, 10**9), "has 1000000000 frames but the index says 6"),
     (_corrupt_not_zip, "not a valid .npz"),
     (lambda p: _rewrite(p, video=np.zeros((6, 8, 8, 3), np.float32)), "'video' must be uint8"),
     (lambda p: _rewrite(p, video=np.zeros((6, 8, 8), np.uint8)), r"'video' must have shape \[T, H, W, 3\]"),

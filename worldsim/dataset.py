@@ -789,6 +789,12 @@ class Dataset:
 
     def load(self, info: EpisodeInfo) -> Episode:
         file = info.file
+        try:  # the header's frame count before the frames: a header declaring 10**9 frames allocated first
+            declared = npz_headers(file).get("video", ((),))[0]
+        except DatasetError:  # unreadable headers: _load_arrays names the problem
+            declared = ()
+        if len(declared) == 4 and declared[0] != info.length:
+            raise DatasetError(f"{file}: has {declared[0]} frames but the index says {info.length}")
         arrays = _load_arrays(file, ["video", "actions"], optional=["poses", "maze_seed"])
         video, actions = arrays["video"], arrays["actions"]
         _check_video(file, video.shape, video.dtype, self.resolution)
