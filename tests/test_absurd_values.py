@@ -1,6 +1,7 @@
 """Well-formed but absurd values (a typo's extra zeros, a hand-edited config.json) are refused with a
 message naming the file or option and the limit, before they allocate terabytes or loop for days."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -69,3 +70,84 @@ def test_dream_env_refuses_absurd_counts():
     for kwargs in ({"still_frames": 10**9}, {"context_frames": 10**9}, {"steps": 10**9}):
         with pytest.raises(ValueError, match="must be"):
             DreamEnv(checkpoint=str(SHIPPED), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def two_train_episodes(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data") / "d"
+    assert cli.main(["record", "--out", str(data), "--episodes", "2", "--length", "8", "--split", "train",
+                     "--workers", "1", "--progress", "false"]) == 0
+    return data
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--stage", "far", "--far-width", "1000000"], r"the far stage \(135,001,028,750,064 parameters"),  # 4 TB traceback
+    (["--stage", "far", "--far-depth", "100000"], r"the far stage \(144,691,629,312 parameters"),  # minutes of blocks
+    (["--stage", "far", "--far-batch", "10000000"], r"--far-batch 10000000 x --seq-len 4"),  # 10**7 arrays, MemoryError
+    (["--stage", "ae", "--ae-batch", "10000000"], r"the autoencoder stage \(.*--ae-batch 10000000 frames of 64x64"),
+])
+def test_train_sizes_no_machine_could_hold_are_refused_before_the_run_starts(tmp_path, capsys, two_train_episodes,
+                                                                           options, message):
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--data", str(two_train_episodes), "--out", str(out), "--ae-from", str(SHIPPED),
+                   "--seq-len", "4", "--far-steps", "1", "--ae-steps", "1", "--progress", "false", *options])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert re.search(message + r".* needs at least [\d,.]+ GiB, but this machine has [\d,.]+ GiB of memory: lower --",
+                     err), err
+    assert not out.exists()  # refused before the folder, the latent cache or the autoencoder copy
+
+
+def test_the_memory_floor_is_a_lower_bound_for_a_run_that_trains(tmp_path, monkeypatch, capsys, two_train_episodes):
+    """It counts weights, gradients and AdamW's moments (16 bytes a parameter) and one batch: what the
+    stage's training step really holds is more. A run whose floor exceeds the machine is refused;
+    one whose floor fits trains."""
+    import torch
+
+    from worldsim import train
+
+    args = ["train", "--data", str(two_train_episodes), "--ae-from", str(SHIPPED), "--stage", "far",
+            "--seq-len", "4", "--far-steps", "1", "--far-batch", "2", "--progress", "false", "--threads", "1"]
+    seen = []
+    real = train.memory_floor
+    monkeypatch.setattr(train, "memory_floor", lambda run: seen.extend(real(run)) or seen)
+    monkeypatch.setattr(train, "machine_memory_bytes", lambda device: 10**12)
+    assert cli.main([*args, "--out", str(tmp_path / "fits")]) == 0
+    (need, what, options), = seen
+    far = load_checkpoint(tmp_path / "fits" / "checkpoint", device="cpu").far
+    n = sum(p.numel() for p in far.parameters())
+    assert f"({n:,} parameters" in what and options == "--far-batch / --seq-len / --far-width / --far-depth"
+    assert 16 * n < need < 16 * n + 2 * 4 * 8 * 8 * 16 * 4 + 2 * 4 * 64 * 256 * 6 * 2 + 1  # weights+states, batch
+    capsys.readouterr()
+    monkeypatch.setattr(train, "machine_memory_bytes", lambda device: need - 1)
+    assert cli.main([*args, "--out", str(tmp_path / "does-not")]) == 2
+    assert "needs at least" in capsys.readouterr().err and not (tmp_path / "does-not").exists()
+
+
+def test_running_out_of_memory_mid_run_is_one_line_that_says_how_to_go_on(tmp_path, monkeypatch, capsys,
+                                                                           two_train_episodes):
+    """A size past the floor that the machine still cannot hold fails in torch's allocator (a plain
+    RuntimeError on the CPU) or numpy's (a MemoryError): one line naming it, the options to lower and
+    the saved step to resume from, not a traceback."""
+    from worldsim import train
+
+    out = tmp_path / "run"
+    args = ["train", "--data", str(two_train_episodes), "--out", str(out), "--ae-from", str(SHIPPED), "--stage", "far",
+            "--seq-len", "4", "--far-batch", "2", "--progress", "false", "--threads", "1"]
+    assert cli.main([*args, "--far-steps", "1"]) == 0
+    capsys.readouterr()
+
+    def allocator_fails(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 393216000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(train, "latent_batch", allocator_fails)
+    assert cli.main(["train", "--resume", str(out), "--far-steps", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "out of memory (RuntimeError: " in err and "393216000 bytes" in err
+    assert f"{out / 'state'} holds the last saved step: --resume {out} with the smaller sizes" in err
+    assert load_checkpoint(out / "checkpoint", device="cpu").step == 1  # what was saved stands
+
+    monkeypatch.setattr(train, "latent_batch", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a real bug")))
+    with pytest.raises(RuntimeError, match="a real bug"):  # other RuntimeErrors keep their traceback
+        cli.main(["train", "--resume", str(out), "--far-steps", "3"])

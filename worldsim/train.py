@@ -549,6 +549,62 @@ def peak_rss_mib() -> float | None:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0  # macOS: bytes; Linux: KiB
 
 
+def machine_memory_bytes(device: torch.device) -> int | None:
+    """Memory one rank on `device` can hope for: the GPU's, or the machine's RAM (shared by the
+    ranks on it); None where the platform does not say (Windows has no sysconf)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def memory_floor(run: RunConfig) -> list[tuple[int, str, str]]:
+    """A lower bound on each stage's memory per rank, with what it counts and the options that set it: fp32 weights, gradients
+    and AdamW's two moments (16 bytes a parameter), and one batch held once (frames for the
+    autoencoder; latents and one bf16 residual stream per block for the transformer). Real runs need
+    several times more; a bound this low refuses only sizes no machine could train (a --far-width of
+    10**6 asked for 4 TB in a traceback), never one that might fit."""
+    from worldsim.autoencoder import Autoencoder
+    from worldsim.model import FAR
+
+    cfg, floors = run.train, []
+    with torch.device("meta"):  # parameter counts without memory
+        if cfg.stage in ("ae", "both") and not cfg.stream_env:
+            n = sum(p.numel() for p in Autoencoder(run.autoencoder).parameters())
+            r = run.autoencoder.resolution
+            floors.append((16 * n + cfg.ae_batch * run.autoencoder.in_channels * r * r * 4,
+                           f"the autoencoder stage ({n:,} parameters, --ae-batch {cfg.ae_batch} frames of {r}x{r})",
+                           "--ae-batch / --ae-channels"))
+        if cfg.stage in ("far", "both"):
+            f = run.far
+            # blocks are alike: from one- and two-block shells (building 10**5 empty blocks takes minutes)
+            one, two = (sum(p.numel() for p in FAR(dataclasses.replace(f, depth=d)).parameters()) for d in (1, 2))
+            n = one + (f.depth - 1) * (two - one)
+            tokens = tokens_per_sample(f, cfg.seq_len)["long_short"]
+            floors.append((16 * n + cfg.far_batch * cfg.seq_len * f.latent_channels * f.latent_size ** 2 * 4
+                           + cfg.far_batch * tokens * f.width * f.depth * 2,
+                           f"the far stage ({n:,} parameters; --far-batch {cfg.far_batch} x --seq-len {cfg.seq_len}: "
+                           f"{tokens} tokens a sample, width {f.width}, depth {f.depth})",
+                           "--far-batch / --seq-len / --far-width / --far-depth"))
+    return floors
+
+
+def check_memory_floor(run: RunConfig, dist: Dist) -> None:
+    """Refuse, before any data is encoded, a run whose sizes cannot fit this machine (memory_floor)."""
+    have = machine_memory_bytes(dist.device)
+    if have is None:
+        return
+    ranks_sharing = dist.local_world_size if dist.device.type == "cpu" else 1
+    for need, what, options in memory_floor(run):
+        if need * ranks_sharing > have:
+            where = f"{dist.device.type.upper()} memory" if dist.device.type == "cuda" else "memory"
+            raise TrainError(f"{what} needs at least {need * ranks_sharing / 2**30:,.1f} GiB"
+                             + (f" ({ranks_sharing} ranks)" if ranks_sharing > 1 else "")
+                             + f", but this machine has {have / 2**30:,.1f} GiB of {where}: lower {options}")
+
+
 def tokens_per_sample(far_cfg: Any, seq_len: int) -> dict[str, int]:
     """Transformer tokens of one training sample with and without the long-short context."""
     fine = far_cfg.tokens_per_frame
@@ -1967,6 +2023,13 @@ class StreamingData:
 # ============================================================================ entry
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation failure: Python's, numpy's (a MemoryError) or torch's (its CPU
+    allocator raises a plain RuntimeError; CUDA an OutOfMemoryError, a RuntimeError too)."""
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         run, resuming = config_from_args(args)
@@ -2014,6 +2077,17 @@ def main(args: argparse.Namespace) -> int:
     except (TrainError, DatasetError, CheckpointError) as exc:
         print(f"worldsim train: {exc}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as exc:
+        if not out_of_memory(exc):
+            raise
+        # past memory_floor's check: a size that fits the bound but not the machine. Saved states and
+        # checkpoints are renamed into place whole, so the last one stands
+        saved = Path(cfg.out) / "state"
+        print(f"worldsim train: out of memory ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no details'}); "
+              f"lower --far-batch / --seq-len (the far stage) or --ae-batch (the autoencoder stage)"
+              + (f"; {saved} holds the last saved step: --resume {cfg.out} with the smaller sizes" if saved.is_dir() else ""),
+              file=sys.stderr)
+        return 1
     except BaseException as exc:  # Ctrl-C twice, a full disk, a peer rank gone: passed on, after close()
         # its traceback holds the training frames, the DDP wrapper (so the process group) among them:
         # their locals go first, or the group outlives close() and gloo can abort the exit (see Dist.close)
@@ -2204,6 +2278,7 @@ def _train(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None
     except ValueError as exc:
         raise TrainError(f"{cfg.data[0] if cfg.data else cfg.stream_env}: {exc} "
                          "(choose --far-patch-size / --far-context-patch-size to fit the latent grid)") from None
+    check_memory_floor(run, dist)  # before the folder is made and the data encoded
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
     lock.acquire(dist)
