@@ -390,8 +390,10 @@ def record(cfg: RecordConfig) -> dict[str, Any]:
         raise RecordError("--episodes must be >= 0 and --length >= 1")
     if cfg.start_maze_seed < 0:
         raise RecordError(f"--start-maze-seed must be >= 0, got {cfg.start_maze_seed}")
-    if cfg.seed < 0:  # Gymnasium's reset refuses it, after the first episode's setup
-        raise RecordError(f"--seed must be >= 0, got {cfg.seed}")
+    # Below 0 Gymnasium's reset refuses it, after the first episode's setup; from 2**32 on the episode
+    # seeds (episode_rngs) keep its low 32 bits, so --seed 2**32 recorded exactly the episodes of --seed 0
+    if not 0 <= cfg.seed < 2**32:
+        raise RecordError(f"--seed must be from 0 to 2**32 - 1, got {cfg.seed}")
     if cfg.workers is not None and cfg.workers < 1:  # 0 meant one per core, -4 one: say none for one per core
         raise RecordError(f"--workers must be >= 1 (or none: one per CPU core), got {cfg.workers}")
     settings = parse_env_args(cfg.env_arg)

@@ -323,7 +323,10 @@ def test_maze_seeds_out_of_range_are_refused_before_any_episode(tmp_path, capsys
     assert "--start-maze-seed must be >= 0, got -5" in capsys.readouterr().err and not out.exists()
     # a negative --seed was Gymnasium's traceback with the navigator, and taken silently otherwise
     assert main(record_args(out, 1, 5, 1, "--seed", "-1", "--policy", "navigator")) == 2
-    assert "--seed must be >= 0, got -1" in capsys.readouterr().err and not out.exists()
+    assert "--seed must be from 0 to 2**32 - 1, got -1" in capsys.readouterr().err and not out.exists()
+    # the episode seeds keep its low 32 bits: 2**32 recorded exactly the episodes of --seed 0
+    assert main(record_args(out, 1, 5, 1, "--seed", str(2**32))) == 2
+    assert "--seed must be from 0 to 2**32 - 1, got 4294967296" in capsys.readouterr().err and not out.exists()
     for workers in (0, -4):  # 0 ran one worker per core, -4 one
         assert main(record_args(out, 1, 5, workers)) == 2
         assert f"--workers must be >= 1 (or none: one per CPU core), got {workers}" in capsys.readouterr().err

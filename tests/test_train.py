@@ -913,8 +913,10 @@ def test_values_no_run_can_use_are_refused_before_anything_is_written(trained, d
                            # the far stage then stopped with "train stage ae first (--stage both / ae)"
                            (["--ae-steps", "0"], "--ae-steps 0 trains no autoencoder for the far stage"),
                            # an overflow traceback after config.json was written; -1 was taken
-                           (["--seed", "18446744073709551616"], "--seed must be from 0 to 2**63 - 2"),
-                           (["--seed", "-1"], "--seed must be from 0 to 2**63 - 2, got -1"),
+                           (["--seed", "18446744073709551616"], "--seed must be from 0 to 2**32 - 1"),
+                           (["--seed", "-1"], "--seed must be from 0 to 2**32 - 1, got -1"),
+                           # its steps' seeds and torch's kept the low 32 bits: the run of --seed 0, exactly
+                           (["--seed", str(2**32)], "--seed must be from 0 to 2**32 - 1, got 4294967296"),
                            # these crashed mid-run (a conv channel mismatch, a zero division, math's domain error)
                            (["--ae-in-channels", "1"], "in_channels must be 3 (RGB frames), got 1"),
                            (["--ae-channels", "8", "0", "16", "16"], "channels must each be >= 1, got [8, 0, 16, 16]"),
@@ -932,6 +934,8 @@ def test_values_no_run_can_use_are_refused_before_anything_is_written(trained, d
     assert "--beta1 and --beta2 must be in [0, 1)" in capsys.readouterr().err
     assert main(["train", "--resume", str(trained), "--preset", "small"]) == 2  # it would only relabel the run
     assert "--preset cannot change on resume" in capsys.readouterr().err
+    assert main(["train", "--resume", str(trained), "--seed", str(2**32)]) == 2  # a new seed: a new run's check
+    assert "--seed must be from 0 to 2**32 - 1, got 4294967296" in capsys.readouterr().err
     assert (trained / "config.json").read_text() == stored
     # a decoder fine-tune with the default stage (both) would train a new transformer over its result
     assert main(["train", "--data", str(dataset), "--out", str(run), *FAST, "--ae-init", str(trained / "checkpoint"),
@@ -1466,8 +1470,8 @@ def test_a_second_train_in_a_folder_being_trained_in_is_refused(trained, tmp_pat
 
 
 def test_runs_from_before_this_sessions_checks_still_resume(trained, tmp_path, capsys):
-    """A negative seed and --stream-env-arg without --stream-env are refused for new runs now; a run
-    that recorded them before still resumes (the second with its dead setting dropped, and said so).
+    """A negative seed (or one from 2**32 on) and --stream-env-arg without --stream-env are refused for
+    new runs now; a run that recorded them before still resumes (the second with its dead setting dropped, and said so).
     An --ae-from given again spelled another way is the same autoencoder."""
     run = tmp_path / "older"
     shutil.copytree(trained, run)
@@ -1478,13 +1482,17 @@ def test_runs_from_before_this_sessions_checks_still_resume(trained, tmp_path, c
     assert "its --stream-env-arg (maze_size=7) did nothing and is dropped" in capsys.readouterr().err
     stored = json.loads((run / "config.json").read_text())["train"]
     assert stored["seed"] == -1 and stored["stream_env_arg"] == []
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["seed"] = 2**32
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--resume", str(run), "--far-steps", "5", "--seed", str(2**32)]) == 0  # its own seed again
     # an objective refused since (rollout_aug without rollout_prob): the option given with --resume mends it
     config = json.loads((run / "config.json").read_text())
     config["objective"].update(rollout_aug=0.2, rollout_prob=0.0)
     (run / "config.json").write_text(json.dumps(config))
-    assert main(["train", "--resume", str(run), "--far-steps", "5"]) == 2
+    assert main(["train", "--resume", str(run), "--far-steps", "6"]) == 2
     assert "objective options given with --resume replace the stored ones" in capsys.readouterr().err
-    assert main(["train", "--resume", str(run), "--far-steps", "5", "--obj-rollout-prob", "0.25"]) == 0
+    assert main(["train", "--resume", str(run), "--far-steps", "6", "--obj-rollout-prob", "0.25"]) == 0
     assert json.loads((run / "config.json").read_text())["objective"]["rollout_prob"] == 0.25
 
 

@@ -1157,8 +1157,10 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None) -
                       ("probe_loops", 1), ("seed", 0)):
         if getattr(cfg, name) < low:
             raise EvalError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
-    if cfg.seed >= 2**63:  # torch's seeds are 64-bit: a larger one was an overflow traceback
-        raise EvalError(f"--seed must be from 0 to 2**63 - 1, got {cfg.seed}")
+    # torch's CPU generator and the recorder keep a seed's low 32 bits: --seed 2**32 scored exactly the
+    # sessions of --seed 0 (and from 2**63 on torch's seeding overflowed with a traceback)
+    if cfg.seed >= 2**32:
+        raise EvalError(f"--seed must be from 0 to 2**32 - 1, got {cfg.seed}")
     if cfg.data is None and cfg.record_length is not None and cfg.record_length < cfg.context + cfg.generate:
         # else recorded first and refused after (a negative one named record's options; 0 meant the default)
         raise EvalError(f"--record-length must be at least --context + --generate = {cfg.context + cfg.generate}, "

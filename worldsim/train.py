@@ -304,9 +304,10 @@ def _given(args: argparse.Namespace, prefix: str | None = None) -> dict[str, Any
     return out
 
 
-def check_numbers(train: TrainConfig, new_run: bool = True) -> None:
+def check_numbers(train: TrainConfig, new_run: bool = True, new_seed: bool = False) -> None:
     """Values no run can use, refused by option name before the run folder is written (a bad
-    override on --resume would otherwise be stored and fail every later resume)."""
+    override on --resume would otherwise be stored and fail every later resume). `new_seed`: a
+    resume given another --seed than the run's, checked as a new run's."""
     at_least = {1: ("ae_batch", "far_batch", "seq_len", "checkpoint_every", "val_batches", "log_every",
                     "preview_frames", "latent_batch", "stream_workers", "stream_length", "stream_buffer"),
                 0: ("ae_steps", "far_steps", "warmup", "threads", "val_every", "preview_context")}
@@ -314,10 +315,13 @@ def check_numbers(train: TrainConfig, new_run: bool = True) -> None:
         for name in names:
             if getattr(train, name) is not None and getattr(train, name) < low:  # None: the device's default
                 raise TrainError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(train, name)}")
-    # torch seeds with seed + 1 too: 64 bits. Below 0 only for new runs: a run started with one
-    # before this check (its steps' seeds are masked to 32 bits) still resumes.
-    if not (0 if new_run else -2**63) <= train.seed < 2**63 - 1:
-        raise TrainError(f"--seed must be from 0 to 2**63 - 2, got {train.seed}")
+    # New runs take 32-bit seeds: step_rng keeps a seed's low 32 bits and torch's CPU generator does too,
+    # so --seed 2**32 trained exactly the run of --seed 0. A run started before this check (with a
+    # negative or a larger seed) still resumes; torch seeds with seed + 1 too: 64 bits.
+    if (new_run or new_seed) and not 0 <= train.seed < 2**32:
+        raise TrainError(f"--seed must be from 0 to 2**32 - 1, got {train.seed}")
+    if not -2**63 <= train.seed < 2**63 - 1:
+        raise TrainError(f"--seed must be from 0 to 2**32 - 1, got {train.seed}")
     if not 0 < train.ddp_timeout < float("inf"):
         raise TrainError(f"--ddp-timeout must be a finite number > 0, got {train.ddp_timeout}")
     for name in ("ae_lr", "far_lr", "weight_decay", "grad_clip", "ae_time_limit", "far_time_limit"):
@@ -386,8 +390,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
             raise TrainError(f"--resume {resume}: {', '.join('--' + k.replace('_', '-') for k in fixed)} cannot change "
                              f"on resume (the run started from its stored value); start a new run instead")
         train_over["out"] = str(resume)
+        stored_seed = run.train.seed
         run.train = dataclasses.replace(run.train, **train_over)
-        check_numbers(run.train, new_run=False)
+        check_numbers(run.train, new_run=False, new_seed=run.train.seed != stored_seed)
         run.objective = dataclasses.replace(run.objective, **obj_over)
         check_objective(run)
         return run, True
