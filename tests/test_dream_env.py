@@ -80,6 +80,30 @@ def test_seeded_determinism(tiny_world):
     assert not np.array_equal(a[0], c[0])  # another seed, another maze
 
 
+def test_the_dream_leaves_the_callers_global_random_streams_alone(tiny_ckpt):
+    """Making, resetting and stepping Dream-v0 draws from its own generators only: loading the
+    checkpoint moved the caller's torch stream on by the random initial weights it then overwrote."""
+    import random
+
+    import torch
+
+    def draws() -> tuple:
+        return torch.rand(4).tolist(), np.random.rand(4).tolist(), random.random()
+
+    def seeded() -> None:
+        torch.manual_seed(11), np.random.seed(11), random.seed(11)
+
+    seeded()
+    expected = draws()
+    seeded()
+    env = gym.make("worldsim/Dream-v0", checkpoint=str(tiny_ckpt), context_frames=2, device="cpu")
+    env.reset(seed=1)
+    env.step(1)
+    env.reset()
+    env.close()
+    assert draws() == expected
+
+
 def test_the_dream_follows_the_action_it_is_given(tiny_world, monkeypatch):
     """The frame after a step depends on that step's action (same seed, same start, another action:
     another frame), and the world model is asked for exactly that action, step after step."""

@@ -450,7 +450,11 @@ def load_checkpoint(
         givens[prefix] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         float_dtype = FAR_DTYPES[stored_far_dtype(config)] if prefix == "far." else torch.float32
         check_tensors(path, shell, givens[prefix], prefix, float_dtype)
-    autoencoder, far = Autoencoder(ae_cfg), FAR(far_cfg)
+    # Their random initial weights are all overwritten below: drawn from a fork of the global
+    # generator, so that loading a model (gym.make("worldsim/Dream-v0")) leaves the caller's torch
+    # random stream where it was instead of moving it on by every weight's draw
+    with torch.random.fork_rng(devices=[]):
+        autoencoder, far = Autoencoder(ae_cfg), FAR(far_cfg)
     for prefix, module in (("autoencoder.", autoencoder), ("far.", far)):
         module.load_state_dict(givens[prefix], strict=False)
     ae_keys, far_keys = autoencoder.state_dict().keys(), far.state_dict().keys()  # once, not per tensor
