@@ -167,7 +167,7 @@ class TrainConfig:
         "help": "train the transformer on fresh episodes recorded in background workers from this simulator "
                 "(e.g. worldsim/Maze-v0), instead of --data; needs --ae-from, an autoencoder trained on recorded data"})
     stream_env_arg: tuple[str, ...] = field(default=(), metadata={"help": "simulator settings key=value for --stream-env"})
-    stream_workers: int = field(default=1, metadata={"help": "recording worker processes for --stream-env"})
+    stream_workers: int = field(default=1, metadata={"help": "recording worker processes for --stream-env (the episodes a step samples depend on their timing: a streaming run is not reproducible)"})
     stream_length: int = field(default=128, metadata={"help": "frames per streamed episode"})
     stream_buffer: int = field(default=64, metadata={"help": "episodes kept for sampling (oldest dropped)"})
     stream_policy: Literal["random", "navigator", "mix"] = field(default="mix", metadata={"help": "policy of the streaming workers"})
