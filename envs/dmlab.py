@@ -19,7 +19,9 @@ the reset seed every episode. FAR trained on TECO's DMLab data (64x64 frames of 
 mazes, 300-frame episodes, 3 actions); TECO recorded them with its own maze level, which is
 not part of upstream DeepMind Lab, so we pick the closest upstream level and make the level
 a setting (`level=`). Note that in explore_goal_locations the player is respawned at a random
-place after reaching the goal: that shows up as a pose jump in `info["pose"]`.
+spawn point after reaching the goal (upstream factories/explore/goal_locations_factory.lua,
+level:restart), within the episode: that shows up as a pose jump in `info["pose"]`, flagged by
+`info["respawned"]`, and `worldsim record` ends the episode before that step.
 
 Actions (our names -> the 7-int vector LOOK_LEFT_RIGHT_PIXELS_PER_FRAME,
 LOOK_DOWN_UP_PIXELS_PER_FRAME, STRAFE_LEFT_RIGHT, MOVE_BACK_FORWARD, FIRE, JUMP, CROUCH),
@@ -119,7 +121,10 @@ class DMLabEnv(SimulatorEnv):
     Reward: DeepMind Lab's reward summed over the repeated frames. Episodes end when the
     level's time limit runs out (`lab.is_running()` turns False; reported as `truncated`,
     the frame is then the last one seen, not the action's result, and `info["stale_frame"]` is
-    True) or after `max_steps` steps (also `truncated`).
+    True) or after `max_steps` steps (also `truncated`). A goal level (explore_goal_locations)
+    restarts when the player reaches the goal and respawns it elsewhere in the same maze, within
+    the episode: a step whose pose moved more than `respawn_distance` cells (twice what the
+    player can run in a step) has `info["respawned"] = True`, its frame not the action's result.
 
     `reset(options={"maze_seed": k})` resets DeepMind Lab with `seed=k` (the level builds its
     maze and spawn from it); otherwise the seed is drawn from the env's RNG. `info` carries
@@ -181,6 +186,9 @@ class DMLabEnv(SimulatorEnv):
         frames_s = self.action_repeat / self.fps
         self.turn_step = math.radians(self.look_pixels * DEG_PER_LOOK_PIXEL_SECOND * frames_s)  # a rate per second, like moving
         self.move_step = RUN_SPEED_UNITS_PER_S * frames_s / CELL_UNITS
+        # a step that moves the player farther (cells) is a respawn: twice the run speed's reach,
+        # so that speed's estimate may be off by 2x; a respawn nearer than this goes unnoticed
+        self.respawn_distance = 2.0 * self.move_step
 
         self.action_space = spaces.Discrete(len(ACTION_NAMES))
         self.observation_space = spaces.Box(0, 255, (h, w, 3), np.uint8)
@@ -253,9 +261,12 @@ class DMLabEnv(SimulatorEnv):
             raise ValueError(f"invalid action {action!r}: expected an int in [0, {len(ACTION_NAMES)})")
         reward = float(self._lab.step(self._vectors[int(action)], num_steps=self.action_repeat))
         self._steps += 1
-        truncated = ended = False
+        truncated = ended = respawned = False
         if self._lab.is_running():
+            before = self._pose[:2].copy()
             self._read(self._lab.observations())
+            # farther than the player can run in a step: the level moved it (a goal level's restart)
+            respawned = float(np.hypot(*(self._pose[:2] - before))) > self.respawn_distance
         else:
             # the level's time limit: DeepMind Lab shows nothing more, so the last frame and pose stay
             truncated = ended = True
@@ -266,6 +277,8 @@ class DMLabEnv(SimulatorEnv):
         info = self._info()
         if ended:  # the frame is not this action's result: a recorder must not pair the two
             info["stale_frame"] = True
+        if respawned:  # nor is a respawn's: the frame shows another place than the action led to
+            info["respawned"] = True
         return self._frame.copy(), reward, False, truncated, info
 
     def render(self) -> np.ndarray | None:

@@ -218,8 +218,11 @@ def record_episode(env: Any, policy_name: str, length: int, maze_seed: int, seed
     for t in range(1, length):
         a = int(policy.act(obs, info))
         obs, _, terminated, truncated, info = env.step(a)
-        if info.get("stale_frame"):  # the level ended in this step and showed nothing of it (DeepMind Lab)
-            n = t  # actions[t] must be what produced video[t]: the step is left out
+        # DeepMind Lab: the level ended in this step and showed nothing of it, or it respawned the
+        # player elsewhere (a goal level's restart): actions[t] must be what produced video[t], so the
+        # step is left out and the episode ends there
+        if info.get("stale_frame") or info.get("respawned"):
+            n = t
             break
         video[t] = obs
         actions[t] = a

@@ -32,15 +32,22 @@ adapter without the Bazel-built module:
 Observations: 'RGB_INTERLEAVED' (H, W, 3) uint8, 'RGB' (3, H, W), 'DEBUG.POS.TRANS' (x, y, z
 game units, 100 per maze cell, origin at the bottom-left corner of the layout, y up),
 'DEBUG.POS.ROT' (pitch, yaw, roll degrees; yaw counter-clockwise from +x, looking right
-turns clockwise), 'VEL.TRANS', 'VEL.ROT', and 'DEBUG.MAZE.LAYOUT' (text, '*' = wall) on the
-maze levels. The maze comes from labmaze seeded with the reset seed; motion is simple
+turns clockwise), 'VEL.TRANS', 'VEL.ROT', and 'DEBUG.MAZE.LAYOUT' (the maze's entity layer:
+'*' = wall, 'P' = spawn, 'G' = goal place, as upstream's maze_generation writes it) on the
+maze levels. The maze comes from labmaze seeded with the reset seed, with the room settings
+of upstream's explore levels (factories/explore/factory.lua, explore_goal_locations_*.lua).
+As upstream's goal_locations_factory: the reset seed picks one 'G' cell as the goal and the
+player spawns on a 'P' cell; touching the goal gives reward 10 and restarts the level without
+ending the episode: the player is respawned on a random 'P' cell (its pose jumps), the maze
+and the goal stay, the episode's time goes on. Each respawn is logged in `respawns` (the
+1-based number of the `step` call it happened in). Motion is simple
 kinematics (320 units/s, 6.336 degrees per look pixel per second, as upstream's test
 utilities compute it, so a frame turns more at a lower fps) with wall collision; the picture is a crude column raycast (sky,
 floor, walls shaded by distance and coloured by cell), enough for frames to change with
 the pose.
 
 Every Lab instance is appended to `INSTANCES` and logs what it receives (`level`,
-`observation_names`, `config`, `renderer`, `resets`, `steps`) for tests to inspect.
+`observation_names`, `config`, `renderer`, `resets`, `steps`, `respawns`) for tests to inspect.
 """
 from __future__ import annotations
 
@@ -67,6 +74,17 @@ LEVELS = {
     "contributed/dmlab30/explore_goal_locations_large": (17, 120),
     "tests/empty_room_test": (None, 60),   # builds no maze: DEBUG.MAZE.LAYOUT is ''
 }
+
+# Room settings of the goal levels (upstream factories/explore/factory.lua defaults, with the
+# overrides of explore_goal_locations_large.lua); a level not listed here has no goal.
+GOAL_LEVELS = {
+    "contributed/dmlab30/explore_goal_locations_small": dict(max_rooms=4, room_min_size=3, room_max_size=5,
+                                                             spawns_per_room=5, objects_per_room=4),
+    "contributed/dmlab30/explore_goal_locations_large": dict(max_rooms=9, room_min_size=3, room_max_size=3,
+                                                             spawns_per_room=5, objects_per_room=5),
+}
+GOAL_REWARD = 10.0
+GOAL_REACH = 30.0                # units: player and goal bounding boxes touch (Quake items: 15 + 15)
 
 CELL = 100.0
 SPEED = 320.0                    # game units per second
@@ -146,6 +164,8 @@ class Lab:
         self.level_cache = level_cache
         self.resets: list[tuple[int, int | None]] = []
         self.steps: list[tuple[np.ndarray, int]] = []
+        self.respawns: list[int] = []  # the number of the step call each goal respawn happened in
+        self._goal_rooms = GOAL_LEVELS.get(level)
         self._fps = int(settings["fps"])
         self._w, self._h = int(settings["width"]), int(settings["height"])
         self._size, seconds = LEVELS[level]
@@ -200,13 +220,19 @@ class Lab:
         self.steps.append((action.copy(), num_steps))
         self._num_steps += num_steps  # the whole request, as the real module counts it
         look, _, strafe, move = (int(v) for v in action[:4])
+        reward = 0.0
         for _ in range(num_steps):
             self._advance(look, strafe, move)
             self._frames += 1
+            if self._goal is not None and np.hypot(*(self._pos[:2] - self._goal)) <= GOAL_REACH:
+                # upstream: the goal pickup restarts the map (quickRestart), the player respawns
+                reward += GOAL_REWARD
+                self._spawn()
+                self.respawns.append(len(self.steps))
             if self._frames >= self._episode_frames:
                 self._status = "terminated"
                 break
-        return 0.0
+        return reward
 
     def observations(self):
         if self._status != "running":
@@ -259,24 +285,37 @@ class Lab:
 
     def _new_map(self, seed: int) -> None:
         rng = np.random.RandomState(seed)
+        self._rng = rng
         if self._size is None:
             grid = np.full((7, 7), " ")
             grid[0, :] = grid[-1, :] = grid[:, 0] = grid[:, -1] = "*"
         else:
             import labmaze
 
-            maze = labmaze.RandomMaze(height=self._size, width=self._size, max_rooms=4,
-                                      room_min_size=3, room_max_size=5, random_seed=seed)
+            rooms = self._goal_rooms or dict(max_rooms=4, room_min_size=3, room_max_size=5)
+            maze = labmaze.RandomMaze(height=self._size, width=self._size, random_seed=seed, **rooms)
             grid = np.array(maze.entity_layer)
         self._grid = grid
         self._walls = grid == "*"
         rows = grid.shape[0]
-        free = np.argwhere(~self._walls)
-        r, c = free[rng.randint(len(free))]
-        self._pos = np.array([(c + 0.5) * CELL, (rows - r - 0.5) * CELL, 0.0])
-        self._yaw = float(rng.uniform(-180.0, 180.0))
-        self._vel = np.zeros(3)
+        goals = np.argwhere(grid == "G")
+        self._goal = None
+        if self._goal_rooms is not None and len(goals):
+            r, c = goals[rng.randint(len(goals))]
+            self._goal = np.array([(c + 0.5) * CELL, (rows - r - 0.5) * CELL])
+        self._spawn()
         self._wall_colour = rng.randint(60, 230, size=(grid.shape[0], grid.shape[1], 3))
+
+    def _spawn(self) -> None:
+        """Place the player on a random spawn cell ('P'; any free cell where the layout has none)."""
+        rows = self._grid.shape[0]
+        cells = np.argwhere(self._grid == "P")
+        if not len(cells):
+            cells = np.argwhere(~self._walls)
+        r, c = cells[self._rng.randint(len(cells))]
+        self._pos = np.array([(c + 0.5) * CELL, (rows - r - 0.5) * CELL, 0.0])
+        self._yaw = float(self._rng.uniform(-180.0, 180.0))
+        self._vel = np.zeros(3)
 
     def _is_wall(self, x: float, y: float) -> bool:
         rows, cols = self._walls.shape

@@ -275,6 +275,51 @@ def test_standin_a_recording_leaves_out_the_step_the_level_ended_in(standin, mon
     assert ep["length"] == len(video) == len(actions) == len(poses) == 15  # the reset's frame and 14 steps
 
 
+def test_standin_goal_respawn_is_flagged(standin):
+    """Against the stand-in: in DMLab-30's goal levels touching the goal gives reward 10 and restarts
+    the level inside the episode (upstream goal_locations_factory.lua: the player respawns on a random
+    'P' cell). The step in which that happens says so (`info["respawned"]`); the ones around it do not."""
+    env = gym.make("worldsim/DMLab-v0").unwrapped
+    lab = standin.INSTANCES[-1]
+    _, info = env.reset(options={"maze_seed": 100})
+    walls = env.maze_walls.copy()
+    _, reward, _, truncated, info = env.step(ACTION_NAMES.index("forward"))
+    assert reward == 0.0 and "respawned" not in info and not truncated
+    before = info["pose"].astype(np.float64)
+    yaw = math.radians(lab._yaw)
+    lab._goal = lab._pos[:2] + 20.0 * np.array([math.cos(yaw), math.sin(yaw)])  # just ahead of the player
+    _, reward, _, truncated, info = env.step(ACTION_NAMES.index("forward"))
+    assert reward == 10.0 and lab.respawns == [2] and lab.is_running() and not truncated
+    assert info.get("respawned") is True
+    assert np.hypot(*(info["pose"][:2] - before[:2])) > env.respawn_distance
+    assert np.array_equal(parse_layout(lab.observations()["DEBUG.MAZE.LAYOUT"]), walls)  # same maze
+    _, _, _, _, info = env.step(ACTION_NAMES.index("turn_left"))
+    assert "respawned" not in info
+    env.close()
+
+
+def test_standin_a_recording_ends_before_a_goal_respawn(standin, tmp_path):
+    """Against the stand-in: a respawn was recorded as the frame of the action before it (a forward
+    step 'moved' the player 6 cells), breaking actions[t] -> video[t]; the episode now ends before it."""
+    from envs.recorder import RecordConfig, record
+
+    _close_recorder_cache()
+    out = tmp_path / "goal"
+    try:  # maze seed 100, seed 0: the navigator reaches the stand-in's goal at step 140 of 299
+        record(RecordConfig(out=str(out), env="worldsim/DMLab-v0", env_arg=("resolution=16",), episodes=1,
+                            length=300, policy="navigator", workers=1, progress=False, start_maze_seed=100))
+        (lab,) = [lab for lab in standin.INSTANCES[1:] if lab.resets]
+        step_of_respawn = lab.respawns[0]
+    finally:
+        _close_recorder_cache()
+    (ep,) = json.loads((out / "index.json").read_text())["episodes"]
+    with np.load(out / ep["file"]) as data:
+        poses = data["poses"]
+    assert ep["length"] == len(poses) == step_of_respawn  # the reset frame and the steps before the respawn
+    step = 320 * 4 / 60 / 100  # cells a step can run
+    assert np.hypot(*np.diff(poses[:, :2], axis=0).T).max() <= 2 * step
+
+
 def test_standin_look_pixels_must_turn(standin):
     """0 turned nowhere (the navigator then divided by zero) and a negative value swapped left and right."""
     for bad in (0, -20):
