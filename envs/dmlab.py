@@ -91,6 +91,13 @@ def _import_deepmind_lab() -> Any:
     try:
         return importlib.import_module("deepmind_lab")
     except ImportError as exc:
+        if exc.name not in (None, "deepmind_lab"):
+            # the module is there but its own imports fail: upstream's pip package __init__ imports
+            # imp (gone in Python 3.12), pkg_resources (gone in setuptools 82) and dm_env (an extra)
+            raise DMLabUnavailableError(
+                f"DeepMind Lab's module `deepmind_lab` is installed but does not import ({exc}): the "
+                "upstream pip package needs `imp` (Python <= 3.11), `pkg_resources` (pip install "
+                f"'setuptools<82') and `dm_env` (pip install dm-env six); see {DOCS}") from exc
         raise DMLabUnavailableError(
             "worldsim/DMLab-v0 needs DeepMind Lab's Python module `deepmind_lab`, which is not on "
             f"PyPI and is not installed here ({exc}). Build it from the DeepMind Lab sources with "

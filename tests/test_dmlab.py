@@ -35,6 +35,25 @@ def test_without_the_module_the_error_points_to_the_docs(monkeypatch):
     assert "not on PyPI" in str(err.value) and isinstance(err.value, ImportError)
 
 
+def test_an_installed_module_that_fails_to_import_is_not_called_missing(monkeypatch, tmp_path):
+    """Upstream's pip package (python/pip_package/__init__.py) imports imp, dm_env and pkg_resources,
+    which setuptools 82 removed: a wheel built as docs/dmlab.md says then fails on import, and the
+    error said the module 'is not installed here'. A fake package with upstream's imports, not DeepMind Lab."""
+    pkg = tmp_path / "deepmind_lab"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("import imp\nfrom deepmind_lab import dmenv_module\nimport pkg_resources\n")
+    (pkg / "dmenv_module.py").write_text("import numpy\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "deepmind_lab", raising=False)
+    monkeypatch.delitem(sys.modules, "deepmind_lab.dmenv_module", raising=False)
+    monkeypatch.setitem(sys.modules, "pkg_resources", None)  # as with setuptools >= 82
+    with pytest.raises(DMLabUnavailableError) as err:
+        gym.make("worldsim/DMLab-v0")
+    msg = str(err.value)
+    assert "is installed but does not import" in msg and "pkg_resources" in msg and "setuptools<82" in msg
+    assert "docs/dmlab.md" in msg and "not installed here" not in msg
+
+
 def test_standin_rejects_what_the_real_module_rejects(standin):
     """The stand-in itself validates like deepmind_lab (so the adapter tests mean something)."""
     with pytest.raises(TypeError):
