@@ -536,3 +536,41 @@ def test_a_folder_named_test_above_the_dataset_does_not_hold_it_out(tmp_path):
     sub = teco_tree(tmp_path / "dmlab" / "train" / "sub", [str(i) for i in range(6)])
     assert ([e.split for e in Dataset(sub).episodes] ==
             [e.split for e in Dataset(tmp_path / "dmlab" / "train").episodes if e.id.startswith("sub-")])
+
+
+def test_an_atomic_write_removes_the_temp_twins_that_killed_writes_left(tmp_path):
+    """A SIGKILL (the out-of-memory killer, `kill -9`) while `worldsim export`, `eval` or `train` wrote
+    a file left its hidden full-size temp twin (`.v.mp4.<random>.tmp.mp4`, a few MB for a video), and
+    no later write removed it: every killed export of one file added another. A write now removes
+    its target's twins whose writer is gone; one whose writer still writes (it holds a lock on it) stays."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from worldsim.dataset import atomic_write, try_lock
+
+    repo = Path(__file__).resolve().parents[1]
+    target = tmp_path / "v.gif"
+    killed_mid_write = (  # the child writes half a file, then dies at once, as under SIGKILL
+        "import os, signal, sys\nfrom worldsim.dataset import atomic_write\n"
+        "def write(tmp):\n    tmp.write_bytes(b'half')\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "atomic_write(sys.argv[1], write, suffix='.tmp.gif')\n")
+    for _ in range(2):
+        run = subprocess.run([sys.executable, "-c", killed_mid_write, str(target)], cwd=repo)
+        assert run.returncode == -signal.SIGKILL
+    dead = sorted(p.name for p in tmp_path.iterdir())  # the second write swept the first one's twin
+    assert dead and all(p.startswith(".v.gif.") and p.endswith(".tmp.gif") for p in dead)
+
+    live = tmp_path / ".v.gif.l1vewr1t.tmp.gif"  # a writer at work in another process holds its twin
+    live.write_bytes(b"writing")
+    held = try_lock(live)
+    (tmp_path / ".v.gif.notes.txt").write_text("the user's")  # not a temp twin of v.gif
+    (tmp_path / ".w.gif.k1ll3d.tmp.gif").write_bytes(b"x")  # another file's twin: its own write sweeps it
+    try:
+        atomic_write(target, lambda tmp: tmp.write_bytes(b"GIF89a"), suffix=".tmp.gif")
+    finally:
+        held.close()
+    assert target.read_bytes() == b"GIF89a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".v.gif.l1vewr1t.tmp.gif", ".v.gif.notes.txt",
+                                                         ".w.gif.k1ll3d.tmp.gif", "v.gif"]

@@ -301,12 +301,17 @@ def atomic_write_all(writes: Sequence[tuple[str | os.PathLike, Callable[[Path], 
     all the old files. On failure the temp files are removed and the error names the file it
     concerns, not a temp file."""
     temps: dict[Path, str] = {}
+    held: list[int] = []  # the temp files' locks, held until they are renamed: a twin is swept only when its writer is gone
     path = Path(writes[0][0])
     try:
         for target, write in writes:
             path = Path(target)
+            sweep_dead_twins(path, suffix or ".tmp")
             fd, temps[path] = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
-            os.close(fd)
+            if _lock_nb(fd):
+                held.append(fd)
+            else:  # no flock here (Windows, which also renames no open file): closed at once, as before
+                os.close(fd)
             write(Path(temps[path]))
             fd = os.open(temps[path], os.O_RDWR)  # Windows flushes only handles open for writing
             try:
@@ -327,6 +332,53 @@ def atomic_write_all(writes: Sequence[tuple[str | os.PathLike, Callable[[Path], 
         if isinstance(exc, OSError):  # a full disk or the like: name the file asked for, not the temp file
             name_the_target(exc, path)
         raise
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+def _lock_nb(fd: int) -> bool:
+    """An exclusive flock on `fd` if no one else holds one (True), else False. Where there is no
+    flock (not POSIX) it says False: no twin is then known to be dead, so none is swept."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def sweep_dead_twins(path: str | os.PathLike, suffix: str = ".tmp") -> None:
+    """Remove the temp twins of `path` (`.<name>.<random><suffix>`) that writes killed mid-way left
+    (SIGKILL, the out-of-memory killer: full-size hidden files, a few MB for a video, that no later
+    write removed). A writer holds a lock on its twin until the rename, and the lock ends with its
+    process, so a twin whose lock can be taken has no writer: one still at work in another process
+    keeps its file."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    try:
+        names = [n for n in os.listdir(path.parent) if n.startswith(prefix) and n.endswith(suffix)]
+    except OSError:  # a missing folder: mkstemp says so next, naming the target
+        return
+    for name in names:
+        middle = name[len(prefix):len(name) - len(suffix)]
+        if not middle or not all(c.isalnum() or c == "_" for c in middle):  # not mkstemp's: someone else's file
+            continue
+        twin = path.parent / name
+        try:
+            fd = os.open(twin, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if _lock_nb(fd):
+                twin.unlink(missing_ok=True)
+        except OSError:  # a read-only folder, say: the write itself will say what is wrong
+            pass
+        finally:
+            os.close(fd)
 
 
 # the file system's refusals of a write: exit 1 in every command (README), other problems with an output 2
