@@ -1158,6 +1158,21 @@ def test_preview_gif_captions_its_panels_and_frames(trained, dataset, tmp_path):
     assert header[4][:, panel:, 0].max() > 200 and header[4][:, panel:, 2].max() < 128  # generated in red
 
 
+def test_a_preview_sweeps_the_temp_twins_of_earlier_previews_that_a_kill_cut(trained, dataset, tmp_path):
+    """A SIGKILL while step 20's preview was written left `preview/.step-000020.gif.<random>.tmp.gif`: the
+    state of step 20 was already saved, so the resume never wrote that preview again and nothing removed it."""
+    from worldsim.dataset import Dataset
+    from worldsim.train import write_preview
+
+    ep = Dataset(dataset)[0]
+    preview = tmp_path / "preview"
+    preview.mkdir()
+    (preview / ".step-000020.gif.k1ll3d00.tmp.gif").write_bytes(b"GIF89a half")  # no writer holds it
+    (preview / "step-000020.gif").write_bytes(b"GIF89a older")
+    write_preview(trained / "checkpoint", ep.video, ep.actions, 3, 2, preview / "step-000040.gif")
+    assert sorted(p.name for p in preview.iterdir()) == ["step-000020.gif", "step-000040.gif"]
+
+
 def test_a_loss_plot_that_cannot_be_saved_names_loss_png_and_leaves_no_temp_file(trained, tmp_path, monkeypatch):
     """It was saved under a fixed temp name and renamed: a failed save left `.loss.png.tmp.png`."""
     import matplotlib.figure

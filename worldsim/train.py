@@ -69,7 +69,7 @@ import torch.nn as nn
 from worldsim import cliargs
 from worldsim.checkpoint import CheckpointError, check_field_types, check_tensors
 from worldsim.dataset import (DatasetError, atomic_write, caption_strip, name_the_target, readable_like_any_file,
-                              try_lock, write_gif, write_json_atomic)
+                              sweep_dead_twins, try_lock, write_gif, write_json_atomic)
 from worldsim.ddp import Dist, cpu_threads_per_rank
 from worldsim.latents import (
     FrameStore, LatentStore, build_cache, check_compatible, holding_split, load_cached, load_frames, names_for,
@@ -1376,6 +1376,10 @@ def write_preview(checkpoint_dir: Path, video: np.ndarray, actions: np.ndarray, 
         footer = caption_strip(row.shape[1], [(0, note, color)], height=14)
         out.append(np.concatenate([header, row, footer], axis=0))
     gif.parent.mkdir(parents=True, exist_ok=True)
+    # a run killed while it wrote an earlier step's preview (SIGKILL) left that GIF's temp twin; the
+    # resume goes on after the saved step and never writes that name again, so its own write would not sweep it
+    for twin in gif.parent.glob(".*.gif.*.tmp.gif"):
+        sweep_dead_twins(gif.parent / twin.name[1:twin.name.index(".gif.") + 4], ".tmp.gif")
     # a failed preview (a full disk) removes its temp file and names the GIF in its error
     atomic_write(gif, lambda tmp: write_gif(tmp, out, duration=120), suffix=".tmp.gif")  # milliseconds
 
