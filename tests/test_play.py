@@ -586,6 +586,16 @@ def test_a_recording_that_cannot_start_leaves_the_game_running(tmp_path, no_ship
     assert "cannot record" in capsys.readouterr().err
 
 
+def test_a_video_whose_folder_is_a_file_says_that_file_is_in_the_way(tmp_path):
+    """`play.py --out a-file/x.gif` said "cannot create its folder (File exists)", as if the folder were there."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for out in (blocker / "x.gif", blocker / "deeper" / "x.mp4"):
+        with pytest.raises(PlayError) as caught:
+            VideoRecorder(out, fps=10)
+        assert str(caught.value) == f"{out}: cannot create its folder ({blocker} is a file, not a folder)"
+
+
 def _video_writer_that_fails_after(monkeypatch, frames: int | None, disk_full: bool) -> None:
     """imageio's ffmpeg writer as it fails on a full disk: "[Errno 32] Broken pipe" and ffmpeg's
     command line, no errno (measured on a full tmpfs); the file system then reports 0 bytes free.

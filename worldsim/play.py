@@ -261,7 +261,11 @@ class VideoRecorder:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a parent that is a file, or no permission: before any frame is made
-            raise PlayError(f"{self.path}: cannot create its folder ({exc.strerror or exc})", exc.errno) from None
+            # mkdir says "File exists" for a file in the way, which reads as if the folder were there; name the file
+            blocker = next((p for p in self.path.parents if p.exists()), None)
+            why = (f"{blocker} is a file, not a folder" if isinstance(exc, (FileExistsError, NotADirectoryError))
+                   and blocker is not None and not blocker.is_dir() else exc.strerror or exc)
+            raise PlayError(f"{self.path}: cannot create its folder ({why})", exc.errno) from None
         gif = self.path.suffix.lower() == ".gif"
         try:
             handle, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".partial.gif" if gif else ".partial.mp4",
