@@ -285,6 +285,7 @@ def test_bad_index_and_missing_episode_file(tmp_path):
     (lambda ix: ix.update(action_names=["noop", "noop", "left"]), "'action_names' repeats a name"),
     (lambda ix: ix["episodes"].__setitem__(0, "000000.npz"), "episode entry 0 is malformed"),
     (lambda ix: ix["episodes"][0].update(length=-3), "episode '000000' has length -3"),
+    (lambda ix: ix["episodes"][0].update(length=0), "episode '000000' has length 0; an episode has >= 1 frames"),
     # maze seed 2 is a test maze: an edited split put it into training without a word
     (lambda ix: ix["episodes"][0].update(maze_seed=2, split="train"),
      "episode '000000' is listed in split 'train', but its maze seed 2 belongs to split 'test'"),
@@ -574,3 +575,70 @@ def test_an_atomic_write_removes_the_temp_twins_that_killed_writes_left(tmp_path
     assert target.read_bytes() == b"GIF89a"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".v.gif.l1vewr1t.tmp.gif", ".v.gif.notes.txt",
                                                          ".w.gif.k1ll3d.tmp.gif", "v.gif"]
+
+
+# ----------------------------------------------------------------------------- mutation-audit additions
+
+
+def test_the_innermost_split_folder_decides_when_the_folder_above_the_dataset_is_named_test(tmp_path):
+    """`~/test/dmlab` holding TECO's train/ and test/: the folder above the given one counts (a shard of
+    a test folder given alone stays held out), but a train or test folder nearer the file decides. Were
+    the outermost one to win, every training file would be held out and training would find nothing."""
+    root = teco_tree(tmp_path / "test" / "dmlab", ["train/0/0", "train/0/1", "test/0/0"])
+    split = {e.id: e.split for e in Dataset(root).episodes}
+    assert split["test-0-0"] == "test"
+    # the train folder's files are "train" unless their hash moves them to "val"; never "test"
+    assert {split["train-0-0"], split["train-0-1"]} <= {"train", "val"}
+    assert "test" not in {split["train-0-0"], split["train-0-1"]}
+
+
+def test_an_index_less_file_without_frames_is_refused_naming_it(tmp_path):
+    """A video of 0 frames (an interrupted conversion, say) is no episode: refused when the folder is
+    opened, naming the file, not read as an episode of length 0 that training samples from."""
+    root = tmp_path / "dm"
+    root.mkdir()
+    np.savez(root / "a.npz", video=np.zeros((4, 8, 8, 3), np.uint8), actions=np.zeros(4, np.int64))
+    np.savez(root / "b.npz", video=np.zeros((0, 8, 8, 3), np.uint8), actions=np.zeros(0, np.int64))
+    with pytest.raises(DatasetError, match=r"b\.npz: 'video' has no frames"):
+        Dataset(root)
+
+
+def test_poses_that_are_not_floats_are_refused_naming_the_file(tmp_path):
+    root = make_dataset(tmp_path / "ds", [make_episode(seed=0)])
+    bad = root / "episodes" / "000000.npz"
+    _rewrite(bad, poses=np.zeros((6, 3), np.int32))
+    with pytest.raises(DatasetError, match=r"000000\.npz: 'poses' must be float32, got int32"):
+        Dataset(root)[0]
+
+
+def test_an_index_listing_one_id_twice_is_refused(tmp_path):
+    """Two entries of one id: `ds["000000"]` could only find one of them, and the other's frames would
+    be trained on under a name that reads another file."""
+    root = make_dataset(tmp_path / "ds", [make_episode(seed=0), make_episode(seed=1)])
+    index = json.loads((root / "index.json").read_text())
+    index["episodes"][1]["id"] = "000000"
+    (root / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DatasetError, match="index.json: duplicate episode id '000000'"):
+        Dataset(root)
+
+
+def test_an_atomic_write_is_flushed_to_disk_before_it_replaces_the_old_file(tmp_path, monkeypatch):
+    """After a power cut the renamed file must hold its data, not zero bytes: the temp file is fsynced,
+    in full, before os.replace puts it in place."""
+    import os
+
+    from worldsim.dataset import atomic_write
+
+    target = tmp_path / "index.json"
+    target.write_text("old")
+    real_fsync = os.fsync
+    flushed = []
+
+    def fsync(fd):
+        flushed.append((os.fstat(fd).st_size, target.read_text()))  # size of what is flushed; target still old
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic_write(target, lambda tmp: tmp.write_text("new contents"))
+    assert flushed == [(len("new contents"), "old")]
+    assert target.read_text() == "new contents"
