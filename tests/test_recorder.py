@@ -226,6 +226,89 @@ def test_resume_records_again_an_episode_listed_but_unreadable(tmp_path, capsys)
     assert np.array_equal(ds["000001"].video, good)
 
 
+
+def test_an_unlisted_episode_file_of_another_maze_is_refused_and_kept(tmp_path, capsys):
+    """A file without its settings (recorded before files named them) that holds another maze than the
+    one this recording puts at its id (a copy under the wrong name) is not adopted: the index would
+    call maze 0's frames maze 1."""
+    out = tmp_path / "ds"
+    assert main(record_args(out, 2, 10, 1)) == 0
+    first, second = out / "episodes" / "000000.npz", out / "episodes" / "000001.npz"
+    with np.load(first) as data:
+        np.savez(second, **{k: data[k] for k in data.files if k != "recording"})  # maze 0 under id 000001
+    index = json.loads((out / "index.json").read_text())
+    index["episodes"] = index["episodes"][:1]
+    (out / "index.json").write_text(json.dumps(index))
+    before = second.read_bytes()
+    capsys.readouterr()
+    assert main(record_args(out, 2, 10, 1)) == 2
+    err = capsys.readouterr().err
+    assert f"{second}: is not in the dataset's index and it holds maze 0" in err and "puts maze 1" in err
+    assert second.read_bytes() == before
+
+
+def test_resume_mends_an_index_entry_that_names_another_maze_than_its_file(tmp_path, capsys):
+    """An index entry whose maze seed is not the one this recording puts at its id (an edited index) is
+    not taken as done: the file is checked again and listed with the maze it holds."""
+    out = tmp_path / "ds"
+    assert main(record_args(out, 2, 10, 1)) == 0
+    index = json.loads((out / "index.json").read_text())
+    index["episodes"][1]["maze_seed"] = 7
+    (out / "index.json").write_text(json.dumps(index))
+    capsys.readouterr()
+    assert main(record_args(out, 2, 10, 1)) == 0
+    assert "recorded 0 episodes" in capsys.readouterr().out  # the file is sound: adopted again
+    assert [e["maze_seed"] for e in json.loads((out / "index.json").read_text())["episodes"]] == [0, 1]
+    Dataset(out).validate()
+
+
+
+def test_resume_mends_an_index_entry_whose_length_is_not_its_files(tmp_path, capsys):
+    """An entry listing another frame count than its file holds would make the dataset refuse that
+    episode at load; a resume lists the file as it is (it is sound: nothing is recorded again)."""
+    out = tmp_path / "ds"
+    assert main(record_args(out, 2, 10, 1)) == 0
+    index = json.loads((out / "index.json").read_text())
+    index["episodes"][1]["length"] = 9
+    (out / "index.json").write_text(json.dumps(index))
+    capsys.readouterr()
+    assert main(record_args(out, 2, 10, 1)) == 0
+    assert "recorded 0 episodes" in capsys.readouterr().out
+    assert [e["length"] for e in json.loads((out / "index.json").read_text())["episodes"]] == [10, 10]
+    Dataset(out).validate()
+
+def test_a_rerun_whose_policy_settings_differ_is_refused(tmp_path, capsys):
+    """The policy's own settings (its weights, which another version of the code may change) are part of
+    what made a dataset: a resume under others is refused, naming the setting."""
+    out = tmp_path / "ds"
+    assert main(record_args(out, 1, 10, 1, "--policy", "random")) == 0
+    index = json.loads((out / "index.json").read_text())
+    index["policy"]["weights"]["forward"] = 0.9
+    (out / "index.json").write_text(json.dumps(index))
+    capsys.readouterr()
+    assert main(record_args(out, 2, 10, 1, "--policy", "random")) == 2
+    err = capsys.readouterr().err
+    assert "different settings" in err and "policy.weights.forward: existing 0.9, now 0.45" in err
+    assert len(Dataset(out)) == 1
+
+
+def test_a_length_episode_count_or_start_maze_seed_below_range_is_refused_before_anything_is_made(tmp_path, capsys):
+    for episodes, length in ((1, 0), (-1, 10)):
+        assert main(record_args(tmp_path / "ds", episodes, length, 1)) == 2
+        assert "--episodes must be >= 0 and --length >= 1" in capsys.readouterr().err
+        assert not (tmp_path / "ds").exists()
+    assert main(record_args(tmp_path / "ds", 1, 10, 1, "--start-maze-seed", "-1")) == 2
+    assert "--start-maze-seed must be >= 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "ds").exists()
+
+def test_env_args_are_parsed_as_json_values_where_they_parse():
+    assert recorder.parse_env_args(["maze_size=15", "resolution=[32, 48]", "a=true", "b=False", "c=none",
+                                    "d=null", "e=1.5", "name=foo", "max-steps=inf"]) == {
+        "maze_size": 15, "resolution": [32, 48], "a": True, "b": False, "c": None, "d": None, "e": 1.5,
+        "name": "foo", "max_steps": float("inf")}
+    with pytest.raises(recorder.RecordError, match="--env-arg expects key=value, got 'maze_size'"):
+        recorder.parse_env_args(["maze_size"])
+
 def test_record_closes_its_simulator_and_ignores_stale_temp_files(tmp_path, monkeypatch):
     # Bug: with one worker the simulator stayed open in this process after record()
     # returned (DeepMind Lab / MuJoCo renderers held until exit).
