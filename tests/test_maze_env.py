@@ -376,3 +376,83 @@ def test_a_sourceless_install_is_not_mistaken_for_a_shadowing_envs(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True,
                           env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-1500:]
+
+
+# ----------------------------------------------------------------------------- mutation-audit additions
+
+
+def test_turn_left_decreases_yaw_by_one_turn_step_and_undoes_turn_right():
+    """turn_left is yaw - turn_step (the map is seen rows-down), the opposite of turn_right: a
+    recording's actions mean what their names say."""
+    env = MazeEnv(resolution=8)
+    env.reset(seed=4)
+    before, yaw0 = env.pose.copy(), float(env.pose[2])
+    _, _, _, _, info = env.step(env.action_names.index("turn_left"))
+    assert math.isclose(math.remainder(float(info["pose"][2]) - yaw0, 2 * math.pi), -math.radians(10), abs_tol=1e-5)
+    np.testing.assert_array_equal(info["pose"][:2], before[:2])  # in place
+    _, _, _, _, info = env.step(env.action_names.index("turn_right"))
+    assert math.isclose(math.remainder(float(info["pose"][2]) - yaw0, 2 * math.pi), 0.0, abs_tol=1e-5)
+
+
+def test_observations_returned_are_the_callers_own():
+    """The arrays step() and render() return belong to the caller: a frontend drawing its HUD into one
+    (or a buffer reusing it) must not change what render() shows, and later steps must not change it."""
+    env = MazeEnv(resolution=16, render_mode="rgb_array")
+    env.reset(seed=0)
+    turn = env.action_names.index("turn_left")
+    obs, *_ = env.step(turn)
+    kept = obs.copy()
+    obs[:] = 0  # the caller draws over the observation
+    np.testing.assert_array_equal(env.render(), kept)
+    env.render()[:] = 0  # and over a rendered frame
+    np.testing.assert_array_equal(env.render(), kept)
+    mine = env.render()
+    later, *_ = env.step(turn)
+    assert not np.array_equal(later, kept)  # the view did change
+    np.testing.assert_array_equal(mine, kept)
+
+
+def test_every_setting_survives_simulator_settings():
+    """A dataset or checkpoint stores simulator_settings(); the simulator rebuilt from them (dream vs
+    reality, a replay) must draw the same frames: every setting differs from its default here."""
+    env = MazeEnv(resolution=(24, 20), maze_size=(13, 15), max_rooms=2, room_min_size=2, room_max_size=4,
+                  fov_deg=70.0, move_step=0.3, turn_step_deg=15.0, max_steps=50, supersample=2)
+    settings = json.loads(json.dumps(env.simulator_settings()))
+    again = gym.make("worldsim/Maze-v0", **settings).unwrapped
+    for e in (env, again):
+        e.reset(seed=6)
+    for action in (1, 1, 3, 1, 4, 2, 0):
+        o1, *_, i1 = env.step(action)
+        o2, *_, i2 = again.step(action)
+        np.testing.assert_array_equal(o1, o2)
+        np.testing.assert_array_equal(i1["pose"], i2["pose"])
+    np.testing.assert_array_equal(env.maze_walls, again.maze_walls)
+
+
+def test_a_maze_below_5_cells_and_a_narrow_field_of_view_are_refused():
+    with pytest.raises(ValueError, match="maze_size must be odd and >= 5"):
+        MazeEnv(maze_size=3, room_max_size=2)
+    for bad in (5.0, 170.0):
+        with pytest.raises(ValueError, match=r"fov_deg must be in \[10, 170\)"):
+            MazeEnv(fov_deg=bad)
+    MazeEnv(fov_deg=10.0)  # the bound itself is allowed
+
+
+def test_long_steps_do_not_pass_through_walls():
+    """move_step takes any positive number of cells: a step longer than a wall is thick moves in sub-steps,
+    else it would jump over a one-cell wall into the corridor behind it (landing clear of any wall)."""
+    env = MazeEnv(resolution=8, move_step=1.5, max_steps=None)
+    forward = env.action_names.index("forward")
+    for seed in range(3):
+        env.reset(seed=seed)
+        for yaw in (0.0, math.pi / 2, math.pi, -math.pi / 2):
+            x, y, _ = env.pose
+            env.set_pose(x, y, yaw)
+            for _ in range(12):
+                start = env.pose[:2].astype(np.float64)
+                env.step(forward)
+                end = env.pose[:2].astype(np.float64)
+                # the straight path of the step, point by point, stays out of wall cells
+                for f in np.linspace(0.0, 1.0, 61):
+                    px, py = start + f * (end - start)
+                    assert not env.maze_walls[int(py), int(px)], f"stepped through a wall from {start} to {end}"
