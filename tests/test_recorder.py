@@ -14,7 +14,7 @@ import pytest
 import envs  # noqa: F401  (registers worldsim/Maze-v0)
 from envs import recorder
 from envs.maze import MazeEnv
-from envs.policies import NavigatorPolicy, RandomWalkPolicy, make_policy
+from envs.policies import MixPolicy, NavigatorPolicy, RandomWalkPolicy, make_policy
 from worldsim.cli import main
 from worldsim.dataset import Dataset, DatasetError, split_for_maze_seed
 
@@ -575,6 +575,130 @@ def test_policies_are_reproducible_and_need_their_actions():
         with pytest.raises(ValueError, match=r"stuck_turns must be \(low, high\) with 1 <= low <= high"):
             RandomWalkPolicy(np.random.default_rng(0), stuck_turns=bad)
 
+
+
+def _cell_pressed_against_an_east_wall(env):
+    """(x, y) of a body touching the wall east of a free cell, and of a free cell with 2 free cells east."""
+    w = env.maze_walls
+    r, c = np.argwhere(~w[:, :-1] & w[:, 1:])[0]
+    r2, c2 = np.argwhere(~w[:, :-3] & ~w[:, 1:-2] & ~w[:, 2:-1])[0]
+    return (c + 1 - env.radius - 1e-6, r + 0.5), (c2 + 0.5, r2 + 0.5)
+
+
+def test_the_random_walk_turns_away_for_stuck_turns_steps_when_forward_makes_no_progress():
+    """Pressed against a wall, a walk that only goes forward would record a stretch of identical frames;
+    it turns for `stuck_turns` steps instead, and in open space it keeps going."""
+    env = MazeEnv(resolution=8)
+    env.reset(seed=0, options={"maze_seed": 2})
+    (wx, wy), (ox, oy) = _cell_pressed_against_an_east_wall(env)
+    turns = {env.action_names.index("turn_left"), env.action_names.index("turn_right")}
+    forward = env.action_names.index("forward")
+
+    def walk(x, y, steps):
+        obs = env.set_pose(x, y, 0.0)
+        info = {"pose": env.pose}
+        policy = RandomWalkPolicy(np.random.default_rng(0), weights={"forward": 1.0}, max_repeat=1,
+                                  stuck_turns=(3, 3))
+        policy.reset(env, obs, info)
+        out = []
+        for _ in range(steps):
+            out.append(policy.act(obs, info))
+            obs, _, _, _, info = env.step(out[-1])
+        return out
+
+    blocked = walk(wx, wy, 5)
+    assert blocked[0] == forward and blocked[4] == forward
+    assert blocked[1] in turns and blocked[1:4] == [blocked[1]] * 3  # one direction, for 3 steps
+    assert walk(ox, oy, 5) == [forward] * 5  # 0.15 cells a step is progress
+
+
+def test_a_random_walk_with_max_repeat_1_draws_every_step_afresh():
+    env = MazeEnv(resolution=8)
+    obs, info = env.reset(seed=0, options={"maze_seed": 2})
+    actions = {}
+    for repeat in (1, 4):
+        policy = RandomWalkPolicy(np.random.default_rng(1), weights={"turn_left": 1.0, "turn_right": 1.0},
+                                  max_repeat=repeat)
+        policy.reset(env, obs, info)
+        actions[repeat] = np.array([policy.act(obs, info) for _ in range(400)])
+    switches = {k: float(np.mean(a[1:] != a[:-1])) for k, a in actions.items()}
+    assert 0.4 < switches[1] < 0.6  # two equally likely actions drawn independently switch half the time
+    assert switches[4] < 0.35  # held for 1..4 steps: fewer switches
+
+
+def test_make_policy_passes_its_settings_and_mix_draws_by_p_navigator():
+    rng = np.random.default_rng(0)
+    assert make_policy("random", rng, max_repeat=2).settings()["max_repeat"] == 2
+    assert make_policy("navigator", rng, p_look=0.0, max_leg=3).settings()["max_leg"] == 3
+    with pytest.raises(ValueError, match=r"unknown policy 'walk' \(choose from \['mix', 'navigator', 'random'\]\)"):
+        make_policy("walk", rng)
+    env = MazeEnv(resolution=8)
+    for p, expected in ((1.0, "navigator"), (0.0, "random")):
+        mix = make_policy("mix", np.random.default_rng(3), p_navigator=p)
+        assert isinstance(mix, MixPolicy)
+        for seed in range(4):
+            obs, info = env.reset(seed=seed)
+            mix.reset(env, obs, info)
+            assert mix.episode_policy == expected
+
+
+def _bfs_distances(walls, start):
+    dist, frontier = {start: 0}, [start]
+    while frontier:
+        nxt = []
+        for r, c in frontier:
+            for n in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+                if not walls[n] and n not in dist:
+                    dist[n] = dist[(r, c)] + 1
+                    nxt.append(n)
+        frontier = nxt
+    return dist
+
+
+def test_new_navigator_waypoints_lie_2_to_max_leg_steps_away():
+    policy, pose = _navigator_in_a_maze(p_return=0.0, max_leg=3)
+    dist = _bfs_distances(policy.walls, policy._cell(pose))
+    assert any(d == 3 for d in dist.values())
+    seen = set()
+    for seed in range(40):
+        policy.rng = np.random.default_rng(seed)
+        policy.visited = set()
+        policy._choose_target(pose)
+        seen.add(dist[policy._target])
+    assert seen == {2, 3}
+
+
+def test_the_navigator_returns_to_older_waypoints_more_often():
+    """Returns reach back far in the episode: a waypoint 1,000 frames old is picked ~10x as often as one
+    100 frames old (weights by age), not half the time."""
+    policy, pose = _navigator_in_a_maze(p_return=1.0)
+    here = policy._cell(pose)
+    old, recent = [tuple(int(v) for v in c) for c in policy.free if tuple(c) != here][:2]
+    picked = []
+    for seed in range(100):
+        policy.rng = np.random.default_rng(seed)
+        policy._t, policy._new_legs = 1100, 0
+        policy.waypoints = [(old, 100, False), (recent, 1000, False)]  # 1,000 and 100 frames ago
+        policy._choose_target(pose)
+        picked.append(policy._target)
+    assert picked.count(old) >= 80
+
+
+def test_a_navigator_whose_forward_steps_make_no_progress_wiggles_instead_of_pushing_on():
+    """Blocked (the collision radius in a corner, here every forward step), the navigator turns away after
+    three forward steps that did not move it, instead of recording a wall for the rest of the episode."""
+    env = MazeEnv(resolution=8)
+    obs, info = env.reset(seed=0, options={"maze_seed": 2})
+    policy = NavigatorPolicy(np.random.default_rng(0))
+    env._move = lambda distance: None  # forward and backward are blocked wherever the body is
+    policy.reset(env, obs, info)
+    forward = env.action_names.index("forward")
+    actions = []
+    for _ in range(60):
+        actions.append(policy.act(obs, info))
+        obs, _, _, _, info = env.step(actions[-1])
+    runs = np.diff(np.flatnonzero(np.diff(np.r_[0, np.array(actions) == forward, 0])))[::2]
+    assert runs.size and runs.max() <= 5  # 3 that fail, then a wiggle's turns and its 2 forward steps
 
 # ----------------------------------------------------------------------------- export
 
