@@ -444,3 +444,104 @@ def test_an_async_vector_env_of_dreams_runs_after_the_parent_ran_torch_multithre
         proc.communicate()
         pytest.fail("the async vector env hung (no step within 180 s)")
     assert proc.returncode == 0 and "stepped (2, 64, 64, 3)" in out, err[-2000:]
+
+
+# ----------------------------------------------------------------------------- mutation-audit additions
+
+
+def _one_episode_dataset(world, root: Path, length: int) -> np.ndarray:
+    """A dataset of one `length`-frame episode recorded by hand in the world's simulator; returns its video."""
+    from worldsim.dataset import split_for_maze_seed, write_episode_atomic, write_json_atomic
+
+    sim = gym.make(world.simulator["id"], **world.simulator["settings"])
+    obs, info = sim.reset(seed=1, options={"maze_seed": 3})
+    video, poses = [obs], [info["pose"]]
+    for _ in range(length - 1):
+        obs, _, _, _, info = sim.step(1)
+        video.append(obs)
+        poses.append(info["pose"])
+    (root / "episodes").mkdir(parents=True)
+    write_episode_atomic(root / "episodes" / "000000.npz", video=np.stack(video),
+                         actions=np.array([0] + [1] * (length - 1)), poses=np.stack(poses))
+    write_json_atomic(root / "index.json", {
+        "format": "worldsim-dataset", "format_version": 1, "simulator": world.simulator,
+        "resolution": list(world.resolution), "action_names": list(ACTIONS),
+        "episodes": [{"id": "000000", "file": "episodes/000000.npz", "length": length, "maze_seed": 3,
+                      "split": split_for_maze_seed(3)}]})
+    return np.stack(video)
+
+
+def test_an_episode_exactly_context_frames_long_is_a_start(tiny_world, tmp_path):
+    video = _one_episode_dataset(tiny_world, tmp_path / "d", 3)
+    env = DreamEnv(world=tiny_world, dataset=tmp_path / "d", context_frames=3)
+    obs, info = env.reset(seed=0)  # drawn: no episode= given
+    assert info["episode"] == "000000"
+    np.testing.assert_array_equal(obs, video[2])
+    env.close()
+
+
+def test_observations_returned_are_the_callers_own(tiny_world):
+    """What step() and render() return belongs to the caller: drawing a HUD into it must not change
+    what render() shows next."""
+    env = DreamEnv(world=tiny_world, context_frames=1, render_mode="rgb_array")
+    env.reset(seed=0)
+    obs, *_ = env.step(1)
+    kept = obs.copy()
+    obs[:] = 0
+    np.testing.assert_array_equal(env.render(), kept)
+    env.render()[:] = 0
+    np.testing.assert_array_equal(env.render(), kept)
+    env.close()
+
+
+def test_reality_ends_with_the_simulators_own_episode_and_the_dream_goes_on(tiny_world):
+    """A DeepMind Lab level or Memory Maze ends its episode by itself: from then on the dream goes on
+    without reality_frame / reality_pose, and the ended simulator is not stepped again."""
+    env = DreamEnv(world=tiny_world, context_frames=2, reality=True)
+    env.reset(seed=0)
+    sim, calls = env._sim, []
+    real_step = sim.step
+
+    def step(action):  # the level's time runs out at its second step
+        obs, reward, terminated, _, info = real_step(action)
+        calls.append(action)
+        return obs, reward, terminated, len(calls) >= 2, info
+
+    sim.step = step
+    assert "reality_frame" in env.step(1)[4]
+    for _ in range(3):  # the level ends at the first of these
+        obs, _, terminated, truncated, info = env.step(1)
+        assert "reality_frame" not in info and "reality_pose" not in info
+        assert obs.shape == (64, 64, 3) and not (terminated or truncated)
+    assert len(calls) == 2
+    env.close()
+
+
+def test_the_context_turns_left_in_place_or_keeps_still(tiny_world, monkeypatch):
+    """The documented start: the reset frame with noop, then turn_left steps (the model sees around
+    itself), or with context_policy="noop" the same view again with noop; the frames are the simulator's."""
+    noop, left = ACTIONS.index("noop"), ACTIONS.index("turn_left")
+    sim = gym.make(tiny_world.simulator["id"], **tiny_world.simulator["settings"]).unwrapped
+
+    def close(a, b):  # float32 poses: a pixel may round the other way
+        return np.abs(a.astype(int) - b.astype(int)).mean() < 2.0
+
+    for policy, action in (("turn", left), ("noop", noop)):
+        env = DreamEnv(world=tiny_world, context_frames=3, context_policy=policy)
+        frames, actions, info = _contexts_given(env, monkeypatch, 2)
+        assert actions.tolist() == [noop, action, action]
+        x, y, yaw = (float(v) for v in env._sim.unwrapped.pose)  # where the context ends
+        sim.reset(options={"maze_seed": info["maze_seed"]})
+        assert close(sim.set_pose(x, y, yaw), frames[-1])
+        start_yaw = yaw + 2 * sim.turn_step if policy == "turn" else yaw  # turn_left decreases yaw
+        assert close(sim.set_pose(x, y, start_yaw), frames[0])
+        assert not close(frames[0], frames[-1]) if policy == "turn" else all(np.array_equal(f, frames[0]) for f in frames)
+        env.close()
+
+
+def test_the_preferred_shipped_checkpoint_wins_over_one_sorted_before_it(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name in ("a-first-by-name", "maze-far-small"):
+        (root / name).mkdir(parents=True)
+        (root / name / "config.json").write_text("{}")
+    assert dream_env.find_default_checkpoint(root) == root / "maze-far-small"
