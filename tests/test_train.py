@@ -691,6 +691,65 @@ def test_latent_cache_that_was_cut_short_or_edited_is_rebuilt_not_trusted(datase
     assert [a.tolist() for a in store.actions] == good_meta["actions"]
 
 
+
+def test_latent_cache_of_another_format_version_or_autoencoder_is_not_reused(dataset, tmp_path):
+    """A cache written by an older format (FAR/TECO actions not yet shifted, version 1) or by another
+    autoencoder whose hash shares the 16 characters the file name holds is rebuilt, not read."""
+    from worldsim.latents import LATENT_FORMAT_VERSION, build_cache, cache_paths, load_cached, load_frames
+
+    data, cache = str(dataset), tmp_path / "latents"
+    ae = "a" * 16 + "1" * 48
+    build_cache(cache, data, "train", ae, load_frames([data], "train", warn=lambda _: None), _encode_red)
+    assert load_cached(cache, data, "train", ae) is not None
+    other = "a" * 16 + "2" * 48
+    assert cache_paths(cache, data, "train", other) == cache_paths(cache, data, "train", ae)  # one file name
+    assert load_cached(cache, data, "train", other) is None
+    _, meta_path = cache_paths(cache, data, "train", ae)
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "version": LATENT_FORMAT_VERSION - 1}))
+    assert load_cached(cache, data, "train", ae) is None
+
+
+def test_datasets_of_other_resolutions_or_action_names_are_refused_together(tmp_path):
+    """Frames of two sizes cannot share one autoencoder: the second dataset is refused by name. An
+    index-less file takes only generic action_<i> names from the others, never a simulator's own."""
+    from worldsim.dataset import DatasetError
+    from worldsim.latents import load_frames, names_for
+
+    rng = np.random.default_rng(0)
+    for name, size in (("a", 8), ("b", 16)):
+        (tmp_path / name).mkdir()
+        np.savez(tmp_path / name / "0.npz", video=rng.integers(0, 256, (4, size, size, 3), dtype=np.uint8),
+                 actions=np.array([0, 1, 2, 1]))
+    paths = [str(tmp_path / "a"), str(tmp_path / "b")]
+    with pytest.raises(DatasetError, match=f"{re.escape(paths[1])}: resolution 16x16 differs from {re.escape(paths[0])}'s 8x8"):
+        load_frames(paths, "train", warn=lambda _: None)
+    assert names_for(paths[0], ("action_0", "action_1", "action_2")) == ("action_0", "action_1", "action_2")
+    assert names_for(paths[0], ("action_0", "forward", "turn_left")) is None
+
+
+def test_the_autoencoder_hash_covers_names_shapes_and_dtypes_in_any_order():
+    """The latent cache is keyed by this hash: two autoencoders that differ only in a tensor's shape, dtype
+    or name must not share latents; the order of the state dict must not matter."""
+    import torch
+
+    from worldsim.latents import tensors_hash
+
+    w = torch.arange(6, dtype=torch.float32)
+    base = tensors_hash({"a": w.reshape(2, 3), "b": torch.ones(2)})
+    assert tensors_hash({"b": torch.ones(2), "a": w.reshape(2, 3)}) == base
+    for other in ({"a": w.reshape(3, 2), "b": torch.ones(2)}, {"a": w.reshape(2, 3), "c": torch.ones(2)},
+                  {"a": w.reshape(2, 3).to(torch.int32), "b": torch.ones(2)}):
+        assert tensors_hash(other) != base
+
+
+def test_an_episode_source_is_split_at_the_longest_dataset_path_it_starts_with():
+    from worldsim.latents import split_source
+
+    paths = ["/data/run", "/data/run:2"]  # the second begins with the first and its ':'
+    assert split_source("/data/run:2:ep:7", paths) == ("/data/run:2", "ep:7")
+    assert split_source("/data/run:ep", paths) == ("/data/run", "ep")
+
 def test_latent_cache_on_a_full_disk_is_an_error_naming_it_and_leaves_no_temp_file(dataset, tmp_path, monkeypatch):
     """The cache was written through a memory map: a full disk killed the trainer with SIGBUS ("Bus
     error") and left its temp file, as large as the cache, on the full disk. Writes now fail as an
