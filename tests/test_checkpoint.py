@@ -72,6 +72,30 @@ def test_resave_over_existing_folder_keeps_other_files(saved):
     load_checkpoint(path, device="cpu")
 
 
+
+def test_a_resave_over_an_existing_folder_still_detects_a_torn_weights_file(saved):
+    """config.json records the weights' size on every save, also over an existing folder (where both
+    files are written before either replaces its old one): a weights file cut short later is refused."""
+    world, path = saved
+    world.save(path, step=124)
+    weights = path / "model.safetensors"
+    assert read_config(path)["weights"]["bytes"] == weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=rf"{path}.*model.safetensors has .* bytes, config.json expects"):
+        load_checkpoint(path)
+
+
+def test_a_save_whose_names_or_resolution_do_not_fit_the_model_is_refused_and_writes_nothing(tmp_path):
+    from worldsim.checkpoint import save_checkpoint
+
+    world = make_world()
+    for kwargs, message in (({"action_names": ACTIONS, "resolution": (32, 32)},
+                             r"resolution \[32, 32\] does not match the autoencoder's 64"),
+                            ({"action_names": ACTIONS[:4]}, "4 action names but the model has 5 actions")):
+        with pytest.raises(ValueError, match=message):
+            save_checkpoint(tmp_path / "ck", world.autoencoder, world.far, **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
 def test_a_save_sweeps_up_the_temp_files_of_saves_killed_mid_write(saved):
     """A SIGKILL while a checkpoint was written left its full-size temp twin, never removed."""
     world, path = saved
@@ -196,6 +220,7 @@ def test_tensors_of_another_dtype_or_not_finite_are_refused(saved):
 @pytest.mark.parametrize("key, value, message", [
     ("far", {"depth": "6"}, r"far\.depth must be an integer, got '6'"),
     ("far", {"depth": 6.0}, r"far\.depth must be an integer, got 6\.0"),
+    ("far", {"window": True}, r"far\.window must be an integer, got True"),  # not a window of 1
     ("far", {"heads": 0}, "heads must be >= 1, got 0"),
     # these loaded and played black frames (rope_theta 0, clean_t inf) or failed deep in torch (mlp_ratio < 0)
     ("far", {"rope_theta": 0}, "rope_theta must be a positive number, got 0"),
@@ -211,7 +236,9 @@ def test_tensors_of_another_dtype_or_not_finite_are_refused(saved):
     ("resolution", "64", r"resolution must be \[height, width\]"),
     ("resolution", None, r"resolution must be \[height, width\]"),
     ("action_names", ["noop", "noop", "a", "b", "c"], "action_names must be a list of distinct names"),
+    ("action_names", ["noop", "a", "b", "c"], "4 action names but far.num_actions=5"),
     ("step", "abc", "step must be an integer >= 0"),
+    ("step", -1, "step must be an integer >= 0, got -1"),
     ("simulator", "worldsim/Maze-v0", "simulator must be null or"),
     ("weights", "x", "weights must be"),
     # eval generated every episode, then failed with an AttributeError and wrote no results
