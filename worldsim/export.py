@@ -120,10 +120,35 @@ def _write(path: Path, frames_or_image: np.ndarray, fps: float) -> None:
     atomic_write(path, write, suffix=f".tmp{suffix}")
 
 
+def _episode_keys(episode: object) -> tuple[str, ...]:
+    """ExportConfig.episode from Python as the command line gives it (a tuple of strings): one id
+    or position alone (episode="12" was the episodes "1" and "2", a grid of the wrong two), or
+    ints (episode=(1,) failed on `'int' object has no attribute 'startswith'`)."""
+    keys = (episode,) if isinstance(episode, (str, int, np.integer)) else episode
+    try:
+        keys = tuple(keys)  # type: ignore[arg-type]
+    except TypeError:
+        raise ExportError(f"episode must be an episode id, a position, or a sequence of them; got {episode!r}") from None
+    out = []
+    for key in keys:
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            out.append(str(int(key)))
+        elif isinstance(key, str):
+            out.append(key)
+        else:
+            raise ExportError(f"episode {key!r}: give an episode id (a string) or a position (an integer)")
+    return tuple(out)
+
+
 def export(dataset: str | os.PathLike | Dataset, cfg: ExportConfig) -> Path:
     """Export per `cfg`; returns the written path. Raises DatasetError / ExportError."""
     out = Path(cfg.out)
     suffix = out.suffix.lower()
+    for name in ("scale", "every", "start", "columns", "end"):  # 2.5 was scale 2 (numpy's repeat truncates)
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+            raise ExportError(f"--{name} must be an integer, got {value!r}")
+    episodes = _episode_keys(cfg.episode)
     if suffix not in FORMATS:
         raise ExportError(f"{out}: unknown output format {out.suffix or '(no extension)'!r}; use one of {', '.join(FORMATS)}")
     if not 1 <= cfg.scale <= 32:  # the upscaled video is built in memory: 64x64 x 32 is already 2048x2048
@@ -144,13 +169,13 @@ def export(dataset: str | os.PathLike | Dataset, cfg: ExportConfig) -> Path:
     if out.parent.exists() and not out.parent.is_dir():
         raise ExportError(f"{out}: {out.parent} is a file, not a folder")
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset, split=cfg.split)
-    if not cfg.episode:
+    if not episodes:
         raise ExportError("no episode given (--episode ID ...)")
-    negative = [key for key in cfg.episode if key.startswith("-") and key[1:].isdigit()]
+    negative = [key for key in episodes if key.startswith("-") and key[1:].isdigit()]
     if negative:  # ds[-1] would quietly be the last episode; play's --episode refuses it too
         raise ExportError(f"--episode {negative[0]}: give an episode id or a position >= 0")
     videos = []
-    for key in cfg.episode:
+    for key in episodes:
         ep = ds[key]
         end = len(ep) if cfg.end is None else min(cfg.end, len(ep))
         if not 0 <= cfg.start < end:
