@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from test_dataset import make_dataset, make_episode
-from worldsim.dataset import Dataset
+from worldsim.dataset import Dataset, DatasetError
 from worldsim.export import ExportConfig, ExportError, export
 
 
@@ -35,3 +35,11 @@ def test_export_refuses_a_count_that_is_not_an_integer(small_dataset, tmp_path, 
     with pytest.raises(ExportError, match=f"--{name} must be an integer"):
         export(small_dataset, ExportConfig(out=str(tmp_path / "x.gif"), **{name: value}))
     assert not (tmp_path / "x.gif").exists()
+
+
+def test_dataset_positions_are_integers(small_dataset):
+    ds = Dataset(small_dataset)
+    assert ds[np.int64(2)].id == ds["2"].id == ds["000002"].id == "000002"
+    for key in (1.5, True, 2.0, None, slice(0, 2)):  # 1.5 and True were episode 1
+        with pytest.raises(DatasetError, match="no episode"):
+            ds[key]

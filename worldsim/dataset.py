@@ -54,6 +54,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import operator
 import os
 import shutil
 import signal
@@ -822,10 +823,13 @@ class Dataset:
         if isinstance(key, str) and key in self._split_of_id:
             raise DatasetError(f"{self.path}: episode {key!r} is in split {self._split_of_id[key]!r}, "
                                f"not in the selected split {self.split!r}")
-        try:
-            i = int(key)
+        try:  # a position is an integer or its digits: int() took 1.5 and True for episode 1
+            i = int(key) if isinstance(key, str) else operator.index(key)
+            if isinstance(key, bool):
+                raise TypeError
         except (TypeError, ValueError):
-            raise DatasetError(f"{self.path}: no episode {key!r} (ids: {self._id_summary()})") from None
+            raise DatasetError(f"{self.path}: no episode {key!r} (ids: {self._id_summary()}; or a position, "
+                               "an integer)") from None
         if not -len(self) <= i < len(self):
             where = f" in split {self.split!r}" if self.split else ""
             raise DatasetError(f"{self.path}: episode index {i} out of range (dataset has {len(self)} episodes{where})")
