@@ -366,7 +366,7 @@ def test_a_bounded_memory_forgets_the_oldest_frames_and_stops_growing(world, mod
                 buf.append(k, v)
             x, t, a = torch.randn(1, *lat.shape[2:]), torch.tensor([0.7]), torch.tensor([2])
             torch.testing.assert_close(ctx.velocity(x, t, a), far.predict_frame(x, t, a, n, ref), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="max_l2_frames must be >= 1"):
+    with pytest.raises(ValueError, match="memory_frames must be an integer >= 1"):
         world.new_session(frames, actions, cache_mode=mode, memory_frames=0)
 
 

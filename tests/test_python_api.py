@@ -43,3 +43,36 @@ def test_dataset_positions_are_integers(small_dataset):
     for key in (1.5, True, 2.0, None, slice(0, 2)):  # 1.5 and True were episode 1
         with pytest.raises(DatasetError, match="no episode"):
             ds[key]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from _tiny_world import make_checkpoint
+    from worldsim.world import WorldModel
+    return WorldModel.load(make_checkpoint(tmp_path_factory.mktemp("ck") / "tiny"))
+
+
+def _context(world, k=3):
+    h, w = world.resolution
+    return np.zeros((k, h, w, 3), np.uint8), np.zeros(k, np.int64)
+
+
+def test_new_session_refuses_context_actions_that_are_not_whole_indices(world):
+    frames, actions = _context(world)
+    with pytest.raises(ValueError, match="whole action indices"):  # was played as actions 0, 1, 1
+        world.new_session(frames, [0.5, 1.5, 1.0], seed=0)
+    with pytest.raises(ValueError, match="not names.*action_names.index"):  # was "invalid literal for int()"
+        world.new_session(frames, [world.action_names[0]] * 3, seed=0)
+    # what is a whole index works, a list or float array included
+    a = world.new_session(frames, [0, 1, 1], seed=0).step(1)
+    b = world.new_session(frames, np.array([0.0, 1.0, 1.0]), seed=0).step(1)
+    assert (a == b).all()
+    assert world.new_session(frames[:0], [], seed=0).frame_index == 0
+
+
+@pytest.mark.parametrize("name, value", [("steps", 2.5), ("steps", 0), ("seed", 1.5), ("seed", "7"),
+                                         ("memory_frames", 0), ("memory_frames", 2.5), ("steps", True)])
+def test_new_session_refuses_counts_that_are_not_integers_by_their_name(world, name, value):
+    frames, actions = _context(world)
+    with pytest.raises(ValueError, match=f"{name} must be an integer"):  # steps=2.5 ran 2 steps, seed=1.5 seed 1
+        world.new_session(frames, actions, **{name: value})

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 from pathlib import Path
 from typing import Sequence
@@ -95,6 +96,21 @@ def with_still_frames(frames: np.ndarray, actions: np.ndarray, still_frames: int
     frames = np.concatenate([np.repeat(frames[:1], still_frames, axis=0), frames])  # (P + K, H, W, 3)
     actions = np.concatenate([np.full(still_frames, noop, dtype=np.int64), np.asarray(actions, dtype=np.int64)])
     return frames, actions
+
+
+def _context_action_indices(context_actions: object, action_names: Sequence[str]) -> np.ndarray:
+    """int64 action indices of a context, or a ValueError naming the problem: np.asarray(...,
+    dtype=int64) played 1.5 as action 1 and failed on names with "invalid literal for int()"."""
+    raw = np.asarray(context_actions)
+    if raw.dtype.kind in "iu":
+        return raw.astype(np.int64)
+    if raw.dtype.kind == "f" and np.isfinite(raw).all() and (raw == np.round(raw)).all():
+        return raw.astype(np.int64)  # whole floats (an empty list is float64), as Session.step takes 1.0
+    example = f"[world.action_names.index(name) for name in names], names from {list(action_names)}"
+    if raw.dtype.kind in "USO":
+        raise ValueError(f"context_actions must be action indices, not names or objects; e.g. {example}")
+    raise ValueError(f"context_actions must be whole action indices 0..{len(action_names) - 1}, got {raw.dtype} "
+                     f"values such as {raw.ravel()[:3].tolist()}")
 
 
 class WorldModel:
@@ -216,7 +232,7 @@ class WorldModel:
         """memory_frames: keep at most this many frames in the multi-level modes' long-term memory
         (L2), the oldest forgotten (cache.py, "Bounded memory"); None: every frame, as in the paper."""
         frames = np.asarray(context_frames)
-        actions = np.asarray(context_actions, dtype=np.int64)
+        actions = _context_action_indices(context_actions, self.action_names)
         if frames.ndim != 4 or frames.shape[1:3] != self.resolution or frames.shape[3] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"context_frames must be uint8 [K,{self.resolution[0]},{self.resolution[1]},3], got {frames.dtype} {frames.shape}")
         if actions.shape != (frames.shape[0],):
@@ -224,6 +240,13 @@ class WorldModel:
         bad = actions[(actions < 0) | (actions >= len(self.action_names))]
         if bad.size:  # the null class (CFG's) is not a context action, and others fail deep in torch
             raise ValueError(f"context action {int(bad[0])} out of range for {self.action_names}")
+        # counts: int() made steps=2.5 two steps and seed=1.5 seed 1, and memory_frames=0 was refused
+        # under its cache.py name, max_l2_frames
+        for name, value, least in (("steps", steps, 1), ("memory_frames", memory_frames, 1), ("seed", seed, None)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                      or (least is not None and value < least)):
+                rule = f"an integer >= {least}" if least is not None else "an integer"
+                raise ValueError(f"{name} must be {rule} or None, got {value!r}")
         context = make_context(self.far, cache_mode, memory_frames) if isinstance(cache_mode, str) else cache_mode
         sampler = EulerSampler(
             steps=int(steps if steps is not None else self.sampler["steps"]),
