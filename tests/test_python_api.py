@@ -76,3 +76,18 @@ def test_new_session_refuses_counts_that_are_not_integers_by_their_name(world, n
     frames, actions = _context(world)
     with pytest.raises(ValueError, match=f"{name} must be an integer"):  # steps=2.5 ran 2 steps, seed=1.5 seed 1
         world.new_session(frames, actions, **{name: value})
+
+
+def test_session_takes_a_zero_d_integer_tensor_as_an_action_and_refuses_others_clearly(world):
+    import torch
+
+    frames, actions = _context(world)
+    a = world.new_session(frames, actions, seed=0)
+    b = world.new_session(frames, actions, seed=0)
+    # a torch policy's argmax was refused as "action must be a whole number, got tensor(1)"
+    assert (a.step(torch.tensor(1)) == b.step(1)).all()
+    assert (a.step(np.array(2)) == b.step(np.int64(2))).all()
+    for bad in (torch.tensor(1.5), np.array([1]), "forward", True, 1.5):
+        with pytest.raises(ValueError, match="whole number"):
+            a.step(bad)
+

@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import operator
 import os
 from pathlib import Path
 from typing import Sequence
@@ -294,10 +295,15 @@ class Session:
         return self.context.num_frames
 
     def _action(self, action: int) -> int:
-        if isinstance(action, bool) or not isinstance(action, (int, np.integer, float, np.floating)) or \
-                not math.isfinite(float(action)) or float(action) != int(action):  # 1.9 was played as 1
-            raise ValueError(f"action must be a whole number, got {action!r}")
-        a = int(action)
+        try:  # ints of any kind, a 0-d integer tensor or array (a torch policy's argmax) included, as Dream-v0
+            if isinstance(action, bool):
+                raise TypeError
+            a = operator.index(action)
+        except TypeError:
+            if isinstance(action, bool) or not isinstance(action, (float, np.floating)) or \
+                    not math.isfinite(float(action)) or float(action) != int(action):  # 1.9 was played as 1
+                raise ValueError(f"action must be a whole number, got {action!r} (an index into action_names)") from None
+            a = int(action)
         if not 0 <= a < len(self.world.action_names):
             raise ValueError(f"action {a} out of range for {self.world.action_names}")
         return a
