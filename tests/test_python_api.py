@@ -91,3 +91,12 @@ def test_session_takes_a_zero_d_integer_tensor_as_an_action_and_refuses_others_c
         with pytest.raises(ValueError, match="whole number"):
             a.step(bad)
 
+
+def test_decode_takes_numpy_latents_and_names_a_wrong_shape(world):
+    frames, _ = _context(world, 2)
+    z = world.encode(frames)
+    assert (world.decode(z.numpy()) == world.decode(z)).all()
+    with pytest.raises(ValueError, match=r"latents must be \[\.\.\., " + ", ".join(map(str, z.shape[1:]))):
+        world.decode(z[:, :-1])
+    with pytest.raises(ValueError, match="latents must be"):
+        world.decode(z[0, 0])

@@ -206,8 +206,15 @@ class WorldModel:
         return z.reshape(*lead, *z.shape[1:])
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        z = latents.to(self.device)
+    def decode(self, latents: torch.Tensor | np.ndarray) -> np.ndarray:
+        # numpy latents failed on "'numpy.ndarray' object has no attribute 'to'", and latents of another
+        # shape deep in a convolution ("expected input[1, 8, 8, 8] to have 16 channels")
+        z = torch.as_tensor(latents).to(self.device, torch.float32)
+        ae = self.autoencoder.config
+        want = (ae.latent_channels, ae.resolution // ae.down_factor, ae.resolution // ae.down_factor)
+        if z.ndim < 3 or tuple(z.shape[-3:]) != want:
+            raise ValueError(f"latents must be [..., {', '.join(map(str, want))}] (what encode gives), "
+                             f"got {tuple(z.shape)}")
         lead = z.shape[:-3]
         z = z.reshape(-1, *z.shape[-3:])  # (N, C, h, w)
         if self.device.type == "cpu":
