@@ -30,7 +30,10 @@ def make_untimed(env_id: str, settings: dict | None = None) -> "gym.Env":
     settings = dict(settings or {})
     if "max_steps" in settings:
         settings["max_steps"] = None
-    env = gym.make(env_id, **settings)
+    # Without gymnasium's passive checker: our code drives it, and the checker breaks for good when its
+    # first reset raises (gymnasium 1.4: every later first step fails on "cannot unpack non-iterable
+    # NoneType object"), so one refused maze_seed killed a Dream-v0 env and its later resets.
+    env = gym.make(env_id, disable_env_checker=True, **settings)
     from envs._base import SimulatorEnv
 
     # only ours: they read it at every step, and None means no limit (another env's may need a number)

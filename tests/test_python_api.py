@@ -100,3 +100,22 @@ def test_decode_takes_numpy_latents_and_names_a_wrong_shape(world):
         world.decode(z[:, :-1])
     with pytest.raises(ValueError, match="latents must be"):
         world.decode(z[0, 0])
+
+
+def test_dream_env_refuses_a_maze_seed_or_context_length_that_is_not_an_integer(world):
+    from worldsim.dream_env import DreamEnv
+
+    env = DreamEnv(world=world, context_frames=2)
+    for seed in (7.9, "7"):  # both started maze 7, where Maze-v0 itself refuses them
+        with pytest.raises(ValueError, match="maze_seed must be an integer"):
+            env.reset(seed=0, options={"maze_seed": seed})
+    with pytest.raises(ValueError, match="maze_seed must be in"):
+        env.reset(seed=0, options={"maze_seed": -1})
+    # a refused first reset of the simulator left gymnasium's env checker broken: every later reset of
+    # the dream failed with "cannot unpack non-iterable NoneType object"
+    assert env.reset(seed=0, options={"maze_seed": np.int64(7)})[1]["maze_seed"] == 7
+    env.step(1)
+    env.close()
+    for frames in (2.5, "4", True):  # 2.5 was 2 frames of context
+        with pytest.raises(ValueError, match="context_frames must be an integer"):
+            DreamEnv(world=world, context_frames=frames)

@@ -184,8 +184,9 @@ class DreamEnv(gym.Env):
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
         from worldsim.sampler import MAX_STEPS, MAX_STILL_FRAMES  # (torch: loading the world imports it anyway)
 
-        if not 1 <= int(context_frames) <= MAX_STILL_FRAMES:  # each is a simulator step and a model frame
-            raise ValueError(f"context_frames must be from 1 to {MAX_STILL_FRAMES}, got {context_frames}")
+        # each is a simulator step and a model frame; an integer (int() took 2.5 for 2 and "4" for 4)
+        if not (_whole_number_at_least(context_frames, 1) and context_frames <= MAX_STILL_FRAMES):
+            raise ValueError(f"context_frames must be an integer from 1 to {MAX_STILL_FRAMES}, got {context_frames!r}")
         if still_frames is not None and not (_whole_number_at_least(still_frames, 0) and still_frames <= MAX_STILL_FRAMES):
             raise ValueError(f"still_frames must be an integer from 0 to {MAX_STILL_FRAMES}, got {still_frames!r}")
         if context_policy not in CONTEXT_POLICIES:
@@ -310,7 +311,8 @@ class DreamEnv(gym.Env):
 
     def _context_from_simulator(self, sim_seed: int, maze_seed: int | None) -> tuple[np.ndarray, np.ndarray]:
         sim = self._simulator()
-        options = {"maze_seed": int(maze_seed)} if maze_seed is not None else None
+        # as given: the simulator refuses 7.9 or "7" by name (int() started maze 7 from either)
+        options = {"maze_seed": maze_seed} if maze_seed is not None else None
         obs, info = sim.reset(seed=sim_seed, options=options)
         self._maze_seed = info.get("maze_seed")
         frames, actions = [np.asarray(obs, dtype=np.uint8)], [self._noop]
