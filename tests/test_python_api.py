@@ -119,3 +119,18 @@ def test_dream_env_refuses_a_maze_seed_or_context_length_that_is_not_an_integer(
     for frames in (2.5, "4", True):  # 2.5 was 2 frames of context
         with pytest.raises(ValueError, match="context_frames must be an integer"):
             DreamEnv(world=world, context_frames=frames)
+
+
+def test_metrics_refuse_uint8_frames_scored_with_data_range_one_and_a_range_that_is_not_positive():
+    from worldsim.metrics import psnr, ssim
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (2, 2, 16, 16, 3), dtype=np.uint8)
+    for metric in (psnr, ssim):
+        with pytest.raises(ValueError, match="data_range=1; uint8 frames"):  # psnr was -31 dB in silence
+            metric(x, y, data_range=1.0)
+        for bad in (0, -255.0, float("nan")):  # 0 was -inf dB
+            with pytest.raises(ValueError, match="data_range must be a positive number"):
+                metric(x, y, data_range=bad)
+        np.testing.assert_allclose(metric(x / 255.0, y / 255.0, data_range=1.0), metric(x, y), rtol=1e-9)
+    assert np.isfinite(psnr(np.minimum(x * 1.01, 257.0), y)).all()  # a float frame a little over 255 still scores

@@ -73,10 +73,20 @@ def _as_frames(x: np.ndarray, name: str, data_range: float = 255.0) -> np.ndarra
 def _check_scale(x: np.ndarray, name: str, data_range: float = 255.0) -> None:
     """Refuse float frames scaled to [0, 1] or [-1, 1] where 0..255 values are expected: they would
     score tens of dB too high in silence. A 0..255 frame whose every value lies within [-1, 1] would
-    be black to the eye, so such input is taken for a scaling mistake (all-zero frames pass)."""
-    if data_range != 255.0 or not np.issubdtype(x.dtype, np.floating) or not x.size:
+    be black to the eye, so such input is taken for a scaling mistake (all-zero frames pass). And the
+    other way round: uint8 frames scored with data_range=1.0 came out near -31 dB in silence."""
+    if not (isinstance(data_range, (int, float, np.integer, np.floating)) and math.isfinite(data_range)
+            and data_range > 0):  # 0 gave -inf dB for every frame
+        raise ValueError(f"data_range must be a positive number (255 for uint8 frames), got {data_range!r}")
+    if not x.size:
         return
-    lo, hi = float(np.min(x)), float(np.max(x))
+    top = float(np.max(x))
+    if top > 2 * data_range:  # far beyond: a scale mistake, not a float frame a little over its range
+        raise ValueError(f"{name}: values up to {top:.4g} with data_range={data_range:g}; uint8 frames (and floats "
+                         "on the 0..255 scale) take the default data_range=255")
+    if data_range != 255.0 or not np.issubdtype(x.dtype, np.floating):
+        return
+    lo, hi = float(np.min(x)), top
     if -1.0 <= lo and hi <= 1.0 and (lo, hi) != (0.0, 0.0):
         raise ValueError(f"{name}: float frames with every value in [{lo:.3g}, {hi:.3g}]; the metrics expect "
                          "0..255 values (uint8, or floats on that scale): rescale them first (or pass "
