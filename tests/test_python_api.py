@@ -134,3 +134,15 @@ def test_metrics_refuse_uint8_frames_scored_with_data_range_one_and_a_range_that
                 metric(x, y, data_range=bad)
         np.testing.assert_allclose(metric(x / 255.0, y / 255.0, data_range=1.0), metric(x, y), rtol=1e-9)
     assert np.isfinite(psnr(np.minimum(x * 1.01, 257.0), y)).all()  # a float frame a little over 255 still scores
+
+
+def test_reprs_of_the_main_objects_are_short_and_say_what_they_hold(world, small_dataset):
+    ep = Dataset(small_dataset)[0]
+    text = repr(ep)  # was the dataclass's, every array printed (22,000 characters for 300 frames)
+    assert text == "Episode(id='000000', length=6, frame_shape=(8, 8, 3), maze_seed=0, split=%r, poses=True)" % (
+        ep.info.split,)
+    frames, actions = _context(world)
+    assert repr(world).startswith(f"WorldModel(actions={list(world.action_names)}, resolution={world.resolution}")
+    session = world.new_session(frames, actions, seed=0)
+    assert repr(session).startswith("Session(frame_index=3, context=MultiLevelCacheContext, steps=")
+    assert all(len(repr(x)) < 300 for x in (ep, world, session))

@@ -148,12 +148,18 @@ class EpisodeInfo:
     folder_split: str | None = None
 
 
-@dataclass
+@dataclass(repr=False)
 class Episode:
+    """One loaded episode (`Dataset[i]`): its frames, actions and, where known, poses."""
+
     info: EpisodeInfo
     video: np.ndarray  # uint8 [T, H, W, 3]
     actions: np.ndarray  # int64 [T]
     poses: np.ndarray | None = None  # float32 [T, 3]
+
+    def __repr__(self) -> str:  # the dataclass's printed the arrays: 22,000 characters for 300 frames
+        return (f"Episode(id={self.id!r}, length={len(self)}, frame_shape={tuple(self.video.shape[1:])}, "
+                f"maze_seed={self.maze_seed}, split={self.info.split!r}, poses={self.poses is not None})")
 
     @property
     def id(self) -> str:

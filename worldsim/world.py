@@ -115,6 +115,10 @@ def _context_action_indices(context_actions: object, action_names: Sequence[str]
 
 
 class WorldModel:
+    """An autoencoder, a FAR transformer and its sampler settings: load a checkpoint with
+    `WorldModel.load(path)`, then generate with `new_session(context_frames, context_actions)`
+    (the module docstring lists the API)."""
+
     def __init__(
         self,
         autoencoder: Autoencoder,
@@ -186,6 +190,12 @@ class WorldModel:
             extra=extra if extra is not None else self.config.get("extra"),
             far_dtype=far_dtype or stored_far_dtype(self.config),
         )
+
+    def __repr__(self) -> str:  # the default named only the class; modules' reprs run to pages
+        far = self.far.config
+        return (f"WorldModel(actions={list(self.action_names)}, resolution={self.resolution}, "
+                f"far={far.depth}x{far.width}, step={self.config.get('step')}, device='{self.device}', "
+                f"precision={self.precision!r})")
 
     encode_batch = 64  # frames per autoencoder call: bounds activation memory for long contexts
 
@@ -300,6 +310,10 @@ class Session:
     @property
     def frame_index(self) -> int:
         return self.context.num_frames
+
+    def __repr__(self) -> str:
+        return (f"Session(frame_index={self.frame_index}, context={type(self.context).__name__}, "
+                f"steps={self.sampler.steps}, cfg={self.sampler.cfg_scale:g})")
 
     def _action(self, action: int) -> int:
         try:  # ints of any kind, a 0-d integer tensor or array (a torch policy's argmax) included, as Dream-v0
