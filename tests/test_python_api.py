@@ -146,3 +146,27 @@ def test_reprs_of_the_main_objects_are_short_and_say_what_they_hold(world, small
     session = world.new_session(frames, actions, seed=0)
     assert repr(session).startswith("Session(frame_index=3, context=MultiLevelCacheContext, steps=")
     assert all(len(repr(x)) < 300 for x in (ep, world, session))
+
+
+def test_the_dream_env_docstring_example_runs_as_written_in_a_fresh_interpreter(tmp_path):
+    # it lacked `import worldsim`: run alone, gym.make said "Namespace worldsim not found"
+    from _tiny_world import make_checkpoint
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    import worldsim.dream_env as dream_env
+
+    root = Path(dream_env.__file__).resolve().parents[1]
+    doc = dream_env.__doc__
+    example = textwrap.dedent(doc[doc.index("\n\n") + 2:doc.index("\n\n`reset(seed)`")])
+    assert 'checkpoint="checkpoints/maze-far-small"' in example
+    # the tiny random checkpoint in its place: the same API, a second less to load and run
+    example = example.replace("checkpoints/maze-far-small", str(make_checkpoint(tmp_path / "tiny")))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", example + "\nprint(obs.shape, info['action'])"], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("(64, 64, 3) forward")
