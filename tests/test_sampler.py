@@ -101,3 +101,15 @@ def test_numpy_numbers_are_settings_like_any_number():
     assert (sampler.steps, sampler.cfg_scale, sampler.shift, sampler.temperature) == (4, 1.5, 2.0, 0.5)
     with pytest.raises(ValueError, match="shift must be a finite number > 0"):
         EulerSampler(4, shift=np.float32("nan"))
+
+
+def test_a_boolean_is_not_a_number_setting():
+    """`"cfg": true` in config.json (or True from Python) is a mistake, not guidance 1.0: bool is an
+    int subclass, so it must be refused by name, as every reader of the settings does."""
+    from worldsim.sampler import setting_problem
+
+    for name in ("cfg", "shift", "temperature", "context_noise", "generated_noise"):
+        assert setting_problem(name, True).endswith("got True")  # 1 for cfg, shift, temperature
+        assert setting_problem(name, False).endswith("got False")  # 0 for temperature and the noises
+    with pytest.raises(ValueError, match="cfg must be a finite number, got True"):
+        EulerSampler(4, cfg_scale=True)
