@@ -141,6 +141,50 @@ def test_keymaps_are_names_and_checked(tmp_path):
         load_keymap(str(path), ACTIONS)
 
 
+
+def test_the_builtin_keymaps_walk_and_turn_the_way_their_keys_point():
+    for name, keys in (("default", ("up", "down", "left", "right")), ("default", ("w", "s", "a", "d")),
+                       ("arrows", ("up", "down", "left", "right")), ("wasd", ("w", "s", "a", "d"))):
+        keymap = load_keymap(name, ACTIONS)
+        assert [keymap[k] for k in keys] == ["forward", "backward", "turn_left", "turn_right"], name
+        assert keymap["space"] == "noop"
+    assert not set(load_keymap("arrows", ACTIONS)) & set("wasd")  # a free hand: the letters stay unbound
+    assert not set(load_keymap("wasd", ACTIONS)) & {"up", "down", "left", "right"}
+    # a world none of whose actions a built-in keymap binds: said, not a game where no key does anything
+    with pytest.raises(KeymapError, match="built-in keymap 'wasd' binds none of this world's actions"):
+        load_keymap("wasd", ("jump", "crouch"))
+
+
+def test_a_json_keymap_may_not_take_a_command_key_in_capitals_nor_be_empty(tmp_path):
+    path = tmp_path / "keys.json"
+    for key, command in (("Escape", "quit"), ("P", "pause"), ("H", "help")):
+        path.write_text(json.dumps({key: "forward"}))  # key names ignore case: this would never fire
+        with pytest.raises(KeymapError, match=f"key '{key}' is reserved for '{command}'"):
+            load_keymap(str(path), ACTIONS)
+    path.write_text("{}")
+    with pytest.raises(KeymapError, match="non-empty JSON object"):
+        load_keymap(str(path), ACTIONS)
+    path.write_text('{"up": "forward", "UP": "forward"}')  # one binding written twice: harmless
+    assert load_keymap(str(path), ACTIONS) == {"up": "forward"}
+
+
+def test_the_help_lists_each_actions_keys_and_every_command_key():
+    from worldsim.keymaps import help_lines
+
+    lines = help_lines(load_keymap("default", ACTIONS))
+    assert "up / w\tforward" in lines and "left / a\tturn_left" in lines and "space\tnoop" in lines
+    for key, what in (("escape", "quit"), ("h", "show / hide this help"), ("f", "dream vs reality, side by side")):
+        assert f"{key}\t{what}" in lines
+    assert not any("dream vs reality" in line for line in help_lines({"up": "forward"}, skip=("reality",)))
+    assert "escape\tquit" in help_lines({"up": "forward"}, skip=("reality",))
+
+
+def test_h_shows_and_hides_the_help(tmp_path, no_shipped_checkpoint):
+    config = PlayConfig(world="sim", fps=1000, scale=1, record_dir=str(tmp_path))
+    assert run_interactive(config, scripted([press("h")])).show_help
+    assert not run_interactive(config, scripted([press("h"), press("h")])).show_help
+
+
 def test_an_interrupt_during_a_frames_write_keeps_the_video_whole(tmp_path):
     """Ctrl-C (or SIGTERM) landing inside imageio-ffmpeg's write of a frame made it kill ffmpeg, so
     play's "keep what was generated" lost the whole MP4. The interrupt now waits for the frame, also
