@@ -2,12 +2,15 @@
 conditioning, batched CFG attention, merged L2 + L1 re-encoding (tiny preset, CPU, fp32)."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from worldsim.cache import UncachedContext, make_context
-from worldsim.model import KVBuffer, concat_kv
+from worldsim.model import FAR, PRESETS, KVBuffer, concat_kv
+from worldsim.world import WorldModel
 
 from tests.test_cache import W, context, rollout, tiny_world
 
@@ -216,6 +219,49 @@ def test_multilevel_fast_is_the_plain_cache_over_the_window_plus_l2():
         new = world.far.frame_kv(lat, act, ctx.num_frames - 1, past, aug=aug)
     for b, (k, v) in zip(ctx.kv, new):
         assert (b.keys[:, :, -tpf:] - k).abs().max() <= 1e-5
+
+
+
+@pytest.mark.parametrize("window", [W, 3])  # 3: a single frame kept, which a count off by one drops
+@pytest.mark.parametrize("cfg", [1.0, 1.5])  # the slide fused with the query's pass / on its own (CFG)
+def test_multilevel_fast_keeps_the_windows_keys_and_values_as_they_were_when_it_slides(cfg, window):
+    """multilevel-fast's definition (cache.py): L1 keys/values are computed once, when their frame is
+    appended, and kept when the window slides. Checked on the buffers themselves: after each generated
+    frame, the keys and values of every frame still in the window, and all of L2, are bit for bit
+    those of the step before (the tests above compare its paths with each other, which a slide that
+    kept the wrong tensors passes)."""
+    world = tiny_world()
+    if window != W:
+        far = FAR(dataclasses.replace(PRESETS["tiny"], window=window))
+        far.load_state_dict(world.far.state_dict())  # the window is a setting, not a weight
+        world = WorldModel(world.autoencoder, far, world.action_names, device="cpu")
+    frames, actions = context(6)
+    s = world.new_session(frames, actions, cache_mode="multilevel-fast", steps=2, cfg=cfg, seed=0)
+    ctx = s.context
+    assert ctx.window == window
+    tpf, cpf = world.far.config.tokens_per_frame, world.far.config.context_tokens_per_frame
+
+    def snapshot():
+        return ([(b.keys.clone(), b.values.clone()) for b in ctx.kv],
+                ctx.l2_frames - ctx.l2_first, ctx.l1_start, ctx.l1_end)
+
+    s.step_latent(1)
+    before = snapshot()
+    for a in (3, 4, 2):
+        s.step_latent(a)
+        after = snapshot()
+        (old_kv, old_l2, old_start, old_end), (new_kv, new_l2, new_start, new_end) = before, after
+        assert new_start == old_start + 1 and new_l2 == old_l2 + 1 and new_end == old_end + 1  # it slid
+        kept = range(new_start, old_end)  # the window frames that were in L1 before the slide
+        assert len(kept) == window - 2
+        for (ok, ov), (nk, nv) in zip(old_kv, new_kv):
+            for f in kept:
+                o, n = old_l2 * cpf + (f - old_start) * tpf, new_l2 * cpf + (f - new_start) * tpf
+                assert torch.equal(nk[:, :, n:n + tpf], ok[:, :, o:o + tpf])
+                assert torch.equal(nv[:, :, n:n + tpf], ov[:, :, o:o + tpf])
+            assert torch.equal(nk[:, :, :old_l2 * cpf], ok[:, :, :old_l2 * cpf])  # L2 only grows
+            assert torch.equal(nv[:, :, :old_l2 * cpf], ov[:, :, :old_l2 * cpf])
+        before = after
 
 
 def test_split_attention_over_long_caches_is_the_same_softmax(monkeypatch):
