@@ -105,6 +105,28 @@ def test_revisit_gap_by_reach_bins_frames_by_age_and_reports_each_bin():
     assert "| 16-63 | 4 | 12.50 | 10.00 | +2.50 |" in md and "| 192+ | 4 | 18.50 | 10.00 | +8.50 |" in md
 
 
+
+def test_gaps_pool_the_revisit_and_rest_frames_and_average_episodes_overall():
+    """gaps() on hand-made PSNRs: the revisit and rest gaps are pooled over the selected frames of all
+    episodes (as the revisit / rest numbers are), the overall ones a mean of per-episode means (TECO)."""
+    control = evaluate.MEMORY_CONTROL
+
+    def episode(revisit, multilevel, sliding, other):
+        psnr = {"multilevel": multilevel, "sliding": sliding, control: other, "copy_last": [0.0] * len(revisit)}
+        return {"revisit": np.array(revisit), "revisit_age": None,
+                "conditions": {k: {"psnr": np.array(v, dtype=np.float64)} for k, v in psnr.items()}}
+
+    episodes = [episode([True, True, True, False], [20, 20, 20, 10], [10, 10, 10, 10], [15, 15, 15, 10]),
+                episode([True, False, False, False], [12, 30, 30, 30], [14, 10, 10, 10], [12, 20, 20, 20])]
+    g = evaluate.gaps(episodes, [], seed=0)
+    assert g["revisit_multilevel_vs_sliding"]["gap"] == pytest.approx((10 + 10 + 10 - 2) / 4)  # not (10 - 2) / 2
+    assert g["revisit_multilevel_vs_other_memory"]["gap"] == pytest.approx((5 + 5 + 5 + 0) / 4)
+    assert g["rest_multilevel_vs_other_memory"]["gap"] == pytest.approx((0 + 10 + 10 + 10) / 4)
+    assert g["rest_multilevel_vs_other_memory"]["frames"] == 4
+    assert g["overall_multilevel_vs_sliding"]["gap"] == pytest.approx((30 / 4 + 58 / 4) / 2)
+    assert g["overall_multilevel_vs_other_memory"]["gap"] == pytest.approx((15 / 4 + 30 / 4) / 2)
+
+
 def test_probe_pairs_on_a_turn_in_place():
     step = math.radians(90)
     yaws = [0.0] * 2 + [-(j + 1) * step for j in range(8)]  # 2 context frames, then 2 full turns left
@@ -815,6 +837,28 @@ def test_turn_probe_without_a_simulator_or_poses_pairs_the_full_turn_with_the_la
     assert res["context_source"] == "test episode (first frames)"
     (probe,) = res["probes"]
     assert probe["pairs"] and probe["pairs"][0] == [4 + 12 - 1, 3]  # 12 turns of 30 degrees, back at frame 3
+
+
+
+@pytest.mark.parametrize("window, beyond", [(12, 1), (13, 0)])
+def test_a_probe_view_a_whole_window_back_counts_as_beyond_the_window(tmp_path, window, beyond):
+    """Generating frame t, the short window holds t - W + 1 .. t, so the frame W back is only in L2:
+    the full turn of 12 steps (age 12) is beyond a window of 12 and inside one of 13."""
+    from worldsim.dataset import Dataset
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(folder / "ep.npz", video=rng.integers(0, 255, (12, 32, 32, 3), dtype=np.uint8),
+             actions=rng.integers(0, 5, 12))
+    world = FakeWorld(window=window, simulator={"id": "worldsim/NotInstalled-v0", "settings": {"turn_step_deg": 30}})
+    cfg = EvalConfig(data=str(folder), out=str(tmp_path / "e"), probe_episodes=1, probe_context=4, probe_loops=1,
+                     progress=False)
+    res = evaluate.self_consistency(world, cfg, Dataset(folder, action_names=world.action_names), bar_enabled=False)
+    assert res["probes"][0]["pair_age"] == [12]
+    for mode in evaluate.GEN_CONDITIONS:
+        row = res["summary"]["turn_360"][mode]
+        assert row["psnr"]["n"] == 1 and row["psnr_beyond_window"]["n"] == beyond
 
 
 def test_probes_walk_past_the_simulators_own_step_limit(tmp_path):
