@@ -619,9 +619,15 @@ def test_a_second_ctrl_c_while_the_results_are_written_keeps_them(tiny_data, tmp
         real(path, text)
 
     monkeypatch.setattr(evaluate, "_write_text", interrupted_while_writing)
-    with pytest.raises(KeyboardInterrupt):
-        run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path), episodes=2, context=12, generate=4, videos=0,
-                            progress=False), world=_InterruptingWorld())
+    # Ctrl-C raising KeyboardInterrupt, as in a terminal: a test run started in the background by a
+    # shell (`cmd &`) inherits SIGINT ignored, and the kill above was then no interrupt at all
+    own = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path), episodes=2, context=12, generate=4, videos=0,
+                                progress=False), world=_InterruptingWorld())
+    finally:
+        signal.signal(signal.SIGINT, own)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["ground_truth"]["episodes_evaluated"] == 1
     assert (tmp_path / "results.md").is_file() and (tmp_path / "psnr_vs_frame.png").is_file()
