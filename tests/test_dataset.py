@@ -561,7 +561,7 @@ def test_an_atomic_write_removes_the_temp_twins_that_killed_writes_left(tmp_path
         run = subprocess.run([sys.executable, "-c", killed_mid_write, str(target)], cwd=repo)
         assert run.returncode == -signal.SIGKILL
     dead = sorted(p.name for p in tmp_path.iterdir())  # the second write swept the first one's twin
-    assert dead and all(p.startswith(".v.gif.") and p.endswith(".tmp.gif") for p in dead)
+    assert len(dead) == 1 and dead[0].startswith(".v.gif.") and dead[0].endswith(".tmp.gif")
 
     live = tmp_path / ".v.gif.l1vewr1t.tmp.gif"  # a writer at work in another process holds its twin
     live.write_bytes(b"writing")
@@ -642,3 +642,44 @@ def test_an_atomic_write_is_flushed_to_disk_before_it_replaces_the_old_file(tmp_
     atomic_write(target, lambda tmp: tmp.write_text("new contents"))
     assert flushed == [(len("new contents"), "old")]
     assert target.read_text() == "new contents"
+
+
+@pytest.mark.parametrize("sweep_done", [False, True], ids=["sweep-holds-it", "sweep-removed-it"])
+def test_an_atomic_write_keeps_its_temp_file_from_a_sweep_that_took_it_before_the_lock(tmp_path, monkeypatch,
+                                                                                        sweep_done):
+    """mkstemp and the writer's lock are two calls: another process's write of the same file can sweep
+    the fresh, still unlocked temp file in between. The writer then wrote by name to an unlocked new file
+    that the next sweep removed before the rename: writes racing on one name failed on 'No such file or
+    directory' naming the target (3 processes rewriting one file: ~45 failures each in 20 s)."""
+    import fcntl
+    import os
+    import tempfile
+
+    from worldsim.dataset import atomic_write, sweep_dead_twins
+
+    target = tmp_path / "index.json"
+    real_mkstemp, sweeps = tempfile.mkstemp, []
+
+    def mkstemp(*args, **kwargs):
+        fd, name = real_mkstemp(*args, **kwargs)
+        if not sweeps:  # the other process's sweep: opens and locks the first file before its writer can
+            other = os.open(name, os.O_RDONLY)
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            sweeps.append((other, name))
+            if sweep_done:  # and removes it, all before the writer's flock
+                os.unlink(name)
+                os.close(other)
+        return fd, name
+
+    def write(tmp):
+        if not sweep_done:  # the sweep removes the file it holds only now, while this writer writes
+            other, name = sweeps[0]
+            os.unlink(name)
+            os.close(other)
+        tmp.write_text("new")
+        sweep_dead_twins(target)  # a third write of the same file sweeps just after this one wrote
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    atomic_write(target, write)
+    assert target.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json"]

@@ -314,11 +314,9 @@ def atomic_write_all(writes: Sequence[tuple[str | os.PathLike, Callable[[Path], 
         for target, write in writes:
             path = Path(target)
             sweep_dead_twins(path, suffix or ".tmp")
-            fd, temps[path] = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
-            if _lock_nb(fd):
+            fd, temps[path] = _locked_temp(path, suffix or ".tmp")
+            if fd is not None:
                 held.append(fd)
-            else:  # no flock here (Windows, which also renames no open file): closed at once, as before
-                os.close(fd)
             write(Path(temps[path]))
             fd = os.open(temps[path], os.O_RDWR)  # Windows flushes only handles open for writing
             try:
@@ -344,17 +342,44 @@ def atomic_write_all(writes: Sequence[tuple[str | os.PathLike, Callable[[Path], 
             os.close(fd)
 
 
-def _lock_nb(fd: int) -> bool:
-    """An exclusive flock on `fd` if no one else holds one (True), else False. Where there is no
-    flock (not POSIX) it says False: no twin is then known to be dead, so none is swept."""
+def _locked_temp(path: Path, suffix: str) -> tuple[int | None, str]:
+    """A new temp twin of `path` and its descriptor, flocked; None for the descriptor where there is
+    no flock (Windows, which also renames no open file: the file is closed at once).
+
+    mkstemp and the lock are two calls: in between, another process's sweep_dead_twins can take the
+    unlocked file for a dead one, lock it and remove it. The writer then either failed to lock
+    (the sweep holds it) or locked a file no longer at its name, and wrote by name to an unlocked
+    new one that the next sweep removed under it ('No such file or directory' naming the target,
+    for writes racing on one name). So such a twin is left to that sweep and another one is made."""
+    for _ in range(100):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        locked = _lock_nb(fd)
+        if locked is None:
+            os.close(fd)
+            return None, tmp
+        try:
+            if locked and os.path.samestat(os.fstat(fd), os.stat(tmp)):
+                return fd, tmp
+        except FileNotFoundError:  # the sweep removed it before this lock was taken
+            pass
+        os.close(fd)
+    raise OSError(errno.EAGAIN, "other processes' sweeps kept removing its temp files", str(path))
+
+
+def _lock_nb(fd: int) -> bool | None:
+    """An exclusive flock on `fd` if no one else holds one (True), False if someone does, None
+    where there is no flock (not POSIX, or a file system that refuses it): no twin is then known to
+    be dead, so none is swept."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
-        return False
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         return False
+    except OSError:
+        return None
     return True
 
 
