@@ -10,8 +10,12 @@ from gymnasium.envs.registration import register, registry
 
 
 def _register(env_id: str, entry_point: str) -> None:
+    # Without gymnasium's passive env checker (gym.make(..., disable_env_checker=False) still adds it):
+    # it breaks for good when its env's first reset raises (gymnasium 1.4: the first step after then
+    # fails on "cannot unpack non-iterable NoneType object"), so one refused reset option, a maze_seed
+    # of -1, killed a gym.make'd env. tests/ run gymnasium's full check_env on each env instead.
     if env_id not in registry:
-        register(id=env_id, entry_point=entry_point)
+        register(id=env_id, entry_point=entry_point, disable_env_checker=True)
 
 
 _register("worldsim/Maze-v0", "envs.maze:MazeEnv")

@@ -60,6 +60,21 @@ def test_gym_make(tiny_ckpt):
     env.close()
 
 
+@pytest.mark.parametrize("env_id", ["worldsim/Dream-v0", "worldsim/Maze-v0"])
+def test_a_gym_made_env_survives_a_refused_first_reset(tiny_ckpt, env_id):
+    """gymnasium's passive env checker, which gym.make adds, is left broken by a first reset that
+    raises: the next step failed on 'cannot unpack non-iterable NoneType object', so one refused
+    maze_seed killed the env for good. Ours are registered without it."""
+    settings = {"checkpoint": str(tiny_ckpt), "context_frames": 1, "device": "cpu"} if "Dream" in env_id else {}
+    env = gym.make(env_id, **settings)
+    with pytest.raises(ValueError, match="maze_seed must be in"):
+        env.reset(options={"maze_seed": -1})
+    obs, info = env.reset(seed=3)
+    obs, reward, terminated, truncated, info = env.step(1)
+    assert obs.shape == (64, 64, 3) and not terminated
+    env.close()
+
+
 def _rollout(world, seed: int, actions: list[int]) -> list[np.ndarray]:
     env = DreamEnv(world=world, context_frames=2)
     obs, _ = env.reset(seed=seed)
