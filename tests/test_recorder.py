@@ -247,35 +247,22 @@ def test_an_unlisted_episode_file_of_another_maze_is_refused_and_kept(tmp_path, 
     assert second.read_bytes() == before
 
 
-def test_resume_mends_an_index_entry_that_names_another_maze_than_its_file(tmp_path, capsys):
-    """An index entry whose maze seed is not the one this recording puts at its id (an edited index) is
-    not taken as done: the file is checked again and listed with the maze it holds."""
+@pytest.mark.parametrize("field, edited, listed", [("maze_seed", 7, [0, 1]), ("length", 9, [10, 10])])
+def test_resume_mends_an_index_entry_that_disagrees_with_its_file(tmp_path, capsys, field, edited, listed):
+    """An index entry naming another maze than the one this recording puts at its id, or another frame
+    count than its file holds (an edited index; the dataset would refuse that episode at load), is not
+    taken as done: the file is checked again and, being sound, listed as it is (nothing is recorded)."""
     out = tmp_path / "ds"
     assert main(record_args(out, 2, 10, 1)) == 0
     index = json.loads((out / "index.json").read_text())
-    index["episodes"][1]["maze_seed"] = 7
-    (out / "index.json").write_text(json.dumps(index))
-    capsys.readouterr()
-    assert main(record_args(out, 2, 10, 1)) == 0
-    assert "recorded 0 episodes" in capsys.readouterr().out  # the file is sound: adopted again
-    assert [e["maze_seed"] for e in json.loads((out / "index.json").read_text())["episodes"]] == [0, 1]
-    Dataset(out).validate()
-
-
-
-def test_resume_mends_an_index_entry_whose_length_is_not_its_files(tmp_path, capsys):
-    """An entry listing another frame count than its file holds would make the dataset refuse that
-    episode at load; a resume lists the file as it is (it is sound: nothing is recorded again)."""
-    out = tmp_path / "ds"
-    assert main(record_args(out, 2, 10, 1)) == 0
-    index = json.loads((out / "index.json").read_text())
-    index["episodes"][1]["length"] = 9
+    index["episodes"][1][field] = edited
     (out / "index.json").write_text(json.dumps(index))
     capsys.readouterr()
     assert main(record_args(out, 2, 10, 1)) == 0
     assert "recorded 0 episodes" in capsys.readouterr().out
-    assert [e["length"] for e in json.loads((out / "index.json").read_text())["episodes"]] == [10, 10]
+    assert [e[field] for e in json.loads((out / "index.json").read_text())["episodes"]] == listed
     Dataset(out).validate()
+
 
 def test_a_rerun_whose_policy_settings_differ_is_refused(tmp_path, capsys):
     """The policy's own settings (its weights, which another version of the code may change) are part of
