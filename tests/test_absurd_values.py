@@ -151,3 +151,32 @@ def test_running_out_of_memory_mid_run_is_one_line_that_says_how_to_go_on(tmp_pa
     monkeypatch.setattr(train, "latent_batch", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a real bug")))
     with pytest.raises(RuntimeError, match="a real bug"):  # other RuntimeErrors keep their traceback
         cli.main(["train", "--resume", str(out), "--far-steps", "3"])
+
+
+def test_a_rank_whose_own_machine_fits_refuses_with_the_rank_whose_machine_does_not(monkeypatch):
+    """Machines of one run may hold different memory. The rank whose machine fitted went on to the next
+    collective, where the refused rank's exit became a gloo traceback (and rank 0 made the run folder):
+    every rank takes part in one vote, also where the platform says nothing of its memory, and all refuse."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from worldsim import train
+
+    votes = []
+
+    def any_flags(*flags):  # the other rank's machine is too small: it votes True
+        votes.append(flags)
+        return (True,)
+
+    dist = SimpleNamespace(device=torch.device("cpu"), local_world_size=1, rank=0, any_flags=any_flags)
+    monkeypatch.setattr(train, "memory_floor", lambda run: [(2**30, "the far stage (...)", "--far-batch")])
+    for have in (2**40, None):  # this machine fits; this platform does not say
+        monkeypatch.setattr(train, "machine_memory_bytes", lambda device: have)
+        with pytest.raises(train.TrainError, match="rank 0: another rank's machine has too little memory"):
+            train.check_memory_floor(None, dist)
+    assert votes == [(False,), (False,)]
+    monkeypatch.setattr(train, "machine_memory_bytes", lambda device: 2**20)  # this one is the small one
+    with pytest.raises(train.TrainError, match=r"the far stage \(\.\.\.\) needs at least 1\.0 GiB, but this machine"):
+        train.check_memory_floor(None, dist)
+    assert votes[-1] == (True,)

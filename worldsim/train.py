@@ -597,17 +597,24 @@ def memory_floor(run: RunConfig) -> list[tuple[int, str, str]]:
 
 
 def check_memory_floor(run: RunConfig, dist: Dist) -> None:
-    """Refuse, before any data is encoded, a run whose sizes cannot fit this machine (memory_floor)."""
+    """Refuse, before any data is encoded, a run whose sizes cannot fit this machine (memory_floor).
+    All ranks refuse together: machines of one run may hold different memory, and a rank whose own
+    machine fits went on to the next collective, where the refused rank's exit was a gloo traceback
+    (and rank 0 had made the run folder)."""
+    problem = None
     have = machine_memory_bytes(dist.device)
-    if have is None:
-        return
     ranks_sharing = dist.local_world_size if dist.device.type == "cpu" else 1
-    for need, what, options in memory_floor(run):
+    for need, what, options in memory_floor(run) if have is not None else ():
         if need * ranks_sharing > have:
             where = f"{dist.device.type.upper()} memory" if dist.device.type == "cuda" else "memory"
-            raise TrainError(f"{what} needs at least {need * ranks_sharing / 2**30:,.1f} GiB"
-                             + (f" ({ranks_sharing} ranks)" if ranks_sharing > 1 else "")
-                             + f", but this machine has {have / 2**30:,.1f} GiB of {where}: lower {options}")
+            problem = (f"{what} needs at least {need * ranks_sharing / 2**30:,.1f} GiB"
+                       + (f" ({ranks_sharing} ranks)" if ranks_sharing > 1 else "")
+                       + f", but this machine has {have / 2**30:,.1f} GiB of {where}: lower {options}")
+            break
+    (refused,) = dist.any_flags(problem is not None)
+    if refused:
+        raise TrainError(problem or f"rank {dist.rank}: another rank's machine has too little memory for this "
+                                    "run's sizes (its error says which and how much)")
 
 
 def tokens_per_sample(far_cfg: Any, seq_len: int) -> dict[str, int]:
