@@ -91,12 +91,14 @@ class SimulatorUnavailable(RuntimeError):
     """The simulator new worlds start from cannot run here (not installed, or other settings)."""
 
 
-def start_simulator(spec: dict, what: str = "", hint: str = "") -> gym.Env:
+def start_simulator(spec: dict, what: str = "", hint: str = "", source: str | None = None) -> gym.Env:
     """The simulator of `spec` ({"id", "settings"}) without a step limit (a player walks as long as
     they like); SimulatorUnavailable names it (`what` after its id), why, and `hint`, where it
-    cannot start."""
-    from envs import make_untimed  # (and registers the simulator ids)
+    cannot start. `spec` comes from a file (`source`, named when its id is not one worldsim starts
+    unasked: envs.check_simulator_from_file)."""
+    from envs import check_simulator_from_file, make_untimed  # (and registers the simulator ids)
 
+    check_simulator_from_file(spec.get("id"), source or "the checkpoint")  # said as it is: no other setting helps
     try:
         return make_untimed(spec["id"], spec.get("settings"))
     except Exception as exc:  # missing optional simulator (DMLab, Memory Maze ...), unknown settings
@@ -242,6 +244,7 @@ class DreamEnv(gym.Env):
         height, width = (int(v) for v in world.resolution)
         self.resolution = (height, width)
         self.simulator_spec: dict | None = world.simulator  # new worlds and the reality view come from it
+        self._simulator_source = f"checkpoint {self.checkpoint}" if self.checkpoint is not None else "the world model's config"
         self.observation_space = spaces.Box(0, 255, (height, width, 3), np.uint8)
         self.action_space = spaces.Discrete(len(self.action_names))
         if "noop" in self.action_names:
@@ -275,6 +278,7 @@ class DreamEnv(gym.Env):
                     f"{max((info.length for info in self._dataset.episodes), default=0)}); lower --context-frames")
             if self._dataset.simulator and self._dataset.simulator.get("id"):
                 self.simulator_spec = self._dataset.simulator  # the episodes' own simulator, for reality
+                self._simulator_source = f"dataset {self._dataset.path}"
         elif self.simulator_spec is None or not self.simulator_spec.get("id"):
             raise ValueError(
                 "this checkpoint records no simulator to start new worlds from; pass dataset=PATH "
@@ -298,7 +302,7 @@ class DreamEnv(gym.Env):
             spec = self.simulator_spec or {}
             hint = ("; pass dataset=PATH (`worldsim play --dataset PATH`) to start from a recorded episode"
                     if self._dataset is None else "")
-            sim = start_simulator(spec, " this checkpoint was trained on", hint)  # lives as long as the dream
+            sim = start_simulator(spec, " this checkpoint was trained on", hint, self._simulator_source)  # lives as long as the dream
             sim_shape = tuple(sim.observation_space.shape or ())
             if sim_shape[:2] != self.resolution:
                 sim.close()

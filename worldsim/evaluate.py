@@ -301,9 +301,10 @@ def make_simulator(spec: dict | None) -> Any | None:
     """The simulator a checkpoint was trained on, or None when it cannot be built here."""
     if not spec:
         return None
-    try:
-        from envs import make_untimed  # (and registers the ids)
+    from envs import check_simulator_from_file, make_untimed  # (and registers the ids)
 
+    check_simulator_from_file(spec.get("id"), "the checkpoint")  # not a simulator that is missing: said
+    try:
         return make_untimed(spec["id"], spec.get("settings"))  # probes as long as asked
     except Exception:  # optional simulators (DMLab, Memory Maze) may be missing
         return None
@@ -329,8 +330,10 @@ def record_test_episodes(world: Any, out_dir: Path, episodes: int, length: int, 
     spec = _simulator_spec(world)
     if spec is None:
         raise EvalError("no --data given and the checkpoint records no simulator to record test mazes with")
+    from envs import check_simulator_from_file
     from envs.recorder import RecordConfig, record
 
+    check_simulator_from_file(spec.get("id"), "the checkpoint")
     env_args = tuple(f"{k}={json.dumps(v)}" for k, v in (spec.get("settings") or {}).items())
     cfg = RecordConfig(out=str(out_dir), env=spec["id"], env_arg=env_args, episodes=episodes, length=length,
                        policy="navigator", split=split, seed=seed, workers=1, progress=progress)
@@ -711,7 +714,13 @@ def self_consistency(world: Any, cfg: EvalConfig, ds: Any, bar_enabled: bool) ->
     if "turn_left" not in names:
         return {"skipped": f"the checkpoint's actions {list(names)} have no 'turn_left'"}
     spec = _simulator_spec(world)
-    sim = make_simulator(spec)
+    from envs import UntrustedSimulator
+
+    try:
+        sim = make_simulator(spec)
+    except UntrustedSimulator as exc:  # probes from the dataset's episodes still run (as when it is not installed)
+        print(f"worldsim eval: not starting the checkpoint's simulator: {exc}", file=sys.stderr)
+        sim = None
     turn_step = _turn_step(spec, sim)
     if turn_step is None:
         return {"skipped": "the checkpoint's simulator settings do not give a turn step"}
@@ -1524,7 +1533,7 @@ def main(args: argparse.Namespace) -> int:
     except Exception as exc:
         from worldsim.dataset import DatasetError
 
-        user_facing = ("CheckpointError", "RecordError", "CheckpointNotFound", "DeviceError")
+        user_facing = ("CheckpointError", "RecordError", "CheckpointNotFound", "DeviceError", "UntrustedSimulator")
         if isinstance(exc, DatasetError) or type(exc).__name__ in user_facing:
             print(f"worldsim eval: {exc}", file=sys.stderr)
             return 2

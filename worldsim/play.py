@@ -427,7 +427,7 @@ def open_world(config: PlayConfig, reality: bool = True, log: Callable[[str], No
             from worldsim.checkpoint import read_config
 
             spec = read_config(config.checkpoint).get("simulator") or DEFAULT_SIMULATOR
-        env = start_simulator(spec)
+        env = start_simulator(spec, source=f"checkpoint {config.checkpoint}")
         names = tuple(getattr(env.unwrapped, "action_names", ()))
         return World(env, "sim", names, f"simulator {spec['id']}")
     path = resolve_checkpoint(checkpoint)
@@ -1174,7 +1174,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"worldsim play: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except ValueError as exc:  # DatasetError, CheckpointError, DeviceError and bad env options are ValueErrors
-        if type(exc).__name__ in ("DatasetError", "CheckpointError", "DeviceError"):
+        if type(exc).__name__ in ("DatasetError", "CheckpointError", "DeviceError", "UntrustedSimulator"):
             print(f"worldsim play: {exc}", file=sys.stderr)
             return 2
         raise

@@ -1,0 +1,137 @@
+"""Checkpoints and datasets made by others: what a crafted file can make worldsim do.
+
+The project promises "safetensors + JSON, never pickles"; these tests keep a file from running
+code (a simulator id naming a module), from breaking the commands with a traceback or from taking
+the machine's memory or minutes from a few bytes.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import worldsim  # noqa: F401  (registers the gym ids)
+from _tiny_world import ACTIONS, MAZE, make_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture()
+def payload(tmp_path, monkeypatch) -> tuple[str, Path]:
+    """A module on sys.path that leaves a marker file when imported: (its name, the marker).
+    A downloaded folder lies on sys.path as soon as it is below the folder `python play.py` or
+    `python -m worldsim` runs from (`checkpoints.evil.payload` imports checkpoints/evil/payload.py)."""
+    name = f"worldsim_payload_{uuid.uuid4().hex[:8]}"
+    marker = tmp_path / "code-ran"
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / f"{name}.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    yield name, marker
+    sys.modules.pop(name, None)
+
+
+def _with_simulator(ckpt: Path, folder: Path, simulator: dict) -> Path:
+    shutil.copytree(ckpt, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["simulator"] = simulator
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_checkpoints_simulator_id_cannot_import_a_module(tiny_ckpt, tmp_path, payload):
+    from envs import UntrustedSimulator
+    from worldsim.dream_env import DreamEnv
+
+    name, marker = payload
+    ck = _with_simulator(tiny_ckpt, tmp_path / "evil", {"id": f"{name}:worldsim/Maze-v0", "settings": {}})
+    env = DreamEnv(checkpoint=ck, device="cpu", context_frames=1)
+    with pytest.raises(UntrustedSimulator, match=f"evil names the simulator '{name}:worldsim/Maze-v0'.*import "
+                                                 f"the Python module '{name}'.*WORLDSIM_TRUSTED_SIMULATORS"):
+        env.reset(seed=0)
+    assert not marker.exists() and name not in sys.modules
+
+
+def test_play_refuses_a_checkpoints_foreign_simulator_in_one_line(tiny_ckpt, tmp_path, payload, capsys):
+    from worldsim.cli import main
+
+    name, marker = payload
+    ck = _with_simulator(tiny_ckpt, tmp_path / "evil", {"id": f"{name}:worldsim/Maze-v0", "settings": {}})
+    for world in ("sim", "dream"):  # --world sim walks the checkpoint's simulator from its config.json alone
+        rc = main(["play", "--checkpoint", str(ck), "--world", world, "--headless", "--actions", "random:2",
+                   "--out", str(tmp_path / "s.gif")] + (["--device", "cpu"] if world == "dream" else []))
+        err = capsys.readouterr().err
+        assert rc == 2 and "worldsim play: checkpoint" in err and "Traceback" not in err
+        assert not marker.exists()
+
+
+def test_a_datasets_simulator_id_cannot_import_a_module(tiny_ckpt, tmp_path, payload):
+    """Dream-v0 over a dataset follows the dataset's own simulator for its reality view."""
+    from envs import UntrustedSimulator
+    from worldsim.dataset import write_episode_atomic, write_json_atomic
+
+    name, marker = payload
+    sim = gym.make(MAZE["id"], **MAZE["settings"])
+    obs, info = sim.reset(seed=1, options={"maze_seed": 3})
+    root = tmp_path / "d"
+    (root / "episodes").mkdir(parents=True)
+    write_episode_atomic(root / "episodes" / "000000.npz", video=np.stack([obs] * 3), actions=np.zeros(3, np.int64),
+                         poses=np.stack([info["pose"]] * 3))
+    write_json_atomic(root / "index.json", {
+        "format": "worldsim-dataset", "format_version": 1,
+        "simulator": {"id": f"{name}:worldsim/Maze-v0", "settings": MAZE["settings"]},
+        "resolution": [64, 64], "action_names": list(ACTIONS),
+        "episodes": [{"id": "000000", "file": "episodes/000000.npz", "length": 3, "maze_seed": 3}]})
+    env = gym.make("worldsim/Dream-v0", checkpoint=str(tiny_ckpt), dataset=str(root), reality=True,
+                   context_frames=2, device="cpu", disable_env_checker=True)
+    env.reset(seed=0)  # the dream starts; its reality view (a bonus that never fails the dream) does not
+    assert not env.unwrapped._reality_ok and not marker.exists()
+    with pytest.raises(UntrustedSimulator, match=f"dataset {root} names the simulator"):
+        env.unwrapped._simulator()
+    assert not marker.exists()
+
+
+def test_eval_refuses_a_checkpoints_foreign_simulator(tiny_ckpt, tmp_path, payload):
+    from envs import UntrustedSimulator
+    from worldsim.evaluate import make_simulator, record_test_episodes
+    from worldsim.world import WorldModel
+
+    name, marker = payload
+    ck = _with_simulator(tiny_ckpt, tmp_path / "evil", {"id": f"{name}:worldsim/Maze-v0", "settings": {}})
+    world = WorldModel.load(ck, device="cpu")
+    with pytest.raises(UntrustedSimulator):
+        make_simulator(world.simulator)
+    with pytest.raises(UntrustedSimulator):  # eval without --data records test mazes with it
+        record_test_episodes(world, tmp_path / "rec", 1, 4, 0, False)
+    assert not marker.exists() and not (tmp_path / "rec").exists()
+
+
+def test_a_foreign_simulator_starts_when_the_user_lists_it(tiny_ckpt, tmp_path, payload, monkeypatch):
+    """The opt-in: an exact id in $WORLDSIM_TRUSTED_SIMULATORS; worldsim's own ids need none."""
+    from envs import UntrustedSimulator, check_simulator_from_file
+    from worldsim.dream_env import DreamEnv
+
+    name, marker = payload
+    for own in ("worldsim/Maze-v0", "worldsim/DMLab-v0", "worldsim/MemoryMaze-v0"):
+        check_simulator_from_file(own, "x")
+    # an id another installed package registered runs that package's code too
+    for foreign in ("CartPole-v1", "worldsim/Dream-v0", f"{name}:worldsim/Maze-v0", None):
+        with pytest.raises(UntrustedSimulator):
+            check_simulator_from_file(foreign, "x")
+    ck = _with_simulator(tiny_ckpt, tmp_path / "mine", {"id": f"{name}:worldsim/Maze-v0", "settings": MAZE["settings"]})
+    monkeypatch.setenv("WORLDSIM_TRUSTED_SIMULATORS", f"CartPole-v1, {name}:worldsim/Maze-v0")
+    DreamEnv(checkpoint=ck, device="cpu", context_frames=1).reset(seed=0)
+    assert marker.exists()
