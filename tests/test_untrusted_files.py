@@ -135,3 +135,41 @@ def test_a_foreign_simulator_starts_when_the_user_lists_it(tiny_ckpt, tmp_path, 
     monkeypatch.setenv("WORLDSIM_TRUSTED_SIMULATORS", f"CartPole-v1, {name}:worldsim/Maze-v0")
     DreamEnv(checkpoint=ck, device="cpu", context_frames=1).reset(seed=0)
     assert marker.exists()
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # 200 KB: json.loads raised RecursionError, which no command caught
+HUGE_NUMBER = "9" * 5000  # over Python's 4,300 digits: a plain ValueError, not a JSONDecodeError
+
+
+@pytest.mark.parametrize("text, problem", [(DEEP, "nested too deeply"), (HUGE_NUMBER, "4300 digits")],
+                         ids=["nested", "huge-number"])
+def test_json_nested_too_deeply_or_a_huge_number_is_a_clear_error(tiny_ckpt, tmp_path, text, problem):
+    from worldsim.checkpoint import CheckpointError, read_config
+    from worldsim.dataset import Dataset, DatasetError
+    from worldsim.keymaps import KeymapError, load_keymap
+    from worldsim.train import TrainError, _read_json_object
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_ckpt, ck)
+    (ck / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=f"corrupt config.json: .*{problem}"):
+        read_config(ck)
+    with pytest.raises(TrainError, match=f"config.json: unreadable .*{problem}"):  # --ae-init, --far-init
+        _read_json_object(ck / "config.json")
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "index.json").write_text(text)
+    with pytest.raises(DatasetError, match=f"index.json: not valid JSON .*{problem}"):
+        Dataset(tmp_path / "ds")
+    (tmp_path / "keys.json").write_text(text)
+    with pytest.raises(KeymapError, match=f"keys.json: cannot read keymap JSON .*{problem}"):
+        load_keymap(str(tmp_path / "keys.json"), ACTIONS)
+
+
+def test_an_episode_files_recording_header_nested_too_deeply_is_a_clear_error(tmp_path):
+    """Episode files opened without their index.json read the JSON header stored in them."""
+    from worldsim.dataset import Dataset, DatasetError, write_episode_atomic
+
+    write_episode_atomic(tmp_path / "0.npz", video=np.zeros((2, 8, 8, 3), np.uint8), actions=np.zeros(2, np.int64),
+                         maze_seed=np.array(3), recording=np.array(DEEP))
+    with pytest.raises(DatasetError, match="'recording' header or 'maze_seed' is malformed"):
+        Dataset(tmp_path)

@@ -336,8 +336,10 @@ def read_config(path: str | os.PathLike) -> dict:
         raise CheckpointError(path, f"missing {CONFIG_NAME}")
     try:
         config = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # bad JSON, bytes that are not UTF-8, a number of over 4,300 digits
         raise CheckpointError(path, f"corrupt {CONFIG_NAME}: {e}") from None
+    except RecursionError:  # a few KB of "[[[[..." is a RecursionError traceback, not a JSONDecodeError
+        raise CheckpointError(path, f"corrupt {CONFIG_NAME}: nested too deeply") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CheckpointError(path, f"{CONFIG_NAME} is not a {FORMAT} config (format={config.get('format') if isinstance(config, dict) else None!r})")
     if config.get("version") != VERSION:

@@ -693,8 +693,10 @@ class Dataset:
         index_path = self.path / INDEX_NAME
         try:
             index = json.loads(index_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except ValueError as exc:  # bad JSON, bytes that are not UTF-8, a number of over 4,300 digits
             raise DatasetError(f"{index_path}: not valid JSON ({exc})") from None
+        except RecursionError:  # a few KB of "[[[[..." is a RecursionError traceback, not a JSONDecodeError
+            raise DatasetError(f"{index_path}: not valid JSON (nested too deeply)") from None
         except OSError as exc:
             raise DatasetError(f"{index_path}: cannot read ({exc})") from None
         if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
@@ -791,7 +793,7 @@ class Dataset:
                     maze_seed = int(meta["maze_seed"])
                     names = header["action_names"]
                     assert isinstance(names, list) and all(isinstance(n, str) and n for n in names)
-                except (ValueError, TypeError, KeyError, AssertionError):
+                except (ValueError, TypeError, KeyError, AssertionError, RecursionError):  # (JSON nested too deeply)
                     raise DatasetError(f"{file}: its 'recording' header or 'maze_seed' is malformed") from None
                 recorded[file] = {"action_names": names, "simulator": header.get("simulator")}
                 split = split_for_maze_seed(maze_seed)

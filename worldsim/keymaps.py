@@ -82,6 +82,8 @@ def load_keymap(spec: str | os.PathLike, action_names: Sequence[str]) -> dict[st
         data = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: PowerShell's UTF-8 starts with a BOM
     except (OSError, ValueError) as exc:  # ValueError: bad JSON, and bytes that are not UTF-8
         raise KeymapError(f"{path}: cannot read keymap JSON ({exc})") from None
+    except RecursionError:  # "[[[[..." nested thousands deep
+        raise KeymapError(f"{path}: cannot read keymap JSON (nested too deeply)") from None
     return validate_keymap(data, action_names, source=str(path))
 
 

@@ -859,8 +859,10 @@ def _read_json_object(file: Path) -> dict:
     """A config.json (or state.json) as a dict; TrainError names the file when it is not one."""
     try:
         data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or UTF-8, a number of over 4,300 digits
         raise TrainError(f"{file}: unreadable ({exc})") from None
+    except RecursionError:  # "[[[[..." nested thousands deep (a checkpoint made by someone else)
+        raise TrainError(f"{file}: unreadable (JSON nested too deeply)") from None
     if not isinstance(data, dict):
         raise TrainError(f"{file}: not a JSON object")
     return data
