@@ -80,20 +80,29 @@ class MazeEnv(SimulatorEnv):
 
     Args:
         resolution: int or (H, W) of the observation.
-        maze_size: int or (rows, cols), odd, including the outer wall (labmaze's size).
+        maze_size: int or (rows, cols), odd, including the outer wall (labmaze's size), at most
+            MAX_MAZE_SIDE a side.
         max_rooms, room_min_size, room_max_size: labmaze room settings.
         fov_deg: horizontal field of view in degrees (DeepMind Lab: 90).
         move_step: cells per forward/backward step.
         turn_step_deg: degrees per turn step.
         max_steps: truncate after this many steps (default 1000; None: never).
         supersample: render at k times the resolution and box-filter down (smoother edges,
-            about k*k times slower).
+            about k*k times slower); resolution times supersample is at most MAX_RENDER_SIDE a side.
         render_mode: None or "rgb_array".
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 30}
 
     action_names: tuple[str, ...] = ACTION_NAMES
+
+    # Settings come from files made by others too (a checkpoint's or dataset's `simulator.settings`):
+    # maze_size [4001, 4001] in a 7 KB config.json kept labmaze's C code busy for over 10 minutes, deaf
+    # to Ctrl-C and SIGTERM (201 takes 7 s, 101 0.6 s), and resolution [3000, 3000] took 12.8 GB to
+    # play two frames ([20000, 20000]: killed for memory at 23 GB on reset). The caps are far above
+    # any maze or frame a world model here is trained on (11x11, 64x64).
+    MAX_MAZE_SIDE = 101
+    MAX_RENDER_SIDE = 2048
 
     def __init__(
         self,
@@ -120,6 +129,11 @@ class MazeEnv(SimulatorEnv):
                              f"maze_size {self.rows}x{self.cols} (e.g. room_max_size={min(self.rows, self.cols) - 1})")
         if int(supersample) < 1:
             raise ValueError(f"supersample must be >= 1, got {supersample!r}")
+        if max(self.rows, self.cols) > self.MAX_MAZE_SIDE:
+            raise ValueError(f"maze_size must be at most {self.MAX_MAZE_SIDE} a side, got {maze_size!r}")
+        if max(self.height, self.width) * int(supersample) > self.MAX_RENDER_SIDE:
+            raise ValueError(f"resolution times supersample must be at most {self.MAX_RENDER_SIDE} pixels a side, got "
+                             f"resolution {resolution!r} and supersample {supersample!r}")
         if not 10.0 <= fov_deg < 170.0:
             raise ValueError(f"fov_deg must be in [10, 170), got {fov_deg}")
         # a zero or negative step would make "forward" stand still or walk backward, silently

@@ -7,6 +7,7 @@ the machine's memory or minutes from a few bytes.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import uuid
@@ -173,3 +174,27 @@ def test_an_episode_files_recording_header_nested_too_deeply_is_a_clear_error(tm
                          maze_seed=np.array(3), recording=np.array(DEEP))
     with pytest.raises(DatasetError, match="'recording' header or 'maze_seed' is malformed"):
         Dataset(tmp_path)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"maze_size": [4001, 4001]}, r"maze_size must be at most 101 a side"),  # over 10 minutes in labmaze's C code
+    ({"resolution": [20000, 20000]}, r"resolution times supersample must be at most 2048"),  # 23 GB on reset
+    ({"resolution": 1024, "supersample": 3}, r"resolution times supersample must be at most 2048"),
+], ids=["maze-size", "resolution", "supersample"])
+def test_a_few_bytes_of_simulator_settings_cannot_take_the_machine(tiny_ckpt, tmp_path, settings, message):
+    """`worldsim play --world sim --checkpoint X` walks X's simulator with the settings in its config.json
+    (start_simulator; the refusal comes when it is made, before a reset could take the machine)."""
+    from worldsim.checkpoint import read_config
+    from worldsim.dream_env import SimulatorUnavailable, start_simulator
+
+    ck = _with_simulator(tiny_ckpt, tmp_path / "big", {"id": "worldsim/Maze-v0", "settings": settings})
+    with pytest.raises(SimulatorUnavailable, match=message):
+        start_simulator(read_config(ck)["simulator"], source=f"checkpoint {ck}")
+
+
+def test_the_largest_allowed_maze_and_frames_still_work():
+    from envs.maze import MazeEnv
+
+    env = MazeEnv(maze_size=[5, 101], room_max_size=4, resolution=(8, 1024), supersample=2)
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (8, 1024, 3) and env.maze_walls.shape == (5, 101)
