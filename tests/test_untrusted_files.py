@@ -198,3 +198,22 @@ def test_the_largest_allowed_maze_and_frames_still_work():
     env = MazeEnv(maze_size=[5, 101], room_max_size=4, resolution=(8, 1024), supersample=2)
     obs, info = env.reset(seed=0)
     assert obs.shape == (8, 1024, 3) and env.maze_walls.shape == (5, 101)
+
+
+@pytest.mark.parametrize("eid", ["x/../../../escaped", "..", "a\\b", ""])
+def test_an_episode_id_that_is_not_a_plain_name_is_refused(tmp_path, eid):
+    """eval names its videos episode_<id>.mp4 in --out: an id holding '/' failed there after the scoring
+    (exit 1, "No such file or directory"), and pointed at folders outside --out."""
+    from worldsim.dataset import Dataset, DatasetError, write_episode_atomic, write_json_atomic
+
+    (tmp_path / "episodes").mkdir()
+    write_episode_atomic(tmp_path / "episodes" / "0.npz", video=np.zeros((2, 8, 8, 3), np.uint8),
+                         actions=np.zeros(2, np.int64))
+    index = {"format": "worldsim-dataset", "format_version": 1, "resolution": [8, 8], "action_names": list(ACTIONS),
+             "episodes": [{"id": "000000", "file": "episodes/0.npz", "length": 2}]}
+    write_json_atomic(tmp_path / "index.json", index)
+    assert Dataset(tmp_path)[0].id == "000000"
+    index["episodes"][0]["id"] = eid
+    write_json_atomic(tmp_path / "index.json", index)
+    with pytest.raises(DatasetError, match="is not a plain name"):
+        Dataset(tmp_path)

@@ -744,6 +744,9 @@ class Dataset:
                 raise DatasetError(f"{index_path}: episode entry {n} is malformed ({exc!r})") from None
             if eid in seen:
                 raise DatasetError(f"{index_path}: duplicate episode id {eid!r}")
+            if not eid or eid in (".", "..") or any(c in eid for c in "/\\\0"):
+                # ids name output files (eval's episode_<id>.mp4): "x/../../y" pointed a write elsewhere
+                raise DatasetError(f"{index_path}: episode id {eid!r} is not a plain name (no '/', '\\' or '..')")
             seen.add(eid)
             if split is not None and split not in SPLITS:
                 raise DatasetError(f"{index_path}: episode {eid!r} has unknown split {split!r}")
