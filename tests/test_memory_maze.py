@@ -291,3 +291,13 @@ def test_a_process_forked_after_rendering_is_told_to_spawn_instead_of_hanging(mm
         child.join(10)
     assert message.startswith("RuntimeError: Memory Maze cannot start in a process forked after its parent rendered")
     assert "vector_kwargs={'context': 'spawn'}" in message
+
+
+def test_a_resolution_no_frame_needs_is_refused_when_the_env_is_made():
+    """Settings come from checkpoints and datasets made by others too: a resolution of 20,000 would
+    render and store 1.2 GB frames. Refused before Memory Maze is even imported (so here too)."""
+    from envs.memory_maze import MAX_RESOLUTION
+
+    for bad in (7, MAX_RESOLUTION + 1, 20_000):
+        with pytest.raises(ValueError, match=f"resolution must be from 8 to {MAX_RESOLUTION}, got {bad}"):
+            MemoryMazeEnv(resolution=bad)
