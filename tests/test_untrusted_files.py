@@ -120,6 +120,20 @@ def test_eval_refuses_a_checkpoints_foreign_simulator(tiny_ckpt, tmp_path, paylo
     assert not marker.exists() and not (tmp_path / "rec").exists()
 
 
+def test_eval_names_the_checkpoint_whose_simulator_it_refuses(tiny_ckpt, tmp_path, payload, capsys):
+    """Without --data eval records test mazes with the checkpoint's simulator: its refusal names the
+    checkpoint's folder, as play's does (it said "the checkpoint")."""
+    from worldsim.cli import main
+
+    name, marker = payload
+    ck = _with_simulator(tiny_ckpt, tmp_path / "evil", {"id": f"{name}:worldsim/Maze-v0", "settings": {}})
+    rc = main(["eval", "--checkpoint", str(ck), "--out", str(tmp_path / "ev"), "--episodes", "1", "--device", "cpu",
+               "--progress", "false"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"worldsim eval: checkpoint {ck} names the simulator" in err and "Traceback" not in err
+    assert not marker.exists()
+
+
 def test_a_foreign_simulator_starts_when_the_user_lists_it(tiny_ckpt, tmp_path, payload, monkeypatch):
     """The opt-in: an exact id in $WORLDSIM_TRUSTED_SIMULATORS; worldsim's own ids need none."""
     from envs import UntrustedSimulator, check_simulator_from_file

@@ -297,13 +297,14 @@ def _simulator_spec(world: Any) -> dict | None:
     return None
 
 
-def make_simulator(spec: dict | None) -> Any | None:
-    """The simulator a checkpoint was trained on, or None when it cannot be built here."""
+def make_simulator(spec: dict | None, source: str = "the checkpoint") -> Any | None:
+    """The simulator a checkpoint was trained on, or None when it cannot be built here; `source` (the
+    checkpoint, by its path where known) is named when its id is not one worldsim starts unasked."""
     if not spec:
         return None
     from envs import check_simulator_from_file, make_untimed  # (and registers the ids)
 
-    check_simulator_from_file(spec.get("id"), "the checkpoint")  # not a simulator that is missing: said
+    check_simulator_from_file(spec.get("id"), source)  # not a simulator that is missing: said
     try:
         return make_untimed(spec["id"], spec.get("settings"))  # probes as long as asked
     except Exception:  # optional simulators (DMLab, Memory Maze) may be missing
@@ -325,7 +326,7 @@ def _turn_step(spec: dict | None, sim: Any | None) -> float | None:
 
 
 def record_test_episodes(world: Any, out_dir: Path, episodes: int, length: int, seed: int,
-                         progress: bool, split: str = "test") -> Path:
+                         progress: bool, split: str = "test", source: str = "the checkpoint") -> Path:
     """Record `episodes` mazes of `split` with the navigator for the checkpoint's simulator."""
     spec = _simulator_spec(world)
     if spec is None:
@@ -333,7 +334,7 @@ def record_test_episodes(world: Any, out_dir: Path, episodes: int, length: int, 
     from envs import check_simulator_from_file
     from envs.recorder import RecordConfig, record
 
-    check_simulator_from_file(spec.get("id"), "the checkpoint")
+    check_simulator_from_file(spec.get("id"), source)
     env_args = tuple(f"{k}={json.dumps(v)}" for k, v in (spec.get("settings") or {}).items())
     cfg = RecordConfig(out=str(out_dir), env=spec["id"], env_arg=env_args, episodes=episodes, length=length,
                        policy="navigator", split=split, seed=seed, workers=1, progress=progress)
@@ -706,7 +707,8 @@ def _pick_probe_maze_seeds(ds: Any, count: int, seed: int, split: str = "test") 
     return seeds
 
 
-def self_consistency(world: Any, cfg: EvalConfig, ds: Any, bar_enabled: bool) -> dict[str, Any]:
+def self_consistency(world: Any, cfg: EvalConfig, ds: Any, bar_enabled: bool,
+                     source: str = "the checkpoint") -> dict[str, Any]:
     """Turn-in-place and out-and-back probes in generated worlds (no ground truth)."""
     if cfg.probe_episodes <= 0:
         return {"skipped": "--probe-episodes 0"}
@@ -717,7 +719,7 @@ def self_consistency(world: Any, cfg: EvalConfig, ds: Any, bar_enabled: bool) ->
     from envs import UntrustedSimulator
 
     try:
-        sim = make_simulator(spec)
+        sim = make_simulator(spec, source)
     except UntrustedSimulator as exc:  # probes from the dataset's episodes still run (as when it is not installed)
         print(f"worldsim eval: not starting the checkpoint's simulator: {exc}", file=sys.stderr)
         sim = None
@@ -1201,6 +1203,8 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None) -
         checkpoint_path = resolve_checkpoint(cfg.checkpoint)
         world = WorldModel.load(checkpoint_path, device=cfg.device, precision=cfg.precision)
     _with_memory_span(world, cfg.memory_span)
+    # named by its path in a refusal of its simulator: "the checkpoint" left the user to guess which file
+    sim_source = f"checkpoint {checkpoint_path}" if checkpoint_path is not None else "the checkpoint"
     window = model_window(world)
     if cfg.still_frames and "noop" not in world.action_names:  # the first action may move
         raise EvalError(f"--still-frames {cfg.still_frames} needs a 'noop' action; the checkpoint has "
@@ -1222,7 +1226,8 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None) -
     else:
         data_path = out / "data"
         record_length = length if cfg.record_length is None else cfg.record_length
-        record_test_episodes(world, data_path, cfg.episodes, record_length, cfg.seed, cfg.progress, cfg.split)
+        record_test_episodes(world, data_path, cfg.episodes, record_length, cfg.seed, cfg.progress, cfg.split,
+                             sim_source)
         recorded = True
     ds, split_note = load_test_split(data_path, world, cfg.split)
     if len(ds) == 0:
@@ -1344,7 +1349,7 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None) -
                      "no probes")
     elif not interrupted:
         try:
-            sc = self_consistency(world, cfg, ds, cfg.progress)
+            sc = self_consistency(world, cfg, ds, cfg.progress, sim_source)
         except KeyboardInterrupt:
             interrupted = probes_interrupted = True
         except EvalError as exc:  # e.g. --probe-context longer than the episodes: keep the ground truth
