@@ -231,3 +231,46 @@ def test_an_episode_id_that_is_not_a_plain_name_is_refused(tmp_path, eid):
     write_json_atomic(tmp_path / "index.json", index)
     with pytest.raises(DatasetError, match="is not a plain name"):
         Dataset(tmp_path)
+
+
+@pytest.mark.parametrize("simulator", ["worldsim/Maze-v0", {"id": 5}, {"id": "worldsim/Maze-v0", "settings": [1]}],
+                         ids=["bare-id", "id-not-a-string", "settings-not-an-object"])
+def test_a_datasets_simulator_that_is_not_an_id_and_settings_is_refused_naming_the_file(tiny_ckpt, tmp_path, simulator,
+                                                                                        capsys):
+    """index.json's 'simulator' (play and eval start it, training copies it into the checkpoint) is checked as a
+    checkpoint's is: a bare id string was an AttributeError traceback in `play --dataset`."""
+    from worldsim.cli import main
+    from worldsim.dataset import Dataset, DatasetError, write_episode_atomic, write_json_atomic
+
+    sim = gym.make(MAZE["id"], **MAZE["settings"])
+    obs, info = sim.reset(seed=1, options={"maze_seed": 3})
+    (tmp_path / "d" / "episodes").mkdir(parents=True)
+    write_episode_atomic(tmp_path / "d" / "episodes" / "0.npz", video=np.stack([obs] * 3),
+                         actions=np.zeros(3, np.int64), poses=np.stack([info["pose"]] * 3))
+    index = {"format": "worldsim-dataset", "format_version": 1, "simulator": MAZE, "resolution": [64, 64],
+             "action_names": list(ACTIONS), "episodes": [{"id": "0", "file": "episodes/0.npz", "length": 3}]}
+    write_json_atomic(tmp_path / "d" / "index.json", index)
+    assert Dataset(tmp_path / "d").simulator == MAZE
+    write_json_atomic(tmp_path / "d" / "index.json", {**index, "simulator": simulator})
+    with pytest.raises(DatasetError, match=re.escape(f"{tmp_path / 'd' / 'index.json'}: 'simulator' must be null or")):
+        Dataset(tmp_path / "d")
+    rc = main(["play", "--checkpoint", str(tiny_ckpt), "--dataset", str(tmp_path / "d"), "--context-frames", "2",
+               "--headless", "--actions", "random:2", "--out", str(tmp_path / "p.gif"), "--device", "cpu", "--reality"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "'simulator' must be null or" in err and "Traceback" not in err
+
+
+def test_an_episode_files_simulator_that_is_not_an_id_and_settings_is_refused_naming_the_file(tmp_path):
+    from worldsim.dataset import Dataset, DatasetError, write_episode_atomic
+
+    def episode(simulator: object) -> None:
+        header = {"action_names": list(ACTIONS), "simulator": simulator}
+        write_episode_atomic(tmp_path / "0.npz", video=np.zeros((2, 8, 8, 3), np.uint8), actions=np.zeros(2, np.int64),
+                             maze_seed=np.array(3), recording=np.array(json.dumps(header)))
+
+    episode(MAZE)
+    assert Dataset(tmp_path).simulator == MAZE
+    episode("worldsim/Maze-v0")
+    with pytest.raises(DatasetError, match=re.escape(f"{tmp_path / '0.npz'}: its 'recording' header's 'simulator' "
+                                                     "must be null or")):
+        Dataset(tmp_path)

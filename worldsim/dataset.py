@@ -636,6 +636,16 @@ def plain_folder_files(root: Path) -> list[tuple[Path, str]]:
     return out
 
 
+def _checked_simulator(simulator: Any, what: str) -> dict | None:
+    """`simulator` if it is null or {"id": "...", "settings": {...}}, else DatasetError naming `what`.
+    Play and eval start it and training copies it into the checkpoint: a bare id string was an
+    AttributeError traceback in play, and a checkpoint trained on it could not be loaded."""
+    if simulator is not None and not (isinstance(simulator, dict) and isinstance(simulator.get("id"), str)
+                                      and isinstance(simulator.get("settings") or {}, dict)):
+        raise DatasetError(f'{what} must be null or {{"id": "...", "settings": {{...}}}}, got {simulator!r}')
+    return simulator
+
+
 class Dataset:
     """Read a recorded dataset, a FAR/TECO DMLab .npz, or a folder of such files.
 
@@ -727,7 +737,7 @@ class Dataset:
             raise DatasetError(f"{index_path}: stored action names {list(names)} differ from the given {list(action_names)}")
         self.index = index
         self.format_version = version
-        self.simulator = index.get("simulator")
+        self.simulator = _checked_simulator(index.get("simulator"), f"{index_path}: 'simulator'")
         self.policy = index.get("policy")
         self.resolution = (h, w)
         self.action_names = names
@@ -798,7 +808,9 @@ class Dataset:
                     assert isinstance(names, list) and all(isinstance(n, str) and n for n in names)
                 except (ValueError, TypeError, KeyError, AssertionError, RecursionError):  # (JSON nested too deeply)
                     raise DatasetError(f"{file}: its 'recording' header or 'maze_seed' is malformed") from None
-                recorded[file] = {"action_names": names, "simulator": header.get("simulator")}
+                recorded[file] = {"action_names": names,
+                                  "simulator": _checked_simulator(header.get("simulator"),
+                                                                  f"{file}: its 'recording' header's 'simulator'")}
                 split = split_for_maze_seed(maze_seed)
                 folder_split = None  # the maze decides, wherever the file lies
             elif folder_split == "train":
