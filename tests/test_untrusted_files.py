@@ -98,7 +98,8 @@ def test_a_datasets_simulator_id_cannot_import_a_module(tiny_ckpt, tmp_path, pay
         "episodes": [{"id": "000000", "file": "episodes/000000.npz", "length": 3, "maze_seed": 3}]})
     env = gym.make("worldsim/Dream-v0", checkpoint=str(tiny_ckpt), dataset=str(root), reality=True,
                    context_frames=2, device="cpu", disable_env_checker=True)
-    env.reset(seed=0)  # the dream starts; its reality view (a bonus that never fails the dream) does not
+    with pytest.warns(UserWarning, match=f"no reality view: dataset {root} names the simulator"):
+        env.reset(seed=0)  # the dream starts; its reality view (a bonus that never fails the dream) does not
     assert not env.unwrapped._reality_ok and not marker.exists()
     with pytest.raises(UntrustedSimulator, match=f"dataset {root} names the simulator"):
         env.unwrapped._simulator()

@@ -59,6 +59,7 @@ import numbers
 import operator
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -361,10 +362,17 @@ class DreamEnv(gym.Env):
 
     def _place_reality(self, sim_seed: int, maze_seed: int, pose: np.ndarray) -> None:
         """Put the real simulator where the recorded episode's context ends (maze seed + pose)."""
+        from envs import UntrustedSimulator
+
         try:
             sim = self._simulator()
             sim.reset(seed=sim_seed, options={"maze_seed": int(maze_seed)})  # seeded: never the OS's entropy
             obs = sim.unwrapped.set_pose(*(float(v) for v in pose))
+        except UntrustedSimulator as exc:
+            # still a bonus view, but one the user can turn on ($WORLDSIM_TRUSTED_SIMULATORS): `play --reality`
+            # showed a grey half without a word. warnings, not gym.logger.warn, which %-formats the message
+            warnings.warn(f"no reality view: {exc}", stacklevel=2)
+            return
         except Exception:  # reality is a bonus view (a simulator without set_pose ...): never fail the dream
             return
         self._reality_ok = True
