@@ -8,6 +8,12 @@ import gymnasium as gym
 import numpy as np
 
 
+# frames a side at most, for every simulator: settings come from files made by others too (a
+# checkpoint's or dataset's simulator.settings), and resolution [3000, 3000] took 12.8 GB to play two
+# frames of Maze-v0. Far above any frame a world model here is trained on (64x64).
+MAX_FRAME_SIDE = 2048
+
+
 def as_hw(value: int | Sequence[int], name: str) -> tuple[int, int]:
     """An int or an (H, W) / (rows, cols) pair -> a pair of positive ints (a simulator setting: a
     resolution, a maze size), or a ValueError naming it."""

@@ -60,7 +60,7 @@ from typing import Any, Mapping
 import numpy as np
 from gymnasium import spaces
 
-from envs._base import SimulatorEnv, as_hw
+from envs._base import MAX_FRAME_SIDE, SimulatorEnv, as_hw
 
 ACTION_NAMES: tuple[str, ...] = ("noop", "forward", "backward", "turn_left", "turn_right")
 
@@ -169,6 +169,8 @@ class DMLabEnv(SimulatorEnv):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         h, w = as_hw(resolution, "resolution")
+        if max(h, w) > MAX_FRAME_SIDE:  # (envs/_base.py: why the cap)
+            raise ValueError(f"resolution must be at most {MAX_FRAME_SIDE} pixels a side, got {resolution!r}")
         if int(action_repeat) < 1 or int(fps) < 1:
             raise ValueError(f"action_repeat and fps must be >= 1, got {action_repeat}, {fps}")
         if renderer not in ("software", "hardware"):

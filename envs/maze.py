@@ -28,7 +28,7 @@ import labmaze
 import numpy as np
 from gymnasium import spaces
 
-from envs._base import SimulatorEnv, as_hw
+from envs._base import MAX_FRAME_SIDE, SimulatorEnv, as_hw
 
 from envs._textures import FLOOR_VARIANTS, SKY_INDEX, Atlas, build_atlas
 
@@ -102,7 +102,7 @@ class MazeEnv(SimulatorEnv):
     # play two frames ([20000, 20000]: killed for memory at 23 GB on reset). The caps are far above
     # any maze or frame a world model here is trained on (11x11, 64x64).
     MAX_MAZE_SIDE = 101
-    MAX_RENDER_SIDE = 2048
+    MAX_RENDER_SIDE = MAX_FRAME_SIDE
 
     def __init__(
         self,

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
-from envs._base import SimulatorEnv
+from envs._base import MAX_FRAME_SIDE, SimulatorEnv
 
 ACTION_NAMES: tuple[str, ...] = (
     "noop", "forward", "turn_left", "turn_right", "forward_left", "forward_right",
@@ -116,9 +116,6 @@ def _wrap(angle: float) -> float:
     return math.remainder(angle, 2.0 * math.pi)
 
 
-MAX_RESOLUTION = 2048  # pixels a side, as Maze-v0's MAX_RENDER_SIDE
-
-
 class MemoryMazeEnv(SimulatorEnv):
     """Memory Maze as a worldsim simulator.
 
@@ -173,10 +170,8 @@ class MemoryMazeEnv(SimulatorEnv):
             raise ValueError(f"maze_size must be one of {MAZE_SIZES} (Memory Maze sizes), got {maze_size!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
-        # a resolution comes from files made by others too (a checkpoint's simulator.settings): the
-        # camera renders, and the recorder stores, R x R frames, so cap it as Maze-v0 caps its frames
-        if not 8 <= int(resolution) <= MAX_RESOLUTION:
-            raise ValueError(f"resolution must be from 8 to {MAX_RESOLUTION}, got {resolution!r}")
+        if not 8 <= int(resolution) <= MAX_FRAME_SIDE:  # (envs/_base.py: why the cap)
+            raise ValueError(f"resolution must be from 8 to {MAX_FRAME_SIDE}, got {resolution!r}")
         if not float(control_freq) > 0:
             raise ValueError(f"control_freq must be > 0, got {control_freq!r}")
         if max_steps is not None and int(max_steps) < 1:

@@ -347,6 +347,10 @@ def test_standin_look_pixels_must_turn(standin):
     # --env-arg resolution=64,64 is a string: int() failed on the character ','
     with pytest.raises(ValueError, match="resolution must be an integer or a pair of integers .*got '64,64'"):
         gym.make("worldsim/DMLab-v0", resolution="64,64")
+    # settings come from files made by others too: a checkpoint's resolution [20000, 20000] would have
+    # DeepMind Lab render (and the recorder store) 1.2 GB frames
+    with pytest.raises(ValueError, match=r"resolution must be at most 2048 pixels a side, got \[64, 20000\]"):
+        gym.make("worldsim/DMLab-v0", resolution=[64, 20000])
 
 
 def test_standin_a_closed_env_says_so(standin):

@@ -296,8 +296,8 @@ def test_a_process_forked_after_rendering_is_told_to_spawn_instead_of_hanging(mm
 def test_a_resolution_no_frame_needs_is_refused_when_the_env_is_made():
     """Settings come from checkpoints and datasets made by others too: a resolution of 20,000 would
     render and store 1.2 GB frames. Refused before Memory Maze is even imported (so here too)."""
-    from envs.memory_maze import MAX_RESOLUTION
+    from envs._base import MAX_FRAME_SIDE
 
-    for bad in (7, MAX_RESOLUTION + 1, 20_000):
-        with pytest.raises(ValueError, match=f"resolution must be from 8 to {MAX_RESOLUTION}, got {bad}"):
+    for bad in (7, MAX_FRAME_SIDE + 1, 20_000):
+        with pytest.raises(ValueError, match=f"resolution must be from 8 to {MAX_FRAME_SIDE}, got {bad}"):
             MemoryMazeEnv(resolution=bad)

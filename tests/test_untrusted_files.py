@@ -215,10 +215,14 @@ def test_the_largest_allowed_maze_and_frames_still_work():
     assert obs.shape == (8, 1024, 3) and env.maze_walls.shape == (5, 101)
 
 
-@pytest.mark.parametrize("eid", ["x/../../../escaped", "..", "a\\b", ""])
-def test_an_episode_id_that_is_not_a_plain_name_is_refused(tmp_path, eid):
+@pytest.mark.parametrize("eid, problem", [
+    ("x/../../../escaped", "is not a plain name"), ("..", "is not a plain name"), ("a\\b", "is not a plain name"),
+    ("", "is not a plain name"), ("e" * 201, "is 201 bytes long; ids name files"),
+    ("\u00e9" * 101, "is 202 bytes long; ids name files")])  # bytes, not characters, fill a file name
+def test_an_episode_id_that_is_not_a_plain_name_is_refused(tmp_path, eid, problem):
     """eval names its videos episode_<id>.mp4 in --out: an id holding '/' failed there after the scoring
-    (exit 1, "No such file or directory"), and pointed at folders outside --out."""
+    (exit 1, "No such file or directory"), and pointed at folders outside --out; one longer than a file
+    name may be failed there too ("File name too long")."""
     from worldsim.dataset import Dataset, DatasetError, write_episode_atomic, write_json_atomic
 
     (tmp_path / "episodes").mkdir()
@@ -230,8 +234,11 @@ def test_an_episode_id_that_is_not_a_plain_name_is_refused(tmp_path, eid):
     assert Dataset(tmp_path)[0].id == "000000"
     index["episodes"][0]["id"] = eid
     write_json_atomic(tmp_path / "index.json", index)
-    with pytest.raises(DatasetError, match="is not a plain name"):
+    with pytest.raises(DatasetError, match=problem):
         Dataset(tmp_path)
+    index["episodes"][0]["id"] = "e" * 200  # the longest an id may be
+    write_json_atomic(tmp_path / "index.json", index)
+    assert Dataset(tmp_path)[0].id == "e" * 200
 
 
 @pytest.mark.parametrize("simulator", ["worldsim/Maze-v0", {"id": 5}, {"id": "worldsim/Maze-v0", "settings": [1]}],

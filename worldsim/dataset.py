@@ -72,6 +72,7 @@ FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
 EPISODES_DIR = "episodes"
 SPLITS = ("train", "val", "test")
+MAX_ID_BYTES = 200  # an episode id names files: episode_<id>.mp4 within the 255 bytes of a file name
 
 
 class DatasetError(ValueError):
@@ -757,6 +758,9 @@ class Dataset:
             if not eid or eid in (".", "..") or any(c in eid for c in "/\\\0"):
                 # ids name output files (eval's episode_<id>.mp4): "x/../../y" pointed a write elsewhere
                 raise DatasetError(f"{index_path}: episode id {eid!r} is not a plain name (no '/', '\\' or '..')")
+            if len(eid.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:  # file names stop at 255 bytes
+                raise DatasetError(f"{index_path}: episode id {eid[:40]!r}... is {len(eid.encode('utf-8', 'surrogatepass'))} "
+                                   f"bytes long; ids name files (episode_<id>.mp4), so at most {MAX_ID_BYTES}")
             seen.add(eid)
             if split is not None and split not in SPLITS:
                 raise DatasetError(f"{index_path}: episode {eid!r} has unknown split {split!r}")
