@@ -455,6 +455,8 @@ def _record_locked(cfg: RecordConfig, settings: dict[str, Any], out: Path) -> di
                      "recorded")
         try:
             existing = json.loads(index_path.read_text())
+        except PermissionError:  # no permission: exit 1 naming it, as in every command (moving it away is no fix)
+            raise
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RecordError(f"{index_path}: cannot read the existing index ({exc}); {move_away}") from None
         listed = existing.get("episodes", []) if isinstance(existing, dict) else None

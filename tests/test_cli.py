@@ -223,3 +223,58 @@ def test_a_keymap_file_that_is_not_text_is_a_keymap_error(tmp_path):
     keys.write_bytes(bytes(range(128, 256)))
     with pytest.raises(KeymapError, match=f"{keys}: cannot read keymap JSON"):
         load_keymap(str(keys), ("noop", "forward"))
+
+
+def _refuse_reading(monkeypatch, *paths: Path) -> None:
+    """Path.read_text of `paths` fails as on a file without read permission (the tests may run as
+    root, whom chmod 000 does not stop)."""
+    import errno
+
+    real = Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if self in paths:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+
+
+def test_an_input_it_may_not_read_is_exit_1_naming_the_file(monkeypatch, capsys, tmp_path):
+    """No permission is the file system's refusal, exit 1 in every command, as for a dataset folder it
+    may not read. An index.json, an episode file, a run's config.json, play's --actions file or keymap
+    without read permission were exit 2 instead, an episode file as "corrupt episode file
+    (PermissionError: ...)", and record's index with the advice to move it away and rebuild it."""
+    import errno
+
+    from worldsim import dataset
+    from worldsim.keymaps import load_keymap
+    from worldsim.train import _read_json_object
+
+    data = tmp_path / "ds"
+    record = ["record", "--episodes", "1", "--length", "5", "--workers", "1", "--progress", "false", "--out", str(data)]
+    assert main(record) == 0
+    capsys.readouterr()
+    index, episode = data / "index.json", data / "episodes" / "000000.npz"
+
+    def refuse_the_episode(file, *args, **kwargs):
+        if Path(file) == episode:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return open(file, *args, **kwargs)
+
+    monkeypatch.setattr(dataset, "open", refuse_the_episode, raising=False)  # _load_arrays' open
+    assert main(["export", str(data), "--out", str(tmp_path / "ep.gif")]) == 1
+    assert capsys.readouterr().err == f"worldsim export: {episode}: Permission denied\n"
+    monkeypatch.undo()
+
+    _refuse_reading(monkeypatch, index)
+    assert main(["export", str(data), "--out", str(tmp_path / "ep.gif")]) == 1
+    assert capsys.readouterr().err == f"worldsim export: {index}: Permission denied\n"
+    assert main(record) == 1
+    assert capsys.readouterr().err == f"worldsim record: {index}: Permission denied\n"
+    with pytest.raises(PermissionError):
+        _read_json_object(index)  # train's reader of config.json and state.json
+    with pytest.raises(PermissionError):
+        load_keymap(str(index), ("noop", "forward"))
+    assert main(["play", "--headless", "--world", "sim", "--actions", str(index)]) == 1
+    assert capsys.readouterr().err == f"worldsim play: {index}: Permission denied\n"

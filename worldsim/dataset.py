@@ -197,6 +197,8 @@ def npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
                 out[name[: -len(".npy")]] = (tuple(shape), np.dtype(dtype))
     except FileNotFoundError:
         raise DatasetError(f"{path}: episode file not found") from None
+    except PermissionError:  # the file system's refusal, not damage: exit 1 naming the file, as in every command
+        raise
     except zipfile.BadZipFile as exc:
         raise DatasetError(f"{path}: not a valid .npz (zip) file, truncated or corrupt ({exc})") from None
     except (OSError, EOFError, ValueError, zipfile.LargeZipFile) as exc:
@@ -232,6 +234,8 @@ def _load_arrays(path: Path, keys: Sequence[str], optional: Sequence[str] = ()) 
         raise
     except FileNotFoundError:
         raise DatasetError(f"{path}: episode file not found") from None
+    except PermissionError:  # the file system's refusal, not a "corrupt episode file": exit 1 naming the file
+        raise
     except zipfile.BadZipFile as exc:
         raise DatasetError(f"{path}: not a valid .npz (zip) file, truncated or corrupt ({exc})") from None
     except Exception as exc:  # zlib.error, EOFError, ValueError (pickled objects), OSError, ...
@@ -708,6 +712,8 @@ class Dataset:
             raise DatasetError(f"{index_path}: not valid JSON ({exc})") from None
         except RecursionError:  # a few KB of "[[[[..." is a RecursionError traceback, not a JSONDecodeError
             raise DatasetError(f"{index_path}: not valid JSON (nested too deeply)") from None
+        except PermissionError:  # the file system's refusal, not a bad index: exit 1 naming the file, as in every command
+            raise
         except OSError as exc:
             raise DatasetError(f"{index_path}: cannot read ({exc})") from None
         if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:

@@ -80,6 +80,8 @@ def load_keymap(spec: str | os.PathLike, action_names: Sequence[str]) -> dict[st
         raise KeymapError(f"keymap {text!r}: neither a built-in keymap ({', '.join(KEYMAPS)}) nor an existing JSON file")
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: PowerShell's UTF-8 starts with a BOM
+    except PermissionError:  # the file system's refusal: exit 1 naming the file, as in every command
+        raise
     except (OSError, ValueError) as exc:  # ValueError: bad JSON, and bytes that are not UTF-8
         raise KeymapError(f"{path}: cannot read keymap JSON ({exc})") from None
     except RecursionError:  # "[[[[..." nested thousands deep

@@ -165,6 +165,8 @@ def read_actions(spec: str, action_names: Sequence[str], seed: int = 0) -> list[
     path = Path(spec)
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: PowerShell's "UTF-8" starts with a BOM
+    except PermissionError:  # the file system's refusal: exit 1 naming the file, as in every command
+        raise
     except OSError as exc:
         raise PlayError(f"--actions {spec!r}: cannot read the actions file ({exc.strerror or exc})") from None
     except UnicodeDecodeError:  # e.g. UTF-16, which Windows PowerShell's `>` writes

@@ -859,6 +859,8 @@ def _read_json_object(file: Path) -> dict:
     """A config.json (or state.json) as a dict; TrainError names the file when it is not one."""
     try:
         data = json.loads(file.read_text())
+    except PermissionError:  # the file system's refusal, not a bad file: exit 1 naming it, as in every command
+        raise
     except (OSError, ValueError) as exc:  # ValueError: bad JSON or UTF-8, a number of over 4,300 digits
         raise TrainError(f"{file}: unreadable ({exc})") from None
     except RecursionError:  # "[[[[..." nested thousands deep (a checkpoint made by someone else)
