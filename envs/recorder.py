@@ -409,7 +409,13 @@ def record(cfg: RecordConfig) -> dict[str, Any]:
         raise RecordError(f"{out}: folder is not empty and holds no {INDEX_NAME}; refusing to record into it")
 
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except NotADirectoryError:  # a file in the way is a problem to explain (exit 2), as export, play and eval do
+        blocker = next((p for p in out.parents if p.exists()), None)
+        if blocker is None or blocker.is_dir():
+            raise
+        raise RecordError(f"{out}: {blocker} is a file, not a folder") from None
     lock = _lock(out)
     try:
         return _record_locked(cfg, settings, out)

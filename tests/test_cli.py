@@ -278,3 +278,22 @@ def test_an_input_it_may_not_read_is_exit_1_naming_the_file(monkeypatch, capsys,
         load_keymap(str(index), ("noop", "forward"))
     assert main(["play", "--headless", "--world", "sim", "--actions", str(index)]) == 1
     assert capsys.readouterr().err == f"worldsim play: {index}: Permission denied\n"
+
+
+def test_an_out_below_a_file_is_exit_2_naming_the_file_in_every_command(capsys, tmp_path):
+    """A file in the way of --out is a problem the command explains (exit 2), as export and play said
+    it; record and train exited 1 with mkdir's bare "Not a directory", eval --rescore FILE too."""
+    (tmp_path / "file").write_text("")
+    blocked = tmp_path / "file" / "sub" / "out"
+    data = tmp_path / "ds"
+    assert main(["record", "--episodes", "2", "--length", "8", "--workers", "1", "--progress", "false",
+                 "--out", str(data)]) == 0
+    for argv in (["record", "--episodes", "1", "--length", "5", "--workers", "1", "--progress", "false"],
+                 ["train", "--preset", "tiny", "--ae-steps", "1", "--far-steps", "1", "--progress", "false",
+                  "--threads", "1", "--data", str(data)]):
+        capsys.readouterr()
+        assert main([*argv, "--out", str(blocked)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and err.strip().endswith(f"{tmp_path / 'file'} is a file, not a folder"), err
+    assert main(["eval", "--rescore", str(tmp_path / "file")]) == 2
+    assert "--rescore takes the folder of an earlier" in capsys.readouterr().err

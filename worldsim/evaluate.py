@@ -1486,8 +1486,8 @@ def rescore(folder: str | Path) -> dict[str, Any]:
         results = json.loads(path.read_text())
         problem = results_shape_problem(results)
         seed = None if problem else int(results["config"].get("seed", 0))
-    except FileNotFoundError:
-        raise EvalError(f"{path}: not found (--rescore takes the folder of an earlier `worldsim eval --out`)")
+    except (FileNotFoundError, NotADirectoryError):  # the latter: a file given (was exit 1, "Not a directory")
+        raise EvalError(f"{path}: not found (--rescore takes the folder of an earlier `worldsim eval --out`)") from None
     except (ValueError, TypeError) as exc:
         problem = f"{type(exc).__name__}: {exc}"
     if problem:

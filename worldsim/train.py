@@ -2300,7 +2300,13 @@ def _train(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None
                          "(choose --far-patch-size / --far-context-patch-size to fit the latent grid)") from None
     check_memory_floor(run, dist)  # before the folder is made and the data encoded
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except NotADirectoryError:  # a file in the way is a problem to explain (exit 2), as export, play and eval do
+            blocker = next((p for p in out.parents if p.exists()), None)
+            if blocker is None or blocker.is_dir():
+                raise
+            raise TrainError(f"--out {out}: {blocker} is a file, not a folder") from None
     lock.acquire(dist)
     if dist.is_main:
         cfg_dict = run.to_dict()
