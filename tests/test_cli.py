@@ -297,3 +297,16 @@ def test_an_out_below_a_file_is_exit_2_naming_the_file_in_every_command(capsys, 
         assert len(err.splitlines()) == 1 and err.strip().endswith(f"{tmp_path / 'file'} is a file, not a folder"), err
     assert main(["eval", "--rescore", str(tmp_path / "file")]) == 2
     assert "--rescore takes the folder of an earlier" in capsys.readouterr().err
+
+
+def test_a_refused_eval_leaves_no_empty_out_folder(capsys, tmp_path):
+    """eval makes --out first, to learn at once that it may write there; a refusal after that (no such
+    checkpoint or data, a bad device) left the empty folder behind. A folder that was there stays."""
+    out = tmp_path / "runs" / "eval"
+    for extra in (["--checkpoint", str(tmp_path / "no-checkpoint")], ["--device", "bogus"],
+                  ["--data", str(tmp_path / "no-data"), "--device", "cpu"]):
+        assert main(["eval", *extra, "--out", str(out), "--progress", "false"]) == 2
+        assert not out.exists(), capsys.readouterr().err
+    out.mkdir()
+    assert main(["eval", "--device", "bogus", "--out", str(out)]) == 2
+    assert out.is_dir()

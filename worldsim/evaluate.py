@@ -82,6 +82,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import math
@@ -1512,6 +1513,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, EvalConfig)
 
 
+def _run_eval_leaving_no_empty_out(cfg: EvalConfig) -> dict[str, Any]:
+    """run_eval, but a refusal (no such checkpoint or data, a bad device) or a Ctrl-C before anything
+    was written does not leave behind the empty --out folder run_eval made early to check it may write there."""
+    out_existed = Path(cfg.out).exists()
+    try:
+        return run_eval(cfg)
+    except BaseException:
+        if not out_existed:
+            with contextlib.suppress(OSError):  # only an empty folder: rmdir refuses any other
+                Path(cfg.out).rmdir()
+        raise
+
+
 def main(args: argparse.Namespace) -> int:
     cfg = dataclass_from_args(EvalConfig, args)
     if cfg.rescore is not None:
@@ -1531,7 +1545,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"rewrote {cfg.rescore}/results.json, results.md and psnr_vs_frame.png")
         return 0
     try:
-        results = run_eval(cfg)
+        results = _run_eval_leaving_no_empty_out(cfg)
     except EvalError as exc:
         print(f"worldsim eval: {exc}", file=sys.stderr)
         return 2
