@@ -75,3 +75,27 @@ def test_bench_shows_a_progress_bar_over_every_timed_frame_on_a_terminal(monkeyp
     # per context: none 1 + kv 2 + multilevel 2 timed frames, each mode with one warm-up frame
     assert "worldsim bench: 100%" in terminal.getvalue() and "16/16" in terminal.getvalue()
     assert "kv         context    3:" in capsys.readouterr().out
+
+
+def test_progress_false_hides_the_bars_of_bench_and_headless_play(monkeypatch, capsys):
+    """record, train and eval take --progress false; bench and headless play showed their bars on a
+    terminal with no way to turn them off, and refused the option (exit 2)."""
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    from worldsim.cli import main
+
+    bench = ["bench", "--preset", "tiny", "--ae-preset", "tiny", "--contexts", "2", "--frames", "1",
+             "--none-frames", "1", "--steps", "1", "--threads", "1"]
+    play = ["play", "--headless", "--world", "sim", "--actions", "random:5", "--scale", "1"]
+    for argv, bar in ((bench, "worldsim bench: 100%"), (play, "worldsim play (sim): 100%")):
+        for progress, shown in (("true", True), ("false", False)):
+            terminal = Terminal()
+            monkeypatch.setattr(sys, "stderr", terminal)
+            assert main([*argv, "--progress", progress]) == 0
+            assert (bar in terminal.getvalue()) == shown, terminal.getvalue()
+    capsys.readouterr()

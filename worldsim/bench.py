@@ -40,12 +40,14 @@ class BenchConfig:
         "help": "cache modes: none, kv, multilevel, sliding, multilevel-fast"})
     frames: int = field(default=4, metadata={"help": "generated frames timed per mode and context"})
     none_frames: int = field(default=2, metadata={"help": "frames timed for the slow `none` mode"})
-    device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda if available)"})
+    device: str | None = field(default=None, metadata={
+        "help": "auto, cpu, cuda, cuda:1, ... (default: auto: a CUDA GPU where there is one, else the CPU)"})
     precision: Literal["fp32", "bf16", "auto"] = field(default="fp32", metadata={
         "help": "the transformer's arithmetic on a CPU (play's default is auto: bf16 where the CPU has it; "
                 "fp32 here keeps the README's table comparable; a GPU always runs bf16)"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar (on a terminal; never in a redirected log)"})
     simulator: bool = field(default=False, metadata={"help": "also benchmark the simulator (worldsim.bench_sim)"})
     sim_steps: int = field(default=2000, metadata={"help": "simulator steps to time"})
 
@@ -85,7 +87,8 @@ def time_generation(cfg: BenchConfig) -> list[dict]:
 
     # the uncached mode at long contexts takes minutes: a bar (on a terminal only) counts the frames
     per_context = sum((cfg.none_frames if mode == "none" else cfg.frames) + 1 for mode in cfg.modes)
-    bar = tqdm(total=per_context * len(cfg.contexts), desc="worldsim bench", unit="frame", disable=None,
+    bar = tqdm(total=per_context * len(cfg.contexts), desc="worldsim bench", unit="frame",
+               disable=None if cfg.progress else True,
                dynamic_ncols=True, file=sys.stderr)
     for K in cfg.contexts:
         latents = torch.randn(K, fc.latent_channels, fc.latent_size, fc.latent_size)

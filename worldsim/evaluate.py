@@ -155,7 +155,8 @@ class EvalConfig:
                 "condition, as play's start gives (play takes the checkpoint's sampler.still_frames); not for "
                 "teacher forcing or the probes; 0 = the frames given, as the bars are scored"})
     seed: int = field(default=0, metadata={"help": "base seed; each session uses seed + episode index"})
-    device: str | None = field(default=None, metadata={"help": "torch device (default: picked automatically)"})
+    device: str | None = field(default=None, metadata={
+        "help": "auto, cpu, cuda, cuda:1, ... (default: auto: a CUDA GPU where there is one, else the CPU)"})
     threads: int | None = field(default=None, metadata={
         "help": "torch CPU threads (default: torch's; 1 is faster on a machine shared with other jobs)"})
     precision: Literal["fp32", "bf16", "auto"] = field(default="fp32", metadata={

@@ -86,7 +86,8 @@ class PlayConfig:
     generated_noise: float | None = field(default=None, metadata={
         "help": "noise level in [0, 1) given to each generated frame before it enters the model's context (labelled "
                 "with it, as training labels noised context), against drift; 0 = off (default: the checkpoint's)"})
-    device: str | None = field(default=None, metadata={"help": "torch device (default: picked automatically)"})
+    device: str | None = field(default=None, metadata={
+        "help": "auto, cpu, cuda, cuda:1, ... (default: auto: a CUDA GPU where there is one, else the CPU)"})
     threads: int | None = field(default=None, metadata={
         "help": "torch CPU threads (default: one fewer than the cores this process may use, at most torch's "
                 "default, at least 1: a thread that must share its core with another program stalls the "
@@ -124,6 +125,8 @@ class PlayConfig:
     record_dir: str = field(default="recordings", metadata={"help": "where V writes its MP4 recordings"})
     actions: str | None = field(default=None, metadata={"help": "headless: FILE (one action name per line) or random:N"})
     out: str | None = field(default=None, metadata={"help": "headless: the video to write, .mp4 or .gif"})
+    progress: bool = field(default=True, metadata={
+        "help": "headless: show a progress bar (on a terminal; never in a redirected log)"})
     headless: bool = field(default=False, metadata={"help": "no window: play --actions, write --out"})
     benchmark: bool = field(default=False, metadata={
         "help": f"headless: print fps at generated frames {', '.join(map(str, BENCH_AT))} and resident memory"})
@@ -997,7 +1000,7 @@ def run_headless(config: PlayConfig, world: World | None = None, log: Callable[[
             recorder = VideoRecorder(config.out, fps=config.fps)
         start = time.perf_counter()
         for i, action in enumerate(tqdm(actions, desc=f"worldsim play ({world.mode})", unit="frame",
-                                        file=sys.stderr, disable=None), 1):
+                                        file=sys.stderr, disable=None if config.progress else True), 1):
             if episode_over:  # the simulator's own time limit: the walk goes on in a new world
                 obs, info = env.reset(seed=config.seed + ended)
                 episode_over = False
