@@ -241,6 +241,24 @@ def test_an_episode_id_that_is_not_a_plain_name_is_refused(tmp_path, eid, proble
     assert Dataset(tmp_path)[0].id == "e" * 200
 
 
+def test_an_index_less_folder_whose_episode_id_is_too_long_for_a_file_name_is_refused(tmp_path):
+    """A folder without index.json names its episodes by their path below it ("a/b/0.npz" -> "a-b-0"):
+    deep or long folder names gave ids that eval's episode_<id>.mp4 failed on after the whole scoring
+    ("File name too long"), which the index.json check does not catch."""
+    from worldsim.dataset import Dataset, DatasetError, write_episode_atomic
+
+    deep = tmp_path / ("f" * 150) / ("g" * 80)
+    deep.mkdir(parents=True)
+    write_episode_atomic(deep / ("h" * 20 + ".npz"), video=np.zeros((2, 8, 8, 3), np.uint8),
+                         actions=np.zeros(2, np.int64))
+    with pytest.raises(DatasetError, match=r"h\.npz: its episode id .* is 252 bytes long"):
+        Dataset(tmp_path)
+    short = tmp_path / ("f" * 150) / ("g" * 40)
+    deep.rename(short)
+    (short / ("h" * 20 + ".npz")).rename(short / ("h" * 8 + ".npz"))  # 150 + 1 + 40 + 1 + 8 bytes: the longest
+    assert Dataset(tmp_path)[0].id == f"{'f' * 150}-{'g' * 40}-{'h' * 8}"
+
+
 @pytest.mark.parametrize("simulator", ["worldsim/Maze-v0", {"id": 5}, {"id": "worldsim/Maze-v0", "settings": [1]}],
                          ids=["bare-id", "id-not-a-string", "settings-not-an-object"])
 def test_a_datasets_simulator_that_is_not_an_id_and_settings_is_refused_naming_the_file(tiny_ckpt, tmp_path, simulator,

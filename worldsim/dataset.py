@@ -633,6 +633,10 @@ def plain_folder_files(root: Path) -> list[tuple[Path, str]]:
     ids: dict[str, Path] = {}
     for parts, file in sorted(found):
         eid = file.stem if len(parts) == 1 else "-".join(parts[:-1] + (file.stem,))
+        if len(os.fsencode(eid)) > MAX_ID_BYTES:  # as in an index.json: eval's episode_<id>.mp4 would fail after scoring
+            raise DatasetError(f"{file}: its episode id (its path below {root}, joined with '-') is "
+                               f"{len(os.fsencode(eid))} bytes long; ids name files (episode_<id>.mp4), so at most "
+                               f"{MAX_ID_BYTES}: shorten the folder or file names")
         if eid in ids:
             raise DatasetError(f"{file}: its episode id {eid!r} is also the id of {ids[eid]} (ids join the folders "
                                "below the dataset with '-'); rename one of them")
