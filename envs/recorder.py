@@ -351,6 +351,8 @@ def _episode_frames(path: Path) -> int | None:
             return None
         with zipfile.ZipFile(path) as zf:  # the data too: a flipped byte leaves the headers intact
             return frames if zf.testzip() is None else None
+    except PermissionError:  # not ours to record over: exit 1 naming it, as every command says it
+        raise
     except Exception:  # DatasetError, a missing array, a corrupt file
         return None
 
@@ -371,6 +373,8 @@ def _adopt(path: Path, entry: dict[str, Any], length: int, signature: str, heade
             top = int(data["actions"].max())
             extra = {"policy": str(data["policy"]) if "policy" in data.files else None,
                      "reset_seed": int(data["reset_seed"]) if "reset_seed" in data.files else None}
+    except PermissionError:  # (as in _episode_frames)
+        raise
     except Exception:  # a corrupt member: record it again
         return None
     why = None

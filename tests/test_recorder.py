@@ -836,3 +836,36 @@ def test_export_into_a_folder_it_may_not_create_exits_1_as_any_refused_write(tin
     (tmp_path / "file").write_text("")
     assert main(["export", str(tiny_dataset), "--episode", "0", "--out", str(tmp_path / "file" / "x.png")]) == 2
     assert f"{tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_a_resume_does_not_record_over_an_episode_file_it_may_not_read(tmp_path, monkeypatch, capsys, listed):
+    """An episode file without read permission (another user's, say) is the file system's refusal: exit
+    1 naming it, as in every command. The resume took it for a corrupt file and recorded it again, both
+    when the index listed it and when it adopted files an interruption left out of the index."""
+    import errno
+
+    from envs import recorder
+    from worldsim.cli import main
+
+    args = ["record", "--episodes", "1", "--length", "5", "--workers", "1", "--progress", "false",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    episode = tmp_path / "episodes" / "000000.npz"
+    before = episode.read_bytes()
+    if not listed:  # as an interruption after the rename and before the index's rewrite leaves it
+        index = json.loads((tmp_path / "index.json").read_text())
+        index["episodes"] = []
+        (tmp_path / "index.json").write_text(json.dumps(index))
+    real = recorder.npz_headers
+
+    def refuse(path, *a, **k):
+        if Path(path) == episode:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(recorder, "npz_headers", refuse)
+    capsys.readouterr()
+    assert main(args) == 1
+    assert capsys.readouterr().err == f"worldsim record: {episode}: Permission denied\n"
+    assert episode.read_bytes() == before
