@@ -35,7 +35,7 @@ import numpy as np
 
 from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
 from worldsim.dataset import (
-    EPISODES_DIR, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, interrupts_held, npz_headers,
+    EPISODES_DIR, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, file_in_the_way, interrupts_held, npz_headers,
     split_for_maze_seed, try_lock, write_episode_atomic, write_json_atomic,
 )
 
@@ -416,8 +416,7 @@ def record(cfg: RecordConfig) -> dict[str, Any]:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except NotADirectoryError:  # a file in the way is a problem to explain (exit 2), as export, play and eval do
-        blocker = next((p for p in out.parents if p.exists()), None)
-        if blocker is None or blocker.is_dir():
+        if (blocker := file_in_the_way(out)) is None:
             raise
         raise RecordError(f"{out}: {blocker} is a file, not a folder") from None
     lock = _lock(out)

@@ -422,6 +422,13 @@ def sweep_dead_twins(path: str | os.PathLike, suffix: str = ".tmp") -> None:
 FILE_SYSTEM_REFUSALS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
 
 
+def file_in_the_way(path: str | os.PathLike) -> Path | None:
+    """The file among `path`'s parents that keeps mkdir from making it, if one does: mkdir says
+    "Not a directory" or "File exists", which reads as if the folder were there, so commands name it."""
+    blocker = next((p for p in Path(path).parents if p.exists()), None)
+    return blocker if blocker is not None and not blocker.is_dir() else None
+
+
 def name_the_target(exc: OSError, path: str | os.PathLike) -> None:
     """Point a file-system error (a full disk, say) at `path`, what the user asked to write, when
     it names no file or `path`'s temp twin (`.<name>.<random>.tmp`, where atomic writes work);

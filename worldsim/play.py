@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import numpy as np
 
 from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
-from worldsim.dataset import (FILE_SYSTEM_REFUSALS, GifWriter, caption_strip, finished_video_problem,
+from worldsim.dataset import (FILE_SYSTEM_REFUSALS, GifWriter, caption_strip, file_in_the_way, finished_video_problem,
                               interrupts_held, readable_like_any_file, video_write_error)
 from worldsim.keymaps import CONTROL_KEYS, KEYMAPS, KeymapError, help_lines, load_keymap
 
@@ -266,10 +266,8 @@ class VideoRecorder:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a parent that is a file, or no permission: before any frame is made
-            # mkdir says "File exists" for a file in the way, which reads as if the folder were there; name the file
-            blocker = next((p for p in self.path.parents if p.exists()), None)
-            why = (f"{blocker} is a file, not a folder" if isinstance(exc, (FileExistsError, NotADirectoryError))
-                   and blocker is not None and not blocker.is_dir() else exc.strerror or exc)
+            blocker = file_in_the_way(self.path) if isinstance(exc, (FileExistsError, NotADirectoryError)) else None
+            why = f"{blocker} is a file, not a folder" if blocker is not None else exc.strerror or exc
             raise PlayError(f"{self.path}: cannot create its folder ({why})", exc.errno) from None
         gif = self.path.suffix.lower() == ".gif"
         try:

@@ -68,8 +68,8 @@ import torch.nn as nn
 
 from worldsim import cliargs
 from worldsim.checkpoint import CheckpointError, check_field_types, check_tensors
-from worldsim.dataset import (DatasetError, atomic_write, caption_strip, name_the_target, readable_like_any_file,
-                              sweep_dead_twins, try_lock, write_gif, write_json_atomic)
+from worldsim.dataset import (DatasetError, atomic_write, caption_strip, file_in_the_way, name_the_target,
+                              readable_like_any_file, sweep_dead_twins, try_lock, write_gif, write_json_atomic)
 from worldsim.ddp import Dist, cpu_threads_per_rank
 from worldsim.latents import (
     FrameStore, LatentStore, build_cache, check_compatible, holding_split, load_cached, load_frames, names_for,
@@ -2303,8 +2303,7 @@ def _train(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None
         try:
             out.mkdir(parents=True, exist_ok=True)
         except NotADirectoryError:  # a file in the way is a problem to explain (exit 2), as export, play and eval do
-            blocker = next((p for p in out.parents if p.exists()), None)
-            if blocker is None or blocker.is_dir():
+            if (blocker := file_in_the_way(out)) is None:
                 raise
             raise TrainError(f"--out {out}: {blocker} is a file, not a folder") from None
     lock.acquire(dist)
