@@ -566,11 +566,11 @@ def machine_memory_bytes(device: torch.device) -> int | None:
 
 
 def memory_floor(run: RunConfig) -> list[tuple[int, str, str]]:
-    """A lower bound on each stage's memory per rank, with what it counts and the options that set it: fp32 weights, gradients
-    and AdamW's two moments (16 bytes a parameter), and one batch held once (frames for the
-    autoencoder; latents and one bf16 residual stream per block for the transformer). Real runs need
-    several times more; a bound this low refuses only sizes no machine could train (a --far-width of
-    10**6 asked for 4 TB in a traceback), never one that might fit."""
+    """A lower bound on each stage's memory per rank, with what it counts and the options that set
+    it: fp32 weights, gradients and AdamW's two moments (16 bytes a parameter), and one batch held
+    once (frames for the autoencoder; latents and one bf16 residual stream per block for the
+    transformer). Real runs need several times more; a bound this low refuses only sizes no machine
+    could train (a --far-width of 10**6 asked for 4 TB in a traceback), never one that might fit."""
     from worldsim.autoencoder import Autoencoder
     from worldsim.model import FAR
 
