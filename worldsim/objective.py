@@ -239,7 +239,8 @@ def training_loss(
 @torch.no_grad()
 def _rollout(core: FAR, x0: torch.Tensor, actions: torch.Tensor, m: int, steps: int,
              generator: torch.Generator | None, aug: float = 0.0) -> torch.Tensor:
-    """The model's own frames T-1-m .. T-2 of each sequence, generated as play generates them.
+    """The model's own frames T-1-m .. T-2 of each sequence, generated autoregressively as in play, but
+    with the exact multi-level cache and a plain sampler (uniform steps, no shift, CFG 1).
 
     The ground-truth frames 0 .. T-2-m fill a multi-level cache (the exact long-short layout of
     training), then each frame is sampled from pure noise with its recorded action and appended
