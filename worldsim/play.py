@@ -27,7 +27,7 @@ the same on the held-out test mazes (model card). `--cache-mode multilevel` play
 
 `--headless` makes the same frames without a window: `--actions FILE` (one action name per
 line, `#` comments allowed) or `random:N` (N uniform actions from `--seed`), written to `--out`
-(MP4, one video frame per generated frame). Without a display, run with `--headless` (or set
+(.mp4 or .gif, one video frame per generated frame). Without a display, run with `--headless` (or set
 SDL_VIDEODRIVER=dummy to drive the window code without showing anything).
 
 This is the only module that imports pygame, and only when a window is opened.
