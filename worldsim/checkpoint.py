@@ -28,9 +28,9 @@ to spare. The autoencoder always stays float32 (its reconstructions are what the
 scores). Loading upcasts: the modules are built in float32 and `load_state_dict` copies into them.
 
 Saving is atomic: a new folder is written as a temp folder and renamed into place; an existing
-folder (which may hold a model card or other files) gets each file written to a temp name and
-os.replace'd, weights first and config.json last, and config.json records the weights' size so
-that a torn save is detected on load.
+folder (which may hold a model card or other files) gets both files written in full to temp names
+before either is os.replace'd (weights first, config.json last; dataset.atomic_write_all), and
+config.json records the weights' size so that a torn save is detected on load.
 """
 from __future__ import annotations
 
