@@ -1,7 +1,8 @@
 """Frame autoencoder in the spirit of DC-AE: 64x64x3 frames <-> (64/f)x(64/f)xC latents.
 
 API
-    AutoencoderConfig(resolution=64, down_factor=8, latent_channels=16, channels=(...), blocks_per_level=1)
+    AutoencoderConfig(resolution=64, in_channels=3, down_factor=8, latent_channels=16, channels=(...),
+                      blocks_per_level=1, decoder_blocks_per_level=None)   # None: blocks_per_level
     AE_PRESETS: dict[str, AutoencoderConfig]        # "tiny" (tests), "small" (default), "base"
     Autoencoder(cfg)
       .encode(x [B,3,H,W] in [-1,1], normalize=True) -> z [B,C,h,w]   (normalized: divided by latent_scale)
