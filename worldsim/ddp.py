@@ -1,7 +1,7 @@
 """Distributed data parallel helpers for `worldsim train` (torchrun, one script for 1..N GPUs).
 
     torchrun --nproc_per_node=8 train.py --data data/maze --preset base --out runs/base
-    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \\
              --nproc_per_node=8 train.py ...          (and --node_rank=1 on the second machine)
 
 `Dist.from_env()` reads the variables torchrun sets (WORLD_SIZE, RANK, LOCAL_RANK) and joins
