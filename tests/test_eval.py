@@ -1357,3 +1357,28 @@ def test_the_videos_panels_are_parted_by_a_dark_line(tmp_path, monkeypatch):
         assert decoded.shape == frame.shape
         seam = decoded[16:16 + panel, panel:panel + 2].mean()
         assert seam < 60 and decoded[16:16 + panel, panel - 4:panel - 2].mean() > 150, seam
+
+
+def test_a_second_eval_into_the_same_out_is_refused_while_the_first_runs(tiny_data, tiny_checkpoint, tmp_path,
+                                                                           capsys):
+    """Two evals into one --out wrote the same episode_<id>.mp4 and results.* names and each removed
+    the videos the other's results.json listed: the folder ended up mixing two runs."""
+    from worldsim.cli import main
+    from worldsim.dataset import try_lock
+
+    out = tmp_path / "same"
+    out.mkdir()
+    first = try_lock(out / ".lock")  # the first eval, still running
+    args = ["eval", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_data), "--out", str(out),
+            "--episodes", "1", "--context", "4", "--generate", "2", "--steps", "1", "--teacher-forcing", "false",
+            "--memory-control", "false", "--probe-episodes", "0", "--videos", "0"]
+    try:
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out}: another `worldsim eval` is writing its results there" in err
+        assert not (out / "results.json").exists()
+    finally:
+        first.close()
+    assert main(args) == 0  # once it is done
+    assert (out / "results.json").is_file()

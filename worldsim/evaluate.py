@@ -1123,7 +1123,8 @@ def run_eval(cfg: EvalConfig, world: Any = None, checkpoint_path: str | Path | N
     far = getattr(world, "far", None)
     own = None if far is None else far.config
     try:
-        return _run_eval(cfg, world, checkpoint_path)
+        with contextlib.ExitStack() as held:  # the --out folder's lock, taken inside, ends with the run
+            return _run_eval(cfg, world, checkpoint_path, held)
     finally:
         if far is not None:
             far.config = own
@@ -1138,7 +1139,8 @@ def _with_memory_span(world: Any, span: int | None) -> None:
         raise EvalError(f"--memory-span: {exc}") from None
 
 
-def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None) -> dict[str, Any]:
+def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None,
+              held: contextlib.ExitStack) -> dict[str, Any]:
     import torch
 
     t_start = time.perf_counter()
@@ -1194,6 +1196,15 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None) -
             exc.filename = str(out)
             raise
         raise EvalError(f"--out {out}: cannot create the results folder ({exc.strerror or exc})") from None
+    # Two evals into one --out write the same names (episode_<id>.mp4, results.*) and each removes the
+    # videos the other's results.json lists: what is left would mix two runs. One at a time.
+    from worldsim.dataset import try_lock
+
+    lock = try_lock(out / ".lock")
+    if lock is None:
+        raise EvalError(f"--out {out}: another `worldsim eval` is writing its results there (locked "
+                        f"{out / '.lock'}); wait for it, or choose another --out")
+    held.callback(lock.close)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
     if cfg.threads is not None:
@@ -1523,6 +1534,8 @@ def _run_eval_leaving_no_empty_out(cfg: EvalConfig) -> dict[str, Any]:
     except BaseException:
         if not out_existed:
             with contextlib.suppress(OSError):  # only an empty folder: rmdir refuses any other
+                if [p.name for p in Path(cfg.out).iterdir()] == [".lock"]:  # this run's lock, released
+                    (Path(cfg.out) / ".lock").unlink()
                 Path(cfg.out).rmdir()
         raise
 
