@@ -1382,3 +1382,36 @@ def test_a_second_eval_into_the_same_out_is_refused_while_the_first_runs(tiny_da
         first.close()
     assert main(args) == 0  # once it is done
     assert (out / "results.json").is_file()
+
+
+def test_a_refused_eval_leaves_the_running_evals_lock_and_folder(tiny_data, tiny_checkpoint, tmp_path, monkeypatch,
+                                                                  capsys):
+    """Two evals started together into a new --out: the one refused by the other's lock took the
+    folder for its own (it was not there when it looked) and its cleanup removed the other's .lock
+    and the still-empty folder, so the running eval lost its folder and a third could lock it again."""
+    import tempfile
+
+    from worldsim.cli import main
+    from worldsim.dataset import try_lock
+
+    out = tmp_path / "new"
+    held = []
+    real = tempfile.mkstemp
+
+    def first_eval_takes_the_lock(*a, **k):  # between this eval's look at --out and its lock
+        if not held:
+            held.append(try_lock(out / ".lock"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(tempfile, "mkstemp", first_eval_takes_the_lock)
+    args = ["eval", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_data), "--out", str(out),
+            "--episodes", "1", "--context", "4", "--generate", "2", "--steps", "1", "--teacher-forcing", "false",
+            "--memory-control", "false", "--probe-episodes", "0", "--videos", "0"]
+    try:
+        assert main(args) == 2
+        assert "another `worldsim eval` is writing its results there" in capsys.readouterr().err
+        assert (out / ".lock").is_file()
+        assert try_lock(out / ".lock") is None  # still the first eval's
+        assert list(out.iterdir()) == [out / ".lock"]
+    finally:
+        held[0].close()

@@ -1533,11 +1533,27 @@ def _run_eval_leaving_no_empty_out(cfg: EvalConfig) -> dict[str, Any]:
         return run_eval(cfg)
     except BaseException:
         if not out_existed:
-            with contextlib.suppress(OSError):  # only an empty folder: rmdir refuses any other
-                if [p.name for p in Path(cfg.out).iterdir()] == [".lock"]:  # this run's lock, released
-                    (Path(cfg.out) / ".lock").unlink()
-                Path(cfg.out).rmdir()
+            _remove_if_left_empty(Path(cfg.out))
         raise
+
+
+def _remove_if_left_empty(out: Path) -> None:
+    """Remove `out` if it holds nothing but a .lock no eval holds. The lock is taken again before its
+    file goes: the eval whose lock refused this one may have made the folder after this one looked
+    (both started into a new --out), and removing its .lock and still-empty folder left it writing
+    nowhere and let a third eval lock the folder beside it."""
+    from worldsim.dataset import try_lock
+
+    with contextlib.suppress(OSError):  # only an empty folder: rmdir refuses any other
+        if [p.name for p in out.iterdir()] == [".lock"]:
+            lock = try_lock(out / ".lock")
+            if lock is None:  # another eval's, running there
+                return
+            try:
+                (out / ".lock").unlink()
+            finally:
+                lock.close()
+        out.rmdir()
 
 
 def main(args: argparse.Namespace) -> int:
