@@ -308,5 +308,8 @@ def test_a_refused_eval_leaves_no_empty_out_folder(capsys, tmp_path):
         assert main(["eval", *extra, "--out", str(out), "--progress", "false"]) == 2
         assert not out.exists(), capsys.readouterr().err
     out.mkdir()
-    assert main(["eval", "--device", "bogus", "--out", str(out)]) == 2
-    assert out.is_dir()
+    (out / "notes.txt").write_text("mine")
+    for extra in (["--device", "bogus"], ["--checkpoint", str(tmp_path / "no-checkpoint")]):
+        assert main(["eval", *extra, "--out", str(out)]) == 2
+        # nor the lock it took there: a typo'd checkpoint with --out . left a .lock in the user's folder
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

@@ -1527,33 +1527,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_eval_leaving_no_empty_out(cfg: EvalConfig) -> dict[str, Any]:
     """run_eval, but a refusal (no such checkpoint or data, a bad device) or a Ctrl-C before anything
-    was written does not leave behind the empty --out folder run_eval made early to check it may write there."""
-    out_existed = Path(cfg.out).exists()
+    was written does not leave behind the empty --out folder run_eval made early to check it may
+    write there, nor its .lock in a folder of the user's (a typo'd checkpoint with --out .)."""
+    out = Path(cfg.out)
+    out_existed, lock_existed = out.exists(), (out / ".lock").exists()
     try:
         return run_eval(cfg)
     except BaseException:
+        if not lock_existed:
+            _remove_unheld_lock(out)
         if not out_existed:
-            _remove_if_left_empty(Path(cfg.out))
+            with contextlib.suppress(OSError):  # only an empty folder: rmdir refuses any other
+                out.rmdir()
         raise
 
 
-def _remove_if_left_empty(out: Path) -> None:
-    """Remove `out` if it holds nothing but a .lock no eval holds. The lock is taken again before its
-    file goes: the eval whose lock refused this one may have made the folder after this one looked
-    (both started into a new --out), and removing its .lock and still-empty folder left it writing
-    nowhere and let a third eval lock the folder beside it."""
+def _remove_unheld_lock(out: Path) -> None:
+    """Remove out/.lock unless an eval holds it. The lock is taken again before its file goes: the
+    eval whose lock refused this one may have made the folder after this one looked (both started
+    into a new --out), and removing its .lock and still-empty folder left it writing nowhere and let
+    a third eval lock the folder beside it."""
     from worldsim.dataset import try_lock
 
-    with contextlib.suppress(OSError):  # only an empty folder: rmdir refuses any other
-        if [p.name for p in out.iterdir()] == [".lock"]:
-            lock = try_lock(out / ".lock")
-            if lock is None:  # another eval's, running there
-                return
-            try:
-                (out / ".lock").unlink()
-            finally:
-                lock.close()
-        out.rmdir()
+    with contextlib.suppress(OSError):
+        lock = try_lock(out / ".lock")
+        if lock is None:  # another eval's, running there
+            return
+        try:
+            (out / ".lock").unlink()
+        finally:
+            lock.close()
 
 
 def main(args: argparse.Namespace) -> int:
