@@ -313,3 +313,41 @@ def test_a_refused_eval_leaves_no_empty_out_folder(capsys, tmp_path):
         assert main(["eval", *extra, "--out", str(out)]) == 2
         # nor the lock it took there: a typo'd checkpoint with --out . left a .lock in the user's folder
         assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+# every command that takes --threads, with what it needs to reach its checks
+THREADS_ARGV = {"train": ["train", "--data", "no-such-data", "--preset", "tiny"], "play": ["play", "--headless"],
+                "eval": ["eval"], "bench": ["bench", "--preset", "tiny"]}
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_threads_0_or_negative_is_refused_alike_by_every_command(capsys, value):
+    """One meaning of --threads: a count >= 1; not giving it (or the word none) is each command's
+    default. train took 0 for all cores where play, eval and bench refused it (and -1 said >= 0)."""
+    for command, argv in THREADS_ARGV.items():
+        assert main([*argv, "--threads", value]) == 2, command
+        err = capsys.readouterr().err
+        assert err.strip() == f"worldsim {command}: --threads must be >= 1, got {value}", err
+
+
+def test_threads_help_says_the_same_in_every_command():
+    from worldsim.cli import build_parser
+
+    for command in THREADS_ARGV:
+        parser, _ = build_parser(command)
+        (action,) = [a for a in parser._actions if "--threads" in a.option_strings]
+        assert action.help.startswith("torch CPU threads") and ">= 1 (default: " in action.help, (command, action.help)
+        assert parser.parse_args(["--threads", "none"]).threads is None, command  # the default, said in words
+
+
+def test_a_run_stored_with_threads_0_resumes_with_all_cores(tmp_path):
+    """Runs started before 0 was refused stored threads 0 (all cores): they resume as None means."""
+    from worldsim.train import RunConfig, check_numbers, config_from_args
+    from worldsim.cli import build_parser
+
+    run, _ = config_from_args(build_parser("train")[0].parse_args(["--preset", "tiny", "--data", "x"]))
+    d = run.to_dict()
+    d["train"]["threads"] = 0
+    stored = RunConfig.from_dict(d)
+    assert stored.train.threads is None
+    check_numbers(stored.train, new_run=False)

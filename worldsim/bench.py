@@ -45,7 +45,7 @@ class BenchConfig:
     precision: Literal["fp32", "bf16", "auto"] = field(default="fp32", metadata={
         "help": "the transformer's arithmetic on a CPU (play's default is auto: bf16 where the CPU has it; "
                 "fp32 here keeps the README's table comparable; a GPU always runs bf16)"})
-    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads, >= 1 (default: torch's)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar (on a terminal; never in a redirected log)"})
     simulator: bool = field(default=False, metadata={"help": "also benchmark the simulator (worldsim.bench_sim)"})

@@ -89,7 +89,7 @@ class PlayConfig:
     device: str | None = field(default=None, metadata={
         "help": "auto, cpu, cuda, cuda:1, ... (default: auto: a CUDA GPU where there is one, else the CPU)"})
     threads: int | None = field(default=None, metadata={
-        "help": "torch CPU threads (default: one fewer than the cores this process may use, at most torch's "
+        "help": "torch CPU threads, >= 1 (default: one fewer than the cores this process may use, at most torch's "
                 "default, at least 1: a thread that must share its core with another program stalls the "
                 "frame for up to seconds)"})
     seed: int = field(default=0, metadata={"help": "world seed; R (new world) uses seed+1, seed+2, ..."})

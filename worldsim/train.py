@@ -142,7 +142,9 @@ class TrainConfig:
                  "and fp32 for the autoencoder (its reconstructions are what the 30 dB bar scores); fp32 on other CPUs"})
     seed: int = field(default=0, metadata={"help": "seed (data order, noise, initialisation)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
-    threads: int = field(default=0, metadata={"help": "CPU threads per rank (0: all cores / ranks on this machine)"})
+    # None, not 0, for "all cores", as in play, eval, bench and record's --workers, which refuse 0
+    threads: int | None = field(default=None, metadata={
+        "help": "torch CPU threads per rank, >= 1 (default: all cores / ranks on this machine)"})
     ddp_timeout: float = field(default=1800.0, metadata={
         "help": "seconds a DDP rank waits at a collective before giving up; raise it when rank 0's first "
                 "encoding of a large dataset into the latent cache takes longer (the others wait for it)"})
@@ -289,6 +291,8 @@ class RunConfig:
                 raise TypeError(exc.problem.removeprefix("config.json: ")) from None
         t = dict(d["train"])
         t["stream_env_arg"] = tuple(t.get("stream_env_arg", ()))
+        if t.get("threads") == 0:  # written before 0 was refused, where it meant what None means now
+            t["threads"] = None
         return cls(TrainConfig(**t), ae_mod.AutoencoderConfig.from_dict(d["autoencoder"]),
                    far_mod.FARConfig.from_dict(d["far"]), obj_mod.ObjectiveConfig(**d["objective"]))
 
@@ -309,8 +313,8 @@ def check_numbers(train: TrainConfig, new_run: bool = True, new_seed: bool = Fal
     override on --resume would otherwise be stored and fail every later resume). `new_seed`: a
     resume given another --seed than the run's, checked as a new run's."""
     at_least = {1: ("ae_batch", "far_batch", "seq_len", "checkpoint_every", "val_batches", "log_every",
-                    "preview_frames", "latent_batch", "stream_workers", "stream_length", "stream_buffer"),
-                0: ("ae_steps", "far_steps", "warmup", "threads", "val_every", "preview_context")}
+                    "preview_frames", "latent_batch", "stream_workers", "stream_length", "stream_buffer", "threads"),
+                0: ("ae_steps", "far_steps", "warmup", "val_every", "preview_context")}
     for low, names in at_least.items():
         for name in names:
             if getattr(train, name) is not None and getattr(train, name) < low:  # None: the device's default
@@ -2082,7 +2086,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"worldsim train: {exc}", file=sys.stderr)
         return 2
     if dist.device.type == "cpu":
-        torch.set_num_threads(cfg.threads or cpu_threads_per_rank(dist.local_world_size))
+        torch.set_num_threads(cfg.threads if cfg.threads is not None else cpu_threads_per_rank(dist.local_world_size))
     elif cfg.precision != "fp32":  # on a GPU the fp32 work left (the latent encoding) runs in TF32 and
         torch.backends.cuda.matmul.allow_tf32 = True  # convolutions are autotuned; --precision fp32 stays
         torch.backends.cudnn.allow_tf32 = True  # true fp32 and repeatable
