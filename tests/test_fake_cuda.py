@@ -101,3 +101,32 @@ def test_the_training_objective_on_the_device():
         loss.backward()
     assert not [k for k in log if "MISMATCH" in k or "MIX" in k]
     assert any("objective.py" in k and "all-True" in k for k in log)  # the rollout branch ran
+
+
+@pytest.mark.parametrize("precision,tf32", [("fp32", False), ("bf16", True), ("auto", True)])
+def test_train_fp32_on_a_gpu_is_fp32_arithmetic(monkeypatch, precision, tf32):
+    """--precision fp32 on a GPU left cuDNN's convolutions (the autoencoder's) in TF32, torch's default
+    (torch.backends.cudnn.allow_tf32 starts True): 10-bit mantissas, not the fp32 asked for."""
+    from worldsim import train
+
+    seen = {}
+
+    def flags(run, resuming, dist, log):  # what the run's steps would compute with
+        seen.update(device=dist.device.type, cudnn=torch.backends.cudnn.allow_tf32,
+                    matmul=torch.backends.cuda.matmul.allow_tf32)
+        return 0
+
+    monkeypatch.setattr(train, "_main", flags)
+    for name in ("allow_tf32",):  # torch's defaults, restored after
+        monkeypatch.setattr(torch.backends.cudnn, name, True)
+        monkeypatch.setattr(torch.backends.cuda.matmul, name, False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with fake_cuda():
+        assert train.main(train_args(["--data", "unread", "--device", "cuda", "--precision", precision])) == 0
+    assert seen == {"device": "cuda", "cudnn": tf32, "matmul": tf32}
+
+
+def train_args(argv):
+    from worldsim.cli import build_parser
+
+    return build_parser("train")[0].parse_args(argv)

@@ -140,7 +140,7 @@ class TrainConfig:
         "help": "bf16 autocast or fp32. auto: bf16 on GPU; on a CPU with native bf16 (AVX512-BF16 or AMX) bf16 "
                  "for the transformer stage (measured: the same val loss per step at 1.2-1.35x the steps per second) "
                  "and fp32 for the autoencoder (its reconstructions are what the 30 dB bar scores); fp32 on other CPUs"})
-    seed: int = field(default=0, metadata={"help": "seed (data order, noise, initialisation)"})
+    seed: int = field(default=0, metadata={"help": "seed (data order, noise, initialisation), 0 to 2**32 - 1"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
     # None, not 0, for "all cores", as in play, eval, bench and record's --workers, which refuse 0
     threads: int | None = field(default=None, metadata={
@@ -1366,7 +1366,9 @@ def write_preview(checkpoint_dir: Path, video: np.ndarray, actions: np.ndarray, 
     world = WorldModel.load(checkpoint_dir, device=device)
     context = max(1, min(context, len(video) - 1))
     frames = max(1, min(frames, len(video) - context))
-    session = world.new_session(video[:context], actions[:context], seed=seed)
+    # a run resumed from before seeds were bounded may hold any 64-bit one: its low 32 bits are what
+    # torch's CPU generator always took
+    session = world.new_session(video[:context], actions[:context], seed=seed % 2**32)
     generated = [session.step(int(a)) for a in actions[context:context + frames]]
     out = []
     for t in range(context + frames):
@@ -2088,9 +2090,12 @@ def main(args: argparse.Namespace) -> int:
     if dist.device.type == "cpu":
         torch.set_num_threads(cfg.threads if cfg.threads is not None else cpu_threads_per_rank(dist.local_world_size))
     elif cfg.precision != "fp32":  # on a GPU the fp32 work left (the latent encoding) runs in TF32 and
-        torch.backends.cuda.matmul.allow_tf32 = True  # convolutions are autotuned; --precision fp32 stays
-        torch.backends.cudnn.allow_tf32 = True  # true fp32 and repeatable
+        torch.backends.cuda.matmul.allow_tf32 = True  # convolutions are autotuned
+        torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+    else:  # --precision fp32 is fp32 arithmetic: torch starts with cuDNN's convolutions (the autoencoder's)
+        torch.backends.cuda.matmul.allow_tf32 = False  # in TF32 (cudnn.allow_tf32 = True), a 10-bit mantissa,
+        torch.backends.cudnn.allow_tf32 = False  # and a caller of main() may have turned the matmuls' on
 
     def log(msg: str) -> None:
         if dist.is_main:
