@@ -60,7 +60,7 @@ class RecordConfig:
     start_maze_seed: int = field(default=0, metadata={"help": "first maze seed"})
     split: Literal["all", "train", "val", "test"] = field(default="all", metadata={
         "help": "record only mazes of this split (seeds are drawn until enough lie in it)"})
-    seed: int = field(default=0, metadata={"help": "seed of the policies and the simulator resets"})
+    seed: int = field(default=0, metadata={"help": "seed of the policies and the simulator resets, 0 to 2**32 - 1"})
     compress: bool = field(default=True, metadata={"help": "zlib-compress episode files"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar (on a terminal; never in a redirected log)"})
 

@@ -253,8 +253,10 @@ def test_session_seed_predict_append_step(world):
             with pytest.raises(ValueError, match=f"action must be a whole number, got {bad!r}"):
                 s.step(bad)
         assert s.frame_index == 3 and s.step(2.0).shape == (64, 64, 3)  # untouched, and a whole float is that action
-    with pytest.raises(ValueError, match="seed must fit in 64 bits, got 1180591620717411303424"):
-        world.new_session(frames, actions, seed=2**70)
+    # torch's CPU generator keeps a seed's low 32 bits (and reads -1 as 2**64 - 1): 2**32 gave seed 0's frames
+    for bad in (2**70, 2**64, 2**32, -1):
+        with pytest.raises(ValueError, match=rf"seed must be from 0 to 2\*\*32 - 1, got {bad}"):
+            world.new_session(frames, actions, seed=bad)
     with pytest.raises(ValueError, match=r"frames must be \[\.\.\., 64, 64, 3\], got \(1, 128, 128, 3\)"):
         world.encode(np.zeros((1, 128, 128, 3), np.uint8))
 

@@ -318,6 +318,11 @@ def test_clear_errors(tiny_data, tmp_path):
         with pytest.raises(EvalError, match=rf"--seed must be from 0 to 2\*\*32 - 1, got {seed}"):
             run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path), progress=False, context=4, generate=2,
                                 seed=seed), world=FakeWorld())
+    # the second episode's session seed would be 2**32, refused by new_session after the first was scored
+    with pytest.raises(EvalError, match=r"--seed 4294967295: the sessions take --seed \+ the episode index, up to "
+                                        r"2\*\*32 - 1; give --seed <= 4294967294 for 2 episodes"):
+        run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path), progress=False, context=4, generate=2,
+                            episodes=2, probe_episodes=0, seed=2**32 - 1), world=FakeWorld())
     in_the_way = tmp_path / "results"
     in_the_way.write_text("not a folder")
     with pytest.raises(EvalError, match=f"--out {in_the_way}: exists and is not a folder"):
@@ -699,7 +704,7 @@ def test_probe_options_are_checked_before_the_ground_truth_run(tiny_data, tmp_pa
                                    ("probe_context", 0, "--probe-context must be >= 1, got 0"),
                                    ("probe_episodes", -3, "--probe-episodes must be >= 0, got -3"),
                                    ("videos", -1, "--videos must be >= 0, got -1"),
-                                   ("seed", -1, "--seed must be >= 0, got -1")):
+                                   ("seed", -1, r"--seed must be from 0 to 2\*\*32 - 1, got -1")):
         world = FakeWorld()
         with pytest.raises(EvalError, match=message):
             run_eval(EvalConfig(data=str(tiny_data), out=str(tmp_path / option), progress=False, context=4,

@@ -938,7 +938,8 @@ def test_a_key_held_through_a_pause_walks_after_it(tmp_path, no_shipped_checkpoi
     (["--world", "sim", "--checkpoint", "no-such-folder"], "checkpoint no-such-folder: no such checkpoint folder"),
     (["--episode", "3"], "--episode picks an episode of --dataset"),
     (["--fps", "inf"], "--fps must be from 0.1 to 1000, got inf"),
-    (["--seed", "-1"], "--seed must be >= 0, got -1"),  # was numpy's or Gymnasium's traceback
+    (["--seed", "-1"], "--seed must be from 0 to 2**32 - 1, got -1"),  # was numpy's or Gymnasium's traceback
+    (["--seed", str(2**32)], "--seed must be from 0 to 2**32 - 1, got 4294967296"),  # as record, train, eval, bench
     (["--out", " "], "--out needs a file name"),
     (["--out", "x.gif", "--fps", "60"], "GIFs go up to 50 fps"),
     (["--cache-mode", "kv", "--memory-frames", "10"], "--memory-frames bounds the long-term memory of the multilevel"),

@@ -154,7 +154,7 @@ class EvalConfig:
         "help": "copies of each episode's first frame, with noop, put before the context of every generated "
                 "condition, as play's start gives (play takes the checkpoint's sampler.still_frames); not for "
                 "teacher forcing or the probes; 0 = the frames given, as the bars are scored"})
-    seed: int = field(default=0, metadata={"help": "base seed; each session uses seed + episode index"})
+    seed: int = field(default=0, metadata={"help": "base seed, 0 to 2**32 - 1; each session uses seed + episode index"})
     device: str | None = field(default=None, metadata={
         "help": "auto, cpu, cuda, cuda:1, ... (default: auto: a CUDA GPU where there is one, else the CPU)"})
     threads: int | None = field(default=None, metadata={
@@ -1169,13 +1169,19 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None,
                         "--teacher-forcing false --memory-control false)")
     # checked before anything runs: the probes come after the whole ground-truth run
     for name, low in (("videos", 0), ("probe_episodes", 0), ("probe_context", 1), ("probe_forward", 0),
-                      ("probe_loops", 1), ("seed", 0)):
+                      ("probe_loops", 1)):
         if getattr(cfg, name) < low:
             raise EvalError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
     # torch's CPU generator and the recorder keep a seed's low 32 bits: --seed 2**32 scored exactly the
     # sessions of --seed 0 (and from 2**63 on torch's seeding overflowed with a traceback)
-    if cfg.seed >= 2**32:
+    if not 0 <= cfg.seed < 2**32:
         raise EvalError(f"--seed must be from 0 to 2**32 - 1, got {cfg.seed}")
+    # a session takes --seed + its episode index, below 2**32 too (WorldModel.new_session's bound): checked
+    # here, not when the last episode's session refuses it
+    last = 2**32 - max(cfg.episodes, cfg.probe_episodes, 1)
+    if cfg.seed > last:
+        raise EvalError(f"--seed {cfg.seed}: the sessions take --seed + the episode index, up to 2**32 - 1; "
+                        f"give --seed <= {last} for {max(cfg.episodes, cfg.probe_episodes)} episodes")
     if cfg.data is None and cfg.record_length is not None and cfg.record_length < cfg.context + cfg.generate:
         # else recorded first and refused after (a negative one named record's options; 0 meant the default)
         raise EvalError(f"--record-length must be at least --context + --generate = {cfg.context + cfg.generate}, "

@@ -92,7 +92,7 @@ class PlayConfig:
         "help": "torch CPU threads, >= 1 (default: one fewer than the cores this process may use, at most torch's "
                 "default, at least 1: a thread that must share its core with another program stalls the "
                 "frame for up to seconds)"})
-    seed: int = field(default=0, metadata={"help": "world seed; R (new world) uses seed+1, seed+2, ..."})
+    seed: int = field(default=0, metadata={"help": "world seed, 0 to 2**32 - 1; R (new world) uses seed+1, seed+2, ..."})
     fps: float = field(default=15.0, metadata={"help": "target frames per second; a held key repeats at this rate"})
     scale: int = field(default=8, metadata={"help": "integer upscaling of frames on screen and in videos (64x64 -> 512x512)"})
     context_frames: int = field(default=4, metadata={
@@ -1068,8 +1068,10 @@ def _check(config: PlayConfig) -> None:
     if config.headless and config.scale > MAX_SCALE:  # a window's is SDL's to refuse (FrameWindow.show)
         raise PlayError(f"--scale goes up to {MAX_SCALE} in a headless video (64x64 frames {64 * MAX_SCALE} pixels "
                         f"a side), got {config.scale}")
-    if config.seed < 0:  # numpy and Gymnasium take only non-negative seeds
-        raise PlayError(f"--seed must be >= 0, got {config.seed}")
+    # numpy and Gymnasium take only non-negative seeds; the 32-bit bound is every command's (record,
+    # train, eval, bench: torch's CPU generator keeps a seed's low 32 bits), so one seed works in all
+    if not 0 <= config.seed < 2**32:
+        raise PlayError(f"--seed must be from 0 to 2**32 - 1, got {config.seed}")
     from worldsim.sampler import MAX_STEPS, MAX_STILL_FRAMES
 
     if not 1 <= config.context_frames <= MAX_STILL_FRAMES:

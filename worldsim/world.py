@@ -24,7 +24,7 @@ API
 leading to the new frame. `steps`, `cfg`, `shift` (the sampler's timestep shift) and
 `temperature` (the scale of the initial noise; see worldsim.sampler for both) default to the
 checkpoint's sampler settings. Randomness (initial noise, context noise augmentation) comes from a
-torch.Generator seeded by `seed`: the same seed gives the same frames. `context_noise` (default:
+torch.Generator seeded by `seed` (0 to 2**32 - 1): the same seed gives the same frames. `context_noise` (default:
 the checkpoint's sampler setting) noises appended context latents slightly, as in training;
 `generated_noise` (default: the checkpoint's, 0 = off) instead noises and labels the frames the
 model generates itself (step, step_latent) with its level, never the given ones, for a model
@@ -274,8 +274,9 @@ class WorldModel:
         )
         if seed is None:
             seed = int.from_bytes(os.urandom(4), "little")
-        elif not -2**63 <= int(seed) < 2**64:  # torch's seeds are 64-bit: else its "Overflow when unpacking long long"
-            raise ValueError(f"seed must fit in 64 bits, got {seed}")
+        elif not 0 <= int(seed) < 2**32:  # torch's CPU generator keeps a seed's low 32 bits (and reads -1 as
+            # 2**64 - 1): seed=2**32 gave the frames of seed=0, seed=-1 those of 2**32 - 1, on a GPU not
+            raise ValueError(f"seed must be from 0 to 2**32 - 1, got {seed}")
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
         noise_level = float(context_noise if context_noise is not None else self.sampler.get("context_noise", 0.0))
         generated_level = float(generated_noise if generated_noise is not None
