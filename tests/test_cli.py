@@ -353,3 +353,14 @@ def test_a_run_stored_with_threads_0_resumes_with_all_cores(tmp_path):
     stored = RunConfig.from_dict(d)
     assert stored.train.threads is None
     check_numbers(stored.train, new_run=False)
+
+
+@pytest.mark.parametrize("command", sorted(set(SUBCOMMANDS) - {"train"}))
+def test_help_does_not_import_torch(command):
+    """torch takes seconds to import; eval's --help imported it through worldsim.metrics, bench's at the
+    top of its module. train's cannot skip it: its options come from the model's config dataclasses."""
+    code = ("import sys\nfrom worldsim.cli import main\n"
+            f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-import torch
 
 from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
 
@@ -61,6 +60,8 @@ def _random_world(cfg: BenchConfig):
     from worldsim.model import FAR, PRESETS
     from worldsim.world import WorldModel
 
+    import torch  # here, not at the top: `worldsim bench --help` answers without torch's seconds of import
+
     torch.manual_seed(cfg.seed)
     ae_cfg = AE_PRESETS[cfg.ae_preset]
     far_cfg = dataclasses.replace(
@@ -73,11 +74,15 @@ def _random_world(cfg: BenchConfig):
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize()
 
 
 def time_generation(cfg: BenchConfig) -> list[dict]:
     """One row per (mode, context): prefill seconds, seconds per generated frame, cache stats."""
+    import torch
+
     world = _random_world(cfg)
     print(f"precision {world.precision}", flush=True)
     fc = world.far.config
@@ -178,6 +183,8 @@ def report(rows: list[dict], cfg: BenchConfig, device: torch.device, threads: in
 
 
 def main(args: argparse.Namespace) -> int:
+    import torch
+
     cfg = dataclass_from_args(BenchConfig, args)
     if cfg.threads is not None and cfg.threads < 1:
         print(f"worldsim bench: --threads must be >= 1, got {cfg.threads}", file=sys.stderr)

@@ -49,7 +49,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 PSNR_CAP_DB = 100.0
 SSIM_WINDOW = 11
@@ -178,6 +177,8 @@ def lpips_status() -> tuple[bool, str]:
     linear = Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth"
     if not linear.is_file():
         return False, f"LPIPS linear weights not found at {linear}"
+    import torch  # here and in Lpips only: `worldsim eval --help` imports this module, and torch takes seconds
+
     # the exact file torchvision's alexnet(pretrained=True) looks for; any other name downloads
     backbone = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_WEIGHTS
     if not backbone.is_file():
@@ -193,18 +194,21 @@ class Lpips:
         if not ok:
             raise RuntimeError(f"LPIPS unavailable: {why}")
         import lpips  # type: ignore[import-not-found]
+        import torch
 
         self.device = torch.device(device)
         self.net = lpips.LPIPS(net="alex", version="0.1", verbose=False).to(self.device).eval()
 
-    @torch.no_grad()
     def __call__(self, a: np.ndarray, b: np.ndarray, batch: int = 64) -> np.ndarray:
+        import torch
+
         a, b, single = _pair(a, b)
         out = []
         for s in range(0, len(a), batch):
             x = torch.from_numpy(a[s:s + batch]).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
             y = torch.from_numpy(b[s:s + batch]).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
-            out.append(self.net(x, y).flatten().double().cpu().numpy())
+            with torch.no_grad():
+                out.append(self.net(x, y).flatten().double().cpu().numpy())
         res = np.concatenate(out) if out else np.zeros(0)
         return res[0] if single else res
 
