@@ -1,6 +1,7 @@
 """`worldsim eval`: the scorer, the self-consistency pairing and tiny end-to-end runs."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import gc
 import json
@@ -603,7 +604,7 @@ def test_a_video_the_disk_cannot_hold_keeps_the_episodes_scored_and_names_the_fi
     with pytest.raises(OSError, match="No space left on device") as caught:
         run_eval(EvalConfig(data=str(tiny_data), out=str(out), episodes=2, context=12, generate=4, videos=2,
                             progress=False), world=FakeWorld())
-    assert caught.value.filename.endswith(".mp4")
+    assert caught.value.filename.endswith(".mp4") and Path(caught.value.filename).parent == out  # not the staging folder
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["interrupted"] is True and on_disk["ground_truth"]["episodes_evaluated"] == 2
     assert on_disk["outputs"]["videos"] == [written[0].name]
@@ -1420,3 +1421,62 @@ def test_a_refused_eval_leaves_the_running_evals_lock_and_folder(tiny_data, tiny
         assert list(out.iterdir()) == [out / ".lock"]
     finally:
         held[0].close()
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL or the out-of-memory killer: nothing of the eval's own handles it."""
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != ".lock"}
+
+
+def test_an_eval_killed_in_a_reused_out_leaves_the_earlier_runs_outputs_as_they_were(tiny_data, tmp_path,
+                                                                                        monkeypatch):
+    """A second eval into the same --out, killed after its videos and before its results.json (written at
+    the end), left its videos under the first run's names beside the first run's results.json, which
+    then presented them (and its own plot) as its results."""
+    out = tmp_path / "reused"
+    cfg = EvalConfig(data=str(tiny_data), out=str(out), episodes=2, context=12, generate=4, videos=2,
+                     probe_episodes=0, progress=False)
+    first = run_eval(cfg, world=FakeWorld())
+    before = _files(out)
+    assert set(first["outputs"]["videos"]) < set(before)
+
+    def killed(*args, **kwargs):  # after every episode and its video, before the outputs are written
+        raise _Killed
+
+    monkeypatch.setattr(evaluate, "self_consistency", killed)
+    with pytest.raises(_Killed):
+        run_eval(dataclasses.replace(cfg, seed=5), world=FakeWorld())
+    assert _files(out) == before  # every file of the first run, byte for byte, and nothing else beside them
+    monkeypatch.undo()
+
+    # what SIGKILL leaves (no cleanup runs) goes with the next eval, whose outputs are then all its own
+    (out / evaluate.UNFINISHED).mkdir()
+    (out / evaluate.UNFINISHED / "episode_000000.mp4").write_bytes(b"a killed eval's video")
+    third = run_eval(dataclasses.replace(cfg, seed=5, videos=1), world=FakeWorld())
+    assert not (out / evaluate.UNFINISHED).exists()
+    after = _files(out)
+    assert set(after) == {*OUTPUTS, *third["outputs"]["videos"]} and len(third["outputs"]["videos"]) == 1
+    assert json.loads(after["results.json"])["config"]["seed"] == 5
+    assert after[third["outputs"]["videos"][0]] != before[third["outputs"]["videos"][0]]
+    assert after["psnr_vs_frame.png"] != before["psnr_vs_frame.png"]
+
+
+def test_a_plot_the_disk_cannot_hold_leaves_no_earlier_plot_beside_the_new_results(tiny_data, tmp_path, monkeypatch):
+    out = tmp_path / "reused"
+    cfg = EvalConfig(data=str(tiny_data), out=str(out), episodes=1, context=12, generate=4, videos=0,
+                     probe_episodes=0, progress=False)
+    run_eval(cfg, world=FakeWorld())
+
+    def disk_full(results, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(evaluate, "plot_results", disk_full)
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        run_eval(dataclasses.replace(cfg, seed=5), world=FakeWorld())
+    assert caught.value.filename == str(out / "psnr_vs_frame.png")  # where the user looks, not the staging folder
+    assert json.loads((out / "results.json").read_text())["config"]["seed"] == 5  # the numbers are kept
+    assert (out / "results.md").is_file() and not (out / "psnr_vs_frame.png").exists()
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "results.json", "results.md"]

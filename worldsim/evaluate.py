@@ -76,8 +76,10 @@
    and config, dataset, seeds), `results.md` (tables), `psnr_vs_frame.png` (mean PSNR per frame
    index and condition, revisit frames marked) and `episode_<id>.mp4` (or .gif) for the first
    `--videos` episodes: ground truth | long context | sliding window, upscaled and labelled.
-   Every file is written to a temporary name and renamed. Session seeds are `--seed` + the
-   episode index, so the same seed gives the same numbers.
+   They are written into a hidden `.unfinished-eval/` in `--out` and moved into place together at the
+   end (results.json last, the earlier run's first gone), so an eval killed midway into a reused
+   `--out` leaves the earlier run's outputs as they were; the next eval there removes that folder.
+   Session seeds are `--seed` + the episode index, so the same seed gives the same numbers.
 """
 from __future__ import annotations
 
@@ -88,6 +90,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -121,6 +124,8 @@ RESULTS_FORMAT = "worldsim-eval"
 RESULTS_VERSION = 1
 # what results.md and the plot read from a results.json's config (a rescore redraws both)
 RESULTS_CONFIG_KEYS = ("checkpoint", "dataset", "dataset_split", "context", "generate", "window", "seed")
+# where a run writes its videos, tables and plot inside --out until they move into place together
+UNFINISHED = ".unfinished-eval"
 
 
 class EvalError(RuntimeError):
@@ -1211,6 +1216,19 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None,
         raise EvalError(f"--out {out}: another `worldsim eval` is writing its results there (locked "
                         f"{out / '.lock'}); wait for it, or choose another --out")
     held.callback(lock.close)
+    # This run's videos, tables and plot are written here and moved into --out together at the end,
+    # results.json last: written straight into --out, the videos of a run killed mid-way (SIGKILL, the
+    # out-of-memory killer) replaced those of the run before it under the same names, beside that run's
+    # results.json, which then presented them as its own. The folder is this eval's while it holds the
+    # lock, so one found here was left by a killed eval and goes.
+    staging = out / UNFINISHED
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    except OSError as exc:
+        exc.filename = str(staging)
+        raise
+    held.callback(shutil.rmtree, staging, True)  # on any end, before the lock goes (the stack unwinds in reverse)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
     if cfg.threads is not None:
@@ -1335,9 +1353,9 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None,
                 tf_episodes.append(tsc)
             if i < cfg.videos:
                 try:
-                    vpath = write_video(out / f"episode_{ep.id}.mp4", truth, gens, cfg.context, scored["revisit"])
+                    vpath = write_video(staging / f"episode_{ep.id}.mp4", truth, gens, cfg.context, scored["revisit"])
                 except OSError as exc:  # a full disk: the episodes scored so far are still written, then it stops
-                    write_error = exc
+                    write_error = _named_in_out(exc, staging, out)
                     break
                 videos.append(vpath.name)
     except KeyboardInterrupt:  # keep what is done: finish the outputs for the episodes so far
@@ -1430,17 +1448,50 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None,
 
     if interrupted:
         print(f"worldsim eval: writing the results of the {len(episodes)} finished episode(s) ...", file=sys.stderr)
+    late_error: OSError | None = None
     with interrupts_held():  # a second Ctrl-C here lost every finished episode
-        for name in _earlier_videos(out):  # an earlier eval's in a reused --out (and only those): not this run's
-            if name not in videos and (out / name).is_file():
-                (out / name).unlink()
-        # the numbers first: a disk that fills up at the plot keeps them
-        _write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=False) + "\n")
-        _write_text(out / "results.md", results_markdown(results))
-        plot_results(results, out / "psnr_vs_frame.png")
+        # the numbers first: a disk that fills up at the plot keeps them (a full disk here keeps the
+        # earlier run's outputs whole: nothing has moved yet)
+        _write_text(staging / "results.json", json.dumps(results, indent=1, allow_nan=False) + "\n")
+        try:
+            _write_text(staging / "results.md", results_markdown(results))
+            plot_results(results, staging / "psnr_vs_frame.png")
+        except OSError as exc:
+            late_error = _named_in_out(exc, staging, out)
+        _move_into_place(out, staging, videos)
     if write_error is not None:
         raise write_error
+    if late_error is not None:
+        raise late_error
     return results
+
+
+def _named_in_out(exc: OSError, staging: Path, out: Path) -> OSError:
+    """The error of a write into the staging folder, naming the file's place in --out (the user's name for it)."""
+    if exc.filename is not None and Path(exc.filename).parent == staging:
+        exc.filename = str(out / Path(exc.filename).name)
+    return exc
+
+
+def _move_into_place(out: Path, staging: Path, videos: list[str]) -> None:
+    """Replace the outputs of an earlier eval in `out` with this run's, written complete in `staging`.
+    Its results.json goes first and the new one comes last, so that no results.json ever stands
+    beside another run's videos or plot (a kill in between leaves none: the earlier run was being
+    replaced, and this one's files are in `staging` until the next eval sweeps it); renames in one
+    folder, nothing copied. Files no eval listed (the user's) stay."""
+    earlier = _earlier_videos(out)
+    (out / "results.json").unlink(missing_ok=True)
+    for name in earlier:  # an earlier eval's in a reused --out (and only those): not this run's
+        if name not in videos and (out / name).is_file():
+            (out / name).unlink()
+    for name in videos:
+        os.replace(staging / name, out / name)
+    for name in ("results.md", "psnr_vs_frame.png"):
+        if (staging / name).is_file():
+            os.replace(staging / name, out / name)
+        else:  # not written (a full disk): the earlier run's would read as this one's
+            (out / name).unlink(missing_ok=True)
+    os.replace(staging / "results.json", out / "results.json")
 
 
 def _earlier_videos(out: Path) -> list[str]:
