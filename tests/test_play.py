@@ -293,6 +293,79 @@ def test_recorder_is_atomic(tmp_path):
     assert empty.close() is None and [p.name for p in out.parent.iterdir()] == ["a.mp4"]
 
 
+def test_a_killed_plays_recording_is_kept_visible_and_its_empty_partial_files_go(tmp_path):
+    """Every killed recording (SIGKILL, the out-of-memory killer) left its hidden partial file, one per
+    run, forever: a GIF's empty (its frames were in memory), an MP4's a playable video of what was played
+    (ffmpeg finishes it when the play is gone) that the user would not find. A play still recording
+    there keeps its file, and files that are not a recorder's stay."""
+    import fcntl
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    imageio.mimwrite(folder / ".s.k3x_9a2b.partial.mp4", [np.full((64, 64, 3), 9 * i, np.uint8) for i in range(4)],
+                     format="FFMPEG", fps=10, macro_block_size=16)  # as ffmpeg finishes a killed play's
+    (folder / "s.recovered.mp4").write_bytes(b"a file of the user's by that name")
+    (folder / ".s.q81lmz0c.partial.gif").write_bytes(b"")  # a killed GIF recording
+    (folder / ".t.u7wq1e5n.partial.mp4").write_bytes(b"\x00" * 64)  # its ffmpeg killed too: no frame to read
+    os.utime(folder / ".t.u7wq1e5n.partial.mp4", (1e9, 1e9))  # ... long ago
+    (folder / ".t.f00bar12.partial.mp4").write_bytes(b"\x00" * 64)  # a moment ago: its ffmpeg may be finishing it
+    (folder / ".s.partial.mp4").write_bytes(b"not a recorder's: no random part")
+    live = folder / ".u.a1b2c3d4.partial.mp4"  # another play, recording now
+    live.write_bytes(b"\x00" * 64)
+    holder = os.open(live, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        rec = VideoRecorder(folder / "s.gif", fps=10)
+        left = sorted(p.name for p in folder.iterdir())
+        assert left == sorted([".s.partial.mp4", live.name, rec.tmp.name, "s.recovered-2.mp4", "s.recovered.mp4",
+                               ".t.f00bar12.partial.mp4"])
+        assert video_frames(folder / "s.recovered-2.mp4") == (4, (64, 64))
+        assert (folder / "s.recovered.mp4").read_bytes() == b"a file of the user's by that name"
+        assert rec.recovered == [(folder / "s.recovered-2.mp4", 4)]  # what play says it kept
+        # this recording's own partial file is held while it records: a second recorder leaves it
+        other = VideoRecorder(folder / "s.mp4", fps=10)
+        assert rec.tmp.exists() and other.recovered == []
+        rec.append(np.zeros((64, 64, 3), np.uint8))
+        assert rec.close() == folder / "s.gif" and other.close() is None
+    finally:
+        os.close(holder)
+    assert live.exists()
+
+
+def test_a_play_killed_while_recording_leaves_what_it_played_to_the_next(tmp_path):
+    """The real thing: `play --headless` killed with SIGKILL mid-recording, then played again into the
+    same file: the first one's frames come back as a visible video, and no hidden file is left."""
+    import signal
+    import time
+
+    out = tmp_path / "s.mp4"
+    cmd = [sys.executable, "-m", "worldsim.cli", "play", "--headless", "--world", "sim", "--actions",
+           "random:1000000", "--out", str(out), "--progress", "false", "--scale", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        partial = None
+        for _ in range(6000):  # until ffmpeg has written frames (it holds the first ones back)
+            partial = next(tmp_path.glob(".s.*.partial.mp4"), None)
+            if partial is not None and partial.stat().st_size > 0:
+                break
+            time.sleep(0.01)
+        assert partial is not None and partial.stat().st_size > 0
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    from worldsim.dataset import mp4_frames
+
+    for _ in range(6000):  # ffmpeg, its input ended, finishes the file on its own
+        if mp4_frames(partial):
+            break
+        time.sleep(0.01)
+    assert cli.main(["play", "--headless", "--world", "sim", "--actions", "random:3", "--out", str(out)]) == 0
+    kept = tmp_path / "s.recovered.mp4"
+    assert video_frames(kept)[0] > 0 and video_frames(out)[0] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.mp4", "s.recovered.mp4"]
+
+
 def test_an_mp4_without_imageio_ffmpeg_is_a_play_error(tmp_path, monkeypatch):
     """The lent GPU machine's image has imageio but not imageio-ffmpeg: imageio then raises an
     ImportError for format="FFMPEG", which was a traceback in `play --headless --out x.mp4` and

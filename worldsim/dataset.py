@@ -460,6 +460,15 @@ def finished_video_problem(path: str | os.PathLike, frames: int) -> str | None:
     """Why a just-closed MP4 is unusable (None: it holds its `frames`). The ffmpeg writer may fail
     only while finishing the file (x264 holds frames until the end; a full disk or a file-size
     limit then cuts the file) without raising, so the file is read back before it replaces anything."""
+    found = mp4_frames(path)
+    if found is None:
+        return "the finished file cannot be read back"
+    return None if found == frames else f"the finished file holds {found} of its {frames} frames"
+
+
+def mp4_frames(path: str | os.PathLike) -> int | None:
+    """The video frames an MP4 holds (None: it cannot be read, such as one whose writer died before
+    finishing it)."""
     import re
     import subprocess
 
@@ -471,12 +480,11 @@ def finished_video_problem(path: str | os.PathLike, frames: int) -> str | None:
         run = subprocess.run([get_ffmpeg_exe(), "-nostdin", "-i", str(path), "-map", "0:v:0", "-c", "copy",
                               "-f", "null", "-"], capture_output=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired):
-        return "the finished file cannot be read back"
+        return None
     counts = re.findall(rb"frame=\s*(\d+)", run.stderr)
     if run.returncode != 0 or not counts:
-        return "the finished file cannot be read back"
-    found = int(counts[-1])
-    return None if found == frames else f"the finished file holds {found} of its {frames} frames"
+        return None
+    return int(counts[-1])
 
 
 def try_lock(path: str | os.PathLike) -> Any:

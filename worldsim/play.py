@@ -39,7 +39,6 @@ import dataclasses
 import functools
 import os
 import sys
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -49,8 +48,9 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import numpy as np
 
 from worldsim.cliargs import add_dataclass_arguments, dataclass_from_args
-from worldsim.dataset import (FILE_SYSTEM_REFUSALS, GifWriter, caption_strip, file_in_the_way, finished_video_problem,
-                              interrupts_held, readable_like_any_file, video_write_error)
+from worldsim.dataset import (FILE_SYSTEM_REFUSALS, GifWriter, _lock_nb, _locked_temp, caption_strip, file_in_the_way,
+                              finished_video_problem, interrupts_held, mp4_frames, readable_like_any_file,
+                              video_write_error)
 from worldsim.keymaps import CONTROL_KEYS, KEYMAPS, KeymapError, help_lines, load_keymap
 
 DEFAULT_SIMULATOR = {"id": "worldsim/Maze-v0", "settings": {}}
@@ -251,8 +251,11 @@ class VideoRecorder:
     An MP4 streams, so memory stays flat over long sessions. A GIF is for short clips: the GIF
     writer (Pillow) holds every frame until the end, stores frame times in 1/100 s
     (15 fps becomes 60 ms a frame) and merges repeated frames into one longer frame. The rename
-    means a reader never sees a half-written video, and a crash leaves at most a hidden `.partial`
-    file.
+    means a reader never sees a half-written video. A play killed while it records (SIGKILL, the
+    out-of-memory killer) leaves its hidden `.<stem>.<random>.partial.mp4|gif`, which holds what
+    was recorded (ffmpeg, left alone, finishes the MP4; a GIF's frames were in memory, so its file
+    is empty): the next recording into that folder keeps such a file's frames as
+    `<stem>.recovered.mp4` (see `recover_dead_recordings`) and removes it if it holds none.
     """
 
     def __init__(self, path: str | os.PathLike, fps: float) -> None:
@@ -270,12 +273,12 @@ class VideoRecorder:
             why = f"{blocker} is a file, not a folder" if blocker is not None else exc.strerror or exc
             raise PlayError(f"{self.path}: cannot create its folder ({why})", exc.errno) from None
         gif = self.path.suffix.lower() == ".gif"
-        try:
-            handle, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".partial.gif" if gif else ".partial.mp4",
-                                           dir=self.path.parent)
+        self.recovered = recover_dead_recordings(self.path.parent)  # (path, frames) of killed plays' videos
+        try:  # locked until the file is renamed or removed: a file whose lock can be taken has no writer
+            self._lock, tmp = _locked_temp(self.path.with_name(self.path.stem),
+                                           ".partial.gif" if gif else ".partial.mp4")
         except OSError as exc:  # a folder it may not write in: name the target, not the temp twin
             raise PlayError(f"{self.path}: cannot write there ({exc.strerror or exc})", exc.errno) from None
-        os.close(handle)
         self.tmp = Path(tmp)
         self.frames = 0
         self.failed = False
@@ -292,6 +295,7 @@ class VideoRecorder:
                                                   ffmpeg_log_level="quiet")  # a failure: our one line, not ffmpeg's
             except ImportError:  # imageio without its FFMPEG plugin (e.g. the lent GPU machine's image)
                 self.tmp.unlink(missing_ok=True)
+                self._release()
                 raise PlayError(f"{self.path}: no MP4 encoder here (imageio-ffmpeg is not installed): "
                                 "`pip install imageio-ffmpeg`, or give a file name ending in .gif") from None
 
@@ -324,8 +328,17 @@ class VideoRecorder:
             return self.saved
         self.closed = True
         with interrupts_held():
-            self.saved = self._finish()
+            try:
+                self.saved = self._finish()
+            finally:
+                self._release()
         return self.saved
+
+    def _release(self) -> None:
+        """End the lock on the temp file (once it is renamed or removed, or kept when it cannot be moved)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def _finish(self) -> Path | None:
         if self.failed:
@@ -364,6 +377,82 @@ class VideoRecorder:
                 raise
         finally:
             self.tmp.unlink(missing_ok=True)
+            self._release()
+
+
+PARTIAL_SUFFIXES = (".partial.mp4", ".partial.gif")
+FFMPEG_FINISH_S = 60.0  # an unreadable partial MP4 younger than this may still be being finished
+RECOVERED = "kept the {frames} frames a killed play had recorded (left hidden) as {path}"
+
+
+def recover_dead_recordings(folder: Path) -> list[tuple[Path, int]]:
+    """Keep what plays killed while recording into `folder` left (SIGKILL, the out-of-memory killer:
+    no cleanup ran), and remove the rest. Each hidden `.<stem>.<random>.partial.mp4|gif` no running
+    play holds (its lock ends with its process) is renamed `<stem>.recovered.<ext>` (`-2`, `-3` ...
+    when taken) when it holds a readable frame: ffmpeg, whose input ends with the play, finishes the
+    MP4, so it is a playable recording of what was played, which the user would not find under its
+    hidden name. One without (a GIF's frames were still in memory; an MP4 whose ffmpeg was killed
+    too, once a minute old) is removed: such files piled up, one per killed run. Returns the kept
+    (path, frames)."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:  # a missing folder: the recorder makes it, or says why not
+        return []
+    kept: list[tuple[Path, int]] = []
+    for name in names:
+        suffix = next((s for s in PARTIAL_SUFFIXES if name.endswith(s)), None)
+        stem, _, middle = name[1:len(name) - len(suffix or "")].rpartition(".")
+        if suffix is None or not name.startswith(".") or not stem or not middle or \
+                not all(c.isalnum() or c == "_" for c in middle):  # not mkstemp's: someone else's file
+            continue
+        partial = folder / name
+        try:
+            fd = os.open(partial, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if not _lock_nb(fd):  # a play still recording there (or no flock here: nothing is known to be dead)
+                continue
+            frames = _readable_frames(partial)
+            if not frames:
+                # ffmpeg outlives the killed play by the moment it takes to finish the file, unlocked (it
+                # inherits no descriptor): an MP4 it may still be finishing is left for a later recording
+                if not (suffix == ".partial.mp4" and time.time() - partial.stat().st_mtime < FFMPEG_FINISH_S):
+                    partial.unlink()
+                continue
+            ext = suffix[len(".partial"):]
+            target, n = folder / f"{stem}.recovered{ext}", 1
+            while target.exists():
+                n += 1
+                target = folder / f"{stem}.recovered-{n}{ext}"
+            readable_like_any_file(partial)  # mkstemp made it 0600
+            os.replace(partial, target)
+            kept.append((target, frames))
+        except OSError:  # a read-only folder, say: the recording's own temp file says what is wrong next
+            pass
+        finally:
+            os.close(fd)
+    return kept
+
+
+def _readable_frames(path: Path) -> int:
+    """The frames a left-over partial video holds that can be read (0: none, or not a video)."""
+    if path.stat().st_size == 0:
+        return 0
+    if path.name.endswith(".mp4"):
+        return mp4_frames(path) or 0
+    from PIL import Image
+
+    count = 0
+    try:
+        with Image.open(path) as im:
+            while True:
+                im.seek(count)
+                im.load()
+                count += 1
+    except (EOFError, OSError, ValueError):  # the end, or a GIF cut short while it was saved
+        pass
+    return count
 
 
 class FpsMeter:
@@ -736,6 +825,8 @@ class Game:
                 print(f"worldsim play: cannot record: {exc}", file=sys.stderr)
                 self.say(f"cannot record: {exc}")
                 return
+            for kept, frames in self.recorder.recovered:
+                print(f"worldsim play: {RECOVERED.format(frames=frames, path=kept)}", file=sys.stderr)
             self.record_layout = self.side_by_side
             self._record_frame()  # the video starts with what is on screen now
             if self.recorder is not None:  # (a failed first frame dropped it, and said why)
@@ -996,6 +1087,8 @@ def run_headless(config: PlayConfig, world: World | None = None, log: Callable[[
         ended, episode_over = 0, False  # episodes the simulator ended on its own so far
         if config.out:
             recorder = VideoRecorder(config.out, fps=config.fps)
+            for path, frames in recorder.recovered:
+                log(f"worldsim play: {RECOVERED.format(frames=frames, path=path)}")
         start = time.perf_counter()
         for i, action in enumerate(tqdm(actions, desc=f"worldsim play ({world.mode})", unit="frame",
                                         file=sys.stderr, disable=None if config.progress else True), 1):
