@@ -1224,7 +1224,7 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None,
     staging = out / UNFINISHED
     try:
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+        staging.mkdir(exist_ok=True)  # what could not be removed is never moved: only this run's names are
     except OSError as exc:
         exc.filename = str(staging)
         raise
