@@ -1480,3 +1480,27 @@ def test_a_plot_the_disk_cannot_hold_leaves_no_earlier_plot_beside_the_new_resul
     assert json.loads((out / "results.json").read_text())["config"]["seed"] == 5  # the numbers are kept
     assert (out / "results.md").is_file() and not (out / "psnr_vs_frame.png").exists()
     assert sorted(p.name for p in out.iterdir()) == [".lock", "results.json", "results.md"]
+
+
+def test_a_results_json_the_disk_cannot_hold_names_it_in_out_and_keeps_the_earlier_run(tiny_data, tmp_path,
+                                                                                       monkeypatch):
+    """A full disk at results.json (the first file of the end) named the hidden staging folder's
+    `.unfinished-eval/results.json`, a file the user never sees (and that is gone by the time they look)."""
+    out = tmp_path / "reused"
+    cfg = EvalConfig(data=str(tiny_data), out=str(out), episodes=1, context=12, generate=4, videos=1,
+                     probe_episodes=0, progress=False)
+    run_eval(cfg, world=FakeWorld())
+    before = _files(out)
+    write_text = Path.write_text
+
+    def disk_full(self, *args, **kwargs):  # the temp file of results.json: what atomic_write then names
+        if ".results.json." in self.name:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        run_eval(dataclasses.replace(cfg, seed=5), world=FakeWorld())
+    assert caught.value.filename == str(out / "results.json")  # where the user looks, not the staging folder
+    monkeypatch.undo()
+    assert _files(out) == before  # nothing had moved: the earlier run's outputs, whole

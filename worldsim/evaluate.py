@@ -1452,7 +1452,10 @@ def _run_eval(cfg: EvalConfig, world: Any, checkpoint_path: str | Path | None,
     with interrupts_held():  # a second Ctrl-C here lost every finished episode
         # the numbers first: a disk that fills up at the plot keeps them (a full disk here keeps the
         # earlier run's outputs whole: nothing has moved yet)
-        _write_text(staging / "results.json", json.dumps(results, indent=1, allow_nan=False) + "\n")
+        try:
+            _write_text(staging / "results.json", json.dumps(results, indent=1, allow_nan=False) + "\n")
+        except OSError as exc:  # named as the file in --out, as a video's and the plot's are
+            raise _named_in_out(exc, staging, out) from None
         try:
             _write_text(staging / "results.md", results_markdown(results))
             plot_results(results, staging / "psnr_vs_frame.png")
