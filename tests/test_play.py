@@ -332,6 +332,34 @@ def test_a_killed_plays_recording_is_kept_visible_and_its_empty_partial_files_go
     assert live.exists()
 
 
+@pytest.mark.parametrize("missing", ["imageio_ffmpeg", "ffmpeg binary"])
+def test_a_gif_recording_without_an_mp4_reader_leaves_a_killed_plays_mp4(tmp_path, monkeypatch, missing):
+    """Where imageio-ffmpeg is not installed (the lent GPU machine's image) a GIF is still recorded, but
+    a killed play's MP4 in the folder made it a traceback (the ImportError of the MP4 reader), and where
+    ffmpeg cannot be found (a RuntimeError) the same; that MP4, which cannot be read here, stays."""
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    dead = folder / ".s.k3x_9a2b.partial.mp4"
+    imageio.mimwrite(dead, [np.full((64, 64, 3), 9 * i, np.uint8) for i in range(4)], format="FFMPEG", fps=10,
+                     macro_block_size=16)
+    os.utime(dead, (1e9, 1e9))  # long dead: its ffmpeg is not finishing it
+    if missing == "imageio_ffmpeg":
+        monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # import imageio_ffmpeg: ImportError
+    else:
+        import imageio_ffmpeg
+
+        def no_binary():
+            raise RuntimeError("No ffmpeg exe could be found.")
+
+        monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", no_binary)
+    rec = VideoRecorder(folder / "s.gif", fps=10)
+    assert rec.recovered == [] and dead.exists()
+    rec.append(np.zeros((64, 64, 3), np.uint8))
+    assert rec.close() == folder / "s.gif"
+    monkeypatch.undo()
+    assert video_frames(dead)[0] == 4  # untouched: the next recording where ffmpeg is keeps it
+
+
 def test_a_play_killed_while_recording_leaves_what_it_played_to_the_next(tmp_path):
     """The real thing: `play --headless` killed with SIGKILL mid-recording, then played again into the
     same file: the first one's frames come back as a visible video, and no hidden file is left."""

@@ -414,6 +414,8 @@ def recover_dead_recordings(folder: Path) -> list[tuple[Path, int]]:
             if not _lock_nb(fd):  # a play still recording there (or no flock here: nothing is known to be dead)
                 continue
             frames = _readable_frames(partial)
+            if frames is None:  # no MP4 reader here: what it holds is unknown, so it stays for one that can tell
+                continue
             if not frames:
                 # ffmpeg outlives the killed play by the moment it takes to finish the file, unlocked (it
                 # inherits no descriptor): an MP4 it may still be finishing is left for a later recording
@@ -435,11 +437,20 @@ def recover_dead_recordings(folder: Path) -> list[tuple[Path, int]]:
     return kept
 
 
-def _readable_frames(path: Path) -> int:
-    """The frames a left-over partial video holds that can be read (0: none, or not a video)."""
+def _readable_frames(path: Path) -> int | None:
+    """The frames a left-over partial video holds that can be read (0: none, or not a video; None:
+    an MP4 with no ffmpeg here to read it, as in an image without imageio-ffmpeg, where a GIF is
+    still recorded: counted as 0, a killed play's finished MP4 was removed, and the ImportError
+    was a traceback instead of the GIF)."""
     if path.stat().st_size == 0:
         return 0
     if path.name.endswith(".mp4"):
+        try:
+            from imageio_ffmpeg import get_ffmpeg_exe
+
+            get_ffmpeg_exe()  # a RuntimeError where it finds no ffmpeg binary
+        except (ImportError, RuntimeError):
+            return None
         return mp4_frames(path) or 0
     from PIL import Image
 
