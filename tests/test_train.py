@@ -357,6 +357,41 @@ def test_a_training_stopped_by_an_error_still_frees_its_process_group_at_close(d
         assert closed.get("0") == "[]", res.stdout + res.stderr
 
 
+def test_a_rank_that_fails_stops_the_others_with_one_line_and_every_rank_frees_its_process_group(
+        trained, dataset, tmp_path):
+    """Rank 1 fails in its second step (a bug, bad data, its memory): rank 0, waiting at the step's
+    collective, printed 30 lines of gloo traceback ("Connection closed by peer ... GLHF!") under rank
+    1's message; now one line that says another rank stopped and where the last save is. And a
+    RuntimeError that was not an allocation failure (gloo's own among them) was re-raised by the
+    out-of-memory handler, past the one that drops the training frames: both ranks' process groups
+    outlived close(), gloo's threads still up at the interpreter's exit."""
+    launcher = tmp_path / "rank1_fails.py"
+    launcher.write_text(
+        "import os, sys\n"
+        "import worldsim.train as train\n"
+        "real = train.step_rng\n"
+        "def step_rng(seed, rank, step, stream=0):\n"
+        "    if os.environ.get('RANK') == '1' and step == 1:\n"
+        "        raise RuntimeError('rank 1 fails on purpose')\n"
+        "    return real(seed, rank, step, stream)\n"
+        "train.step_rng = step_rng\n"
+        + REPORT_GLOO_THREADS_AFTER_CLOSE
+        + RUN_CLI)
+    run = tmp_path / "fails"
+    res = _torchrun(launcher, "train", "--data", str(dataset), "--out", str(run), *FAST, "--stage", "far",
+                    "--ae-from", str(trained), "--far-steps", "4", "--checkpoint-every", "1", "--val-every", "0",
+                    "--preview-every", "-1", "--ddp-timeout", "60")
+    assert res.returncode != 0
+    assert "RuntimeError: rank 1 fails on purpose" in res.stderr, res.stderr  # the failing rank's own traceback
+    assert "[rank0]: Traceback" not in res.stderr, res.stderr
+    line = next((x for x in res.stderr.splitlines() if x.startswith("worldsim train: rank 0: ")), "")
+    assert "another rank stopped" in line and f"continue with --resume {run}" in line, res.stderr
+    assert json.loads((run / "state" / "state.json").read_text())["step"] == 1
+    if sys.platform.startswith("linux"):
+        closed = dict(re.findall(r"\[rank (\d)\] gloo threads after close: (\[[^\]]*\])", res.stdout))
+        assert closed == {"0": "[]", "1": "[]"}, res.stdout + res.stderr
+
+
 # ----------------------------------------------------------------------------- units
 
 

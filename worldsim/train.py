@@ -2056,6 +2056,29 @@ def out_of_memory(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
+def lost_peer(exc: BaseException) -> str | None:
+    """What the process group said when another rank stopped answering (gloo: "Connection closed by
+    peer", "Timed out waiting 10000ms for recv operation to complete"; nccl: a DistBackendError),
+    its first sentence without the C++ source path; None for any other exception."""
+    import torch.distributed as tdist
+
+    if not (isinstance(exc, tdist.DistError) or (isinstance(exc, RuntimeError) and "gloo" in str(exc))):
+        return None
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if text.startswith("[") and "] " in text:  # "[/__w/pytorch/.../pair.cc:553] Connection closed ..."
+        text = text.split("] ", 1)[1]
+    return text.split(". ")[0][:200]
+
+
+def _drop_traceback_frames(exc: BaseException | None) -> None:
+    """The locals of the frames an exception passed through: the DDP wrapper (so the process group)
+    among them outlived Dist.close() while the exception was alive, and gloo's threads could then
+    abort the interpreter's exit ("terminate called without an active exception", SIGABRT)."""
+    while exc is not None:
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         run, resuming = config_from_args(args)
@@ -2106,23 +2129,34 @@ def main(args: argparse.Namespace) -> int:
     except (TrainError, DatasetError, CheckpointError) as exc:
         print(f"worldsim train: {exc}", file=sys.stderr)
         return 2
-    except (MemoryError, RuntimeError) as exc:
-        if not out_of_memory(exc):
-            raise
-        # past memory_floor's check: a size that fits the bound but not the machine. Saved states and
-        # checkpoints are renamed into place whole, so the last one stands
+    except BaseException as exc:  # one handler: a `raise` in an earlier sibling skipped this one's cleanup
         saved = Path(cfg.out) / "state"
-        print(f"worldsim train: out of memory ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no details'}); "
-              f"lower --far-batch / --seq-len (the far stage) or --ae-batch (the autoencoder stage)"
-              + (f"; {saved} holds the last saved step: --resume {cfg.out} with the smaller sizes" if saved.is_dir() else ""),
-              file=sys.stderr)
-        return 1
-    except BaseException as exc:  # Ctrl-C twice, a full disk, a peer rank gone: passed on, after close()
-        # its traceback holds the training frames, the DDP wrapper (so the process group) among them:
-        # their locals go first, or the group outlives close() and gloo can abort the exit (see Dist.close)
-        while exc is not None:
-            traceback.clear_frames(exc.__traceback__)
-            exc = exc.__cause__ or exc.__context__
+        if out_of_memory(exc):
+            # past memory_floor's check: a size that fits the bound but not the machine. Saved states and
+            # checkpoints are renamed into place whole, so the last one stands
+            print(f"worldsim train: {f'rank {dist.rank}: ' if dist.enabled else ''}out of memory ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:200] if str(exc) else 'no details'}); "
+                  f"lower --far-batch / --seq-len (the far stage) or --ae-batch (the autoencoder stage)"
+                  + (f"; {saved} holds the last saved step: --resume {cfg.out} with the smaller sizes" if saved.is_dir() else ""),
+                  file=sys.stderr)
+            _drop_traceback_frames(exc)
+            return 1
+        said = lost_peer(exc) if dist.enabled else None
+        if said is not None:
+            # the rank that stopped said why (or torchrun names the signal that ended it); this rank's
+            # own traceback, 30 lines of gloo under the real message, only told where it was waiting
+            if "timed out" in said.lower() or "timeout" in said.lower():
+                waited = (f"did not answer within --ddp-timeout {cfg.ddp_timeout:g} s (stuck, or much slower: "
+                          "raise --ddp-timeout for long saves or encodings on rank 0)")
+            else:
+                waited = "stopped (its message, or torchrun's line naming the signal that ended it, is in the log)"
+            print(f"worldsim train: rank {dist.rank}: another rank {waited} ({said}); "
+                  + (f"{saved} holds the last saved step: continue with --resume {cfg.out}" if saved.is_dir()
+                     else "nothing was saved yet"), file=sys.stderr)
+            _drop_traceback_frames(exc)
+            return 1
+        # Ctrl-C twice, a full disk, a bug: passed on, after close(), with its frames' locals gone first
+        _drop_traceback_frames(exc)
         raise
     finally:
         dist.close()
