@@ -357,6 +357,28 @@ def test_a_training_stopped_by_an_error_still_frees_its_process_group_at_close(d
         assert closed.get("0") == "[]", res.stdout + res.stderr
 
 
+def test_a_metrics_row_of_two_ranks_averages_their_statistics_as_it_does_their_loss(trained, dataset, tmp_path):
+    """A row's loss was the ranks' mean but its statistics (the autoencoder's psnr, the transformer's
+    noisy_frames, clean_frac, ...) were rank 0's batch alone. Here each rank's batch reports its rank."""
+    launcher = tmp_path / "rank_stat.py"
+    launcher.write_text(
+        "import os, sys, torch\n"
+        "import worldsim.objective as objective\n"
+        "real = objective.training_loss\n"
+        "def training_loss(*args, **kwargs):\n"
+        "    loss, stats = real(*args, **kwargs)\n"
+        "    return loss, {**stats, 'rank_probe': torch.tensor(float(os.environ['RANK']))}\n"
+        "objective.training_loss = training_loss\n"
+        + RUN_CLI)
+    run = tmp_path / "stats"
+    res = _torchrun(launcher, "train", "--data", str(dataset), "--out", str(run), *FAST, "--stage", "far",
+                    "--ae-from", str(trained), "--far-steps", "2", "--log-every", "1", "--val-every", "0",
+                    "--preview-every", "-1")
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["rank_probe"]) for r in rows if "loss" in r] == [(1, 0.5), (2, 0.5)]
+
+
 def test_a_rank_that_fails_stops_the_others_with_one_line_and_every_rank_frees_its_process_group(
         trained, dataset, tmp_path):
     """Rank 1 fails in its second step (a bug, bad data, its memory): rank 0, waiting at the step's

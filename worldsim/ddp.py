@@ -86,13 +86,15 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return tuple(bool(v > 0) for v in t.tolist())
 
-    def mean(self, value: float) -> float:
-        """Mean of a Python float over ranks (for logging)."""
+    def means(self, values: list[float]) -> list[float]:
+        """Means of several Python floats over ranks in one collective (a metrics row: every rank
+        must pass the same number of values, in the same order)."""
         if not self.enabled:
-            return value
-        t = torch.tensor([float(value)], device=self.device, dtype=torch.float64 if self.device.type == "cpu" else torch.float32)
+            return [float(v) for v in values]
+        t = torch.tensor([float(v) for v in values], device=self.device,
+                         dtype=torch.float64 if self.device.type == "cpu" else torch.float32)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return float(t.item()) / self.world_size
+        return [v / self.world_size for v in t.tolist()]
 
     def max(self, value: float) -> float:
         """Largest value of a Python float over ranks (ranks agree on a wall-clock schedule)."""

@@ -1218,10 +1218,14 @@ class Trainer:
                         now = time.perf_counter()
                         sps = (step - steps_last) / max(1e-9, now - t_last)
                         t_last, steps_last = now, step
-                        rec = {"stage": spec.name, "step": step, "loss": dist.mean(loss_v), "lr": lr,
+                        # the row's statistics (psnr, noisy_frames, ...) are of every rank's batch, as its
+                        # loss is: they were rank 0's alone, beside a loss averaged over the ranks
+                        names = [k for k in stats if k != "loss"]  # the same keys on every rank (the config's)
+                        means = dist.means([loss_v, *(float(stats[k]) for k in names)])
+                        rec = {"stage": spec.name, "step": step, "loss": means[0], "lr": lr,
                                "grad_norm": gnorm, "steps_per_s": sps,
                                **{f"{k}_per_s": v * sps for k, v in spec.units_per_step.items()},
-                               **{k: float(v) for k, v in stats.items() if k != "loss"}}
+                               **dict(zip(names, means[1:]))}
                         self.write_metrics(rec)
                     if spec.time_limit > 0:
                         time_fraction = dist.max((time.perf_counter() - t_stage) / spec.time_limit)
