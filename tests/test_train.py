@@ -357,6 +357,21 @@ def test_a_training_stopped_by_an_error_still_frees_its_process_group_at_close(d
         assert closed.get("0") == "[]", res.stdout + res.stderr
 
 
+def test_a_resume_on_another_number_of_ranks_says_the_batch_of_a_step_changes(trained, tmp_path, capsys):
+    """--far-batch is per rank: a run saved on 2 ranks and resumed on 1 trains on half the batch at the
+    same learning rate, which the note ("same weights, a different data order") left out."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    state = json.loads((run / "state" / "state.json").read_text())
+    (run / "state" / "state.json").write_text(json.dumps({**state, "world_size": 2}) + "\n")
+    batch = json.loads((run / "config.json").read_text())["train"]["far_batch"]
+    assert main(["train", "--resume", str(run), "--far-steps", str(state["step"] + 1), "--progress", "false",
+                 "--threads", "1"]) == 0
+    assert (f"note: resumed with 1 rank(s), saved with 2: same weights, a different data order from here on, and a "
+            f"step's batch is now 1 x --far-batch {batch} = {batch} (--far-batch is per rank: on 2 rank(s) it made "
+            f"{2 * batch}, which --far-batch {2 * batch} keeps)") in capsys.readouterr().err
+
+
 def test_a_metrics_row_of_two_ranks_averages_their_statistics_as_it_does_their_loss(trained, dataset, tmp_path):
     """A row's loss was the ranks' mean but its statistics (the autoencoder's psnr, the transformer's
     noisy_frames, clean_frac, ...) were rank 0's batch alone. Here each rank's batch reports its rank."""

@@ -1139,8 +1139,18 @@ class Trainer:
             warmup_end_s = meta.get("warmup_end_seconds", 0.0 if step >= cfg.warmup else None)
             self.trim_metrics(spec.name, step)
             if meta.get("world_size", 1) != dist.world_size:
-                self.log(f"note: resumed with {dist.world_size} rank(s), saved with {meta.get('world_size')}: "
-                         "same weights, a different data order from here on")
+                # the batch options are per rank, so the batch of a step changes with the ranks (the
+                # learning rate does not): say so, with the option that keeps it where it divides evenly
+                option = f"--{spec.name}-batch"
+                per_rank = cfg.ae_batch if spec.name == "ae" else cfg.far_batch
+                saved_ranks = int(meta.get("world_size", 1))
+                keep = per_rank * saved_ranks
+                self.log(f"note: resumed with {dist.world_size} rank(s), saved with {saved_ranks}: same weights, "
+                         f"a different data order from here on, and a step's batch is now {dist.world_size} x "
+                         f"{option} {per_rank} = {per_rank * dist.world_size} ({option} is per rank: on "
+                         f"{saved_ranks} rank(s) it made {keep}"
+                         + (f", which {option} {keep // dist.world_size} keeps" if keep % dist.world_size == 0 else "")
+                         + ")")
             self.log(f"{spec.name}: resumed at step {step}/{spec.total_steps}")
         if step >= spec.total_steps:
             if resume_state is not None and step > spec.total_steps:
