@@ -1504,3 +1504,29 @@ def test_a_results_json_the_disk_cannot_hold_names_it_in_out_and_keeps_the_earli
     assert caught.value.filename == str(out / "results.json")  # where the user looks, not the staging folder
     monkeypatch.undo()
     assert _files(out) == before  # nothing had moved: the earlier run's outputs, whole
+
+
+def test_a_rescore_waits_for_an_eval_writing_into_the_folder(tiny_data, tmp_path, capsys):
+    """A rescore reads results.json and writes it back later: an eval running into the same folder moves
+    its new results in at its end, and a rescore around that move put the old run's numbers back over
+    them. It is refused while the folder's lock is held, and leaves no .lock where there was none."""
+    from worldsim.cli import main
+    from worldsim.dataset import try_lock
+
+    out = tmp_path / "a"
+    run_eval(EvalConfig(data=str(tiny_data), out=str(out), episodes=2, context=12, generate=8, videos=0,
+                        probe_episodes=0, progress=False), world=FakeWorld())
+    before = (out / "results.json").read_text()
+    running = try_lock(out / ".lock")  # flock is per open file: held here as by another process's eval
+    try:
+        assert main(["eval", "--rescore", str(out)]) == 2
+        assert "a `worldsim eval` is writing its results there" in capsys.readouterr().err
+        assert (out / "results.json").read_text() == before
+    finally:
+        running.close()
+    assert main(["eval", "--rescore", str(out)]) == 0
+    copy = tmp_path / "copy"  # a results folder copied without its .lock
+    copy.mkdir()
+    shutil.copy(out / "results.json", copy / "results.json")
+    assert main(["eval", "--rescore", str(copy)]) == 0
+    assert not (copy / ".lock").exists() and (copy / "results.md").exists()

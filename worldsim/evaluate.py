@@ -1546,6 +1546,30 @@ def rescore(folder: str | Path) -> dict[str, Any]:
     """Recompute the paired differences, results.md and psnr_vs_frame.png of an earlier run from its
     results.json (per-frame numbers), writing all three back; returns the updated results."""
     folder = Path(folder)
+    if not folder.is_dir():
+        return _rescore_locked(folder)
+    # An eval running into the folder moves its results in at its end: read before and written after
+    # that move, a rescore replaced the new run's numbers with the old run's. Its lock, as a second eval.
+    from worldsim.dataset import try_lock
+
+    lock_existed = (folder / ".lock").exists()
+    try:
+        lock = try_lock(folder / ".lock")
+    except OSError:  # a folder it may not write: the writes below say so, naming the file
+        return _rescore_locked(folder)
+    if lock is None:
+        raise EvalError(f"{folder}: a `worldsim eval` is writing its results there (locked {folder / '.lock'}); "
+                        f"rescore it when that eval has finished")
+    try:
+        return _rescore_locked(folder)
+    finally:
+        if not lock_existed:
+            with contextlib.suppress(OSError):
+                (folder / ".lock").unlink()
+        lock.close()
+
+
+def _rescore_locked(folder: Path) -> dict[str, Any]:
     path = folder / "results.json"
 
     def arrays(eps: list[dict[str, Any]]) -> list[dict[str, Any]]:
