@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from worldsim.checkpoint import (CONFIG_NAME, FAR_DTYPES, WEIGHTS_NAME, CheckpointError, load_checkpoint,
-                                 save_checkpoint, temp_twin)
+                                 release_temp_twin, save_checkpoint, temp_twin)
 from worldsim.cli import stops_on_sigterm
 from worldsim.dataset import name_the_target, readable_like_any_file
 
@@ -46,6 +46,8 @@ def store(checkpoint: Path, out: Path, far_dtype: str) -> Path:
         if isinstance(exc, OSError):
             name_the_target(exc, out)
         raise
+    finally:
+        release_temp_twin(tmp)
     return out
 
 

@@ -23,7 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from worldsim.checkpoint import (CONFIG_NAME, FAR_DTYPES, CheckpointError, check_tensors, load_checkpoint,
-                                 read_config, save_checkpoint, save_tensors, stored_far_dtype, temp_twin)
+                                 read_config, release_temp_twin, save_checkpoint, save_tensors, stored_far_dtype,
+                                 temp_twin)
 from worldsim.cli import stops_on_sigterm
 from worldsim.dataset import name_the_target, readable_like_any_file
 from worldsim.latents import tensors_hash
@@ -54,6 +55,8 @@ def strip(checkpoint: Path, out: Path) -> Path:
         if isinstance(exc, OSError):  # a full disk: name OUT, not the temp folder that is gone
             name_the_target(exc, out)
         raise
+    finally:
+        release_temp_twin(tmp)
     return out
 
 
@@ -92,6 +95,7 @@ def join(stripped: Path, autoencoder_checkpoint: Path, out: Path) -> Path:
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        release_temp_twin(tmp)
     return out
 
 

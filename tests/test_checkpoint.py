@@ -528,3 +528,47 @@ def test_a_stopped_transport_leaves_no_temp_folder_and_the_next_run_sweeps_old_o
     assert "a file is in the way of its folder" in str(caught.value) and caught.value.filename == str(tmp_path / "file")
     with pytest.raises(NotADirectoryError):
         temp_twin(tmp_path / "file" / "sub" / "out")
+
+
+def _far_with_other_weights(world):
+    import copy
+
+    far = copy.deepcopy(world.far)
+    with torch.no_grad():
+        for p in far.parameters():
+            p.add_(1.0)
+    return far
+
+
+def _fingerprint(module) -> list[torch.Tensor]:
+    return [t.clone() for _, t in sorted(module.state_dict().items())]
+
+
+@pytest.mark.parametrize("first, second", [("ck", "ck"), ("new", "new"), ("ck.v2", "ck")])
+def test_a_save_never_removes_the_temp_files_of_another_save_in_progress(saved, tmp_path, monkeypatch, first, second):
+    """A save swept every `.model.safetensors.*.tmp` in the folder and every `.NAME.*.tmp` beside it,
+    unlocked: a second save (another process, WorldModel.save into the same folder) removed the first
+    one's live temp file or folder, which then failed with 'No such file or directory' (and saving
+    `ck` removed the temp folder of a save into `ck.v2`). Only the twins that no writer holds go."""
+    import worldsim.checkpoint as checkpoint_module
+    from worldsim.checkpoint import save_checkpoint
+
+    world, _ = saved
+    far2 = _far_with_other_weights(world)
+    real_dump = checkpoint_module.json.dump
+    seconds = []
+
+    def second_save_mid_write(obj, f, *args, **kwargs):
+        if not seconds:  # the first save's weights are written, its config.json is being written
+            seconds.append(sorted(p.name for p in tmp_path.rglob(".*")))
+            save_checkpoint(tmp_path / second, world.autoencoder, world.far, action_names=ACTIONS, step=2)
+        return real_dump(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.json, "dump", second_save_mid_write)
+    save_checkpoint(tmp_path / first, world.autoencoder, far2, action_names=ACTIONS, step=1)
+    monkeypatch.undo()
+    assert seconds and seconds[0], "the first save had no temp file while the second ran"
+    ck = load_checkpoint(tmp_path / first, device="cpu")
+    assert ck.step == 1 and all(torch.equal(a, b) for a, b in zip(_fingerprint(ck.far), _fingerprint(far2)))
+    assert load_checkpoint(tmp_path / second, device="cpu").step == (1 if second == first else 2)
+    assert not [p for p in tmp_path.rglob(".*")]  # no temp leftovers

@@ -31,12 +31,14 @@ Saving is atomic: a new folder is written as a temp folder and renamed into plac
 folder (which may hold a model card or other files) gets both files written in full to temp names
 before either is os.replace'd (weights first, config.json last; dataset.atomic_write_all), and
 config.json records the weights' size so that a torn save is detected on load.
+
+Temp files and folders are flocked by their writer until renamed, and only unlocked ones (a
+killed save's) are swept, so two savers never remove each other's.
 """
 from __future__ import annotations
 
 import dataclasses
 import errno
-import glob
 import json
 import os
 import re
@@ -49,10 +51,10 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from worldsim.autoencoder import Autoencoder, AutoencoderConfig
-from worldsim.dataset import atomic_write_all, name_the_target, readable_like_any_file
+from worldsim.dataset import _lock_nb, atomic_write_all, name_the_target, readable_like_any_file
 from worldsim.model import FAR, FARConfig
 from worldsim.sampler import MAX_STEPS, MAX_STILL_FRAMES, setting_problem
 
@@ -132,8 +134,19 @@ def _depth_hint(prefix: str, module: torch.nn.Module, given: dict[str, torch.Ten
     return ""
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], target: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """safetensors' save_file, with its I/O failures (a full disk) raised as the OSError they are."""
+def save_tensors(tensors: dict[str, torch.Tensor], target: str | os.PathLike, metadata: dict[str, str],
+                 into: bool = False) -> None:
+    """safetensors' save_file, with its I/O failures (a full disk) raised as the OSError they are.
+
+    into: write into the file `target` (an atomic write's flocked temp file) instead: save_file
+    (safetensors 0.8) writes a new file and renames it over `target`, which left the lock on the
+    unlinked old one, so another save's sweep took the live temp file for a killed save's and
+    removed it. Costs a copy of the file in memory while it is written."""
+    if into:
+        data = save(tensors, metadata=metadata)
+        with open(target, "wb") as f:
+            f.write(data)
+        return
     try:
         save_file(tensors, str(target), metadata=metadata)
     except SafetensorError as exc:
@@ -143,36 +156,87 @@ def save_tensors(tensors: dict[str, torch.Tensor], target: str | os.PathLike, me
         raise  # not an I/O error: a bug to see in full
 
 
-def _sweep(leftovers: list[Path]) -> None:
-    for leftover in leftovers:
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
-
-
 def sweep_temp_twins(path: Path) -> None:
-    """Remove the `.NAME.<random>.tmp` twins of `path` that writes killed mid-way left."""
-    _sweep(list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")))  # escaped: ck[1] is no pattern
+    """Remove the `.NAME.<random>.tmp` twin folders of `path` that saves killed mid-way left (SIGKILL,
+    a power cut; full-size, owned by no one). A live save holds a flock on its twin until the rename
+    (temp_twin), and the lock ends with its process: a twin whose lock can be taken has no writer.
+    (An unlocked sweep removed a concurrent save's folder under it, and `.ck.*.tmp` also matched the
+    twin of a save into `ck.v2`.)"""
+    prefix, suffix = f".{path.name}.", ".tmp"
+    try:
+        names = [n for n in os.listdir(path.parent) if n.startswith(prefix) and n.endswith(suffix)]
+    except OSError:  # a missing folder: mkdtemp says so next, naming the target
+        return
+    for name in names:
+        middle = name[len(prefix):len(name) - len(suffix)]
+        if not middle or not all(c.isalnum() or c == "_" for c in middle):  # not mkdtemp's: another name's twin
+            continue
+        twin = path.parent / name
+        try:
+            fd = os.open(twin, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if _lock_nb(fd):
+                if os.path.isdir(twin):
+                    shutil.rmtree(twin, ignore_errors=True)
+                else:
+                    twin.unlink(missing_ok=True)
+        except OSError:  # a read-only folder, say: the save itself will say what is wrong
+            pass
+        finally:
+            os.close(fd)
+
+
+_twin_locks: dict[Path, int] = {}  # temp_twin's folders -> their flocked descriptors, until release_temp_twin
 
 
 def temp_twin(path: str | os.PathLike) -> Path:
     """A new empty folder `.NAME.<random>.tmp` beside `path`, to write in and rename to `path`.
 
-    The twins that writes killed mid-way left (SIGKILL, a power cut; full-size, owned by no one)
-    are removed first, and an error names `path`, not the twin."""
+    The twins that saves killed mid-way left are removed first, and an error names `path`, not the
+    twin. The folder is flocked (so that no other save's sweep removes it) until
+    release_temp_twin(twin) or the end of the process."""
     path = Path(path)
     sweep_temp_twins(path)
     try:
         if path.parent.exists() and not path.parent.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, "a file is in the way of its folder", str(path.parent))
         path.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        # mkdtemp and the lock are two calls: another save's sweep may take the still unlocked folder for
+        # a dead one in between, so a folder not locked at its name is left to that sweep (as _locked_temp)
+        for _ in range(100):
+            twin = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+            try:
+                fd = os.open(twin, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            except OSError:  # a folder cannot be opened here (Windows): unlocked, as where there is no flock
+                return twin
+            locked = _lock_nb(fd)
+            if locked is None:  # no flock here (not POSIX): no twin is known dead, none is swept
+                os.close(fd)
+                return twin
+            try:
+                if locked and os.path.samestat(os.fstat(fd), os.stat(twin)):
+                    _twin_locks[twin] = fd
+                    return twin
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        raise OSError(errno.EAGAIN, "other processes' sweeps kept removing its temp folders", str(path))
     except FileExistsError as exc:  # a file further up the path: mkdir says "File exists"
         raise NotADirectoryError(errno.ENOTDIR, "a file is in the way of its folder", exc.filename) from None
     except OSError as exc:
         name_the_target(exc, path)
         raise
+
+
+def release_temp_twin(twin: Path) -> None:
+    """Drop temp_twin's lock on `twin` (renamed into place, or removed)."""
+    fd = _twin_locks.pop(Path(twin), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def save_checkpoint(
@@ -218,7 +282,7 @@ def save_checkpoint(
     }
 
     def write_weights(target: str) -> None:
-        save_tensors(tensors, target, {"format": FORMAT})
+        save_tensors(tensors, target, {"format": FORMAT}, into=True)
         config["weights"]["bytes"] = os.path.getsize(target)
 
     def write_config(target: str) -> None:
@@ -227,20 +291,30 @@ def save_checkpoint(
             f.write("\n")
 
     # what saves killed mid-write (SIGKILL, a power cut) left: full-size temp twins no one else owns
+    # (the temp files inside an existing folder are atomic_write_all's to sweep, as locked as these)
     sweep_temp_twins(path)
-    _sweep([*path.glob(f".{WEIGHTS_NAME}.*.tmp"), *path.glob(f".{CONFIG_NAME}.*.tmp")])
     if not path.exists():
         tmp_dir = temp_twin(path)
         try:
             write_weights(str(tmp_dir / WEIGHTS_NAME))
             write_config(str(tmp_dir / CONFIG_NAME))
             readable_like_any_file(tmp_dir)
-            os.replace(tmp_dir, path)
+            try:
+                os.replace(tmp_dir, path)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not path.is_dir():
+                    raise
+                # another save made the folder meanwhile: replace its files as a re-save would (weights first)
+                for name in (WEIGHTS_NAME, CONFIG_NAME):
+                    os.replace(tmp_dir / name, path / name)
+                shutil.rmtree(tmp_dir, ignore_errors=True)
         except BaseException as exc:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             if isinstance(exc, OSError):  # a full disk or the like: name the checkpoint, not its temp twin
                 name_the_target(exc, path)
             raise
+        finally:
+            release_temp_twin(tmp_dir)
     else:
         if not path.is_dir():
             raise CheckpointError(path, "exists and is not a folder")
