@@ -183,9 +183,15 @@ def test_wrong_resolution_or_actions_fail_clearly(saved):
 
 
 def _rewrite_weights(path, edit):
+    """Edit the tensors as a tool that keeps the file's metadata would (its tensors_sha256, which
+    pairs it with config.json, included: the checks below are the tensors' own)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        metadata = f.metadata()
     tensors = load_file(str(path / "model.safetensors"))
     edit(tensors)
-    save_file(tensors, str(path / "model.safetensors"))
+    save_file(tensors, str(path / "model.safetensors"), metadata=metadata)
     cfg = json.loads((path / "config.json").read_text())
     cfg["weights"]["bytes"] = (path / "model.safetensors").stat().st_size
     (path / "config.json").write_text(json.dumps(cfg))
@@ -542,6 +548,103 @@ def _far_with_other_weights(world):
 
 def _fingerprint(module) -> list[torch.Tensor]:
     return [t.clone() for _, t in sorted(module.state_dict().items())]
+
+
+def test_a_load_between_a_resaves_two_renames_waits_for_the_config_of_its_weights(saved, monkeypatch):
+    """A re-save replaces model.safetensors, then config.json. play or eval loading a run's checkpoint
+    while training re-saved it got the old config.json (its step, data, val loss) with the new
+    weights, of the same size, silently. The load now waits for the save's config.json."""
+    import threading
+    import types
+
+    import worldsim.checkpoint as checkpoint_module
+    from worldsim.checkpoint import save_checkpoint
+
+    world, path = saved  # step 123
+    far2 = _far_with_other_weights(world)
+    first_read_unpaired, saved_in_full = threading.Event(), threading.Event()
+
+    def paused(seconds):  # the load's wait after reading the two files of two saves
+        first_read_unpaired.set()
+        saved_in_full.wait(timeout=60)
+
+    monkeypatch.setattr(checkpoint_module, "time", types.SimpleNamespace(monotonic=lambda: 0.0, sleep=paused),
+                        raising=False)
+    loaded = []
+
+    def load():
+        try:
+            loaded.append(load_checkpoint(path, device="cpu"))
+        except CheckpointError as exc:
+            loaded.append(exc)
+
+    real_replace = os.replace
+    reader = threading.Thread(target=load)
+
+    def replace_then_load(src, dst):
+        real_replace(src, dst)
+        if str(dst) == str(path / "model.safetensors"):  # the new weights are in, config.json is not yet
+            reader.start()
+            while not first_read_unpaired.is_set() and reader.is_alive():
+                first_read_unpaired.wait(0.01)
+
+    monkeypatch.setattr(os, "replace", replace_then_load)
+    save_checkpoint(path, world.autoencoder, far2, action_names=ACTIONS, step=124)
+    monkeypatch.setattr(os, "replace", real_replace)
+    saved_in_full.set()
+    reader.join(timeout=60)
+    assert len(loaded) == 1 and not isinstance(loaded[0], CheckpointError), loaded
+    ck = loaded[0]
+    assert ck.step == 124 and all(torch.equal(a, b) for a, b in zip(_fingerprint(ck.far), _fingerprint(far2)))
+
+
+def test_a_folder_holding_two_saves_files_is_refused_in_one_line(saved, tmp_path):
+    """config.json of one save beside the weights of another (same size: the recorded bytes match)."""
+    from worldsim.checkpoint import save_checkpoint
+
+    world, path = saved
+    other = save_checkpoint(tmp_path / "other", world.autoencoder, _far_with_other_weights(world),
+                            action_names=ACTIONS, step=5)
+    shutil.copy(path / "config.json", other / "config.json")
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(other, device="cpu")
+    message = str(caught.value)
+    assert message.startswith(f"checkpoint {other}: config.json and model.safetensors are from two different saves")
+    assert "being rewritten" in message and "\n" not in message
+
+
+def test_a_checkpoint_from_before_the_pairing_hash_loads_unchecked_and_at_once(saved, monkeypatch):
+    """Older checkpoints (the shipped one) have no tensors_sha256 in either file: they load as before,
+    with no wait; an old config.json beside new weights (a new save over an old run's folder, read
+    between its renames) is the one pairing refused."""
+    import types
+
+    import worldsim.checkpoint as checkpoint_module
+
+    world, path = saved
+    config = json.loads((path / "config.json").read_text())
+    assert config["weights"]["tensors_sha256"]
+    tensors = load_file(str(path / "model.safetensors"))
+    new_weights = (path / "model.safetensors").read_bytes()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "worldsim-checkpoint"})
+    del config["weights"]["tensors_sha256"]
+    config["weights"]["bytes"] = (path / "model.safetensors").stat().st_size
+    (path / "config.json").write_text(json.dumps(config))
+
+    def no_wait(seconds):
+        raise AssertionError("an unhashed checkpoint must load without waiting")
+
+    monkeypatch.setattr(checkpoint_module, "time", types.SimpleNamespace(monotonic=lambda: 0.0, sleep=no_wait),
+                        raising=False)
+    loaded = load_checkpoint(path, device="cpu")
+    assert loaded.step == 123
+    assert all(torch.equal(a, b) for a, b in zip(_fingerprint(loaded.far), _fingerprint(world.far)))
+    monkeypatch.undo()
+    (path / "model.safetensors").write_bytes(new_weights)
+    config["weights"]["bytes"] = len(new_weights)
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="from two different saves"):
+        load_checkpoint(path, device="cpu")
 
 
 @pytest.mark.parametrize("first, second", [("ck", "ck"), ("new", "new"), ("ck.v2", "ck")])

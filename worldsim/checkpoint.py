@@ -19,8 +19,9 @@ Dream-v0; a config without shift samples with 1.0, the uniform grid, and one wit
 with 1.0, plain sampling; optional still_frames, default 0: how many standstill copies of a
 world's first frame Dream-v0 and play put before its start; eval ignores it), action_names,
 resolution [H, W], simulator ({"id", "settings"} or null), data (training data summary), step,
-weights {file, bytes, dtypes}, extra.
-model.safetensors keys: "autoencoder.<name>" and "far.<name>" (the modules' state_dict keys).
+weights {file, bytes, dtypes, tensors_sha256}, extra.
+model.safetensors keys: "autoencoder.<name>" and "far.<name>" (the modules' state_dict keys); its
+header's metadata holds the same tensors_sha256 as config.json.
 
 The transformer's floating-point tensors may be stored in bfloat16 (`far_dtype="bfloat16"`),
 which halves the file: a 2x transformer then fits the 100 MB budget of `checkpoints/` with room
@@ -32,8 +33,14 @@ folder (which may hold a model card or other files) gets both files written in f
 before either is os.replace'd (weights first, config.json last; dataset.atomic_write_all), and
 config.json records the weights' size so that a torn save is detected on load.
 
-Temp files and folders are flocked by their writer until renamed, and only unlocked ones (a
-killed save's) are swept, so two savers never remove each other's.
+A reader between those two renames (play or eval reading a run's checkpoint while `worldsim train`
+re-saves it) would get the old config.json (its step, data, val loss) with the new weights, of the
+same size. So both files carry the SHA-256 of the tensors (worldsim.latents.tensors_hash, taken at
+save time; a load compares the two copies and does not hash again): load_checkpoint reads the weights
+once, from one open file, and reads both files again (a few times, under a second in all) until
+the two agree, else fails naming the folder. Checkpoints from before (no hash in either file) load
+unchecked. Temp files and folders are flocked by their writer until renamed, and only unlocked
+ones (a killed save's) are swept, so two savers never remove each other's.
 """
 from __future__ import annotations
 
@@ -44,6 +51,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +59,11 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import load, save, save_file
 
 from worldsim.autoencoder import Autoencoder, AutoencoderConfig
 from worldsim.dataset import _lock_nb, atomic_write_all, name_the_target, readable_like_any_file
+from worldsim.latents import tensors_hash
 from worldsim.model import FAR, FARConfig
 from worldsim.sampler import MAX_STEPS, MAX_STILL_FRAMES, setting_problem
 
@@ -65,6 +74,10 @@ WEIGHTS_NAME = "model.safetensors"
 DEFAULT_SAMPLER: dict[str, Any] = {"steps": 10, "cfg": 1.5, "shift": 1.0, "temperature": 1.0, "context_noise": 0.0,
                                    "generated_noise": 0.0}
 FAR_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PAIR_KEY = "tensors_sha256"  # in config.json's weights and the safetensors header: the two files are one save's
+# pauses (s) between reads of a folder whose two files are from two saves: a save replaces config.json
+# right after the weights, so the first re-read finds them paired unless the saver was stalled
+PAIR_RETRY_PAUSES = (0.01, 0.05, 0.1, 0.25, 0.5)
 
 
 class CheckpointError(ValueError):
@@ -266,6 +279,9 @@ def save_checkpoint(
     if res != [autoencoder.config.resolution, autoencoder.config.resolution]:
         raise ValueError(f"resolution {res} does not match the autoencoder's {autoencoder.config.resolution}")
     tensors = _state_tensors(autoencoder, far, FAR_DTYPES[far_dtype])
+    # of the tensors, not a random draw: config.json stays reproducible, and two saves of the same
+    # weights may pair either way (it is the same checkpoint)
+    pair = tensors_hash(tensors)
     config: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
@@ -277,12 +293,13 @@ def save_checkpoint(
         "simulator": simulator,
         "data": data_summary or {},
         "step": int(step),
-        "weights": {"file": WEIGHTS_NAME, "bytes": None, "dtypes": {"autoencoder": "float32", "far": far_dtype}},
+        "weights": {"file": WEIGHTS_NAME, "bytes": None, "dtypes": {"autoencoder": "float32", "far": far_dtype},
+                    PAIR_KEY: pair},
         "extra": extra or {},
     }
 
     def write_weights(target: str) -> None:
-        save_tensors(tensors, target, {"format": FORMAT}, into=True)
+        save_tensors(tensors, target, {"format": FORMAT, PAIR_KEY: pair}, into=True)
         config["weights"]["bytes"] = os.path.getsize(target)
 
     def write_config(target: str) -> None:
@@ -447,9 +464,11 @@ def read_config(path: str | os.PathLike) -> dict:
         size, dtypes = (weights.get("bytes"), weights.get("dtypes") or {}) if isinstance(weights, dict) else (None, None)
         if (not isinstance(weights, dict) or not (size is None or (isinstance(size, int) and not isinstance(size, bool)))
                 or not isinstance(dtypes, dict) or dtypes.get("far", "float32") not in FAR_DTYPES
-                or dtypes.get("autoencoder", "float32") != "float32"):
+                or dtypes.get("autoencoder", "float32") != "float32"
+                or not isinstance(weights.get(PAIR_KEY, ""), str)):
             raise CheckpointError(path, f"{CONFIG_NAME}: weights must be {{\"bytes\": N, \"dtypes\": {{\"autoencoder\": "
-                                        f"\"float32\", \"far\": one of {', '.join(FAR_DTYPES)}}}}}, got {weights!r}")
+                                        f"\"float32\", \"far\": one of {', '.join(FAR_DTYPES)}}}, \"{PAIR_KEY}\": "
+                                        f"\"...\"}}, got {weights!r}")
     sampler = config["sampler"]
     if not isinstance(sampler, dict):
         raise CheckpointError(path, f"{CONFIG_NAME}: sampler must be an object, got {sampler!r}")
@@ -466,15 +485,9 @@ def read_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def load_checkpoint(
-    path: str | os.PathLike,
-    device: str | torch.device | None = None,
-    resolution: Sequence[int] | None = None,
-    action_names: Sequence[str] | None = None,
-) -> Checkpoint:
-    """Rebuild autoencoder + FAR from a folder. `resolution` / `action_names`, when given, must match."""
-    path = Path(path)
-    config = read_config(path)
+def _model_configs(path: Path, config: dict, resolution: Sequence[int] | None,
+                   action_names: Sequence[str] | None) -> tuple[AutoencoderConfig, FARConfig]:
+    """The modules' configs from a read_config'd config.json, checked against each other and the request."""
     if resolution is not None and [int(r) for r in resolution] != list(config["resolution"]):
         raise CheckpointError(
             path, f"resolution {list(config['resolution'])} differs from the requested {list(resolution)}"
@@ -497,19 +510,72 @@ def load_checkpoint(
         raise CheckpointError(
             path, f"the transformer expects {far_cfg.latent_size}x{far_cfg.latent_size}x{far_cfg.latent_channels} latents "
                   f"but the autoencoder makes {ae_cfg.latent_size}x{ae_cfg.latent_size}x{ae_cfg.latent_channels}")
+    return ae_cfg, far_cfg
 
+
+def _read_weights(path: Path) -> bytes:
+    """model.safetensors' bytes, read from one open file: its header and its tensors are one save's
+    even while a save replaces the file (loading by name would open it twice)."""
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(path, f"missing {WEIGHTS_NAME}")
+    try:
+        with open(weights, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise CheckpointError(path, f"unreadable {WEIGHTS_NAME}: {e}") from None
+
+
+def _header_metadata(data: bytes) -> dict | None:
+    """The `__metadata__` of a safetensors file's header ({} if none); None if the header does not
+    parse (safetensors' load then says what is wrong)."""
+    size = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or size > len(data) - 8:
+        return None
+    try:
+        header = json.loads(data[8:8 + size])
+    except (ValueError, RecursionError):
+        return None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    resolution: Sequence[int] | None = None,
+    action_names: Sequence[str] | None = None,
+) -> Checkpoint:
+    """Rebuild autoencoder + FAR from a folder. `resolution` / `action_names`, when given, must match."""
+    path = Path(path)
+    # config.json, then the weights: a save (weights first, config.json last) that lands in between
+    # pairs this config with the next save's weights, so both are read again until their hashes agree
+    started = time.monotonic()
+    for attempt, pause in enumerate((*PAIR_RETRY_PAUSES, None), start=1):
+        config = read_config(path)
+        ae_cfg, far_cfg = _model_configs(path, config, resolution, action_names)
+        data = _read_weights(path)
+        meta = _header_metadata(data)
+        # one save's pair, or neither file hashed (a checkpoint from before the hashes: loaded as it always
+        # was); a header that does not parse is safetensors' to name below
+        if meta is None or meta.get(PAIR_KEY) == (config.get("weights") or {}).get(PAIR_KEY):
+            break
+        if pause is None:
+            raise CheckpointError(path, f"{CONFIG_NAME} and {WEIGHTS_NAME} are from two different saves (their "
+                                        f"{PAIR_KEY} differ, {attempt} reads over {time.monotonic() - started:.1f} s): "
+                                        "the folder is being rewritten (a training run saving into it?) or holds "
+                                        "files of two saves")
+        time.sleep(pause)
     expected_bytes = (config.get("weights") or {}).get("bytes")
-    if expected_bytes is not None and weights.stat().st_size != expected_bytes:
+    if expected_bytes is not None and len(data) != expected_bytes:
         raise CheckpointError(
-            path, f"{WEIGHTS_NAME} has {weights.stat().st_size} bytes, {CONFIG_NAME} expects {expected_bytes} (torn or foreign save?)"
+            path, f"{WEIGHTS_NAME} has {len(data)} bytes, {CONFIG_NAME} expects {expected_bytes} (torn or foreign save?)"
         )
     try:
-        tensors = load_file(str(weights), device="cpu")
+        tensors = load(data)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(path, f"unreadable {WEIGHTS_NAME}: {e}") from None
+    del data  # the tensors hold their own copy
 
     # config.json's sizes are checked against the weights before the modules get memory: a hand-edited
     # far.width of 10**6 allocated 4 TB (a RuntimeError traceback) and a depth of 10**5 ate memory for
