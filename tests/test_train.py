@@ -1032,7 +1032,7 @@ def test_values_no_run_can_use_are_refused_before_anything_is_written(trained, d
     for extra, message in ((["--far-batch", "0"], "--far-batch must be >= 1, got 0"),
                            (["--seq-len", "0"], "--seq-len must be >= 1, got 0"),
                            (["--ae-lr", "-1"], "--ae-lr must be a finite number >= 0, got -1.0"),
-                           (["--threads", "-1"], "--threads must be >= 0, got -1"),
+                           (["--threads", "-1"], "--threads must be >= 1, got -1"),
                            (["--ddp-timeout", "0"], "--ddp-timeout must be a finite number > 0, got 0.0"),
                            # these trained silently on nothing (one frame), or failed in the optimizer with a traceback
                            (["--seq-len", "1"], "--seq-len must be >= 2 for the far stage"),
