@@ -335,6 +335,29 @@ def test_a_rank_late_to_the_autoencoder_copy_and_the_latent_cache_keeps_step_wit
         assert closed == {"0": "[]", "1": "[]"}, res.stdout
 
 
+def test_a_rank_late_to_the_autoencoders_frame_copy_keeps_step_with_rank_0(dataset, tmp_path):
+    """The autoencoder stage's ranks map one copy of the frames (RUN/frames/) that rank 0 writes: a rank
+    that looks after rank 0 has written it must still wait at the same barrier, as with the latent cache."""
+    launcher = tmp_path / "late_rank1.py"
+    launcher.write_text(
+        "import os, sys, time\n"
+        "import worldsim.train as train\n"
+        "opened = train.open_frames\n"
+        "def late(*args, **kwargs):\n"
+        "    if os.environ.get('RANK') == '1':\n"
+        "        time.sleep(1.5)\n"
+        "    return opened(*args, **kwargs)\n"
+        "train.open_frames = late\n"
+        + RUN_CLI)
+    run = tmp_path / "late"
+    res = _torchrun(launcher, "train", "--data", str(dataset), "--out", str(run), *FAST, "--stage", "ae",
+                    "--ae-steps", "2", "--val-every", "1", "--ddp-timeout", "60")
+    assert res.returncode == 0, res.stdout + res.stderr
+    hashes = dict(re.findall(r"\[rank (\d)\] ae weights sha256 ([0-9a-f]{64})", res.stdout + res.stderr))
+    assert set(hashes) == {"0", "1"} and hashes["0"] == hashes["1"], res.stdout + res.stderr
+    assert not (run / "frames").exists()
+
+
 def test_a_training_stopped_by_an_error_still_frees_its_process_group_at_close(dataset, tmp_path):
     """An exception passing through train.main (a full disk at a save, Ctrl-C twice, a peer rank gone)
     held the training frames, the DDP wrapper among them, in its traceback while Dist.close() ran, so
@@ -2183,15 +2206,81 @@ def test_the_latent_cache_is_encoded_one_episode_at_a_time_and_equals_the_one_fr
     assert json.loads(mem_meta.read_text()) == json.loads(disk_meta.read_text())
 
 
+def _episodes_read(monkeypatch) -> list:
+    """Weak references to the frames of every episode read from a dataset from now on: those still
+    alive are in memory."""
+    import weakref
+
+    from worldsim.dataset import Dataset
+
+    read: list[weakref.ref] = []
+    real_load = Dataset.load
+
+    def load(self, info):
+        episode = real_load(self, info)
+        read.append(weakref.ref(episode.video))
+        return episode
+
+    monkeypatch.setattr(Dataset, "load", load)
+    return read
+
+
 def test_the_far_stage_never_loads_a_whole_dataset_into_memory(trained, dataset, tmp_path, monkeypatch):
     from worldsim import train as train_mod
 
-    def whole_dataset(*args, **kwargs):
-        raise AssertionError("load_frames: every frame of a dataset in memory")
-
-    monkeypatch.setattr(train_mod, "load_frames", whole_dataset)
+    read = _episodes_read(monkeypatch)
+    held_at_batches: list[int] = []
+    real_batch = train_mod.latent_batch
+    monkeypatch.setattr(train_mod, "latent_batch", lambda *a, **k: held_at_batches.append(
+        sum(r() is not None for r in read)) or real_batch(*a, **k))
     assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "far"), *FAST, "--stage", "far",
-                 "--ae-from", str(trained), "--far-steps", "2", "--val-every", "0", "--preview-every", "-1"]) == 0
+                 "--ae-from", str(trained), "--far-steps", "2", "--val-every", "1", "--preview-every", "-1"]) == 0
+    assert read and held_at_batches and set(held_at_batches) == {0}
+
+
+def test_the_autoencoder_stage_holds_no_episode_of_its_datasets_in_memory(dataset, tmp_path, monkeypatch):
+    """The autoencoder stage loaded every frame of its datasets into memory before its first step (12 KiB
+    a 64x64 frame, more with the allocator's slack: a 10,000-episode dataset of 300 frames needs ~35 GiB).
+    It now copies them uncompressed into RUN/frames/, one episode at a time, and samples its batches from
+    a memory map of that copy, which it removes once the stage has finished."""
+    from worldsim import train as train_mod
+    from worldsim.dataset import Dataset
+
+    read = _episodes_read(monkeypatch)
+    held_at_batches: list[int] = []
+    real_batch = train_mod.frame_batch
+
+    def frame_batch(store, picks, device):
+        held_at_batches.append(sum(r() is not None for r in read))
+        return real_batch(store, picks, device)
+
+    monkeypatch.setattr(train_mod, "frame_batch", frame_batch)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(dataset), "--out", str(run), *FAST, "--stage", "ae", "--ae-steps", "3",
+                 "--val-every", "1"]) == 0
+    assert len(read) >= len(Dataset(dataset))  # every episode read (copied) ...
+    assert held_at_batches and set(held_at_batches) == {0}  # ... and none of them in memory at a batch
+    assert not (run / "frames").exists()
+
+
+def test_a_resume_past_a_finished_autoencoder_stage_reads_no_frame_for_it(dataset, tmp_path, monkeypatch):
+    """A resume whose saved state was the finished autoencoder stage's (the far stage had not saved yet)
+    loaded every frame of its datasets into memory, then trained nothing with them and went on to the
+    far stage, which encodes its latents one episode at a time."""
+    from worldsim import train as train_mod
+    from worldsim.dataset import Dataset
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(dataset), "--out", str(run), *FAST, "--stage", "ae", "--ae-steps", "2",
+                 "--val-every", "0"]) == 0
+    events: list[str] = []
+    real_load, real_far = Dataset.load, train_mod.run_far_stage
+    monkeypatch.setattr(Dataset, "load", lambda self, info: events.append(f"read {info.id}") or real_load(self, info))
+    monkeypatch.setattr(train_mod, "run_far_stage", lambda *a, **k: events.append("far stage") or real_far(*a, **k))
+    assert main(["train", "--resume", str(run), "--stage", "both", "--far-steps", "1", "--progress", "false",
+                 "--threads", "1", "--preview-every", "-1"]) == 0
+    assert events[0] == "far stage" and len(events) > 1, events  # its latents read the episodes, nothing before
+    assert json.loads((run / "checkpoint" / "config.json").read_text())["step"] == 1
 
 
 def test_a_dataset_without_val_episodes_is_encoded_once_and_validated_on_its_train_store(dataset, trained,
@@ -2212,15 +2301,16 @@ def test_a_dataset_without_val_episodes_is_encoded_once_and_validated_on_its_tra
                  str(trained), "--far-steps", "2", "--val-every", "1", "--preview-every", "-1"]) == 0
     assert "note: no val frames; validating on train episodes" in capsys.readouterr().err
     assert len(list((run / "latents").glob("*.npy"))) == 1
-    # the autoencoder stage held the train frames twice in memory (its val fell back to them)
-    from worldsim import latents
+    # the autoencoder stage held the train frames twice in memory (its val fell back to them); it now
+    # copies them once into RUN/frames/
+    from worldsim import train as train_mod
 
-    loaded, real = [], latents.load_frames
-    monkeypatch.setattr("worldsim.train.load_frames", lambda paths, split, *a, **k: loaded.append(split) or real(
-        paths, split, *a, **k))
+    opened, real = [], train_mod.open_frames
+    monkeypatch.setattr(train_mod, "open_frames", lambda trainer, readers, split, together: opened.append(split)
+                        or real(trainer, readers, split, together))
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "ae"), *FAST, "--stage", "ae",
                  "--ae-steps", "2", "--val-every", "1"]) == 0
-    assert loaded == ["train"]
+    assert opened == ["train"]
     assert "note: no val episodes; validating the autoencoder on train frames" in capsys.readouterr().err
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in r for r in rows)

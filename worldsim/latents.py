@@ -1,7 +1,9 @@
 """Frame store and latent cache for training.
 
-`FrameStore` holds the episodes of one or more datasets (one split) in memory as uint8
-arrays; `LatentStore` holds the same episodes encoded once by the frozen autoencoder.
+`FrameStore` holds the frames of one or more datasets (one split) as uint8 arrays: the
+autoencoder stage's are memory-mapped from an uncompressed copy (`frames/` in the run folder, the
+cache format below with uint8 frames for latents), so a dataset larger than memory trains it;
+`LatentStore` holds the same episodes encoded once by the frozen autoencoder.
 
 The latent cache lives in the run folder, one pair of files per dataset and split:
 
@@ -30,6 +32,8 @@ import torch
 from worldsim.dataset import Dataset, DatasetError, atomic_write, episode_split
 
 LATENT_FORMAT_VERSION = 2  # 2: FAR/TECO files' actions read shifted by one frame (session 21)
+# the frame cache's stand-in for an autoencoder hash: its files are frames/<name>-<split>-frames.npy
+FRAMES_KEY = "frames"
 
 
 def tensors_hash(state: dict[str, torch.Tensor]) -> str:
@@ -252,8 +256,9 @@ def cache_paths(cache_dir: Path, path: str, split: str, ae_hash: str) -> tuple[P
     return cache_dir / f"{stem}.npy", cache_dir / f"{stem}.json"
 
 
-def load_cached(cache_dir: Path, path: str, split: str, ae_hash: str) -> LatentStore | None:
-    """The cached latents of (dataset, split, autoencoder), or None if absent or stale."""
+def load_cached(cache_dir: Path, path: str, split: str, ae_hash: str, dtype: str = "<f2") -> LatentStore | None:
+    """The cached latents of (dataset, split, autoencoder), or None if absent or stale. The frame
+    cache is read with `ae_hash` FRAMES_KEY and `dtype` "|u1" (its `latents` are then frames)."""
     npy, meta_path = cache_paths(cache_dir, path, split, ae_hash)
     if not (npy.is_file() and meta_path.is_file()):
         return None
@@ -285,7 +290,7 @@ def load_cached(cache_dir: Path, path: str, split: str, ae_hash: str) -> LatentS
             and len(offsets) == len(lengths) == len(actions)):
         return None
     starts = [0, *itertools.accumulate(lengths)][:len(lengths)]
-    if offsets != starts or arr.ndim != 4 or arr.shape[0] != sum(lengths):
+    if offsets != starts or arr.ndim != 4 or arr.shape[0] != sum(lengths) or arr.dtype != np.dtype(dtype):
         return None
     store = LatentStore()
     for src, off, n, act in zip(sources, offsets, lengths, actions):
@@ -303,11 +308,12 @@ def load_cached(cache_dir: Path, path: str, split: str, ae_hash: str) -> LatentS
 
 def build_cache(cache_dir: Path, path: str, split: str, ae_hash: str, frames: FrameStore | EpisodeReader,
                 encode: Callable[[np.ndarray], np.ndarray], batch_frames: int = 256,
-                progress: Callable[[Iterable], Iterable] | None = None) -> LatentStore:
+                progress: Callable[[Iterable], Iterable] | None = None, dtype: str = "<f2") -> LatentStore:
     """Encode every frame of `frames` (the episodes of `path`/`split`, in memory or read one at a
     time from disk) once and write the cache.
 
-    `encode(uint8 [B,H,W,3]) -> float [B,C,h,w]` is the frozen autoencoder's encoder.
+    `encode(uint8 [B,H,W,3]) -> float [B,C,h,w]` is the frozen autoencoder's encoder; for the frame
+    cache (`ae_hash` FRAMES_KEY, `dtype` "|u1") it is the identity, and the frames are stored as read.
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
     npy, meta_path = cache_paths(cache_dir, path, split, ae_hash)
@@ -328,7 +334,7 @@ def build_cache(cache_dir: Path, path: str, split: str, ae_hash: str, frames: Fr
         # where a map's page that cannot be stored kills the process with SIGBUS ("Bus error")
         pos = 0
         with open(tmp, "wb") as fh:
-            np.lib.format.write_array_header_1_0(fh, {"descr": np.dtype("<f2").str, "fortran_order": False,
+            np.lib.format.write_array_header_1_0(fh, {"descr": np.dtype(dtype).str, "fortran_order": False,
                                                       "shape": shape})
             episodes = range(len(lengths))
             for e in (episodes if progress is None else progress(episodes)):
@@ -341,7 +347,7 @@ def build_cache(cache_dir: Path, path: str, split: str, ae_hash: str, frames: Fr
                     chunk = encode(video[s:s + batch_frames])
                     if chunk.shape[1:] != shape[1:]:
                         raise ValueError(f"encoder gave latents of shape {chunk.shape[1:]}, expected {shape[1:]}")
-                    fh.write(np.ascontiguousarray(chunk, dtype="<f2").tobytes())
+                    fh.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
                 pos += len(video)
         if pos != total:
             raise ValueError(f"{path}: {pos} frames encoded, {total} expected")
@@ -366,7 +372,7 @@ def build_cache(cache_dir: Path, path: str, split: str, ae_hash: str, frames: Fr
     from worldsim.dataset import write_json_atomic
 
     write_json_atomic(meta_path, meta)
-    store = load_cached(cache_dir, path, split, ae_hash)
+    store = load_cached(cache_dir, path, split, ae_hash, dtype)
     if store is None:  # pragma: no cover - we just wrote it
         raise RuntimeError(f"{npy}: latent cache unreadable right after writing it")
     return store

@@ -23,6 +23,8 @@ Run folder:
                            hyper-parameters, RNG states, ...); never pickles
     latents/               the latent cache (reused when valid; copy an earlier run's, e.g.
                            `cp -al OLD/latents NEW/latents`, to skip encoding the same data)
+    frames/                while the autoencoder stage trains: its frames uncompressed (12 KiB a
+                           64x64 frame), memory-mapped; removed when the stage finishes
     metrics.jsonl, loss.png, preview/step-XXXXXX.gif
                            (a validation row's `val_on` is "train" where the data held no
                            val episodes and the train ones stood in)
@@ -72,8 +74,8 @@ from worldsim.dataset import (DatasetError, atomic_write, caption_strip, file_in
                               readable_like_any_file, sweep_dead_twins, try_lock, write_gif, write_json_atomic)
 from worldsim.ddp import Dist, cpu_threads_per_rank
 from worldsim.latents import (
-    FrameStore, LatentStore, build_cache, check_compatible, holding_split, load_cached, load_frames, names_for,
-    read_episodes, split_source, tensors_hash,
+    FRAMES_KEY, EpisodeReader, FrameStore, LatentStore, build_cache, check_compatible, holding_split, load_cached,
+    names_for, read_episodes, split_source, tensors_hash,
 )
 from worldsim.model import DeviceError
 
@@ -1501,21 +1503,74 @@ def _no_train_split_hint(paths: list[str]) -> str:
     return "record some with `worldsim record --split train`"
 
 
+FRAMES_DIR = "frames"
+
+
+def open_frames(trainer: Trainer, readers: list[EpisodeReader], split: str, together: bool) -> FrameStore:
+    """The `split` frames of the datasets `readers` read, memory-mapped from RUN/frames/: an
+    uncompressed copy written one episode at a time on first use (the episode files are compressed,
+    so a frame cannot be read from them without inflating its whole episode). Held in memory, every
+    frame of a dataset made the stage's memory grow with it (12 KiB a 64x64 frame, more with
+    allocator slack: TECO's DMLab set is ~147 GB of frames); mapped, the pages are the page cache's,
+    shared by the ranks of a machine. `together`: every rank calls this (rank 0 writes, the others
+    wait for it); else rank 0 alone does (a resumed stage's export needs calibration frames)."""
+    dist, cache_dir = trainer.dist, trainer.out / FRAMES_DIR
+    store = FrameStore()
+    for reader in readers:
+        if not reader.indices:
+            continue
+        cached = load_cached(cache_dir, reader.path, split, FRAMES_KEY, dtype="|u1")
+        (missing,) = dist.any_flags(cached is None) if together else (cached is None,)
+        if missing:
+            if dist.is_main and cached is None:
+                trainer.log(f"ae: copying the {split} frames of {reader.path} uncompressed into {cache_dir} "
+                            "(read from there memory-mapped; removed when the stage finishes)")
+                build_cache(cache_dir, reader.path, split, FRAMES_KEY, reader, lambda video: video,
+                            progress=_progress(dist, trainer.cfg, f"copy {split}"), dtype="|u1")
+            if together:
+                dist.barrier()
+            cached = load_cached(cache_dir, reader.path, split, FRAMES_KEY, dtype="|u1")
+            if cached is None:  # pragma: no cover - rank 0 has just written it
+                raise TrainError(f"{cache_dir}: the frame cache of {reader.path} is unreadable right after writing it")
+        store.videos += cached.latents
+        store.actions += cached.actions
+        store.sources += cached.sources
+    return store
+
+
 def run_ae_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state: tuple[dict, dict] | None) -> bool:
     ae_mod, _, _ = _model_modules()
     cfg, dist, device = run.train, trainer.dist, trainer.device
-    trainer.log(f"ae: loading frames of {len(cfg.data)} dataset(s)")
-    train = load_frames(cfg.data, "train", data.action_names, data.resolution, warn=trainer.log,
-                        progress=_progress(dist, cfg, "load train"))
+    # the episode lists and lengths only: which frames a step samples follows from them, so no frame
+    # is read before one is needed (a resumed stage that is finished needs none)
+    readers = {"train": [read_episodes(p, "train", data.action_names, data.resolution, True, "the first dataset",
+                                       trainer.log) for p in cfg.data]}
     if holding_split(cfg.data, "val", data.action_names):
-        val = load_frames(cfg.data, "val", data.action_names, data.resolution, warn=trainer.log)
-    else:  # the fallback would load the train frames a second time, a second copy in memory
+        readers["val"] = [read_episodes(p, "val", data.action_names, data.resolution, False, "the first dataset",
+                                        trainer.log) for p in cfg.data]
+    else:  # the fallback would copy the train frames a second time
         trainer.log("note: no val episodes; validating the autoencoder on train frames")
-        val = train
-    val_on_train = val is train
-    if train.num_frames == 0:
+    val_on_train = "val" not in readers
+    train_lengths = np.concatenate([r.lengths for r in readers["train"]])
+    val_lengths = train_lengths if val_on_train else np.concatenate([r.lengths for r in readers["val"]])
+    if int(train_lengths.sum()) == 0:
         raise TrainError(f"{', '.join(cfg.data)}: no training frames (training reads the episodes of the train "
                          f"split; these hold none: {_no_train_split_hint(cfg.data)})")
+    stores: dict[str, FrameStore] = {}
+
+    def frames(split: str, together: bool = False) -> FrameStore:
+        split = "train" if val_on_train else split
+        if split not in stores:
+            stores[split] = open_frames(trainer, readers[split], split, together)
+        return stores[split]
+
+    saved = resume_state[0] if resume_state is not None else {}
+    trains = resume_state is None or (int(saved["step"]) < cfg.ae_steps and not (
+        cfg.ae_time_limit > 0 and float(saved.get("seconds", 0.0)) >= cfg.ae_time_limit))
+    if trains:  # every rank, before the first step (fit's test of what is left to train, made early)
+        trainer.log(f"ae: opening the frames of {len(cfg.data)} dataset(s)")
+        frames("train", together=True)
+        frames("val", together=True)
     torch.manual_seed(cfg.seed)
     ae = ae_mod.Autoencoder(run.autoencoder)
     if cfg.ae_init and resume_state is None:  # a resume has the weights in its state: the init may be gone
@@ -1544,20 +1599,20 @@ def run_ae_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state:
         else:
             trainer.log(f"note: --ae-init {cfg.ae_init} is not an exported checkpoint: only {trainer.out / AE_DIR} "
                         "is written (pair it with scripts/pair_decoder.py)")
-    frames_sampler = WindowSampler(train.lengths, 1, "train frames")
-    val_sampler = WindowSampler(val.lengths, 1, "val frames")
+    frames_sampler = WindowSampler(train_lengths, 1, "train frames")
+    val_sampler = WindowSampler(val_lengths, 1, "val frames")
     val_picks = [val_sampler.draw(step_rng(cfg.seed, 10_000 + b, 0)[0], cfg.ae_batch) for b in range(max(1, cfg.val_batches))]
-    calib_picks = frames_sampler.draw(step_rng(cfg.seed, 20_000, 0)[0], min(512, train.num_frames))
+    calib_picks = frames_sampler.draw(step_rng(cfg.seed, 20_000, 0)[0], min(512, int(train_lengths.sum())))
 
     def loss_fn(m, step, rng, gen):
-        x = frame_batch(train, frames_sampler.draw(rng, cfg.ae_batch), device)
+        x = frame_batch(frames("train"), frames_sampler.draw(rng, cfg.ae_batch), device)
         loss, stats = unwrap(m).reconstruction_loss(x, m(x), cfg.ae_loss)
         return loss, {"psnr": stats["psnr"]}
 
     def val_fn(ema):
         losses, psnrs = [], []
         for picks in val_picks:
-            x = frame_batch(val, picks, device)
+            x = frame_batch(frames("val"), picks, device)
             loss, stats = ema.reconstruction_loss(x, kind=cfg.ae_loss)
             losses.append(float(loss))
             psnrs.append(float(stats["psnr"]))
@@ -1568,6 +1623,7 @@ def run_ae_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state:
         if cfg.ae_train == "decoder":
             scale = float(ema.latent_scale)  # recalibrating would change the latents
         else:
+            train = frames("train")
             raw = torch.cat([ema.encode(frame_batch(train, calib_picks[i:i + 128], device), normalize=False).float()
                              for i in range(0, len(calib_picks), 128)])
             scale = ema.calibrate_scale(raw)
@@ -1588,7 +1644,12 @@ def run_ae_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state:
     spec = StageSpec("ae", ae, cfg.ae_steps, cfg.ae_lr, loss_fn, val_fn,
                      {"frames": cfg.ae_batch * dist.world_size}, on_save, time_limit=cfg.ae_time_limit,
                      exported_step=exported_step, val_on_train=val_on_train)
-    return trainer.fit(spec, resume_state)
+    finished = trainer.fit(spec, resume_state)
+    stores.clear()
+    if finished and dist.is_main:  # every rank is past fit's last barrier: none reads the copy again
+        # disk the run no longer needs; a resume with more --ae-steps writes it again
+        shutil.rmtree(trainer.out / FRAMES_DIR, ignore_errors=True)
+    return finished
 
 
 def _ensure_autoencoder(trainer: Trainer, run: RunConfig, data: DataInfo) -> nn.Module:
@@ -2231,7 +2292,7 @@ def _train(run: RunConfig, resuming: bool, dist: Dist, log: Callable[[str], None
             return False
 
     def left_by_a_failed_start(p: Path) -> bool:
-        if p.name in ("latents", ".lock"):
+        if p.name in ("latents", FRAMES_DIR, ".lock"):
             return True
         if p.name == "config.json":  # a config.json of something else is the user's, not ours to replace
             return is_run_config(p)
