@@ -647,6 +647,32 @@ def test_a_checkpoint_from_before_the_pairing_hash_loads_unchecked_and_at_once(s
         load_checkpoint(path, device="cpu")
 
 
+def test_weights_rewritten_by_a_tool_that_drops_the_metadata_load_as_before(saved, monkeypatch):
+    """A converter that keeps the tensors but not the safetensors header's metadata (load_file then
+    save_file), with weights.bytes fixed as the size check asks: loaded as before the pairing hash, at
+    once. (It waited a second and then called the folder 'being rewritten': a save replaces the weights
+    before config.json, so a hashed config.json beside unhashed weights is never a save in progress.)"""
+    import types
+
+    import worldsim.checkpoint as checkpoint_module
+
+    world, path = saved
+    save_file(load_file(str(path / "model.safetensors")), str(path / "model.safetensors"))  # no metadata
+    config = json.loads((path / "config.json").read_text())
+    assert config["weights"]["tensors_sha256"]
+    config["weights"]["bytes"] = (path / "model.safetensors").stat().st_size
+    (path / "config.json").write_text(json.dumps(config))
+
+    def no_wait(seconds):
+        raise AssertionError("weights without the hash must load without waiting")
+
+    monkeypatch.setattr(checkpoint_module, "time", types.SimpleNamespace(monotonic=lambda: 0.0, sleep=no_wait),
+                        raising=False)
+    loaded = load_checkpoint(path, device="cpu")
+    assert loaded.step == 123
+    assert all(torch.equal(a, b) for a, b in zip(_fingerprint(loaded.far), _fingerprint(world.far)))
+
+
 @pytest.mark.parametrize("first, second", [("ck", "ck"), ("new", "new"), ("ck.v2", "ck")])
 def test_a_save_never_removes_the_temp_files_of_another_save_in_progress(saved, tmp_path, monkeypatch, first, second):
     """A save swept every `.model.safetensors.*.tmp` in the folder and every `.NAME.*.tmp` beside it,

@@ -38,8 +38,8 @@ re-saves it) would get the old config.json (its step, data, val loss) with the n
 same size. So both files carry the SHA-256 of the tensors (worldsim.latents.tensors_hash, taken at
 save time; a load compares the two copies and does not hash again): load_checkpoint reads the weights
 once, from one open file, and reads both files again (a few times, under a second in all) until
-the two agree, else fails naming the folder. Checkpoints from before (no hash in either file) load
-unchecked. Temp files and folders are flocked by their writer until renamed, and only unlocked
+the two agree, else fails naming the folder. Weights without the hash (checkpoints from before it,
+or weights converted by a tool that drops the header's metadata) load unchecked, as before. Temp files and folders are flocked by their writer until renamed, and only unlocked
 ones (a killed save's) are swept, so two savers never remove each other's.
 """
 from __future__ import annotations
@@ -556,9 +556,12 @@ def load_checkpoint(
         ae_cfg, far_cfg = _model_configs(path, config, resolution, action_names)
         data = _read_weights(path)
         meta = _header_metadata(data)
-        # one save's pair, or neither file hashed (a checkpoint from before the hashes: loaded as it always
-        # was); a header that does not parse is safetensors' to name below
-        if meta is None or meta.get(PAIR_KEY) == (config.get("weights") or {}).get(PAIR_KEY):
+        # one save's pair, or weights without the hash (a checkpoint from before the hashes, or weights
+        # rewritten by a tool that drops the header's metadata: loaded, and their size checked, as they
+        # always were; a save replaces the weights before config.json, so a hashed config.json beside
+        # unhashed weights is never a save in progress, and waiting for it only delayed a misleading
+        # refusal); a header that does not parse is safetensors' to name below
+        if meta is None or PAIR_KEY not in meta or meta[PAIR_KEY] == (config.get("weights") or {}).get(PAIR_KEY):
             break
         if pause is None:
             raise CheckpointError(path, f"{CONFIG_NAME} and {WEIGHTS_NAME} are from two different saves (their "
