@@ -455,6 +455,37 @@ def test_a_rank_that_fails_stops_the_others_with_one_line_and_every_rank_frees_i
 # ----------------------------------------------------------------------------- units
 
 
+def test_only_a_process_group_that_lost_its_peer_is_reported_as_another_rank_stopping():
+    """The one-line "another rank stopped" replaces a rank's traceback: a RuntimeError with "gloo"
+    anywhere in it (a dataset under /data/igloo) or nccl's failure on this rank (its GPU memory at the
+    first collective) was told as another rank's, on the rank that failed, its traceback dropped."""
+    import torch.distributed as tdist
+
+    from worldsim.train import lost_peer
+
+    # gloo's own words (torch 2.13, two CPU ranks: one killed, one slower than the timeout)
+    assert lost_peer(RuntimeError(
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+        "[127.0.0.1]:5015. This is typically caused by a remote worker crashing. GLHF!")) == \
+        "Connection closed by peer [127.0.0.1]:5015"
+    assert lost_peer(RuntimeError(
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:55966: "
+        "Connection reset by peer. This is typically caused by a remote worker hanging")) is not None
+    assert lost_peer(RuntimeError("[C:\\a\\third_party\\gloo\\gloo\\transport\\uv\\unbound_buffer.cc:"
+                                  "78] Timed out waiting 5000ms for recv operation to complete")) == \
+        "Timed out waiting 5000ms for recv operation to complete"
+    assert lost_peer(tdist.DistBackendError(
+        "NCCL error in: ProcessGroupNCCL.cpp:3356, remote process exited or there was a network error, NCCL "
+        "version 2.21.5\nncclRemoteError: socketProgress: Connection closed by remote peer")) is not None
+    # this rank's own errors
+    assert lost_peer(RuntimeError("/data/igloo/train/ep-0001.npz: episode file is damaged")) is None
+    assert lost_peer(tdist.DistBackendError(
+        "NCCL error in: ProcessGroupNCCL.cpp:3356, unhandled cuda error (run with NCCL_DEBUG=INFO for details), "
+        "NCCL version 2.21.5\nncclUnhandledCudaError: Call to CUDA function failed.\nLast error:\n"
+        "Cuda failure 'out of memory'")) is None
+    assert lost_peer(KeyboardInterrupt()) is None and lost_peer(SystemExit(2)) is None
+
+
 def test_each_rank_and_step_draws_different_samples():
     from worldsim.train import WindowSampler, step_rng
 

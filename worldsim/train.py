@@ -54,6 +54,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -2131,13 +2132,27 @@ def out_of_memory(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
+# what a collective says when the other end is gone or silent (gloo: "Connection closed by peer",
+# "Read error ...: Connection reset by peer", "Timed out waiting 10000ms for recv operation";
+# nccl: "remote process exited or there was a network error", "timeout", a communicator aborted)
+_PEER_GONE = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout", "remote process",
+              "network error", "aborted")
+
+
 def lost_peer(exc: BaseException) -> str | None:
-    """What the process group said when another rank stopped answering (gloo: "Connection closed by
-    peer", "Timed out waiting 10000ms for recv operation to complete"; nccl: a DistBackendError),
-    its first sentence without the C++ source path; None for any other exception."""
+    """What the process group said when another rank stopped answering, its first sentence without
+    the C++ source path; None for any other exception. Only gloo's transport (its source path in the
+    message) or torch.distributed's own errors, and of those only the ones that say a peer is gone or
+    silent: "gloo" anywhere in a message (a dataset under /data/igloo) or nccl's own failure on this
+    rank ("unhandled cuda error", "invalid usage") is this rank's error, its traceback kept."""
     import torch.distributed as tdist
 
-    if not (isinstance(exc, tdist.DistError) or (isinstance(exc, RuntimeError) and "gloo" in str(exc))):
+    full = str(exc)
+    if isinstance(exc, (tdist.DistNetworkError, tdist.DistStoreError)):
+        pass  # the rendezvous store or the network: the others, not this rank's work
+    elif not ((isinstance(exc, tdist.DistError) or (isinstance(exc, RuntimeError)
+                                                     and re.search(r"gloo[\\/]+transport[\\/]", full)))
+              and any(p in full.lower() for p in _PEER_GONE)):
         return None
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if text.startswith("[") and "] " in text:  # "[/__w/pytorch/.../pair.cc:553] Connection closed ..."
