@@ -395,6 +395,21 @@ def test_a_resume_on_another_number_of_ranks_says_the_batch_of_a_step_changes(tr
             f"{2 * batch}, which --far-batch {2 * batch} keeps)") in capsys.readouterr().err
 
 
+def test_a_resume_on_another_number_of_ranks_that_keeps_the_batch_says_it_stays(trained, tmp_path, capsys):
+    """The note's own advice: saved on 2 ranks with --far-batch B, resumed on 1 with --far-batch 2B keeps
+    the batch; the note took this run's --far-batch for the saved one's and said the 2 ranks had made 4B,
+    which --far-batch 4B kept."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    state = json.loads((run / "state" / "state.json").read_text())
+    (run / "state" / "state.json").write_text(json.dumps({**state, "world_size": 2}) + "\n")
+    batch = json.loads((run / "config.json").read_text())["train"]["far_batch"]
+    assert main(["train", "--resume", str(run), "--far-steps", str(state["step"] + 1), "--progress", "false",
+                 "--threads", "1", "--far-batch", str(2 * batch)]) == 0
+    assert (f"note: resumed with 1 rank(s), saved with 2: same weights, a different data order from here on, and a "
+            f"step's batch stays {2 * batch} (1 x --far-batch {2 * batch})") in capsys.readouterr().err
+
+
 def test_a_metrics_row_of_two_ranks_averages_their_statistics_as_it_does_their_loss(trained, dataset, tmp_path):
     """A row's loss was the ranks' mean but its statistics (the autoencoder's psnr, the transformer's
     noisy_frames, clean_frac, ...) were rank 0's batch alone. Here each rank's batch reports its rank."""

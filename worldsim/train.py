@@ -1049,6 +1049,8 @@ class Trainer:
             "total_steps": spec.total_steps, "time_limit": spec.time_limit, "finished": step >= spec.total_steps,
             "warmup_end_seconds": warmup_end_s,  # of stage time; None: still warming up
             "optimizer": opt_meta, "rng": rng_meta, "world_size": self.dist.world_size,
+            # per rank: a resume on another number of ranks says what batch a step had (--*-batch may change too)
+            "batch": self.cfg.ae_batch if spec.name == "ae" else self.cfg.far_batch,
             "seconds": elapsed, "schedule": {"lr": spec.lr, "warmup": self.cfg.warmup, "cosine": self.cfg.cosine,
                                              "min_lr_ratio": self.cfg.min_lr_ratio},
             **spec.extra_state,
@@ -1147,13 +1149,17 @@ class Trainer:
                 option = f"--{spec.name}-batch"
                 per_rank = cfg.ae_batch if spec.name == "ae" else cfg.far_batch
                 saved_ranks = int(meta.get("world_size", 1))
-                keep = per_rank * saved_ranks
+                # the saved per-rank batch, not this run's: a resume may give the option that keeps the
+                # batch (states saved before it was recorded: this run's)
+                keep = int(meta.get("batch", per_rank)) * saved_ranks
+                now = per_rank * dist.world_size
                 self.log(f"note: resumed with {dist.world_size} rank(s), saved with {saved_ranks}: same weights, "
-                         f"a different data order from here on, and a step's batch is now {dist.world_size} x "
-                         f"{option} {per_rank} = {per_rank * dist.world_size} ({option} is per rank: on "
-                         f"{saved_ranks} rank(s) it made {keep}"
-                         + (f", which {option} {keep // dist.world_size} keeps" if keep % dist.world_size == 0 else "")
-                         + ")")
+                         f"a different data order from here on, and a step's batch "
+                         + (f"stays {now} ({dist.world_size} x {option} {per_rank})" if now == keep else
+                            f"is now {dist.world_size} x {option} {per_rank} = {now} ({option} is per rank: on "
+                            f"{saved_ranks} rank(s) it made {keep}"
+                            + (f", which {option} {keep // dist.world_size} keeps" if keep % dist.world_size == 0 else "")
+                            + ")"))
             self.log(f"{spec.name}: resumed at step {step}/{spec.total_steps}")
         if step >= spec.total_steps:
             if resume_state is not None and step > spec.total_steps:
