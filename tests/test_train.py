@@ -2309,6 +2309,26 @@ def test_the_autoencoder_stage_holds_no_episode_of_its_datasets_in_memory(datase
     assert not (run / "frames").exists()
 
 
+def test_a_frame_copy_the_disk_cannot_hold_is_refused_before_a_byte_is_written(dataset, tmp_path, monkeypatch,
+                                                                             capsys):
+    """The autoencoder stage's uncompressed copy (~3.5 times the episode files) wrote until the disk was
+    full, which stops other programs too, and only then failed; it is now refused first, with its size.
+    The same command trains once the space is there (a start that failed leaves no run)."""
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=50_000) if Path(p).name == "frames"
+                        else real(p))
+    run = tmp_path / "run"
+    args = ["train", "--data", str(dataset), "--out", str(run), *FAST, "--stage", "ae", "--ae-steps", "2",
+            "--val-every", "0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert (f"worldsim train: {run / 'frames'}: the autoencoder stage copies the train frames of {dataset} "
+            "uncompressed here (0.") in err and "MiB) and the disk has 0.0 MiB free" in err, err
+    assert list((run / "frames").iterdir()) == []
+    monkeypatch.setattr(shutil, "disk_usage", real)
+    assert main(args) == 0
+
+
 def test_a_resume_past_a_finished_autoencoder_stage_reads_no_frame_for_it(dataset, tmp_path, monkeypatch):
     """A resume whose saved state was the finished autoencoder stage's (the far stage had not saved yet)
     loaded every frame of its datasets into memory, then trained nothing with them and went on to the

@@ -1530,6 +1530,16 @@ def open_frames(trainer: Trainer, readers: list[EpisodeReader], split: str, toge
         (missing,) = dist.any_flags(cached is None) if together else (cached is None,)
         if missing:
             if dist.is_main and cached is None:
+                # asked before a byte is written: the copy is ~3.5 times the episode files, and a disk
+                # that runs full half-way stops other programs too (and only then this one, named)
+                need = int(reader.lengths.sum()) * int(np.prod(reader.dataset.resolution)) * 3
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                free = shutil.disk_usage(cache_dir).free
+                if free < need:
+                    size = lambda n: f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"  # noqa: E731
+                    raise TrainError(f"{cache_dir}: the autoencoder stage copies the {split} frames of {reader.path} "
+                                     f"uncompressed here ({size(need)}) and the disk has {size(free)} free; free some "
+                                     "space, or train in an --out on a larger disk")
                 trainer.log(f"ae: copying the {split} frames of {reader.path} uncompressed into {cache_dir} "
                             "(read from there memory-mapped; removed when the stage finishes)")
                 build_cache(cache_dir, reader.path, split, FRAMES_KEY, reader, lambda video: video,
