@@ -2253,7 +2253,7 @@ def main(args: argparse.Namespace) -> int:
             # own traceback, 30 lines of gloo under the real message, only told where it was waiting
             if "timed out" in said.lower() or "timeout" in said.lower():
                 waited = (f"did not answer within --ddp-timeout {cfg.ddp_timeout:g} s (stuck, or much slower: "
-                          "raise --ddp-timeout for long saves or encodings on rank 0)")
+                          "raise --ddp-timeout for long saves, encodings or frame copies on rank 0)")
             else:
                 waited = "stopped (its message, or torchrun's line naming the signal that ended it, is in the log)"
             print(f"worldsim train: rank {dist.rank}: another rank {waited} ({said}); "
