@@ -404,7 +404,7 @@ def check_tensors(path: str | os.PathLike, module: torch.nn.Module, given: dict[
     if missing:
         raise CheckpointError(path, f"missing tensor(s) {[prefix + k for k in missing[:5]]}"
                               + (" ..." if len(missing) > 5 else "") + _depth_hint(prefix, module, given))
-    for k, v in given.items():
+    for k, v in sorted(given.items()):  # by name, as load_file gave them: load() of bytes gives file order
         if k not in own:
             continue
         if own[k].shape != v.shape:
