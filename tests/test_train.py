@@ -204,6 +204,95 @@ def test_a_loss_that_is_not_finite_stops_the_run_before_the_optimizer_takes_it(t
     assert all(torch.isfinite(p).all() for p in far.parameters())
 
 
+class _NaNGradient(torch.autograd.Function):
+    """The identity forward, NaN gradients backward: a finite loss whose backward pass overflowed."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
+
+
+def test_a_finite_loss_with_gradients_that_are_not_finite_stops_before_the_step_and_keeps_the_last_save(
+        trained, dataset, tmp_path, capsys, monkeypatch):
+    """Clipping NaN gradients scales them all to NaN and AdamW applied them: the weights, the EMA and
+    the next save (state and checkpoint) turned NaN, over the last good save. Now the step stops before
+    the optimizer takes it, in one line naming the stage, the step and the save that was kept."""
+    import worldsim.objective as obj
+
+    from worldsim.checkpoint import load_checkpoint
+
+    real_loss, real_step, steps, batches = obj.training_loss, torch.optim.AdamW.step, [], []
+
+    def training_loss(*args, **kwargs):
+        loss, stats = real_loss(*args, **kwargs)
+        if torch.is_grad_enabled():  # a training batch, not validation
+            batches.append(1)
+            if len(batches) == 3:
+                loss = _NaNGradient.apply(loss)
+        return loss, stats
+
+    monkeypatch.setattr(obj, "training_loss", training_loss)
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (steps.append(1), real_step(self, *a, **k))[1])
+    run = tmp_path / "nangrad"
+    rc = main(["train", "--stage", "far", "--data", str(dataset), "--out", str(run), *FAST,
+               "--ae-from", str(trained / "checkpoint"), "--far-steps", "6", "--val-every", "0", "--checkpoint-every", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(r"far: gradient norm is nan at step 3 \(its loss, [\d.e+-]+, was finite\): training "
+                                 r"diverged; nothing was saved after step 2\. Continue from that save at a lower learning rate "
+                                 r"\(--far-lr was [\d.e+-]+\) with `worldsim train --resume ", err), err
+    assert len(steps) == 2
+    assert json.loads((run / "state" / "state.json").read_text())["step"] == 2
+    from safetensors.torch import load_file
+
+    state = load_file(str(run / "state" / "weights.safetensors"))
+    assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())  # model, EMA, Adam's moments
+    assert load_checkpoint(run / "checkpoint").step == 2  # loads: its tensors are finite
+
+
+@pytest.mark.parametrize("val_every, message, state_saved", [
+    ("1", r"ae: validation loss of the EMA weights is nan at step 1: training diverged before this stage's first save; "
+          r"start it again at a lower learning rate \(--ae-lr was 10000\) with `worldsim train --resume ", False),
+    # a save without a validation before it: the state is written, then its export finds NaN latents
+    ("0", r"ae: cannot calibrate latent scale from latents with std nan at step 1: training diverged, and the training "
+          r"state of this step is saved; start again in a new --out with a lower learning rate \(--ae-lr", True),
+])
+def test_an_autoencoder_that_diverges_stops_in_one_line(dataset, tmp_path, capsys, val_every, message, state_saved):
+    """--ae-lr 1e4: one step leaves finite weights whose encoder gives NaN latents. The validation before
+    the save stops the run before it saves; without one, the export's latent-scale calibration raised a
+    ValueError traceback (exit 1)."""
+    run = tmp_path / "ae"
+    rc = main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(run), *FAST, "--ae-steps", "5",
+               "--ae-lr", "1e4", "--warmup", "0", "--checkpoint-every", "1", "--val-every", val_every])
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(message, err) and "Traceback" not in err, err
+    assert (run / "state").is_dir() == state_saved
+    assert not (run / "autoencoder").exists()
+
+
+def test_a_training_state_that_is_not_finite_is_refused_on_resume_naming_the_tensor(trained, tmp_path, capsys):
+    """A state saved by a diverged run (as worldsim saved them before the gradient check) resumed into
+    'loss is nan at the next step; lower the learning rate', which no lower rate mends."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    weights = run / "state" / "weights.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(weights))
+    name = next(k for k in tensors if k.startswith("ema.") and tensors[k].is_floating_point())
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(weights), metadata=metadata)
+    rc = main(["train", "--resume", str(run), "--far-steps", "5", "--threads", "1", "--progress", "false"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"state: tensor {name} of the training state holds NaN or infinite values" in err, err
+
+
 # ----------------------------------------------------------------------------- Ctrl-C
 
 

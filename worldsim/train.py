@@ -34,7 +34,9 @@ the step in progress finishes, everything is saved, the command exits with 130).
 a new folder beside the old one and swaps it in; a crash at any moment leaves the previous
 state loadable. `--resume RUN` restores model, EMA, optimizer, schedule, step and RNG states;
 the batch and noise of step s are a pure function of (seed, rank, s), so a resumed run
-continues with exactly the same data order as an uninterrupted one.
+continues with exactly the same data order as an uninterrupted one. A run that diverges (a loss
+or gradient norm that is not finite at a step, or a validation loss before a save) stops before
+that step's update and save, exit 2, in one line naming the step and the save it kept.
 
 Several GPUs or machines: launch the same command with torchrun (WORLD_SIZE/RANK/LOCAL_RANK
 are read from the environment; nccl on CUDA, gloo on CPU). Every rank draws its own samples,
@@ -1079,6 +1081,12 @@ class Trainer:
             if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
                 raise TrainError(f"{d}/state.json: damaged training state ({key!r} must be {kind.__name__}, "
                                  f"got {meta.get(key)!r})")
+        for name, t in tensors.items():
+            # a diverged run saved by a worldsim before the gradient check: resumed, its first step's loss
+            # is NaN and the message would blame the learning rate, which no lower rate mends
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise TrainError(f"{d}: tensor {name} of the training state holds NaN or infinite values (a diverged "
+                                 "run saved it); it cannot be resumed: start again in a new --out")
         return meta, tensors
 
     # -- the loop
@@ -1187,7 +1195,7 @@ class Trainer:
         smooth = None
         t_last, steps_last = time.perf_counter(), step
         t_stage = time.perf_counter() - elapsed
-        last_save = step
+        last_save = step if resume_state is not None else None  # the step of this stage's newest save
         try:
             with self.interrupt:
                 # the slowest rank's clock, so every rank uses the same rate and stops together
@@ -1217,15 +1225,21 @@ class Trainer:
                     # on Ctrl-C after this step (one collective for both)
                     bad, stop = dist.any_flags(not math.isfinite(loss_v), self.interrupt.flag)
                     if bad:
-                        raise TrainError(f"{spec.name}: loss is {loss_v} at step {step + 1} (on rank {dist.rank}, or "
-                                         f"another rank's is not finite); lower the learning rate (--{spec.name}-lr) "
-                                         "or use --precision fp32")
+                        where = f" (on rank {dist.rank}, or another rank's is not finite)" if dist.enabled else ""
+                        raise self.diverged(spec, f"loss is {loss_v} at step {step + 1}{where}", last_save)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if cfg.grad_clip > 0:
                         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
                     else:
                         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
+                    if not math.isfinite(gnorm):
+                        # a finite loss can still overflow in the backward pass: clipping then scales every
+                        # gradient by max_norm / nan, and the step would write NaN into the weights, the EMA
+                        # and the next save. Under DDP the gradients are already averaged, so every rank
+                        # sees the same norm and stops here together.
+                        raise self.diverged(spec, f"gradient norm is {gnorm} at step {step + 1} (its loss, "
+                                                  f"{loss_v:.4g}, was finite)", last_save)
                     opt.step()
                     ema_update(ema, model, cfg.ema_decay, step)
                     step += 1
@@ -1256,7 +1270,7 @@ class Trainer:
                             self.log(f"{spec.name}: warning: the time ran out during the warm-up ({step} of "
                                      f"{cfg.warmup} steps), so the learning rate never decayed; use a smaller --warmup")
                     if (cfg.val_every > 0 and step % cfg.val_every == 0) or final:
-                        self.validate(spec, ema, step)
+                        self.validate(spec, ema, step, last_save)
                     if stop or final or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or \
                             (spec.save_also_every > 0 and step % spec.save_also_every == 0):
                         if dist.is_main:
@@ -1275,7 +1289,6 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        del last_save
         if dist.enabled:
             print(f"[rank {dist.rank}] {spec.name} weights sha256 {params_sha256(model)}", flush=True)
         return True
@@ -1291,12 +1304,30 @@ class Trainer:
                 spec.on_save(ema, step, True)
         self.dist.barrier()
 
-    def validate(self, spec: StageSpec, ema: nn.Module, step: int) -> None:
+    def diverged(self, spec: StageSpec, what: str, last_save: int | None) -> TrainError:
+        """The one line that stops a stage whose numbers stopped being finite, raised before the step's
+        optimizer update and save: the last save (the run's state and export) stays as it was."""
+        rate = f"at a lower learning rate (--{spec.name}-lr was {spec.lr:g}) with " \
+               f"`worldsim train --resume {self.out} --{spec.name}-lr LR`" + \
+               (" (or add --precision fp32: it trained in bf16)" if self.precision[spec.name] == "bf16" else "")
+        if last_save is None:
+            return TrainError(f"{spec.name}: {what}: training diverged before this stage's first save; start it "
+                              f"again {rate}")
+        # the weights of the last save may already be far off (a loss climbing to 1e9 is still finite)
+        return TrainError(f"{spec.name}: {what}: training diverged; nothing was saved after step {last_save}. "
+                          f"Continue from that save {rate}, or start again in a new --out if metrics.jsonl shows "
+                          f"its loss already climbing by step {last_save}")
+
+    def validate(self, spec: StageSpec, ema: nn.Module, step: int, last_save: int | None = None) -> None:
         if not self.dist.is_main:
             return
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             with autocast_ctx(self.precision[spec.name], self.device), torch.no_grad():
                 stats = spec.val_fn(ema)
+        val_loss = stats.get("loss")
+        if val_loss is not None and not math.isfinite(val_loss):
+            # the EMA weights that the save after it would export: stop before that save
+            raise self.diverged(spec, f"validation loss of the EMA weights is {val_loss} at step {step}", last_save)
         self.write_metrics({"stage": spec.name, "step": step, **{f"val_{k}": float(v) for k, v in stats.items()},
                             "val_on": "train" if spec.val_on_train else "val"})
 
@@ -1643,7 +1674,14 @@ def run_ae_stage(trainer: Trainer, run: RunConfig, data: DataInfo, resume_state:
             train = frames("train")
             raw = torch.cat([ema.encode(frame_batch(train, calib_picks[i:i + 128], device), normalize=False).float()
                              for i in range(0, len(calib_picks), 128)])
-            scale = ema.calibrate_scale(raw)
+            try:
+                scale = ema.calibrate_scale(raw)
+            except ValueError as exc:  # weights so far off that the encoder overflows: a traceback before
+                # fit's checks stop a diverged run at its next step, or at a save's validation
+                raise TrainError(f"ae: {exc} at step {step}: training diverged, and the training state of this "
+                                 f"step is saved; start again in a new --out with a lower learning rate (--ae-lr, "
+                                 f"it was {cfg.ae_lr:g}), with --val-every a divisor of --checkpoint-every to stop "
+                                 "such a run before it saves") from None
         save_autoencoder(trainer.out / AE_DIR, ema, {
             "step": step, "final": final, "latent_scale": scale, "action_names": list(data.action_names),
             "resolution": list(data.resolution), "simulator": data.simulator, "datasets": list(cfg.data),
