@@ -611,6 +611,19 @@ def test_poses_that_are_not_floats_are_refused_naming_the_file(tmp_path):
         Dataset(root)[0]
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_poses_that_are_not_finite_are_refused_naming_the_file_and_frame(tmp_path, value):
+    """The recorder never writes them; eval's revisit matching dropped such frames in silence (a NaN
+    or infinite pose matches no other: 54 revisit frames of a test episode became 0)."""
+    root = make_dataset(tmp_path / "ds", [make_episode(seed=0)])
+    bad = root / "episodes" / "000000.npz"
+    poses = np.zeros((6, 3), np.float32)
+    poses[2:4, 2] = value
+    _rewrite(bad, poses=poses)
+    with pytest.raises(DatasetError, match=r"000000\.npz: 'poses' holds NaN or infinite values \(frame 2, 2 frame"):
+        Dataset(root)[0]
+
+
 def test_an_index_listing_one_id_twice_is_refused(tmp_path):
     """Two entries of one id: `ds["000000"]` could only find one of them, and the other's frames would
     be trained on under a name that reads another file."""

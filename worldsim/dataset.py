@@ -951,6 +951,10 @@ class Dataset:
         if poses is not None:
             _check_poses_header(file, poses.shape, poses.dtype, length)
             poses = poses.astype(np.float32, copy=False)
+            bad_frames = np.flatnonzero(~np.isfinite(poses).all(axis=1))
+            if bad_frames.size:  # eval's revisit matching would drop those frames in silence (NaN matches nothing)
+                raise DatasetError(f"{file}: 'poses' holds NaN or infinite values (frame {int(bad_frames[0])}, "
+                                   f"{bad_frames.size} frame(s) in all)")
         return Episode(info, video, actions, poses)
 
     def validate(self) -> None:
