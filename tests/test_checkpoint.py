@@ -223,6 +223,19 @@ def test_tensors_of_another_dtype_or_not_finite_are_refused(saved):
         load_checkpoint(path)
 
 
+def test_the_finite_check_tells_an_overflowing_sum_from_a_value_that_is_not_finite(saved):
+    """check_tensors first sums a tensor (one pass, no mask): huge finite values whose sum overflows
+    are still read value by value, and load; one inf among them is refused."""
+    _, path = saved
+    name = "far.action_embed.weight"
+    _rewrite_weights(path, lambda t: t.update({name: torch.full_like(t[name], 3e38)}))
+    assert torch.all(load_checkpoint(path, device="cpu").far.action_embed.weight == 3e38)
+    huge = lambda t: t.update({name: torch.full_like(t[name], 3e38).index_fill_(1, torch.tensor([1]), float("inf"))})
+    _rewrite_weights(path, huge)
+    with pytest.raises(CheckpointError, match=rf"tensor {name} holds NaN or infinite values"):
+        load_checkpoint(path)
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("far", {"depth": "6"}, r"far\.depth must be an integer, got '6'"),
     ("far", {"depth": 6.0}, r"far\.depth must be an integer, got 6\.0"),
