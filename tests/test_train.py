@@ -273,6 +273,23 @@ def test_an_autoencoder_that_diverges_stops_in_one_line(dataset, tmp_path, capsy
     assert not (run / "autoencoder").exists()
 
 
+def test_every_rank_stops_with_rank_0_when_its_validation_loss_is_not_finite(dataset, tmp_path):
+    """Rank 0 validates alone: it stopped, and the other ranks waited for it at the save's barrier,
+    ended by a closed connection, torchrun's SIGTERM or, on another machine, --ddp-timeout (whose
+    line blames a slow rank). Every rank now takes the decision at the same step and says why."""
+    run = tmp_path / "ddp-val"
+    res = _torchrun(REPO / "train.py", "--stage", "ae", "--data", str(dataset), "--out", str(run), *FAST,
+                    "--ae-steps", "5", "--ae-lr", "1e4", "--warmup", "0", "--checkpoint-every", "1", "--val-every", "1",
+                    "--device", "cpu", "--ddp-timeout", "60")
+    assert res.returncode != 0
+    assert "worldsim train: ae: validation loss of the EMA weights is nan at step 1: training diverged" in res.stderr, \
+        res.stderr
+    assert "worldsim train: ae: validation loss of the EMA weights (on rank 0) is not finite at step 1: training " \
+           "diverged before this stage's first save" in res.stderr, res.stderr
+    assert "another rank stopped" not in res.stderr, res.stderr
+    assert not (run / "state").exists()
+
+
 def test_a_training_state_that_is_not_finite_is_refused_on_resume_naming_the_tensor(trained, tmp_path, capsys):
     """A state saved by a diverged run (as worldsim saved them before the gradient check) resumed into
     'loss is nan at the next step; lower the learning rate', which no lower rate mends."""

@@ -1270,7 +1270,12 @@ class Trainer:
                             self.log(f"{spec.name}: warning: the time ran out during the warm-up ({step} of "
                                      f"{cfg.warmup} steps), so the learning rate never decayed; use a smaller --warmup")
                     if (cfg.val_every > 0 and step % cfg.val_every == 0) or final:
-                        self.validate(spec, ema, step, last_save)
+                        diverged = self.validate(spec, ema, step, last_save)
+                        # rank 0 validates alone: every rank stops with it, here, rather than wait for it
+                        # at the save's barrier (until --ddp-timeout where torchrun does not end them)
+                        if dist.any_flags(diverged is not None)[0]:
+                            raise diverged or self.diverged(spec, f"validation loss of the EMA weights (on rank 0) "
+                                                                  f"is not finite at step {step}", last_save)
                     if stop or final or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or \
                             (spec.save_also_every > 0 and step % spec.save_also_every == 0):
                         if dist.is_main:
@@ -1318,18 +1323,20 @@ class Trainer:
                           f"Continue from that save {rate}, or start again in a new --out if metrics.jsonl shows "
                           f"its loss already climbing by step {last_save}")
 
-    def validate(self, spec: StageSpec, ema: nn.Module, step: int, last_save: int | None = None) -> None:
+    def validate(self, spec: StageSpec, ema: nn.Module, step: int, last_save: int | None = None) -> TrainError | None:
+        """Rank 0's validation row; the divergence error to raise (on every rank) when its loss is not finite."""
         if not self.dist.is_main:
-            return
+            return None
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             with autocast_ctx(self.precision[spec.name], self.device), torch.no_grad():
                 stats = spec.val_fn(ema)
         val_loss = stats.get("loss")
         if val_loss is not None and not math.isfinite(val_loss):
             # the EMA weights that the save after it would export: stop before that save
-            raise self.diverged(spec, f"validation loss of the EMA weights is {val_loss} at step {step}", last_save)
+            return self.diverged(spec, f"validation loss of the EMA weights is {val_loss} at step {step}", last_save)
         self.write_metrics({"stage": spec.name, "step": step, **{f"val_{k}": float(v) for k, v in stats.items()},
                             "val_on": "train" if spec.val_on_train else "val"})
+        return None
 
 
 # ============================================================================ plotting
