@@ -62,7 +62,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save, save_file
 
 from worldsim.autoencoder import Autoencoder, AutoencoderConfig
-from worldsim.dataset import _lock_nb, atomic_write_all, name_the_target, readable_like_any_file
+from worldsim.dataset import _lock_nb, atomic_write_all, name_the_target, readable_like_any_file, sweep_dead_twins
 from worldsim.latents import tensors_hash
 from worldsim.model import FAR, FARConfig
 from worldsim.sampler import MAX_STEPS, MAX_STILL_FRAMES, setting_problem
@@ -171,34 +171,10 @@ def save_tensors(tensors: dict[str, torch.Tensor], target: str | os.PathLike, me
 
 def sweep_temp_twins(path: Path) -> None:
     """Remove the `.NAME.<random>.tmp` twin folders of `path` that saves killed mid-way left (SIGKILL,
-    a power cut; full-size, owned by no one). A live save holds a flock on its twin until the rename
-    (temp_twin), and the lock ends with its process: a twin whose lock can be taken has no writer.
-    (An unlocked sweep removed a concurrent save's folder under it, and `.ck.*.tmp` also matched the
-    twin of a save into `ck.v2`.)"""
-    prefix, suffix = f".{path.name}.", ".tmp"
-    try:
-        names = [n for n in os.listdir(path.parent) if n.startswith(prefix) and n.endswith(suffix)]
-    except OSError:  # a missing folder: mkdtemp says so next, naming the target
-        return
-    for name in names:
-        middle = name[len(prefix):len(name) - len(suffix)]
-        if not middle or not all(c.isalnum() or c == "_" for c in middle):  # not mkdtemp's: another name's twin
-            continue
-        twin = path.parent / name
-        try:
-            fd = os.open(twin, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            if _lock_nb(fd):
-                if os.path.isdir(twin):
-                    shutil.rmtree(twin, ignore_errors=True)
-                else:
-                    twin.unlink(missing_ok=True)
-        except OSError:  # a read-only folder, say: the save itself will say what is wrong
-            pass
-        finally:
-            os.close(fd)
+    a power cut; full-size, owned by no one): dataset.sweep_dead_twins, which takes a twin's flock
+    first, so a live save's (temp_twin holds it until the rename) stays. (An unlocked sweep removed a
+    concurrent save's folder under it, and `.ck.*.tmp` also matched the twin of a save into `ck.v2`.)"""
+    sweep_dead_twins(path, ".tmp")
 
 
 _twin_locks: dict[Path, int] = {}  # temp_twin's folders -> their flocked descriptors, until release_temp_twin

@@ -411,7 +411,10 @@ def sweep_dead_twins(path: str | os.PathLike, suffix: str = ".tmp") -> None:
             continue
         try:
             if _lock_nb(fd):
-                twin.unlink(missing_ok=True)
+                if os.path.isdir(twin):  # a checkpoint save's twin folder (checkpoint.temp_twin)
+                    shutil.rmtree(twin, ignore_errors=True)
+                else:
+                    twin.unlink(missing_ok=True)
         except OSError:  # a read-only folder, say: the write itself will say what is wrong
             pass
         finally:
