@@ -193,6 +193,21 @@ def episode_rngs(seed: int, maze_seed: int) -> tuple[int, np.random.Generator]:
     return int(reset_ss.generate_state(1)[0] & 0x7FFFFFFF), np.random.default_rng(policy_ss)
 
 
+def _pose(info: dict[str, Any], maze_seed: int, step: int) -> np.ndarray:
+    """info["pose"]'s (x, y, yaw), checked here: a simulator's NaN or missing pose recorded a dataset that
+    every later command refused (Dataset.load names the frame, but the recording was already spent)."""
+    where = f"maze seed {maze_seed}, step {step}"
+    if info.get("pose") is None:
+        raise RecordError(f"{where}: info has no 'pose', though the reset's info had one")
+    try:
+        pose = np.asarray(info["pose"], dtype=np.float64).reshape(-1)[:3]
+    except (TypeError, ValueError):
+        pose = np.empty(0)
+    if pose.shape != (3,) or not np.isfinite(pose).all():
+        raise RecordError(f"{where}: info['pose'] is {info['pose']!r}, not at least 3 finite numbers (x, y, yaw)")
+    return pose.astype(np.float32)
+
+
 def record_episode(env: Any, policy_name: str, length: int, maze_seed: int, seed: int) -> dict[str, Any]:
     """Run one episode; returns the arrays to store (video, actions, poses?) and metadata."""
     from envs.policies import make_policy
@@ -212,7 +227,7 @@ def record_episode(env: Any, policy_name: str, length: int, maze_seed: int, seed
     poses = np.zeros((length, 3), dtype=np.float32) if has_pose else None
     video[0] = obs
     if poses is not None:
-        poses[0] = np.asarray(info["pose"], dtype=np.float32)[:3]
+        poses[0] = _pose(info, maze_seed, 0)
     policy.reset(env, obs, info)
     n = length
     for t in range(1, length):
@@ -227,7 +242,7 @@ def record_episode(env: Any, policy_name: str, length: int, maze_seed: int, seed
         video[t] = obs
         actions[t] = a
         if poses is not None:
-            poses[t] = np.asarray(info["pose"], dtype=np.float32)[:3]
+            poses[t] = _pose(info, maze_seed, t)
         if terminated or truncated:
             n = t + 1
             break
@@ -241,7 +256,11 @@ def record_episode(env: Any, policy_name: str, length: int, maze_seed: int, seed
 def _record_task(task: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     env = _get_env(task["env"], task["settings"])
-    ep = record_episode(env, task["policy"], task["length"], task["maze_seed"], task["seed"])
+    try:
+        ep = record_episode(env, task["policy"], task["length"], task["maze_seed"], task["seed"])
+    except RecordError as exc:  # which simulator and which file the episode was for
+        raise RecordError(f"{task['env']}: {Path(task['out']) / task['file']}: {exc}; nothing of this episode "
+                          "was written") from None
     arrays = {"video": ep["video"], "actions": ep["actions"],
               "maze_seed": np.int64(ep["maze_seed"]), "reset_seed": np.int64(ep["reset_seed"]),
               "policy": np.str_(ep["policy"]), "recording": np.str_(task["signature"])}

@@ -335,6 +335,34 @@ def test_interrupt_keeps_finished_episodes(tmp_path, monkeypatch, capsys):
     assert len(Dataset(out)) == 4
 
 
+@pytest.mark.parametrize("bad_pose, said", [
+    (np.array([1.0, np.nan, 0.0]), "not at least 3 finite numbers"),
+    (np.array([1.0, 2.0]), "not at least 3 finite numbers"),
+    (None, "info has no 'pose'"),
+])
+def test_a_simulator_pose_that_is_not_finite_stops_the_recording_naming_the_step(tmp_path, monkeypatch, capsys,
+                                                                                 bad_pose, said):
+    """A third-party simulator's NaN (or short, or missing) pose was written as it came: the recording
+    finished and every later command refused the dataset (Dataset.load names the frame), or a short pose
+    was a numpy broadcast traceback. Episodes already recorded stay; the bad one is not written."""
+    real_info = MazeEnv._info
+
+    def info(self):
+        out = real_info(self)
+        if self.maze_seed == 1 and self._steps >= 5:  # the second episode, from its 5th step on
+            out["pose"] = bad_pose
+        return out
+
+    monkeypatch.setattr(MazeEnv, "_info", info)
+    out = tmp_path / "ds"
+    assert main(record_args(out, 3, 20, 1, "--start-maze-seed", "0")) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"worldsim/Maze-v0: {out / 'episodes'}" in err and "maze seed 1, step 5" in err and said in err, err
+    assert [e.id for e in Dataset(out).episodes] == ["000000"]
+    assert not list((out / "episodes").glob("*000001*"))
+
+
 def test_sigterm_stops_like_ctrl_c_and_takes_the_workers_along(tmp_path):
     """Bug: SIGTERM (timeout, a scheduler, docker stop) killed the parent with no message while its
     pool workers, orphaned, went on writing episodes and printed BrokenPipeError tracebacks."""
