@@ -25,6 +25,27 @@ def _probe_module():
     return module
 
 
+def _compare_evals(monkeypatch, capsys, *args) -> subprocess.CompletedProcess:
+    """scripts/compare_evals.py run in this process (a fresh interpreter costs seconds; the pooling test
+    below runs the script as users do), read back as a subprocess's result: its refusals are
+    SystemExit(message), which Python prints to stderr with exit status 1. Any other exception, a
+    traceback in a real run, propagates and fails the test."""
+    spec = importlib.util.spec_from_file_location("compare_evals", SCRIPT.parent / "compare_evals.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["compare_evals.py", *map(str, args)])
+    capsys.readouterr()
+    try:
+        module.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    if isinstance(code, str):
+        err, code = err + code + "\n", 1
+    return subprocess.CompletedProcess(["compare_evals.py", *map(str, args)], code or 0, out, err)
+
+
 def _rollout(world, cache, n: int = 6) -> torch.Tensor:
     frames, actions = context(9)  # longer than the tiny window (4): L2 holds frames
     s = world.new_session(frames, actions, cache_mode=cache, steps=2, cfg=1.0, seed=3)
@@ -100,16 +121,15 @@ def test_compare_evals_pools_the_revisits_of_the_episodes_with_poses(tmp_path):
     assert rows[("long context (multilevel)", "other frames")] == "+0.00"
 
 
-def test_compare_evals_pairs_the_same_frames_of_two_checkpoints(tmp_path):
+def test_compare_evals_pairs_the_same_frames_of_two_checkpoints(tmp_path, monkeypatch, capsys):
     """NEW - OLD per frame: a checkpoint better only where the view repeats shows it on revisit frames only;
     two runs over different episodes or seeds are refused rather than compared."""
-    script = SCRIPT.parent / "compare_evals.py"
     revisit = [[False, False, True, True], [False, True, True, False], [True, False, False, False]]
     old_psnr = [[12.0, 13.0, 11.0, 10.0], [14.0, 12.0, 12.0, 13.0], [9.0, 10.0, 11.0, 12.0]]
     new_psnr = [[p + 1.5 * r for p, r in zip(ps, rs)] for ps, rs in zip(old_psnr, revisit)]
     old = _eval_results(tmp_path / "old", "ckpt-old", old_psnr, revisit)
     new = _eval_results(tmp_path / "new", "ckpt-new", new_psnr, revisit, ratios={"sharpness": 0.6, "motion": 0.45})
-    res = subprocess.run([sys.executable, str(script), str(new), str(old)], capture_output=True, text=True, timeout=120)
+    res = _compare_evals(monkeypatch, capsys, str(new), str(old))
     assert res.returncode == 0, res.stderr
     # the new run reports sharpness and motion, the old one (an older eval) does not
     assert "| long context (multilevel) | 0.60 | n/a | 0.45 | n/a |" in res.stdout.split("Sharpness and motion")[1]
@@ -123,7 +143,7 @@ def test_compare_evals_pairs_the_same_frames_of_two_checkpoints(tmp_path):
     config = json.loads((new / "results.json").read_text())
     config["config"]["still_frames"] = 44
     (new / "results.json").write_text(json.dumps(config))
-    res = subprocess.run([sys.executable, str(script), str(new), str(old)], capture_output=True, text=True, timeout=120)
+    res = _compare_evals(monkeypatch, capsys, str(new), str(old))
     assert res.returncode == 0, res.stderr
     assert ", 44 still frames" in res.stdout.splitlines()[0] and ", 0 still frames" in res.stdout.splitlines()[1]
     assert "settings that differ" not in res.stdout
@@ -134,67 +154,59 @@ def test_compare_evals_pairs_the_same_frames_of_two_checkpoints(tmp_path):
     config_old = json.loads((old / "results.json").read_text())
     config_old["config"].update(sampler_used={"steps": 4, "cfg": 1.0}, precision_used="bf16")
     (old / "results.json").write_text(json.dumps(config_old))
-    res = subprocess.run([sys.executable, str(script), str(new), str(old)], capture_output=True, text=True, timeout=120)
+    res = _compare_evals(monkeypatch, capsys, str(new), str(old))
     assert res.returncode == 0, res.stderr
     assert "settings that differ (new vs old): precision 'fp32' vs 'bf16'; steps 1 vs 4" in res.stdout
     # an older run that did not record a setting differs in nothing it did not record
     config_old["config"].update(sampler_used={"steps": 1}, precision_used=None)
     (old / "results.json").write_text(json.dumps(config_old))
-    res = subprocess.run([sys.executable, str(script), str(new), str(old)], capture_output=True, text=True, timeout=120)
+    res = _compare_evals(monkeypatch, capsys, str(new), str(old))
     assert res.returncode == 0 and "settings that differ" not in res.stdout, res.stdout + res.stderr
     # a bounded long-term memory is named against a run from before eval had the bound (it kept every frame)
     config["config"]["memory_frames"] = 64
     (new / "results.json").write_text(json.dumps(config))
-    res = subprocess.run([sys.executable, str(script), str(new), str(old)], capture_output=True, text=True, timeout=120)
+    res = _compare_evals(monkeypatch, capsys, str(new), str(old))
     assert res.returncode == 0 and "settings that differ (new vs old): memory_frames 64 vs 0" in res.stdout, res.stdout
     config["config"]["memory_frames"] = 0
     (new / "results.json").write_text(json.dumps(config))
 
     # by generated-frame range: frames 1-2 gain 0 / 0.75 / 0.75 dB in the three episodes, frames 3-4 1.5 / 0.75 / 0
-    res = subprocess.run([sys.executable, str(script), str(new), str(old), "--by-frame", "2"], capture_output=True,
-                         text=True, timeout=120)
+    res = _compare_evals(monkeypatch, capsys, str(new), str(old), "--by-frame", "2")
     assert res.returncode == 0, res.stderr
     by_frame = res.stdout.split("By generated-frame range")[1]
     rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line.strip("|").split("|")[4].strip()
             for line in by_frame.splitlines() if line.startswith("| long context")}
     assert rows == {("long context (multilevel)", "frames 1-2"): "+0.50",
                     ("long context (multilevel)", "frames 3-4"): "+0.75"}
-    res = subprocess.run([sys.executable, str(script), str(new), str(old), "--by-frame", "0"], capture_output=True,
-                         text=True, timeout=120)
+    res = _compare_evals(monkeypatch, capsys, str(new), str(old), "--by-frame", "0")
     assert res.returncode != 0 and "--by-frame" in res.stderr
 
     other_seed = _eval_results(tmp_path / "seed1", "ckpt-new", new_psnr, revisit, seed=1)
-    res = subprocess.run([sys.executable, str(script), str(other_seed), str(old)], capture_output=True, text=True,
-                         timeout=120)
+    res = _compare_evals(monkeypatch, capsys, str(other_seed), str(old))
     assert res.returncode != 0 and "did not score the same frames" in res.stderr and "session_seeds" in res.stderr
 
     # the window decides which frames are revisits: runs of two windows are not paired
     other_window = _eval_results(tmp_path / "w8", "ckpt-new", new_psnr, revisit, window=8)
-    res = subprocess.run([sys.executable, str(script), str(other_window), str(old)], capture_output=True, text=True,
-                         timeout=120)
+    res = _compare_evals(monkeypatch, capsys, str(other_window), str(old))
     assert res.returncode != 0 and "'window' differs (8 vs 16)" in res.stderr
 
     # the dataset is told by its frames: one dataset under two paths pairs, two under one path do not
     runs = {name: _eval_results(tmp_path / name, "ckpt", old_psnr, revisit, dataset=dataset, detail=detail)
             for name, dataset, detail in (("a", "data/maze-test", 0.5), ("b", "/abs/data/maze-test", 0.5),
                                           ("c", "data/maze-test", 0.7))}
-    res = subprocess.run([sys.executable, str(script), str(runs["b"]), str(runs["a"])], capture_output=True,
-                         text=True, timeout=120)
+    res = _compare_evals(monkeypatch, capsys, str(runs["b"]), str(runs["a"]))
     assert res.returncode == 0, res.stderr
-    res = subprocess.run([sys.executable, str(script), str(runs["c"]), str(runs["a"])], capture_output=True,
-                         text=True, timeout=120)
+    res = _compare_evals(monkeypatch, capsys, str(runs["c"]), str(runs["a"]))
     assert res.returncode != 0 and "episode 000000's recorded frames differ" in res.stderr
 
     not_eval = tmp_path / "checkpoint"  # a folder of another kind is named, not compared
     not_eval.mkdir()
     (not_eval / "results.json").write_text('{"format": "worldsim-checkpoint"}')
-    res = subprocess.run([sys.executable, str(script), str(not_eval), str(old)], capture_output=True, text=True,
-                         timeout=120)
+    res = _compare_evals(monkeypatch, capsys, str(not_eval), str(old))
     assert res.returncode != 0 and str(not_eval / "results.json") in res.stderr and "not a worldsim eval" in res.stderr
     for damaged in ([], {"format": "worldsim-eval", "config": {}, "ground_truth": {"summary": {}}}):
         (not_eval / "results.json").write_text(json.dumps(damaged))  # valid JSON of the wrong shape: named too
-        res = subprocess.run([sys.executable, str(script), str(not_eval), str(old)], capture_output=True, text=True,
-                             timeout=120)
+        res = _compare_evals(monkeypatch, capsys, str(not_eval), str(old))
         assert res.returncode != 0 and str(not_eval / "results.json") in res.stderr and "Traceback" not in res.stderr
 
 
@@ -227,19 +239,23 @@ def test_sharpness_probe_replays_the_eval_turn_probe_and_measures_motion(tmp_pat
     assert module.gradient_energy(stripes) == 110.0  # every horizontal step changes by 110, no vertical one
 
 
-def test_probe_play_scores_dream_v0_against_reality_on_the_same_walks(tmp_path):
+def test_probe_play_scores_dream_v0_against_reality_on_the_same_walks(tmp_path, capsys, one_torch_thread):
     """scripts/probe_play.py plays each maze through Dream-v0 with the real simulator beside it.
     Every checkpoint gets the same walks: the baseline against itself differs by exactly 0, and
-    another checkpoint's paired difference is the difference of the two means over mazes."""
+    another checkpoint's paired difference is the difference of the two means over mazes.
+    Its main() runs in this process (a fresh interpreter's torch import costs seconds); the test
+    below runs the script as users do."""
     from _eval_fixtures import save_tiny_checkpoint
 
     data = record_tiny_dataset(tmp_path / "nav", episodes=2, length=12)
     base, other = str(save_tiny_checkpoint(tmp_path / "a")), str(save_tiny_checkpoint(tmp_path / "b", seed=1))
-    script = SCRIPT.parent / "probe_play.py"
-    res = subprocess.run([sys.executable, str(script), base, base, other, "--data", str(data), "--mazes", "3",
-                          "--context", "3", "--frames", "20", "--precision", "fp32", "--device", "cpu"],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
+    spec = importlib.util.spec_from_file_location("probe_play", SCRIPT.parent / "probe_play.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    module.main([base, base, other, "--data", str(data), "--mazes", "3", "--context", "3", "--frames", "20",
+                 "--precision", "fp32", "--device", "cpu"])  # a refusal would be SystemExit: the test fails
+    res = subprocess.CompletedProcess("probe_play.py", 0, *capsys.readouterr())
     assert "has 2 episodes, fewer than --mazes 3" in res.stdout
     assert "| frame 1 | frames 2-16 | frames 17-20 | sharpness | motion |" in res.stdout
     scores_part, diff_part = res.stdout.split("| checkpoint - ")
