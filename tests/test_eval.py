@@ -896,7 +896,18 @@ def test_long_cache_runs_the_long_context_condition_in_the_play_cache(tiny_data,
     assert "long-context cache = multilevel-fast" in (tmp_path / "f" / "results.md").read_text()
 
 
-def test_shift_option_reaches_every_session_and_the_results(tiny_data, tmp_path):
+@pytest.fixture(scope="module")
+def run_without_options(tiny_data, tmp_path_factory) -> tuple[FakeWorld, dict, Path]:
+    """The world, results and --out of one run with no sampler option given (the checkpoint's settings
+    apply), with the sizes of the option tests below; they only read it."""
+    out = tmp_path_factory.mktemp("without-options") / "d"
+    world = FakeWorld()
+    res = run_eval(EvalConfig(data=str(tiny_data), out=str(out), episodes=1, context=12, generate=4, videos=0,
+                              probe_episodes=1, probe_forward=2, progress=False), world=world)
+    return world, res, out
+
+
+def test_shift_option_reaches_every_session_and_the_results(tiny_data, tmp_path, run_without_options):
     cfg = EvalConfig(data=str(tiny_data), out=str(tmp_path / "s"), episodes=1, context=12, generate=4, videos=0,
                      probe_episodes=1, probe_forward=2, progress=False, shift=2.5)
     world = FakeWorld()
@@ -906,14 +917,13 @@ def test_shift_option_reaches_every_session_and_the_results(tiny_data, tmp_path)
                                              "generated_noise": 0.0, "context_noise": 0.0}
     assert "shift = 2.5," in (tmp_path / "s" / "results.md").read_text()
     # without the option the checkpoint's setting applies, 1 (uniform steps) where it has none
-    world = FakeWorld()
-    res = run_eval(EvalConfig(**{**cfg.__dict__, "shift": None, "out": str(tmp_path / "d")}), world=world)
+    world, res, _ = run_without_options  # this run with shift None
     assert set(world.shifts) == {None} and res["config"]["sampler_used"]["shift"] == 1.0
     with pytest.raises(EvalError, match="--shift must be a finite number > 0, got 0.0"):
         run_eval(EvalConfig(**{**cfg.__dict__, "shift": 0.0}), world=FakeWorld())
 
 
-def test_temperature_option_reaches_every_session_and_the_results(tiny_data, tmp_path):
+def test_temperature_option_reaches_every_session_and_the_results(tiny_data, tmp_path, run_without_options):
     """--temperature reaches teacher forcing too: it shapes every frame the model samples."""
     cfg = EvalConfig(data=str(tiny_data), out=str(tmp_path / "t"), episodes=1, context=12, generate=4, videos=0,
                      probe_episodes=1, probe_forward=2, progress=False, temperature=0.7)
@@ -922,14 +932,14 @@ def test_temperature_option_reaches_every_session_and_the_results(tiny_data, tmp
     assert len(world.temperatures) > 4 and set(world.temperatures) == {0.7}  # conditions, control, TF, probes
     assert res["config"]["sampler_used"]["temperature"] == 0.7
     assert "temperature = 0.7," in (tmp_path / "t" / "results.md").read_text()
-    world = FakeWorld()  # without the option: the checkpoint's, 1 (plain sampling) where it has none
-    res = run_eval(EvalConfig(**{**cfg.__dict__, "temperature": None, "out": str(tmp_path / "d")}), world=world)
+    world, res, _ = run_without_options  # this run with temperature None: the checkpoint's, 1 where it has none
     assert set(world.temperatures) == {None} and res["config"]["sampler_used"]["temperature"] == 1.0
     with pytest.raises(EvalError, match="--temperature must be a finite number >= 0, got -0.5"):
         run_eval(EvalConfig(**{**cfg.__dict__, "temperature": -0.5}), world=FakeWorld())
 
 
-def test_memory_frames_option_reaches_every_long_context_session_and_the_results(tiny_data, tmp_path):
+def test_memory_frames_option_reaches_every_long_context_session_and_the_results(tiny_data, tmp_path,
+                                                                                 run_without_options):
     """--memory-frames bounds the long-term memory of every long-context session (conditions, control,
     teacher forcing, probes), as play's option does; 0, the default, keeps every frame."""
     cfg = EvalConfig(data=str(tiny_data), out=str(tmp_path / "m"), episodes=1, context=12, generate=4, videos=0,
@@ -940,10 +950,9 @@ def test_memory_frames_option_reaches_every_long_context_session_and_the_results
     assert len(long_sessions) > 3 and set(long_sessions) == {6}  # conditions, control, TF, probes
     assert res["config"]["memory_frames"] == 6
     assert "long-term memory bounded to 6 frames" in (tmp_path / "m" / "results.md").read_text()
-    world = FakeWorld()
-    res = run_eval(EvalConfig(**{**cfg.__dict__, "memory_frames": 0, "out": str(tmp_path / "d")}), world=world)
+    world, res, out = run_without_options  # this run with memory_frames 0
     assert set(world.memory_frames) == {None} and res["config"]["memory_frames"] == 0
-    assert "bounded" not in (tmp_path / "d" / "results.md").read_text()
+    assert "bounded" not in (out / "results.md").read_text()
     with pytest.raises(EvalError, match="--memory-frames must be >= 0"):
         run_eval(EvalConfig(**{**cfg.__dict__, "memory_frames": -1}), world=FakeWorld())
     out = tmp_path / "negative-span"  # refused before anything runs: no results folder is left behind
@@ -969,7 +978,8 @@ def test_threads_option_sets_torchs_threads_and_refuses_zero(tiny_data, tmp_path
         run_eval(EvalConfig(**{**cfg.__dict__, "threads": 0}), world=FakeWorld())
 
 
-def test_generated_noise_option_reaches_every_generating_session_and_the_results(tiny_data, tmp_path):
+def test_generated_noise_option_reaches_every_generating_session_and_the_results(tiny_data, tmp_path,
+                                                                                  run_without_options):
     """--generated-noise reaches every session that feeds the model its own frames (conditions, memory
     control, probes); teacher forcing feeds it none, so there it is not passed."""
     cfg = EvalConfig(data=str(tiny_data), out=str(tmp_path / "g"), episodes=1, context=12, generate=4, videos=0,
@@ -980,14 +990,14 @@ def test_generated_noise_option_reaches_every_generating_session_and_the_results
     assert world.generated_noise.count(None) == 1  # the teacher-forced session
     assert res["config"]["sampler_used"]["generated_noise"] == 0.25
     assert "generated noise = 0.25," in (tmp_path / "g" / "results.md").read_text()
-    world = FakeWorld()  # without the option: the checkpoint's level, 0 where it has none
-    res = run_eval(EvalConfig(**{**cfg.__dict__, "generated_noise": None, "out": str(tmp_path / "d")}), world=world)
+    world, res, _ = run_without_options  # generated_noise None: the checkpoint's level, 0 where it has none
     assert set(world.generated_noise) == {None} and res["config"]["sampler_used"]["generated_noise"] == 0.0
     with pytest.raises(EvalError, match=r"--generated-noise must be in \[0, 1\), got 1.5"):
         run_eval(EvalConfig(**{**cfg.__dict__, "generated_noise": 1.5}), world=FakeWorld())
 
 
-def test_still_frames_go_before_the_context_of_every_generated_condition_only(tiny_data, tmp_path):
+def test_still_frames_go_before_the_context_of_every_generated_condition_only(tiny_data, tmp_path,
+                                                                               run_without_options):
     """--still-frames starts the generated conditions (and the memory control) as play starts a game: copies
     of the episode's first frame before its context. Teacher forcing and the probes keep the frames given."""
     cfg = EvalConfig(data=str(tiny_data), out=str(tmp_path / "p"), episodes=1, context=12, generate=4, videos=0,
@@ -997,8 +1007,7 @@ def test_still_frames_go_before_the_context_of_every_generated_condition_only(ti
     lengths = [len(c) for c in world.contexts]
     generated = [(c, a) for c, a in zip(world.contexts, world.context_actions) if len(c) == 15]
     assert len(generated) == len(evaluate.GEN_CONDITIONS) + 1  # the conditions and the memory control
-    plain = FakeWorld()  # the same run without: its contexts are the frames given
-    run_eval(EvalConfig(**{**cfg.__dict__, "still_frames": 0, "out": str(tmp_path / "q")}), world=plain)
+    plain, _, plain_out = run_without_options  # this run with still_frames 0: its contexts are the frames given
     given = [(c, a) for c, a in zip(plain.contexts, plain.context_actions) if len(c) == 12][:len(generated)]
     noop = world.action_names.index("noop")
     for (c, a), (g, ga) in zip(generated, given):
@@ -1010,7 +1019,7 @@ def test_still_frames_go_before_the_context_of_every_generated_condition_only(ti
     assert res["config"]["still_frames"] == 3
     assert "still frames before the context = 3" in (tmp_path / "p" / "results.md").read_text()
     assert 15 not in [len(c) for c in plain.contexts]
-    assert "still frames" not in (tmp_path / "q" / "results.md").read_text()
+    assert "still frames" not in (plain_out / "results.md").read_text()
     with pytest.raises(EvalError, match="--still-frames must be from 0 to 10000, got -1"):
         run_eval(EvalConfig(**{**cfg.__dict__, "still_frames": -1}), world=FakeWorld())
     no_noop = FakeWorld()
