@@ -330,18 +330,6 @@ def test_a_closed_env_says_so_and_renders_nothing(tiny_ckpt):
     env.close()
 
 
-def test_env_module_does_not_import_pygame(tiny_ckpt):
-    code = (
-        "import sys; from worldsim.dream_env import DreamEnv\n"
-        f"env = DreamEnv(checkpoint={str(tiny_ckpt)!r}, render_mode='rgb_array', context_frames=1)\n"
-        "env.reset(seed=0); env.step(1); env.render(); env.close()\n"
-        "assert 'pygame' not in sys.modules, 'pygame imported'\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr
-
-
 def test_a_dataset_of_another_resolution_is_refused_by_name(tiny_world, tmp_path):
     """Play --dataset and Dream-v0 start from recorded frames: frames of another size would be encoded
     into latents of another grid, which the transformer cannot read."""
@@ -358,11 +346,11 @@ def test_a_dataset_of_another_resolution_is_refused_by_name(tiny_world, tmp_path
 def test_a_dataset_without_episodes_long_enough_is_refused_and_short_ones_are_not_drawn(tiny_world, tmp_path):
     """Random starts are drawn among the episodes that hold context_frames; with none, the error
     names the dataset (play prints it as one line), not a traceback at the first reset."""
+    from worldsim.cli import main
     from worldsim.dataset import DatasetError, Dataset
 
-    subprocess.run([sys.executable, "-m", "worldsim", "record", "--env", "worldsim/Maze-v0", "--episodes", "1",
-                    "--length", "12", "--env-arg", "maze_size=9", "--progress", "false", "--out", str(tmp_path / "d")],
-                   check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert main(["record", "--env", "worldsim/Maze-v0", "--episodes", "1", "--length", "12", "--env-arg", "maze_size=9",
+                 "--progress", "false", "--out", str(tmp_path / "d")]) == 0
     short = tmp_path / "d" / "episodes" / "000001.npz"  # a second, 3-frame episode beside the 12-frame one
     ep = Dataset(tmp_path / "d")[0]
     np.savez(short, video=ep.video[:3], actions=ep.actions[:3], poses=ep.poses[:3])
@@ -431,14 +419,19 @@ def test_an_installed_copy_finds_the_shipped_checkpoint_from_the_checkout(tmp_pa
     assert find_default_checkpoint(shipped_checkpoints_dir(site)).resolve() == REPO / "checkpoints" / "maze-far-small"
 
 
-def test_an_async_vector_env_of_dreams_runs_after_the_parent_ran_torch_multithreaded(tiny_ckpt):
-    """gym.make_vec(..., vectorization_mode="async") builds one env in the parent, then forks the workers;
-    with torch's default threads (2 here) the workers hung for good in their first parallel op (the
-    OpenMP pool does not survive a fork). A subprocess, so that a hang is a timeout, not a stuck suite."""
+@pytest.fixture(scope="module")
+def fresh_interpreter_run(tiny_ckpt) -> tuple[int | None, str, str]:
+    """(exit status, None on a hang; stdout; stderr) of one fresh interpreter that first renders a
+    DreamEnv, then runs an async vector env of dreams: the two tests below read it (a fresh
+    interpreter's torch import and model load cost seconds each)."""
     script = (
         "import sys, torch, gymnasium as gym, worldsim\n"
+        "from worldsim.dream_env import DreamEnv\n"
         "torch.set_num_threads(2)\n"
         "torch.ones(512, 512) @ torch.ones(512, 512)  # the parent's pool at work before the fork\n"
+        "env = DreamEnv(checkpoint=sys.argv[1], render_mode='rgb_array', context_frames=1)\n"
+        "env.reset(seed=0); env.step(1); env.render(); env.close()\n"
+        "print('pygame imported' if 'pygame' in sys.modules else 'no pygame', flush=True)\n"
         "v = gym.make_vec('worldsim/Dream-v0', num_envs=2, vectorization_mode='async',\n"
         "                 checkpoint=sys.argv[1], context_frames=2, device='cpu')\n"
         "obs, _ = v.reset(seed=0)\n"
@@ -456,9 +449,25 @@ def test_an_async_vector_env_of_dreams_runs_after_the_parent_ran_torch_multithre
         out, err = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        out, err = proc.communicate()
+        return None, out, err
+    return proc.returncode, out, err
+
+
+def test_env_module_does_not_import_pygame(fresh_interpreter_run):
+    """An rgb_array DreamEnv made, stepped and rendered in a fresh interpreter leaves pygame unimported."""
+    _, out, err = fresh_interpreter_run
+    assert out.startswith("no pygame\n"), out + err[-2000:]
+
+
+def test_an_async_vector_env_of_dreams_runs_after_the_parent_ran_torch_multithreaded(fresh_interpreter_run):
+    """gym.make_vec(..., vectorization_mode="async") builds one env in the parent, then forks the workers;
+    with torch's default threads (2 here) the workers hung for good in their first parallel op (the
+    OpenMP pool does not survive a fork). A subprocess, so that a hang is a timeout, not a stuck suite."""
+    returncode, out, err = fresh_interpreter_run
+    if returncode is None:
         pytest.fail("the async vector env hung (no step within 180 s)")
-    assert proc.returncode == 0 and "stepped (2, 64, 64, 3)" in out, err[-2000:]
+    assert returncode == 0 and "stepped (2, 64, 64, 3)" in out, err[-2000:]
 
 
 # ----------------------------------------------------------------------------- mutation-audit additions
