@@ -220,7 +220,8 @@ def test_end_to_end_with_a_stand_in_model(tiny_data, tmp_path):
     # the same seed gives the same numbers; another seed other numbers
     res_b = run_eval(cfg.__class__(**{**cfg.__dict__, "out": str(tmp_path / "b")}), world=FakeWorld())
     assert _numbers(res_b) == _numbers(res)
-    res_c = run_eval(cfg.__class__(**{**cfg.__dict__, "out": str(tmp_path / "c"), "seed": 5}), world=FakeWorld())
+    res_c = run_eval(cfg.__class__(**{**cfg.__dict__, "out": str(tmp_path / "c"), "seed": 5, "videos": 0,
+                                      "probe_episodes": 0}), world=FakeWorld())  # only its numbers are read
     assert res_c["ground_truth"]["summary"]["multilevel"] != summary["multilevel"]
 
 
@@ -1456,8 +1457,8 @@ def test_an_eval_killed_in_a_reused_out_leaves_the_earlier_runs_outputs_as_they_
         raise _Killed
 
     monkeypatch.setattr(evaluate, "self_consistency", killed)
-    with pytest.raises(_Killed):
-        run_eval(dataclasses.replace(cfg, seed=5), world=FakeWorld())
+    with pytest.raises(_Killed):  # one video of its own, of other frames (seed), is enough to be seen
+        run_eval(dataclasses.replace(cfg, seed=5, videos=1), world=FakeWorld())
     assert _files(out) == before  # every file of the first run, byte for byte, and nothing else beside them
     monkeypatch.undo()
 
