@@ -50,11 +50,18 @@ def test_the_fake_device_catches_what_a_gpu_refuses():
 @pytest.mark.parametrize("mode", ["multilevel", "multilevel-fast", "kv", "none", "sliding"])
 def test_sessions_keep_every_tensor_on_the_device(mode):
     frames, actions = context(9)  # longer than the tiny window: L2 holds frames
+    # Every op runs through Python here, so the cost is the passes: 2 steps run the first denoising
+    # step (which encodes the frames appended since the last query) and a later one, every op that 10
+    # ran. cfg 1.0 (the shipped checkpoint's) takes the unguided passes, which fuse that encoding into
+    # the first step, here with play's bounded memory (the oldest L2 frames forgotten) where the mode
+    # has one; 1.5 the guided ones, unbounded, with noise on context and generated frames and the
+    # temperature's scaling.
+    unguided = {"cfg": 1.0, "memory_frames": 4} if mode.startswith("multilevel") else {"cfg": 1.0}
+    settings = [unguided, {"cfg": 1.5, "context_noise": 0.1, "generated_noise": 0.2, "temperature": 0.9}]
     with fake_cuda() as log:
         world = _cuda_world()
-        for kwargs in ({"cfg": 1.5}, {"context_noise": 0.1, "generated_noise": 0.2, "temperature": 0.9},
-                       {"memory_frames": 4} if mode.startswith("multilevel") else {"steps": 2}):
-            session = world.new_session(frames, actions, cache_mode=mode, seed=0, **kwargs)
+        for kwargs in settings:
+            session = world.new_session(frames, actions, cache_mode=mode, seed=0, steps=2, **kwargs)
             assert session.step(1).shape == (64, 64, 3)
             session.predict(2)
             session.append(frames[0], 3)
@@ -87,7 +94,8 @@ def test_the_training_objective_on_the_device():
 
     from worldsim.objective import ObjectiveConfig, training_loss
 
-    cfg = dataclasses.replace(ObjectiveConfig(), rollout_prob=1.0, rollout_frames=6, rollout_aug=0.2,
+    # rollout_steps 2: the rollouts' first Euler step (encoding the frame appended before it) and a later one
+    cfg = dataclasses.replace(ObjectiveConfig(), rollout_prob=1.0, rollout_frames=6, rollout_steps=2, rollout_aug=0.2,
                               self_context_prob=0.5, blind_window_prob=0.5, short_context_prob=0.3,
                               context_noise_max=0.3)
     with fake_cuda() as log:
