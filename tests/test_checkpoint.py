@@ -443,23 +443,35 @@ def test_bad_sampler_settings_name_the_file(saved, key, value):
         load_checkpoint(path)
 
 
-def test_a_transformer_carried_without_its_autoencoder_is_rejoined_bit_for_bit(saved, tmp_path):
+def test_a_transformer_carried_without_its_autoencoder_is_rejoined_bit_for_bit(saved, tmp_path, capsys):
     """scripts/transport_far.py: a GPU run's transformer comes home without the autoencoder it shares
     with a shipped checkpoint (the device tool returns 64 MiB a call) and is paired with it again;
     an autoencoder with other weights is refused, since its latents are not the ones it learned."""
+    import importlib.util
     import subprocess
     import sys
     from pathlib import Path
+    from types import SimpleNamespace
 
     repo = Path(__file__).resolve().parents[1]
-    script = [sys.executable, str(repo / "scripts" / "transport_far.py")]
+    script = repo / "scripts" / "transport_far.py"
     env = {"PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     world, path = saved
+    # the strip runs the script as users do (a fresh interpreter, its exit status); the joins call its
+    # main() here, with the same arguments, exit statuses and stderr: each subprocess costs a torch import
+    stripped = subprocess.run([sys.executable, str(script), "strip", str(path), str(tmp_path / "far")],
+                              capture_output=True, text=True, env=env)
+    assert stripped.returncode == 0, stripped.stderr
+    spec = importlib.util.spec_from_file_location("transport_far", script)
+    transport_far = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(transport_far)
 
     def run(*args):
-        return subprocess.run([*script, *map(str, args)], capture_output=True, text=True, env=env)
+        capsys.readouterr()
+        returncode = transport_far.main(list(map(str, args)))
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=returncode, stdout=out, stderr=err)
 
-    assert run("strip", path, tmp_path / "far").returncode == 0
     assert not any(k.startswith("autoencoder.") for k in load_file(str(tmp_path / "far" / "far.safetensors")))
     umask = os.umask(0o022)
     os.umask(umask)
@@ -514,25 +526,37 @@ def test_a_stopped_transport_leaves_no_temp_folder_and_the_next_run_sweeps_old_o
 
     repo = Path(__file__).resolve().parents[1]
     _, path = saved
+    # One interpreter (each costs a torch import) stops both scripts in turn, each with a real SIGTERM to
+    # itself mid-write, and exits with the first status that is not 130: each main() returns what its
+    # script exits with. The stderr of each is written between markers, to be told apart.
     stop_mid_write = (
-        "import os, signal, sys, importlib.util\n"
-        "spec = importlib.util.spec_from_file_location('s', sys.argv[1]); s = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(s)\n"
-        "real = s.save_tensors if hasattr(s, 'save_tensors') else None\n"
+        "import importlib.util, json, os, signal, sys\n"
         "import worldsim.checkpoint as c\n"
         "def stopped(*a, **k):\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    raise AssertionError('SIGTERM did not stop the write')\n"
-        "s.save_tensors = stopped; c.save_tensors = stopped\n"
-        "sys.exit(s.main(sys.argv[2:]))\n")
+        "for script, args in json.loads(sys.argv[1]):\n"
+        "    spec = importlib.util.spec_from_file_location('s', script); s = importlib.util.module_from_spec(spec)\n"
+        "    spec.loader.exec_module(s)\n"
+        "    s.save_tensors = stopped; c.save_tensors = stopped\n"
+        "    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a fresh process starts: each installs its own\n"
+        "    print(f'<<{script}', file=sys.stderr, flush=True)\n"
+        "    code = s.main(args)\n"
+        "    print(f'{script}>>', file=sys.stderr, flush=True)\n"
+        "    if code != 130:\n"
+        "        sys.exit(code)\n"
+        "sys.exit(130)\n")
     env = {"PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    for script, args in (("transport_far.py", ["strip", path]), ("store_far_bf16.py", [path])):
-        out = tmp_path / script.split(".")[0]
-        done = subprocess.run([sys.executable, "-c", stop_mid_write, str(repo / "scripts" / script), *map(str, args),
-                               str(out)], capture_output=True, text=True, env=env)
-        assert done.returncode == 130, (script, done.returncode, done.stderr)
-        assert f"interrupted; {out} not written" in done.stderr and "Traceback" not in done.stderr
-        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    runs = [(str(repo / "scripts" / "transport_far.py"), ["strip", str(path), str(tmp_path / "transport_far")]),
+            (str(repo / "scripts" / "store_far_bf16.py"), [str(path), str(tmp_path / "store_far_bf16")])]
+    done = subprocess.run([sys.executable, "-c", stop_mid_write, json.dumps(runs)], capture_output=True, text=True,
+                          env=env)
+    assert done.returncode == 130, (done.returncode, done.stderr)
+    for script, args in runs:
+        said = done.stderr.split(f"<<{script}\n", 1)[1].split(f"{script}>>", 1)[0]
+        assert f"interrupted; {args[-1]} not written" in said and "Traceback" not in said, (script, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
     from worldsim.checkpoint import temp_twin
 
