@@ -344,13 +344,53 @@ def test_sigint_saves_and_exits_cleanly(trained, dataset, tmp_path):
 # ----------------------------------------------------------------------------- DDP
 
 
+@pytest.fixture(scope="module")
+def ddp_far_run(trained, dataset, tmp_path_factory):
+    """`ddp_far_run(seq_len)`: (run folder, torchrun's result) of a far stage on two CPU ranks, launched
+    once per --seq-len and read by several tests (each asserts its own behaviour of the same launch; a
+    torchrun costs three fresh interpreters). Its launcher makes rank 1 late to the autoencoder copy and
+    the latent cache, gives every training batch a statistic that is its rank, and reports each rank's
+    gloo threads after close."""
+    runs = {}
+
+    def launch(seq_len: str) -> tuple[Path, subprocess.CompletedProcess]:
+        if seq_len not in runs:
+            folder = tmp_path_factory.mktemp(f"ddp-far-{seq_len}")
+            launcher = folder / "late_rank1_rank_stat.py"
+            launcher.write_text(
+                "import os, sys, time, torch\n"
+                "import worldsim.objective as objective\n"
+                "import worldsim.train as train\n"
+                "def late(fn):\n"
+                "    def wrapped(*args, **kwargs):\n"
+                "        if os.environ.get('RANK') == '1':\n"
+                "            time.sleep(1.5)\n"
+                "        return fn(*args, **kwargs)\n"
+                "    return wrapped\n"
+                "train._ensure_autoencoder = late(train._ensure_autoencoder)\n"
+                "train.build_latents = late(train.build_latents)\n"
+                "real = objective.training_loss\n"
+                "def training_loss(*args, **kwargs):\n"
+                "    loss, stats = real(*args, **kwargs)\n"
+                "    return loss, {**stats, 'rank_probe': torch.tensor(float(os.environ['RANK']))}\n"
+                "objective.training_loss = training_loss\n"
+                + REPORT_GLOO_THREADS_AFTER_CLOSE
+                + RUN_CLI)
+            run = folder / "ddp"
+            res = _torchrun(launcher, "train", "--data", str(dataset), "--out", str(run), *FAST,
+                            "--stage", "far", "--ae-from", str(trained), "--far-steps", "3", "--checkpoint-every", "2",
+                            "--log-every", "1", "--val-every", "0", "--preview-every", "-1",
+                            "--obj-random-context-length", "true", "--obj-short-context-prob", "0.5",
+                            "--seq-len", seq_len, "--ddp-timeout", "60")
+            runs[seq_len] = (run, res)
+        return runs[seq_len]
+
+    return launch
+
+
 @pytest.mark.parametrize("seq_len", ["6", "4"])  # 4 = the tiny window: no sample has coarse frames
-def test_ddp_two_cpu_ranks_hold_identical_weights(trained, dataset, tmp_path, seq_len):
-    run = tmp_path / "ddp"
-    res = _torchrun(REPO / "train.py", "--data", str(dataset), "--out", str(run), *FAST,
-                    "--stage", "far", "--ae-from", str(trained), "--far-steps", "3", "--checkpoint-every", "2",
-                    "--val-every", "0", "--preview-every", "-1", "--obj-random-context-length", "true",
-                    "--obj-short-context-prob", "0.5", "--seq-len", seq_len)
+def test_ddp_two_cpu_ranks_hold_identical_weights(ddp_far_run, seq_len):
+    run, res = ddp_far_run(seq_len)
     assert res.returncode == 0, res.stdout + res.stderr
     # every parameter reaches the loss on every rank, also when one rank draws a batch without
     # long-term context (short-context prob 0.5): no find_unused_parameters, no hang
@@ -363,34 +403,74 @@ def test_ddp_two_cpu_ranks_hold_identical_weights(trained, dataset, tmp_path, se
     assert (run / "checkpoint" / "model.safetensors").is_file()
 
 
-def test_a_rank_looking_at_out_while_rank_0_writes_there_does_not_refuse_the_run(dataset, tmp_path):
-    """Rank 1 looks at --out while rank 0 writes its config.json (both slowed here on purpose: the
-    temporary twin of the file stays a few seconds): it used to take the twin for a started run and
-    refuse it (1 start in 6 failed so on this machine, unslowed)."""
-    launcher = tmp_path / "slow_rank1.py"
+@pytest.fixture(scope="module")
+def ddp_ae_run(dataset, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """(run folder, torchrun's result) of an autoencoder stage on two CPU ranks, read by two tests. Its
+    launcher makes rank 1 slow to look at --out (3 s) while rank 0 writes its config.json slowly (the
+    file's temporary twin stays until rank 1 has reached a collective after looking, at most 6 s), and
+    makes rank 1 1.5 s late to the frame copy."""
+    folder = tmp_path_factory.mktemp("ddp-ae")
+    launcher = folder / "slow_rank1.py"
     launcher.write_text(
         "import os, sys, time\n"
         "from pathlib import Path\n"
+        "import worldsim.ddp as ddp\n"
         "import worldsim.train as train\n"
         "rank = os.environ.get('RANK')\n"
-        "init, write = train.Trainer.__init__, train.write_json_atomic\n"
+        "looked, built = Path(__file__).parent / 'rank1-looked', []\n"
+        "init, write, opened = train.Trainer.__init__, train.write_json_atomic, train.open_frames\n"
         "def slow_init(self, *args, **kwargs):\n"
         "    if rank == '1':\n"
         "        time.sleep(3)\n"
         "    init(self, *args, **kwargs)\n"
+        "    built.append(True)\n"
         "def slow_write(path, obj):\n"
-        "    twin = Path(path).parent / ('.' + Path(path).name + '.race.tmp')\n"
-        "    twin.write_text('being written')\n"
-        "    time.sleep(6)\n"
-        "    twin.unlink()\n"
+        "    if Path(path).name == 'config.json':\n"
+        "        twin = Path(path).parent / ('.' + Path(path).name + '.race.tmp')\n"
+        "        twin.write_text('being written')\n"
+        "        start = time.monotonic()\n"
+        "        while not looked.exists() and time.monotonic() - start < 6:\n"
+        "            time.sleep(0.01)\n"
+        "        twin.unlink()\n"
         "    write(path, obj)\n"
+        "def late_open_frames(*args, **kwargs):\n"
+        "    if rank == '1':\n"
+        "        time.sleep(1.5)\n"
+        "    return opened(*args, **kwargs)\n"
+        "def after_looking(fn):  # rank 1 looked at --out before its first collective once its Trainer is built\n"
+        "    def wrapped(self, *args, **kwargs):\n"
+        "        if rank == '1' and built:\n"
+        "            looked.touch()\n"
+        "        return fn(self, *args, **kwargs)\n"
+        "    return wrapped\n"
+        "ddp.Dist.barrier, ddp.Dist.any_flags = after_looking(ddp.Dist.barrier), after_looking(ddp.Dist.any_flags)\n"
         "train.Trainer.__init__, train.write_json_atomic = slow_init, slow_write\n"
+        "train.open_frames = late_open_frames\n"
         + RUN_CLI)
-    run = tmp_path / "race"
-    res = _torchrun(launcher, "train", "--data", str(dataset), "--out", str(run), *FAST, "--ae-steps", "2",
-                    "--far-steps", "1", "--val-every", "0", "--preview-every", "-1")
+    run = folder / "race"
+    res = _torchrun(launcher, "train", "--stage", "ae", "--data", str(dataset), "--out", str(run), *FAST,
+                    "--ae-steps", "2", "--val-every", "1", "--ddp-timeout", "60")
+    return run, res
+
+
+def test_a_rank_looking_at_out_while_rank_0_writes_there_does_not_refuse_the_run(ddp_ae_run):
+    """Rank 1 looks at --out while rank 0 writes its config.json (both slowed in ddp_ae_run's launcher:
+    the temporary twin of the file stays until rank 1 has looked): it used to take the twin for a
+    started run and refuse it (1 start in 6 failed so on this machine, unslowed)."""
+    run, res = ddp_ae_run
     assert res.returncode == 0, res.stdout + res.stderr
     assert "already holds a training run" not in res.stderr
+
+
+def test_a_rank_late_to_the_autoencoders_frame_copy_keeps_step_with_rank_0(ddp_ae_run):
+    """The autoencoder stage's ranks map one copy of the frames (RUN/frames/) that rank 0 writes: a rank
+    that looks after rank 0 has written it must still wait at the same barrier, as with the latent cache.
+    (Rank 1 is 1.5 s late to it in ddp_ae_run's launcher.)"""
+    run, res = ddp_ae_run
+    assert res.returncode == 0, res.stdout + res.stderr
+    hashes = dict(re.findall(r"\[rank (\d)\] ae weights sha256 ([0-9a-f]{64})", res.stdout + res.stderr))
+    assert set(hashes) == {"0", "1"} and hashes["0"] == hashes["1"], res.stdout + res.stderr
+    assert not (run / "frames").exists()
 
 
 # a launcher's lines that print each rank's gloo threads once Dist.close() ran ("[rank R] gloo threads
@@ -424,28 +504,12 @@ REPORT_GLOO_THREADS_AFTER_CLOSE = (
     "ddp.Dist.close = closed\n")
 
 
-def test_a_rank_late_to_the_autoencoder_copy_and_the_latent_cache_keeps_step_with_rank_0(trained, dataset, tmp_path):
+def test_a_rank_late_to_the_autoencoder_copy_and_the_latent_cache_keeps_step_with_rank_0(ddp_far_run):
     """Each rank used to decide alone whether to wait for rank 0's copy of the autoencoder and its latent
     cache: a rank 1 that looked after rank 0 had written skipped the barrier, and every later collective
-    paired with the wrong one ("no train frames to train on", or a hang until --ddp-timeout)."""
-    launcher = tmp_path / "late_rank1.py"
-    launcher.write_text(
-        "import os, sys, time\n"
-        "import worldsim.train as train\n"
-        "def late(fn):\n"
-        "    def wrapped(*args, **kwargs):\n"
-        "        if os.environ.get('RANK') == '1':\n"
-        "            time.sleep(1.5)\n"
-        "        return fn(*args, **kwargs)\n"
-        "    return wrapped\n"
-        "train._ensure_autoencoder = late(train._ensure_autoencoder)\n"
-        "train.build_latents = late(train.build_latents)\n"
-        + REPORT_GLOO_THREADS_AFTER_CLOSE
-        + RUN_CLI)
-    run = tmp_path / "late"
-    res = _torchrun(launcher, "train", "--data", str(dataset), "--out", str(run), *FAST, "--stage", "far",
-                    "--ae-from", str(trained), "--far-steps", "2", "--val-every", "0", "--preview-every", "-1",
-                    "--ddp-timeout", "60")
+    paired with the wrong one ("no train frames to train on", or a hang until --ddp-timeout). (Rank 1 is
+    1.5 s late to each in ddp_far_run's launcher.)"""
+    run, res = ddp_far_run("6")
     assert res.returncode == 0, res.stdout + res.stderr
     hashes = dict(re.findall(r"\[rank (\d)\] far weights sha256 ([0-9a-f]{64})", res.stdout + res.stderr))
     assert set(hashes) == {"0", "1"} and hashes["0"] == hashes["1"], res.stdout + res.stderr
@@ -455,29 +519,6 @@ def test_a_rank_late_to_the_autoencoder_copy_and_the_latent_cache_keeps_step_wit
     if sys.platform.startswith("linux"):
         closed = dict(re.findall(r"\[rank (\d)\] gloo threads after close: (\[[^\]]*\])", res.stdout))
         assert closed == {"0": "[]", "1": "[]"}, res.stdout
-
-
-def test_a_rank_late_to_the_autoencoders_frame_copy_keeps_step_with_rank_0(dataset, tmp_path):
-    """The autoencoder stage's ranks map one copy of the frames (RUN/frames/) that rank 0 writes: a rank
-    that looks after rank 0 has written it must still wait at the same barrier, as with the latent cache."""
-    launcher = tmp_path / "late_rank1.py"
-    launcher.write_text(
-        "import os, sys, time\n"
-        "import worldsim.train as train\n"
-        "opened = train.open_frames\n"
-        "def late(*args, **kwargs):\n"
-        "    if os.environ.get('RANK') == '1':\n"
-        "        time.sleep(1.5)\n"
-        "    return opened(*args, **kwargs)\n"
-        "train.open_frames = late\n"
-        + RUN_CLI)
-    run = tmp_path / "late"
-    res = _torchrun(launcher, "train", "--data", str(dataset), "--out", str(run), *FAST, "--stage", "ae",
-                    "--ae-steps", "2", "--val-every", "1", "--ddp-timeout", "60")
-    assert res.returncode == 0, res.stdout + res.stderr
-    hashes = dict(re.findall(r"\[rank (\d)\] ae weights sha256 ([0-9a-f]{64})", res.stdout + res.stderr))
-    assert set(hashes) == {"0", "1"} and hashes["0"] == hashes["1"], res.stdout + res.stderr
-    assert not (run / "frames").exists()
 
 
 def test_a_training_stopped_by_an_error_still_frees_its_process_group_at_close(dataset, tmp_path):
@@ -532,26 +573,14 @@ def test_a_resume_on_another_number_of_ranks_that_keeps_the_batch_says_it_stays(
             f"step's batch stays {2 * batch} (1 x --far-batch {2 * batch})") in capsys.readouterr().err
 
 
-def test_a_metrics_row_of_two_ranks_averages_their_statistics_as_it_does_their_loss(trained, dataset, tmp_path):
+def test_a_metrics_row_of_two_ranks_averages_their_statistics_as_it_does_their_loss(ddp_far_run):
     """A row's loss was the ranks' mean but its statistics (the autoencoder's psnr, the transformer's
-    noisy_frames, clean_frac, ...) were rank 0's batch alone. Here each rank's batch reports its rank."""
-    launcher = tmp_path / "rank_stat.py"
-    launcher.write_text(
-        "import os, sys, torch\n"
-        "import worldsim.objective as objective\n"
-        "real = objective.training_loss\n"
-        "def training_loss(*args, **kwargs):\n"
-        "    loss, stats = real(*args, **kwargs)\n"
-        "    return loss, {**stats, 'rank_probe': torch.tensor(float(os.environ['RANK']))}\n"
-        "objective.training_loss = training_loss\n"
-        + RUN_CLI)
-    run = tmp_path / "stats"
-    res = _torchrun(launcher, "train", "--data", str(dataset), "--out", str(run), *FAST, "--stage", "far",
-                    "--ae-from", str(trained), "--far-steps", "2", "--log-every", "1", "--val-every", "0",
-                    "--preview-every", "-1")
+    noisy_frames, clean_frac, ...) were rank 0's batch alone. In ddp_far_run's launcher each rank's
+    batch reports its rank as a statistic."""
+    run, res = ddp_far_run("4")
     assert res.returncode == 0, res.stdout + res.stderr
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["rank_probe"]) for r in rows if "loss" in r] == [(1, 0.5), (2, 0.5)]
+    assert [(r["step"], r["rank_probe"]) for r in rows if "loss" in r] == [(1, 0.5), (2, 0.5), (3, 0.5)]
 
 
 def test_a_rank_that_fails_stops_the_others_with_one_line_and_every_rank_frees_its_process_group(
