@@ -97,6 +97,17 @@ def _state_tensors(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "state" / "weights.safetensors"))
 
 
+def _script(name: str):
+    """scripts/NAME.py as a module, to call its `main(argv)` in this process: a fresh interpreter costs
+    seconds of imports, so each test runs a script once as users do and its other inputs here."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -2067,7 +2078,8 @@ def test_decoder_fine_tune_keeps_the_latents_and_re_exports_the_world_model(trai
     assert not all(torch.equal(moved[k], before["autoencoder." + k]) for k in enc if k != "latent_scale")
     assert not (whole / "checkpoint").exists()
 
-    # scripts/pair_decoder.py makes the same pairing afterwards, and refuses a moved encoder
+    # scripts/pair_decoder.py makes the same pairing afterwards, and refuses a moved encoder (run once as
+    # users run it, in a fresh interpreter; its other inputs in this process)
     script = [sys.executable, str(Path(__file__).parents[1] / "scripts" / "pair_decoder.py")]
     done = subprocess.run([*script, str(ck), str(run), str(tmp_path / "pair")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -2077,19 +2089,21 @@ def test_decoder_fine_tune_keeps_the_latents_and_re_exports_the_world_model(trai
     assert (tmp_path / "pair").stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
     assert again.keys() == paired.keys() and all(torch.equal(again[k], v) for k, v in paired.items())
     assert "after 3 decoder steps" in (tmp_path / "pair" / "README.md").read_text()
+    pair_decoder = _script("pair_decoder")
+    capsys.readouterr()
     # the decoder taken from an exported checkpoint: its card claims no step count (it said "after 0")
-    done = subprocess.run([*script, str(ck), str(run / "checkpoint"), str(tmp_path / "pair2")], capture_output=True,
-                          text=True)
-    assert done.returncode == 0, done.stderr
+    assert pair_decoder.main([str(ck), str(run / "checkpoint"), str(tmp_path / "pair2")]) == 0, \
+        capsys.readouterr().err
     card = (tmp_path / "pair2" / "README.md").read_text()
     assert f"with the decoder of `{run / 'checkpoint'}`. The encoder" in card and "decoder steps" not in card
-    refused = subprocess.run([*script, str(ck), str(whole), str(tmp_path / "bad")], capture_output=True, text=True)
-    assert refused.returncode == 1 and "encoder differs" in refused.stderr
+    capsys.readouterr()
+    assert pair_decoder.main([str(ck), str(whole), str(tmp_path / "bad")]) == 1
+    assert "encoder differs" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad.*"))
     # an existing OUT (a run, or the checkpoint itself) was overwritten file by file; now it is refused whole
     config_before = (run / "config.json").read_text()
-    refused = subprocess.run([*script, str(ck), str(run), str(run)], capture_output=True, text=True)
-    assert refused.returncode == 1 and "already exists; choose a new folder" in refused.stderr
+    assert pair_decoder.main([str(ck), str(run), str(run)]) == 1
+    assert "already exists; choose a new folder" in capsys.readouterr().err
     assert (run / "config.json").read_text() == config_before
 
     capsys.readouterr()
@@ -2233,6 +2247,7 @@ def test_a_transformer_stored_in_bfloat16_is_exported_continued_and_converted(tr
     export_with_decoder(paired, run / "checkpoint", load_checkpoint(ck).autoencoder, 0, True)
     assert load_checkpoint(paired).far_dtype == "bfloat16"
 
+    # the script once as users run it, in a fresh interpreter; its other inputs in this process
     script = [sys.executable, str(REPO / "scripts" / "store_far_bf16.py")]
     done = subprocess.run([*script, str(ck), str(tmp_path / "conv")], capture_output=True, text=True, env=_env())
     assert done.returncode == 0, done.stderr
@@ -2241,26 +2256,23 @@ def test_a_transformer_stored_in_bfloat16_is_exported_continued_and_converted(tr
     assert conv.keys() == half.keys() and all(torch.equal(conv[k], v) for k, v in half.items())
     assert (tmp_path / "conv" / "README.md").read_text() == (ck / "README.md").read_text()  # the model card
     assert load_checkpoint(tmp_path / "conv").config["extra"] == load_checkpoint(ck).config["extra"]
-    back = subprocess.run([*script, str(tmp_path / "conv"), str(tmp_path / "back"), "--far-dtype", "float32"],
-                          capture_output=True, text=True, env=_env())
-    assert back.returncode == 0, back.stderr
+    store_far_bf16 = _script("store_far_bf16")
+    capsys.readouterr()
+    assert store_far_bf16.main([str(tmp_path / "conv"), str(tmp_path / "back"), "--far-dtype", "float32"]) == 0, \
+        capsys.readouterr().err
     assert load_checkpoint(tmp_path / "back").far_dtype == "float32"
-    again = subprocess.run([*script, str(ck), str(tmp_path / "conv")], capture_output=True, text=True, env=_env())
-    assert again.returncode == 1 and "already exists" in again.stderr
-    missing = subprocess.run([*script, str(tmp_path / "nothing"), str(tmp_path / "x")], capture_output=True,
-                             text=True, env=_env())
-    assert missing.returncode == 1 and "no such checkpoint folder" in missing.stderr
+    assert store_far_bf16.main([str(ck), str(tmp_path / "conv")]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert store_far_bf16.main([str(tmp_path / "nothing"), str(tmp_path / "x")]) == 1
+    assert "no such checkpoint folder" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "cont", "conv", "half", "paired"]
 
 
 def test_store_far_bf16_names_the_folder_asked_for_when_it_cannot_write(trained, tmp_path, monkeypatch):
     """Its temporary twin cannot be made (no permission there; simulated, as root may write anywhere)."""
-    import importlib.util
     import tempfile
 
-    spec = importlib.util.spec_from_file_location("store_far_bf16", REPO / "scripts" / "store_far_bf16.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("store_far_bf16")
 
     def refuse(prefix="", suffix="", dir=None):
         raise PermissionError(13, "Permission denied", str(Path(dir) / f"{prefix}abc{suffix}"))
