@@ -1896,13 +1896,17 @@ def test_stream_with_data_is_refused_rather_than_ignoring_the_data(trained, data
 
 
 def _stream_worker_files(spool: Path, seed: int, count: int, start_step: int) -> list[Path]:
-    """The first `count` episodes a stream worker (worker 0, 16x16 mazes of 7x7, 4 frames) records."""
+    """The first `count` episodes a stream worker (worker 0, 16x16 mazes of 7x7, 4 frames) records.
+
+    The worker function runs in a forked child: a spawned one (as the trainer starts them) imports torch
+    again, seconds each, and what these tests check is which mazes the function records, not how the
+    process was started (the streaming runs above start theirs as the trainer does)."""
     import multiprocessing as mp
 
     from worldsim.train import _stream_worker
 
     spool.mkdir()
-    proc = mp.get_context("spawn").Process(
+    proc = mp.get_context("fork").Process(
         target=_stream_worker, daemon=True,
         args=(str(spool), "worldsim/Maze-v0", {"resolution": 16, "maze_size": 7}, "random", 4, 0, seed, count,
               start_step, os.getpid()))
