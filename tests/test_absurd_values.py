@@ -72,6 +72,16 @@ def test_dream_env_refuses_absurd_counts():
             DreamEnv(checkpoint=str(SHIPPED), **kwargs)
 
 
+@pytest.fixture()
+def no_loss_plot(monkeypatch) -> None:
+    """For the runs here, which never look at loss.png: drawing it (matplotlib's text layout) is most of
+    a short run's time, and it changes nothing else a run does (Trainer.plot logs a failed plot and goes
+    on). tests/test_train.py checks loss.png."""
+    from worldsim import train
+
+    monkeypatch.setattr(train, "plot_metrics", lambda metrics_path, png, ae_loss=None: None)
+
+
 @pytest.fixture(scope="module")
 def two_train_episodes(tmp_path_factory):
     data = tmp_path_factory.mktemp("data") / "d"
@@ -98,7 +108,8 @@ def test_train_sizes_no_machine_could_hold_are_refused_before_the_run_starts(tmp
     assert not out.exists()  # refused before the folder, the latent cache or the autoencoder copy
 
 
-def test_the_memory_floor_is_a_lower_bound_for_a_run_that_trains(tmp_path, monkeypatch, capsys, two_train_episodes):
+def test_the_memory_floor_is_a_lower_bound_for_a_run_that_trains(tmp_path, monkeypatch, capsys, two_train_episodes,
+                                                                  no_loss_plot):
     """It counts weights, gradients and AdamW's moments (16 bytes a parameter) and one batch: what the
     stage's training step really holds is more. A run whose floor exceeds the machine is refused;
     one whose floor fits trains."""
@@ -107,7 +118,8 @@ def test_the_memory_floor_is_a_lower_bound_for_a_run_that_trains(tmp_path, monke
     from worldsim import train
 
     args = ["train", "--data", str(two_train_episodes), "--ae-from", str(SHIPPED), "--stage", "far",
-            "--seq-len", "4", "--far-steps", "1", "--far-batch", "2", "--progress", "false", "--threads", "1"]
+            "--seq-len", "4", "--far-steps", "1", "--far-batch", "2", "--progress", "false", "--threads", "1",
+            "--preview-every", "-1"]  # the floor counts no preview (and a preview never stops a run)
     seen = []
     real = train.memory_floor
     monkeypatch.setattr(train, "memory_floor", lambda run: seen.extend(real(run)) or seen)
@@ -125,7 +137,7 @@ def test_the_memory_floor_is_a_lower_bound_for_a_run_that_trains(tmp_path, monke
 
 
 def test_running_out_of_memory_mid_run_is_one_line_that_says_how_to_go_on(tmp_path, monkeypatch, capsys,
-                                                                           two_train_episodes):
+                                                                           two_train_episodes, no_loss_plot):
     """A size past the floor that the machine still cannot hold fails in torch's allocator (a plain
     RuntimeError on the CPU) or numpy's (a MemoryError): one line naming it, the options to lower and
     the saved step to resume from, not a traceback."""
@@ -133,7 +145,7 @@ def test_running_out_of_memory_mid_run_is_one_line_that_says_how_to_go_on(tmp_pa
 
     out = tmp_path / "run"
     args = ["train", "--data", str(two_train_episodes), "--out", str(out), "--ae-from", str(SHIPPED), "--stage", "far",
-            "--seq-len", "4", "--far-batch", "2", "--progress", "false", "--threads", "1"]
+            "--seq-len", "4", "--far-batch", "2", "--progress", "false", "--threads", "1", "--preview-every", "-1"]
     assert cli.main([*args, "--far-steps", "1"]) == 0
     capsys.readouterr()
 
