@@ -203,9 +203,15 @@ def _pose(info: dict[str, Any], maze_seed: int, step: int) -> np.ndarray:
         pose = np.asarray(info["pose"], dtype=np.float64).reshape(-1)[:3]
     except (TypeError, ValueError):
         pose = np.empty(0)
-    if pose.shape != (3,) or not np.isfinite(pose).all():
-        raise RecordError(f"{where}: info['pose'] is {info['pose']!r}, not at least 3 finite numbers (x, y, yaw)")
-    return pose.astype(np.float32)
+    with np.errstate(over="ignore"):  # checked below: a finite float64 beyond float32's range is inf there
+        stored = pose.astype(np.float32)  # what the dataset holds, and Dataset.load checks
+    if pose.shape != (3,) or not np.isfinite(stored).all():
+        # one line: numpy wraps the repr of a longer array (a 6- or 7-number pose) over several
+        shown = " ".join(repr(info["pose"]).split())
+        shown = shown if len(shown) <= 120 else shown[:117] + "..."
+        beyond = " within float32's range (the dataset's type)" if np.isfinite(pose).all() else ""
+        raise RecordError(f"{where}: info['pose'] is {shown}, not at least 3 finite numbers (x, y, yaw){beyond}")
+    return stored
 
 
 def record_episode(env: Any, policy_name: str, length: int, maze_seed: int, seed: int) -> dict[str, Any]:

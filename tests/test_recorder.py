@@ -339,10 +339,13 @@ def test_interrupt_keeps_finished_episodes(tmp_path, monkeypatch, capsys):
     (np.array([1.0, np.nan, 0.0]), "not at least 3 finite numbers"),
     (np.array([1.0, 2.0]), "not at least 3 finite numbers"),
     (None, "info has no 'pose'"),
+    # a 7-number pose (x, y, z and a quaternion) whose repr numpy wraps over two lines: still one line
+    (np.array([0.123456789, np.nan, 0.0, 0.70710678, 0.0, 0.0, 0.70710678]), "not at least 3 finite numbers"),
+    (np.array([1e39, 2.0, 0.0]), "within float32's range"),  # finite here, inf in the float32 dataset
 ])
 def test_a_simulator_pose_that_is_not_finite_stops_the_recording_naming_the_step(tmp_path, monkeypatch, capsys,
                                                                                  bad_pose, said):
-    """A third-party simulator's NaN (or short, or missing) pose was written as it came: the recording
+    """A third-party simulator's NaN (or short, missing, or beyond float32) pose was written as it came: the recording
     finished and every later command refused the dataset (Dataset.load names the frame), or a short pose
     was a numpy broadcast traceback. Episodes already recorded stay; the bad one is not written."""
     real_info = MazeEnv._info
