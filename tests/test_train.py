@@ -1919,16 +1919,26 @@ def test_stream_with_data_is_refused_rather_than_ignoring_the_data(trained, data
 def _stream_worker_files(spool: Path, seed: int, count: int, start_step: int) -> list[Path]:
     """The first `count` episodes a stream worker (worker 0, 16x16 mazes of 7x7, 4 frames) records.
 
-    The worker function runs in a forked child: a spawned one (as the trainer starts them) imports torch
-    again, seconds each, and what these tests check is which mazes the function records, not how the
-    process was started (the streaming runs above start theirs as the trainer does)."""
+    On Linux the worker function runs in a forked child: a spawned one (as the trainer starts them)
+    imports torch again, seconds each, and what these tests check is which mazes the function records,
+    not how the process was started (the streaming runs above start theirs as the trainer does).
+    Elsewhere it is spawned: macOS's system libraries make fork unsafe, and Windows has none."""
     import multiprocessing as mp
 
     from worldsim.train import _stream_worker
 
+    def as_if_spawned(*args) -> None:
+        # a forked child inherits what a spawned one starts without: this process's SIGTERM handler (a
+        # run's sets a flag, and terminate() below then stopped nothing) and torch's OpenMP pool, whose
+        # threads are not in the child (a torch call there hangs where the pool had 2 or more)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        torch.set_num_threads(1)
+        _stream_worker(*args)
+
     spool.mkdir()
-    proc = mp.get_context("fork").Process(
-        target=_stream_worker, daemon=True,
+    forked = sys.platform.startswith("linux")
+    proc = mp.get_context("fork" if forked else "spawn").Process(
+        target=as_if_spawned if forked else _stream_worker, daemon=True,
         args=(str(spool), "worldsim/Maze-v0", {"resolution": 16, "maze_size": 7}, "random", 4, 0, seed, count,
               start_step, os.getpid()))
     proc.start()
@@ -1965,6 +1975,37 @@ def test_a_stream_worker_never_records_a_held_out_test_maze(tmp_path):
     seed = next(s for s in range(10_000) if split_for_maze_seed(first_draw(s)) == "test")
     names = [f.name for f in _stream_worker_files(tmp_path / "spool", seed=seed, count=2, start_step=0)]
     assert len(names) == 2 and not [n for n in names if n.startswith("test-")], names
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="_stream_worker_files forks on Linux only")
+def test_the_stream_worker_checks_start_their_forked_worker_as_a_spawned_one(tmp_path, monkeypatch):
+    """_stream_worker_files forks where the trainer spawns. Its child inherited a run's SIGTERM handler
+    (terminate() then stopped nothing, and this process's exit waited on the worker for good) and
+    torch's OpenMP pool without its threads: a worker that calls torch hung, on machines where the pool
+    had 2 or more threads (CI without OMP_NUM_THREADS=1), not on those with one."""
+    import multiprocessing as mp
+
+    from worldsim import train as train_mod
+
+    real = train_mod._stream_worker
+
+    def a_worker_that_calls_torch(*args):
+        (torch.randn(256, 256) @ torch.randn(256, 256)).sum()
+        real(*args)
+
+    monkeypatch.setattr(train_mod, "_stream_worker", a_worker_that_calls_torch)
+    before, threads = set(mp.active_children()), torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.randn(512, 512) @ torch.randn(512, 512)  # the pool's threads are up
+        with train_mod.Interrupt():  # as inside a run: SIGTERM sets a flag
+            files = _stream_worker_files(tmp_path / "spool", seed=0, count=1, start_step=0)
+    finally:
+        torch.set_num_threads(threads)
+    alive = [p for p in mp.active_children() if p not in before]
+    for p in alive:  # else this process's exit waits on it
+        p.kill()
+    assert len(files) == 1 and not alive, (files, alive)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the parent-death signal is Linux's")
