@@ -1347,6 +1347,23 @@ def test_a_save_before_the_first_metrics_line_does_not_report_a_failed_plot(data
     assert (run / "loss.png").is_file()  # drawn once the run's lines exist
 
 
+def test_a_run_draws_loss_png_once_per_save_and_not_again_at_its_end(dataset, tmp_path, monkeypatch):
+    """The end of every run drew loss.png a second time from the rows its last save had just drawn
+    (matplotlib: most of a tiny run's time). A resume's new rows draw again."""
+    import worldsim.train as train_mod
+
+    drawn = []
+    real = train_mod.plot_metrics
+    monkeypatch.setattr(train_mod, "plot_metrics", lambda *a, **k: (drawn.append(1), real(*a, **k))[1])
+    run = tmp_path / "plots"
+    assert main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(run), *FAST, "--ae-steps", "2",
+                 "--checkpoint-every", "1", "--log-every", "1", "--val-every", "0", "--preview-every", "-1"]) == 0
+    assert len(drawn) == 2 and (run / "loss.png").is_file()  # one per save; none at the end
+    png = (run / "loss.png").read_bytes()
+    assert main(["train", "--resume", str(run), "--ae-steps", "3", "--progress", "false"]) == 0
+    assert len(drawn) == 3 and (run / "loss.png").read_bytes() != png  # step 3's save, its row on the plot
+
+
 def test_model_options_do_not_take_the_word_none(dataset, tmp_path, capsys):
     """None in --far-*/--ae-*/--obj-* only means "not given: the preset's"; typed, it used to reach
     the model (--obj-t-mean none failed after the whole autoencoder stage)."""
@@ -2679,7 +2696,7 @@ def test_the_trainer_names_its_ae_loss_on_loss_png(trained, monkeypatch):
 
     train_mod.Trainer.plot(SimpleNamespace(dist=SimpleNamespace(is_main=True), metrics_path=trained / "metrics.jsonl",
                                            out=trained, run=SimpleNamespace(train=SimpleNamespace(ae_loss="mse")),
-                                           log=print))
+                                           log=print, plotted=None))
     assert seen == {"ae_loss": "mse"}
 
 

@@ -1005,6 +1005,7 @@ class Trainer:
         self.interrupt = Interrupt()
         self.interrupted = False
         self.metrics_path = self.out / "metrics.jsonl"
+        self.plotted: tuple[int, int] | None = None  # (mtime_ns, size) of the metrics loss.png last drew
 
     # -- metrics
 
@@ -1031,7 +1032,12 @@ class Trainer:
     def plot(self) -> None:
         if self.dist.is_main and self.metrics_path.is_file():  # a save before the first log line has none
             try:
+                stat = self.metrics_path.stat()
+                rows = (stat.st_mtime_ns, stat.st_size)
+                if rows == self.plotted and (self.out / "loss.png").is_file():
+                    return  # the end of a run: its last save drew these same rows
                 plot_metrics(self.metrics_path, self.out / "loss.png", ae_loss=self.run.train.ae_loss)
+                self.plotted = rows
             except Exception as exc:  # a plot must never stop a training
                 self.log(f"loss plot failed: {exc}")
 
