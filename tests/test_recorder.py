@@ -366,6 +366,33 @@ def test_a_simulator_pose_that_is_not_finite_stops_the_recording_naming_the_step
     assert not list((out / "episodes").glob("*000001*"))
 
 
+def test_a_bad_pose_in_a_worker_process_stops_the_recording_in_one_line(tmp_path, monkeypatch, capsys):
+    """The default, one worker per core: the error is raised in a spawned worker and crosses the pool.
+    The simulator is a third-party module, as `--env module:Id-v0` names one, which the workers import."""
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "nan_pose_sim.py").write_text(
+        "import numpy as np\n"
+        "from gymnasium.envs.registration import register\n"
+        "from envs.maze import MazeEnv\n"
+        "class NaNPose(MazeEnv):\n"
+        "    def _info(self):\n"
+        "        out = super()._info()\n"
+        "        if self.maze_seed == 1 and self._steps >= 5:\n"
+        "            out['pose'] = np.array([1.0, np.nan, 0.0])\n"
+        "        return out\n"
+        "register(id='NaNPose-v0', entry_point='nan_pose_sim:NaNPose')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))  # spawned workers start with the parent's sys.path
+    out = tmp_path / "ds"
+    assert main(["record", "--out", str(out), "--episodes", "3", "--length", "20", "--workers", "2",
+                 "--env", "nan_pose_sim:NaNPose-v0", "--env-arg", "resolution=32", "--progress", "false"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"nan_pose_sim:NaNPose-v0: {out / 'episodes'}" in err and "maze seed 1, step 5" in err, err
+    assert "not at least 3 finite numbers" in err and "nothing of this episode was written" in err, err
+    assert "000001" not in {e.id for e in Dataset(out).episodes}
+    assert not list((out / "episodes").glob("*000001*"))
+
+
 def test_sigterm_stops_like_ctrl_c_and_takes_the_workers_along(tmp_path):
     """Bug: SIGTERM (timeout, a scheduler, docker stop) killed the parent with no message while its
     pool workers, orphaned, went on writing episodes and printed BrokenPipeError tracebacks."""
