@@ -97,3 +97,14 @@ def unraisable(monkeypatch) -> list:
     seen: list = []
     monkeypatch.setattr(sys, "unraisablehook", lambda info: seen.append(f"{info.object!r}: {info.exc_value!r}"))
     return seen
+
+
+@pytest.fixture()
+def no_loss_plot(monkeypatch) -> None:
+    """For training runs in tests that never look at loss.png: drawing it (matplotlib's text layout, at
+    every save) is most of a tiny run's time, and it changes nothing else a run does (Trainer.plot logs a
+    failed plot and goes on). loss.png itself is checked by tests/test_train.py's end-to-end and loss
+    plot tests."""
+    import worldsim.train as train_mod
+
+    monkeypatch.setattr(train_mod, "plot_metrics", lambda metrics_path, png, ae_loss=None: None)

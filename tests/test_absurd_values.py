@@ -72,16 +72,6 @@ def test_dream_env_refuses_absurd_counts():
             DreamEnv(checkpoint=str(SHIPPED), **kwargs)
 
 
-@pytest.fixture()
-def no_loss_plot(monkeypatch) -> None:
-    """For the runs here, which never look at loss.png: drawing it (matplotlib's text layout) is most of
-    a short run's time, and it changes nothing else a run does (Trainer.plot logs a failed plot and goes
-    on). tests/test_train.py checks loss.png."""
-    from worldsim import train
-
-    monkeypatch.setattr(train, "plot_metrics", lambda metrics_path, png, ae_loss=None: None)
-
-
 @pytest.fixture(scope="module")
 def two_train_episodes(tmp_path_factory):
     data = tmp_path_factory.mktemp("data") / "d"

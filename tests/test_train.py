@@ -91,17 +91,6 @@ def step_clock(monkeypatch):
     return set_seconds_per_step
 
 
-@pytest.fixture()
-def no_loss_plot(monkeypatch) -> None:
-    """For tests that never look at loss.png: drawing it (matplotlib's text layout, at every save and
-    at the end) is most of a tiny run's time, and it changes nothing else a run does (Trainer.plot logs
-    a failed plot and goes on). loss.png itself is checked by test_end_to_end_both_stages and the loss
-    plot tests."""
-    import worldsim.train as train_mod
-
-    monkeypatch.setattr(train_mod, "plot_metrics", lambda metrics_path, png, ae_loss=None: None)
-
-
 def _state_tensors(run: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
