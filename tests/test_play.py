@@ -548,11 +548,13 @@ def test_generated_noise_option_reaches_the_dream_and_is_checked(tiny_ckpt, caps
 
 
 @pytest.mark.parametrize("native_bf16, option, expected", [
-    (True, None, "bf16"), (False, None, "fp32"), (True, "fp32", "fp32"), (False, "bf16", "bf16")])
+    (True, None, "bf16"), (False, None, "bf16-kv"), (True, "fp32", "fp32"), (False, "bf16", "bf16"),
+    (True, "bf16-kv", "bf16-kv")])
 def test_play_runs_the_transformer_in_bf16_where_the_cpu_has_it_unless_told(tiny_ckpt, monkeypatch, native_bf16,
                                                                            option, expected):
     """Play's default precision is auto: bf16 weights and KV cache on a CPU with native bf16,
-    fp32 elsewhere; --precision picks one. Eval and the Dream env default to fp32."""
+    fp32 weights and a bf16 KV cache elsewhere; --precision picks one. Eval and the Dream env
+    default to fp32."""
     import torch
 
     import worldsim.world
@@ -567,6 +569,8 @@ def test_play_runs_the_transformer_in_bf16_where_the_cpu_has_it_unless_told(tiny
     assert info["precision"] == expected
     dtype = torch.bfloat16 if expected == "bf16" else torch.float32
     assert {p.dtype for p in world.env.unwrapped.world.far.parameters()} == {dtype}
+    cache = world.env.unwrapped._session.context.kv
+    assert {b.k.dtype for b in cache} == {torch.float32 if expected == "fp32" else torch.bfloat16}
     assert dream_env.DreamEnv(checkpoint=tiny_ckpt, device="cpu").world.precision == "fp32"
 
 

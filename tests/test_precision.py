@@ -1,6 +1,7 @@
 """bf16 inference on CPU (WorldModel(precision="bf16"), play's default where the CPU has native
 bf16): the transformer's weights and KV cache in bfloat16, the autoencoder in fp32, frames close
-to fp32's and as reproducible (tiny preset, CPU)."""
+to fp32's and as reproducible (tiny preset, CPU). precision="bf16-kv" (play's default elsewhere):
+fp32 weights, the KV cache stored and attended in bfloat16."""
 from __future__ import annotations
 
 import pytest
@@ -97,8 +98,9 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
     monkeypatch.setattr(world_module, "cpu_has_native_bf16", lambda: True)
     assert resolve_precision("auto", cpu) == "bf16"
     monkeypatch.setattr(world_module, "cpu_has_native_bf16", lambda: False)
-    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("auto", cpu) == "bf16-kv"  # emulated bf16 matmuls are slower than fp32
     assert resolve_precision("bf16", cpu) == "bf16" and resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("bf16-kv", cpu) == "bf16-kv"
     # CUDA runs bf16 autocast whatever is asked, and says so; other devices run fp32
     assert resolve_precision("auto", torch.device("cuda")) == resolve_precision("fp32", torch.device("cuda")) == "bf16"
     assert resolve_precision("bf16", torch.device("mps")) == "fp32"
@@ -114,3 +116,47 @@ def test_a_bf16_model_without_a_cache_norms_q_and_k_without_a_dtype_mismatch():
         warnings.simplefilter("error")
         z, _ = rollout(bf16_world(), "none", k=6, n=2, steps=2, cfg=1.0)
     assert torch.isfinite(z).all()
+
+
+@pytest.mark.parametrize("mode,cfg", [("multilevel", 1.0), ("multilevel-fast", 1.0), ("multilevel", 1.5),
+                                      ("kv", 1.0), ("sliding", 1.5)])
+def test_bf16_kv_keeps_fp32_weights_and_stores_the_cache_in_half_the_bytes_close_to_fp32(mode, cfg):
+    exact = tiny_world()
+    kv16 = WorldModel(exact.autoencoder, exact.far, ACTIONS, device="cpu", precision="bf16-kv")
+    assert kv16.far is exact.far  # the weights are not copied, nor cast: matmuls stay fp32
+    assert {p.dtype for p in kv16.far.parameters()} == {torch.float32}
+
+    z32, s32 = rollout(exact, mode, k=6, n=10, steps=3, cfg=cfg)
+    z16, s16 = rollout(kv16, mode, k=6, n=10, steps=3, cfg=cfg)
+    assert z16.dtype == torch.float32
+    s32.context.flush(), s16.context.flush()
+    assert {b.k.dtype for b in s16.context.kv} == {b.v.dtype for b in s16.context.kv} == {torch.bfloat16}
+    assert {b.k.dtype for b in s32.context.kv} == {torch.float32}
+    assert s16.stats()["cache_bytes"] * 2 == s32.stats()["cache_bytes"] > 0
+    assert not torch.equal(z16, z32)
+    assert (z16 - z32).abs().max() <= 0.01 * z32.abs().max()
+    again, _ = rollout(WorldModel(exact.autoencoder, exact.far, ACTIONS, device="cpu", precision="bf16-kv"), mode,
+                       k=6, n=10, steps=3, cfg=cfg)
+    assert torch.equal(again, z16)
+
+
+def test_bf16_kv_long_caches_split_their_attention_like_fp32(monkeypatch):
+    """The split attention over long caches (here from 8 cached tokens) in a bf16 cache of fp32
+    weights: CFG-batched and multi-frame masked calls, close to the unsplit result and to fp32."""
+    import worldsim.model as model
+
+    calls = []
+    split = model.KVBuffer._attend_split
+    monkeypatch.setattr(model.KVBuffer, "_attend_split", lambda self, *a: calls.append(1) or split(self, *a))
+    exact = tiny_world()
+    kv16 = WorldModel(exact.autoencoder, exact.far, ACTIONS, device="cpu", precision="bf16-kv")
+    outs = {}
+    for split_min in (10**9, 8):
+        monkeypatch.setattr(model, "SPLIT_ATTENTION_MIN", split_min)
+        outs[split_min], s = rollout(kv16, "multilevel", k=9, n=6, steps=2, cfg=1.5)
+        assert s.context.kv[0].k.dtype == torch.bfloat16
+    assert calls, "the split path never ran"
+    assert (outs[8] - outs[10**9]).abs().max() <= 0.01 * outs[10**9].abs().max()
+    monkeypatch.setattr(model, "SPLIT_ATTENTION_MIN", 10**9)
+    z32, _ = rollout(exact, "multilevel", k=9, n=6, steps=2, cfg=1.5)
+    assert (outs[8] - z32).abs().max() <= 0.01 * z32.abs().max()

@@ -41,8 +41,8 @@ class BenchConfig:
     none_frames: int = field(default=2, metadata={"help": "frames timed for the slow `none` mode"})
     device: str | None = field(default=None, metadata={
         "help": "auto, cpu, cuda, cuda:1, ... (default: auto: a CUDA GPU where there is one, else the CPU)"})
-    precision: Literal["fp32", "bf16", "auto"] = field(default="fp32", metadata={
-        "help": "the transformer's arithmetic on a CPU (play's default is auto: bf16 where the CPU has it; "
+    precision: Literal["fp32", "bf16", "bf16-kv", "auto"] = field(default="fp32", metadata={
+        "help": "the transformer's arithmetic on a CPU (play's default is auto: bf16 where the CPU has it, else bf16-kv; "
                 "fp32 here keeps the README's table comparable; a GPU always runs bf16)"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads, >= 1 (default: torch's)"})
     seed: int = field(default=0, metadata={"help": "random seed, 0 to 2**32 - 1"})

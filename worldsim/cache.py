@@ -96,14 +96,6 @@ def _kv_bytes(kv: list[KVBuffer] | None, capacity: bool = False) -> int:
     return sum(layer.nbytes(capacity) for layer in kv)
 
 
-def _append(buffers: list[KVBuffer] | None, new: KV) -> list[KVBuffer]:
-    if buffers is None:
-        buffers = [KVBuffer() for _ in new]
-    for buf, (k, v) in zip(buffers, new):
-        buf.append(k, v)
-    return buffers
-
-
 def _expand_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
     """The history (B, ...) for a query batch B' = B or 2B (CFG: conditional then null halves)."""
     return x if x.shape[0] == batch else x.repeat(batch // x.shape[0], *[1] * (x.dim() - 1))
@@ -114,6 +106,9 @@ class GenerationContext:
 
     prefill_frames_fine = 64  # frames per chunk when many frames are appended at once (fine tokens)
     prefill_frames_coarse = 256  # (coarse tokens: 4 per frame)
+    # the cache's storage dtype (None: the transformer's); bf16 for an fp32 transformer makes the
+    # attention over the cache run in bf16 (WorldModel precision "bf16-kv", KVBuffer.attend)
+    kv_dtype: torch.dtype | None = None
 
     def __init__(self, far: FAR):
         self.far = far
@@ -155,6 +150,16 @@ class GenerationContext:
                     break
                 lst[i] = None
 
+    def _append(self, buffers: list[KVBuffer] | None, new: KV) -> list[KVBuffer]:
+        """Append new (k, v) per layer; a new cache is stored in kv_dtype (None: the keys' own)."""
+        if buffers is None:
+            buffers = [KVBuffer() for _ in new]
+        for buf, (k, v) in zip(buffers, new):
+            if self.kv_dtype is not None and buf.k is None:
+                k, v = k.to(self.kv_dtype), v.to(self.kv_dtype)
+            buf.append(k, v)  # into a stored cache's dtype
+        return buffers
+
     def _encode(self, buffers: list[KVBuffer] | None, lo: int, hi: int, coarse: bool) -> list[KVBuffer]:
         """Append the keys/values of clean frames lo..hi-1 to the cache `buffers`, in chunks."""
         chunk = self.prefill_frames_coarse if coarse else self.prefill_frames_fine
@@ -162,7 +167,8 @@ class GenerationContext:
             b = min(hi, a + chunk)
             lat, act, aug = self._history(a, b)
             memory = self._memory(a if coarse else None)
-            buffers = _append(buffers, self.far.frame_kv(lat, act, a, buffers, coarse=coarse, aug=aug, memory=memory))
+            buffers = self._append(buffers, self.far.frame_kv(lat, act, a, buffers, coarse=coarse, aug=aug,
+                                                              memory=memory))
         return buffers
 
     def _memory(self, end: int | None = None) -> tuple[int, int] | None:
@@ -374,7 +380,7 @@ class MultiLevelCacheContext(GenerationContext):
                                                                           memory=self._memory())
                     else:
                         new2, new1 = self.far.frames_kv(parts, self.kv, memory=self._memory())
-                    self.kv = _append(_append(self.kv, new2), new1)
+                    self.kv = self._append(self._append(self.kv, new2), new1)
                     self.l2_frames, self.l1_start, self.l1_end = start, start, n
                     self._forget(start)
                     return v if v is not None else self._velocity_now(query)
@@ -387,7 +393,7 @@ class MultiLevelCacheContext(GenerationContext):
                 # re-encoding; any mode before the window slides), with the query
                 v, (new1,) = self.far.frames_kv_and_velocity(
                     [(*self._history(self.l1_end, n), self.l1_end, False)], *query, n, self.kv, memory=self._memory())
-                self.kv = _append(self.kv, new1)
+                self.kv = self._append(self.kv, new1)
                 self.l1_end = n
                 return v
             self.kv = self._encode(self.kv, self.l1_end, n, coarse=False)
@@ -408,7 +414,7 @@ class MultiLevelCacheContext(GenerationContext):
         if self.use_l2 and start > self.l2_frames:
             self._encode_l2(start)
         if self.kv is not None and keep:
-            self.kv = _append(self.kv, kept)
+            self.kv = self._append(self.kv, kept)
         self.l1_start, self.l1_end = start, max(start, self.l1_end)
         self._forget(start)
 
@@ -427,14 +433,14 @@ class MultiLevelCacheContext(GenerationContext):
         for buf in self.kv:  # [L2 | kept L1]: the frames leaving the window are no longer seen
             buf.truncate(self._l2_tokens)
         self._make_room(start - self.l2_frames)
-        self.kv = _append(self.kv, kept)
+        self.kv = self._append(self.kv, kept)
         v, (new2, new1) = self.far.frames_kv_and_velocity(
             [(*self._history(self.l2_frames, start), self.l2_frames, True),
              (*self._history(self.l1_end, n), self.l1_end, False)], *query, n, self.kv,
             cache_visible=[self._l2_tokens, None], memory=self._memory())
         for buf in self.kv:  # -> [L2 + new coarse | kept L1 | new L1]
             buf.truncate(self._l2_tokens)
-        self.kv = _append(_append(_append(self.kv, new2), kept), new1)
+        self.kv = self._append(self._append(self._append(self.kv, new2), kept), new1)
         self.l2_frames, self.l1_start, self.l1_end = start, start, n
         self._forget(start)
         return v
@@ -476,17 +482,21 @@ class MultiLevelCacheContext(GenerationContext):
         )
 
 
-def make_context(far: FAR, mode: str, memory_frames: int | None = None) -> GenerationContext:
+def make_context(far: FAR, mode: str, memory_frames: int | None = None,
+                 kv_dtype: torch.dtype | None = None) -> GenerationContext:
     """The context of cache `mode`; memory_frames bounds the L2 of the multi-level modes (the other
-    modes have no L2 and ignore it)."""
+    modes have no L2 and ignore it); kv_dtype stores the cache in that dtype (mode none has none)."""
     if mode == "none":
-        return UncachedContext(far, layout="long-short")
-    if mode == "kv":
-        return KVCacheContext(far)
-    if mode == "multilevel":
-        return MultiLevelCacheContext(far, use_l2=True, max_l2_frames=memory_frames)
-    if mode == "sliding":
-        return MultiLevelCacheContext(far, use_l2=False)
-    if mode == "multilevel-fast":
-        return MultiLevelCacheContext(far, use_l2=True, refresh_l1=False, max_l2_frames=memory_frames)
-    raise ValueError(f"unknown cache mode {mode!r}; choose one of {CACHE_MODES}")
+        context = UncachedContext(far, layout="long-short")
+    elif mode == "kv":
+        context = KVCacheContext(far)
+    elif mode == "multilevel":
+        context = MultiLevelCacheContext(far, use_l2=True, max_l2_frames=memory_frames)
+    elif mode == "sliding":
+        context = MultiLevelCacheContext(far, use_l2=False)
+    elif mode == "multilevel-fast":
+        context = MultiLevelCacheContext(far, use_l2=True, refresh_l1=False, max_l2_frames=memory_frames)
+    else:
+        raise ValueError(f"unknown cache mode {mode!r}; choose one of {CACHE_MODES}")
+    context.kv_dtype = kv_dtype
+    return context

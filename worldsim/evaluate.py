@@ -164,9 +164,10 @@ class EvalConfig:
         "help": "auto, cpu, cuda, cuda:1, ... (default: auto: a CUDA GPU where there is one, else the CPU)"})
     threads: int | None = field(default=None, metadata={
         "help": "torch CPU threads, >= 1 (default: torch's; 1 is faster on a machine shared with other jobs)"})
-    precision: Literal["fp32", "bf16", "auto"] = field(default="fp32", metadata={
-        "help": "the transformer's arithmetic on CPU: fp32 (exact), bf16 (weights and KV cache in bfloat16) or "
-                "auto (bf16 where the CPU has it natively, what `play` uses by default); CUDA always uses bf16 autocast"})
+    precision: Literal["fp32", "bf16", "bf16-kv", "auto"] = field(default="fp32", metadata={
+        "help": "the transformer's arithmetic on CPU: fp32 (exact), bf16 (weights and KV cache in bfloat16), "
+                "bf16-kv (fp32 weights, the KV cache in bfloat16) or auto (bf16 where the CPU has it natively, else "
+                "bf16-kv: what `play` uses by default); CUDA always uses bf16 autocast"})
     long_cache: Literal["multilevel", "multilevel-fast"] = field(default="multilevel", metadata={
         "help": "cache of the long-context condition, teacher forcing and probes (multilevel: exact; "
                 "multilevel-fast: what `play` uses by default, not exact)"})

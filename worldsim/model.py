@@ -30,7 +30,8 @@ API
       .null_action: int  (= num_actions, the CFG null class)
     pick_device(device=None) -> torch.device (DeviceError where it is not here);  autocast(device) -> context manager (bf16 on CUDA)
     autocast_for(module) -> the autocast its inference runs under (also bf16 on CPU when its
-      weights are stored in bf16: WorldModel(precision="bf16"));  cpu_has_native_bf16() -> bool
+      weights are stored in bf16: WorldModel(precision="bf16"); a bf16 KVBuffer of fp32 weights
+      attends in bf16 instead, WorldModel(precision="bf16-kv"));  cpu_has_native_bf16() -> bool
     concat_kv(a, b) -> per-layer concatenation of two KV lists along the token axis
     memory_time_positions(frames, first, last, query, span) -> the memory's RoPE time positions
     deepen_far_state_dict(state, src, dst) -> src's weights for a deeper dst (new blocks
@@ -1021,6 +1022,11 @@ class KVBuffer:
         n, L = k_new.shape[2], self.length
         if self.k is None:
             return F.scaled_dot_product_attention(q, k_new, v_new, attn_mask=mask)
+        if self.k.dtype != q.dtype:  # a bf16 cache of an fp32 transformer (precision bf16-kv): attend in bf16
+            mask = mask if mask is None or mask.dtype == torch.bool else mask.to(self.k.dtype)
+            o = self.attend(q.to(self.k.dtype), k_new.to(self.k.dtype), v_new.to(self.k.dtype), mask, cache_masked,
+                            memory_turn)
+            return o.to(q.dtype)
         if memory_turn is not None:
             return self._turned_view(memory_turn).attend(q, k_new, v_new, mask, cache_masked)
         B = self.k.shape[0]

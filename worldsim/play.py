@@ -114,10 +114,11 @@ class PlayConfig:
                 "least as well from its last 300 frames as from 900 (+0.43 dB on 8 test mazes, +0.06 on 16 val "
                 "mazes) and predicts the next frame far better (+2.8 to +3.0 dB), and the time per frame stops "
                 "growing there (model card HISTORY, session 29); 0: keep every frame, as eval does"})
-    precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
+    precision: Literal["auto", "fp32", "bf16", "bf16-kv"] = field(default="auto", metadata={
         "help": "the transformer's arithmetic on CPU. auto (default): bf16 where the CPU has native bf16 "
-                "(AVX512-BF16 or AMX), else fp32; bf16: weights and KV cache in bfloat16 (fewer bytes to read per "
-                "frame; not bit-exact, scores like fp32 on the test mazes); fp32: exact, what eval uses"})
+                "(AVX512-BF16 or AMX), else bf16-kv; bf16: weights and KV cache in bfloat16 (fewer bytes to read per "
+                "frame; not bit-exact, scores like fp32 on the test mazes); bf16-kv: fp32 weights, the KV cache "
+                "stored and attended in bfloat16; fp32: exact, what eval uses"})
     dataset: str | None = field(default=None, metadata={"help": "start worlds from this dataset's episodes instead of the simulator"})
     episode: str | None = field(default=None, metadata={"help": "dataset episode (index or id; default: drawn from the seed)"})
     keymap: str = field(default="default", metadata={"help": f"built-in keymap ({', '.join(KEYMAPS)}) or a JSON file {{key: action}}"})

@@ -7,7 +7,7 @@ API
       .save(path, step=None, data_summary=None, extra=None, far_dtype=None) -> Path   (fp32 WorldModels only;
             far_dtype None keeps the loaded checkpoint's storage of the transformer, see checkpoint.py)
       .autoencoder, .far, .action_names, .resolution, .simulator, .sampler (dict), .config, .device,
-      .precision ("fp32" | "bf16": the transformer's arithmetic on CPU, see PRECISIONS)
+      .precision ("fp32" | "bf16" | "bf16-kv": the transformer's arithmetic on CPU, see PRECISIONS)
       .encode(frames uint8 [...,H,W,3]) -> latents [...,C,h,w];  .decode(latents) -> uint8 frames
       .new_session(context_frames uint8 [K,H,W,3], context_actions int64 [K],
                    cache_mode="multilevel"|"multilevel-fast"|"kv"|"none"|"sliding" (or a GenerationContext),
@@ -52,11 +52,13 @@ from worldsim.sampler import EulerSampler, setting_problem
 # The transformer's arithmetic on CPU. fp32: exact and reproducible (eval's default). bf16:
 # weights and KV cache stored in bfloat16, run under CPU bf16 autocast (kernels accumulate in
 # fp32; RoPE and the sampler in fp32): half the bytes read per forward pass, which bounds a 2-core
-# CPU's cached generation. auto: bf16 where the CPU has native bf16 arithmetic
-# (cpu_has_native_bf16), else fp32. The autoencoder stays fp32 either way. CUDA always runs the
-# transformer under bf16 autocast (fp32 weights), as in training, so it reports bf16 whatever is
-# asked; other devices run fp32.
-PRECISIONS = ("fp32", "bf16", "auto")
+# CPU's cached generation. bf16-kv: fp32 weights and matmuls, the KV cache stored and attended in
+# bf16, for CPUs without native bf16 arithmetic, whose emulated bf16 matmuls are slower than fp32
+# (the model card's HISTORY.md, "Session 36"). auto: bf16 where the CPU has native bf16
+# arithmetic (cpu_has_native_bf16), else bf16-kv. The autoencoder stays fp32 either way. CUDA
+# always runs the transformer under bf16 autocast (fp32 weights), as in training, so it reports
+# bf16 whatever is asked; other devices run fp32.
+PRECISIONS = ("fp32", "bf16", "bf16-kv", "auto")
 
 
 _RAN_A_WORLD_MODEL = False  # set by WorldModel(): only then do forks of this process get one thread
@@ -83,7 +85,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type != "cpu":
         return "fp32"
     if precision == "auto":
-        return "bf16" if cpu_has_native_bf16() else "fp32"
+        return "bf16" if cpu_has_native_bf16() else "bf16-kv"
     return precision
 
 
@@ -265,7 +267,11 @@ class WorldModel:
                                       or (least is not None and value < least)):
                 rule = f"an integer >= {least}" if least is not None else "an integer"
                 raise ValueError(f"{name} must be {rule} or None, got {value!r}")
-        context = make_context(self.far, cache_mode, memory_frames) if isinstance(cache_mode, str) else cache_mode
+        if isinstance(cache_mode, str):
+            kv_dtype = torch.bfloat16 if self.precision == "bf16-kv" else None
+            context = make_context(self.far, cache_mode, memory_frames, kv_dtype)
+        else:
+            context = cache_mode
         sampler = EulerSampler(
             steps=int(steps if steps is not None else self.sampler["steps"]),
             cfg_scale=float(cfg if cfg is not None else self.sampler["cfg"]),
