@@ -279,6 +279,32 @@ def _record_task(task: dict[str, Any]) -> dict[str, Any]:
             "reset_seed": int(ep["reset_seed"]), "seconds": time.perf_counter() - t0}
 
 
+def stream_worker(spool: str, env_id: str, settings: dict, policy: str, length: int, worker: int, seed: int,
+                   max_files: int, start_step: int, parent: int) -> None:
+    """`worldsim train --stream-env`'s recording worker: record episodes forever into `spool` (atomic
+    .npz files), never more than `max_files` waiting; stop when the trainer that started it (`parent`)
+    is gone. It imports no torch (a spawned worker starts in a fresh interpreter)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()  # a trainer killed (SIGKILL, SIGTERM at startup) leaves no recorder behind
+    env = _make_env(env_id, settings)
+    spool_p = Path(spool)
+    # the start step too: a resumed run records new mazes, not the first ones again
+    rng = np.random.default_rng([seed, worker, start_step])
+    k = 0
+    while os.getppid() == parent:  # where the death signal is not available
+        if len(list(spool_p.glob("*.npz"))) >= max_files:
+            time.sleep(0.2)
+            continue
+        maze_seed = int(rng.integers(0, 2**31 - 1))
+        while split_for_maze_seed(maze_seed) == "test":  # never train on held-out test mazes
+            maze_seed = int(rng.integers(0, 2**31 - 1))
+        ep = record_episode(env, policy, length, maze_seed, seed)
+        split = split_for_maze_seed(maze_seed)
+        write_episode_atomic(spool_p / f"{split}-w{worker:02d}-{k:07d}.npz", compress=False,
+                             video=ep["video"], actions=ep["actions"])
+        k += 1
+
+
 # ----------------------------------------------------------------------------- driver
 
 

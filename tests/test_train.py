@@ -1824,7 +1824,9 @@ def test_a_stream_worker_that_stops_mid_run_is_restarted_and_one_that_keeps_stop
         trained, tmp_path, capsys, monkeypatch, no_loss_plot):
     """A recording worker killed mid-run (the out-of-memory killer) went unnoticed: training ran to
     the end on the few buffered episodes and exited 0. The checkpoint also said it trained on the
-    buffer's first fill (2 episodes), not on what it streamed."""
+    buffer's first fill (2 episodes), not on what it streamed. And each spawned worker imported torch,
+    which it never calls (seconds at every start and restart, ~190 MiB each): its function was in
+    worldsim.train."""
     import signal
 
     from worldsim import train as train_mod
@@ -1834,6 +1836,8 @@ def test_a_stream_worker_that_stops_mid_run_is_restarted_and_one_that_keeps_stop
 
     def kill_one_at_step_2(self, step):
         if step == 2:
+            if sys.platform.startswith("linux"):  # the libraries the worker has loaded by now
+                seen["maps"] = Path(f"/proc/{self.procs[0].pid}/maps").read_text()
             os.kill(self.procs[0].pid, signal.SIGKILL)
             self.procs[0].join(timeout=10)
         seen["episodes"] = self.episodes_seen
@@ -1850,6 +1854,7 @@ def test_a_stream_worker_that_stops_mid_run_is_restarted_and_one_that_keeps_stop
     from worldsim.checkpoint import read_config
 
     assert read_config(out / "checkpoint")["data"]["train_episodes"] == seen["episodes"] >= 2
+    assert "libtorch" not in seen.get("maps", ""), "the recording worker loaded torch"
     monkeypatch.setattr(train_mod, "STREAM_RESTARTS", 0)
     out = tmp_path / "stopped"
     assert main(["train", *args, "--out", str(out), "--far-steps", "4"]) == 2
@@ -1926,12 +1931,13 @@ def _stream_worker_files(spool: Path, seed: int, count: int, start_step: int) ->
     """The first `count` episodes a stream worker (worker 0, 16x16 mazes of 7x7, 4 frames) records.
 
     On Linux the worker function runs in a forked child: a spawned one (as the trainer starts them)
-    imports torch again, seconds each, and what these tests check is which mazes the function records,
-    not how the process was started (the streaming runs above start theirs as the trainer does).
-    Elsewhere it is spawned: macOS's system libraries make fork unsafe, and Windows has none."""
+    starts a fresh interpreter and imports the simulator again, and what these tests check is which
+    mazes the function records, not how the process was started (the streaming runs above start
+    theirs as the trainer does). Elsewhere it is spawned: macOS's system libraries make fork unsafe,
+    and Windows has none."""
     import multiprocessing as mp
 
-    from worldsim.train import _stream_worker
+    from envs.recorder import stream_worker
 
     def as_if_spawned(*args) -> None:
         # a forked child inherits what a spawned one starts without: this process's SIGTERM handler (a
@@ -1939,12 +1945,12 @@ def _stream_worker_files(spool: Path, seed: int, count: int, start_step: int) ->
         # threads are not in the child (a torch call there hangs where the pool had 2 or more)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         torch.set_num_threads(1)
-        _stream_worker(*args)
+        stream_worker(*args)
 
     spool.mkdir()
     forked = sys.platform.startswith("linux")
     proc = mp.get_context("fork" if forked else "spawn").Process(
-        target=as_if_spawned if forked else _stream_worker, daemon=True,
+        target=as_if_spawned if forked else stream_worker, daemon=True,
         args=(str(spool), "worldsim/Maze-v0", {"resolution": 16, "maze_size": 7}, "random", 4, 0, seed, count,
               start_step, os.getpid()))
     proc.start()
@@ -1991,15 +1997,16 @@ def test_the_stream_worker_checks_start_their_forked_worker_as_a_spawned_one(tmp
     had 2 or more threads (CI without OMP_NUM_THREADS=1), not on those with one."""
     import multiprocessing as mp
 
+    from envs import recorder
     from worldsim import train as train_mod
 
-    real = train_mod._stream_worker
+    real = recorder.stream_worker
 
     def a_worker_that_calls_torch(*args):
         (torch.randn(256, 256) @ torch.randn(256, 256)).sum()
         real(*args)
 
-    monkeypatch.setattr(train_mod, "_stream_worker", a_worker_that_calls_torch)
+    monkeypatch.setattr(recorder, "stream_worker", a_worker_that_calls_torch)
     before, threads = set(mp.active_children()), torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -2019,35 +2019,6 @@ def _read_metrics(path: Path) -> list[dict]:
 # ============================================================================ streaming
 
 
-def _stream_worker(spool: str, env_id: str, settings: dict, policy: str, length: int, worker: int, seed: int,
-                   max_files: int, start_step: int, parent: int) -> None:
-    """Record episodes forever into `spool` (atomic .npz files), never more than `max_files` waiting;
-    stop when the trainer that started it (`parent`) is gone."""
-    import envs  # noqa: F401  (registers the ids)
-    from envs.recorder import _die_with_parent, _make_env, record_episode
-    from worldsim.dataset import split_for_maze_seed, write_episode_atomic
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()  # a trainer killed (SIGKILL, SIGTERM at startup) leaves no recorder behind
-    env = _make_env(env_id, settings)
-    spool_p = Path(spool)
-    # the start step too: a resumed run records new mazes, not the first ones again
-    rng = np.random.default_rng([seed, worker, start_step])
-    k = 0
-    while os.getppid() == parent:  # where the death signal is not available
-        if len(list(spool_p.glob("*.npz"))) >= max_files:
-            time.sleep(0.2)
-            continue
-        maze_seed = int(rng.integers(0, 2**31 - 1))
-        while split_for_maze_seed(maze_seed) == "test":  # never train on held-out test mazes
-            maze_seed = int(rng.integers(0, 2**31 - 1))
-        ep = record_episode(env, policy, length, maze_seed, seed)
-        split = split_for_maze_seed(maze_seed)
-        write_episode_atomic(spool_p / f"{split}-w{worker:02d}-{k:07d}.npz", compress=False,
-                             video=ep["video"], actions=ep["actions"])
-        k += 1
-
-
 STREAM_RESTARTS = 3  # times a stopped recording worker is started again before the run stops
 
 
@@ -2090,9 +2061,14 @@ class StreamingData:
             raise
 
     def _start_worker(self, w: int, start_step: int):
+        # the worker's function is in envs.recorder, which imports no torch: a spawned worker that
+        # unpickled one from this module imported torch for nothing (seconds at every start and
+        # restart, and its memory in every worker)
+        from envs.recorder import stream_worker
+
         cfg = self.cfg
         rank = int(os.environ.get("RANK", "0"))
-        proc = self._ctx.Process(target=_stream_worker, daemon=True,
+        proc = self._ctx.Process(target=stream_worker, daemon=True,
                                  args=(str(self.spool), cfg.stream_env, self._settings, cfg.stream_policy,
                                        cfg.stream_length, rank * 1000 + w, cfg.seed, 4 * max(1, cfg.stream_workers),
                                        start_step, os.getpid()))
