@@ -39,6 +39,33 @@ def _env() -> dict:
 
 
 RUN_CLI = "from worldsim.cli import main\nsys.exit(main(sys.argv[1:]))\n"  # the end of a patched launcher
+# a launcher's line that leaves loss.png undrawn, as the no_loss_plot fixture (conftest.py) does in this process:
+# rank 0 draws it at every save (matplotlib's import and text layout, seconds) while the other ranks wait for
+# it at the save's barrier, and no torchrun test looks at it
+NO_LOSS_PLOT = "train.plot_metrics = lambda metrics_path, png, ae_loss=None: None\n"
+# A launcher's lines that make rank 1 late, as a slower machine makes it: `wait_for_rank_0()` returns once
+# rank 0 has gone as far as it can without rank 1, into a collective (Dist's barrier, any_flags, means or
+# max) that rank 1 has not entered yet, or once `done()` (something rank 0 does) is true; 10 s at most.
+# A fixed sleep did this before, seconds spent whether rank 0 needed them or not.
+RANK_1_LATE = (
+    "import os, time\n"
+    "from pathlib import Path\n"
+    "import worldsim.ddp as ddp\n"
+    "rank, here, entered = os.environ.get('RANK'), Path(__file__).parent, [0]\n"
+    "def counted(fn):\n"
+    "    def wrapped(self, *args, **kwargs):\n"
+    "        entered[0] += 1\n"
+    "        if rank == '0':\n"
+    "            (here / f'rank0-in-collective-{entered[0]}').touch()\n"
+    "        return fn(self, *args, **kwargs)\n"
+    "    return wrapped\n"
+    "for name in ('barrier', 'any_flags', 'means', 'max'):\n"
+    "    setattr(ddp.Dist, name, counted(getattr(ddp.Dist, name)))\n"
+    "def wait_for_rank_0(done=lambda: False):\n"
+    "    start = time.monotonic()\n"
+    "    while not (here / f'rank0-in-collective-{entered[0] + 1}').exists() and not done() \\\n"
+    "            and time.monotonic() - start < 10:\n"
+    "        time.sleep(0.01)\n")
 
 
 def _torchrun(script: Path, *args: str) -> subprocess.CompletedProcess:
@@ -369,13 +396,15 @@ def ddp_far_run(trained, dataset, tmp_path_factory):
             folder = tmp_path_factory.mktemp(f"ddp-far-{seq_len}")
             launcher = folder / "late_rank1_rank_stat.py"
             launcher.write_text(
-                "import os, sys, time, torch\n"
+                "import os, sys, torch\n"
                 "import worldsim.objective as objective\n"
                 "import worldsim.train as train\n"
-                "def late(fn):\n"
+                + RANK_1_LATE
+                + NO_LOSS_PLOT
+                + "def late(fn):\n"
                 "    def wrapped(*args, **kwargs):\n"
-                "        if os.environ.get('RANK') == '1':\n"
-                "            time.sleep(1.5)\n"
+                "        if rank == '1':\n"
+                "            wait_for_rank_0()\n"
                 "        return fn(*args, **kwargs)\n"
                 "    return wrapped\n"
                 "train._ensure_autoencoder = late(train._ensure_autoencoder)\n"
@@ -417,9 +446,9 @@ def test_ddp_two_cpu_ranks_hold_identical_weights(ddp_far_run, seq_len):
 @pytest.fixture(scope="module")
 def ddp_ae_run(dataset, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """(run folder, torchrun's result) of an autoencoder stage on two CPU ranks, read by two tests. Its
-    launcher makes rank 1 slow to look at --out (3 s) while rank 0 writes its config.json slowly (the
-    file's temporary twin stays until rank 1 has reached a collective after looking, at most 6 s), and
-    makes rank 1 1.5 s late to the frame copy."""
+    launcher makes rank 1 slow to look at --out (until rank 0 waits for it or writes its config.json)
+    while rank 0 writes its config.json slowly (the file's temporary twin stays until rank 1 has
+    reached a collective after looking, at most 6 s), and makes rank 1 late to the frame copy."""
     folder = tmp_path_factory.mktemp("ddp-ae")
     launcher = folder / "slow_rank1.py"
     launcher.write_text(
@@ -427,18 +456,20 @@ def ddp_ae_run(dataset, tmp_path_factory) -> tuple[Path, subprocess.CompletedPro
         "from pathlib import Path\n"
         "import worldsim.ddp as ddp\n"
         "import worldsim.train as train\n"
-        "rank = os.environ.get('RANK')\n"
-        "looked, built = Path(__file__).parent / 'rank1-looked', []\n"
+        + RANK_1_LATE
+        + NO_LOSS_PLOT
+        + "looked, writing, built = here / 'rank1-looked', here / 'rank0-writes-config', []\n"
         "init, write, opened = train.Trainer.__init__, train.write_json_atomic, train.open_frames\n"
         "def slow_init(self, *args, **kwargs):\n"
         "    if rank == '1':\n"
-        "        time.sleep(3)\n"
+        "        wait_for_rank_0(done=writing.exists)\n"
         "    init(self, *args, **kwargs)\n"
         "    built.append(True)\n"
         "def slow_write(path, obj):\n"
         "    if Path(path).name == 'config.json':\n"
         "        twin = Path(path).parent / ('.' + Path(path).name + '.race.tmp')\n"
         "        twin.write_text('being written')\n"
+        "        writing.touch()\n"
         "        start = time.monotonic()\n"
         "        while not looked.exists() and time.monotonic() - start < 6:\n"
         "            time.sleep(0.01)\n"
@@ -446,7 +477,7 @@ def ddp_ae_run(dataset, tmp_path_factory) -> tuple[Path, subprocess.CompletedPro
         "    write(path, obj)\n"
         "def late_open_frames(*args, **kwargs):\n"
         "    if rank == '1':\n"
-        "        time.sleep(1.5)\n"
+        "        wait_for_rank_0()\n"
         "    return opened(*args, **kwargs)\n"
         "def after_looking(fn):  # rank 1 looked at --out before its first collective once its Trainer is built\n"
         "    def wrapped(self, *args, **kwargs):\n"
@@ -476,7 +507,8 @@ def test_a_rank_looking_at_out_while_rank_0_writes_there_does_not_refuse_the_run
 def test_a_rank_late_to_the_autoencoders_frame_copy_keeps_step_with_rank_0(ddp_ae_run):
     """The autoencoder stage's ranks map one copy of the frames (RUN/frames/) that rank 0 writes: a rank
     that looks after rank 0 has written it must still wait at the same barrier, as with the latent cache.
-    (Rank 1 is 1.5 s late to it in ddp_ae_run's launcher.)"""
+    (Rank 1 is late to it in ddp_ae_run's launcher: it looks once rank 0 has written it and gone on to
+    the next collective, or waits for rank 1 in one.)"""
     run, res = ddp_ae_run
     assert res.returncode == 0, res.stdout + res.stderr
     hashes = dict(re.findall(r"\[rank (\d)\] ae weights sha256 ([0-9a-f]{64})", res.stdout + res.stderr))
@@ -519,7 +551,8 @@ def test_a_rank_late_to_the_autoencoder_copy_and_the_latent_cache_keeps_step_wit
     """Each rank used to decide alone whether to wait for rank 0's copy of the autoencoder and its latent
     cache: a rank 1 that looked after rank 0 had written skipped the barrier, and every later collective
     paired with the wrong one ("no train frames to train on", or a hang until --ddp-timeout). (Rank 1 is
-    1.5 s late to each in ddp_far_run's launcher.)"""
+    late to each in ddp_far_run's launcher: it looks once rank 0 has written it and gone on to the next
+    collective, or waits for rank 1 in one.)"""
     run, res = ddp_far_run("6")
     assert res.returncode == 0, res.stdout + res.stderr
     hashes = dict(re.findall(r"\[rank (\d)\] far weights sha256 ([0-9a-f]{64})", res.stdout + res.stderr))
@@ -612,6 +645,7 @@ def test_a_rank_that_fails_stops_the_others_with_one_line_and_every_rank_frees_i
         "        raise RuntimeError('rank 1 fails on purpose')\n"
         "    return real(seed, rank, step, stream)\n"
         "train.step_rng = step_rng\n"
+        + NO_LOSS_PLOT
         + REPORT_GLOO_THREADS_AFTER_CLOSE
         + RUN_CLI)
     run = tmp_path / "fails"
