@@ -176,7 +176,7 @@ def close_recorder_env():
 # builds a new simulator (~7 s); the random walk over Memory Maze's action names is tested
 # in test_recorder.py::test_policies_choose_by_name.
 @pytest.mark.parametrize("policy", ["navigator"])
-def test_records_through_the_recorder(tmp_path, policy, close_recorder_env):
+def test_records_through_the_recorder(tmp_path, policy, close_recorder_env, no_loss_plot):
     from envs.recorder import RecordConfig, record
 
     out = tmp_path / policy
