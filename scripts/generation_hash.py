@@ -4,8 +4,8 @@ left generation bit-identical.
     python scripts/generation_hash.py                     # this checkout
     PYTHONPATH=/tmp/old python scripts/generation_hash.py # another (a `git clone` at the old commit)
 
-For three settings (fp32 exact multi-level cache; bf16 multilevel-fast, play's; fp32 sliding window
-at CFG 1.5) it generates `--generate` frames of a recorded episode after `--context` of its frames,
+For four settings (fp32 exact multi-level cache; bf16 and bf16-kv multilevel-fast, play's with and
+without native bf16; fp32 sliding window at CFG 1.5) it generates `--generate` frames of a recorded episode after `--context` of its frames,
 with a fixed seed, and prints the first 16 hex digits of the sha256 of the uint8 frames.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ import worldsim
 from worldsim.dataset import Dataset
 from worldsim.world import WorldModel
 
-SETTINGS = (("fp32", "multilevel", None), ("bf16", "multilevel-fast", None), ("fp32", "sliding", 1.5))
+SETTINGS = (("fp32", "multilevel", None), ("bf16", "multilevel-fast", None), ("bf16-kv", "multilevel-fast", None),
+            ("fp32", "sliding", 1.5))
 
 
 def main() -> None:
