@@ -1250,6 +1250,21 @@ def test_auto_precision_trains_the_transformer_in_bf16_on_cpus_that_have_it(data
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
 
 
+def test_auto_precision_trains_in_fp32_where_inference_would_keep_only_its_cache_in_bf16(monkeypatch):
+    """Inference's auto is bf16-kv on a CPU without native bf16 (fp32 weights, a bfloat16 KV cache),
+    which training has none of: its transformer stage trained in fp32 there but said "far bf16-kv" in
+    its log line, the checkpoint's model card and the export's summary."""
+    import worldsim.world
+    from worldsim.train import stage_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(worldsim.world, "cpu_has_native_bf16", lambda: False)
+    assert stage_precision("auto", cpu, "far") == stage_precision("auto", cpu, "ae") == "fp32"
+    monkeypatch.setattr(worldsim.world, "cpu_has_native_bf16", lambda: True)
+    assert (stage_precision("auto", cpu, "far"), stage_precision("auto", cpu, "ae")) == ("bf16", "fp32")
+    assert stage_precision("bf16", cpu, "ae") == "bf16" and stage_precision("fp32", cpu, "far") == "fp32"
+
+
 def test_a_run_that_failed_before_its_first_step_can_be_started_again(dataset, tmp_path, capsys):
     """Bad --data leaves only config.json behind; the corrected command starts there, while a
     folder with real progress in it is still refused."""

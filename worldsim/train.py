@@ -536,14 +536,16 @@ def autocast_ctx(precision: str, device: torch.device) -> contextlib.AbstractCon
 
 def stage_precision(precision: str, device: torch.device, stage: str) -> str:
     """--precision for a stage ("ae" or "far"): auto is inference's auto (world.resolve_precision),
-    except that the autoencoder trains in fp32 on CPU."""
+    except that the autoencoder trains in fp32 on CPU, and so does everything where inference's
+    auto is bf16-kv (a bfloat16 KV cache: training keeps none, so its arithmetic is fp32)."""
     if precision != "auto":
         return precision
     if device.type == "cpu" and stage == "ae":
         return "fp32"
     from worldsim.world import resolve_precision
 
-    return resolve_precision("auto", device)
+    resolved = resolve_precision("auto", device)
+    return "fp32" if resolved == "bf16-kv" else resolved
 
 
 def precision_note(precision: dict[str, str], stage: str) -> str:
