@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--frames", type=int, default=64, help="frames played after it")
     p.add_argument("--cache", default="multilevel-fast", help="cache mode (play's default: multilevel-fast)")
     p.add_argument("--precision", default="auto", help="transformer arithmetic on the CPU (play's default: auto, "
-                   "bf16 where the CPU has it)")
+                   "bf16 where the CPU has it, else bf16-kv)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: as play, a GPU where there is one)")
     args = p.parse_args(argv)
     if args.mazes < 1 or args.context < 1 or args.frames < 1:

@@ -34,7 +34,7 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--checkpoint", default="checkpoints/maze-far-small")
 parser.add_argument("--cache-mode", default="multilevel-fast")
-parser.add_argument("--precision", nargs="+", default=["fp32"], help="fp32, bf16 or auto; several are timed in turns")
+parser.add_argument("--precision", nargs="+", default=["fp32"], help="fp32, bf16, bf16-kv or auto; several are timed in turns")
 parser.add_argument("--frames", type=int, default=480, help="frames generated before timing")
 parser.add_argument("--timed", type=int, default=40, help="frames timed (half without decoding, half with)")
 parser.add_argument("--shapes", nargs="+", default=["shipped"],
