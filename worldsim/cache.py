@@ -2,7 +2,8 @@
 
 API
     CACHE_MODES = ("none", "kv", "multilevel", "sliding", "multilevel-fast")
-    make_context(far, mode, memory_frames=None) -> GenerationContext  # memory_frames: bound L2 (multi-level modes)
+    make_context(far, mode, memory_frames=None, kv_dtype=None) -> GenerationContext  # memory_frames: bound L2
+                                      # (multi-level modes); kv_dtype: the cache's storage (bf16-kv: bfloat16)
     GenerationContext                 # common interface of every mode
       .extend(latents [B,K,C,h,w], actions [B,K], aug=None [B,K])  # append K clean frames
       .velocity(x_t [B',C,h,w], t [B'], action [B']) -> [B',C,h,w] # next frame; B' = B or 2B (CFG)
