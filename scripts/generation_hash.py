@@ -5,8 +5,8 @@ left generation bit-identical.
     PYTHONPATH=/tmp/old python scripts/generation_hash.py # another (a `git clone` at the old commit)
 
 For four settings (fp32 exact multi-level cache; bf16 and bf16-kv multilevel-fast, play's with and
-without native bf16; fp32 sliding window at CFG 1.5) it generates `--generate` frames of a recorded episode after `--context` of its frames,
-with a fixed seed, and prints the first 16 hex digits of the sha256 of the uint8 frames.
+without native bf16; fp32 sliding window at CFG 1.5) it generates `--generate` frames of a recorded
+episode after `--context` of its frames, with a fixed seed, and prints the first 16 hex digits of the sha256 of the uint8 frames.
 """
 from __future__ import annotations
 

@@ -82,7 +82,8 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=4, help="probes per checkpoint (eval's --probe-episodes)")
     parser.add_argument("--context", type=int, default=4, help="simulator frames given as context")
     parser.add_argument("--cache", default="multilevel-fast", help="cache mode (play's default: multilevel-fast)")
-    parser.add_argument("--precision", default="bf16", help="fp32, bf16 (play's default on CPUs with native bf16) or bf16-kv (elsewhere)")
+    parser.add_argument("--precision", default="bf16", help="fp32, bf16 (play's default on CPUs with native bf16) "
+                        "or bf16-kv (elsewhere)")
     args = parser.parse_args()
     try:
         chosen = Dataset(Path(args.data)).episodes[: args.episodes]
