@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -462,3 +463,124 @@ def test_a_bounded_memory_takes_long_contexts_and_bulk_appends_in_chunks(world, 
         assert all(buf.length == predicted["l1_tokens"] + predicted["l2_tokens"] for buf in ctx.kv)
     assert seen and max(seen) <= bound
     assert kept_before_entering and min(kept_before_entering) >= bound - 2 * (bound // 4)
+
+
+
+def _with_a_pending_frame(world, mode: str):
+    """A multilevel context past its window's slide, its latest frame appended but not yet
+    encoded (as a generated frame is), and the next frame's query (x_t, t, action)."""
+    ctx = make_context(world.far, mode)
+    g = torch.Generator().manual_seed(0)
+    cfg = world.far.config
+    lat = torch.randn(1, W + 3, cfg.latent_channels, cfg.latent_size, cfg.latent_size, generator=g)
+    ctx.extend(lat[:, :-1], torch.randint(0, 5, (1, W + 2), generator=g))
+    ctx.velocity(torch.randn(1, *lat.shape[2:], generator=g), torch.tensor([0.5]), torch.tensor([1]))  # encode them
+    ctx.extend(lat[:, -1:], torch.tensor([[2]]))
+    return ctx, (torch.randn(1, *lat.shape[2:], generator=g), torch.tensor([0.7]), torch.tensor([3]))
+
+
+@pytest.mark.parametrize("mode", ["multilevel-fast", "multilevel"])
+def test_a_flush_encodes_the_pending_frame_in_one_pass_as_the_next_query_would(world, mode, monkeypatch):
+    """Session.step flushes each generated frame into the cache while another core decodes it. In
+    multilevel-fast the frame entering L2 and the new frame go in one pass over the weights (not
+    two), the frame entering L2 masked off the kept window as in the pass fused with the next
+    query: the same cache and the same next velocity either way. (Without the mask the frame
+    entering L2 would see the window, and its keys would differ.)"""
+    from worldsim.model import FAR
+
+    with torch.inference_mode():
+        fused, query = _with_a_pending_frame(world, mode)
+        v_fused = fused.velocity(*query)
+        flushed, query = _with_a_pending_frame(world, mode)
+        passes = []
+        infer = FAR._infer
+        monkeypatch.setattr(FAR, "_infer", lambda self, *a, **k: passes.append(1) or infer(self, *a, **k))
+        flushed.flush()
+        assert len(passes) == 1 and flushed.l1_end == flushed.num_frames  # one pass, nothing left pending
+        v_flushed = flushed.velocity(*query)
+    assert (v_flushed - v_fused).abs().max().item() <= 1e-5
+    assert len(flushed.kv) == len(fused.kv) == world.far.config.depth
+    for a, b in zip(flushed.kv, fused.kv):
+        assert a.length == b.length
+        assert (a.keys - b.keys).abs().max().item() <= 1e-5 and (a.values - b.values).abs().max().item() <= 1e-5
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+@pytest.mark.skipif(_cores() < 2, reason="decoding alongside needs a second core")
+def test_step_decodes_on_a_second_thread_while_the_cache_takes_the_frame(world, monkeypatch):
+    """On a CPU with torch at one thread and a second core, Session.step decodes the generated
+    frame on another thread while this one encodes the frame into the cache (flush), so the next
+    frame starts from an up-to-date cache. The frames are those of the serial step (the cache
+    update then fused into the next frame's first pass) to float rounding; with several torch
+    threads the step stays serial (two threads' ops would fight for the cores)."""
+    import threading
+
+    import worldsim.world as world_module
+
+    frames, actions = context(6)
+    decoded_on, flushed_on = [], []
+    decode = world.decode
+    monkeypatch.setattr(world, "decode", lambda z: decoded_on.append(threading.get_ident()) or decode(z))
+
+    def play(n=6):
+        s = world.new_session(frames, actions, cache_mode="multilevel-fast", steps=2, cfg=1.0, seed=5)
+        flush = s.context.flush
+        s.context.flush = lambda: flushed_on.append(threading.get_ident()) or flush()
+        out = []
+        for a in [1, 3, 3, 0, 4, 2][:n]:
+            out.append(s.step(a))
+            assert s.context.l1_end == s.context.num_frames or not flushed_on  # flushed before step returned
+        return np.stack(out), s
+
+    torch.set_num_threads(1)
+    alongside, s = play()
+    assert len(decoded_on) == 6 and set(decoded_on) != {threading.get_ident()}
+    assert flushed_on == [threading.get_ident()] * 6 and s.frame_index == 12
+    again, _ = play()
+    assert np.array_equal(alongside, again)  # reproducible
+
+    decoded_on.clear(), flushed_on.clear()
+    monkeypatch.setattr(world_module, "decode_alongside", lambda device: None)
+    serial, _ = play()
+    assert decoded_on == [threading.get_ident()] * 6 and not flushed_on
+    assert np.array_equal(alongside[0], serial[0])
+    assert np.abs(alongside.astype(int) - serial.astype(int)).max() <= 2
+    monkeypatch.undo()
+
+    torch.set_num_threads(2)
+    try:
+        assert world_module.decode_alongside(torch.device("cpu")) is None
+    finally:
+        torch.set_num_threads(1)
+    assert world_module.decode_alongside(torch.device("meta")) is None
+
+
+@pytest.mark.skipif(_cores() < 2 or not hasattr(os, "fork"), reason="needs a second core and fork()")
+def test_a_forked_child_steps_with_its_own_decoder_thread(world):
+    """A child forked after its parent stepped (gymnasium's AsyncVectorEnv forks workers after a
+    Dream-v0 ran in the parent) inherits the parent's decoder thread pool but not its thread:
+    handing it work would wait forever. The child starts its own."""
+    import multiprocessing
+
+    frames, actions = context(3)
+    s = world.new_session(frames, actions, cache_mode="multilevel-fast", steps=1, cfg=1.0, seed=0)
+    s.step(1)  # the parent's decoder thread exists now
+
+    def child(queue):
+        queue.put(s.step(2).shape)
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=child, args=(queue,))
+    proc.start()
+    proc.join(60)
+    if proc.is_alive():
+        proc.kill()
+        pytest.fail("the forked child's step hung")
+    assert proc.exitcode == 0 and queue.get(timeout=5) == (64, 64, 3)

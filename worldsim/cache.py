@@ -76,7 +76,10 @@ further: an appended frame is only recorded, and its encoding (with the window r
 (FAR.frames_kv_and_velocity; the clean frames never attend to the noisy one, so the results are the
 same; in multilevel-fast the frame entering L2 joins the pass too, masked off the window's cached
 keys so it sees L2 alone). On a 2-core CPU each pass costs about as much to read the weights and the
-cache as to compute, so a generated frame then costs its sampling steps' passes alone.
+cache as to compute, so a generated frame then costs its sampling steps' passes alone. Where a second
+core is free, Session.step instead flushes the generated frame into the cache while that core decodes
+it (world.decode_alongside): the same pass less the query (in multilevel-fast still one pass, the
+frame entering L2 masked as above), off the next frame's path.
 """
 from __future__ import annotations
 
@@ -360,8 +363,10 @@ class MultiLevelCacheContext(GenerationContext):
         incoming = start - self.l2_frames
         one_pass = incoming if incoming <= self.prefill_frames_coarse and self._l2_chunk(incoming) == incoming else 0
         if start > self.l1_start and not self.refresh_l1:
-            if (fusable and self.use_l2 and 0 < start - self.l2_frames <= one_pass
-                    and start <= self.l1_end < n and n - self.l1_end <= self.prefill_frames_fine):
+            # (without a query, as flush() after each generated frame: the same one pass, less the query)
+            if ((fusable or (query is None and self.kv is not None and not self._spreads_memory)) and self.use_l2
+                    and 0 < start - self.l2_frames <= one_pass and start <= self.l1_end < n
+                    and n - self.l1_end <= self.prefill_frames_fine):
                 return self._slide_keeping_l1_with_query(start, query)
             self._slide_keeping_l1(start)
         if start > self.l1_start:
@@ -425,20 +430,24 @@ class MultiLevelCacheContext(GenerationContext):
         return [(b.k[:, :, b.length - keep : b.length].clone(), b.v[:, :, b.length - keep : b.length].clone())
                 for b in self.kv]
 
-    def _slide_keeping_l1_with_query(self, start: int, query: tuple) -> torch.Tensor:
+    def _slide_keeping_l1_with_query(self, start: int, query: tuple | None) -> torch.Tensor | None:
         """multilevel-fast's usual step as one pass: the frame(s) entering L2 (seeing L2 alone, as
-        in _slide_keeping_l1), the new frame(s) appended to L1 and the query (seeing L2, them and
-        the kept L1). The same results as _slide_keeping_l1, then _catch_up's L1 append."""
+        in _slide_keeping_l1), the new frame(s) appended to L1 and the query, if any (seeing L2,
+        them and the kept L1). The same results as _slide_keeping_l1, then _catch_up's L1 append."""
         n = self.num_frames
         kept = self._kept_l1(start)
         for buf in self.kv:  # [L2 | kept L1]: the frames leaving the window are no longer seen
             buf.truncate(self._l2_tokens)
         self._make_room(start - self.l2_frames)
         self.kv = self._append(self.kv, kept)
-        v, (new2, new1) = self.far.frames_kv_and_velocity(
-            [(*self._history(self.l2_frames, start), self.l2_frames, True),
-             (*self._history(self.l1_end, n), self.l1_end, False)], *query, n, self.kv,
-            cache_visible=[self._l2_tokens, None], memory=self._memory())
+        parts = [(*self._history(self.l2_frames, start), self.l2_frames, True),
+                 (*self._history(self.l1_end, n), self.l1_end, False)]
+        if query is None:
+            v, (new2, new1) = None, self.far.frames_kv(parts, self.kv, cache_visible=[self._l2_tokens, None],
+                                                       memory=self._memory())
+        else:
+            v, (new2, new1) = self.far.frames_kv_and_velocity(parts, *query, n, self.kv,
+                                                              cache_visible=[self._l2_tokens, None], memory=self._memory())
         for buf in self.kv:  # -> [L2 + new coarse | kept L1 | new L1]
             buf.truncate(self._l2_tokens)
         self.kv = self._append(self._append(self._append(self.kv, new2), kept), new1)

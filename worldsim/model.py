@@ -706,15 +706,16 @@ class FAR(nn.Module):
         out, kvs = self._infer([(latents, t, actions, aug, start_frame, coarse)], past_kv, need_output, memory=memory)
         return out, [kv[0] for kv in kvs]
 
-    def frames_kv(self, parts: list[tuple], past_kv: KV | None, memory: tuple[int, int] | None = None) -> list[KV]:
+    def frames_kv(self, parts: list[tuple], past_kv: KV | None, memory: tuple[int, int] | None = None,
+                  cache_visible: list[int | None] | None = None) -> list[KV]:
         """Keys/values of clean frames in several groups run as one pass (inference): parts =
         [(latents (B,F,C,h,w), actions (B,F), aug (B,F) | None, start_frame, coarse)], coarse
         groups first, consecutive in time. E.g. the frame leaving the window (coarse, into L2)
         together with the window re-encoded (fine, L1): the same tokens, masks and results as two
         frame_kv calls, in one pass over the weights and the cache. Returns one KV per part.
-        memory: as forward_frames'."""
+        memory: as forward_frames'. cache_visible: as frames_kv_and_velocity's."""
         parts = self._clean_parts(parts)
-        _, kvs = self._infer(parts, past_kv, need_output=False, memory=memory)
+        _, kvs = self._infer(parts, past_kv, need_output=False, cache_visible=cache_visible, memory=memory)
         return [[kv[j] for kv in kvs] for j in range(len(parts))]
 
     def frames_kv_and_velocity(

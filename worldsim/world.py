@@ -16,7 +16,8 @@ API
     Session
       .predict(action) -> uint8 [H,W,3]      generate the next frame, do not append it
       .append(frame uint8 [H,W,3], action)   append a given (ground-truth) frame
-      .step(action) -> uint8 [H,W,3]         predict + append the generated latent
+      .step(action) -> uint8 [H,W,3]         predict + append the generated latent (on a CPU with a
+                                             second core, decoded there while the cache takes it in)
       .predict_latent(action) -> [C,h,w];  .append_latent(latent [C,h,w], action);  .step_latent(action)
       .frame_index: int (frames so far = index of the next frame);  .stats() -> dict
 
@@ -37,6 +38,7 @@ import math
 import numbers
 import operator
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -75,6 +77,30 @@ def _one_thread_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(after_in_child=_one_thread_after_fork)
+
+
+_DECODER_THREAD: tuple[int, ThreadPoolExecutor] | None = None  # (pid, its one thread): see decode_alongside
+
+
+def decode_alongside(device: torch.device) -> ThreadPoolExecutor | None:
+    """The thread that decodes a generated frame while Session.step brings the cache up to date
+    on the calling thread, or None where that does not pay: off the CPU, or where torch already
+    runs several threads (each thread's ops would fight for the cores), or on one core. Two
+    single-threaded jobs on two cores: the frame's decoder (~24 ms at frame 500 on the project's
+    2-core EPYC) no longer adds to the transformer's time (model card HISTORY, "Session 37")."""
+    global _DECODER_THREAD
+    if device.type != "cpu" or torch.get_num_threads() != 1:
+        return None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    if cores < 2:
+        return None
+    # a forked child inherits the executor but not its thread: work given to it would never run
+    if _DECODER_THREAD is None or _DECODER_THREAD[0] != os.getpid():
+        _DECODER_THREAD = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="worldsim-decode"))
+    return _DECODER_THREAD[1]
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -392,8 +418,15 @@ class Session:
 
     def step(self, action: int) -> np.ndarray:
         z = self.predict_latent(action)
-        frame = self.world.decode(z[None])[0]
         self._append_generated(z, action)  # the generated latent itself, not a decode/encode round trip
+        decoder = decode_alongside(self.world.device)
+        if decoder is None:  # the cache takes the frame in the next frame's first pass (fused, one pass fewer)
+            return self.world.decode(z[None])[0]
+        decoded = decoder.submit(self.world.decode, z[None])
+        try:
+            self.context.flush()  # the frame into the cache now, while another core decodes it
+        finally:
+            frame = decoded.result()[0]  # (a flush error is raised once the decoder is done)
         return frame
 
     def stats(self) -> dict:
