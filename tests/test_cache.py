@@ -486,15 +486,13 @@ def test_a_flush_encodes_the_pending_frame_in_one_pass_as_the_next_query_would(w
     two), the frame entering L2 masked off the kept window as in the pass fused with the next
     query: the same cache and the same next velocity either way. (Without the mask the frame
     entering L2 would see the window, and its keys would differ.)"""
-    from worldsim.model import FAR
-
     with torch.inference_mode():
         fused, query = _with_a_pending_frame(world, mode)
         v_fused = fused.velocity(*query)
         flushed, query = _with_a_pending_frame(world, mode)
         passes = []
-        infer = FAR._infer
-        monkeypatch.setattr(FAR, "_infer", lambda self, *a, **k: passes.append(1) or infer(self, *a, **k))
+        infer = world.far._infer
+        monkeypatch.setattr(world.far, "_infer", lambda *a, **k: passes.append(1) or infer(*a, **k))
         flushed.flush()
         assert len(passes) == 1 and flushed.l1_end == flushed.num_frames  # one pass, nothing left pending
         v_flushed = flushed.velocity(*query)
