@@ -582,3 +582,31 @@ def test_a_forked_child_steps_with_its_own_decoder_thread(world):
         proc.kill()
         pytest.fail("the forked child's step hung")
     assert proc.exitcode == 0 and queue.get(timeout=5) == (64, 64, 3)
+
+
+@pytest.mark.skipif(_cores() < 2, reason="decoding alongside needs a second core")
+def test_a_thread_still_playing_after_the_main_thread_ended_keeps_stepping():
+    """A game loop on a thread of its own, the main thread's script done: the interpreter's shutdown
+    first stops its thread pools (decode_alongside's among them), then waits for that thread. Its
+    steps raised "cannot schedule new futures after shutdown"; they decode on their own thread now.
+    A fresh interpreter, as only a real shutdown stops the pools."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    script = (
+        "import threading, time, torch\n"
+        "from test_cache import tiny_world, context\n"
+        "torch.set_num_threads(1)\n"
+        "world = tiny_world()\n"
+        "s = world.new_session(*context(3), cache_mode='multilevel-fast', steps=1, cfg=1.0, seed=0)\n"
+        "s.step(1)  # the decoder thread started\n"
+        "def play():\n"
+        "    time.sleep(0.5)  # the main thread has ended by now\n"
+        "    frames = [s.step(2) for _ in range(3)]\n"
+        "    print('played', len(frames), frames[-1].shape, flush=True)\n"
+        "threading.Thread(target=play).start()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and "played 3 (64, 64, 3)" in done.stdout, done.stderr[-2000:]

@@ -420,9 +420,14 @@ class Session:
         z = self.predict_latent(action)
         self._append_generated(z, action)  # the generated latent itself, not a decode/encode round trip
         decoder = decode_alongside(self.world.device)
-        if decoder is None:  # the cache takes the frame in the next frame's first pass (fused, one pass fewer)
+        decoded = None
+        if decoder is not None:
+            try:
+                decoded = decoder.submit(self.world.decode, z[None])
+            except RuntimeError:  # the interpreter is shutting down: it stopped its thread pools before
+                pass  # waiting for this thread (a game loop still playing after the main thread ended)
+        if decoded is None:  # the cache takes the frame in the next frame's first pass (fused, one pass fewer)
             return self.world.decode(z[None])[0]
-        decoded = decoder.submit(self.world.decode, z[None])
         try:
             self.context.flush()  # the frame into the cache now, while another core decodes it
         finally:
