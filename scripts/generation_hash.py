@@ -7,6 +7,10 @@ left generation bit-identical.
 For four settings (fp32 exact multi-level cache; bf16 and bf16-kv multilevel-fast, play's with and
 without native bf16; fp32 sliding window at CFG 1.5) it generates `--generate` frames of a recorded
 episode after `--context` of its frames, with a fixed seed, and prints the first 16 hex digits of the sha256 of the uint8 frames.
+Compare runs with the same cores: at one torch thread with a second core, Session.step flushes each
+frame into the cache on its own pass while that core decodes it (world.decode_alongside), where on
+one core the cache update shares the next frame's first pass, so the three multi-level settings'
+frames differ in float rounding (`taskset -c 0` prints the hashes of one core).
 """
 from __future__ import annotations
 

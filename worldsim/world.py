@@ -25,7 +25,10 @@ API
 leading to the new frame. `steps`, `cfg`, `shift` (the sampler's timestep shift) and
 `temperature` (the scale of the initial noise; see worldsim.sampler for both) default to the
 checkpoint's sampler settings. Randomness (initial noise, context noise augmentation) comes from a
-torch.Generator seeded by `seed` (0 to 2**32 - 1): the same seed gives the same frames. `context_noise` (default:
+torch.Generator seeded by `seed` (0 to 2**32 - 1): the same seed gives the same frames, on the same
+torch threads and cores (at one thread, step's cache update runs in a pass of its own where a second
+core decodes alongside, and shares the next frame's first pass where none does, as after
+step_latent: the frames then differ in float rounding, as between thread counts). `context_noise` (default:
 the checkpoint's sampler setting) noises appended context latents slightly, as in training;
 `generated_noise` (default: the checkpoint's, 0 = off) instead noises and labels the frames the
 model generates itself (step, step_latent) with its level, never the given ones, for a model
