@@ -5,8 +5,11 @@
 
 Generates --frames random-action frames with the shipped checkpoint (not timed), then times
 --timed more: prints, per sampling step, the median over the timed frames of the wall time of
-`GenerationContext.velocity` (step 1 includes the cache update fused into it), the median time
-per frame without decoding (`Session.step_latent`) and with it (`Session.step`, what play runs).
+`GenerationContext.velocity` (step 1 includes the cache update fused into it after a
+`step_latent`), the median time per frame without decoding (`Session.step_latent`) and with it
+(`Session.step`, what play runs). With --threads 1 and a second core, `step` instead runs the cache
+update in a pass of its own while that core decodes the frame (world.decode_alongside): the two
+medians then differ by that pass and the decode's overlap, not by the decode alone.
 Several --precision values build one session each and time them in turns of 5 frames in the
 same process, so the machine's drift (large on shared VMs) hits them alike. To compare two code
 versions, run it twice (PYTHONPATH=...), alternating.
