@@ -98,6 +98,25 @@ def test_train_sizes_no_machine_could_hold_are_refused_before_the_run_starts(tmp
     assert not out.exists()  # refused before the folder, the latent cache or the autoencoder copy
 
 
+@pytest.mark.parametrize("options, shown", [
+    (["--stage", "far", "--far-lr", "1e38"], "--far-lr must be a number from 0 to 1 (AdamW moves each weight by about "
+                                             "the rate every step), got 1e+38"),  # an AdamW overflow traceback
+    (["--stage", "far", "--far-lr", "3e-1", "--ae-lr", "1e4"], "--ae-lr must be a number from 0 to 1"),
+    (["--stage", "far", "--far-lr", "inf"], "--far-lr must be a number from 0 to 1"),
+    (["--stage", "far", "--far-lr", "nan"], "--far-lr must be a number from 0 to 1"),
+    (["--stage", "far", "--far-lr=-3e-4"], "--far-lr must be a number from 0 to 1"),
+])
+def test_absurd_learning_rates_are_one_line_before_the_run_starts(tmp_path, capsys, two_train_episodes, options,
+                                                                  shown):
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--data", str(two_train_episodes), "--out", str(out), "--ae-from", str(SHIPPED),
+                   "--seq-len", "4", "--far-steps", "1", "--far-batch", "2", "--warmup", "0", "--preset", "tiny",
+                   "--threads", "1", "--progress", "false", "--preview-every", "-1", *options])
+    err = capsys.readouterr().err
+    assert rc == 2 and shown in err and "Traceback" not in err, err
+    assert not out.exists()  # refused before the folder, the latent cache or the autoencoder copy
+
+
 def test_the_memory_floor_is_a_lower_bound_for_a_run_that_trains(tmp_path, monkeypatch, capsys, two_train_episodes,
                                                                   no_loss_plot):
     """It counts weights, gradients and AdamW's moments (16 bytes a parameter) and one batch: what the

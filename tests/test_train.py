@@ -227,9 +227,14 @@ def test_a_loss_that_is_not_finite_stops_the_run_before_the_optimizer_takes_it(t
 
     from worldsim.checkpoint import load_checkpoint
 
+    import worldsim.train as train_mod
+
     calls = []
     real_step = torch.optim.AdamW.step
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (calls.append(1), real_step(self, *a, **k))[1])
+    # --far-lr 1e30 is refused now (above MAX_LR); with the bound lifted it diverges in a few steps, as a
+    # rate that is merely too high does in many
+    monkeypatch.setattr(train_mod, "MAX_LR", 1e30)
     run = tmp_path / "nan"
     rc = main(["train", "--stage", "far", "--data", str(dataset), "--out", str(run), *FAST,
                "--ae-from", str(trained / "checkpoint"), "--far-steps", "20", "--far-lr", "1e30", "--warmup", "0",
@@ -298,10 +303,14 @@ def test_a_finite_loss_with_gradients_that_are_not_finite_stops_before_the_step_
     ("0", r"ae: cannot calibrate latent scale from latents with std nan at step 1: training diverged, and the training "
           r"state of this step is saved; start again in a new --out with a lower learning rate \(--ae-lr", True),
 ])
-def test_an_autoencoder_that_diverges_stops_in_one_line(dataset, tmp_path, capsys, val_every, message, state_saved):
+def test_an_autoencoder_that_diverges_stops_in_one_line(dataset, tmp_path, capsys, monkeypatch, val_every, message,
+                                                       state_saved):
     """--ae-lr 1e4: one step leaves finite weights whose encoder gives NaN latents. The validation before
     the save stops the run before it saves; without one, the export's latent-scale calibration raised a
-    ValueError traceback (exit 1)."""
+    ValueError traceback (exit 1). (1e4 is above MAX_LR, refused on the command line: lifted here.)"""
+    import worldsim.train as train_mod
+
+    monkeypatch.setattr(train_mod, "MAX_LR", 1e4)
     run = tmp_path / "ae"
     rc = main(["train", "--stage", "ae", "--data", str(dataset), "--out", str(run), *FAST, "--ae-steps", "5",
                "--ae-lr", "1e4", "--warmup", "0", "--checkpoint-every", "1", "--val-every", val_every])
@@ -316,7 +325,9 @@ def test_every_rank_stops_with_rank_0_when_its_validation_loss_is_not_finite(dat
     ended by a closed connection, torchrun's SIGTERM or, on another machine, --ddp-timeout (whose
     line blames a slow rank). Every rank now takes the decision at the same step and says why."""
     run = tmp_path / "ddp-val"
-    res = _torchrun(REPO / "train.py", "--stage", "ae", "--data", str(dataset), "--out", str(run), *FAST,
+    launcher = tmp_path / "lr_bound_lifted.py"  # --ae-lr 1e4 is above MAX_LR, refused on the command line
+    launcher.write_text("import sys\nimport worldsim.train as train\ntrain.MAX_LR = 1e4\n" + RUN_CLI)
+    res = _torchrun(launcher, "train", "--stage", "ae", "--data", str(dataset), "--out", str(run), *FAST,
                     "--ae-steps", "5", "--ae-lr", "1e4", "--warmup", "0", "--checkpoint-every", "1", "--val-every", "1",
                     "--device", "cpu", "--ddp-timeout", "60")
     assert res.returncode != 0
@@ -1314,7 +1325,8 @@ def test_values_no_run_can_use_are_refused_before_anything_is_written(trained, d
     run = tmp_path / "bad"
     for extra, message in ((["--far-batch", "0"], "--far-batch must be >= 1, got 0"),
                            (["--seq-len", "0"], "--seq-len must be >= 1, got 0"),
-                           (["--ae-lr", "-1"], "--ae-lr must be a finite number >= 0, got -1.0"),
+                           (["--ae-lr", "-1"], "--ae-lr must be a number from 0 to 1 (AdamW moves each weight by about "
+                                            "the rate every step), got -1.0"),
                            (["--threads", "-1"], "--threads must be >= 1, got -1"),
                            (["--ddp-timeout", "0"], "--ddp-timeout must be a finite number > 0, got 0.0"),
                            # these trained silently on nothing (one frame), or failed in the optimizer with a traceback

@@ -131,8 +131,8 @@ class TrainConfig:
     ae_batch: int = field(default=32, metadata={"help": "autoencoder batch (frames per rank)"})
     far_batch: int = field(default=16, metadata={"help": "FAR batch (sequences per rank)"})
     seq_len: int = field(default=32, metadata={"help": "frames per FAR training sample (> window: the oldest become coarse context)"})
-    ae_lr: float = field(default=1e-3, metadata={"help": "autoencoder peak learning rate"})
-    far_lr: float = field(default=3e-4, metadata={"help": "FAR peak learning rate"})
+    ae_lr: float = field(default=1e-3, metadata={"help": "autoencoder peak learning rate (0 to 1)"})
+    far_lr: float = field(default=3e-4, metadata={"help": "FAR peak learning rate (0 to 1)"})
     warmup: int = field(default=200, metadata={"help": "linear warm-up steps"})
     cosine: bool = field(default=True, metadata={"help": "cosine decay after warm-up"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr / peak lr of the cosine decay"})
@@ -313,6 +313,15 @@ def _given(args: argparse.Namespace, prefix: str | None = None) -> dict[str, Any
     return out
 
 
+# The largest peak learning rate a run takes. AdamW's step moves each weight by about the rate whatever
+# the gradients' scale (m / sqrt(v) is of order 1), and these weights are of order 0.01 to 1: a rate above
+# 1 rewrites every weight each step, so it is a typo (1e3 for 1e-3), not a setting. Past about 3e37 its
+# bias-corrected step (rate / (1 - beta1)) no longer fits a float32 and AdamW stopped with a traceback
+# ("value cannot be converted to type float without overflow") after the run folder was written; below 1
+# it fits for any --beta1 < 1.
+MAX_LR = 1.0
+
+
 def check_numbers(train: TrainConfig, new_run: bool = True, new_seed: bool = False) -> None:
     """Values no run can use, refused by option name before the run folder is written (a bad
     override on --resume would otherwise be stored and fail every later resume). `new_seed`: a
@@ -333,7 +342,12 @@ def check_numbers(train: TrainConfig, new_run: bool = True, new_seed: bool = Fal
         raise TrainError(f"--seed must be from 0 to 2**32 - 1, got {train.seed}")
     if not 0 < train.ddp_timeout < float("inf"):
         raise TrainError(f"--ddp-timeout must be a finite number > 0, got {train.ddp_timeout}")
-    for name in ("ae_lr", "far_lr", "weight_decay", "grad_clip", "ae_time_limit", "far_time_limit"):
+    for name in ("ae_lr", "far_lr"):
+        value = getattr(train, name)
+        if not 0 <= value <= MAX_LR:  # NaN too; 0 is a run that changes nothing (tests use it)
+            raise TrainError(f"--{name.replace('_', '-')} must be a number from 0 to {MAX_LR:g} (AdamW moves each "
+                             f"weight by about the rate every step), got {value}")
+    for name in ("weight_decay", "grad_clip", "ae_time_limit", "far_time_limit"):
         value = getattr(train, name)
         if not 0 <= value < float("inf"):
             raise TrainError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
