@@ -69,7 +69,7 @@ def _play(env: DreamEnv, checkpoint: str, maze_seeds: list[int], frames: int, da
               f"its maze seeds make other mazes here", flush=True)
     psnr, detail, change = [], ([], []), ([], [])
     for i, maze_seed in enumerate(maze_seeds):
-        first, _ = env.reset(seed=i, options={"maze_seed": int(maze_seed)})
+        first, info = env.reset(seed=i, options={"maze_seed": int(maze_seed)})
         dream, real = [], []
         for action in walk(env.action_names, frames, i):
             obs, _, _, _, info = env.step(action)
@@ -82,7 +82,8 @@ def _play(env: DreamEnv, checkpoint: str, maze_seeds: list[int], frames: int, da
         change[0].append(metrics.frame_change(dream_a, first))
         change[1].append(metrics.frame_change(real_a, first))  # the same last context frame before both
     return {"psnr": psnr, "sharpness": metrics.ratio_to_truth(*detail), "motion": metrics.ratio_to_truth(*change),
-            "ran": f"{env.world.device.type}, {env.world.precision}", "still_frames": env.still_frames}
+            # the session's precision: --cache none under bf16-kv runs fp32 (it stores no cache)
+            "ran": f"{env.world.device.type}, {info['precision']}", "still_frames": env.still_frames}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -55,6 +55,17 @@ def test_bench_times_the_precision_play_uses(capsys):
     assert "precision bf16" in capsys.readouterr().out
 
 
+def test_bench_says_the_uncached_mode_runs_fp32_under_bf16_kv(capsys):
+    """bf16-kv stores the KV cache in bf16 over fp32 arithmetic: mode none has no cache and runs fp32,
+    while the table's one precision said bf16-kv for it too."""
+    rc = main(["bench", "--preset", "tiny", "--ae-preset", "tiny", "--contexts", "2", "--frames", "1",
+               "--none-frames", "1", "--steps", "1", "--threads", "1", "--modes", "none", "kv", "--precision", "bf16-kv"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "precision bf16-kv, random weights" in out
+    assert re.search(r"^none runs fp32 \(it stores no KV cache to keep in bf16\)$", out, re.M), out
+    assert "kv runs" not in out
+
+
 def test_bench_shows_a_progress_bar_over_every_timed_frame_on_a_terminal(monkeypatch, capsys):
     """DESIGN: every long job shows a progress bar; bench's uncached mode at long contexts takes
     minutes and showed none. The bar goes to stderr (a terminal only); the rows stay on stdout."""

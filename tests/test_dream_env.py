@@ -156,6 +156,17 @@ def test_info_reports_cache_growth(tiny_world):
     env.close()
 
 
+@pytest.mark.parametrize("cache_mode, precision", [("none", "fp32"), ("multilevel", "bf16-kv")])
+def test_info_says_the_precision_the_dream_runs(tiny_ckpt, cache_mode, precision):
+    """bf16-kv is fp32 arithmetic over a bf16 KV cache: cache_mode none stores no cache and runs
+    fp32 (the fp32 world's frames), but info said bf16-kv, and so did play's benchmark line."""
+    env = DreamEnv(checkpoint=tiny_ckpt, device="cpu", precision="bf16-kv", cache_mode=cache_mode, context_frames=2)
+    _, info = env.reset(seed=0)
+    assert env.world.precision == "bf16-kv" and info["precision"] == precision
+    assert env.step(1)[4]["precision"] == precision
+    env.close()
+
+
 def _contexts_given(env: DreamEnv, monkeypatch, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """The frames and actions a reset hands the world model, and the reset's info."""
     given = []

@@ -160,3 +160,19 @@ def test_bf16_kv_long_caches_split_their_attention_like_fp32(monkeypatch):
     monkeypatch.setattr(model, "SPLIT_ATTENTION_MIN", 10**9)
     z32, _ = rollout(exact, "multilevel", k=9, n=6, steps=2, cfg=1.5)
     assert (outs[8] - z32).abs().max() <= 0.01 * z32.abs().max()
+
+
+def test_a_session_without_a_cache_says_it_runs_fp32_under_bf16_kv():
+    """bf16-kv's only bf16 is the KV cache: mode none stores none, so its session runs the fp32
+    world's frames bit for bit. Its session (so the Dream env's info and play's benchmark line)
+    said bf16-kv; now each session says what it runs."""
+    exact = tiny_world()
+    kv16 = WorldModel(exact.autoencoder, exact.far, ACTIONS, device="cpu", precision="bf16-kv")
+    z32, s32 = rollout(exact, "none", k=5, n=2, steps=2, cfg=1.5)
+    z16, s16 = rollout(kv16, "none", k=5, n=2, steps=2, cfg=1.5)
+    assert torch.equal(z16, z32)
+    assert s16.precision == s32.precision == "fp32"
+    _, cached = rollout(kv16, "sliding", k=5, n=1, steps=2, cfg=1.0)
+    assert cached.precision == "bf16-kv" and cached.context.kv[0].k.dtype == torch.bfloat16
+    assert cached.fork().precision == "bf16-kv"
+

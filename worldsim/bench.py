@@ -121,7 +121,7 @@ def time_generation(cfg: BenchConfig) -> list[dict]:
             # CPU seconds too: on a shared machine wall-clock time mostly measures the neighbours
             cpu_per_frame = (time.process_time() - c0) / n
             rows.append(dict(mode=mode, context=K, s_per_frame=per_frame, cpu_s_per_frame=cpu_per_frame,
-                             prefill_s=prefill, frames=n, **session.stats()))
+                             prefill_s=prefill, frames=n, precision=session.precision, **session.stats()))
             bar.write(f"  {mode:<10} context {K:>4}: {per_frame:8.3f} s/frame, {cpu_per_frame:.3f} CPU s/frame  "
                       f"(prefill {prefill:.2f} s, {n} frames timed, L1 {session.stats()['l1_tokens']} tok, "
                       f"L2 {session.stats()['l2_tokens']} tok)", file=sys.stdout)
@@ -147,9 +147,16 @@ def report(rows: list[dict], cfg: BenchConfig, device: torch.device, threads: in
     by = {(r["mode"], r["context"]): r["s_per_frame"] for r in rows}
     nw = max([12] + [len(m) + 2 for m in cfg.modes] + [len(m) + 8 for m in ("none", "kv") if m in cfg.modes])
     cpu_threads = f" ({threads} thread{'s' if threads != 1 else ''})" if device.type == "cpu" else ""
+    precision = resolve_precision(cfg.precision, device)
     lines = [
         f"FAR generation speed: preset {cfg.preset} (ae {cfg.ae_preset}), {cfg.steps} Euler steps, CFG {cfg.cfg}, "
-        f"device {device}{cpu_threads}, precision {resolve_precision(cfg.precision, device)}, random weights",
+        f"device {device}{cpu_threads}, precision {precision}, random weights",
+    ]
+    # a mode whose sessions ran another precision than the header's: bf16-kv's only bf16 is the KV
+    # cache, so `none` (no cache) runs fp32 there
+    ran = {r["mode"]: r["precision"] for r in rows if r.get("precision", precision) != precision}
+    lines += [f"{mode} runs {ran[mode]} (it stores no KV cache to keep in bf16)" for mode in ran]
+    lines += [
         "",
         f"{'s/frame':<{nw}}" + "".join(f"{'ctx ' + str(k):>11}" for k in contexts)
         + f"{'est. 256-frame':>16}{'paper 256-frame':>17}",

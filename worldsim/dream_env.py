@@ -397,7 +397,8 @@ class DreamEnv(gym.Env):
             "cache_mode": self.cache_mode,
             # only the multi-level caches have an L2 to bound
             "memory_frames": self.memory_frames if self.cache_mode in ("multilevel", "multilevel-fast") else None,
-            "precision": getattr(self.world, "precision", "fp32"),
+            # the session's: under bf16-kv, cache mode none stores no cache and runs fp32
+            "precision": getattr(session, "precision", getattr(self.world, "precision", "fp32")),
         }
         if self.timing:
             info["gen_time_s"] = float(gen_time)

@@ -20,6 +20,7 @@ API
                                              second core, decoded there while the cache takes it in)
       .predict_latent(action) -> [C,h,w];  .append_latent(latent [C,h,w], action);  .step_latent(action)
       .frame_index: int (frames so far = index of the next frame);  .stats() -> dict
+      .precision: what the session runs: the world's, but fp32 for a bf16-kv world's mode none (no cache)
 
 `actions[t]` produced frame t from frame t-1 (DESIGN.md), so predict(action) takes the action
 leading to the new frame. `steps`, `cfg`, `shift` (the sampler's timestep shift) and
@@ -49,7 +50,7 @@ import numpy as np
 import torch
 
 from worldsim.autoencoder import Autoencoder, frames_to_tensor, tensor_to_frames
-from worldsim.cache import GenerationContext, make_context
+from worldsim.cache import GenerationContext, UncachedContext, make_context
 from worldsim.checkpoint import DEFAULT_SAMPLER, load_checkpoint, save_checkpoint, stored_far_dtype
 from worldsim.model import FAR, autocast, autocast_for, cpu_has_native_bf16, pick_device
 from worldsim.sampler import EulerSampler, setting_problem
@@ -296,8 +297,8 @@ class WorldModel:
                                       or (least is not None and value < least)):
                 rule = f"an integer >= {least}" if least is not None else "an integer"
                 raise ValueError(f"{name} must be {rule} or None, got {value!r}")
+        kv_dtype = torch.bfloat16 if self.precision == "bf16-kv" else None  # the cache's storage (PRECISIONS)
         if isinstance(cache_mode, str):
-            kv_dtype = torch.bfloat16 if self.precision == "bf16-kv" else None
             context = make_context(self.far, cache_mode, memory_frames, kv_dtype)
         else:
             context = cache_mode
@@ -346,6 +347,16 @@ class Session:
     @property
     def frame_index(self) -> int:
         return self.context.num_frames
+
+    @property
+    def precision(self) -> str:
+        """What this session's transformer runs (the Dream env's info, play's benchmark line): the
+        world's precision, except that bf16-kv's only bf16 is its KV cache, so a context that stores
+        none (mode none) runs fp32, the fp32 world's frames bit for bit."""
+        if self.world.precision == "bf16-kv" and (isinstance(self.context, UncachedContext)
+                                                  or self.context.kv_dtype != torch.bfloat16):
+            return "fp32"
+        return self.world.precision
 
     def __repr__(self) -> str:
         return (f"Session(frame_index={self.frame_index}, context={type(self.context).__name__}, "
