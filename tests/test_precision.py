@@ -10,7 +10,7 @@ import torch
 import worldsim.world as world_module
 from worldsim.world import WorldModel, resolve_precision
 
-from tests.test_cache import ACTIONS, rollout, tiny_world
+from tests.test_cache import ACTIONS, context, rollout, tiny_world
 
 torch.set_num_threads(1)
 
@@ -176,3 +176,37 @@ def test_a_session_without_a_cache_says_it_runs_fp32_under_bf16_kv():
     assert cached.precision == "bf16-kv" and cached.context.kv[0].k.dtype == torch.bfloat16
     assert cached.fork().precision == "bf16-kv"
 
+
+def test_a_context_object_runs_the_precision_of_its_world():
+    """new_session(cache_mode=make_context(world.far, mode)): the context kept its own kv_dtype
+    (None: the transformer's, fp32), so a bf16-kv world's session silently ran fp32. A context with
+    no frames and no dtype of its own takes the world's; one that chose another dtype, or already
+    holds frames in another, is refused by name rather than run in a precision the world does not say."""
+    from worldsim.cache import UncachedContext, make_context
+
+    exact = tiny_world()
+    kv16 = WorldModel(exact.autoencoder, exact.far, ACTIONS, device="cpu", precision="bf16-kv")
+    frames, actions = context(5)
+    by_name = kv16.new_session(frames, actions, cache_mode="multilevel", steps=2, cfg=1.5, seed=0)
+    given = kv16.new_session(frames, actions, cache_mode=make_context(kv16.far, "multilevel"), steps=2, cfg=1.5, seed=0)
+    assert given.precision == "bf16-kv"
+    assert torch.equal(torch.stack([given.step_latent(a) for a in (1, 3)]),
+                       torch.stack([by_name.step_latent(a) for a in (1, 3)]))  # the frames of the mode's name
+    assert given.context.kv[0].k.dtype == torch.bfloat16
+    # an fp32 world leaves a context without a dtype as it is: fp32
+    fp32 = exact.new_session(frames, actions, cache_mode=make_context(exact.far, "kv"), steps=2, seed=0)
+    fp32.step_latent(1)
+    assert fp32.precision == "fp32" and fp32.context.kv[0].k.dtype == torch.float32
+    # no cache, nothing to store: runs (fp32, and says so)
+    assert kv16.new_session(frames, actions, cache_mode=UncachedContext(kv16.far), steps=2).precision == "fp32"
+
+    with pytest.raises(ValueError, match=r"cache_mode: this context stores its cache in torch\.float32, but this "
+                                         r"WorldModel's precision bf16-kv stores it in torch\.bfloat16"):
+        kv16.new_session(frames, actions, cache_mode=make_context(kv16.far, "kv", kv_dtype=torch.float32))
+    with pytest.raises(ValueError, match=r"stores its cache in torch\.bfloat16, but this WorldModel's precision fp32 "
+                                         r"stores it in the transformer's dtype"):
+        exact.new_session(frames, actions, cache_mode=make_context(exact.far, "kv", kv_dtype=torch.bfloat16))
+    used = exact.new_session(frames, actions, cache_mode="kv", steps=2).context  # holds 5 frames in fp32
+    with pytest.raises(ValueError, match=r"stores its cache in the transformer's dtype and already holds 5 frames"):
+        kv16.new_session(frames, actions, cache_mode=used)
+    assert used.num_frames == 5 and used.kv_dtype is None  # a refused context is left as it was

@@ -10,7 +10,8 @@ API
       .precision ("fp32" | "bf16" | "bf16-kv": the transformer's arithmetic on CPU, see PRECISIONS)
       .encode(frames uint8 [...,H,W,3]) -> latents [...,C,h,w];  .decode(latents) -> uint8 frames
       .new_session(context_frames uint8 [K,H,W,3], context_actions int64 [K],
-                   cache_mode="multilevel"|"multilevel-fast"|"kv"|"none"|"sliding" (or a GenerationContext),
+                   cache_mode="multilevel"|"multilevel-fast"|"kv"|"none"|"sliding" (or a GenerationContext,
+                              which takes the world's precision: make_context(world.far, mode)),
                    steps=None, cfg=None, seed=None, context_noise=None, generated_noise=None,
                    shift=None, temperature=None, memory_frames=None) -> Session
     Session
@@ -302,6 +303,23 @@ class WorldModel:
             context = make_context(self.far, cache_mode, memory_frames, kv_dtype)
         else:
             context = cache_mode
+            if not isinstance(context, UncachedContext) and context.kv_dtype != kv_dtype:
+                # A context made without kv_dtype (make_context's default, or a context class itself)
+                # kept it: a bf16-kv world's session silently ran an fp32 cache, not the world's precision.
+                # One with nothing cached yet takes the world's (set on it: the session owns it from here);
+                # another dtype chosen, or frames already stored in one, would run a precision the world
+                # does not say: refused.
+                if context.kv_dtype is None and context.num_frames == 0:
+                    context.kv_dtype = kv_dtype
+                else:
+                    def storage(dtype: torch.dtype | None) -> str:
+                        return "the transformer's dtype" if dtype is None else str(dtype)
+
+                    held = f" and already holds {context.num_frames} frames" if context.num_frames else ""
+                    raise ValueError(
+                        f"cache_mode: this context stores its cache in {storage(context.kv_dtype)}{held}, but this "
+                        f"WorldModel's precision {self.precision} stores it in {storage(kv_dtype)}; pass the mode's "
+                        f"name, or a new context from make_context(world.far, mode) (it takes the world's)")
         sampler = EulerSampler(
             steps=int(steps if steps is not None else self.sampler["steps"]),
             cfg_scale=float(cfg if cfg is not None else self.sampler["cfg"]),
