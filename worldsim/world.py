@@ -69,6 +69,7 @@ PRECISIONS = ("fp32", "bf16", "bf16-kv", "auto")
 
 
 _RAN_A_WORLD_MODEL = False  # set by WorldModel(): only then do forks of this process get one thread
+_FORKED_WORKER = False  # this process was forked after a WorldModel ran: one of a pool of workers
 
 
 def _one_thread_after_fork() -> None:
@@ -76,25 +77,30 @@ def _one_thread_after_fork() -> None:
     # (gymnasium's AsyncVectorEnv forks its workers after building a Dream-v0 in the parent) hung in
     # its first parallel op for good, and hangs again if it raises its threads. Workers that need
     # more threads start with spawn (vector_kwargs={"context": "spawn"}).
+    global _FORKED_WORKER
     if _RAN_A_WORLD_MODEL:
         torch.set_num_threads(1)
+        _FORKED_WORKER = True
 
 
 if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(after_in_child=_one_thread_after_fork)
 
 
-_DECODER_THREAD: tuple[int, ThreadPoolExecutor] | None = None  # (pid, its one thread): see decode_alongside
+_DECODER_THREAD: ThreadPoolExecutor | None = None  # its one thread: see decode_alongside
 
 
 def decode_alongside(device: torch.device) -> ThreadPoolExecutor | None:
     """The thread that decodes a generated frame while Session.step brings the cache up to date
-    on the calling thread, or None where that does not pay: off the CPU, or where torch already
-    runs several threads (each thread's ops would fight for the cores), or on one core. Two
-    single-threaded jobs on two cores: the frame's decoder (~24 ms at frame 500 on the project's
-    2-core EPYC) no longer adds to the transformer's time (model card HISTORY, "Session 37")."""
+    on the calling thread, or None where that does not pay: off the CPU, where torch already runs
+    several threads (each thread's ops would fight for the cores), on one core, or in a forked
+    worker (a pool of them keeps every core busy, and the cache update's own pass costs CPU time:
+    ~130 against ~106 CPU ms a frame at frame 500). Two single-threaded jobs on two cores: the
+    frame's decoder (~24 ms at frame 500 on the project's 2-core EPYC) no longer adds to the
+    transformer's time (model card HISTORY, "Session 37"). (A forked child never uses the pool
+    it inherits, whose thread it has not: work given to it would never run.)"""
     global _DECODER_THREAD
-    if device.type != "cpu" or torch.get_num_threads() != 1:
+    if device.type != "cpu" or torch.get_num_threads() != 1 or _FORKED_WORKER:
         return None
     try:
         cores = len(os.sched_getaffinity(0))
@@ -102,10 +108,9 @@ def decode_alongside(device: torch.device) -> ThreadPoolExecutor | None:
         cores = os.cpu_count() or 1
     if cores < 2:
         return None
-    # a forked child inherits the executor but not its thread: work given to it would never run
-    if _DECODER_THREAD is None or _DECODER_THREAD[0] != os.getpid():
-        _DECODER_THREAD = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="worldsim-decode"))
-    return _DECODER_THREAD[1]
+    if _DECODER_THREAD is None:
+        _DECODER_THREAD = ThreadPoolExecutor(1, thread_name_prefix="worldsim-decode")
+    return _DECODER_THREAD
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
