@@ -522,9 +522,6 @@ def test_step_decodes_on_a_second_thread_while_the_cache_takes_the_frame(world, 
     import worldsim.world as world_module
 
     frames, actions = context(6)
-    # a busy second core (another test job) would send frames serial for a while (the next test)
-    monkeypatch.setattr(world_module, "BUSY_CORE_STRETCH", float("inf"))
-    monkeypatch.setattr(world_module, "_SERIAL_UNTIL", 0.0)
     decoded_on, flushed_on = [], []
     decode = world.decode
     monkeypatch.setattr(world, "decode", lambda z: decoded_on.append(threading.get_ident()) or decode(z))
@@ -563,17 +560,16 @@ def test_step_decodes_on_a_second_thread_while_the_cache_takes_the_frame(world, 
 
 
 @pytest.mark.skipif(_cores() < 2, reason="decoding alongside needs a second core")
-def test_a_decode_that_waited_for_its_core_sends_the_next_frames_serial_for_a_while(world, monkeypatch):
-    """Beside another program busy on the second core, decoding there slowed frames down (each
-    decode's wall time ~1.9x its CPU time, against ~1.03 on a free core): one such decode makes
-    the next steps decode on the calling thread, until BUSY_CORE_PAUSE_S have passed. A decode
-    that sleeps stands in for one that waits for its core."""
+def test_a_decode_that_waited_for_its_core_leaves_the_next_frames_decoded_alongside(world, monkeypatch):
+    """Where the frame is decoded sets its float rounding (alongside, the cache update runs in a
+    pass of its own; serially it shares the next frame's first pass): the same seed gives the same
+    frames on the same threads and cores only if a busy moment on the second core (another program,
+    a waited-for page) does not change the path. On the project's checkpoint one decode that waited
+    0.2 s (b8b794a's busy-core pause) changed the sixth frame after it. A decode that sleeps stands
+    in for one that waits for its core."""
     import threading
     import time
 
-    import worldsim.world as world_module
-
-    monkeypatch.setattr(world_module, "_SERIAL_UNTIL", 0.0)
     frames, actions = context(3)
     s = world.new_session(frames, actions, cache_mode="multilevel-fast", steps=1, cfg=1.0, seed=0)
     decoded_on = []
@@ -586,16 +582,10 @@ def test_a_decode_that_waited_for_its_core_sends_the_next_frames_serial_for_a_wh
 
     monkeypatch.setattr(world, "decode", waiting_decode)
     s.step(1)
-    assert decoded_on[-1] != threading.get_ident()  # alongside, and found its core busy
-    assert world_module.decode_alongside(torch.device("cpu")) is None
-    s.step(2)
-    assert decoded_on[-1] == threading.get_ident()  # serial now
-    monkeypatch.setattr(world_module, "_SERIAL_UNTIL", time.monotonic() - 1)  # the pause has passed
     monkeypatch.setattr(world, "decode", lambda z: decoded_on.append(threading.get_ident()) or decode(z))
-    monkeypatch.setattr(world_module, "BUSY_CORE_STRETCH", float("inf"))  # whatever this machine's load
+    s.step(2)
     s.step(3)
-    s.step(4)
-    assert threading.get_ident() not in decoded_on[-2:] and s.frame_index == 7  # alongside again
+    assert len(decoded_on) == 3 and threading.get_ident() not in decoded_on  # all alongside
 
 
 @pytest.mark.skipif(_cores() < 2 or not hasattr(os, "fork"), reason="needs a second core and fork()")

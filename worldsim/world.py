@@ -43,7 +43,6 @@ import math
 import numbers
 import operator
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -89,13 +88,6 @@ if hasattr(os, "register_at_fork"):  # POSIX
 
 
 _DECODER_THREAD: ThreadPoolExecutor | None = None  # its one thread: see decode_alongside
-# A decode there whose wall time exceeds its thread's CPU time this many times waited for its core:
-# another program runs there (the project's 2-core EPYC, frames 200-260 of a session: 1.03 quiet,
-# 1.91 beside `python -c "while True: pass"`, medians; runs/s37/ratio_probe.py). Decoding alongside
-# then slowed a frame by 7% instead of speeding it up by 10-20%: frames go serial for a while.
-BUSY_CORE_STRETCH = 1.4
-BUSY_CORE_PAUSE_S = 5.0
-_SERIAL_UNTIL = 0.0  # time.monotonic() until which decode_alongside says None (a busy second core)
 
 
 def decode_alongside(device: torch.device) -> ThreadPoolExecutor | None:
@@ -105,11 +97,10 @@ def decode_alongside(device: torch.device) -> ThreadPoolExecutor | None:
     worker (a pool of them keeps every core busy, and the cache update's own pass costs CPU time:
     ~130 against ~106 CPU ms a frame at frame 500). Two single-threaded jobs on two cores: the
     frame's decoder (~24 ms at frame 500 on the project's 2-core EPYC) no longer adds to the
-    transformer's time (model card HISTORY, "Session 37"). Nor for BUSY_CORE_PAUSE_S after a
-    decode there found its core busy (_decode_timed). (A forked child never uses the pool it
-    inherits, whose thread it has not: work given to it would never run.)"""
+    transformer's time (model card HISTORY, "Session 37"). (A forked child never uses the pool
+    it inherits, whose thread it has not: work given to it would never run.)"""
     global _DECODER_THREAD
-    if device.type != "cpu" or torch.get_num_threads() != 1 or _FORKED_WORKER or time.monotonic() < _SERIAL_UNTIL:
+    if device.type != "cpu" or torch.get_num_threads() != 1 or _FORKED_WORKER:
         return None
     try:
         cores = len(os.sched_getaffinity(0))
@@ -120,18 +111,6 @@ def decode_alongside(device: torch.device) -> ThreadPoolExecutor | None:
     if _DECODER_THREAD is None:
         _DECODER_THREAD = ThreadPoolExecutor(1, thread_name_prefix="worldsim-decode")
     return _DECODER_THREAD
-
-
-def _decode_timed(world: "WorldModel", latents: torch.Tensor) -> tuple[np.ndarray, float]:
-    """world.decode(latents) on the decoder thread, and its wall time over this thread's CPU time."""
-    wall, cpu = time.perf_counter(), time.thread_time()
-    frames = world.decode(latents)
-    return frames, (time.perf_counter() - wall) / max(time.thread_time() - cpu, 1e-6)
-
-
-def _pause_decoding_alongside() -> None:
-    global _SERIAL_UNTIL
-    _SERIAL_UNTIL = time.monotonic() + BUSY_CORE_PAUSE_S
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -481,7 +460,7 @@ class Session:
         decoded = None
         if decoder is not None:
             try:
-                decoded = decoder.submit(_decode_timed, self.world, z[None])
+                decoded = decoder.submit(self.world.decode, z[None])
             except RuntimeError:  # the interpreter is shutting down: it stopped its thread pools before
                 pass  # waiting for this thread (a game loop still playing after the main thread ended)
         if decoded is None:  # the cache takes the frame in the next frame's first pass (fused, one pass fewer)
@@ -489,10 +468,8 @@ class Session:
         try:
             self.context.flush()  # the frame into the cache now, while another core decodes it
         finally:
-            frames, stretch = decoded.result()  # (a flush error is raised once the decoder is done)
-        if stretch > BUSY_CORE_STRETCH:  # the decoder's core was busy: serial for a while (decode_alongside)
-            _pause_decoding_alongside()
-        return frames[0]
+            frame = decoded.result()[0]  # (a flush error is raised once the decoder is done)
+        return frame
 
     def stats(self) -> dict:
         return {**self.context.stats(), "frame_index": self.frame_index}
