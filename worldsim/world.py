@@ -97,8 +97,11 @@ def decode_alongside(device: torch.device) -> ThreadPoolExecutor | None:
     worker (a pool of them keeps every core busy, and the cache update's own pass costs CPU time:
     ~130 against ~106 CPU ms a frame at frame 500). Two single-threaded jobs on two cores: the
     frame's decoder (~24 ms at frame 500 on the project's 2-core EPYC) no longer adds to the
-    transformer's time (model card HISTORY, "Session 37"). (A forked child never uses the pool
-    it inherits, whose thread it has not: work given to it would never run.)"""
+    transformer's time: 7-17% faster frames (model card HISTORY, "Session 37"), but 4-7% slower
+    beside another program busy on the second core. Not switched by the measured load: where a
+    frame is decoded sets the float rounding of the frames after it, and a seed must give the same
+    frames on the same threads and cores. (A forked child never uses the pool it inherits, whose
+    thread it has not: work given to it would never run.)"""
     global _DECODER_THREAD
     if device.type != "cpu" or torch.get_num_threads() != 1 or _FORKED_WORKER:
         return None
