@@ -10,7 +10,7 @@ import torch
 
 from worldsim.autoencoder import AE_PRESETS, Autoencoder
 from worldsim.cache import UncachedContext, make_context
-from worldsim.model import FAR, PRESETS
+from worldsim.model import FAR, PRESETS, usable_cores
 from worldsim.sampler import EulerSampler
 from worldsim.world import WorldModel
 
@@ -503,14 +503,7 @@ def test_a_flush_encodes_the_pending_frame_in_one_pass_as_the_next_query_would(w
         assert (a.keys - b.keys).abs().max().item() <= 1e-5 and (a.values - b.values).abs().max().item() <= 1e-5
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-@pytest.mark.skipif(_cores() < 2, reason="decoding alongside needs a second core")
+@pytest.mark.skipif(usable_cores() < 2, reason="decoding alongside needs a second core")
 def test_step_decodes_on_a_second_thread_while_the_cache_takes_the_frame(world, monkeypatch):
     """On a CPU with torch at one thread and a second core, Session.step decodes the generated
     frame on another thread while this one encodes the frame into the cache (flush), so the next
@@ -559,7 +552,7 @@ def test_step_decodes_on_a_second_thread_while_the_cache_takes_the_frame(world, 
     assert world_module.decode_alongside(torch.device("meta")) is None
 
 
-@pytest.mark.skipif(_cores() < 2, reason="decoding alongside needs a second core")
+@pytest.mark.skipif(usable_cores() < 2, reason="decoding alongside needs a second core")
 def test_a_decode_that_waited_for_its_core_leaves_the_next_frames_decoded_alongside(world, monkeypatch):
     """Where the frame is decoded sets its float rounding (alongside, the cache update runs in a
     pass of its own; serially it shares the next frame's first pass): the same seed gives the same
@@ -588,7 +581,7 @@ def test_a_decode_that_waited_for_its_core_leaves_the_next_frames_decoded_alongs
     assert len(decoded_on) == 3 and threading.get_ident() not in decoded_on  # all alongside
 
 
-@pytest.mark.skipif(_cores() < 2 or not hasattr(os, "fork"), reason="needs a second core and fork()")
+@pytest.mark.skipif(usable_cores() < 2 or not hasattr(os, "fork"), reason="needs a second core and fork()")
 def test_a_forked_child_steps_serially_without_the_parents_decoder_thread(world):
     """A child forked after its parent stepped (gymnasium's AsyncVectorEnv forks workers after a
     Dream-v0 ran in the parent) inherits the parent's decoder thread pool but not its thread:
@@ -622,7 +615,7 @@ def test_a_forked_child_steps_serially_without_the_parents_decoder_thread(world)
     assert world_module.decode_alongside(torch.device("cpu")) is not None  # the parent's stays
 
 
-@pytest.mark.skipif(_cores() < 2, reason="decoding alongside needs a second core")
+@pytest.mark.skipif(usable_cores() < 2, reason="decoding alongside needs a second core")
 def test_a_thread_still_playing_after_the_main_thread_ended_keeps_stepping():
     """A game loop on a thread of its own, the main thread's script done: the interpreter's shutdown
     first stops its thread pools (decode_alongside's among them), then waits for that thread. Its

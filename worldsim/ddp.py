@@ -125,8 +125,4 @@ def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
 
 def cpu_threads_per_rank(local_world_size: int) -> int:
     """All cores of the machine, shared evenly by the ranks running on it."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, local_world_size))
+    return max(1, model.usable_cores() // max(1, local_world_size))

@@ -78,6 +78,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -1191,6 +1192,14 @@ def autocast_for(module: nn.Module) -> contextlib.AbstractContextManager:
     if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return autocast(weight.device)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on: what a container or taskset leaves it (Linux), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def cpu_has_native_bf16() -> bool:

@@ -1227,11 +1227,9 @@ def default_threads() -> int:
     1.3-1.5x faster, which a window capped at --fps 15 does not show."""
     import torch
 
-    try:
-        cores = len(os.sched_getaffinity(0))  # what a container or taskset leaves this process
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(torch.get_num_threads(), cores - 1))
+    from worldsim.model import usable_cores
+
+    return max(1, min(torch.get_num_threads(), usable_cores() - 1))
 
 
 def main(args: argparse.Namespace) -> int:

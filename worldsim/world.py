@@ -53,7 +53,7 @@ import torch
 from worldsim.autoencoder import Autoencoder, frames_to_tensor, tensor_to_frames
 from worldsim.cache import GenerationContext, UncachedContext, make_context
 from worldsim.checkpoint import DEFAULT_SAMPLER, load_checkpoint, save_checkpoint, stored_far_dtype
-from worldsim.model import FAR, autocast, autocast_for, cpu_has_native_bf16, pick_device
+from worldsim.model import FAR, autocast, autocast_for, cpu_has_native_bf16, pick_device, usable_cores
 from worldsim.sampler import EulerSampler, setting_problem
 
 # The transformer's arithmetic on CPU. fp32: exact and reproducible (eval's default). bf16:
@@ -105,11 +105,7 @@ def decode_alongside(device: torch.device) -> ThreadPoolExecutor | None:
     global _DECODER_THREAD
     if device.type != "cpu" or torch.get_num_threads() != 1 or _FORKED_WORKER:
         return None
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    if cores < 2:
+    if usable_cores() < 2:
         return None
     if _DECODER_THREAD is None:
         _DECODER_THREAD = ThreadPoolExecutor(1, thread_name_prefix="worldsim-decode")
